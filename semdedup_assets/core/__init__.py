@@ -1,0 +1,1 @@
+"""Plain-Python core of SemDeDup: one module per step, no Dagster imports."""
