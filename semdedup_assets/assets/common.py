@@ -1,0 +1,54 @@
+"""Shared wiring for the assets: partition keys of a run, per-shard metadata, timing."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import dagster as dg
+
+# Per-shard assets take many partitions per run, so a backfill of thousands of shards
+# starts tens of processes, not thousands.
+SHARD_BACKFILL_POLICY = dg.BackfillPolicy.multi_run(max_partitions_per_run=64)
+
+# Ready for k8s_job_executor: each GPU step asks for one GPU.
+GPU_OP_TAGS = {"dagster-k8s/config": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}}}}}
+GPU_POOL = "gpu"
+
+
+def run_partition_keys(context: dg.AssetExecutionContext) -> list[str]:
+    """The partition keys this run covers (one, or a range from a backfill), sorted."""
+    return sorted(context.partition_keys)
+
+
+@contextmanager
+def timed() -> Iterator[dict[str, float]]:
+    """Measure a block's wall time into the yielded dict's 'seconds'."""
+    out: dict[str, float] = {}
+    start = time.perf_counter()
+    try:
+        yield out
+    finally:
+        out["seconds"] = round(time.perf_counter() - start, 3)
+
+
+def shard_table_metadata(rows: list[dict[str, object]]) -> dg.TableMetadataValue:
+    """A per-shard summary table (for runs that cover several shards)."""
+    columns = [dg.TableColumn(name, "string" if isinstance(rows[0][name], str) else "float") for name in rows[0]] if rows else []
+    return dg.MetadataValue.table(
+        records=[dg.TableRecord(r) for r in rows],
+        schema=dg.TableSchema(columns=columns),
+    )
+
+
+def run_metadata(per_shard: list[dict[str, object]], extra: dict[str, object]) -> dict[str, object]:
+    """Metadata for a per-shard asset: totals, plus a table when the run covers several shards."""
+    meta: dict[str, object] = dict(extra)
+    meta["shards_in_run"] = len(per_shard)
+    if len(per_shard) == 1:
+        for k, v in per_shard[0].items():
+            meta.setdefault(k, v)
+    elif per_shard:
+        meta["per_shard"] = shard_table_metadata(per_shard)
+    return meta

@@ -1,0 +1,90 @@
+"""Ingest stage: `raw_shards`, one validated, normalised copy of each input shard."""
+
+
+import dagster as dg
+import pyarrow as pa
+
+from semdedup_assets.assets.common import SHARD_BACKFILL_POLICY, run_metadata, run_partition_keys, timed
+from semdedup_assets.core import storage as st
+from semdedup_assets.core.catalog import duplicate_ids
+from semdedup_assets.core.shards import ShardError, ShardFile, discover_shards, read_shard
+from semdedup_assets.partitions import shard_partitions
+from semdedup_assets.resources import SemDedupConfig
+
+
+def input_shards(config: SemDedupConfig) -> dict[str, ShardFile]:
+    """The shard files under the configured input location, by key."""
+    if not config.input:
+        raise dg.Failure("no input location configured (set `input` on the semdedup resource or SEMDEDUP_INPUT)")
+    return {s.key: s for s in discover_shards(config.input)}
+
+
+def shard_failure(err: ShardError) -> dg.Failure:
+    """A Dagster failure that names the shard and row."""
+    return dg.Failure(description=str(err), metadata={"shard": err.shard, "row": -1 if err.row is None else err.row, "reason": err.reason})
+
+
+def _preview(table: pa.Table, column: str, n: int = 3) -> str:
+    if column != "text":
+        return f"{table.num_rows} rows of {table.schema.field(column).type}"
+    lines = [f"- `{i}`: {t[:200]}" for i, t in zip(table.column("id").to_pylist()[:n], table.column(column).to_pylist()[:n])]
+    return "\n".join(lines)
+
+
+@dg.asset(
+    partitions_def=shard_partitions,
+    backfill_policy=SHARD_BACKFILL_POLICY,
+    group_name="ingest",
+    kinds={"parquet"},
+)
+def raw_shards(context: dg.AssetExecutionContext, semdedup: SemDedupConfig) -> dg.MaterializeResult:
+    """Validated copy of each input shard: id, shard, row and the payload column."""
+    storage = semdedup.storage_root()
+    files = input_shards(semdedup)
+    keys = run_partition_keys(context)
+    missing = [k for k in keys if k not in files]
+    if missing:
+        raise dg.Failure(f"shard(s) {missing[:5]} are registered but no longer exist under {semdedup.input}")
+    # Validate every shard of the run before publishing any: a bad shard leaves no output.
+    pending: list[st.AtomicParquetWriter] = []
+    per_shard: list[dict[str, object]] = []
+    try:
+        with timed() as t:
+            for key in keys:
+                try:
+                    table = read_shard(files[key], semdedup.modality, semdedup.column or semdedup.modality, semdedup.id_column)
+                except ShardError as err:
+                    raise shard_failure(err) from None
+                table = table.append_column("shard", pa.array([key] * table.num_rows, type=pa.string()))
+                table = table.select(["id", "shard", "row", semdedup.modality])
+                writer = st.AtomicParquetWriter(storage.shard_file(st.RAW, key), table.schema)
+                pending.append(writer)
+                writer.write(table)
+                per_shard.append({"shard": key, "rows": table.num_rows, "input": str(files[key].path),
+                                  "fingerprint": files[key].fingerprint()})
+                context.log.info(f"validated shard {key!r}: {table.num_rows} rows")
+        for writer in pending:
+            writer.commit()
+    except BaseException:
+        for writer in pending:
+            writer.abort()
+        raise
+    extra = {"rows": sum(int(r["rows"]) for r in per_shard), "seconds": t["seconds"]}
+    if len(keys) == 1:
+        extra["path"] = dg.MetadataValue.path(str(storage.shard_file(st.RAW, keys[0])))
+        extra["preview"] = dg.MetadataValue.md(_preview(table, semdedup.modality))
+    return dg.MaterializeResult(metadata=run_metadata(per_shard, extra))
+
+
+@dg.asset_check(asset=raw_shards, blocking=True, description="Every id appears once across all shards.")
+def ids_unique_across_shards(semdedup: SemDedupConfig) -> dg.AssetCheckResult:
+    """Blocking: an id repeated across shards stops the run before embedding."""
+    dups = duplicate_ids(semdedup.storage_root())
+    if not dups:
+        return dg.AssetCheckResult(passed=True)
+    lines = [f"id {i!r} in shard {s1!r} row {r1} and shard {s2!r} row {r2}" for i, s1, r1, s2, r2 in dups]
+    return dg.AssetCheckResult(
+        passed=False,
+        description="duplicate ids across shards: " + "; ".join(lines),
+        metadata={"examples": dg.MetadataValue.md("\n".join(f"- {x}" for x in lines))},
+    )

@@ -1,0 +1,39 @@
+"""Assignment: every item to its nearest centroid by inner product, and cluster buckets."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import faiss
+import numpy as np
+
+
+def assign(embeddings: np.ndarray, centroids: np.ndarray, batch: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid by inner product: (cluster int32, sim_to_centroid float32)."""
+    x = np.ascontiguousarray(embeddings, dtype=np.float32)
+    index = faiss.IndexFlatIP(centroids.shape[1])
+    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    clusters = np.empty(len(x), dtype=np.int32)
+    sims = np.empty(len(x), dtype=np.float32)
+    for start in range(0, len(x), batch):
+        d, i = index.search(x[start : start + batch], 1)
+        clusters[start : start + batch] = i[:, 0]
+        sims[start : start + batch] = d[:, 0]
+    return clusters, sims
+
+
+def bucket_keys(buckets: int) -> list[str]:
+    """Partition keys of the cluster buckets: '000', '001', ..."""
+    width = max(3, len(str(buckets - 1)))
+    return [str(b).zfill(width) for b in range(buckets)]
+
+
+def bucket_cluster_range(bucket: int, k: int, buckets: int) -> tuple[int, int]:
+    """The contiguous cluster range [first, end) of one bucket."""
+    return bucket * k // buckets, (bucket + 1) * k // buckets
+
+
+def iter_cluster_ranges(k: int, buckets: int) -> Iterator[tuple[int, int, int]]:
+    """(bucket, first cluster, end cluster) for contiguous cluster ranges per bucket."""
+    for b in range(buckets):
+        yield (b, *bucket_cluster_range(b, k, buckets))

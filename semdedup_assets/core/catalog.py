@@ -1,0 +1,166 @@
+"""The DuckDB catalog: views over the Parquet files the stages wrote (never copies).
+
+Views glob the stage folders at query time, so they are always current; they are
+re-created only to switch between the real glob and an empty typed placeholder when a
+stage has no files yet (DuckDB refuses a glob that matches nothing).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import duckdb
+
+from semdedup_assets.core.storage import (
+    CENTROIDS,
+    CLUSTER_ASSIGNMENTS,
+    EMBEDDINGS,
+    KEEP_LISTS,
+    RAW,
+    SEMANTIC_DUPLICATES,
+    Storage,
+)
+
+BUCKET_GLOB = "bucket-*.parquet"
+
+# view name -> (stage folder, glob below it, SELECT list, empty placeholder columns)
+_VIEWS: dict[str, tuple[str, str, str, str]] = {
+    "items": (
+        SEMANTIC_DUPLICATES, BUCKET_GLOB,
+        "id, shard, cluster, sim_to_centroid, max_sim, duplicate_of",
+        "NULL::VARCHAR AS id, NULL::VARCHAR AS shard, NULL::INTEGER AS cluster, NULL::DOUBLE AS sim_to_centroid, "
+        "NULL::DOUBLE AS max_sim, NULL::VARCHAR AS duplicate_of",
+    ),
+    "embeddings": (
+        EMBEDDINGS, "**/*.parquet", "id, embedding",
+        "NULL::VARCHAR AS id, NULL::FLOAT[] AS embedding",
+    ),
+    "eps_curve": (
+        KEEP_LISTS, "eps_curve.parquet", "eps, kept, removed, kept_fraction",
+        "NULL::DOUBLE AS eps, NULL::BIGINT AS kept, NULL::BIGINT AS removed, NULL::DOUBLE AS kept_fraction",
+    ),
+    "raw_items": (
+        RAW, "**/*.parquet", "*",
+        "NULL::VARCHAR AS id, NULL::VARCHAR AS shard, NULL::BIGINT AS row",
+    ),
+    "cluster_assignments": (
+        CLUSTER_ASSIGNMENTS, "**/*.parquet", "id, shard, cluster, sim_to_centroid",
+        "NULL::VARCHAR AS id, NULL::VARCHAR AS shard, NULL::INTEGER AS cluster, NULL::FLOAT AS sim_to_centroid",
+    ),
+    "centroid_vectors": (
+        CENTROIDS, "centroids.parquet", "cluster, centroid",
+        "NULL::INTEGER AS cluster, NULL::FLOAT[] AS centroid",
+    ),
+}
+
+# `centroids` joins the trained vectors with the live member counts.
+_CENTROIDS_VIEW = (
+    "CREATE OR REPLACE VIEW centroids AS SELECT c.cluster, c.centroid, COALESCE(s.size, 0)::BIGINT AS size "
+    "FROM centroid_vectors c LEFT JOIN (SELECT cluster, count(*) AS size FROM cluster_assignments GROUP BY cluster) s "
+    "USING (cluster) ORDER BY c.cluster"
+)
+
+
+def sql_quote(text: str) -> str:
+    """A SQL string literal."""
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _has_files(storage: Storage, stage: str, pattern: str) -> bool:
+    folder = storage.stage_dir(stage)
+    if not folder.exists():
+        return False
+    glob = pattern.replace("**/", "")
+    return any(p.is_file() for p in (folder.rglob(glob) if "**" in pattern else folder.glob(glob)))
+
+
+def view_statements(storage: Storage) -> list[str]:
+    """The CREATE VIEW statements for the catalog's current state."""
+    statements = []
+    for name, (stage, pattern, select, empty) in _VIEWS.items():
+        if _has_files(storage, stage, pattern):
+            statements.append(f"CREATE OR REPLACE VIEW {name} AS SELECT {select} FROM {stage_source(storage, stage, pattern)}")
+        else:
+            statements.append(f"CREATE OR REPLACE VIEW {name} AS SELECT {empty} WHERE false")
+    statements.append(_CENTROIDS_VIEW)
+    return statements
+
+
+def _connect(storage: Storage, read_only: bool = False, retries: int = 50) -> duckdb.DuckDBPyConnection:
+    path = storage.catalog_file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for attempt in range(retries):
+        try:
+            con = duckdb.connect(str(path), read_only=read_only)
+            break
+        except duckdb.IOException:  # another process holds the write lock: wait briefly
+            if attempt == retries - 1:
+                raise
+            time.sleep(0.1 * (attempt + 1))
+    if not storage.local:
+        con.register_filesystem(storage.root.fs)
+    return con
+
+
+def refresh_catalog(storage: Storage) -> str:
+    """Create or update the catalog's views; returns the catalog path."""
+    con = _connect(storage)
+    try:
+        for statement in view_statements(storage):
+            con.execute(statement)
+    finally:
+        con.close()
+    return str(storage.catalog_file)
+
+
+def query(storage: Storage, sql: str, params: Sequence[Any] | None = None) -> tuple[list[str], list[tuple]]:
+    """Run SQL against the catalog (views refreshed first); returns (columns, rows)."""
+    refresh_catalog(storage)
+    con = _connect(storage, read_only=True)
+    try:
+        cursor = con.execute(sql, params or [])
+        columns = [d[0] for d in cursor.description] if cursor.description else []
+        return columns, cursor.fetchall()
+    finally:
+        con.close()
+
+
+def format_table(columns: list[str], rows: list[tuple], max_width: int = 60) -> str:
+    """Rows as a plain-text table for the terminal."""
+    def cell(v: Any) -> str:
+        text = "NULL" if v is None else (f"{v:.6g}" if isinstance(v, float) else str(v))
+        return text if len(text) <= max_width else text[: max_width - 1] + "…"
+
+    body = [[cell(v) for v in row] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in body]) for i, c in enumerate(columns)]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(columns, widths)), "-+-".join("-" * w for w in widths)]
+    lines += [" | ".join(v.ljust(w) for v, w in zip(r, widths)) for r in body]
+    return "\n".join(lines)
+
+
+def stage_source(storage: Storage, stage: str, pattern: str = "**/*.parquet") -> str:
+    """A quoted read_parquet() over a stage's files."""
+    return f"read_parquet({sql_quote(str(storage.stage_dir(stage)).rstrip('/') + '/' + pattern)})"
+
+
+def scan(storage: Storage, sql: str, params: Sequence[Any] | None = None) -> list[tuple]:
+    """Run SQL over the stage files in a scratch in-memory DuckDB (no catalog lock)."""
+    con = duckdb.connect()
+    try:
+        if not storage.local:
+            con.register_filesystem(storage.root.fs)
+        return con.execute(sql, params or []).fetchall()
+    finally:
+        con.close()
+
+
+def duplicate_ids(storage: Storage, limit: int = 5) -> list[tuple[str, str, int, str, int]]:
+    """Ids that appear more than once across the raw shards: (id, shard, row, shard, row)."""
+    if not storage.stage_files(RAW):
+        return []
+    order = "shard || ':' || lpad(row::VARCHAR, 20, '0')"
+    return scan(storage,
+        f"SELECT id, arg_min(shard, {order}), arg_min(row, {order}), arg_max(shard, {order}), arg_max(row, {order}) "
+        f"FROM {stage_source(storage, RAW)} GROUP BY id HAVING count(*) > 1 ORDER BY id LIMIT {int(limit)}")

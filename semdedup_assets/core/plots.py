@@ -1,0 +1,49 @@
+"""Small PNG plots for asset metadata (markdown with an inline base64 image)."""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def _png_markdown(fig, alt: str) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
+    plt.close(fig)
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()})"
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(6, 3.2))
+
+
+def eps_curve_markdown(eps: Sequence[float], kept_fraction: Sequence[float]) -> str:
+    """The kept fraction against eps (log scale) as a markdown image."""
+    fig, ax = _figure()
+    ax.plot(list(eps), list(kept_fraction), marker="o")
+    ax.set_xscale("log")
+    ax.set_xlabel("eps (duplicate if max_sim > 1 - eps)")
+    ax.set_ylabel("kept fraction")
+    ax.set_ylim(0, 1.02)
+    ax.grid(True, alpha=0.3)
+    return _png_markdown(fig, "eps curve")
+
+
+def histogram_markdown(values: np.ndarray, title: str, xlabel: str, bins: int = 40, log: bool = True) -> str:
+    """A histogram of values as a markdown image."""
+    fig, ax = _figure()
+    ax.hist(np.asarray(values), bins=bins, log=log)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("count")
+    return _png_markdown(fig, title)

@@ -1,0 +1,227 @@
+"""The storage root: deterministic paths for every stage's files, and atomic writes.
+
+The root is a local folder or any fsspec URL (``s3://bucket/prefix``) through
+universal_pathlib. Local writes go to a temporary file in the same folder and are
+renamed into place, so a reader never sees half a file; object stores publish an
+object only when its upload completes, which gives the same guarantee.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from upath import UPath
+
+# Stage folders under the root; names follow the paper and the asset graph.
+RAW = "raw"
+EMBEDDINGS = "embeddings"
+CENTROIDS = "centroids"
+CLUSTER_ASSIGNMENTS = "cluster_assignments"
+SEMANTIC_DUPLICATES = "semantic_duplicates"
+KEEP_LISTS = "keep_lists"
+STAGES = (RAW, EMBEDDINGS, CENTROIDS, CLUSTER_ASSIGNMENTS, SEMANTIC_DUPLICATES, KEEP_LISTS)
+
+# Fixed writer options: byte-identical files for identical tables.
+_PARQUET_OPTIONS = {"compression": "zstd", "write_statistics": True, "store_schema": True}
+
+
+def to_upath(location: str | os.PathLike[str] | UPath) -> UPath:
+    """Turn a local path or fsspec URL into a UPath (local paths made absolute)."""
+    if isinstance(location, UPath):
+        return location
+    text = os.fspath(location)
+    if "://" in text and not text.startswith("file://"):
+        return UPath(text)
+    if text.startswith("file://"):
+        text = text[len("file://") :]
+    return UPath(os.path.abspath(os.path.expanduser(text)))
+
+
+def is_local(path: UPath) -> bool:
+    """True when the path lives on the local file system."""
+    return getattr(path, "protocol", "") in ("", "file", "local")
+
+
+class Storage:
+    """The storage root and the layout of every stage's files below it."""
+
+    def __init__(self, root: str | os.PathLike[str] | UPath) -> None:
+        self.root = to_upath(root)
+
+    def __repr__(self) -> str:
+        return f"Storage({str(self.root)!r})"
+
+    @property
+    def local(self) -> bool:
+        """True when the root is a local folder."""
+        return is_local(self.root)
+
+    def stage_dir(self, stage: str) -> UPath:
+        """The folder of one stage."""
+        return self.root / stage
+
+    def shard_file(self, stage: str, shard: str, suffix: str = ".parquet") -> UPath:
+        """The file of one shard in a per-shard stage (shard keys may contain '/')."""
+        return self.stage_dir(stage) / f"{shard}{suffix}"
+
+    def bucket_file(self, bucket: str) -> UPath:
+        """The result file of one cluster bucket."""
+        return self.stage_dir(SEMANTIC_DUPLICATES) / f"bucket-{bucket}.parquet"
+
+    @property
+    def centroids_file(self) -> UPath:
+        """The trained centroids (cluster, centroid)."""
+        return self.stage_dir(CENTROIDS) / "centroids.parquet"
+
+    @property
+    def eps_curve_file(self) -> UPath:
+        """The kept/removed counts per configured eps."""
+        return self.stage_dir(KEEP_LISTS) / "eps_curve.parquet"
+
+    def keep_list_file(self, eps: float) -> UPath:
+        """The keep-list for one eps."""
+        return self.stage_dir(KEEP_LISTS) / f"eps={format_eps(eps)}.parquet"
+
+    @property
+    def catalog_file(self) -> Path:
+        """The DuckDB catalog (always local: DuckDB needs a file it can lock)."""
+        if not self.local:
+            return Path(os.environ.get("SEMDEDUP_CATALOG", "catalog.duckdb")).absolute()
+        return Path(str(self.root)) / "catalog.duckdb"
+
+    @property
+    def settings_file(self) -> UPath:
+        """The settings that `semdedup run` used, read back by the Dagster definitions."""
+        return self.root / "semdedup.json"
+
+    def stage_files(self, stage: str, suffix: str = ".parquet") -> list[UPath]:
+        """Every file of a stage, sorted by path (deterministic order)."""
+        folder = self.stage_dir(stage)
+        if not folder.exists():
+            return []
+        return sorted((p for p in folder.rglob(f"*{suffix}") if p.is_file()), key=lambda p: str(p))
+
+    def shard_of(self, stage: str, path: UPath, suffix: str = ".parquet") -> str:
+        """The shard key of a per-shard stage file."""
+        rel = str(path)[len(str(self.stage_dir(stage))) + 1 :]
+        return rel[: -len(suffix)] if rel.endswith(suffix) else rel
+
+
+def format_eps(eps: float) -> str:
+    """A stable, short text form of eps for file names and metadata."""
+    return format(float(eps), ".10g")
+
+
+def _tmp_sibling(path: UPath) -> UPath:
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+
+
+def atomic_write_bytes(data: bytes, path: UPath) -> None:
+    """Write bytes so that readers see either the old file or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not is_local(path):
+        with path.open("wb") as f:
+            f.write(data)
+        return
+    tmp = _tmp_sibling(path)
+    try:
+        with open(str(tmp), "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(str(tmp), str(path))
+    finally:
+        if os.path.exists(str(tmp)):
+            os.unlink(str(tmp))
+
+
+def atomic_write_table(table: pa.Table, path: UPath, row_group_size: int | None = None) -> None:
+    """Write a table as Parquet atomically, with fixed options for byte-identical output."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not is_local(path):
+        buf = io.BytesIO()
+        pq.write_table(table, buf, row_group_size=row_group_size, **_PARQUET_OPTIONS)
+        atomic_write_bytes(buf.getvalue(), path)
+        return
+    tmp = _tmp_sibling(path)
+    try:
+        pq.write_table(table, str(tmp), row_group_size=row_group_size, **_PARQUET_OPTIONS)
+        os.replace(str(tmp), str(path))
+    finally:
+        if os.path.exists(str(tmp)):
+            os.unlink(str(tmp))
+
+
+class AtomicParquetWriter:
+    """A streaming Parquet writer that publishes its file only on a clean close."""
+
+    def __init__(self, path: UPath, schema: pa.Schema) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = is_local(path)
+        self._tmp = _tmp_sibling(path) if self._local else None
+        self._buf = None if self._local else io.BytesIO()
+        sink = str(self._tmp) if self._local else self._buf
+        self._writer = pq.ParquetWriter(sink, schema, **_PARQUET_OPTIONS)
+        self.rows = 0
+
+    def write(self, table: pa.Table) -> None:
+        """Append a table (one or more row groups)."""
+        if table.num_rows:
+            self._writer.write_table(table)
+            self.rows += table.num_rows
+
+    def commit(self) -> None:
+        """Close and publish the file."""
+        self._writer.close()
+        if self._local:
+            os.replace(str(self._tmp), str(self.path))
+        else:
+            atomic_write_bytes(self._buf.getvalue(), self.path)
+
+    def abort(self) -> None:
+        """Close and drop the unfinished file."""
+        try:
+            self._writer.close()
+        finally:
+            if self._local and self._tmp is not None and os.path.exists(str(self._tmp)):
+                os.unlink(str(self._tmp))
+
+
+def read_table(path: UPath, columns: list[str] | None = None) -> pa.Table:
+    """Read a Parquet file from the storage root."""
+    if is_local(path):
+        return pq.read_table(str(path), columns=columns)
+    with path.open("rb") as f:
+        return pq.read_table(f, columns=columns)
+
+
+def parquet_num_rows(path: UPath) -> int:
+    """The row count from a Parquet footer, without reading the data."""
+    if is_local(path):
+        return pq.ParquetFile(str(path)).metadata.num_rows
+    with path.open("rb") as f:
+        return pq.ParquetFile(f).metadata.num_rows
+
+
+def iter_batches(path: UPath, columns: list[str] | None = None, batch_size: int = 65536) -> Iterator[pa.RecordBatch]:
+    """Stream a Parquet file in record batches."""
+    if is_local(path):
+        yield from pq.ParquetFile(str(path)).iter_batches(batch_size=batch_size, columns=columns)
+        return
+    with path.open("rb") as f:
+        yield from pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=columns)
+
+
+def remove(path: UPath) -> bool:
+    """Delete a file if present; True when something was removed."""
+    if path.exists():
+        path.unlink()
+        return True
+    return False

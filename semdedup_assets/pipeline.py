@@ -1,0 +1,129 @@
+"""Running the whole asset graph through Dagster, stage by stage, on a persistent instance.
+
+A run covers one partitioning, so the graph runs as five runs: per-shard ingest and
+embedding (every shard in one range run), centroids, per-shard assignment, per-bucket
+pairwise (every bucket in one range run), and keep-lists. Each is an ordinary Dagster
+run in the instance, so it shows in the UI's run history.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import dagster as dg
+
+from semdedup_assets.core.config import Settings, save_settings
+from semdedup_assets.core.shards import discover_shards
+from semdedup_assets.definitions import build_definitions
+from semdedup_assets.partitions import SHARDS_PARTITIONS_NAME
+
+RANGE_START = "dagster/asset_partition_range_start"
+RANGE_END = "dagster/asset_partition_range_end"
+
+# (label, job name, partitioning) in execution order.
+STAGES: list[tuple[str, str, str | None]] = [
+    ("ingest + embed", "ingest_job", "shards"),
+    ("centroids", "centroids_job", None),
+    ("cluster_assignments", "assign_job", "shards"),
+    ("semantic_duplicates", "dedup_job", "buckets"),
+    ("keep_lists", "keep_lists_job", None),
+]
+
+
+class PipelineError(RuntimeError):
+    """A stage failed; the message says which step and why."""
+
+
+@dataclass
+class PipelineResult:
+    """What a pipeline execution did."""
+
+    shards: list[str]
+    run_ids: dict[str, str] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def default_dagster_home(settings: Settings) -> str:
+    """DAGSTER_HOME: the environment's, else a folder inside a local storage root."""
+    if os.environ.get("DAGSTER_HOME"):
+        return os.environ["DAGSTER_HOME"]
+    storage = settings.storage_root()
+    if not storage.local:
+        raise PipelineError("set DAGSTER_HOME when the storage root is not a local folder")
+    return str(storage.root / "dagster_home")
+
+
+def ensure_instance_config(home: str) -> None:
+    """Create DAGSTER_HOME with a dagster.yaml (telemetry off) when it is missing."""
+    os.makedirs(home, exist_ok=True)
+    path = os.path.join(home, "dagster.yaml")
+    if not os.path.exists(path):
+        with open(path, "w") as f:
+            f.write("telemetry:\n  enabled: false\n")
+
+
+def failure_message(result: dg.ExecuteInProcessResult) -> str:
+    """The user-facing reason a run failed: step errors and failed blocking checks."""
+    reasons = []
+    for event in result.all_events:
+        if event.is_step_failure:
+            err = event.step_failure_data.error
+            desc = getattr(event.step_failure_data.user_failure_data, "description", None)
+            message = desc or (err.message.strip() if err else "unknown error")
+            cause = err.cause if err else None
+            while cause is not None and not desc:
+                message = cause.message.strip()
+                cause = cause.cause
+            reasons.append(f"{event.step_key}: {message}")
+        elif event.event_type_value == "ASSET_CHECK_EVALUATION":
+            data = event.event_specific_data
+            if not data.passed:
+                reasons.append(f"check {data.asset_key.to_user_string()}.{data.check_name} failed: {data.description or ''}")
+    return "\n".join(dict.fromkeys(reasons)) or "the run failed"
+
+
+def run_pipeline(settings: Settings, instance: dg.DagsterInstance, log=print) -> PipelineResult:
+    """Register every shard under settings.input and materialize the whole graph."""
+    if not settings.input:
+        raise PipelineError("no input location given")
+    save_settings(settings)
+    shards = [s.key for s in discover_shards(settings.input)]
+    if not shards:
+        raise PipelineError(f"no .parquet, .jsonl or .jsonl.gz shard files under {settings.input}")
+    known = set(instance.get_dynamic_partitions(SHARDS_PARTITIONS_NAME))
+    new = [k for k in shards if k not in known]
+    if new:
+        instance.add_dynamic_partitions(SHARDS_PARTITIONS_NAME, new)
+    defs = build_definitions(settings)
+    bucket_def = defs.resolve_assets_def("semantic_duplicates").partitions_def
+    buckets = bucket_def.get_partition_keys()
+    registered = instance.get_dynamic_partitions(SHARDS_PARTITIONS_NAME)
+    stray = sorted(set(registered) - set(shards))
+    if stray:
+        raise PipelineError(
+            f"the storage already holds {len(stray)} shard(s) that are not under {settings.input} "
+            f"(e.g. {stray[:3]}): use another --storage, or `semdedup forget SHARD` first")
+    result = PipelineResult(shards=shards)
+    for label, job_name, partitioning in STAGES:
+        job = defs.resolve_job_def(job_name)
+        tags: dict[str, str] = {"semdedup/stage": label}
+        if partitioning == "shards":
+            # A range over the registered keys in registration order: every shard in one run.
+            tags.update({RANGE_START: registered[0], RANGE_END: registered[-1]})
+        elif partitioning == "buckets":
+            tags.update({RANGE_START: buckets[0], RANGE_END: buckets[-1]})
+        log(f"[semdedup] {label} ...")
+        run = job.execute_in_process(instance=instance, tags=tags, raise_on_error=False)
+        result.run_ids[label] = run.run_id
+        result.seconds[label] = _run_seconds(instance, run.run_id)
+        if not run.success:
+            raise PipelineError(f"{label} failed (run {run.run_id}):\n{failure_message(run)}")
+    return result
+
+
+def _run_seconds(instance: dg.DagsterInstance, run_id: str) -> float:
+    record = instance.get_run_record_by_id(run_id)
+    if record is None or record.start_time is None or record.end_time is None:
+        return 0.0
+    return round(record.end_time - record.start_time, 2)
