@@ -1,6 +1,8 @@
 """Embed stage: `embeddings`, unit-norm float32 vectors per shard."""
 
 
+import hashlib
+
 import dagster as dg
 import numpy as np
 import pyarrow as pa
@@ -16,6 +18,7 @@ from semdedup_assets.resources import SemDedupConfig
 # Encode in chunks so progress shows in the run log and memory stays bounded.
 ENCODE_CHUNK = 4096
 UNIT_NORM_TOLERANCE = 1e-3
+CACHE_KEY = b"semdedup.cache_key"
 
 
 def embed_table(raw: pa.Table, semdedup: SemDedupConfig, log: dg.DagsterLogManager | None = None) -> tuple[np.ndarray, int]:
@@ -33,6 +36,24 @@ def embed_table(raw: pa.Table, semdedup: SemDedupConfig, log: dg.DagsterLogManag
         if log is not None:
             log.debug(f"encoded {min(start + ENCODE_CHUNK, len(items))}/{len(items)}")
     return np.concatenate(parts), 0
+
+
+def embedding_cache_key(raw_path: st.UPath, semdedup: SemDedupConfig) -> str:
+    """What an embeddings file depends on: the raw shard's bytes and the encoder settings."""
+    h = hashlib.blake2b(digest_size=16)
+    with raw_path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    h.update(repr((semdedup.modality, semdedup.model, semdedup.pooling, semdedup.max_length)).encode())
+    return h.hexdigest()
+
+
+def cached_key(path: st.UPath) -> str | None:
+    """The cache key stored in an existing embeddings file, if any."""
+    if not path.exists():
+        return None
+    meta = st.read_schema(path).metadata or {}
+    return meta.get(CACHE_KEY, b"").decode() or None
 
 
 def embedding_problems(vectors: np.ndarray, expected_rows: int) -> list[str]:
@@ -68,17 +89,27 @@ def embeddings(context: dg.AssetExecutionContext, semdedup: SemDedupConfig) -> d
     dim = 0
     with timed() as t:
         for key in run_partition_keys(context):
-            raw = st.read_table(storage.shard_file(st.RAW, key), columns=["id", semdedup.modality])
+            raw_path, out_path = storage.shard_file(st.RAW, key), storage.shard_file(st.EMBEDDINGS, key)
+            cache_key = embedding_cache_key(raw_path, semdedup)
+            cached = cached_key(out_path) == cache_key
             with timed() as te:
-                vectors, renormalised = embed_table(raw, semdedup, context.log)
+                if cached:  # same raw bytes and encoder settings: the file is already right
+                    table = st.read_table(out_path)
+                    vectors, renormalised = embedding_matrix(table.column("embedding")), 0
+                    expected = st.parquet_num_rows(raw_path)
+                else:
+                    raw = st.read_table(raw_path, columns=["id", semdedup.modality])
+                    vectors, renormalised = embed_table(raw, semdedup, context.log)
+                    expected = raw.num_rows
+                    table = pa.table({"id": raw.column("id"), "embedding": embedding_array(vectors)})
+                    table = table.replace_schema_metadata({CACHE_KEY: cache_key.encode()})
+                    st.atomic_write_table(table, out_path)
             dim = int(vectors.shape[1])
-            problems += [f"shard {key!r}: {p}" for p in embedding_problems(vectors, raw.num_rows)]
-            table = pa.table({"id": raw.column("id"), "embedding": embedding_array(vectors)})
-            st.atomic_write_table(table, storage.shard_file(st.EMBEDDINGS, key))
-            per_shard.append({"shard": key, "rows": raw.num_rows, "seconds": te["seconds"],
-                              "items_per_second": round(raw.num_rows / max(te["seconds"], 1e-9), 1),
+            problems += [f"shard {key!r}: {p}" for p in embedding_problems(vectors, expected)]
+            per_shard.append({"shard": key, "rows": expected, "seconds": te["seconds"], "cached": cached,
+                              "items_per_second": round(expected / max(te["seconds"], 1e-9), 1),
                               "renormalised_rows": renormalised})
-            context.log.info(f"embedded shard {key!r}: {raw.num_rows} rows in {te['seconds']} s")
+            context.log.info(f"embedded shard {key!r}: {expected} rows in {te['seconds']} s" + (" (cached)" if cached else ""))
     rows = sum(int(r["rows"]) for r in per_shard)
     extra: dict[str, object] = {"rows": rows, "dim": dim, "seconds": t["seconds"],
                                 "model": semdedup.model or "default", "modality": semdedup.modality}

@@ -145,22 +145,34 @@ def stage_source(storage: Storage, stage: str, pattern: str = "**/*.parquet") ->
     return f"read_parquet({sql_quote(str(storage.stage_dir(stage)).rstrip('/') + '/' + pattern)})"
 
 
-def scan(storage: Storage, sql: str, params: Sequence[Any] | None = None) -> list[tuple]:
+def scan(storage: Storage, sql: str, params: Sequence[Any] | None = None, tables: dict[str, Any] | None = None) -> list[tuple]:
     """Run SQL over the stage files in a scratch in-memory DuckDB (no catalog lock)."""
     con = duckdb.connect()
     try:
         if not storage.local:
             con.register_filesystem(storage.root.fs)
+        for name, table in (tables or {}).items():
+            con.register(name, table)
         return con.execute(sql, params or []).fetchall()
     finally:
         con.close()
 
 
-def duplicate_ids(storage: Storage, limit: int = 5) -> list[tuple[str, str, int, str, int]]:
-    """Ids that appear more than once across the raw shards: (id, shard, row, shard, row)."""
-    if not storage.stage_files(RAW):
+def duplicate_ids(storage: Storage, pending: Any = None, exclude_shards: Sequence[str] = (), limit: int = 5) -> list[tuple[str, str, int, str, int]]:
+    """Ids that appear more than once across raw shards: (id, shard, row, shard, row).
+
+    `pending` (an Arrow table id, shard, row) holds shards validated but not yet
+    published; their committed files (`exclude_shards`) are left out.
+    """
+    skip = set(exclude_shards)
+    files = [str(p) for p in storage.stage_files(RAW) if storage.shard_of(RAW, p) not in skip]
+    parts = [f"SELECT id, shard, row FROM read_parquet([{', '.join(sql_quote(f) for f in files)}])"] if files else []
+    if pending is not None:
+        parts.append("SELECT id, shard, row FROM pending")
+    if not parts:
         return []
     order = "shard || ':' || lpad(row::VARCHAR, 20, '0')"
     return scan(storage,
         f"SELECT id, arg_min(shard, {order}), arg_min(row, {order}), arg_max(shard, {order}), arg_max(row, {order}) "
-        f"FROM {stage_source(storage, RAW)} GROUP BY id HAVING count(*) > 1 ORDER BY id LIMIT {int(limit)}")
+        f"FROM ({' UNION ALL '.join(parts)}) GROUP BY id HAVING count(*) > 1 ORDER BY id LIMIT {int(limit)}",
+        tables={"pending": pending} if pending is not None else None)

@@ -202,6 +202,14 @@ def read_table(path: UPath, columns: list[str] | None = None) -> pa.Table:
         return pq.read_table(f, columns=columns)
 
 
+def read_schema(path: UPath) -> pa.Schema:
+    """A Parquet file's schema (with its key-value metadata), from the footer."""
+    if is_local(path):
+        return pq.read_schema(str(path))
+    with path.open("rb") as f:
+        return pq.read_schema(f)
+
+
 def parquet_num_rows(path: UPath) -> int:
     """The row count from a Parquet footer, without reading the data."""
     if is_local(path):
