@@ -1,0 +1,51 @@
+"""The Definitions load, and `dagster definitions validate` accepts the workspace."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+
+from semdedup_assets.core.config import Settings
+from semdedup_assets.definitions import build_definitions, defs
+
+REPO = Path(__file__).resolve().parents[1]
+ASSETS = {"raw_shards", "embeddings", "centroids", "cluster_assignments", "semantic_duplicates", "keep_lists"}
+
+
+def test_definitions_load() -> None:
+    dg.Definitions.validate_loadable(defs)
+    keys = {spec.key.to_user_string() for spec in defs.resolve_all_asset_specs()}
+    assert keys == ASSETS
+    assert {j for j in ("ingest_job", "centroids_job", "assign_job", "dedup_job", "keep_lists_job")
+            if defs.resolve_job_def(j)} == {"ingest_job", "centroids_job", "assign_job", "dedup_job", "keep_lists_job"}
+    assert defs.resolve_sensor_def("shard_sensor") is not None
+    assert defs.resolve_schedule_def("retrain_centroids_schedule").cron_schedule == "0 3 * * 0"
+
+
+def test_graph_shape_pools_and_partitions() -> None:
+    d = build_definitions(Settings(storage="/tmp/unused", buckets=5))
+    graph = d.resolve_asset_graph()
+    parents = {k.to_user_string(): {p.to_user_string() for p in graph.get(k).parent_keys} for k in graph.get_all_asset_keys()}
+    assert parents == {
+        "raw_shards": set(), "embeddings": {"raw_shards"}, "centroids": {"embeddings"},
+        "cluster_assignments": {"embeddings", "centroids"}, "semantic_duplicates": {"cluster_assignments"},
+        "keep_lists": {"semantic_duplicates"},
+    }
+    sd = d.resolve_assets_def("semantic_duplicates")
+    assert sd.partitions_def.get_partition_keys() == ["000", "001", "002", "003", "004"]
+    for key in ("embeddings", "centroids", "semantic_duplicates"):
+        node = graph.get(dg.AssetKey(key))
+        assert node.pools == {"gpu"}, key
+    assert isinstance(d.resolve_assets_def("raw_shards").partitions_def, dg.DynamicPartitionsDefinition)
+
+
+def test_dagster_cli_validates_workspace(tmp_path: Path) -> None:
+    env = dict(os.environ, SEMDEDUP_STORAGE=str(tmp_path / "storage"), DAGSTER_HOME=str(tmp_path))
+    proc = subprocess.run([str(Path(sys.executable).parent / "dagster"), "definitions", "validate", "-w", "workspace.yaml"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Validation successful" in proc.stdout + proc.stderr
