@@ -1,0 +1,63 @@
+"""Spherical k-means on a sample, and nearest-centroid assignment."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from semdedup_assets.core.assign import assign, bucket_cluster_range, bucket_keys, iter_cluster_ranges
+from semdedup_assets.core.kmeans import collect_sample, sample_rows, train_spherical_kmeans
+
+
+def _blobs(n: int, d: int, k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(k, d))
+    labels = rng.integers(0, k, size=n)
+    x = centers[labels] + 0.05 * rng.normal(size=(n, d))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), labels
+
+
+def test_training_is_deterministic_and_spherical() -> None:
+    x, _ = _blobs(4000, 16, 8)
+    a = train_spherical_kmeans(x, 8, niter=10, seed=3)
+    b = train_spherical_kmeans(x, 8, niter=10, seed=3)
+    assert a.centroids.tobytes() == b.centroids.tobytes()
+    np.testing.assert_allclose(np.linalg.norm(a.centroids, axis=1), 1.0, atol=1e-5)
+    c = train_spherical_kmeans(x, 8, niter=10, seed=4)
+    assert c.centroids.tobytes() != a.centroids.tobytes()
+
+
+def test_assignment_is_the_nearest_centroid_by_inner_product() -> None:
+    x, labels = _blobs(3000, 16, 6, seed=1)
+    km = train_spherical_kmeans(x, 6, niter=20, seed=0)
+    clusters, sims = assign(x, km.centroids, batch=700)
+    # Members of one tight blob never straddle more than two clusters (k-means may split one blob).
+    assert max(len(np.unique(clusters[labels == lab])) for lab in range(6)) <= 2
+    np.testing.assert_allclose(sims, np.einsum("ij,ij->i", x, km.centroids[clusters]), atol=1e-5)
+    assert (x @ km.centroids.T).argmax(axis=1).tolist() == clusters.tolist()
+
+
+def test_sample_is_independent_of_shard_order() -> None:
+    rng = np.random.default_rng(0)
+    shards = {f"s{i}": rng.normal(size=(100 + i, 4)).astype(np.float32) for i in range(5)}
+    read = lambda k, rows: shards[k][rows]  # noqa: E731
+    a = collect_sample([(k, len(v)) for k, v in shards.items()], read, 200, seed=1)
+    b = collect_sample([(k, len(v)) for k, v in reversed(list(shards.items()))], read, 200, seed=1)
+    assert a.tobytes() == b.tobytes()
+    assert 120 < len(a) < 280
+    assert len(collect_sample([(k, len(v)) for k, v in shards.items()], read, 10_000, seed=1)) == sum(map(len, shards.values()))
+    assert sample_rows(10, 1.0, 0, "s").tolist() == list(range(10))
+
+
+def test_bad_k() -> None:
+    x, _ = _blobs(10, 4, 2)
+    with pytest.raises(ValueError, match="k=11"):
+        train_spherical_kmeans(x, 11)
+
+
+def test_buckets_cover_every_cluster_once() -> None:
+    for k, b in ((10, 3), (3, 5), (1000, 16), (1, 1)):
+        covered = [c for _, lo, hi in iter_cluster_ranges(k, b) for c in range(lo, hi)]
+        assert covered == list(range(k))
+    assert bucket_keys(3) == ["000", "001", "002"] and len(bucket_keys(1500)[0]) == 4
+    assert bucket_cluster_range(1, 10, 3) == (3, 6)
