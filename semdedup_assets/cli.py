@@ -94,10 +94,9 @@ def summary(settings: Settings) -> str:
     from semdedup_assets.core.catalog import format_table, query
 
     storage = settings.storage_root()
-    _, [(items, clusters, dups)] = query(storage, "SELECT count(*), count(DISTINCT cluster), "
-                                         "count(duplicate_of) FROM items")
+    _, [(items, clusters)] = query(storage, "SELECT count(*), count(DISTINCT cluster) FROM items")
     cols, rows = query(storage, "SELECT eps, kept, removed, round(kept_fraction, 4) AS kept_fraction FROM eps_curve ORDER BY eps")
-    return (f"items: {items}\nclusters: {clusters}\nitems with an earlier member (max_sim > 0): {dups}\n"
+    return (f"items: {items}\nclusters: {clusters}\n"
             f"{format_table(cols, rows)}\ncatalog: {storage.catalog_file}")
 
 

@@ -23,6 +23,8 @@ from semdedup_assets.partitions import bucket_partitions
 from semdedup_assets.resources import SemDedupConfig
 
 TOP_PAIRS = 10
+# Pairs below this are near-duplicates rather than exact copies (shown separately).
+NEAR_EXACT = 0.9999
 
 
 def read_bucket_rows(files: list[st.UPath], first: int, end: int) -> pa.Table:
@@ -70,9 +72,11 @@ def dedup_bucket(table: pa.Table, strategy: str, seed: int, block_size: int, dev
     return result, [int(e - s) for s, e in zip(starts, ends)]
 
 
-def top_pairs(table: pa.Table, n: int = TOP_PAIRS) -> list[tuple[float, str, str]]:
-    """The n most similar (max_sim, id, duplicate_of) pairs of a result table."""
+def top_pairs(table: pa.Table, n: int = TOP_PAIRS, below: float | None = None) -> list[tuple[float, str, str]]:
+    """The n most similar (max_sim, id, duplicate_of) pairs of a result table (max_sim < below, if given)."""
     dups = table.filter(pc.is_valid(table.column("duplicate_of")))
+    if below is not None:
+        dups = dups.filter(pc.less(dups.column("max_sim"), below))
     if dups.num_rows == 0:
         return []
     idx = pc.select_k_unstable(dups, n, [("max_sim", "descending")])
@@ -182,6 +186,7 @@ def build_keep_lists(semantic_duplicates: dg.AssetsDefinition) -> dg.AssetsDefin
         keep_schema = pa.schema([("id", pa.string()), ("shard", pa.string()), ("cluster", pa.int32())])
         writers = [st.AtomicParquetWriter(storage.keep_list_file(e), keep_schema) for e in settings.eps]
         pairs: list[tuple[float, str, str]] = []
+        near_pairs: list[tuple[float, str, str]] = []
         max_sims = []
         try:
             with timed() as t:
@@ -193,6 +198,8 @@ def build_keep_lists(semantic_duplicates: dg.AssetsDefinition) -> dg.AssetsDefin
                     for eps, writer in zip(settings.eps, writers):
                         writer.write(table.filter(pa.array(keep_mask(max_sim, eps))).select(["id", "shard", "cluster"]))
                     pairs = heapq.nsmallest(TOP_PAIRS, pairs + top_pairs(table), key=lambda x: (-x[0], x[1]))
+                    near_pairs = heapq.nsmallest(TOP_PAIRS, near_pairs + top_pairs(table, below=NEAR_EXACT),
+                                                 key=lambda x: (-x[0], x[1]))
             for w in writers:
                 w.commit()
         except BaseException:
@@ -210,7 +217,7 @@ def build_keep_lists(semantic_duplicates: dg.AssetsDefinition) -> dg.AssetsDefin
         distinct = _distinct_ids(storage)
         one_bucket = curve.total == assigned and distinct == assigned
         sizes = _cluster_sizes(storage)
-        texts = _texts(storage, sorted({i for _, a, b in pairs for i in (a, b)}), semdedup.modality)
+        texts = _texts(storage, sorted({i for _, a, b in pairs + near_pairs for i in (a, b)}), semdedup.modality)
         eps_table = dg.MetadataValue.table(
             records=[dg.TableRecord({k: (float(v) if isinstance(v, float) else int(v)) for k, v in r.items()}) for r in rows],
             schema=dg.TableSchema(columns=[dg.TableColumn("eps", "float"), dg.TableColumn("kept", "int"),
@@ -222,6 +229,7 @@ def build_keep_lists(semantic_duplicates: dg.AssetsDefinition) -> dg.AssetsDefin
             "cluster_sizes": dg.MetadataValue.md(histogram_markdown(np.asarray(sizes), "cluster sizes", "members")),
             "max_sim_histogram": dg.MetadataValue.md(histogram_markdown(all_max, "max_sim (non-first members)", "max_sim")),
             "top_pairs": dg.MetadataValue.md(pairs_markdown(pairs, texts)),
+            f"top_pairs_below_{NEAR_EXACT}": dg.MetadataValue.md(pairs_markdown(near_pairs, texts)),
             "catalog": dg.MetadataValue.path(str(storage.catalog_file)),
         }
         for r in rows:
