@@ -25,6 +25,7 @@ from semdedup_assets.resources import SemDedupConfig
 TOP_PAIRS = 10
 # Pairs below this are near-duplicates rather than exact copies (shown separately).
 NEAR_EXACT = 0.9999
+MAX_SIM_BINS = np.linspace(-1.0, 1.0, 81)
 
 
 def read_bucket_rows(files: list[st.UPath], first: int, end: int) -> pa.Table:
@@ -187,25 +188,18 @@ def build_keep_lists(semantic_duplicates: dg.AssetsDefinition) -> dg.AssetsDefin
         writers = [st.AtomicParquetWriter(storage.keep_list_file(e), keep_schema) for e in settings.eps]
         pairs: list[tuple[float, str, str]] = []
         near_pairs: list[tuple[float, str, str]] = []
-        max_sims = []
-        try:
-            with timed() as t:
-                for path in bucket_files:  # bucket order: the keep-lists are byte-identical run to run
-                    table = st.read_table(path)
-                    max_sim = table.column("max_sim").to_numpy()
-                    curve.update(max_sim)
-                    max_sims.append(max_sim[table.column("rank").to_numpy() > 0].astype(np.float32))
-                    for eps, writer in zip(settings.eps, writers):
-                        writer.write(table.filter(pa.array(keep_mask(max_sim, eps))).select(["id", "shard", "cluster"]))
-                    pairs = heapq.nsmallest(TOP_PAIRS, pairs + top_pairs(table), key=lambda x: (-x[0], x[1]))
-                    near_pairs = heapq.nsmallest(TOP_PAIRS, near_pairs + top_pairs(table, below=NEAR_EXACT),
-                                                 key=lambda x: (-x[0], x[1]))
-            for w in writers:
-                w.commit()
-        except BaseException:
-            for w in writers:
-                w.abort()
-            raise
+        max_sim_counts = np.zeros(len(MAX_SIM_BINS) - 1, dtype=np.int64)  # streamed: no per-item array
+        with st.publish_together(writers), timed() as t:
+            for path in bucket_files:  # bucket order: the keep-lists are byte-identical run to run
+                table = st.read_table(path)
+                max_sim = table.column("max_sim").to_numpy()
+                curve.update(max_sim)
+                max_sim_counts += np.histogram(max_sim[table.column("rank").to_numpy() > 0], bins=MAX_SIM_BINS)[0]
+                for eps, writer in zip(settings.eps, writers):
+                    writer.write(table.filter(pa.array(keep_mask(max_sim, eps))).select(["id", "shard", "cluster"]))
+                pairs = heapq.nsmallest(TOP_PAIRS, pairs + top_pairs(table), key=lambda x: (-x[0], x[1]))
+                near_pairs = heapq.nsmallest(TOP_PAIRS, near_pairs + top_pairs(table, below=NEAR_EXACT),
+                                             key=lambda x: (-x[0], x[1]))
         rows = curve.rows()
         st.atomic_write_table(pa.Table.from_pylist(rows, schema=pa.schema([
             ("eps", pa.float64()), ("kept", pa.int64()), ("removed", pa.int64()), ("kept_fraction", pa.float64())])),
@@ -222,12 +216,12 @@ def build_keep_lists(semantic_duplicates: dg.AssetsDefinition) -> dg.AssetsDefin
             records=[dg.TableRecord({k: (float(v) if isinstance(v, float) else int(v)) for k, v in r.items()}) for r in rows],
             schema=dg.TableSchema(columns=[dg.TableColumn("eps", "float"), dg.TableColumn("kept", "int"),
                                            dg.TableColumn("removed", "int"), dg.TableColumn("kept_fraction", "float")]))
-        all_max = np.concatenate(max_sims) if max_sims else np.empty(0)
         meta = {
             "items": curve.total, "clusters": len(sizes), "seconds": t["seconds"], "eps_curve": eps_table,
             "eps_curve_plot": dg.MetadataValue.md(eps_curve_markdown([r["eps"] for r in rows], fractions)),
             "cluster_sizes": dg.MetadataValue.md(histogram_markdown(np.asarray(sizes), "cluster sizes", "members")),
-            "max_sim_histogram": dg.MetadataValue.md(histogram_markdown(all_max, "max_sim (non-first members)", "max_sim")),
+            "max_sim_histogram": dg.MetadataValue.md(histogram_markdown(
+                max_sim_counts, "max_sim (non-first members)", "max_sim", edges=MAX_SIM_BINS)),
             "top_pairs": dg.MetadataValue.md(pairs_markdown(pairs, texts)),
             f"top_pairs_below_{NEAR_EXACT}": dg.MetadataValue.md(pairs_markdown(near_pairs, texts)),
             "catalog": dg.MetadataValue.path(str(storage.catalog_file)),

@@ -49,31 +49,24 @@ def raw_shards(context: dg.AssetExecutionContext, semdedup: SemDedupConfig) -> d
     pending: list[st.AtomicParquetWriter] = []
     pending_ids: list[pa.Table] = []
     per_shard: list[dict[str, object]] = []
-    try:
-        with timed() as t:
-            for key in keys:
-                try:
-                    table = read_shard(files[key], semdedup.modality, semdedup.column or semdedup.modality, semdedup.id_column)
-                except ShardError as err:
-                    raise shard_failure(err) from None
-                table = table.append_column("shard", pa.array([key] * table.num_rows, type=pa.string()))
-                table = table.select(["id", "shard", "row", semdedup.modality])
-                writer = st.AtomicParquetWriter(storage.shard_file(st.RAW, key), table.schema)
-                pending.append(writer)
-                writer.write(table)
-                pending_ids.append(table.select(["id", "shard", "row"]))
-                per_shard.append({"shard": key, "rows": table.num_rows, "input": str(files[key].path),
-                                  "fingerprint": files[key].fingerprint()})
-                context.log.info(f"validated shard {key!r}: {table.num_rows} rows")
-            dups = duplicate_ids(storage, pa.concat_tables(pending_ids), exclude_shards=keys)
-            if dups:
-                raise dg.Failure(description=duplicate_ids_message(dups), metadata={"shard": dups[0][3], "row": dups[0][4]})
-        for writer in pending:
-            writer.commit()
-    except BaseException:
-        for writer in pending:
-            writer.abort()
-        raise
+    with st.publish_together(pending), timed() as t:
+        for key in keys:
+            try:
+                table = read_shard(files[key], semdedup.modality, semdedup.column or semdedup.modality, semdedup.id_column)
+            except ShardError as err:
+                raise shard_failure(err) from None
+            table = table.append_column("shard", pa.array([key] * table.num_rows, type=pa.string()))
+            table = table.select(["id", "shard", "row", semdedup.modality])
+            writer = st.AtomicParquetWriter(storage.shard_file(st.RAW, key), table.schema)
+            pending.append(writer)
+            writer.write(table)
+            pending_ids.append(table.select(["id", "shard", "row"]))
+            per_shard.append({"shard": key, "rows": table.num_rows, "input": str(files[key].path),
+                              "fingerprint": files[key].fingerprint()})
+            context.log.info(f"validated shard {key!r}: {table.num_rows} rows")
+        dups = duplicate_ids(storage, pa.concat_tables(pending_ids), exclude_shards=keys)
+        if dups:
+            raise dg.Failure(description=duplicate_ids_message(dups), metadata={"shard": dups[0][3], "row": dups[0][4]})
     extra = {"rows": sum(int(r["rows"]) for r in per_shard), "seconds": t["seconds"]}
     if len(keys) == 1:
         extra["path"] = dg.MetadataValue.path(str(storage.shard_file(st.RAW, keys[0])))

@@ -39,10 +39,16 @@ def eps_curve_markdown(eps: Sequence[float], kept_fraction: Sequence[float]) -> 
     return _png_markdown(fig, "eps curve")
 
 
-def histogram_markdown(values: np.ndarray, title: str, xlabel: str, bins: int = 40, log: bool = True) -> str:
-    """A histogram of values as a markdown image."""
+def histogram_markdown(values: np.ndarray, title: str, xlabel: str, bins: int = 40, log: bool = True,
+                       edges: np.ndarray | None = None) -> str:
+    """A histogram as a markdown image: of raw values, or of precomputed counts when edges are given."""
     fig, ax = _figure()
-    ax.hist(np.asarray(values), bins=bins, log=log)
+    if edges is None:
+        ax.hist(np.asarray(values), bins=bins, log=log)
+    else:
+        ax.stairs(np.asarray(values), edges, fill=True)
+        if log:
+            ax.set_yscale("log")
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("count")

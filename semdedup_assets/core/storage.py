@@ -12,6 +12,7 @@ import io
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow as pa
@@ -192,6 +193,19 @@ class AtomicParquetWriter:
         finally:
             if self._local and self._tmp is not None and os.path.exists(str(self._tmp)):
                 os.unlink(str(self._tmp))
+
+
+@contextmanager
+def publish_together(writers: list[AtomicParquetWriter]) -> Iterator[list[AtomicParquetWriter]]:
+    """Commit every writer when the block succeeds, abort all of them when it fails."""
+    try:
+        yield writers
+    except BaseException:
+        for w in writers:
+            w.abort()
+        raise
+    for w in writers:
+        w.commit()
 
 
 def read_table(path: UPath, columns: list[str] | None = None) -> pa.Table:

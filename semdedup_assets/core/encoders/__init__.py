@@ -1,0 +1,16 @@
+"""Encoders turning items of one modality into unit-norm embeddings, looked up by modality name."""
+
+from .base import Encoder, l2_normalize, resolve_device
+from .registry import available_modalities, create_encoder, register_encoder
+
+# Registers the "text" modality; cheap, since text.py imports torch/transformers lazily.
+from . import text as text  # noqa: E402  (import for its registration side effect)
+
+__all__ = [
+    "Encoder",
+    "available_modalities",
+    "create_encoder",
+    "l2_normalize",
+    "register_encoder",
+    "resolve_device",
+]

@@ -1,0 +1,75 @@
+"""The encoder interface every modality implements, plus small shared helpers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import numpy as np
+
+if TYPE_CHECKING:  # torch is imported lazily so `import ...encoders` stays cheap
+    import torch
+
+__all__ = ["Encoder", "l2_normalize", "resolve_device"]
+
+
+@runtime_checkable
+class Encoder(Protocol):
+    """Turns a batch of items of one modality into unit-norm float32 embeddings."""
+
+    modality: str
+    name: str
+    dim: int
+
+    def encode(self, items: Sequence[Any]) -> np.ndarray:
+        """Return an (n, dim) float32 array of L2-normalised rows, in input order."""
+        ...
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Return a float32 copy of the 2-D array `x` with every row scaled to unit L2 norm."""
+    arr = np.asarray(x)
+    if arr.ndim != 2:
+        raise ValueError(f"l2_normalize expects a 2-D (n, dim) array, got shape {arr.shape}")
+    if arr.shape[0] == 0:
+        return arr.astype(np.float32, copy=True)
+    # Norms in float64: squaring large float32 values can overflow to inf.
+    arr64 = arr.astype(np.float64, copy=False)
+    finite = np.isfinite(arr64).all(axis=1)
+    if not finite.all():
+        bad = int(np.flatnonzero(~finite)[0])
+        raise ValueError(f"row {bad} contains non-finite values (NaN or inf); cannot L2-normalise")
+    norms = np.linalg.norm(arr64, axis=1)
+    zero = norms == 0.0
+    if zero.any():
+        bad = int(np.flatnonzero(zero)[0])
+        raise ValueError(f"row {bad} has zero norm; cannot L2-normalise")
+    return (arr64 / norms[:, None]).astype(np.float32)
+
+
+def resolve_device(device: str) -> torch.device:
+    """Map "auto" / "cpu" / "cuda" / "cuda:N" (or any torch device string) to a usable torch.device."""
+    import torch
+
+    spec = str(device).strip().lower()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(
+            f"unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'"
+        ) from exc
+    if dev.type == "cuda":
+        # Fail here with a plain message rather than deep inside model.to().
+        if not torch.cuda.is_available():
+            raise RuntimeError(
+                f"device {device!r} requested but CUDA is not available "
+                "(no GPU or a CPU-only torch build); use device='cpu' or 'auto'"
+            )
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise RuntimeError(
+                f"device {device!r} requested but only {count} CUDA device(s) are visible"
+            )
+    return dev
