@@ -31,12 +31,18 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Register every shard file under --input as a `shards` partition and "
                          "materialize the whole asset graph through Dagster (runs are recorded in $DAGSTER_HOME, "
                          "default <storage>/dagster_home, so they show in `make ui`).")
-    run.add_argument("--input", required=True, help="folder (or fsspec URL) of .parquet/.jsonl/.jsonl.gz shards, or one file")
+    run.add_argument("--input", required=True, help="folder (or fsspec URL) of .parquet/.jsonl/.jsonl.gz/.tar/.npy "
+                     "shards, or one file")
     _add_storage(run)
     run.add_argument("--modality", choices=MODALITIES, help="payload kind (default text)")
     run.add_argument("--column", help="payload column (default: the modality's name: text, image or embedding)")
     run.add_argument("--id-column", help="id column (default id; if absent ids are <shard>:<row>)")
-    run.add_argument("--model", help="HF model name or local path (text default: the offline all-MiniLM-L6-v2)")
+    run.add_argument("--model", help="text: HF model name or local path (default: the offline all-MiniLM-L6-v2), "
+                     "or open_clip:ARCH for CLIP's text tower; image: open_clip ARCH, local-dir:PATH or hf-hub:ORG/REPO")
+    run.add_argument("--pretrained", help="open_clip: pretrained tag (online) or local checkpoint file")
+    run.add_argument("--workers", type=int, dest="num_workers", help="image decoding worker processes (default 2)")
+    run.add_argument("--strict", action="store_true", default=None,
+                     help="image modality: fail on an undecodable image instead of recording it in `rejected`")
     run.add_argument("--pooling", choices=("mean", "cls", "last_token"), help="text pooling (default mean)")
     run.add_argument("--max-length", type=int, help="max tokens per text (default 256)")
     run.add_argument("--batch-size", type=int, help="encoder batch size (default 64)")
@@ -71,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _settings_from_args(args: argparse.Namespace) -> Settings:
     overrides = {k: getattr(args, k, None) for k in (
-        "input", "modality", "column", "id_column", "model", "pooling", "max_length", "batch_size", "device",
+        "input", "modality", "column", "id_column", "model", "pretrained", "num_workers", "strict", "pooling", "max_length", "batch_size", "device",
         "clusters", "kmeans_iterations", "max_points_per_centroid", "buckets", "keep", "seed")}
     if getattr(args, "eps", None):
         overrides["eps"] = args.eps

@@ -20,6 +20,9 @@ class SemDedupConfig(dg.ConfigurableResource):
     column: str | None = None
     id_column: str = "id"
     model: str | None = None
+    pretrained: str | None = None
+    num_workers: int = 2
+    strict: bool = False
     pooling: str = "mean"
     max_length: int = 256
     batch_size: int = 64
@@ -52,12 +55,22 @@ class SemDedupConfig(dg.ConfigurableResource):
 
     def encoder(self) -> Encoder:
         """The encoder for the configured modality, loaded once per process."""
-        return _cached_encoder(self.modality, self.model, self.pooling, self.max_length, self.batch_size, self.device)
+        return _cached_encoder(self.modality, self.model, self.pretrained, self.pooling, self.max_length,
+                               self.batch_size, self.num_workers, self.device)
+
+
+# Text through CLIP's text tower: --model open_clip:ARCH (or open_clip:local-dir:PATH).
+OPEN_CLIP_PREFIX = "open_clip:"
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_encoder(modality: str, model: str | None, pooling: str, max_length: int, batch_size: int, device: str) -> Encoder:
-    options = {"device": device, "batch_size": batch_size}
+def _cached_encoder(modality: str, model: str | None, pretrained: str | None, pooling: str, max_length: int,
+                    batch_size: int, num_workers: int, device: str) -> Encoder:
+    options: dict[str, object] = {"device": device, "batch_size": batch_size}
+    if modality == "text" and model and model.startswith(OPEN_CLIP_PREFIX):
+        return create_encoder("clip_text", model[len(OPEN_CLIP_PREFIX):], pretrained=pretrained, **options)
     if modality == "text":
         options.update(pooling=pooling, max_length=max_length)
+    elif modality == "image":
+        options.update(pretrained=pretrained, num_workers=num_workers)
     return create_encoder(modality, model, **options)

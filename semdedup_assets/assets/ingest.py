@@ -24,9 +24,27 @@ def shard_failure(err: ShardError) -> dg.Failure:
     return dg.Failure(description=str(err), metadata={"shard": err.shard, "row": -1 if err.row is None else err.row, "reason": err.reason})
 
 
+RAW_DIM_KEY = b"semdedup.dim"
+
+
+def check_dims(storage: st.Storage, dims: dict[str, int], keys: list[str]) -> None:
+    """Bring-your-own embeddings: every shard, new or already ingested, has one dimension."""
+    known = dict(dims)
+    for path in storage.stage_files(st.RAW):
+        shard = storage.shard_of(st.RAW, path)
+        if shard not in keys and (meta := st.read_schema(path).metadata) and RAW_DIM_KEY in meta:
+            known[shard] = int(meta[RAW_DIM_KEY])
+    if len(set(known.values())) > 1:
+        first = min(known)
+        other = next(k for k in sorted(known) if known[k] != known[first])
+        raise dg.Failure(description=f"shard {other!r}: embedding dimension {known[other]} differs from "
+                         f"shard {first!r} ({known[first]}); every shard must have one dimension",
+                         metadata={"shard": other})
+
+
 def _preview(table: pa.Table, column: str, n: int = 3) -> str:
     if column != "text":
-        return f"{table.num_rows} rows of {table.schema.field(column).type}"
+        return f"{table.num_rows} rows"
     lines = [f"- `{i}`: {t[:200]}" for i, t in zip(table.column("id").to_pylist()[:n], table.column(column).to_pylist()[:n])]
     return "\n".join(lines)
 
@@ -38,7 +56,7 @@ def _preview(table: pa.Table, column: str, n: int = 3) -> str:
     kinds={"parquet"},
 )
 def raw_shards(context: dg.AssetExecutionContext, semdedup: SemDedupConfig) -> dg.MaterializeResult:
-    """Validated copy of each input shard: id, shard, row and the payload column."""
+    """Validated index of each input shard: id, shard, row (and the text for the text modality)."""
     storage = semdedup.storage_root()
     files = input_shards(semdedup)
     keys = run_partition_keys(context)
@@ -48,15 +66,18 @@ def raw_shards(context: dg.AssetExecutionContext, semdedup: SemDedupConfig) -> d
     # Validate every shard of the run before publishing any: a bad shard leaves no output.
     pending: list[st.AtomicParquetWriter] = []
     pending_ids: list[pa.Table] = []
+    dims: dict[str, int] = {}
     per_shard: list[dict[str, object]] = []
     with st.publish_together(pending), timed() as t:
         for key in keys:
             try:
-                table = read_shard(files[key], semdedup.modality, semdedup.column or semdedup.modality, semdedup.id_column)
+                index = read_shard(files[key], semdedup.modality, semdedup.column or semdedup.modality, semdedup.id_column)
             except ShardError as err:
                 raise shard_failure(err) from None
-            table = table.append_column("shard", pa.array([key] * table.num_rows, type=pa.string()))
-            table = table.select(["id", "shard", "row", semdedup.modality])
+            table = index.table.add_column(1, "shard", pa.array([key] * index.table.num_rows, type=pa.string()))
+            if index.dim is not None:
+                dims[key] = index.dim
+                table = table.replace_schema_metadata({RAW_DIM_KEY: str(index.dim).encode()})
             writer = st.AtomicParquetWriter(storage.shard_file(st.RAW, key), table.schema)
             pending.append(writer)
             writer.write(table)
@@ -64,6 +85,7 @@ def raw_shards(context: dg.AssetExecutionContext, semdedup: SemDedupConfig) -> d
             per_shard.append({"shard": key, "rows": table.num_rows, "input": str(files[key].path),
                               "fingerprint": files[key].fingerprint()})
             context.log.info(f"validated shard {key!r}: {table.num_rows} rows")
+        check_dims(storage, dims, keys)
         dups = duplicate_ids(storage, pa.concat_tables(pending_ids), exclude_shards=keys)
         if dups:
             raise dg.Failure(description=duplicate_ids_message(dups), metadata={"shard": dups[0][3], "row": dups[0][4]})

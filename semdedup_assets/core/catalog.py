@@ -19,6 +19,7 @@ from semdedup_assets.core.storage import (
     EMBEDDINGS,
     KEEP_LISTS,
     RAW,
+    REJECTED,
     SEMANTIC_DUPLICATES,
     Storage,
 )
@@ -44,6 +45,10 @@ _VIEWS: dict[str, tuple[str, str, str, str]] = {
     "raw_items": (
         RAW, "**/*.parquet", "*",
         "NULL::VARCHAR AS id, NULL::VARCHAR AS shard, NULL::BIGINT AS row",
+    ),
+    "rejected": (
+        REJECTED, "**/*.parquet", "id, shard, reason",
+        "NULL::VARCHAR AS id, NULL::VARCHAR AS shard, NULL::VARCHAR AS reason",
     ),
     "cluster_assignments": (
         CLUSTER_ASSIGNMENTS, "**/*.parquet", "id, shard, cluster, sim_to_centroid",

@@ -32,6 +32,9 @@ class Settings:
     column: str | None = None  # payload column; None -> the modality's name
     id_column: str = "id"
     model: str | None = None  # None -> the modality's default (offline all-MiniLM-L6-v2 for text)
+    pretrained: str | None = None  # open_clip: a pretrained tag or a local checkpoint file
+    num_workers: int = 2  # image decoding worker processes
+    strict: bool = False  # image modality: fail on an undecodable image instead of rejecting it
     pooling: str = "mean"
     max_length: int = 256
     batch_size: int = 64
@@ -94,7 +97,9 @@ def _coerce(name: str, raw: Any) -> Any:
         if isinstance(raw, str):
             return tuple(float(x) for x in raw.split(",") if x.strip())
         return tuple(float(x) for x in raw)
-    if name in ("max_length", "batch_size", "kmeans_iterations", "max_points_per_centroid", "seed", "buckets", "block_size"):
+    if name == "strict":
+        return raw if isinstance(raw, bool) else str(raw).lower() in ("1", "true", "yes", "on")
+    if name in ("num_workers", "max_length", "batch_size", "kmeans_iterations", "max_points_per_centroid", "seed", "buckets", "block_size"):
         return int(raw)
     if name == "clusters":
         return None if raw in ("", "auto", "none") else int(raw)

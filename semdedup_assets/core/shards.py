@@ -1,9 +1,14 @@
 """Input shards: discovery under an input location, shard keys, reading and validation.
 
-A shard is one Parquet or JSON Lines file. Its key is its path relative to the input
-location without the extension (`2024/part-03`). Reading a shard returns a normalised
-table `id, row, <payload>`; anything wrong raises `ShardError` naming the shard and,
-where known, the row.
+A shard is one Parquet, JSON Lines or WebDataset `.tar` file, or a `.npy` matrix of
+embeddings with its metadata Parquet (LAION's `img_emb/img_emb_N.npy` with
+`metadata/metadata_N.parquet`, or `X.npy` beside `X.parquet`). Its key is its path
+relative to the input location without the extension (`2024/part-03`).
+
+`read_shard` validates a shard and returns its index `id, row` (plus the text for the
+text modality); heavy payloads (embeddings, images) are read again by the embedding
+stage with `iter_embedding_chunks` / `read_images`, never copied. Anything wrong raises
+`ShardError` naming the shard and, where known, the row.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,10 +26,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from upath import UPath
 
-from semdedup_assets.core.storage import to_upath
-from semdedup_assets.core.tables import embedding_array
+from semdedup_assets.core.storage import is_local, to_upath
 
-SHARD_SUFFIXES = (".jsonl.gz", ".parquet", ".jsonl")
+SHARD_SUFFIXES = (".jsonl.gz", ".parquet", ".jsonl", ".tar", ".npy")
+LAION_EMBEDDINGS = re.compile(r"^img_emb_(\d+)\.npy$")
+EMBEDDING_CHUNK_ROWS = 65536
 
 
 class ShardError(ValueError):
@@ -42,15 +50,34 @@ class ShardFile:
 
     key: str
     path: UPath
+    metadata: UPath | None = None  # the metadata Parquet of a .npy embeddings shard
+
+    @property
+    def kind(self) -> str:
+        """'parquet', 'jsonl', 'tar' or 'npy'."""
+        suffix = shard_suffix(self.path.name) or ""
+        return {".jsonl.gz": "jsonl", ".jsonl": "jsonl"}.get(suffix, suffix.lstrip("."))
 
     def fingerprint(self) -> str:
-        """Size plus modification time (or ETag): cheap change detection."""
-        info = self.path.stat()
-        size = getattr(info, "st_size", None)
-        mtime = getattr(info, "st_mtime", None)
-        if size is None and isinstance(info, dict):  # some fsspec backends
-            size, mtime = info.get("size"), info.get("mtime") or info.get("ETag")
-        return f"{size}:{mtime}"
+        """Size plus modification time (or ETag) of every file: cheap change detection."""
+        return "|".join(_fingerprint(p) for p in (self.path, self.metadata) if p is not None)
+
+
+def _fingerprint(path: UPath) -> str:
+    info = path.stat()
+    size = getattr(info, "st_size", None)
+    mtime = getattr(info, "st_mtime", None)
+    if size is None and isinstance(info, dict):  # some fsspec backends
+        size, mtime = info.get("size"), info.get("mtime") or info.get("ETag")
+    return f"{size}:{mtime}"
+
+
+def npy_metadata_path(npy: UPath) -> UPath:
+    """Where the metadata of an embeddings .npy lives: LAION's layout, else X.parquet beside X.npy."""
+    m = LAION_EMBEDDINGS.match(npy.name)
+    if m and npy.parent.name == "img_emb":
+        return npy.parent.parent / "metadata" / f"metadata_{m.group(1)}.parquet"
+    return npy.with_name(npy.name[: -len(".npy")] + ".parquet")
 
 
 def shard_suffix(name: str) -> str | None:
@@ -80,14 +107,18 @@ def discover_shards(location: str | UPath) -> list[ShardFile]:
         return [ShardFile(root.name[: -len(suffix)], root)]
     if not root.exists():
         raise FileNotFoundError(f"input location does not exist: {root}")
+    paths = [p for p in root.rglob("*") if not p.name.startswith((".", "_")) and shard_suffix(p.name) and p.is_file()]
+    # An .npy shard's metadata Parquet belongs to it and is not a shard of its own.
+    metadata = {str(p): npy_metadata_path(p) for p in paths if p.name.endswith(".npy")}
+    paired = {str(m) for m in metadata.values()}
     found: dict[str, ShardFile] = {}
-    for path in root.rglob("*"):
-        if path.name.startswith((".", "_")) or shard_suffix(path.name) is None or not path.is_file():
+    for path in paths:
+        if str(path) in paired:
             continue
         key = shard_key(path, root)
         if key in found:
             raise ValueError(f"two files give shard key {key!r}: {found[key].path} and {path}")
-        found[key] = ShardFile(key, path)
+        found[key] = ShardFile(key, path, metadata.get(str(path)))
     return [found[k] for k in sorted(found)]
 
 
@@ -114,24 +145,44 @@ def _read_jsonl(shard: str, data: bytes) -> pa.Table:
                      pa.array([r.get(c) for r in rows], type=pa.list_(pa.float32())) for c in columns})
 
 
-def read_raw_table(shard: ShardFile) -> pa.Table:
-    """Read a shard file as an Arrow table, turning every decode failure into a ShardError."""
-    name = shard.path.name
+def _read_bytes(shard: str, path: UPath) -> bytes:
     try:
-        with shard.path.open("rb") as f:
-            data = f.read()
+        with path.open("rb") as f:
+            return f.read()
     except OSError as exc:
-        raise ShardError(shard.key, f"cannot read file: {exc}") from None
+        raise ShardError(shard, f"cannot read {path.name}: {exc}") from None
+
+
+def _read_parquet(shard: str, path: UPath, columns: list[str] | None = None) -> pa.Table:
     try:
-        if name.endswith(".parquet"):
-            return pq.read_table(io.BytesIO(data))
-        if name.endswith(".gz"):
+        if is_local(path):
+            return pq.read_table(str(path), columns=columns)
+        return pq.read_table(io.BytesIO(_read_bytes(shard, path)), columns=columns)
+    except (pa.ArrowException, OSError, EOFError, ValueError) as exc:
+        raise ShardError(shard, f"corrupt or unreadable {path.name}: {exc}") from None
+
+
+def read_raw_table(shard: ShardFile, columns: list[str] | None = None) -> pa.Table:
+    """Read a Parquet, JSON Lines or WebDataset shard as an Arrow table (npy: its metadata)."""
+    if shard.kind == "npy":
+        if shard.metadata is None or not shard.metadata.exists():
+            raise ShardError(shard.key, f"no metadata Parquet for {shard.path.name} (expected {shard.metadata})")
+        return _read_parquet(shard.key, shard.metadata, columns)
+    if shard.kind == "parquet":
+        return _read_parquet(shard.key, shard.path, columns)
+    data = _read_bytes(shard.key, shard.path)
+    try:
+        if shard.kind == "tar":
+            from semdedup_assets.core.webdataset import read_webdataset
+
+            return read_webdataset(io.BytesIO(data))
+        if shard.path.name.endswith(".gz"):
             data = gzip.decompress(data)
         return _read_jsonl(shard.key, data)
     except ShardError:
         raise
     except (pa.ArrowException, OSError, EOFError, ValueError) as exc:
-        raise ShardError(shard.key, f"corrupt or unreadable {name}: {exc}") from None
+        raise ShardError(shard.key, f"corrupt or unreadable {shard.path.name}: {exc}") from None
 
 
 def _first_bad_utf8(column: pa.ChunkedArray) -> int | None:
@@ -175,7 +226,8 @@ def _validate_text(shard: str, column: str, values: pa.ChunkedArray) -> pa.Array
     return values.combine_chunks()
 
 
-def _validate_embedding(shard: str, column: str, values: pa.ChunkedArray) -> pa.Array:
+def _embedding_matrix_of(shard: str, column: str, values: pa.ChunkedArray) -> np.ndarray:
+    """A list-of-floats column as an (n, d) float32 matrix, with shape and finiteness checks."""
     if not (pa.types.is_list(values.type) or pa.types.is_fixed_size_list(values.type) or pa.types.is_large_list(values.type)):
         raise ShardError(shard, f"{column!r} must be a list of floats, found {values.type}")
     if values.null_count:
@@ -188,34 +240,115 @@ def _validate_embedding(shard: str, column: str, values: pa.ChunkedArray) -> pa.
     if dim == 0:
         raise ShardError(shard, f"{column!r} has dimension 0")
     flat = pc.list_flatten(values).cast(pa.float32()).to_numpy(zero_copy_only=False).reshape(-1, dim)
-    finite = np.isfinite(flat).all(axis=1)
+    _check_finite(shard, column, flat, 0)
+    return flat
+
+
+def _check_finite(shard: str, column: str, block: np.ndarray, offset: int) -> None:
+    finite = np.isfinite(block).all(axis=1)
     if not finite.all():
-        raise ShardError(shard, f"{column!r} has a non-finite value", row=int(np.flatnonzero(~finite)[0]))
-    return embedding_array(flat)
+        raise ShardError(shard, f"{column!r} has a non-finite value (NaN or inf)", row=offset + int(np.flatnonzero(~finite)[0]))
 
 
-def read_shard(shard: ShardFile, modality: str, column: str, id_column: str = "id") -> pa.Table:
-    """Read and validate one shard: returns `id` (str), `row` (int64) and the payload column."""
-    if modality == "image":
-        raise ShardError(shard.key, "the image modality is not available in this version")
+def _open_npy(shard: ShardFile) -> np.ndarray:
+    """The .npy matrix: memory-mapped when local, so a shard is never loaded whole."""
+    try:
+        if is_local(shard.path):
+            x = np.load(str(shard.path), mmap_mode="r", allow_pickle=False)
+        else:
+            x = np.load(io.BytesIO(_read_bytes(shard.key, shard.path)), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise ShardError(shard.key, f"corrupt or unreadable {shard.path.name}: {exc}") from None
+    if x.ndim != 2 or x.shape[1] == 0:
+        raise ShardError(shard.key, f"{shard.path.name} must be a 2-d (rows, dim) matrix, found shape {x.shape}")
+    if x.dtype.kind != "f":
+        raise ShardError(shard.key, f"{shard.path.name} must hold floats, found {x.dtype}")
+    return x
+
+
+def iter_embedding_chunks(shard: ShardFile, column: str = "embedding",
+                          chunk_rows: int = EMBEDDING_CHUNK_ROWS) -> Iterator[np.ndarray]:
+    """The shard's embeddings as float32 (rows, dim) chunks, in row order (npy: memory-mapped)."""
+    if shard.kind == "npy":
+        x = _open_npy(shard)
+        for start in range(0, x.shape[0], chunk_rows):
+            yield np.asarray(x[start : start + chunk_rows], dtype=np.float32)
+        return
+    values = read_raw_table(shard, [column] if shard.kind == "parquet" else None).column(column)
+    matrix = _embedding_matrix_of(shard.key, column, values)
+    for start in range(0, len(matrix), chunk_rows):
+        yield matrix[start : start + chunk_rows]
+
+
+def _validate_npy(shard: ShardFile, n_metadata: int) -> int:
+    x = _open_npy(shard)
+    if x.shape[0] != n_metadata:
+        raise ShardError(shard.key, f"{shard.path.name} has {x.shape[0]} rows but its metadata "
+                         f"{shard.metadata.name if shard.metadata else ''} has {n_metadata}")
+    for start in range(0, x.shape[0], EMBEDDING_CHUNK_ROWS):
+        _check_finite(shard.key, shard.path.name, np.asarray(x[start : start + EMBEDDING_CHUNK_ROWS]), start)
+    return int(x.shape[1])
+
+
+def read_images(shard: ShardFile, column: str = "image") -> list[bytes | None]:
+    """The encoded image bytes of a shard, in row order (None where a sample has none)."""
+    table = read_raw_table(shard, [column] if shard.kind == "parquet" else None)
+    return table.column(column).to_pylist()
+
+
+def _validate_images(shard: str, column: str, values: pa.ChunkedArray) -> None:
+    if not (pa.types.is_binary(values.type) or pa.types.is_large_binary(values.type) or values.null_count == len(values)):
+        raise ShardError(shard, f"{column!r} must hold encoded image bytes, found {values.type}")
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    """A validated shard: its `id, row` table (plus `text` for text) and the embedding dim if known."""
+
+    table: pa.Table
+    dim: int | None = None
+
+
+def read_shard(shard: ShardFile, modality: str, column: str, id_column: str = "id") -> ShardIndex:
+    """Validate one shard and return its index (id, row; text for the text modality)."""
+    if shard.kind == "npy" and modality != "embedding":
+        raise ShardError(shard.key, f".npy shards hold embeddings: use --modality embedding, not {modality!r}")
+    if shard.kind == "tar" and modality != "image":
+        raise ShardError(shard.key, f"WebDataset .tar shards hold images: use --modality image, not {modality!r}")
     table = read_raw_table(shard)
     if table.num_rows == 0:
         raise ShardError(shard.key, "the shard is empty (no rows)")
-    if column not in table.column_names:
+    if shard.kind != "npy" and column not in table.column_names:
         raise ShardError(shard.key, f"missing payload column {column!r} (columns: {', '.join(table.column_names) or 'none'})")
+    ids = _validated_ids(shard.key, table, id_column)
+    index = {"id": ids, "row": pa.array(np.arange(table.num_rows, dtype=np.int64))}
+    dim = None
+    if modality == "text":
+        index["text"] = _validate_text(shard.key, column, table.column(column))
+    elif modality == "embedding":
+        if shard.kind == "npy":
+            dim = _validate_npy(shard, table.num_rows)
+        else:
+            dim = int(_embedding_matrix_of(shard.key, column, table.column(column)).shape[1])
+    else:
+        _validate_images(shard.key, column, table.column(column))
+        if "caption" in table.column_names and column != "caption":
+            index["caption"] = table.column("caption").cast(pa.string())
+    return ShardIndex(pa.table(index), dim)
+
+
+def _validated_ids(shard: str, table: pa.Table, id_column: str) -> pa.Array:
     n = table.num_rows
     if id_column in table.column_names:
         ids = table.column(id_column)
         if ids.null_count:
-            raise ShardError(shard.key, f"id column {id_column!r} is null", row=int(np.flatnonzero(ids.is_null().to_numpy(zero_copy_only=False))[0]))
+            raise ShardError(shard, f"id column {id_column!r} is null", row=int(np.flatnonzero(ids.is_null().to_numpy(zero_copy_only=False))[0]))
         ids = ids.cast(pa.string()).combine_chunks()
     else:
-        ids = pa.array([f"{shard.key}:{i}" for i in range(n)], type=pa.string())
+        ids = pa.array([f"{shard}:{i}" for i in range(n)], type=pa.string())
     counts = pc.value_counts(ids)
     if len(counts) != n:
         dup = counts.filter(pc.greater(counts.field("counts"), 1))[0]["values"].as_py()
         rows = np.flatnonzero(pc.equal(ids, dup).to_numpy(zero_copy_only=False))
-        raise ShardError(shard.key, f"id {dup!r} appears twice, at rows {rows[0]} and {rows[1]}", row=int(rows[1]))
-    values = table.column(column)
-    payload = _validate_embedding(shard.key, column, values) if modality == "embedding" else _validate_text(shard.key, column, values)
-    return pa.table({"id": ids, "row": pa.array(np.arange(n, dtype=np.int64)), modality: payload})
+        raise ShardError(shard, f"id {dup!r} appears twice, at rows {rows[0]} and {rows[1]}", row=int(rows[1]))
+    return ids

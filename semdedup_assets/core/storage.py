@@ -26,7 +26,8 @@ CENTROIDS = "centroids"
 CLUSTER_ASSIGNMENTS = "cluster_assignments"
 SEMANTIC_DUPLICATES = "semantic_duplicates"
 KEEP_LISTS = "keep_lists"
-STAGES = (RAW, EMBEDDINGS, CENTROIDS, CLUSTER_ASSIGNMENTS, SEMANTIC_DUPLICATES, KEEP_LISTS)
+REJECTED = "rejected"  # undecodable images, per shard (id, shard, reason)
+STAGES = (RAW, REJECTED, EMBEDDINGS, CENTROIDS, CLUSTER_ASSIGNMENTS, SEMANTIC_DUPLICATES, KEEP_LISTS)
 
 # Fixed writer options: byte-identical files for identical tables.
 _PARQUET_OPTIONS = {"compression": "zstd", "write_statistics": True, "store_schema": True}

@@ -40,14 +40,14 @@ def test_missing_location(tmp_path: Path) -> None:
 
 def test_ids_default_to_shard_and_row(tmp_path: Path) -> None:
     (tmp_path / "s.jsonl").write_text('{"text": "x"}\n{"text": "y"}\n')
-    table = read_shard(discover_shards(tmp_path)[0], "text", "text")
+    table = read_shard(discover_shards(tmp_path)[0], "text", "text").table
     assert table.column("id").to_pylist() == ["s:0", "s:1"]
     assert table.column("row").to_pylist() == [0, 1]
 
 
 def test_integer_ids_become_strings_and_custom_columns(tmp_path: Path) -> None:
     pq.write_table(pa.table({"doc": [10, 11], "body": ["x", "y"]}), tmp_path / "s.parquet")
-    table = read_shard(discover_shards(tmp_path)[0], "text", "body", id_column="doc")
+    table = read_shard(discover_shards(tmp_path)[0], "text", "body", id_column="doc").table
     assert table.column("id").to_pylist() == ["10", "11"]
     assert table.column("text").to_pylist() == ["x", "y"]
 
@@ -55,8 +55,8 @@ def test_integer_ids_become_strings_and_custom_columns(tmp_path: Path) -> None:
 def test_embedding_payload_validation(tmp_path: Path) -> None:
     good = pa.array([[1.0, 0.0], [0.0, 2.0]], pa.list_(pa.float32()))
     pq.write_table(pa.table({"id": ["a", "b"], "embedding": good}), tmp_path / "e.parquet")
-    table = read_shard(discover_shards(tmp_path)[0], "embedding", "embedding")
-    assert pa.types.is_fixed_size_list(table.column("embedding").type)
+    index = read_shard(discover_shards(tmp_path)[0], "embedding", "embedding")
+    assert index.dim == 2 and index.table.column_names == ["id", "row"]
     pq.write_table(pa.table({"id": ["a", "b"], "embedding": pa.array([[1.0, 0.0], [0.0, np.nan]], pa.list_(pa.float32()))}),
                    tmp_path / "e.parquet")
     with pytest.raises(ShardError, match="non-finite") as exc:
