@@ -21,6 +21,8 @@ _FACTORIES: dict[str, Callable[..., Any]] = {}
 # their factory with @register_encoder) to become available without an eager import.
 _BUILTIN_MODULES: dict[str, str] = {
     "text": "semdedup_assets.core.encoders.text",
+    "image": "semdedup_assets.core.encoders.clip",
+    "clip_text": "semdedup_assets.core.encoders.clip",
 }
 
 
