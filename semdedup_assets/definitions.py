@@ -11,7 +11,7 @@ from semdedup_assets.core.config import Settings, load_settings
 from semdedup_assets.jobs import ALL_JOBS
 from semdedup_assets.resources import SemDedupConfig
 from semdedup_assets.schedules import DEFAULT_RETRAIN_CRON, build_retrain_schedule
-from semdedup_assets.sensors import build_shard_sensor
+from semdedup_assets.sensors import build_automation_sensor, build_bucket_sensor, build_shard_sensor
 
 
 def build_definitions(settings: Settings) -> dg.Definitions:
@@ -20,7 +20,7 @@ def build_definitions(settings: Settings) -> dg.Definitions:
         assets=build_assets(settings.buckets),
         asset_checks=ASSET_CHECKS,
         jobs=ALL_JOBS,
-        sensors=[build_shard_sensor(settings)],
+        sensors=[build_shard_sensor(settings), build_bucket_sensor(), build_automation_sensor()],
         schedules=[build_retrain_schedule(os.environ.get("SEMDEDUP_RETRAIN_CRON", DEFAULT_RETRAIN_CRON))],
         resources={"semdedup": SemDedupConfig.from_settings(settings)},
     )

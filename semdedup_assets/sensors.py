@@ -2,12 +2,14 @@
 
 
 import json
+import os
 
 import dagster as dg
 
+from semdedup_assets.assets.cluster import BUCKETS_TOUCHED
 from semdedup_assets.core.config import Settings
 from semdedup_assets.core.shards import discover_shards
-from semdedup_assets.jobs import ingest_job
+from semdedup_assets.jobs import dedup_job, ingest_job
 from semdedup_assets.partitions import SHARDS_PARTITIONS_NAME, shard_partitions
 
 
@@ -21,12 +23,18 @@ def scan_input(location: str, cursor: str | None) -> tuple[dict[str, str], list[
     return now, new, changed, vanished
 
 
+def default_status() -> dg.DefaultSensorStatus:
+    """Sensors start stopped (switch them on in the UI) unless SEMDEDUP_SENSORS=on."""
+    on = os.environ.get("SEMDEDUP_SENSORS", "").lower() in ("1", "on", "true", "running")
+    return dg.DefaultSensorStatus.RUNNING if on else dg.DefaultSensorStatus.STOPPED
+
+
 def build_shard_sensor(settings: Settings, minimum_interval_seconds: int = 30) -> dg.SensorDefinition:
     """The sensor watching `settings.input` for shard files."""
 
     @dg.sensor(
         name="shard_sensor", job=ingest_job, minimum_interval_seconds=minimum_interval_seconds,
-        default_status=dg.DefaultSensorStatus.STOPPED,
+        default_status=default_status(),
         description="Registers new shard files as `shards` partitions and requests their ingest runs.",
     )
     def shard_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
@@ -48,3 +56,63 @@ def build_shard_sensor(settings: Settings, minimum_interval_seconds: int = 30) -
         )
 
     return shard_sensor
+
+
+def stale_buckets(instance: dg.DagsterInstance, after_storage_id: int) -> tuple[dict[str, int], int]:
+    """Buckets touched by cluster_assignments since a storage id and not re-materialized since.
+
+    Returns ({bucket: newest touching event id}, newest event id seen).
+    """
+    touched: dict[str, int] = {}
+    newest = after_storage_id
+    cursor = None
+    while True:
+        page = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey("cluster_assignments"), after_storage_id=after_storage_id),
+            limit=1000, cursor=cursor, ascending=True)
+        for record in page.records:
+            newest = max(newest, record.storage_id)
+            value = record.asset_materialization.metadata.get(BUCKETS_TOUCHED)
+            for bucket in (value.value.split(",") if value is not None and value.value else []):
+                touched[bucket] = max(touched.get(bucket, 0), record.storage_id)
+        if not page.has_more:
+            break
+        cursor = page.cursor
+    stale = {}
+    for bucket, event_id in sorted(touched.items()):
+        latest = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey("semantic_duplicates"), asset_partitions=[bucket]), limit=1)
+        if not latest.records or latest.records[0].storage_id < event_id:
+            stale[bucket] = event_id
+    return stale, newest
+
+
+def build_bucket_sensor(minimum_interval_seconds: int = 30) -> dg.SensorDefinition:
+    """The sensor that re-runs only the cluster buckets whose clusters gained or lost items."""
+
+    @dg.sensor(
+        name="bucket_sensor", job=dedup_job, minimum_interval_seconds=minimum_interval_seconds,
+        default_status=default_status(),
+        description="After cluster_assignments changes, requests semantic_duplicates for the touched buckets only.",
+    )
+    def bucket_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
+        """One tick: new assignment events -> one run per stale bucket."""
+        after = int(context.cursor) if context.cursor else 0
+        stale, newest = stale_buckets(context.instance, after)
+        if not stale:
+            return dg.SensorResult(skip_reason="no bucket is stale", cursor=str(newest))
+        context.log.info(f"stale buckets: {sorted(stale)}")
+        return dg.SensorResult(
+            run_requests=[dg.RunRequest(run_key=f"{b}:{event_id}", partition_key=b) for b, event_id in sorted(stale.items())],
+            cursor=str(newest),
+        )
+
+    return bucket_sensor
+
+
+def build_automation_sensor() -> dg.AutomationConditionSensorDefinition:
+    """Evaluates the assets' automation conditions (assignment of new shards, keep-lists after buckets)."""
+    return dg.AutomationConditionSensorDefinition(
+        "automation_sensor", target=dg.AssetSelection.all(), default_status=default_status(),
+        description="cluster_assignments follow new embeddings and re-trained centroids; keep_lists follow the buckets.",
+    )

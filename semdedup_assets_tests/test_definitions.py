@@ -22,7 +22,8 @@ def test_definitions_load() -> None:
     assert keys == ASSETS
     assert {j for j in ("ingest_job", "centroids_job", "assign_job", "dedup_job", "keep_lists_job")
             if defs.resolve_job_def(j)} == {"ingest_job", "centroids_job", "assign_job", "dedup_job", "keep_lists_job"}
-    assert defs.resolve_sensor_def("shard_sensor") is not None
+    for sensor in ("shard_sensor", "bucket_sensor", "automation_sensor"):
+        assert defs.resolve_sensor_def(sensor).default_status == dg.DefaultSensorStatus.STOPPED
     assert defs.resolve_schedule_def("retrain_centroids_schedule").cron_schedule == "0 3 * * 0"
 
 

@@ -6,14 +6,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from semdedup_assets.assets.common import GPU_OP_TAGS, GPU_POOL, SHARD_BACKFILL_POLICY, run_metadata, run_partition_keys, timed
+from semdedup_assets.assets.common import EAGER, GPU_OP_TAGS, GPU_POOL, SHARD_BACKFILL_POLICY, run_metadata, run_partition_keys, timed
 from semdedup_assets.assets.embed import embeddings
 from semdedup_assets.core import storage as st
-from semdedup_assets.core.assign import assign
+from semdedup_assets.core.assign import assign, touched_buckets
 from semdedup_assets.core.kmeans import collect_sample, sample_target, train_spherical_kmeans
 from semdedup_assets.core.tables import assignments_schema, embedding_array, embedding_matrix
 from semdedup_assets.partitions import SHARDS_PARTITIONS_NAME, shard_partitions
 from semdedup_assets.resources import SemDedupConfig
+
+BUCKETS_TOUCHED = "buckets_touched"
 
 # Small row groups let a bucket read skip the other clusters' rows of a shard file.
 ASSIGNMENT_ROW_GROUP = 2048
@@ -94,6 +96,7 @@ def assignment_problems(table: pa.Table, expected_rows: int, k: int) -> list[str
     partitions_def=shard_partitions,
     deps=[embeddings, centroids],
     backfill_policy=SHARD_BACKFILL_POLICY,
+    automation_condition=EAGER,
     group_name="cluster",
     kinds={"faiss", "parquet"},
     check_specs=[dg.AssetCheckSpec("assigned_exactly_once", asset="cluster_assignments", blocking=True,
@@ -106,8 +109,14 @@ def cluster_assignments(context: dg.AssetExecutionContext, semdedup: SemDedupCon
     k = len(cents)
     per_shard: list[dict[str, object]] = []
     problems: list[str] = []
+    buckets: set[str] = set()
     with timed() as t:
         for key in run_partition_keys(context):
+            out = storage.shard_file(st.CLUSTER_ASSIGNMENTS, key)
+            if out.exists():  # a re-run: the buckets its items leave are touched too
+                old = st.read_table(out, columns=["cluster"]).column("cluster").to_numpy()
+                if len(old) and old.max() < k:
+                    buckets |= touched_buckets(old, k, semdedup.buckets)
             emb = st.read_table(storage.shard_file(st.EMBEDDINGS, key))
             vectors = embedding_matrix(emb.column("embedding"))
             clusters, sims = assign(vectors, cents)
@@ -117,10 +126,13 @@ def cluster_assignments(context: dg.AssetExecutionContext, semdedup: SemDedupCon
             }, schema=assignments_schema(vectors.shape[1]))
             table = table.sort_by([("cluster", "ascending"), ("id", "ascending")])
             problems += [f"shard {key!r}: {p}" for p in assignment_problems(table, emb.num_rows, k)]
-            st.atomic_write_table(table, storage.shard_file(st.CLUSTER_ASSIGNMENTS, key), row_group_size=ASSIGNMENT_ROW_GROUP)
+            st.atomic_write_table(table, out, row_group_size=ASSIGNMENT_ROW_GROUP)
+            buckets |= touched_buckets(clusters, k, semdedup.buckets)
             per_shard.append({"shard": key, "rows": emb.num_rows, "clusters_touched": int(len(np.unique(clusters))),
                               "mean_sim_to_centroid": round(float(sims.mean()), 4)})
-    extra = {"rows": sum(int(r["rows"]) for r in per_shard), "clusters": k, "seconds": t["seconds"]}
+    extra = {"rows": sum(int(r["rows"]) for r in per_shard), "clusters": k, "seconds": t["seconds"],
+             # Read by the bucket sensor: only these semantic_duplicates partitions need a re-run.
+             BUCKETS_TOUCHED: ",".join(sorted(buckets))}
     check = dg.AssetCheckResult(check_name="assigned_exactly_once", passed=not problems,
                                 description="; ".join(problems[:10]) or None)
     return dg.MaterializeResult(metadata=run_metadata(per_shard, extra), check_results=[check])

@@ -16,6 +16,9 @@ SHARD_BACKFILL_POLICY = dg.BackfillPolicy.multi_run(max_partitions_per_run=64)
 GPU_OP_TAGS = {"dagster-k8s/config": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}}}}}
 GPU_POOL = "gpu"
 
+# Follow upstream changes, but never past a failed blocking check (eager alone ignores them).
+EAGER = dg.AutomationCondition.eager() & dg.AutomationCondition.all_deps_blocking_checks_passed()
+
 
 def run_partition_keys(context: dg.AssetExecutionContext) -> list[str]:
     """The partition keys this run covers (one, or a range from a backfill), sorted."""

@@ -10,7 +10,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from semdedup_assets.assets.cluster import cluster_assignments, load_centroids, registered_stage_files
-from semdedup_assets.assets.common import GPU_OP_TAGS, GPU_POOL, timed
+from semdedup_assets.assets.common import EAGER, GPU_OP_TAGS, GPU_POOL, timed
 from semdedup_assets.core import storage as st
 from semdedup_assets.core.assign import bucket_cluster_range
 from semdedup_assets.core.catalog import BUCKET_GLOB, refresh_catalog, scan, stage_source
@@ -164,6 +164,7 @@ def build_keep_lists(semantic_duplicates: dg.AssetsDefinition) -> dg.AssetsDefin
 
     @dg.asset(
         deps=[dg.AssetDep(semantic_duplicates, partition_mapping=dg.AllPartitionMapping())],
+        automation_condition=EAGER,
         group_name="dedup",
         kinds={"duckdb", "parquet"},
         check_specs=[

@@ -33,6 +33,17 @@ def bucket_cluster_range(bucket: int, k: int, buckets: int) -> tuple[int, int]:
     return bucket * k // buckets, (bucket + 1) * k // buckets
 
 
+def bucket_of(clusters: np.ndarray, k: int, buckets: int) -> np.ndarray:
+    """The bucket of each cluster id (inverse of bucket_cluster_range)."""
+    return ((np.asarray(clusters, dtype=np.int64) + 1) * buckets - 1) // k
+
+
+def touched_buckets(clusters: np.ndarray, k: int, buckets: int) -> set[str]:
+    """Bucket partition keys that hold any of these clusters."""
+    keys = bucket_keys(buckets)
+    return {keys[b] for b in np.unique(bucket_of(np.unique(clusters), k, buckets))}
+
+
 def iter_cluster_ranges(k: int, buckets: int) -> Iterator[tuple[int, int, int]]:
     """(bucket, first cluster, end cluster) for contiguous cluster ranges per bucket."""
     for b in range(buckets):

@@ -45,6 +45,14 @@ class ImageDecodeError(ValueError):
         super().__init__(reason if index is None else f"image {index}: {reason}")
 
 
+def _apply_exif_orientation(img: Image.Image) -> Image.Image:
+    """Rotate/flip as the EXIF orientation tag says; camera JPEGs are stored sideways."""
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:  # noqa: BLE001
+        return img  # malformed EXIF: the pixels themselves are fine, keep them as stored
+
+
 def decode_image(
     data: bytes | None,
     *,
@@ -78,8 +86,7 @@ def decode_image(
                 "resizing it would need far too much memory"
             )
         img.load()  # decode now: Image.open is lazy and only parses the header
-        # Camera JPEGs store rotation in EXIF; dedup should see what a viewer shows.
-        img = ImageOps.exif_transpose(img)
+        img = _apply_exif_orientation(img)
         return img if img.mode == "RGB" else img.convert("RGB")
     except ImageDecodeError:
         raise
@@ -89,9 +96,13 @@ def decode_image(
         raise ImageDecodeError(
             f"not a recognised image format ({len(data)} bytes, starts with {bytes(data[:8])!r})"
         ) from None
-    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
         # Pillow reports truncated/corrupt streams as OSError, SyntaxError or ValueError.
         raise ImageDecodeError(f"corrupt or truncated image: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001
+        # Fuzzed files still make some Pillow plugins leak struct.error, IndexError and the
+        # like; one hostile file must not abort a whole shard.
+        raise ImageDecodeError(f"corrupt image ({type(exc).__name__}: {exc})") from exc
 
 
 class ImageBytesDataset(Dataset[DecodedItem]):

@@ -93,6 +93,15 @@ def test_pillow_bomb_error_is_mapped(monkeypatch: pytest.MonkeyPatch) -> None:
         decode_image(encoded("PNG", (100, 100)), max_pixels=None)
 
 
+def test_unexpected_decoder_exceptions_become_reasons(monkeypatch: pytest.MonkeyPatch) -> None:
+    def leaky_open(*_: object, **__: object) -> Image.Image:
+        raise IndexError("list index out of range")  # what some fuzzed files trigger in plugins
+
+    monkeypatch.setattr(Image, "open", leaky_open)
+    with pytest.raises(ImageDecodeError, match="corrupt image .IndexError"):
+        decode_image(b"\xff\xd8 whatever")
+
+
 def test_error_message_names_the_index() -> None:
     err = ImageDecodeError("empty image data", index=7)
     assert str(err) == "image 7: empty image data" and err.index == 7

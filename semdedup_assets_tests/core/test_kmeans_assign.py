@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from semdedup_assets.core.assign import assign, bucket_cluster_range, bucket_keys, iter_cluster_ranges
+from semdedup_assets.core.assign import assign, bucket_cluster_range, bucket_keys, bucket_of, iter_cluster_ranges, touched_buckets
 from semdedup_assets.core.kmeans import collect_sample, sample_rows, train_spherical_kmeans
 
 
@@ -61,3 +61,10 @@ def test_buckets_cover_every_cluster_once() -> None:
         assert covered == list(range(k))
     assert bucket_keys(3) == ["000", "001", "002"] and len(bucket_keys(1500)[0]) == 4
     assert bucket_cluster_range(1, 10, 3) == (3, 6)
+
+
+def test_bucket_of_inverts_the_ranges() -> None:
+    for k, b in ((10, 3), (3, 5), (1000, 16), (1, 1), (155, 16), (7, 7)):
+        for bucket, lo, hi in iter_cluster_ranges(k, b):
+            assert (bucket_of(np.arange(lo, hi), k, b) == bucket).all()
+    assert touched_buckets(np.array([0, 9, 9]), 10, 3) == {"000", "002"}

@@ -192,3 +192,10 @@ def test_empty_archive_gives_empty_table_with_schema() -> None:
     assert table.num_rows == 0
     assert table.schema.equals(WEBDATASET_SCHEMA)
     assert table.column("image").type == pa.binary()
+
+
+def test_long_member_names_use_extended_headers() -> None:
+    key = "/".join(["very-long-directory-name"] * 6) + "/sample"  # > 100 chars: a PAX header
+    data = make_tar([(f"{key}.jpg", JPG), (f"{key}.txt", b"long")])
+    table = read_webdataset(io.BytesIO(data))
+    assert table.to_pylist() == [{"id": key, "image": JPG, "image_ext": "jpg", "caption": "long"}]

@@ -99,11 +99,22 @@ def check_checkpoint_weights_only(path: str | os.PathLike[str]) -> None:
             torch.load(p, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except pickle.UnpicklingError as exc:
         raise UnsafeCheckpointError(
-            f"refusing to load checkpoint {str(p)!r}: it contains pickled Python objects other "
-            "than tensors and plain containers, which torch.load(weights_only=True) does not "
-            "allow (loading it could run arbitrary code). Re-save it as a plain state_dict "
-            f"(torch.save(model.state_dict(), ...)) or as .safetensors. Details: {exc}"
+            f"refusing to load checkpoint {str(p)!r}: torch.load(weights_only=True) rejects it, "
+            "so it is either not a torch checkpoint or it holds pickled Python objects other than "
+            "tensors and plain containers (loading those could run arbitrary code). Re-save it as "
+            "a plain state_dict (torch.save(model.state_dict(), ...)) or as .safetensors. "
+            f"Details: {_unpickler_detail(exc)}"
         ) from None
+
+
+def _unpickler_detail(exc: BaseException) -> str:
+    """The informative line of torch's (long, multi-paragraph) weights_only error."""
+    text = str(exc)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        rest = text.split(marker, 1)[1].strip()
+        return marker + " " + (rest.split("\n\n", 1)[0].strip() or rest[:200])
+    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 def _local_dir_checkpoint(folder: Path) -> Path | None:
@@ -119,11 +130,18 @@ def _local_dir_checkpoint(folder: Path) -> Path | None:
     return candidates[0] if candidates else None
 
 
-def _resolve_source(model: str | os.PathLike[str] | None, pretrained: str | None) -> tuple[str, str | None, Path | None, str]:
+def _wants_random(pretrained: str | None) -> bool:
+    """True if the caller explicitly asked for random weights."""
+    return pretrained is not None and pretrained.strip().lower() == RANDOM_WEIGHTS
+
+
+def _resolve_source(
+    model: str | os.PathLike[str] | None, pretrained: str | None
+) -> tuple[str, str | None, Path | None, str]:
     """Validate (model, pretrained); return open_clip's (model_name, pretrained), the file to vet, and a name."""
     import open_clip
 
-    random_ok = pretrained is not None and pretrained.strip().lower() == RANDOM_WEIGHTS
+    random_ok = _wants_random(pretrained)
     raw = DEFAULT_IMAGE_MODEL if model is None else os.fspath(model).strip()
     if not raw:
         raise ValueError("model must be a non-empty string")
@@ -224,7 +242,7 @@ def load_open_clip(
     autocast_dtype = _autocast_dtype(dev, precision)
     if to_vet is not None:
         check_checkpoint_weights_only(to_vet)
-    random_ok = pretrained is not None and pretrained.strip().lower() == RANDOM_WEIGHTS
+    random_ok = _wants_random(pretrained)
     net, _, preprocess = open_clip.create_model_and_transforms(
         model_name,
         pretrained=oc_pretrained,
@@ -360,10 +378,14 @@ class OpenClipImageEncoder:
             self.num_workers,
             pin_memory=self.device.type == "cuda",
         )
-        with torch.inference_mode():
-            for indices, pixels, rejected in batches:
-                feats = self._forward(pixels) if len(indices) else torch.zeros(0, self.dim)
-                yield indices, feats, rejected
+        for indices, pixels, rejected in batches:
+            if len(indices):
+                # Scoped per batch: the mode must not leak into the caller between yields.
+                with torch.inference_mode():
+                    feats = self._forward(pixels)
+            else:
+                feats = torch.zeros(0, self.dim)
+            yield indices, feats, rejected
 
     def encode_images(self, items: Sequence[bytes | None]) -> ImageEncodeResult:
         """Embed what decodes; undecodable items go to `rejected` with a reason (lenient)."""
