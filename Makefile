@@ -30,7 +30,7 @@ validate: $(VENV)/.stamp-demo
 	SEMDEDUP_STORAGE=$(DEMO_STORAGE) $(BIN)/dagster definitions validate -w workspace.yaml
 
 ui: $(VENV)/.stamp-demo
-	mkdir -p $(DEMO_STORAGE)/dagster_home
+	$(BIN)/python -c "from semdedup_assets.pipeline import ensure_instance_config as e; e('$(abspath $(DEMO_STORAGE))/dagster_home')"
 	SEMDEDUP_STORAGE=$(abspath $(DEMO_STORAGE)) DAGSTER_HOME=$(abspath $(DEMO_STORAGE))/dagster_home \
 		$(BIN)/dagster dev -h 127.0.0.1 -p $(UI_PORT) -w workspace.yaml
 

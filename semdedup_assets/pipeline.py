@@ -54,13 +54,34 @@ def default_dagster_home(settings: Settings) -> str:
     return str(storage.root / "dagster_home")
 
 
+def visible_gpus() -> int:
+    """CUDA devices torch can see (0 without a GPU or a CUDA build)."""
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:  # a broken CUDA install must not stop a CPU run
+        return 0
+
+
+def instance_yaml(gpu_limit: int) -> str:
+    """dagster.yaml: the `gpu` pool's limit (one step per visible GPU), telemetry off."""
+    return (
+        "# Written by semdedup; edit freely (it is not overwritten).\n"
+        "telemetry:\n  enabled: false\n"
+        "concurrency:\n  pools:\n"
+        f"    # Steps in a pool with no explicit limit (our only pool is `gpu`): one per visible GPU.\n"
+        f"    default_limit: {gpu_limit}\n"
+    )
+
+
 def ensure_instance_config(home: str) -> None:
-    """Create DAGSTER_HOME with a dagster.yaml (telemetry off) when it is missing."""
+    """Create DAGSTER_HOME with a dagster.yaml (gpu pool limit, telemetry off) when it is missing."""
     os.makedirs(home, exist_ok=True)
     path = os.path.join(home, "dagster.yaml")
     if not os.path.exists(path):
         with open(path, "w") as f:
-            f.write("telemetry:\n  enabled: false\n")
+            f.write(instance_yaml(max(1, visible_gpus())))
 
 
 def failure_message(result: dg.ExecuteInProcessResult) -> str:

@@ -29,11 +29,16 @@ def default_status() -> dg.DefaultSensorStatus:
     return dg.DefaultSensorStatus.RUNNING if on else dg.DefaultSensorStatus.STOPPED
 
 
-def build_shard_sensor(settings: Settings, minimum_interval_seconds: int = 30) -> dg.SensorDefinition:
+def sensor_interval() -> int:
+    """Seconds between sensor ticks (SEMDEDUP_SENSOR_INTERVAL, default 30)."""
+    return int(os.environ.get("SEMDEDUP_SENSOR_INTERVAL", "30"))
+
+
+def build_shard_sensor(settings: Settings, minimum_interval_seconds: int | None = None) -> dg.SensorDefinition:
     """The sensor watching `settings.input` for shard files."""
 
     @dg.sensor(
-        name="shard_sensor", job=ingest_job, minimum_interval_seconds=minimum_interval_seconds,
+        name="shard_sensor", job=ingest_job, minimum_interval_seconds=minimum_interval_seconds or sensor_interval(),
         default_status=default_status(),
         description="Registers new shard files as `shards` partitions and requests their ingest runs.",
     )
@@ -87,11 +92,11 @@ def stale_buckets(instance: dg.DagsterInstance, after_storage_id: int) -> tuple[
     return stale, newest
 
 
-def build_bucket_sensor(minimum_interval_seconds: int = 30) -> dg.SensorDefinition:
+def build_bucket_sensor(minimum_interval_seconds: int | None = None) -> dg.SensorDefinition:
     """The sensor that re-runs only the cluster buckets whose clusters gained or lost items."""
 
     @dg.sensor(
-        name="bucket_sensor", job=dedup_job, minimum_interval_seconds=minimum_interval_seconds,
+        name="bucket_sensor", job=dedup_job, minimum_interval_seconds=minimum_interval_seconds or sensor_interval(),
         default_status=default_status(),
         description="After cluster_assignments changes, requests semantic_duplicates for the touched buckets only.",
     )
@@ -114,5 +119,6 @@ def build_automation_sensor() -> dg.AutomationConditionSensorDefinition:
     """Evaluates the assets' automation conditions (assignment of new shards, keep-lists after buckets)."""
     return dg.AutomationConditionSensorDefinition(
         "automation_sensor", target=dg.AssetSelection.all(), default_status=default_status(),
+        minimum_interval_seconds=sensor_interval(),
         description="cluster_assignments follow new embeddings and re-trained centroids; keep_lists follow the buckets.",
     )
