@@ -68,8 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_storage(sql)
 
     forget = sub.add_parser("forget", help="remove one shard's results and its partition",
-                            description="Delete a shard's raw, embeddings and cluster_assignments files and "
-                            "its `shards` partition. Re-materialize semantic_duplicates and keep_lists afterwards.")
+                            description="Delete a shard's raw, rejected, embeddings and cluster_assignments files "
+                            "and its `shards` partition, then re-run (through Dagster) the cluster buckets its items "
+                            "were in and the keep-lists, so the catalog no longer shows it.")
     forget.add_argument("shard", help="shard key, e.g. part-03 or 2024/part-03")
     _add_storage(forget)
     return parser
@@ -155,24 +156,17 @@ def cmd_sql(storage: str | None, sql: str) -> int:
 
 
 def cmd_forget(storage: str | None, shard: str) -> int:
-    """Remove one shard's per-shard results and its partition."""
-    from semdedup_assets.core import storage as st
-    from semdedup_assets.core.catalog import refresh_catalog
-    from semdedup_assets.partitions import SHARDS_PARTITIONS_NAME
+    """Remove one shard's results; the buckets it touched and the keep-lists are recomputed."""
+    from semdedup_assets.pipeline import PipelineError, forget_shard
 
     settings = load_settings(storage)
-    instance = _instance(settings)
-    root = settings.storage_root()
-    removed = [str(p) for stage in (st.RAW, st.EMBEDDINGS, st.CLUSTER_ASSIGNMENTS)
-               if st.remove(p := root.shard_file(stage, shard))]
-    known = shard in instance.get_dynamic_partitions(SHARDS_PARTITIONS_NAME)
-    if known:
-        instance.delete_dynamic_partition(SHARDS_PARTITIONS_NAME, shard)
-    if not removed and not known:
-        print(f"semdedup: error: no shard {shard!r} in {root.root}", file=sys.stderr)
+    try:
+        result = forget_shard(settings, _instance(settings), shard, log=lambda m: print(m, flush=True))
+    except PipelineError as err:
+        print(f"semdedup: error: {err}", file=sys.stderr)
         return 1
-    refresh_catalog(root)
-    print(f"forgot shard {shard!r}: removed {len(removed)} file(s); re-materialize semantic_duplicates and keep_lists")
+    print(f"forgot shard {shard!r}: removed {len(result.removed)} file(s), re-ran {len(result.buckets)} bucket(s)"
+          + (" and the keep-lists" if result.run_ids and len(result.run_ids) > len(result.buckets) else ""))
     return 0
 
 

@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 
 import dagster as dg
 
+from semdedup_assets.core import storage as st
+from semdedup_assets.core.assign import touched_buckets
+from semdedup_assets.core.catalog import refresh_catalog
 from semdedup_assets.core.config import Settings, save_settings
 from semdedup_assets.core.shards import discover_shards
 from semdedup_assets.definitions import build_definitions
@@ -127,7 +130,6 @@ def run_pipeline(settings: Settings, instance: dg.DagsterInstance, log=print) ->
             f"(e.g. {stray[:3]}): use another --storage, or `semdedup forget SHARD` first")
     result = PipelineResult(shards=shards)
     for label, job_name, partitioning in STAGES:
-        job = defs.resolve_job_def(job_name)
         tags: dict[str, str] = {"semdedup/stage": label}
         if partitioning == "shards":
             # A range over the registered keys in registration order: every shard in one run.
@@ -135,12 +137,62 @@ def run_pipeline(settings: Settings, instance: dg.DagsterInstance, log=print) ->
         elif partitioning == "buckets":
             tags.update({RANGE_START: buckets[0], RANGE_END: buckets[-1]})
         log(f"[semdedup] {label} ...")
-        run = job.execute_in_process(instance=instance, tags=tags, raise_on_error=False)
-        result.run_ids[label] = run.run_id
-        result.seconds[label] = _run_seconds(instance, run.run_id)
-        if not run.success:
-            raise PipelineError(f"{label} failed (run {run.run_id}):\n{failure_message(run)}")
+        try:
+            run_id = _execute(defs, instance, job_name, tags)
+        except PipelineError as err:
+            raise PipelineError(f"{label}: {err}") from None
+        result.run_ids[label] = run_id
+        result.seconds[label] = _run_seconds(instance, run_id)
     return result
+
+
+@dataclass
+class ForgetResult:
+    """What `forget_shard` removed and re-ran."""
+
+    removed: list[str]
+    buckets: list[str]
+    run_ids: list[str] = field(default_factory=list)
+
+
+def forget_shard(settings: Settings, instance: dg.DagsterInstance, shard: str, log=print) -> ForgetResult:
+    """Remove a shard's results and partition, then re-run the buckets it touched and the keep-lists."""
+    storage = settings.storage_root()
+    assignments = storage.shard_file(st.CLUSTER_ASSIGNMENTS, shard)
+    buckets: set[str] = set()
+    if assignments.exists() and storage.centroids_file.exists():
+        k = st.parquet_num_rows(storage.centroids_file)
+        buckets = touched_buckets(st.read_table(assignments, columns=["cluster"]).column("cluster").to_numpy(), k, settings.buckets)
+    removed = [str(p) for stage in (st.RAW, st.REJECTED, st.EMBEDDINGS, st.CLUSTER_ASSIGNMENTS)
+               if st.remove(p := storage.shard_file(stage, shard))]
+    known = shard in instance.get_dynamic_partitions(SHARDS_PARTITIONS_NAME)
+    if known:
+        instance.delete_dynamic_partition(SHARDS_PARTITIONS_NAME, shard)
+    if not removed and not known:
+        raise PipelineError(f"no shard {shard!r} in {storage.root}")
+    result = ForgetResult(removed, sorted(buckets))
+    if not instance.get_dynamic_partitions(SHARDS_PARTITIONS_NAME):
+        # Nothing left: the dataset-wide results describe no data any more.
+        for stage in (st.SEMANTIC_DUPLICATES, st.KEEP_LISTS):
+            result.removed += [str(p) for p in storage.stage_files(stage) if st.remove(p)]
+    elif any(storage.bucket_file(b).exists() for b in buckets):
+        defs = build_definitions(settings)
+        for bucket in result.buckets:
+            log(f"[semdedup] re-running bucket {bucket} without shard {shard!r}")
+            result.run_ids.append(_execute(defs, instance, "dedup_job", {"semdedup/forget": shard}, partition_key=bucket))
+        if storage.eps_curve_file.exists():
+            result.run_ids.append(_execute(defs, instance, "keep_lists_job", {"semdedup/forget": shard}))
+    refresh_catalog(storage)
+    return result
+
+
+def _execute(defs: dg.Definitions, instance: dg.DagsterInstance, job_name: str, tags: dict[str, str],
+             partition_key: str | None = None) -> str:
+    run = defs.resolve_job_def(job_name).execute_in_process(
+        instance=instance, tags=tags, partition_key=partition_key, raise_on_error=False)
+    if not run.success:
+        raise PipelineError(f"{job_name} failed (run {run.run_id}):\n{failure_message(run)}")
+    return run.run_id
 
 
 def _run_seconds(instance: dg.DagsterInstance, run_id: str) -> float:

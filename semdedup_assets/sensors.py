@@ -47,9 +47,15 @@ def build_shard_sensor(settings: Settings, minimum_interval_seconds: int | None 
         if not settings.input:
             return dg.SkipReason("no input location configured (SEMDEDUP_INPUT or `semdedup run --input`)")
         now, new, changed, vanished = scan_input(settings.input, context.cursor)
-        for key in vanished:
-            context.log.warning(f"shard {key!r} vanished from {settings.input}; its results stay until `semdedup forget {key}`")
         known = set(context.instance.get_dynamic_partitions(SHARDS_PARTITIONS_NAME))
+        events = []
+        for key in vanished:
+            # Never deleted silently: logged, and recorded on the shard's partition for the UI.
+            context.log.warning(f"shard {key!r} vanished from {settings.input}; its results stay until `semdedup forget {key}`")
+            if key in known:
+                events.append(dg.AssetObservation(asset_key="raw_shards", partition=key, metadata={
+                    "vanished": True, "input": settings.input,
+                    "action": f"results kept; run `semdedup forget {key}` to remove them"}))
         to_add = [k for k in new if k not in known]
         runs = [dg.RunRequest(run_key=f"{k}:{now[k]}", partition_key=k) for k in new + changed]
         if not runs and not vanished and context.cursor is not None:
@@ -57,6 +63,7 @@ def build_shard_sensor(settings: Settings, minimum_interval_seconds: int | None 
         return dg.SensorResult(
             run_requests=runs,
             dynamic_partitions_requests=[shard_partitions.build_add_request(to_add)] if to_add else [],
+            asset_events=events,
             cursor=json.dumps(now, sort_keys=True),
         )
 

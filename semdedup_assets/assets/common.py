@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import warnings
+
 import dagster as dg
+
+# backfill_policy is a beta parameter; users need not see the notice on every import.
+warnings.filterwarnings("ignore", category=dg.BetaWarning)
 
 # Per-shard assets take many partitions per run, so a backfill of thousands of shards
 # starts tens of processes, not thousands.
-SHARD_BACKFILL_POLICY = dg.BackfillPolicy.multi_run(max_partitions_per_run=64)
+# SEMDEDUP_BACKFILL_BATCH sets the batch (default 64).
+SHARD_BACKFILL_POLICY = dg.BackfillPolicy.multi_run(max_partitions_per_run=int(os.environ.get("SEMDEDUP_BACKFILL_BATCH", "64")))
 
 # Ready for k8s_job_executor: each GPU step asks for one GPU.
 GPU_OP_TAGS = {"dagster-k8s/config": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}}}}}
