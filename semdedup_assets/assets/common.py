@@ -27,6 +27,9 @@ GPU_POOL = "gpu"
 EAGER = dg.AutomationCondition.eager() & dg.AutomationCondition.all_deps_blocking_checks_passed()
 
 
+PER_SHARD_TABLE_ROWS = 20
+
+
 def run_partition_keys(context: dg.AssetExecutionContext) -> list[str]:
     """The partition keys this run covers (one, or a range from a backfill), sorted."""
     return sorted(context.partition_keys)
@@ -60,5 +63,8 @@ def run_metadata(per_shard: list[dict[str, object]], extra: dict[str, object]) -
         for k, v in per_shard[0].items():
             meta.setdefault(k, v)
     elif per_shard:
-        meta["per_shard"] = shard_table_metadata(per_shard)
+        # Dagster copies a range run's metadata onto every partition's event: keep it small.
+        meta["per_shard"] = shard_table_metadata(per_shard[:PER_SHARD_TABLE_ROWS])
+        if len(per_shard) > PER_SHARD_TABLE_ROWS:
+            meta["per_shard_note"] = f"first {PER_SHARD_TABLE_ROWS} of {len(per_shard)} shards"
     return meta
