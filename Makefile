@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DEMO_STORAGE := .demo/storage
 UI_PORT ?= 3000
 
-.PHONY: demo test ui bench bench-smoke validate clean
+.PHONY: demo test browser-deps ui bench bench-smoke validate clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,19 @@ $(VENV)/.stamp-test: pyproject.toml | $(BIN)/python
 demo: $(VENV)/.stamp-demo
 	$(BIN)/semdedup demo --storage $(DEMO_STORAGE)
 
-test: $(VENV)/.stamp-test
+test: browser-deps $(VENV)/.stamp-test
 	$(BIN)/python -m pytest -q
+
+# Debian's Chromium for the browser test (Playwright drives /usr/bin/chromium; it never downloads a
+# browser). Installs only when missing; as root directly, otherwise through passwordless sudo.
+browser-deps:
+	@test -x /usr/bin/chromium || { \
+		if ! command -v apt-get >/dev/null 2>&1; then echo "browser-deps: no apt-get; install chromium at /usr/bin/chromium yourself" >&2; exit 0; fi; \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; \
+		else echo "browser-deps: not root and no passwordless sudo; skipping the chromium install" >&2; exit 0; fi; \
+		echo "browser-deps: installing chromium (apt-get)"; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; \
+	}
 
 validate: $(VENV)/.stamp-demo
 	SEMDEDUP_STORAGE=$(DEMO_STORAGE) $(BIN)/dagster definitions validate -w workspace.yaml
@@ -34,8 +45,23 @@ ui: $(VENV)/.stamp-demo
 	SEMDEDUP_STORAGE=$(abspath $(DEMO_STORAGE)) DAGSTER_HOME=$(abspath $(DEMO_STORAGE))/dagster_home \
 		$(BIN)/dagster dev -h 127.0.0.1 -p $(UI_PORT) -w workspace.yaml
 
-bench: $(VENV)/.stamp-test
+$(VENV)/.stamp-bench: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[test,demo,bench]'
+	touch $@ $(VENV)/.stamp-test $(VENV)/.stamp-demo
+
+# Full-size benchmarks, one after another (never in parallel: they time the same cores);
+# each writes bench/results/<name>.md.
+bench: $(VENV)/.stamp-bench
 	$(BIN)/python bench/pairwise_memory.py
+	$(BIN)/python bench/pairwise.py
+	$(BIN)/python bench/kmeans.py
+	$(BIN)/python bench/text_embedding.py
+	$(BIN)/python bench/end_to_end.py
+	$(BIN)/python bench/image_throughput.py
+
+# Tiny runs of each benchmark (what CI runs through semdedup_assets_tests/test_bench_smoke.py).
+bench-smoke: $(VENV)/.stamp-bench
+	$(BIN)/python -m pytest -q semdedup_assets_tests/test_bench_smoke.py
 
 clean:
 	rm -rf .demo test-artifacts .pytest_cache

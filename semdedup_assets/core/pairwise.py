@@ -9,7 +9,8 @@ dense versions, kept as test oracles and benchmark baselines.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -38,18 +39,43 @@ def _as_tensor(embeddings: ArrayLike2D, device: str | torch.device | None) -> to
     return x.to(device=target, dtype=torch.float32).contiguous()
 
 
+@contextlib.contextmanager
+def torch_threads(num_threads: int | None) -> Iterator[None]:
+    """Run the block with torch's intra-op thread count set to num_threads, then restore it.
+
+    None leaves the count alone. On CPU every tile is a separate matmul whose threads
+    join at its end; where other processes hold some of the cores, fewer threads than
+    cores can be faster (bench/pairwise.py measures both in the same run).
+    """
+    if num_threads is None:
+        yield
+        return
+    if num_threads < 1:
+        raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(int(num_threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def max_sim_tiled(
     embeddings: ArrayLike2D,
     block_size: int = 1024,
     device: str | torch.device | None = None,
+    num_threads: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Return (max_sim float32, duplicate_of int64) for ordered, L2-normalised rows, tiled."""
+    """Return (max_sim float32, duplicate_of int64) for ordered, L2-normalised rows, tiled.
+
+    `num_threads` (CPU only) sets torch's thread count for this call only; None keeps it.
+    """
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     n = int(embeddings.shape[0])
     if n == 0:
         return _empty_result()
-    with torch.inference_mode():
+    with torch.inference_mode(), torch_threads(num_threads):
         x = _as_tensor(embeddings, device)
         dev = x.device
         bsz = int(block_size)

