@@ -7,6 +7,7 @@ import os
 import dagster as dg
 
 from semdedup_assets.assets.cluster import BUCKETS_TOUCHED
+from semdedup_assets.core import storage as st
 from semdedup_assets.core.config import Settings
 from semdedup_assets.core.shards import discover_shards
 from semdedup_assets.jobs import dedup_job, ingest_job
@@ -57,6 +58,10 @@ def build_shard_sensor(settings: Settings, minimum_interval_seconds: int | None 
                     "vanished": True, "input": settings.input,
                     "action": f"results kept; run `semdedup forget {key}` to remove them"}))
         to_add = [k for k in new if k not in known]
+        # Shards already registered and ingested (e.g. by `semdedup run` before the sensor was
+        # switched on) are not new: the cursor starts from them instead of re-embedding them.
+        raw = settings.storage_root()
+        new = [k for k in new if k not in known or not raw.shard_file(st.RAW, k).exists()]
         runs = [dg.RunRequest(run_key=f"{k}:{now[k]}", partition_key=k) for k in new + changed]
         if not runs and not vanished and context.cursor is not None:
             return dg.SkipReason("no new or changed shard files")

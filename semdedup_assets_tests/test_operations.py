@@ -129,3 +129,11 @@ def test_cli_forget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pyt
     assert capsys.readouterr().out.splitlines()[-1].split() == ["40", "|", "1"]
     assert main(["forget", "part-00", "--storage", storage]) == 1
     assert "no shard 'part-00'" in capsys.readouterr().err
+
+
+def test_first_tick_after_semdedup_run_requests_nothing(tmp_path: Path, instance: dg.DagsterInstance) -> None:
+    write_embedding_shards(tmp_path / "input", n_shards=2, per_shard=30, d=8)
+    settings = _settings(tmp_path)
+    run_pipeline(settings, instance, log=lambda m: None)
+    tick = _tick(build_definitions(settings), instance, None)
+    assert not tick.run_requests and set(json.loads(tick.cursor)) == {"part-00", "part-01"}
