@@ -58,6 +58,8 @@ bench: $(VENV)/.stamp-bench
 	$(BIN)/python bench/text_embedding.py
 	$(BIN)/python bench/end_to_end.py
 	$(BIN)/python bench/image_throughput.py
+	$(BIN)/python bench/orchestration.py
+	$(BIN)/python bench/backfill.py
 
 # Tiny runs of each benchmark (what CI runs through semdedup_assets_tests/test_bench_smoke.py).
 bench-smoke: $(VENV)/.stamp-bench
