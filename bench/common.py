@@ -95,16 +95,16 @@ def reset_peak() -> bool:
 
 
 def measure(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str, Any]:
-    """Run fn once: its result, wall seconds, and the extra peak RSS (MiB) above the RSS before the call."""
+    """Run fn once: its result, wall and CPU seconds, baseline/peak RSS and the extra peak (MiB)."""
     gc.collect()
     baseline_kib = read_status_kib("VmRSS")
     reset_ok = reset_peak()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     result = fn(*args, **kwargs)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     peak_kib = read_status_kib("VmHWM")
-    return {"result": result, "seconds": seconds, "extra_mib": (peak_kib - baseline_kib) / 1024,
-            "peak_mib": peak_kib / 1024, "reset_ok": reset_ok}
+    return {"result": result, "seconds": seconds, "cpu_seconds": cpu_seconds, "baseline_mib": baseline_kib / 1024,
+            "peak_mib": peak_kib / 1024, "extra_mib": (peak_kib - baseline_kib) / 1024, "reset_ok": reset_ok}
 
 
 def best_of(fn: Callable[[], Any], repeats: int) -> float:

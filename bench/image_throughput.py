@@ -39,24 +39,10 @@ except ImportError:  # running from a checkout without the package installed
 
 import open_clip
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cpu_model, load_average  # noqa: E402
+
 DEFAULT_OUT = "bench/results/image_throughput.md"
-
-
-def cpu_model() -> str:
-    """Return the CPU model name from /proc/cpuinfo, or platform's guess."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def load_average() -> str:
-    """The 1/5/15-minute load averages, or n/a."""
-    return " / ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
 
 
 def make_jpegs(n: int, size: tuple[int, int], seed: int) -> list[bytes]:

@@ -12,14 +12,10 @@ reset (`echo 5 > /proc/self/clear_refs`), the call runs, and VmHWM is read back.
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import platform
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -30,42 +26,11 @@ except ImportError:  # running from a checkout without the package installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from semdedup_assets.core.pairwise import dense_max_sim, max_sim_tiled
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cpu_model, measure  # noqa: E402
+
 MIB = 1024 * 1024
 DEFAULT_OUT = "bench/results/pairwise_memory.md"
-
-
-def read_status_kib(field: str) -> int:
-    """Return a VmXXX field of /proc/self/status in KiB (0 where unavailable)."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def reset_peak() -> bool:
-    """Reset VmHWM to the current RSS; return False where the kernel does not allow it."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def cpu_model() -> str:
-    """Return the CPU model name from /proc/cpuinfo, or platform's guess."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def make_cluster(n: int, d: int, dup_fraction: float, seed: int) -> tuple[np.ndarray, int]:
@@ -81,26 +46,6 @@ def make_cluster(n: int, d: int, dup_fraction: float, seed: int) -> tuple[np.nda
         x[dst] = x[src] + noise * np.linalg.norm(x[src], axis=1, keepdims=True) / np.sqrt(d)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     return np.ascontiguousarray(x, dtype=np.float32), n_dup
-
-
-def measure(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str, Any]:
-    """Run fn once; return its result, wall time, baseline RSS, peak RSS and the extra peak."""
-    gc.collect()
-    baseline_kib = read_status_kib("VmRSS")
-    reset_ok = reset_peak()
-    start, cpu_start = time.perf_counter(), time.process_time()
-    result = fn(*args, **kwargs)
-    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-    peak_kib = read_status_kib("VmHWM")
-    return {
-        "result": result,
-        "seconds": seconds,
-        "cpu_seconds": cpu_seconds,
-        "baseline_mib": baseline_kib / 1024,
-        "peak_mib": peak_kib / 1024,
-        "extra_mib": (peak_kib - baseline_kib) / 1024,
-        "reset_ok": reset_ok,
-    }
 
 
 def gflops(n: int, d: int, seconds: float) -> float:
