@@ -40,7 +40,7 @@ except ImportError:  # running from a checkout without the package installed
 import open_clip
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_model, load_average  # noqa: E402
+from common import cpu_model, emit, load_average  # noqa: E402
 
 DEFAULT_OUT = "bench/results/image_throughput.md"
 
@@ -236,13 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         lines += ["## GPU", "", "Skipped: CUDA is not available on this machine.", ""]
 
-    report = "\n".join(lines)
-    print(report)
-    if out_path:
-        path = Path(out_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(report)
-        print(f"\nwritten to {path}")
+    emit(lines, out_path)
     return 0
 
 

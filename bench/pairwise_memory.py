@@ -27,7 +27,7 @@ except ImportError:  # running from a checkout without the package installed
     from semdedup_assets.core.pairwise import dense_max_sim, max_sim_tiled
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_model, measure  # noqa: E402
+from common import cpu_model, emit, measure, pairwise_gflops  # noqa: E402
 
 MIB = 1024 * 1024
 DEFAULT_OUT = "bench/results/pairwise_memory.md"
@@ -46,11 +46,6 @@ def make_cluster(n: int, d: int, dup_fraction: float, seed: int) -> tuple[np.nda
         x[dst] = x[src] + noise * np.linalg.norm(x[src], axis=1, keepdims=True) / np.sqrt(d)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     return np.ascontiguousarray(x, dtype=np.float32), n_dup
-
-
-def gflops(n: int, d: int, seconds: float) -> float:
-    """Return GFLOP/s counting only the n(n-1)/2 needed dot products of 2*d flops each."""
-    return (n * (n - 1) / 2) * 2 * d / seconds / 1e9 if seconds > 0 else float("nan")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     input_mib = x.nbytes / MIB
     tiled = measure(max_sim_tiled, x, block_size=args.block)
     m, dup = tiled["result"]
-    tiled_gflops = gflops(n, d, tiled["seconds"])
+    tiled_gflops = pairwise_gflops(n, d, tiled["seconds"])
 
     dense = tiled_small = None
     max_abs_diff = float("nan")
@@ -145,21 +140,15 @@ def main(argv: list[str] | None = None) -> int:
             "| implementation | wall time | extra peak | GFLOP/s |",
             "|---|---|---|---|",
             f"| dense (n x n float64 + mask) | {dense['seconds']:.3f} s | {dense['extra_mib']:,.1f} MiB"
-            f" | {gflops(dense_n, d, dense['seconds']):,.1f} |",
+            f" | {pairwise_gflops(dense_n, d, dense['seconds']):,.1f} |",
             f"| tiled (block {args.block}) | {tiled_small['seconds']:.3f} s | {tiled_small['extra_mib']:,.1f} MiB"
-            f" | {gflops(dense_n, d, tiled_small['seconds']):,.1f} |",
+            f" | {pairwise_gflops(dense_n, d, tiled_small['seconds']):,.1f} |",
             "",
             f"Agreement: max |M_dense - M_tiled| = {max_abs_diff:.2e}; duplicate_of equal for {dup_agree:.2%} of rows"
             " (differences only where two earlier members tie within fp32 rounding).",
             "",
         ]
-    report = "\n".join(lines)
-    print(report)
-    if out_path:
-        path = Path(out_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(report)
-        print(f"written to {path}")
+    emit(lines, out_path)
     return 0
 
 
