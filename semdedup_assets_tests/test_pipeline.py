@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from semdedup_assets.core import storage as st
+from semdedup_assets.core.assign import bucket_of
 from semdedup_assets.core.catalog import query
 from semdedup_assets.core.config import Settings
 from semdedup_assets.core.pairwise import dense_max_sim
@@ -55,6 +56,13 @@ def test_whole_graph_finds_planted_duplicates(tmp_path: Path, instance: dg.Dagst
         _, [(sql_kept,)] = query(storage, f"SELECT count(*) FROM items WHERE max_sim <= 1 - {eps!r}")
         assert kept == sql_kept and kept + removed == len(x)
         assert pq.read_metadata(str(storage.keep_list_file(eps))).num_rows == kept
+    # One row group per bucket in every assignments file, so a bucket read touches only its rows.
+    for shard in result.shards:
+        meta = pq.read_metadata(str(storage.shard_file(st.CLUSTER_ASSIGNMENTS, shard)))
+        spans = [(meta.row_group(g).column(2).statistics.min, meta.row_group(g).column(2).statistics.max)
+                 for g in range(meta.num_row_groups)]
+        assert meta.num_row_groups == 3
+        assert [bucket_of(np.array(span), 6, 3).tolist() for span in spans] == [[0, 0], [1, 1], [2, 2]]
 
 
 def test_bucket_results_equal_dense_rule_per_cluster(tmp_path: Path, instance: dg.DagsterInstance) -> None:

@@ -9,16 +9,13 @@ import pyarrow.compute as pc
 from semdedup_assets.assets.common import EAGER, GPU_OP_TAGS, GPU_POOL, SHARD_BACKFILL_POLICY, run_metadata, run_partition_keys, timed
 from semdedup_assets.assets.embed import embeddings
 from semdedup_assets.core import storage as st
-from semdedup_assets.core.assign import assign, touched_buckets
+from semdedup_assets.core.assign import assign, bucket_row_slices, touched_buckets
 from semdedup_assets.core.kmeans import collect_sample, sample_target, train_spherical_kmeans
 from semdedup_assets.core.tables import assignments_schema, embedding_array, embedding_matrix
 from semdedup_assets.partitions import SHARDS_PARTITIONS_NAME, shard_partitions
 from semdedup_assets.resources import SemDedupConfig
 
 BUCKETS_TOUCHED = "buckets_touched"
-
-# Small row groups let a bucket read skip the other clusters' rows of a shard file.
-ASSIGNMENT_ROW_GROUP = 2048
 
 
 def registered_stage_files(instance: dg.DagsterInstance, storage: st.Storage, stage: str) -> dict[str, st.UPath]:
@@ -126,7 +123,10 @@ def cluster_assignments(context: dg.AssetExecutionContext, semdedup: SemDedupCon
             }, schema=assignments_schema(vectors.shape[1]))
             table = table.sort_by([("cluster", "ascending"), ("id", "ascending")])
             problems += [f"shard {key!r}: {p}" for p in assignment_problems(table, emb.num_rows, k)]
-            st.atomic_write_table(table, out, row_group_size=ASSIGNMENT_ROW_GROUP)
+            # One row group per bucket: a bucket's read skips every other bucket's rows by footer stats.
+            with st.publish_together([st.AtomicParquetWriter(out, table.schema)]) as (writer,):
+                for offset, length in bucket_row_slices(table.column("cluster").to_numpy(), k, semdedup.buckets):
+                    writer.write(table.slice(offset, length))
             buckets |= touched_buckets(clusters, k, semdedup.buckets)
             per_shard.append({"shard": key, "rows": emb.num_rows, "clusters_touched": int(len(np.unique(clusters))),
                               "mean_sim_to_centroid": round(float(sims.mean()), 4)})

@@ -28,6 +28,26 @@ EAGER = dg.AutomationCondition.eager() & dg.AutomationCondition.all_deps_blockin
 
 
 PER_SHARD_TABLE_ROWS = 20
+# Every log line is an event row in the instance's storage (~8 ms each on SQLite), so a
+# range run over thousands of shards logs progress at this interval, not per shard.
+PROGRESS_INTERVAL_S = float(os.environ.get("SEMDEDUP_PROGRESS_INTERVAL", "10"))
+
+
+class ProgressLog:
+    """Per-item progress lines, at most one per interval plus the first and the last."""
+
+    def __init__(self, log: dg.DagsterLogManager, total: int, interval: float = PROGRESS_INTERVAL_S) -> None:
+        self.log, self.total, self.interval = log, total, interval
+        self.done = 0
+        self._last: float | None = None
+
+    def step(self, message: str) -> None:
+        """Count one item done; log `message` with the count when it is due."""
+        self.done += 1
+        now = time.monotonic()
+        if self._last is None or self.done == self.total or now - self._last >= self.interval:
+            self.log.info(f"[{self.done}/{self.total}] {message}")
+            self._last = now
 
 
 def run_partition_keys(context: dg.AssetExecutionContext) -> list[str]:

@@ -10,7 +10,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from semdedup_assets.assets.cluster import cluster_assignments, load_centroids, registered_stage_files
-from semdedup_assets.assets.common import EAGER, GPU_OP_TAGS, GPU_POOL, timed
+from semdedup_assets.assets.common import EAGER, GPU_OP_TAGS, GPU_POOL, ProgressLog, timed
 from semdedup_assets.core import storage as st
 from semdedup_assets.core.assign import bucket_cluster_range
 from semdedup_assets.core.catalog import BUCKET_GLOB, refresh_catalog, scan, stage_source
@@ -113,6 +113,7 @@ def build_semantic_duplicates(buckets: int) -> dg.AssetsDefinition:
         problems: list[str] = []
         summary: dict[str, object] = {}
         rows_total, pairs = 0, []
+        progress = ProgressLog(context.log, len(context.partition_keys))
         with timed() as t:
             for key in sorted(context.partition_keys):
                 first, end = bucket_cluster_range(int(key), k, buckets)
@@ -124,7 +125,7 @@ def build_semantic_duplicates(buckets: int) -> dg.AssetsDefinition:
                 st.atomic_write_table(result, storage.bucket_file(key))
                 rows_total += result.num_rows
                 pairs += top_pairs(result)
-                context.log.info(f"bucket {key}: clusters [{first}, {end}), {result.num_rows} items, {tp['seconds']} s")
+                progress.step(f"bucket {key}: clusters [{first}, {end}), {result.num_rows} items, {tp['seconds']} s")
                 summary = {"clusters": f"[{first}, {end})", "non_empty_clusters": len(sizes),
                            "largest_cluster": max(sizes, default=0), "pairwise_seconds": tp["seconds"],
                            "path": dg.MetadataValue.path(str(storage.bucket_file(key)))}

@@ -9,7 +9,7 @@ import dagster as dg
 import numpy as np
 import pyarrow as pa
 
-from semdedup_assets.assets.common import GPU_OP_TAGS, GPU_POOL, SHARD_BACKFILL_POLICY, run_metadata, run_partition_keys, timed
+from semdedup_assets.assets.common import GPU_OP_TAGS, GPU_POOL, SHARD_BACKFILL_POLICY, ProgressLog, run_metadata, run_partition_keys, timed
 from semdedup_assets.assets.ingest import input_shards, raw_shards
 from semdedup_assets.core import storage as st
 from semdedup_assets.core.encoders import l2_normalize
@@ -144,7 +144,9 @@ def embeddings(context: dg.AssetExecutionContext, semdedup: SemDedupConfig) -> d
     rejected_total = 0
     dim = 0
     with timed() as t:
-        for key in run_partition_keys(context):
+        keys = run_partition_keys(context)
+        progress = ProgressLog(context.log, len(keys))
+        for key in keys:
             raw_path, out_path = storage.shard_file(st.RAW, key), storage.shard_file(st.EMBEDDINGS, key)
             rejected_path = storage.shard_file(st.REJECTED, key)
             if key not in files:
@@ -175,7 +177,7 @@ def embeddings(context: dg.AssetExecutionContext, semdedup: SemDedupConfig) -> d
             per_shard.append({"shard": key, "rows": outcome.rows, "seconds": te["seconds"], "cached": str(cached),
                               "items_per_second": round(outcome.rows / max(te["seconds"], 1e-9), 1),
                               "renormalised_rows": outcome.renormalised, "rejected": n_rejected})
-            context.log.info(f"embedded shard {key!r}: {outcome.rows} rows in {te['seconds']} s"
+            progress.step(f"embedded shard {key!r}: {outcome.rows} rows in {te['seconds']} s"
                              + (" (cached)" if cached else "") + (f", {n_rejected} rejected" if n_rejected else ""))
     rows = sum(int(r["rows"]) for r in per_shard)
     extra: dict[str, object] = {"rows": rows, "dim": dim, "seconds": t["seconds"], "rejected": rejected_total,

@@ -4,7 +4,7 @@
 import dagster as dg
 import pyarrow as pa
 
-from semdedup_assets.assets.common import SHARD_BACKFILL_POLICY, run_metadata, run_partition_keys, timed
+from semdedup_assets.assets.common import SHARD_BACKFILL_POLICY, ProgressLog, run_metadata, run_partition_keys, timed
 from semdedup_assets.core import storage as st
 from semdedup_assets.core.catalog import duplicate_ids
 from semdedup_assets.core.shards import ShardError, ShardFile, discover_shards, read_shard
@@ -68,6 +68,7 @@ def raw_shards(context: dg.AssetExecutionContext, semdedup: SemDedupConfig) -> d
     pending_ids: list[pa.Table] = []
     dims: dict[str, int] = {}
     per_shard: list[dict[str, object]] = []
+    progress = ProgressLog(context.log, len(keys))
     with st.publish_together(pending), timed() as t:
         for key in keys:
             try:
@@ -84,7 +85,7 @@ def raw_shards(context: dg.AssetExecutionContext, semdedup: SemDedupConfig) -> d
             pending_ids.append(table.select(["id", "shard", "row"]))
             per_shard.append({"shard": key, "rows": table.num_rows, "input": str(files[key].path),
                               "fingerprint": files[key].fingerprint()})
-            context.log.info(f"validated shard {key!r}: {table.num_rows} rows")
+            progress.step(f"validated shard {key!r}: {table.num_rows} rows")
         check_dims(storage, dims, keys)
         dups = duplicate_ids(storage, pa.concat_tables(pending_ids), exclude_shards=keys)
         if dups:

@@ -44,6 +44,15 @@ def touched_buckets(clusters: np.ndarray, k: int, buckets: int) -> set[str]:
     return {keys[b] for b in np.unique(bucket_of(np.unique(clusters), k, buckets))}
 
 
+def bucket_row_slices(sorted_clusters: np.ndarray, k: int, buckets: int) -> list[tuple[int, int]]:
+    """(offset, length) of each bucket's run of rows in cluster-sorted rows (one Parquet row group each)."""
+    b = bucket_of(sorted_clusters, k, buckets)
+    if len(b) and (np.diff(b) < 0).any():
+        raise ValueError("rows must be sorted by cluster")
+    bounds = np.concatenate([[0], np.flatnonzero(np.diff(b)) + 1, [len(b)]]).astype(np.int64)
+    return [(int(s), int(e - s)) for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
+
+
 def iter_cluster_ranges(k: int, buckets: int) -> Iterator[tuple[int, int, int]]:
     """(bucket, first cluster, end cluster) for contiguous cluster ranges per bucket."""
     for b in range(buckets):

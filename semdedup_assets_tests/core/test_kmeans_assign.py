@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from semdedup_assets.core.assign import assign, bucket_cluster_range, bucket_keys, bucket_of, iter_cluster_ranges, touched_buckets
+from semdedup_assets.core.assign import assign, bucket_cluster_range, bucket_row_slices, bucket_keys, bucket_of, iter_cluster_ranges, touched_buckets
 from semdedup_assets.core.kmeans import collect_sample, sample_rows, train_spherical_kmeans
 
 
@@ -68,3 +68,12 @@ def test_bucket_of_inverts_the_ranges() -> None:
         for bucket, lo, hi in iter_cluster_ranges(k, b):
             assert (bucket_of(np.arange(lo, hi), k, b) == bucket).all()
     assert touched_buckets(np.array([0, 9, 9]), 10, 3) == {"000", "002"}
+
+
+def test_bucket_row_slices_split_sorted_rows_at_bucket_boundaries() -> None:
+    clusters = np.array([0, 0, 1, 4, 4, 5, 9])  # k=10, 3 buckets: [0,3) [3,6) [6,10)
+    assert bucket_row_slices(clusters, 10, 3) == [(0, 3), (3, 3), (6, 1)]
+    assert bucket_row_slices(np.array([7, 8]), 10, 3) == [(0, 2)]
+    assert bucket_row_slices(np.array([], dtype=np.int32), 10, 3) == []
+    with pytest.raises(ValueError, match="sorted"):
+        bucket_row_slices(np.array([5, 1]), 10, 3)

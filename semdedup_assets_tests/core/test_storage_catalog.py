@@ -44,6 +44,19 @@ def test_identical_tables_give_identical_bytes(tmp_path: Path) -> None:
     assert a.read_bytes() == b.read_bytes()
 
 
+def test_embedding_columns_are_stored_plain_and_the_rest_compressed(tmp_path: Path) -> None:
+    table = pa.table({"id": pa.array(["a", "b"]), "embedding": embedding_array(np.eye(2, 4, dtype=np.float32))})
+    path = st.to_upath(tmp_path / "t.parquet")
+    st.atomic_write_table(table, path)
+    import pyarrow.parquet as pq
+
+    cols = {c.path_in_schema: c for c in (pq.read_metadata(str(path)).row_group(0).column(i) for i in range(2))}
+    assert cols["id"].compression == "ZSTD" and "RLE_DICTIONARY" in cols["id"].encodings
+    assert cols["embedding.list.element"].compression == "UNCOMPRESSED"
+    assert "RLE_DICTIONARY" not in cols["embedding.list.element"].encodings
+    assert st.read_table(path).equals(table)
+
+
 def test_memory_filesystem_root() -> None:
     s = st.Storage("memory://semdedup-test")
     assert not s.local
