@@ -53,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--buckets", type=int, help="cluster buckets = partitions of semantic_duplicates (default 16)")
     run.add_argument("--eps", help="comma-separated eps values (default 0.0001,0.001,0.005,0.01,0.02,0.05,0.1,0.2,0.3)")
     run.add_argument("--keep", choices=("hard", "easy", "random"), help="cluster order: hard (default), easy, random")
+    run.add_argument("--embedding-dtype", choices=("float32", "float16"),
+                     help="stored embeddings: float32 (default) or float16 (half the I/O; compute stays fp32)")
+    run.add_argument("--precision", choices=("fp32", "fp16", "bf16"),
+                     help="pairwise tiles: fp32 (default), or fp16/bf16 on a GPU with an exact fp32 re-check of "
+                     "every item near a threshold 1 - eps")
     run.add_argument("--seed", type=int, help="seed for k-means sampling/training and the random order (default 0)")
 
     demo = sub.add_parser("demo", help="the embedded demo: Python's own docstrings, deduplicated end to end",
@@ -79,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _settings_from_args(args: argparse.Namespace) -> Settings:
     overrides = {k: getattr(args, k, None) for k in (
         "input", "modality", "column", "id_column", "model", "pretrained", "num_workers", "strict", "pooling", "max_length", "batch_size", "device",
-        "clusters", "kmeans_iterations", "max_points_per_centroid", "buckets", "keep", "seed")}
+        "clusters", "kmeans_iterations", "max_points_per_centroid", "buckets", "keep", "seed",
+        "embedding_dtype", "precision")}
     if getattr(args, "eps", None):
         overrides["eps"] = args.eps
     return load_settings(args.storage, **overrides)

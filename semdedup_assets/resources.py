@@ -35,6 +35,8 @@ class SemDedupConfig(dg.ConfigurableResource):
     keep: str = "hard"
     buckets: int = 16
     block_size: int = 1024
+    embedding_dtype: str = "float32"
+    precision: str = "fp32"
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "SemDedupConfig":

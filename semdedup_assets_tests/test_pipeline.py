@@ -133,3 +133,48 @@ def test_unregistered_or_foreign_shards_are_refused(tmp_path: Path, instance: dg
     instance.add_dynamic_partitions(SHARDS_PARTITIONS_NAME, ["elsewhere/part-09"])
     with pytest.raises(PipelineError, match="not under"):
         run_pipeline(_settings(tmp_path), instance, log=lambda m: None)
+
+
+def test_low_precision_kernel_and_float16_storage_through_the_graph(tmp_path: Path) -> None:
+    """fp16/bf16 tiles keep fp32's keep-lists byte for byte; float16 storage halves the embedding bytes."""
+    import pyarrow as pa
+
+    write_embedding_shards(tmp_path / "input", n_shards=2, per_shard=300, d=32, dup_every=7)
+    variants = {"fp32": {}, "fp16": {"precision": "fp16"}, "bf16": {"precision": "bf16"},
+                "float16": {"embedding_dtype": "float16"}}
+    roots: dict[str, st.Storage] = {}
+    for name, kw in variants.items():
+        settings = _settings(tmp_path, storage=str(tmp_path / f"storage-{name}"), **kw)
+        with dg.instance_for_test() as inst:
+            run_pipeline(settings, inst, log=lambda m: None)
+            event = inst.get_latest_materialization_event(dg.AssetKey("semantic_duplicates"))
+            meta = event.asset_materialization.metadata
+            assert meta["precision"].value == settings.precision
+            if settings.precision != "fp32":
+                assert meta["error_bound"].value > 0
+        roots[name] = settings.storage_root()
+
+    def keep_bytes(root: st.Storage) -> dict[str, bytes]:
+        return {p.name: p.read_bytes() for p in root.stage_files(st.KEEP_LISTS)}
+
+    assert keep_bytes(roots["fp16"]) == keep_bytes(roots["fp32"])
+    assert keep_bytes(roots["bf16"]) == keep_bytes(roots["fp32"])
+
+    # float16 storage: half-float embedding columns, packed 2-byte floats in the assignments.
+    emb16 = pq.read_table(str(roots["float16"].shard_file(st.EMBEDDINGS, "part-00")))
+    assert emb16.schema.field("embedding").type == pa.list_(pa.float16(), 32)
+    asg16 = pq.read_schema(str(roots["float16"].shard_file(st.CLUSTER_ASSIGNMENTS, "part-00")))
+    assert asg16.field("embedding").type == pa.binary(2 * 32)
+    size = {n: roots[n].shard_file(st.EMBEDDINGS, "part-00").stat().st_size for n in ("fp32", "float16")}
+    assert size["float16"] < 0.6 * size["fp32"]
+    # max_sim values move by float16 rounding only (which member of a near-copy pair comes first
+    # may change, so compare them sorted); the same number of duplicates; SQL sees FLOAT[] embeddings.
+    q = "SELECT max_sim FROM items ORDER BY max_sim"
+    _, a = query(roots["fp32"], q)
+    _, b = query(roots["float16"], q)
+    np.testing.assert_allclose([r[0] for r in b], [r[0] for r in a], atol=2e-3)
+    _, [(dups32,)] = query(roots["fp32"], "SELECT count(*) FROM items WHERE max_sim > 0.99")
+    _, [(dups16,)] = query(roots["float16"], "SELECT count(*) FROM items WHERE max_sim > 0.99")
+    assert dups16 == dups32 > 0
+    _, [(dim,)] = query(roots["float16"], "SELECT len(embedding) FROM embeddings LIMIT 1")
+    assert dim == 32

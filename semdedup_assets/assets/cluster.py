@@ -11,7 +11,14 @@ from semdedup_assets.assets.embed import embeddings
 from semdedup_assets.core import storage as st
 from semdedup_assets.core.assign import assign, bucket_row_slices, touched_buckets
 from semdedup_assets.core.kmeans import collect_sample, sample_target, train_spherical_kmeans
-from semdedup_assets.core.tables import assignments_schema, embedding_array, embedding_matrix
+from semdedup_assets.core.tables import (
+    assignments_schema,
+    embedding_array,
+    embedding_matrix,
+    packed_embedding_array,
+    stored_dtype,
+    table_embeddings,
+)
 from semdedup_assets.partitions import SHARDS_PARTITIONS_NAME, shard_partitions
 from semdedup_assets.resources import SemDedupConfig
 
@@ -115,12 +122,14 @@ def cluster_assignments(context: dg.AssetExecutionContext, semdedup: SemDedupCon
                 if len(old) and old.max() < k:
                     buckets |= touched_buckets(old, k, semdedup.buckets)
             emb = st.read_table(storage.shard_file(st.EMBEDDINGS, key))
-            vectors = embedding_matrix(emb.column("embedding"))
+            vectors = table_embeddings(emb)
+            dtype = stored_dtype(emb.schema.field("embedding"))
             clusters, sims = assign(vectors, cents)
             table = pa.table({
                 "id": emb.column("id"), "shard": pa.array([key] * emb.num_rows, type=pa.string()),
-                "cluster": pa.array(clusters), "sim_to_centroid": pa.array(sims), "embedding": emb.column("embedding"),
-            }, schema=assignments_schema(vectors.shape[1]))
+                "cluster": pa.array(clusters), "sim_to_centroid": pa.array(sims),
+                "embedding": packed_embedding_array(vectors, dtype),  # exact: the stored dtype round-trips
+            }, schema=assignments_schema(vectors.shape[1], dtype))
             table = table.sort_by([("cluster", "ascending"), ("id", "ascending")])
             problems += [f"shard {key!r}: {p}" for p in assignment_problems(table, emb.num_rows, k)]
             # One row group per bucket: a bucket's read skips every other bucket's rows by footer stats.

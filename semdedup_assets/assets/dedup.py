@@ -18,7 +18,8 @@ from semdedup_assets.core.encoders import resolve_device
 from semdedup_assets.core.keep import EpsCurveAccumulator, keep_mask
 from semdedup_assets.core.pairwise import cluster_semantic_duplicates
 from semdedup_assets.core.plots import eps_curve_markdown, histogram_markdown
-from semdedup_assets.core.tables import SEMANTIC_DUPLICATES_SCHEMA, embedding_matrix
+from semdedup_assets.core.encoders import l2_normalize
+from semdedup_assets.core.tables import SEMANTIC_DUPLICATES_SCHEMA, stored_dtype, table_embeddings
 from semdedup_assets.partitions import bucket_partitions
 from semdedup_assets.resources import SemDedupConfig
 
@@ -40,20 +41,31 @@ def read_bucket_rows(files: list[st.UPath], first: int, end: int) -> pa.Table:
     return table.sort_by([("cluster", "ascending"), ("id", "ascending")])
 
 
-def dedup_bucket(table: pa.Table, strategy: str, seed: int, block_size: int, device: str) -> tuple[pa.Table, list[int]]:
-    """Run the pairwise rule on every cluster of a bucket; returns the result and cluster sizes."""
+def dedup_bucket(table: pa.Table, strategy: str, seed: int, block_size: int, device: str, precision: str = "fp32",
+                 thresholds: tuple[float, ...] = (), stats: dict[str, float] | None = None) -> tuple[pa.Table, list[int]]:
+    """Run the pairwise rule on every cluster of a bucket; returns the result and cluster sizes.
+
+    `stats`, if given, accumulates the low-precision kernel's re-checked rows.
+    """
     if table.num_rows == 0:
         return SEMANTIC_DUPLICATES_SCHEMA.empty_table(), []
     clusters = table.column("cluster").to_numpy()
     ids = np.asarray(table.column("id").to_pylist(), dtype=object)
     sims = table.column("sim_to_centroid").to_numpy()
-    vectors = embedding_matrix(table.column("embedding"))
+    vectors = table_embeddings(table)
+    if stored_dtype(table.schema.field("embedding")) == "float16":
+        vectors = l2_normalize(vectors)  # rounding to float16 moved norms by up to ~5e-4: cosines need unit rows
     bounds = np.flatnonzero(np.diff(clusters)) + 1
     starts = np.concatenate([[0], bounds])
     ends = np.concatenate([bounds, [len(clusters)]])
     order_parts, rank_parts, max_parts, dup_parts = [], [], [], []
     for s, e in zip(starts, ends):
-        r = cluster_semantic_duplicates(ids[s:e], vectors[s:e], sims[s:e], strategy, seed, block_size, device)
+        one: dict[str, float] = {}
+        r = cluster_semantic_duplicates(ids[s:e], vectors[s:e], sims[s:e], strategy, seed, block_size, device,
+                                        precision, thresholds, one)
+        if stats is not None:
+            stats["rechecked_rows"] = stats.get("rechecked_rows", 0) + one["rechecked_rows"]
+            stats["error_bound"] = max(stats.get("error_bound", 0.0), one["error_bound"])
         order_parts.append(r["order"] + s)
         rank_parts.append(r["rank"])
         max_parts.append(r["max_sim"])
@@ -113,13 +125,18 @@ def build_semantic_duplicates(buckets: int) -> dg.AssetsDefinition:
         problems: list[str] = []
         summary: dict[str, object] = {}
         rows_total, pairs = 0, []
+        kernel: dict[str, float] = {"rechecked_rows": 0, "error_bound": 0.0}
+        thresholds = semdedup.settings().thresholds
+        if semdedup.precision != "fp32" and device == "cpu":
+            context.log.warning(f"precision {semdedup.precision} on a CPU: the tiles run slower than fp32 there")
         progress = ProgressLog(context.log, len(context.partition_keys))
         with timed() as t:
             for key in sorted(context.partition_keys):
                 first, end = bucket_cluster_range(int(key), k, buckets)
                 table = read_bucket_rows(files, first, end)
                 with timed() as tp:
-                    result, sizes = dedup_bucket(table, semdedup.keep, semdedup.seed, semdedup.block_size, device)
+                    result, sizes = dedup_bucket(table, semdedup.keep, semdedup.seed, semdedup.block_size, device,
+                                                 semdedup.precision, thresholds, kernel)
                 if result.num_rows != table.num_rows or pc.count_distinct(result.column("id")).as_py() != result.num_rows:
                     problems.append(f"bucket {key}: {result.num_rows} result rows for {table.num_rows} assigned items")
                 st.atomic_write_table(result, storage.bucket_file(key))
@@ -131,6 +148,8 @@ def build_semantic_duplicates(buckets: int) -> dg.AssetsDefinition:
                            "path": dg.MetadataValue.path(str(storage.bucket_file(key)))}
         pairs = sorted(pairs, key=lambda x: (-x[0], x[1]))[:TOP_PAIRS]
         meta: dict[str, object] = {"rows": rows_total, "seconds": t["seconds"], "device": device, "keep": semdedup.keep,
+                                   "precision": semdedup.precision, "rechecked_rows": int(kernel["rechecked_rows"]),
+                                   "error_bound": float(kernel["error_bound"]),
                                    "top_pairs": dg.MetadataValue.md(
                                        "\n".join(f"- {s:.5f}: `{a}` duplicates `{b}`" for s, a, b in pairs) or "none")}
         if len(context.partition_keys) == 1:

@@ -14,7 +14,7 @@ from semdedup_assets.assets.ingest import input_shards, raw_shards
 from semdedup_assets.core import storage as st
 from semdedup_assets.core.encoders import l2_normalize
 from semdedup_assets.core.shards import ShardFile, iter_embedding_chunks, read_images
-from semdedup_assets.core.tables import embedding_array, embedding_matrix
+from semdedup_assets.core.tables import embedding_array, table_embeddings
 from semdedup_assets.partitions import shard_partitions
 from semdedup_assets.resources import SemDedupConfig
 
@@ -41,7 +41,8 @@ class EmbedOutcome:
     problems: list[str] = field(default_factory=list)
 
 
-def _write_chunks(path: st.UPath, ids: pa.Array, chunks: Iterator[np.ndarray], cache_key: str) -> EmbedOutcome:
+def _write_chunks(path: st.UPath, ids: pa.Array, chunks: Iterator[np.ndarray], cache_key: str,
+                  dtype: str = "float32") -> EmbedOutcome:
     """Normalise and write embedding chunks as one Parquet file (streamed, atomic)."""
     writer: st.AtomicParquetWriter | None = None
     start, renormalised, dim, problems = 0, 0, 0, []
@@ -51,7 +52,7 @@ def _write_chunks(path: st.UPath, ids: pa.Array, chunks: Iterator[np.ndarray], c
             renormalised += off
             dim = int(vectors.shape[1])
             problems += embedding_problems(vectors, len(chunk))
-            table = pa.table({"id": ids.slice(start, len(vectors)), "embedding": embedding_array(vectors)})
+            table = pa.table({"id": ids.slice(start, len(vectors)), "embedding": embedding_array(vectors, dtype)})
             if writer is None:
                 writer = st.AtomicParquetWriter(path, table.schema.with_metadata({CACHE_KEY: cache_key.encode()}))
                 writers.append(writer)
@@ -68,7 +69,7 @@ def embed_shard(raw: pa.Table, shard: ShardFile, semdedup: SemDedupConfig, out: 
     ids = raw.column("id").combine_chunks()
     column = semdedup.column or semdedup.modality
     if semdedup.modality == "embedding":  # bring your own: stream (npy is memory-mapped)
-        return _write_chunks(out, ids, iter_embedding_chunks(shard, column), cache_key)
+        return _write_chunks(out, ids, iter_embedding_chunks(shard, column), cache_key, semdedup.embedding_dtype)
     encoder = semdedup.encoder()
     if semdedup.modality == "text":
         texts = raw.column("text").to_pylist()
@@ -79,13 +80,14 @@ def embed_shard(raw: pa.Table, shard: ShardFile, semdedup: SemDedupConfig, out: 
                 if log is not None:
                     log.debug(f"encoded {min(start + ENCODE_CHUNK, len(texts))}/{len(texts)}")
 
-        return _write_chunks(out, ids, text_chunks(), cache_key)
+        return _write_chunks(out, ids, text_chunks(), cache_key, semdedup.embedding_dtype)
     result = encoder.encode_images(read_images(shard, column))
     rejected = [(ids[i].as_py(), reason) for i, reason in result.rejected]
     if rejected and semdedup.strict:
         raise dg.Failure(description=f"shard {shard.key!r}, key {rejected[0][0]!r}: {rejected[0][1]} "
                          f"({len(rejected)} undecodable image(s); strict mode)", metadata={"shard": shard.key})
-    outcome = _write_chunks(out, ids.take(pa.array(result.ok_index)), iter([result.vectors]), cache_key)
+    outcome = _write_chunks(out, ids.take(pa.array(result.ok_index)), iter([result.vectors]), cache_key,
+                             semdedup.embedding_dtype)
     outcome.rejected = rejected
     return outcome
 
@@ -98,7 +100,7 @@ def embedding_cache_key(raw_path: st.UPath, shard: ShardFile, semdedup: SemDedup
             h.update(block)
     payload = shard.fingerprint() if semdedup.modality != "text" else ""  # text lives in the raw file itself
     h.update(repr((semdedup.modality, semdedup.column, semdedup.model, semdedup.pretrained, semdedup.pooling,
-                   semdedup.max_length, payload)).encode())
+                   semdedup.max_length, payload, semdedup.embedding_dtype)).encode())
     return h.hexdigest()
 
 
@@ -155,7 +157,7 @@ def embeddings(context: dg.AssetExecutionContext, semdedup: SemDedupConfig) -> d
             cached = cached_key(out_path) == cache_key
             with timed() as te:
                 if cached:  # same raw index, input files and encoder settings: the file is already right
-                    vectors = embedding_matrix(st.read_table(out_path, columns=["embedding"]).column("embedding"))
+                    vectors = table_embeddings(st.read_table(out_path, columns=["embedding"]))
                     n_rejected = st.parquet_num_rows(rejected_path) if rejected_path.exists() else 0
                     outcome = EmbedOutcome(rows=len(vectors), dim=int(vectors.shape[1]),
                                            problems=embedding_problems(vectors, len(vectors)))

@@ -47,6 +47,8 @@ class Settings:
     keep: str = "hard"
     buckets: int = 16
     block_size: int = 1024
+    embedding_dtype: str = "float32"  # stored embeddings: float32, or float16 (half the I/O; fp32 compute)
+    precision: str = "fp32"  # pairwise tiles: fp32, or fp16/bf16 (GPU) with an fp32 re-check near every 1 - eps
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -58,9 +60,18 @@ class Settings:
             raise ValueError(f"clusters must be >= 1, got {self.clusters}")
         if self.buckets < 1:
             raise ValueError(f"buckets must be >= 1, got {self.buckets}")
+        if self.embedding_dtype not in ("float32", "float16"):
+            raise ValueError(f"embedding_dtype must be float32 or float16, got {self.embedding_dtype!r}")
+        if self.precision not in ("fp32", "fp16", "bf16"):
+            raise ValueError(f"precision must be fp32, fp16 or bf16, got {self.precision!r}")
         if not self.eps or any(not 0.0 < e < 1.0 for e in self.eps):
             raise ValueError(f"every eps must lie in (0, 1), got {self.eps}")
         object.__setattr__(self, "eps", tuple(sorted(set(float(e) for e in self.eps))))
+
+    @property
+    def thresholds(self) -> tuple[float, ...]:
+        """The similarity thresholds 1 - eps, one per configured eps."""
+        return tuple(1.0 - e for e in self.eps)
 
     @property
     def payload_column(self) -> str:

@@ -60,57 +60,139 @@ def torch_threads(num_threads: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16")
+_LOW = {"fp16": (torch.float16, 11), "bf16": (torch.bfloat16, 8)}  # dtype, significand bits
+
+
+def low_precision_error_bound(precision: str, dim: int, max_norm: float = 1.0, fp32_output: bool = False) -> float:
+    """Largest |s_low - s_fp32| for one dot product of rows with norm <= max_norm.
+
+    Rounding each input to `precision` moves it by at most u*|x| (u = 2^-p), so the exact
+    product of the rounded rows is off by at most (2u + u^2)|x||y|. The fp32 accumulation
+    of d terms adds at most gamma_d |x||y| (gamma_d = d u32 / (1 - d u32)) on each side
+    (the low-precision GEMM and the fp32 one we compare against), and a low-precision
+    output (CPU kernels) rounds once more by u |s|.
+    """
+    if precision not in _LOW:
+        raise ValueError(f"precision must be one of {', '.join(_LOW)}, got {precision!r}")
+    u = 2.0 ** -_LOW[precision][1]
+    u32 = 2.0 ** -24
+    gamma = dim * u32 / (1.0 - dim * u32)
+    n2 = float(max_norm) ** 2
+    bound = (2 * u + u * u) * n2 + gamma * n2 * (1 + u) ** 2 + gamma * n2
+    if not fp32_output:
+        bound += u * (n2 + bound)
+    return bound
+
+
+def _matmul_fp32_out(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """a @ b with an fp32 result; True when the GEMM itself wrote fp32 (no output rounding)."""
+    if a.dtype == torch.float32:
+        return a @ b, True
+    if a.is_cuda:
+        try:  # fp16/bf16 inputs, fp32 accumulate and output (torch >= 2.8 on CUDA)
+            return torch.mm(a, b, out_dtype=torch.float32), True
+        except (TypeError, RuntimeError):
+            pass
+    return (a @ b).float(), False
+
+
+def _max_over_earlier(
+    q: torch.Tensor, q_pos: torch.Tensor, x: torch.Tensor, bsz: int
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """For query rows q at ascending positions q_pos: max and first argmax of q . x[i] over i < q_pos.
+
+    Returns (best, best_idx, fp32_output). Tiles are in (query, i) layout so the reduction
+    runs along contiguous memory (several times faster than a column-wise max on CPU); at
+    most bsz x bsz floats live at once.
+    """
+    dev = q.device
+    best = torch.full((len(q),), float("-inf"), dtype=torch.float32, device=dev)
+    best_idx = torch.full((len(q),), -1, dtype=torch.int64, device=dev)
+    fp32_out = True
+    if len(q) == 0:
+        return best, best_idx, fp32_out
+    first, last = int(q_pos[0]), int(q_pos[-1])
+    # Row blocks in ascending order, and only a strictly greater value replaces the running
+    # max, so the earliest i wins exact ties across blocks; torch.max(dim) documents the
+    # first index on ties within a tile.
+    for i0 in range(0, last, bsz):
+        i1 = min(i0 + bsz, last)
+        tile, exact_out = _matmul_fp32_out(q, x[i0:i1].T)
+        fp32_out = fp32_out and exact_out
+        if i1 > first:  # the tile reaches the diagonal: pairs with i >= j must not count
+            cols = torch.arange(i0, i1, device=dev)
+            tile.masked_fill_(cols[None, :] >= q_pos[:, None], float("-inf"))
+        val, arg = tile.max(dim=1)
+        better = val > best
+        best = torch.where(better, val, best)
+        best_idx = torch.where(better, arg + i0, best_idx)
+    return best, best_idx, fp32_out
+
+
 def max_sim_tiled(
     embeddings: ArrayLike2D,
     block_size: int = 1024,
     device: str | torch.device | None = None,
     num_threads: int | None = None,
+    precision: str = "fp32",
+    thresholds: Sequence[float] = (),
+    stats: dict[str, float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Return (max_sim float32, duplicate_of int64) for ordered, L2-normalised rows, tiled.
 
     `num_threads` (CPU only) sets torch's thread count for this call only; None keeps it.
+
+    `precision` "fp16"/"bf16" runs the tiles in that dtype (tensor cores on GPU) and then
+    re-checks in fp32 every row whose approximate max lies within the error bound of one
+    of `thresholds` (the configured 1 - eps values): those rows get the exact fp32 max and
+    argmax, so every decision `max_sim > threshold` equals fp32's. Elsewhere max_sim is
+    within the bound of fp32 and on the same side of every threshold. `stats`, if given,
+    receives the bound and the number of re-checked rows.
     """
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision != "fp32" and not thresholds:
+        raise ValueError(f"precision {precision!r} needs the thresholds (1 - eps) whose decisions must equal fp32")
     n = int(embeddings.shape[0])
+    if stats is not None:
+        stats.update({"rechecked_rows": 0, "error_bound": 0.0})
     if n == 0:
         return _empty_result()
     with torch.inference_mode(), torch_threads(num_threads):
         x = _as_tensor(embeddings, device)
         dev = x.device
         bsz = int(block_size)
-        # Diagonal-tile mask, in (j, i) layout: True where i >= j (pairs that must not
-        # count). Built once per call; every column block's diagonal tile shares it.
-        rows = torch.arange(min(bsz, n), device=dev)
-        diag_mask = rows[None, :] >= rows[:, None]
+        low = x if precision == "fp32" else x.to(_LOW[precision][0])
+        t = torch.tensor(sorted(float(v) for v in thresholds), dtype=torch.float32, device=dev)
+        bound: float | None = None
+        rechecked = 0
         max_sim = torch.empty(n, dtype=torch.float32, device=dev)
         dup = torch.empty(n, dtype=torch.int64, device=dev)
         for j0 in range(0, n, bsz):
             j1 = min(j0 + bsz, n)
-            xj = x[j0:j1]
-            best = torch.full((j1 - j0,), float("-inf"), dtype=torch.float32, device=dev)
-            best_idx = torch.full((j1 - j0,), -1, dtype=torch.int64, device=dev)
-            # Only row blocks up to and including the diagonal: the i < j lower triangle.
-            # Row blocks go in ascending order and only a strictly greater value replaces
-            # the running max, so the earliest i wins exact ties across blocks.
-            for i0 in range(0, j1, bsz):
-                i1 = min(i0 + bsz, j1)
-                # (j, i) layout so the reduction runs along contiguous memory (several
-                # times faster than a column-wise max on CPU); at most block^2 floats.
-                tile = xj @ x[i0:i1].T
-                if i0 == j0:
-                    tile.masked_fill_(diag_mask[: j1 - j0, : i1 - i0], float("-inf"))
-                # torch.max(dim) documents the first index on ties (within the tile).
-                val, arg = tile.max(dim=1)
-                better = val > best
-                best = torch.where(better, val, best)
-                best_idx = torch.where(better, arg + i0, best_idx)
+            pos = torch.arange(j0, j1, device=dev)
+            best, best_idx, fp32_out = _max_over_earlier(low[j0:j1], pos, low, bsz)
+            if precision != "fp32":
+                if bound is None:
+                    norm = float(torch.linalg.vector_norm(x, dim=1).max())
+                    bound = low_precision_error_bound(precision, x.shape[1], norm, fp32_out)
+                near = ((best[:, None] - t[None, :]).abs() <= bound).any(dim=1)
+                rows = torch.nonzero(near).flatten()
+                if len(rows):
+                    exact, exact_idx, _ = _max_over_earlier(x[j0:j1][rows], pos[rows], x, bsz)
+                    best[rows], best_idx[rows] = exact, exact_idx
+                    rechecked += len(rows)
             max_sim[j0:j1] = best
             dup[j0:j1] = best_idx
         # M[0] is defined as 0 (nothing precedes it); every j > 0 keeps its true max,
         # which may be negative.
         max_sim[0] = 0.0
         dup[0] = -1
+        if stats is not None:
+            stats.update({"rechecked_rows": rechecked, "error_bound": bound or 0.0})
         return max_sim.cpu().numpy(), dup.cpu().numpy()
 
 
@@ -150,6 +232,9 @@ def cluster_semantic_duplicates(
     seed: int = 0,
     block_size: int = 1024,
     device: str | torch.device | None = None,
+    precision: str = "fp32",
+    thresholds: Sequence[float] = (),
+    stats: dict[str, float] | None = None,
 ) -> dict[str, np.ndarray]:
     """Order one cluster, run the tiled rule, and return arrays in processing order."""
     n = len(ids)
@@ -160,7 +245,8 @@ def cluster_semantic_duplicates(
         ordered: ArrayLike2D = embeddings[torch.from_numpy(order).to(embeddings.device)]
     else:
         ordered = np.asarray(embeddings)[order]
-    max_sim, dup_pos = max_sim_tiled(ordered, block_size=block_size, device=device)
+    max_sim, dup_pos = max_sim_tiled(ordered, block_size=block_size, device=device, precision=precision,
+                                     thresholds=thresholds, stats=stats)
     # Map positions in processing order back to indices into the caller's inputs.
     dup_input = np.where(dup_pos >= 0, order[np.maximum(dup_pos, 0)], -1).astype(np.int64)
     return {

@@ -291,3 +291,99 @@ def test_cuda_matches_cpu() -> None:
     np.testing.assert_allclose(m_gpu, m_cpu, atol=1e-5, rtol=0)
     gap_ok = _second_best_gap(x) > 1e-4
     np.testing.assert_array_equal(d_gpu[gap_ok], d_cpu[gap_ok])
+
+
+THRESHOLDS = tuple(1.0 - e for e in (0.0001, 0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3))
+
+
+def _near_thresholds(n: int, d: int, seed: int) -> np.ndarray:
+    """Unit rows whose nearest earlier neighbours sit at cosines close to every threshold.
+
+    Each row is a base plus noise scaled so that 1 - cos lands on one of the eps values
+    times a factor in [0.9, 1.1]: many max_sim values fall inside the low-precision error
+    bound of a threshold, which is where an unchecked fp16/bf16 kernel would decide wrongly.
+    """
+    rng = np.random.default_rng(seed)
+    bases = _random_unit(max(1, n // 8), d, seed + 1).astype(np.float64)
+    owner = rng.integers(0, len(bases), n)
+    one_minus_cos = rng.choice(1.0 - np.array(THRESHOLDS), n) * rng.uniform(0.9, 1.1, n)
+    noise = rng.standard_normal((n, d))
+    noise -= (noise * bases[owner]).sum(1, keepdims=True) * bases[owner]  # orthogonal to the base
+    noise /= np.linalg.norm(noise, axis=1, keepdims=True)
+    cos = 1.0 - one_minus_cos
+    x = bases[owner] * cos[:, None] + noise * np.sqrt(1.0 - cos**2)[:, None]
+    return _normalise(x)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+@pytest.mark.parametrize("block", [7, 64])
+def test_low_precision_decisions_equal_fp32(precision: str, block: int) -> None:
+    """fp16/bf16 tiles plus the fp32 re-check give fp32's decision at every threshold."""
+    x = _near_thresholds(600, 48, seed=3)
+    m32, d32 = max_sim_tiled(x, block_size=block)
+    stats: dict[str, float] = {}
+    m, d = max_sim_tiled(x, block_size=block, precision=precision, thresholds=THRESHOLDS, stats=stats)
+    for t in THRESHOLDS:
+        np.testing.assert_array_equal(m > t, m32 > t, err_msg=f"decisions differ at threshold {t}")
+    bound = stats["error_bound"]
+    assert 0 < bound < (0.02 if precision == "bf16" else 0.003)
+    assert np.abs(m - m32).max() <= bound
+    # Re-checked rows carry the exact fp32 max and argmax; there must be some for the test to bite.
+    rechecked = np.abs(m - m32) <= 1e-6
+    assert stats["rechecked_rows"] > 20 and rechecked.sum() >= stats["rechecked_rows"]
+    near = np.array([any(abs(v - t) <= bound for t in THRESHOLDS) for v in m])
+    np.testing.assert_array_equal(d[near], d32[near])
+    # A removed item's duplicate_of is an earlier member that is truly above the threshold.
+    s32 = (x[d[1:]] * x[1:]).sum(1)
+    for t in THRESHOLDS:
+        removed = m[1:] > t
+        assert (s32[removed] > t - 1e-6).all()
+
+
+def test_without_the_recheck_low_precision_decides_wrongly() -> None:
+    """Control: the same data through bare bf16 tiles (no threshold near) flips decisions."""
+    x = _near_thresholds(600, 48, seed=3)
+    m32, _ = max_sim_tiled(x, block_size=64)
+    stats: dict[str, float] = {}
+    m_bare, _ = max_sim_tiled(x, block_size=64, precision="bf16", thresholds=(5.0,), stats=stats)
+    assert stats["rechecked_rows"] == 0
+    flipped = sum(int(((m_bare > t) != (m32 > t)).sum()) for t in THRESHOLDS)
+    assert flipped > 0
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_error_bound_holds_for_random_pairs(precision: str) -> None:
+    """|s_low - s_fp32| never exceeds the stated bound (CPU kernels round the output too)."""
+    from semdedup_assets.core.pairwise import low_precision_error_bound
+
+    x = _planted(800, 384, seed=9)
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    t = torch.from_numpy(x)
+    s_low = (t.to(dtype) @ t.to(dtype).T).float()
+    s32 = t @ t.T
+    err = float((s_low - s32).abs().max())
+    bound = low_precision_error_bound(precision, 384, float(t.norm(dim=1).max()), fp32_output=False)
+    assert 0 < err <= bound
+
+
+def test_low_precision_needs_thresholds_and_a_known_precision() -> None:
+    x = _random_unit(10, 8, seed=0)
+    with pytest.raises(ValueError, match="thresholds"):
+        max_sim_tiled(x, precision="fp16")
+    with pytest.raises(ValueError, match="precision"):
+        max_sim_tiled(x, precision="int8", thresholds=(0.9,))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_cuda_low_precision_decisions_equal_fp32(precision: str) -> None:
+    """On CUDA (tensor cores, fp32 output), fp16/bf16 + re-check decides exactly as the fp32 kernel."""
+    x = np.concatenate([_near_thresholds(12000, 384, seed=4), _planted(8000, 384, seed=5)])
+    m32, d32 = max_sim_tiled(x, block_size=1024, device="cuda")
+    stats: dict[str, float] = {}
+    m, d = max_sim_tiled(x, block_size=1024, device="cuda", precision=precision, thresholds=THRESHOLDS, stats=stats)
+    for t in THRESHOLDS:
+        np.testing.assert_array_equal(m > t, m32 > t, err_msg=f"decisions differ at threshold {t}")
+    assert np.abs(m - m32).max() <= stats["error_bound"]
+    assert stats["rechecked_rows"] > 0
