@@ -11,14 +11,7 @@ from semdedup_assets.assets.embed import embeddings
 from semdedup_assets.core import storage as st
 from semdedup_assets.core.assign import assign, bucket_row_slices, touched_buckets
 from semdedup_assets.core.kmeans import collect_sample, sample_target, train_spherical_kmeans
-from semdedup_assets.core.tables import (
-    assignments_schema,
-    embedding_array,
-    embedding_matrix,
-    packed_embedding_array,
-    stored_dtype,
-    table_embeddings,
-)
+from semdedup_assets.core.tables import assignments_schema, embedding_array, embedding_field, embedding_matrix, stored_dtype
 from semdedup_assets.partitions import SHARDS_PARTITIONS_NAME, shard_partitions
 from semdedup_assets.resources import SemDedupConfig
 
@@ -72,7 +65,9 @@ def centroids(context: dg.AssetExecutionContext, semdedup: SemDedupConfig) -> dg
         sample = collect_sample(counts.items(), read_rows, target, settings.seed)
     context.log.info(f"training k={k} on a sample of {len(sample)} of {total} items")
     result = train_spherical_kmeans(sample, k, settings.kmeans_iterations, settings.seed, settings.max_points_per_centroid)
-    table = pa.table({"cluster": pa.array(np.arange(k, dtype=np.int32)), "centroid": embedding_array(result.centroids)})
+    dim = int(result.centroids.shape[1])
+    table = pa.Table.from_arrays([pa.array(np.arange(k, dtype=np.int32)), embedding_array(result.centroids)],
+                                 schema=pa.schema([pa.field("cluster", pa.int32()), embedding_field("centroid", dim)]))
     st.atomic_write_table(table, storage.centroids_file)
     return dg.MaterializeResult(metadata={
         "clusters": k, "dim": int(result.centroids.shape[1]), "items": total, "shards": len(files),
@@ -122,13 +117,13 @@ def cluster_assignments(context: dg.AssetExecutionContext, semdedup: SemDedupCon
                 if len(old) and old.max() < k:
                     buckets |= touched_buckets(old, k, semdedup.buckets)
             emb = st.read_table(storage.shard_file(st.EMBEDDINGS, key))
-            vectors = table_embeddings(emb)
+            vectors = embedding_matrix(emb.column("embedding"))
             dtype = stored_dtype(emb.schema.field("embedding"))
             clusters, sims = assign(vectors, cents)
             table = pa.table({
                 "id": emb.column("id"), "shard": pa.array([key] * emb.num_rows, type=pa.string()),
                 "cluster": pa.array(clusters), "sim_to_centroid": pa.array(sims),
-                "embedding": packed_embedding_array(vectors, dtype),  # exact: the stored dtype round-trips
+                "embedding": emb.column("embedding").cast(embedding_field("embedding", vectors.shape[1], dtype).type),
             }, schema=assignments_schema(vectors.shape[1], dtype))
             table = table.sort_by([("cluster", "ascending"), ("id", "ascending")])
             problems += [f"shard {key!r}: {p}" for p in assignment_problems(table, emb.num_rows, k)]

@@ -19,7 +19,7 @@ from semdedup_assets.core.keep import EpsCurveAccumulator, keep_mask
 from semdedup_assets.core.pairwise import cluster_semantic_duplicates
 from semdedup_assets.core.plots import eps_curve_markdown, histogram_markdown
 from semdedup_assets.core.encoders import l2_normalize
-from semdedup_assets.core.tables import SEMANTIC_DUPLICATES_SCHEMA, stored_dtype, table_embeddings
+from semdedup_assets.core.tables import SEMANTIC_DUPLICATES_SCHEMA, embedding_matrix, stored_dtype
 from semdedup_assets.partitions import bucket_partitions
 from semdedup_assets.resources import SemDedupConfig
 
@@ -52,7 +52,7 @@ def dedup_bucket(table: pa.Table, strategy: str, seed: int, block_size: int, dev
     clusters = table.column("cluster").to_numpy()
     ids = np.asarray(table.column("id").to_pylist(), dtype=object)
     sims = table.column("sim_to_centroid").to_numpy()
-    vectors = table_embeddings(table)
+    vectors = embedding_matrix(table.column("embedding"))
     if stored_dtype(table.schema.field("embedding")) == "float16":
         vectors = l2_normalize(vectors)  # rounding to float16 moved norms by up to ~5e-4: cosines need unit rows
     bounds = np.flatnonzero(np.diff(clusters)) + 1

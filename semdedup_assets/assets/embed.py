@@ -14,7 +14,7 @@ from semdedup_assets.assets.ingest import input_shards, raw_shards
 from semdedup_assets.core import storage as st
 from semdedup_assets.core.encoders import l2_normalize
 from semdedup_assets.core.shards import ShardFile, iter_embedding_chunks, read_images
-from semdedup_assets.core.tables import embedding_array, table_embeddings
+from semdedup_assets.core.tables import embedding_array, embedding_field, embedding_matrix
 from semdedup_assets.partitions import shard_partitions
 from semdedup_assets.resources import SemDedupConfig
 
@@ -52,7 +52,8 @@ def _write_chunks(path: st.UPath, ids: pa.Array, chunks: Iterator[np.ndarray], c
             renormalised += off
             dim = int(vectors.shape[1])
             problems += embedding_problems(vectors, len(chunk))
-            table = pa.table({"id": ids.slice(start, len(vectors)), "embedding": embedding_array(vectors, dtype)})
+            schema = pa.schema([pa.field("id", ids.type), embedding_field("embedding", dim, dtype)])
+            table = pa.Table.from_arrays([ids.slice(start, len(vectors)), embedding_array(vectors, dtype)], schema=schema)
             if writer is None:
                 writer = st.AtomicParquetWriter(path, table.schema.with_metadata({CACHE_KEY: cache_key.encode()}))
                 writers.append(writer)
@@ -157,7 +158,7 @@ def embeddings(context: dg.AssetExecutionContext, semdedup: SemDedupConfig) -> d
             cached = cached_key(out_path) == cache_key
             with timed() as te:
                 if cached:  # same raw index, input files and encoder settings: the file is already right
-                    vectors = table_embeddings(st.read_table(out_path, columns=["embedding"]))
+                    vectors = embedding_matrix(st.read_table(out_path, columns=["embedding"]).column("embedding"))
                     n_rejected = st.parquet_num_rows(rejected_path) if rejected_path.exists() else 0
                     outcome = EmbedOutcome(rows=len(vectors), dim=int(vectors.shape[1]),
                                            problems=embedding_problems(vectors, len(vectors)))

@@ -58,21 +58,21 @@ def test_embedding_columns_are_stored_plain_and_the_rest_compressed(tmp_path: Pa
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_packed_embeddings_roundtrip_through_parquet_and_slices(tmp_path: Path, dtype: str) -> None:
-    from semdedup_assets.core.tables import packed_embedding_array, packed_embedding_field, stored_dtype, table_embeddings
+def test_embedding_columns_roundtrip_non_null_in_both_dtypes(tmp_path: Path, dtype: str) -> None:
+    from semdedup_assets.core.tables import embedding_field, stored_dtype
 
     x = np.random.default_rng(0).standard_normal((50, 6)).astype(np.float32)
-    table = pa.Table.from_arrays([packed_embedding_array(x, dtype)], schema=pa.schema([packed_embedding_field("embedding", 6, dtype)]))
+    schema = pa.schema([embedding_field("embedding", 6, dtype)])
+    table = pa.Table.from_arrays([embedding_array(x, dtype)], schema=schema)
     path = st.to_upath(tmp_path / "p.parquet")
     st.atomic_write_table(table, path)
     back = st.read_table(path)
-    assert stored_dtype(back.schema.field("embedding")) == dtype
+    assert back.schema == schema and stored_dtype(back.schema.field("embedding")) == dtype
     expected = x.astype(dtype).astype(np.float32)
-    np.testing.assert_array_equal(table_embeddings(back), expected)
-    np.testing.assert_array_equal(table_embeddings(back.slice(7, 20)), expected[7:27])
-    fsl = pa.table({"embedding": embedding_array(x, dtype)})
-    assert stored_dtype(fsl.schema.field("embedding")) == dtype
-    np.testing.assert_array_equal(table_embeddings(fsl), expected)
+    np.testing.assert_array_equal(embedding_matrix(back.column("embedding")), expected)
+    np.testing.assert_array_equal(embedding_matrix(back.slice(7, 20).column("embedding")), expected[7:27])
+    with pytest.raises(ValueError, match="dtype"):
+        embedding_array(x, "float64")
 
 
 def test_memory_filesystem_root() -> None:
