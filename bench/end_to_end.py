@@ -100,19 +100,22 @@ def core_single_process(input_dir: str, k: int, eps: float, out_ids: str, seed: 
     acc = EpsCurveAccumulator(parse_eps_list(EPS_LIST))
     order = np.argsort(clusters, kind="stable")
     bounds = np.searchsorted(clusters[order], np.arange(k + 1))
-    removed = []
+    removed, partners = [], []
     for c in range(k):
         rows = order[bounds[c] : bounds[c + 1]]
         if len(rows) == 0:
             continue
         r = cluster_semantic_duplicates(ids[rows], x[rows], sims[rows], strategy="hard", seed=seed)
         acc.update(r["max_sim"])
-        removed.append(ids[rows][r["order"][r["max_sim"] > 1.0 - eps]])
+        hit = r["max_sim"] > 1.0 - eps
+        removed.append(ids[rows][r["order"][hit]])
+        partners.append(ids[rows][r["duplicate_of"][hit]])
     t["pairwise (all clusters)"] = time.perf_counter() - start
     start = time.perf_counter()
     curve = acc.rows()
     t["eps curve"] = time.perf_counter() - start
-    np.save(out_ids, np.concatenate(removed).astype(str) if removed else np.array([], dtype=str))
+    np.save(out_ids, np.stack([np.concatenate(removed).astype(str), np.concatenate(partners).astype(str)])
+            if removed else np.empty((2, 0), dtype=str))
     return {"stages": t, "curve": curve}
 
 
@@ -138,8 +141,49 @@ def semhash_process(input_dir: str, eps: float, out_ids: str) -> dict:
     start = time.perf_counter()
     res = sh.self_deduplicate(threshold=1.0 - eps)
     t["self_deduplicate"] = time.perf_counter() - start
-    np.save(out_ids, np.array([f.record for f in res.filtered], dtype=str))
+    np.save(out_ids, np.array([[f.record for f in res.filtered], [f.duplicate_of for f in res.filtered]], dtype=str)
+            .reshape(2, -1))
     return {"stages": t, "removed": len(res.filtered)}
+
+
+GRAPH_DTYPES = ("float32", "float16")
+
+
+def run_graph(inp: Path, storage: Path, args: argparse.Namespace, env: dict, dtype: str) -> dict:
+    """`semdedup run` in a subprocess: times, stage times, removed set and eps curve."""
+    from semdedup_assets.core.catalog import query
+    from semdedup_assets.core.config import load_settings
+
+    cli = [sys.executable, "-m", "semdedup_assets.cli", "run", "--input", str(inp), "--storage", str(storage),
+           "--modality", "embedding", "--clusters", str(args.clusters), "--buckets", str(args.buckets),
+           "--eps", EPS_LIST, "--embedding-dtype", dtype]
+    out = run_tree(cli, env={**env, "PYTHONPATH": str(ROOT)})
+    if out["rc"] != 0:
+        print(out["stdout"][-3000:], out["stderr"][-3000:], sep="\n")
+        raise SystemExit(f"semdedup run failed (rc {out['rc']})")
+    m = re.search(r"stages \(s\): (.*?)  total: ([\d.]+) s", out["stdout"])
+    out["stages"] = dict(re.findall(r"([a-z_ +]+?) ([\d.]+)(?:, |$)", m.group(1))) if m else {}
+    out["total_cli"] = float(m.group(2)) if m else float("nan")
+    st_root = load_settings(str(storage)).storage_root()
+    _, rows = query(st_root, f"SELECT id, duplicate_of FROM items WHERE max_sim > 1 - {args.eps!r}")
+    out["removed"] = {r[0] for r in rows}
+    _, out["curve"] = query(st_root, "SELECT eps, kept, removed FROM eps_curve ORDER BY eps")
+    out["bytes"] = sum(f.stat().st_size for f in (storage / "embeddings").rglob("*.parquet"))
+    print(f"graph ({dtype} storage): {out['seconds']:.1f} s", flush=True)
+    return out
+
+
+def jaccard(a: set, b: set) -> float:
+    """|a & b| / |a | b| (1 for two empty sets)."""
+    return len(a & b) / len(a | b) if a | b else 1.0
+
+
+def pair_agreement(pairs: np.ndarray, removed_by_other: set) -> float:
+    """Share of (removed, kept partner) pairs of which the other method removed either member."""
+    if pairs.shape[1] == 0:
+        return 1.0
+    hit = [a in removed_by_other or b in removed_by_other for a, b in zip(pairs[0].tolist(), pairs[1].tolist())]
+    return float(np.mean(hit))
 
 
 def child(args: argparse.Namespace) -> int:
@@ -196,25 +240,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.n:,} x {args.d} in {args.shards} shards: {write_s:.1f} s", flush=True)
         env = {k: v for k, v in os.environ.items() if k != "DAGSTER_HOME"}
         py = sys.executable
-        cli = [py, "-m", "semdedup_assets.cli", "run", "--input", str(inp), "--storage", str(storage),
-               "--modality", "embedding", "--clusters", str(args.clusters), "--buckets", str(args.buckets),
-               "--eps", EPS_LIST]
-        graph = run_tree(cli, env={**env, "PYTHONPATH": str(ROOT)})
-        if graph["rc"] != 0:
-            print(graph["stdout"][-3000:], graph["stderr"][-3000:], sep="\n")
-            raise SystemExit(f"semdedup run failed (rc {graph['rc']})")
-        m = re.search(r"stages \(s\): (.*?)  total: ([\d.]+) s", graph["stdout"])
-        stages = dict(re.findall(r"([a-z_ +]+?) ([\d.]+)(?:, |$)", m.group(1))) if m else {}
-        total_cli = float(m.group(2)) if m else float("nan")
-        print(f"graph: {graph['seconds']:.1f} s", flush=True)
-
-        from semdedup_assets.core.catalog import query
-        from semdedup_assets.core.config import load_settings
-
-        st_root = load_settings(str(storage)).storage_root()
-        _, rows = query(st_root, f"SELECT id FROM items WHERE max_sim > 1 - {args.eps!r}")
-        graph_removed = {r[0] for r in rows}
-        _, curve_rows = query(st_root, "SELECT eps, kept, removed FROM eps_curve ORDER BY eps")
+        graphs = {dtype: run_graph(inp, root / f"storage-{dtype}", args, env, dtype) for dtype in GRAPH_DTYPES}
+        graph = graphs["float32"]
 
         me = [py, str(Path(__file__).resolve()), "--input", str(inp), "--clusters", str(args.clusters),
               "--eps", str(args.eps)]
@@ -222,19 +249,23 @@ def main(argv: list[str] | None = None) -> int:
         if core["rc"] != 0:
             raise SystemExit("core baseline failed:\n" + core["stderr"][-3000:])
         core_res = parse_result(core["stdout"])
-        core_removed = set(np.load(root / "core.npy").tolist())
+        core_pairs = np.load(root / "core.npy")
+        core_removed = set(core_pairs[0].tolist())
         print(f"core: {core['seconds']:.1f} s", flush=True)
         sh = sh_res = None
         sh_removed: set = set()
+        sh_pairs = np.empty((2, 0), dtype=str)
         if not args.no_semhash:
             sh = run_tree([*me, "--child", "semhash", "--ids-out", str(root / "semhash.npy")], env=env)
             if sh["rc"] != 0:
                 raise SystemExit("semhash baseline failed:\n" + sh["stderr"][-3000:])
             sh_res = parse_result(sh["stdout"])
-            sh_removed = set(np.load(root / "semhash.npy").tolist())
+            sh_pairs = np.load(root / "semhash.npy")
+            sh_removed = set(sh_pairs[0].tolist())
             print(f"semhash: {sh['seconds']:.1f} s", flush=True)
 
     ratio = graph["seconds"] / core["seconds"]
+    g16 = graphs["float16"]
     lines = ["# End to end: `semdedup run` vs the core functions in one process vs SemHash", "",
              f"Command: `{command_line('bench/end_to_end.py', argv)}`", "", *machine_lines(),
              "## Input", "",
@@ -244,32 +275,42 @@ def main(argv: list[str] | None = None) -> int:
              f"- k = {args.clusters:,} clusters, {args.buckets} buckets, order `hard`, removed sets compared at"
              f" eps = {args.eps} (SemHash threshold {1 - args.eps})", "",
              "## Times", "",
-             "| run | wall time | peak RSS (process tree) | vs single-process core |", "|---|---|---|---|",
-             f"| `semdedup run` (whole graph, 5 Dagster runs) | {graph['seconds']:.1f} s | {graph['peak_mib']:,.0f} MiB | {ratio:.2f}x |",
-             f"| core functions, one process | {core['seconds']:.1f} s | {core['peak_mib']:,.0f} MiB | 1.00x |"]
+             "| run | wall time | peak RSS (process tree) | stored embeddings | vs single-process core |",
+             "|---|---|---|---|---|",
+             *[f"| `semdedup run --embedding-dtype {d}` (whole graph, 5 Dagster runs) | {g['seconds']:.1f} s"
+               f" | {g['peak_mib']:,.0f} MiB | {g['bytes'] / 2**20:,.0f} MiB | {g['seconds'] / core['seconds']:.2f}x |"
+               for d, g in graphs.items()],
+             f"| core functions, one process (all embeddings in memory, nothing written) | {core['seconds']:.1f} s"
+             f" | {core['peak_mib']:,.0f} MiB | - | 1.00x |"]
     if sh is not None:
         lines.append(f"| SemHash (from_embeddings + self_deduplicate) | {sh['seconds']:.1f} s | {sh['peak_mib']:,.0f} MiB"
-                     f" | {sh['seconds'] / core['seconds']:.2f}x |")
+                     f" | - | {sh['seconds'] / core['seconds']:.2f}x |")
     lines += ["", "Per-stage seconds:", "",
-              "| `semdedup run` stage (Dagster run time) | s |", "|---|---|",
-              *[f"| {k} | {v} |" for k, v in stages.items()],
-              f"| total printed by the CLI / process wall incl. start-up | {total_cli:.1f} / {graph['seconds']:.1f} |", "",
+              "| `semdedup run` stage (Dagster run time) | float32 storage | float16 storage |", "|---|---|---|",
+              *[f"| {k} | {v} | {g16['stages'].get(k, '-')} |" for k, v in graph["stages"].items()],
+              f"| total printed by the CLI / process wall incl. start-up | {graph['total_cli']:.1f} / {graph['seconds']:.1f}"
+              f" | {g16['total_cli']:.1f} / {g16['seconds']:.1f} |", "",
               "| core stage | s |", "|---|---|", *[f"| {k} | {v:.1f} |" for k, v in core_res["stages"].items()], ""]
     if sh_res:
         lines += ["| SemHash stage | s |", "|---|---|", *[f"| {k} | {v:.1f} |" for k, v in sh_res["stages"].items()], ""]
 
     def agree(a: set, b: set, na: str, nb: str) -> str:
         inter = len(a & b)
-        jac = inter / len(a | b) if a | b else 1.0
-        return (f"| {na} vs {nb} | {len(a):,} | {len(b):,} | {jac:.4f} | {inter / len(a) if a else 1:.2%}"
+        return (f"| {na} vs {nb} | {len(a):,} | {len(b):,} | {jaccard(a, b):.4f} | {inter / len(a) if a else 1:.2%}"
                 f" | {inter / len(b) if b else 1:.2%} |")
 
     lines += [f"## Removed sets at eps = {args.eps}", "",
               "| comparison | removed by A | removed by B | Jaccard | share of A also removed by B | share of B also removed by A |",
-              "|---|---|---|---|---|---|", agree(graph_removed, core_removed, "graph", "core")]
+              "|---|---|---|---|---|---|", agree(graph["removed"], core_removed, "graph (float32)", "core"),
+              agree(g16["removed"], core_removed, "graph (float16 storage)", "core")]
     if sh is not None:
-        lines.append(agree(core_removed, sh_removed, "SemDeDup (core)", "SemHash"))
-    lines += ["", "Graph eps curve: " + "; ".join(f"eps {e:g}: removed {r:,}" for e, _, r in curve_rows), "",
+        sd_in_sh = pair_agreement(core_pairs, sh_removed)
+        sh_in_sd = pair_agreement(sh_pairs, core_removed)
+        lines += [agree(core_removed, sh_removed, "SemDeDup (core)", "SemHash"), "",
+                  "Pair agreement (does the other method also break the pair up, by removing either member?):", "",
+                  f"- SemDeDup's (removed, duplicate_of) pairs that SemHash also breaks up: **{sd_in_sh:.2%}**",
+                  f"- SemHash's (removed, duplicate_of) pairs that SemDeDup also breaks up: **{sh_in_sd:.2%}**"]
+    lines += ["", "Graph eps curve: " + "; ".join(f"eps {e:g}: removed {r:,}" for e, _, r in graph["curve"]), "",
               "Why SemDeDup and SemHash differ: SemDeDup compares only within a k-means cluster, in a fixed"
               " order (hard: farthest from the centroid kept first), and removes an item when any earlier member"
               " of its cluster is more similar than 1 - eps, even if that member is itself removed (chains). SemHash"
@@ -280,7 +321,15 @@ def main(argv: list[str] | None = None) -> int:
               " SemDeDup keeps the member farther from its centroid, SemHash the one earlier in input order, so"
               " the removed sets can differ a lot even where the removed counts are equal.",
               "", "## Goals", "",
-              f"- whole graph <= 1.3x the single-process core: **{verdict(ratio <= 1.3)}** ({ratio:.2f}x)", ""]
+              f"- whole graph <= 1.3x the single-process core: **{verdict(ratio <= 1.3)}** ({ratio:.2f}x;"
+              f" float16 storage {g16['seconds'] / core['seconds']:.2f}x)"]
+    if sh is not None:
+        lines += [f"- faster than SemHash: **{verdict(graph['seconds'] < sh['seconds'])}**"
+                  f" ({sh['seconds'] / graph['seconds']:.2f}x faster)",
+                  f"- agreement with SemHash >= 99%: removed sets **{verdict(jaccard(core_removed, sh_removed) >= 0.99)}**"
+                  f" (Jaccard {jaccard(core_removed, sh_removed):.4f}: which member of a pair is kept differs, see above); pairs broken up by both **"
+                  f"{verdict(min(sd_in_sh, sh_in_sd) >= 0.99)}** ({sd_in_sh:.2%} / {sh_in_sd:.2%})"]
+    lines.append("")
     emit(lines, out)
     return 0
 
