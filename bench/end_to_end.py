@@ -70,6 +70,7 @@ def core_single_process(input_dir: str, k: int, eps: float, out_ids: str, seed: 
     import pyarrow.parquet as pq
 
     from semdedup_assets.core.assign import assign
+    from semdedup_assets.core.encoders import l2_normalize
     from semdedup_assets.core.keep import EpsCurveAccumulator, parse_eps_list
     from semdedup_assets.core.kmeans import collect_sample, sample_target, train_spherical_kmeans
     from semdedup_assets.core.pairwise import cluster_semantic_duplicates
@@ -80,7 +81,8 @@ def core_single_process(input_dir: str, k: int, eps: float, out_ids: str, seed: 
     for path in sorted(Path(input_dir).glob("*.parquet")):
         table = pq.read_table(path)
         col = table.column("embedding").combine_chunks()
-        emb_parts.append(col.values.to_numpy().reshape(len(col), -1).astype(np.float32, copy=False))
+        # Normalised exactly as the embeddings stage does, so both compute on identical vectors.
+        emb_parts.append(l2_normalize(col.values.to_numpy().reshape(len(col), -1)))
         ids_parts.append(np.asarray(table.column("id").to_pylist(), dtype=object))
         keys.append(path.stem)
     t["read shards"] = time.perf_counter() - start

@@ -3,8 +3,11 @@
 `max_sim_tiled` is the production path: it walks the lower triangle of the similarity
 matrix in block x block tiles, so memory is O(n*d + block^2) instead of the n x n matrix
 that the reference code builds, and (unlike the reference's chunked variant) it still
-compares every pair i < j. `dense_max_sim` and `rule_from_similarity` are the simple
-dense versions, kept as test oracles and benchmark baselines.
+compares every pair i < j. With `precision="fp16"|"bf16"` the tiles run in that dtype
+(GPU tensor cores) and every row within the rounding error bound of a threshold is
+recomputed in fp32, so decisions at the configured eps equal fp32's.
+`dense_max_sim` and `rule_from_similarity` are the simple dense versions, kept as test
+oracles and benchmark baselines.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ def _as_tensor(embeddings: ArrayLike2D, device: str | torch.device | None) -> to
     if x.dim() != 2:
         raise ValueError(f"embeddings must be 2-d (n, d), got shape {tuple(x.shape)}")
     target = torch.device(device) if device is not None else x.device
-    # fp32 everywhere: fp16/bf16 would blur the 1 - eps thresholds (eps down to 1e-4).
+    # An fp32 copy always: low-precision tiles are re-checked against it near every 1 - eps.
     return x.to(device=target, dtype=torch.float32).contiguous()
 
 
