@@ -15,7 +15,7 @@ SCRIPTS = [
     ("bench/pairwise.py", "| n | tiled time |"),
     ("bench/kmeans.py", "| **training**"),
     ("bench/text_embedding.py", "| (a) HFTextEncoder.encode |"),
-    ("bench/end_to_end.py", "| `semdedup run` (whole graph"),
+    ("bench/end_to_end.py", "| `semdedup run --embedding-dtype float32` (whole graph"),
 ]
 
 

@@ -9,16 +9,20 @@ import numpy as np
 
 
 def assign(embeddings: np.ndarray, centroids: np.ndarray, batch: int = 65536) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest centroid by inner product: (cluster int32, sim_to_centroid float32)."""
+    """Nearest centroid by inner product: (cluster int32, sim_to_centroid float32, independent of batching)."""
     x = np.ascontiguousarray(embeddings, dtype=np.float32)
     index = faiss.IndexFlatIP(centroids.shape[1])
     index.add(np.ascontiguousarray(centroids, dtype=np.float32))
     clusters = np.empty(len(x), dtype=np.int32)
     sims = np.empty(len(x), dtype=np.float32)
+    c64 = np.asarray(centroids, dtype=np.float64)
     for start in range(0, len(x), batch):
-        d, i = index.search(x[start : start + batch], 1)
+        chunk = x[start : start + batch]
+        _, i = index.search(chunk, 1)
         clusters[start : start + batch] = i[:, 0]
-        sims[start : start + batch] = d[:, 0]
+        # faiss' BLAS scores move by an ulp with the batch's shape, which would make the order of
+        # identical items depend on how rows were batched; a per-row float64 dot product does not.
+        sims[start : start + batch] = np.einsum("ij,ij->i", chunk.astype(np.float64), c64[i[:, 0]])
     return clusters, sims
 
 

@@ -77,3 +77,19 @@ def test_bucket_row_slices_split_sorted_rows_at_bucket_boundaries() -> None:
     assert bucket_row_slices(np.array([], dtype=np.int32), 10, 3) == []
     with pytest.raises(ValueError, match="sorted"):
         bucket_row_slices(np.array([5, 1]), 10, 3)
+
+
+def test_sim_to_centroid_does_not_depend_on_batching() -> None:
+    """Identical rows get bit-identical sims wherever they sit and however rows are batched."""
+    rng = np.random.default_rng(4)
+    cents = rng.standard_normal((37, 96)).astype(np.float32)
+    cents /= np.linalg.norm(cents, axis=1, keepdims=True)
+    x = rng.standard_normal((3000, 96)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    x[2500:] = x[:500]  # exact copies, far apart
+    whole_c, whole_s = assign(x, cents, batch=4096)
+    parts = [assign(x[a:b], cents, batch=b - a) for a, b in ((0, 7), (7, 1000), (1000, 2999), (2999, 3000))]
+    np.testing.assert_array_equal(np.concatenate([p[0] for p in parts]), whole_c)
+    np.testing.assert_array_equal(np.concatenate([p[1] for p in parts]), whole_s)
+    np.testing.assert_array_equal(whole_s[2500:], whole_s[:500])
+    np.testing.assert_allclose(whole_s, (x * cents[whole_c]).sum(1), atol=1e-6)
