@@ -12,7 +12,7 @@ import pyarrow as pa
 from semdedup_assets.assets.common import GPU_OP_TAGS, GPU_POOL, SHARD_BACKFILL_POLICY, ProgressLog, run_metadata, run_partition_keys, timed
 from semdedup_assets.assets.ingest import input_shards, raw_shards
 from semdedup_assets.core import storage as st
-from semdedup_assets.core.encoders import l2_normalize
+from semdedup_assets.core.encoders import l2_normalize, row_norms
 from semdedup_assets.core.shards import ShardFile, iter_embedding_chunks, read_images
 from semdedup_assets.core.tables import embedding_array, embedding_field, embedding_matrix
 from semdedup_assets.partitions import shard_partitions
@@ -26,8 +26,8 @@ CACHE_KEY = b"semdedup.cache_key"
 
 def renormalise(chunk: np.ndarray) -> tuple[np.ndarray, int]:
     """Unit-norm rows, and how many rows were off unit norm before."""
-    norms = np.linalg.norm(chunk.astype(np.float64), axis=1)
-    return l2_normalize(chunk), int((np.abs(norms - 1.0) > UNIT_NORM_TOLERANCE).sum())
+    norms = row_norms(chunk)
+    return l2_normalize(chunk, norms), int((np.abs(norms - 1.0) > UNIT_NORM_TOLERANCE).sum())
 
 
 @dataclass
@@ -121,7 +121,7 @@ def embedding_problems(vectors: np.ndarray, expected_rows: int) -> list[str]:
     finite = np.isfinite(vectors).all(axis=1)
     if not finite.all():
         problems.append(f"{int((~finite).sum())} rows with non-finite values")
-    norms = np.linalg.norm(vectors[finite].astype(np.float64), axis=1)
+    norms = row_norms(vectors[finite])
     if len(norms) and np.abs(norms - 1.0).max() > UNIT_NORM_TOLERANCE:
         problems.append(f"norms deviate from 1 by up to {np.abs(norms - 1.0).max():.3g}")
     return problems

@@ -268,6 +268,11 @@ def test_l2_normalize() -> None:
     assert y.dtype == np.float32
     np.testing.assert_allclose(y, [[0.6, 0.8], [0.0, -1.0]], atol=1e-7)
     assert l2_normalize(np.zeros((0, 4))).shape == (0, 4)
+    huge = l2_normalize(np.full((1, 4), 3e38, dtype=np.float32))  # reciprocal below float32's normal range
+    np.testing.assert_allclose(huge, 0.5, rtol=1e-7)
+    ragged = np.random.default_rng(0).standard_normal((50, 7)).astype(np.float32) * 40
+    np.testing.assert_allclose(l2_normalize(ragged), ragged / np.linalg.norm(ragged.astype(np.float64), axis=1)[:, None],
+                               rtol=0, atol=1e-7)
     big = l2_normalize(np.full((1, 4), 1e30, dtype=np.float32))  # no overflow to inf
     np.testing.assert_allclose(big, 0.5, atol=1e-7)
     with pytest.raises(ValueError, match="row 1 has zero norm"):

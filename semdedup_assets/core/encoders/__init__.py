@@ -1,6 +1,6 @@
 """Encoders turning items of one modality into unit-norm embeddings, looked up by modality name."""
 
-from .base import Encoder, l2_normalize, resolve_device
+from .base import Encoder, l2_normalize, resolve_device, row_norms
 from .registry import available_modalities, create_encoder, register_encoder
 
 # Registers the "text" modality; cheap, since text.py imports torch/transformers lazily.
@@ -11,6 +11,7 @@ __all__ = [
     "available_modalities",
     "create_encoder",
     "l2_normalize",
+    "row_norms",
     "register_encoder",
     "resolve_device",
 ]
