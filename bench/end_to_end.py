@@ -199,6 +199,15 @@ def child(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_child(me: list[str], kind: str, root: Path, env: dict) -> tuple[dict, dict, np.ndarray]:
+    """Run a baseline in a fresh process: (process figures, its RESULT, its (removed, partner) id pairs)."""
+    out = run_tree([*me, "--child", kind, "--ids-out", str(root / f"{kind}.npy")], env=env)
+    if out["rc"] != 0:
+        raise SystemExit(f"{kind} baseline failed:\n" + out["stderr"][-3000:])
+    print(f"{kind}: {out['seconds']:.1f} s", flush=True)
+    return out, parse_result(out["stdout"]), np.load(root / f"{kind}.npy")
+
+
 def parse_result(stdout: str) -> dict:
     """The JSON line a child printed."""
     for line in stdout.splitlines():
@@ -247,24 +256,14 @@ def main(argv: list[str] | None = None) -> int:
 
         me = [py, str(Path(__file__).resolve()), "--input", str(inp), "--clusters", str(args.clusters),
               "--eps", str(args.eps)]
-        core = run_tree([*me, "--child", "core", "--ids-out", str(root / "core.npy")], env=env)
-        if core["rc"] != 0:
-            raise SystemExit("core baseline failed:\n" + core["stderr"][-3000:])
-        core_res = parse_result(core["stdout"])
-        core_pairs = np.load(root / "core.npy")
+        core, core_res, core_pairs = run_child(me, "core", root, env)
         core_removed = set(core_pairs[0].tolist())
-        print(f"core: {core['seconds']:.1f} s", flush=True)
         sh = sh_res = None
         sh_removed: set = set()
         sh_pairs = np.empty((2, 0), dtype=str)
         if not args.no_semhash:
-            sh = run_tree([*me, "--child", "semhash", "--ids-out", str(root / "semhash.npy")], env=env)
-            if sh["rc"] != 0:
-                raise SystemExit("semhash baseline failed:\n" + sh["stderr"][-3000:])
-            sh_res = parse_result(sh["stdout"])
-            sh_pairs = np.load(root / "semhash.npy")
+            sh, sh_res, sh_pairs = run_child(me, "semhash", root, env)
             sh_removed = set(sh_pairs[0].tolist())
-            print(f"semhash: {sh['seconds']:.1f} s", flush=True)
 
     ratio = graph["seconds"] / core["seconds"]
     g16 = graphs["float16"]

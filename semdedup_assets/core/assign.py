@@ -8,6 +8,9 @@ import faiss
 import numpy as np
 
 
+SIM_BLOCK = 4096
+
+
 def assign(embeddings: np.ndarray, centroids: np.ndarray, batch: int = 65536) -> tuple[np.ndarray, np.ndarray]:
     """Nearest centroid by inner product: (cluster int32, sim_to_centroid float32, independent of batching)."""
     x = np.ascontiguousarray(embeddings, dtype=np.float32)
@@ -22,7 +25,10 @@ def assign(embeddings: np.ndarray, centroids: np.ndarray, batch: int = 65536) ->
         clusters[start : start + batch] = i[:, 0]
         # faiss' BLAS scores move by an ulp with the batch's shape, which would make the order of
         # identical items depend on how rows were batched; a per-row float64 dot product does not.
-        sims[start : start + batch] = np.einsum("ij,ij->i", chunk.astype(np.float64), c64[i[:, 0]])
+        for s in range(0, len(chunk), SIM_BLOCK):  # bounded float64 temporaries
+            rows = chunk[s : s + SIM_BLOCK]
+            sims[start + s : start + s + len(rows)] = np.einsum("ij,ij->i", rows, c64[i[s : s + SIM_BLOCK, 0]],
+                                                                dtype=np.float64)
     return clusters, sims
 
 
