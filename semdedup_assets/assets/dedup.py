@@ -14,11 +14,10 @@ from semdedup_assets.assets.common import EAGER, GPU_OP_TAGS, GPU_POOL, Progress
 from semdedup_assets.core import storage as st
 from semdedup_assets.core.assign import bucket_cluster_range
 from semdedup_assets.core.catalog import BUCKET_GLOB, refresh_catalog, scan, stage_source
-from semdedup_assets.core.encoders import resolve_device
+from semdedup_assets.core.encoders import l2_normalize, resolve_device
 from semdedup_assets.core.keep import EpsCurveAccumulator, keep_mask
 from semdedup_assets.core.pairwise import cluster_semantic_duplicates
 from semdedup_assets.core.plots import eps_curve_markdown, histogram_markdown
-from semdedup_assets.core.encoders import l2_normalize
 from semdedup_assets.core.tables import SEMANTIC_DUPLICATES_SCHEMA, embedding_matrix, stored_dtype
 from semdedup_assets.partitions import bucket_partitions
 from semdedup_assets.resources import SemDedupConfig
