@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import gc
 import os
 import platform
@@ -201,6 +203,17 @@ def run_tree(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any
     out, err = proc.communicate()
     seconds = time.perf_counter() - start
     return {"rc": proc.returncode, "seconds": seconds, "peak_mib": sampler.stop(), "stdout": out, "stderr": err}
+
+
+def add_output_options(ap: argparse.ArgumentParser, default_out: str, smoke_help: str) -> None:
+    """The --out and --smoke options every benchmark takes."""
+    ap.add_argument("--out", default=None, help=f"markdown output (default {default_out}; none with --smoke)")
+    ap.add_argument("--smoke", action="store_true", help=smoke_help)
+
+
+def output_path(args: argparse.Namespace, default_out: str) -> str | None:
+    """Where the report goes: --out, else the default file; a smoke run writes none."""
+    return args.out if args.out is not None else (None if args.smoke else default_out)
 
 
 def verdict(met: bool) -> str:

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, command_line, emit, machine_lines, run_tree, verdict  # noqa: E402
+from common import add_output_options, output_path, ROOT, command_line, emit, machine_lines, run_tree, verdict  # noqa: E402
 
 DEFAULT_OUT = "bench/results/end_to_end.md"
 EPS_LIST = "0.0001,0.001,0.005,0.01,0.02,0.05,0.1,0.2,0.3"
@@ -231,8 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=2,
                     help="interleaved runs of the graph (each storage) and the core; the best of each is reported")
     ap.add_argument("--workdir", default=None, help="where to write shards and storage (default: a temp folder)")
-    ap.add_argument("--out", default=None, help=f"markdown output (default {DEFAULT_OUT}; none with --smoke)")
-    ap.add_argument("--smoke", action="store_true", help="n=3000, 10 shards, 20 clusters: checks the script works")
+    add_output_options(ap, DEFAULT_OUT, "n=3000, 10 shards, 20 clusters: checks the script works")
     ap.add_argument("--child", choices=("core", "semhash"), help=argparse.SUPPRESS)
     ap.add_argument("--input", help=argparse.SUPPRESS)
     ap.add_argument("--ids-out", help=argparse.SUPPRESS)
@@ -246,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         args.no_semhash = True
     if args.smoke:
         args.n, args.shards, args.clusters, args.buckets, args.repeats = 3000, 10, 20, 4, 1
-    out = args.out if args.out is not None else (None if args.smoke else DEFAULT_OUT)
+    out = output_path(args, DEFAULT_OUT)
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         root = Path(tmp)

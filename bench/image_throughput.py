@@ -40,7 +40,7 @@ except ImportError:  # running from a checkout without the package installed
 import open_clip
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_model, emit, load_average  # noqa: E402
+from common import add_output_options, output_path, cpu_model, emit, load_average  # noqa: E402
 
 DEFAULT_OUT = "bench/results/image_throughput.md"
 
@@ -115,6 +115,27 @@ def from_bytes_configs(enc: OpenClipImageEncoder, jpegs: list[bytes], workers: l
     return {f"(c) encoder.encode_images from JPEG bytes, num_workers={w}": (lambda w=w: run(w)) for w in workers}
 
 
+BARE = "(a) bare model.encode_image loop, preprocessed tensors"
+
+
+def measure_rates(enc: OpenClipImageEncoder, pixels: torch.Tensor, jpegs: list[bytes], workers: list[int],
+                  batch_size: int, repeats: int, dtype: torch.dtype | None) -> dict[str, float]:
+    """Images/s of the bare loop (a), our encoder on the same tensors (b) and from JPEG bytes (c)."""
+    # Warm-up: thread pools, allocator and any lazy initialisation out of the timings.
+    bare_loop(enc.model, pixels[:batch_size], batch_size, enc.device, dtype)
+    configs: dict[str, Callable[[], object]] = {
+        BARE: lambda: bare_loop(enc.model, pixels, batch_size, enc.device, dtype),
+        "(b) encoder.encode_preprocessed, same tensors": lambda: enc.encode_preprocessed(pixels),
+    }
+    configs.update(from_bytes_configs(enc, jpegs, workers))
+    return best_rates(configs, len(jpegs), repeats)
+
+
+def rate_rows(rates: dict[str, float]) -> list[str]:
+    """Markdown rows: images/s and the ratio to the bare loop (a)."""
+    return [f"| {name} | {rate:,.1f} | {rate / rates[BARE]:.3f} |" for name, rate in rates.items()]
+
+
 def run_cpu(arch: str, n: int, batch_size: int, repeats: int, workers: list[int], seed: int,
             tiny_dir: str | None) -> tuple[list[str], dict[str, float]]:
     """All CPU measurements; returns markdown table rows and the rates."""
@@ -130,19 +151,8 @@ def run_cpu(arch: str, n: int, batch_size: int, repeats: int, workers: list[int]
         got = enc.encode_images(jpegs[:check])
         assert not got.rejected and np.allclose(got.vectors, reference, atol=1e-4), f"workers={w} differs"
 
-    # Warm-up: thread pools, allocator and any lazy initialisation out of the timings.
-    bare_loop(enc.model, pixels[:batch_size], batch_size, enc.device, None)
-
-    configs: dict[str, Callable[[], object]] = {
-        "(a) bare model.encode_image loop, preprocessed tensors": lambda: bare_loop(
-            enc.model, pixels, batch_size, enc.device, None),
-        "(b) encoder.encode_preprocessed, same tensors": lambda: enc.encode_preprocessed(pixels),
-    }
-    configs.update(from_bytes_configs(enc, jpegs, workers))
-    rates = best_rates(configs, n, repeats)
-    base = rates["(a) bare model.encode_image loop, preprocessed tensors"]
-    rows = [f"| {name} | {rate:,.1f} | {rate / base:.3f} |" for name, rate in rates.items()]
-    return rows, rates
+    rates = measure_rates(enc, pixels, jpegs, workers, batch_size, repeats, None)
+    return rate_rows(rates), rates
 
 
 def run_gpu(n: int, batch_size: int, repeats: int, workers: list[int], seed: int) -> list[str]:
@@ -151,15 +161,7 @@ def run_gpu(n: int, batch_size: int, repeats: int, workers: list[int], seed: int
     enc = build_encoder("ViT-B-32", None, device="cuda", batch_size=batch_size, num_workers=max(workers))
     pixels = torch.stack([enc.preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in jpegs])
     dtype = enc.clip.autocast_dtype
-    bare_loop(enc.model, pixels[:batch_size], batch_size, enc.device, dtype)
-    configs: dict[str, Callable[[], object]] = {
-        "(a) bare model.encode_image loop, preprocessed tensors": lambda: bare_loop(
-            enc.model, pixels, batch_size, enc.device, dtype),
-        "(b) encoder.encode_preprocessed, same tensors": lambda: enc.encode_preprocessed(pixels),
-    }
-    configs.update(from_bytes_configs(enc, jpegs, workers))
-    rates = best_rates(configs, n, repeats)
-    base = rates["(a) bare model.encode_image loop, preprocessed tensors"]
+    rates = measure_rates(enc, pixels, jpegs, workers, batch_size, repeats, dtype)
     return [
         f"## GPU: ViT-B-32, {torch.cuda.get_device_name()}, autocast {dtype}, channels_last",
         "",
@@ -167,7 +169,7 @@ def run_gpu(n: int, batch_size: int, repeats: int, workers: list[int], seed: int
         "",
         "| configuration | images/s | vs (a) |",
         "|---|---|---|",
-        *[f"| {name} | {rate:,.1f} | {rate / base:.3f} |" for name, rate in rates.items()],
+        *rate_rows(rates),
         "",
     ]
 
@@ -182,21 +184,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", default="0,1,2", help="comma-separated DataLoader worker counts")
     parser.add_argument("--gpu-n", type=int, default=4096, help="number of images for the GPU run")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=None, help=f"markdown output (default {DEFAULT_OUT}; none with --smoke)")
-    parser.add_argument("--smoke", action="store_true", help="tiny model, n=48, one repeat: a quick CI run")
+    add_output_options(parser, DEFAULT_OUT, "tiny model, n=48, one repeat: a quick CI run")
     args = parser.parse_args(argv)
 
     n, batch_size, arch, repeats, gpu_n = args.n, args.batch_size, args.arch, args.repeats, args.gpu_n
     if args.smoke:
         n, batch_size, arch, repeats, gpu_n = 48, 16, "tiny", 1, 256
     workers = [int(w) for w in args.workers.split(",")]
-    out_path = args.out if args.out is not None else (None if args.smoke else DEFAULT_OUT)
+    out_path = output_path(args, DEFAULT_OUT)
 
     load_start = load_average()
     with tempfile.TemporaryDirectory() as tiny_dir:
         rows, rates = run_cpu(arch, n, batch_size, repeats, workers, args.seed, tiny_dir)
     load_end = load_average()
-    base = rates["(a) bare model.encode_image loop, preprocessed tensors"]
+    base = rates[BARE]
     pre = rates["(b) encoder.encode_preprocessed, same tensors"]
     model_desc = "the tiny offline test ViT (32 px, 2 layers)" if arch == "tiny" else f"{arch}, random weights"
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import command_line, emit, gemm_peak_gflops, machine_lines  # noqa: E402
+from common import add_output_options, output_path, command_line, emit, gemm_peak_gflops, machine_lines  # noqa: E402
 
 from semdedup_assets.core.assign import assign  # noqa: E402
 from semdedup_assets.core.kmeans import faiss_gpu_count, sample_target, train_spherical_kmeans  # noqa: E402
@@ -87,12 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--k", type=int, default=1000)
     ap.add_argument("--max-points-per-centroid", type=int, default=256)
     ap.add_argument("--iterations", type=int, default=20)
-    ap.add_argument("--out", default=None, help=f"markdown output (default {DEFAULT_OUT}; none with --smoke)")
-    ap.add_argument("--smoke", action="store_true", help="n=20k, k=50: checks the script works")
+    add_output_options(ap, DEFAULT_OUT, "n=20k, k=50: checks the script works")
     args = ap.parse_args(argv)
     if args.smoke:
         args.n, args.k, args.iterations = 20_000, 50, 5
-    out = args.out if args.out is not None else (None if args.smoke else DEFAULT_OUT)
+    out = output_path(args, DEFAULT_OUT)
 
     import faiss
 

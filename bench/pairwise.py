@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
+    add_output_options, output_path,
     MIB, best_of, command_line, cuda_available, emit, gemm_peak_gflops, machine_lines, measure,
     pairwise_gflops, verdict,
 )
@@ -129,15 +130,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--block", type=int, default=1024, help="tile size of max_sim_tiled (its default: 1024)")
     ap.add_argument("--threads", type=int, default=None, help="num_threads for max_sim_tiled (default: torch's)")
     ap.add_argument("--sweep-n", type=int, default=10_000, help="n of the tuning sweep (0: skip)")
-    ap.add_argument("--out", default=None, help=f"markdown output (default {DEFAULT_OUT}; none with --smoke)")
-    ap.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script works")
+    add_output_options(ap, DEFAULT_OUT, "tiny sizes: checks the script works")
     args = ap.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
     dims = [int(s) for s in args.dims.split(",")]
     sweep_n, sweep_repeats, sweep_blocks = args.sweep_n, 3, [512, 1024, 2048, 4096]
     if args.smoke:
         sizes, dims, sweep_n, sweep_repeats, sweep_blocks = [300, 1500], [64], 1000, 1, [256, 512]
-    out = args.out if args.out is not None else (None if args.smoke else DEFAULT_OUT)
+    out = output_path(args, DEFAULT_OUT)
 
     lines = ["# Pairwise kernel: tiled max-similarity vs GEMM peak and the dense baseline", "",
              f"Command: `{command_line('bench/pairwise.py', argv)}`", "", *machine_lines()]
@@ -217,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                 return out
 
             s = best_of(run, 3)
+            stats.clear()  # stats accumulate over calls: count the re-checked rows of one run
             m, _ = run()
             ref = m if ref is None else ref
             same = all(((m > t) == (ref > t)).all() for t in thresholds)

@@ -27,9 +27,8 @@ except ImportError:  # running from a checkout without the package installed
     from semdedup_assets.core.pairwise import dense_max_sim, max_sim_tiled
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_model, emit, measure, pairwise_gflops  # noqa: E402
+from common import MIB, add_output_options, output_path, cpu_model, emit, measure, pairwise_gflops  # noqa: E402
 
-MIB = 1024 * 1024
 DEFAULT_OUT = "bench/results/pairwise_memory.md"
 
 
@@ -57,8 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dup-fraction", type=float, default=0.05, help="share of planted near-duplicates")
     parser.add_argument("--dense-n", type=int, default=5000, help="size of the dense-baseline run (0: skip)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=None, help=f"markdown output (default {DEFAULT_OUT}; none with --smoke)")
-    parser.add_argument("--smoke", action="store_true", help="n=2000, dense-n<=1000: a quick CI run")
+    add_output_options(parser, DEFAULT_OUT, "n=2000, dense-n<=1000: a quick CI run")
     args = parser.parse_args(argv)
 
     n, d = args.n, args.d
@@ -66,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         n, dense_n = 2000, min(dense_n, 1000)
     dense_n = min(dense_n, n)
-    out_path = args.out if args.out is not None else (None if args.smoke else DEFAULT_OUT)
+    out_path = output_path(args, DEFAULT_OUT)
 
     load_at_start = " / ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     # Warm-up on a small slice so one-time library set-up (thread pools, BLAS buffers)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import command_line, emit, machine_lines, verdict  # noqa: E402
+from common import add_output_options, output_path, command_line, emit, machine_lines, verdict  # noqa: E402
 
 from semdedup_assets.core.demo_data import collect_demo_texts  # noqa: E402
 from semdedup_assets.core.encoders.text import HFTextEncoder, resolve_text_model  # noqa: E402
@@ -60,12 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--out", default=None, help=f"markdown output (default {DEFAULT_OUT}; none with --smoke)")
-    ap.add_argument("--smoke", action="store_true", help="n=32, max_length 64, one repeat: checks the script works")
+    add_output_options(ap, DEFAULT_OUT, "n=32, max_length 64, one repeat: checks the script works")
     args = ap.parse_args(argv)
     if args.smoke:
         args.n, args.repeats, args.max_length = 32, 1, 64
-    out = args.out if args.out is not None else (None if args.smoke else DEFAULT_OUT)
+    out = output_path(args, DEFAULT_OUT)
 
     import sentence_transformers
     import transformers
