@@ -44,7 +44,7 @@ def dedup_bucket(table: pa.Table, strategy: str, seed: int, block_size: int, dev
                  thresholds: tuple[float, ...] = (), stats: dict[str, float] | None = None) -> tuple[pa.Table, list[int]]:
     """Run the pairwise rule on every cluster of a bucket; returns the result and cluster sizes.
 
-    `stats`, if given, accumulates the low-precision kernel's re-checked rows.
+    `stats`, if given, accumulates the low-precision kernel's re-checked rows and bound.
     """
     if table.num_rows == 0:
         return SEMANTIC_DUPLICATES_SCHEMA.empty_table(), []
@@ -59,12 +59,8 @@ def dedup_bucket(table: pa.Table, strategy: str, seed: int, block_size: int, dev
     ends = np.concatenate([bounds, [len(clusters)]])
     order_parts, rank_parts, max_parts, dup_parts = [], [], [], []
     for s, e in zip(starts, ends):
-        one: dict[str, float] = {}
         r = cluster_semantic_duplicates(ids[s:e], vectors[s:e], sims[s:e], strategy, seed, block_size, device,
-                                        precision, thresholds, one)
-        if stats is not None:
-            stats["rechecked_rows"] = stats.get("rechecked_rows", 0) + one["rechecked_rows"]
-            stats["error_bound"] = max(stats.get("error_bound", 0.0), one["error_bound"])
+                                        precision, thresholds, stats)
         order_parts.append(r["order"] + s)
         rank_parts.append(r["rank"])
         max_parts.append(r["max_sim"])

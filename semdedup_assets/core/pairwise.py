@@ -151,7 +151,7 @@ def max_sim_tiled(
     of `thresholds` (the configured 1 - eps values): those rows get the exact fp32 max and
     argmax, so every decision `max_sim > threshold` equals fp32's. Elsewhere max_sim is
     within the bound of fp32 and on the same side of every threshold. `stats`, if given,
-    receives the bound and the number of re-checked rows.
+    accumulates the number of re-checked rows and the largest bound used (over calls).
     """
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
@@ -161,7 +161,8 @@ def max_sim_tiled(
         raise ValueError(f"precision {precision!r} needs the thresholds (1 - eps) whose decisions must equal fp32")
     n = int(embeddings.shape[0])
     if stats is not None:
-        stats.update({"rechecked_rows": 0, "error_bound": 0.0})
+        stats.setdefault("rechecked_rows", 0)
+        stats.setdefault("error_bound", 0.0)
     if n == 0:
         return _empty_result()
     with torch.inference_mode(), torch_threads(num_threads):
@@ -195,7 +196,8 @@ def max_sim_tiled(
         max_sim[0] = 0.0
         dup[0] = -1
         if stats is not None:
-            stats.update({"rechecked_rows": rechecked, "error_bound": bound or 0.0})
+            stats["rechecked_rows"] += rechecked
+            stats["error_bound"] = max(stats["error_bound"], bound or 0.0)
         return max_sim.cpu().numpy(), dup.cpu().numpy()
 
 
