@@ -8,7 +8,8 @@ import sys
 import time
 from collections.abc import Sequence
 
-from semdedup_assets.core.config import MODALITIES, Settings, load_settings
+from semdedup_assets.core.config import (AUTO, Settings, allowed_values, base_type, changed_settings, default_of,
+                                         knobs, load_settings)
 
 DEMO_STORAGE = ".demo/storage"
 
@@ -31,34 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Register every shard file under --input as a `shards` partition and "
                          "materialize the whole asset graph through Dagster (runs are recorded in $DAGSTER_HOME, "
                          "default <storage>/dagster_home, so they show in `make ui`).")
-    run.add_argument("--input", required=True, help="folder (or fsspec URL) of .parquet/.jsonl/.jsonl.gz/.tar/.npy "
-                     "shards, or one file")
+    add_settings_options(run)
     _add_storage(run)
-    run.add_argument("--modality", choices=MODALITIES, help="payload kind (default text)")
-    run.add_argument("--column", help="payload column (default: the modality's name: text, image or embedding)")
-    run.add_argument("--id-column", help="id column (default id; if absent ids are <shard>:<row>)")
-    run.add_argument("--model", help="text: HF model name or local path (default: the offline all-MiniLM-L6-v2), "
-                     "or open_clip:ARCH for CLIP's text tower; image: open_clip ARCH, local-dir:PATH or hf-hub:ORG/REPO")
-    run.add_argument("--pretrained", help="open_clip: pretrained tag (online) or local checkpoint file")
-    run.add_argument("--workers", type=int, dest="num_workers", help="image decoding worker processes (default 2)")
-    run.add_argument("--strict", action="store_true", default=None,
-                     help="image modality: fail on an undecodable image instead of recording it in `rejected`")
-    run.add_argument("--pooling", choices=("mean", "cls", "last_token"), help="text pooling (default mean)")
-    run.add_argument("--max-length", type=int, help="max tokens per text (default 256)")
-    run.add_argument("--batch-size", type=int, help="encoder batch size (default 64)")
-    run.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
-    run.add_argument("--clusters", type=int, help="k for spherical k-means (default round(sqrt(items)))")
-    run.add_argument("--iterations", type=int, dest="kmeans_iterations", help="k-means iterations (default 20)")
-    run.add_argument("--max-points-per-centroid", type=int, help="k-means training sample per centroid (default 256)")
-    run.add_argument("--buckets", type=int, help="cluster buckets = partitions of semantic_duplicates (default 16)")
-    run.add_argument("--eps", help="comma-separated eps values (default 0.0001,0.001,0.005,0.01,0.02,0.05,0.1,0.2,0.3)")
-    run.add_argument("--keep", choices=("hard", "easy", "random"), help="cluster order: hard (default), easy, random")
-    run.add_argument("--embedding-dtype", choices=("float32", "float16"),
-                     help="stored embeddings: float32 (default) or float16 (half the I/O; compute stays fp32)")
-    run.add_argument("--precision", choices=("fp32", "fp16", "bf16"),
-                     help="pairwise tiles: fp32 (default), or fp16/bf16 on a GPU with an exact fp32 re-check of "
-                     "every item near a threshold 1 - eps")
-    run.add_argument("--seed", type=int, help="seed for k-means sampling/training and the random order (default 0)")
 
     demo = sub.add_parser("demo", help="the embedded demo: Python's own docstrings, deduplicated end to end",
                           description="Write the embedded demo shards (real English text from this Python's "
@@ -81,20 +56,73 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_settings_options(parser: argparse.ArgumentParser) -> None:
+    """One option per Settings knob that has a flag: name, type, choices, help and default from Settings."""
+    for f in knobs():
+        flag = f.metadata.get("flag", "")
+        if flag is None:
+            continue
+        flag = flag or "--" + f.name.replace("_", "-")
+        kind, allowed, default = base_type(f.name), allowed_values(f), default_of(f)
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else (AUTO if f.name == "clusters" else default)
+        help_text = f"{f.metadata['help']} (default: {shown})" if shown is not None else f.metadata["help"]
+        options: dict[str, object] = {"dest": f.name, "default": None, "help": help_text}
+        if kind is bool:
+            options["action"] = argparse.BooleanOptionalAction  # --strict / --no-strict
+        elif allowed:
+            options["choices"] = allowed
+        elif kind in (int, float) and f.name not in ("clusters", "eps"):
+            options["type"] = kind  # clusters also takes `auto` and eps a list; Settings coerces them
+        if f.metadata.get("metavar"):
+            options["metavar"] = f.metadata["metavar"]
+        if f.name == "input":
+            options["required"] = True
+        parser.add_argument(flag, **options)
+
+
 def _settings_from_args(args: argparse.Namespace) -> Settings:
-    overrides = {k: getattr(args, k, None) for k in (
-        "input", "modality", "column", "id_column", "model", "pretrained", "num_workers", "strict", "pooling", "max_length", "batch_size", "device",
-        "clusters", "kmeans_iterations", "max_points_per_centroid", "buckets", "keep", "seed",
-        "embedding_dtype", "precision")}
-    if getattr(args, "eps", None):
-        overrides["eps"] = args.eps
-    return load_settings(args.storage, **overrides)
+    """A run's settings: defaults, SEMDEDUP_* variables, then the flags given (never the stored run's)."""
+    overrides = {f.name: getattr(args, f.name, None) for f in knobs() if f.name != "storage"}
+    return load_settings(args.storage, use_stored=False, **overrides)
+
+
+def describe_settings(settings: Settings) -> str:
+    """The effective settings of a run, one `name=value` per knob that a run uses."""
+    parts = []
+    for f in knobs():
+        if f.metadata.get("flag", "") is None and f.name != "storage":
+            continue
+        value = getattr(settings, f.name)
+        if f.name == "clusters" and value is None:
+            value = AUTO
+        parts.append(f"{f.name}={','.join(map(str, value)) if isinstance(value, tuple) else value}")
+    return " ".join(parts)
+
+
+def warn_changed_settings(settings: Settings) -> None:
+    """Warn about every knob that differs from the run stored in the same storage."""
+    changed = changed_settings(settings)
+    for name, (before, now) in sorted(changed.items()):
+        print(f"semdedup: warning: {name} is {now!r}, the previous run on this storage used {before!r}",
+              file=sys.stderr)
+
+
+def default_dagster_home(settings: Settings) -> str:
+    """DAGSTER_HOME: the environment's, else a folder inside a local storage root."""
+    from semdedup_assets.pipeline import PipelineError
+
+    if os.environ.get("DAGSTER_HOME"):
+        return os.environ["DAGSTER_HOME"]
+    storage = settings.storage_root()
+    if not storage.local:
+        raise PipelineError("set DAGSTER_HOME when the storage root is not a local folder")
+    return str(storage.root / "dagster_home")
 
 
 def _instance(settings: Settings):
     import dagster as dg
 
-    from semdedup_assets.pipeline import default_dagster_home, ensure_instance_config
+    from semdedup_assets.pipeline import ensure_instance_config
 
     home = default_dagster_home(settings)
     os.environ["DAGSTER_HOME"] = os.path.abspath(home) if "://" not in home else home
@@ -118,6 +146,8 @@ def cmd_run(settings: Settings) -> int:
     from semdedup_assets.core.shards import ShardError
     from semdedup_assets.pipeline import PipelineError, run_pipeline
 
+    warn_changed_settings(settings)
+    print(f"[semdedup] settings: {describe_settings(settings)}", flush=True)
     instance = _instance(settings)
     start = time.perf_counter()
     try:
@@ -141,7 +171,7 @@ def cmd_demo(storage: str) -> int:
     input_dir = os.path.join(os.path.dirname(storage.rstrip("/")), "input")
     paths = write_demo_shards(input_dir)
     print(f"[semdedup] demo: {len(paths)} shards of Python standard-library docstrings in {input_dir}")
-    settings = load_settings(storage, input=input_dir, modality="text", max_length=128)
+    settings = load_settings(storage, use_stored=False, input=input_dir, modality="text", max_length=128)
     return cmd_run(settings)
 
 

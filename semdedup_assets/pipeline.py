@@ -47,16 +47,6 @@ class PipelineResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def default_dagster_home(settings: Settings) -> str:
-    """DAGSTER_HOME: the environment's, else a folder inside a local storage root."""
-    if os.environ.get("DAGSTER_HOME"):
-        return os.environ["DAGSTER_HOME"]
-    storage = settings.storage_root()
-    if not storage.local:
-        raise PipelineError("set DAGSTER_HOME when the storage root is not a local folder")
-    return str(storage.root / "dagster_home")
-
-
 def visible_gpus() -> int:
     """CUDA devices torch can see (0 without a GPU or a CUDA build)."""
     try:

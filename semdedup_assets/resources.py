@@ -1,65 +1,77 @@
-"""Resources: the pipeline settings, and a per-process cache of loaded encoders."""
+"""Resources: the pipeline settings as a Dagster resource, derived from `Settings`.
+
+The resource's fields are generated from `core.config.Settings` (names, types and
+defaults), so every knob is defined once; the launchpad shows them all and
+`settings()` turns the resource back into the plain `Settings` the core functions take.
+"""
 
 from __future__ import annotations
 
 import functools
+import typing
+from typing import Any, Literal
 
 import dagster as dg
 
-from semdedup_assets.core.config import Settings
+from semdedup_assets.core.config import Settings, default_of, field_types, knobs
 from semdedup_assets.core.encoders import Encoder, create_encoder
 from semdedup_assets.core.storage import Storage
 
 
-class SemDedupConfig(dg.ConfigurableResource):
-    """Every knob of the pipeline (see the README's configuration table)."""
+def _resource_type(tp: Any) -> Any:
+    """Dagster config types for a Settings type: Literals become str (Settings validates), tuples lists."""
+    if typing.get_origin(tp) is Literal:
+        return str
+    if typing.get_origin(tp) is tuple:
+        return list[typing.get_args(tp)[0]]
+    return tp
 
-    storage: str
-    input: str | None = None
-    modality: str = "text"
-    column: str | None = None
-    id_column: str = "id"
-    model: str | None = None
-    pretrained: str | None = None
-    num_workers: int = 2
-    strict: bool = False
-    pooling: str = "mean"
-    max_length: int = 256
-    batch_size: int = 64
-    device: str = "auto"
-    clusters: int | None = None
-    kmeans_iterations: int = 20
-    max_points_per_centroid: int = 256
-    seed: int = 0
-    eps: list[float] = list(Settings.eps)
-    keep: str = "hard"
-    buckets: int = 16
-    block_size: int = 1024
-    embedding_dtype: str = "float32"
-    precision: str = "fp32"
+
+def _resource_fields() -> dict[str, Any]:
+    annotations: dict[str, Any] = {}
+    namespace: dict[str, Any] = {}
+    types = field_types()
+    for f in knobs():
+        annotations[f.name] = _resource_type(types[f.name])
+        default = default_of(f)
+        if f.name == "storage":
+            continue  # required: a resource always names its storage root
+        namespace[f.name] = list(default) if isinstance(default, tuple) else default
+    namespace["__annotations__"] = annotations
+    return namespace
+
+
+class _SemDedupConfigBase(dg.ConfigurableResource):
+    """Methods of the settings resource; its fields come from Settings."""
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "SemDedupConfig":
         """The resource for a Settings object."""
-        fields = {k: getattr(settings, k) for k in cls.model_fields}
-        fields["eps"] = list(settings.eps)
-        return cls(**fields)
+        values = {f.name: getattr(settings, f.name) for f in knobs()}
+        return cls(**{k: list(v) if isinstance(v, tuple) else v for k, v in values.items()})
 
     def settings(self) -> Settings:
         """The plain Settings the core functions take."""
-        values = {k: getattr(self, k) for k in type(self).model_fields}
+        values = {f.name: getattr(self, f.name) for f in knobs()}
         values["eps"] = tuple(values["eps"])
         return Settings(**values)
 
     def storage_root(self) -> Storage:
         """The storage root."""
-        return Storage(self.storage)
+        return self.settings().storage_root()
 
     def encoder(self) -> Encoder:
         """The encoder for the configured modality, loaded once per process."""
         return _cached_encoder(self.modality, self.model, self.pretrained, self.pooling, self.max_length,
                                self.batch_size, self.num_workers, self.device)
 
+
+# Every knob of the pipeline (see the README's configuration table), generated from Settings.
+SemDedupConfig = type("SemDedupConfig", (_SemDedupConfigBase,),
+                      {"__module__": __name__, "__doc__": "Every knob of the pipeline, derived from Settings.",
+                       **_resource_fields()})
+
+__all__ = ["SemDedupConfig"]
 
 # Text through CLIP's text tower: --model open_clip:ARCH (or open_clip:local-dir:PATH).
 OPEN_CLIP_PREFIX = "open_clip:"

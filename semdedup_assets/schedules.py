@@ -6,11 +6,8 @@ import dagster as dg
 
 from semdedup_assets.jobs import centroids_job
 
-DEFAULT_RETRAIN_CRON = "0 3 * * 0"  # weekly, Sunday 03:00
-
-
-def build_retrain_schedule(cron: str = DEFAULT_RETRAIN_CRON) -> dg.ScheduleDefinition:
-    """The schedule that re-trains the centroids."""
+def build_retrain_schedule(cron: str) -> dg.ScheduleDefinition:
+    """The schedule that re-trains the centroids (cron: the `retrain_cron` knob)."""
     return dg.ScheduleDefinition(
         name="retrain_centroids_schedule", job=centroids_job, cron_schedule=cron,
         default_status=dg.DefaultScheduleStatus.STOPPED,

@@ -2,7 +2,6 @@
 
 
 import json
-import os
 
 import dagster as dg
 
@@ -24,23 +23,17 @@ def scan_input(location: str, cursor: str | None) -> tuple[dict[str, str], list[
     return now, new, changed, vanished
 
 
-def default_status() -> dg.DefaultSensorStatus:
-    """Sensors start stopped (switch them on in the UI) unless SEMDEDUP_SENSORS=on."""
-    on = os.environ.get("SEMDEDUP_SENSORS", "").lower() in ("1", "on", "true", "running")
-    return dg.DefaultSensorStatus.RUNNING if on else dg.DefaultSensorStatus.STOPPED
-
-
-def sensor_interval() -> int:
-    """Seconds between sensor ticks (SEMDEDUP_SENSOR_INTERVAL, default 30)."""
-    return int(os.environ.get("SEMDEDUP_SENSOR_INTERVAL", "30"))
+def default_status(settings: Settings) -> dg.DefaultSensorStatus:
+    """Sensors start stopped (switch them on in the UI) unless the `sensors` knob is on."""
+    return dg.DefaultSensorStatus.RUNNING if settings.sensors else dg.DefaultSensorStatus.STOPPED
 
 
 def build_shard_sensor(settings: Settings, minimum_interval_seconds: int | None = None) -> dg.SensorDefinition:
     """The sensor watching `settings.input` for shard files."""
 
     @dg.sensor(
-        name="shard_sensor", job=ingest_job, minimum_interval_seconds=minimum_interval_seconds or sensor_interval(),
-        default_status=default_status(),
+        name="shard_sensor", job=ingest_job, minimum_interval_seconds=minimum_interval_seconds or settings.sensor_interval,
+        default_status=default_status(settings),
         description="Registers new shard files as `shards` partitions and requests their ingest runs.",
     )
     def shard_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
@@ -104,12 +97,12 @@ def stale_buckets(instance: dg.DagsterInstance, after_storage_id: int) -> tuple[
     return stale, newest
 
 
-def build_bucket_sensor(minimum_interval_seconds: int | None = None) -> dg.SensorDefinition:
+def build_bucket_sensor(settings: Settings, minimum_interval_seconds: int | None = None) -> dg.SensorDefinition:
     """The sensor that re-runs only the cluster buckets whose clusters gained or lost items."""
 
     @dg.sensor(
-        name="bucket_sensor", job=dedup_job, minimum_interval_seconds=minimum_interval_seconds or sensor_interval(),
-        default_status=default_status(),
+        name="bucket_sensor", job=dedup_job, minimum_interval_seconds=minimum_interval_seconds or settings.sensor_interval,
+        default_status=default_status(settings),
         description="After cluster_assignments changes, requests semantic_duplicates for the touched buckets only.",
     )
     def bucket_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
@@ -127,10 +120,10 @@ def build_bucket_sensor(minimum_interval_seconds: int | None = None) -> dg.Senso
     return bucket_sensor
 
 
-def build_automation_sensor() -> dg.AutomationConditionSensorDefinition:
+def build_automation_sensor(settings: Settings) -> dg.AutomationConditionSensorDefinition:
     """Evaluates the assets' automation conditions (assignment of new shards, keep-lists after buckets)."""
     return dg.AutomationConditionSensorDefinition(
-        "automation_sensor", target=dg.AssetSelection.all(), default_status=default_status(),
-        minimum_interval_seconds=sensor_interval(),
+        "automation_sensor", target=dg.AssetSelection.all(), default_status=default_status(settings),
+        minimum_interval_seconds=settings.sensor_interval,
         description="cluster_assignments follow new embeddings and re-trained centroids; keep_lists follow the buckets.",
     )

@@ -10,13 +10,15 @@ from pathlib import Path
 import dagster as dg
 
 from semdedup_assets.core.config import Settings
-from semdedup_assets.definitions import build_definitions, defs
+from semdedup_assets.definitions import build_definitions, load_definitions
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = {"raw_shards", "embeddings", "centroids", "cluster_assignments", "semantic_duplicates", "keep_lists"}
 
 
-def test_definitions_load() -> None:
+def test_definitions_load(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("SEMDEDUP_STORAGE", str(tmp_path))
+    defs = load_definitions()
     dg.Definitions.validate_loadable(defs)
     keys = {spec.key.to_user_string() for spec in defs.resolve_all_asset_specs()}
     assert keys == ASSETS

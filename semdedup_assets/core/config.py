@@ -1,69 +1,119 @@
-"""Settings shared by the command line, the Dagster definitions and the assets.
+"""The one settings model: every knob of the pipeline, defined once.
 
-One JSON file in the storage root (`semdedup.json`) records what `semdedup run` was
-asked for, so that `dagster dev` on the same storage loads the same graph (the bucket
-count shapes the partitions) and the same knobs. Environment variables
-`SEMDEDUP_<FIELD>` override it.
+`Settings` is a frozen dataclass whose fields carry their help text, command-line flag
+and allowed values (as `Literal` types). The `semdedup run` options
+(`semdedup_assets.cli`) and the Dagster resource `SemDedupConfig`
+(`semdedup_assets.resources`) are both derived from these fields, so a knob added here
+appears in both, and `test_settings_model.py` fails if they drift apart.
+
+Where values come from (this module is the only place that reads the environment):
+- `semdedup run`: defaults, then `SEMDEDUP_<NAME>` environment variables, then the flags
+  given on the command line. Settings of an earlier run are *not* re-applied; a flag left
+  out means its default, and the run warns about every setting that differs from the
+  stored run's (`changed_settings`).
+- everything that works on an existing storage (`dagster dev`, sensors, `forget`, `sql`):
+  defaults, then the stored run's `<storage>/semdedup.json`, then `SEMDEDUP_<NAME>`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from semdedup_assets.core.storage import Storage, atomic_write_bytes
 
-MODALITIES = ("text", "image", "embedding")
+Modality = Literal["text", "image", "embedding"]
+Pooling = Literal["mean", "cls", "last_token"]
+KeepStrategy = Literal["hard", "easy", "random"]
+EmbeddingDtype = Literal["float32", "float16"]
+Precision = Literal["fp32", "fp16", "bf16"]
+
+MODALITIES: tuple[str, ...] = typing.get_args(Modality)
+KEEP_STRATEGIES: tuple[str, ...] = typing.get_args(KeepStrategy)
+PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
 DEFAULT_EPS = (0.0001, 0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3)
 DEFAULT_STORAGE = ".storage"
+ENV_PREFIX = "SEMDEDUP_"
+AUTO = "auto"  # `--clusters auto`: the default k, round(sqrt(items))
+
+
+def knob(default: Any, help: str, *, flag: str | None = "", metavar: str | None = None,
+         default_factory: Any = None) -> Any:
+    """A Settings field with its help text and command-line flag.
+
+    `flag=""` derives `--name-with-dashes` from the field name; `flag=None` keeps the knob
+    off the `semdedup run` command line (it is still in the resource, the stored settings
+    and the environment).
+    """
+    metadata = {"help": help, "flag": flag, "metavar": metavar}
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True)
 class Settings:
     """Every knob of the pipeline, with the defaults a new user gets."""
 
-    storage: str = DEFAULT_STORAGE
-    input: str | None = None
-    modality: str = "text"
-    column: str | None = None  # payload column; None -> the modality's name
-    id_column: str = "id"
-    model: str | None = None  # None -> the modality's default (offline all-MiniLM-L6-v2 for text)
-    pretrained: str | None = None  # open_clip: a pretrained tag or a local checkpoint file
-    num_workers: int = 2  # image decoding worker processes
-    strict: bool = False  # image modality: fail on an undecodable image instead of rejecting it
-    pooling: str = "mean"
-    max_length: int = 256
-    batch_size: int = 64
-    device: str = "auto"
-    clusters: int | None = None  # None -> round(sqrt(items))
-    kmeans_iterations: int = 20
-    max_points_per_centroid: int = 256
-    seed: int = 0
-    eps: tuple[float, ...] = DEFAULT_EPS
-    keep: str = "hard"
-    buckets: int = 16
-    block_size: int = 1024
-    embedding_dtype: str = "float32"  # stored embeddings: float32, or float16 (half the I/O; fp32 compute)
-    precision: str = "fp32"  # pairwise tiles: fp32, or fp16/bf16 (GPU) with an fp32 re-check near every 1 - eps
-    extra: dict[str, Any] = field(default_factory=dict)
+    storage: str = knob(DEFAULT_STORAGE, "storage root: local folder or fsspec URL", flag=None)
+    input: str | None = knob(None, "folder (or fsspec URL) of .parquet/.jsonl/.jsonl.gz/.tar/.npy shards, or one file")
+    modality: Modality = knob("text", "payload kind")
+    column: str | None = knob(None, "payload column (default: the modality's name: text, image or embedding)")
+    id_column: str = knob("id", "id column (if this default column is absent, ids are <shard>:<row>)")
+    model: str | None = knob(None, "text: HF model name or local path (default: the offline all-MiniLM-L6-v2), or "
+                             "open_clip:ARCH for CLIP's text tower; image: open_clip ARCH, local-dir:PATH or "
+                             "hf-hub:ORG/REPO")
+    pretrained: str | None = knob(None, "open_clip: pretrained tag (online) or local checkpoint file")
+    num_workers: int = knob(2, "image decoding worker processes", flag="--workers")
+    strict: bool = knob(False, "image modality: fail on an undecodable image instead of recording it in `rejected`")
+    pooling: Pooling = knob("mean", "text pooling")
+    max_length: int = knob(256, "max tokens per text")
+    batch_size: int = knob(64, "encoder batch size")
+    device: str = knob("auto", "auto, cpu, cuda or cuda:N")
+    clusters: int | None = knob(None, "k for spherical k-means, or auto for round(sqrt(items))", metavar="K|auto")
+    kmeans_iterations: int = knob(20, "k-means iterations", flag="--iterations")
+    max_points_per_centroid: int = knob(256, "k-means training sample per centroid")
+    seed: int = knob(0, "seed for k-means sampling/training and the random order")
+    eps: tuple[float, ...] = knob(None, "comma-separated eps values", default_factory=lambda: DEFAULT_EPS,
+                                  metavar="E1,E2,...")
+    keep: KeepStrategy = knob("hard", "cluster order: hard (far from the centroid first), easy, random")
+    buckets: int = knob(16, "cluster buckets = partitions of semantic_duplicates")
+    block_size: int = knob(1024, "tile size of the pairwise kernel")
+    embedding_dtype: EmbeddingDtype = knob("float32", "stored embeddings: float32, or float16 (half the I/O; "
+                                           "compute stays fp32)")
+    precision: Precision = knob("fp32", "pairwise tiles: fp32, or fp16/bf16 on a GPU with an exact fp32 re-check "
+                                "of every item near a threshold 1 - eps")
+    # Operations knobs: the code location (`dagster dev`), not a single `semdedup run`.
+    sensors: bool = knob(False, "start the sensors running when the code location loads", flag=None)
+    sensor_interval: int = knob(30, "seconds between sensor ticks", flag=None)
+    retrain_cron: str = knob("0 3 * * 0", "cron of retrain_centroids_schedule (default weekly, Sunday 03:00)",
+                             flag=None)
+    backfill_batch: int = knob(64, "shards per run of a per-shard backfill (BackfillPolicy.multi_run)", flag=None)
+    progress_interval: float = knob(10.0, "seconds between progress lines in a run's event log", flag=None)
+    catalog: str = knob("catalog.duckdb", "DuckDB catalog file when the storage root is not a local folder",
+                        flag=None)
+    extra: dict[str, Any] = field(default_factory=dict, metadata={"flag": None, "internal": True})
 
     def __post_init__(self) -> None:
-        if self.modality not in MODALITIES:
-            raise ValueError(f"modality must be one of {MODALITIES}, got {self.modality!r}")
-        if self.keep not in ("hard", "easy", "random"):
-            raise ValueError(f"keep must be hard, easy or random, got {self.keep!r}")
+        for f in knobs():
+            allowed = allowed_values(f)
+            if allowed and getattr(self, f.name) not in allowed:
+                raise ValueError(f"{f.name} must be one of {', '.join(allowed)}, got {getattr(self, f.name)!r}")
         if self.clusters is not None and self.clusters < 1:
-            raise ValueError(f"clusters must be >= 1, got {self.clusters}")
-        if self.buckets < 1:
-            raise ValueError(f"buckets must be >= 1, got {self.buckets}")
-        if self.embedding_dtype not in ("float32", "float16"):
-            raise ValueError(f"embedding_dtype must be float32 or float16, got {self.embedding_dtype!r}")
-        if self.precision not in ("fp32", "fp16", "bf16"):
-            raise ValueError(f"precision must be fp32, fp16 or bf16, got {self.precision!r}")
+            raise ValueError(f"clusters must be >= 1 (or auto), got {self.clusters}")
+        for name in ("buckets", "block_size", "batch_size", "max_length", "kmeans_iterations",
+                     "max_points_per_centroid", "backfill_batch", "sensor_interval"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
         if not self.eps or any(not 0.0 < e < 1.0 for e in self.eps):
             raise ValueError(f"every eps must lie in (0, 1), got {self.eps}")
         object.__setattr__(self, "eps", tuple(sorted(set(float(e) for e in self.eps))))
@@ -80,7 +130,7 @@ class Settings:
 
     def storage_root(self) -> Storage:
         """The storage root object."""
-        return Storage(self.storage)
+        return Storage(self.storage, catalog=self.catalog)
 
     def n_clusters(self, n_items: int) -> int:
         """k for a dataset of n_items: the configured value, else round(sqrt(n))."""
@@ -89,53 +139,148 @@ class Settings:
         k = self.clusters if self.clusters is not None else max(1, round(math.sqrt(n_items)))
         return min(k, n_items)
 
+    def to_dict(self) -> dict[str, Any]:
+        """Every knob as plain JSON-able values."""
+        out = dataclasses.asdict(self)
+        out["eps"] = list(self.eps)
+        return out
+
     def to_json(self) -> str:
         """Serialise (for semdedup.json)."""
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     def replace(self, **changes: Any) -> "Settings":
         """A copy with some fields changed (None values are ignored)."""
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
-_FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+def knobs() -> tuple[dataclasses.Field, ...]:
+    """The user-facing fields of Settings (everything but internal ones), in order."""
+    return tuple(f for f in dataclasses.fields(Settings) if not f.metadata.get("internal"))
 
 
-def _coerce(name: str, raw: Any) -> Any:
+@functools.lru_cache(maxsize=1)
+def field_types() -> dict[str, Any]:
+    """The resolved type of every Settings field."""
+    return typing.get_type_hints(Settings)
+
+
+def allowed_values(f: dataclasses.Field) -> tuple[str, ...]:
+    """The allowed values of a Literal-typed knob, else ()."""
+    tp = field_types()[f.name]
+    return typing.get_args(tp) if typing.get_origin(tp) is Literal else ()
+
+
+def base_type(name: str) -> type:
+    """The scalar type behind a knob (`int | None` -> int, Literal[...] -> str, tuple[float, ...] -> float)."""
+    tp = field_types()[name]
+    if typing.get_origin(tp) is Literal:
+        return str
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) is tuple:
+        return args[0]
+    if args:
+        return args[0]
+    return tp
+
+
+def default_of(f: dataclasses.Field) -> Any:
+    """A field's default value."""
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+
+
+_TRUE = ("1", "true", "yes", "on", "running")
+_FALSE = ("0", "false", "no", "off", "stopped", "")
+
+
+def coerce(name: str, raw: Any) -> Any:
+    """Turn a raw value (a string from the environment or a flag, or JSON) into the knob's type."""
     if raw is None or name == "extra":
         return raw
+    kind = base_type(name)
     if name == "eps":
-        if isinstance(raw, str):
-            return tuple(float(x) for x in raw.split(",") if x.strip())
-        return tuple(float(x) for x in raw)
-    if name == "strict":
-        return raw if isinstance(raw, bool) else str(raw).lower() in ("1", "true", "yes", "on")
-    if name in ("num_workers", "max_length", "batch_size", "kmeans_iterations", "max_points_per_centroid", "seed", "buckets", "block_size"):
-        return int(raw)
-    if name == "clusters":
-        return None if raw in ("", "auto", "none") else int(raw)
+        items = raw.split(",") if isinstance(raw, str) else raw
+        try:
+            return tuple(float(x) for x in items if str(x).strip())
+        except ValueError:
+            raise ValueError(f"eps must be comma-separated numbers, got {raw!r}") from None
+    if kind is bool:
+        if isinstance(raw, bool):
+            return raw
+        text = str(raw).strip().lower()
+        if text in _TRUE or text in _FALSE:
+            return text in _TRUE
+        raise ValueError(f"{name} must be on or off, got {raw!r}")
+    if name == "clusters" and isinstance(raw, str) and raw.strip().lower() in (AUTO, "none", ""):
+        return None
+    if kind in (int, float):
+        try:
+            return kind(raw)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {raw!r}") from None
     return str(raw)
 
 
-def load_settings(storage: str | None = None, **overrides: Any) -> Settings:
-    """Defaults, then `<storage>/semdedup.json`, then SEMDEDUP_* env vars, then overrides."""
-    values: dict[str, Any] = {}
-    storage = storage or os.environ.get("SEMDEDUP_STORAGE") or DEFAULT_STORAGE
+def environment_overrides(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The knobs set by `SEMDEDUP_<NAME>` environment variables."""
+    environ = os.environ if environ is None else environ
+    return {f.name: environ[ENV_PREFIX + f.name.upper()] for f in knobs() if ENV_PREFIX + f.name.upper() in environ}
+
+
+def storage_location(storage: str | None = None) -> str:
+    """The storage root: the given one, else $SEMDEDUP_STORAGE, else the default."""
+    return storage or os.environ.get(ENV_PREFIX + "STORAGE") or DEFAULT_STORAGE
+
+
+def stored_settings(storage: str) -> dict[str, Any]:
+    """The raw values recorded by the last `semdedup run` on this storage ({} if none)."""
     settings_file = Storage(storage).settings_file
-    if settings_file.exists():
-        values.update(json.loads(settings_file.read_text()))
-    for name in _FIELDS:
-        env = os.environ.get(f"SEMDEDUP_{name.upper()}")
-        if env is not None:
-            values[name] = env
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    values["storage"] = storage
-    unknown = set(values) - set(_FIELDS)
+    if not settings_file.exists():
+        return {}
+    try:
+        return dict(json.loads(settings_file.read_text()))
+    except (ValueError, OSError) as err:
+        raise ValueError(f"cannot read the stored settings {settings_file}: {err}") from None
+
+
+def _build(values: dict[str, Any]) -> Settings:
+    unknown = set(values) - {f.name for f in dataclasses.fields(Settings)}
     if unknown:
         raise ValueError(f"unknown settings: {sorted(unknown)}")
-    return Settings(**{k: _coerce(k, v) for k, v in values.items()})
+    return Settings(**{k: coerce(k, v) for k, v in values.items()})
+
+
+def load_settings(storage: str | None = None, *, use_stored: bool = True, **overrides: Any) -> Settings:
+    """Defaults, then (if `use_stored`) `<storage>/semdedup.json`, then SEMDEDUP_* env vars, then overrides.
+
+    `semdedup run` passes `use_stored=False`: the command line (and the environment) is the
+    whole truth for a new run; everything else works on what the storage already holds.
+    """
+    storage = storage_location(storage)
+    values: dict[str, Any] = stored_settings(storage) if use_stored else {}
+    values.update(environment_overrides())
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    values["storage"] = storage
+    return _build(values)
+
+
+def changed_settings(settings: Settings) -> dict[str, tuple[Any, Any]]:
+    """Knobs whose value differs from the run stored in the same storage: {name: (stored, now)}."""
+    raw = stored_settings(settings.storage)
+    if not raw:
+        return {}
+    try:
+        stored = _build({**raw, "storage": settings.storage})
+    except ValueError:
+        return {}  # an older or hand-edited file: nothing sensible to compare
+    now, before = settings.to_dict(), stored.to_dict()
+    return {k: (before[k], now[k]) for k in now if k != "extra" and before[k] != now[k]}
 
 
 def save_settings(settings: Settings) -> None:
-    """Record the settings in the storage root."""
-    atomic_write_bytes(settings.to_json().encode(), settings.storage_root().settings_file)
+    """Record the settings in the storage root, with local paths made absolute."""
+    from semdedup_assets.core.storage import to_upath
+
+    absolute = settings.replace(storage=str(to_upath(settings.storage)),
+                                input=str(to_upath(settings.input)) if settings.input else None)
+    atomic_write_bytes(absolute.to_json().encode(), settings.storage_root().settings_file)

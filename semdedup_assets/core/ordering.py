@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from typing import Literal
 
 import numpy as np
 
-KeepStrategy = Literal["hard", "easy", "random"]
-STRATEGIES: tuple[str, ...] = ("hard", "easy", "random")
+from semdedup_assets.core.config import KEEP_STRATEGIES as STRATEGIES
 
 
 def validate_strategy(strategy: str) -> str:

@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
+from semdedup_assets.core.config import PRECISIONS
 from semdedup_assets.core.ordering import cluster_order
 
 ArrayLike2D = np.ndarray | torch.Tensor
@@ -63,7 +64,6 @@ def torch_threads(num_threads: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16")
 _LOW = {"fp16": (torch.float16, 11), "bf16": (torch.bfloat16, 8)}  # dtype, significand bits
 
 

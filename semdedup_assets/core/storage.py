@@ -72,8 +72,9 @@ def is_local(path: UPath) -> bool:
 class Storage:
     """The storage root and the layout of every stage's files below it."""
 
-    def __init__(self, root: str | os.PathLike[str] | UPath) -> None:
+    def __init__(self, root: str | os.PathLike[str] | UPath, catalog: str = "catalog.duckdb") -> None:
         self.root = to_upath(root)
+        self.catalog = catalog  # the catalog file's path when the root is not local
 
     def __repr__(self) -> str:
         return f"Storage({str(self.root)!r})"
@@ -113,7 +114,7 @@ class Storage:
     def catalog_file(self) -> Path:
         """The DuckDB catalog (always local: DuckDB needs a file it can lock)."""
         if not self.local:
-            return Path(os.environ.get("SEMDEDUP_CATALOG", "catalog.duckdb")).absolute()
+            return Path(self.catalog).absolute()
         return Path(str(self.root)) / "catalog.duckdb"
 
     @property
