@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import functools
-
 import dagster as dg
 
 from semdedup_assets.core.config import Settings
-from semdedup_assets.core.encoders import Encoder, create_encoder
+from semdedup_assets.core.encoders import Encoder, encoder_for
 from semdedup_assets.core.storage import Storage
 
 
@@ -57,22 +55,5 @@ class SemDedupConfig(dg.ConfigurableResource):
 
     def encoder(self) -> Encoder:
         """The encoder for the configured modality, loaded once per process."""
-        return _cached_encoder(self.modality, self.model, self.pretrained, self.pooling, self.max_length,
-                               self.batch_size, self.num_workers, self.device)
+        return encoder_for(self.settings())
 
-
-# Text through CLIP's text tower: --model open_clip:ARCH (or open_clip:local-dir:PATH).
-OPEN_CLIP_PREFIX = "open_clip:"
-
-
-@functools.lru_cache(maxsize=4)
-def _cached_encoder(modality: str, model: str | None, pretrained: str | None, pooling: str, max_length: int,
-                    batch_size: int, num_workers: int, device: str) -> Encoder:
-    options: dict[str, object] = {"device": device, "batch_size": batch_size}
-    if modality == "text" and model and model.startswith(OPEN_CLIP_PREFIX):
-        return create_encoder("clip_text", model[len(OPEN_CLIP_PREFIX):], pretrained=pretrained, **options)
-    if modality == "text":
-        options.update(pooling=pooling, max_length=max_length)
-    elif modality == "image":
-        options.update(pretrained=pretrained, num_workers=num_workers)
-    return create_encoder(modality, model, **options)

@@ -49,6 +49,8 @@ class Settings:
     block_size: int = 1024
     embedding_dtype: str = "float32"  # stored embeddings: float32, or float16 (half the I/O; fp32 compute)
     precision: str = "fp32"  # pairwise tiles: fp32, or fp16/bf16 (GPU) with an fp32 re-check near every 1 - eps
+    backfill_batch: int = 64  # per-shard assets: partitions per run of a backfill (tens of runs, not thousands)
+    progress_interval: float = 10.0  # seconds between progress log lines of a range run (each line is an event row)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -58,6 +60,8 @@ class Settings:
             raise ValueError(f"keep must be hard, easy or random, got {self.keep!r}")
         if self.clusters is not None and self.clusters < 1:
             raise ValueError(f"clusters must be >= 1, got {self.clusters}")
+        if self.backfill_batch < 1:
+            raise ValueError(f"backfill_batch must be >= 1, got {self.backfill_batch}")
         if self.buckets < 1:
             raise ValueError(f"buckets must be >= 1, got {self.buckets}")
         if self.embedding_dtype not in ("float32", "float16"):
@@ -110,8 +114,11 @@ def _coerce(name: str, raw: Any) -> Any:
         return tuple(float(x) for x in raw)
     if name == "strict":
         return raw if isinstance(raw, bool) else str(raw).lower() in ("1", "true", "yes", "on")
-    if name in ("num_workers", "max_length", "batch_size", "kmeans_iterations", "max_points_per_centroid", "seed", "buckets", "block_size"):
+    if name in ("num_workers", "max_length", "batch_size", "kmeans_iterations", "max_points_per_centroid", "seed", "buckets", "block_size",
+                "backfill_batch"):
         return int(raw)
+    if name == "progress_interval":
+        return float(raw)
     if name == "clusters":
         return None if raw in ("", "auto", "none") else int(raw)
     return str(raw)
