@@ -2,12 +2,11 @@
 
 
 import dagster as dg
-import numpy as np
 
-from semdedup_assets.assets.common import EAGER, GPU_OP_TAGS, GPU_POOL, run_metadata, run_partition_keys, shard_backfill_policy, timed
+from semdedup_assets.assets.common import EAGER, GPU_OP_TAGS, GPU_POOL, core_failures, run_metadata, run_partition_keys, shard_backfill_policy, timed
 from semdedup_assets.core import storage as st
 from semdedup_assets.core.assign import assign_shard
-from semdedup_assets.core.centroids import MissingCentroidsError, load_centroids, train_centroids
+from semdedup_assets.core.centroids import load_centroids, train_centroids
 from semdedup_assets.core.config import Settings
 from semdedup_assets.partitions import SHARDS_PARTITIONS_NAME, shard_partitions
 from semdedup_assets.resources import SemDedupConfig
@@ -26,14 +25,6 @@ def registered_stage_files(instance: dg.DagsterInstance, storage: st.Storage, st
         raise dg.Failure(f"{len(missing)} registered shard(s) have no {stage} yet (e.g. {missing[:5]}): "
                          f"materialize {stage} for them first")
     return files
-
-
-def centroid_matrix(storage: st.Storage) -> np.ndarray:
-    """The trained centroids; a Dagster failure when there are none yet."""
-    try:
-        return load_centroids(storage)
-    except MissingCentroidsError as err:
-        raise dg.Failure(str(err)) from None
 
 
 @dg.asset(
@@ -73,7 +64,8 @@ def build_cluster_assignments(settings: Settings) -> dg.AssetsDefinition:
     def cluster_assignments(context: dg.AssetExecutionContext, semdedup: SemDedupConfig) -> dg.MaterializeResult:
         """Each item's nearest centroid and cosine similarity to it, sorted by (cluster, id)."""
         config = semdedup.settings()
-        cents = centroid_matrix(semdedup.storage_root())
+        with core_failures():
+            cents = load_centroids(semdedup.storage_root())
         per_shard: list[dict[str, object]] = []
         problems: list[str] = []
         buckets: set[str] = set()

@@ -10,7 +10,11 @@ import warnings
 
 import dagster as dg
 
+from semdedup_assets.core.centroids import MissingCentroidsError
 from semdedup_assets.core.config import Settings
+from semdedup_assets.core.embed import EmbedError
+from semdedup_assets.core.ingest import DuplicateIdsError
+from semdedup_assets.core.shards import ShardError
 
 # backfill_policy is a beta parameter; users need not see the notice on every import.
 warnings.filterwarnings("ignore", category=dg.BetaWarning)
@@ -51,6 +55,20 @@ class ProgressLog:
         if self._last is None or self.done == self.total or now - self._last >= self.interval:
             self.log.info(f"[{self.done}/{self.total}] {message}")
             self._last = now
+
+
+# The core's errors about the data: their messages name the shard, row or file.
+CORE_ERRORS = (ShardError, DuplicateIdsError, EmbedError, MissingCentroidsError)
+
+
+@contextmanager
+def core_failures() -> Iterator[None]:
+    """Turn a core error about the data into a dg.Failure with its message and where it happened."""
+    try:
+        yield
+    except CORE_ERRORS as err:
+        where = {k: v for k in ("shard", "row", "reason") if (v := getattr(err, k, None)) is not None}
+        raise dg.Failure(description=str(err), metadata=where) from None
 
 
 def run_partition_keys(context: dg.AssetExecutionContext) -> list[str]:

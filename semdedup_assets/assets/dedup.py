@@ -6,11 +6,11 @@ partition keys, call them and report metadata and checks.
 
 
 import dagster as dg
-import numpy as np
 
-from semdedup_assets.assets.cluster import centroid_matrix, registered_stage_files
-from semdedup_assets.assets.common import EAGER, GPU_OP_TAGS, GPU_POOL, ProgressLog, timed
+from semdedup_assets.assets.cluster import registered_stage_files
+from semdedup_assets.assets.common import EAGER, GPU_OP_TAGS, GPU_POOL, ProgressLog, core_failures, timed
 from semdedup_assets.core import storage as st
+from semdedup_assets.core.centroids import load_centroids
 from semdedup_assets.core.config import Settings
 from semdedup_assets.core.dedup import TOP_PAIRS, Pair, dedup_bucket
 from semdedup_assets.core.encoders import resolve_device
@@ -42,7 +42,8 @@ def build_semantic_duplicates(settings: Settings) -> dg.AssetsDefinition:
         storage = semdedup.storage_root()
         if config.buckets != buckets:
             raise dg.Failure(f"the resource says {config.buckets} buckets but the partitions have {buckets}")
-        k = len(centroid_matrix(storage))
+        with core_failures():
+            k = len(load_centroids(storage))
         files = list(registered_stage_files(context.instance, storage, st.CLUSTER_ASSIGNMENTS).values())
         problems: list[str] = []
         summary: dict[str, object] = {}
@@ -127,9 +128,9 @@ def build_keep_lists_asset(settings: Settings) -> dg.AssetsDefinition:
         meta = {
             "items": r.items, "clusters": len(r.cluster_sizes), "seconds": r.seconds, "eps_curve": eps_table,
             "eps_curve_plot": dg.MetadataValue.md(eps_curve_markdown([row["eps"] for row in r.eps_curve], fractions)),
-            "cluster_sizes": dg.MetadataValue.md(histogram_markdown(np.asarray(r.cluster_sizes), "cluster sizes", "members")),
+            "cluster_sizes": dg.MetadataValue.md(histogram_markdown(r.cluster_sizes, "cluster sizes", "members")),
             "max_sim_histogram": dg.MetadataValue.md(histogram_markdown(
-                np.asarray(r.max_sim_counts), "max_sim (non-first members)", "max_sim", edges=MAX_SIM_BINS)),
+                r.max_sim_counts, "max_sim (non-first members)", "max_sim", edges=MAX_SIM_BINS)),
             "top_pairs": dg.MetadataValue.md(pairs_markdown(r.top_pairs, r.texts)),
             f"top_pairs_below_{NEAR_EXACT}": dg.MetadataValue.md(pairs_markdown(r.near_pairs, r.texts)),
             "catalog": dg.MetadataValue.path(str(storage.catalog_file)),

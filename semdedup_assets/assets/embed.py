@@ -3,10 +3,10 @@
 
 import dagster as dg
 
-from semdedup_assets.assets.common import GPU_OP_TAGS, GPU_POOL, ProgressLog, run_metadata, run_partition_keys, shard_backfill_policy, timed
+from semdedup_assets.assets.common import GPU_OP_TAGS, GPU_POOL, ProgressLog, core_failures, run_metadata, run_partition_keys, shard_backfill_policy, timed
 from semdedup_assets.assets.ingest import input_shards
 from semdedup_assets.core.config import Settings
-from semdedup_assets.core.embed import EmbedError, embed_shard
+from semdedup_assets.core.embed import embed_shard
 from semdedup_assets.partitions import shard_partitions
 from semdedup_assets.resources import SemDedupConfig
 
@@ -39,10 +39,8 @@ def build_embeddings(settings: Settings) -> dg.AssetsDefinition:
             for key in keys:
                 if key not in files:
                     raise dg.Failure(f"shard {key!r} no longer exists under {semdedup.input}")
-                try:
+                with core_failures():
                     r = embed_shard(config, key, files[key], log=context.log.debug)
-                except EmbedError as err:
-                    raise dg.Failure(description=str(err), metadata={"shard": err.shard}) from None
                 dim = r.dim
                 rejected_total += r.rejected
                 renormalised_total += r.renormalised

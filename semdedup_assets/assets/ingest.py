@@ -3,11 +3,11 @@
 
 import dagster as dg
 
-from semdedup_assets.assets.common import ProgressLog, run_metadata, run_partition_keys, shard_backfill_policy
+from semdedup_assets.assets.common import ProgressLog, core_failures, run_metadata, run_partition_keys, shard_backfill_policy
 from semdedup_assets.core.catalog import duplicate_ids
 from semdedup_assets.core.config import Settings
-from semdedup_assets.core.ingest import DuplicateIdsError, duplicate_ids_message, ingest_shards
-from semdedup_assets.core.shards import ShardError, ShardFile, discover_shards
+from semdedup_assets.core.ingest import duplicate_ids_message, ingest_shards
+from semdedup_assets.core.shards import ShardFile, discover_shards
 from semdedup_assets.partitions import shard_partitions
 from semdedup_assets.resources import SemDedupConfig
 
@@ -17,11 +17,6 @@ def input_shards(config: SemDedupConfig) -> dict[str, ShardFile]:
     if not config.input:
         raise dg.Failure("no input location configured (set `input` on the semdedup resource or SEMDEDUP_INPUT)")
     return {s.key: s for s in discover_shards(config.input)}
-
-
-def shard_failure(err: ShardError) -> dg.Failure:
-    """A Dagster failure that names the shard and row."""
-    return dg.Failure(description=str(err), metadata={"shard": err.shard, "row": -1 if err.row is None else err.row, "reason": err.reason})
 
 
 def _preview(rows: list[tuple[str, str]], n_rows: int) -> str:
@@ -47,12 +42,8 @@ def build_raw_shards(settings: Settings) -> dg.AssetsDefinition:
         if missing:
             raise dg.Failure(f"shard(s) {missing[:5]} are registered but no longer exist under {semdedup.input}")
         progress = ProgressLog(context.log, len(keys), settings.progress_interval)
-        try:
+        with core_failures():
             r = ingest_shards(semdedup.settings(), [files[k] for k in keys], log=progress.step)
-        except ShardError as err:
-            raise shard_failure(err) from None
-        except DuplicateIdsError as err:
-            raise dg.Failure(description=str(err), metadata={"shard": err.dups[0][3], "row": err.dups[0][4]}) from None
         per_shard = [{"shard": s.key, "rows": s.rows, "input": s.input, "fingerprint": s.fingerprint} for s in r.shards]
         extra = {"rows": sum(s.rows for s in r.shards), "seconds": r.seconds}
         if len(r.shards) == 1:

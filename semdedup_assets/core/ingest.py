@@ -25,6 +25,7 @@ class DuplicateIdsError(ValueError):
     def __init__(self, dups: list[DuplicateId]) -> None:
         super().__init__(duplicate_ids_message(dups))
         self.dups = dups
+        self.shard, self.row = dups[0][3], dups[0][4]  # the later place of the first repeated id
 
 
 @dataclass
