@@ -33,6 +33,9 @@ def embeddings_schema(id_type: pa.DataType, dim: int, dtype: str = "float32") ->
     return pa.schema([pa.field("id", id_type), embedding_field("embedding", dim, dtype)])
 
 
+# raw files: these columns, plus the payload for the text modality.
+RAW_INDEX_SCHEMA = pa.schema([("id", pa.string()), ("shard", pa.string()), ("row", pa.int64())])
+
 REJECTED_SCHEMA = pa.schema([("id", pa.string()), ("shard", pa.string()), ("reason", pa.string())])
 
 

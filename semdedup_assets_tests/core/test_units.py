@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 
 from semdedup_assets.core import storage as st
 from semdedup_assets.core.assign import assign_shard, bucket_keys
+from semdedup_assets.core.catalog import query
 from semdedup_assets.core.centroids import MissingCentroidsError, load_centroids, train_centroids
 from semdedup_assets.core.config import Settings
 from semdedup_assets.core.dedup import dedup_bucket
@@ -61,6 +63,12 @@ def test_units_without_dagster_write_the_graphs_files(tmp_path: Path) -> None:
         ours = {p.name: p.read_bytes() for p in units.storage_root().stage_files(stage)}
         theirs = {p.name: p.read_bytes() for p in graph.storage_root().stage_files(stage)}
         assert ours and ours == theirs, stage
+    # The catalog's typed placeholders for stages without files (from schemas.py) match the real files.
+    empty = Settings(storage=str(tmp_path / "empty")).storage_root()
+    for view in ("items", "embeddings", "eps_curve", "raw_items", "cluster_assignments", "centroid_vectors"):
+        real, placeholder = ([(r[0], re.sub(r"\[\d+\]", "[]", r[1])) for r in query(s, f"DESCRIBE {view}")[1]]
+                             for s in (units.storage_root(), empty))  # FLOAT[8] and FLOAT[] alike
+        assert real == placeholder, view
     keep = results[-1]
     assert keep.items == 360 and keep.distinct_ids == 360 and sum(keep.cluster_sizes) == 360
     assert [r["eps"] for r in keep.eps_curve] == [0.001, 0.01, 0.1]
