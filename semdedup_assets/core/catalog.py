@@ -12,7 +12,17 @@ from collections.abc import Sequence
 from typing import Any
 
 import duckdb
+import pyarrow as pa
 
+from semdedup_assets.core.schemas import (
+    EPS_CURVE_SCHEMA,
+    RAW_INDEX_SCHEMA,
+    REJECTED_SCHEMA,
+    SEMANTIC_DUPLICATES_SCHEMA,
+    assignments_schema,
+    centroids_schema,
+    embeddings_schema,
+)
 from semdedup_assets.core.storage import (
     CENTROIDS,
     CLUSTER_ASSIGNMENTS,
@@ -26,39 +36,34 @@ from semdedup_assets.core.storage import (
 
 BUCKET_GLOB = "bucket-*.parquet"
 
-# view name -> (stage folder, glob below it, SELECT list, empty placeholder columns)
-_VIEWS: dict[str, tuple[str, str, str, str]] = {
-    "items": (
-        SEMANTIC_DUPLICATES, BUCKET_GLOB,
-        "id, shard, cluster, sim_to_centroid, max_sim, duplicate_of",
-        "NULL::VARCHAR AS id, NULL::VARCHAR AS shard, NULL::INTEGER AS cluster, NULL::DOUBLE AS sim_to_centroid, "
-        "NULL::DOUBLE AS max_sim, NULL::VARCHAR AS duplicate_of",
-    ),
-    "embeddings": (
-        EMBEDDINGS, "**/*.parquet", "id, embedding",
-        "NULL::VARCHAR AS id, NULL::FLOAT[] AS embedding",
-    ),
-    "eps_curve": (
-        KEEP_LISTS, "eps_curve.parquet", "eps, kept, removed, kept_fraction",
-        "NULL::DOUBLE AS eps, NULL::BIGINT AS kept, NULL::BIGINT AS removed, NULL::DOUBLE AS kept_fraction",
-    ),
-    "raw_items": (
-        RAW, "**/*.parquet", "*",
-        "NULL::VARCHAR AS id, NULL::VARCHAR AS shard, NULL::BIGINT AS row",
-    ),
-    "rejected": (
-        REJECTED, "**/*.parquet", "id, shard, reason",
-        "NULL::VARCHAR AS id, NULL::VARCHAR AS shard, NULL::VARCHAR AS reason",
-    ),
-    "cluster_assignments": (
-        CLUSTER_ASSIGNMENTS, "**/*.parquet", "id, shard, cluster, sim_to_centroid",
-        "NULL::VARCHAR AS id, NULL::VARCHAR AS shard, NULL::INTEGER AS cluster, NULL::FLOAT AS sim_to_centroid",
-    ),
-    "centroid_vectors": (
-        CENTROIDS, "centroids.parquet", "cluster, centroid",
-        "NULL::INTEGER AS cluster, NULL::FLOAT[] AS centroid",
-    ),
+# view name -> (stage folder, glob below it, columns (None: all), the stage's schema)
+_VIEWS: dict[str, tuple[str, str, tuple[str, ...] | None, pa.Schema]] = {
+    "items": (SEMANTIC_DUPLICATES, BUCKET_GLOB, ("id", "shard", "cluster", "sim_to_centroid", "max_sim", "duplicate_of"),
+              SEMANTIC_DUPLICATES_SCHEMA),
+    "embeddings": (EMBEDDINGS, "**/*.parquet", ("id", "embedding"), embeddings_schema(pa.string(), 1)),
+    "eps_curve": (KEEP_LISTS, "eps_curve.parquet", tuple(EPS_CURVE_SCHEMA.names), EPS_CURVE_SCHEMA),
+    "raw_items": (RAW, "**/*.parquet", None, RAW_INDEX_SCHEMA),
+    "rejected": (REJECTED, "**/*.parquet", tuple(REJECTED_SCHEMA.names), REJECTED_SCHEMA),
+    "cluster_assignments": (CLUSTER_ASSIGNMENTS, "**/*.parquet", ("id", "shard", "cluster", "sim_to_centroid"),
+                            assignments_schema(1)),
+    "centroid_vectors": (CENTROIDS, "centroids.parquet", ("cluster", "centroid"), centroids_schema(1)),
 }
+
+_SQL_TYPES = {pa.string(): "VARCHAR", pa.int32(): "INTEGER", pa.int64(): "BIGINT", pa.float32(): "FLOAT",
+              pa.float64(): "DOUBLE"}
+
+
+def _sql_type(type_: pa.DataType) -> str:
+    """The DuckDB type of an Arrow column type (vectors of any width read as FLOAT[])."""
+    if pa.types.is_list(type_) or pa.types.is_fixed_size_list(type_):
+        return _sql_type(type_.value_type) + "[]"
+    return _SQL_TYPES[type_]
+
+
+def _empty_select(schema: pa.Schema, columns: tuple[str, ...]) -> str:
+    """Typed NULL columns: the view of a stage that has no files yet (DuckDB refuses an empty glob)."""
+    return ", ".join(f"NULL::{_sql_type(schema.field(c).type)} AS {c}" for c in columns)
+
 
 # `centroids` joins the trained vectors with the live member counts.
 _CENTROIDS_VIEW = (
@@ -84,10 +89,12 @@ def _has_files(storage: Storage, stage: str, pattern: str) -> bool:
 def view_statements(storage: Storage) -> list[str]:
     """The CREATE VIEW statements for the catalog's current state."""
     statements = []
-    for name, (stage, pattern, select, empty) in _VIEWS.items():
+    for name, (stage, pattern, columns, schema) in _VIEWS.items():
         if _has_files(storage, stage, pattern):
+            select = ", ".join(columns) if columns else "*"
             statements.append(f"CREATE OR REPLACE VIEW {name} AS SELECT {select} FROM {stage_source(storage, stage, pattern)}")
         else:
+            empty = _empty_select(schema, columns or tuple(schema.names))
             statements.append(f"CREATE OR REPLACE VIEW {name} AS SELECT {empty} WHERE false")
     statements.append(_CENTROIDS_VIEW)
     return statements
