@@ -116,13 +116,14 @@ def summary(settings: Settings) -> str:
 def cmd_run(settings: Settings) -> int:
     """Materialize the whole graph and print the summary."""
     from semdedup_assets.core.shards import ShardError
+    from semdedup_assets.core.storage import StoreError
     from semdedup_assets.pipeline import PipelineError, run_pipeline
 
     instance = _instance(settings)
     start = time.perf_counter()
     try:
         result = run_pipeline(settings, instance, log=lambda m: print(m, flush=True))
-    except (PipelineError, ShardError, FileNotFoundError, ValueError) as err:
+    except (PipelineError, ShardError, StoreError, FileNotFoundError, ValueError) as err:
         print(f"semdedup: error: {err}", file=sys.stderr)
         return 1
     print(f"\nshards: {len(result.shards)}  stages (s): "
