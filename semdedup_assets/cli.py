@@ -179,6 +179,8 @@ def cmd_forget(storage: str | None, shard: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `semdedup` console script."""
+    from semdedup_assets.core.storage import StoreError
+
     args = build_parser().parse_args(argv)
     try:
         if args.command == "run":
@@ -191,6 +193,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:  # bad settings
         print(f"semdedup: error: {err}", file=sys.stderr)
         return 2
+    except StoreError as err:  # a missing bucket, refused credentials, an unreachable endpoint
+        print(f"semdedup: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

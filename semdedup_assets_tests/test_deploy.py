@@ -306,6 +306,7 @@ def test_missing_bucket_and_wrong_credentials_are_named(tmp_path: Path, pg: Post
     proc = _cli("run", "--input", f"s3://{missing}/in", "--storage", f"s3://{store}/semdedup", *flags, env=env,
                 timeout=120)
     assert proc.returncode == 1 and f"input s3://{missing}/in: bucket {missing!r} does not exist" in proc.stderr, proc.stderr
+    assert _objects(s3, store) == {}, "something was published without input"
 
     wrong = dict(env, AWS_SECRET_ACCESS_KEY="not-the-secret")
     proc = _cli("run", "--input", source, "--storage", f"s3://{store}/semdedup", *flags, env=wrong, timeout=120)

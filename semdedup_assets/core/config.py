@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from semdedup_assets.core.storage import Storage, atomic_write_bytes
+from semdedup_assets.core.storage import Storage, atomic_write_bytes, check_store
 
 MODALITIES = ("text", "image", "embedding")
 DEFAULT_EPS = (0.0001, 0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3)
@@ -121,6 +121,7 @@ def load_settings(storage: str | None = None, **overrides: Any) -> Settings:
     """Defaults, then `<storage>/semdedup.json`, then SEMDEDUP_* env vars, then overrides."""
     values: dict[str, Any] = {}
     storage = storage or os.environ.get("SEMDEDUP_STORAGE") or DEFAULT_STORAGE
+    check_store(storage, "storage")  # refused credentials raise here, naming the bucket, not in exists()
     settings_file = Storage(storage).settings_file
     if settings_file.exists():
         values.update(json.loads(settings_file.read_text()))
