@@ -134,7 +134,7 @@ def _local_run(tmp: Path, input_dir: Path, *flags: str) -> dict[str, bytes]:
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("modality", ["embedding", "text"])
 def test_whole_graph_on_postgres_and_s3_matches_local(tmp_path: Path, pg: PostgresServer, s3: S3Server,
-                                                      modality: str, monkeypatch: pytest.MonkeyPatch) -> None:
+                                                      modality: str) -> None:
     input_dir = tmp_path / "input"
     if modality == "text":
         write_text_shards(input_dir, n_shards=2)

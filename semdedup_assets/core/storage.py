@@ -11,10 +11,10 @@ from __future__ import annotations
 import io
 import os
 import uuid
-from urllib.parse import urlsplit
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -87,6 +87,10 @@ def is_local(path: UPath) -> bool:
     return getattr(path, "protocol", "") in ("", "file", "local")
 
 
+# Object stores whose URL's first component is a bucket (S3 is tested; GCS and Azure are not).
+BUCKET_PROTOCOLS = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")
+
+
 class StoreError(OSError):
     """An object store that cannot be used (missing bucket, refused credentials, unreachable)."""
 
@@ -96,10 +100,10 @@ def check_store(location: str | os.PathLike[str] | UPath, role: str) -> None:
 
     s3fs' `exists()` answers False on refused credentials, which would read as "no input";
     a bucket HEAD tells a missing bucket, refused credentials and an unreachable endpoint
-    apart. `role` ("input", "storage") goes into the message. Local paths pass untouched.
+    apart. `role` ("input", "storage") goes into the message. Other locations pass untouched.
     """
     path = to_upath(location)
-    if is_local(path):
+    if getattr(path, "protocol", "") not in BUCKET_PROTOCOLS:
         return
     bucket = urlsplit(str(path)).netloc
     try:
