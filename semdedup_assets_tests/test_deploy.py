@@ -132,7 +132,7 @@ def _local_run(tmp: Path, input_dir: Path, *flags: str) -> dict[str, bytes]:
 # --------------------------------------------------------------------------------------
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("modality", ["embedding", "text"])
+@pytest.mark.parametrize("modality", ["embedding", pytest.param("text", marks=pytest.mark.slow)])
 def test_whole_graph_on_postgres_and_s3_matches_local(tmp_path: Path, pg: PostgresServer, s3: S3Server,
                                                       modality: str) -> None:
     input_dir = tmp_path / "input"
