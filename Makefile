@@ -57,7 +57,7 @@ ui: $(VENV)/.stamp-demo
 		$(BIN)/dagster dev -h 127.0.0.1 -p $(UI_PORT) -w workspace.yaml
 
 $(VENV)/.stamp-bench: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[test,demo,bench]'
+	$(BIN)/pip install -q -e '.[test,demo,deploy,bench]'
 	touch $@ $(VENV)/.stamp-test $(VENV)/.stamp-demo
 
 # Full-size benchmarks, one after another (never in parallel: they time the same cores);
