@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DEMO_STORAGE := .demo/storage
 UI_PORT ?= 3000
 
-.PHONY: demo test browser-deps ui bench bench-smoke validate clean
+.PHONY: demo test browser-deps server-deps ui bench bench-smoke validate clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,13 +17,13 @@ $(VENV)/.stamp-demo: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.stamp-test: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[test,demo]'
+	$(BIN)/pip install -q -e '.[test,demo,deploy]'
 	touch $@ $(VENV)/.stamp-demo
 
 demo: $(VENV)/.stamp-demo
 	$(BIN)/semdedup demo --storage $(DEMO_STORAGE)
 
-test: browser-deps $(VENV)/.stamp-test
+test: browser-deps server-deps $(VENV)/.stamp-test
 	$(BIN)/python -m pytest -q
 
 # Debian's Chromium for the browser test (Playwright drives /usr/bin/chromium; it never downloads a
@@ -37,6 +37,17 @@ browser-deps:
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; \
 	}
 
+# PostgreSQL for the production-stack tests (test_deploy.py starts its own cluster with initdb/pg_ctl;
+# moto's S3 server comes with the test extra). Installs only when initdb is missing, like browser-deps.
+server-deps:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || { \
+		if ! command -v apt-get >/dev/null 2>&1; then echo "server-deps: no apt-get; install PostgreSQL (initdb, pg_ctl) yourself" >&2; exit 0; fi; \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; \
+		else echo "server-deps: not root and no passwordless sudo; skipping the PostgreSQL install" >&2; exit 0; fi; \
+		echo "server-deps: installing postgresql (apt-get)"; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq postgresql >/dev/null; \
+	}
+
 validate: $(VENV)/.stamp-demo
 	SEMDEDUP_STORAGE=$(DEMO_STORAGE) $(BIN)/dagster definitions validate -w workspace.yaml
 
@@ -46,7 +57,7 @@ ui: $(VENV)/.stamp-demo
 		$(BIN)/dagster dev -h 127.0.0.1 -p $(UI_PORT) -w workspace.yaml
 
 $(VENV)/.stamp-bench: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[test,demo,bench]'
+	$(BIN)/pip install -q -e '.[test,demo,deploy,bench]'
 	touch $@ $(VENV)/.stamp-test $(VENV)/.stamp-demo
 
 # Full-size benchmarks, one after another (never in parallel: they time the same cores);

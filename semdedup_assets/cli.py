@@ -144,6 +144,7 @@ def summary(settings: Settings) -> str:
 def cmd_run(settings: Settings) -> int:
     """Materialize the whole graph and print the summary."""
     from semdedup_assets.core.shards import ShardError
+    from semdedup_assets.core.storage import StoreError
     from semdedup_assets.pipeline import PipelineError, run_pipeline
 
     warn_changed_settings(settings)
@@ -152,7 +153,7 @@ def cmd_run(settings: Settings) -> int:
     start = time.perf_counter()
     try:
         result = run_pipeline(settings, instance, log=lambda m: print(m, flush=True))
-    except (PipelineError, ShardError, FileNotFoundError, ValueError) as err:
+    except (PipelineError, ShardError, StoreError, FileNotFoundError, ValueError) as err:
         print(f"semdedup: error: {err}", file=sys.stderr)
         return 1
     print(f"\nshards: {len(result.shards)}  stages (s): "
@@ -208,6 +209,8 @@ def cmd_forget(storage: str | None, shard: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `semdedup` console script."""
+    from semdedup_assets.core.storage import StoreError
+
     args = build_parser().parse_args(argv)
     try:
         if args.command == "run":
@@ -220,6 +223,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:  # bad settings
         print(f"semdedup: error: {err}", file=sys.stderr)
         return 2
+    except StoreError as err:  # a missing bucket, refused credentials, an unreachable endpoint
+        print(f"semdedup: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -101,6 +101,9 @@ def run_pipeline(settings: Settings, instance: dg.DagsterInstance, log=print) ->
     """Register every shard under settings.input and materialize the whole graph."""
     if not settings.input:
         raise PipelineError("no input location given")
+    # Before anything is written: a missing bucket or refused credentials are named, nothing published.
+    st.check_store(settings.input, "input")
+    st.check_store(settings.storage, "storage")
     save_settings(settings)
     shards = [s.key for s in discover_shards(settings.input)]
     if not shards:

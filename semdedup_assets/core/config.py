@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from semdedup_assets.core.storage import Storage, atomic_write_bytes
+from semdedup_assets.core.storage import Storage, atomic_write_bytes, check_store
 
 Modality = Literal["text", "image", "embedding"]
 Pooling = Literal["mean", "cls", "last_token"]
@@ -257,6 +257,7 @@ def load_settings(storage: str | None = None, *, use_stored: bool = True, **over
     whole truth for a new run; everything else works on what the storage already holds.
     """
     storage = storage_location(storage)
+    check_store(storage, "storage")  # refused credentials raise here, naming the bucket, not in exists()
     values: dict[str, Any] = stored_settings(storage) if use_stored else {}
     values.update(environment_overrides())
     values.update({k: v for k, v in overrides.items() if v is not None})

@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from upath import UPath
 
-from semdedup_assets.core.storage import is_local, to_upath
+from semdedup_assets.core.storage import check_store, is_local, to_upath
 
 SHARD_SUFFIXES = (".jsonl.gz", ".parquet", ".jsonl", ".tar", ".npy")
 LAION_EMBEDDINGS = re.compile(r"^img_emb_(\d+)\.npy$")
@@ -100,6 +100,7 @@ def shard_key(path: UPath, root: UPath) -> str:
 def discover_shards(location: str | UPath) -> list[ShardFile]:
     """Every shard file under the input location (or the one file it names), sorted by key."""
     root = to_upath(location)
+    check_store(root, "input")  # refused credentials must not read as "no such input"
     if root.is_file():
         suffix = shard_suffix(root.name)
         if suffix is None:

@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -52,11 +53,28 @@ def parquet_options(schema: pa.Schema) -> dict[str, object]:
             "use_dictionary": [f.name for f in schema if f.name not in vectors]}
 
 
+# s3fs/botocore defaults retry a dead endpoint for minutes (botocore's legacy mode, then s3fs'
+# own 5 retries with back-off): bounded here, explicitly, so an outage fails a step in seconds
+# with an error naming the endpoint, bucket and key. Listings are not cached: the shard sensor
+# must see objects that land after its first tick. Endpoint and credentials stay botocore's
+# business (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ... or an instance role): never passed here.
+S3_OPTIONS: dict[str, object] = {
+    "use_listings_cache": False,
+    "config_kwargs": {"connect_timeout": 10, "read_timeout": 60,
+                      "retries": {"max_attempts": 3, "mode": "standard"}},
+}
+S3_RETRIES = 2  # s3fs' retries of timeouts and throttling, on top of botocore's attempts
+
+
 def to_upath(location: str | os.PathLike[str] | UPath) -> UPath:
     """Turn a local path or fsspec URL into a UPath (local paths made absolute)."""
     if isinstance(location, UPath):
         return location
     text = os.fspath(location)
+    if text.startswith(("s3://", "s3a://")):
+        path = UPath(text, **S3_OPTIONS)
+        path.fs.retries = S3_RETRIES  # a class attribute in s3fs, not a constructor argument
+        return path
     if "://" in text and not text.startswith("file://"):
         return UPath(text)
     if text.startswith("file://"):
@@ -67,6 +85,42 @@ def to_upath(location: str | os.PathLike[str] | UPath) -> UPath:
 def is_local(path: UPath) -> bool:
     """True when the path lives on the local file system."""
     return getattr(path, "protocol", "") in ("", "file", "local")
+
+
+# Object stores whose URL's first component is a bucket (S3 is tested; GCS and Azure are not).
+BUCKET_PROTOCOLS = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")
+
+
+class StoreError(OSError):
+    """An object store that cannot be used (missing bucket, refused credentials, unreachable)."""
+
+
+def check_store(location: str | os.PathLike[str] | UPath, role: str) -> None:
+    """Fail early, naming the bucket, when an object-store location cannot be used.
+
+    s3fs' `exists()` answers False on refused credentials, which would read as "no input";
+    a bucket HEAD tells a missing bucket, refused credentials and an unreachable endpoint
+    apart. `role` ("input", "storage") goes into the message. Other locations pass untouched.
+    """
+    path = to_upath(location)
+    if getattr(path, "protocol", "") not in BUCKET_PROTOCOLS:
+        return
+    bucket = urlsplit(str(path)).netloc
+    try:
+        path.fs.info(f"{bucket}/")
+    except FileNotFoundError:
+        raise StoreError(f"{role} {path}: bucket {bucket!r} does not exist") from None
+    except PermissionError as err:
+        raise StoreError(f"{role} {path}: access to bucket {bucket!r} refused ({err}); check the credentials "
+                         "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the instance role)") from None
+    except Exception as err:  # botocore's connection errors are not OSErrors
+        raise StoreError(f"{role} {path}: cannot reach bucket {bucket!r}: {err}") from None
+
+
+def _make_parent(path: UPath) -> None:
+    """Create a file's folder; object stores have no folders (and s3fs' mkdir would create a missing bucket)."""
+    if is_local(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
 
 
 class Storage:
@@ -146,7 +200,7 @@ def _tmp_sibling(path: UPath) -> UPath:
 
 def atomic_write_bytes(data: bytes, path: UPath) -> None:
     """Write bytes so that readers see either the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(path)
     if not is_local(path):
         with path.open("wb") as f:
             f.write(data)
@@ -165,7 +219,7 @@ def atomic_write_bytes(data: bytes, path: UPath) -> None:
 
 def atomic_write_table(table: pa.Table, path: UPath, row_group_size: int | None = None) -> None:
     """Write a table as Parquet atomically, with fixed options for byte-identical output."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(path)
     if not is_local(path):
         buf = io.BytesIO()
         pq.write_table(table, buf, row_group_size=row_group_size, **parquet_options(table.schema))
@@ -185,7 +239,7 @@ class AtomicParquetWriter:
 
     def __init__(self, path: UPath, schema: pa.Schema) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
+        _make_parent(path)
         self._local = is_local(path)
         self._tmp = _tmp_sibling(path) if self._local else None
         self._buf = None if self._local else io.BytesIO()
