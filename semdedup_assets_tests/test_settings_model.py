@@ -48,7 +48,7 @@ def test_resource_fields_are_the_settings_knobs() -> None:
 def test_cli_options_are_the_settings_knobs() -> None:
     actions = {a.dest: a for a in _run_parser()._actions if a.dest not in ("help",)}
     with_flag = {f.name for f in knobs() if f.metadata.get("flag", "") is not None}
-    assert set(actions) == with_flag | {"storage"}
+    assert set(actions) == with_flag | {"storage", "verbose"}  # -v: the terminal, not a setting
     for f in knobs():
         if f.name not in actions:
             continue

@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from semdedup_assets.assets.common import EAGER, GPU_OP_TAGS, GPU_POOL, SHARD_BACKFILL_POLICY, run_metadata, run_partition_keys, timed
+from semdedup_assets.assets.common import EAGER, GPU_OP_TAGS, GPU_POOL, SHARD_BACKFILL_POLICY, ProgressLog, run_metadata, run_partition_keys, timed
 from semdedup_assets.assets.embed import embeddings
 from semdedup_assets.core import storage as st
 from semdedup_assets.core.assign import assign, bucket_row_slices, touched_buckets
@@ -57,8 +57,11 @@ def centroids(context: dg.AssetExecutionContext, semdedup: SemDedupConfig) -> dg
     k = settings.n_clusters(total)
     target = sample_target(k, settings.max_points_per_centroid)
 
+    progress = ProgressLog(context.log, len(counts), label="centroids: sample")
+
     def read_rows(key: str, rows: np.ndarray) -> np.ndarray:
         table = st.read_table(files[key], columns=["embedding"])
+        progress.step(f"sampled {len(rows)} rows of shard {key!r}")
         return embedding_matrix(table.take(pa.array(rows, type=pa.int64())).column("embedding"))
 
     with timed() as ts:
@@ -73,7 +76,7 @@ def centroids(context: dg.AssetExecutionContext, semdedup: SemDedupConfig) -> dg
         "clusters": k, "dim": int(result.centroids.shape[1]), "items": total, "shards": len(files),
         "sample_rows": int(len(sample)), "train_rows": result.n_train, "objective": result.objective,
         "iterations": settings.kmeans_iterations, "seed": settings.seed, "gpu": result.gpu,
-        "sample_seconds": ts["seconds"], "train_seconds": round(result.seconds, 3),
+        "sample_seconds": ts["seconds"], "train_seconds": round(result.seconds, 2),
         "path": dg.MetadataValue.path(str(storage.centroids_file)),
     })
 
@@ -109,8 +112,10 @@ def cluster_assignments(context: dg.AssetExecutionContext, semdedup: SemDedupCon
     per_shard: list[dict[str, object]] = []
     problems: list[str] = []
     buckets: set[str] = set()
+    keys = run_partition_keys(context)
+    progress = ProgressLog(context.log, len(keys), label="assign")
     with timed() as t:
-        for key in run_partition_keys(context):
+        for key in keys:
             out = storage.shard_file(st.CLUSTER_ASSIGNMENTS, key)
             if out.exists():  # a re-run: the buckets its items leave are touched too
                 old = st.read_table(out, columns=["cluster"]).column("cluster").to_numpy()
@@ -134,6 +139,7 @@ def cluster_assignments(context: dg.AssetExecutionContext, semdedup: SemDedupCon
             buckets |= touched_buckets(clusters, k, semdedup.buckets)
             per_shard.append({"shard": key, "rows": emb.num_rows, "clusters_touched": int(len(np.unique(clusters))),
                               "mean_sim_to_centroid": round(float(sims.mean()), 4)})
+            progress.step(f"assigned shard {key!r}: {emb.num_rows} items")
     extra = {"rows": sum(int(r["rows"]) for r in per_shard), "clusters": k, "seconds": t["seconds"],
              # Read by the bucket sensor: only these semantic_duplicates partitions need a re-run.
              BUCKETS_TOUCHED: ",".join(sorted(buckets))}

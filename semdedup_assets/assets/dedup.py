@@ -10,7 +10,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from semdedup_assets.assets.cluster import cluster_assignments, load_centroids, registered_stage_files
-from semdedup_assets.assets.common import EAGER, GPU_OP_TAGS, GPU_POOL, ProgressLog, timed
+from semdedup_assets.assets.common import EAGER, GPU_OP_TAGS, GPU_POOL, ProgressLog, table_metadata, timed
 from semdedup_assets.core import storage as st
 from semdedup_assets.core.assign import bucket_cluster_range
 from semdedup_assets.core.catalog import BUCKET_GLOB, refresh_catalog, scan, stage_source
@@ -124,7 +124,7 @@ def build_semantic_duplicates(buckets: int) -> dg.AssetsDefinition:
         thresholds = semdedup.settings().thresholds
         if semdedup.precision != "fp32" and device == "cpu":
             context.log.warning(f"precision {semdedup.precision} on a CPU: the tiles run slower than fp32 there")
-        progress = ProgressLog(context.log, len(context.partition_keys))
+        progress = ProgressLog(context.log, len(context.partition_keys), label="pairwise", unit="buckets")
         with timed() as t:
             for key in sorted(context.partition_keys):
                 first, end = bucket_cluster_range(int(key), k, buckets)
@@ -205,6 +205,7 @@ def build_keep_lists(semantic_duplicates: dg.AssetsDefinition) -> dg.AssetsDefin
         pairs: list[tuple[float, str, str]] = []
         near_pairs: list[tuple[float, str, str]] = []
         max_sim_counts = np.zeros(len(MAX_SIM_BINS) - 1, dtype=np.int64)  # streamed: no per-item array
+        progress = ProgressLog(context.log, len(bucket_files), label="keep-lists", unit="buckets")
         with st.publish_together(writers), timed() as t:
             for path in bucket_files:  # bucket order: the keep-lists are byte-identical run to run
                 table = st.read_table(path)
@@ -216,6 +217,7 @@ def build_keep_lists(semantic_duplicates: dg.AssetsDefinition) -> dg.AssetsDefin
                 pairs = heapq.nsmallest(TOP_PAIRS, pairs + top_pairs(table), key=lambda x: (-x[0], x[1]))
                 near_pairs = heapq.nsmallest(TOP_PAIRS, near_pairs + top_pairs(table, below=NEAR_EXACT),
                                              key=lambda x: (-x[0], x[1]))
+                progress.step(f"read {path.name}: {table.num_rows} items")
         rows = curve.rows()
         st.atomic_write_table(pa.Table.from_pylist(rows, schema=pa.schema([
             ("eps", pa.float64()), ("kept", pa.int64()), ("removed", pa.int64()), ("kept_fraction", pa.float64())])),
@@ -228,10 +230,8 @@ def build_keep_lists(semantic_duplicates: dg.AssetsDefinition) -> dg.AssetsDefin
         one_bucket = curve.total == assigned and distinct == assigned
         sizes = _cluster_sizes(storage)
         texts = _texts(storage, sorted({i for _, a, b in pairs + near_pairs for i in (a, b)}), semdedup.modality)
-        eps_table = dg.MetadataValue.table(
-            records=[dg.TableRecord({k: (float(v) if isinstance(v, float) else int(v)) for k, v in r.items()}) for r in rows],
-            schema=dg.TableSchema(columns=[dg.TableColumn("eps", "float"), dg.TableColumn("kept", "int"),
-                                           dg.TableColumn("removed", "int"), dg.TableColumn("kept_fraction", "float")]))
+        eps_table = table_metadata([{"eps": float(r["eps"]), "kept": int(r["kept"]), "removed": int(r["removed"]),
+                                     "kept_fraction": float(r["kept_fraction"])} for r in rows])
         meta = {
             "items": curve.total, "clusters": len(sizes), "seconds": t["seconds"], "eps_curve": eps_table,
             "eps_curve_plot": dg.MetadataValue.md(eps_curve_markdown([r["eps"] for r in rows], fractions)),

@@ -148,7 +148,7 @@ def embeddings(context: dg.AssetExecutionContext, semdedup: SemDedupConfig) -> d
     dim = 0
     with timed() as t:
         keys = run_partition_keys(context)
-        progress = ProgressLog(context.log, len(keys))
+        progress = ProgressLog(context.log, len(keys), label="embed")
         for key in keys:
             raw_path, out_path = storage.shard_file(st.RAW, key), storage.shard_file(st.EMBEDDINGS, key)
             rejected_path = storage.shard_file(st.REJECTED, key)

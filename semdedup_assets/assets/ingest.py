@@ -68,7 +68,7 @@ def raw_shards(context: dg.AssetExecutionContext, semdedup: SemDedupConfig) -> d
     pending_ids: list[pa.Table] = []
     dims: dict[str, int] = {}
     per_shard: list[dict[str, object]] = []
-    progress = ProgressLog(context.log, len(keys))
+    progress = ProgressLog(context.log, len(keys), label="ingest")
     with st.publish_together(pending), timed() as t:
         for key in keys:
             try:
