@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 # One line per update on a non-TTY: what CI logs show. tqdm's own formatter, so the
 # rate and ETA read the same as on the bar.
-LINE_FORMAT = "[semdedup] {desc}: {n_fmt}/{total_fmt}{unit} ({percentage:.0f}%) [{elapsed}<{remaining}, {rate_fmt}]"
+LINE_FORMAT = "[semdedup] {desc}: {n_fmt}/{total_fmt} {unit} ({percentage:.0f}%) [{elapsed}<{remaining}, {rate_fmt}]"
 NOTE_WIDTH = 60  # the bar's note (last item done) is cut to this many characters
 
 
@@ -45,7 +45,7 @@ class Task:
         if reporter is None:
             return
         if reporter.tty:
-            self._bar = tqdm(total=total, desc=label, unit=f" {unit}", file=reporter.stream, dynamic_ncols=True,
+            self._bar = tqdm(total=total, desc=label, unit=unit, file=reporter.stream, dynamic_ncols=True,
                              mininterval=0.1, leave=True)
         else:
             self._line("")
@@ -78,7 +78,7 @@ class Task:
 
     def _line(self, note: str) -> None:
         elapsed = time.monotonic() - self._start
-        line = tqdm.format_meter(self.done, self.total, elapsed, unit=f" {self.unit}", prefix=self.label,
+        line = tqdm.format_meter(self.done, self.total, elapsed, unit=self.unit, prefix=self.label,
                                  bar_format=LINE_FORMAT)
         print(line + (f"  {_cut(note)}" if note else ""), file=self.reporter.stream, flush=True)
         self._last_line = time.monotonic()
