@@ -156,16 +156,15 @@ def summary(settings: Settings) -> str:
             f"{format_table(cols, rows)}\ncatalog: {storage.catalog_file}")
 
 
-def _show_progress(settings: Settings) -> None:
-    """Progress of the long stages on stderr: bars on a terminal, a line per interval elsewhere."""
+def _show_progress(settings: Settings):
+    """Progress of the long stages on stderr while a command runs: bars on a terminal, a line per interval elsewhere."""
     from semdedup_assets import progress
 
-    progress.set_reporter(progress.Reporter(sys.stderr, interval=settings.progress_interval))
+    return progress.reporting(progress.Reporter(sys.stderr, interval=settings.progress_interval))
 
 
 def cmd_run(settings: Settings, verbose: bool = False) -> int:
     """Materialize the whole graph and print the summary."""
-    from semdedup_assets import progress
     from semdedup_assets.core.shards import ShardError
     from semdedup_assets.pipeline import PipelineError, run_pipeline
 
@@ -173,14 +172,12 @@ def cmd_run(settings: Settings, verbose: bool = False) -> int:
     print(f"[semdedup] settings: {describe_settings(settings)}", flush=True)
     instance = _instance(settings)
     start = time.perf_counter()
-    _show_progress(settings)
     try:
-        result = run_pipeline(settings, instance, log=lambda m: print(m, flush=True), verbose=verbose)
+        with _show_progress(settings):
+            result = run_pipeline(settings, instance, log=lambda m: print(m, flush=True), verbose=verbose)
     except (PipelineError, ShardError, FileNotFoundError, ValueError) as err:
         print(f"semdedup: error: {err}", file=sys.stderr)
         return 1
-    finally:
-        progress.reporter().close()
     print(f"\nshards: {len(result.shards)}  stages (s): "
           + ", ".join(f"{k} {v}" for k, v in result.seconds.items())
           + f"  total: {time.perf_counter() - start:.1f} s")
@@ -219,18 +216,16 @@ def cmd_sql(storage: str | None, sql: str) -> int:
 
 def cmd_forget(storage: str | None, shard: str, verbose: bool = False) -> int:
     """Remove one shard's results; the buckets it touched and the keep-lists are recomputed."""
-    from semdedup_assets import progress
     from semdedup_assets.pipeline import PipelineError, forget_shard
 
     settings = load_settings(storage)
-    _show_progress(settings)
     try:
-        result = forget_shard(settings, _instance(settings), shard, log=lambda m: print(m, flush=True), verbose=verbose)
+        with _show_progress(settings):
+            result = forget_shard(settings, _instance(settings), shard, log=lambda m: print(m, flush=True),
+                                  verbose=verbose)
     except PipelineError as err:
         print(f"semdedup: error: {err}", file=sys.stderr)
         return 1
-    finally:
-        progress.reporter().close()
     print(f"forgot shard {shard!r}: removed {len(result.removed)} file(s), re-ran {len(result.buckets)} bucket(s)"
           + (" and the keep-lists" if result.run_ids and len(result.run_ids) > len(result.buckets) else ""))
     return 0

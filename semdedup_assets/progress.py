@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import TracebackType
 from typing import TextIO
 
@@ -44,25 +46,32 @@ class Task:
         self._bar: tqdm | None = None
         if reporter is None:
             return
-        if reporter.tty:
-            self._bar = tqdm(total=total, desc=label, unit=unit, file=reporter.stream, dynamic_ncols=True,
-                             mininterval=0.1, leave=True)
-        else:
-            self._line("")
+        try:
+            if reporter.tty:
+                self._bar = tqdm(total=total, desc=label, unit=unit, file=reporter.stream, dynamic_ncols=True,
+                                 mininterval=0.1, leave=True)
+            else:
+                self._line("")
+        except (OSError, ValueError):
+            self.closed = True
 
     def update(self, n: int = 1, note: str = "") -> None:
         """Count `n` more items done; `note` says what the last one was."""
         if self.closed:
             return
         self.done += n
-        if self._bar is not None:
-            if note:
-                self._bar.set_postfix_str(_cut(note), refresh=False)
-            self._bar.update(n)
-        else:
-            now = time.monotonic()
-            if self.done >= self.total or self._last_line is None or now - self._last_line >= self.reporter.interval:
-                self._line(note)
+        try:
+            if self._bar is not None:
+                if note:
+                    self._bar.set_postfix_str(_cut(note), refresh=False)
+                self._bar.update(n)
+            else:
+                now = time.monotonic()
+                if self.done >= self.total or self._last_line is None or now - self._last_line >= self.reporter.interval:
+                    self._line(note)
+        except (OSError, ValueError):  # the terminal went away (closed pipe): never fail the work for it
+            self._bar = None
+            self.close()
         if self.done >= self.total:
             self.close()
 
@@ -72,7 +81,10 @@ class Task:
             return
         self.closed = True
         if self._bar is not None:
-            self._bar.close()
+            try:
+                self._bar.close()
+            except (OSError, ValueError):
+                pass
         if self.reporter is not None:
             self.reporter._closed(self)
 
@@ -141,6 +153,17 @@ def set_reporter(reporter: Reporter | None) -> Reporter | None:
 def reporter() -> Reporter | None:
     """The process's reporter, if the command line installed one."""
     return _reporter
+
+
+@contextmanager
+def reporting(reporter: Reporter) -> Iterator[Reporter]:
+    """Install `reporter` for the duration of a command; close its tasks and restore the previous one after."""
+    previous = set_reporter(reporter)
+    try:
+        yield reporter
+    finally:
+        reporter.close()
+        set_reporter(previous)
 
 
 def task(label: str, total: int, unit: str = "items", outer: bool = False) -> Task:

@@ -222,3 +222,27 @@ def test_forget_shows_progress_over_its_reruns(verbose, capsys, monkeypatch) -> 
     assert "pairwise:" not in proc.stderr  # the re-runs' own loops stay under the outer bar
     _, js = _status(tmp_path, capsys, monkeypatch)
     assert js["shards"]["registered"] == 1 and js["state"] == "complete"
+
+
+def test_a_command_leaves_no_reporter_behind_and_a_closed_stream_never_fails_the_work() -> None:
+    import io
+
+    from semdedup_assets import progress
+
+    stream = io.StringIO()
+    with progress.reporting(progress.Reporter(stream, interval=0, tty=False)):
+        outer = progress.task("forget: re-run", 2, unit="runs", outer=True)
+        inner = progress.task("pairwise", 1, unit="buckets")  # silent under the outer task
+        inner.update(1, "bucket 000")
+        outer.update(1, "bucket 000")
+        left_open = progress.task("embed", 3, unit="shards")  # silent too, and closed with the command
+    assert progress.reporter() is None and left_open.closed and outer.closed
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2 and all(line.startswith("[semdedup] forget: re-run: ") for line in lines), lines
+    # In-process callers (tests calling cli.main under capsys) may close the stream the reporter holds.
+    closed = io.StringIO()
+    with progress.reporting(progress.Reporter(closed, interval=0, tty=False)):
+        bar = progress.task("embed", 2, unit="shards")
+        closed.close()
+        bar.update(1, "embedded shard 'part-00'")  # no ValueError
+        assert bar.closed
