@@ -27,7 +27,7 @@ LISTED = 10  # shard keys named per list
 def _mtime(path: st.UPath) -> float | None:
     try:
         return float(path.stat().st_mtime)
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, KeyError, NotImplementedError, TypeError):  # object stores may not say
         return None
 
 
@@ -110,7 +110,7 @@ def collect_status(settings: Settings, dagster_home: str | None) -> dict[str, An
 
     centroids: dict[str, Any] = {"present": storage.centroids_file.exists()}
     if centroids["present"]:
-        trained = _mtime(storage.centroids_file)
+        trained = _mtime(storage.centroids_file) or facts["training"].get("trained_at")
         centroids.update({"k": st.parquet_num_rows(storage.centroids_file), "trained_at": trained,
                           "age_seconds": round(now - trained, 1) if trained else None})
         training = facts["training"]
@@ -143,7 +143,8 @@ def collect_status(settings: Settings, dagster_home: str | None) -> dict[str, An
         "dagster_home": dagster_home if has_instance else None,
         "shards": {"registered": len(registered), "ingested": len(raw), "embedded": len(embedded),
                    "assigned": len(assigned), "rejected_items": rejected,
-                   "not_embedded": sorted(set(registered) - set(embedded))[:LISTED],
+                   # Without an instance (a remote storage, no DAGSTER_HOME) the ingested shards stand in.
+                   "not_embedded": sorted(set(registered or raw) - set(embedded))[:LISTED],
                    "not_assigned": sorted(set(embedded) - set(assigned))[:LISTED]},
         "centroids": centroids,
         "buckets": {"total": len(buckets), "done": len(done),
@@ -209,14 +210,16 @@ def format_status(s: dict[str, Any]) -> str:
     if c["present"]:
         sample = (f" on a sample of {c['sample_rows']} of {c['items']} items" if "sample_rows" in c else "")
         extra = (f" (seed {c['seed']}, {c['iterations']} iterations)" if "seed" in c else "")
-        lines.append(f"centroids:  k={c['k']}, trained {_age(c['age_seconds'])}{sample}{extra}")
+        age = _age(c["age_seconds"]) if c["age_seconds"] is not None else "(age unknown)"
+        lines.append(f"centroids:  k={c['k']}, trained {age}{sample}{extra}")
         if c["embedded_after_training"]:
             lines.append(f"            {len(c['embedded_after_training'])} shard(s) embedded after training")
     else:
         lines.append("centroids:  not trained yet")
     b = s["buckets"]
+    more = ", ..." if b["total"] - b["done"] > len(b["missing"]) else ""
     lines.append(f"buckets:    {b['done']}/{b['total']} done"
-                 + (f" (missing: {', '.join(b['missing'])})" if b["missing"] else ""))
+                 + (f" (missing: {', '.join(b['missing'])}{more})" if b["missing"] else ""))
     k = s["keep_lists"]
     lines.append(f"keep-lists: {len(k['present_eps'])} of {len(k['configured_eps'])} configured eps present")
     if k["eps_curve"]:

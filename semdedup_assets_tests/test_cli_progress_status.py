@@ -246,3 +246,23 @@ def test_a_command_leaves_no_reporter_behind_and_a_closed_stream_never_fails_the
         closed.close()
         bar.update(1, "embedded shard 'part-00'")  # no ValueError
         assert bar.closed
+
+
+def test_status_of_an_object_store_storage_without_an_instance(tmp_path: Path) -> None:
+    import pyarrow as pa
+
+    from semdedup_assets.core import storage as st
+    from semdedup_assets.core.config import Settings
+    from semdedup_assets.status import collect_status, format_status
+
+    settings = Settings(storage=f"memory://status-test/{tmp_path.name}")
+    storage = settings.storage_root()
+    st.atomic_write_table(pa.table({"id": ["a"]}), storage.shard_file(st.RAW, "part-00"))
+    st.atomic_write_table(pa.table({"cluster": [0, 1]}), storage.centroids_file)  # no mtime in memory://
+    report = collect_status(settings, None)
+    assert report["state"] == "partial" and report["dagster_home"] is None
+    assert report["shards"]["not_embedded"] == ["part-00"] and report["centroids"]["k"] == 2
+    text = format_status(report)
+    assert "not embedded yet: part-00" in text and "k=2, trained (age unknown)" in text
+    assert "missing: 000, 001, 002, 003, 004, 005, 006, 007, 008, 009, ...)" in text
+    json.dumps(report)  # JSON-able as it is
