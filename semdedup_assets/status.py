@@ -71,7 +71,7 @@ def _instance_facts(home: str) -> dict[str, Any]:
         records = instance.get_run_records(limit=HISTORY_RUNS)
     runs = []
     for r in records:  # newest first
-        start, end = r.start_time, r.end_time
+        start, end = r.start_time or r.create_timestamp.timestamp(), r.end_time
         runs.append({"run_id": r.dagster_run.run_id, "job": r.dagster_run.job_name,
                      "status": r.dagster_run.status.value,
                      "stage": r.dagster_run.tags.get("semdedup/stage") or (

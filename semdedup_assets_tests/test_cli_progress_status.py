@@ -191,6 +191,13 @@ def test_status_partial_names_the_failed_run_and_missing_work(tmp_path: Path, ca
     assert js["centroids"] == {"present": False} and js["buckets"]["done"] == 0
     assert "failed (no later success of the same job):" in text and "FAILURE" in text
     assert "not embedded yet: part-00, part-01, part-09" in text and "centroids:  not trained yet" in text
+    # A run whose process died stays "started" in the instance: status calls it out.
+    with dg.DagsterInstance.from_config(str(tmp_path / "storage" / "dagster_home")) as instance:
+        instance.add_run(dg.DagsterRun(job_name="dedup_job", run_id="deadbeef" * 4, status=dg.DagsterRunStatus.STARTED,
+                                       tags={"dagster/partition": "003"}))
+    text, js = _status(tmp_path, capsys, monkeypatch)
+    assert [(r["job"], r["partition"]) for r in js["runs"]["unfinished"]] == [("dedup_job", "003")]
+    assert "unfinished (stale unless a run is going on now):" in text and "STARTED" in text and "(deadbeef)" in text
 
 
 def test_status_complete(done, capsys, monkeypatch) -> None:
