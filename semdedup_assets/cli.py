@@ -244,14 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "status":
             from semdedup_assets.status import cmd_status
 
-            from semdedup_assets.pipeline import PipelineError
-
-            settings = load_settings(args.storage)
-            try:
-                home: str | None = default_dagster_home(settings)
-            except PipelineError:  # a remote storage without DAGSTER_HOME: the files only
-                home = None
-            return cmd_status(settings, home, as_json=args.json)
+            return cmd_status(args.storage, as_json=args.json)
         return cmd_forget(args.storage, args.shard, args.verbose)
     except ValueError as err:  # bad settings
         print(f"semdedup: error: {err}", file=sys.stderr)

@@ -16,7 +16,7 @@ from typing import Any
 
 from semdedup_assets.core import storage as st
 from semdedup_assets.core.assign import bucket_keys
-from semdedup_assets.core.config import Settings, stored_settings
+from semdedup_assets.core.config import Settings, load_settings, stored_settings
 
 RECENT_RUNS = 8  # runs listed
 HISTORY_RUNS = 200  # runs searched for failures not followed by a success of the same job
@@ -241,9 +241,17 @@ def format_status(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def cmd_status(settings: Settings, dagster_home: str | None, as_json: bool = False) -> int:
+def cmd_status(storage: str | None, as_json: bool = False) -> int:
     """Print the status of a storage (text, or JSON with `as_json`)."""
-    report = collect_status(settings, dagster_home)
+    from semdedup_assets.cli import default_dagster_home
+    from semdedup_assets.pipeline import PipelineError
+
+    settings = load_settings(storage)
+    try:
+        home: str | None = default_dagster_home(settings)
+    except PipelineError:  # a remote storage without DAGSTER_HOME: its files only
+        home = None
+    report = collect_status(settings, home)
     print(json.dumps(report, indent=2, sort_keys=True) if as_json else format_status(report))
     sys.stdout.flush()
     return 0
