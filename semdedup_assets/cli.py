@@ -1,4 +1,4 @@
-"""The `semdedup` command line: run, demo, sql, forget."""
+"""The `semdedup` command line: run, demo, sql, forget, status."""
 
 from __future__ import annotations
 
@@ -19,6 +19,11 @@ def _add_storage(p: argparse.ArgumentParser, default: str | None = None) -> None
                    f"(default: $SEMDEDUP_STORAGE or {default or '.storage'})")
 
 
+def _add_verbose(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="also print Dagster's own DEBUG event stream (always recorded in the instance for the UI)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(
@@ -34,11 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
                          "default <storage>/dagster_home, so they show in `make ui`).")
     add_settings_options(run)
     _add_storage(run)
+    _add_verbose(run)
 
     demo = sub.add_parser("demo", help="the embedded demo: Python's own docstrings, deduplicated end to end",
                           description="Write the embedded demo shards (real English text from this Python's "
                           "standard-library docstrings) and run the whole graph on them, as `make demo`.")
     _add_storage(demo, DEMO_STORAGE)
+    _add_verbose(demo)
 
     sql = sub.add_parser("sql", help="query the DuckDB catalog (views items, embeddings, centroids, eps_curve, ...)",
                          description="Run one SQL statement against <storage>/catalog.duckdb. Views: items, "
@@ -53,6 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
                             "were in and the keep-lists, so the catalog no longer shows it.")
     forget.add_argument("shard", help="shard key, e.g. part-03 or 2024/part-03")
     _add_storage(forget)
+    _add_verbose(forget)
+
+    status = sub.add_parser("status", help="what a storage holds and what state it is in",
+                            description="Input and settings; shards registered, embedded and assigned; centroids "
+                            "(age, k, training sample); buckets done; keep-lists with the eps curve; the last runs "
+                            "with status and duration, stale or failed runs; disk used per stage.")
+    status.add_argument("--json", action="store_true", help="the same as JSON, for scripts")
+    _add_storage(status)
     return parser
 
 
@@ -141,7 +156,14 @@ def summary(settings: Settings) -> str:
             f"{format_table(cols, rows)}\ncatalog: {storage.catalog_file}")
 
 
-def cmd_run(settings: Settings) -> int:
+def _show_progress(settings: Settings):
+    """Progress of the long stages on stderr while a command runs: bars on a terminal, a line per interval elsewhere."""
+    from semdedup_assets import progress
+
+    return progress.reporting(progress.Reporter(sys.stderr, interval=settings.progress_interval))
+
+
+def cmd_run(settings: Settings, verbose: bool = False) -> int:
     """Materialize the whole graph and print the summary."""
     from semdedup_assets.core.shards import ShardError
     from semdedup_assets.core.storage import StoreError
@@ -152,7 +174,8 @@ def cmd_run(settings: Settings) -> int:
     instance = _instance(settings)
     start = time.perf_counter()
     try:
-        result = run_pipeline(settings, instance, log=lambda m: print(m, flush=True))
+        with _show_progress(settings):
+            result = run_pipeline(settings, instance, log=lambda m: print(m, flush=True), verbose=verbose)
     except (PipelineError, ShardError, StoreError, FileNotFoundError, ValueError) as err:
         print(f"semdedup: error: {err}", file=sys.stderr)
         return 1
@@ -164,7 +187,7 @@ def cmd_run(settings: Settings) -> int:
     return 0
 
 
-def cmd_demo(storage: str) -> int:
+def cmd_demo(storage: str, verbose: bool = False) -> int:
     """Write the demo shards and run the graph on them."""
     from semdedup_assets.demo_data import write_demo_shards
 
@@ -173,7 +196,7 @@ def cmd_demo(storage: str) -> int:
     paths = write_demo_shards(input_dir)
     print(f"[semdedup] demo: {len(paths)} shards of Python standard-library docstrings in {input_dir}")
     settings = load_settings(storage, use_stored=False, input=input_dir, modality="text", max_length=128)
-    return cmd_run(settings)
+    return cmd_run(settings, verbose)
 
 
 def cmd_sql(storage: str | None, sql: str) -> int:
@@ -192,13 +215,15 @@ def cmd_sql(storage: str | None, sql: str) -> int:
     return 0
 
 
-def cmd_forget(storage: str | None, shard: str) -> int:
+def cmd_forget(storage: str | None, shard: str, verbose: bool = False) -> int:
     """Remove one shard's results; the buckets it touched and the keep-lists are recomputed."""
     from semdedup_assets.pipeline import PipelineError, forget_shard
 
     settings = load_settings(storage)
     try:
-        result = forget_shard(settings, _instance(settings), shard, log=lambda m: print(m, flush=True))
+        with _show_progress(settings):
+            result = forget_shard(settings, _instance(settings), shard, log=lambda m: print(m, flush=True),
+                                  verbose=verbose)
     except PipelineError as err:
         print(f"semdedup: error: {err}", file=sys.stderr)
         return 1
@@ -214,12 +239,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "run":
-            return cmd_run(_settings_from_args(args))
+            return cmd_run(_settings_from_args(args), args.verbose)
         if args.command == "demo":
-            return cmd_demo(args.storage)
+            return cmd_demo(args.storage, args.verbose)
         if args.command == "sql":
             return cmd_sql(args.storage, args.query)
-        return cmd_forget(args.storage, args.shard)
+        if args.command == "status":
+            from semdedup_assets.status import cmd_status
+
+            return cmd_status(args.storage, as_json=args.json)
+        return cmd_forget(args.storage, args.shard, args.verbose)
     except ValueError as err:  # bad settings
         print(f"semdedup: error: {err}", file=sys.stderr)
         return 2

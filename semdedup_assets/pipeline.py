@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import dagster as dg
 
+from semdedup_assets import progress
 from semdedup_assets.core import storage as st
 from semdedup_assets.core.assign import touched_buckets
 from semdedup_assets.core.catalog import refresh_catalog
@@ -32,6 +33,12 @@ STAGES: list[tuple[str, str, str | None]] = [
     ("semantic_duplicates", "dedup_job", "buckets"),
     ("keep_lists", "keep_lists_job", None),
 ]
+
+
+def console_run_config(verbose: bool) -> dict:
+    """Run config of an in-process run: the console logger shows warnings and errors only, unless
+    `verbose` (Dagster's DEBUG stream). Every event still goes to the instance, so the UI has them all."""
+    return {"loggers": {"console": {"config": {"log_level": "DEBUG" if verbose else "WARNING"}}}}
 
 
 class PipelineError(RuntimeError):
@@ -97,8 +104,9 @@ def failure_message(result: dg.ExecuteInProcessResult) -> str:
     return "\n".join(dict.fromkeys(reasons)) or "the run failed"
 
 
-def run_pipeline(settings: Settings, instance: dg.DagsterInstance, log=print) -> PipelineResult:
-    """Register every shard under settings.input and materialize the whole graph."""
+def run_pipeline(settings: Settings, instance: dg.DagsterInstance, log=print, verbose: bool = False) -> PipelineResult:
+    """Register every shard under settings.input and materialize the whole graph (Dagster's console
+    log only with `verbose`)."""
     if not settings.input:
         raise PipelineError("no input location given")
     # Before anything is written: a missing bucket or refused credentials are named, nothing published.
@@ -131,7 +139,7 @@ def run_pipeline(settings: Settings, instance: dg.DagsterInstance, log=print) ->
             tags.update({RANGE_START: buckets[0], RANGE_END: buckets[-1]})
         log(f"[semdedup] {label} ...")
         try:
-            run_id = _execute(defs, instance, job_name, tags)
+            run_id = _execute(defs, instance, job_name, tags, verbose=verbose)
         except PipelineError as err:
             raise PipelineError(f"{label}: {err}") from None
         result.run_ids[label] = run_id
@@ -148,7 +156,8 @@ class ForgetResult:
     run_ids: list[str] = field(default_factory=list)
 
 
-def forget_shard(settings: Settings, instance: dg.DagsterInstance, shard: str, log=print) -> ForgetResult:
+def forget_shard(settings: Settings, instance: dg.DagsterInstance, shard: str, log=print,
+                 verbose: bool = False) -> ForgetResult:
     """Remove a shard's results and partition, then re-run the buckets it touched and the keep-lists."""
     storage = settings.storage_root()
     assignments = storage.shard_file(st.CLUSTER_ASSIGNMENTS, shard)
@@ -170,19 +179,26 @@ def forget_shard(settings: Settings, instance: dg.DagsterInstance, shard: str, l
             result.removed += [str(p) for p in storage.stage_files(stage) if st.remove(p)]
     elif any(storage.bucket_file(b).exists() for b in buckets):
         defs = build_definitions(settings)
-        for bucket in result.buckets:
-            log(f"[semdedup] re-running bucket {bucket} without shard {shard!r}")
-            result.run_ids.append(_execute(defs, instance, "dedup_job", {"semdedup/forget": shard}, partition_key=bucket))
-        if storage.eps_curve_file.exists():
-            result.run_ids.append(_execute(defs, instance, "keep_lists_job", {"semdedup/forget": shard}))
+        tags = {"semdedup/forget": shard}
+        keep_lists = storage.eps_curve_file.exists()
+        log(f"[semdedup] re-running {len(result.buckets)} bucket(s) without shard {shard!r}"
+            + (", then the keep-lists" if keep_lists else ""))
+        with progress.task("forget: re-run", len(result.buckets) + keep_lists, unit="runs", outer=True) as bar:
+            for bucket in result.buckets:
+                result.run_ids.append(_execute(defs, instance, "dedup_job", tags, partition_key=bucket, verbose=verbose))
+                bar.update(1, f"bucket {bucket}")
+            if keep_lists:
+                result.run_ids.append(_execute(defs, instance, "keep_lists_job", tags, verbose=verbose))
+                bar.update(1, "keep-lists")
     refresh_catalog(storage)
     return result
 
 
 def _execute(defs: dg.Definitions, instance: dg.DagsterInstance, job_name: str, tags: dict[str, str],
-             partition_key: str | None = None) -> str:
+             partition_key: str | None = None, verbose: bool = False) -> str:
     run = defs.resolve_job_def(job_name).execute_in_process(
-        instance=instance, tags=tags, partition_key=partition_key, raise_on_error=False)
+        run_config=console_run_config(verbose), instance=instance, tags=tags, partition_key=partition_key,
+        raise_on_error=False)
     if not run.success:
         raise PipelineError(f"{job_name} failed (run {run.run_id}):\n{failure_message(run)}")
     return run.run_id

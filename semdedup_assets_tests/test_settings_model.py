@@ -48,7 +48,7 @@ def test_resource_fields_are_the_settings_knobs() -> None:
 def test_cli_options_are_the_settings_knobs() -> None:
     actions = {a.dest: a for a in _run_parser()._actions if a.dest not in ("help",)}
     with_flag = {f.name for f in knobs() if f.metadata.get("flag", "") is not None}
-    assert set(actions) == with_flag | {"storage"}
+    assert set(actions) == with_flag | {"storage", "verbose"}  # -v: the terminal, not a setting
     for f in knobs():
         if f.name not in actions:
             continue
@@ -162,3 +162,13 @@ def test_rerun_warns_about_changed_settings_and_prints_the_effective_ones(tmp_pa
     assert effective["clusters"] == "auto" and effective["eps"] == ",".join(map(str, DEFAULT_EPS))
     clusters = re.search(r"^clusters: (\d+)$", second.stdout, re.M)
     assert clusters and int(clusters.group(1)) == round((2 * 60) ** 0.5)
+
+
+def test_relative_paths_are_not_reported_as_changes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from semdedup_assets.core.config import changed_settings
+
+    monkeypatch.chdir(tmp_path)
+    save_settings(Settings(storage="st", input="inp", clusters=4))
+    assert changed_settings(Settings(storage="st", input="inp", clusters=4)) == {}
+    assert changed_settings(Settings(storage="st", input="other", clusters=4)) == {
+        "input": (str(tmp_path / "inp"), str(tmp_path / "other"))}

@@ -3,7 +3,8 @@
 
 import dagster as dg
 
-from semdedup_assets.assets.common import EAGER, GPU_OP_TAGS, GPU_POOL, core_failures, run_metadata, run_partition_keys, shard_backfill_policy, timed
+from semdedup_assets.assets.common import (EAGER, GPU_OP_TAGS, GPU_POOL, ProgressLog, core_failures, run_metadata,
+                                           run_partition_keys, shard_backfill_policy, timed)
 from semdedup_assets.core import storage as st
 from semdedup_assets.core.assign import assign_shard
 from semdedup_assets.core.centroids import load_centroids, train_centroids
@@ -69,13 +70,16 @@ def build_cluster_assignments(settings: Settings) -> dg.AssetsDefinition:
         per_shard: list[dict[str, object]] = []
         problems: list[str] = []
         buckets: set[str] = set()
+        keys = run_partition_keys(context)
+        progress = ProgressLog(context.log, len(keys), settings.progress_interval, label="assign")
         with timed() as t:
-            for key in run_partition_keys(context):
+            for key in keys:
                 r = assign_shard(config, key, cents, len(cents))
                 problems += [f"shard {key!r}: {p}" for p in r.problems]
                 buckets.update(r.buckets_touched)
                 per_shard.append({"shard": key, "rows": r.rows, "clusters_touched": r.clusters_touched,
                                   "mean_sim_to_centroid": r.mean_sim_to_centroid})
+                progress.step(f"assigned shard {key!r}: {r.rows} items")
         extra = {"rows": sum(int(r["rows"]) for r in per_shard), "clusters": len(cents), "seconds": t["seconds"],
                  # Read by the bucket sensor: only these semantic_duplicates partitions need a re-run.
                  BUCKETS_TOUCHED: ",".join(sorted(buckets))}

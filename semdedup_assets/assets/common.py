@@ -10,6 +10,7 @@ import warnings
 
 import dagster as dg
 
+from semdedup_assets import progress
 from semdedup_assets.core.centroids import MissingCentroidsError
 from semdedup_assets.core.config import Settings
 from semdedup_assets.core.embed import EmbedError
@@ -41,16 +42,21 @@ class ProgressLog:
 
     Every log line is an event row in the instance's storage (~8 ms each on SQLite), so a
     range run over thousands of shards logs at an interval (Settings.progress_interval).
+    The terminal of `semdedup` (if any) gets a bar named `label` counting `unit` (see
+    semdedup_assets.progress).
     """
 
-    def __init__(self, log: dg.DagsterLogManager, total: int, interval: float) -> None:
+    def __init__(self, log: dg.DagsterLogManager, total: int, interval: float,
+                 label: str = "progress", unit: str = "shards") -> None:
         self.log, self.total, self.interval = log, total, interval
         self.done = 0
         self._last: float | None = None
+        self.bar = progress.task(label, total, unit)
 
     def step(self, message: str) -> None:
         """Count one item done; log `message` with the count when it is due."""
         self.done += 1
+        self.bar.update(1, message)
         now = time.monotonic()
         if self._last is None or self.done == self.total or now - self._last >= self.interval:
             self.log.info(f"[{self.done}/{self.total}] {message}")
@@ -84,12 +90,21 @@ def timed() -> Iterator[dict[str, float]]:
     try:
         yield out
     finally:
-        out["seconds"] = round(time.perf_counter() - start, 3)
+        out["seconds"] = round(time.perf_counter() - start, 2)
 
 
-def shard_table_metadata(rows: list[dict[str, object]]) -> dg.TableMetadataValue:
-    """A per-shard summary table (for runs that cover several shards)."""
-    columns = [dg.TableColumn(name, "string" if isinstance(rows[0][name], str) else "float") for name in rows[0]] if rows else []
+def rounded(name: str, value: object) -> object:
+    """A metadata figure as people read it: seconds to 2 places, other fractions to 4."""
+    if isinstance(value, float):
+        return round(value, 2 if "seconds" in name else 4)
+    return value
+
+
+def table_metadata(rows: list[dict[str, object]]) -> dg.TableMetadataValue:
+    """A metadata table of rows (string or number columns), figures rounded."""
+    rows = [{k: rounded(k, v) for k, v in r.items()} for r in rows]
+    columns = [dg.TableColumn(name, "string" if isinstance(rows[0][name], str) else
+                              ("int" if isinstance(rows[0][name], int) else "float")) for name in rows[0]] if rows else []
     return dg.MetadataValue.table(
         records=[dg.TableRecord(r) for r in rows],
         schema=dg.TableSchema(columns=columns),
@@ -105,7 +120,7 @@ def run_metadata(per_shard: list[dict[str, object]], extra: dict[str, object]) -
             meta.setdefault(k, v)
     elif per_shard:
         # Dagster copies a range run's metadata onto every partition's event: keep it small.
-        meta["per_shard"] = shard_table_metadata(per_shard[:PER_SHARD_TABLE_ROWS])
+        meta["per_shard"] = table_metadata(per_shard[:PER_SHARD_TABLE_ROWS])
         if len(per_shard) > PER_SHARD_TABLE_ROWS:
             meta["per_shard_note"] = f"first {PER_SHARD_TABLE_ROWS} of {len(per_shard)} shards"
     return meta

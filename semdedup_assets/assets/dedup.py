@@ -8,7 +8,7 @@ partition keys, call them and report metadata and checks.
 import dagster as dg
 
 from semdedup_assets.assets.cluster import registered_stage_files
-from semdedup_assets.assets.common import EAGER, GPU_OP_TAGS, GPU_POOL, ProgressLog, core_failures, timed
+from semdedup_assets.assets.common import EAGER, GPU_OP_TAGS, GPU_POOL, ProgressLog, core_failures, table_metadata, timed
 from semdedup_assets.core import storage as st
 from semdedup_assets.core.centroids import load_centroids
 from semdedup_assets.core.config import Settings
@@ -52,7 +52,8 @@ def build_semantic_duplicates(settings: Settings) -> dg.AssetsDefinition:
         device = str(resolve_device(config.device))
         if config.precision != "fp32" and device == "cpu":
             context.log.warning(f"precision {config.precision} on a CPU: the tiles run slower than fp32 there")
-        progress = ProgressLog(context.log, len(context.partition_keys), settings.progress_interval)
+        progress = ProgressLog(context.log, len(context.partition_keys), settings.progress_interval,
+                               label="pairwise", unit="buckets")
         with timed() as t:
             for key in sorted(context.partition_keys):
                 r = dedup_bucket(config, key, k, files)
@@ -116,15 +117,14 @@ def build_keep_lists_asset(settings: Settings) -> dg.AssetsDefinition:
             raise dg.Failure(f"{len(missing)} bucket result(s) missing (e.g. {missing[:3]}): materialize semantic_duplicates")
         assigned = sum(st.parquet_num_rows(p) for p in registered_stage_files(
             context.instance, storage, st.CLUSTER_ASSIGNMENTS).values())
-        r = build_keep_lists(config, bucket_files)  # bucket order: byte-identical run to run
+        progress = ProgressLog(context.log, len(bucket_files), settings.progress_interval, label="keep-lists",
+                               unit="buckets")
+        r = build_keep_lists(config, bucket_files, log=progress.step)  # bucket order: byte-identical run to run
         fractions = [row["kept_fraction"] for row in r.eps_curve]
         monotone = all(a >= b for a, b in zip(fractions, fractions[1:]))
         one_bucket = r.items == assigned and r.distinct_ids == assigned
-        eps_table = dg.MetadataValue.table(
-            records=[dg.TableRecord({k: (float(v) if isinstance(v, float) else int(v)) for k, v in row.items()})
-                     for row in r.eps_curve],
-            schema=dg.TableSchema(columns=[dg.TableColumn("eps", "float"), dg.TableColumn("kept", "int"),
-                                           dg.TableColumn("removed", "int"), dg.TableColumn("kept_fraction", "float")]))
+        eps_table = table_metadata([{"eps": float(row["eps"]), "kept": int(row["kept"]), "removed": int(row["removed"]),
+                                     "kept_fraction": float(row["kept_fraction"])} for row in r.eps_curve])
         meta = {
             "items": r.items, "clusters": len(r.cluster_sizes), "seconds": r.seconds, "eps_curve": eps_table,
             "eps_curve_plot": dg.MetadataValue.md(eps_curve_markdown([row["eps"] for row in r.eps_curve], fractions)),

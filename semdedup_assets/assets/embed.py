@@ -35,7 +35,7 @@ def build_embeddings(settings: Settings) -> dg.AssetsDefinition:
         paths: list[str] = []
         with timed() as t:
             keys = run_partition_keys(context)
-            progress = ProgressLog(context.log, len(keys), settings.progress_interval)
+            progress = ProgressLog(context.log, len(keys), settings.progress_interval, label="embed")
             for key in keys:
                 if key not in files:
                     raise dg.Failure(f"shard {key!r} no longer exists under {semdedup.input}")

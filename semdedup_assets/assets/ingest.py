@@ -41,7 +41,7 @@ def build_raw_shards(settings: Settings) -> dg.AssetsDefinition:
         missing = [k for k in keys if k not in files]
         if missing:
             raise dg.Failure(f"shard(s) {missing[:5]} are registered but no longer exist under {semdedup.input}")
-        progress = ProgressLog(context.log, len(keys), settings.progress_interval)
+        progress = ProgressLog(context.log, len(keys), settings.progress_interval, label="ingest")
         with core_failures():
             r = ingest_shards(semdedup.settings(), [files[k] for k in keys], log=progress.step)
         per_shard = [{"shard": s.key, "rows": s.rows, "input": s.input, "fingerprint": s.fingerprint} for s in r.shards]

@@ -141,4 +141,4 @@ def assign_shard(settings: Settings, key: str, centroids: np.ndarray, k: int | N
     buckets |= touched_buckets(clusters, k, settings.buckets)
     return AssignShardResult(key=key, path=str(out), rows=emb.num_rows, clusters_touched=int(len(np.unique(clusters))),
                              mean_sim_to_centroid=round(float(sims.mean()), 4), buckets_touched=sorted(buckets),
-                             problems=problems, seconds=round(time.perf_counter() - start, 3))
+                             problems=problems, seconds=round(time.perf_counter() - start, 2))

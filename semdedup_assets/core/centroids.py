@@ -51,7 +51,7 @@ def train_centroids(settings: Settings, embedding_files: Mapping[str, st.UPath],
 
     start = time.perf_counter()
     sample = collect_sample(counts.items(), read_rows, sample_target(k, settings.max_points_per_centroid), settings.seed)
-    sample_seconds = round(time.perf_counter() - start, 3)
+    sample_seconds = round(time.perf_counter() - start, 2)
     if log is not None:
         log(f"training k={k} on a sample of {len(sample)} of {total} items")
     result = train_spherical_kmeans(sample, k, settings.kmeans_iterations, settings.seed, settings.max_points_per_centroid)
@@ -61,7 +61,7 @@ def train_centroids(settings: Settings, embedding_files: Mapping[str, st.UPath],
     st.atomic_write_table(table, storage.centroids_file)
     return CentroidsResult(path=str(storage.centroids_file), clusters=k, dim=dim, items=total, shards=len(counts),
                            sample_rows=int(len(sample)), train_rows=result.n_train, objective=result.objective,
-                           gpu=result.gpu, sample_seconds=sample_seconds, train_seconds=round(result.seconds, 3))
+                           gpu=result.gpu, sample_seconds=sample_seconds, train_seconds=round(result.seconds, 2))
 
 
 def load_centroids(storage: st.Storage) -> np.ndarray:

@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from semdedup_assets.core.storage import Storage, atomic_write_bytes, check_store
+from semdedup_assets.core.storage import Storage, atomic_write_bytes, check_store, to_upath
 
 Modality = Literal["text", "image", "embedding"]
 Pooling = Literal["mean", "cls", "last_token"]
@@ -274,14 +274,16 @@ def changed_settings(settings: Settings) -> dict[str, tuple[Any, Any]]:
         stored = _build({**raw, "storage": settings.storage})
     except ValueError:
         return {}  # an older or hand-edited file: nothing sensible to compare
-    now, before = settings.to_dict(), stored.to_dict()
+    now, before = _absolute(settings).to_dict(), _absolute(stored).to_dict()
     return {k: (before[k], now[k]) for k in now if k != "extra" and before[k] != now[k]}
+
+
+def _absolute(settings: Settings) -> Settings:
+    """The settings with local paths made absolute (URLs unchanged)."""
+    return settings.replace(storage=str(to_upath(settings.storage)),
+                            input=str(to_upath(settings.input)) if settings.input else None)
 
 
 def save_settings(settings: Settings) -> None:
     """Record the settings in the storage root, with local paths made absolute."""
-    from semdedup_assets.core.storage import to_upath
-
-    absolute = settings.replace(storage=str(to_upath(settings.storage)),
-                                input=str(to_upath(settings.input)) if settings.input else None)
-    atomic_write_bytes(absolute.to_json().encode(), settings.storage_root().settings_file)
+    atomic_write_bytes(_absolute(settings).to_json().encode(), settings.storage_root().settings_file)

@@ -122,7 +122,7 @@ def dedup_bucket(settings: Settings, bucket: str, k: int, assignment_files: Sequ
     start = time.perf_counter()
     result, sizes = dedup_table(table, settings.keep, settings.seed, settings.block_size, device, settings.precision,
                                 settings.thresholds, kernel)
-    seconds = round(time.perf_counter() - start, 3)
+    seconds = round(time.perf_counter() - start, 2)
     problems = []
     if result.num_rows != table.num_rows or pc.count_distinct(result.column("id")).as_py() != result.num_rows:
         problems.append(f"bucket {bucket}: {result.num_rows} result rows for {table.num_rows} assigned items")

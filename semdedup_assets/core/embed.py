@@ -179,4 +179,4 @@ def embed_shard(settings: Settings, key: str, shard: ShardFile, *, encoder: Enco
         problems.append(f"{written.rows} rows, expected {expected} (raw rows minus rejected)")
     return EmbedShardResult(key=key, path=str(out), rows=written.rows, dim=written.dim,
                             renormalised=written.renormalised, rejected=n_rejected, cached=cached,
-                            seconds=round(time.perf_counter() - start, 3), problems=problems)
+                            seconds=round(time.perf_counter() - start, 2), problems=problems)

@@ -105,4 +105,4 @@ def ingest_shards(settings: Settings, shards: Sequence[ShardFile],
     if table is not None and settings.modality == "text":
         head = table.slice(0, PREVIEW_ROWS)
         preview = list(zip(head.column("id").to_pylist(), head.column("text").to_pylist()))
-    return IngestResult(done, round(time.perf_counter() - start, 3), preview)
+    return IngestResult(done, round(time.perf_counter() - start, 2), preview)

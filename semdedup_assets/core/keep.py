@@ -5,7 +5,7 @@ from __future__ import annotations
 import heapq
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -154,11 +154,13 @@ class KeepListsResult:
     seconds: float
 
 
-def build_keep_lists(settings: Settings, bucket_files: Sequence[st.UPath]) -> KeepListsResult:
+def build_keep_lists(settings: Settings, bucket_files: Sequence[st.UPath],
+                     log: Callable[[str], None] | None = None) -> KeepListsResult:
     """Write one keep-list per configured eps and the eps curve from the bucket results, then refresh the catalog.
 
     Buckets are read in the given order (bucket order), so the keep-lists are
     byte-identical run to run; all files are published together or not at all.
+    `log`, if given, is called once per bucket read.
     """
     storage = settings.storage_root()
     curve = EpsCurveAccumulator(settings.eps)
@@ -178,7 +180,9 @@ def build_keep_lists(settings: Settings, bucket_files: Sequence[st.UPath]) -> Ke
             pairs = heapq.nsmallest(TOP_PAIRS, pairs + top_pairs(table), key=lambda x: (-x[0], x[1]))
             near_pairs = heapq.nsmallest(TOP_PAIRS, near_pairs + top_pairs(table, below=NEAR_EXACT),
                                          key=lambda x: (-x[0], x[1]))
-    seconds = round(time.perf_counter() - start, 3)
+            if log is not None:
+                log(f"read {path.name}: {table.num_rows} items")
+    seconds = round(time.perf_counter() - start, 2)
     rows = curve.rows()
     st.atomic_write_table(pa.Table.from_pylist(rows, schema=EPS_CURVE_SCHEMA), storage.eps_curve_file)
     refresh_catalog(storage)
