@@ -6,7 +6,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from semdedup_assets.assets.common import EAGER, GPU_OP_TAGS, GPU_POOL, SHARD_BACKFILL_POLICY, run_metadata, run_partition_keys, timed
+from semdedup_assets.assets.common import (EAGER, GPU_OP_TAGS, GPU_POOL, SHARD_BACKFILL_POLICY, remove_unregistered,
+                                           run_metadata, run_partition_keys, timed)
 from semdedup_assets.assets.embed import embeddings
 from semdedup_assets.core import storage as st
 from semdedup_assets.core.assign import assign, bucket_row_slices, touched_buckets
@@ -139,4 +140,5 @@ def cluster_assignments(context: dg.AssetExecutionContext, semdedup: SemDedupCon
              BUCKETS_TOUCHED: ",".join(sorted(buckets))}
     check = dg.AssetCheckResult(check_name="assigned_exactly_once", passed=not problems,
                                 description="; ".join(problems[:10]) or None)
-    return dg.MaterializeResult(metadata=run_metadata(per_shard, extra), check_results=[check])
+    remove_unregistered(context, storage, st.CLUSTER_ASSIGNMENTS)
+    return dg.MaterializeResult(metadata=run_metadata(context, per_shard, extra), check_results=[check])

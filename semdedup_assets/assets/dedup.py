@@ -16,6 +16,7 @@ from semdedup_assets.core.assign import bucket_cluster_range
 from semdedup_assets.core.catalog import BUCKET_GLOB, refresh_catalog, scan, stage_source
 from semdedup_assets.core.encoders import l2_normalize, resolve_device
 from semdedup_assets.core.keep import EpsCurveAccumulator, keep_mask
+from semdedup_assets.core.layout import bucket_files_on_disk, layout_problems, prune_buckets, prune_keep_lists
 from semdedup_assets.core.pairwise import cluster_semantic_duplicates
 from semdedup_assets.core.plots import eps_curve_markdown, histogram_markdown
 from semdedup_assets.core.tables import SEMANTIC_DUPLICATES_SCHEMA, embedding_matrix, stored_dtype
@@ -23,6 +24,7 @@ from semdedup_assets.partitions import bucket_partitions
 from semdedup_assets.resources import SemDedupConfig
 
 TOP_PAIRS = 10
+FILES_CHECK = "files_match_partitions"
 # Pairs below this are near-duplicates rather than exact copies (shown separately).
 NEAR_EXACT = 0.9999
 MAX_SIM_BINS = np.linspace(-1.0, 1.0, 81)
@@ -141,6 +143,9 @@ def build_semantic_duplicates(buckets: int) -> dg.AssetsDefinition:
                 summary = {"clusters": f"[{first}, {end})", "non_empty_clusters": len(sizes),
                            "largest_cluster": max(sizes, default=0), "pairwise_seconds": tp["seconds"],
                            "path": dg.MetadataValue.path(str(storage.bucket_file(key)))}
+        stale = prune_buckets(storage, buckets)  # results of an earlier, larger bucket count
+        if stale:
+            context.log.info(f"removed {len(stale)} bucket result(s) beyond the {buckets} buckets: {stale[:5]}")
         pairs = sorted(pairs, key=lambda x: (-x[0], x[1]))[:TOP_PAIRS]
         meta: dict[str, object] = {"rows": rows_total, "seconds": t["seconds"], "device": device, "keep": semdedup.keep,
                                    "precision": semdedup.precision, "rechecked_rows": int(kernel["rechecked_rows"]),
@@ -186,7 +191,10 @@ def build_keep_lists(semantic_duplicates: dg.AssetsDefinition) -> dg.AssetsDefin
             dg.AssetCheckSpec("kept_fraction_monotone", asset="keep_lists", blocking=True,
                               description="Monotone in eps: as eps grows the threshold 1 - eps falls, so the kept fraction never rises."),
             dg.AssetCheckSpec("every_item_in_one_bucket", asset="keep_lists", blocking=True,
-                              description="Every assigned item is in exactly one bucket result."),
+                              description="Every assigned item is in exactly one bucket result file on disk."),
+            dg.AssetCheckSpec(FILES_CHECK, asset="keep_lists", blocking=True,
+                              description="The files on disk are exactly those the registered shards, the bucket "
+                              "partitions and the configured eps imply."),
         ],
     )
     def keep_lists(context: dg.AssetExecutionContext, semdedup: SemDedupConfig) -> dg.MaterializeResult:
@@ -197,8 +205,9 @@ def build_keep_lists(semantic_duplicates: dg.AssetsDefinition) -> dg.AssetsDefin
         missing = [str(p) for p in bucket_files if not p.exists()]
         if missing:
             raise dg.Failure(f"{len(missing)} bucket result(s) missing (e.g. {missing[:3]}): materialize semantic_duplicates")
-        assigned = sum(st.parquet_num_rows(p) for p in registered_stage_files(
-            context.instance, storage, st.CLUSTER_ASSIGNMENTS).values())
+        assignment_files = registered_stage_files(context.instance, storage, st.CLUSTER_ASSIGNMENTS)
+        registered = list(assignment_files)
+        assigned = sum(st.parquet_num_rows(p) for p in assignment_files.values())
         curve = EpsCurveAccumulator(settings.eps)
         keep_schema = pa.schema([("id", pa.string()), ("shard", pa.string()), ("cluster", pa.int32())])
         writers = [st.AtomicParquetWriter(storage.keep_list_file(e), keep_schema) for e in settings.eps]
@@ -220,12 +229,18 @@ def build_keep_lists(semantic_duplicates: dg.AssetsDefinition) -> dg.AssetsDefin
         st.atomic_write_table(pa.Table.from_pylist(rows, schema=pa.schema([
             ("eps", pa.float64()), ("kept", pa.int64()), ("removed", pa.int64()), ("kept_fraction", pa.float64())])),
             storage.eps_curve_file)
+        stale = prune_keep_lists(storage, settings.eps)  # eps no longer configured
+        if stale:
+            context.log.info(f"removed {len(stale)} keep-list(s) of eps no longer configured: {stale}")
         refresh_catalog(storage)
 
         fractions = [r["kept_fraction"] for r in rows]
         monotone = all(a >= b for a, b in zip(fractions, fractions[1:]))
         distinct = _distinct_ids(storage)
-        one_bucket = curve.total == assigned and distinct == assigned
+        # Every bucket file on disk counts, not only the configured ones: a leftover file double-counts items.
+        on_disk = sum(st.parquet_num_rows(p) for p in bucket_files_on_disk(storage).values())
+        one_bucket = curve.total == assigned and distinct == assigned and on_disk == assigned
+        layout = layout_problems(storage, registered, settings.buckets, settings.eps)
         sizes = _cluster_sizes(storage)
         texts = _texts(storage, sorted({i for _, a, b in pairs + near_pairs for i in (a, b)}), semdedup.modality)
         eps_table = dg.MetadataValue.table(
@@ -248,7 +263,11 @@ def build_keep_lists(semantic_duplicates: dg.AssetsDefinition) -> dg.AssetsDefin
             dg.AssetCheckResult(check_name="kept_fraction_monotone", passed=monotone,
                                 metadata={"kept_fraction": str([round(f, 6) for f in fractions])}),
             dg.AssetCheckResult(check_name="every_item_in_one_bucket", passed=one_bucket,
-                                metadata={"assigned": assigned, "bucket_rows": curve.total, "distinct_ids": distinct}),
+                                description=None if one_bucket else f"{on_disk} rows in the bucket files on disk, "
+                                f"{distinct} distinct ids, {assigned} assigned items",
+                                metadata={"assigned": assigned, "bucket_rows": curve.total, "distinct_ids": distinct,
+                                          "bucket_rows_on_disk": on_disk}),
+            dg.AssetCheckResult(check_name=FILES_CHECK, passed=not layout, description="; ".join(layout) or None),
         ]
         return dg.MaterializeResult(metadata=meta, check_results=checks)
 

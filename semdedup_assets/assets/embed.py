@@ -9,7 +9,8 @@ import dagster as dg
 import numpy as np
 import pyarrow as pa
 
-from semdedup_assets.assets.common import GPU_OP_TAGS, GPU_POOL, SHARD_BACKFILL_POLICY, ProgressLog, run_metadata, run_partition_keys, timed
+from semdedup_assets.assets.common import (GPU_OP_TAGS, GPU_POOL, SHARD_BACKFILL_POLICY, ProgressLog, remove_unregistered,
+                                           run_metadata, run_partition_keys, timed)
 from semdedup_assets.assets.ingest import input_shards, raw_shards
 from semdedup_assets.core import storage as st
 from semdedup_assets.core.encoders import l2_normalize, row_norms
@@ -190,4 +191,5 @@ def embeddings(context: dg.AssetExecutionContext, semdedup: SemDedupConfig) -> d
         extra["path"] = dg.MetadataValue.path(str(storage.shard_file(st.EMBEDDINGS, per_shard[0]["shard"])))
     check = dg.AssetCheckResult(check_name="embeddings_finite_unit_norm", passed=not problems,
                                 description="; ".join(problems[:10]) or None, metadata={"rows_checked": rows})
-    return dg.MaterializeResult(metadata=run_metadata(per_shard, extra), check_results=[check])
+    remove_unregistered(context, storage, st.EMBEDDINGS, st.REJECTED)
+    return dg.MaterializeResult(metadata=run_metadata(context, per_shard, extra), check_results=[check])

@@ -4,7 +4,8 @@
 import dagster as dg
 import pyarrow as pa
 
-from semdedup_assets.assets.common import SHARD_BACKFILL_POLICY, ProgressLog, run_metadata, run_partition_keys, timed
+from semdedup_assets.assets.common import (SHARD_BACKFILL_POLICY, ProgressLog, remove_unregistered, run_metadata,
+                                           run_partition_keys, timed)
 from semdedup_assets.core import storage as st
 from semdedup_assets.core.catalog import duplicate_ids
 from semdedup_assets.core.shards import ShardError, ShardFile, discover_shards, read_shard
@@ -63,6 +64,8 @@ def raw_shards(context: dg.AssetExecutionContext, semdedup: SemDedupConfig) -> d
     missing = [k for k in keys if k not in files]
     if missing:
         raise dg.Failure(f"shard(s) {missing[:5]} are registered but no longer exist under {semdedup.input}")
+    # Files of shards no longer registered would feed the id and dimension checks below.
+    remove_unregistered(context, storage, st.RAW)
     # Validate every shard of the run before publishing any: a bad shard leaves no output.
     pending: list[st.AtomicParquetWriter] = []
     pending_ids: list[pa.Table] = []
@@ -94,7 +97,7 @@ def raw_shards(context: dg.AssetExecutionContext, semdedup: SemDedupConfig) -> d
     if len(keys) == 1:
         extra["path"] = dg.MetadataValue.path(str(storage.shard_file(st.RAW, keys[0])))
         extra["preview"] = dg.MetadataValue.md(_preview(table, semdedup.modality))
-    return dg.MaterializeResult(metadata=run_metadata(per_shard, extra))
+    return dg.MaterializeResult(metadata=run_metadata(context, per_shard, extra))
 
 
 def duplicate_ids_message(dups: list[tuple[str, str, int, str, int]]) -> str:
