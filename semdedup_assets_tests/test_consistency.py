@@ -190,3 +190,10 @@ def test_per_partition_metadata_is_per_partition(tmp_path: Path, instance: dg.Da
             meta = record.asset_materialization.metadata
             assert meta["rows"].value == expected[record.partition_key], (asset, record.partition_key)
             assert meta["run_rows"].value == 67 and meta["shards_in_run"].value == 3
+    storage = _settings(tmp_path).storage_root()
+    buckets = instance.fetch_materializations(dg.AssetKey("semantic_duplicates"), limit=100).records
+    assert len(buckets) == 4
+    for record in buckets:
+        meta = record.asset_materialization.metadata
+        assert meta["rows"].value == st.parquet_num_rows(storage.bucket_file(record.partition_key))
+        assert meta["run_rows"].value == 67 and meta["buckets_in_run"].value == 4

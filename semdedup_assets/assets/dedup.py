@@ -120,7 +120,6 @@ def build_semantic_duplicates(buckets: int) -> dg.AssetsDefinition:
         if n_buckets != buckets:
             raise dg.Failure(f"the resource says {semdedup.buckets} buckets but the partitions have {buckets}")
         problems: list[str] = []
-        summary: dict[str, object] = {}
         rows_total, pairs = 0, []
         kernel: dict[str, float] = {"rechecked_rows": 0, "error_bound": 0.0}
         thresholds = semdedup.settings().thresholds
@@ -140,20 +139,22 @@ def build_semantic_duplicates(buckets: int) -> dg.AssetsDefinition:
                 rows_total += result.num_rows
                 pairs += top_pairs(result)
                 progress.step(f"bucket {key}: clusters [{first}, {end}), {result.num_rows} items, {tp['seconds']} s")
-                summary = {"clusters": f"[{first}, {end})", "non_empty_clusters": len(sizes),
-                           "largest_cluster": max(sizes, default=0), "pairwise_seconds": tp["seconds"],
-                           "path": dg.MetadataValue.path(str(storage.bucket_file(key)))}
+                # This bucket's own figures on its own event (a range run's metadata is copied onto every bucket).
+                context.add_asset_metadata({
+                    "rows": result.num_rows, "clusters": f"[{first}, {end})", "non_empty_clusters": len(sizes),
+                    "largest_cluster": max(sizes, default=0), "pairwise_seconds": tp["seconds"],
+                    "path": dg.MetadataValue.path(str(storage.bucket_file(key)))}, partition_key=key)
         stale = prune_buckets(storage, buckets)  # results of an earlier, larger bucket count
         if stale:
             context.log.info(f"removed {len(stale)} bucket result(s) beyond the {buckets} buckets: {stale[:5]}")
         pairs = sorted(pairs, key=lambda x: (-x[0], x[1]))[:TOP_PAIRS]
-        meta: dict[str, object] = {"rows": rows_total, "seconds": t["seconds"], "device": device, "keep": semdedup.keep,
+        # Run totals (each bucket's own figures are partition-scoped above).
+        meta: dict[str, object] = {"run_rows": rows_total, "buckets_in_run": len(context.partition_keys),
+                                   "run_seconds": t["seconds"], "device": device, "keep": semdedup.keep,
                                    "precision": semdedup.precision, "rechecked_rows": int(kernel["rechecked_rows"]),
                                    "error_bound": float(kernel["error_bound"]),
                                    "top_pairs": dg.MetadataValue.md(
                                        "\n".join(f"- {s:.5f}: `{a}` duplicates `{b}`" for s, a, b in pairs) or "none")}
-        if len(context.partition_keys) == 1:
-            meta.update(summary)
         check = dg.AssetCheckResult(check_name="bucket_items_exactly_once", passed=not problems,
                                     description="; ".join(problems[:10]) or None)
         return dg.MaterializeResult(metadata=meta, check_results=[check])
