@@ -199,6 +199,19 @@ def cmd_demo(storage: str, verbose: bool = False) -> int:
     return cmd_run(settings, verbose)
 
 
+def missing_storage(settings: Settings) -> str | None:
+    """Why commands that read an existing storage cannot use this one (None when it exists).
+
+    Checked before anything is opened, so a mistyped --storage creates no folder or catalog.
+    """
+    root = settings.storage_root().root
+    if not root.exists():
+        return f"no storage at {root}: the location does not exist (give the --storage of a `semdedup run`)"
+    if not root.is_dir():
+        return f"the storage {root} is not a folder"
+    return None
+
+
 def cmd_sql(storage: str | None, sql: str) -> int:
     """Print a query's result as a table."""
     import duckdb
@@ -206,6 +219,9 @@ def cmd_sql(storage: str | None, sql: str) -> int:
     from semdedup_assets.core.catalog import format_table, query
 
     settings = load_settings(storage)
+    if (missing := missing_storage(settings)) is not None:
+        print(f"semdedup: error: {missing}", file=sys.stderr)
+        return 1
     try:
         cols, rows = query(settings.storage_root(), sql)
     except duckdb.Error as err:
@@ -220,6 +236,9 @@ def cmd_forget(storage: str | None, shard: str, verbose: bool = False) -> int:
     from semdedup_assets.pipeline import PipelineError, forget_shard
 
     settings = load_settings(storage)
+    if (missing := missing_storage(settings)) is not None:
+        print(f"semdedup: error: {missing}", file=sys.stderr)
+        return 1
     try:
         with _show_progress(settings):
             result = forget_shard(settings, _instance(settings), shard, log=lambda m: print(m, flush=True),
@@ -228,7 +247,7 @@ def cmd_forget(storage: str | None, shard: str, verbose: bool = False) -> int:
         print(f"semdedup: error: {err}", file=sys.stderr)
         return 1
     print(f"forgot shard {shard!r}: removed {len(result.removed)} file(s), re-ran {len(result.buckets)} bucket(s)"
-          + (" and the keep-lists" if result.run_ids and len(result.run_ids) > len(result.buckets) else ""))
+          + (" and the keep-lists" if result.keep_lists else ""))
     return 0
 
 

@@ -15,10 +15,11 @@ import dagster as dg
 
 from semdedup_assets import progress
 from semdedup_assets.core import storage as st
-from semdedup_assets.core.assign import touched_buckets
+from semdedup_assets.core.assign import bucket_keys, touched_buckets
 from semdedup_assets.core.catalog import refresh_catalog
 from semdedup_assets.core.config import Settings, save_settings
-from semdedup_assets.core.shards import discover_shards
+from semdedup_assets.core.layout import remove_shard_files
+from semdedup_assets.core.shards import SHARD_SUFFIXES, discover_shards
 from semdedup_assets.definitions import build_definitions
 from semdedup_assets.partitions import SHARDS_PARTITIONS_NAME
 
@@ -115,20 +116,20 @@ def run_pipeline(settings: Settings, instance: dg.DagsterInstance, log=print, ve
     save_settings(settings)
     shards = [s.key for s in discover_shards(settings.input)]
     if not shards:
-        raise PipelineError(f"no .parquet, .jsonl or .jsonl.gz shard files under {settings.input}")
-    known = set(instance.get_dynamic_partitions(SHARDS_PARTITIONS_NAME))
-    new = [k for k in shards if k not in known]
+        raise PipelineError(f"no shard files ({', '.join(SHARD_SUFFIXES)}) under {settings.input}")
+    known = instance.get_dynamic_partitions(SHARDS_PARTITIONS_NAME)
+    stray = sorted(set(known) - set(shards))
+    if stray:  # checked before registering anything: a refused run leaves no trace
+        raise PipelineError(
+            f"the storage already holds {len(stray)} shard(s) that are not under {settings.input} "
+            f"(e.g. {stray[:3]}): use another --storage, or `semdedup forget SHARD` first")
+    new = [k for k in shards if k not in set(known)]
     if new:
         instance.add_dynamic_partitions(SHARDS_PARTITIONS_NAME, new)
     defs = build_definitions(settings)
     bucket_def = defs.resolve_assets_def("semantic_duplicates").partitions_def
     buckets = bucket_def.get_partition_keys()
     registered = instance.get_dynamic_partitions(SHARDS_PARTITIONS_NAME)
-    stray = sorted(set(registered) - set(shards))
-    if stray:
-        raise PipelineError(
-            f"the storage already holds {len(stray)} shard(s) that are not under {settings.input} "
-            f"(e.g. {stray[:3]}): use another --storage, or `semdedup forget SHARD` first")
     result = PipelineResult(shards=shards)
     for label, job_name, partitioning in STAGES:
         tags: dict[str, str] = {"semdedup/stage": label}
@@ -141,10 +142,28 @@ def run_pipeline(settings: Settings, instance: dg.DagsterInstance, log=print, ve
         try:
             run_id = _execute(defs, instance, job_name, tags, verbose=verbose)
         except PipelineError as err:
+            if job_name == "ingest_job":
+                withdraw_shards(settings, instance, new)
             raise PipelineError(f"{label}: {err}") from None
         result.run_ids[label] = run_id
         result.seconds[label] = _run_seconds(instance, run_id)
     return result
+
+
+def withdraw_shards(settings: Settings, instance: dg.DagsterInstance, shards: list[str]) -> list[str]:
+    """Undo the registration of shards whose ingest failed: their partitions and every per-shard file.
+
+    Only the shards that the failed run registered are withdrawn; shards registered before
+    it keep their partitions and results, so the retry after fixing the input starts clean.
+    """
+    storage = settings.storage_root()
+    registered = set(instance.get_dynamic_partitions(SHARDS_PARTITIONS_NAME))
+    removed: list[str] = []
+    for shard in shards:
+        if shard in registered:
+            instance.delete_dynamic_partition(SHARDS_PARTITIONS_NAME, shard)
+        removed += remove_shard_files(storage, shard)
+    return removed
 
 
 @dataclass
@@ -154,6 +173,7 @@ class ForgetResult:
     removed: list[str]
     buckets: list[str]
     run_ids: list[str] = field(default_factory=list)
+    keep_lists: bool = False  # the keep-lists were rewritten
 
 
 def forget_shard(settings: Settings, instance: dg.DagsterInstance, shard: str, log=print,
@@ -165,8 +185,7 @@ def forget_shard(settings: Settings, instance: dg.DagsterInstance, shard: str, l
     if assignments.exists() and storage.centroids_file.exists():
         k = st.parquet_num_rows(storage.centroids_file)
         buckets = touched_buckets(st.read_table(assignments, columns=["cluster"]).column("cluster").to_numpy(), k, settings.buckets)
-    removed = [str(p) for stage in (st.RAW, st.REJECTED, st.EMBEDDINGS, st.CLUSTER_ASSIGNMENTS)
-               if st.remove(p := storage.shard_file(stage, shard))]
+    removed = remove_shard_files(storage, shard)
     known = shard in instance.get_dynamic_partitions(SHARDS_PARTITIONS_NAME)
     if known:
         instance.delete_dynamic_partition(SHARDS_PARTITIONS_NAME, shard)
@@ -177,19 +196,26 @@ def forget_shard(settings: Settings, instance: dg.DagsterInstance, shard: str, l
         # Nothing left: the dataset-wide results describe no data any more.
         for stage in (st.SEMANTIC_DUPLICATES, st.KEEP_LISTS):
             result.removed += [str(p) for p in storage.stage_files(stage) if st.remove(p)]
-    elif any(storage.bucket_file(b).exists() for b in buckets):
+    else:
         defs = build_definitions(settings)
         tags = {"semdedup/forget": shard}
-        keep_lists = storage.eps_curve_file.exists()
-        log(f"[semdedup] re-running {len(result.buckets)} bucket(s) without shard {shard!r}"
-            + (", then the keep-lists" if keep_lists else ""))
-        with progress.task("forget: re-run", len(result.buckets) + keep_lists, unit="runs", outer=True) as bar:
-            for bucket in result.buckets:
+        rerun = [b for b in result.buckets if storage.bucket_file(b).exists()]
+        # The keep-lists list the shard's ids: rewrite them whenever they exist, or drop them
+        # when they cannot be rewritten (bucket results missing), never leave them stale.
+        keep_files = storage.stage_files(st.KEEP_LISTS)
+        rewrite = bool(keep_files) and all(storage.bucket_file(b).exists() for b in bucket_keys(settings.buckets))
+        log(f"[semdedup] re-running {len(rerun)} bucket(s) without shard {shard!r}"
+            + (", then the keep-lists" if rewrite else ""))
+        with progress.task("forget: re-run", len(rerun) + rewrite, unit="runs", outer=True) as bar:
+            for bucket in rerun:
                 result.run_ids.append(_execute(defs, instance, "dedup_job", tags, partition_key=bucket, verbose=verbose))
                 bar.update(1, f"bucket {bucket}")
-            if keep_lists:
+            if rewrite:
                 result.run_ids.append(_execute(defs, instance, "keep_lists_job", tags, verbose=verbose))
+                result.keep_lists = True
                 bar.update(1, "keep-lists")
+        if keep_files and not rewrite:
+            result.removed += [str(p) for p in keep_files if st.remove(p)]
     refresh_catalog(storage)
     return result
 

@@ -103,7 +103,8 @@ def test_keep_lists_are_byte_identical_whatever_the_partition_order(tmp_path: Pa
                 _execute(defs, "dedup_job", inst, b)
             result = _execute(defs, "keep_lists_job", inst)
             checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
-            assert checks == {"kept_fraction_monotone": True, "every_item_in_one_bucket": True}
+            assert checks == {"kept_fraction_monotone": True, "every_item_in_one_bucket": True,
+                              "files_match_partitions": True}
         storage = settings.storage_root()
         outputs.append({p.name: p.read_bytes() for p in storage.stage_files(st.KEEP_LISTS) + storage.stage_files(st.SEMANTIC_DUPLICATES)})
     assert outputs[0].keys() == outputs[1].keys() and len(outputs[0]) == 4 + 1 + 3
@@ -120,7 +121,7 @@ def test_checks_pass_and_are_recorded(tmp_path: Path, instance: dg.DagsterInstan
         "embeddings": ["embeddings_finite_unit_norm"],
         "cluster_assignments": ["assigned_exactly_once"],
         "semantic_duplicates": ["bucket_items_exactly_once"],
-        "keep_lists": ["kept_fraction_monotone", "every_item_in_one_bucket"],
+        "keep_lists": ["kept_fraction_monotone", "every_item_in_one_bucket", "files_match_partitions"],
     }.items():
         for name in names:
             record = instance.event_log_storage.get_latest_asset_check_execution_by_key(

@@ -3,8 +3,8 @@
 
 import dagster as dg
 
-from semdedup_assets.assets.common import (EAGER, GPU_OP_TAGS, GPU_POOL, ProgressLog, core_failures, run_metadata,
-                                           run_partition_keys, shard_backfill_policy, timed)
+from semdedup_assets.assets.common import (EAGER, GPU_OP_TAGS, GPU_POOL, ProgressLog, core_failures, remove_unregistered,
+                                           run_metadata, run_partition_keys, shard_backfill_policy, timed)
 from semdedup_assets.core import storage as st
 from semdedup_assets.core.assign import assign_shard
 from semdedup_assets.core.centroids import load_centroids, train_centroids
@@ -85,6 +85,7 @@ def build_cluster_assignments(settings: Settings) -> dg.AssetsDefinition:
                  BUCKETS_TOUCHED: ",".join(sorted(buckets))}
         check = dg.AssetCheckResult(check_name="assigned_exactly_once", passed=not problems,
                                     description="; ".join(problems[:10]) or None)
-        return dg.MaterializeResult(metadata=run_metadata(per_shard, extra), check_results=[check])
+        remove_unregistered(context, semdedup.storage_root(), st.CLUSTER_ASSIGNMENTS)
+        return dg.MaterializeResult(metadata=run_metadata(context, per_shard, extra), check_results=[check])
 
     return cluster_assignments

@@ -15,7 +15,10 @@ from semdedup_assets.core.centroids import MissingCentroidsError
 from semdedup_assets.core.config import Settings
 from semdedup_assets.core.embed import EmbedError
 from semdedup_assets.core.ingest import DuplicateIdsError
+from semdedup_assets.core.layout import prune_shard_stages
 from semdedup_assets.core.shards import ShardError
+from semdedup_assets.core.storage import Storage
+from semdedup_assets.partitions import SHARDS_PARTITIONS_NAME
 
 # backfill_policy is a beta parameter; users need not see the notice on every import.
 warnings.filterwarnings("ignore", category=dg.BetaWarning)
@@ -34,7 +37,6 @@ GPU_POOL = "gpu"
 EAGER = dg.AutomationCondition.eager() & dg.AutomationCondition.all_deps_blocking_checks_passed()
 
 
-PER_SHARD_TABLE_ROWS = 20
 
 
 class ProgressLog:
@@ -111,16 +113,26 @@ def table_metadata(rows: list[dict[str, object]]) -> dg.TableMetadataValue:
     )
 
 
-def run_metadata(per_shard: list[dict[str, object]], extra: dict[str, object]) -> dict[str, object]:
-    """Metadata for a per-shard asset: totals, plus a table when the run covers several shards."""
-    meta: dict[str, object] = dict(extra)
+def run_metadata(context: dg.AssetExecutionContext, per_shard: list[dict[str, object]],
+                 extra: dict[str, object]) -> dict[str, object]:
+    """Metadata for a per-shard asset: each partition's own figures, plus the run's totals.
+
+    Dagster copies a range run's metadata onto every partition's materialization event, so
+    each shard's row goes in as partition-scoped metadata (`add_asset_metadata`), which
+    takes precedence on that partition's event: one event per partition, as before. Run
+    totals of a figure that also exists per shard are kept as `run_<name>`.
+    """
+    per_key = {k for row in per_shard for k in row}
+    for row in per_shard:
+        context.add_asset_metadata({k: rounded(k, v) for k, v in row.items() if k != "shard"},
+                                   partition_key=str(row["shard"]))
+    meta: dict[str, object] = {(f"run_{k}" if k in per_key else k): rounded(k, v) for k, v in extra.items()}
     meta["shards_in_run"] = len(per_shard)
-    if len(per_shard) == 1:
-        for k, v in per_shard[0].items():
-            meta.setdefault(k, v)
-    elif per_shard:
-        # Dagster copies a range run's metadata onto every partition's event: keep it small.
-        meta["per_shard"] = table_metadata(per_shard[:PER_SHARD_TABLE_ROWS])
-        if len(per_shard) > PER_SHARD_TABLE_ROWS:
-            meta["per_shard_note"] = f"first {PER_SHARD_TABLE_ROWS} of {len(per_shard)} shards"
     return meta
+
+
+def remove_unregistered(context: dg.AssetExecutionContext, storage: Storage, *stages: str) -> None:
+    """Delete this stage's files of shards that are no longer registered (see core/layout.py)."""
+    removed = prune_shard_stages(storage, stages, context.instance.get_dynamic_partitions(SHARDS_PARTITIONS_NAME))
+    if removed:
+        context.log.info(f"removed {len(removed)} file(s) of shards that are no longer registered: {removed[:5]}")

@@ -15,9 +15,13 @@ from semdedup_assets.core.config import Settings
 from semdedup_assets.core.dedup import TOP_PAIRS, Pair, dedup_bucket
 from semdedup_assets.core.encoders import resolve_device
 from semdedup_assets.core.keep import MAX_SIM_BINS, NEAR_EXACT, build_keep_lists
+from semdedup_assets.core.layout import bucket_files_on_disk, layout_problems, prune_buckets, prune_keep_lists
 from semdedup_assets.core.plots import eps_curve_markdown, histogram_markdown
 from semdedup_assets.partitions import bucket_partitions
 from semdedup_assets.resources import SemDedupConfig
+
+
+FILES_CHECK = "files_match_partitions"
 
 
 def build_semantic_duplicates(settings: Settings) -> dg.AssetsDefinition:
@@ -46,7 +50,6 @@ def build_semantic_duplicates(settings: Settings) -> dg.AssetsDefinition:
             k = len(load_centroids(storage))
         files = list(registered_stage_files(context.instance, storage, st.CLUSTER_ASSIGNMENTS).values())
         problems: list[str] = []
-        summary: dict[str, object] = {}
         rows_total, rechecked, bound = 0, 0, 0.0
         pairs: list[Pair] = []
         device = str(resolve_device(config.device))
@@ -63,16 +66,21 @@ def build_semantic_duplicates(settings: Settings) -> dg.AssetsDefinition:
                 bound = max(bound, r.error_bound)
                 pairs += r.top_pairs
                 progress.step(f"bucket {key}: clusters [{r.first_cluster}, {r.end_cluster}), {r.rows} items, {r.seconds} s")
-                summary = {"clusters": f"[{r.first_cluster}, {r.end_cluster})", "non_empty_clusters": len(r.cluster_sizes),
-                           "largest_cluster": max(r.cluster_sizes, default=0), "pairwise_seconds": r.seconds,
-                           "path": dg.MetadataValue.path(r.path)}
+                # This bucket's own figures on its own event (a range run's metadata is copied onto every bucket).
+                context.add_asset_metadata({
+                    "rows": r.rows, "clusters": f"[{r.first_cluster}, {r.end_cluster})",
+                    "non_empty_clusters": len(r.cluster_sizes), "largest_cluster": max(r.cluster_sizes, default=0),
+                    "pairwise_seconds": r.seconds, "path": dg.MetadataValue.path(r.path)}, partition_key=key)
+        stale = prune_buckets(storage, buckets)  # results of an earlier, larger bucket count
+        if stale:
+            context.log.info(f"removed {len(stale)} bucket result(s) beyond the {buckets} buckets: {stale[:5]}")
         pairs = sorted(pairs, key=lambda x: (-x[0], x[1]))[:TOP_PAIRS]
-        meta: dict[str, object] = {"rows": rows_total, "seconds": t["seconds"], "device": device, "keep": config.keep,
+        # Run totals (each bucket's own figures are partition-scoped above).
+        meta: dict[str, object] = {"run_rows": rows_total, "buckets_in_run": len(context.partition_keys),
+                                   "run_seconds": t["seconds"], "device": device, "keep": config.keep,
                                    "precision": config.precision, "rechecked_rows": rechecked, "error_bound": bound,
                                    "top_pairs": dg.MetadataValue.md(
                                        "\n".join(f"- {s:.5f}: `{a}` duplicates `{b}`" for s, a, b in pairs) or "none")}
-        if len(context.partition_keys) == 1:
-            meta.update(summary)
         check = dg.AssetCheckResult(check_name="bucket_items_exactly_once", passed=not problems,
                                     description="; ".join(problems[:10]) or None)
         return dg.MaterializeResult(metadata=meta, check_results=[check])
@@ -104,7 +112,10 @@ def build_keep_lists_asset(settings: Settings) -> dg.AssetsDefinition:
             dg.AssetCheckSpec("kept_fraction_monotone", asset="keep_lists", blocking=True,
                               description="Monotone in eps: as eps grows the threshold 1 - eps falls, so the kept fraction never rises."),
             dg.AssetCheckSpec("every_item_in_one_bucket", asset="keep_lists", blocking=True,
-                              description="Every assigned item is in exactly one bucket result."),
+                              description="Every assigned item is in exactly one bucket result file on disk."),
+            dg.AssetCheckSpec(FILES_CHECK, asset="keep_lists", blocking=True,
+                              description="The files on disk are exactly those the registered shards, the bucket "
+                              "partitions and the configured eps imply."),
         ],
     )
     def keep_lists(context: dg.AssetExecutionContext, semdedup: SemDedupConfig) -> dg.MaterializeResult:
@@ -115,14 +126,20 @@ def build_keep_lists_asset(settings: Settings) -> dg.AssetsDefinition:
         missing = [str(p) for p in bucket_files if not p.exists()]
         if missing:
             raise dg.Failure(f"{len(missing)} bucket result(s) missing (e.g. {missing[:3]}): materialize semantic_duplicates")
-        assigned = sum(st.parquet_num_rows(p) for p in registered_stage_files(
-            context.instance, storage, st.CLUSTER_ASSIGNMENTS).values())
+        assignment_files = registered_stage_files(context.instance, storage, st.CLUSTER_ASSIGNMENTS)
+        assigned = sum(st.parquet_num_rows(p) for p in assignment_files.values())
         progress = ProgressLog(context.log, len(bucket_files), settings.progress_interval, label="keep-lists",
                                unit="buckets")
         r = build_keep_lists(config, bucket_files, log=progress.step)  # bucket order: byte-identical run to run
         fractions = [row["kept_fraction"] for row in r.eps_curve]
         monotone = all(a >= b for a, b in zip(fractions, fractions[1:]))
-        one_bucket = r.items == assigned and r.distinct_ids == assigned
+        stale = prune_keep_lists(storage, config.eps)  # eps no longer configured
+        if stale:
+            context.log.info(f"removed {len(stale)} keep-list(s) of eps no longer configured: {stale}")
+        # Every bucket file on disk counts, not only the configured ones: a leftover file double-counts items.
+        on_disk = sum(st.parquet_num_rows(p) for p in bucket_files_on_disk(storage).values())
+        one_bucket = r.items == assigned and r.distinct_ids == assigned and on_disk == assigned
+        layout = layout_problems(storage, list(assignment_files), config.buckets, config.eps)
         eps_table = table_metadata([{"eps": float(row["eps"]), "kept": int(row["kept"]), "removed": int(row["removed"]),
                                      "kept_fraction": float(row["kept_fraction"])} for row in r.eps_curve])
         meta = {
@@ -141,7 +158,11 @@ def build_keep_lists_asset(settings: Settings) -> dg.AssetsDefinition:
             dg.AssetCheckResult(check_name="kept_fraction_monotone", passed=monotone,
                                 metadata={"kept_fraction": str([round(f, 6) for f in fractions])}),
             dg.AssetCheckResult(check_name="every_item_in_one_bucket", passed=one_bucket,
-                                metadata={"assigned": assigned, "bucket_rows": r.items, "distinct_ids": r.distinct_ids}),
+                                description=None if one_bucket else f"{on_disk} rows in the bucket files on disk, "
+                                f"{r.distinct_ids} distinct ids, {assigned} assigned items",
+                                metadata={"assigned": assigned, "bucket_rows": r.items, "distinct_ids": r.distinct_ids,
+                                          "bucket_rows_on_disk": on_disk}),
+            dg.AssetCheckResult(check_name=FILES_CHECK, passed=not layout, description="; ".join(layout) or None),
         ]
         return dg.MaterializeResult(metadata=meta, check_results=checks)
 

@@ -3,8 +3,10 @@
 
 import dagster as dg
 
-from semdedup_assets.assets.common import GPU_OP_TAGS, GPU_POOL, ProgressLog, core_failures, run_metadata, run_partition_keys, shard_backfill_policy, timed
+from semdedup_assets.assets.common import (GPU_OP_TAGS, GPU_POOL, ProgressLog, core_failures, remove_unregistered,
+                                           run_metadata, run_partition_keys, shard_backfill_policy, timed)
 from semdedup_assets.assets.ingest import input_shards
+from semdedup_assets.core import storage as st
 from semdedup_assets.core.config import Settings
 from semdedup_assets.core.embed import embed_shard
 from semdedup_assets.partitions import shard_partitions
@@ -59,6 +61,7 @@ def build_embeddings(settings: Settings) -> dg.AssetsDefinition:
             extra["path"] = dg.MetadataValue.path(paths[0])
         check = dg.AssetCheckResult(check_name="embeddings_finite_unit_norm", passed=not problems,
                                     description="; ".join(problems[:10]) or None, metadata={"rows_checked": rows})
-        return dg.MaterializeResult(metadata=run_metadata(per_shard, extra), check_results=[check])
+        remove_unregistered(context, semdedup.storage_root(), st.EMBEDDINGS, st.REJECTED)
+        return dg.MaterializeResult(metadata=run_metadata(context, per_shard, extra), check_results=[check])
 
     return embeddings

@@ -3,7 +3,9 @@
 
 import dagster as dg
 
-from semdedup_assets.assets.common import ProgressLog, core_failures, run_metadata, run_partition_keys, shard_backfill_policy
+from semdedup_assets.assets.common import (ProgressLog, core_failures, remove_unregistered, run_metadata,
+                                           run_partition_keys, shard_backfill_policy)
+from semdedup_assets.core import storage as st
 from semdedup_assets.core.catalog import duplicate_ids
 from semdedup_assets.core.config import Settings
 from semdedup_assets.core.ingest import duplicate_ids_message, ingest_shards
@@ -41,6 +43,8 @@ def build_raw_shards(settings: Settings) -> dg.AssetsDefinition:
         missing = [k for k in keys if k not in files]
         if missing:
             raise dg.Failure(f"shard(s) {missing[:5]} are registered but no longer exist under {semdedup.input}")
+        # Files of shards no longer registered would feed the id and dimension checks.
+        remove_unregistered(context, semdedup.storage_root(), st.RAW)
         progress = ProgressLog(context.log, len(keys), settings.progress_interval, label="ingest")
         with core_failures():
             r = ingest_shards(semdedup.settings(), [files[k] for k in keys], log=progress.step)
@@ -49,7 +53,7 @@ def build_raw_shards(settings: Settings) -> dg.AssetsDefinition:
         if len(r.shards) == 1:
             extra["path"] = dg.MetadataValue.path(r.shards[0].path)
             extra["preview"] = dg.MetadataValue.md(_preview(r.preview, r.shards[0].rows))
-        return dg.MaterializeResult(metadata=run_metadata(per_shard, extra))
+        return dg.MaterializeResult(metadata=run_metadata(context, per_shard, extra))
 
     return raw_shards
 

@@ -66,7 +66,8 @@ class Settings:
     input: str | None = knob(None, "folder (or fsspec URL) of .parquet/.jsonl/.jsonl.gz/.tar/.npy shards, or one file")
     modality: Modality = knob("text", "payload kind")
     column: str | None = knob(None, "payload column (default: the modality's name: text, image or embedding)")
-    id_column: str = knob("id", "id column (if this default column is absent, ids are <shard>:<row>)")
+    id_column: str = knob("id", "id column (only the default `id` may be absent, then ids are <shard>:<row>; "
+                          "any other name must exist in every shard)")
     model: str | None = knob(None, "text: HF model name or local path (default: the offline all-MiniLM-L6-v2), or "
                              "open_clip:ARCH for CLIP's text tower; image: open_clip ARCH, local-dir:PATH or "
                              "hf-hub:ORG/REPO")

@@ -31,6 +31,7 @@ from semdedup_assets.core.storage import check_store, is_local, to_upath
 SHARD_SUFFIXES = (".jsonl.gz", ".parquet", ".jsonl", ".tar", ".npy")
 LAION_EMBEDDINGS = re.compile(r"^img_emb_(\d+)\.npy$")
 EMBEDDING_CHUNK_ROWS = 65536
+DEFAULT_ID_COLUMN = "id"  # the one id column that may be absent (ids are then <shard>:<row>)
 
 
 class ShardError(ValueError):
@@ -104,7 +105,7 @@ def discover_shards(location: str | UPath) -> list[ShardFile]:
     if root.is_file():
         suffix = shard_suffix(root.name)
         if suffix is None:
-            raise ValueError(f"{root}: not a .parquet, .jsonl or .jsonl.gz file")
+            raise ValueError(f"{root}: not a shard file (one of {', '.join(SHARD_SUFFIXES)})")
         return [ShardFile(root.name[: -len(suffix)], root)]
     if not root.exists():
         raise FileNotFoundError(f"input location does not exist: {root}")
@@ -142,8 +143,32 @@ def _read_jsonl(shard: str, data: bytes) -> pa.Table:
     if not rows:
         return pa.table({})
     columns = sorted({k for r in rows for k in r})
-    return pa.table({c: pa.array([r.get(c) for r in rows], from_pandas=True) if c != "embedding" else
-                     pa.array([r.get(c) for r in rows], type=pa.list_(pa.float32())) for c in columns})
+    return pa.table({c: _jsonl_column(shard, c, [r.get(c) for r in rows]) for c in columns})
+
+
+def _json_kind(value: object) -> str:
+    """A JSON value's type as JSON names it (ints and floats are both numbers)."""
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    return {str: "string", list: "array", dict: "object"}.get(type(value), type(value).__name__)
+
+
+def _jsonl_column(shard: str, name: str, values: list[object]) -> pa.Array:
+    """One field of every JSON line as an Arrow array; a field of mixed types names its first odd row."""
+    try:
+        if name == "embedding":
+            return pa.array(values, type=pa.list_(pa.float32()))
+        return pa.array(values, from_pandas=True)
+    except (pa.ArrowException, TypeError, ValueError) as exc:
+        present = [(i, _json_kind(v)) for i, v in enumerate(values) if v is not None]
+        first_row, first = present[0] if present else (0, "null")
+        odd = next((i for i, kind in present if kind != first), None)
+        if odd is None:
+            raise ShardError(shard, f"field {name!r} cannot be read: {exc}") from None
+        raise ShardError(shard, f"field {name!r} is a {_json_kind(values[odd])} here but a {first} in row "
+                         f"{first_row}: a field must have one type in every line", row=odd) from None
 
 
 def _read_bytes(shard: str, path: UPath) -> bytes:
@@ -340,6 +365,9 @@ def read_shard(shard: ShardFile, modality: str, column: str, id_column: str = "i
 
 def _validated_ids(shard: str, table: pa.Table, id_column: str) -> pa.Array:
     n = table.num_rows
+    if id_column not in table.column_names and id_column != DEFAULT_ID_COLUMN:
+        # Only the default may fall back to <shard>:<row>: a column the user named must exist.
+        raise ShardError(shard, f"missing id column {id_column!r} (columns: {', '.join(table.column_names) or 'none'})")
     if id_column in table.column_names:
         ids = table.column(id_column)
         if ids.null_count:
