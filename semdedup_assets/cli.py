@@ -1,4 +1,4 @@
-"""The `semdedup` command line: run, demo, sql, forget."""
+"""The `semdedup` command line: run, demo, sql, forget, export."""
 
 from __future__ import annotations
 
@@ -53,6 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
                             "were in and the keep-lists, so the catalog no longer shows it.")
     forget.add_argument("shard", help="shard key, e.g. part-03 or 2024/part-03")
     _add_storage(forget)
+
+    export = sub.add_parser("export", help="write the deduplicated dataset (each input shard, kept rows only)",
+                            description="Write every input shard again under <storage>/deduplicated/<selection>/, "
+                            "in its own format and relative path, with all of its columns and only the kept rows "
+                            "(items flagged by --reference decontamination are dropped too). Shards whose kept rows "
+                            "did not change since the last export of the same selection are not rewritten.")
+    export.add_argument("--select", default=None, metavar="eps=E|keep-fraction=F",
+                        help="eps=E (one of the configured eps) or keep-fraction=F with 0 < F <= 1: keep the "
+                        "ceil(F * items) items with the smallest max_sim, ties by id (default: the smallest eps)")
+    _add_storage(export)
     return parser
 
 
@@ -206,6 +216,27 @@ def cmd_forget(storage: str | None, shard: str) -> int:
     return 0
 
 
+def cmd_export(storage: str | None, select: str | None) -> int:
+    """Write the deduplicated dataset for a selection and print what each shard kept."""
+    from semdedup_assets.core.export import ExportError, default_selection, export_shards, parse_selection
+
+    settings = load_settings(storage)
+    if not settings.input:
+        print(f"semdedup: error: no run recorded in {settings.storage}: `semdedup run` first", file=sys.stderr)
+        return 1
+    try:
+        selection = parse_selection(select or settings.select or default_selection(settings.eps), settings.eps)
+        done = export_shards(settings.storage_root(), settings.input, selection)
+    except (ExportError, FileNotFoundError) as err:
+        print(f"semdedup: error: {err}", file=sys.stderr)
+        return 1
+    for d in done:
+        print(f"{d.shard}: kept {d.kept}, removed {d.removed}" + ("" if d.rewritten else " (unchanged)"))
+    print(f"{selection.label}: kept {sum(d.kept for d in done)} of {sum(d.kept + d.removed for d in done)} items "
+          f"in {len(done)} shard(s) under {settings.storage_root().stage_dir('deduplicated') / selection.label}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `semdedup` console script."""
     args = build_parser().parse_args(argv)
@@ -216,6 +247,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_demo(args.storage)
         if args.command == "sql":
             return cmd_sql(args.storage, args.query)
+        if args.command == "export":
+            return cmd_export(args.storage, args.select)
         return cmd_forget(args.storage, args.shard)
     except ValueError as err:  # bad settings
         print(f"semdedup: error: {err}", file=sys.stderr)

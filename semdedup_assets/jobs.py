@@ -27,4 +27,9 @@ keep_lists_job = dg.define_asset_job(
     description="Write the keep-lists and eps curve, refresh the catalog.",
 )
 
-ALL_JOBS = [ingest_job, centroids_job, assign_job, dedup_job, keep_lists_job]
+export_job = dg.define_asset_job(
+    "export_job", selection=dg.AssetSelection.assets("deduplicated"),
+    description="Write the deduplicated dataset for the `select` knob (one partition per shard).",
+)
+
+ALL_JOBS = [ingest_job, centroids_job, assign_job, dedup_job, keep_lists_job, export_job]

@@ -13,7 +13,8 @@ from semdedup_assets.core.config import Settings
 from semdedup_assets.definitions import build_definitions, load_definitions
 
 REPO = Path(__file__).resolve().parents[1]
-ASSETS = {"raw_shards", "embeddings", "centroids", "cluster_assignments", "semantic_duplicates", "keep_lists"}
+ASSETS = {"raw_shards", "embeddings", "centroids", "cluster_assignments", "semantic_duplicates", "keep_lists",
+          "deduplicated"}
 
 
 def test_definitions_load(tmp_path: Path, monkeypatch) -> None:
@@ -36,7 +37,7 @@ def test_graph_shape_pools_and_partitions() -> None:
     assert parents == {
         "raw_shards": set(), "embeddings": {"raw_shards"}, "centroids": {"embeddings"},
         "cluster_assignments": {"embeddings", "centroids"}, "semantic_duplicates": {"cluster_assignments"},
-        "keep_lists": {"semantic_duplicates"},
+        "keep_lists": {"semantic_duplicates"}, "deduplicated": {"keep_lists"},
     }
     sd = d.resolve_assets_def("semantic_duplicates")
     assert sd.partitions_def.get_partition_keys() == ["000", "001", "002", "003", "004"]

@@ -7,6 +7,7 @@ import pyarrow as pa
 from semdedup_assets.assets.common import SHARD_BACKFILL_POLICY, ProgressLog, run_metadata, run_partition_keys, timed
 from semdedup_assets.core import storage as st
 from semdedup_assets.core.catalog import duplicate_ids
+from semdedup_assets.core.export import FINGERPRINT_KEY
 from semdedup_assets.core.shards import ShardError, ShardFile, discover_shards, read_shard
 from semdedup_assets.partitions import shard_partitions
 from semdedup_assets.resources import SemDedupConfig
@@ -76,9 +77,12 @@ def raw_shards(context: dg.AssetExecutionContext, semdedup: SemDedupConfig) -> d
             except ShardError as err:
                 raise shard_failure(err) from None
             table = index.table.add_column(1, "shard", pa.array([key] * index.table.num_rows, type=pa.string()))
+            # The input as ingested: `semdedup export` refuses a shard that changed since.
+            schema_meta = {FINGERPRINT_KEY: files[key].fingerprint().encode()}
             if index.dim is not None:
                 dims[key] = index.dim
-                table = table.replace_schema_metadata({RAW_DIM_KEY: str(index.dim).encode()})
+                schema_meta[RAW_DIM_KEY] = str(index.dim).encode()
+            table = table.replace_schema_metadata(schema_meta)
             writer = st.AtomicParquetWriter(storage.shard_file(st.RAW, key), table.schema)
             pending.append(writer)
             writer.write(table)

@@ -90,6 +90,8 @@ class Settings:
                                            "compute stays fp32)")
     precision: Precision = knob("fp32", "pairwise tiles: fp32, or fp16/bf16 on a GPU with an exact fp32 re-check "
                                 "of every item near a threshold 1 - eps")
+    select: str | None = knob(None, "deduplicated dataset: eps=E (a configured eps) or keep-fraction=F "
+                              "(default: the smallest configured eps); `semdedup export --select`", flag=None)
     # Operations knobs: the code location (`dagster dev`), not a single `semdedup run`.
     sensors: bool = knob(False, "start the sensors running when the code location loads", flag=None)
     sensor_interval: int = knob(30, "seconds between sensor ticks", flag=None)

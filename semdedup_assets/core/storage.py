@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -144,23 +145,32 @@ def _tmp_sibling(path: UPath) -> UPath:
     return path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
 
 
-def atomic_write_bytes(data: bytes, path: UPath) -> None:
-    """Write bytes so that readers see either the old file or the whole new one."""
+@contextmanager
+def atomic_open(path: UPath) -> Iterator[IO[bytes]]:
+    """A binary file handle for streamed writes; the file appears at `path` only if the block succeeds."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not is_local(path):
+    if not is_local(path):  # buffered, so a failed block uploads nothing
+        buf = io.BytesIO()
+        yield buf
         with path.open("wb") as f:
-            f.write(data)
+            f.write(buf.getvalue())
         return
     tmp = _tmp_sibling(path)
     try:
         with open(str(tmp), "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(str(tmp), str(path))
     finally:
         if os.path.exists(str(tmp)):
             os.unlink(str(tmp))
+
+
+def atomic_write_bytes(data: bytes, path: UPath) -> None:
+    """Write bytes so that readers see either the old file or the whole new one."""
+    with atomic_open(path) as f:
+        f.write(data)
 
 
 def atomic_write_table(table: pa.Table, path: UPath, row_group_size: int | None = None) -> None:
