@@ -226,7 +226,7 @@ def cmd_export(storage: str | None, select: str | None) -> int:
         return 1
     try:
         selection = parse_selection(select or settings.select or default_selection(settings.eps), settings.eps)
-        done = export_shards(settings.storage_root(), settings.input, selection)
+        done = export_shards(settings.storage_root(), settings.input, selection, configured_eps=settings.eps)
     except (ExportError, FileNotFoundError) as err:
         print(f"semdedup: error: {err}", file=sys.stderr)
         return 1

@@ -23,8 +23,8 @@ dedup_job = dg.define_asset_job(
     description="Run the pairwise rule per cluster bucket.",
 )
 keep_lists_job = dg.define_asset_job(
-    "keep_lists_job", selection=dg.AssetSelection.assets("keep_lists"),
-    description="Write the keep-lists and eps curve, refresh the catalog.",
+    "keep_lists_job", selection=dg.AssetSelection.assets("keep_lists", "contaminated"),
+    description="Write the keep-lists and eps curve, flag items near the --reference set, refresh the catalog.",
 )
 
 export_job = dg.define_asset_job(

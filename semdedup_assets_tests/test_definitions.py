@@ -14,7 +14,7 @@ from semdedup_assets.definitions import build_definitions, load_definitions
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = {"raw_shards", "embeddings", "centroids", "cluster_assignments", "semantic_duplicates", "keep_lists",
-          "deduplicated"}
+          "deduplicated", "contaminated"}
 
 
 def test_definitions_load(tmp_path: Path, monkeypatch) -> None:
@@ -37,7 +37,8 @@ def test_graph_shape_pools_and_partitions() -> None:
     assert parents == {
         "raw_shards": set(), "embeddings": {"raw_shards"}, "centroids": {"embeddings"},
         "cluster_assignments": {"embeddings", "centroids"}, "semantic_duplicates": {"cluster_assignments"},
-        "keep_lists": {"semantic_duplicates"}, "deduplicated": {"keep_lists"},
+        "keep_lists": {"semantic_duplicates"}, "deduplicated": {"keep_lists", "contaminated"},
+        "contaminated": {"embeddings"},
     }
     sd = d.resolve_assets_def("semantic_duplicates")
     assert sd.partitions_def.get_partition_keys() == ["000", "001", "002", "003", "004"]

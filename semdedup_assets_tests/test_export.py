@@ -127,3 +127,43 @@ def test_deduplicated_asset_takes_the_selection_from_the_resource(ran: Settings,
     assert (meta["selection"], meta["kept"], meta["removed"]) == ("eps=0.1", len(expected), PER_SHARD - len(expected))
     kept = pq.read_table(Path(ran.storage) / "deduplicated" / "eps=0.1" / "a.parquet").column("id").to_pylist()
     assert [int(i[2:]) for i in kept] == expected
+
+
+def _write_reference(folder: Path, x: np.ndarray, d: int | None = None) -> None:
+    folder.mkdir(parents=True)
+    pq.write_table(pa.table({"id": [f"eval-{i}" for i in range(len(x))],
+                             "embedding": pa.array(list(x), pa.list_(pa.float32()))}), folder / "eval.parquet")
+
+
+def test_planted_leak_is_flagged_and_left_out_of_the_export(tmp_path: Path, instance: dg.DagsterInstance) -> None:
+    _write_inputs(tmp_path / "input")
+    dataset = pq.read_table(tmp_path / "input" / "a.parquet")
+    vectors = np.asarray(dataset.column("embedding").to_pylist(), dtype=np.float32)
+    rng = np.random.default_rng(7)
+    # Eval items that are slightly perturbed copies of these training items (none in a planted pair 4k, 4k+1).
+    leaked = [6, 50, 98]
+    ref = rng.normal(size=(40, 12)).astype(np.float32)
+    for k, row in enumerate(leaked):
+        ref[10 + k] = vectors[row] + 0.002 * rng.normal(size=12)
+    ref /= np.linalg.norm(ref, axis=1, keepdims=True)
+    _write_reference(tmp_path / "eval", ref)
+    settings = Settings(storage=str(tmp_path / "storage"), input=str(tmp_path / "input"), modality="embedding",
+                        clusters=4, buckets=2, eps=(0.001, 0.01, 0.1), block_size=32, reference=str(tmp_path / "eval"))
+    run_pipeline(settings, instance, log=lambda m: None)
+    _, rows = query(settings.storage_root(), "SELECT id, reference_id, score FROM contaminated WHERE score > 1 - 0.01 "
+                    "ORDER BY id")
+    assert [(i, r) for i, r, _ in rows] == [(f"p-{row:04d}", f"eval-{10 + k}") for k, row in enumerate(leaked)]
+    assert all(s > 0.99 for _, _, s in rows)
+    assert main(["export", "--select", "eps=0.01", "--storage", settings.storage]) == 0
+    kept = pq.read_table(Path(settings.storage) / "deduplicated" / "eps=0.01" / "a.parquet").column("id").to_pylist()
+    dedup_kept = _kept_by_shard(settings, "i.max_sim <= 1 - 0.01")["a"]
+    assert [int(i[2:]) for i in kept] == [r for r in dedup_kept if r not in leaked]
+
+
+def test_reference_of_another_dimension_fails_naming_both(tmp_path: Path, instance: dg.DagsterInstance) -> None:
+    _write_inputs(tmp_path / "input")
+    _write_reference(tmp_path / "eval", np.eye(8, dtype=np.float32))
+    settings = Settings(storage=str(tmp_path / "storage"), input=str(tmp_path / "input"), modality="embedding",
+                        clusters=4, buckets=2, eps=(0.01,), reference=str(tmp_path / "eval"))
+    with pytest.raises(Exception, match="reference embeddings have dimension 8 but the dataset's have dimension 12"):
+        run_pipeline(settings, instance, log=lambda m: None)

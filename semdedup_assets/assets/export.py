@@ -10,7 +10,7 @@ from semdedup_assets.resources import SemDedupConfig
 
 @dg.asset(
     partitions_def=shard_partitions,
-    deps=["keep_lists"],
+    deps=["keep_lists", "contaminated"],
     backfill_policy=SHARD_BACKFILL_POLICY,
     group_name="output",
     kinds={"parquet"},
@@ -24,7 +24,7 @@ def deduplicated(context: dg.AssetExecutionContext, semdedup: SemDedupConfig) ->
     try:
         selection = parse_selection(settings.select or default_selection(settings.eps), settings.eps)
         with timed() as t:
-            done = export_shards(storage, settings.input, selection, run_partition_keys(context))
+            done = export_shards(storage, settings.input, selection, run_partition_keys(context), settings.eps)
     except ExportError as err:
         raise dg.Failure(description=str(err)) from None
     per_shard = [{"shard": d.shard, "kept": d.kept, "removed": d.removed, "rewritten": str(d.rewritten)}

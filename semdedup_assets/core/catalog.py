@@ -15,6 +15,7 @@ import duckdb
 
 from semdedup_assets.core.storage import (
     CENTROIDS,
+    CONTAMINATED,
     CLUSTER_ASSIGNMENTS,
     EMBEDDINGS,
     KEEP_LISTS,
@@ -49,6 +50,10 @@ _VIEWS: dict[str, tuple[str, str, str, str]] = {
     "rejected": (
         REJECTED, "**/*.parquet", "id, shard, reason",
         "NULL::VARCHAR AS id, NULL::VARCHAR AS shard, NULL::VARCHAR AS reason",
+    ),
+    "contaminated": (
+        CONTAMINATED, "contaminated.parquet", "id, shard, reference_id, score",
+        "NULL::VARCHAR AS id, NULL::VARCHAR AS shard, NULL::VARCHAR AS reference_id, NULL::DOUBLE AS score",
     ),
     "cluster_assignments": (
         CLUSTER_ASSIGNMENTS, "**/*.parquet", "id, shard, cluster, sim_to_centroid",

@@ -90,6 +90,9 @@ class Settings:
                                            "compute stays fp32)")
     precision: Precision = knob("fp32", "pairwise tiles: fp32, or fp16/bf16 on a GPU with an exact fp32 re-check "
                                 "of every item near a threshold 1 - eps")
+    reference: str | None = knob(None, "decontamination: folder (or file) of evaluation-set shards, embedded with the "
+                                 "same encoder; items within 1 - eps of a reference item are flagged (view "
+                                 "`contaminated`) and left out of the deduplicated dataset", metavar="PATH")
     select: str | None = knob(None, "deduplicated dataset: eps=E (a configured eps) or keep-fraction=F "
                               "(default: the smallest configured eps); `semdedup export --select`", flag=None)
     # Operations knobs: the code location (`dagster dev`), not a single `semdedup run`.

@@ -4,7 +4,8 @@ A *selection* says which items are kept: `eps=E` (one of the configured eps: kee
 `max_sim <= 1 - E`) or `keep-fraction=F` (keep the N = ceil(F * items) items with the
 smallest max_sim, ties by id: the README's `ORDER BY max_sim, id LIMIT N`, solved exactly
 from the stored max_sim). Items flagged by decontamination (`contaminated`) are dropped
-whatever the selection.
+too: those whose reference score exceeds 1 - eps, at the selection's eps (keep-fraction:
+the smallest configured eps).
 
 Output: `<storage>/deduplicated/<selection>/<the shard's path relative to the input>`, one
 writer per input format, streamed (bounded memory) and published atomically:
@@ -49,7 +50,6 @@ MANIFEST_DIR = ".semdedup"
 FINGERPRINT_KEY = b"semdedup.fingerprint"  # in each raw file's schema metadata: the input as ingested
 PARQUET_BATCH_ROWS = 16384
 NPY_CHUNK_ROWS = 65536
-CONTAMINATED = "contaminated"  # stage folder of the decontamination results
 
 
 class ExportError(ValueError):
@@ -108,8 +108,13 @@ def _items_source(storage: st.Storage) -> str:
 
 def _contaminated_source(storage: st.Storage) -> str | None:
     """The decontamination results, when a reference was checked (see core/decontaminate.py)."""
-    path = storage.stage_dir(CONTAMINATED) / "contaminated.parquet"
+    path = storage.contaminated_file
     return f"read_parquet({sql_quote(str(path))})" if path.exists() else None
+
+
+def contamination_eps(selection: Selection, configured_eps: Sequence[float]) -> float:
+    """The eps at which contaminated items are dropped: the selection's, else the smallest configured."""
+    return selection.value if selection.kind == "eps" else min(float(e) for e in configured_eps)
 
 
 def selection_condition(storage: st.Storage, selection: Selection) -> tuple[str, list[object]]:
@@ -126,13 +131,15 @@ def selection_condition(storage: st.Storage, selection: Selection) -> tuple[str,
     return "(max_sim < ? OR (max_sim = ? AND id <= ?))", [cut_sim, cut_sim, cut_id]
 
 
-def kept_ids(storage: st.Storage, selection: Selection, shards: Sequence[str]) -> dict[str, pa.Array]:
+def kept_ids(storage: st.Storage, selection: Selection, shards: Sequence[str],
+             configured_eps: Sequence[float] = ()) -> dict[str, pa.Array]:
     """The kept ids of some shards under a selection (contaminated items left out), by shard."""
     source = _items_source(storage)
     cond, params = selection_condition(storage, selection)
     contaminated = _contaminated_source(storage)
     if contaminated:
-        cond += f" AND id NOT IN (SELECT id FROM {contaminated})"
+        cond += f" AND id NOT IN (SELECT id FROM {contaminated} WHERE score > ?)"
+        params.append(1.0 - contamination_eps(selection, configured_eps or [selection.value]))
     rows = scan(storage, f"SELECT shard, list(id ORDER BY id) FROM {source} WHERE shard IN (SELECT unnest(?)) "
                 f"AND {cond} GROUP BY shard", [list(shards), *params])
     out = {s: pa.array([], pa.string()) for s in shards}
@@ -327,7 +334,7 @@ def selection_dir(storage: st.Storage, selection: Selection) -> UPath:
 
 
 def export_shards(storage: st.Storage, input_location: str, selection: Selection,
-                  keys: Sequence[str] | None = None) -> list[ShardExport]:
+                  keys: Sequence[str] | None = None, configured_eps: Sequence[float] = ()) -> list[ShardExport]:
     """Write the deduplicated copy of some shards (default: every shard that has results).
 
     Refuses (ExportError naming the shard) when an input shard changed since it was
@@ -349,7 +356,7 @@ def export_shards(storage: st.Storage, input_location: str, selection: Selection
                               f"re-run the pipeline before exporting")
     base = root if root.is_dir() else root.parent
     out_dir = selection_dir(storage, selection)
-    kept = kept_ids(storage, selection, keys)
+    kept = kept_ids(storage, selection, keys, configured_eps)
     results = []
     for key in keys:
         shard = files[key]

@@ -28,6 +28,7 @@ CLUSTER_ASSIGNMENTS = "cluster_assignments"
 SEMANTIC_DUPLICATES = "semantic_duplicates"
 KEEP_LISTS = "keep_lists"
 REJECTED = "rejected"  # undecodable images, per shard (id, shard, reason)
+CONTAMINATED = "contaminated"  # items near a --reference (evaluation) set
 STAGES = (RAW, REJECTED, EMBEDDINGS, CENTROIDS, CLUSTER_ASSIGNMENTS, SEMANTIC_DUPLICATES, KEEP_LISTS)
 
 # Fixed writer options: byte-identical files for identical tables.
@@ -106,6 +107,11 @@ class Storage:
     def eps_curve_file(self) -> UPath:
         """The kept/removed counts per configured eps."""
         return self.stage_dir(KEEP_LISTS) / "eps_curve.parquet"
+
+    @property
+    def contaminated_file(self) -> UPath:
+        """Items near a reference item: id, shard, reference_id, score."""
+        return self.stage_dir(CONTAMINATED) / "contaminated.parquet"
 
     def keep_list_file(self, eps: float) -> UPath:
         """The keep-list for one eps."""

@@ -142,3 +142,19 @@ def test_keep_count_is_the_ceiling_of_the_exact_decimal() -> None:
     assert keep_count(0.5, 7) == 4
     assert keep_count(1.0, 7) == 7
     assert keep_count(1e-9, 7) == 1
+
+
+def test_nearest_reference_is_exact_across_blocks_and_first_on_ties() -> None:
+    from semdedup_assets.core.decontaminate import ReferenceError, nearest_reference
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(50, 6)).astype(np.float32)
+    r = rng.normal(size=(33, 6)).astype(np.float32)
+    r[20] = r[3]  # an exact tie: the first reference row wins
+    x[7] = r[3]
+    best, arg = nearest_reference(x, r, block=4)
+    dense = x.astype(np.float64) @ r.astype(np.float64).T
+    np.testing.assert_allclose(best, dense.max(axis=1), rtol=1e-5)
+    assert arg[7] == 3 and (arg == dense.argmax(axis=1)).mean() > 0.95
+    with pytest.raises(ReferenceError, match="dimension 5 but the dataset's have dimension 6"):
+        nearest_reference(x, r[:, :5])
