@@ -9,7 +9,7 @@ import pyarrow.compute as pc
 from semdedup_assets.assets.common import EAGER, GPU_OP_TAGS, GPU_POOL, SHARD_BACKFILL_POLICY, run_metadata, run_partition_keys, timed
 from semdedup_assets.assets.embed import embeddings
 from semdedup_assets.core import storage as st
-from semdedup_assets.core.assign import assign, bucket_row_slices, touched_buckets
+from semdedup_assets.core.assign import assign, bucket_keys, bucket_row_slices, touched_buckets
 from semdedup_assets.core.kmeans import collect_sample, sample_target, train_spherical_kmeans
 from semdedup_assets.core.tables import assignments_schema, embedding_array, embedding_field, embedding_matrix, stored_dtype
 from semdedup_assets.partitions import SHARDS_PARTITIONS_NAME, shard_partitions
@@ -134,6 +134,8 @@ def cluster_assignments(context: dg.AssetExecutionContext, semdedup: SemDedupCon
             buckets |= touched_buckets(clusters, k, semdedup.buckets)
             per_shard.append({"shard": key, "rows": emb.num_rows, "clusters_touched": int(len(np.unique(clusters))),
                               "mean_sim_to_centroid": round(float(sims.mean()), 4)})
+    if semdedup.probes > 1:  # a bucket's items probe clusters of other buckets: every bucket may change
+        buckets = set(bucket_keys(semdedup.buckets))
     extra = {"rows": sum(int(r["rows"]) for r in per_shard), "clusters": k, "seconds": t["seconds"],
              # Read by the bucket sensor: only these semantic_duplicates partitions need a re-run.
              BUCKETS_TOUCHED: ",".join(sorted(buckets))}

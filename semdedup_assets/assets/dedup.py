@@ -16,6 +16,7 @@ from semdedup_assets.core.assign import bucket_cluster_range
 from semdedup_assets.core.catalog import BUCKET_GLOB, refresh_catalog, scan, stage_source
 from semdedup_assets.core.encoders import l2_normalize, resolve_device
 from semdedup_assets.core.keep import EpsCurveAccumulator, keep_mask
+from semdedup_assets.core.multiprobe import multiprobe_bucket
 from semdedup_assets.core.pairwise import cluster_semantic_duplicates
 from semdedup_assets.core.plots import eps_curve_markdown, histogram_markdown
 from semdedup_assets.core.tables import SEMANTIC_DUPLICATES_SCHEMA, embedding_matrix, stored_dtype
@@ -28,14 +29,15 @@ NEAR_EXACT = 0.9999
 MAX_SIM_BINS = np.linspace(-1.0, 1.0, 81)
 
 
-def read_bucket_rows(files: list[st.UPath], first: int, end: int) -> pa.Table:
-    """The assignments of clusters [first, end) from every shard file (row groups skipped by stats)."""
+def read_bucket_rows(files: list[st.UPath], first: int, end: int, clusters: list[int] | None = None) -> pa.Table:
+    """The assignments of clusters [first, end) (or of `clusters`) from every shard file (row groups skipped by stats)."""
     if not files:
         return pa.table({})
     local = st.is_local(files[0])
     dataset = ds.dataset([str(p) if local else p.path for p in files], format="parquet",
                          filesystem=None if local else files[0].fs)
-    flt = (pc.field("cluster") >= first) & (pc.field("cluster") < end)
+    flt = (pc.field("cluster") >= first) & (pc.field("cluster") < end) if clusters is None else \
+        pc.field("cluster").isin(clusters)
     table = dataset.to_table(filter=flt, columns=["id", "shard", "cluster", "sim_to_centroid", "embedding"])
     return table.sort_by([("cluster", "ascending"), ("id", "ascending")])
 
@@ -111,7 +113,8 @@ def build_semantic_duplicates(buckets: int) -> dg.AssetsDefinition:
     def semantic_duplicates(context: dg.AssetExecutionContext, semdedup: SemDedupConfig) -> dg.MaterializeResult:
         """Per cluster bucket: max_sim (M) and duplicate_of for every member, in cluster order."""
         storage = semdedup.storage_root()
-        k = len(load_centroids(storage))
+        cents = load_centroids(storage)
+        k = len(cents)
         files = sorted(registered_stage_files(context.instance, storage, st.CLUSTER_ASSIGNMENTS).values(), key=str)
         device = str(resolve_device(semdedup.device))
         n_buckets = len(bucket_partitions(semdedup.buckets).get_partition_keys())
@@ -130,8 +133,13 @@ def build_semantic_duplicates(buckets: int) -> dg.AssetsDefinition:
                 first, end = bucket_cluster_range(int(key), k, buckets)
                 table = read_bucket_rows(files, first, end)
                 with timed() as tp:
-                    result, sizes = dedup_bucket(table, semdedup.keep, semdedup.seed, semdedup.block_size, device,
-                                                 semdedup.precision, thresholds, kernel)
+                    if semdedup.probes > 1:  # exact fp32 tiles over the probed clusters (core/multiprobe.py)
+                        result, sizes = multiprobe_bucket(table, lambda cs: read_bucket_rows(files, 0, 0, cs), cents,
+                                                          semdedup.probes, semdedup.keep, semdedup.seed,
+                                                          semdedup.block_size, device)
+                    else:
+                        result, sizes = dedup_bucket(table, semdedup.keep, semdedup.seed, semdedup.block_size, device,
+                                                     semdedup.precision, thresholds, kernel)
                 if result.num_rows != table.num_rows or pc.count_distinct(result.column("id")).as_py() != result.num_rows:
                     problems.append(f"bucket {key}: {result.num_rows} result rows for {table.num_rows} assigned items")
                 st.atomic_write_table(result, storage.bucket_file(key))
@@ -143,7 +151,7 @@ def build_semantic_duplicates(buckets: int) -> dg.AssetsDefinition:
                            "path": dg.MetadataValue.path(str(storage.bucket_file(key)))}
         pairs = sorted(pairs, key=lambda x: (-x[0], x[1]))[:TOP_PAIRS]
         meta: dict[str, object] = {"rows": rows_total, "seconds": t["seconds"], "device": device, "keep": semdedup.keep,
-                                   "precision": semdedup.precision, "rechecked_rows": int(kernel["rechecked_rows"]),
+                                   "precision": semdedup.precision, "probes": semdedup.probes, "rechecked_rows": int(kernel["rechecked_rows"]),
                                    "error_bound": float(kernel["error_bound"]),
                                    "top_pairs": dg.MetadataValue.md(
                                        "\n".join(f"- {s:.5f}: `{a}` duplicates `{b}`" for s, a, b in pairs) or "none")}

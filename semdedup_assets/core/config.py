@@ -84,6 +84,8 @@ class Settings:
     eps: tuple[float, ...] = knob(None, "comma-separated eps values", default_factory=lambda: DEFAULT_EPS,
                                   metavar="E1,E2,...")
     keep: KeepStrategy = knob("hard", "cluster order: hard (far from the centroid first), easy, random")
+    probes: int = knob(1, "multi-probe: also compare each item with the members of its P-1 next-nearest clusters "
+                       "(1 = the paper's rule; exact fp32 tiles)", metavar="P")
     buckets: int = knob(16, "cluster buckets = partitions of semantic_duplicates")
     block_size: int = knob(1024, "tile size of the pairwise kernel")
     embedding_dtype: EmbeddingDtype = knob("float32", "stored embeddings: float32, or float16 (half the I/O; "
@@ -113,7 +115,7 @@ class Settings:
                 raise ValueError(f"{f.name} must be one of {', '.join(allowed)}, got {getattr(self, f.name)!r}")
         if self.clusters is not None and self.clusters < 1:
             raise ValueError(f"clusters must be >= 1 (or auto), got {self.clusters}")
-        for name in ("buckets", "block_size", "batch_size", "max_length", "kmeans_iterations",
+        for name in ("probes", "buckets", "block_size", "batch_size", "max_length", "kmeans_iterations",
                      "max_points_per_centroid", "backfill_batch", "sensor_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
