@@ -13,6 +13,8 @@ from semdedup_assets.assets.cluster import cluster_assignments, load_centroids, 
 from semdedup_assets.assets.common import EAGER, GPU_OP_TAGS, GPU_POOL, ProgressLog, timed
 from semdedup_assets.core import storage as st
 from semdedup_assets.core.assign import bucket_cluster_range
+from semdedup_assets.core.boundary import boundary_markdown, boundary_pairs, image_thumbnails
+from semdedup_assets.core.config import Settings
 from semdedup_assets.core.catalog import BUCKET_GLOB, refresh_catalog, scan, stage_source
 from semdedup_assets.core.encoders import l2_normalize, resolve_device
 from semdedup_assets.core.keep import EpsCurveAccumulator, keep_mask
@@ -171,11 +173,15 @@ def _texts(storage: st.Storage, ids: list[str], modality: str) -> dict[str, str]
     return dict(scan(storage, f"SELECT id, text FROM {stage_source(storage, st.RAW)} WHERE id IN (SELECT unnest(?))", [ids]))
 
 
+def text_cell(texts: dict[str, str], i: str) -> str:
+    """An id and the start of its text, as one markdown table cell."""
+    return f"`{i}` " + texts.get(i, "")[:300].replace("|", "\\|").replace("\n", " ")
+
+
 def pairs_markdown(pairs: list[tuple[float, str, str]], texts: dict[str, str]) -> str:
     """The most similar duplicate pairs as a side-by-side markdown table."""
     def cell(i: str) -> str:
-        t = texts.get(i, "")[:300].replace("|", "\\|").replace("\n", " ")
-        return f"`{i}` {t}"
+        return text_cell(texts, i)
 
     lines = ["| max_sim | removed item | earlier member it duplicates |", "|---|---|---|"]
     lines += [f"| {s:.5f} | {cell(a)} | {cell(b)} |" for s, a, b in pairs]
@@ -252,6 +258,7 @@ def build_keep_lists(semantic_duplicates: dg.AssetsDefinition) -> dg.AssetsDefin
         }
         for r in rows:
             meta[f"kept@eps={st.format_eps(r['eps'])}"] = int(r["kept"])
+        meta.update(boundary_metadata(storage, settings))
         checks = [
             dg.AssetCheckResult(check_name="kept_fraction_monotone", passed=monotone,
                                 metadata={"kept_fraction": str([round(f, 6) for f in fractions])}),
@@ -261,6 +268,24 @@ def build_keep_lists(semantic_duplicates: dg.AssetsDefinition) -> dg.AssetsDefin
         return dg.MaterializeResult(metadata=meta, check_results=checks)
 
     return keep_lists
+
+
+def boundary_metadata(storage: st.Storage, settings: Settings) -> dict[str, dg.MetadataValue]:
+    """Per configured eps, the pairs just above and just below 1 - eps, with text or thumbnails (core/boundary.py)."""
+    sides = {eps: boundary_pairs(storage, eps) for eps in settings.eps}
+    ids = sorted({i for above, below in sides.values() for _, a, b in above + below for i in (a, b)})
+    if settings.modality == "image" and settings.input:
+        thumbs = image_thumbnails(storage, settings.input, ids, settings.payload_column)
+
+        def cell(i: str) -> str:
+            return f"`{i}` ![{i}]({thumbs[i]})" if i in thumbs else f"`{i}`"
+    else:
+        texts = _texts(storage, ids, settings.modality)
+
+        def cell(i: str) -> str:
+            return text_cell(texts, i)
+    return {f"pairs_at_eps={st.format_eps(eps)}": dg.MetadataValue.md(boundary_markdown(eps, *sides[eps], cell))
+            for eps in settings.eps}
 
 
 def _distinct_ids(storage: st.Storage) -> int:
