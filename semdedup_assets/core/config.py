@@ -289,5 +289,6 @@ def save_settings(settings: Settings) -> None:
     from semdedup_assets.core.storage import to_upath
 
     absolute = settings.replace(storage=str(to_upath(settings.storage)),
-                                input=str(to_upath(settings.input)) if settings.input else None)
+                                input=str(to_upath(settings.input)) if settings.input else None,
+                                reference=str(to_upath(settings.reference)) if settings.reference else None)
     atomic_write_bytes(absolute.to_json().encode(), settings.storage_root().settings_file)
