@@ -101,6 +101,21 @@ def test_export_by_eps_and_by_keep_fraction(ran: Settings, capsys) -> None:
     out = capsys.readouterr().out
     assert out.count("(unchanged)") == 3, out
 
+    # A changed keep decision in one shard (an item flagged as contaminated) rewrites that shard only.
+    from semdedup_assets.core import storage as st
+    from semdedup_assets.core.decontaminate import CONTAMINATED_SCHEMA
+
+    eps_kept = _kept_by_shard(ran, "i.max_sim <= 1 - 0.01")["a"]
+    victim = f"p-{eps_kept[0]:04d}"
+    st.atomic_write_table(pa.Table.from_pylist([{"id": victim, "shard": "a", "reference_id": "eval-0", "score": 1.0}],
+                                               schema=CONTAMINATED_SCHEMA), ran.storage_root().contaminated_file)
+    assert main(["export", "--select", "eps=0.01", *storage]) == 0
+    out = capsys.readouterr().out
+    [line_a] = [ln for ln in out.splitlines() if ln.startswith("a: ")]
+    assert not line_a.endswith("(unchanged)") and out.count("(unchanged)") == 2, out
+    kept = pq.read_table(Path(ran.storage) / "deduplicated" / "eps=0.01" / "a.parquet").column("id").to_pylist()
+    assert victim not in kept and len(kept) == len(eps_kept) - 1
+
 
 def test_export_refuses_bad_selections_and_changed_shards(ran: Settings, capsys) -> None:
     storage = ["--storage", ran.storage]

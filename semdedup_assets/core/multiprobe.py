@@ -80,24 +80,27 @@ def multiprobe_max_sim(
     best_rank = np.full(n, np.iinfo(np.int64).max, dtype=np.int64)
     if n == 0:
         return np.zeros(0, dtype=np.float64), best_idx
+    # The pool sorted once by (cluster, global rank): each cluster's members are one contiguous slice.
+    perm = np.lexsort((rank, clusters))
+    sorted_clusters, sorted_rank = clusters[perm], rank[perm]
+    at = np.empty(len(perm), dtype=np.int64)
+    at[perm] = np.arange(len(perm))
     with torch.inference_mode():
-        x = torch.from_numpy(np.array(vectors, dtype=np.float32, order="C")).to(device or "cpu")
+        xs = torch.from_numpy(np.array(np.asarray(vectors)[perm], dtype=np.float32, order="C")).to(device or "cpu")
+        dev = xs.device
         for c in np.unique(probes):
-            members = np.flatnonzero(clusters == c)
-            members = members[np.argsort(rank[members], kind="stable")]
+            start, end = np.searchsorted(sorted_clusters, [c, c + 1])
             rows = np.flatnonzero((probes == c).any(axis=1))
             rows = rows[np.argsort(rank[queries[rows]], kind="stable")]
             # How many members precede each query in the global order: `_max_over_earlier` counts those only.
-            pos = np.searchsorted(rank[members], rank[queries[rows]])
-            if not len(members) or not pos.any():
+            pos = np.searchsorted(sorted_rank[start:end], rank[queries[rows]])
+            if end == start or not pos.any():
                 continue
-            dev = x.device
-            val, arg, _ = _max_over_earlier(x[torch.from_numpy(queries[rows]).to(dev)],
-                                            torch.from_numpy(pos).to(dev), x[torch.from_numpy(members).to(dev)],
-                                            int(block_size))
+            val, arg, _ = _max_over_earlier(xs[torch.from_numpy(at[queries[rows]]).to(dev)],
+                                            torch.from_numpy(pos).to(dev), xs[start:end], int(block_size))
             val, arg = val.cpu().numpy(), arg.cpu().numpy()
             found = arg >= 0
-            cand = np.where(found, members[np.maximum(arg, 0)], -1)
+            cand = np.where(found, perm[start + np.maximum(arg, 0)], -1)
             cand_rank = np.where(found, rank[np.maximum(cand, 0)], np.iinfo(np.int64).max)
             # Across clusters, the larger cosine wins; on an exact tie the earlier item in the global order.
             better = found & ((val > best[rows]) | ((val == best[rows]) & (cand_rank < best_rank[rows])))
