@@ -12,7 +12,7 @@ from semdedup_assets.resources import SemDedupConfig
     partitions_def=shard_partitions,
     deps=["keep_lists", "contaminated"],
     backfill_policy=SHARD_BACKFILL_POLICY,
-    group_name="output",
+    group_name="dedup",
     kinds={"parquet"},
 )
 def deduplicated(context: dg.AssetExecutionContext, semdedup: SemDedupConfig) -> dg.MaterializeResult:
