@@ -1,4 +1,4 @@
-"""The `semdedup` command line: run, demo, sql, forget, status."""
+"""The `semdedup` command line: run, demo, sql, forget, status, export, verify."""
 
 from __future__ import annotations
 
@@ -68,6 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
                             "with status and duration, stale or failed runs; disk used per stage.")
     status.add_argument("--json", action="store_true", help="the same as JSON, for scripts")
     _add_storage(status)
+
+    export = sub.add_parser("export", help="write the deduplicated dataset (each input shard, kept rows only)",
+                            description="Write every input shard again under <storage>/deduplicated/<selection>/, "
+                            "in its own format and relative path, with all of its columns and only the kept rows "
+                            "(items flagged by --reference decontamination are dropped too). Shards whose kept rows "
+                            "did not change since the last export of the same selection are not rewritten.")
+    export.add_argument("--select", default=None, metavar="eps=E|keep-fraction=F",
+                        help="eps=E (one of the configured eps) or keep-fraction=F with 0 < F <= 1: keep the "
+                        "ceil(F * items) items with the smallest max_sim, ties by id (default: the smallest eps)")
+    _add_storage(export)
     return parser
 
 
@@ -251,6 +261,34 @@ def cmd_forget(storage: str | None, shard: str, verbose: bool = False) -> int:
     return 0
 
 
+def cmd_export(storage: str | None, select: str | None) -> int:
+    """Write the deduplicated dataset for a selection and print what each shard kept."""
+    from semdedup_assets import progress
+    from semdedup_assets.core.export import ExportError, default_selection, export_shards, parse_selection
+
+    settings = load_settings(storage)
+    if (missing := missing_storage(settings)) is not None:
+        print(f"semdedup: error: {missing}", file=sys.stderr)
+        return 1
+    if not settings.input:
+        print(f"semdedup: error: no run recorded in {settings.storage}: `semdedup run` first", file=sys.stderr)
+        return 1
+    try:
+        selection = parse_selection(select or settings.select or default_selection(settings.eps), settings.eps)
+        total = len(settings.storage_root().stage_files("raw"))
+        with _show_progress(settings), progress.task("export", total, unit="shards") as bar:
+            done = export_shards(settings.storage_root(), settings.input, selection, configured_eps=settings.eps,
+                                 log=lambda note: bar.update(1, note))
+    except (ExportError, FileNotFoundError) as err:
+        print(f"semdedup: error: {err}", file=sys.stderr)
+        return 1
+    for d in done:
+        print(f"{d.shard}: kept {d.kept}, removed {d.removed}" + ("" if d.rewritten else " (unchanged)"))
+    print(f"{selection.label}: kept {sum(d.kept for d in done)} of {sum(d.kept + d.removed for d in done)} items "
+          f"in {len(done)} shard(s) under {settings.storage_root().stage_dir('deduplicated') / selection.label}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `semdedup` console script."""
     from semdedup_assets.core.storage import StoreError
@@ -267,6 +305,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from semdedup_assets.status import cmd_status
 
             return cmd_status(args.storage, as_json=args.json)
+        if args.command == "export":
+            return cmd_export(args.storage, args.select)
         return cmd_forget(args.storage, args.shard, args.verbose)
     except ValueError as err:  # bad settings
         print(f"semdedup: error: {err}", file=sys.stderr)

@@ -23,8 +23,13 @@ dedup_job = dg.define_asset_job(
     description="Run the pairwise rule per cluster bucket.",
 )
 keep_lists_job = dg.define_asset_job(
-    "keep_lists_job", selection=dg.AssetSelection.assets("keep_lists"),
-    description="Write the keep-lists and eps curve, refresh the catalog.",
+    "keep_lists_job", selection=dg.AssetSelection.assets("keep_lists", "contaminated"),
+    description="Write the keep-lists and eps curve, flag items near the --reference set, refresh the catalog.",
 )
 
-ALL_JOBS = [ingest_job, centroids_job, assign_job, dedup_job, keep_lists_job]
+export_job = dg.define_asset_job(
+    "export_job", selection=dg.AssetSelection.assets("deduplicated"),
+    description="Write the deduplicated dataset for the `select` knob (one partition per shard).",
+)
+
+ALL_JOBS = [ingest_job, centroids_job, assign_job, dedup_job, keep_lists_job, export_job]

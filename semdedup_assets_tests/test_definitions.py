@@ -14,7 +14,8 @@ from semdedup_assets.core.config import Settings
 from semdedup_assets.definitions import build_definitions, load_definitions
 
 REPO = Path(__file__).resolve().parents[1]
-ASSETS = {"raw_shards", "embeddings", "centroids", "cluster_assignments", "semantic_duplicates", "keep_lists"}
+ASSETS = {"raw_shards", "embeddings", "centroids", "cluster_assignments", "semantic_duplicates", "keep_lists",
+          "deduplicated", "contaminated"}
 
 
 def test_definitions_load(tmp_path: Path, monkeypatch) -> None:
@@ -25,7 +26,7 @@ def test_definitions_load(tmp_path: Path, monkeypatch) -> None:
     assert keys == ASSETS
     # Each job covers one partitioning of the graph: its assets, and their partitions.
     jobs = {}
-    for name in ("ingest_job", "centroids_job", "assign_job", "dedup_job", "keep_lists_job"):
+    for name in ("ingest_job", "centroids_job", "assign_job", "dedup_job", "keep_lists_job", "export_job"):
         job = defs.resolve_job_def(name)
         partitions = job.partitions_def
         jobs[name] = (sorted(k.to_user_string() for k in job.asset_layer.selected_asset_keys),
@@ -35,7 +36,7 @@ def test_definitions_load(tmp_path: Path, monkeypatch) -> None:
     assert jobs == {
         "ingest_job": (["embeddings", "raw_shards"], "shards"), "centroids_job": (["centroids"], None),
         "assign_job": (["cluster_assignments"], "shards"), "dedup_job": (["semantic_duplicates"], buckets),
-        "keep_lists_job": (["keep_lists"], None),
+        "keep_lists_job": (["contaminated", "keep_lists"], None), "export_job": (["deduplicated"], "shards"),
     }
     with pytest.raises(dg.DagsterInvariantViolationError, match="Could not find job"):
         defs.resolve_job_def("no_such_job")
@@ -51,7 +52,8 @@ def test_graph_shape_pools_and_partitions() -> None:
     assert parents == {
         "raw_shards": set(), "embeddings": {"raw_shards"}, "centroids": {"embeddings"},
         "cluster_assignments": {"embeddings", "centroids"}, "semantic_duplicates": {"cluster_assignments"},
-        "keep_lists": {"semantic_duplicates"},
+        "keep_lists": {"semantic_duplicates"}, "deduplicated": {"keep_lists", "contaminated"},
+        "contaminated": {"embeddings"},
     }
     sd = d.resolve_assets_def("semantic_duplicates")
     assert sd.partitions_def.get_partition_keys() == ["000", "001", "002", "003", "004"]

@@ -10,11 +10,12 @@ import dagster as dg
 from semdedup_assets.assets.cluster import registered_stage_files
 from semdedup_assets.assets.common import EAGER, GPU_OP_TAGS, GPU_POOL, ProgressLog, core_failures, table_metadata, timed
 from semdedup_assets.core import storage as st
+from semdedup_assets.core.boundary import boundary_markdown, boundary_pairs, image_thumbnails
 from semdedup_assets.core.centroids import load_centroids
 from semdedup_assets.core.config import Settings
 from semdedup_assets.core.dedup import TOP_PAIRS, Pair, dedup_bucket
 from semdedup_assets.core.encoders import resolve_device
-from semdedup_assets.core.keep import MAX_SIM_BINS, NEAR_EXACT, build_keep_lists
+from semdedup_assets.core.keep import MAX_SIM_BINS, NEAR_EXACT, build_keep_lists, payload_texts
 from semdedup_assets.core.layout import bucket_files_on_disk, layout_problems, prune_buckets, prune_keep_lists
 from semdedup_assets.core.plots import eps_curve_markdown, histogram_markdown
 from semdedup_assets.partitions import bucket_partitions
@@ -78,7 +79,7 @@ def build_semantic_duplicates(settings: Settings) -> dg.AssetsDefinition:
         # Run totals (each bucket's own figures are partition-scoped above).
         meta: dict[str, object] = {"run_rows": rows_total, "buckets_in_run": len(context.partition_keys),
                                    "run_seconds": t["seconds"], "device": device, "keep": config.keep,
-                                   "precision": config.precision, "rechecked_rows": rechecked, "error_bound": bound,
+                                   "precision": config.precision, "probes": config.probes, "rechecked_rows": rechecked, "error_bound": bound,
                                    "top_pairs": dg.MetadataValue.md(
                                        "\n".join(f"- {s:.5f}: `{a}` duplicates `{b}`" for s, a, b in pairs) or "none")}
         check = dg.AssetCheckResult(check_name="bucket_items_exactly_once", passed=not problems,
@@ -88,11 +89,15 @@ def build_semantic_duplicates(settings: Settings) -> dg.AssetsDefinition:
     return semantic_duplicates
 
 
+def text_cell(texts: dict[str, str], i: str) -> str:
+    """An id and the start of its text, as one markdown table cell."""
+    return f"`{i}` " + texts.get(i, "")[:300].replace("|", "\\|").replace("\n", " ")
+
+
 def pairs_markdown(pairs: list[Pair], texts: dict[str, str]) -> str:
     """The most similar duplicate pairs as a side-by-side markdown table."""
     def cell(i: str) -> str:
-        t = texts.get(i, "")[:300].replace("|", "\\|").replace("\n", " ")
-        return f"`{i}` {t}"
+        return text_cell(texts, i)
 
     lines = ["| max_sim | removed item | earlier member it duplicates |", "|---|---|---|"]
     lines += [f"| {s:.5f} | {cell(a)} | {cell(b)} |" for s, a, b in pairs]
@@ -154,6 +159,7 @@ def build_keep_lists_asset(settings: Settings) -> dg.AssetsDefinition:
         }
         for row in r.eps_curve:
             meta[f"kept@eps={st.format_eps(row['eps'])}"] = int(row["kept"])
+        meta.update(boundary_metadata(storage, config))
         checks = [
             dg.AssetCheckResult(check_name="kept_fraction_monotone", passed=monotone,
                                 metadata={"kept_fraction": str([round(f, 6) for f in fractions])}),
@@ -167,3 +173,21 @@ def build_keep_lists_asset(settings: Settings) -> dg.AssetsDefinition:
         return dg.MaterializeResult(metadata=meta, check_results=checks)
 
     return keep_lists
+
+
+def boundary_metadata(storage: st.Storage, settings: Settings) -> dict[str, dg.MetadataValue]:
+    """Per configured eps, the pairs just above and just below 1 - eps, with text or thumbnails (core/boundary.py)."""
+    sides = {eps: boundary_pairs(storage, eps) for eps in settings.eps}
+    ids = sorted({i for above, below in sides.values() for _, a, b in above + below for i in (a, b)})
+    if settings.modality == "image" and settings.input:
+        thumbs = image_thumbnails(storage, settings.input, ids, settings.payload_column)
+
+        def cell(i: str) -> str:
+            return f"`{i}` ![{i}]({thumbs[i]})" if i in thumbs else f"`{i}`"
+    else:
+        texts = payload_texts(storage, ids, settings.modality)
+
+        def cell(i: str) -> str:
+            return text_cell(texts, i)
+    return {f"pairs_at_eps={st.format_eps(eps)}": dg.MetadataValue.md(boundary_markdown(eps, *sides[eps], cell))
+            for eps in settings.eps}

@@ -139,6 +139,8 @@ def assign_shard(settings: Settings, key: str, centroids: np.ndarray, k: int | N
         for offset, length in bucket_row_slices(table.column("cluster").to_numpy(), k, settings.buckets):
             writer.write(table.slice(offset, length))
     buckets |= touched_buckets(clusters, k, settings.buckets)
+    if settings.probes > 1:  # a bucket's items probe clusters of other buckets: every bucket may change
+        buckets = set(bucket_keys(settings.buckets))
     return AssignShardResult(key=key, path=str(out), rows=emb.num_rows, clusters_touched=int(len(np.unique(clusters))),
                              mean_sim_to_centroid=round(float(sims.mean()), 4), buckets_touched=sorted(buckets),
                              problems=problems, seconds=round(time.perf_counter() - start, 2))

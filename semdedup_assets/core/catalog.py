@@ -15,6 +15,7 @@ import duckdb
 import pyarrow as pa
 
 from semdedup_assets.core.schemas import (
+    CONTAMINATED_SCHEMA,
     EPS_CURVE_SCHEMA,
     RAW_INDEX_SCHEMA,
     REJECTED_SCHEMA,
@@ -25,6 +26,7 @@ from semdedup_assets.core.schemas import (
 )
 from semdedup_assets.core.storage import (
     CENTROIDS,
+    CONTAMINATED,
     CLUSTER_ASSIGNMENTS,
     EMBEDDINGS,
     KEEP_LISTS,
@@ -44,6 +46,7 @@ _VIEWS: dict[str, tuple[str, str, tuple[str, ...] | None, pa.Schema]] = {
     "eps_curve": (KEEP_LISTS, "eps_curve.parquet", tuple(EPS_CURVE_SCHEMA.names), EPS_CURVE_SCHEMA),
     "raw_items": (RAW, "**/*.parquet", None, RAW_INDEX_SCHEMA),
     "rejected": (REJECTED, "**/*.parquet", tuple(REJECTED_SCHEMA.names), REJECTED_SCHEMA),
+    "contaminated": (CONTAMINATED, "contaminated.parquet", tuple(CONTAMINATED_SCHEMA.names), CONTAMINATED_SCHEMA),
     "cluster_assignments": (CLUSTER_ASSIGNMENTS, "**/*.parquet", ("id", "shard", "cluster", "sim_to_centroid"),
                             assignments_schema(1)),
     "centroid_vectors": (CENTROIDS, "centroids.parquet", ("cluster", "centroid"), centroids_schema(1)),

@@ -85,12 +85,19 @@ class Settings:
     eps: tuple[float, ...] = knob(None, "comma-separated eps values", default_factory=lambda: DEFAULT_EPS,
                                   metavar="E1,E2,...")
     keep: KeepStrategy = knob("hard", "cluster order: hard (far from the centroid first), easy, random")
+    probes: int = knob(1, "multi-probe: also compare each item with the members of its P-1 next-nearest clusters "
+                       "(1 = the paper's rule; exact fp32 tiles)", metavar="P")
     buckets: int = knob(16, "cluster buckets = partitions of semantic_duplicates")
     block_size: int = knob(1024, "tile size of the pairwise kernel")
     embedding_dtype: EmbeddingDtype = knob("float32", "stored embeddings: float32, or float16 (half the I/O; "
                                            "compute stays fp32)")
     precision: Precision = knob("fp32", "pairwise tiles: fp32, or fp16/bf16 on a GPU with an exact fp32 re-check "
                                 "of every item near a threshold 1 - eps")
+    reference: str | None = knob(None, "decontamination: folder (or file) of evaluation-set shards, embedded with the "
+                                 "same encoder; items within 1 - eps of a reference item are flagged (view "
+                                 "`contaminated`) and left out of the deduplicated dataset", metavar="PATH")
+    select: str | None = knob(None, "deduplicated dataset: eps=E (a configured eps) or keep-fraction=F "
+                              "(default: the smallest configured eps); `semdedup export --select`", flag=None)
     # Operations knobs: the code location (`dagster dev`), not a single `semdedup run`.
     sensors: bool = knob(False, "start the sensors running when the code location loads", flag=None)
     sensor_interval: int = knob(30, "seconds between sensor ticks", flag=None)
@@ -109,7 +116,7 @@ class Settings:
                 raise ValueError(f"{f.name} must be one of {', '.join(allowed)}, got {getattr(self, f.name)!r}")
         if self.clusters is not None and self.clusters < 1:
             raise ValueError(f"clusters must be >= 1 (or auto), got {self.clusters}")
-        for name in ("buckets", "block_size", "batch_size", "max_length", "kmeans_iterations",
+        for name in ("probes", "buckets", "block_size", "batch_size", "max_length", "kmeans_iterations",
                      "max_points_per_centroid", "backfill_batch", "sensor_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -282,7 +289,8 @@ def changed_settings(settings: Settings) -> dict[str, tuple[Any, Any]]:
 def _absolute(settings: Settings) -> Settings:
     """The settings with local paths made absolute (URLs unchanged)."""
     return settings.replace(storage=str(to_upath(settings.storage)),
-                            input=str(to_upath(settings.input)) if settings.input else None)
+                            input=str(to_upath(settings.input)) if settings.input else None,
+                            reference=str(to_upath(settings.reference)) if settings.reference else None)
 
 
 def save_settings(settings: Settings) -> None:

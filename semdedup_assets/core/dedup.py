@@ -43,14 +43,15 @@ class DedupBucketResult:
     problems: list[str] = field(default_factory=list)
 
 
-def read_bucket_rows(files: Sequence[st.UPath], first: int, end: int) -> pa.Table:
-    """The assignments of clusters [first, end) from every shard file (row groups skipped by stats)."""
+def read_bucket_rows(files: Sequence[st.UPath], first: int, end: int, clusters: list[int] | None = None) -> pa.Table:
+    """The assignments of clusters [first, end) (or of `clusters`) from every shard file (row groups skipped by stats)."""
     if not files:
         return pa.table({})
     local = st.is_local(files[0])
     dataset = ds.dataset([str(p) if local else p.path for p in files], format="parquet",
                          filesystem=None if local else files[0].fs)
-    flt = (pc.field("cluster") >= first) & (pc.field("cluster") < end)
+    flt = (pc.field("cluster") >= first) & (pc.field("cluster") < end) if clusters is None else \
+        pc.field("cluster").isin(clusters)
     table = dataset.to_table(filter=flt, columns=["id", "shard", "cluster", "sim_to_centroid", "embedding"])
     return table.sort_by([("cluster", "ascending"), ("id", "ascending")])
 
@@ -117,11 +118,20 @@ def dedup_bucket(settings: Settings, bucket: str, k: int, assignment_files: Sequ
     storage = settings.storage_root()
     device = str(resolve_device(settings.device))
     first, end = bucket_cluster_range(int(bucket), k, settings.buckets)
-    table = read_bucket_rows(sorted(assignment_files, key=str), first, end)
+    files = sorted(assignment_files, key=str)
+    table = read_bucket_rows(files, first, end)
     kernel: dict[str, float] = {"rechecked_rows": 0, "error_bound": 0.0}
     start = time.perf_counter()
-    result, sizes = dedup_table(table, settings.keep, settings.seed, settings.block_size, device, settings.precision,
-                                settings.thresholds, kernel)
+    if settings.probes > 1:  # exact fp32 tiles over the probed clusters (core/multiprobe.py)
+        from semdedup_assets.core.centroids import load_centroids
+        from semdedup_assets.core.multiprobe import multiprobe_bucket
+
+        result, sizes = multiprobe_bucket(table, lambda cs: read_bucket_rows(files, 0, 0, cs),
+                                          load_centroids(storage), settings.probes, settings.keep, settings.seed,
+                                          settings.block_size, device)
+    else:
+        result, sizes = dedup_table(table, settings.keep, settings.seed, settings.block_size, device,
+                                    settings.precision, settings.thresholds, kernel)
     seconds = round(time.perf_counter() - start, 2)
     problems = []
     if result.num_rows != table.num_rows or pc.count_distinct(result.column("id")).as_py() != result.num_rows:

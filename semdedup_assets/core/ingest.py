@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from semdedup_assets.core import storage as st
+from semdedup_assets.core.export import FINGERPRINT_KEY
 from semdedup_assets.core.catalog import duplicate_ids
 from semdedup_assets.core.config import Settings
 from semdedup_assets.core.shards import ShardError, ShardFile, read_shard
@@ -87,9 +88,12 @@ def ingest_shards(settings: Settings, shards: Sequence[ShardFile],
         for shard in shards:
             index = read_shard(shard, settings.modality, settings.payload_column, settings.id_column)
             table = index.table.add_column(1, "shard", pa.array([shard.key] * index.table.num_rows, type=pa.string()))
+            # The input as ingested: `semdedup export` refuses a shard that changed since.
+            schema_meta = {FINGERPRINT_KEY: shard.fingerprint().encode()}
             if index.dim is not None:
                 dims[shard.key] = index.dim
-                table = table.replace_schema_metadata({RAW_DIM_KEY: str(index.dim).encode()})
+                schema_meta[RAW_DIM_KEY] = str(index.dim).encode()
+            table = table.replace_schema_metadata(schema_meta)
             path = storage.shard_file(st.RAW, shard.key)
             writer = st.AtomicParquetWriter(path, table.schema)
             pending.append(writer)

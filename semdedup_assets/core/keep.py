@@ -189,13 +189,13 @@ def build_keep_lists(settings: Settings, bucket_files: Sequence[st.UPath],
     results = stage_source(storage, st.SEMANTIC_DUPLICATES, BUCKET_GLOB)
     distinct = int(scan(storage, f"SELECT count(DISTINCT id) FROM {results}")[0][0])
     sizes = [int(r[0]) for r in scan(storage, f"SELECT count(*) FROM {results} GROUP BY cluster ORDER BY cluster")]
-    texts = _texts(storage, sorted({i for _, a, b in pairs + near_pairs for i in (a, b)}), settings.modality)
+    texts = payload_texts(storage, sorted({i for _, a, b in pairs + near_pairs for i in (a, b)}), settings.modality)
     return KeepListsResult(eps_curve=rows, items=curve.total, distinct_ids=distinct, cluster_sizes=sizes,
                            max_sim_counts=max_sim_counts.tolist(), top_pairs=pairs, near_pairs=near_pairs, texts=texts,
                            keep_list_paths=[str(storage.keep_list_file(e)) for e in settings.eps], seconds=seconds)
 
 
-def _texts(storage: st.Storage, ids: list[str], modality: str) -> dict[str, str]:
+def payload_texts(storage: st.Storage, ids: list[str], modality: str) -> dict[str, str]:
     """Payload text of a few ids, for showing duplicate pairs side by side."""
     if modality != "text" or not ids or not storage.stage_files(st.RAW):
         return {}

@@ -62,3 +62,8 @@ KEEP_LIST_SCHEMA = pa.schema([("id", pa.string()), ("shard", pa.string()), ("clu
 EPS_CURVE_SCHEMA = pa.schema([
     ("eps", pa.float64()), ("kept", pa.int64()), ("removed", pa.int64()), ("kept_fraction", pa.float64()),
 ])
+
+
+# `contaminated`: dataset items within 1 - max(eps) of a reference item (core/decontaminate.py).
+CONTAMINATED_SCHEMA = pa.schema([("id", pa.string()), ("shard", pa.string()), ("reference_id", pa.string()),
+                                 ("score", pa.float64())])

@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 from urllib.parse import urlsplit
 
 import pyarrow as pa
@@ -28,6 +29,7 @@ CLUSTER_ASSIGNMENTS = "cluster_assignments"
 SEMANTIC_DUPLICATES = "semantic_duplicates"
 KEEP_LISTS = "keep_lists"
 REJECTED = "rejected"  # undecodable images, per shard (id, shard, reason)
+CONTAMINATED = "contaminated"  # items near a --reference (evaluation) set
 STAGES = (RAW, REJECTED, EMBEDDINGS, CENTROIDS, CLUSTER_ASSIGNMENTS, SEMANTIC_DUPLICATES, KEEP_LISTS)
 
 # Fixed writer options: byte-identical files for identical tables.
@@ -160,6 +162,11 @@ class Storage:
         """The kept/removed counts per configured eps."""
         return self.stage_dir(KEEP_LISTS) / "eps_curve.parquet"
 
+    @property
+    def contaminated_file(self) -> UPath:
+        """Items near a reference item: id, shard, reference_id, score."""
+        return self.stage_dir(CONTAMINATED) / "contaminated.parquet"
+
     def keep_list_file(self, eps: float) -> UPath:
         """The keep-list for one eps."""
         return self.stage_dir(KEEP_LISTS) / f"eps={format_eps(eps)}.parquet"
@@ -198,23 +205,32 @@ def _tmp_sibling(path: UPath) -> UPath:
     return path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
 
 
-def atomic_write_bytes(data: bytes, path: UPath) -> None:
-    """Write bytes so that readers see either the old file or the whole new one."""
+@contextmanager
+def atomic_open(path: UPath) -> Iterator[IO[bytes]]:
+    """A binary file handle for streamed writes; the file appears at `path` only if the block succeeds."""
     _make_parent(path)
-    if not is_local(path):
+    if not is_local(path):  # buffered, so a failed block uploads nothing
+        buf = io.BytesIO()
+        yield buf
         with path.open("wb") as f:
-            f.write(data)
+            f.write(buf.getvalue())
         return
     tmp = _tmp_sibling(path)
     try:
         with open(str(tmp), "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(str(tmp), str(path))
     finally:
         if os.path.exists(str(tmp)):
             os.unlink(str(tmp))
+
+
+def atomic_write_bytes(data: bytes, path: UPath) -> None:
+    """Write bytes so that readers see either the old file or the whole new one."""
+    with atomic_open(path) as f:
+        f.write(data)
 
 
 def atomic_write_table(table: pa.Table, path: UPath, row_group_size: int | None = None) -> None:

@@ -1,0 +1,43 @@
+"""Output stage: `deduplicated`, each input shard written again with only its kept rows."""
+
+import dagster as dg
+
+from semdedup_assets.assets.common import run_metadata, run_partition_keys, shard_backfill_policy, timed
+from semdedup_assets.core.config import Settings
+from semdedup_assets.core.export import ExportError, default_selection, export_shards, parse_selection, selection_dir
+from semdedup_assets.partitions import shard_partitions
+from semdedup_assets.resources import SemDedupConfig
+
+
+def build_deduplicated(settings: Settings) -> dg.AssetsDefinition:
+    """The per-shard deduplicated-dataset asset (backfill batch from the settings)."""
+
+    @dg.asset(
+        name="deduplicated",
+        partitions_def=shard_partitions,
+        deps=["keep_lists", "contaminated"],
+        backfill_policy=shard_backfill_policy(settings),
+        group_name="dedup",
+        kinds={"parquet"},
+    )
+    def deduplicated(context: dg.AssetExecutionContext, semdedup: SemDedupConfig) -> dg.MaterializeResult:
+        """The shard again, in its own format, holding only the rows kept by the `select` knob."""
+        config = semdedup.settings()
+        if not config.input:
+            raise dg.Failure("no input location configured (set `input` on the semdedup resource)")
+        storage = config.storage_root()
+        try:
+            selection = parse_selection(config.select or default_selection(config.eps), config.eps)
+            with timed() as t:
+                done = export_shards(storage, config.input, selection, run_partition_keys(context), config.eps)
+        except ExportError as err:
+            raise dg.Failure(description=str(err)) from None
+        per_shard = [{"shard": d.shard, "kept": d.kept, "removed": d.removed, "rewritten": str(d.rewritten)}
+                     for d in done]
+        extra: dict[str, object] = {"selection": selection.label, "seconds": t["seconds"],
+                                    "kept": sum(d.kept for d in done), "removed": sum(d.removed for d in done),
+                                    "rewritten_shards": sum(d.rewritten for d in done),
+                                    "folder": dg.MetadataValue.path(str(selection_dir(storage, selection)))}
+        return dg.MaterializeResult(metadata=run_metadata(context, per_shard, extra))
+
+    return deduplicated

@@ -1,0 +1,175 @@
+"""Decontamination: flag dataset items that are near-copies of an evaluation (reference) set.
+
+The reference shards (any supported input format, or bring-your-own embeddings) are
+embedded with the dataset's own encoder. Every dataset item's nearest reference item is
+found by an exact all-pairs search in tiles (dataset rows x reference block, as the
+pairwise kernel), so memory stays O(rows * block) however large the reference is. An
+item is *contaminated at eps* when its best score exceeds 1 - eps; the results keep every
+item above 1 - max(configured eps), with the reference id and score, and each consumer
+applies its own eps (the deduplicated dataset: the selection's eps).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from semdedup_assets.core import storage as st
+from semdedup_assets.core.config import Settings
+from semdedup_assets.core.encoders import Encoder, encoder_for, l2_normalize, resolve_device
+from semdedup_assets.core.schemas import CONTAMINATED_SCHEMA
+from semdedup_assets.core.tables import embedding_matrix, stored_dtype
+from semdedup_assets.core.shards import ShardError, discover_shards, iter_embedding_chunks, read_images, read_shard
+
+REFERENCE_BLOCK = 4096
+
+
+class ReferenceError(ValueError):
+    """A reference set that cannot be used; the message says why."""
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The embedded reference set: ids (`<shard>:<row>` without an id column) and unit-norm rows."""
+
+    ids: np.ndarray
+    vectors: np.ndarray
+
+
+def embed_reference(location: str, modality: str, column: str, id_column: str,
+                    encode: Callable[[list], np.ndarray] | None,
+                    encode_images: Callable[[list], tuple[np.ndarray, np.ndarray]] | None = None) -> Reference:
+    """Read and embed every reference shard under `location` like dataset shards.
+
+    `encode(texts)` embeds text; `encode_images(images)` returns (vectors, ok positions)
+    (undecodable reference images are skipped); the embedding modality needs neither.
+    """
+    try:
+        shards = discover_shards(location)
+    except (FileNotFoundError, ValueError) as err:
+        raise ReferenceError(f"reference {location}: {err}") from None
+    if not shards:
+        raise ReferenceError(f"reference {location}: no shard files")
+    ids: list[np.ndarray] = []
+    vectors: list[np.ndarray] = []
+    for shard in shards:
+        try:
+            index = read_shard(shard, modality, column, id_column).table
+            shard_ids = np.asarray(index.column("id").to_pylist(), dtype=object)
+            if modality == "embedding":
+                x = np.concatenate(list(iter_embedding_chunks(shard, column)))
+            elif modality == "text":
+                assert encode is not None
+                x = encode(index.column("text").to_pylist())
+            else:
+                assert encode_images is not None
+                x, ok = encode_images(read_images(shard, column))
+                shard_ids = shard_ids[ok]
+        except ShardError as err:
+            raise ReferenceError(f"reference {err}") from None
+        ids.append(np.asarray([f"{i}" for i in shard_ids], dtype=object))
+        vectors.append(l2_normalize(np.asarray(x, dtype=np.float32)))
+    return Reference(np.concatenate(ids), np.concatenate(vectors))
+
+
+def nearest_reference(x: np.ndarray, reference: np.ndarray, block: int = REFERENCE_BLOCK,
+                      device: str | torch.device | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(best cosine float32, index of the first reference row achieving it) for every row of x, exact.
+
+    Fails naming both dimensions when they differ.
+    """
+    if x.shape[1] != reference.shape[1]:
+        raise ReferenceError(f"the reference embeddings have dimension {reference.shape[1]} but the dataset's have "
+                             f"dimension {x.shape[1]}: embed both with the same encoder")
+    with torch.inference_mode():
+        q = torch.from_numpy(np.array(x, dtype=np.float32, order="C")).to(device or "cpu")
+        r = torch.from_numpy(np.array(reference, dtype=np.float32, order="C")).to(q.device)
+        best = torch.full((len(q),), float("-inf"), device=q.device)
+        arg = torch.full((len(q),), -1, dtype=torch.int64, device=q.device)
+        for r0 in range(0, len(r), block):  # ascending blocks, strict >: the first index wins ties
+            val, idx = (q @ r[r0 : r0 + block].T).max(dim=1)
+            better = val > best
+            best = torch.where(better, val, best)
+            arg = torch.where(better, idx + r0, arg)
+        return best.cpu().numpy(), arg.cpu().numpy()
+
+
+def find_contaminated(chunks: Iterable[tuple[str, np.ndarray, np.ndarray]], reference: Reference,
+                      threshold: float, block: int = REFERENCE_BLOCK,
+                      device: str | torch.device | None = None) -> Iterator[pa.Table]:
+    """For (shard, ids, unit-norm vectors) chunks: the items whose best reference score > threshold."""
+    for shard, ids, x in chunks:
+        if not len(x):
+            continue
+        best, arg = nearest_reference(x, reference.vectors, block, device)
+        hit = np.flatnonzero(best.astype(np.float64) > threshold)
+        yield pa.table({"id": pa.array(np.asarray(ids, dtype=object)[hit].tolist(), pa.string()),
+                        "shard": pa.array([shard] * len(hit), pa.string()),
+                        "reference_id": pa.array(reference.ids[arg[hit]].tolist(), pa.string()),
+                        "score": pa.array(best[hit].astype(np.float64))}, schema=CONTAMINATED_SCHEMA)
+
+
+def contamination_threshold(eps: Sequence[float]) -> float:
+    """The score above which items are recorded: 1 - the largest configured eps (every eps's flags)."""
+    return 1.0 - max(float(e) for e in eps)
+
+
+@dataclass
+class DecontaminationResult:
+    """What `decontaminate` flagged: every item above 1 - max(eps), and counts per eps."""
+
+    path: str
+    reference_items: int
+    flagged: int
+    per_eps: dict[float, int]
+    seconds: float
+
+
+def _stored_chunks(embedding_files: Mapping[str, st.UPath]) -> Iterator[tuple[str, list[str], np.ndarray]]:
+    """(shard, ids, unit-norm rows) per shard's embeddings file, in shard order."""
+    for key in sorted(embedding_files):
+        table = st.read_table(embedding_files[key])
+        x = embedding_matrix(table.column("embedding"))
+        if stored_dtype(table.schema.field("embedding")) == "float16":
+            x = l2_normalize(x)  # rounding to float16 moved norms: scores need unit rows
+        yield key, table.column("id").to_pylist(), x
+
+
+def decontaminate(settings: Settings, embedding_files: Mapping[str, st.UPath], encoder: Encoder | None = None
+                  ) -> DecontaminationResult | None:
+    """Flag the dataset's items within 1 - eps of `settings.reference`; writes the contaminated file atomically.
+
+    Without a reference the file is removed (nothing is contaminated) and None is returned.
+    The reference is embedded with the dataset's encoder (`encoder`, else `encoder_for(settings)`).
+    """
+    storage = settings.storage_root()
+    if not settings.reference:
+        st.remove(storage.contaminated_file)
+        return None
+    start = time.perf_counter()
+    if settings.modality != "embedding" and encoder is None:
+        encoder = encoder_for(settings)
+
+    def encode_images(items: list) -> tuple[np.ndarray, np.ndarray]:
+        result = encoder.encode_images(items)
+        return result.vectors, result.ok_index
+
+    reference = embed_reference(settings.reference, settings.modality, settings.payload_column, settings.id_column,
+                                encoder.encode if settings.modality == "text" else None, encode_images)
+    threshold = contamination_threshold(settings.eps)
+    writer = st.AtomicParquetWriter(storage.contaminated_file, CONTAMINATED_SCHEMA)
+    scores: list[float] = []
+    with st.publish_together([writer]):
+        for table in find_contaminated(_stored_chunks(embedding_files), reference, threshold,
+                                       device=resolve_device(settings.device)):
+            writer.write(table)
+            scores += table.column("score").to_pylist()
+    s = np.asarray(scores, dtype=np.float64)
+    return DecontaminationResult(path=str(storage.contaminated_file), reference_items=int(len(reference.ids)),
+                                 flagged=int(len(s)), per_eps={e: int((s > 1.0 - e).sum()) for e in settings.eps},
+                                 seconds=round(time.perf_counter() - start, 2))

@@ -1,0 +1,383 @@
+"""The deduplicated dataset: each input shard written again, in its own format, with only its kept rows.
+
+A *selection* says which items are kept: `eps=E` (one of the configured eps: keep
+`max_sim <= 1 - E`) or `keep-fraction=F` (keep the N = ceil(F * items) items with the
+smallest max_sim, ties by id: the README's `ORDER BY max_sim, id LIMIT N`, solved exactly
+from the stored max_sim). Items flagged by decontamination (`contaminated`) are dropped
+too: those whose reference score exceeds 1 - eps, at the selection's eps (keep-fraction:
+the smallest configured eps).
+
+Output: `<storage>/deduplicated/<selection>/<the shard's path relative to the input>`, one
+writer per input format, streamed (bounded memory) and published atomically:
+- Parquet: the input's schema (with its metadata) and row order, kept rows only;
+- JSON Lines (`.jsonl`, `.jsonl.gz`): the kept lines byte for byte (gzip stays gzip);
+- WebDataset `.tar`: every member of a kept key, nothing of a removed key (members that
+  belong to no sample, e.g. folders, are copied);
+- `.npy` + metadata Parquet: the kept rows of both, aligned.
+
+A manifest per shard (`.semdedup/<shard>.json` in the selection folder) records the input
+fingerprint and a digest of the kept rows, so a re-export rewrites only the shards whose
+keep decision (or input) changed.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import math
+import tarfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import IO
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from semdedup_assets.core import storage as st
+from semdedup_assets.core.catalog import BUCKET_GLOB, scan, sql_quote, stage_source
+from semdedup_assets.core.shards import ShardFile, discover_shards
+from semdedup_assets.core.storage import UPath
+from semdedup_assets.core.webdataset import split_member_name
+
+DEDUPLICATED = "deduplicated"
+MANIFEST_DIR = ".semdedup"
+FINGERPRINT_KEY = b"semdedup.fingerprint"  # in each raw file's schema metadata: the input as ingested
+PARQUET_BATCH_ROWS = 16384
+NPY_CHUNK_ROWS = 65536
+
+
+class ExportError(ValueError):
+    """A selection or an export that cannot be done; the message names the shard or the value."""
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which items the deduplicated dataset keeps: by eps or by size."""
+
+    kind: str  # "eps" or "keep-fraction"
+    value: float
+
+    @property
+    def label(self) -> str:
+        """The folder name under `<storage>/deduplicated/`, e.g. `eps=0.01`."""
+        return f"{self.kind}={st.format_eps(self.value)}"
+
+
+def parse_selection(text: str, configured_eps: Sequence[float]) -> Selection:
+    """Parse `eps=E` (E must be configured) or `keep-fraction=F` (0 < F <= 1)."""
+    name, sep, raw = str(text).strip().partition("=")
+    name = name.strip().lower().replace("_", "-")
+    if not sep or name not in ("eps", "keep-fraction"):
+        raise ExportError(f"selection must be eps=E or keep-fraction=F, got {text!r}")
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ExportError(f"selection {text!r}: {raw.strip()!r} is not a number") from None
+    if name == "keep-fraction":
+        if not (math.isfinite(value) and 0.0 < value <= 1.0):
+            raise ExportError(f"keep-fraction must lie in (0, 1], got {raw.strip()}")
+        return Selection(name, value)
+    configured = sorted(float(e) for e in configured_eps)
+    if not any(value == e for e in configured):
+        raise ExportError(f"eps={raw.strip()} is not configured; configured eps: "
+                          f"{', '.join(st.format_eps(e) for e in configured)}")
+    return Selection(name, value)
+
+
+def default_selection(configured_eps: Sequence[float]) -> str:
+    """The selection used when none is given: the smallest configured eps (the fewest removals)."""
+    return f"eps={st.format_eps(min(configured_eps))}"
+
+
+def keep_count(fraction: float, total: int) -> int:
+    """N for keep-fraction F: ceil(F * total), F taken as the exact decimal it was written as."""
+    return min(total, math.ceil(Fraction(repr(float(fraction))) * total))
+
+
+def _items_source(storage: st.Storage) -> str:
+    if not storage.stage_files(st.SEMANTIC_DUPLICATES):
+        raise ExportError("no semantic_duplicates results yet: run the pipeline first")
+    return stage_source(storage, st.SEMANTIC_DUPLICATES, BUCKET_GLOB)
+
+
+def _contaminated_source(storage: st.Storage) -> str | None:
+    """The decontamination results, when a reference was checked (see core/decontaminate.py)."""
+    path = storage.contaminated_file
+    return f"read_parquet({sql_quote(str(path))})" if path.exists() else None
+
+
+def contamination_eps(selection: Selection, configured_eps: Sequence[float]) -> float:
+    """The eps at which contaminated items are dropped: the selection's, else the smallest configured."""
+    return selection.value if selection.kind == "eps" else min(float(e) for e in configured_eps)
+
+
+def selection_condition(storage: st.Storage, selection: Selection) -> tuple[str, list[object]]:
+    """A SQL condition over the `items` columns (max_sim, id) that is true for kept items."""
+    if selection.kind == "eps":
+        # 1 - eps in float64, as keep_mask and the keep-list files.
+        return "max_sim <= ?", [1.0 - float(selection.value)]
+    source = _items_source(storage)
+    [(total,)] = scan(storage, f"SELECT count(*) FROM {source}")
+    n = keep_count(selection.value, int(total))
+    if n >= total:
+        return "true", []
+    [(cut_sim, cut_id)] = scan(storage, f"SELECT max_sim, id FROM {source} ORDER BY max_sim, id LIMIT 1 OFFSET ?", [n - 1])
+    return "(max_sim < ? OR (max_sim = ? AND id <= ?))", [cut_sim, cut_sim, cut_id]
+
+
+def kept_ids(storage: st.Storage, selection: Selection, shards: Sequence[str],
+             configured_eps: Sequence[float] = ()) -> dict[str, pa.Array]:
+    """The kept ids of some shards under a selection (contaminated items left out), by shard."""
+    source = _items_source(storage)
+    cond, params = selection_condition(storage, selection)
+    contaminated = _contaminated_source(storage)
+    if contaminated:
+        cond += f" AND id NOT IN (SELECT id FROM {contaminated} WHERE score > ?)"
+        params.append(1.0 - contamination_eps(selection, configured_eps or [selection.value]))
+    rows = scan(storage, f"SELECT shard, list(id ORDER BY id) FROM {source} WHERE shard IN (SELECT unnest(?)) "
+                f"AND {cond} GROUP BY shard", [list(shards), *params])
+    out = {s: pa.array([], pa.string()) for s in shards}
+    out.update({s: pa.array(ids, pa.string()) for s, ids in rows})
+    return out
+
+
+def kept_rows(raw: pa.Table, ids: pa.Array) -> np.ndarray:
+    """Ascending input row numbers of the kept ids, from a shard's raw index (id, row)."""
+    mask = pc.is_in(raw.column("id"), value_set=ids).to_numpy(zero_copy_only=False)
+    return np.sort(raw.column("row").to_numpy()[mask]).astype(np.int64)
+
+
+# ---- atomic streamed files ------------------------------------------------------------------
+
+
+@contextmanager
+def _publish_all() -> Iterator[Callable[[UPath], IO[bytes]]]:
+    """Open several atomic files; all are published together when the block succeeds."""
+    stack: list = []
+
+    def open_(path: UPath) -> IO[bytes]:
+        cm = st.atomic_open(path)
+        stack.append(cm)
+        return cm.__enter__()
+
+    try:
+        yield open_
+    except BaseException as exc:
+        for cm in reversed(stack):
+            try:
+                cm.__exit__(type(exc), exc, exc.__traceback__)
+            except BaseException:
+                pass
+        raise
+    for cm in stack:
+        cm.__exit__(None, None, None)
+
+
+# ---- one writer per input format --------------------------------------------------------------
+
+
+def _row_filter(rows: np.ndarray, start: int, length: int) -> np.ndarray:
+    """Positions within [start, start + length) of the kept rows (sorted `rows`)."""
+    lo, hi = np.searchsorted(rows, [start, start + length])
+    return rows[lo:hi] - start
+
+
+def _write_parquet(src: UPath, rows: np.ndarray, out: IO[bytes]) -> None:
+    with src.open("rb") as f:
+        pf = pq.ParquetFile(f)
+        schema = pf.schema_arrow  # with the input's key-value metadata
+        with pq.ParquetWriter(out, schema, compression="zstd") as writer:
+            start = 0
+            for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS):
+                take = _row_filter(rows, start, batch.num_rows)
+                if len(take):
+                    writer.write_batch(batch.take(pa.array(take)))
+                start += batch.num_rows
+            if not len(rows):
+                writer.write_table(schema.empty_table())
+
+
+def _iter_lines(f: IO[bytes]) -> Iterator[bytes]:
+    """Lines with their terminators, as `_read_jsonl` counts them (split on b'\\n')."""
+    for line in f:  # binary iteration splits on b"\n" only
+        yield line
+
+
+def _write_jsonl(src: UPath, rows: np.ndarray, out: IO[bytes]) -> None:
+    gz = src.name.endswith(".gz")
+    wanted = set(rows.tolist())
+    with src.open("rb") as raw_in:
+        fin = gzip.GzipFile(fileobj=raw_in, mode="rb") if gz else raw_in
+        # mtime=0 and no name: the same kept lines give the same bytes.
+        fout = gzip.GzipFile(filename="", fileobj=out, mode="wb", mtime=0) if gz else out
+        row = 0
+        for line in _iter_lines(fin):
+            if not line.strip():
+                continue  # blank lines are no rows (as when reading)
+            if row in wanted:
+                fout.write(line if line.endswith(b"\n") else line + b"\n")
+            row += 1
+        if gz:
+            fout.close()
+
+
+def _write_tar(src: UPath, keep: set[str], drop: set[str], out: IO[bytes]) -> None:
+    with src.open("rb") as f, tarfile.open(fileobj=f, mode="r|*") as tin, \
+            tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tout:
+        for member in tin:
+            split = split_member_name(member.name)
+            key = split[0] if split else None
+            if key in drop:
+                continue
+            data = tin.extractfile(member) if member.isfile() else None
+            tout.addfile(member, data)
+
+
+def _write_npy(src: UPath, rows: np.ndarray, out: IO[bytes]) -> None:
+    if st.is_local(src):
+        x = np.load(str(src), mmap_mode="r", allow_pickle=False)
+    else:
+        with src.open("rb") as f:
+            x = np.load(io.BytesIO(f.read()), allow_pickle=False)
+    header = {"descr": np.lib.format.dtype_to_descr(x.dtype), "fortran_order": False,
+              "shape": (int(len(rows)),) + tuple(x.shape[1:])}
+    np.lib.format.write_array_header_1_0(out, header) if _fits_v1(header) else \
+        np.lib.format.write_array_header_2_0(out, header)
+    for s in range(0, len(rows), NPY_CHUNK_ROWS):
+        out.write(np.ascontiguousarray(x[rows[s : s + NPY_CHUNK_ROWS]]).tobytes())
+
+
+def _fits_v1(header: dict) -> bool:
+    try:
+        np.lib.format.write_array_header_1_0(io.BytesIO(), header)
+        return True
+    except ValueError:
+        return False
+
+
+# ---- shards ---------------------------------------------------------------------------------
+
+
+def relative_path(path: UPath, root: UPath) -> str:
+    """A file's path relative to the input root (its own name when the input is one file)."""
+    base = str(root).rstrip("/")
+    text = str(path)
+    if text.startswith(base + "/"):
+        return text[len(base) + 1 :]
+    return path.name
+
+
+def output_files(shard: ShardFile, input_root: UPath, out_dir: UPath) -> list[UPath]:
+    """Where a shard's deduplicated file(s) go: its relative path(s) below the selection folder."""
+    paths = [shard.path] + ([shard.metadata] if shard.kind == "npy" and shard.metadata is not None else [])
+    outs = []
+    for p in paths:
+        rel = relative_path(p, input_root)
+        if rel.startswith("/") or ".." in rel.split("/"):
+            raise ExportError(f"shard {shard.key!r}: {p} is not below the input location {input_root}")
+        outs.append(out_dir / rel)
+    return outs
+
+
+def write_shard(shard: ShardFile, rows: np.ndarray, ids: Sequence[str], outputs: Sequence[UPath]) -> None:
+    """Write one shard's kept rows (`rows`: ascending input row numbers; `ids`: every id, by row)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    with _publish_all() as open_:
+        if shard.kind == "parquet":
+            _write_parquet(shard.path, rows, open_(outputs[0]))
+        elif shard.kind == "jsonl":
+            _write_jsonl(shard.path, rows, open_(outputs[0]))
+        elif shard.kind == "tar":
+            keep = {ids[r] for r in rows.tolist()}
+            _write_tar(shard.path, keep, set(ids) - keep, open_(outputs[0]))
+        elif shard.kind == "npy":
+            if shard.metadata is None:
+                raise ExportError(f"shard {shard.key!r}: no metadata Parquet for {shard.path.name}")
+            _write_npy(shard.path, rows, open_(outputs[0]))
+            _write_parquet(shard.metadata, rows, open_(outputs[1]))
+        else:
+            raise ExportError(f"shard {shard.key!r}: cannot export a {shard.kind!r} shard")
+
+
+def rows_digest(rows: np.ndarray) -> str:
+    """A digest of the kept row numbers (what decides whether a shard's output changes)."""
+    return hashlib.blake2b(np.asarray(rows, dtype="<i8").tobytes(), digest_size=16).hexdigest()
+
+
+def recorded_fingerprint(storage: st.Storage, key: str) -> str | None:
+    """The input fingerprint stored in a shard's raw index when it was ingested (None if not recorded)."""
+    meta = st.read_schema(storage.shard_file(st.RAW, key)).metadata or {}
+    value = meta.get(FINGERPRINT_KEY)
+    return value.decode() if value else None
+
+
+@dataclass
+class ShardExport:
+    """What exporting one shard did."""
+
+    shard: str
+    kept: int
+    removed: int
+    rewritten: bool
+    files: list[str]
+
+
+def selection_dir(storage: st.Storage, selection: Selection) -> UPath:
+    """`<storage>/deduplicated/<selection>/`."""
+    return storage.stage_dir(DEDUPLICATED) / selection.label
+
+
+def export_shards(storage: st.Storage, input_location: str, selection: Selection,
+                  keys: Sequence[str] | None = None, configured_eps: Sequence[float] = (),
+                  log: Callable[[str], None] | None = None) -> list[ShardExport]:
+    """Write the deduplicated copy of some shards (default: every shard that has results).
+
+    `log`, if given, is called once per shard done.
+
+    Refuses (ExportError naming the shard) when an input shard changed since it was
+    ingested, or has no results. Shards whose kept rows and input are unchanged since the
+    last export of this selection are not rewritten.
+    """
+    root = st.to_upath(input_location)
+    files = {s.key: s for s in discover_shards(input_location)}
+    raw_keys = [storage.shard_of(st.RAW, p) for p in storage.stage_files(st.RAW)]
+    keys = sorted(raw_keys if keys is None else keys)
+    for key in keys:
+        if key not in files:
+            raise ExportError(f"shard {key!r} is no longer under {input_location}")
+        if not storage.shard_file(st.RAW, key).exists():
+            raise ExportError(f"shard {key!r} has no results yet: run the pipeline first")
+        recorded = recorded_fingerprint(storage, key)
+        if recorded is not None and recorded != files[key].fingerprint():
+            raise ExportError(f"shard {key!r} changed since it was embedded ({files[key].path}): "
+                              f"re-run the pipeline before exporting")
+    base = root if root.is_dir() else root.parent
+    out_dir = selection_dir(storage, selection)
+    kept = kept_ids(storage, selection, keys, configured_eps)
+    results = []
+    for key in keys:
+        shard = files[key]
+        raw = st.read_table(storage.shard_file(st.RAW, key), columns=["id", "row"])
+        rows = kept_rows(raw, kept[key])
+        outputs = output_files(shard, base, out_dir)
+        manifest_path = out_dir / MANIFEST_DIR / f"{key}.json"
+        state = {"fingerprint": shard.fingerprint(), "rows": rows_digest(rows),
+                 "files": [str(p) for p in outputs]}
+        previous = json.loads(manifest_path.read_text()) if manifest_path.exists() else None
+        rewrite = previous is None or {k: previous.get(k) for k in state} != state or not all(p.exists() for p in outputs)
+        if rewrite:
+            ids = raw.sort_by("row").column("id").to_pylist() if shard.kind == "tar" else []
+            write_shard(shard, rows, ids, outputs)
+            st.atomic_write_bytes(json.dumps({**state, "kept": int(len(rows)),
+                                              "removed": int(raw.num_rows - len(rows))}).encode(), manifest_path)
+        results.append(ShardExport(key, int(len(rows)), int(raw.num_rows - len(rows)), rewrite,
+                                   [str(p) for p in outputs]))
+        if log is not None:
+            log(f"shard {key!r}: kept {len(rows)}" + ("" if rewrite else " (unchanged)"))
+    return results

@@ -1,0 +1,177 @@
+"""Multi-probe SemDeDup (`--probes P`): compare each item also with the members of its P-1 next-nearest clusters.
+
+k-means cuts groups of near-duplicates at cluster borders; the paper's rule never looks
+across clusters. With P probes the rule becomes (P = 1 is exactly the paper's rule, and
+`semantic_duplicates` then takes the unchanged single-cluster path):
+
+- every item j has its own cluster c(j) (the nearest centroid, as assigned) and its probe
+  set Q(j): c(j) plus the P - 1 other clusters whose centroids have the largest inner
+  product with x_j (ties by cluster id);
+- one *global* order of all items, the keep strategy's key without the cluster:
+  `hard` = (sim_to_centroid ascending, id), `easy` = (sim_to_centroid descending, id),
+  `random` = (seeded key, id); restricted to one cluster it is that cluster's order;
+- M[j] = max cos(x_i, x_j) over the items i earlier than j in the global order whose own
+  cluster c(i) is in Q(j); duplicate_of[j] is the earliest such i achieving it;
+  M[j] = 0 and no duplicate_of when there is no such i;
+- j is removed at eps iff M[j] > 1 - eps, as before.
+
+The search is exact and tiled: per probed cluster, the queries that probe it are matched
+against its members in `pairwise._max_over_earlier` tiles (only members earlier in the
+global order count), and the best over the probed clusters is kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import torch
+
+from semdedup_assets.core.encoders import l2_normalize
+from semdedup_assets.core.ordering import cluster_order
+from semdedup_assets.core.pairwise import _max_over_earlier
+from semdedup_assets.core.schemas import SEMANTIC_DUPLICATES_SCHEMA
+from semdedup_assets.core.tables import embedding_matrix, stored_dtype
+
+
+def probe_clusters(x: np.ndarray, centroids: np.ndarray, own: np.ndarray, probes: int) -> np.ndarray:
+    """(n, P) int64 probe clusters: the own cluster first, then the next-nearest centroids by inner product."""
+    probes = min(int(probes), len(centroids))
+    own = np.asarray(own, dtype=np.int64)
+    if probes <= 1 or len(x) == 0:
+        return own[:, None]
+    index = faiss.IndexFlatIP(centroids.shape[1])
+    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    _, nearest = index.search(np.ascontiguousarray(x, dtype=np.float32), probes)
+    out = np.empty((len(x), probes), dtype=np.int64)
+    out[:, 0] = own
+    for r in range(len(x)):  # the own cluster first, then the others in rank order
+        others = [int(c) for c in nearest[r] if c != own[r] and c >= 0]
+        out[r, 1:] = others[: probes - 1]
+    return out
+
+
+def global_rank(ids: Sequence[str] | np.ndarray, sims: np.ndarray, strategy: str, seed: int) -> np.ndarray:
+    """Each item's position in the global order (the strategy's key, then id, over all items given)."""
+    order = cluster_order(ids, sims, strategy, seed)
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order))
+    return rank
+
+
+def multiprobe_max_sim(
+    vectors: np.ndarray,
+    clusters: np.ndarray,
+    rank: np.ndarray,
+    queries: np.ndarray,
+    probes: np.ndarray,
+    block_size: int = 1024,
+    device: str | torch.device | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """M and duplicate_of (an index into the pool, -1 for none) for the query rows of a pool.
+
+    The pool (`vectors`, own `clusters`, global `rank`) must hold every member of every
+    probed cluster; `queries` are pool indices and `probes` their (n, P) probe clusters.
+    """
+    n = len(queries)
+    best = np.full(n, -np.inf, dtype=np.float32)
+    best_idx = np.full(n, -1, dtype=np.int64)
+    best_rank = np.full(n, np.iinfo(np.int64).max, dtype=np.int64)
+    if n == 0:
+        return np.zeros(0, dtype=np.float64), best_idx
+    # The pool sorted once by (cluster, global rank): each cluster's members are one contiguous slice.
+    perm = np.lexsort((rank, clusters))
+    sorted_clusters, sorted_rank = clusters[perm], rank[perm]
+    at = np.empty(len(perm), dtype=np.int64)
+    at[perm] = np.arange(len(perm))
+    with torch.inference_mode():
+        xs = torch.from_numpy(np.array(np.asarray(vectors)[perm], dtype=np.float32, order="C")).to(device or "cpu")
+        dev = xs.device
+        for c in np.unique(probes):
+            start, end = np.searchsorted(sorted_clusters, [c, c + 1])
+            rows = np.flatnonzero((probes == c).any(axis=1))
+            rows = rows[np.argsort(rank[queries[rows]], kind="stable")]
+            # How many members precede each query in the global order: `_max_over_earlier` counts those only.
+            pos = np.searchsorted(sorted_rank[start:end], rank[queries[rows]])
+            if end == start or not pos.any():
+                continue
+            val, arg, _ = _max_over_earlier(xs[torch.from_numpy(at[queries[rows]]).to(dev)],
+                                            torch.from_numpy(pos).to(dev), xs[start:end], int(block_size))
+            val, arg = val.cpu().numpy(), arg.cpu().numpy()
+            found = arg >= 0
+            cand = np.where(found, perm[start + np.maximum(arg, 0)], -1)
+            cand_rank = np.where(found, rank[np.maximum(cand, 0)], np.iinfo(np.int64).max)
+            # Across clusters, the larger cosine wins; on an exact tie the earlier item in the global order.
+            better = found & ((val > best[rows]) | ((val == best[rows]) & (cand_rank < best_rank[rows])))
+            r = rows[better]
+            best[r], best_idx[r], best_rank[r] = val[better], cand[better], cand_rank[better]
+    none = best_idx < 0
+    max_sim = np.where(none, 0.0, best.astype(np.float64))
+    return max_sim, best_idx
+
+
+def dense_multiprobe(vectors: np.ndarray, rank: np.ndarray, clusters: np.ndarray,
+                     probes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The same rule from the full n x n float64 matrix, for every item (test oracle)."""
+    x = np.asarray(vectors, dtype=np.float64)
+    sim = x @ x.T
+    allowed = (rank[None, :] < rank[:, None]) & (clusters[None, :, None] == probes[:, None, :]).any(axis=2)
+    masked = np.where(allowed, sim, -np.inf)
+    # argmax over candidates in global order, so the earliest wins ties
+    order = np.argsort(rank)
+    arg_sorted = np.argmax(masked[:, order], axis=1)
+    dup = order[arg_sorted]
+    m = masked[np.arange(len(x)), dup]
+    none = ~allowed.any(axis=1)
+    return np.where(none, 0.0, m), np.where(none, -1, dup)
+
+
+def multiprobe_bucket(table: pa.Table, read_clusters: Callable[[list[int]], pa.Table], centroids: np.ndarray,
+                      probes: int, strategy: str, seed: int, block_size: int = 1024,
+                      device: str | torch.device | None = None) -> tuple[pa.Table, list[int]]:
+    """The multi-probe rule for the items of one bucket (`table`, assignment rows sorted by cluster, id).
+
+    `read_clusters(ids)` returns the assignment rows of other clusters that the bucket's
+    items probe. The result has the layout of the single-cluster path: rows grouped by
+    cluster in cluster order, `rank` the position in the own cluster's order.
+    """
+    if table.num_rows == 0:
+        return SEMANTIC_DUPLICATES_SCHEMA.empty_table(), []
+    own = table.column("cluster").to_numpy().astype(np.int64)
+    bucket_x = _unit_rows(table)
+    probe = probe_clusters(bucket_x, centroids, own, probes)
+    extra = sorted(set(np.unique(probe).tolist()) - set(np.unique(own).tolist()))
+    others = read_clusters(extra) if extra else table.schema.empty_table()
+    pool = pa.concat_tables([table, others.select(table.column_names)]) if extra else table
+    ids = np.asarray(pool.column("id").to_pylist(), dtype=object)
+    clusters = pool.column("cluster").to_numpy().astype(np.int64)
+    sims = pool.column("sim_to_centroid").to_numpy()
+    vectors = np.concatenate([bucket_x, _unit_rows(others)]) if extra else bucket_x
+    rank = global_rank(ids, sims, strategy, seed)
+    queries = np.arange(table.num_rows)
+    max_sim, dup = multiprobe_max_sim(vectors, clusters, rank, queries, probe, block_size, device)
+    # Output rows: by cluster, then the cluster's own order (the global order restricted to it).
+    order = np.lexsort((rank[queries], own))
+    bounds = np.flatnonzero(np.diff(own[order])) + 1
+    starts = np.concatenate([[0], bounds])
+    ranks = np.arange(len(order)) - np.repeat(starts, np.diff(np.concatenate([starts, [len(order)]])))
+    result = pa.table({
+        "id": pa.array(ids[order].tolist(), type=pa.string()),
+        "shard": table.column("shard").take(pa.array(order)),
+        "cluster": pa.array(own[order].astype(np.int32)),
+        "rank": pa.array(ranks.astype(np.int64)),
+        "sim_to_centroid": pa.array(sims[order].astype(np.float64)),
+        "max_sim": pa.array(max_sim[order].astype(np.float64)),
+        "duplicate_of": pa.array([ids[i] if i >= 0 else None for i in dup[order]], type=pa.string()),
+    }, schema=SEMANTIC_DUPLICATES_SCHEMA)
+    sizes = np.diff(np.concatenate([starts, [len(order)]])).tolist()
+    return result, [int(s) for s in sizes]
+
+
+def _unit_rows(table: pa.Table) -> np.ndarray:
+    x = embedding_matrix(table.column("embedding"))
+    if stored_dtype(table.schema.field("embedding")) == "float16":
+        x = l2_normalize(x)  # float16 rounding moved norms: cosines need unit rows (as the single-cluster path)
+    return x
