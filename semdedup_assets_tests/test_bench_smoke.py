@@ -16,6 +16,7 @@ SCRIPTS = [
     ("bench/kmeans.py", "| **training**"),
     ("bench/text_embedding.py", "| (a) HFTextEncoder.encode |"),
     ("bench/end_to_end.py", "| `semdedup run --embedding-dtype float32` (whole graph"),
+    ("bench/assign_stage.py", "| **total today / alternative** |"),
 ]
 
 
