@@ -307,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.n, args.shards, args.clusters, args.buckets, args.repeats = 3000, 10, 20, 4, 1
     out = output_path(args, DEFAULT_OUT)
+    load_at_start = load_average()  # machine_lines() runs at the end, after the runs
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         root = Path(tmp)
@@ -352,7 +353,9 @@ def main(argv: list[str] | None = None) -> int:
         return "-" if g is None else str(g["stages"].get(k, "-"))
 
     lines = ["# End to end: `semdedup run` vs a reference-style script vs the core functions vs SemHash", "",
-             f"Command: `{command_line('bench/end_to_end.py', argv)}`", "", *machine_lines(),
+             f"Command: `{command_line('bench/end_to_end.py', argv)}`", "",
+             *[line.replace("at start:", "when the report was written:") for line in
+               machine_lines([f"- load average (1/5/15 min) when the benchmark started: {load_at_start}"])],
              "## Input", "",
              f"- N = {args.n:,} bring-your-own {args.d}-d unit embeddings in {args.shards} Parquet shards"
              f" (`id`, fixed-size-list `embedding`), around {2 * args.clusters:,} random centres;"
@@ -383,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["", f"Best of {args.repeats} interleaved run(s); every run (s): "
               + "; ".join(f"graph {d} " + ", ".join(f"{g['seconds']:.1f}" for g in rs) for d, rs in runs.items())
               + "; reference-style " + ", ".join(f"{c[0]['seconds']:.1f}" for c in refs)
-              + "; core " + ", ".join(f"{c[0]['seconds']:.1f}" for c in cores) + f". Load average at the end: {load_average()}.",
+              + "; core " + ", ".join(f"{c[0]['seconds']:.1f}" for c in cores) + ".",
               "", "Per-stage seconds (of the best run):", "",
               "| `semdedup run` stage (Dagster run time) | float32 storage | float16 storage |", "|---|---|---|",
               *[f"| {k} | {v} | {stage_cell(g16, k)} |" for k, v in graph["stages"].items()],
