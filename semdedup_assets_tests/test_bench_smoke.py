@@ -17,6 +17,7 @@ SCRIPTS = [
     ("bench/text_embedding.py", "| (a) HFTextEncoder.encode |"),
     ("bench/end_to_end.py", "| `semdedup run --embedding-dtype float32` (whole graph"),
     ("bench/recall.py", "| SemDeDup P = 2 (eps 0.1) |"),
+    ("bench/assign_stage.py", "| **total today / alternative** |"),
 ]
 
 

@@ -93,3 +93,19 @@ def test_sim_to_centroid_does_not_depend_on_batching() -> None:
     np.testing.assert_array_equal(np.concatenate([p[1] for p in parts]), whole_s)
     np.testing.assert_array_equal(whole_s[2500:], whole_s[:500])
     np.testing.assert_allclose(whole_s, (x * cents[whole_c]).sum(1), atol=1e-6)
+
+
+def test_sim_to_centroid_is_the_float64_dot_product_rounded_once() -> None:
+    """sim_to_centroid keeps its float64 semantics: keep-list order inside a cluster depends on it,
+    so a float32 accumulation (which moves most sims by an ulp) would change keep-lists on near-ties."""
+    import math
+
+    rng = np.random.default_rng(7)
+    cents = rng.standard_normal((11, 384)).astype(np.float32)
+    cents /= np.linalg.norm(cents, axis=1, keepdims=True)
+    x = rng.standard_normal((500, 384)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    clusters, sims = assign(x, cents, batch=128)
+    # float32 products are exact in float64; fsum adds them exactly: one rounding to float64, one to float32.
+    exact = np.array([math.fsum(p) for p in x.astype(np.float64) * cents[clusters].astype(np.float64)])
+    np.testing.assert_array_equal(sims, exact.astype(np.float32))
