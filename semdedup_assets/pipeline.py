@@ -156,8 +156,21 @@ class ForgetResult:
 
 
 def forget_shard(settings: Settings, instance: dg.DagsterInstance, shard: str, log=print) -> ForgetResult:
-    """Remove a shard's results and partition, then re-run the buckets it touched and the keep-lists."""
+    """Remove a shard's results and partition, then re-run the buckets it touched and the keep-lists.
+
+    An unsafe key (`..`, absolute, control characters) never becomes a path: when such a
+    key was registered as a partition (through the UI or GraphQL) only the partition is
+    deleted, and otherwise it is refused.
+    """
     storage = settings.storage_root()
+    try:
+        st.validate_shard_key(shard)
+    except st.UnsafeKeyError as err:
+        if shard not in instance.get_dynamic_partitions(SHARDS_PARTITIONS_NAME):
+            raise PipelineError(str(err)) from None
+        instance.delete_dynamic_partition(SHARDS_PARTITIONS_NAME, shard)
+        log(f"[semdedup] {err}; deleted its partition, touched no file")
+        return ForgetResult([], [])
     assignments = storage.shard_file(st.CLUSTER_ASSIGNMENTS, shard)
     buckets: set[str] = set()
     if assignments.exists() and storage.centroids_file.exists():

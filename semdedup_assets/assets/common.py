@@ -11,6 +11,8 @@ import warnings
 
 import dagster as dg
 
+from semdedup_assets.core.storage import validate_shard_key
+
 # backfill_policy is a beta parameter; users need not see the notice on every import.
 warnings.filterwarnings("ignore", category=dg.BetaWarning)
 
@@ -51,8 +53,8 @@ class ProgressLog:
 
 
 def run_partition_keys(context: dg.AssetExecutionContext) -> list[str]:
-    """The partition keys this run covers (one, or a range from a backfill), sorted."""
-    return sorted(context.partition_keys)
+    """The shard keys this run covers (one, or a range from a backfill), sorted; unsafe keys are refused."""
+    return sorted(validate_shard_key(k) for k in context.partition_keys)
 
 
 @contextmanager

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,6 +29,37 @@ SEMANTIC_DUPLICATES = "semantic_duplicates"
 KEEP_LISTS = "keep_lists"
 REJECTED = "rejected"  # undecodable images, per shard (id, shard, reason)
 STAGES = (RAW, REJECTED, EMBEDDINGS, CENTROIDS, CLUSTER_ASSIGNMENTS, SEMANTIC_DUPLICATES, KEEP_LISTS)
+
+# Characters a shard key may never hold: backslashes (a Windows separator) and controls.
+_FORBIDDEN_KEY_CHARS = re.compile(r"[\\\x00-\x1f\x7f]")
+
+
+class UnsafeKeyError(ValueError):
+    """A shard key that would leave its stage folder (or cannot be a file name)."""
+
+
+def validate_shard_key(key: str) -> str:
+    """Return `key` when it is a safe relative path inside a stage folder, else raise UnsafeKeyError.
+
+    Keys come from input listings (an object-store key may hold `..`), from partitions
+    added in the UI or over GraphQL, and from the command line, and every stage turns
+    them into paths below the storage root: so `..` or `.` segments, absolute paths,
+    empty segments (`a//b`, a trailing `/`), backslashes and control characters are refused.
+    """
+    if not isinstance(key, str) or not key:
+        raise UnsafeKeyError(f"unsafe shard key {key!r}: it is empty")
+    if key.startswith("/"):
+        raise UnsafeKeyError(f"unsafe shard key {key!r}: an absolute path")
+    bad = _FORBIDDEN_KEY_CHARS.search(key)
+    if bad:
+        raise UnsafeKeyError(f"unsafe shard key {key!r}: it holds the character {bad.group()!r}")
+    for part in key.split("/"):
+        if part == "..":
+            raise UnsafeKeyError(f"unsafe shard key {key!r}: a '..' segment would leave the stage folder")
+        if part in ("", "."):
+            raise UnsafeKeyError(f"unsafe shard key {key!r}: an empty or '.' path segment")
+    return key
+
 
 # Fixed writer options: byte-identical files for identical tables.
 _PARQUET_OPTIONS = {"write_statistics": True, "store_schema": True}
@@ -88,8 +120,8 @@ class Storage:
         return self.root / stage
 
     def shard_file(self, stage: str, shard: str, suffix: str = ".parquet") -> UPath:
-        """The file of one shard in a per-shard stage (shard keys may contain '/')."""
-        return self.stage_dir(stage) / f"{shard}{suffix}"
+        """The file of one shard in a per-shard stage (shard keys may contain '/'; unsafe keys are refused)."""
+        return self.stage_dir(stage) / f"{validate_shard_key(shard)}{suffix}"
 
     def bucket_file(self, bucket: str) -> UPath:
         """The result file of one cluster bucket."""
