@@ -14,12 +14,13 @@ from dataclasses import dataclass, field
 import dagster as dg
 
 from semdedup_assets.core import storage as st
-from semdedup_assets.core.assign import touched_buckets
+from semdedup_assets.core.assign import bucket_keys, touched_buckets
 from semdedup_assets.core.catalog import refresh_catalog
 from semdedup_assets.core.config import Settings, save_settings
 from semdedup_assets.core.shards import discover_shards
 from semdedup_assets.definitions import build_definitions
 from semdedup_assets.partitions import SHARDS_PARTITIONS_NAME
+from semdedup_assets.run_guard import RunGuard, process_tags
 
 RANGE_START = "dagster/asset_partition_range_start"
 RANGE_END = "dagster/asset_partition_range_end"
@@ -75,6 +76,11 @@ def instance_yaml(gpu_limit: int) -> str:
         "concurrency:\n  pools:\n"
         f"    # Steps in a pool with no explicit limit (our only pool is `gpu`): one per visible GPU.\n"
         f"    default_limit: {gpu_limit}\n"
+        "# Daemon-launched runs (the UI, sensors): fail runs stuck starting or canceling, and free the\n"
+        "# pool slots of runs that ended without releasing them. `semdedup run` and `forget` also\n"
+        "# mark their own killed runs failed when they start (see semdedup_assets/run_guard.py).\n"
+        "run_monitoring:\n  enabled: true\n  start_timeout_seconds: 180\n  cancel_timeout_seconds: 180\n"
+        "  poll_interval_seconds: 30\n  free_slots_after_run_end_seconds: 30\n"
     )
 
 
@@ -108,7 +114,16 @@ def failure_message(result: dg.ExecuteInProcessResult) -> str:
 
 
 def run_pipeline(settings: Settings, instance: dg.DagsterInstance, log=print) -> PipelineResult:
-    """Register every shard under settings.input and materialize the whole graph."""
+    """Register every shard under settings.input and materialize the whole graph.
+
+    Runs of killed processes are marked failed and their pool slots freed first, and
+    SIGTERM/SIGINT stop the run cleanly (see run_guard.RunGuard).
+    """
+    with RunGuard(instance, log):
+        return _run_pipeline(settings, instance, log)
+
+
+def _run_pipeline(settings: Settings, instance: dg.DagsterInstance, log=print) -> PipelineResult:
     if not settings.input:
         raise PipelineError("no input location given")
     save_settings(settings)
@@ -162,6 +177,11 @@ def forget_shard(settings: Settings, instance: dg.DagsterInstance, shard: str, l
     key was registered as a partition (through the UI or GraphQL) only the partition is
     deleted, and otherwise it is refused.
     """
+    with RunGuard(instance, log):
+        return _forget_shard(settings, instance, shard, log)
+
+
+def _forget_shard(settings: Settings, instance: dg.DagsterInstance, shard: str, log=print) -> ForgetResult:
     storage = settings.storage_root()
     try:
         st.validate_shard_key(shard)
@@ -175,7 +195,10 @@ def forget_shard(settings: Settings, instance: dg.DagsterInstance, shard: str, l
     buckets: set[str] = set()
     if assignments.exists() and storage.centroids_file.exists():
         k = st.parquet_num_rows(storage.centroids_file)
-        buckets = touched_buckets(st.read_table(assignments, columns=["cluster"]).column("cluster").to_numpy(), k, settings.buckets)
+        old = st.usable(assignments, lambda p: st.read_table(p, columns=["cluster"]), log)
+        # A damaged assignments file cannot say which buckets held the shard: re-run them all.
+        buckets = touched_buckets(old.column("cluster").to_numpy(), k, settings.buckets) if old is not None \
+            else set(bucket_keys(settings.buckets))
     removed = [str(p) for stage in (st.RAW, st.REJECTED, st.EMBEDDINGS, st.CLUSTER_ASSIGNMENTS)
                if st.remove(p := storage.shard_file(stage, shard))]
     known = shard in instance.get_dynamic_partitions(SHARDS_PARTITIONS_NAME)
@@ -201,8 +224,9 @@ def forget_shard(settings: Settings, instance: dg.DagsterInstance, shard: str, l
 
 def _execute(defs: dg.Definitions, instance: dg.DagsterInstance, job_name: str, tags: dict[str, str],
              partition_key: str | None = None) -> str:
+    # The pid and host let a later process tell that this run's process is gone (run_guard).
     run = defs.resolve_job_def(job_name).execute_in_process(
-        instance=instance, tags=tags, partition_key=partition_key, raise_on_error=False)
+        instance=instance, tags={**tags, **process_tags()}, partition_key=partition_key, raise_on_error=False)
     if not run.success:
         raise PipelineError(f"{job_name} failed (run {run.run_id}):\n{failure_message(run)}")
     return run.run_id

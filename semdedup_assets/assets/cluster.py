@@ -112,10 +112,10 @@ def cluster_assignments(context: dg.AssetExecutionContext, semdedup: SemDedupCon
     with timed() as t:
         for key in run_partition_keys(context):
             out = storage.shard_file(st.CLUSTER_ASSIGNMENTS, key)
-            if out.exists():  # a re-run: the buckets its items leave are touched too
-                old = st.read_table(out, columns=["cluster"]).column("cluster").to_numpy()
-                if len(old) and old.max() < k:
-                    buckets |= touched_buckets(old, k, semdedup.buckets)
+            # A re-run: the buckets its items leave are touched too (a damaged old file is just replaced).
+            old = st.usable(out, lambda p: st.read_table(p, columns=["cluster"]), context.log.warning)
+            if old is not None and old.num_rows and (old := old.column("cluster").to_numpy()).max() < k:
+                buckets |= touched_buckets(old, k, semdedup.buckets)
             emb = st.read_table(storage.shard_file(st.EMBEDDINGS, key))
             vectors = embedding_matrix(emb.column("embedding"))
             dtype = stored_dtype(emb.schema.field("embedding"))

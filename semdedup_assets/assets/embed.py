@@ -2,7 +2,7 @@
 
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import dagster as dg
@@ -105,12 +105,12 @@ def embedding_cache_key(raw_path: st.UPath, shard: ShardFile, semdedup: SemDedup
     return h.hexdigest()
 
 
-def cached_key(path: st.UPath) -> str | None:
-    """The cache key stored in an existing embeddings file, if any."""
-    if not path.exists():
+def cached_key(path: st.UPath, warn: Callable[[str], None] | None = None) -> str | None:
+    """The cache key stored in an existing embeddings file, if any (None when missing or damaged)."""
+    schema = st.usable(path, st.read_schema, warn)
+    if schema is None:
         return None
-    meta = st.read_schema(path).metadata or {}
-    return meta.get(CACHE_KEY, b"").decode() or None
+    return (schema.metadata or {}).get(CACHE_KEY, b"").decode() or None
 
 
 def embedding_problems(vectors: np.ndarray, expected_rows: int) -> list[str]:
@@ -155,10 +155,13 @@ def embeddings(context: dg.AssetExecutionContext, semdedup: SemDedupConfig) -> d
             if key not in files:
                 raise dg.Failure(f"shard {key!r} no longer exists under {semdedup.input}")
             cache_key = embedding_cache_key(raw_path, files[key], semdedup)
-            cached = cached_key(out_path) == cache_key
+            cached = cached_key(out_path, context.log.warning) == cache_key
             with timed() as te:
-                if cached:  # same raw index, input files and encoder settings: the file is already right
-                    vectors = embedding_matrix(st.read_table(out_path, columns=["embedding"]).column("embedding"))
+                # Same raw index, input files and encoder settings: the file is already right (unless damaged).
+                cached = cached and (table := st.usable(out_path, lambda p: st.read_table(p, columns=["embedding"]),
+                                                        context.log.warning)) is not None
+                if cached:
+                    vectors = embedding_matrix(table.column("embedding"))
                     n_rejected = st.parquet_num_rows(rejected_path) if rejected_path.exists() else 0
                     outcome = EmbedOutcome(rows=len(vectors), dim=int(vectors.shape[1]),
                                            problems=embedding_problems(vectors, len(vectors)))
