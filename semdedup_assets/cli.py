@@ -1,4 +1,4 @@
-"""The `semdedup` command line: run, demo, sql, forget."""
+"""The `semdedup` command line: run, demo, sql, forget, verify."""
 
 from __future__ import annotations
 
@@ -78,6 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
                             "were in and the keep-lists, so the catalog no longer shows it.")
     forget.add_argument("shard", help="shard key, e.g. part-03 or 2024/part-03")
     _add_storage(forget)
+
+    verify = sub.add_parser("verify", help="check that every stage file is whole and consistent; --repair deletes bad ones",
+                            description="Read every stage file back and check it against its upstream (row counts, ids, "
+                            "embedding cache keys, cluster ranges, keep-list counts). Exits 1 and lists each bad file; "
+                            "with --repair, deletes them (and leftover temporary files) so that the next "
+                            "`semdedup run` recomputes them.")
+    verify.add_argument("--repair", action="store_true", help="delete every damaged or inconsistent file")
+    _add_storage(verify)
     return parser
 
 
@@ -176,6 +184,46 @@ def cmd_forget(storage: str | None, shard: str) -> int:
     return 0
 
 
+def cmd_verify(storage: str | None, repair: bool) -> int:
+    """List damaged or inconsistent stage files; with repair, delete them."""
+    from semdedup_assets.core.verify import repair as delete, verify_storage
+
+    settings = load_settings(storage)
+    problems = verify_storage(settings.storage_root(), settings, _cache_keys(settings))
+    for problem in problems:
+        print(f"BAD {problem}")
+    if not problems:
+        print(f"every stage file under {settings.storage_root().root} is whole and consistent")
+        return 0
+    if not repair:
+        print(f"{len(problems)} bad file(s); `semdedup verify --repair` deletes them so the next run recomputes them",
+              file=sys.stderr)
+        return 1
+    removed = delete(problems)
+    print(f"deleted {len(removed)} file(s); `semdedup run` recomputes them")
+    return 0
+
+
+def _cache_keys(settings: Settings):
+    """The embeddings cache key each shard should carry now (None when the input is not reachable)."""
+    from semdedup_assets.assets.embed import embedding_cache_key
+    from semdedup_assets.core import storage as st
+    from semdedup_assets.core.shards import discover_shards
+    from semdedup_assets.resources import SemDedupConfig
+
+    try:
+        files = {s.key: s for s in discover_shards(settings.input)} if settings.input else {}
+    except (OSError, ValueError):
+        files = {}
+    config, raw = SemDedupConfig.from_settings(settings), settings.storage_root()
+
+    def key_of(shard: str) -> str | None:
+        path = raw.shard_file(st.RAW, shard)
+        return embedding_cache_key(path, files[shard], config) if shard in files and path.exists() else None
+
+    return key_of
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `semdedup` console script."""
     args = build_parser().parse_args(argv)
@@ -186,6 +234,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_demo(args.storage)
         if args.command == "sql":
             return cmd_sql(args.storage, args.query)
+        if args.command == "verify":
+            return cmd_verify(args.storage, args.repair)
         return cmd_forget(args.storage, args.shard)
     except ValueError as err:  # bad settings
         print(f"semdedup: error: {err}", file=sys.stderr)

@@ -21,7 +21,7 @@ from semdedup_assets.resources import SemDedupConfig
 # Encode in chunks so progress shows in the run log and memory stays bounded.
 ENCODE_CHUNK = 4096
 UNIT_NORM_TOLERANCE = 1e-3
-CACHE_KEY = b"semdedup.cache_key"
+CACHE_KEY = st.EMBEDDING_CACHE_KEY
 
 
 def renormalise(chunk: np.ndarray) -> tuple[np.ndarray, int]:

@@ -31,6 +31,8 @@ CLUSTER_ASSIGNMENTS = "cluster_assignments"
 SEMANTIC_DUPLICATES = "semantic_duplicates"
 KEEP_LISTS = "keep_lists"
 REJECTED = "rejected"  # undecodable images, per shard (id, shard, reason)
+# Schema metadata of an embeddings file: what it was computed from (raw bytes, input, encoder settings).
+EMBEDDING_CACHE_KEY = b"semdedup.cache_key"
 STAGES = (RAW, REJECTED, EMBEDDINGS, CENTROIDS, CLUSTER_ASSIGNMENTS, SEMANTIC_DUPLICATES, KEEP_LISTS)
 
 # Characters a shard key may never hold: backslashes (a Windows separator) and controls.
@@ -326,7 +328,8 @@ class StageFileError(OSError):
 
     def __init__(self, path: UPath, cause: BaseException) -> None:
         self.path = path
-        super().__init__(f"cannot read {path}: {type(cause).__name__}: {cause} (the file is damaged; "
+        self.reason = f"{type(cause).__name__}: {cause}"
+        super().__init__(f"cannot read {path}: {self.reason} (the file is damaged; "
                          "delete it, or run `semdedup verify --repair`, and the next run recomputes it)")
 
 
@@ -342,7 +345,7 @@ def reading(path: UPath) -> Iterator[None]:
     except (FileNotFoundError, StageFileError):
         raise
     except _READ_ERRORS as err:
-        raise StageFileError(path, err) from err
+        raise StageFileError(path, err) from None  # the message holds the cause; a chain would hide the path
 
 
 def read_table(path: UPath, columns: list[str] | None = None) -> pa.Table:
@@ -395,7 +398,7 @@ def usable(path: UPath, read: Callable[[UPath], T], warn: Callable[[str], None] 
         return read(path)
     except StageFileError as err:
         if warn is not None:
-            warn(f"{err.path} is damaged and is recomputed ({err.__cause__})")
+            warn(f"{err.path} is damaged and is recomputed ({err.reason})")
         return None
 
 
