@@ -224,7 +224,7 @@ def writing(path: UPath) -> Iterator[None]:
     except OSError as err:
         if str(path) in str(err):
             raise
-        raise OSError(err.errno, f"cannot write {path}: {err.strerror or err}") from err
+        raise OSError(err.errno, f"cannot write {path}: {err.strerror or err}") from None  # a chain would hide the path
 
 
 def atomic_write_bytes(data: bytes, path: UPath) -> None:
