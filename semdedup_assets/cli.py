@@ -129,7 +129,7 @@ def cmd_run(settings: Settings) -> int:
     instance = _instance(settings)
     start = time.perf_counter()
     try:
-        result = run_pipeline(settings, instance, log=lambda m: print(m, flush=True))
+        result = run_pipeline(settings, instance, log=lambda m: print(m, flush=True), stop_on_signals=True)
     except (PipelineError, ShardError, FileNotFoundError, ValueError) as err:
         print(f"semdedup: error: {err}", file=sys.stderr)
         return 1
@@ -175,7 +175,8 @@ def cmd_forget(storage: str | None, shard: str) -> int:
 
     settings = load_settings(storage)
     try:
-        result = forget_shard(settings, _instance(settings), shard, log=lambda m: print(m, flush=True))
+        result = forget_shard(settings, _instance(settings), shard, log=lambda m: print(m, flush=True),
+                              stop_on_signals=True)
     except PipelineError as err:
         print(f"semdedup: error: {err}", file=sys.stderr)
         return 1

@@ -113,13 +113,14 @@ def failure_message(result: dg.ExecuteInProcessResult) -> str:
     return "\n".join(dict.fromkeys(reasons)) or "the run failed"
 
 
-def run_pipeline(settings: Settings, instance: dg.DagsterInstance, log=print) -> PipelineResult:
+def run_pipeline(settings: Settings, instance: dg.DagsterInstance, log=print,
+                 stop_on_signals: bool = False) -> PipelineResult:
     """Register every shard under settings.input and materialize the whole graph.
 
-    Runs of killed processes are marked failed and their pool slots freed first, and
-    SIGTERM/SIGINT stop the run cleanly (see run_guard.RunGuard).
+    Runs of killed processes are marked failed and their pool slots freed first; with
+    `stop_on_signals` (the CLI), SIGTERM/SIGINT cancel the run and exit (see run_guard.RunGuard).
     """
-    with RunGuard(instance, log):
+    with RunGuard(instance, log, stop_on_signals=stop_on_signals):
         return _run_pipeline(settings, instance, log)
 
 
@@ -170,14 +171,15 @@ class ForgetResult:
     run_ids: list[str] = field(default_factory=list)
 
 
-def forget_shard(settings: Settings, instance: dg.DagsterInstance, shard: str, log=print) -> ForgetResult:
+def forget_shard(settings: Settings, instance: dg.DagsterInstance, shard: str, log=print,
+                 stop_on_signals: bool = False) -> ForgetResult:
     """Remove a shard's results and partition, then re-run the buckets it touched and the keep-lists.
 
     An unsafe key (`..`, absolute, control characters) never becomes a path: when such a
     key was registered as a partition (through the UI or GraphQL) only the partition is
     deleted, and otherwise it is refused.
     """
-    with RunGuard(instance, log):
+    with RunGuard(instance, log, stop_on_signals=stop_on_signals):
         return _forget_shard(settings, instance, shard, log)
 
 

@@ -142,8 +142,9 @@ class RunGuard:
     """
 
     def __init__(self, instance: dg.DagsterInstance, log: Callable[[str], None] = print,
-                 report_interval: float = WAIT_REPORT_INTERVAL_S) -> None:
+                 report_interval: float = WAIT_REPORT_INTERVAL_S, stop_on_signals: bool = False) -> None:
         self.instance = instance
+        self.stop_on_signals = stop_on_signals  # only a command owns its process: a library caller keeps its handlers
         self.log = log
         self.report_interval = report_interval
         self.tags = process_tags()
@@ -161,7 +162,7 @@ class RunGuard:
 
     def __enter__(self) -> "RunGuard":
         recover_stale_runs(self.instance, self.log)
-        if threading.current_thread() is threading.main_thread():
+        if self.stop_on_signals and threading.current_thread() is threading.main_thread():
             read_fd, write_fd = os.pipe()
             os.set_blocking(write_fd, False)
             self._pipe = (read_fd, write_fd)

@@ -431,3 +431,34 @@ def test_full_disk_patched_writer(tmp_path: Path, instance: dg.DagsterInstance, 
     monkeypatch.setattr(pq, "write_table", real)
     run_pipeline(settings, instance, log=lambda m: None)
     assert snapshot(Path(settings.storage)) == before
+
+
+def test_recover_stale_runs_marks_dead_runs_failed_and_frees_their_slots(instance: dg.DagsterInstance) -> None:
+    """In-process: a STARTED run of a dead pid holding a slot, a live one, and a foreign host's."""
+    from semdedup_assets import run_guard
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    runs = {}
+    for name, tags in {"dead": {**run_guard.process_tags(), run_guard.PID_TAG: str(dead.pid)},
+                       "alive": run_guard.process_tags(),
+                       "elsewhere": {**run_guard.process_tags(), run_guard.HOST_TAG: "another-host"}}.items():
+        runs[name] = instance.create_run_for_job(dg.GraphDefinition(name=f"g_{name}").to_job(), tags=tags,
+                                                 status=dg.DagsterRunStatus.STARTED)
+    storage = instance.event_log_storage
+    storage.set_concurrency_slots("gpu", 1)
+    assert storage.claim_concurrency_slot("gpu", runs["dead"].run_id, "semantic_duplicates").is_claimed
+    storage.claim_concurrency_slot("gpu", runs["alive"].run_id, "embeddings")  # waits
+
+    lines: list[str] = []
+    run_guard.report_waiting_steps(instance, {runs["alive"].run_id}, lines.append)
+    assert f"step embeddings of run {runs['alive'].run_id} waits for a slot of pool 'gpu'" in lines[0]
+    assert f"held by run {runs['dead'].run_id} (step semantic_duplicates, STARTED) for" in lines[0]
+
+    assert run_guard.recover_stale_runs(instance, lines.append) == [runs["dead"].run_id]
+    assert f"pid {dead.pid}" in lines[-1] and "is gone" in lines[-1]
+    status = {k: instance.get_run_by_id(r.run_id).status for k, r in runs.items()}
+    assert status == {"dead": dg.DagsterRunStatus.FAILURE, "alive": dg.DagsterRunStatus.STARTED,
+                      "elsewhere": dg.DagsterRunStatus.STARTED}
+    assert not [s for s in storage.get_concurrency_info("gpu").claimed_slots if s.run_id == runs["dead"].run_id]
+    assert storage.claim_concurrency_slot("gpu", runs["alive"].run_id, "embeddings").is_claimed
