@@ -130,6 +130,9 @@ def report_waiting_steps(instance: dg.DagsterInstance, run_ids: set[str], log: C
                     f"`dagster instance concurrency set {pool} N`")
             log(line)
             lines.append(line)
+            waiting_run = instance.get_run_by_id(step.run_id)
+            if waiting_run is not None:  # also in the run's own log (INFO), where the UI shows it
+                instance.report_engine_event(line.removeprefix("[semdedup] "), waiting_run, step_key=step.step_key)
     return lines
 
 

@@ -454,6 +454,8 @@ def test_recover_stale_runs_marks_dead_runs_failed_and_frees_their_slots(instanc
     run_guard.report_waiting_steps(instance, {runs["alive"].run_id}, lines.append)
     assert f"step embeddings of run {runs['alive'].run_id} waits for a slot of pool 'gpu'" in lines[0]
     assert f"held by run {runs['dead'].run_id} (step semantic_duplicates, STARTED) for" in lines[0]
+    [event] = [e for e in instance.all_logs(runs["alive"].run_id) if "waits for a slot" in e.message]
+    assert event.level == 20 and event.step_key == "embeddings"  # INFO, in the waiting run's own log
 
     assert run_guard.recover_stale_runs(instance, lines.append) == [runs["dead"].run_id]
     assert f"pid {dead.pid}" in lines[-1] and "is gone" in lines[-1]
