@@ -272,8 +272,12 @@ class AtomicParquetWriter:
         self._tmp = _tmp_sibling(path) if self._local else None
         self._buf = None if self._local else io.BytesIO()
         sink = str(self._tmp) if self._local else self._buf
-        with writing(path):
-            self._writer = pq.ParquetWriter(sink, schema, **parquet_options(schema))
+        try:
+            with writing(path):
+                self._writer = pq.ParquetWriter(sink, schema, **parquet_options(schema))
+        except BaseException:
+            _drop_tmp(self._tmp)
+            raise
         self.rows = 0
 
     def write(self, table: pa.Table) -> None:
