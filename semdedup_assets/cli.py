@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import sys
 import time
@@ -78,6 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="eps=E (one of the configured eps) or keep-fraction=F with 0 < F <= 1: keep the "
                         "ceil(F * items) items with the smallest max_sim, ties by id (default: the smallest eps)")
     _add_storage(export)
+
+    verify = sub.add_parser("verify", help="check that every stage file is whole and consistent; --repair deletes bad ones",
+                            description="Read every stage file back and check it against its upstream (row counts, ids, "
+                            "embedding cache keys, cluster ranges, keep-list counts). Exits 1 and lists each bad file; "
+                            "with --repair, deletes them (and leftover temporary files) so that the next "
+                            "`semdedup run` recomputes them.")
+    verify.add_argument("--repair", action="store_true", help="delete every damaged or inconsistent file")
+    _add_storage(verify)
     return parser
 
 
@@ -152,7 +161,11 @@ def _instance(settings: Settings):
     home = default_dagster_home(settings)
     os.environ["DAGSTER_HOME"] = os.path.abspath(home) if "://" not in home else home
     ensure_instance_config(os.environ["DAGSTER_HOME"])
-    return dg.DagsterInstance.get()
+    # Two commands starting on a fresh home would both create the SQLite schema ("table
+    # already exists"): the first one to hold the lock creates it, the other then opens it.
+    with open(os.path.join(os.environ["DAGSTER_HOME"], ".semdedup-instance.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return dg.DagsterInstance.get()
 
 
 def summary(settings: Settings) -> str:
@@ -185,7 +198,8 @@ def cmd_run(settings: Settings, verbose: bool = False) -> int:
     start = time.perf_counter()
     try:
         with _show_progress(settings):
-            result = run_pipeline(settings, instance, log=lambda m: print(m, flush=True), verbose=verbose)
+            result = run_pipeline(settings, instance, log=lambda m: print(m, flush=True), verbose=verbose,
+                                  stop_on_signals=True)
     except (PipelineError, ShardError, StoreError, FileNotFoundError, ValueError) as err:
         print(f"semdedup: error: {err}", file=sys.stderr)
         return 1
@@ -252,7 +266,7 @@ def cmd_forget(storage: str | None, shard: str, verbose: bool = False) -> int:
     try:
         with _show_progress(settings):
             result = forget_shard(settings, _instance(settings), shard, log=lambda m: print(m, flush=True),
-                                  verbose=verbose)
+                                  verbose=verbose, stop_on_signals=True)
     except PipelineError as err:
         print(f"semdedup: error: {err}", file=sys.stderr)
         return 1
@@ -289,6 +303,48 @@ def cmd_export(storage: str | None, select: str | None) -> int:
     return 0
 
 
+def cmd_verify(storage: str | None, repair: bool) -> int:
+    """List damaged or inconsistent stage files; with repair, delete them."""
+    from semdedup_assets.core.verify import repair as delete, verify_storage
+
+    settings = load_settings(storage)
+    if (missing := missing_storage(settings)) is not None:
+        print(f"semdedup: error: {missing}", file=sys.stderr)
+        return 1
+    problems = verify_storage(settings.storage_root(), settings, _cache_keys(settings))
+    for problem in problems:
+        print(f"BAD {problem}")
+    if not problems:
+        print(f"every stage file under {settings.storage_root().root} is whole and consistent")
+        return 0
+    if not repair:
+        print(f"{len(problems)} bad file(s); `semdedup verify --repair` deletes them so the next run recomputes them",
+              file=sys.stderr)
+        return 1
+    removed = delete(problems)
+    print(f"deleted {len(removed)} file(s); `semdedup run` recomputes them")
+    return 0
+
+
+def _cache_keys(settings: Settings):
+    """The embeddings cache key each shard should carry now (None when the input is not reachable)."""
+    from semdedup_assets.core import storage as st
+    from semdedup_assets.core.embed import embedding_cache_key
+    from semdedup_assets.core.shards import discover_shards
+
+    try:
+        files = {s.key: s for s in discover_shards(settings.input)} if settings.input else {}
+    except (OSError, ValueError):
+        files = {}
+    raw = settings.storage_root()
+
+    def key_of(shard: str) -> str | None:
+        path = raw.shard_file(st.RAW, shard)
+        return embedding_cache_key(path, files[shard], settings) if shard in files and path.exists() else None
+
+    return key_of
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `semdedup` console script."""
     from semdedup_assets.core.storage import StoreError
@@ -307,6 +363,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_status(args.storage, as_json=args.json)
         if args.command == "export":
             return cmd_export(args.storage, args.select)
+        if args.command == "verify":
+            return cmd_verify(args.storage, args.repair)
         return cmd_forget(args.storage, args.shard, args.verbose)
     except ValueError as err:  # bad settings
         print(f"semdedup: error: {err}", file=sys.stderr)

@@ -22,6 +22,7 @@ from semdedup_assets.core.layout import remove_shard_files
 from semdedup_assets.core.shards import SHARD_SUFFIXES, discover_shards
 from semdedup_assets.definitions import build_definitions
 from semdedup_assets.partitions import SHARDS_PARTITIONS_NAME
+from semdedup_assets.run_guard import RunGuard, process_tags
 
 RANGE_START = "dagster/asset_partition_range_start"
 RANGE_END = "dagster/asset_partition_range_end"
@@ -73,6 +74,11 @@ def instance_yaml(gpu_limit: int) -> str:
         "concurrency:\n  pools:\n"
         f"    # Steps in a pool with no explicit limit (our only pool is `gpu`): one per visible GPU.\n"
         f"    default_limit: {gpu_limit}\n"
+        "# Daemon-launched runs (the UI, sensors): fail runs stuck starting or canceling, and free the\n"
+        "# pool slots of runs that ended without releasing them. `semdedup run` and `forget` also\n"
+        "# mark their own killed runs failed when they start (see semdedup_assets/run_guard.py).\n"
+        "run_monitoring:\n  enabled: true\n  start_timeout_seconds: 180\n  cancel_timeout_seconds: 180\n"
+        "  poll_interval_seconds: 30\n  free_slots_after_run_end_seconds: 30\n"
     )
 
 
@@ -105,9 +111,19 @@ def failure_message(result: dg.ExecuteInProcessResult) -> str:
     return "\n".join(dict.fromkeys(reasons)) or "the run failed"
 
 
-def run_pipeline(settings: Settings, instance: dg.DagsterInstance, log=print, verbose: bool = False) -> PipelineResult:
-    """Register every shard under settings.input and materialize the whole graph (Dagster's console
-    log only with `verbose`)."""
+def run_pipeline(settings: Settings, instance: dg.DagsterInstance, log=print, verbose: bool = False,
+                 stop_on_signals: bool = False) -> PipelineResult:
+    """Register every shard under settings.input and materialize the whole graph.
+
+    Dagster's console log shows only with `verbose`. Runs of killed processes are marked
+    failed and their pool slots freed first; with `stop_on_signals` (the CLI), SIGTERM/SIGINT
+    cancel the run and exit (see run_guard.RunGuard).
+    """
+    with RunGuard(instance, log, stop_on_signals=stop_on_signals):
+        return _run_pipeline(settings, instance, log, verbose)
+
+
+def _run_pipeline(settings: Settings, instance: dg.DagsterInstance, log=print, verbose: bool = False) -> PipelineResult:
     if not settings.input:
         raise PipelineError("no input location given")
     # Before anything is written: a missing bucket or refused credentials are named, nothing published.
@@ -177,14 +193,36 @@ class ForgetResult:
 
 
 def forget_shard(settings: Settings, instance: dg.DagsterInstance, shard: str, log=print,
-                 verbose: bool = False) -> ForgetResult:
-    """Remove a shard's results and partition, then re-run the buckets it touched and the keep-lists."""
+                 verbose: bool = False, stop_on_signals: bool = False) -> ForgetResult:
+    """Remove a shard's results and partition, then re-run the buckets it touched and the keep-lists.
+
+    An unsafe key (`..`, absolute, control characters) never becomes a path: when such a
+    key was registered as a partition (through the UI or GraphQL) only the partition is
+    deleted, and otherwise it is refused.
+    """
+    with RunGuard(instance, log, stop_on_signals=stop_on_signals):
+        return _forget_shard(settings, instance, shard, log, verbose)
+
+
+def _forget_shard(settings: Settings, instance: dg.DagsterInstance, shard: str, log=print,
+                  verbose: bool = False) -> ForgetResult:
     storage = settings.storage_root()
+    try:
+        st.validate_shard_key(shard)
+    except st.UnsafeKeyError as err:
+        if shard not in instance.get_dynamic_partitions(SHARDS_PARTITIONS_NAME):
+            raise PipelineError(str(err)) from None
+        instance.delete_dynamic_partition(SHARDS_PARTITIONS_NAME, shard)
+        log(f"[semdedup] {err}; deleted its partition, touched no file")
+        return ForgetResult([], [])
     assignments = storage.shard_file(st.CLUSTER_ASSIGNMENTS, shard)
     buckets: set[str] = set()
     if assignments.exists() and storage.centroids_file.exists():
         k = st.parquet_num_rows(storage.centroids_file)
-        buckets = touched_buckets(st.read_table(assignments, columns=["cluster"]).column("cluster").to_numpy(), k, settings.buckets)
+        old = st.usable(assignments, lambda p: st.read_table(p, columns=["cluster"]), log)
+        # A damaged assignments file cannot say which buckets held the shard: re-run them all.
+        buckets = touched_buckets(old.column("cluster").to_numpy(), k, settings.buckets) if old is not None \
+            else set(bucket_keys(settings.buckets))
     removed = remove_shard_files(storage, shard)
     known = shard in instance.get_dynamic_partitions(SHARDS_PARTITIONS_NAME)
     if known:
@@ -222,9 +260,10 @@ def forget_shard(settings: Settings, instance: dg.DagsterInstance, shard: str, l
 
 def _execute(defs: dg.Definitions, instance: dg.DagsterInstance, job_name: str, tags: dict[str, str],
              partition_key: str | None = None, verbose: bool = False) -> str:
+    # The pid and host let a later process tell that this run's process is gone (run_guard).
     run = defs.resolve_job_def(job_name).execute_in_process(
-        run_config=console_run_config(verbose), instance=instance, tags=tags, partition_key=partition_key,
-        raise_on_error=False)
+        run_config=console_run_config(verbose), instance=instance, tags={**tags, **process_tags()},
+        partition_key=partition_key, raise_on_error=False)
     if not run.success:
         raise PipelineError(f"{job_name} failed (run {run.run_id}):\n{failure_message(run)}")
     return run.run_id

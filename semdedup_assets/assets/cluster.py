@@ -74,7 +74,7 @@ def build_cluster_assignments(settings: Settings) -> dg.AssetsDefinition:
         progress = ProgressLog(context.log, len(keys), settings.progress_interval, label="assign")
         with timed() as t:
             for key in keys:
-                r = assign_shard(config, key, cents, len(cents))
+                r = assign_shard(config, key, cents, len(cents), warn=context.log.warning)
                 problems += [f"shard {key!r}: {p}" for p in r.problems]
                 buckets.update(r.buckets_touched)
                 per_shard.append({"shard": key, "rows": r.rows, "clusters_touched": r.clusters_touched,

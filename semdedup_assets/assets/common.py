@@ -17,7 +17,7 @@ from semdedup_assets.core.embed import EmbedError
 from semdedup_assets.core.ingest import DuplicateIdsError
 from semdedup_assets.core.layout import prune_shard_stages
 from semdedup_assets.core.shards import ShardError
-from semdedup_assets.core.storage import Storage
+from semdedup_assets.core.storage import Storage, StageFileError, UnsafeKeyError, validate_shard_key
 from semdedup_assets.partitions import SHARDS_PARTITIONS_NAME
 
 # backfill_policy is a beta parameter; users need not see the notice on every import.
@@ -66,7 +66,7 @@ class ProgressLog:
 
 
 # The core's errors about the data: their messages name the shard, row or file.
-CORE_ERRORS = (ShardError, DuplicateIdsError, EmbedError, MissingCentroidsError)
+CORE_ERRORS = (ShardError, DuplicateIdsError, EmbedError, MissingCentroidsError, StageFileError, UnsafeKeyError)
 
 
 @contextmanager
@@ -80,8 +80,8 @@ def core_failures() -> Iterator[None]:
 
 
 def run_partition_keys(context: dg.AssetExecutionContext) -> list[str]:
-    """The partition keys this run covers (one, or a range from a backfill), sorted."""
-    return sorted(context.partition_keys)
+    """The shard keys this run covers (one, or a range from a backfill), sorted; unsafe keys are refused."""
+    return sorted(validate_shard_key(k) for k in context.partition_keys)
 
 
 @contextmanager

@@ -42,7 +42,7 @@ def build_embeddings(settings: Settings) -> dg.AssetsDefinition:
                 if key not in files:
                     raise dg.Failure(f"shard {key!r} no longer exists under {semdedup.input}")
                 with core_failures():
-                    r = embed_shard(config, key, files[key], log=context.log.debug)
+                    r = embed_shard(config, key, files[key], log=context.log.debug, warn=context.log.warning)
                 dim = r.dim
                 rejected_total += r.rejected
                 renormalised_total += r.renormalised

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import faiss
@@ -115,11 +115,13 @@ def assignment_problems(table: pa.Table, expected_rows: int, k: int) -> list[str
     return problems
 
 
-def assign_shard(settings: Settings, key: str, centroids: np.ndarray, k: int | None = None) -> AssignShardResult:
+def assign_shard(settings: Settings, key: str, centroids: np.ndarray, k: int | None = None,
+                 warn: Callable[[str], None] | None = None) -> AssignShardResult:
     """Assign one shard's embeddings to their nearest centroids; write `cluster_assignments/<key>.parquet`.
 
     Rows are sorted by (cluster, id) with one row group per bucket. `buckets_touched`
-    also holds the buckets the shard's items leave when an earlier assignment is replaced.
+    also holds the buckets the shard's items leave when an earlier assignment is replaced
+    (a damaged earlier file is just replaced, and `warn` names it).
     """
     k = len(centroids) if k is None else k
     if k != len(centroids):
@@ -128,10 +130,10 @@ def assign_shard(settings: Settings, key: str, centroids: np.ndarray, k: int | N
     storage = settings.storage_root()
     out = storage.shard_file(st.CLUSTER_ASSIGNMENTS, key)
     buckets: set[str] = set()
-    if out.exists():  # a re-run: the buckets its items leave are touched too
-        old = st.read_table(out, columns=["cluster"]).column("cluster").to_numpy()
-        if len(old) and old.max() < k:
-            buckets |= touched_buckets(old, k, settings.buckets)
+    # A re-run: the buckets its items leave are touched too.
+    old = st.usable(out, lambda p: st.read_table(p, columns=["cluster"]), warn)
+    if old is not None and old.num_rows and (old_clusters := old.column("cluster").to_numpy()).max() < k:
+        buckets |= touched_buckets(old_clusters, k, settings.buckets)
     emb = st.read_table(storage.shard_file(st.EMBEDDINGS, key))
     vectors = embedding_matrix(emb.column("embedding"))
     dtype = stored_dtype(emb.schema.field("embedding"))

@@ -20,7 +20,7 @@ from semdedup_assets.core.tables import embedding_array, embedding_matrix
 # Encode in chunks so progress shows in the run log and memory stays bounded.
 ENCODE_CHUNK = 4096
 UNIT_NORM_TOLERANCE = 1e-3
-CACHE_KEY = b"semdedup.cache_key"
+CACHE_KEY = st.EMBEDDING_CACHE_KEY
 
 
 class EmbedError(RuntimeError):
@@ -88,12 +88,12 @@ def embedding_cache_key(raw_path: st.UPath, shard: ShardFile, settings: Settings
     return h.hexdigest()
 
 
-def cached_key(path: st.UPath) -> str | None:
-    """The cache key stored in an existing embeddings file, if any."""
-    if not path.exists():
+def cached_key(path: st.UPath, warn: Callable[[str], None] | None = None) -> str | None:
+    """The cache key stored in an existing embeddings file, if any (None when missing or damaged)."""
+    schema = st.usable(path, st.read_schema, warn)
+    if schema is None:
         return None
-    meta = st.read_schema(path).metadata or {}
-    return meta.get(CACHE_KEY, b"").decode() or None
+    return (schema.metadata or {}).get(CACHE_KEY, b"").decode() or None
 
 
 def _write_chunks(path: st.UPath, ids: pa.Array, chunks: Iterator[np.ndarray], cache_key: str,
@@ -152,21 +152,26 @@ def _encode_and_write(settings: Settings, key: str, shard: ShardFile, raw: pa.Ta
 
 
 def embed_shard(settings: Settings, key: str, shard: ShardFile, *, encoder: Encoder | None = None,
-                log: Callable[[str], None] | None = None) -> EmbedShardResult:
+                log: Callable[[str], None] | None = None, warn: Callable[[str], None] | None = None
+                ) -> EmbedShardResult:
     """Embed one ingested shard into `embeddings/<key>.parquet` (and `rejected/<key>.parquet` for images).
 
     An existing file written for the same raw index, input files and encoder settings is
-    reused (and re-checked). `encoder` defaults to `encoder_for(settings)`; `log` receives
-    progress lines. Raises EmbedError on an undecodable image in strict mode.
+    reused (and re-checked); a damaged one is recomputed, and `warn` names it. `encoder`
+    defaults to `encoder_for(settings)`; `log` receives progress lines. Raises EmbedError
+    on an undecodable image in strict mode.
     """
     storage = settings.storage_root()
     raw_path, out = storage.shard_file(st.RAW, key), storage.shard_file(st.EMBEDDINGS, key)
     rejected_path = storage.shard_file(st.REJECTED, key)
     start = time.perf_counter()
     cache_key = embedding_cache_key(raw_path, shard, settings)
-    cached = cached_key(out) == cache_key
-    if cached:  # same raw index, input files and encoder settings: the file is already right
-        vectors = embedding_matrix(st.read_table(out, columns=["embedding"]).column("embedding"))
+    # Same raw index, input files and encoder settings: the file is already right (unless damaged).
+    table = st.usable(out, lambda p: st.read_table(p, columns=["embedding"]), warn) \
+        if cached_key(out, warn) == cache_key else None
+    cached = table is not None
+    if table is not None:
+        vectors = embedding_matrix(table.column("embedding"))
         n_rejected = st.parquet_num_rows(rejected_path) if rejected_path.exists() else 0
         written = _Written(rows=len(vectors), dim=int(vectors.shape[1]), renormalised=0,
                            problems=embedding_problems(vectors, len(vectors)))

@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from upath import UPath
 
-from semdedup_assets.core.storage import check_store, is_local, to_upath
+from semdedup_assets.core.storage import UnsafeKeyError, check_store, is_local, to_upath, validate_shard_key
 
 SHARD_SUFFIXES = (".jsonl.gz", ".parquet", ".jsonl", ".tar", ".npy")
 LAION_EMBEDDINGS = re.compile(r"^img_emb_(\d+)\.npy$")
@@ -90,12 +90,19 @@ def shard_suffix(name: str) -> str | None:
 
 
 def shard_key(path: UPath, root: UPath) -> str:
-    """The key of a shard file: its path relative to the input root, without extension."""
+    """The key of a shard file: its path relative to the input root, without extension.
+
+    An object-store listing may hold keys such as `a/../../x.parquet`: a key that would
+    leave a stage folder is refused here, before any stage turns it into a path.
+    """
     rel = str(path)[len(str(root).rstrip("/")) + 1 :]
     suffix = shard_suffix(rel)
     if suffix is None:
         raise ValueError(f"not a shard file: {path}")
-    return rel[: -len(suffix)]
+    try:
+        return validate_shard_key(rel[: -len(suffix)])
+    except UnsafeKeyError as err:
+        raise UnsafeKeyError(f"input file {path}: {err}") from None
 
 
 def discover_shards(location: str | UPath) -> list[ShardFile]:
@@ -106,7 +113,7 @@ def discover_shards(location: str | UPath) -> list[ShardFile]:
         suffix = shard_suffix(root.name)
         if suffix is None:
             raise ValueError(f"{root}: not a shard file (one of {', '.join(SHARD_SUFFIXES)})")
-        return [ShardFile(root.name[: -len(suffix)], root)]
+        return [ShardFile(validate_shard_key(root.name[: -len(suffix)]), root)]
     if not root.exists():
         raise FileNotFoundError(f"input location does not exist: {root}")
     paths = [p for p in root.rglob("*") if not p.name.startswith((".", "_")) and shard_suffix(p.name) and p.is_file()]

@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO
+from typing import IO, TypeVar
 from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from upath import UPath
+
+T = TypeVar("T")
 
 # Stage folders under the root; names follow the paper and the asset graph.
 RAW = "raw"
@@ -30,7 +33,40 @@ SEMANTIC_DUPLICATES = "semantic_duplicates"
 KEEP_LISTS = "keep_lists"
 REJECTED = "rejected"  # undecodable images, per shard (id, shard, reason)
 CONTAMINATED = "contaminated"  # items near a --reference (evaluation) set
+# Schema metadata of an embeddings file: what it was computed from (raw bytes, input, encoder settings).
+EMBEDDING_CACHE_KEY = b"semdedup.cache_key"
 STAGES = (RAW, REJECTED, EMBEDDINGS, CENTROIDS, CLUSTER_ASSIGNMENTS, SEMANTIC_DUPLICATES, KEEP_LISTS)
+
+# Characters a shard key may never hold: backslashes (a Windows separator) and controls.
+_FORBIDDEN_KEY_CHARS = re.compile(r"[\\\x00-\x1f\x7f]")
+
+
+class UnsafeKeyError(ValueError):
+    """A shard key that would leave its stage folder (or cannot be a file name)."""
+
+
+def validate_shard_key(key: str) -> str:
+    """Return `key` when it is a safe relative path inside a stage folder, else raise UnsafeKeyError.
+
+    Keys come from input listings (an object-store key may hold `..`), from partitions
+    added in the UI or over GraphQL, and from the command line, and every stage turns
+    them into paths below the storage root: so `..` or `.` segments, absolute paths,
+    empty segments (`a//b`, a trailing `/`), backslashes and control characters are refused.
+    """
+    if not isinstance(key, str) or not key:
+        raise UnsafeKeyError(f"unsafe shard key {key!r}: it is empty")
+    if key.startswith("/"):
+        raise UnsafeKeyError(f"unsafe shard key {key!r}: an absolute path")
+    bad = _FORBIDDEN_KEY_CHARS.search(key)
+    if bad:
+        raise UnsafeKeyError(f"unsafe shard key {key!r}: it holds the character {bad.group()!r}")
+    for part in key.split("/"):
+        if part == "..":
+            raise UnsafeKeyError(f"unsafe shard key {key!r}: a '..' segment would leave the stage folder")
+        if part in ("", "."):
+            raise UnsafeKeyError(f"unsafe shard key {key!r}: an empty or '.' path segment")
+    return key
+
 
 # Fixed writer options: byte-identical files for identical tables.
 _PARQUET_OPTIONS = {"write_statistics": True, "store_schema": True}
@@ -145,8 +181,8 @@ class Storage:
         return self.root / stage
 
     def shard_file(self, stage: str, shard: str, suffix: str = ".parquet") -> UPath:
-        """The file of one shard in a per-shard stage (shard keys may contain '/')."""
-        return self.stage_dir(stage) / f"{shard}{suffix}"
+        """The file of one shard in a per-shard stage (shard keys may contain '/'; unsafe keys are refused)."""
+        return self.stage_dir(stage) / f"{validate_shard_key(shard)}{suffix}"
 
     def bucket_file(self, bucket: str) -> UPath:
         """The result file of one cluster bucket."""
@@ -201,8 +237,55 @@ def format_eps(eps: float) -> str:
     return format(float(eps), ".10g")
 
 
+TMP_SUFFIX = ".tmp"
+# Local temporary files of this process not yet published or removed: a process stopped by a
+# signal deletes them before it exits (a SIGKILL leaves them; `semdedup verify --repair` removes them).
+_LIVE_TEMPS: set[str] = set()
+
+
 def _tmp_sibling(path: UPath) -> UPath:
-    return path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}{TMP_SUFFIX}")
+    if is_local(tmp):
+        _LIVE_TEMPS.add(str(tmp))
+    return tmp
+
+
+def _drop_tmp(tmp: UPath | None) -> None:
+    """Delete a temporary file if it is still there, and stop tracking it."""
+    if tmp is None:
+        return
+    _LIVE_TEMPS.discard(str(tmp))
+    if os.path.exists(str(tmp)):
+        os.unlink(str(tmp))
+
+
+def discard_temporary_files() -> list[str]:
+    """Delete every temporary file this process has not published (for a stop on a signal)."""
+    removed = []
+    for name in sorted(_LIVE_TEMPS):
+        try:
+            os.unlink(name)
+            removed.append(name)
+        except OSError:
+            pass
+    _LIVE_TEMPS.clear()
+    return removed
+
+
+def is_temporary(path: UPath) -> bool:
+    """True for an unpublished temporary file of an atomic write (left behind by a killed process)."""
+    return path.name.startswith(".") and path.name.endswith(TMP_SUFFIX)
+
+
+@contextmanager
+def writing(path: UPath) -> Iterator[None]:
+    """Name the file in a write error (a full disk says only 'No space left on device')."""
+    try:
+        yield
+    except OSError as err:
+        if str(path) in str(err):
+            raise
+        raise OSError(err.errno, f"cannot write {path}: {err.strerror or err}") from None  # a chain would hide the path
 
 
 @contextmanager
@@ -217,14 +300,13 @@ def atomic_open(path: UPath) -> Iterator[IO[bytes]]:
         return
     tmp = _tmp_sibling(path)
     try:
-        with open(str(tmp), "wb") as f:
+        with writing(path), open(str(tmp), "wb") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(str(tmp), str(path))
     finally:
-        if os.path.exists(str(tmp)):
-            os.unlink(str(tmp))
+        _drop_tmp(tmp)
 
 
 def atomic_write_bytes(data: bytes, path: UPath) -> None:
@@ -243,11 +325,11 @@ def atomic_write_table(table: pa.Table, path: UPath, row_group_size: int | None 
         return
     tmp = _tmp_sibling(path)
     try:
-        pq.write_table(table, str(tmp), row_group_size=row_group_size, **parquet_options(table.schema))
+        with writing(path):
+            pq.write_table(table, str(tmp), row_group_size=row_group_size, **parquet_options(table.schema))
         os.replace(str(tmp), str(path))
     finally:
-        if os.path.exists(str(tmp)):
-            os.unlink(str(tmp))
+        _drop_tmp(tmp)
 
 
 class AtomicParquetWriter:
@@ -260,30 +342,41 @@ class AtomicParquetWriter:
         self._tmp = _tmp_sibling(path) if self._local else None
         self._buf = None if self._local else io.BytesIO()
         sink = str(self._tmp) if self._local else self._buf
-        self._writer = pq.ParquetWriter(sink, schema, **parquet_options(schema))
+        try:
+            with writing(path):
+                self._writer = pq.ParquetWriter(sink, schema, **parquet_options(schema))
+        except BaseException:
+            _drop_tmp(self._tmp)
+            raise
         self.rows = 0
 
     def write(self, table: pa.Table) -> None:
         """Append a table (one or more row groups)."""
         if table.num_rows:
-            self._writer.write_table(table)
+            with writing(self.path):
+                self._writer.write_table(table)
             self.rows += table.num_rows
 
     def commit(self) -> None:
         """Close and publish the file."""
-        self._writer.close()
-        if self._local:
-            os.replace(str(self._tmp), str(self.path))
-        else:
-            atomic_write_bytes(self._buf.getvalue(), self.path)
+        try:
+            with writing(self.path):
+                self._writer.close()
+            if self._local:
+                os.replace(str(self._tmp), str(self.path))
+            else:
+                atomic_write_bytes(self._buf.getvalue(), self.path)
+        finally:
+            _drop_tmp(self._tmp)
 
     def abort(self) -> None:
         """Close and drop the unfinished file."""
         try:
             self._writer.close()
+        except OSError:
+            pass  # a full disk fails the close too; the file is dropped either way
         finally:
-            if self._local and self._tmp is not None and os.path.exists(str(self._tmp)):
-                os.unlink(str(self._tmp))
+            _drop_tmp(self._tmp)
 
 
 @contextmanager
@@ -295,41 +388,92 @@ def publish_together(writers: list[AtomicParquetWriter]) -> Iterator[list[Atomic
         for w in writers:
             w.abort()
         raise
-    for w in writers:
-        w.commit()
+    for i, w in enumerate(writers):
+        try:
+            w.commit()
+        except BaseException:
+            for rest in writers[i + 1 :]:
+                rest.abort()
+            raise
+
+
+class StageFileError(OSError):
+    """A stage file that exists but cannot be read (truncated, corrupt): the message names it."""
+
+    def __init__(self, path: UPath, cause: BaseException) -> None:
+        self.path = path
+        self.reason = f"{type(cause).__name__}: {cause}"
+        super().__init__(f"cannot read {path}: {self.reason} (the file is damaged; "
+                         "delete it, or run `semdedup verify --repair`, and the next run recomputes it)")
+
+
+# What a damaged Parquet file raises: ArrowInvalid (bad footer), OSError, EOF, ValueError.
+_READ_ERRORS = (pa.ArrowException, OSError, EOFError, ValueError)
+
+
+@contextmanager
+def reading(path: UPath) -> Iterator[None]:
+    """Turn any error from reading `path` into a StageFileError naming it (a missing file stays FileNotFoundError)."""
+    try:
+        yield
+    except (FileNotFoundError, StageFileError):
+        raise
+    except _READ_ERRORS as err:
+        raise StageFileError(path, err) from None  # the message holds the cause; a chain would hide the path
 
 
 def read_table(path: UPath, columns: list[str] | None = None) -> pa.Table:
-    """Read a Parquet file from the storage root."""
-    if is_local(path):
-        return pq.read_table(str(path), columns=columns)
-    with path.open("rb") as f:
-        return pq.read_table(f, columns=columns)
+    """Read a Parquet file from the storage root (StageFileError, naming it, when it is damaged)."""
+    with reading(path):
+        if is_local(path):
+            return pq.read_table(str(path), columns=columns)
+        with path.open("rb") as f:
+            return pq.read_table(f, columns=columns)
 
 
 def read_schema(path: UPath) -> pa.Schema:
     """A Parquet file's schema (with its key-value metadata), from the footer."""
-    if is_local(path):
-        return pq.read_schema(str(path))
-    with path.open("rb") as f:
-        return pq.read_schema(f)
+    with reading(path):
+        if is_local(path):
+            return pq.read_schema(str(path))
+        with path.open("rb") as f:
+            return pq.read_schema(f)
 
 
 def parquet_num_rows(path: UPath) -> int:
     """The row count from a Parquet footer, without reading the data."""
-    if is_local(path):
-        return pq.ParquetFile(str(path)).metadata.num_rows
-    with path.open("rb") as f:
-        return pq.ParquetFile(f).metadata.num_rows
+    with reading(path):
+        if is_local(path):
+            return pq.ParquetFile(str(path)).metadata.num_rows
+        with path.open("rb") as f:
+            return pq.ParquetFile(f).metadata.num_rows
 
 
 def iter_batches(path: UPath, columns: list[str] | None = None, batch_size: int = 65536) -> Iterator[pa.RecordBatch]:
     """Stream a Parquet file in record batches."""
-    if is_local(path):
-        yield from pq.ParquetFile(str(path)).iter_batches(batch_size=batch_size, columns=columns)
-        return
-    with path.open("rb") as f:
-        yield from pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=columns)
+    with reading(path):
+        if is_local(path):
+            yield from pq.ParquetFile(str(path)).iter_batches(batch_size=batch_size, columns=columns)
+            return
+        with path.open("rb") as f:
+            yield from pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=columns)
+
+
+def usable(path: UPath, read: Callable[[UPath], T], warn: Callable[[str], None] | None = None) -> T | None:
+    """`read(path)` for a file that may be reused, or None when it is missing or damaged.
+
+    A damaged file is treated as missing, so that it is recomputed; `warn` is told which
+    file and why. Every reuse path (embedding cache, buckets, centroids, keep-lists, an
+    old assignment file) goes through here, so a bad disk or a crashed copy never blocks a re-run.
+    """
+    if not path.exists():
+        return None
+    try:
+        return read(path)
+    except StageFileError as err:
+        if warn is not None:
+            warn(f"{err.path} is damaged and is recomputed ({err.reason})")
+        return None
 
 
 def remove(path: UPath) -> bool:

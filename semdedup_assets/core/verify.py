@@ -1,0 +1,208 @@
+"""`semdedup verify`: is every stage file whole and consistent with its upstream?
+
+Checks, stage by stage: every file reads back completely (not just its footer);
+embeddings have one row per raw row (minus rejected images), the same ids in the same
+order and, where the caller can compute it, the cache key of their current input and
+settings; assignments hold exactly the embeddings' ids with clusters in [0, k); each
+bucket holds exactly the assigned items of its cluster range; each keep-list and the eps
+curve agree with the buckets. Temporary files left by a killed writer are reported too.
+A missing file is not a problem (it is simply not computed yet), and a file whose
+upstream is missing or bad is not judged (the next run recomputes both). `repair` deletes every
+file found wrong, so that the next `semdedup run` recomputes it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from semdedup_assets.core import storage as st
+from semdedup_assets.core.assign import bucket_cluster_range, bucket_keys
+from semdedup_assets.core.config import Settings
+from semdedup_assets.core.keep import keep_mask
+
+
+
+def _sorted(ids: pa.ChunkedArray) -> pa.Array:
+    ids = ids.combine_chunks()
+    return ids.take(pc.sort_indices(ids))
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One file that is wrong, and why."""
+
+    path: st.UPath
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+
+def _read_whole(path: st.UPath, columns: list[str] | None = None) -> pa.Table:
+    """Every row group of a file (a footer can be intact over damaged data)."""
+    schema = st.read_schema(path)
+    batches = list(st.iter_batches(path, columns=columns))
+    if columns is not None:
+        schema = pa.schema([schema.field(c) for c in columns])
+    return pa.Table.from_batches(batches, schema=schema.remove_metadata()) if batches else schema.empty_table()
+
+
+class _Checker:
+    def __init__(self, storage: st.Storage, settings: Settings,
+                 expected_cache_key: Callable[[str], str | None] | None) -> None:
+        self.storage, self.settings, self.expected_cache_key = storage, settings, expected_cache_key
+        self.problems: list[Problem] = []
+
+    def bad(self, path: st.UPath, reason: str) -> None:
+        self.problems.append(Problem(path, reason))
+
+    def read(self, path: st.UPath, columns: list[str] | None = None) -> pa.Table | None:
+        """The file's table, or None (recorded as a problem) when it is damaged."""
+        try:
+            return _read_whole(path, columns)
+        except st.StageFileError as err:
+            self.bad(path, f"damaged: {err.reason}")
+        except KeyError as err:
+            self.bad(path, f"missing column {err}")
+        return None
+
+    def per_shard(self, stage: str) -> dict[str, st.UPath]:
+        return {self.storage.shard_of(stage, p): p for p in self.storage.stage_files(stage)}
+
+    def temporaries(self) -> None:
+        for stage in st.STAGES:
+            folder = self.storage.stage_dir(stage)
+            if folder.exists():
+                for p in sorted(folder.rglob(f".*{st.TMP_SUFFIX}"), key=str):
+                    self.bad(p, "temporary file of an interrupted write")
+
+    def run(self) -> list[Problem]:
+        self.temporaries()
+        raw = self.per_shard(st.RAW)
+        rejected = self.per_shard(st.REJECTED)
+        raw_ids = {k: t.column("id") for k, p in raw.items() if (t := self.read(p, ["id"])) is not None}
+        rejected_ids = {k: set(t.column("id").to_pylist()) for k, p in rejected.items()
+                        if (t := self.read(p, ["id"])) is not None}
+        emb_ids = self.embeddings(raw_ids, rejected_ids)
+        k = self.centroids()
+        self.buckets(self.assignments(emb_ids, k), k)
+        return self.problems
+
+    def embeddings(self, raw_ids: dict[str, pa.ChunkedArray], rejected_ids: dict[str, set[str]]) -> dict[str, pa.ChunkedArray]:
+        out = {}
+        for key, path in self.per_shard(st.EMBEDDINGS).items():
+            table = self.read(path)
+            if table is None:
+                continue
+            if key not in raw_ids:  # raw missing or damaged: the next run rewrites it, then checks the cache
+                continue
+            skip = rejected_ids.get(key, set())
+            expected = raw_ids[key].filter(pc.invert(pc.is_in(raw_ids[key], pa.array(sorted(skip), pa.string())))) \
+                if skip else raw_ids[key]
+            if table.num_rows != len(expected):
+                self.bad(path, f"{table.num_rows} rows, but its raw file has {len(expected)} (minus rejected)")
+            elif not table.column("id").equals(expected):
+                self.bad(path, "ids differ from its raw file's")
+            elif not (cache_key := (st.read_schema(path).metadata or {}).get(st.EMBEDDING_CACHE_KEY, b"").decode()):
+                self.bad(path, "no cache key: not written by the embeddings stage")
+            elif self.expected_cache_key is not None and (want := self.expected_cache_key(key)) is not None \
+                    and want != cache_key:
+                self.bad(path, "stale: made from another raw file, input file or encoder settings")
+            else:
+                out[key] = table.column("id")
+        return out
+
+    def centroids(self) -> int | None:
+        path = self.storage.centroids_file
+        if not path.exists():
+            return None
+        table = self.read(path)
+        if table is None:
+            return None
+        if table.num_rows == 0 or table.column("cluster").to_pylist() != list(range(table.num_rows)):
+            self.bad(path, "clusters are not 0..k-1")
+            return None
+        return table.num_rows
+
+    def assignments(self, emb_ids: dict[str, pa.ChunkedArray], k: int | None) -> dict[str, np.ndarray] | None:
+        """Every assignment file's cluster column (None when one is unreadable: buckets cannot be judged)."""
+        out: dict[str, np.ndarray] | None = {}
+        for key, path in self.per_shard(st.CLUSTER_ASSIGNMENTS).items():
+            table = self.read(path, ["id", "cluster"])
+            if table is None:
+                out = None
+                continue
+            clusters = table.column("cluster").to_numpy()
+            if out is not None:
+                out[key] = clusters
+            if key not in emb_ids:  # upstream missing or bad: the next run recomputes both
+                continue
+            if table.num_rows != len(emb_ids[key]):
+                self.bad(path, f"{table.num_rows} rows, but its embeddings have {len(emb_ids[key])}")
+            elif not _sorted(table.column("id")).equals(_sorted(emb_ids[key])):
+                self.bad(path, "ids differ from its embeddings'")
+            elif k is not None and len(clusters) and (clusters.min() < 0 or clusters.max() >= k):
+                self.bad(path, f"a cluster outside [0, {k}): the centroids changed since")
+        return out
+
+    def buckets(self, assigned: dict[str, np.ndarray] | None, k: int | None) -> None:
+        """Each bucket against the assignments; the keep-lists against the buckets when all are whole."""
+        judge = k is not None and assigned is not None
+        sizes = np.bincount(np.concatenate(list(assigned.values())), minlength=k) if judge and assigned else None
+        max_sims, whole = [], judge and bool(assigned)
+        for bucket in bucket_keys(self.settings.buckets):
+            path = self.storage.bucket_file(bucket)
+            table = self.read(path, ["id", "cluster", "max_sim"]) if path.exists() else None
+            if table is None or not judge:
+                whole = False
+                continue
+            first, end = bucket_cluster_range(int(bucket), k, self.settings.buckets)
+            clusters = table.column("cluster").to_numpy()
+            expected = int(sizes[first:end].sum()) if sizes is not None else 0
+            if len(clusters) and (clusters.min() < first or clusters.max() >= end):
+                self.bad(path, f"clusters outside the bucket's range [{first}, {end})")
+            elif pc.count_distinct(table.column("id")).as_py() != table.num_rows:
+                self.bad(path, "an id appears twice")
+            elif sizes is not None and table.num_rows != expected:
+                self.bad(path, f"{table.num_rows} rows, but the assignments put {expected} items in clusters [{first}, {end})")
+            else:
+                max_sims.append(table.column("max_sim").to_numpy())
+                continue
+            whole = False
+        # The keep-lists can be checked against the buckets only when every bucket is whole.
+        self.keep_lists(np.concatenate(max_sims) if whole else None)
+
+    def keep_lists(self, max_sim: np.ndarray | None) -> None:
+        for eps in self.settings.eps:
+            path = self.storage.keep_list_file(eps)
+            if path.exists() and (table := self.read(path, ["id"])) is not None and max_sim is not None:
+                want = int(keep_mask(max_sim, eps).sum())
+                if table.num_rows != want:
+                    self.bad(path, f"{table.num_rows} ids, but the buckets keep {want} at eps={st.format_eps(eps)}")
+        path = self.storage.eps_curve_file
+        if path.exists() and (table := self.read(path)) is not None and max_sim is not None:
+            for row in table.to_pylist():
+                want = int(keep_mask(max_sim, row["eps"]).sum())
+                if row["kept"] != want or row["kept"] + row["removed"] != len(max_sim):
+                    self.bad(path, f"eps={st.format_eps(row['eps'])}: kept {row['kept']}, but the buckets keep {want}")
+                    break
+
+
+def verify_storage(storage: st.Storage, settings: Settings,
+                   expected_cache_key: Callable[[str], str | None] | None = None) -> list[Problem]:
+    """Every stage file that is damaged or inconsistent with its upstream (empty when all is well).
+
+    `expected_cache_key(shard)`, if given, is the cache key that shard's embeddings file
+    should carry for the current input and settings (None when it cannot be computed).
+    """
+    return _Checker(storage, settings, expected_cache_key).run()
+
+
+def repair(problems: list[Problem]) -> list[st.UPath]:
+    """Delete every file named in `problems`; the next run recomputes them."""
+    return [p.path for p in problems if st.remove(p.path)]
