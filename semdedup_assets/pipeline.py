@@ -17,6 +17,7 @@ from semdedup_assets.core import storage as st
 from semdedup_assets.core.assign import touched_buckets
 from semdedup_assets.core.catalog import refresh_catalog
 from semdedup_assets.core.config import Settings, save_settings
+from semdedup_assets.core.engines import EngineError, ray_session
 from semdedup_assets.core.shards import discover_shards
 from semdedup_assets.definitions import build_definitions
 from semdedup_assets.partitions import SHARDS_PARTITIONS_NAME
@@ -98,7 +99,19 @@ def failure_message(result: dg.ExecuteInProcessResult) -> str:
 
 
 def run_pipeline(settings: Settings, instance: dg.DagsterInstance, log=print) -> PipelineResult:
-    """Register every shard under settings.input and materialize the whole graph."""
+    """Register every shard under settings.input and materialize the whole graph.
+
+    With engine=ray, one Ray connection (or local instance) serves every stage; an
+    unreachable `ray_address` fails here, before anything is written.
+    """
+    try:
+        with ray_session(settings):
+            return _run_graph(settings, instance, log)
+    except EngineError as err:
+        raise PipelineError(str(err)) from None
+
+
+def _run_graph(settings: Settings, instance: dg.DagsterInstance, log=print) -> PipelineResult:
     if not settings.input:
         raise PipelineError("no input location given")
     save_settings(settings)
