@@ -31,11 +31,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-try:
-    from semdedup_assets.core.encoders.clip import OpenClipImageEncoder, save_tiny_clip
-except ImportError:  # running from a checkout without the package installed
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from semdedup_assets.core.encoders.clip import OpenClipImageEncoder, save_tiny_clip
+# The checkout's root: the package (when not installed) and the tests' tiny model fixture.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from semdedup_assets.core.encoders.clip import OpenClipImageEncoder  # noqa: E402
+from semdedup_assets_tests.fixtures import save_tiny_clip  # noqa: E402
 
 import open_clip
 

@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import add_output_options, output_path, command_line, emit, machine_lines, verdict  # noqa: E402
 
-from semdedup_assets.core.demo_data import collect_demo_texts  # noqa: E402
+from semdedup_assets.demo_data import collect_demo_texts  # noqa: E402
 from semdedup_assets.core.encoders.text import HFTextEncoder, resolve_text_model  # noqa: E402
 
 DEFAULT_OUT = "bench/results/text_embedding.md"

@@ -165,7 +165,7 @@ def cmd_run(settings: Settings) -> int:
 
 def cmd_demo(storage: str) -> int:
     """Write the demo shards and run the graph on them."""
-    from semdedup_assets.core.demo_data import write_demo_shards
+    from semdedup_assets.demo_data import write_demo_shards
 
     storage = os.path.abspath(storage)
     input_dir = os.path.join(os.path.dirname(storage.rstrip("/")), "input")

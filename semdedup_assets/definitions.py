@@ -20,7 +20,7 @@ from semdedup_assets.sensors import build_automation_sensor, build_bucket_sensor
 def build_definitions(settings: Settings) -> dg.Definitions:
     """Assets, checks, jobs, sensor, schedule and resources for one set of settings."""
     return dg.Definitions(
-        assets=build_assets(settings.buckets),
+        assets=build_assets(settings),
         asset_checks=ASSET_CHECKS,
         jobs=ALL_JOBS,
         sensors=[build_shard_sensor(settings), build_bucket_sensor(settings), build_automation_sensor(settings)],

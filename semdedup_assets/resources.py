@@ -7,14 +7,13 @@ defaults), so every knob is defined once; the launchpad shows them all and
 
 from __future__ import annotations
 
-import functools
 import typing
 from typing import Any, Literal
 
 import dagster as dg
 
 from semdedup_assets.core.config import Settings, default_of, field_types, knobs
-from semdedup_assets.core.encoders import Encoder, create_encoder
+from semdedup_assets.core.encoders import Encoder, encoder_for
 from semdedup_assets.core.storage import Storage
 
 
@@ -62,8 +61,7 @@ class _SemDedupConfigBase(dg.ConfigurableResource):
 
     def encoder(self) -> Encoder:
         """The encoder for the configured modality, loaded once per process."""
-        return _cached_encoder(self.modality, self.model, self.pretrained, self.pooling, self.max_length,
-                               self.batch_size, self.num_workers, self.device)
+        return encoder_for(self.settings())
 
 
 # Every knob of the pipeline (see the README's configuration table), generated from Settings.
@@ -72,19 +70,3 @@ SemDedupConfig = type("SemDedupConfig", (_SemDedupConfigBase,),
                        **_resource_fields()})
 
 __all__ = ["SemDedupConfig"]
-
-# Text through CLIP's text tower: --model open_clip:ARCH (or open_clip:local-dir:PATH).
-OPEN_CLIP_PREFIX = "open_clip:"
-
-
-@functools.lru_cache(maxsize=4)
-def _cached_encoder(modality: str, model: str | None, pretrained: str | None, pooling: str, max_length: int,
-                    batch_size: int, num_workers: int, device: str) -> Encoder:
-    options: dict[str, object] = {"device": device, "batch_size": batch_size}
-    if modality == "text" and model and model.startswith(OPEN_CLIP_PREFIX):
-        return create_encoder("clip_text", model[len(OPEN_CLIP_PREFIX):], pretrained=pretrained, **options)
-    if modality == "text":
-        options.update(pooling=pooling, max_length=max_length)
-    elif modality == "image":
-        options.update(pretrained=pretrained, num_workers=num_workers)
-    return create_encoder(modality, model, **options)

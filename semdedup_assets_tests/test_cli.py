@@ -24,6 +24,21 @@ def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
+def parse_table(text: str, header_starts: str | None = None) -> tuple[list[str], list[list[str]]]:
+    """A table printed by format_table (the first one, or the one whose header starts so): columns and cells."""
+    lines = text.splitlines()
+    at = 0 if header_starts is None else next(i for i, line in enumerate(lines) if line.startswith(header_starts))
+    columns = [c.strip() for c in lines[at].split(" | ")]
+    assert set(lines[at + 1]) <= {"-", "+"}, lines[at + 1]  # the separator line
+    rows = []
+    for line in lines[at + 2:]:
+        cells = [c.strip() for c in line.split(" | ")]
+        if len(cells) != len(columns):
+            break
+        rows.append(cells)
+    return columns, rows
+
+
 @pytest.mark.slow
 def test_run_end_to_end_then_query_every_view(tmp_path: Path) -> None:
     write_text_shards(tmp_path / "input", n_shards=2)
@@ -32,33 +47,39 @@ def test_run_end_to_end_then_query_every_view(tmp_path: Path) -> None:
     proc = _cli("run", "--input", str(tmp_path / "input"), "--storage", str(storage), "--clusters", "3",
                 "--eps", "0.01,0.05,0.1", "--buckets", "2", env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "items: 21" in proc.stdout and "clusters: 3" in proc.stdout
-    assert "eps" in proc.stdout and "kept" in proc.stdout
+    lines = proc.stdout.splitlines()
+    assert "items: 21" in lines and "clusters: 3" in lines
+    # The printed eps table: one row per eps, kept + removed = items, the fraction rounded to 4 places.
+    columns, printed = parse_table(proc.stdout, header_starts="eps ")
+    assert columns == ["eps", "kept", "removed", "kept_fraction"]
+    assert [float(r[0]) for r in printed] == [0.01, 0.05, 0.1]
+    kept_printed = {float(r[0]): int(r[1]) for r in printed}
+    for eps, kept, removed, fraction in printed:
+        assert int(kept) + int(removed) == 21 and float(fraction) == round(int(kept) / 21, 4)
+    assert kept_printed[0.01] >= kept_printed[0.05] >= kept_printed[0.1]
     # Runs were recorded in the default DAGSTER_HOME inside the storage.
     assert (storage / "dagster_home").is_dir()
 
-    def sql(q: str) -> str:
+    def sql(q: str) -> list[list[str]]:
         out = _cli("sql", q, "--storage", str(storage), env=env)
         assert out.returncode == 0, out.stdout + out.stderr
-        return out.stdout
+        return parse_table(out.stdout)[1]
 
-    assert "21" in sql("SELECT count(*) AS n FROM items")
-    assert "384" in sql("SELECT len(embedding) AS d FROM embeddings LIMIT 1")
-    assert "3" in sql("SELECT count(*) AS k, sum(size) AS total FROM centroids")
-    assert "21" in sql("SELECT sum(size) AS total FROM centroids")
+    assert sql("SELECT count(*) AS n FROM items") == [["21"]]
+    assert sql("SELECT DISTINCT len(embedding) AS d FROM embeddings") == [["384"]]
+    assert sql("SELECT count(*) AS k, sum(size) AS total FROM centroids") == [["3", "21"]]
     curve = sql("SELECT eps, kept, removed, kept_fraction FROM eps_curve ORDER BY eps")
-    assert curve.count("\n") == 2 + 3
+    assert {float(r[0]): int(r[1]) for r in curve} == kept_printed
     # The planted near-copies (cosine 0.97-0.998 under MiniLM) are duplicates of their originals at
     # eps=0.05; "Honeybees"/"Honey bees" (0.944) only at eps=0.1.
-    removed = sql("SELECT id || '~' || duplicate_of AS pair FROM items WHERE max_sim > 1 - 0.05 ORDER BY id")
+    removed = {r[0] for r in sql("SELECT id || '~' || duplicate_of AS pair FROM items WHERE max_sim > 1 - 0.05 ORDER BY id")}
     for i in ("00", "01", "04", "09"):
         assert f"copy-{i}~base-{i}" in removed or f"base-{i}~copy-{i}" in removed
-    assert "13" not in removed and "base-02" not in removed
-    removed = sql("SELECT id || '~' || duplicate_of AS pair FROM items WHERE max_sim > 1 - 0.1 ORDER BY id")
+    assert not any("-13" in p or "base-02" in p for p in removed)
+    removed = {r[0] for r in sql("SELECT id || '~' || duplicate_of AS pair FROM items WHERE max_sim > 1 - 0.1 ORDER BY id")}
     assert "copy-13~base-13" in removed or "base-13~copy-13" in removed
-    # The keep-list rule in SQL matches the eps curve.
-    kept = sql("SELECT count(*) AS kept FROM items WHERE max_sim <= 1 - 0.05")
-    assert kept.split()[-1] == sql("SELECT kept FROM eps_curve WHERE eps = 0.05").split()[-1]
+    # The keep-list rule in SQL matches the eps curve, and the printed count.
+    assert sql("SELECT count(*) AS kept FROM items WHERE max_sim <= 1 - 0.05") == [[str(kept_printed[0.05])]]
 
 
 def _bad_run(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, *extra: str) -> str:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import dagster as dg
+import pytest
 
 from semdedup_assets.core.config import Settings
 from semdedup_assets.definitions import build_definitions, load_definitions
@@ -22,8 +23,22 @@ def test_definitions_load(tmp_path: Path, monkeypatch) -> None:
     dg.Definitions.validate_loadable(defs)
     keys = {spec.key.to_user_string() for spec in defs.resolve_all_asset_specs()}
     assert keys == ASSETS
-    assert {j for j in ("ingest_job", "centroids_job", "assign_job", "dedup_job", "keep_lists_job")
-            if defs.resolve_job_def(j)} == {"ingest_job", "centroids_job", "assign_job", "dedup_job", "keep_lists_job"}
+    # Each job covers one partitioning of the graph: its assets, and their partitions.
+    jobs = {}
+    for name in ("ingest_job", "centroids_job", "assign_job", "dedup_job", "keep_lists_job"):
+        job = defs.resolve_job_def(name)
+        partitions = job.partitions_def
+        jobs[name] = (sorted(k.to_user_string() for k in job.asset_layer.selected_asset_keys),
+                      partitions.name if isinstance(partitions, dg.DynamicPartitionsDefinition)
+                      else partitions and partitions.get_partition_keys())
+    buckets = defs.resolve_assets_def("semantic_duplicates").partitions_def.get_partition_keys()
+    assert jobs == {
+        "ingest_job": (["embeddings", "raw_shards"], "shards"), "centroids_job": (["centroids"], None),
+        "assign_job": (["cluster_assignments"], "shards"), "dedup_job": (["semantic_duplicates"], buckets),
+        "keep_lists_job": (["keep_lists"], None),
+    }
+    with pytest.raises(dg.DagsterInvariantViolationError, match="Could not find job"):
+        defs.resolve_job_def("no_such_job")
     for sensor in ("shard_sensor", "bucket_sensor", "automation_sensor"):
         assert defs.resolve_sensor_def(sensor).default_status == dg.DefaultSensorStatus.STOPPED
     assert defs.resolve_schedule_def("retrain_centroids_schedule").cron_schedule == "0 3 * * 0"
@@ -44,6 +59,15 @@ def test_graph_shape_pools_and_partitions() -> None:
         node = graph.get(dg.AssetKey(key))
         assert node.pools == {"gpu"}, key
     assert isinstance(d.resolve_assets_def("raw_shards").partitions_def, dg.DynamicPartitionsDefinition)
+
+
+def test_backfill_batch_comes_from_the_settings() -> None:
+    batches = {}
+    for batch in (64, 7):
+        d = build_definitions(Settings(storage="/tmp/unused", backfill_batch=batch))
+        batches[batch] = {key: d.resolve_assets_def(key).backfill_policy.max_partitions_per_run
+                          for key in ("raw_shards", "embeddings", "cluster_assignments")}
+    assert batches == {b: dict.fromkeys(("raw_shards", "embeddings", "cluster_assignments"), b) for b in (64, 7)}
 
 
 def test_dagster_cli_validates_workspace(tmp_path: Path) -> None:

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import dagster as dg
 
-from semdedup_assets.assets.cluster import centroids, cluster_assignments
-from semdedup_assets.assets.dedup import build_keep_lists, build_semantic_duplicates
-from semdedup_assets.assets.embed import embeddings
-from semdedup_assets.assets.ingest import ids_unique_across_shards, raw_shards
+from semdedup_assets.assets.cluster import build_cluster_assignments, centroids
+from semdedup_assets.assets.dedup import build_keep_lists_asset, build_semantic_duplicates
+from semdedup_assets.assets.embed import build_embeddings
+from semdedup_assets.assets.ingest import build_raw_shards, ids_unique_across_shards
+from semdedup_assets.core.config import Settings
 
 
-def build_assets(buckets: int) -> list[dg.AssetsDefinition]:
-    """Every asset of the graph, for a given number of cluster buckets."""
-    semantic_duplicates = build_semantic_duplicates(buckets)
-    return [raw_shards, embeddings, centroids, cluster_assignments, semantic_duplicates, build_keep_lists(semantic_duplicates)]
+def build_assets(settings: Settings) -> list[dg.AssetsDefinition]:
+    """Every asset of the graph, for the settings' bucket count, backfill batch and progress interval."""
+    return [build_raw_shards(settings), build_embeddings(settings), centroids, build_cluster_assignments(settings),
+            build_semantic_duplicates(settings), build_keep_lists_asset(settings)]
 
 
 ASSET_CHECKS = [ids_unique_across_shards]

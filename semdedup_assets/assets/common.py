@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -11,13 +10,20 @@ import warnings
 
 import dagster as dg
 
+from semdedup_assets.core.centroids import MissingCentroidsError
+from semdedup_assets.core.config import Settings
+from semdedup_assets.core.embed import EmbedError
+from semdedup_assets.core.ingest import DuplicateIdsError
+from semdedup_assets.core.shards import ShardError
+
 # backfill_policy is a beta parameter; users need not see the notice on every import.
 warnings.filterwarnings("ignore", category=dg.BetaWarning)
 
-# Per-shard assets take many partitions per run, so a backfill of thousands of shards
-# starts tens of processes, not thousands.
-# SEMDEDUP_BACKFILL_BATCH sets the batch (default 64).
-SHARD_BACKFILL_POLICY = dg.BackfillPolicy.multi_run(max_partitions_per_run=int(os.environ.get("SEMDEDUP_BACKFILL_BATCH", "64")))
+
+def shard_backfill_policy(settings: Settings) -> dg.BackfillPolicy:
+    """Per-shard assets take many partitions per run, so a backfill of thousands of shards
+    starts tens of processes, not thousands (Settings.backfill_batch per run)."""
+    return dg.BackfillPolicy.multi_run(max_partitions_per_run=settings.backfill_batch)
 
 # Ready for k8s_job_executor: each GPU step asks for one GPU.
 GPU_OP_TAGS = {"dagster-k8s/config": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}}}}}
@@ -28,15 +34,16 @@ EAGER = dg.AutomationCondition.eager() & dg.AutomationCondition.all_deps_blockin
 
 
 PER_SHARD_TABLE_ROWS = 20
-# Every log line is an event row in the instance's storage (~8 ms each on SQLite), so a
-# range run over thousands of shards logs progress at this interval, not per shard.
-PROGRESS_INTERVAL_S = float(os.environ.get("SEMDEDUP_PROGRESS_INTERVAL", "10"))
 
 
 class ProgressLog:
-    """Per-item progress lines, at most one per interval plus the first and the last."""
+    """Per-item progress lines, at most one per interval plus the first and the last.
 
-    def __init__(self, log: dg.DagsterLogManager, total: int, interval: float = PROGRESS_INTERVAL_S) -> None:
+    Every log line is an event row in the instance's storage (~8 ms each on SQLite), so a
+    range run over thousands of shards logs at an interval (Settings.progress_interval).
+    """
+
+    def __init__(self, log: dg.DagsterLogManager, total: int, interval: float) -> None:
         self.log, self.total, self.interval = log, total, interval
         self.done = 0
         self._last: float | None = None
@@ -48,6 +55,20 @@ class ProgressLog:
         if self._last is None or self.done == self.total or now - self._last >= self.interval:
             self.log.info(f"[{self.done}/{self.total}] {message}")
             self._last = now
+
+
+# The core's errors about the data: their messages name the shard, row or file.
+CORE_ERRORS = (ShardError, DuplicateIdsError, EmbedError, MissingCentroidsError)
+
+
+@contextmanager
+def core_failures() -> Iterator[None]:
+    """Turn a core error about the data into a dg.Failure with its message and where it happened."""
+    try:
+        yield
+    except CORE_ERRORS as err:
+        where = {k: v for k in ("shard", "row", "reason") if (v := getattr(err, k, None)) is not None}
+        raise dg.Failure(description=str(err), metadata=where) from None
 
 
 def run_partition_keys(context: dg.AssetExecutionContext) -> list[str]:

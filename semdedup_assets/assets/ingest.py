@@ -1,13 +1,13 @@
-"""Ingest stage: `raw_shards`, one validated, normalised copy of each input shard."""
+"""Ingest stage: `raw_shards`, one validated index of each input shard (the work is core.ingest.ingest_shards)."""
 
 
 import dagster as dg
-import pyarrow as pa
 
-from semdedup_assets.assets.common import SHARD_BACKFILL_POLICY, ProgressLog, run_metadata, run_partition_keys, timed
-from semdedup_assets.core import storage as st
+from semdedup_assets.assets.common import ProgressLog, core_failures, run_metadata, run_partition_keys, shard_backfill_policy
 from semdedup_assets.core.catalog import duplicate_ids
-from semdedup_assets.core.shards import ShardError, ShardFile, discover_shards, read_shard
+from semdedup_assets.core.config import Settings
+from semdedup_assets.core.ingest import duplicate_ids_message, ingest_shards
+from semdedup_assets.core.shards import ShardFile, discover_shards
 from semdedup_assets.partitions import shard_partitions
 from semdedup_assets.resources import SemDedupConfig
 
@@ -19,91 +19,42 @@ def input_shards(config: SemDedupConfig) -> dict[str, ShardFile]:
     return {s.key: s for s in discover_shards(config.input)}
 
 
-def shard_failure(err: ShardError) -> dg.Failure:
-    """A Dagster failure that names the shard and row."""
-    return dg.Failure(description=str(err), metadata={"shard": err.shard, "row": -1 if err.row is None else err.row, "reason": err.reason})
+def _preview(rows: list[tuple[str, str]], n_rows: int) -> str:
+    if not rows:
+        return f"{n_rows} rows"
+    return "\n".join(f"- `{i}`: {t[:200]}" for i, t in rows)
 
 
-RAW_DIM_KEY = b"semdedup.dim"
+def build_raw_shards(settings: Settings) -> dg.AssetsDefinition:
+    """The per-shard ingest asset (backfill batch and progress interval from the settings)."""
+
+    @dg.asset(
+        partitions_def=shard_partitions,
+        backfill_policy=shard_backfill_policy(settings),
+        group_name="ingest",
+        kinds={"parquet"},
+    )
+    def raw_shards(context: dg.AssetExecutionContext, semdedup: SemDedupConfig) -> dg.MaterializeResult:
+        """Validated index of each input shard: id, shard, row (and the text for the text modality)."""
+        files = input_shards(semdedup)
+        keys = run_partition_keys(context)
+        missing = [k for k in keys if k not in files]
+        if missing:
+            raise dg.Failure(f"shard(s) {missing[:5]} are registered but no longer exist under {semdedup.input}")
+        progress = ProgressLog(context.log, len(keys), settings.progress_interval)
+        with core_failures():
+            r = ingest_shards(semdedup.settings(), [files[k] for k in keys], log=progress.step)
+        per_shard = [{"shard": s.key, "rows": s.rows, "input": s.input, "fingerprint": s.fingerprint} for s in r.shards]
+        extra = {"rows": sum(s.rows for s in r.shards), "seconds": r.seconds}
+        if len(r.shards) == 1:
+            extra["path"] = dg.MetadataValue.path(r.shards[0].path)
+            extra["preview"] = dg.MetadataValue.md(_preview(r.preview, r.shards[0].rows))
+        return dg.MaterializeResult(metadata=run_metadata(per_shard, extra))
+
+    return raw_shards
 
 
-def check_dims(storage: st.Storage, dims: dict[str, int], keys: list[str]) -> None:
-    """Bring-your-own embeddings: every shard, new or already ingested, has one dimension."""
-    known = dict(dims)
-    for path in storage.stage_files(st.RAW):
-        shard = storage.shard_of(st.RAW, path)
-        if shard not in keys and (meta := st.read_schema(path).metadata) and RAW_DIM_KEY in meta:
-            known[shard] = int(meta[RAW_DIM_KEY])
-    if len(set(known.values())) > 1:
-        first = min(known)
-        other = next(k for k in sorted(known) if known[k] != known[first])
-        raise dg.Failure(description=f"shard {other!r}: embedding dimension {known[other]} differs from "
-                         f"shard {first!r} ({known[first]}); every shard must have one dimension",
-                         metadata={"shard": other})
-
-
-def _preview(table: pa.Table, column: str, n: int = 3) -> str:
-    if column != "text":
-        return f"{table.num_rows} rows"
-    lines = [f"- `{i}`: {t[:200]}" for i, t in zip(table.column("id").to_pylist()[:n], table.column(column).to_pylist()[:n])]
-    return "\n".join(lines)
-
-
-@dg.asset(
-    partitions_def=shard_partitions,
-    backfill_policy=SHARD_BACKFILL_POLICY,
-    group_name="ingest",
-    kinds={"parquet"},
-)
-def raw_shards(context: dg.AssetExecutionContext, semdedup: SemDedupConfig) -> dg.MaterializeResult:
-    """Validated index of each input shard: id, shard, row (and the text for the text modality)."""
-    storage = semdedup.storage_root()
-    files = input_shards(semdedup)
-    keys = run_partition_keys(context)
-    missing = [k for k in keys if k not in files]
-    if missing:
-        raise dg.Failure(f"shard(s) {missing[:5]} are registered but no longer exist under {semdedup.input}")
-    # Validate every shard of the run before publishing any: a bad shard leaves no output.
-    pending: list[st.AtomicParquetWriter] = []
-    pending_ids: list[pa.Table] = []
-    dims: dict[str, int] = {}
-    per_shard: list[dict[str, object]] = []
-    progress = ProgressLog(context.log, len(keys))
-    with st.publish_together(pending), timed() as t:
-        for key in keys:
-            try:
-                index = read_shard(files[key], semdedup.modality, semdedup.column or semdedup.modality, semdedup.id_column)
-            except ShardError as err:
-                raise shard_failure(err) from None
-            table = index.table.add_column(1, "shard", pa.array([key] * index.table.num_rows, type=pa.string()))
-            if index.dim is not None:
-                dims[key] = index.dim
-                table = table.replace_schema_metadata({RAW_DIM_KEY: str(index.dim).encode()})
-            writer = st.AtomicParquetWriter(storage.shard_file(st.RAW, key), table.schema)
-            pending.append(writer)
-            writer.write(table)
-            pending_ids.append(table.select(["id", "shard", "row"]))
-            per_shard.append({"shard": key, "rows": table.num_rows, "input": str(files[key].path),
-                              "fingerprint": files[key].fingerprint()})
-            progress.step(f"validated shard {key!r}: {table.num_rows} rows")
-        check_dims(storage, dims, keys)
-        dups = duplicate_ids(storage, pa.concat_tables(pending_ids), exclude_shards=keys)
-        if dups:
-            raise dg.Failure(description=duplicate_ids_message(dups), metadata={"shard": dups[0][3], "row": dups[0][4]})
-    extra = {"rows": sum(int(r["rows"]) for r in per_shard), "seconds": t["seconds"]}
-    if len(keys) == 1:
-        extra["path"] = dg.MetadataValue.path(str(storage.shard_file(st.RAW, keys[0])))
-        extra["preview"] = dg.MetadataValue.md(_preview(table, semdedup.modality))
-    return dg.MaterializeResult(metadata=run_metadata(per_shard, extra))
-
-
-def duplicate_ids_message(dups: list[tuple[str, str, int, str, int]]) -> str:
-    """Name both places of each repeated id."""
-    return "ids must be unique across the dataset: " + "; ".join(
-        f"id {i!r} is in shard {s1!r} row {r1} and in shard {s2!r} row {r2}" for i, s1, r1, s2, r2 in dups)
-
-
-@dg.asset_check(asset=raw_shards, blocking=True, description="Every id appears once across all shards.")
+@dg.asset_check(asset="raw_shards", blocking=True, description="Every id appears once across all shards.")
 def ids_unique_across_shards(semdedup: SemDedupConfig) -> dg.AssetCheckResult:
     """Blocking: an id repeated across shards stops the run before embedding."""
     dups = duplicate_ids(semdedup.storage_root())

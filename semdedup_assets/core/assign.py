@@ -1,11 +1,20 @@
-"""Assignment: every item to its nearest centroid by inner product, and cluster buckets."""
+"""Assignment: every item to its nearest centroid by inner product, cluster buckets, and one shard's unit."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import faiss
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from semdedup_assets.core import storage as st
+from semdedup_assets.core.config import Settings
+from semdedup_assets.core.schemas import assignments_schema
+from semdedup_assets.core.tables import embedding_matrix, stored_dtype
 
 
 SIM_BLOCK = 4096
@@ -67,3 +76,69 @@ def iter_cluster_ranges(k: int, buckets: int) -> Iterator[tuple[int, int, int]]:
     """(bucket, first cluster, end cluster) for contiguous cluster ranges per bucket."""
     for b in range(buckets):
         yield (b, *bucket_cluster_range(b, k, buckets))
+
+
+@dataclass
+class AssignShardResult:
+    """What assigning one shard did; plain values only (it crosses process boundaries)."""
+
+    key: str
+    path: str
+    rows: int
+    clusters_touched: int
+    mean_sim_to_centroid: float
+    buckets_touched: list[str]  # bucket keys holding the shard's items, before and after this run
+    problems: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def assignment_problems(table: pa.Table, expected_rows: int, k: int) -> list[str]:
+    """What is wrong with one shard's assignments (empty when every item is assigned once)."""
+    problems = []
+    if table.num_rows != expected_rows:
+        problems.append(f"{table.num_rows} rows, expected {expected_rows}")
+    if pc.count_distinct(table.column("id")).as_py() != table.num_rows:
+        problems.append("an id is assigned more than once")
+    clusters = table.column("cluster")
+    if table.num_rows and (pc.min(clusters).as_py() < 0 or pc.max(clusters).as_py() >= k):
+        problems.append(f"cluster outside [0, {k})")
+    return problems
+
+
+def assign_shard(settings: Settings, key: str, centroids: np.ndarray, k: int | None = None) -> AssignShardResult:
+    """Assign one shard's embeddings to their nearest centroids; write `cluster_assignments/<key>.parquet`.
+
+    Rows are sorted by (cluster, id) with one row group per bucket. `buckets_touched`
+    also holds the buckets the shard's items leave when an earlier assignment is replaced.
+    """
+    k = len(centroids) if k is None else k
+    if k != len(centroids):
+        raise ValueError(f"k={k} but {len(centroids)} centroids were given")
+    start = time.perf_counter()
+    storage = settings.storage_root()
+    out = storage.shard_file(st.CLUSTER_ASSIGNMENTS, key)
+    buckets: set[str] = set()
+    if out.exists():  # a re-run: the buckets its items leave are touched too
+        old = st.read_table(out, columns=["cluster"]).column("cluster").to_numpy()
+        if len(old) and old.max() < k:
+            buckets |= touched_buckets(old, k, settings.buckets)
+    emb = st.read_table(storage.shard_file(st.EMBEDDINGS, key))
+    vectors = embedding_matrix(emb.column("embedding"))
+    dtype = stored_dtype(emb.schema.field("embedding"))
+    clusters, sims = assign(vectors, centroids)
+    schema = assignments_schema(vectors.shape[1], dtype)
+    table = pa.table({
+        "id": emb.column("id"), "shard": pa.array([key] * emb.num_rows, type=pa.string()),
+        "cluster": pa.array(clusters), "sim_to_centroid": pa.array(sims),
+        "embedding": emb.column("embedding").cast(schema.field("embedding").type),
+    }, schema=schema)
+    table = table.sort_by([("cluster", "ascending"), ("id", "ascending")])
+    problems = assignment_problems(table, emb.num_rows, k)
+    # One row group per bucket: a bucket's read skips every other bucket's rows by footer stats.
+    with st.publish_together([st.AtomicParquetWriter(out, table.schema)]) as (writer,):
+        for offset, length in bucket_row_slices(table.column("cluster").to_numpy(), k, settings.buckets):
+            writer.write(table.slice(offset, length))
+    buckets |= touched_buckets(clusters, k, settings.buckets)
+    return AssignShardResult(key=key, path=str(out), rows=emb.num_rows, clusters_touched=int(len(np.unique(clusters))),
+                             mean_sim_to_centroid=round(float(sims.mean()), 4), buckets_touched=sorted(buckets),
+                             problems=problems, seconds=round(time.perf_counter() - start, 3))

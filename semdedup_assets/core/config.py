@@ -239,6 +239,11 @@ def environment_overrides(environ: Mapping[str, str] | None = None) -> dict[str,
     return {f.name: environ[ENV_PREFIX + f.name.upper()] for f in knobs() if ENV_PREFIX + f.name.upper() in environ}
 
 
+def visible_cuda_devices() -> str:
+    """This process's CUDA_VISIBLE_DEVICES ("" when unset); Ray sets it for actors and tasks that hold GPUs."""
+    return os.environ.get("CUDA_VISIBLE_DEVICES", "")
+
+
 def storage_location(storage: str | None = None) -> str:
     """The storage root: the given one, else $SEMDEDUP_STORAGE, else the default."""
     return storage or os.environ.get(ENV_PREFIX + "STORAGE") or DEFAULT_STORAGE

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from semdedup_assets.core import storage as st
-from semdedup_assets.core.config import Settings
+from semdedup_assets.core.config import Settings, visible_cuda_devices
 from semdedup_assets.core.shards import ShardFile
 
 R = TypeVar("R")
@@ -60,7 +60,7 @@ def current_worker() -> Worker:
             node = ray.util.get_node_ip_address()
     except ImportError:
         pass
-    return Worker(node=node, pid=os.getpid(), devices=os.environ.get("CUDA_VISIBLE_DEVICES", ""))
+    return Worker(node=node, pid=os.getpid(), devices=visible_cuda_devices())
 
 
 @dataclass

@@ -1,13 +1,26 @@
-"""Turning max_sim into keep decisions: thresholds, eps curves and fixed-size targets."""
+"""Turning max_sim into keep decisions: thresholds, eps curves, fixed-size targets, and the keep-list files."""
 
 from __future__ import annotations
 
+import heapq
 import math
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 
+from semdedup_assets.core import storage as st
+from semdedup_assets.core.catalog import BUCKET_GLOB, refresh_catalog, scan, stage_source
+from semdedup_assets.core.config import Settings
+from semdedup_assets.core.dedup import TOP_PAIRS, Pair, top_pairs
 from semdedup_assets.core.ordering import ids_as_str
+from semdedup_assets.core.schemas import EPS_CURVE_SCHEMA, KEEP_LIST_SCHEMA
+
+# Pairs below this are near-duplicates rather than exact copies (shown separately).
+NEAR_EXACT = 0.9999
+MAX_SIM_BINS = np.linspace(-1.0, 1.0, 81)
 
 
 def _as_float64(max_sim: np.ndarray) -> np.ndarray:
@@ -123,3 +136,63 @@ def parse_eps_list(text: str) -> list[float]:
             raise ValueError(f"eps must satisfy 0 < eps < 1, got {part!r}")
         out.add(value)
     return sorted(out)
+
+
+@dataclass
+class KeepListsResult:
+    """What writing the keep-lists did: the eps curve and what the asset shows about the result."""
+
+    eps_curve: list[dict]  # one {eps, kept, removed, kept_fraction} per configured eps
+    items: int  # bucket rows read
+    distinct_ids: int
+    cluster_sizes: list[int]  # members per non-empty cluster, in cluster order
+    max_sim_counts: list[int]  # histogram over MAX_SIM_BINS of non-first members' max_sim
+    top_pairs: list[Pair]
+    near_pairs: list[Pair]  # the top pairs with max_sim below NEAR_EXACT
+    texts: dict[str, str]  # text payload of the pairs' ids (text modality only)
+    keep_list_paths: list[str]
+    seconds: float
+
+
+def build_keep_lists(settings: Settings, bucket_files: Sequence[st.UPath]) -> KeepListsResult:
+    """Write one keep-list per configured eps and the eps curve from the bucket results, then refresh the catalog.
+
+    Buckets are read in the given order (bucket order), so the keep-lists are
+    byte-identical run to run; all files are published together or not at all.
+    """
+    storage = settings.storage_root()
+    curve = EpsCurveAccumulator(settings.eps)
+    writers = [st.AtomicParquetWriter(storage.keep_list_file(e), KEEP_LIST_SCHEMA) for e in settings.eps]
+    pairs: list[Pair] = []
+    near_pairs: list[Pair] = []
+    max_sim_counts = np.zeros(len(MAX_SIM_BINS) - 1, dtype=np.int64)  # streamed: no per-item array
+    start = time.perf_counter()
+    with st.publish_together(writers):
+        for path in bucket_files:
+            table = st.read_table(path)
+            max_sim = table.column("max_sim").to_numpy()
+            curve.update(max_sim)
+            max_sim_counts += np.histogram(max_sim[table.column("rank").to_numpy() > 0], bins=MAX_SIM_BINS)[0]
+            for eps, writer in zip(settings.eps, writers):
+                writer.write(table.filter(pa.array(keep_mask(max_sim, eps))).select(KEEP_LIST_SCHEMA.names))
+            pairs = heapq.nsmallest(TOP_PAIRS, pairs + top_pairs(table), key=lambda x: (-x[0], x[1]))
+            near_pairs = heapq.nsmallest(TOP_PAIRS, near_pairs + top_pairs(table, below=NEAR_EXACT),
+                                         key=lambda x: (-x[0], x[1]))
+    seconds = round(time.perf_counter() - start, 3)
+    rows = curve.rows()
+    st.atomic_write_table(pa.Table.from_pylist(rows, schema=EPS_CURVE_SCHEMA), storage.eps_curve_file)
+    refresh_catalog(storage)
+    results = stage_source(storage, st.SEMANTIC_DUPLICATES, BUCKET_GLOB)
+    distinct = int(scan(storage, f"SELECT count(DISTINCT id) FROM {results}")[0][0])
+    sizes = [int(r[0]) for r in scan(storage, f"SELECT count(*) FROM {results} GROUP BY cluster ORDER BY cluster")]
+    texts = _texts(storage, sorted({i for _, a, b in pairs + near_pairs for i in (a, b)}), settings.modality)
+    return KeepListsResult(eps_curve=rows, items=curve.total, distinct_ids=distinct, cluster_sizes=sizes,
+                           max_sim_counts=max_sim_counts.tolist(), top_pairs=pairs, near_pairs=near_pairs, texts=texts,
+                           keep_list_paths=[str(storage.keep_list_file(e)) for e in settings.eps], seconds=seconds)
+
+
+def _texts(storage: st.Storage, ids: list[str], modality: str) -> dict[str, str]:
+    """Payload text of a few ids, for showing duplicate pairs side by side."""
+    if modality != "text" or not ids or not storage.stage_files(st.RAW):
+        return {}
+    return dict(scan(storage, f"SELECT id, text FROM {stage_source(storage, st.RAW)} WHERE id IN (SELECT unnest(?))", [ids]))

@@ -1,28 +1,11 @@
-"""Arrow <-> numpy for embedding columns (zero-copy where Arrow allows) and stage schemas."""
+"""Arrow <-> numpy for embedding columns (zero-copy where Arrow allows); the schemas live in schemas.py."""
 
 from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
 
-
-EMBEDDING_DTYPES: tuple[str, ...] = ("float32", "float16")
-
-
-def embedding_type(dim: int, dtype: str = "float32") -> pa.DataType:
-    """FLOAT[d] with non-null elements.
-
-    Parquet writes a definition level per float of a nullable list; without nulls the
-    column reads about 6x and writes about 1.5x faster (bench/results/end_to_end.md).
-    """
-    if dtype not in EMBEDDING_DTYPES:
-        raise ValueError(f"embedding dtype must be one of {', '.join(EMBEDDING_DTYPES)}, got {dtype!r}")
-    return pa.list_(pa.field("element", pa.from_numpy_dtype(np.dtype(dtype)), nullable=False), dim)
-
-
-def embedding_field(name: str, dim: int, dtype: str = "float32") -> pa.Field:
-    """A non-null embedding column of the stage files."""
-    return pa.field(name, embedding_type(dim, dtype), nullable=False)
+from semdedup_assets.core.schemas import embedding_type
 
 
 def embedding_array(vectors: np.ndarray, dtype: str = "float32") -> pa.FixedSizeListArray:
@@ -54,17 +37,3 @@ def embedding_matrix(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
         d = len(flat) // len(column)
     values = flat.to_numpy(zero_copy_only=False)
     return values.astype(np.float32, copy=False).reshape(len(column), d)
-
-
-def assignments_schema(dim: int, dtype: str = "float32") -> pa.Schema:
-    """cluster_assignments files: one row per item, sorted by (cluster, id)."""
-    return pa.schema([
-        ("id", pa.string()), ("shard", pa.string()), ("cluster", pa.int32()),
-        ("sim_to_centroid", pa.float32()), embedding_field("embedding", dim, dtype),
-    ])
-
-
-SEMANTIC_DUPLICATES_SCHEMA = pa.schema([
-    ("id", pa.string()), ("shard", pa.string()), ("cluster", pa.int32()), ("rank", pa.int64()),
-    ("sim_to_centroid", pa.float64()), ("max_sim", pa.float64()), ("duplicate_of", pa.string()),
-])

@@ -22,15 +22,14 @@ from PIL import Image, ImageDraw
 from semdedup_assets.core.encoders import Encoder, available_modalities, create_encoder
 from semdedup_assets.core.encoders.clip import (
     DEFAULT_IMAGE_MODEL,
-    TINY_ARCH,
     ImageEncodeResult,
     OpenClipImageEncoder,
     OpenClipTextEncoder,
     UnsafeCheckpointError,
     check_checkpoint_weights_only,
-    save_tiny_clip,
 )
 from semdedup_assets.core.images import ImageDecodeError
+from semdedup_assets_tests.fixtures import TINY_ARCH, save_tiny_clip
 
 
 def synthetic_image(seed: int, size: int = 96) -> Image.Image:

@@ -59,7 +59,8 @@ def test_embedding_columns_are_stored_plain_and_the_rest_compressed(tmp_path: Pa
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_embedding_columns_roundtrip_non_null_in_both_dtypes(tmp_path: Path, dtype: str) -> None:
-    from semdedup_assets.core.tables import embedding_field, stored_dtype
+    from semdedup_assets.core.schemas import embedding_field
+    from semdedup_assets.core.tables import stored_dtype
 
     x = np.random.default_rng(0).standard_normal((50, 6)).astype(np.float32)
     schema = pa.schema([embedding_field("embedding", 6, dtype)])

@@ -1,7 +1,7 @@
 """Encoders turning items of one modality into unit-norm embeddings, looked up by modality name."""
 
 from .base import Encoder, l2_normalize, resolve_device, row_norms
-from .registry import available_modalities, create_encoder, register_encoder
+from .registry import available_modalities, create_encoder, encoder_for, register_encoder
 
 # Registers the "text" modality; cheap, since text.py imports torch/transformers lazily.
 from . import text as text  # noqa: E402  (import for its registration side effect)
@@ -10,6 +10,7 @@ __all__ = [
     "Encoder",
     "available_modalities",
     "create_encoder",
+    "encoder_for",
     "l2_normalize",
     "row_norms",
     "register_encoder",

@@ -1,4 +1,4 @@
-"""Tests for the offline stdlib-docstring demo corpus (semdedup_assets.core.demo_data)."""
+"""Tests for the offline stdlib-docstring demo corpus (semdedup_assets.demo_data)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import re
 import pyarrow.parquet as pq
 import pytest
 
-from semdedup_assets.core import demo_data
-from semdedup_assets.core.demo_data import (
+from semdedup_assets import demo_data
+from semdedup_assets.demo_data import (
     DEMO_DESCRIPTION,
     MANIFEST_NAME,
     collect_demo_texts,

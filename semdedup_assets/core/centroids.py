@@ -1,0 +1,73 @@
+"""The centroids file: train spherical k-means on a per-shard sample, write it, read it back."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from semdedup_assets.core import storage as st
+from semdedup_assets.core.config import Settings
+from semdedup_assets.core.kmeans import collect_sample, sample_target, train_spherical_kmeans
+from semdedup_assets.core.schemas import centroids_schema
+from semdedup_assets.core.tables import embedding_array, embedding_matrix
+
+
+class MissingCentroidsError(FileNotFoundError):
+    """No centroids file yet: `centroids` must be materialized first."""
+
+
+@dataclass
+class CentroidsResult:
+    """What training the centroids did; plain values only."""
+
+    path: str
+    clusters: int
+    dim: int
+    items: int
+    shards: int
+    sample_rows: int
+    train_rows: int
+    objective: float
+    gpu: bool
+    sample_seconds: float
+    train_seconds: float
+
+
+def train_centroids(settings: Settings, embedding_files: Mapping[str, st.UPath],
+                    log: Callable[[str], None] | None = None) -> CentroidsResult:
+    """Train k centroids on a sample of the shards' embeddings (by shard key) and write the centroids file."""
+    storage = settings.storage_root()
+    counts = {k: st.parquet_num_rows(p) for k, p in embedding_files.items()}
+    total = sum(counts.values())
+    k = settings.n_clusters(total)
+
+    def read_rows(key: str, rows: np.ndarray) -> np.ndarray:
+        table = st.read_table(embedding_files[key], columns=["embedding"])
+        return embedding_matrix(table.take(pa.array(rows, type=pa.int64())).column("embedding"))
+
+    start = time.perf_counter()
+    sample = collect_sample(counts.items(), read_rows, sample_target(k, settings.max_points_per_centroid), settings.seed)
+    sample_seconds = round(time.perf_counter() - start, 3)
+    if log is not None:
+        log(f"training k={k} on a sample of {len(sample)} of {total} items")
+    result = train_spherical_kmeans(sample, k, settings.kmeans_iterations, settings.seed, settings.max_points_per_centroid)
+    dim = int(result.centroids.shape[1])
+    table = pa.Table.from_arrays([pa.array(np.arange(k, dtype=np.int32)), embedding_array(result.centroids)],
+                                 schema=centroids_schema(dim))
+    st.atomic_write_table(table, storage.centroids_file)
+    return CentroidsResult(path=str(storage.centroids_file), clusters=k, dim=dim, items=total, shards=len(counts),
+                           sample_rows=int(len(sample)), train_rows=result.n_train, objective=result.objective,
+                           gpu=result.gpu, sample_seconds=sample_seconds, train_seconds=round(result.seconds, 3))
+
+
+def load_centroids(storage: st.Storage) -> np.ndarray:
+    """The trained centroids as a (k, d) float32 matrix."""
+    path = storage.centroids_file
+    if not path.exists():
+        raise MissingCentroidsError("no centroids yet: materialize `centroids` first")
+    table = st.read_table(path)
+    return embedding_matrix(table.sort_by("cluster").column("centroid"))

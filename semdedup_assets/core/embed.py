@@ -1,0 +1,182 @@
+"""Embedding one shard: cache check, encoding (or validating bring-your-own vectors), atomic write."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from semdedup_assets.core import storage as st
+from semdedup_assets.core.config import Settings
+from semdedup_assets.core.encoders import Encoder, encoder_for, l2_normalize, row_norms
+from semdedup_assets.core.schemas import REJECTED_SCHEMA, embeddings_schema
+from semdedup_assets.core.shards import ShardFile, iter_embedding_chunks, read_images
+from semdedup_assets.core.tables import embedding_array, embedding_matrix
+
+# Encode in chunks so progress shows in the run log and memory stays bounded.
+ENCODE_CHUNK = 4096
+UNIT_NORM_TOLERANCE = 1e-3
+CACHE_KEY = b"semdedup.cache_key"
+
+
+class EmbedError(RuntimeError):
+    """A shard that cannot be embedded (strict mode); the message names the shard and the item."""
+
+    def __init__(self, message: str, shard: str) -> None:
+        super().__init__(message)
+        self.shard = shard
+
+
+@dataclass
+class EmbedShardResult:
+    """What embedding one shard did; plain values only (it crosses process boundaries)."""
+
+    key: str
+    path: str
+    rows: int
+    dim: int
+    renormalised: int = 0
+    rejected: int = 0
+    cached: bool = False
+    seconds: float = 0.0
+    problems: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Written:
+    """One written embeddings file."""
+
+    rows: int
+    dim: int
+    renormalised: int
+    problems: list[str]
+
+
+def renormalise(chunk: np.ndarray) -> tuple[np.ndarray, int]:
+    """Unit-norm rows, and how many rows were off unit norm before."""
+    norms = row_norms(chunk)
+    return l2_normalize(chunk, norms), int((np.abs(norms - 1.0) > UNIT_NORM_TOLERANCE).sum())
+
+
+def embedding_problems(vectors: np.ndarray, expected_rows: int) -> list[str]:
+    """What is wrong with an embedding matrix (empty list when it is valid)."""
+    problems = []
+    if len(vectors) != expected_rows:
+        problems.append(f"{len(vectors)} rows, expected {expected_rows} (the raw shard)")
+    finite = np.isfinite(vectors).all(axis=1)
+    if not finite.all():
+        problems.append(f"{int((~finite).sum())} rows with non-finite values")
+    norms = row_norms(vectors[finite])
+    if len(norms) and np.abs(norms - 1.0).max() > UNIT_NORM_TOLERANCE:
+        problems.append(f"norms deviate from 1 by up to {np.abs(norms - 1.0).max():.3g}")
+    return problems
+
+
+def embedding_cache_key(raw_path: st.UPath, shard: ShardFile, settings: Settings) -> str:
+    """What an embeddings file depends on: the raw index's bytes, the input files and the encoder settings."""
+    h = hashlib.blake2b(digest_size=16)
+    with raw_path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    payload = shard.fingerprint() if settings.modality != "text" else ""  # text lives in the raw file itself
+    h.update(repr((settings.modality, settings.column, settings.model, settings.pretrained, settings.pooling,
+                   settings.max_length, payload, settings.embedding_dtype)).encode())
+    return h.hexdigest()
+
+
+def cached_key(path: st.UPath) -> str | None:
+    """The cache key stored in an existing embeddings file, if any."""
+    if not path.exists():
+        return None
+    meta = st.read_schema(path).metadata or {}
+    return meta.get(CACHE_KEY, b"").decode() or None
+
+
+def _write_chunks(path: st.UPath, ids: pa.Array, chunks: Iterator[np.ndarray], cache_key: str,
+                  dtype: str = "float32") -> _Written:
+    """Normalise and write embedding chunks as one Parquet file (streamed, atomic)."""
+    writer: st.AtomicParquetWriter | None = None
+    start, renormalised, dim, problems = 0, 0, 0, []
+    with st.publish_together([]) as writers:
+        for chunk in chunks:
+            vectors, off = renormalise(chunk) if len(chunk) else (chunk, 0)
+            renormalised += off
+            dim = int(vectors.shape[1])
+            problems += embedding_problems(vectors, len(chunk))
+            schema = embeddings_schema(ids.type, dim, dtype)
+            table = pa.Table.from_arrays([ids.slice(start, len(vectors)), embedding_array(vectors, dtype)], schema=schema)
+            if writer is None:
+                writer = st.AtomicParquetWriter(path, table.schema.with_metadata({CACHE_KEY: cache_key.encode()}))
+                writers.append(writer)
+            writer.write(table)
+            start += len(vectors)
+    if start != len(ids):
+        problems.append(f"{start} embeddings for {len(ids)} ids")
+    return _Written(rows=start, dim=dim, renormalised=renormalised, problems=problems)
+
+
+def _encode_and_write(settings: Settings, key: str, shard: ShardFile, raw: pa.Table, out: st.UPath,
+                      rejected_path: st.UPath, cache_key: str, encoder: Encoder | None,
+                      log: Callable[[str], None] | None) -> tuple[_Written, int]:
+    """Embed the raw shard into `out`; returns the written file and the number of rejected items."""
+    ids = raw.column("id").combine_chunks()
+    column = settings.payload_column
+    dtype = settings.embedding_dtype
+    if settings.modality == "embedding":  # bring your own: stream (npy is memory-mapped)
+        return _write_chunks(out, ids, iter_embedding_chunks(shard, column), cache_key, dtype), 0
+    encoder = encoder or encoder_for(settings)
+    if settings.modality == "text":
+        texts = raw.column("text").to_pylist()
+
+        def text_chunks() -> Iterator[np.ndarray]:
+            for start in range(0, len(texts), ENCODE_CHUNK):
+                yield encoder.encode(texts[start : start + ENCODE_CHUNK])
+                if log is not None:
+                    log(f"encoded {min(start + ENCODE_CHUNK, len(texts))}/{len(texts)}")
+
+        return _write_chunks(out, ids, text_chunks(), cache_key, dtype), 0
+    result = encoder.encode_images(read_images(shard, column))
+    rejected = [(ids[i].as_py(), reason) for i, reason in result.rejected]
+    if rejected and settings.strict:
+        raise EmbedError(f"shard {key!r}, key {rejected[0][0]!r}: {rejected[0][1]} "
+                         f"({len(rejected)} undecodable image(s); strict mode)", shard=key)
+    written = _write_chunks(out, ids.take(pa.array(result.ok_index)), iter([result.vectors]), cache_key, dtype)
+    st.atomic_write_table(pa.table({
+        "id": [r[0] for r in rejected], "shard": [key] * len(rejected), "reason": [r[1] for r in rejected],
+    }, schema=REJECTED_SCHEMA), rejected_path)
+    return written, len(rejected)
+
+
+def embed_shard(settings: Settings, key: str, shard: ShardFile, *, encoder: Encoder | None = None,
+                log: Callable[[str], None] | None = None) -> EmbedShardResult:
+    """Embed one ingested shard into `embeddings/<key>.parquet` (and `rejected/<key>.parquet` for images).
+
+    An existing file written for the same raw index, input files and encoder settings is
+    reused (and re-checked). `encoder` defaults to `encoder_for(settings)`; `log` receives
+    progress lines. Raises EmbedError on an undecodable image in strict mode.
+    """
+    storage = settings.storage_root()
+    raw_path, out = storage.shard_file(st.RAW, key), storage.shard_file(st.EMBEDDINGS, key)
+    rejected_path = storage.shard_file(st.REJECTED, key)
+    start = time.perf_counter()
+    cache_key = embedding_cache_key(raw_path, shard, settings)
+    cached = cached_key(out) == cache_key
+    if cached:  # same raw index, input files and encoder settings: the file is already right
+        vectors = embedding_matrix(st.read_table(out, columns=["embedding"]).column("embedding"))
+        n_rejected = st.parquet_num_rows(rejected_path) if rejected_path.exists() else 0
+        written = _Written(rows=len(vectors), dim=int(vectors.shape[1]), renormalised=0,
+                           problems=embedding_problems(vectors, len(vectors)))
+    else:
+        written, n_rejected = _encode_and_write(settings, key, shard, st.read_table(raw_path), out, rejected_path,
+                                                cache_key, encoder, log)
+    expected = st.parquet_num_rows(raw_path) - n_rejected
+    problems = list(written.problems)
+    if written.rows != expected:
+        problems.append(f"{written.rows} rows, expected {expected} (raw rows minus rejected)")
+    return EmbedShardResult(key=key, path=str(out), rows=written.rows, dim=written.dim,
+                            renormalised=written.renormalised, rejected=n_rejected, cached=cached,
+                            seconds=round(time.perf_counter() - start, 3), problems=problems)

@@ -1,0 +1,108 @@
+"""Ingest: validate input shards and publish their raw index files, all of a batch or none."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+
+from semdedup_assets.core import storage as st
+from semdedup_assets.core.catalog import duplicate_ids
+from semdedup_assets.core.config import Settings
+from semdedup_assets.core.shards import ShardError, ShardFile, read_shard
+
+RAW_DIM_KEY = b"semdedup.dim"
+PREVIEW_ROWS = 3
+
+DuplicateId = tuple[str, str, int, str, int]  # (id, shard, row, other shard, other row)
+
+
+class DuplicateIdsError(ValueError):
+    """An id appears in more than one place across the dataset."""
+
+    def __init__(self, dups: list[DuplicateId]) -> None:
+        super().__init__(duplicate_ids_message(dups))
+        self.dups = dups
+        self.shard, self.row = dups[0][3], dups[0][4]  # the later place of the first repeated id
+
+
+@dataclass
+class IngestedShard:
+    """One published raw index file."""
+
+    key: str
+    path: str
+    rows: int
+    input: str
+    fingerprint: str
+
+
+@dataclass
+class IngestResult:
+    """What ingesting a batch of shards did; plain values only."""
+
+    shards: list[IngestedShard]
+    seconds: float
+    preview: list[tuple[str, str]] = field(default_factory=list)  # (id, text) of the last shard's first rows
+
+
+def duplicate_ids_message(dups: list[DuplicateId]) -> str:
+    """Name both places of each repeated id."""
+    return "ids must be unique across the dataset: " + "; ".join(
+        f"id {i!r} is in shard {s1!r} row {r1} and in shard {s2!r} row {r2}" for i, s1, r1, s2, r2 in dups)
+
+
+def check_dims(storage: st.Storage, dims: dict[str, int], keys: Sequence[str]) -> None:
+    """Bring-your-own embeddings: every shard, new or already ingested, has one dimension."""
+    known = dict(dims)
+    for path in storage.stage_files(st.RAW):
+        shard = storage.shard_of(st.RAW, path)
+        if shard not in keys and (meta := st.read_schema(path).metadata) and RAW_DIM_KEY in meta:
+            known[shard] = int(meta[RAW_DIM_KEY])
+    if len(set(known.values())) > 1:
+        first = min(known)
+        other = next(k for k in sorted(known) if known[k] != known[first])
+        raise ShardError(other, f"embedding dimension {known[other]} differs from shard {first!r} ({known[first]}); "
+                                "every shard must have one dimension")
+
+
+def ingest_shards(settings: Settings, shards: Sequence[ShardFile],
+                  log: Callable[[str], None] | None = None) -> IngestResult:
+    """Validate every shard, then publish `raw/<key>.parquet` for all of them together.
+
+    Raises ShardError (naming the shard and row) or DuplicateIdsError; then nothing is
+    published. `log` receives one line per validated shard.
+    """
+    storage = settings.storage_root()
+    keys = [s.key for s in shards]
+    pending: list[st.AtomicParquetWriter] = []
+    pending_ids: list[pa.Table] = []
+    dims: dict[str, int] = {}
+    done: list[IngestedShard] = []
+    table: pa.Table | None = None
+    start = time.perf_counter()
+    with st.publish_together(pending):
+        for shard in shards:
+            index = read_shard(shard, settings.modality, settings.payload_column, settings.id_column)
+            table = index.table.add_column(1, "shard", pa.array([shard.key] * index.table.num_rows, type=pa.string()))
+            if index.dim is not None:
+                dims[shard.key] = index.dim
+                table = table.replace_schema_metadata({RAW_DIM_KEY: str(index.dim).encode()})
+            path = storage.shard_file(st.RAW, shard.key)
+            writer = st.AtomicParquetWriter(path, table.schema)
+            pending.append(writer)
+            writer.write(table)
+            pending_ids.append(table.select(["id", "shard", "row"]))
+            done.append(IngestedShard(shard.key, str(path), table.num_rows, str(shard.path), shard.fingerprint()))
+            if log is not None:
+                log(f"validated shard {shard.key!r}: {table.num_rows} rows")
+        check_dims(storage, dims, keys)
+        if pending_ids and (dups := duplicate_ids(storage, pa.concat_tables(pending_ids), exclude_shards=keys)):
+            raise DuplicateIdsError(dups)
+    preview = []
+    if table is not None and settings.modality == "text":
+        head = table.slice(0, PREVIEW_ROWS)
+        preview = list(zip(head.column("id").to_pylist(), head.column("text").to_pylist()))
+    return IngestResult(done, round(time.perf_counter() - start, 3), preview)

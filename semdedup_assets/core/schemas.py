@@ -1,0 +1,61 @@
+"""The Arrow schemas of every stage's files, in one place.
+
+The catalog's DuckDB views (catalog.py) select from these columns; a change here is a
+change of the on-disk format, so the byte-identity tests guard it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+EMBEDDING_DTYPES: tuple[str, ...] = ("float32", "float16")
+
+
+def embedding_type(dim: int, dtype: str = "float32") -> pa.DataType:
+    """FLOAT[d] with non-null elements.
+
+    Parquet writes a definition level per float of a nullable list; without nulls the
+    column reads about 6x and writes about 1.5x faster (bench/results/end_to_end.md).
+    """
+    if dtype not in EMBEDDING_DTYPES:
+        raise ValueError(f"embedding dtype must be one of {', '.join(EMBEDDING_DTYPES)}, got {dtype!r}")
+    return pa.list_(pa.field("element", pa.from_numpy_dtype(np.dtype(dtype)), nullable=False), dim)
+
+
+def embedding_field(name: str, dim: int, dtype: str = "float32") -> pa.Field:
+    """A non-null embedding column of the stage files."""
+    return pa.field(name, embedding_type(dim, dtype), nullable=False)
+
+
+def embeddings_schema(id_type: pa.DataType, dim: int, dtype: str = "float32") -> pa.Schema:
+    """embeddings files: id (the raw index's type), embedding FLOAT[d]."""
+    return pa.schema([pa.field("id", id_type), embedding_field("embedding", dim, dtype)])
+
+
+REJECTED_SCHEMA = pa.schema([("id", pa.string()), ("shard", pa.string()), ("reason", pa.string())])
+
+
+def centroids_schema(dim: int) -> pa.Schema:
+    """The centroids file: cluster, centroid FLOAT[d]."""
+    return pa.schema([pa.field("cluster", pa.int32()), embedding_field("centroid", dim)])
+
+
+def assignments_schema(dim: int, dtype: str = "float32") -> pa.Schema:
+    """cluster_assignments files: one row per item, sorted by (cluster, id)."""
+    return pa.schema([
+        ("id", pa.string()), ("shard", pa.string()), ("cluster", pa.int32()),
+        ("sim_to_centroid", pa.float32()), embedding_field("embedding", dim, dtype),
+    ])
+
+
+SEMANTIC_DUPLICATES_SCHEMA = pa.schema([
+    ("id", pa.string()), ("shard", pa.string()), ("cluster", pa.int32()), ("rank", pa.int64()),
+    ("sim_to_centroid", pa.float64()), ("max_sim", pa.float64()), ("duplicate_of", pa.string()),
+])
+
+KEEP_LIST_SCHEMA = pa.schema([("id", pa.string()), ("shard", pa.string()), ("cluster", pa.int32())])
+
+EPS_CURVE_SCHEMA = pa.schema([
+    ("eps", pa.float64()), ("kept", pa.int64()), ("removed", pa.int64()), ("kept_fraction", pa.float64()),
+])

@@ -1,0 +1,124 @@
+"""The core's units of work, called as plain functions (no Dagster), equal the asset graph's output."""
+
+from __future__ import annotations
+
+import ast
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pytest
+
+from semdedup_assets.core import storage as st
+from semdedup_assets.core.assign import assign_shard, bucket_keys
+from semdedup_assets.core.centroids import MissingCentroidsError, load_centroids, train_centroids
+from semdedup_assets.core.config import Settings
+from semdedup_assets.core.dedup import dedup_bucket
+from semdedup_assets.core.embed import embed_shard
+from semdedup_assets.core.ingest import DuplicateIdsError, ingest_shards
+from semdedup_assets.core.keep import build_keep_lists
+from semdedup_assets.core.shards import discover_shards
+from semdedup_assets.pipeline import run_pipeline
+from semdedup_assets_tests.conftest import write_embedding_shards
+
+REPO = Path(__file__).resolve().parents[2]
+# What an asset module may import: Dagster, the standard library and this package (the core does the work).
+ASSET_IMPORTS_ALLOWED = {"dagster", "semdedup_assets", "__future__", "time", "collections", "contextlib", "warnings"}
+
+
+def _settings(tmp_path: Path, storage: str, **kw) -> Settings:
+    return Settings(storage=str(tmp_path / storage), input=str(tmp_path / "input"), modality="embedding",
+                    clusters=5, buckets=3, eps=(0.001, 0.01, 0.1), block_size=32, **kw)
+
+
+def run_units(settings: Settings) -> list:
+    """The whole pipeline as the core's units of work, in plain Python; returns every result."""
+    shards = discover_shards(settings.input)
+    storage = settings.storage_root()
+    results: list = [ingest_shards(settings, shards)]
+    results += [embed_shard(settings, s.key, s) for s in shards]
+    results.append(train_centroids(settings, {s.key: storage.shard_file(st.EMBEDDINGS, s.key) for s in shards}))
+    centroids = load_centroids(storage)
+    results += [assign_shard(settings, s.key, centroids, len(centroids)) for s in shards]
+    files = [storage.shard_file(st.CLUSTER_ASSIGNMENTS, s.key) for s in shards]
+    buckets = bucket_keys(settings.buckets)
+    results += [dedup_bucket(settings, b, len(centroids), files) for b in reversed(buckets)]  # any bucket order
+    results.append(build_keep_lists(settings, [storage.bucket_file(b) for b in buckets]))
+    return results
+
+
+def test_units_without_dagster_write_the_graphs_files(tmp_path: Path) -> None:
+    write_embedding_shards(tmp_path / "input", n_shards=3, per_shard=120, d=8, dup_every=6)
+    units = _settings(tmp_path, "units")
+    results = run_units(units)
+    graph = _settings(tmp_path, "graph")
+    with dg.instance_for_test() as instance:
+        run_pipeline(graph, instance, log=lambda m: None)
+    for stage in (st.KEEP_LISTS, st.SEMANTIC_DUPLICATES, st.CLUSTER_ASSIGNMENTS, st.CENTROIDS):
+        ours = {p.name: p.read_bytes() for p in units.storage_root().stage_files(stage)}
+        theirs = {p.name: p.read_bytes() for p in graph.storage_root().stage_files(stage)}
+        assert ours and ours == theirs, stage
+    keep = results[-1]
+    assert keep.items == 360 and keep.distinct_ids == 360 and sum(keep.cluster_sizes) == 360
+    assert [r["eps"] for r in keep.eps_curve] == [0.001, 0.01, 0.1]
+    # Plain results: they survive a pickle round trip (they cross process boundaries on other engines).
+    for r in results:
+        assert pickle.loads(pickle.dumps(r)) == r
+    assigned = [r for r in results if type(r).__name__ == "AssignShardResult"]
+    assert sum(r.rows for r in assigned) == 360 and all(not r.problems for r in assigned)
+    assert set().union(*(r.buckets_touched for r in assigned)) <= set(bucket_keys(3))
+
+
+def test_embed_shard_reuses_a_valid_cached_file(tmp_path: Path) -> None:
+    write_embedding_shards(tmp_path / "input", n_shards=1, per_shard=50, d=8)
+    settings = _settings(tmp_path, "s")
+    [shard] = discover_shards(settings.input)
+    ingest_shards(settings, [shard])
+    first = embed_shard(settings, shard.key, shard)
+    path = Path(first.path)
+    before = (path.read_bytes(), path.stat().st_mtime_ns)
+    again = embed_shard(settings, shard.key, shard)
+    assert not first.cached and again.cached
+    assert (again.rows, again.dim, again.problems) == (50, 8, [])
+    assert (path.read_bytes(), path.stat().st_mtime_ns) == before
+    other = embed_shard(settings.replace(embedding_dtype="float16"), shard.key, shard)  # other settings: re-embedded
+    assert not other.cached and path.stat().st_mtime_ns != before[1]
+
+
+def test_unit_errors_name_what_is_wrong(tmp_path: Path) -> None:
+    write_embedding_shards(tmp_path / "input", n_shards=2, per_shard=20, d=8)
+    settings = _settings(tmp_path, "s")
+    with pytest.raises(MissingCentroidsError, match="no centroids yet"):
+        load_centroids(settings.storage_root())
+    shards = discover_shards(settings.input)
+    ingest_shards(settings, shards[:1])
+    # The second shard repeats the first's ids under another name: refused, nothing published.
+    twin = tmp_path / "twin"
+    twin.mkdir()
+    (twin / "part-09.parquet").write_bytes(Path(shards[0].path.path).read_bytes())
+    with pytest.raises(DuplicateIdsError, match="id 's0-00000' is in shard 'part-00' row 0 and in shard 'part-09' row 0"):
+        ingest_shards(settings, discover_shards(str(twin)))
+    assert not settings.storage_root().shard_file(st.RAW, "part-09").exists()
+    with pytest.raises(ValueError, match="k=4 but 3 centroids"):
+        assign_shard(settings, "part-00", np.eye(3, 8, dtype=np.float32), 4)
+
+
+def test_asset_modules_only_adapt() -> None:
+    # No numeric or file work in the Dagster layer: an asset module imports no numpy, pyarrow, torch, ...
+    for path in sorted((REPO / "semdedup_assets" / "assets").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        roots = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        roots |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert roots <= ASSET_IMPORTS_ALLOWED, (path.name, roots - ASSET_IMPORTS_ALLOWED)
+
+
+def test_core_units_import_no_dagster() -> None:
+    code = ("import sys; import semdedup_assets.core.embed, semdedup_assets.core.assign, semdedup_assets.core.dedup, "
+            "semdedup_assets.core.keep, semdedup_assets.core.ingest, semdedup_assets.core.centroids; "
+            "print('dagster' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
