@@ -144,13 +144,13 @@ class RayCluster:
             if started.returncode != 0:
                 raise RuntimeError(f"ray start (node {i}) failed:\n{started.stdout[-2000:]}\n{started.stderr[-2000:]}")
 
-    def driver(self, code: str, timeout: float = 300) -> subprocess.CompletedProcess:
-        """Run Python code as a driver inside the namespace."""
-        return self.ns.run([sys.executable, "-c", code], timeout=timeout, cwd=str(REPO))
-
     def semdedup(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-        """`semdedup ARGS` inside the namespace."""
-        return self.ns.run([sys.executable, "-m", "semdedup_assets.cli", *args], timeout=timeout, cwd=str(REPO))
+        """`semdedup ARGS` inside the namespace, waited for."""
+        return run_semdedup(self.ns, *args, timeout=timeout)
+
+    def popen_semdedup(self, *args: str) -> subprocess.Popen:
+        """`semdedup ARGS` started inside the namespace (stdout and stderr together)."""
+        return self.ns.popen(semdedup_command(*args), cwd=str(REPO))
 
     def stop(self) -> list[int]:
         """Stop every process of the cluster (and the namespace); returns survivors (should be none)."""
@@ -158,6 +158,16 @@ class RayCluster:
             return self.ns.stop()
         finally:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def semdedup_command(*args: str) -> list[str]:
+    """The `semdedup` command line of this checkout."""
+    return [sys.executable, "-m", "semdedup_assets.cli", *args]
+
+
+def run_semdedup(ns: NetNamespace, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`semdedup ARGS` inside a namespace, waited for."""
+    return ns.run(semdedup_command(*args), timeout=timeout, cwd=str(REPO))
 
 
 def start_cluster(nodes: Sequence[dict[str, int]]) -> RayCluster:

@@ -13,6 +13,7 @@ import dagster as dg
 from semdedup_assets.core.centroids import MissingCentroidsError
 from semdedup_assets.core.config import Settings
 from semdedup_assets.core.embed import EmbedError
+from semdedup_assets.core.engines import EngineError
 from semdedup_assets.core.ingest import DuplicateIdsError
 from semdedup_assets.core.shards import ShardError
 
@@ -58,7 +59,7 @@ class ProgressLog:
 
 
 # The core's errors about the data: their messages name the shard, row or file.
-CORE_ERRORS = (ShardError, DuplicateIdsError, EmbedError, MissingCentroidsError)
+CORE_ERRORS = (ShardError, DuplicateIdsError, EmbedError, MissingCentroidsError, EngineError)
 
 
 @contextmanager

@@ -6,17 +6,19 @@ partition keys, call them and report metadata and checks.
 
 
 import dagster as dg
+from dagster_ray import RayResource
 
 from semdedup_assets.assets.cluster import registered_stage_files
 from semdedup_assets.assets.common import EAGER, GPU_OP_TAGS, GPU_POOL, ProgressLog, core_failures, timed
 from semdedup_assets.core import storage as st
 from semdedup_assets.core.centroids import load_centroids
 from semdedup_assets.core.config import Settings
-from semdedup_assets.core.dedup import TOP_PAIRS, Pair, dedup_bucket
+from semdedup_assets.core.dedup import TOP_PAIRS, Pair
 from semdedup_assets.core.encoders import resolve_device
 from semdedup_assets.core.keep import MAX_SIM_BINS, NEAR_EXACT, build_keep_lists
 from semdedup_assets.core.plots import eps_curve_markdown, histogram_markdown
 from semdedup_assets.partitions import bucket_partitions
+from semdedup_assets.ray_resource import engine_for_step
 from semdedup_assets.resources import SemDedupConfig
 
 
@@ -36,7 +38,8 @@ def build_semantic_duplicates(settings: Settings) -> dg.AssetsDefinition:
         check_specs=[dg.AssetCheckSpec("bucket_items_exactly_once", asset="semantic_duplicates", blocking=True,
                                        description="Every assigned item of the bucket's clusters appears once.")],
     )
-    def semantic_duplicates(context: dg.AssetExecutionContext, semdedup: SemDedupConfig) -> dg.MaterializeResult:
+    def semantic_duplicates(context: dg.AssetExecutionContext, semdedup: SemDedupConfig,
+                            ray: RayResource) -> dg.MaterializeResult:
         """Per cluster bucket: max_sim (M) and duplicate_of for every member, in cluster order."""
         config = semdedup.settings()
         storage = semdedup.storage_root()
@@ -53,18 +56,25 @@ def build_semantic_duplicates(settings: Settings) -> dg.AssetsDefinition:
         if config.precision != "fp32" and device == "cpu":
             context.log.warning(f"precision {config.precision} on a CPU: the tiles run slower than fp32 there")
         progress = ProgressLog(context.log, len(context.partition_keys), settings.progress_interval)
+        keys = sorted(context.partition_keys)
+        results = {}
         with timed() as t:
-            for key in sorted(context.partition_keys):
-                r = dedup_bucket(config, key, k, files)
-                problems += r.problems
-                rows_total += r.rows
-                rechecked += r.rechecked_rows
-                bound = max(bound, r.error_bound)
-                pairs += r.top_pairs
-                progress.step(f"bucket {key}: clusters [{r.first_cluster}, {r.end_cluster}), {r.rows} items, {r.seconds} s")
-                summary = {"clusters": f"[{r.first_cluster}, {r.end_cluster})", "non_empty_clusters": len(r.cluster_sizes),
-                           "largest_cluster": max(r.cluster_sizes, default=0), "pairwise_seconds": r.seconds,
-                           "path": dg.MetadataValue.path(r.path)}
+            # The engine runs the buckets here or as Ray tasks; each writes its own file atomically.
+            with core_failures(), engine_for_step(config, ray, context.log.info) as engine:
+                for d in engine.dedup_buckets(config, keys, k, files):
+                    results[d.unit] = r = d.result
+                    progress.step(f"bucket {d.unit}: clusters [{r.first_cluster}, {r.end_cluster}), {r.rows} items, "
+                                  f"{r.seconds} s" + (f" on {d.worker}" if engine.name != "local" else ""))
+        for key in keys:
+            r = results[key]
+            problems += r.problems
+            rows_total += r.rows
+            rechecked += r.rechecked_rows
+            bound = max(bound, r.error_bound)
+            pairs += r.top_pairs
+            summary = {"clusters": f"[{r.first_cluster}, {r.end_cluster})", "non_empty_clusters": len(r.cluster_sizes),
+                       "largest_cluster": max(r.cluster_sizes, default=0), "pairwise_seconds": r.seconds,
+                       "path": dg.MetadataValue.path(r.path)}
         pairs = sorted(pairs, key=lambda x: (-x[0], x[1]))[:TOP_PAIRS]
         meta: dict[str, object] = {"rows": rows_total, "seconds": t["seconds"], "device": device, "keep": config.keep,
                                    "precision": config.precision, "rechecked_rows": rechecked, "error_bound": bound,

@@ -37,6 +37,10 @@ REACHABLE_TIMEOUT_S = 5.0
 class EngineError(RuntimeError):
     """The engine cannot run a unit of work; the message names the shard, bucket or address."""
 
+    def __init__(self, message: str, shard: str | None = None) -> None:
+        super().__init__(message)
+        self.shard = shard
+
 
 @dataclass(frozen=True)
 class Worker:
@@ -309,7 +313,7 @@ class RayEngine(Engine):
                 (ref,), _ = ray.wait(list(inflight), num_returns=1)
                 i, shard = inflight.pop(ref)
                 try:
-                    result, worker = ray.get(ref)
+                    result, worker = _get(ref)
                 except _worker_died_errors() as err:
                     attempts[shard.key] += 1
                     for path in outputs(shard.key):
@@ -317,7 +321,7 @@ class RayEngine(Engine):
                     if attempts[shard.key] > settings.ray_retries:
                         raise EngineError(f"shard {shard.key!r}: its Ray worker died {attempts[shard.key]} time(s); "
                                           f"the {settings.ray_retries} retries are exhausted: "
-                                          f"{_first_line(err)}") from None
+                                          f"{_first_line(err)}", shard=shard.key) from None
                     if log is not None:
                         log(f"shard {shard.key!r}: its Ray worker died ({_first_line(err)}); retry "
                             f"{attempts[shard.key]} of {settings.ray_retries} on a new actor")
@@ -351,7 +355,7 @@ class RayEngine(Engine):
                 (ref,), _ = ray.wait(list(refs), num_returns=1)
                 bucket = refs.pop(ref)
                 try:
-                    result, worker = ray.get(ref)
+                    result, worker = _get(ref)
                 except _worker_died_errors() as err:
                     raise EngineError(f"bucket {bucket}: its Ray worker died and the {settings.ray_retries} "
                                       f"retries are exhausted: {_first_line(err)}") from None
@@ -361,6 +365,19 @@ class RayEngine(Engine):
         finally:
             for ref in refs:
                 ray.cancel(ref, force=True)
+
+
+def _get(ref: Any) -> Any:
+    """ray.get, raising a unit's own error (e.g. a strict-mode EmbedError) as the core raised it."""
+    import ray
+    from ray.exceptions import RayTaskError
+
+    try:
+        return ray.get(ref)
+    except RayTaskError as err:
+        if isinstance(err.cause, Exception) and not isinstance(err.cause, RayTaskError):
+            raise err.cause from None
+        raise
 
 
 def _first_line(err: BaseException) -> str:
