@@ -23,7 +23,7 @@ from dagster_ray import RayResource
 from pydantic import PrivateAttr
 
 from semdedup_assets.core.config import Settings
-from semdedup_assets.core.engines import (Engine, LocalEngine, RayEngine, _host_port, ray_init_options,
+from semdedup_assets.core.engines import (Engine, LocalEngine, RayEngine, _host_port, import_ray, ray_init_options,
                                           resolve_ray_address)
 
 
@@ -64,7 +64,7 @@ class SemDedupRay(RayResource):
 
     def connect_for(self, settings: Settings) -> None:
         """Connect to `settings.ray_address` (checked to be reachable first), or start a local instance."""
-        import ray
+        ray = import_ray()
 
         if ray.is_initialized():  # `semdedup run` holds one connection for all its stages
             return

@@ -109,7 +109,7 @@ def per_shard_rows(storage: Path, asset: str) -> list[dict[str, object]]:
         return list(rows.values())
 
 
-def big_text_shards(folder: Path, n_shards: int = 2, rows: int = 1500) -> None:
+def big_text_shards(folder: Path, n_shards: int = 2, rows: int = 600) -> None:
     """Shards large enough that embedding one takes seconds on one CPU (time to kill its worker)."""
     folder.mkdir(parents=True, exist_ok=True)
     for s in range(n_shards):

@@ -161,6 +161,15 @@ def resolve_ray_address(address: str | None) -> str | None:
     return resolved
 
 
+def import_ray() -> Any:
+    """The ray module, or an EngineError saying how to install it."""
+    try:
+        import ray
+    except ImportError:
+        raise EngineError("--engine ray needs Ray: pip install 'semdedup-assets[ray]' (ray[default])") from None
+    return ray
+
+
 def ray_init_options(address: str | None) -> dict[str, Any]:
     """`ray.init` options: quiet drivers; a local instance keeps its sockets on the loopback, no dashboard."""
     options: dict[str, Any] = {"log_to_driver": False, "configure_logging": False}
@@ -171,7 +180,7 @@ def ray_init_options(address: str | None) -> dict[str, Any]:
 
 def connect_ray(settings: Settings) -> bool:
     """Connect to the settings' Ray cluster, or start a local instance; False when Ray was already connected."""
-    import ray
+    ray = import_ray()
 
     if ray.is_initialized():
         return False
