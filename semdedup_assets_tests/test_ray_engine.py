@@ -118,25 +118,24 @@ def big_text_shards(folder: Path, n_shards: int = 2, rows: int = 600) -> None:
                        folder / f"big-{s}.parquet")
 
 
-def embedding_worker_pids() -> list[int]:
-    """Processes of embedding actors that are running a shard (Ray titles them ray::ShardEmbedder.embed)."""
+def embedding_worker_pids(ns: NetNamespace) -> list[int]:
+    """The namespace's embedding actors that are running a shard (Ray titles them ray::ShardEmbedder.embed)."""
     pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                cmd = Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="replace")
-            except OSError:
-                continue
-            if cmd.startswith("ray::ShardEmbedder.embed"):
-                pids.append(int(entry))
+    for pid in ns.members():
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if cmd.startswith("ray::ShardEmbedder.embed"):
+            pids.append(pid)
     return pids
 
 
-def kill_one_embedding_worker(run: subprocess.Popen, timeout: float = 240) -> int:
+def kill_one_embedding_worker(ns: NetNamespace, run: subprocess.Popen, timeout: float = 240) -> int:
     """SIGKILL the first embedding actor seen in the middle of a shard; returns its pid."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and run.poll() is None:
-        pids = embedding_worker_pids()
+        pids = embedding_worker_pids(ns)
         if pids:
             time.sleep(0.5)  # well inside the shard
             os.kill(pids[0], signal.SIGKILL)
@@ -151,14 +150,14 @@ def test_a_killed_worker_is_retried_and_a_shard_past_its_retries_fails_the_run_n
     args = ["run", "--input", str(big), "--engine", "ray", "--ray-address", two_nodes.address, *COMMON]
 
     run = two_nodes.popen_semdedup(*args, "--storage", str(tmp_path / "ray"))
-    kill_one_embedding_worker(run)
+    kill_one_embedding_worker(two_nodes.ns, run)
     out, _ = run.communicate(timeout=600)
     assert run.returncode == 0, out[-4000:]
     run_local(big, tmp_path / "local")
     assert_same_results(tmp_path / "local", tmp_path / "ray")  # also: no temporary file left behind
 
     run = two_nodes.popen_semdedup(*args, "--storage", str(tmp_path / "ray0"), "--ray-retries", "0")
-    kill_one_embedding_worker(run)
+    kill_one_embedding_worker(two_nodes.ns, run)
     out, _ = run.communicate(timeout=600)
     assert run.returncode != 0
     assert "its Ray worker died 1 time(s); the 0 retries are exhausted" in out, out[-4000:]
