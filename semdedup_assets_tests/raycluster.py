@@ -49,7 +49,11 @@ def ray_env() -> dict[str, str]:
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0",
-               PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+               PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
+               # Explicit: otherwise a local ray.init writes ~/.ray/auth_token, and a later `ray start`
+               # that finds it enables token auth for some processes of a cluster and not others.
+               # Nothing outside the loopback-only namespace can reach these clusters anyway.
+               RAY_AUTH_MODE="disabled")
     env.pop("RAY_ADDRESS", None)
     return env
 
