@@ -44,7 +44,7 @@ def build_embeddings(settings: Settings) -> dg.AssetsDefinition:
             progress = ProgressLog(context.log, len(keys), settings.progress_interval)
             # The engine runs the shards here or on Ray; each unit writes its own files atomically.
             with core_failures(), engine_for_step(config, ray, context.log.info) as engine:
-                for d in engine.embed_shards(config, [files[k] for k in keys], log=context.log.info):
+                for d in engine.embed_shards(config, [files[k] for k in keys], log=context.log.debug):
                     done[d.unit], r = d, d.result
                     progress.step(f"embedded shard {d.unit!r}: {r.rows} rows in {r.seconds} s"
                                   + (" (cached)" if r.cached else "") + (f", {r.rejected} rejected" if r.rejected else "")
