@@ -151,7 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     reason = namespaces_available()
     if reason:
         raise SystemExit(f"scale_out.py runs Ray in a loopback-only network namespace and {reason}")
-    load_start = load_average()
+    machine = machine_lines(["- every Ray process ran in a network namespace holding only `lo` (no traffic beyond "
+                             "loopback)",
+                             "- GPU: none on this machine, so no per-GPU figures were measured (one actor per GPU is "
+                             "tested with two logical GPUs in `test_ray_engine.py`, on the CPU path)"])
     work = Path(tempfile.mkdtemp(prefix="scale-out-"))
     ns = NetNamespace()
     try:
@@ -180,10 +183,9 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Command: `{command_line('bench/scale_out.py', argv)}`",
         "",
-        *machine_lines([f"- load average (1/5/15 min) at the end: {load_end}",
-                        "- every Ray process ran in a network namespace holding only `lo` (no traffic beyond loopback)",
-                        "- GPU: none on this machine, so no per-GPU figures were measured (one actor per GPU is "
-                        "tested with two logical GPUs in `test_ray_engine.py`, on the CPU path)"]),
+        *machine[:-1],
+        f"- load average (1/5/15 min) at the end: {load_end}",
+        "",
         f"## 1. Whole graph, bring-your-own embeddings: {args.n:,} x {args.d} in {args.shards} shards, "
         f"k = {args.clusters}, {args.buckets} buckets (best of {args.repeats}, interleaved)",
         "",
@@ -211,7 +213,6 @@ def main(argv: list[str] | None = None) -> int:
         "(the >= 0.8 goal is for machines with more cores or GPUs than this one's 2)",
         f"- embeddings files byte-identical across the three: {same_text}",
         f"- processes left in the namespace after the run: {len(survivors)}",
-        f"- load average at start: {load_start}",
     ]
     emit(lines, output_path(args, DEFAULT_OUT))
     return 0 if same_graph and same_text and not survivors else 1

@@ -233,8 +233,14 @@ class ShardEmbedder:
         return embed_shard(self.settings, shard.key, shard, encoder=self.encoder), current_worker()
 
 
-def _dedup_task(settings: Settings, bucket: str, k: int, assignment_files: Sequence[st.UPath]) -> tuple[Any, Worker]:
+def _dedup_task(settings: Settings, bucket: str, k: int, assignment_files: Sequence[st.UPath],
+                threads: int) -> tuple[Any, Worker]:
     from semdedup_assets.core.dedup import dedup_bucket
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
     return dedup_bucket(settings, bucket, k, assignment_files), current_worker()
 
@@ -352,13 +358,17 @@ class RayEngine(Engine):
         if not buckets:
             return
         storage = settings.storage_root()
-        _, gpus = self._resources()
-        resources = {"num_gpus": 1, "num_cpus": 0} if gpus >= 1 else {"num_cpus": 1}
+        node_cpus, gpus = self._resources()
+        # Without GPUs a bucket task takes a whole node's cores, as the local engine takes the
+        # machine's: a float32 GEMM's last bit can depend on the thread count for some tile shapes,
+        # and with the same count per bucket the bucket files equal the local engine's byte for byte.
+        threads = 0 if gpus >= 1 else max(1, int(min(node_cpus, default=1)))
+        resources = {"num_gpus": 1, "num_cpus": 0} if gpus >= 1 else {"num_cpus": threads}
         # Ray itself re-runs a task whose worker died, up to ray_retries times; the unit's own
         # errors are not retried (they would fail again).
         task = ray.remote(_dedup_task).options(max_retries=settings.ray_retries, retry_exceptions=False, **resources)
         files = ray.put(list(assignment_files))
-        refs = {task.remote(settings, bucket, k, files): bucket for bucket in buckets}
+        refs = {task.remote(settings, bucket, k, files, threads): bucket for bucket in buckets}
         try:
             while refs:
                 (ref,), _ = ray.wait(list(refs), num_returns=1)
