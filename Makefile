@@ -17,7 +17,7 @@ $(VENV)/.stamp-demo: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.stamp-test: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[test,demo,deploy]'
+	$(BIN)/pip install -q -e '.[test,demo,deploy,ray]'
 	touch $@ $(VENV)/.stamp-demo
 
 demo: $(VENV)/.stamp-demo
@@ -57,7 +57,7 @@ ui: $(VENV)/.stamp-demo
 		$(BIN)/dagster dev -h 127.0.0.1 -p $(UI_PORT) -w workspace.yaml
 
 $(VENV)/.stamp-bench: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[test,demo,deploy,bench]'
+	$(BIN)/pip install -q -e '.[test,demo,deploy,ray,bench]'
 	touch $@ $(VENV)/.stamp-test $(VENV)/.stamp-demo
 
 # Full-size benchmarks, one after another (never in parallel: they time the same cores);
@@ -71,6 +71,7 @@ bench: $(VENV)/.stamp-bench
 	$(BIN)/python bench/image_throughput.py
 	$(BIN)/python bench/orchestration.py
 	$(BIN)/python bench/backfill.py
+	$(BIN)/python bench/scale_out.py
 
 # Tiny runs of each benchmark (what CI runs through semdedup_assets_tests/test_bench_smoke.py).
 bench-smoke: $(VENV)/.stamp-bench

@@ -12,6 +12,7 @@ import dagster as dg
 from semdedup_assets.assets import ASSET_CHECKS, build_assets
 from semdedup_assets.core.config import Settings, load_settings
 from semdedup_assets.jobs import ALL_JOBS
+from semdedup_assets.ray_resource import SemDedupRay
 from semdedup_assets.resources import SemDedupConfig
 from semdedup_assets.schedules import build_retrain_schedule
 from semdedup_assets.sensors import build_automation_sensor, build_bucket_sensor, build_shard_sensor
@@ -25,7 +26,9 @@ def build_definitions(settings: Settings) -> dg.Definitions:
         jobs=ALL_JOBS,
         sensors=[build_shard_sensor(settings), build_bucket_sensor(settings), build_automation_sensor(settings)],
         schedules=[build_retrain_schedule(settings.retrain_cron)],
-        resources={"semdedup": SemDedupConfig.from_settings(settings)},
+        resources={"semdedup": SemDedupConfig.from_settings(settings),
+                   # dagster-ray's RayResource: connects only for steps whose settings say engine=ray.
+                   "ray": SemDedupRay()},
     )
 
 

@@ -18,6 +18,7 @@ from semdedup_assets.core import storage as st
 from semdedup_assets.core.assign import bucket_keys, touched_buckets
 from semdedup_assets.core.catalog import refresh_catalog
 from semdedup_assets.core.config import Settings, save_settings
+from semdedup_assets.core.engines import EngineError, ray_session
 from semdedup_assets.core.layout import remove_shard_files
 from semdedup_assets.core.shards import SHARD_SUFFIXES, discover_shards
 from semdedup_assets.definitions import build_definitions
@@ -117,10 +118,16 @@ def run_pipeline(settings: Settings, instance: dg.DagsterInstance, log=print, ve
 
     Dagster's console log shows only with `verbose`. Runs of killed processes are marked
     failed and their pool slots freed first; with `stop_on_signals` (the CLI), SIGTERM/SIGINT
-    cancel the run and exit (see run_guard.RunGuard).
+    cancel the run and exit (see run_guard.RunGuard). With engine=ray, one Ray connection (or
+    local instance) serves every stage; an unreachable `ray_address` fails here, before
+    anything is written.
     """
     with RunGuard(instance, log, stop_on_signals=stop_on_signals):
-        return _run_pipeline(settings, instance, log, verbose)
+        try:
+            with ray_session(settings):
+                return _run_pipeline(settings, instance, log, verbose)
+        except EngineError as err:
+            raise PipelineError(str(err)) from None
 
 
 def _run_pipeline(settings: Settings, instance: dg.DagsterInstance, log=print, verbose: bool = False) -> PipelineResult:

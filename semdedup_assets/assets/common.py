@@ -14,6 +14,7 @@ from semdedup_assets import progress
 from semdedup_assets.core.centroids import MissingCentroidsError
 from semdedup_assets.core.config import Settings
 from semdedup_assets.core.embed import EmbedError
+from semdedup_assets.core.engines import EngineError
 from semdedup_assets.core.ingest import DuplicateIdsError
 from semdedup_assets.core.layout import prune_shard_stages
 from semdedup_assets.core.shards import ShardError
@@ -66,7 +67,8 @@ class ProgressLog:
 
 
 # The core's errors about the data: their messages name the shard, row or file.
-CORE_ERRORS = (ShardError, DuplicateIdsError, EmbedError, MissingCentroidsError, StageFileError, UnsafeKeyError)
+CORE_ERRORS = (ShardError, DuplicateIdsError, EmbedError, MissingCentroidsError, StageFileError, UnsafeKeyError,
+               EngineError)
 
 
 @contextmanager

@@ -6,6 +6,7 @@ partition keys, call them and report metadata and checks.
 
 
 import dagster as dg
+from dagster_ray import RayResource
 
 from semdedup_assets.assets.cluster import registered_stage_files
 from semdedup_assets.assets.common import EAGER, GPU_OP_TAGS, GPU_POOL, ProgressLog, core_failures, table_metadata, timed
@@ -13,12 +14,13 @@ from semdedup_assets.core import storage as st
 from semdedup_assets.core.boundary import boundary_markdown, boundary_pairs, image_thumbnails
 from semdedup_assets.core.centroids import load_centroids
 from semdedup_assets.core.config import Settings
-from semdedup_assets.core.dedup import TOP_PAIRS, Pair, dedup_bucket
+from semdedup_assets.core.dedup import TOP_PAIRS, Pair
 from semdedup_assets.core.encoders import resolve_device
 from semdedup_assets.core.keep import MAX_SIM_BINS, NEAR_EXACT, build_keep_lists, payload_texts
 from semdedup_assets.core.layout import bucket_files_on_disk, layout_problems, prune_buckets, prune_keep_lists
 from semdedup_assets.core.plots import eps_curve_markdown, histogram_markdown
 from semdedup_assets.partitions import bucket_partitions
+from semdedup_assets.ray_resource import engine_for_step
 from semdedup_assets.resources import SemDedupConfig
 
 
@@ -41,7 +43,8 @@ def build_semantic_duplicates(settings: Settings) -> dg.AssetsDefinition:
         check_specs=[dg.AssetCheckSpec("bucket_items_exactly_once", asset="semantic_duplicates", blocking=True,
                                        description="Every assigned item of the bucket's clusters appears once.")],
     )
-    def semantic_duplicates(context: dg.AssetExecutionContext, semdedup: SemDedupConfig) -> dg.MaterializeResult:
+    def semantic_duplicates(context: dg.AssetExecutionContext, semdedup: SemDedupConfig,
+                            ray: RayResource) -> dg.MaterializeResult:
         """Per cluster bucket: max_sim (M) and duplicate_of for every member, in cluster order."""
         config = semdedup.settings()
         storage = semdedup.storage_root()
@@ -58,20 +61,27 @@ def build_semantic_duplicates(settings: Settings) -> dg.AssetsDefinition:
             context.log.warning(f"precision {config.precision} on a CPU: the tiles run slower than fp32 there")
         progress = ProgressLog(context.log, len(context.partition_keys), settings.progress_interval,
                                label="pairwise", unit="buckets")
+        keys = sorted(context.partition_keys)
+        results = {}
         with timed() as t:
-            for key in sorted(context.partition_keys):
-                r = dedup_bucket(config, key, k, files)
-                problems += r.problems
-                rows_total += r.rows
-                rechecked += r.rechecked_rows
-                bound = max(bound, r.error_bound)
-                pairs += r.top_pairs
-                progress.step(f"bucket {key}: clusters [{r.first_cluster}, {r.end_cluster}), {r.rows} items, {r.seconds} s")
-                # This bucket's own figures on its own event (a range run's metadata is copied onto every bucket).
-                context.add_asset_metadata({
-                    "rows": r.rows, "clusters": f"[{r.first_cluster}, {r.end_cluster})",
-                    "non_empty_clusters": len(r.cluster_sizes), "largest_cluster": max(r.cluster_sizes, default=0),
-                    "pairwise_seconds": r.seconds, "path": dg.MetadataValue.path(r.path)}, partition_key=key)
+            # The engine runs the buckets here or as Ray tasks; each writes its own file atomically.
+            with core_failures(), engine_for_step(config, ray, context.log.info) as engine:
+                for d in engine.dedup_buckets(config, keys, k, files):
+                    results[d.unit] = r = d.result
+                    progress.step(f"bucket {d.unit}: clusters [{r.first_cluster}, {r.end_cluster}), {r.rows} items, "
+                                  f"{r.seconds} s" + (f" on {d.worker}" if engine.name != "local" else ""))
+        for key in keys:
+            r = results[key]
+            problems += r.problems
+            rows_total += r.rows
+            rechecked += r.rechecked_rows
+            bound = max(bound, r.error_bound)
+            pairs += r.top_pairs
+            # This bucket's own figures on its own event (a range run's metadata is copied onto every bucket).
+            context.add_asset_metadata({
+                "rows": r.rows, "clusters": f"[{r.first_cluster}, {r.end_cluster})",
+                "non_empty_clusters": len(r.cluster_sizes), "largest_cluster": max(r.cluster_sizes, default=0),
+                "pairwise_seconds": r.seconds, "path": dg.MetadataValue.path(r.path)}, partition_key=key)
         stale = prune_buckets(storage, buckets)  # results of an earlier, larger bucket count
         if stale:
             context.log.info(f"removed {len(stale)} bucket result(s) beyond the {buckets} buckets: {stale[:5]}")
@@ -79,7 +89,8 @@ def build_semantic_duplicates(settings: Settings) -> dg.AssetsDefinition:
         # Run totals (each bucket's own figures are partition-scoped above).
         meta: dict[str, object] = {"run_rows": rows_total, "buckets_in_run": len(context.partition_keys),
                                    "run_seconds": t["seconds"], "device": device, "keep": config.keep,
-                                   "precision": config.precision, "probes": config.probes, "rechecked_rows": rechecked, "error_bound": bound,
+                                   "precision": config.precision, "probes": config.probes, "rechecked_rows": rechecked,
+                                   "error_bound": bound, "engine": config.engine,
                                    "top_pairs": dg.MetadataValue.md(
                                        "\n".join(f"- {s:.5f}: `{a}` duplicates `{b}`" for s, a, b in pairs) or "none")}
         check = dg.AssetCheckResult(check_name="bucket_items_exactly_once", passed=not problems,

@@ -34,6 +34,7 @@ Pooling = Literal["mean", "cls", "last_token"]
 KeepStrategy = Literal["hard", "easy", "random"]
 EmbeddingDtype = Literal["float32", "float16"]
 Precision = Literal["fp32", "fp16", "bf16"]
+EngineName = Literal["local", "ray"]
 
 MODALITIES: tuple[str, ...] = typing.get_args(Modality)
 KEEP_STRATEGIES: tuple[str, ...] = typing.get_args(KeepStrategy)
@@ -98,6 +99,15 @@ class Settings:
                                  "`contaminated`) and left out of the deduplicated dataset", metavar="PATH")
     select: str | None = knob(None, "deduplicated dataset: eps=E (a configured eps) or keep-fraction=F "
                               "(default: the smallest configured eps); `semdedup export --select`", flag=None)
+    # Scale-out (core/engines.py): where the per-shard and per-bucket work runs.
+    engine: EngineName = knob("local", "where embedding and the pairwise rule run: local (this process) or ray "
+                              "(a local Ray instance, or the cluster at --ray-address)")
+    ray_address: str | None = knob(None, "with --engine ray: an existing cluster, HOST:PORT (GCS), ray://HOST:PORT "
+                                   "(Ray client) or auto (default: start a local Ray instance)",
+                                   metavar="HOST:PORT|auto")
+    ray_actors: int = knob(0, "with --engine ray: embedding actors; 0 means one per GPU of the cluster, or without "
+                           "GPUs one per CPU (each actor then gets CPUs/actors cores)")
+    ray_retries: int = knob(3, "with --engine ray: times a shard or bucket is retried after its Ray worker dies")
     # Operations knobs: the code location (`dagster dev`), not a single `semdedup run`.
     sensors: bool = knob(False, "start the sensors running when the code location loads", flag=None)
     sensor_interval: int = knob(30, "seconds between sensor ticks", flag=None)
@@ -120,6 +130,8 @@ class Settings:
                      "max_points_per_centroid", "backfill_batch", "sensor_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.ray_actors < 0 or self.ray_retries < 0:
+            raise ValueError(f"ray_actors and ray_retries must be >= 0, got {self.ray_actors}, {self.ray_retries}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
         if not self.eps or any(not 0.0 < e < 1.0 for e in self.eps):
@@ -233,6 +245,11 @@ def environment_overrides(environ: Mapping[str, str] | None = None) -> dict[str,
     """The knobs set by `SEMDEDUP_<NAME>` environment variables."""
     environ = os.environ if environ is None else environ
     return {f.name: environ[ENV_PREFIX + f.name.upper()] for f in knobs() if ENV_PREFIX + f.name.upper() in environ}
+
+
+def visible_cuda_devices() -> str:
+    """This process's CUDA_VISIBLE_DEVICES ("" when unset); Ray sets it for actors and tasks that hold GPUs."""
+    return os.environ.get("CUDA_VISIBLE_DEVICES", "")
 
 
 def storage_location(storage: str | None = None) -> str:

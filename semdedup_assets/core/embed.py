@@ -44,6 +44,7 @@ class EmbedShardResult:
     cached: bool = False
     seconds: float = 0.0
     problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # e.g. a damaged cached file that was recomputed
 
 
 @dataclass
@@ -167,8 +168,15 @@ def embed_shard(settings: Settings, key: str, shard: ShardFile, *, encoder: Enco
     start = time.perf_counter()
     cache_key = embedding_cache_key(raw_path, shard, settings)
     # Same raw index, input files and encoder settings: the file is already right (unless damaged).
-    table = st.usable(out, lambda p: st.read_table(p, columns=["embedding"]), warn) \
-        if cached_key(out, warn) == cache_key else None
+    warnings: list[str] = []
+
+    def note(message: str) -> None:  # kept in the result too: a Ray worker has no driver logger
+        warnings.append(message)
+        if warn is not None:
+            warn(message)
+
+    table = st.usable(out, lambda p: st.read_table(p, columns=["embedding"]), note) \
+        if cached_key(out, note) == cache_key else None
     cached = table is not None
     if table is not None:
         vectors = embedding_matrix(table.column("embedding"))
@@ -184,4 +192,4 @@ def embed_shard(settings: Settings, key: str, shard: ShardFile, *, encoder: Enco
         problems.append(f"{written.rows} rows, expected {expected} (raw rows minus rejected)")
     return EmbedShardResult(key=key, path=str(out), rows=written.rows, dim=written.dim,
                             renormalised=written.renormalised, rejected=n_rejected, cached=cached,
-                            seconds=round(time.perf_counter() - start, 2), problems=problems)
+                            seconds=round(time.perf_counter() - start, 2), problems=problems, warnings=warnings)

@@ -28,7 +28,9 @@ from semdedup_assets_tests.conftest import write_embedding_shards
 
 REPO = Path(__file__).resolve().parents[2]
 # What an asset module may import: Dagster, the standard library and this package (the core does the work).
-ASSET_IMPORTS_ALLOWED = {"dagster", "semdedup_assets", "__future__", "time", "collections", "contextlib", "warnings"}
+# Dagster and its integrations (dagster_ray) adapt; numeric work (numpy, pyarrow, torch, faiss) belongs in core.
+ASSET_IMPORTS_ALLOWED = {"dagster", "dagster_ray", "semdedup_assets", "__future__", "time", "collections", "contextlib",
+                         "warnings"}
 
 
 def _settings(tmp_path: Path, storage: str, **kw) -> Settings:
