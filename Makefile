@@ -24,7 +24,7 @@ demo: $(VENV)/.stamp-demo
 	$(BIN)/semdedup demo --storage $(DEMO_STORAGE)
 
 test: browser-deps server-deps $(VENV)/.stamp-test
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 # Debian's Chromium for the browser test (Playwright drives /usr/bin/chromium; it never downloads a
 # browser). Installs only when missing; as root directly, otherwise through passwordless sudo.

@@ -97,15 +97,14 @@ def test_two_nodes_give_the_local_engines_bytes_for_text_and_bring_your_own_embe
 
 
 def per_shard_rows(storage: Path, asset: str) -> list[dict[str, object]]:
-    """The per-shard metadata rows of an asset's latest materializations (from the run's Dagster instance)."""
+    """Each shard's own metadata on its latest materialization (from the run's Dagster instance)."""
     with dg.DagsterInstance.from_config(str(storage / "dagster_home")) as instance:
         records = instance.fetch_materializations(dg.AssetKey(asset), limit=100).records
         rows: dict[str, dict[str, object]] = {}
-        for record in records:
+        for record in records:  # newest first
             meta = record.asset_materialization.metadata
-            table = meta.get("per_shard")
-            for r in (table.value.records if table is not None else []):
-                rows.setdefault(r.data["shard"], r.data)
+            rows.setdefault(record.partition_key, {"shard": record.partition_key,
+                                                   **{k: v.value for k, v in meta.items()}})
         return list(rows.values())
 
 
