@@ -236,6 +236,14 @@ def missing_storage(settings: Settings) -> str | None:
     return None
 
 
+def refuse_missing_storage(settings: Settings) -> bool:
+    """Say on stderr why the storage cannot be used; True when the command must stop (exit 1)."""
+    missing = missing_storage(settings)
+    if missing is not None:
+        print(f"semdedup: error: {missing}", file=sys.stderr)
+    return missing is not None
+
+
 def cmd_sql(storage: str | None, sql: str) -> int:
     """Print a query's result as a table."""
     import duckdb
@@ -243,8 +251,7 @@ def cmd_sql(storage: str | None, sql: str) -> int:
     from semdedup_assets.core.catalog import format_table, query
 
     settings = load_settings(storage)
-    if (missing := missing_storage(settings)) is not None:
-        print(f"semdedup: error: {missing}", file=sys.stderr)
+    if refuse_missing_storage(settings):
         return 1
     try:
         cols, rows = query(settings.storage_root(), sql)
@@ -260,8 +267,7 @@ def cmd_forget(storage: str | None, shard: str, verbose: bool = False) -> int:
     from semdedup_assets.pipeline import PipelineError, forget_shard
 
     settings = load_settings(storage)
-    if (missing := missing_storage(settings)) is not None:
-        print(f"semdedup: error: {missing}", file=sys.stderr)
+    if refuse_missing_storage(settings):
         return 1
     try:
         with _show_progress(settings):
@@ -281,8 +287,7 @@ def cmd_export(storage: str | None, select: str | None) -> int:
     from semdedup_assets.core.export import ExportError, default_selection, export_shards, parse_selection
 
     settings = load_settings(storage)
-    if (missing := missing_storage(settings)) is not None:
-        print(f"semdedup: error: {missing}", file=sys.stderr)
+    if refuse_missing_storage(settings):
         return 1
     if not settings.input:
         print(f"semdedup: error: no run recorded in {settings.storage}: `semdedup run` first", file=sys.stderr)
@@ -308,8 +313,7 @@ def cmd_verify(storage: str | None, repair: bool) -> int:
     from semdedup_assets.core.verify import repair as delete, verify_storage
 
     settings = load_settings(storage)
-    if (missing := missing_storage(settings)) is not None:
-        print(f"semdedup: error: {missing}", file=sys.stderr)
+    if refuse_missing_storage(settings):
         return 1
     problems = verify_storage(settings.storage_root(), settings, _cache_keys(settings))
     for problem in problems:

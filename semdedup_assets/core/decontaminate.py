@@ -23,7 +23,7 @@ from semdedup_assets.core import storage as st
 from semdedup_assets.core.config import Settings
 from semdedup_assets.core.encoders import Encoder, encoder_for, l2_normalize, resolve_device
 from semdedup_assets.core.schemas import CONTAMINATED_SCHEMA
-from semdedup_assets.core.tables import embedding_matrix, stored_dtype
+from semdedup_assets.core.tables import unit_embeddings
 from semdedup_assets.core.shards import ShardError, discover_shards, iter_embedding_chunks, read_images, read_shard
 
 REFERENCE_BLOCK = 4096
@@ -134,10 +134,7 @@ def _stored_chunks(embedding_files: Mapping[str, st.UPath]) -> Iterator[tuple[st
     """(shard, ids, unit-norm rows) per shard's embeddings file, in shard order."""
     for key in sorted(embedding_files):
         table = st.read_table(embedding_files[key])
-        x = embedding_matrix(table.column("embedding"))
-        if stored_dtype(table.schema.field("embedding")) == "float16":
-            x = l2_normalize(x)  # rounding to float16 moved norms: scores need unit rows
-        yield key, table.column("id").to_pylist(), x
+        yield key, table.column("id").to_pylist(), unit_embeddings(table)
 
 
 def decontaminate(settings: Settings, embedding_files: Mapping[str, st.UPath], encoder: Encoder | None = None

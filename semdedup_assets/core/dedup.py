@@ -14,10 +14,10 @@ import pyarrow.dataset as ds
 from semdedup_assets.core import storage as st
 from semdedup_assets.core.assign import bucket_cluster_range
 from semdedup_assets.core.config import Settings
-from semdedup_assets.core.encoders import l2_normalize, resolve_device
+from semdedup_assets.core.encoders import resolve_device
 from semdedup_assets.core.pairwise import cluster_semantic_duplicates
 from semdedup_assets.core.schemas import SEMANTIC_DUPLICATES_SCHEMA
-from semdedup_assets.core.tables import embedding_matrix, stored_dtype
+from semdedup_assets.core.tables import unit_embeddings
 
 TOP_PAIRS = 10
 
@@ -67,9 +67,7 @@ def dedup_table(table: pa.Table, strategy: str, seed: int, block_size: int, devi
     clusters = table.column("cluster").to_numpy()
     ids = np.asarray(table.column("id").to_pylist(), dtype=object)
     sims = table.column("sim_to_centroid").to_numpy()
-    vectors = embedding_matrix(table.column("embedding"))
-    if stored_dtype(table.schema.field("embedding")) == "float16":
-        vectors = l2_normalize(vectors)  # rounding to float16 moved norms by up to ~5e-4: cosines need unit rows
+    vectors = unit_embeddings(table)
     bounds = np.flatnonzero(np.diff(clusters)) + 1
     starts = np.concatenate([[0], bounds])
     ends = np.concatenate([bounds, [len(clusters)]])

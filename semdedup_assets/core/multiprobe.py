@@ -29,11 +29,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from semdedup_assets.core.encoders import l2_normalize
 from semdedup_assets.core.ordering import cluster_order
 from semdedup_assets.core.pairwise import _max_over_earlier
 from semdedup_assets.core.schemas import SEMANTIC_DUPLICATES_SCHEMA
-from semdedup_assets.core.tables import embedding_matrix, stored_dtype
+from semdedup_assets.core.tables import unit_embeddings
 
 
 def probe_clusters(x: np.ndarray, centroids: np.ndarray, own: np.ndarray, probes: int) -> np.ndarray:
@@ -140,7 +139,7 @@ def multiprobe_bucket(table: pa.Table, read_clusters: Callable[[list[int]], pa.T
     if table.num_rows == 0:
         return SEMANTIC_DUPLICATES_SCHEMA.empty_table(), []
     own = table.column("cluster").to_numpy().astype(np.int64)
-    bucket_x = _unit_rows(table)
+    bucket_x = unit_embeddings(table)
     probe = probe_clusters(bucket_x, centroids, own, probes)
     extra = sorted(set(np.unique(probe).tolist()) - set(np.unique(own).tolist()))
     others = read_clusters(extra) if extra else table.schema.empty_table()
@@ -148,7 +147,7 @@ def multiprobe_bucket(table: pa.Table, read_clusters: Callable[[list[int]], pa.T
     ids = np.asarray(pool.column("id").to_pylist(), dtype=object)
     clusters = pool.column("cluster").to_numpy().astype(np.int64)
     sims = pool.column("sim_to_centroid").to_numpy()
-    vectors = np.concatenate([bucket_x, _unit_rows(others)]) if extra else bucket_x
+    vectors = np.concatenate([bucket_x, unit_embeddings(others)]) if extra else bucket_x
     rank = global_rank(ids, sims, strategy, seed)
     queries = np.arange(table.num_rows)
     max_sim, dup = multiprobe_max_sim(vectors, clusters, rank, queries, probe, block_size, device)
@@ -168,10 +167,3 @@ def multiprobe_bucket(table: pa.Table, read_clusters: Callable[[list[int]], pa.T
     }, schema=SEMANTIC_DUPLICATES_SCHEMA)
     sizes = np.diff(np.concatenate([starts, [len(order)]])).tolist()
     return result, [int(s) for s in sizes]
-
-
-def _unit_rows(table: pa.Table) -> np.ndarray:
-    x = embedding_matrix(table.column("embedding"))
-    if stored_dtype(table.schema.field("embedding")) == "float16":
-        x = l2_normalize(x)  # float16 rounding moved norms: cosines need unit rows (as the single-cluster path)
-    return x

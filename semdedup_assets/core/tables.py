@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
+from semdedup_assets.core.encoders.base import l2_normalize
 from semdedup_assets.core.schemas import embedding_type
 
 
@@ -37,3 +38,13 @@ def embedding_matrix(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
         d = len(flat) // len(column)
     values = flat.to_numpy(zero_copy_only=False)
     return values.astype(np.float32, copy=False).reshape(len(column), d)
+
+
+def unit_embeddings(table: pa.Table, column: str = "embedding") -> np.ndarray:
+    """A table's stored embeddings as unit-norm rows for cosine scores.
+
+    float16 storage rounds every value, which moves norms by up to ~5e-4, so those rows
+    are re-normalised in fp32; float32 rows are stored unit-norm and come back as they are.
+    """
+    x = embedding_matrix(table.column(column))
+    return l2_normalize(x) if stored_dtype(table.schema.field(column)) == "float16" else x
