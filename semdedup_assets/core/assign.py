@@ -115,6 +115,21 @@ def assignment_problems(table: pa.Table, expected_rows: int, k: int) -> list[str
     return problems
 
 
+def keep_by_values(storage: st.Storage, key: str, ids: pa.ChunkedArray, settings: Settings) -> dict[str, pa.Array]:
+    """The shard's keep-by columns from its raw file, aligned with `ids` (the embedded items, in raw order)."""
+    names = [name for name, _ in settings.keep_by_columns]
+    if not names:
+        return {}
+    raw_path = storage.shard_file(st.RAW, key)
+    have = st.read_schema(raw_path).names
+    if missing := [n for n in names if n not in have]:
+        raise ValueError(f"shard {key!r}: its raw index {raw_path} has no keep-by column {missing[0]!r} "
+                         f"(columns: {', '.join(have)}); ingest it again with this --keep-by (`semdedup run`)")
+    raw = st.read_table(raw_path, columns=["id", *names])
+    rows = pc.index_in(ids, value_set=raw.column("id"))  # rejected images are absent from `ids`, never extra
+    return {n: raw.column(n).take(rows).combine_chunks() for n in names}
+
+
 def assign_shard(settings: Settings, key: str, centroids: np.ndarray, k: int | None = None,
                  warn: Callable[[str], None] | None = None) -> AssignShardResult:
     """Assign one shard's embeddings to their nearest centroids; write `cluster_assignments/<key>.parquet`.
@@ -144,6 +159,8 @@ def assign_shard(settings: Settings, key: str, centroids: np.ndarray, k: int | N
         "cluster": pa.array(clusters), "sim_to_centroid": pa.array(sims),
         "embedding": emb.column("embedding").cast(schema.field("embedding").type),
     }, schema=schema)
+    for name, values in keep_by_values(storage, key, emb.column("id"), settings).items():
+        table = table.append_column(name, values)  # after the fixed columns: without --keep-by, none
     table = table.sort_by([("cluster", "ascending"), ("id", "ascending")])
     problems = assignment_problems(table, emb.num_rows, k)
     # One row group per bucket: a bucket's read skips every other bucket's rows by footer stats.

@@ -86,6 +86,9 @@ class Settings:
     eps: tuple[float, ...] = knob(None, "comma-separated eps values", default_factory=lambda: DEFAULT_EPS,
                                   metavar="E1,E2,...")
     keep: KeepStrategy = knob("hard", "cluster order: hard (far from the centroid first), easy, random")
+    keep_by: str | None = knob(None, "order each cluster's members first by these input columns (numbers or "
+                               "strings, carried through ingest and assignment; nulls last), then by --keep's "
+                               "order, then by id: the earlier member survives", metavar="COLUMN[:asc|desc],...")
     probes: int = knob(1, "multi-probe: also compare each item with the members of its P-1 next-nearest clusters "
                        "(1 = the paper's rule; exact fp32 tiles)", metavar="P")
     buckets: int = knob(16, "cluster buckets = partitions of semantic_duplicates")
@@ -134,6 +137,7 @@ class Settings:
             raise ValueError(f"ray_actors and ray_retries must be >= 0, got {self.ray_actors}, {self.ray_retries}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        parse_keep_by(self.keep_by)  # a malformed spec fails here, before any run
         if not self.eps or any(not 0.0 < e < 1.0 for e in self.eps):
             raise ValueError(f"every eps must lie in (0, 1), got {self.eps}")
         object.__setattr__(self, "eps", tuple(sorted(set(float(e) for e in self.eps))))
@@ -142,6 +146,11 @@ class Settings:
     def thresholds(self) -> tuple[float, ...]:
         """The similarity thresholds 1 - eps, one per configured eps."""
         return tuple(1.0 - e for e in self.eps)
+
+    @property
+    def keep_by_columns(self) -> tuple[tuple[str, bool], ...]:
+        """The `keep_by` columns as (name, descending) pairs, most significant first (() without it)."""
+        return parse_keep_by(self.keep_by)
 
     @property
     def payload_column(self) -> str:
@@ -172,6 +181,34 @@ class Settings:
     def replace(self, **changes: Any) -> "Settings":
         """A copy with some fields changed (None values are ignored)."""
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+# Names the stage files use themselves (raw index, payload, assignments): a keep-by column cannot take them.
+RESERVED_COLUMNS = ("id", "shard", "row", "text", "caption", "cluster", "sim_to_centroid", "embedding")
+
+
+def parse_keep_by(text: str | None) -> tuple[tuple[str, bool], ...]:
+    """`score:desc,lang` -> (("score", True), ("lang", False)); ascending unless `:desc`.
+
+    Raises ValueError for an empty entry, a repeated column or a reserved name.
+    """
+    if text is None or not str(text).strip():
+        return ()
+    out: list[tuple[str, bool]] = []
+    for part in str(text).split(","):
+        name, _, order = part.strip().rpartition(":")
+        if not name or order.strip().lower() not in ("asc", "desc"):
+            name, order = part.strip(), "asc"  # no (or no known) direction: the whole entry is the name
+        name = name.strip()
+        if not name:
+            raise ValueError(f"keep_by has an empty column name in {text!r}; expected COLUMN[:asc|desc],...")
+        if name in RESERVED_COLUMNS:
+            raise ValueError(f"keep_by column {name!r} is a name the stage files use themselves "
+                             f"({', '.join(RESERVED_COLUMNS)}); rename the input column")
+        if name in (n for n, _ in out):
+            raise ValueError(f"keep_by names column {name!r} twice")
+        out.append((name, order.strip().lower() == "desc"))
+    return tuple(out)
 
 
 def knobs() -> tuple[dataclasses.Field, ...]:

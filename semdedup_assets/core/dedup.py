@@ -43,24 +43,39 @@ class DedupBucketResult:
     problems: list[str] = field(default_factory=list)
 
 
-def read_bucket_rows(files: Sequence[st.UPath], first: int, end: int, clusters: list[int] | None = None) -> pa.Table:
-    """The assignments of clusters [first, end) (or of `clusters`) from every shard file (row groups skipped by stats)."""
+def read_bucket_rows(files: Sequence[st.UPath], first: int, end: int, clusters: list[int] | None = None,
+                     keep_by: Sequence[str] = ()) -> pa.Table:
+    """The assignments of clusters [first, end) (or of `clusters`) from every shard file (row groups skipped by stats).
+
+    `keep_by` columns are read too; a file without one of them fails, naming the file.
+    """
     if not files:
         return pa.table({})
     local = st.is_local(files[0])
-    dataset = ds.dataset([str(p) if local else p.path for p in files], format="parquet",
+    schema = None
+    if keep_by:
+        # A shard whose keep-by column held no value stores it as null-typed: unify to the others' type.
+        schemas = [st.read_schema(p) for p in files]
+        for path, file_schema in zip(files, schemas):
+            if missing := [n for n in keep_by if n not in file_schema.names]:
+                raise ValueError(f"{path} has no keep-by column {missing[0]!r} (columns: "
+                                 f"{', '.join(file_schema.names)}): assign the shard again with this --keep-by")
+        schema = pa.unify_schemas([s.remove_metadata() for s in schemas], promote_options="permissive")
+    dataset = ds.dataset([str(p) if local else p.path for p in files], format="parquet", schema=schema,
                          filesystem=None if local else files[0].fs)
     flt = (pc.field("cluster") >= first) & (pc.field("cluster") < end) if clusters is None else \
         pc.field("cluster").isin(clusters)
-    table = dataset.to_table(filter=flt, columns=["id", "shard", "cluster", "sim_to_centroid", "embedding"])
+    table = dataset.to_table(filter=flt, columns=["id", "shard", "cluster", "sim_to_centroid", "embedding", *keep_by])
     return table.sort_by([("cluster", "ascending"), ("id", "ascending")])
 
 
 def dedup_table(table: pa.Table, strategy: str, seed: int, block_size: int, device: str, precision: str = "fp32",
-                thresholds: tuple[float, ...] = (), stats: dict[str, float] | None = None) -> tuple[pa.Table, list[int]]:
+                thresholds: tuple[float, ...] = (), stats: dict[str, float] | None = None,
+                keep_by: Sequence[tuple[str, bool]] = ()) -> tuple[pa.Table, list[int]]:
     """Run the pairwise rule on every cluster of a bucket's rows; returns the result and cluster sizes.
 
-    `stats`, if given, accumulates the low-precision kernel's re-checked rows and bound.
+    `stats`, if given, accumulates the low-precision kernel's re-checked rows and bound;
+    `keep_by` (column, descending) pairs order each cluster before the strategy's key.
     """
     if table.num_rows == 0:
         return SEMANTIC_DUPLICATES_SCHEMA.empty_table(), []
@@ -72,9 +87,11 @@ def dedup_table(table: pa.Table, strategy: str, seed: int, block_size: int, devi
     starts = np.concatenate([[0], bounds])
     ends = np.concatenate([bounds, [len(clusters)]])
     order_parts, rank_parts, max_parts, dup_parts = [], [], [], []
+    keys = [(table.column(name).combine_chunks(), desc) for name, desc in keep_by]
     for s, e in zip(starts, ends):
         r = cluster_semantic_duplicates(ids[s:e], vectors[s:e], sims[s:e], strategy, seed, block_size, device,
-                                        precision, thresholds, stats)
+                                        precision, thresholds, stats,
+                                        keep_by=[(values.slice(s, e - s), desc) for values, desc in keys])
         order_parts.append(r["order"] + s)
         rank_parts.append(r["rank"])
         max_parts.append(r["max_sim"])
@@ -117,19 +134,21 @@ def dedup_bucket(settings: Settings, bucket: str, k: int, assignment_files: Sequ
     device = str(resolve_device(settings.device))
     first, end = bucket_cluster_range(int(bucket), k, settings.buckets)
     files = sorted(assignment_files, key=str)
-    table = read_bucket_rows(files, first, end)
+    keep_by = settings.keep_by_columns
+    names = [name for name, _ in keep_by]
+    table = read_bucket_rows(files, first, end, keep_by=names)
     kernel: dict[str, float] = {"rechecked_rows": 0, "error_bound": 0.0}
     start = time.perf_counter()
     if settings.probes > 1:  # exact fp32 tiles over the probed clusters (core/multiprobe.py)
         from semdedup_assets.core.centroids import load_centroids
         from semdedup_assets.core.multiprobe import multiprobe_bucket
 
-        result, sizes = multiprobe_bucket(table, lambda cs: read_bucket_rows(files, 0, 0, cs),
+        result, sizes = multiprobe_bucket(table, lambda cs: read_bucket_rows(files, 0, 0, cs, keep_by=names),
                                           load_centroids(storage), settings.probes, settings.keep, settings.seed,
-                                          settings.block_size, device)
+                                          settings.block_size, device, keep_by=keep_by)
     else:
         result, sizes = dedup_table(table, settings.keep, settings.seed, settings.block_size, device,
-                                    settings.precision, settings.thresholds, kernel)
+                                    settings.precision, settings.thresholds, kernel, keep_by=keep_by)
     seconds = round(time.perf_counter() - start, 2)
     problems = []
     if result.num_rows != table.num_rows or pc.count_distinct(result.column("id")).as_py() != result.num_rows:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import io
+import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from semdedup_assets.core import storage as st
 from semdedup_assets.core.config import Settings
@@ -80,13 +83,32 @@ def embedding_problems(vectors: np.ndarray, expected_rows: int) -> list[str]:
 def embedding_cache_key(raw_path: st.UPath, shard: ShardFile, settings: Settings) -> str:
     """What an embeddings file depends on: the raw index's bytes, the input files and the encoder settings."""
     h = hashlib.blake2b(digest_size=16)
-    with raw_path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    for block in _index_bytes(raw_path):
+        h.update(block)
     payload = shard.fingerprint() if settings.modality != "text" else ""  # text lives in the raw file itself
     h.update(repr((settings.modality, settings.column, settings.model, settings.pretrained, settings.pooling,
                    settings.max_length, payload, settings.embedding_dtype)).encode())
     return h.hexdigest()
+
+
+def _index_bytes(raw_path: st.UPath) -> Iterator[bytes]:
+    """The raw file's bytes, as they would be without its keep-by columns.
+
+    Ordering columns do not change an embedding: a raw file written with --keep-by is
+    re-serialised without them (the same writer and options give the very bytes of a raw
+    file ingested without --keep-by), so switching --keep-by on or off reuses the cache.
+    """
+    metadata = st.read_schema(raw_path).metadata or {}
+    if st.RAW_KEEP_BY_KEY not in metadata:
+        with raw_path.open("rb") as f:
+            yield from iter(lambda: f.read(1 << 20), b"")
+        return
+    table = st.read_table(raw_path).drop_columns(json.loads(metadata[st.RAW_KEEP_BY_KEY]))
+    table = table.replace_schema_metadata({k: v for k, v in metadata.items() if k != st.RAW_KEEP_BY_KEY})
+    buf = io.BytesIO()
+    with pq.ParquetWriter(buf, table.schema, **st.parquet_options(table.schema)) as writer:
+        writer.write_table(table)
+    yield buf.getvalue()
 
 
 def cached_key(path: st.UPath, warn: Callable[[str], None] | None = None) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -12,9 +13,10 @@ from semdedup_assets.core import storage as st
 from semdedup_assets.core.export import FINGERPRINT_KEY
 from semdedup_assets.core.catalog import duplicate_ids
 from semdedup_assets.core.config import Settings
-from semdedup_assets.core.shards import ShardError, ShardFile, read_shard
+from semdedup_assets.core.shards import ShardError, ShardFile, keep_by_kind, read_shard
 
 RAW_DIM_KEY = b"semdedup.dim"
+RAW_KEEP_BY_KEY = st.RAW_KEEP_BY_KEY  # the embeddings cache ignores these columns (core/embed.py)
 PREVIEW_ROWS = 3
 
 DuplicateId = tuple[str, str, int, str, int]  # (id, shard, row, other shard, other row)
@@ -69,6 +71,24 @@ def check_dims(storage: st.Storage, dims: dict[str, int], keys: Sequence[str]) -
                                 "every shard must have one dimension")
 
 
+def check_keep_by_kinds(storage: st.Storage, kinds: dict[str, dict[str, str]], keys: Sequence[str]) -> None:
+    """Every shard, new or already ingested, orders a keep-by column as the same kind (number or string)."""
+    known = dict(kinds)
+    names = {n for k in kinds.values() for n in k}
+    for path in storage.stage_files(st.RAW):
+        shard = storage.shard_of(st.RAW, path)
+        if shard not in keys:
+            schema = st.read_schema(path)
+            known[shard] = {n: keep_by_kind(schema.field(n).type) for n in names if n in schema.names}
+    for name in sorted(names):
+        seen = {shard: k[name] for shard, k in sorted(known.items()) if k.get(name, "null") != "null"}
+        if len(set(seen.values())) > 1:
+            first = next(iter(seen))
+            other = next(s for s in seen if seen[s] != seen[first])
+            raise ShardError(other, f"keep-by column {name!r} holds {seen[other]}s here but {seen[first]}s in shard "
+                                    f"{first!r}; a keep-by column must be of one kind in every shard")
+
+
 def ingest_shards(settings: Settings, shards: Sequence[ShardFile],
                   log: Callable[[str], None] | None = None) -> IngestResult:
     """Validate every shard, then publish `raw/<key>.parquet` for all of them together.
@@ -81,18 +101,23 @@ def ingest_shards(settings: Settings, shards: Sequence[ShardFile],
     pending: list[st.AtomicParquetWriter] = []
     pending_ids: list[pa.Table] = []
     dims: dict[str, int] = {}
+    keep_by = tuple(name for name, _ in settings.keep_by_columns)
+    kinds: dict[str, dict[str, str]] = {}
     done: list[IngestedShard] = []
     table: pa.Table | None = None
     start = time.perf_counter()
     with st.publish_together(pending):
         for shard in shards:
-            index = read_shard(shard, settings.modality, settings.payload_column, settings.id_column)
+            index = read_shard(shard, settings.modality, settings.payload_column, settings.id_column, keep_by)
             table = index.table.add_column(1, "shard", pa.array([shard.key] * index.table.num_rows, type=pa.string()))
             # The input as ingested: `semdedup export` refuses a shard that changed since.
             schema_meta = {FINGERPRINT_KEY: shard.fingerprint().encode()}
             if index.dim is not None:
                 dims[shard.key] = index.dim
                 schema_meta[RAW_DIM_KEY] = str(index.dim).encode()
+            if keep_by:  # only then: without --keep-by the raw file is byte for byte what it always was
+                schema_meta[RAW_KEEP_BY_KEY] = json.dumps(list(keep_by)).encode()
+                kinds[shard.key] = {n: keep_by_kind(table.schema.field(n).type) for n in keep_by}
             table = table.replace_schema_metadata(schema_meta)
             path = storage.shard_file(st.RAW, shard.key)
             writer = st.AtomicParquetWriter(path, table.schema)
@@ -103,6 +128,7 @@ def ingest_shards(settings: Settings, shards: Sequence[ShardFile],
             if log is not None:
                 log(f"validated shard {shard.key!r}: {table.num_rows} rows")
         check_dims(storage, dims, keys)
+        check_keep_by_kinds(storage, kinds, keys)
         if pending_ids and (dups := duplicate_ids(storage, pa.concat_tables(pending_ids), exclude_shards=keys)):
             raise DuplicateIdsError(dups)
     preview = []

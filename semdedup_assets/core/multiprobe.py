@@ -9,7 +9,8 @@ across clusters. With P probes the rule becomes (P = 1 is exactly the paper's ru
   product with x_j (ties by cluster id);
 - one *global* order of all items, the keep strategy's key without the cluster:
   `hard` = (sim_to_centroid ascending, id), `easy` = (sim_to_centroid descending, id),
-  `random` = (seeded key, id); restricted to one cluster it is that cluster's order;
+  `random` = (seeded key, id), after the `--keep-by` columns when given; restricted to
+  one cluster it is that cluster's order;
 - M[j] = max cos(x_i, x_j) over the items i earlier than j in the global order whose own
   cluster c(i) is in Q(j); duplicate_of[j] is the earliest such i achieving it;
   M[j] = 0 and no duplicate_of when there is no such i;
@@ -29,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from semdedup_assets.core.ordering import cluster_order
+from semdedup_assets.core.ordering import KeepByKey, cluster_order
 from semdedup_assets.core.pairwise import _max_over_earlier
 from semdedup_assets.core.schemas import SEMANTIC_DUPLICATES_SCHEMA
 from semdedup_assets.core.tables import unit_embeddings
@@ -52,9 +53,10 @@ def probe_clusters(x: np.ndarray, centroids: np.ndarray, own: np.ndarray, probes
     return out
 
 
-def global_rank(ids: Sequence[str] | np.ndarray, sims: np.ndarray, strategy: str, seed: int) -> np.ndarray:
-    """Each item's position in the global order (the strategy's key, then id, over all items given)."""
-    order = cluster_order(ids, sims, strategy, seed)
+def global_rank(ids: Sequence[str] | np.ndarray, sims: np.ndarray, strategy: str, seed: int,
+                keep_by: Sequence[KeepByKey] = ()) -> np.ndarray:
+    """Each item's position in the global order (keep-by columns, the strategy's key, then id, over all items)."""
+    order = cluster_order(ids, sims, strategy, seed, keep_by=keep_by)
     rank = np.empty(len(order), dtype=np.int64)
     rank[order] = np.arange(len(order))
     return rank
@@ -129,7 +131,8 @@ def dense_multiprobe(vectors: np.ndarray, rank: np.ndarray, clusters: np.ndarray
 
 def multiprobe_bucket(table: pa.Table, read_clusters: Callable[[list[int]], pa.Table], centroids: np.ndarray,
                       probes: int, strategy: str, seed: int, block_size: int = 1024,
-                      device: str | torch.device | None = None) -> tuple[pa.Table, list[int]]:
+                      device: str | torch.device | None = None,
+                      keep_by: Sequence[tuple[str, bool]] = ()) -> tuple[pa.Table, list[int]]:
     """The multi-probe rule for the items of one bucket (`table`, assignment rows sorted by cluster, id).
 
     `read_clusters(ids)` returns the assignment rows of other clusters that the bucket's
@@ -148,7 +151,8 @@ def multiprobe_bucket(table: pa.Table, read_clusters: Callable[[list[int]], pa.T
     clusters = pool.column("cluster").to_numpy().astype(np.int64)
     sims = pool.column("sim_to_centroid").to_numpy()
     vectors = np.concatenate([bucket_x, unit_embeddings(others)]) if extra else bucket_x
-    rank = global_rank(ids, sims, strategy, seed)
+    rank = global_rank(ids, sims, strategy, seed,
+                       [(pool.column(name).combine_chunks(), desc) for name, desc in keep_by])
     queries = np.arange(table.num_rows)
     max_sim, dup = multiprobe_max_sim(vectors, clusters, rank, queries, probe, block_size, device)
     # Output rows: by cluster, then the cluster's own order (the global order restricted to it).

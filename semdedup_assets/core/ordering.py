@@ -1,4 +1,9 @@
-"""Processing order of the members of one cluster (SemDeDup step 3: hard / easy / random)."""
+"""Processing order of the members of one cluster (SemDeDup step 3: hard / easy / random).
+
+With `--keep-by COLUMN[:asc|desc],...` the members are ordered by those input columns
+first (nulls last in either direction), then by the strategy's key, then by id; without
+it the order is exactly the strategy's (the same code path as before the option existed).
+"""
 
 from __future__ import annotations
 
@@ -6,8 +11,13 @@ import hashlib
 from collections.abc import Sequence
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from semdedup_assets.core.config import KEEP_STRATEGIES as STRATEGIES
+
+# One keep-by column's values for the rows being ordered, and whether it sorts descending.
+KeepByKey = tuple["pa.Array | pa.ChunkedArray | np.ndarray | Sequence[object]", bool]
 
 
 def validate_strategy(strategy: str) -> str:
@@ -46,8 +56,14 @@ def cluster_order(
     sim_to_centroid: np.ndarray,
     strategy: str,
     seed: int = 0,
+    keep_by: Sequence[KeepByKey] = (),
 ) -> np.ndarray:
-    """Return the int64 permutation (indices into the inputs) in which a cluster is processed."""
+    """Return the int64 permutation (indices into the inputs) in which a cluster is processed.
+
+    `keep_by` holds (values, descending) per keep-by column, most significant first; the
+    strategy's key and the id break its ties, so the order is total and never depends on
+    the order in which rows arrived.
+    """
     validate_strategy(strategy)
     id_arr = ids_as_str(ids)
     sims = np.asarray(sim_to_centroid, dtype=np.float64).reshape(-1)
@@ -57,6 +73,8 @@ def cluster_order(
         return np.empty(0, dtype=np.int64)
     if np.isnan(sims).any():
         raise ValueError("sim_to_centroid contains NaN; the order would be undefined")
+    if keep_by:
+        return _keep_by_order(id_arr, sims, strategy, seed, keep_by)
     # np.lexsort: the last key is the primary one; the id is always the tie-breaker,
     # so the result never depends on the order in which rows arrived.
     if strategy == "hard":
@@ -66,3 +84,30 @@ def cluster_order(
     else:
         perm = np.lexsort((id_arr, random_keys(id_arr, seed)))
     return perm.astype(np.int64, copy=False)
+
+
+def _keep_by_order(ids: np.ndarray, sims: np.ndarray, strategy: str, seed: int,
+                   keep_by: Sequence[KeepByKey]) -> np.ndarray:
+    """The keep-by columns, then the strategy's key, then the id; nulls (and NaN) last in every column.
+
+    Arrow's multi-key sort is stable and orders strings by UTF-8 bytes, i.e. by code point,
+    exactly as numpy orders the ids in the plain path; the unique id makes the order total.
+    """
+    columns: dict[str, pa.Array] = {}
+    sort_keys: list[tuple[str, str]] = []
+    for k, (values, descending) in enumerate(keep_by):
+        arr = values if isinstance(values, (pa.Array, pa.ChunkedArray)) else pa.array(values)
+        if len(arr) != len(ids):
+            raise ValueError(f"keep-by column {k} has {len(arr)} values for {len(ids)} ids")
+        if pa.types.is_floating(arr.type):  # NaN sorts with the nulls: last, in either direction
+            arr = pc.if_else(pc.is_nan(arr), pa.scalar(None, arr.type), arr)
+        columns[f"k{k}"] = arr
+        sort_keys.append((f"k{k}", "descending" if descending else "ascending"))
+    if strategy == "random":
+        columns["s"], order = pa.array(random_keys(ids, seed)), "ascending"
+    else:
+        columns["s"], order = pa.array(sims), "ascending" if strategy == "hard" else "descending"
+    columns["id"] = pa.array(ids.tolist(), type=pa.string())
+    # Arrow places nulls at the end in either direction by default (every release since 3.0).
+    perm = pc.sort_indices(pa.table(columns), sort_keys=sort_keys + [("s", order), ("id", "ascending")])
+    return perm.to_numpy().astype(np.int64, copy=False)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from semdedup_assets.core.config import PRECISIONS
-from semdedup_assets.core.ordering import cluster_order
+from semdedup_assets.core.ordering import KeepByKey, cluster_order
 
 ArrayLike2D = np.ndarray | torch.Tensor
 
@@ -240,12 +240,14 @@ def cluster_semantic_duplicates(
     precision: str = "fp32",
     thresholds: Sequence[float] = (),
     stats: dict[str, float] | None = None,
+    keep_by: Sequence[KeepByKey] = (),
 ) -> dict[str, np.ndarray]:
-    """Order one cluster, run the tiled rule, and return arrays in processing order."""
+    """Order one cluster (`keep_by` columns first, see ordering.cluster_order), run the tiled rule,
+    and return arrays in processing order."""
     n = len(ids)
     if int(embeddings.shape[0]) != n:
         raise ValueError(f"ids has {n} entries but embeddings has {embeddings.shape[0]} rows")
-    order = cluster_order(ids, sim_to_centroid, strategy, seed=seed)
+    order = cluster_order(ids, sim_to_centroid, strategy, seed=seed, keep_by=keep_by)
     if isinstance(embeddings, torch.Tensor):
         ordered: ArrayLike2D = embeddings[torch.from_numpy(order).to(embeddings.device)]
     else:

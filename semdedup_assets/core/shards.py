@@ -342,8 +342,40 @@ class ShardIndex:
     dim: int | None = None
 
 
-def read_shard(shard: ShardFile, modality: str, column: str, id_column: str = "id") -> ShardIndex:
-    """Validate one shard and return its index (id, row; text for the text modality)."""
+def keep_by_kind(type_: pa.DataType) -> str:
+    """How a stored keep-by column orders: 'number', 'string', or 'null' (a column with no value at all)."""
+    if pa.types.is_null(type_):
+        return "null"
+    return "string" if pa.types.is_string(type_) else "number"
+
+
+def keep_by_column(shard: str, name: str, values: pa.ChunkedArray) -> pa.Array:
+    """One keep-by column as stored: float64 for numbers, booleans, dates and timestamps (microseconds
+    since the epoch; NaN becomes null, so it sorts last), string for text, null when it holds no value.
+
+    One stored type per kind lets every shard's assignments be read as one table.
+    """
+    t = values.type
+    if pa.types.is_dictionary(t):
+        values, t = values.cast(t.value_type), t.value_type
+    if pa.types.is_null(t):
+        return values.combine_chunks()
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return values.cast(pa.string()).combine_chunks()
+    if pa.types.is_date(t) or pa.types.is_timestamp(t):
+        tz = t.tz if pa.types.is_timestamp(t) else None
+        values = values.cast(pa.timestamp("us", tz)).cast(pa.int64())
+    elif not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
+              or pa.types.is_decimal(t)):
+        raise ShardError(shard, f"keep-by column {name!r} is {t}: only numbers, booleans, dates, timestamps and "
+                         "strings can order the members of a cluster")
+    out = values.cast(pa.float64()).combine_chunks()
+    return pc.if_else(pc.is_nan(out), pa.scalar(None, pa.float64()), out)
+
+
+def read_shard(shard: ShardFile, modality: str, column: str, id_column: str = "id",
+               keep_by: tuple[str, ...] = ()) -> ShardIndex:
+    """Validate one shard and return its index (id, row; text for the text modality; the `keep_by` columns)."""
     if shard.kind == "npy" and modality != "embedding":
         raise ShardError(shard.key, f".npy shards hold embeddings: use --modality embedding, not {modality!r}")
     if shard.kind == "tar" and modality != "image":
@@ -367,6 +399,10 @@ def read_shard(shard: ShardFile, modality: str, column: str, id_column: str = "i
         _validate_images(shard.key, column, table.column(column))
         if "caption" in table.column_names and column != "caption":
             index["caption"] = table.column("caption").cast(pa.string())
+    for name in keep_by:
+        if name not in table.column_names:
+            raise ShardError(shard.key, f"missing keep-by column {name!r} (columns: {', '.join(table.column_names)})")
+        index[name] = keep_by_column(shard.key, name, table.column(name))
     return ShardIndex(pa.table(index), dim)
 
 

@@ -35,6 +35,8 @@ REJECTED = "rejected"  # undecodable images, per shard (id, shard, reason)
 CONTAMINATED = "contaminated"  # items near a --reference (evaluation) set
 # Schema metadata of an embeddings file: what it was computed from (raw bytes, input, encoder settings).
 EMBEDDING_CACHE_KEY = b"semdedup.cache_key"
+# Schema metadata of a raw file ingested with --keep-by: its keep-by columns (a JSON list).
+RAW_KEEP_BY_KEY = b"semdedup.keep_by"
 STAGES = (RAW, REJECTED, EMBEDDINGS, CENTROIDS, CLUSTER_ASSIGNMENTS, SEMANTIC_DUPLICATES, KEEP_LISTS)
 
 # Characters a shard key may never hold: backslashes (a Windows separator) and controls.
