@@ -75,9 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "in its own format and relative path, with all of its columns and only the kept rows "
                             "(items flagged by --reference decontamination are dropped too). Shards whose kept rows "
                             "did not change since the last export of the same selection are not rewritten.")
-    export.add_argument("--select", default=None, metavar="eps=E|keep-fraction=F",
+    export.add_argument("--select", default=None, metavar="eps=E|keep-fraction=F|METHOD:K=V,...",
                         help="eps=E (one of the configured eps) or keep-fraction=F with 0 < F <= 1: keep the "
-                        "ceil(F * items) items with the smallest max_sim, ties by id (default: the smallest eps)")
+                        "ceil(F * items) items with the smallest max_sim, ties by id (default: the smallest eps); "
+                        "or a pruning selection, computed first: prototypes:keep-fraction=F, "
+                        "d4:eps=E,keep-fraction=F[,clusters=K], dbp:eps=E,keep-fraction=F[,temperature=T,neighbours=L]")
     _add_storage(export)
 
     verify = sub.add_parser("verify", help="check that every stage file is whole and consistent; --repair deletes bad ones",
@@ -285,6 +287,8 @@ def cmd_export(storage: str | None, select: str | None) -> int:
     """Write the deduplicated dataset for a selection and print what each shard kept."""
     from semdedup_assets import progress
     from semdedup_assets.core.export import ExportError, default_selection, export_shards, parse_selection
+    from semdedup_assets.core.catalog import refresh_catalog
+    from semdedup_assets.core.prune import PruneError, compute_pruning
 
     settings = load_settings(storage)
     if refuse_missing_storage(settings):
@@ -294,11 +298,16 @@ def cmd_export(storage: str | None, select: str | None) -> int:
         return 1
     try:
         selection = parse_selection(select or settings.select or default_selection(settings.eps), settings.eps)
+        if selection.pruning is not None:  # computed from the stored results (deterministic: same bytes again)
+            pruned = compute_pruning(settings, selection.pruning, log=lambda m: print(f"[semdedup] {m}", file=sys.stderr))
+            refresh_catalog(settings.storage_root())
+            print(f"{pruned.label}: {pruned.survivors} of {pruned.items} items survive, target {pruned.target}, "
+                  f"kept {pruned.kept}", file=sys.stderr)
         total = len(settings.storage_root().stage_files("raw"))
         with _show_progress(settings), progress.task("export", total, unit="shards") as bar:
             done = export_shards(settings.storage_root(), settings.input, selection, configured_eps=settings.eps,
                                  log=lambda note: bar.update(1, note))
-    except (ExportError, FileNotFoundError) as err:
+    except (ExportError, PruneError, FileNotFoundError) as err:
         print(f"semdedup: error: {err}", file=sys.stderr)
         return 1
     for d in done:

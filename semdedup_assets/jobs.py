@@ -32,4 +32,9 @@ export_job = dg.define_asset_job(
     description="Write the deduplicated dataset for the `select` knob (one partition per shard).",
 )
 
-ALL_JOBS = [ingest_job, centroids_job, assign_job, dedup_job, keep_lists_job, export_job]
+prune_job = dg.define_asset_job(
+    "prune_job", selection=dg.AssetSelection.assets("pruned_prototypes", "pruned_d4", "pruned_dbp"),
+    description="Compute the pruning selections of the `prune` knob (SSL prototypes, D4, DBP).",
+)
+
+ALL_JOBS = [ingest_job, centroids_job, assign_job, dedup_job, keep_lists_job, export_job, prune_job]

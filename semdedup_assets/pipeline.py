@@ -36,6 +36,8 @@ STAGES: list[tuple[str, str, str | None]] = [
     ("semantic_duplicates", "dedup_job", "buckets"),
     ("keep_lists", "keep_lists_job", None),
 ]
+# Run after the keep-lists only when the `prune` knob names pruning selections.
+PRUNE_STAGE = ("pruned", "prune_job", None)
 
 
 def console_run_config(verbose: bool) -> dict:
@@ -154,7 +156,7 @@ def _run_pipeline(settings: Settings, instance: dg.DagsterInstance, log=print, v
     buckets = bucket_def.get_partition_keys()
     registered = instance.get_dynamic_partitions(SHARDS_PARTITIONS_NAME)
     result = PipelineResult(shards=shards)
-    for label, job_name, partitioning in STAGES:
+    for label, job_name, partitioning in STAGES + ([PRUNE_STAGE] if settings.prune else []):
         tags: dict[str, str] = {"semdedup/stage": label}
         if partitioning == "shards":
             # A range over the registered keys in registration order: every shard in one run.

@@ -15,7 +15,7 @@ from semdedup_assets.definitions import build_definitions, load_definitions
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = {"raw_shards", "embeddings", "centroids", "cluster_assignments", "semantic_duplicates", "keep_lists",
-          "deduplicated", "contaminated"}
+          "deduplicated", "contaminated", "pruned_prototypes", "pruned_d4", "pruned_dbp"}
 
 
 def test_definitions_load(tmp_path: Path, monkeypatch) -> None:
@@ -26,7 +26,7 @@ def test_definitions_load(tmp_path: Path, monkeypatch) -> None:
     assert keys == ASSETS
     # Each job covers one partitioning of the graph: its assets, and their partitions.
     jobs = {}
-    for name in ("ingest_job", "centroids_job", "assign_job", "dedup_job", "keep_lists_job", "export_job"):
+    for name in ("ingest_job", "centroids_job", "assign_job", "dedup_job", "keep_lists_job", "export_job", "prune_job"):
         job = defs.resolve_job_def(name)
         partitions = job.partitions_def
         jobs[name] = (sorted(k.to_user_string() for k in job.asset_layer.selected_asset_keys),
@@ -37,6 +37,7 @@ def test_definitions_load(tmp_path: Path, monkeypatch) -> None:
         "ingest_job": (["embeddings", "raw_shards"], "shards"), "centroids_job": (["centroids"], None),
         "assign_job": (["cluster_assignments"], "shards"), "dedup_job": (["semantic_duplicates"], buckets),
         "keep_lists_job": (["contaminated", "keep_lists"], None), "export_job": (["deduplicated"], "shards"),
+        "prune_job": (["pruned_d4", "pruned_dbp", "pruned_prototypes"], None),
     }
     with pytest.raises(dg.DagsterInvariantViolationError, match="Could not find job"):
         defs.resolve_job_def("no_such_job")
@@ -52,8 +53,10 @@ def test_graph_shape_pools_and_partitions() -> None:
     assert parents == {
         "raw_shards": set(), "embeddings": {"raw_shards"}, "centroids": {"embeddings"},
         "cluster_assignments": {"embeddings", "centroids"}, "semantic_duplicates": {"cluster_assignments"},
-        "keep_lists": {"semantic_duplicates"}, "deduplicated": {"keep_lists", "contaminated"},
-        "contaminated": {"embeddings"},
+        "keep_lists": {"semantic_duplicates"},
+        "deduplicated": {"keep_lists", "contaminated", "pruned_prototypes", "pruned_d4", "pruned_dbp"},
+        "contaminated": {"embeddings"}, "pruned_prototypes": {"keep_lists"}, "pruned_d4": {"keep_lists"},
+        "pruned_dbp": {"keep_lists"},
     }
     sd = d.resolve_assets_def("semantic_duplicates")
     assert sd.partitions_def.get_partition_keys() == ["000", "001", "002", "003", "004"]

@@ -15,7 +15,7 @@ def build_deduplicated(settings: Settings) -> dg.AssetsDefinition:
     @dg.asset(
         name="deduplicated",
         partitions_def=shard_partitions,
-        deps=["keep_lists", "contaminated"],
+        deps=["keep_lists", "contaminated", "pruned_prototypes", "pruned_d4", "pruned_dbp"],
         backfill_policy=shard_backfill_policy(settings),
         group_name="dedup",
         kinds={"parquet"},

@@ -15,7 +15,9 @@ import duckdb
 import pyarrow as pa
 
 from semdedup_assets.core.schemas import (
+    BUDGET_SCHEMA,
     CONTAMINATED_SCHEMA,
+    KEPT_SCHEMA,
     EPS_CURVE_SCHEMA,
     RAW_INDEX_SCHEMA,
     REJECTED_SCHEMA,
@@ -30,6 +32,7 @@ from semdedup_assets.core.storage import (
     CLUSTER_ASSIGNMENTS,
     EMBEDDINGS,
     KEEP_LISTS,
+    PRUNED,
     RAW,
     REJECTED,
     SEMANTIC_DUPLICATES,
@@ -50,6 +53,9 @@ _VIEWS: dict[str, tuple[str, str, tuple[str, ...] | None, pa.Schema]] = {
     "cluster_assignments": (CLUSTER_ASSIGNMENTS, "**/*.parquet", ("id", "shard", "cluster", "sim_to_centroid"),
                             assignments_schema(1)),
     "centroid_vectors": (CENTROIDS, "centroids.parquet", ("cluster", "centroid"), centroids_schema(1)),
+    # Pruning selections (core/prune.py): one folder per selection label.
+    "pruned": (PRUNED, "*/kept.parquet", tuple(KEPT_SCHEMA.names), KEPT_SCHEMA),
+    "pruned_budget": (PRUNED, "*/budget.parquet", tuple(BUDGET_SCHEMA.names), BUDGET_SCHEMA),
 }
 
 _SQL_TYPES = {pa.string(): "VARCHAR", pa.int32(): "INTEGER", pa.int64(): "BIGINT", pa.float32(): "FLOAT",

@@ -100,8 +100,13 @@ class Settings:
     reference: str | None = knob(None, "decontamination: folder (or file) of evaluation-set shards, embedded with the "
                                  "same encoder; items within 1 - eps of a reference item are flagged (view "
                                  "`contaminated`) and left out of the deduplicated dataset", metavar="PATH")
-    select: str | None = knob(None, "deduplicated dataset: eps=E (a configured eps) or keep-fraction=F "
-                              "(default: the smallest configured eps); `semdedup export --select`", flag=None)
+    select: str | None = knob(None, "deduplicated dataset: eps=E (a configured eps), keep-fraction=F or a pruning "
+                              "selection (prototypes:..., d4:..., dbp:...; default: the smallest configured eps); "
+                              "`semdedup export --select`", flag=None)
+    prune: str | None = knob(None, "pruning selections to materialize after the keep-lists, ';'-separated: "
+                             "prototypes:keep-fraction=F, d4:eps=E,keep-fraction=F[,clusters=K], "
+                             "dbp:eps=E,keep-fraction=F[,temperature=T,neighbours=L] (views `pruned`, "
+                             "`pruned_budget`)", metavar="METHOD:K=V,...[;...]")
     # Scale-out (core/engines.py): where the per-shard and per-bucket work runs.
     engine: EngineName = knob("local", "where embedding and the pairwise rule run: local (this process) or ray "
                               "(a local Ray instance, or the cluster at --ray-address)")

@@ -1,11 +1,12 @@
 """The deduplicated dataset: each input shard written again, in its own format, with only its kept rows.
 
 A *selection* says which items are kept: `eps=E` (one of the configured eps: keep
-`max_sim <= 1 - E`) or `keep-fraction=F` (keep the N = ceil(F * items) items with the
+`max_sim <= 1 - E`), `keep-fraction=F` (keep the N = ceil(F * items) items with the
 smallest max_sim, ties by id: the README's `ORDER BY max_sim, id LIMIT N`, solved exactly
-from the stored max_sim). Items flagged by decontamination (`contaminated`) are dropped
-too: those whose reference score exceeds 1 - eps, at the selection's eps (keep-fraction:
-the smallest configured eps).
+from the stored max_sim), or a pruning selection (`prototypes:...`, `d4:...`, `dbp:...`,
+core/prune.py: the kept items of its `pruned/<label>/kept.parquet`). Items flagged by
+decontamination (`contaminated`) are dropped too: those whose reference score exceeds
+1 - eps, at the selection's eps (keep-fraction and prototypes: the smallest configured eps).
 
 Output: `<storage>/deduplicated/<selection>/<the shard's path relative to the input>`, one
 writer per input format, streamed (bounded memory) and published atomically:
@@ -31,7 +32,6 @@ import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from fractions import Fraction
 from typing import IO
 
 import numpy as np
@@ -41,6 +41,7 @@ import pyarrow.parquet as pq
 
 from semdedup_assets.core import storage as st
 from semdedup_assets.core.catalog import BUCKET_GLOB, scan, sql_quote, stage_source
+from semdedup_assets.core.prune import Pruning, PruneError, is_pruning, keep_count, kept_file, parse_pruning
 from semdedup_assets.core.shards import ShardFile, discover_shards
 from semdedup_assets.core.storage import UPath
 from semdedup_assets.core.webdataset import split_member_name
@@ -58,23 +59,31 @@ class ExportError(ValueError):
 
 @dataclass(frozen=True)
 class Selection:
-    """Which items the deduplicated dataset keeps: by eps or by size."""
+    """Which items the deduplicated dataset keeps: by eps, by size, or by a pruning method."""
 
-    kind: str  # "eps" or "keep-fraction"
-    value: float
+    kind: str  # "eps", "keep-fraction", or a pruning method ("prototypes", "d4", "dbp")
+    value: float  # eps or keep-fraction
+    pruning: Pruning | None = None  # the pruning selection, for the pruning methods
 
     @property
     def label(self) -> str:
-        """The folder name under `<storage>/deduplicated/`, e.g. `eps=0.01`."""
-        return f"{self.kind}={st.format_eps(self.value)}"
+        """The folder name under `<storage>/deduplicated/`, e.g. `eps=0.01` or `dbp:eps=0.01,...`."""
+        return self.pruning.label if self.pruning is not None else f"{self.kind}={st.format_eps(self.value)}"
 
 
 def parse_selection(text: str, configured_eps: Sequence[float]) -> Selection:
-    """Parse `eps=E` (E must be configured) or `keep-fraction=F` (0 < F <= 1)."""
+    """Parse `eps=E` (E must be configured), `keep-fraction=F` (0 < F <= 1) or a pruning selection."""
+    if is_pruning(text):
+        try:
+            p = parse_pruning(text, configured_eps)
+        except PruneError as err:
+            raise ExportError(str(err)) from None
+        return Selection(p.method, p.keep_fraction, p)
     name, sep, raw = str(text).strip().partition("=")
     name = name.strip().lower().replace("_", "-")
     if not sep or name not in ("eps", "keep-fraction"):
-        raise ExportError(f"selection must be eps=E or keep-fraction=F, got {text!r}")
+        raise ExportError(f"selection must be eps=E or keep-fraction=F, or a pruning selection (prototypes:..., "
+                          f"d4:..., dbp:...), got {text!r}")
     try:
         value = float(raw)
     except ValueError:
@@ -95,11 +104,6 @@ def default_selection(configured_eps: Sequence[float]) -> str:
     return f"eps={st.format_eps(min(configured_eps))}"
 
 
-def keep_count(fraction: float, total: int) -> int:
-    """N for keep-fraction F: ceil(F * total), F taken as the exact decimal it was written as."""
-    return min(total, math.ceil(Fraction(repr(float(fraction))) * total))
-
-
 def _items_source(storage: st.Storage) -> str:
     if not storage.stage_files(st.SEMANTIC_DUPLICATES):
         raise ExportError("no semantic_duplicates results yet: run the pipeline first")
@@ -114,11 +118,19 @@ def _contaminated_source(storage: st.Storage) -> str | None:
 
 def contamination_eps(selection: Selection, configured_eps: Sequence[float]) -> float:
     """The eps at which contaminated items are dropped: the selection's, else the smallest configured."""
+    if selection.pruning is not None and selection.pruning.eps is not None:
+        return selection.pruning.eps
     return selection.value if selection.kind == "eps" else min(float(e) for e in configured_eps)
 
 
 def selection_condition(storage: st.Storage, selection: Selection) -> tuple[str, list[object]]:
     """A SQL condition over the `items` columns (max_sim, id) that is true for kept items."""
+    if selection.pruning is not None:
+        path = kept_file(storage, selection.pruning)
+        if not path.exists():
+            raise ExportError(f"no results for {selection.label} yet: materialize pruned_{selection.kind} "
+                              f"(or run `semdedup export --select {selection.label}`)")
+        return f"id IN (SELECT id FROM read_parquet({sql_quote(str(path))}))", []
     if selection.kind == "eps":
         # 1 - eps in float64, as keep_mask and the keep-list files.
         return "max_sim <= ?", [1.0 - float(selection.value)]

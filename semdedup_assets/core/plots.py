@@ -53,3 +53,22 @@ def histogram_markdown(values: Sequence[float] | np.ndarray, title: str, xlabel:
     ax.set_xlabel(xlabel)
     ax.set_ylabel("count")
     return _png_markdown(fig, title)
+
+
+def budget_markdown(budget: Sequence[dict], title: str) -> str:
+    """A pruning selection's per-cluster budget: members and kept per cluster (largest first), and
+    DBP's softmax target N * share where there is one, as a markdown image."""
+    fig, ax = _figure()
+    rows = sorted(budget, key=lambda b: (-b["members"], b["cluster"]))
+    x = np.arange(len(rows))
+    ax.plot(x, [b["members"] for b in rows], label="members")
+    ax.plot(x, [b["kept"] for b in rows], label="kept", marker=".", linestyle="none")
+    if rows and rows[0].get("target") is not None:
+        ax.plot(x, [b["target"] for b in rows], label="N * softmax share", alpha=0.7)
+    ax.set_yscale("symlog")
+    ax.set_xlabel("cluster (largest first)")
+    ax.set_ylabel("items")
+    ax.set_title(title, fontsize=8)
+    ax.legend(fontsize=7)
+    ax.grid(True, alpha=0.3)
+    return _png_markdown(fig, title)

@@ -67,3 +67,16 @@ EPS_CURVE_SCHEMA = pa.schema([
 # `contaminated`: dataset items within 1 - max(eps) of a reference item (core/decontaminate.py).
 CONTAMINATED_SCHEMA = pa.schema([("id", pa.string()), ("shard", pa.string()), ("reference_id", pa.string()),
                                  ("score", pa.float64())])
+
+
+# Pruning selections (core/prune.py): the kept items and the per-cluster budget of each.
+KEPT_SCHEMA = pa.schema([("selection", pa.string()), ("id", pa.string()), ("shard", pa.string()),
+                         ("cluster", pa.int32()), ("sim_to_centroid", pa.float64())])
+BUDGET_SCHEMA = pa.schema([
+    ("selection", pa.string()), ("cluster", pa.int32()), ("members", pa.int64()), ("kept", pa.int64()),
+    ("d_intra", pa.float64()), ("d_inter", pa.float64()), ("complexity", pa.float64()),
+    ("share", pa.float64()), ("target", pa.float64()),
+])
+# D4's per-bucket scores against the re-clustered centroids.
+PRUNE_SCORES_SCHEMA = pa.schema([("id", pa.string()), ("shard", pa.string()), ("cluster", pa.int32()),
+                                 ("sim_to_centroid", pa.float64())])

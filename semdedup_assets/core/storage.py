@@ -33,6 +33,7 @@ SEMANTIC_DUPLICATES = "semantic_duplicates"
 KEEP_LISTS = "keep_lists"
 REJECTED = "rejected"  # undecodable images, per shard (id, shard, reason)
 CONTAMINATED = "contaminated"  # items near a --reference (evaluation) set
+PRUNED = "pruned"  # pruning selections (core/prune.py), one folder per selection
 # Schema metadata of an embeddings file: what it was computed from (raw bytes, input, encoder settings).
 EMBEDDING_CACHE_KEY = b"semdedup.cache_key"
 # Schema metadata of a raw file ingested with --keep-by: its keep-by columns (a JSON list).
