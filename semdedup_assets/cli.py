@@ -1,4 +1,4 @@
-"""The `semdedup` command line: run, demo, sql, forget, status, export, verify."""
+"""The `semdedup` command line: run, demo, sql, forget, status, export, verify, sweep, compare."""
 
 from __future__ import annotations
 
@@ -89,6 +89,32 @@ def build_parser() -> argparse.ArgumentParser:
                             "`semdedup run` recomputes them.")
     verify.add_argument("--repair", action="store_true", help="delete every damaged or inconsistent file")
     _add_storage(verify)
+
+    sweep = sub.add_parser("sweep", help="the robustness study: one run per k (and encoder), embeddings computed once",
+                           description="Run the whole graph once per --clusters value (and per --model), each in its "
+                           "own sub-storage <storage>/[model=M/]k=K, a normal storage that every command opens. Each "
+                           "encoder embeds once; the other k of that encoder share its embeddings files (hard links, "
+                           "not copies) and run only centroids to keep-lists. Then compares them as `semdedup compare`.")
+    add_settings_options(sweep)
+    sweep._option_string_actions["--clusters"].help = "comma-separated k values, e.g. 100,1000,5000 (auto allowed)"
+    sweep._option_string_actions["--clusters"].required = True
+    sweep._option_string_actions["--model"].help = ("comma-separated encoders to sweep as well (default: the "
+                                                    "modality's default model, one sub-storage per k)")
+    _add_storage(sweep)
+    sweep.add_argument("--plot", default=None, metavar="PNG",
+                       help="where to write the eps curves (default: <storage>/compare.png)")
+    _add_verbose(sweep)
+
+    compare = sub.add_parser("compare", help="compare the removals of storages on the same items (k, seed, encoder)",
+                             description="Join finished storages on the item id (they must hold the same ids) and "
+                             "print, per eps, each one's removed count and, per pair, the Jaccard index of the removed "
+                             "sets and the share of A's removals that B also makes; write every configuration's eps "
+                             "curve into one PNG. A sweep's root stands for all of its sub-storages.")
+    compare.add_argument("storages", nargs="+", metavar="STORAGE", help="storage roots (or a `semdedup sweep` root)")
+    compare.add_argument("--eps", default=None, metavar="E1,E2,...",
+                         help="eps values to compare at (default: every eps any of the storages configured)")
+    compare.add_argument("--plot", default="semdedup-compare.png", metavar="PNG",
+                         help="where to write the eps curves (default: ./semdedup-compare.png)")
     return parser
 
 
@@ -358,6 +384,94 @@ def _cache_keys(settings: Settings):
     return key_of
 
 
+def comparison_report(storages: Sequence[str], eps: str | None, plot: str) -> str:
+    """`semdedup compare`'s output: the configurations, the per-eps tables and the plot's path (written here)."""
+    from semdedup_assets.core.catalog import format_table
+    from semdedup_assets.core.keep import parse_eps_list
+    from semdedup_assets.core.plots import eps_curves_png
+    from semdedup_assets.core.robustness import compare_storages, expand_sweeps
+
+    r = compare_storages(expand_sweeps(storages), parse_eps_list(eps) if eps else None)
+    with open(plot, "wb") as f:
+        f.write(eps_curves_png(r.curves))
+
+    def fmt(v: object) -> object:
+        return "-" if v is None else round(v, 4) if isinstance(v, float) else v
+
+    lines = ["configurations:"] + [f"  {c.label}: {c.storage} (" + ", ".join(f"{k}={v}" for k, v in c.settings.items())
+                                   + ")" for c in r.configurations]
+    lines.append(f"items: {r.items}")
+    cols = ["eps", "configuration", "removed", "kept_fraction"]
+    lines.append(format_table(cols, [tuple(fmt(row[c]) for c in cols) for row in r.per_configuration]))
+    if r.pairs:
+        cols = list(r.pairs[0])
+        lines += ["", format_table(cols, [tuple(fmt(row[c]) for c in cols) for row in r.pairs])]
+    lines.append(f"plot: {os.path.abspath(plot)}")
+    return "\n".join(lines)
+
+
+def cmd_compare(storages: Sequence[str], eps: str | None, plot: str) -> int:
+    """Print the comparison of finished storages and write the eps-curves PNG."""
+    from semdedup_assets.core.robustness import CompareError
+
+    try:
+        print(comparison_report(storages, eps, plot))
+    except (CompareError, OSError) as err:
+        print(f"semdedup: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _sweep_values(text: str, name: str) -> list[str]:
+    values = [v.strip() for v in text.split(",")]
+    if not all(values):
+        raise ValueError(f"--{name} has an empty entry: {text!r}")
+    return values
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """One run per (encoder, k) in sub-storages sharing each encoder's embeddings, then the comparison."""
+    from semdedup_assets.core.config import coerce
+    from semdedup_assets.core.robustness import CompareError, run_sweep
+    from semdedup_assets.core.shards import ShardError
+    from semdedup_assets.core.storage import StoreError
+    from semdedup_assets.pipeline import PipelineError, _execute, run_pipeline
+
+    clusters = [coerce("clusters", v) for v in _sweep_values(args.clusters, "clusters")]
+    models: list[str | None] = _sweep_values(args.model, "model") if args.model else [None]
+    args.clusters = args.model = None
+    base = _settings_from_args(args)
+    root = base.storage
+    own_home = os.environ.get("DAGSTER_HOME")  # given by the user: every sub-storage's runs go there
+    print(f"[semdedup] settings: {describe_settings(base)}", flush=True)
+
+    def run(settings: Settings) -> None:
+        if own_home is None:  # each sub-storage its own instance, as `semdedup run --storage SUB` would use
+            os.environ.pop("DAGSTER_HOME", None)
+        with _show_progress(settings):
+            run_pipeline(settings, _instance(settings), log=lambda m: print(m, flush=True), verbose=args.verbose,
+                         stop_on_signals=True)
+        print(summary(settings), flush=True)
+
+    try:
+        result = run_sweep(base, root, clusters, models, run, log=lambda m: print(m, flush=True))
+        first = load_settings(result.storages[0])
+        if own_home is None:
+            os.environ.pop("DAGSTER_HOME", None)
+        from semdedup_assets.definitions import build_definitions
+
+        # The `robustness` asset of the first sub-storage, so the UI on it shows the comparison.
+        _execute(build_definitions(first), _instance(first), "robustness_job", {"semdedup/sweep": root})
+        local_root = Settings(storage=root).storage_root()
+        plot = args.plot or (os.path.join(str(local_root.root), "compare.png") if local_root.local
+                             else "semdedup-compare.png")
+        print(comparison_report(result.storages, None, plot))
+    except (PipelineError, ShardError, StoreError, CompareError, FileNotFoundError, ValueError) as err:
+        print(f"semdedup: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `semdedup` console script."""
     from semdedup_assets.core.storage import StoreError
@@ -378,6 +492,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_export(args.storage, args.select)
         if args.command == "verify":
             return cmd_verify(args.storage, args.repair)
+        if args.command == "sweep":
+            return cmd_sweep(args)
+        if args.command == "compare":
+            return cmd_compare(args.storages, args.eps, args.plot)
         return cmd_forget(args.storage, args.shard, args.verbose)
     except ValueError as err:  # bad settings
         print(f"semdedup: error: {err}", file=sys.stderr)

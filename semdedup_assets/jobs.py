@@ -37,4 +37,10 @@ prune_job = dg.define_asset_job(
     description="Compute the pruning selections of the `prune` knob (SSL prototypes, D4, DBP).",
 )
 
-ALL_JOBS = [ingest_job, centroids_job, assign_job, dedup_job, keep_lists_job, export_job, prune_job]
+robustness_job = dg.define_asset_job(
+    "robustness_job", selection=dg.AssetSelection.assets("robustness"),
+    description="Compare this storage's removals with the `compare_with` storages (semdedup sweep runs it).",
+)
+
+ALL_JOBS = [ingest_job, centroids_job, assign_job, dedup_job, keep_lists_job, export_job, prune_job,
+            robustness_job]

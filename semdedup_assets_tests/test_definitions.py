@@ -15,7 +15,8 @@ from semdedup_assets.definitions import build_definitions, load_definitions
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = {"raw_shards", "embeddings", "centroids", "cluster_assignments", "semantic_duplicates", "keep_lists",
-          "deduplicated", "contaminated", "pruned_prototypes", "pruned_d4", "pruned_dbp"}
+          "deduplicated", "contaminated", "pruned_prototypes", "pruned_d4", "pruned_dbp",
+          "robustness"}
 
 
 def test_definitions_load(tmp_path: Path, monkeypatch) -> None:
@@ -26,7 +27,8 @@ def test_definitions_load(tmp_path: Path, monkeypatch) -> None:
     assert keys == ASSETS
     # Each job covers one partitioning of the graph: its assets, and their partitions.
     jobs = {}
-    for name in ("ingest_job", "centroids_job", "assign_job", "dedup_job", "keep_lists_job", "export_job", "prune_job"):
+    for name in ("ingest_job", "centroids_job", "assign_job", "dedup_job", "keep_lists_job", "export_job", "prune_job",
+                 "robustness_job"):
         job = defs.resolve_job_def(name)
         partitions = job.partitions_def
         jobs[name] = (sorted(k.to_user_string() for k in job.asset_layer.selected_asset_keys),
@@ -38,6 +40,7 @@ def test_definitions_load(tmp_path: Path, monkeypatch) -> None:
         "assign_job": (["cluster_assignments"], "shards"), "dedup_job": (["semantic_duplicates"], buckets),
         "keep_lists_job": (["contaminated", "keep_lists"], None), "export_job": (["deduplicated"], "shards"),
         "prune_job": (["pruned_d4", "pruned_dbp", "pruned_prototypes"], None),
+        "robustness_job": (["robustness"], None),
     }
     with pytest.raises(dg.DagsterInvariantViolationError, match="Could not find job"):
         defs.resolve_job_def("no_such_job")
@@ -56,7 +59,7 @@ def test_graph_shape_pools_and_partitions() -> None:
         "keep_lists": {"semantic_duplicates"},
         "deduplicated": {"keep_lists", "contaminated", "pruned_prototypes", "pruned_d4", "pruned_dbp"},
         "contaminated": {"embeddings"}, "pruned_prototypes": {"keep_lists"}, "pruned_d4": {"keep_lists"},
-        "pruned_dbp": {"keep_lists"},
+        "pruned_dbp": {"keep_lists"}, "robustness": {"keep_lists"},
     }
     sd = d.resolve_assets_def("semantic_duplicates")
     assert sd.partitions_def.get_partition_keys() == ["000", "001", "002", "003", "004"]

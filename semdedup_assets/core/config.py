@@ -100,6 +100,9 @@ class Settings:
     reference: str | None = knob(None, "decontamination: folder (or file) of evaluation-set shards, embedded with the "
                                  "same encoder; items within 1 - eps of a reference item are flagged (view "
                                  "`contaminated`) and left out of the deduplicated dataset", metavar="PATH")
+    compare_with: str | None = knob(None, "robustness asset: other storages (comma-separated) whose removals to "
+                                    "compare with this one's, on the same items (`semdedup sweep` sets it)",
+                                    flag=None, metavar="STORAGE,...")
     select: str | None = knob(None, "deduplicated dataset: eps=E (a configured eps), keep-fraction=F or a pruning "
                               "selection (prototypes:..., d4:..., dbp:...; default: the smallest configured eps); "
                               "`semdedup export --select`", flag=None)

@@ -4,18 +4,27 @@ from __future__ import annotations
 
 import base64
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 
-def _png_markdown(fig, alt: str) -> str:
+def _png_bytes(fig, dpi: int = 80) -> bytes:
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     plt.close(fig)
-    return f"![{alt}](data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()})"
+    return buf.getvalue()
+
+
+def png_markdown(png: bytes, alt: str) -> str:
+    """PNG bytes as a markdown image (what Dagster's UI shows for MetadataValue.md)."""
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"
+
+
+def _png_markdown(fig, alt: str) -> str:
+    return png_markdown(_png_bytes(fig), alt)
 
 
 def _figure():
@@ -72,3 +81,17 @@ def budget_markdown(budget: Sequence[dict], title: str) -> str:
     ax.legend(fontsize=7)
     ax.grid(True, alpha=0.3)
     return _png_markdown(fig, title)
+
+
+def eps_curves_png(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]]) -> bytes:
+    """Every configuration's kept fraction against eps (log scale) in one PNG."""
+    fig, ax = _figure()
+    fig.set_size_inches(7, 4)
+    for label, (eps, kept_fraction) in curves.items():
+        ax.plot(list(eps), list(kept_fraction), label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("eps (duplicate if max_sim > 1 - eps)")
+    ax.set_ylabel("kept fraction")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+    return _png_bytes(fig, dpi=100)

@@ -1,0 +1,289 @@
+"""Robustness (the paper's RQ3): how much do the removals move with k, the seed or the encoder?
+
+`compare_storages` joins several finished storages on the item id (the join key: every
+storage must hold exactly the same ids) and, per eps, compares their removed sets
+R(eps) = {j : max_sim[j] > 1 - eps}: each configuration's |R|, and per pair (A, B) the
+Jaccard index |R_A & R_B| / |R_A | R_B| (1 when both are empty) and the share of A's
+removals that B also makes, |R_A & R_B| / |R_A| (and the other way round; empty when
+R_A is empty). `max_sim` is stored, so any eps is a comparison, not a recomputation.
+
+`run_sweep` makes such storages: one sub-storage per (encoder, k), each a normal storage,
+whose embeddings are computed once per encoder and shared (hard links) by the others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import posixpath
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from semdedup_assets.core import storage as st
+from semdedup_assets.core.catalog import BUCKET_GLOB, scan, stage_source
+from semdedup_assets.core.config import Settings, load_settings
+
+ROBUSTNESS = "robustness"  # folder of the `robustness` asset's files under a storage root
+SWEEP_FILE = "sweep.json"  # at a sweep's root: the sub-storages it made
+CURVE_POINTS = 40
+MAX_NAMED_IDS = 5
+
+CONFIG_SCHEMA = pa.schema([("eps", pa.float64()), ("configuration", pa.string()), ("storage", pa.string()),
+                           ("removed", pa.int64()), ("kept_fraction", pa.float64())])
+PAIR_SCHEMA = pa.schema([("eps", pa.float64()), ("a", pa.string()), ("b", pa.string()), ("removed_a", pa.int64()),
+                         ("removed_b", pa.int64()), ("both", pa.int64()), ("jaccard", pa.float64()),
+                         ("a_also_in_b", pa.float64()), ("b_also_in_a", pa.float64())])
+
+
+class CompareError(ValueError):
+    """Storages that cannot be compared; the message names the storage and, for ids, a few of them."""
+
+
+@dataclass
+class Configuration:
+    """One storage taking part in a comparison."""
+
+    label: str
+    storage: str
+    settings: dict[str, Any]  # what distinguishes configurations: k, model, seed, keep, keep_by, probes
+
+
+@dataclass
+class Comparison:
+    """What `compare_storages` found; plain values only."""
+
+    configurations: list[Configuration]
+    items: int
+    eps: list[float]
+    per_configuration: list[dict[str, Any]]  # CONFIG_SCHEMA rows, by eps then configuration
+    pairs: list[dict[str, Any]]  # PAIR_SCHEMA rows, by eps then pair
+    curves: dict[str, tuple[list[float], list[float]]] = field(default_factory=dict)  # label -> (eps, kept fraction)
+
+
+def removal_scores(storage: st.Storage) -> tuple[np.ndarray, np.ndarray]:
+    """(ids sorted, max_sim aligned with them) from a storage's bucket results."""
+    if not storage.stage_files(st.SEMANTIC_DUPLICATES):
+        raise CompareError(f"{storage.root} has no semantic_duplicates results: `semdedup run` it first")
+    rows = scan(storage, f"SELECT id, max_sim FROM {stage_source(storage, st.SEMANTIC_DUPLICATES, BUCKET_GLOB)} "
+                         "ORDER BY id")
+    ids = np.asarray([r[0] for r in rows], dtype=object)
+    return ids, np.asarray([r[1] for r in rows], dtype=np.float64)
+
+
+def _id_difference(a: str, ids_a: np.ndarray, b: str, ids_b: np.ndarray) -> str:
+    only_a = sorted(set(ids_a.tolist()) - set(ids_b.tolist()))
+    only_b = sorted(set(ids_b.tolist()) - set(ids_a.tolist()))
+    parts = []
+    if only_a:
+        parts.append(f"{len(only_a)} id(s) only in {a} (e.g. {', '.join(only_a[:MAX_NAMED_IDS])})")
+    if only_b:
+        parts.append(f"{len(only_b)} id(s) only in {b} (e.g. {', '.join(only_b[:MAX_NAMED_IDS])})")
+    return "; ".join(parts) or "the same ids appear a different number of times"
+
+
+def labels_for(storages: Sequence[str]) -> list[str]:
+    """Short, distinct names: each storage's path below the storages' common folder."""
+    paths = [str(p).rstrip("/") for p in storages]
+    try:
+        common = posixpath.commonpath(paths) if len(set(paths)) > 1 else posixpath.dirname(paths[0])
+    except ValueError:  # mixed absolute and relative, or URLs of different stores
+        common = ""
+    if not all(p.startswith(common + "/") or p == common for p in paths):  # commonpath folds a URL's `//`
+        common = ""
+    labels = [p[len(common):].lstrip("/") or p if common else p for p in paths]
+    seen: dict[str, int] = {}
+    out = []
+    for label in labels:
+        seen[label] = seen.get(label, 0) + 1
+        out.append(label if seen[label] == 1 else f"{label} ({seen[label]})")
+    return out
+
+
+def expand_sweeps(storages: Sequence[str]) -> list[str]:
+    """Storages as given, with a sweep root replaced by the sub-storages its sweep.json lists."""
+    out: list[str] = []
+    for s in storages:
+        manifest = st.to_upath(s) / SWEEP_FILE
+        if manifest.exists() and not (st.to_upath(s) / "semdedup.json").exists():
+            out += [c["storage"] for c in json.loads(manifest.read_text())["configurations"]]
+        else:
+            out.append(s)
+    return out
+
+
+def _distinguishing(settings: Settings) -> dict[str, Any]:
+    return {"clusters": settings.clusters if settings.clusters is not None else "auto", "model": settings.model,
+            "seed": settings.seed, "keep": settings.keep, "keep_by": settings.keep_by, "probes": settings.probes,
+            "modality": settings.modality}
+
+
+def compare_storages(storages: Sequence[str], eps: Sequence[float] | None = None,
+                     labels: Sequence[str] | None = None) -> Comparison:
+    """Compare the removed sets of finished storages at every eps (default: every eps any of them configured).
+
+    Raises CompareError when a storage has no results or when the storages' ids differ
+    (naming a few of the differing ids).
+    """
+    if not storages:
+        raise CompareError("no storage to compare")
+    labels = list(labels) if labels is not None else labels_for(storages)
+    configs: list[Configuration] = []
+    scores: list[np.ndarray] = []
+    first_ids: np.ndarray | None = None
+    wanted: set[float] = set(float(e) for e in eps or ())
+    for label, location in zip(labels, storages):
+        if not st.to_upath(location).exists():
+            raise CompareError(f"no storage at {location}")
+        settings = load_settings(location)
+        ids, max_sim = removal_scores(settings.storage_root())
+        if first_ids is None:
+            first_ids = ids
+        elif len(ids) != len(first_ids) or not (ids == first_ids).all():
+            raise CompareError(f"{label} and {labels[0]} hold different items, so their removals cannot be "
+                               f"compared: {_id_difference(label, ids, labels[0], first_ids)}")
+        if eps is None:
+            wanted |= set(settings.eps)
+        configs.append(Configuration(label, str(location), _distinguishing(settings)))
+        scores.append(max_sim)
+    eps_values = sorted(wanted)
+    if not eps_values or any(not 0.0 < e < 1.0 for e in eps_values):
+        raise CompareError(f"every eps must lie in (0, 1), got {eps_values}")
+    n = len(first_ids)
+    per_config, pairs = [], []
+    for e in eps_values:
+        removed = [m > 1.0 - e for m in scores]  # the rule's strict inequality, in float64 as everywhere
+        for c, r in zip(configs, removed):
+            count = int(r.sum())
+            per_config.append({"eps": e, "configuration": c.label, "storage": c.storage, "removed": count,
+                               "kept_fraction": (n - count) / n if n else 1.0})
+        for i in range(len(configs)):
+            for j in range(i + 1, len(configs)):
+                a, b = removed[i], removed[j]
+                both, either, na, nb = int((a & b).sum()), int((a | b).sum()), int(a.sum()), int(b.sum())
+                pairs.append({"eps": e, "a": configs[i].label, "b": configs[j].label, "removed_a": na,
+                              "removed_b": nb, "both": both, "jaccard": both / either if either else 1.0,
+                              "a_also_in_b": both / na if na else None, "b_also_in_a": both / nb if nb else None})
+    grid = sorted(set(np.geomspace(eps_values[0], eps_values[-1], CURVE_POINTS).tolist()) | set(eps_values)) \
+        if len(eps_values) > 1 else eps_values
+    curves = {c.label: (grid, [float((m <= 1.0 - e).sum()) / n if n else 1.0 for e in grid])
+              for c, m in zip(configs, scores)}
+    return Comparison(configs, n, eps_values, per_config, pairs, curves)
+
+
+@dataclass
+class RobustnessFiles:
+    """Where a comparison was written under a storage root."""
+
+    configurations: str
+    pairs: str
+    plot: str
+
+
+def write_comparison(storage: st.Storage, comparison: Comparison, png: bytes) -> RobustnessFiles:
+    """Write the comparison's tables and plot under `<storage>/robustness/`, each file atomically."""
+    folder = storage.stage_dir(ROBUSTNESS)
+    paths = RobustnessFiles(str(folder / "configurations.parquet"), str(folder / "pairs.parquet"),
+                            str(folder / "eps_curves.png"))
+    st.atomic_write_table(pa.Table.from_pylist(comparison.per_configuration, schema=CONFIG_SCHEMA),
+                          folder / "configurations.parquet")
+    st.atomic_write_table(pa.Table.from_pylist(comparison.pairs, schema=PAIR_SCHEMA), folder / "pairs.parquet")
+    st.atomic_write_bytes(png, folder / "eps_curves.png")
+    return paths
+
+
+def sub_storage(root: str, k: int | None, model: str | None) -> str:
+    """A sweep's sub-storage: `<root>/[model=<name>/]k=<k>` (the model's `/` and `:` made path-safe)."""
+    k_part = f"k={k if k is not None else 'auto'}"
+    if model is None:
+        return posixpath.join(root.rstrip("/"), k_part)
+    safe = "".join(c if c.isalnum() or c in "-_.=" else "_" for c in model)
+    return posixpath.join(root.rstrip("/"), f"model={safe}", k_part)
+
+
+def share_embeddings(source: st.Storage, target: st.Storage) -> int:
+    """Give `target` the embeddings (and rejected items) of `source` without copying them; returns files linked.
+
+    Local storages get hard links: the target's embedding stage then finds a valid cache
+    (same raw index and encoder settings) and never runs the encoder. Every writer
+    replaces a file by renaming a new one into place, so a later recomputation in one
+    storage never changes the other's file. An object store gets server-side copies.
+    """
+    linked = 0
+    for stage in (st.EMBEDDINGS, st.REJECTED):
+        for path in source.stage_files(stage):
+            dest = target.shard_file(stage, source.shard_of(stage, path))
+            if source.local and target.local:
+                if dest.exists() and os.path.samefile(str(path), str(dest)):
+                    continue
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                tmp = dest.with_name(f".{dest.name}.link{st.TMP_SUFFIX}")
+                if tmp.exists():
+                    tmp.unlink()
+                os.link(str(path), str(tmp))
+                os.replace(str(tmp), str(dest))
+            else:
+                path.fs.copy(path.path, dest.path)
+            linked += 1
+    return linked
+
+
+@dataclass
+class SweepResult:
+    """What a sweep made: the sub-storages in order, and how many embedding files each got shared."""
+
+    storages: list[str]
+    shared: dict[str, int]
+
+
+def run_sweep(base: Settings, root: str, clusters: Sequence[int | None], models: Sequence[str | None],
+              run: Callable[[Settings], None], log: Callable[[str], None] = print) -> SweepResult:
+    """One `run` (the whole graph) per (encoder, k), each in its own sub-storage, then `<root>/sweep.json`.
+
+    The first k of each encoder computes the embeddings; every other k of that encoder
+    gets them shared (`share_embeddings`) before its run, so it runs only centroids to
+    keep-lists. Every sub-storage records the others in `compare_with`, so its
+    `robustness` asset compares the whole sweep.
+    """
+    root = str(st.to_upath(root))  # local paths absolute: `compare_with` must not depend on the cwd
+    plan = [(m, k, sub_storage(root, k, m)) for m in models for k in clusters]
+    if len({p for _, _, p in plan}) != len(plan):
+        raise ValueError("the sweep repeats a configuration (the same k or model twice)")
+    everyone = ",".join(p for _, _, p in plan)
+    shared: dict[str, int] = {}
+    first: dict[str | None, st.Storage] = {}
+    for model, k, path in plan:
+        # dataclasses.replace, not Settings.replace: that one drops None, and clusters=None means auto.
+        settings = dataclasses.replace(base.replace(model=model), storage=path, clusters=k, compare_with=everyone)
+        if model in first:
+            shared[path] = share_embeddings(first[model], settings.storage_root())
+            log(f"[semdedup] sweep: {path}: embeddings shared with {first[model].root} ({shared[path]} file(s))")
+        log(f"[semdedup] sweep: {path} (k={k if k is not None else 'auto'}"
+            + (f", model={model}" if model else "") + ")")
+        run(settings)
+        first.setdefault(model, settings.storage_root())
+    manifest = {"configurations": [{"storage": p, "clusters": k, "model": m} for m, k, p in plan]}
+    st.atomic_write_bytes(json.dumps(manifest, indent=2).encode(), st.to_upath(root) / SWEEP_FILE)
+    return SweepResult([p for _, _, p in plan], shared)
+
+
+def compared_storages(settings: Settings) -> list[str]:
+    """This storage first, then every other storage of `compare_with` (each once)."""
+    out = [settings.storage]
+    for other in (settings.compare_with or "").split(","):
+        if other.strip() and str(st.to_upath(other.strip())) not in {str(st.to_upath(s)) for s in out}:
+            out.append(other.strip())
+    return out
+
+
+def build_robustness(settings: Settings) -> tuple[Comparison, RobustnessFiles, bytes]:
+    """The `robustness` asset's work: compare this storage with `compare_with`, write the tables and the PNG."""
+    from semdedup_assets.core.plots import eps_curves_png
+
+    comparison = compare_storages(compared_storages(settings))
+    png = eps_curves_png(comparison.curves)
+    return comparison, write_comparison(settings.storage_root(), comparison, png), png
