@@ -91,15 +91,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_storage(verify)
 
     sweep = sub.add_parser("sweep", help="the robustness study: one run per k (and encoder), embeddings computed once",
-                           description="Run the whole graph once per --clusters value (and per --model), each in its "
-                           "own sub-storage <storage>/[model=M/]k=K, a normal storage that every command opens. Each "
+                           description="Run the whole graph once per --clusters value (and per --model and --seed), "
+                           "each in its own sub-storage <storage>/[model=M/]k=K[/seed=S], a normal storage that every "
+                           "command opens. Each "
                            "encoder embeds once; the other k of that encoder share its embeddings files (hard links, "
                            "not copies) and run only centroids to keep-lists. Then compares them as `semdedup compare`.")
     add_settings_options(sweep)
     sweep._option_string_actions["--clusters"].help = "comma-separated k values, e.g. 100,1000,5000 (auto allowed)"
     sweep._option_string_actions["--clusters"].required = True
+    sweep._option_string_actions["--clusters"].metavar = "K1,K2,..."
     sweep._option_string_actions["--model"].help = ("comma-separated encoders to sweep as well (default: the "
                                                     "modality's default model, one sub-storage per k)")
+    seed = sweep._option_string_actions["--seed"]
+    seed.type, seed.metavar = None, "S1,S2,..."
+    seed.help = "comma-separated seeds to sweep as well (k-means sample and training, the random order; default: 0)"
     _add_storage(sweep)
     sweep.add_argument("--plot", default=None, metavar="PNG",
                        help="where to write the eps curves (default: <storage>/compare.png)")
@@ -395,17 +400,17 @@ def comparison_report(storages: Sequence[str], eps: str | None, plot: str) -> st
     with open(plot, "wb") as f:
         f.write(eps_curves_png(r.curves))
 
-    def fmt(v: object) -> object:
-        return "-" if v is None else round(v, 4) if isinstance(v, float) else v
+    def fmt(name: str, v: object) -> object:  # eps as given; fractions to 4 places
+        return "-" if v is None else round(v, 4) if isinstance(v, float) and name != "eps" else v
 
     lines = ["configurations:"] + [f"  {c.label}: {c.storage} (" + ", ".join(f"{k}={v}" for k, v in c.settings.items())
                                    + ")" for c in r.configurations]
     lines.append(f"items: {r.items}")
     cols = ["eps", "configuration", "removed", "kept_fraction"]
-    lines.append(format_table(cols, [tuple(fmt(row[c]) for c in cols) for row in r.per_configuration]))
+    lines.append(format_table(cols, [tuple(fmt(c, row[c]) for c in cols) for row in r.per_configuration]))
     if r.pairs:
         cols = list(r.pairs[0])
-        lines += ["", format_table(cols, [tuple(fmt(row[c]) for c in cols) for row in r.pairs])]
+        lines += ["", format_table(cols, [tuple(fmt(c, row[c]) for c in cols) for row in r.pairs])]
     lines.append(f"plot: {os.path.abspath(plot)}")
     return "\n".join(lines)
 
@@ -420,6 +425,11 @@ def cmd_compare(storages: Sequence[str], eps: str | None, plot: str) -> int:
         print(f"semdedup: error: {err}", file=sys.stderr)
         return 1
     return 0
+
+
+def args_text(values: Sequence[object], none: str = "default") -> str:
+    """A sweep dimension as one line, e.g. `50,155,500`; None (not swept, or k=auto) as `none`."""
+    return ",".join(none if v is None else str(v) for v in values)
 
 
 def _sweep_values(text: str, name: str) -> list[str]:
@@ -439,11 +449,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     clusters = [coerce("clusters", v) for v in _sweep_values(args.clusters, "clusters")]
     models: list[str | None] = _sweep_values(args.model, "model") if args.model else [None]
-    args.clusters = args.model = None
+    seeds: list[int | None] = [coerce("seed", v) for v in _sweep_values(args.seed, "seed")] if args.seed else [None]
+    args.clusters = args.model = args.seed = None
     base = _settings_from_args(args)
     root = base.storage
     own_home = os.environ.get("DAGSTER_HOME")  # given by the user: every sub-storage's runs go there
     print(f"[semdedup] settings: {describe_settings(base)}", flush=True)
+    print(f"[semdedup] sweep: clusters={args_text(clusters, 'auto')} models={args_text(models)} seeds={args_text(seeds)}",
+          flush=True)
 
     def run(settings: Settings) -> None:
         if own_home is None:  # each sub-storage its own instance, as `semdedup run --storage SUB` would use
@@ -454,7 +467,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(summary(settings), flush=True)
 
     try:
-        result = run_sweep(base, root, clusters, models, run, log=lambda m: print(m, flush=True))
+        result = run_sweep(base, root, clusters, models, run, log=lambda m: print(m, flush=True), seeds=seeds)
         first = load_settings(result.storages[0])
         if own_home is None:
             os.environ.pop("DAGSTER_HOME", None)

@@ -46,7 +46,7 @@ def test_sweep_makes_normal_storages_that_share_the_embeddings(sweep: tuple[Path
     root, _ = sweep
     subs = [root / f"k={k}" for k in KS]
     assert json.loads((root / "sweep.json").read_text())["configurations"] == [
-        {"storage": str(s), "clusters": k, "model": None} for s, k in zip(subs, KS)]
+        {"storage": str(s), "clusters": k, "model": None, "seed": None} for s, k in zip(subs, KS)]
     for sub, k in zip(subs, KS):
         # A normal storage: its own settings, instance and catalog; `status` says it is complete.
         status = collect_status(load_settings(str(sub)), str(sub / "dagster_home"))
@@ -126,3 +126,8 @@ def test_sweep_plan_over_encoders_shares_embeddings_within_one_encoder(tmp_path:
         assert (Path(r.storages[i]) / "embeddings" / "part-00.parquet").read_bytes() == model
     with pytest.raises(ValueError, match="repeats a configuration"):
         run_sweep(base, base.storage, [5, 5], [None], fake_run)
+    ran.clear()  # seeds: one level more, and every seed of the one encoder shares its embeddings
+    r = run_sweep(base.replace(storage=str(tmp_path / "T"), model="m"), str(tmp_path / "T"), [5], [None], fake_run,
+                  log=lambda m: None, seeds=[0, 1])
+    assert [s[-len("k=5/seed=0"):] for s in r.storages] == ["k=5/seed=0", "k=5/seed=1"]
+    assert [(s.seed, s.clusters, s.model) for s in ran] == [(0, 5, "m"), (1, 5, "m")] and r.shared == {r.storages[1]: 1}

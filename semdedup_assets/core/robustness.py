@@ -7,7 +7,7 @@ Jaccard index |R_A & R_B| / |R_A | R_B| (1 when both are empty) and the share of
 removals that B also makes, |R_A & R_B| / |R_A| (and the other way round; empty when
 R_A is empty). `max_sim` is stored, so any eps is a comparison, not a recomputation.
 
-`run_sweep` makes such storages: one sub-storage per (encoder, k), each a normal storage,
+`run_sweep` makes such storages: one sub-storage per (encoder, k[, seed]), each a normal storage,
 whose embeddings are computed once per encoder and shared (hard links) by the others.
 """
 
@@ -196,13 +196,15 @@ def write_comparison(storage: st.Storage, comparison: Comparison, png: bytes) ->
     return paths
 
 
-def sub_storage(root: str, k: int | None, model: str | None) -> str:
-    """A sweep's sub-storage: `<root>/[model=<name>/]k=<k>` (the model's `/` and `:` made path-safe)."""
-    k_part = f"k={k if k is not None else 'auto'}"
-    if model is None:
-        return posixpath.join(root.rstrip("/"), k_part)
-    safe = "".join(c if c.isalnum() or c in "-_.=" else "_" for c in model)
-    return posixpath.join(root.rstrip("/"), f"model={safe}", k_part)
+def sub_storage(root: str, k: int | None, model: str | None, seed: int | None = None) -> str:
+    """A sweep's sub-storage: `<root>/[model=<name>/]k=<k>[/seed=<s>]` (the model's `/` and `:` made path-safe)."""
+    parts = [root.rstrip("/")]
+    if model is not None:
+        parts.append("model=" + "".join(c if c.isalnum() or c in "-_.=" else "_" for c in model))
+    parts.append(f"k={k if k is not None else 'auto'}")
+    if seed is not None:
+        parts.append(f"seed={seed}")
+    return posixpath.join(*parts)
 
 
 def share_embeddings(source: st.Storage, target: st.Storage) -> int:
@@ -241,34 +243,37 @@ class SweepResult:
 
 
 def run_sweep(base: Settings, root: str, clusters: Sequence[int | None], models: Sequence[str | None],
-              run: Callable[[Settings], None], log: Callable[[str], None] = print) -> SweepResult:
-    """One `run` (the whole graph) per (encoder, k), each in its own sub-storage, then `<root>/sweep.json`.
+              run: Callable[[Settings], None], log: Callable[[str], None] = print,
+              seeds: Sequence[int | None] = (None,)) -> SweepResult:
+    """One `run` (the whole graph) per (encoder, k[, seed]), each in its own sub-storage, then `<root>/sweep.json`.
 
-    The first k of each encoder computes the embeddings; every other k of that encoder
-    gets them shared (`share_embeddings`) before its run, so it runs only centroids to
-    keep-lists. Every sub-storage records the others in `compare_with`, so its
-    `robustness` asset compares the whole sweep.
+    The first configuration of each encoder computes the embeddings; every other one of
+    that encoder gets them shared (`share_embeddings`) before its run, so it runs only
+    centroids to keep-lists. `seeds` (None: the base seed, no `seed=` level) re-seed
+    k-means and the random order. Every sub-storage records the others in
+    `compare_with`, so its `robustness` asset compares the whole sweep.
     """
     root = str(st.to_upath(root))  # local paths absolute: `compare_with` must not depend on the cwd
-    plan = [(m, k, sub_storage(root, k, m)) for m in models for k in clusters]
-    if len({p for _, _, p in plan}) != len(plan):
-        raise ValueError("the sweep repeats a configuration (the same k or model twice)")
-    everyone = ",".join(p for _, _, p in plan)
+    plan = [(m, k, s, sub_storage(root, k, m, s)) for m in models for k in clusters for s in seeds]
+    if len({p for *_, p in plan}) != len(plan):
+        raise ValueError("the sweep repeats a configuration (the same k, model or seed twice)")
+    everyone = ",".join(p for *_, p in plan)
     shared: dict[str, int] = {}
     first: dict[str | None, st.Storage] = {}
-    for model, k, path in plan:
+    for model, k, seed, path in plan:
         # dataclasses.replace, not Settings.replace: that one drops None, and clusters=None means auto.
-        settings = dataclasses.replace(base.replace(model=model), storage=path, clusters=k, compare_with=everyone)
+        settings = dataclasses.replace(base.replace(model=model, seed=seed), storage=path, clusters=k,
+                                       compare_with=everyone)
         if model in first:
             shared[path] = share_embeddings(first[model], settings.storage_root())
             log(f"[semdedup] sweep: {path}: embeddings shared with {first[model].root} ({shared[path]} file(s))")
         log(f"[semdedup] sweep: {path} (k={k if k is not None else 'auto'}"
-            + (f", model={model}" if model else "") + ")")
+            + (f", model={model}" if model else "") + (f", seed={seed}" if seed is not None else "") + ")")
         run(settings)
         first.setdefault(model, settings.storage_root())
-    manifest = {"configurations": [{"storage": p, "clusters": k, "model": m} for m, k, p in plan]}
+    manifest = {"configurations": [{"storage": p, "clusters": k, "model": m, "seed": s} for m, k, s, p in plan]}
     st.atomic_write_bytes(json.dumps(manifest, indent=2).encode(), st.to_upath(root) / SWEEP_FILE)
-    return SweepResult([p for _, _, p in plan], shared)
+    return SweepResult([p for *_, p in plan], shared)
 
 
 def compared_storages(settings: Settings) -> list[str]:
