@@ -87,7 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "embedding cache keys, cluster ranges, keep-list counts). Exits 1 and lists each bad file; "
                             "with --repair, deletes them (and leftover temporary files) so that the next "
                             "`semdedup run` recomputes them.")
-    verify.add_argument("--repair", action="store_true", help="delete every damaged or inconsistent file")
+    verify.add_argument("--repair", action="store_true", help="delete every damaged or inconsistent file "
+                        "(stale files, made from an input or settings that changed since, are left: a run redoes them)")
+    verify.add_argument("--content", action="store_true", help="also read every input file and compare its bytes "
+                        "with the digest recorded at ingest (finds an in-place edit that kept size and mtime)")
     _add_storage(verify)
 
     sweep = sub.add_parser("sweep", help="the robustness study: one run per k (and encoder), embeddings computed once",
@@ -153,16 +156,20 @@ def _settings_from_args(args: argparse.Namespace) -> Settings:
     return load_settings(args.storage, use_stored=False, **overrides)
 
 
+def shown_value(name: str, value: object) -> str:
+    """A knob's value as the command line writes it (`auto` for the default k, lists comma-separated)."""
+    if name == "clusters" and value is None:
+        return AUTO
+    return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+
+
 def describe_settings(settings: Settings) -> str:
     """The effective settings of a run, one `name=value` per knob that a run uses."""
     parts = []
     for f in knobs():
         if f.metadata.get("flag", "") is None and f.name != "storage":
             continue
-        value = getattr(settings, f.name)
-        if f.name == "clusters" and value is None:
-            value = AUTO
-        parts.append(f"{f.name}={','.join(map(str, value)) if isinstance(value, tuple) else value}")
+        parts.append(f"{f.name}={shown_value(f.name, getattr(settings, f.name))}")
     return " ".join(parts)
 
 
@@ -170,8 +177,8 @@ def warn_changed_settings(settings: Settings) -> None:
     """Warn about every knob that differs from the run stored in the same storage."""
     changed = changed_settings(settings)
     for name, (before, now) in sorted(changed.items()):
-        print(f"semdedup: warning: {name} is {now!r}, the previous run on this storage used {before!r}",
-              file=sys.stderr)
+        print(f"semdedup: warning: {name} is {shown_value(name, now)}, the previous run on this storage used "
+              f"{shown_value(name, before)}", file=sys.stderr)
 
 
 def default_dagster_home(settings: Settings) -> str:
@@ -317,8 +324,9 @@ def cmd_forget(storage: str | None, shard: str, verbose: bool = False) -> int:
 def cmd_export(storage: str | None, select: str | None) -> int:
     """Write the deduplicated dataset for a selection and print what each shard kept."""
     from semdedup_assets import progress
-    from semdedup_assets.core.export import ExportError, default_selection, export_shards, parse_selection
     from semdedup_assets.core.catalog import refresh_catalog
+    from semdedup_assets.core.export import (ExportError, default_selection, export_shards, parse_selection,
+                                             tidy_exports)
     from semdedup_assets.core.prune import PruneError, compute_pruning
 
     settings = load_settings(storage)
@@ -338,48 +346,74 @@ def cmd_export(storage: str | None, select: str | None) -> int:
         with _show_progress(settings), progress.task("export", total, unit="shards") as bar:
             done = export_shards(settings.storage_root(), settings.input, selection, configured_eps=settings.eps,
                                  log=lambda note: bar.update(1, note))
+        tidied = tidy_exports(settings.storage_root(), settings.input, selection, settings.eps)
     except (ExportError, PruneError, FileNotFoundError) as err:
         print(f"semdedup: error: {err}", file=sys.stderr)
         return 1
     for d in done:
         print(f"{d.shard}: kept {d.kept}, removed {d.removed}" + ("" if d.rewritten else " (unchanged)"))
+    if tidied.stale_files:
+        print(f"{selection.label}: removed {len(tidied.stale_files)} file(s) the selection no longer implies "
+              f"(e.g. {', '.join(tidied.stale_files[:3])})")
+    for label in tidied.unproducible:
+        print(f"removed deduplicated/{label}/: the configured eps ({', '.join(map(str, settings.eps))}) "
+              "can no longer produce it")
     print(f"{selection.label}: kept {sum(d.kept for d in done)} of {sum(d.kept + d.removed for d in done)} items "
           f"in {len(done)} shard(s) under {settings.storage_root().stage_dir('deduplicated') / selection.label}")
     return 0
 
 
-def cmd_verify(storage: str | None, repair: bool) -> int:
-    """List damaged or inconsistent stage files; with repair, delete them."""
-    from semdedup_assets.core.verify import repair as delete, verify_storage
+def cmd_verify(storage: str | None, repair: bool, content: bool = False) -> int:
+    """List damaged or inconsistent stage files (BAD) and stale ones (STALE); with repair, delete the damaged.
+
+    Exit status 1 while anything is found, unless `repair` deleted every damaged file.
+    """
+    from semdedup_assets.core.verify import STALE, repair as delete, verify_storage
 
     settings = load_settings(storage)
     if refuse_missing_storage(settings):
         return 1
-    problems = verify_storage(settings.storage_root(), settings, _cache_keys(settings))
-    for problem in problems:
+    files = _input_files(settings)
+    problems = verify_storage(settings.storage_root(), settings, _cache_keys(settings, files), files, content)
+    stale = [p for p in problems if p.kind == STALE]
+    damaged = [p for p in problems if p.kind != STALE]
+    for problem in damaged:
         print(f"BAD {problem}")
+    for problem in stale:
+        print(f"STALE {problem}")
     if not problems:
-        print(f"every stage file under {settings.storage_root().root} is whole and consistent")
+        checked = " (and every input's content)" if content else ""
+        print(f"every stage file under {settings.storage_root().root} is whole and consistent{checked}")
         return 0
+    if stale:
+        print(f"{len(stale)} stale file(s): their input or settings changed since; the next `semdedup run` "
+              "redoes them (--repair leaves them)", file=sys.stderr)
     if not repair:
-        print(f"{len(problems)} bad file(s); `semdedup verify --repair` deletes them so the next run recomputes them",
-              file=sys.stderr)
+        if damaged:
+            print(f"{len(damaged)} bad file(s); `semdedup verify --repair` deletes them so the next run "
+                  "recomputes them", file=sys.stderr)
         return 1
-    removed = delete(problems)
+    removed = delete(damaged)
     print(f"deleted {len(removed)} file(s); `semdedup run` recomputes them")
     return 0
 
 
-def _cache_keys(settings: Settings):
-    """The embeddings cache key each shard should carry now (None when the input is not reachable)."""
-    from semdedup_assets.core import storage as st
-    from semdedup_assets.core.embed import embedding_cache_key
+def _input_files(settings: Settings) -> dict:
+    """The input shards by key ({} when the input is not reachable)."""
     from semdedup_assets.core.shards import discover_shards
 
     try:
-        files = {s.key: s for s in discover_shards(settings.input)} if settings.input else {}
+        return {s.key: s for s in discover_shards(settings.input)} if settings.input else {}
     except (OSError, ValueError):
-        files = {}
+        return {}
+
+
+def _cache_keys(settings: Settings, files: dict | None = None):
+    """The embeddings cache key each shard should carry now (None when the input is not reachable)."""
+    from semdedup_assets.core import storage as st
+    from semdedup_assets.core.embed import embedding_cache_key
+
+    files = _input_files(settings) if files is None else files
     raw = settings.storage_root()
 
     def key_of(shard: str) -> str | None:
@@ -504,7 +538,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "export":
             return cmd_export(args.storage, args.select)
         if args.command == "verify":
-            return cmd_verify(args.storage, args.repair)
+            return cmd_verify(args.storage, args.repair, args.content)
         if args.command == "sweep":
             return cmd_sweep(args)
         if args.command == "compare":

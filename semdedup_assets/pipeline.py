@@ -19,8 +19,9 @@ from semdedup_assets.core.assign import bucket_keys, touched_buckets
 from semdedup_assets.core.catalog import refresh_catalog
 from semdedup_assets.core.config import Settings, save_settings
 from semdedup_assets.core.engines import EngineError, ray_session
+from semdedup_assets.core.export import DEDUPLICATED, remove_exported_shard
 from semdedup_assets.core.layout import remove_shard_files
-from semdedup_assets.core.shards import SHARD_SUFFIXES, discover_shards
+from semdedup_assets.core.shards import SHARD_SUFFIXES, discover
 from semdedup_assets.definitions import build_definitions
 from semdedup_assets.partitions import SHARDS_PARTITIONS_NAME
 from semdedup_assets.run_guard import RunGuard, process_tags
@@ -138,8 +139,13 @@ def _run_pipeline(settings: Settings, instance: dg.DagsterInstance, log=print, v
     # Before anything is written: a missing bucket or refused credentials are named, nothing published.
     st.check_store(settings.input, "input")
     st.check_store(settings.storage, "storage")
+    if (overlap := st.overlap_error(settings.input, settings.storage)) is not None:
+        raise PipelineError(overlap)  # before anything is written: the next run would read the storage as input
     save_settings(settings)
-    shards = [s.key for s in discover_shards(settings.input)]
+    found = discover(settings.input)
+    if (note := found.skipped_note(settings.input)) is not None:
+        log(f"[semdedup] {note}")
+    shards = [s.key for s in found.shards]
     if not shards:
         raise PipelineError(f"no shard files ({', '.join(SHARD_SUFFIXES)}) under {settings.input}")
     known = instance.get_dynamic_partitions(SHARDS_PARTITIONS_NAME)
@@ -233,6 +239,7 @@ def _forget_shard(settings: Settings, instance: dg.DagsterInstance, shard: str, 
         buckets = touched_buckets(old.column("cluster").to_numpy(), k, settings.buckets) if old is not None \
             else set(bucket_keys(settings.buckets))
     removed = remove_shard_files(storage, shard)
+    removed += [str(storage.stage_dir(DEDUPLICATED) / p) for p in remove_exported_shard(storage, shard)]
     known = shard in instance.get_dynamic_partitions(SHARDS_PARTITIONS_NAME)
     if known:
         instance.delete_dynamic_partition(SHARDS_PARTITIONS_NAME, shard)

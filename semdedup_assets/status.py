@@ -93,6 +93,16 @@ def _instance_facts(home: str) -> dict[str, Any]:
             "failed_runs": failed, "unfinished_runs": unfinished, "total_runs": len(records)}
 
 
+def _skipped_inputs(location: str | None) -> list[str]:
+    """Files under the input that discovery skips for their `_` or `.` names ([] when unreachable)."""
+    from semdedup_assets.core.shards import discover
+
+    try:
+        return discover(location).skipped if location else []
+    except (OSError, ValueError):  # a missing or unreadable input is not this report's business
+        return []
+
+
 def collect_status(settings: Settings, dagster_home: str | None) -> dict[str, Any]:
     """Everything `semdedup status` shows, as plain JSON-able values."""
     storage = settings.storage_root()
@@ -138,6 +148,7 @@ def collect_status(settings: Settings, dagster_home: str | None) -> dict[str, An
                                          else "partial")
     return {
         "storage": str(storage.root), "state": state, "input": settings.input,
+        "input_skipped": _skipped_inputs(settings.input),
         "settings_recorded": bool(stored_settings(settings.storage)),
         "settings": {k: v for k, v in settings.to_dict().items() if k != "extra"},
         "dagster_home": dagster_home if has_instance else None,
@@ -196,6 +207,9 @@ def format_status(s: dict[str, Any]) -> str:
         lines.append("nothing here yet: `semdedup run --input PATH --storage ...` fills it")
         return "\n".join(lines)
     lines.append(f"input:      {s['input'] or '-'}")
+    if skipped := s.get("input_skipped"):
+        lines.append(f"            {len(skipped)} file(s) skipped for names starting with '_' or '.': "
+                     f"{', '.join(skipped[:LISTED])}{', ...' if len(skipped) > LISTED else ''}")
     settings = Settings(**{**s["settings"], "eps": tuple(s["settings"]["eps"])})
     lines.append(f"settings:   {describe_settings(settings)}"
                  + ("" if s["settings_recorded"] else "  (no run recorded: defaults and environment)"))

@@ -39,7 +39,7 @@ def centroids(context: dg.AssetExecutionContext, semdedup: SemDedupConfig) -> dg
     """Spherical k-means centroids, trained on a sample drawn shard by shard."""
     settings = semdedup.settings()
     files = registered_stage_files(context.instance, semdedup.storage_root(), st.EMBEDDINGS)
-    r = train_centroids(settings, files, log=context.log.info)
+    r = train_centroids(settings, files, log=context.log.info, warn=context.log.warning)
     return dg.MaterializeResult(metadata={
         "clusters": r.clusters, "dim": r.dim, "items": r.items, "shards": r.shards,
         "sample_rows": r.sample_rows, "train_rows": r.train_rows, "objective": r.objective,

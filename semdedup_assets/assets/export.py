@@ -4,7 +4,8 @@ import dagster as dg
 
 from semdedup_assets.assets.common import run_metadata, run_partition_keys, shard_backfill_policy, timed
 from semdedup_assets.core.config import Settings
-from semdedup_assets.core.export import ExportError, default_selection, export_shards, parse_selection, selection_dir
+from semdedup_assets.core.export import (ExportError, default_selection, export_shards, parse_selection, selection_dir,
+                                         tidy_exports)
 from semdedup_assets.partitions import shard_partitions
 from semdedup_assets.resources import SemDedupConfig
 
@@ -30,8 +31,12 @@ def build_deduplicated(settings: Settings) -> dg.AssetsDefinition:
             selection = parse_selection(config.select or default_selection(config.eps), config.eps)
             with timed() as t:
                 done = export_shards(storage, config.input, selection, run_partition_keys(context), config.eps)
+                tidied = tidy_exports(storage, config.input, selection, config.eps)
         except ExportError as err:
             raise dg.Failure(description=str(err)) from None
+        if tidied.stale_files or tidied.unproducible:
+            context.log.info(f"removed {len(tidied.stale_files)} file(s) the selection no longer implies and the "
+                             f"folders of selections no longer configured: {tidied.unproducible}")
         per_shard = [{"shard": d.shard, "kept": d.kept, "removed": d.removed, "rewritten": str(d.rewritten)}
                      for d in done]
         extra: dict[str, object] = {"selection": selection.label, "seconds": t["seconds"],

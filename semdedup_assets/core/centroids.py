@@ -37,13 +37,27 @@ class CentroidsResult:
     train_seconds: float
 
 
+def clusters_warning(settings: Settings, items: int) -> str | None:
+    """Why k is not the --clusters asked for (more clusters than items), or None."""
+    if settings.clusters is None or settings.clusters <= items:
+        return None
+    return (f"--clusters {settings.clusters} is more than the {items} items: using k={settings.n_clusters(items)} "
+            "(one cluster per item)")
+
+
 def train_centroids(settings: Settings, embedding_files: Mapping[str, st.UPath],
-                    log: Callable[[str], None] | None = None) -> CentroidsResult:
-    """Train k centroids on a sample of the shards' embeddings (by shard key) and write the centroids file."""
+                    log: Callable[[str], None] | None = None,
+                    warn: Callable[[str], None] | None = None) -> CentroidsResult:
+    """Train k centroids on a sample of the shards' embeddings (by shard key) and write the centroids file.
+
+    `warn` is told when k differs from the configured `clusters` (more clusters than items).
+    """
     storage = settings.storage_root()
     counts = {k: st.parquet_num_rows(p) for k, p in embedding_files.items()}
     total = sum(counts.values())
     k = settings.n_clusters(total)
+    if warn is not None and (why := clusters_warning(settings, total)) is not None:
+        warn(why)
 
     def read_rows(key: str, rows: np.ndarray) -> np.ndarray:
         table = st.read_table(embedding_files[key], columns=["embedding"])

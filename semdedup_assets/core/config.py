@@ -74,7 +74,8 @@ class Settings:
                              "hf-hub:ORG/REPO")
     pretrained: str | None = knob(None, "open_clip: pretrained tag (online) or local checkpoint file")
     num_workers: int = knob(2, "image decoding worker processes", flag="--workers")
-    strict: bool = knob(False, "image modality: fail on an undecodable image instead of recording it in `rejected`")
+    strict: bool = knob(False, "fail on an item that would be recorded in `rejected` (an undecodable image, an empty "
+                        "or whitespace-only text, an empty id) instead of recording it there")
     pooling: Pooling = knob("mean", "text pooling")
     max_length: int = knob(256, "max tokens per text")
     batch_size: int = knob(64, "encoder batch size")

@@ -142,6 +142,45 @@ def _write_chunks(path: st.UPath, ids: pa.Array, chunks: Iterator[np.ndarray], c
     return _Written(rows=start, dim=dim, renormalised=renormalised, problems=problems)
 
 
+def empty_items(ids: list[str], texts: list[str] | None = None) -> list[tuple[int, str]]:
+    """(row, reason) of items that carry nothing to compare: an empty id, or an empty or
+    whitespace-only text (which the encoder would embed, so that `""` removed `"   "`)."""
+    out = []
+    for row, item_id in enumerate(ids):
+        if not item_id.strip():
+            out.append((row, f"empty id {item_id!r}" if item_id else "empty id"))
+        elif texts is not None and not texts[row].strip():
+            out.append((row, "whitespace-only text" if texts[row] else "empty text"))
+    return out
+
+
+def _refuse_in_strict_mode(settings: Settings, key: str, ids: pa.Array, rejected: list[tuple[int, str]],
+                           what: str) -> None:
+    if rejected and settings.strict:
+        row, reason = rejected[0]
+        raise EmbedError(f"shard {key!r}, row {row}, id {ids[row].as_py()!r}: {reason} "
+                         f"({len(rejected)} {what}; strict mode)", shard=key)
+
+
+def _write_rejected(path: st.UPath, key: str, ids: pa.Array, rejected: list[tuple[int, str]], always: bool) -> None:
+    """The shard's `rejected` file (id, shard, reason); without rejections only where `always`, else removed."""
+    if not rejected and not always:
+        st.remove(path)  # left by an earlier run of other input
+        return
+    st.atomic_write_table(pa.table({
+        "id": [ids[i].as_py() for i, _ in rejected], "shard": [key] * len(rejected), "reason": [r for _, r in rejected],
+    }, schema=REJECTED_SCHEMA), path)
+
+
+def _without_rows(chunks: Iterator[np.ndarray], drop: np.ndarray) -> Iterator[np.ndarray]:
+    """Row chunks with the rows whose positions are in `drop` (sorted) left out."""
+    start = 0
+    for chunk in chunks:
+        lo, hi = np.searchsorted(drop, [start, start + len(chunk)])
+        yield np.delete(chunk, drop[lo:hi] - start, axis=0) if hi > lo else chunk
+        start += len(chunk)
+
+
 def _encode_and_write(settings: Settings, key: str, shard: ShardFile, raw: pa.Table, out: st.UPath,
                       rejected_path: st.UPath, cache_key: str, encoder: Encoder | None,
                       log: Callable[[str], None] | None) -> tuple[_Written, int]:
@@ -149,40 +188,52 @@ def _encode_and_write(settings: Settings, key: str, shard: ShardFile, raw: pa.Ta
     ids = raw.column("id").combine_chunks()
     column = settings.payload_column
     dtype = settings.embedding_dtype
+    texts = raw.column("text").to_pylist() if settings.modality == "text" else None
+    empty = empty_items(ids.to_pylist(), texts)
+    _refuse_in_strict_mode(settings, key, ids, empty, "empty item(s)")
+    drop = np.array([row for row, _ in empty], dtype=np.int64)
+    kept_ids = ids.filter(pa.array(~np.isin(np.arange(len(ids)), drop))) if len(drop) else ids
     if settings.modality == "embedding":  # bring your own: stream (npy is memory-mapped)
-        return _write_chunks(out, ids, iter_embedding_chunks(shard, column), cache_key, dtype), 0
+        written = _write_chunks(out, kept_ids, _without_rows(iter_embedding_chunks(shard, column), drop),
+                                cache_key, dtype)
+        _write_rejected(rejected_path, key, ids, empty, always=False)
+        return written, len(empty)
     encoder = encoder or encoder_for(settings)
-    if settings.modality == "text":
-        texts = raw.column("text").to_pylist()
+    if texts is not None:
+        dropped = set(drop.tolist())
+        kept_texts = [t for row, t in enumerate(texts) if row not in dropped] if dropped else texts
 
         def text_chunks() -> Iterator[np.ndarray]:
-            for start in range(0, len(texts), ENCODE_CHUNK):
-                yield encoder.encode(texts[start : start + ENCODE_CHUNK])
+            for start in range(0, len(kept_texts), ENCODE_CHUNK):
+                yield encoder.encode(kept_texts[start : start + ENCODE_CHUNK])
                 if log is not None:
-                    log(f"encoded {min(start + ENCODE_CHUNK, len(texts))}/{len(texts)}")
+                    log(f"encoded {min(start + ENCODE_CHUNK, len(kept_texts))}/{len(kept_texts)}")
 
-        return _write_chunks(out, ids, text_chunks(), cache_key, dtype), 0
+        written = _write_chunks(out, kept_ids, text_chunks(), cache_key, dtype)
+        _write_rejected(rejected_path, key, ids, empty, always=False)
+        return written, len(empty)
     result = encoder.encode_images(read_images(shard, column))
-    rejected = [(ids[i].as_py(), reason) for i, reason in result.rejected]
-    if rejected and settings.strict:
-        raise EmbedError(f"shard {key!r}, key {rejected[0][0]!r}: {rejected[0][1]} "
-                         f"({len(rejected)} undecodable image(s); strict mode)", shard=key)
-    written = _write_chunks(out, ids.take(pa.array(result.ok_index)), iter([result.vectors]), cache_key, dtype)
-    st.atomic_write_table(pa.table({
-        "id": [r[0] for r in rejected], "shard": [key] * len(rejected), "reason": [r[1] for r in rejected],
-    }, schema=REJECTED_SCHEMA), rejected_path)
+    _refuse_in_strict_mode(settings, key, ids, result.rejected, "undecodable image(s)")
+    empty_rows = set(drop.tolist())
+    ok = [(pos, i) for pos, i in enumerate(result.ok_index) if i not in empty_rows]
+    rejected = sorted([*result.rejected, *empty], key=lambda r: r[0])
+    vectors = result.vectors[[pos for pos, _ in ok]] if len(ok) != len(result.ok_index) else result.vectors
+    written = _write_chunks(out, ids.take(pa.array([i for _, i in ok], pa.int64())), iter([vectors]), cache_key,
+                            dtype)
+    _write_rejected(rejected_path, key, ids, rejected, always=True)
     return written, len(rejected)
 
 
 def embed_shard(settings: Settings, key: str, shard: ShardFile, *, encoder: Encoder | None = None,
                 log: Callable[[str], None] | None = None, warn: Callable[[str], None] | None = None
                 ) -> EmbedShardResult:
-    """Embed one ingested shard into `embeddings/<key>.parquet` (and `rejected/<key>.parquet` for images).
+    """Embed one ingested shard into `embeddings/<key>.parquet` (and `rejected/<key>.parquet` for images,
+    and for any shard with an empty id or an empty or whitespace-only text, see `empty_items`).
 
     An existing file written for the same raw index, input files and encoder settings is
     reused (and re-checked); a damaged one is recomputed, and `warn` names it. `encoder`
     defaults to `encoder_for(settings)`; `log` receives progress lines. Raises EmbedError
-    on an undecodable image in strict mode.
+    on an item that would be rejected, in strict mode.
     """
     storage = settings.storage_root()
     raw_path, out = storage.shard_file(st.RAW, key), storage.shard_file(st.EMBEDDINGS, key)

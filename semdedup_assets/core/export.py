@@ -28,6 +28,8 @@ import hashlib
 import io
 import json
 import math
+import os
+import shutil
 import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -49,6 +51,7 @@ from semdedup_assets.core.webdataset import split_member_name
 DEDUPLICATED = "deduplicated"
 MANIFEST_DIR = ".semdedup"
 FINGERPRINT_KEY = b"semdedup.fingerprint"  # in each raw file's schema metadata: the input as ingested
+CONTENT_KEY = b"semdedup.content"  # beside it: a digest of the input's bytes (`verify --content`)
 PARQUET_BATCH_ROWS = 16384
 NPY_CHUNK_ROWS = 65536
 
@@ -322,10 +325,11 @@ def rows_digest(rows: np.ndarray) -> str:
     return hashlib.blake2b(np.asarray(rows, dtype="<i8").tobytes(), digest_size=16).hexdigest()
 
 
-def recorded_fingerprint(storage: st.Storage, key: str) -> str | None:
-    """The input fingerprint stored in a shard's raw index when it was ingested (None if not recorded)."""
+def recorded_fingerprint(storage: st.Storage, key: str, what: bytes = FINGERPRINT_KEY) -> str | None:
+    """The input fingerprint (or with `what=CONTENT_KEY` the content digest) stored in a shard's raw
+    index when it was ingested (None if not recorded)."""
     meta = st.read_schema(storage.shard_file(st.RAW, key)).metadata or {}
-    value = meta.get(FINGERPRINT_KEY)
+    value = meta.get(what)
     return value.decode() if value else None
 
 
@@ -343,6 +347,91 @@ class ShardExport:
 def selection_dir(storage: st.Storage, selection: Selection) -> UPath:
     """`<storage>/deduplicated/<selection>/`."""
     return storage.stage_dir(DEDUPLICATED) / selection.label
+
+
+def manifest_file(out_dir: UPath, key: str) -> UPath:
+    """A shard's manifest in a selection folder."""
+    return out_dir / MANIFEST_DIR / f"{key}.json"
+
+
+def _files_below(folder: UPath) -> list[UPath]:
+    return sorted((p for p in folder.rglob("*") if p.is_file()), key=str) if folder.exists() else []
+
+
+def _remove_files(paths: Sequence[UPath], folder: UPath) -> list[str]:
+    """Delete files, then (local) the folders they leave empty; the paths removed, relative to `folder`."""
+    removed = [p for p in paths if st.remove(p)]
+    if st.is_local(folder):
+        top = str(folder).rstrip("/")
+        for d in sorted({str(q) for p in removed for q in p.parents if str(q) == top or str(q).startswith(top + "/")},
+                        key=len, reverse=True):
+            try:
+                os.rmdir(d)
+            except OSError:  # not empty
+                pass
+    base = str(folder).rstrip("/") + "/"
+    return [str(p)[len(base):] for p in removed]
+
+
+def prune_selection(storage: st.Storage, selection: Selection, expected: set[str]) -> list[str]:
+    """Remove every file in the selection folder that is not in `expected` (paths as strings).
+
+    What is left holds exactly what the current selection implies: no file or manifest of
+    a forgotten shard, nothing written by an older layout. Returns the removed paths,
+    relative to the folder.
+    """
+    out_dir = selection_dir(storage, selection)
+    return _remove_files([p for p in _files_below(out_dir) if str(p) not in expected], out_dir)
+
+
+def selection_folders(storage: st.Storage) -> dict[str, UPath]:
+    """Every selection folder under `<storage>/deduplicated/`, by label."""
+    root = storage.stage_dir(DEDUPLICATED)
+    if not root.exists():
+        return {}
+    return {p.name: p for p in sorted(root.iterdir(), key=str) if p.is_dir()}
+
+
+def unproducible_selections(storage: st.Storage, configured_eps: Sequence[float]) -> list[str]:
+    """Labels of selection folders that the settings can no longer produce (an eps no longer configured)."""
+    out = []
+    for label in selection_folders(storage):
+        try:
+            parse_selection(label, configured_eps)
+        except ExportError:
+            out.append(label)
+    return out
+
+
+def remove_unproducible_selections(storage: st.Storage, configured_eps: Sequence[float]) -> list[str]:
+    """Delete every selection folder no `export` can refresh any more; returns their labels."""
+    labels = unproducible_selections(storage, configured_eps)
+    root = storage.stage_dir(DEDUPLICATED)
+    for label in labels:
+        _remove_files(_files_below(root / label), root)
+        if st.is_local(root) and (root / label).exists():
+            shutil.rmtree(str(root / label))  # only empty folders are left
+    return labels
+
+
+def _manifest_files(manifest: UPath) -> list[UPath]:
+    """The output files a manifest lists ([] when it is missing or damaged: the next export prunes them)."""
+    try:
+        return [st.to_upath(p) for p in json.loads(manifest.read_text())["files"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
+def remove_exported_shard(storage: st.Storage, key: str) -> list[str]:
+    """Delete one shard's files (as its manifest lists them) and manifest from every selection folder."""
+    removed = []
+    for folder in selection_folders(storage).values():
+        manifest = manifest_file(folder, key)
+        if not manifest.exists():
+            continue
+        below = [p for p in _manifest_files(manifest) if str(p).startswith(str(folder).rstrip("/") + "/")]
+        removed += [f"{folder.name}/{p}" for p in _remove_files([*below, manifest], folder)]
+    return removed
 
 
 def export_shards(storage: st.Storage, input_location: str, selection: Selection,
@@ -378,7 +467,7 @@ def export_shards(storage: st.Storage, input_location: str, selection: Selection
         raw = st.read_table(storage.shard_file(st.RAW, key), columns=["id", "row"])
         rows = kept_rows(raw, kept[key])
         outputs = output_files(shard, base, out_dir)
-        manifest_path = out_dir / MANIFEST_DIR / f"{key}.json"
+        manifest_path = manifest_file(out_dir, key)
         state = {"fingerprint": shard.fingerprint(), "rows": rows_digest(rows),
                  "files": [str(p) for p in outputs]}
         previous = json.loads(manifest_path.read_text()) if manifest_path.exists() else None
@@ -393,3 +482,31 @@ def export_shards(storage: st.Storage, input_location: str, selection: Selection
         if log is not None:
             log(f"shard {key!r}: kept {len(rows)}" + ("" if rewrite else " (unchanged)"))
     return results
+
+
+@dataclass
+class Tidied:
+    """What `tidy_exports` removed."""
+
+    stale_files: list[str]  # in the selection folder, relative to it
+    unproducible: list[str]  # labels of whole selection folders
+
+
+def tidy_exports(storage: st.Storage, input_location: str, selection: Selection,
+                 configured_eps: Sequence[float]) -> Tidied:
+    """After an export: the selection folder keeps only what the selection implies, and folders
+    of selections the settings can no longer produce are removed.
+
+    A file is implied when it is an output file or the manifest of an ingested shard (one
+    whose raw index exists), whether or not this export rewrote it; anything else (a
+    forgotten shard's copy, a file of an older layout) would be read back with the dataset.
+    """
+    root = st.to_upath(input_location)
+    files = {s.key: s for s in discover_shards(input_location)}
+    base = root if root.is_dir() else root.parent
+    out_dir = selection_dir(storage, selection)
+    raw_keys = [storage.shard_of(st.RAW, p) for p in storage.stage_files(st.RAW)]
+    expected = {str(manifest_file(out_dir, k)) for k in raw_keys}
+    expected |= {str(p) for k in raw_keys for p in (output_files(files[k], base, out_dir) if k in files
+                                                    else _manifest_files(manifest_file(out_dir, k)))}
+    return Tidied(prune_selection(storage, selection, expected), remove_unproducible_selections(storage, configured_eps))

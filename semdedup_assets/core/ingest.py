@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from semdedup_assets.core import storage as st
-from semdedup_assets.core.export import FINGERPRINT_KEY
+from semdedup_assets.core.export import CONTENT_KEY, FINGERPRINT_KEY
 from semdedup_assets.core.catalog import duplicate_ids
 from semdedup_assets.core.config import Settings
 from semdedup_assets.core.shards import ShardError, ShardFile, keep_by_kind, read_shard
@@ -111,7 +111,9 @@ def ingest_shards(settings: Settings, shards: Sequence[ShardFile],
             index = read_shard(shard, settings.modality, settings.payload_column, settings.id_column, keep_by)
             table = index.table.add_column(1, "shard", pa.array([shard.key] * index.table.num_rows, type=pa.string()))
             # The input as ingested: `semdedup export` refuses a shard that changed since.
-            schema_meta = {FINGERPRINT_KEY: shard.fingerprint().encode()}
+            # The content digest makes the raw file (and so the embeddings' cache key) change with the
+            # input's bytes, even when an in-place edit keeps its size and modification time.
+            schema_meta = {FINGERPRINT_KEY: shard.fingerprint().encode(), CONTENT_KEY: shard.content_digest().encode()}
             if index.dim is not None:
                 dims[shard.key] = index.dim
                 schema_meta[RAW_DIM_KEY] = str(index.dim).encode()

@@ -14,8 +14,10 @@ stage with `iter_embedding_chunks` / `read_images`, never copied. Anything wrong
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import json
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -63,6 +65,17 @@ class ShardFile:
         """Size plus modification time (or ETag) of every file: cheap change detection."""
         return "|".join(_fingerprint(p) for p in (self.path, self.metadata) if p is not None)
 
+    def content_digest(self) -> str:
+        """A digest of the bytes of every file: certain change detection, at the cost of reading them."""
+        h = hashlib.blake2b(digest_size=16)
+        for path in (self.path, self.metadata):
+            if path is not None:
+                with path.open("rb") as f:
+                    for block in iter(lambda: f.read(1 << 20), b""):
+                        h.update(block)
+                h.update(b"\0")  # file boundary
+        return h.hexdigest()
+
 
 def _fingerprint(path: UPath) -> str:
     info = path.stat()
@@ -105,18 +118,71 @@ def shard_key(path: UPath, root: UPath) -> str:
         raise UnsafeKeyError(f"input file {path}: {err}") from None
 
 
-def discover_shards(location: str | UPath) -> list[ShardFile]:
-    """Every shard file under the input location (or the one file it names), sorted by key."""
+HIDDEN_PREFIXES = (".", "_")  # Spark/Hive convention: _SUCCESS, _temporary, .crc files are not data
+
+
+@dataclass(frozen=True)
+class Discovery:
+    """What a listing of the input found: the shards, and the shard-like files it skipped."""
+
+    shards: list[ShardFile]
+    skipped: list[str]  # paths relative to the input of files with a shard suffix named `_...` or `.…`
+
+    def skipped_note(self, location: str | UPath) -> str | None:
+        """One line saying how many files were skipped and where (None when none were)."""
+        if not self.skipped:
+            return None
+        folders = sorted({p.rpartition("/")[0] or "." for p in self.skipped})
+        return (f"skipped {len(self.skipped)} file(s) whose names start with '_' or '.' under {location} "
+                f"(in {', '.join(folders[:3])}{', ...' if len(folders) > 3 else ''}; e.g. "
+                f"{', '.join(self.skipped[:3])}): such names are never shards")
+
+
+def _walk_local(root: str) -> Iterator[str]:
+    """Every file below a local folder, following symlinked folders.
+
+    A link to a folder that holds it (a loop) is refused naming the link, as is a broken
+    link with a shard suffix: data is never dropped silently.
+    """
+    stack = [(root, (os.path.realpath(root),))]
+    while stack:
+        folder, ancestors = stack.pop()
+        with os.scandir(folder) as entries:
+            for entry in sorted(entries, key=lambda e: e.name, reverse=True):
+                if entry.is_dir():  # follows symbolic links
+                    real = os.path.realpath(entry.path)
+                    if real in ancestors:
+                        raise ValueError(f"symbolic link loop under the input: {entry.path} points to {real}, "
+                                         "a folder that contains it")
+                    stack.append((entry.path, (*ancestors, real)))
+                elif entry.is_file():
+                    yield entry.path
+                elif entry.is_symlink() and shard_suffix(entry.name):
+                    raise ValueError(f"broken symbolic link under the input: {entry.path} -> {os.readlink(entry.path)}")
+
+
+def discover(location: str | UPath) -> Discovery:
+    """Every shard file under the input location (or the one file it names), sorted by key.
+
+    Files whose names start with `_` or `.` are skipped (and listed in `skipped`); local
+    symbolic links to folders are followed.
+    """
     root = to_upath(location)
     check_store(root, "input")  # refused credentials must not read as "no such input"
     if root.is_file():
         suffix = shard_suffix(root.name)
         if suffix is None:
             raise ValueError(f"{root}: not a shard file (one of {', '.join(SHARD_SUFFIXES)})")
-        return [ShardFile(validate_shard_key(root.name[: -len(suffix)]), root)]
+        return Discovery([ShardFile(validate_shard_key(root.name[: -len(suffix)]), root)], [])
     if not root.exists():
         raise FileNotFoundError(f"input location does not exist: {root}")
-    paths = [p for p in root.rglob("*") if not p.name.startswith((".", "_")) and shard_suffix(p.name) and p.is_file()]
+    if is_local(root):
+        candidates = [to_upath(p) for p in _walk_local(str(root)) if shard_suffix(os.path.basename(p))]
+    else:
+        candidates = [p for p in root.rglob("*") if shard_suffix(p.name) and p.is_file()]
+    base = str(root).rstrip("/") + "/"
+    skipped = sorted(str(p)[len(base):] for p in candidates if p.name.startswith(HIDDEN_PREFIXES))
+    paths = [p for p in candidates if not p.name.startswith(HIDDEN_PREFIXES)]
     # An .npy shard's metadata Parquet belongs to it and is not a shard of its own.
     metadata = {str(p): npy_metadata_path(p) for p in paths if p.name.endswith(".npy")}
     paired = {str(m) for m in metadata.values()}
@@ -128,7 +194,12 @@ def discover_shards(location: str | UPath) -> list[ShardFile]:
         if key in found:
             raise ValueError(f"two files give shard key {key!r}: {found[key].path} and {path}")
         found[key] = ShardFile(key, path, metadata.get(str(path)))
-    return [found[k] for k in sorted(found)]
+    return Discovery([found[k] for k in sorted(found)], skipped)
+
+
+def discover_shards(location: str | UPath) -> list[ShardFile]:
+    """Every shard file under the input location (or the one file it names), sorted by key (see `discover`)."""
+    return discover(location).shards
 
 
 def _read_jsonl(shard: str, data: bytes) -> pa.Table:

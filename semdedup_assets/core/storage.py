@@ -158,6 +158,36 @@ def check_store(location: str | os.PathLike[str] | UPath, role: str) -> None:
         raise StoreError(f"{role} {path}: cannot reach bucket {bucket!r}: {err}") from None
 
 
+def _location_parts(location: str | os.PathLike[str] | UPath) -> tuple[str, tuple[str, ...]]:
+    """(protocol, path components) of a location, local paths with their symbolic links resolved."""
+    path = to_upath(location)
+    if is_local(path):
+        return "", tuple(p for p in os.path.realpath(str(path)).split(os.sep) if p)
+    return str(getattr(path, "protocol", "")), tuple(p for p in urlsplit(str(path))._replace(scheme="").geturl()
+                                                         .strip("/").split("/") if p)
+
+
+def overlap_error(input_location: str | os.PathLike[str] | UPath,
+                  storage_location: str | os.PathLike[str] | UPath) -> str | None:
+    """Why the input and the storage root cannot be used together (None when they are apart).
+
+    A storage inside the input would be read back as input shards on the next run (the
+    centroids file as a shard), and an input inside the storage could be overwritten by it.
+    """
+    (p_in, a), (p_st, b) = _location_parts(input_location), _location_parts(storage_location)
+    if p_in != p_st:
+        return None
+    if a == b:
+        return f"--input {input_location} and --storage {storage_location} are the same location"
+    if b[: len(a)] == a:
+        return (f"--storage {storage_location} is inside --input {input_location}: its files would be read as input "
+                "shards; put the storage outside the input")
+    if a[: len(b)] == b:
+        return (f"--input {input_location} is inside --storage {storage_location}: the storage's files would be "
+                "mixed with the input; put the input outside the storage")
+    return None
+
+
 def _make_parent(path: UPath) -> None:
     """Create a file's folder; object stores have no folders (and s3fs' mkdir would create a missing bucket)."""
     if is_local(path):

@@ -8,12 +8,15 @@ bucket holds exactly the assigned items of its cluster range; each keep-list and
 curve agree with the buckets. Temporary files left by a killed writer are reported too.
 A missing file is not a problem (it is simply not computed yet), and a file whose
 upstream is missing or bad is not judged (the next run recomputes both). `repair` deletes every
-file found wrong, so that the next `semdedup run` recomputes it.
+file found damaged, so that the next `semdedup run` recomputes it; a *stale* file (whole, but made
+from an input or settings that changed since, e.g. a `touch`ed input) is reported apart and left
+alone: the next run redoes it anyway. With `content`, each input's bytes are checked against
+the digest recorded at ingest (an in-place edit that kept size and modification time).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,7 +26,9 @@ import pyarrow.compute as pc
 from semdedup_assets.core import storage as st
 from semdedup_assets.core.assign import bucket_cluster_range, bucket_keys
 from semdedup_assets.core.config import Settings
+from semdedup_assets.core.export import CONTENT_KEY, recorded_fingerprint
 from semdedup_assets.core.keep import keep_mask
+from semdedup_assets.core.shards import ShardFile
 
 
 
@@ -32,12 +37,21 @@ def _sorted(ids: pa.ChunkedArray) -> pa.Array:
     return ids.take(pc.sort_indices(ids))
 
 
+DAMAGED, STALE = "damaged", "stale"
+
+
 @dataclass(frozen=True)
 class Problem:
-    """One file that is wrong, and why."""
+    """One file that is wrong, and why.
+
+    `kind` is DAMAGED (unreadable, or inconsistent with its upstream: `repair` deletes it) or
+    STALE (whole, but made from an input or settings that changed since: the next run redoes
+    it, so `repair` leaves it).
+    """
 
     path: st.UPath
     reason: str
+    kind: str = DAMAGED
 
     def __str__(self) -> str:
         return f"{self.path}: {self.reason}"
@@ -54,12 +68,14 @@ def _read_whole(path: st.UPath, columns: list[str] | None = None) -> pa.Table:
 
 class _Checker:
     def __init__(self, storage: st.Storage, settings: Settings,
-                 expected_cache_key: Callable[[str], str | None] | None) -> None:
+                 expected_cache_key: Callable[[str], str | None] | None,
+                 inputs: Mapping[str, ShardFile] | None = None, content: bool = False) -> None:
         self.storage, self.settings, self.expected_cache_key = storage, settings, expected_cache_key
+        self.inputs, self.content = inputs or {}, content
         self.problems: list[Problem] = []
 
-    def bad(self, path: st.UPath, reason: str) -> None:
-        self.problems.append(Problem(path, reason))
+    def bad(self, path: st.UPath, reason: str, kind: str = DAMAGED) -> None:
+        self.problems.append(Problem(path, reason, kind))
 
     def read(self, path: st.UPath, columns: list[str] | None = None) -> pa.Table | None:
         """The file's table, or None (recorded as a problem) when it is damaged."""
@@ -84,6 +100,8 @@ class _Checker:
     def run(self) -> list[Problem]:
         self.temporaries()
         raw = self.per_shard(st.RAW)
+        if self.content:
+            self.input_contents(raw)
         rejected = self.per_shard(st.REJECTED)
         raw_ids = {k: t.column("id") for k, p in raw.items() if (t := self.read(p, ["id"])) is not None}
         rejected_ids = {k: set(t.column("id").to_pylist()) for k, p in rejected.items()
@@ -92,6 +110,33 @@ class _Checker:
         k = self.centroids()
         self.buckets(self.assignments(emb_ids, k), k)
         return self.problems
+
+    def input_changed(self, key: str) -> str | None:
+        """How a shard's input differs from the one its raw file was made from (None: same, or unknown)."""
+        shard = self.inputs.get(key)
+        if shard is None:
+            return None
+        try:
+            recorded = recorded_fingerprint(self.storage, key)
+        except st.StageFileError:
+            return None
+        if recorded is not None and recorded != shard.fingerprint():
+            return f"its input {shard.path} changed since it was ingested (size or modification time)"
+        return None
+
+    def input_contents(self, raw: dict[str, st.UPath]) -> None:
+        """`--content`: each input's bytes against the digest recorded when it was ingested."""
+        for key, path in raw.items():
+            shard = self.inputs.get(key)
+            try:
+                recorded = recorded_fingerprint(self.storage, key, CONTENT_KEY)
+            except st.StageFileError:
+                continue  # damaged: reported by the read below
+            if shard is None or recorded is None or self.input_changed(key):
+                continue  # gone, ingested before digests were recorded, or already told by the fingerprint
+            if shard.content_digest() != recorded:
+                self.bad(path, f"stale: the content of its input {shard.path} changed since it was ingested "
+                         "(size and modification time are the same); the next `semdedup run` redoes it", STALE)
 
     def embeddings(self, raw_ids: dict[str, pa.ChunkedArray], rejected_ids: dict[str, set[str]]) -> dict[str, pa.ChunkedArray]:
         out = {}
@@ -112,7 +157,8 @@ class _Checker:
                 self.bad(path, "no cache key: not written by the embeddings stage")
             elif self.expected_cache_key is not None and (want := self.expected_cache_key(key)) is not None \
                     and want != cache_key:
-                self.bad(path, "stale: made from another raw file, input file or encoder settings")
+                why = self.input_changed(key) or "it was made from another raw file or encoder settings"
+                self.bad(path, f"stale: {why}; the next `semdedup run` redoes it", STALE)
             else:
                 out[key] = table.column("id")
         return out
@@ -194,15 +240,18 @@ class _Checker:
 
 
 def verify_storage(storage: st.Storage, settings: Settings,
-                   expected_cache_key: Callable[[str], str | None] | None = None) -> list[Problem]:
-    """Every stage file that is damaged or inconsistent with its upstream (empty when all is well).
+                   expected_cache_key: Callable[[str], str | None] | None = None,
+                   inputs: Mapping[str, ShardFile] | None = None, content: bool = False) -> list[Problem]:
+    """Every stage file that is damaged, inconsistent with its upstream or stale (empty when all is well).
 
     `expected_cache_key(shard)`, if given, is the cache key that shard's embeddings file
     should carry for the current input and settings (None when it cannot be computed).
+    `inputs` (the input shards by key) tells a changed input apart from other causes; with
+    `content`, every input is read and compared with the digest recorded at ingest.
     """
-    return _Checker(storage, settings, expected_cache_key).run()
+    return _Checker(storage, settings, expected_cache_key, inputs, content).run()
 
 
 def repair(problems: list[Problem]) -> list[st.UPath]:
-    """Delete every file named in `problems`; the next run recomputes them."""
-    return [p.path for p in problems if st.remove(p.path)]
+    """Delete every damaged file named in `problems` (the next run recomputes them); stale ones are left."""
+    return [p.path for p in problems if p.kind == DAMAGED and st.remove(p.path)]

@@ -74,3 +74,38 @@ def test_null_id_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ShardError, match="id column 'id' is null") as exc:
         read_shard(discover_shards(tmp_path)[0], "text", "text")
     assert exc.value.row == 1
+
+
+def test_symlinked_subfolders_are_followed_and_a_loop_is_refused(tmp_path: Path) -> None:
+    """Issue 20.2: `symsub/linked -> ../inner` was skipped silently (50 of 150 items)."""
+    root, inner = tmp_path / "input", tmp_path / "inner"
+    (root / "symsub").mkdir(parents=True)
+    inner.mkdir()
+    pq.write_table(pa.table({"text": ["a"]}), root / "top.parquet")
+    pq.write_table(pa.table({"text": ["b"]}), inner / "deep.parquet")
+    (root / "symsub" / "linked").symlink_to("../../inner")
+    shards = discover_shards(root)
+    assert [s.key for s in shards] == ["symsub/linked/deep", "top"]
+    assert str(shards[0].path) == str(root / "symsub" / "linked" / "deep.parquet")  # the key's path, not the target
+    (inner / "back").symlink_to("..")  # inner/back -> tmp_path, which holds input/symsub/linked -> inner: a loop
+    with pytest.raises(ValueError, match=r"symbolic link loop under the input: .*linked/back"):
+        discover_shards(root)
+    (inner / "back").unlink()
+    (root / "gone.parquet").symlink_to(tmp_path / "nowhere.parquet")
+    with pytest.raises(ValueError, match="broken symbolic link under the input: .*gone.parquet"):
+        discover_shards(root)
+
+
+def test_names_starting_with_underscore_or_dot_are_skipped_and_listed(tmp_path: Path) -> None:
+    """Issue 20.3: `_b.parquet` and `.c.parquet` were skipped without a word."""
+    from semdedup_assets.core.shards import discover
+
+    (tmp_path / "sub").mkdir()
+    for name in ("a.parquet", "_b.parquet", "sub/.c.parquet"):
+        pq.write_table(pa.table({"text": ["x"]}), tmp_path / name)
+    (tmp_path / "_SUCCESS").write_text("")  # no shard suffix: not worth a word
+    found = discover(tmp_path)
+    assert [s.key for s in found.shards] == ["a"] and found.skipped == ["_b.parquet", "sub/.c.parquet"]
+    note = found.skipped_note(tmp_path)
+    assert note is not None and "skipped 2 file(s)" in note and "_b.parquet" in note and "in ., sub" in note
+    assert discover(tmp_path / "sub").skipped_note(tmp_path / "sub").count("\n") == 0
