@@ -182,7 +182,7 @@ def test_empty_texts_and_ids_go_to_rejected_with_a_reason_or_fail_in_strict_mode
                                                          ("", "empty id")]
     assert pq.read_table(str(storage.shard_file("embeddings", "t"))).column("id").to_pylist() == ["a", "e"]
     assert verify_storage(storage, settings) == []  # embeddings = raw minus rejected
-    with pytest.raises(EmbedError, match=r"shard 't', row 1, id 'b': empty text \(3 empty item\(s\); strict mode\)"):
+    with pytest.raises(EmbedError, match=r"shard 't', key 'b' \(row 1\): empty text \(3 empty item\(s\); strict mode\)"):
         embed_shard(settings.replace(strict=True, max_length=100), "t", shard, encoder=_LengthEncoder())
 
 

@@ -158,7 +158,7 @@ def _refuse_in_strict_mode(settings: Settings, key: str, ids: pa.Array, rejected
                            what: str) -> None:
     if rejected and settings.strict:
         row, reason = rejected[0]
-        raise EmbedError(f"shard {key!r}, row {row}, id {ids[row].as_py()!r}: {reason} "
+        raise EmbedError(f"shard {key!r}, key {ids[row].as_py()!r} (row {row}): {reason} "
                          f"({len(rejected)} {what}; strict mode)", shard=key)
 
 
