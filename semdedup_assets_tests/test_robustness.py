@@ -52,6 +52,7 @@ def test_sweep_makes_normal_storages_that_share_the_embeddings(sweep: tuple[Path
         status = collect_status(load_settings(str(sub)), str(sub / "dagster_home"))
         assert status["state"] == "complete" and status["centroids"]["k"] == k, status
         assert json.loads((sub / "semdedup.json").read_text())["compare_with"] == ",".join(map(str, subs))
+        assert main(["verify", "--storage", str(sub)]) == 0  # hard links and robustness/ files are no problem
     # One embedding pass: the second k's embeddings are the first's files (hard links), not copies.
     for shard in ("part-00", "part-01", "part-02"):
         a, b = (os.stat(s / "embeddings" / f"{shard}.parquet") for s in subs)
