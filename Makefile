@@ -13,15 +13,18 @@ $(BIN)/python:
 
 # Stamps: re-install only when pyproject.toml changes (a second `make demo` is fast).
 $(VENV)/.stamp-demo: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[demo]'
+	$(BIN)/pip install -q -e '.[demo,static]'
 	touch $@
 
 $(VENV)/.stamp-test: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[test,demo,deploy,ray]'
+	$(BIN)/pip install -q -e '.[test,demo,deploy,ray,static]'
 	touch $@ $(VENV)/.stamp-demo
 
+# The demo embeds with the static model (distilled from all-MiniLM-L6-v2 once per machine);
+# `make demo DEMO_MODEL=all-MiniLM-L6-v2` runs the transformer itself.
+DEMO_MODEL ?= static
 demo: $(VENV)/.stamp-demo
-	$(BIN)/semdedup demo --storage $(DEMO_STORAGE)
+	$(BIN)/semdedup demo --storage $(DEMO_STORAGE) --model $(DEMO_MODEL)
 
 test: browser-deps server-deps $(VENV)/.stamp-test
 	$(BIN)/python -m pytest -q --durations=25
@@ -57,7 +60,7 @@ ui: $(VENV)/.stamp-demo
 		$(BIN)/dagster dev -h 127.0.0.1 -p $(UI_PORT) -w workspace.yaml
 
 $(VENV)/.stamp-bench: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[test,demo,deploy,ray,bench]'
+	$(BIN)/pip install -q -e '.[test,demo,deploy,ray,static,bench]'
 	touch $@ $(VENV)/.stamp-test $(VENV)/.stamp-demo
 
 # Full-size benchmarks, one after another (never in parallel: they time the same cores);

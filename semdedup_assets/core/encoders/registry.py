@@ -27,6 +27,7 @@ _BUILTIN_MODULES: dict[str, str] = {
     "text": "semdedup_assets.core.encoders.text",
     "image": "semdedup_assets.core.encoders.clip",
     "clip_text": "semdedup_assets.core.encoders.clip",
+    "model2vec": "semdedup_assets.core.encoders.static",
 }
 
 
@@ -104,6 +105,11 @@ def _cached_encoder(modality: str, model: str | None, pretrained: str | None, po
     options: dict[str, object] = {"device": device, "batch_size": batch_size}
     if modality == "text" and model and model.startswith(OPEN_CLIP_PREFIX):
         return create_encoder("clip_text", model[len(OPEN_CLIP_PREFIX):], pretrained=pretrained, **options)
+    if modality == "text":
+        from .static import wants_static
+
+        if wants_static(model):  # model2vec:X, static, or a folder holding a static model
+            return create_encoder("model2vec", model, max_length=max_length, **options)
     if modality == "text":
         options.update(pooling=pooling, max_length=max_length)
     elif modality == "image":
