@@ -69,8 +69,10 @@ class Settings:
     column: str | None = knob(None, "payload column (default: the modality's name: text, image or embedding)")
     id_column: str = knob("id", "id column (only the default `id` may be absent, then ids are <shard>:<row>; "
                           "any other name must exist in every shard)")
-    model: str | None = knob(None, "text: HF model name or local path (default: the offline all-MiniLM-L6-v2), or "
-                             "open_clip:ARCH for CLIP's text tower; image: open_clip ARCH, local-dir:PATH or "
+    model: str | None = knob(None, "text: HF model name or local path (default: the offline all-MiniLM-L6-v2), "
+                             "open_clip:ARCH for CLIP's text tower, model2vec:PATH (or a static model folder) for a "
+                             "static model, or static for this machine's model2vec distillation of all-MiniLM-L6-v2 "
+                             "(made on first use, `semdedup distill`); image: open_clip ARCH, local-dir:PATH or "
                              "hf-hub:ORG/REPO")
     pretrained: str | None = knob(None, "open_clip: pretrained tag (online) or local checkpoint file")
     num_workers: int = knob(2, "image decoding worker processes", flag="--workers")
@@ -296,6 +298,15 @@ def environment_overrides(environ: Mapping[str, str] | None = None) -> dict[str,
 def visible_cuda_devices() -> str:
     """This process's CUDA_VISIBLE_DEVICES ("" when unset); Ray sets it for actors and tasks that hold GPUs."""
     return os.environ.get("CUDA_VISIBLE_DEVICES", "")
+
+
+def model_cache_dir() -> str:
+    """This machine's cache of derived models (`--model static`): $SEMDEDUP_CACHE, else $XDG_CACHE_HOME/semdedup."""
+    explicit = os.environ.get(ENV_PREFIX + "CACHE")
+    if explicit:
+        return os.path.expanduser(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "semdedup")
 
 
 def storage_location(storage: str | None = None) -> str:

@@ -103,11 +103,9 @@ def wants_static(model: str | None) -> bool:
 
 def static_cache_dir() -> Path:
     """Where `--model static` lives on this machine: $SEMDEDUP_CACHE, else $XDG_CACHE_HOME/semdedup, else ~/.cache/semdedup."""
-    explicit = os.environ.get("SEMDEDUP_CACHE")
-    if explicit:
-        return Path(explicit).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "semdedup"
+    from semdedup_assets.core.config import model_cache_dir
+
+    return Path(model_cache_dir())
 
 
 def _default_static_path(cache_dir: Path, dims: int) -> Path:
