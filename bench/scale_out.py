@@ -71,7 +71,8 @@ def text_child(args: argparse.Namespace) -> int:
 
     actors = int(args.child_actors)
     settings = Settings(storage=args.child_storage, input=args.child_input, modality="text", max_length=128,
-                        batch_size=64, engine="ray" if actors else "local", ray_actors=actors)
+                        batch_size=64, engine="ray" if actors else "local", ray_actors=actors,
+                        model=args.child_model or None)
     shards = discover_shards(settings.input)
     ingest_shards(settings, shards)
     startup = 0.0
@@ -104,11 +105,12 @@ def text_child(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_text(ns, inp: Path, storage: Path, actors: int) -> dict:
+def run_text(ns, inp: Path, storage: Path, actors: int, model: str | None = None) -> dict:
+    """The embedding stage over every text shard with 0 (in-process), 1 or more Ray actors, in the namespace."""
     from semdedup_assets_tests.raycluster import ray_env
 
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child-text", "--child-input", str(inp),
-           "--child-storage", str(storage), "--child-actors", str(actors)]
+           "--child-storage", str(storage), "--child-actors", str(actors), "--child-model", model or ""]
     done = subprocess.run(ns.command(cmd), capture_output=True, text=True, env=ray_env(), cwd=ROOT)
     if done.returncode != 0:
         raise SystemExit(f"text embedding ({actors} actors) failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
@@ -144,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--child-input", help=argparse.SUPPRESS)
     ap.add_argument("--child-storage", help=argparse.SUPPRESS)
     ap.add_argument("--child-actors", help=argparse.SUPPRESS)
+    ap.add_argument("--child-model", default="", help=argparse.SUPPRESS)
     add_output_options(ap, DEFAULT_OUT, "n=2000 in 4 shards, 64 texts; prints only")
     args = ap.parse_args(argv)
     if args.child_text:
