@@ -3,7 +3,7 @@
 Usage:
     .venv/bin/python bench/text_end_to_end.py [--n 200000] [--dup-fraction 0.1] [--shards 8]
                                               [--static PATH] [--out bench/results/text_end_to_end.md]
-    .venv/bin/python bench/text_end_to_end.py --smoke     # 3,000 paragraphs, a tiny static model; prints only
+    .venv/bin/python bench/text_end_to_end.py --smoke     # 1,000 paragraphs, a tiny static model; prints only
 
 Data: `--n` distinct real English paragraphs (docstrings and comment blocks of the Python standard
 library, then of the installed packages, read with `ast` as the demo corpus is, exact repeats
@@ -176,12 +176,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--child-input", help=argparse.SUPPRESS)
     ap.add_argument("--child-model", help=argparse.SUPPRESS)
     ap.add_argument("--child-out", help=argparse.SUPPRESS)
-    add_output_options(ap, DEFAULT_OUT, "3,000 paragraphs, a static model distilled from a tiny BERT; prints only")
+    add_output_options(ap, DEFAULT_OUT, "1,000 paragraphs, a static model distilled from a tiny BERT; prints only")
     args = ap.parse_args(argv)
     if args.child_semhash:
         return semhash_child(args)
     if args.smoke:
-        args.n, args.shards = 3000, 2
+        args.n, args.shards = 1000, 2
     out = output_path(args, DEFAULT_OUT)
     load_at_start = load_average()
 

