@@ -28,7 +28,8 @@ from semdedup_assets_tests.conftest import write_embedding_shards
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_ARGS = ["--modality", "embedding", "--clusters", "24", "--buckets", "4", "--iterations", "60",
-            "--eps", "0.001,0.01,0.1"]
+            "--eps", "0.001,0.01,0.1",
+            "--prune", "prototypes:keep-fraction=0.5;d4:eps=0.01,keep-fraction=0.5;dbp:eps=0.01,keep-fraction=0.4"]
 RERUN_TIMEOUT_S = 120  # before the fix a re-run after a kill in a gpu step waited for ever
 
 
@@ -100,9 +101,10 @@ def run_cli(input_dir: Path, storage: Path, *extra: str, env: dict[str, str] | N
 
 
 def snapshot(storage: Path) -> dict[str, object]:
-    """What must be byte-identical: keep-lists, bucket files and the `items` view."""
+    """What must be byte-identical: keep-lists, bucket files, the pruning selections and the `items` view."""
     files = {str(p.relative_to(storage)): p.read_bytes()
              for stage in ("keep_lists", "semantic_duplicates") for p in sorted((storage / stage).glob("*.parquet"))}
+    files.update({str(p.relative_to(storage)): p.read_bytes() for p in sorted((storage / "pruned").rglob("*.parquet"))})
     _, items = query(Storage(str(storage)), "SELECT * FROM items ORDER BY id")
     return {"files": files, "items": items}
 
@@ -131,7 +133,9 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     write_embedding_shards(root / "input", n_shards=6, per_shard=2000, d=32)
     child = run_cli(root / "input", root / "reference")
     assert child.wait() == 0, child.output
-    return {"input": root / "input", "reference": snapshot(root / "reference")}
+    reference = snapshot(root / "reference")
+    assert len([p for p in reference["files"] if p.endswith("kept.parquet")]) == 3  # every --prune selection
+    return {"input": root / "input", "reference": reference}
 
 
 # (stage label, a line printed inside the stage, pool step holding the `gpu` slot there or None)
@@ -141,6 +145,7 @@ KILL_POINTS = [
     ("cluster_assignments", r'Started execution of step "cluster_assignments"', None),
     ("semantic_duplicates", r"\[1/4\] bucket 000", "semantic_duplicates"),
     ("keep_lists", r'Started execution of step "keep_lists"', None),
+    ("pruned", r"d4:eps=0.01,keep-fraction=0.5: .* re-clustering them", None),
 ]
 
 

@@ -91,7 +91,7 @@ class _Checker:
         return {self.storage.shard_of(stage, p): p for p in self.storage.stage_files(stage)}
 
     def temporaries(self) -> None:
-        for stage in st.STAGES:
+        for stage in (*st.STAGES, st.PRUNED):
             folder = self.storage.stage_dir(stage)
             if folder.exists():
                 for p in sorted(folder.rglob(f".*{st.TMP_SUFFIX}"), key=str):
@@ -109,6 +109,8 @@ class _Checker:
         emb_ids = self.embeddings(raw_ids, rejected_ids)
         k = self.centroids()
         self.buckets(self.assignments(emb_ids, k), k)
+        for path in self.storage.stage_files(st.PRUNED):  # pruning selections: whole and readable
+            self.read(path)
         return self.problems
 
     def input_changed(self, key: str) -> str | None:
