@@ -23,13 +23,16 @@ import pyarrow as pa
 import pytest
 
 from semdedup_assets.core.catalog import query
+from semdedup_assets.core.config import Settings
+from semdedup_assets.core.prune import compute_pruning, parse_pruning
 from semdedup_assets.core.storage import Storage
 from semdedup_assets_tests.conftest import write_embedding_shards
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_ARGS = ["--modality", "embedding", "--clusters", "24", "--buckets", "4", "--iterations", "60",
-            "--eps", "0.001,0.01,0.1",
-            "--prune", "prototypes:keep-fraction=0.5;d4:eps=0.01,keep-fraction=0.5;dbp:eps=0.01,keep-fraction=0.4"]
+            "--eps", "0.001,0.01,0.1"]
+# The kill inside the prune stage: every method, as the pruned_* assets (a sixth run).
+PRUNE = "prototypes:keep-fraction=0.5;d4:eps=0.01,keep-fraction=0.5;dbp:eps=0.01,keep-fraction=0.4"
 RERUN_TIMEOUT_S = 120  # before the fix a re-run after a kill in a gpu step waited for ever
 
 
@@ -101,10 +104,9 @@ def run_cli(input_dir: Path, storage: Path, *extra: str, env: dict[str, str] | N
 
 
 def snapshot(storage: Path) -> dict[str, object]:
-    """What must be byte-identical: keep-lists, bucket files, the pruning selections and the `items` view."""
+    """What must be byte-identical: keep-lists, bucket files and the `items` view."""
     files = {str(p.relative_to(storage)): p.read_bytes()
              for stage in ("keep_lists", "semantic_duplicates") for p in sorted((storage / stage).glob("*.parquet"))}
-    files.update({str(p.relative_to(storage)): p.read_bytes() for p in sorted((storage / "pruned").rglob("*.parquet"))})
     _, items = query(Storage(str(storage)), "SELECT * FROM items ORDER BY id")
     return {"files": files, "items": items}
 
@@ -133,9 +135,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     write_embedding_shards(root / "input", n_shards=6, per_shard=2000, d=32)
     child = run_cli(root / "input", root / "reference")
     assert child.wait() == 0, child.output
-    reference = snapshot(root / "reference")
-    assert len([p for p in reference["files"] if p.endswith("kept.parquet")]) == 3  # every --prune selection
-    return {"input": root / "input", "reference": reference}
+    return {"input": root / "input", "reference": snapshot(root / "reference")}
 
 
 # (stage label, a line printed inside the stage, pool step holding the `gpu` slot there or None)
@@ -149,13 +149,18 @@ KILL_POINTS = [
 ]
 
 
+def pruned_files(storage: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(storage)): p.read_bytes() for p in sorted((storage / "pruned").rglob("*.parquet"))}
+
+
 @pytest.mark.parametrize("label,line,gpu_step", KILL_POINTS, ids=[k[0].split()[0] for k in KILL_POINTS])
 def test_sigkill_inside_each_stage_then_rerun_is_byte_identical(data, tmp_path: Path, label: str, line: str,
                                                                  gpu_step: str | None) -> None:
     """Regression for defects 1 and 2: a kill in a gpu step left its slot claimed (the re-run hung)
     and its run STARTED for ever."""
     storage = tmp_path / "storage"
-    child = run_cli(data["input"], storage)
+    extra = ["--prune", PRUNE] if label == "pruned" else []
+    child = run_cli(data["input"], storage, *extra)
     child.wait_for(line)
     child.signal(signal.SIGKILL)
     child.wait()
@@ -167,9 +172,17 @@ def test_sigkill_inside_each_stage_then_rerun_is_byte_identical(data, tmp_path: 
         claimed = instance.event_log_storage.get_concurrency_info("gpu").claimed_slots
         assert [(s.run_id, s.step_key) for s in claimed] == [(killed.run_id, gpu_step)]
 
-    rerun = run_cli(data["input"], storage)
+    rerun = run_cli(data["input"], storage, *extra)
     assert rerun.wait() == 0, rerun.output
     assert f"run {killed.run_id}" in rerun.output and "is gone" in rerun.output
+    if extra:  # the re-run's selections equal a fresh computation from the same stored results
+        after = pruned_files(storage)
+        assert len([p for p in after if p.endswith("kept.parquet")]) == 3
+        settings = Settings(storage=str(storage), modality="embedding", clusters=24, buckets=4, kmeans_iterations=60,
+                            eps=(0.001, 0.01, 0.1))
+        for selection in PRUNE.split(";"):
+            compute_pruning(settings, parse_pruning(selection, settings.eps))
+        assert pruned_files(storage) == after
     instance = instance_of(storage)
     assert instance.get_run_by_id(killed.run_id).status == dg.DagsterRunStatus.FAILURE
     assert not instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED]))
@@ -275,7 +288,6 @@ def test_full_disk_on_a_real_tmpfs(data, tmp_path: Path) -> None:
 # ---- damaged stage files and a full disk, in-process (fast) ---------------------------------------
 
 from semdedup_assets.core import storage as st  # noqa: E402
-from semdedup_assets.core.config import Settings  # noqa: E402
 from semdedup_assets.core.verify import repair, verify_storage  # noqa: E402
 from semdedup_assets.definitions import build_definitions  # noqa: E402
 from semdedup_assets.pipeline import PipelineError, run_pipeline  # noqa: E402
