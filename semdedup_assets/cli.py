@@ -14,6 +14,9 @@ from semdedup_assets.core.config import (AUTO, Settings, allowed_values, base_ty
 
 DEMO_STORAGE = ".demo/storage"
 DEMO_MODEL = "static"  # the demo's default text model: fast on a CPU; --model all-MiniLM-L6-v2 for the transformer
+# The catalog's views (core.catalog.VIEW_NAMES; listed here so --help imports no DuckDB).
+SQL_VIEWS = ("items", "embeddings", "centroids", "eps_curve", "raw_items", "rejected", "contaminated",
+             "cluster_assignments", "centroid_vectors", "pruned", "pruned_budget")
 
 
 def _add_storage(p: argparse.ArgumentParser, default: str | None = None) -> None:
@@ -53,9 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_verbose(demo)
 
     sql = sub.add_parser("sql", help="query the DuckDB catalog (views items, embeddings, centroids, eps_curve, ...)",
-                         description="Run one SQL statement against <storage>/catalog.duckdb. Views: items, "
-                         "embeddings, centroids, eps_curve, raw_items, cluster_assignments. The keep-list at "
-                         "any eps is `SELECT id FROM items WHERE max_sim <= 1 - eps`.")
+                         description="Run SQL against the catalog's views (those of <storage>/catalog.duckdb, "
+                         "in a private in-memory connection: it never waits for another client of the file). "
+                         f"Views: {', '.join(SQL_VIEWS)}. Several statements separated by `;` run in order, "
+                         "each result printed under its statement. The keep-list at any eps is "
+                         "`SELECT id FROM items WHERE max_sim <= 1 - eps`.")
     sql.add_argument("query", help='e.g. "SELECT * FROM eps_curve"')
     _add_storage(sql)
 
@@ -344,20 +349,28 @@ def refuse_missing_storage(settings: Settings) -> bool:
 
 
 def cmd_sql(storage: str | None, sql: str) -> int:
-    """Print a query's result as a table."""
+    """Print each statement's result as a table (several statements: each under its own text)."""
     import duckdb
 
-    from semdedup_assets.core.catalog import format_table, query
+    from semdedup_assets.core.catalog import format_table, query_statements
 
     settings = load_settings(storage)
     if refuse_missing_storage(settings):
         return 1
     try:
-        cols, rows = query(settings.storage_root(), sql)
+        results, problems = query_statements(settings.storage_root(), sql)
     except duckdb.Error as err:
         print(f"semdedup: SQL error: {err}", file=sys.stderr)
         return 1
-    print(format_table(cols, rows))
+    for problem in problems:
+        print(f"semdedup: warning: {problem}", file=sys.stderr)
+    if not results:
+        print("semdedup: error: no SQL statement given", file=sys.stderr)
+        return 1
+    blocks = [format_table(cols, rows) if cols else "ok" for _, cols, rows in results]
+    if len(results) > 1:
+        blocks = [f"> {text}\n{block}" for (text, _, _), block in zip(results, blocks)]
+    print("\n\n".join(blocks))
     return 0
 
 
@@ -387,6 +400,7 @@ def cmd_export(storage: str | None, select: str | None) -> int:
     from semdedup_assets.core.export import (ExportError, default_selection, export_shards, parse_selection,
                                              tidy_exports)
     from semdedup_assets.core.prune import PruneError, compute_pruning
+    from semdedup_assets.core.storage import StageFileError
 
     settings = load_settings(storage)
     if refuse_missing_storage(settings):
@@ -404,9 +418,9 @@ def cmd_export(storage: str | None, select: str | None) -> int:
         total = len(settings.storage_root().stage_files("raw"))
         with _show_progress(settings), progress.task("export", total, unit="shards") as bar:
             done = export_shards(settings.storage_root(), settings.input, selection, configured_eps=settings.eps,
-                                 log=lambda note: bar.update(1, note))
+                                 log=lambda note: bar.update(1, note), reference=settings.reference)
         tidied = tidy_exports(settings.storage_root(), settings.input, selection, settings.eps)
-    except (ExportError, PruneError, FileNotFoundError) as err:
+    except (ExportError, PruneError, FileNotFoundError, StageFileError) as err:  # a damaged stage file: named
         print(f"semdedup: error: {err}", file=sys.stderr)
         return 1
     for d in done:

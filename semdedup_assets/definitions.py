@@ -12,6 +12,7 @@ import dagster as dg
 from semdedup_assets.assets import ASSET_CHECKS, build_assets
 from semdedup_assets.core.config import Settings, load_settings
 from semdedup_assets.jobs import ALL_JOBS
+from semdedup_assets.loggers import console_logger
 from semdedup_assets.ray_resource import SemDedupRay
 from semdedup_assets.resources import SemDedupConfig
 from semdedup_assets.schedules import build_retrain_schedule
@@ -26,6 +27,7 @@ def build_definitions(settings: Settings) -> dg.Definitions:
         jobs=ALL_JOBS,
         sensors=[build_shard_sensor(settings), build_bucket_sensor(settings), build_automation_sensor(settings)],
         schedules=[build_retrain_schedule(settings.retrain_cron)],
+        loggers={"console": console_logger},
         resources={"semdedup": SemDedupConfig.from_settings(settings),
                    # dagster-ray's RayResource: connects only for steps whose settings say engine=ray.
                    "ray": SemDedupRay()},

@@ -21,7 +21,7 @@ from semdedup_assets.core.config import Settings, save_settings
 from semdedup_assets.core.engines import EngineError, ray_session
 from semdedup_assets.core.export import DEDUPLICATED, remove_exported_shard
 from semdedup_assets.core.layout import remove_shard_files
-from semdedup_assets.core.shards import SHARD_SUFFIXES, discover
+from semdedup_assets.core.shards import SHARD_SUFFIXES, ShardFile, discover
 from semdedup_assets.definitions import build_definitions
 from semdedup_assets.partitions import SHARDS_PARTITIONS_NAME
 from semdedup_assets.run_guard import RunGuard, process_tags
@@ -42,9 +42,11 @@ PRUNE_STAGE = ("pruned", "prune_job", None)
 
 
 def console_run_config(verbose: bool) -> dict:
-    """Run config of an in-process run: the console logger shows warnings and errors only, unless
-    `verbose` (Dagster's DEBUG stream). Every event still goes to the instance, so the UI has them all."""
-    return {"loggers": {"console": {"config": {"log_level": "DEBUG" if verbose else "WARNING"}}}}
+    """Run config of an in-process run: the console logger shows warnings only, unless `verbose`
+    (Dagster's DEBUG stream, failure tracebacks included). A failure's cause is printed by the caller
+    (failure_message). Every event still goes to the instance, so the UI has them all."""
+    return {"loggers": {"console": {"config": {"log_level": "DEBUG" if verbose else "WARNING",
+                                               "tracebacks": verbose}}}}
 
 
 class PipelineError(RuntimeError):
@@ -141,13 +143,15 @@ def _run_pipeline(settings: Settings, instance: dg.DagsterInstance, log=print, v
     st.check_store(settings.storage, "storage")
     if (overlap := st.overlap_error(settings.input, settings.storage)) is not None:
         raise PipelineError(overlap)  # before anything is written: the next run would read the storage as input
-    save_settings(settings)
     found = discover(settings.input)
     if (note := found.skipped_note(settings.input)) is not None:
         log(f"[semdedup] {note}")
     shards = [s.key for s in found.shards]
     if not shards:
         raise PipelineError(f"no shard files ({', '.join(SHARD_SUFFIXES)}) under {settings.input}")
+    if settings.reference:  # before anything is recorded: a bad reference leaves the storage as it was
+        check_run_reference(settings, found.shards[0])
+    save_settings(settings)
     known = instance.get_dynamic_partitions(SHARDS_PARTITIONS_NAME)
     stray = sorted(set(known) - set(shards))
     if stray:  # checked before registering anything: a refused run leaves no trace
@@ -179,6 +183,23 @@ def _run_pipeline(settings: Settings, instance: dg.DagsterInstance, log=print, v
         result.run_ids[label] = run_id
         result.seconds[label] = _run_seconds(instance, run_id)
     return result
+
+
+def check_run_reference(settings: Settings, first_shard: ShardFile) -> None:
+    """Refuse a --reference that the last stage could not use (PipelineError naming it and why)."""
+    from semdedup_assets.core.decontaminate import ReferenceError, check_reference
+    from semdedup_assets.core.shards import ShardError, read_shard
+
+    dim = None
+    if settings.modality == "embedding":  # the dataset's dimension, from its first shard (validated anyway)
+        try:
+            dim = read_shard(first_shard, settings.modality, settings.payload_column, settings.id_column).dim
+        except ShardError:
+            dim = None  # the ingest stage reports the dataset's own problem
+    try:
+        check_reference(settings.reference, settings.modality, settings.payload_column, settings.id_column, dim)
+    except ReferenceError as err:
+        raise PipelineError(f"--reference: {err}") from None
 
 
 def withdraw_shards(settings: Settings, instance: dg.DagsterInstance, shards: list[str]) -> list[str]:
@@ -281,7 +302,8 @@ def _execute(defs: dg.Definitions, instance: dg.DagsterInstance, job_name: str, 
         run_config=console_run_config(verbose), instance=instance, tags={**tags, **process_tags()},
         partition_key=partition_key, raise_on_error=False)
     if not run.success:
-        raise PipelineError(f"{job_name} failed (run {run.run_id}):\n{failure_message(run)}")
+        raise PipelineError(f"{failure_message(run)}\n(full trace: run again with -v, or open run {run.run_id} "
+                            f"of {job_name} in the UI, `make ui`)")
     return run.run_id
 
 

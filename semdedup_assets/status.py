@@ -52,6 +52,45 @@ def _eps_curve(storage: st.Storage) -> list[dict[str, Any]]:
              "kept_fraction": round(float(r["kept_fraction"]), 4)} for r in sorted(rows, key=lambda r: r["eps"])]
 
 
+def _contamination(storage: st.Storage, settings: Settings) -> dict[str, Any]:
+    """The decontamination results: present, flagged items, the reference they were computed against."""
+    from semdedup_assets.core.schemas import CONTAMINATED_REFERENCE_KEY
+
+    path = storage.contaminated_file
+    out: dict[str, Any] = {"reference": settings.reference, "present": path.exists()}
+    if out["present"]:
+        try:
+            out["flagged"] = st.parquet_num_rows(path)
+            recorded = (st.read_schema(path).metadata or {}).get(CONTAMINATED_REFERENCE_KEY)
+        except st.StageFileError as err:
+            out["damaged"] = err.reason
+            return out
+        out["computed_against"] = recorded.decode() if recorded is not None else None
+        out["current"] = recorded is None or recorded.decode() == (settings.reference or "")
+    else:
+        out["current"] = not settings.reference
+    return out
+
+
+def _exports(storage: st.Storage) -> list[dict[str, Any]]:
+    """Each `deduplicated/<selection>/` folder: shards exported and items kept, from its manifests."""
+    folder = storage.stage_dir("deduplicated")
+    out = []
+    for sel in sorted(folder.iterdir(), key=lambda p: p.name) if folder.exists() else []:
+        if not sel.is_dir() or sel.name.startswith("."):
+            continue
+        kept = removed = shards = 0
+        for manifest in (sel / ".semdedup").rglob("*.json") if (sel / ".semdedup").exists() else []:
+            try:
+                m = json.loads(manifest.read_text())
+            except (OSError, ValueError):
+                continue
+            shards, kept, removed = shards + 1, kept + int(m.get("kept", 0)), removed + int(m.get("removed", 0))
+        out.append({"selection": sel.name, "shards": shards, "kept": kept, "removed": removed,
+                    "written_at": _mtime(sel)})
+    return out
+
+
 def _instance_facts(home: str) -> dict[str, Any]:
     """Registered shards, the centroids' last materialization and the run history, from the instance."""
     import dagster as dg
@@ -93,14 +132,20 @@ def _instance_facts(home: str) -> dict[str, Any]:
             "failed_runs": failed, "unfinished_runs": unfinished, "total_runs": len(records)}
 
 
-def _skipped_inputs(location: str | None) -> list[str]:
-    """Files under the input that discovery skips for their `_` or `.` names ([] when unreachable)."""
+def _input_files(location: str | None) -> tuple[set[str], list[str]]:
+    """The shard keys under the input, and the files discovery skips for their `_` or `.` names.
+
+    Both empty when the input is not given or not reachable (then every shard counts as gone).
+    """
     from semdedup_assets.core.shards import discover
 
+    if not location:
+        return set(), []
     try:
-        return discover(location).skipped if location else []
-    except (OSError, ValueError):  # a missing or unreadable input is not this report's business
-        return []
+        found = discover(location)
+    except (OSError, ValueError):
+        return set(), []
+    return {f.key for f in found.shards}, found.skipped
 
 
 def collect_status(settings: Settings, dagster_home: str | None) -> dict[str, Any]:
@@ -143,12 +188,21 @@ def collect_status(settings: Settings, dagster_home: str | None) -> dict[str, An
         "buckets": len(done) == len(buckets),
         "keep_lists": bool(keep["eps_curve"]) and len(keep["present_eps"]) == len(settings.eps),
     }
+    present, skipped = _input_files(settings.input)
+    input_missing = sorted(set(registered or raw) - present) if settings.input else []
+    contamination = _contamination(storage, settings)
     started = bool(registered or raw or embedded or storage.settings_file.exists() or facts["total_runs"])
-    state = "fresh" if not started else ("complete" if all(stages_done.values()) and not facts["failed_runs"]
-                                         else "partial")
+    if not started:
+        state = "fresh"
+    elif facts["unfinished_runs"]:  # a run going on now, or one whose process died (stale)
+        state = "running"
+    elif all(stages_done.values()) and not facts["failed_runs"] and not input_missing and contamination["current"]:
+        state = "complete"
+    else:
+        state = "partial"
     return {
         "storage": str(storage.root), "state": state, "input": settings.input,
-        "input_skipped": _skipped_inputs(settings.input),
+        "input_skipped": skipped,
         "settings_recorded": bool(stored_settings(settings.storage)),
         "settings": {k: v for k, v in settings.to_dict().items() if k != "extra"},
         "dagster_home": dagster_home if has_instance else None,
@@ -158,8 +212,10 @@ def collect_status(settings: Settings, dagster_home: str | None) -> dict[str, An
                    "not_embedded": sorted(set(registered or raw) - set(embedded))[:LISTED],
                    "not_assigned": sorted(set(embedded) - set(assigned))[:LISTED]},
         "centroids": centroids,
-        "buckets": {"total": len(buckets), "done": len(done),
-                    "missing": [b for b in buckets if b not in done][:LISTED]},
+        "input_missing": input_missing,
+        "buckets": {"total": len(buckets), "done": len(done), "missing": [b for b in buckets if b not in done]},
+        "contamination": contamination,
+        "exports": _exports(storage),
         "keep_lists": keep,
         "runs": {"recent": facts["runs"], "failed": facts["failed_runs"], "unfinished": facts["unfinished_runs"],
                  "total": facts["total_runs"]},
@@ -230,16 +286,36 @@ def format_status(s: dict[str, Any]) -> str:
             lines.append(f"            {len(c['embedded_after_training'])} shard(s) embedded after training")
     else:
         lines.append("centroids:  not trained yet")
+    if s["input_missing"]:
+        gone = s["input_missing"]
+        lines.append(f"            input gone: {len(gone)} shard(s) no longer under {s['input']}: "
+                     f"{', '.join(gone[:LISTED])}{', ...' if len(gone) > LISTED else ''}")
     b = s["buckets"]
-    more = ", ..." if b["total"] - b["done"] > len(b["missing"]) else ""
+    more = ", ..." if len(b["missing"]) > LISTED else ""
     lines.append(f"buckets:    {b['done']}/{b['total']} done"
-                 + (f" (missing: {', '.join(b['missing'])}{more})" if b["missing"] else ""))
+                 + (f" (missing: {', '.join(b['missing'][:LISTED])}{more})" if b["missing"] else ""))
     k = s["keep_lists"]
     lines.append(f"keep-lists: {len(k['present_eps'])} of {len(k['configured_eps'])} configured eps present")
     if k["eps_curve"]:
         cols = ["eps", "kept", "removed", "kept_fraction"]
         table = format_table(cols, [tuple(r[c] for c in cols) for r in k["eps_curve"]])
         lines += ["            " + line for line in table.splitlines()]
+    c = s["contamination"]
+    if c["present"] or c["reference"]:
+        if "damaged" in c:
+            what = f"contaminated.parquet is damaged ({c['damaged']}): `semdedup verify --repair`, then re-run"
+        elif not c["present"]:
+            what = f"no results yet for the reference {c['reference']}"
+        else:
+            against = c.get("computed_against")
+            what = (f"{c['flagged']} item(s) flagged against {against or c['reference'] or '(no reference)'}"
+                    if c["reference"] or c["flagged"] else "no reference set")
+            if not c["current"]:
+                what += f" (stale: the settings name {c['reference'] or 'no reference'}; re-run)"
+        lines.append(f"contamination: {what}")
+    for e in s["exports"]:
+        lines.append(f"export:     deduplicated/{e['selection']}: {e['kept']} kept, {e['removed']} removed in "
+                     f"{e['shards']} shard(s), written {_age(time.time() - e['written_at']) if e['written_at'] else '-'}")
     r = s["runs"]
     lines.append(f"runs:       {r['total']} recorded" + (f", last {len(r['recent'])}:" if r["recent"] else ""))
     lines += [_run_line(run) for run in r["recent"]]
@@ -257,10 +333,12 @@ def format_status(s: dict[str, Any]) -> str:
 
 def cmd_status(storage: str | None, as_json: bool = False) -> int:
     """Print the status of a storage (text, or JSON with `as_json`)."""
-    from semdedup_assets.cli import default_dagster_home
+    from semdedup_assets.cli import default_dagster_home, refuse_missing_storage
     from semdedup_assets.pipeline import PipelineError
 
     settings = load_settings(storage)
+    if refuse_missing_storage(settings):  # a mistyped --storage is an error, not a fresh storage
+        return 1
     try:
         home: str | None = default_dagster_home(settings)
     except PipelineError:  # a remote storage without DAGSTER_HOME: its files only

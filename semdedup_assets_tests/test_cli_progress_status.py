@@ -173,10 +173,11 @@ def test_progress_bars_on_a_tty(tmp_path: Path) -> None:
 
 
 def test_status_fresh(tmp_path: Path, capsys, monkeypatch) -> None:
+    (tmp_path / "storage").mkdir()  # an empty folder is fresh; a missing one is an error (test_bad_state.py)
     text, js = _status(tmp_path, capsys, monkeypatch)
     assert js["state"] == "fresh" and "(fresh)" in text
     assert js["shards"]["registered"] == 0 and js["runs"]["total"] == 0 and js["dagster_home"] is None
-    assert not (tmp_path / "storage").exists()  # status writes nothing
+    assert not list((tmp_path / "storage").iterdir())  # status writes nothing
 
 
 def test_status_partial_names_the_failed_run_and_missing_work(tmp_path: Path, capsys, monkeypatch) -> None:

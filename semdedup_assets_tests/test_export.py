@@ -180,5 +180,5 @@ def test_reference_of_another_dimension_fails_naming_both(tmp_path: Path, instan
     _write_reference(tmp_path / "eval", np.eye(8, dtype=np.float32))
     settings = Settings(storage=str(tmp_path / "storage"), input=str(tmp_path / "input"), modality="embedding",
                         clusters=4, buckets=2, eps=(0.01,), reference=str(tmp_path / "eval"))
-    with pytest.raises(Exception, match="reference embeddings have dimension 8 but the dataset's have dimension 12"):
+    with pytest.raises(Exception, match="reference shard 'eval' has dimension 8 but the dataset's embeddings have dimension 12"):
         run_pipeline(settings, instance, log=lambda m: None)

@@ -30,7 +30,8 @@ def build_deduplicated(settings: Settings) -> dg.AssetsDefinition:
         try:
             selection = parse_selection(config.select or default_selection(config.eps), config.eps)
             with timed() as t:
-                done = export_shards(storage, config.input, selection, run_partition_keys(context), config.eps)
+                done = export_shards(storage, config.input, selection, run_partition_keys(context), config.eps,
+                                     reference=config.reference)
                 tidied = tidy_exports(storage, config.input, selection, config.eps)
         except ExportError as err:
             raise dg.Failure(description=str(err)) from None

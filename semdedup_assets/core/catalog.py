@@ -2,12 +2,16 @@
 
 Views glob the stage folders at query time, so they are always current; they are
 re-created only to switch between the real glob and an empty typed placeholder when a
-stage has no files yet (DuckDB refuses a glob that matches nothing).
+stage has no files yet (DuckDB refuses a glob that matches nothing). The file is published
+whole by a rename and never opened in place (refresh_catalog), and queries run on private
+in-memory copies of the views (query), so no client holding the file ever meets a lock of ours.
 """
 
 from __future__ import annotations
 
-import time
+import fcntl
+import hashlib
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -95,55 +99,117 @@ def _has_files(storage: Storage, stage: str, pattern: str) -> bool:
     return any(p.is_file() for p in (folder.rglob(glob) if "**" in pattern else folder.glob(glob)))
 
 
+def _view_select(storage: Storage, name: str) -> str:
+    """The SELECT of one view: over the stage's files, or typed placeholder columns before the stage has any."""
+    stage, pattern, columns, schema = _VIEWS[name]
+    if _has_files(storage, stage, pattern):
+        return f"SELECT {', '.join(columns) if columns else '*'} FROM {stage_source(storage, stage, pattern)}"
+    return f"SELECT {_empty_select(schema, columns or tuple(schema.names))} WHERE false"
+
+
 def view_statements(storage: Storage) -> list[str]:
     """The CREATE VIEW statements for the catalog's current state."""
-    statements = []
-    for name, (stage, pattern, columns, schema) in _VIEWS.items():
-        if _has_files(storage, stage, pattern):
-            select = ", ".join(columns) if columns else "*"
-            statements.append(f"CREATE OR REPLACE VIEW {name} AS SELECT {select} FROM {stage_source(storage, stage, pattern)}")
-        else:
-            empty = _empty_select(schema, columns or tuple(schema.names))
-            statements.append(f"CREATE OR REPLACE VIEW {name} AS SELECT {empty} WHERE false")
-    statements.append(_CENTROIDS_VIEW)
-    return statements
+    return [f"CREATE OR REPLACE VIEW {name} AS {_view_select(storage, name)}" for name in _VIEWS] + [_CENTROIDS_VIEW]
 
 
-def _connect(storage: Storage, read_only: bool = False, retries: int = 50) -> duckdb.DuckDBPyConnection:
-    path = storage.catalog_file
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for attempt in range(retries):
+VIEW_NAMES = (*_VIEWS, "centroids")
+
+
+def create_views(con: duckdb.DuckDBPyConnection, storage: Storage) -> list[str]:
+    """Create every view in `con`; returns one problem line per view whose files cannot be read.
+
+    A view over a damaged file (e.g. a truncated `contaminated.parquet`) becomes one that
+    fails with that reason when queried, so every other view still works.
+    """
+    problems = []
+    for name in _VIEWS:
         try:
-            con = duckdb.connect(str(path), read_only=read_only)
-            break
-        except duckdb.IOException:  # another process holds the write lock: wait briefly
-            if attempt == retries - 1:
-                raise
-            time.sleep(0.1 * (attempt + 1))
-    if not storage.local:
-        con.register_filesystem(storage.root.fs)
-    return con
+            con.execute(f"CREATE OR REPLACE VIEW {name} AS {_view_select(storage, name)}")
+        except duckdb.Error as err:
+            stage, _, columns, schema = _VIEWS[name]
+            reason = (f"view {name} is unavailable: {str(err).splitlines()[0]} "
+                      f"(`semdedup verify` names the damaged files under {stage}/)")
+            problems.append(reason)
+            empty = _empty_select(schema, columns or tuple(schema.names))
+            con.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT {empty} WHERE error({sql_quote(reason)})")
+    con.execute(_CENTROIDS_VIEW)
+    return problems
+
+
+def _private_connection(storage: Storage) -> tuple[duckdb.DuckDBPyConnection, list[str]]:
+    """An in-memory DuckDB holding the catalog's views: no file, no lock, whatever else holds catalog.duckdb."""
+    con = duckdb.connect()
+    try:
+        if not storage.local:
+            con.register_filesystem(storage.root.fs)
+        return con, create_views(con, storage)
+    except BaseException:
+        con.close()
+        raise
 
 
 def refresh_catalog(storage: Storage) -> str:
-    """Create or update the catalog's views; returns the catalog path."""
-    con = _connect(storage)
-    try:
-        for statement in view_statements(storage):
-            con.execute(statement)
-    finally:
-        con.close()
-    return str(storage.catalog_file)
+    """Publish catalog.duckdb with the views of the storage's current state; returns the catalog path.
+
+    The file is never opened in place: a new database is built beside it and renamed over
+    it, so a reader (DuckDB CLI, a notebook, `semdedup sql`) holding the old file, read-only
+    or read-write, never blocks or fails this, and whoever opens the path gets a whole
+    catalog, old or new. Publishers take turns on a lock file (readers never touch it), and
+    an unchanged set of views is not published again.
+    """
+    path = storage.catalog_file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        statements = view_statements(storage)
+        digest = hashlib.blake2b("\n".join(statements).encode(), digest_size=16).hexdigest()
+        stamp = path.with_name(f".{path.name}.views")
+        if path.exists() and stamp.exists() and stamp.read_text() == digest:
+            return str(path)
+        for stale in path.parent.glob(f".{path.name}.*.tmp*"):  # left by a killed publisher
+            stale.unlink(missing_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        con = duckdb.connect(str(tmp))
+        try:
+            if not storage.local:
+                con.register_filesystem(storage.root.fs)
+            problems = create_views(con, storage)
+        finally:
+            con.close()  # checkpoints: the new file is whole, with no WAL beside it
+        os.replace(tmp, path)
+        # A catalog with a broken view is published but not remembered, so the next refresh retries it.
+        if problems:
+            stamp.unlink(missing_ok=True)
+        else:
+            stamp.write_text(digest)
+    return str(path)
 
 
 def query(storage: Storage, sql: str, params: Sequence[Any] | None = None) -> tuple[list[str], list[tuple]]:
-    """Run SQL against the catalog (views refreshed first); returns (columns, rows)."""
-    refresh_catalog(storage)
-    con = _connect(storage, read_only=True)
+    """Run SQL against the catalog's views; returns (columns, rows).
+
+    The views live in a private in-memory connection over the stage files, so a query
+    never waits for (nor blocks) another process holding catalog.duckdb.
+    """
+    con, _ = _private_connection(storage)
     try:
         cursor = con.execute(sql, params or [])
         columns = [d[0] for d in cursor.description] if cursor.description else []
         return columns, cursor.fetchall()
+    finally:
+        con.close()
+
+
+def query_statements(storage: Storage, sql: str) -> tuple[list[tuple[str, list[str], list[tuple]]], list[str]]:
+    """Every statement of `sql` in order: ([(statement, columns, rows)], problems of views that cannot be read)."""
+    con, problems = _private_connection(storage)
+    try:
+        results = []
+        for statement in duckdb.extract_statements(sql):
+            cursor = con.execute(statement)
+            columns = [d[0] for d in cursor.description] if cursor.description else []
+            results.append((statement.query.strip(), columns, cursor.fetchall() if columns else []))
+        return results, problems
     finally:
         con.close()
 

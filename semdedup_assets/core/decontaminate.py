@@ -22,9 +22,9 @@ import torch
 from semdedup_assets.core import storage as st
 from semdedup_assets.core.config import Settings
 from semdedup_assets.core.encoders import Encoder, encoder_for, l2_normalize, resolve_device
-from semdedup_assets.core.schemas import CONTAMINATED_SCHEMA
+from semdedup_assets.core.schemas import CONTAMINATED_REFERENCE_KEY, CONTAMINATED_SCHEMA
 from semdedup_assets.core.tables import unit_embeddings
-from semdedup_assets.core.shards import ShardError, discover_shards, iter_embedding_chunks, read_images, read_shard
+from semdedup_assets.core.shards import ShardError, ShardFile, discover_shards, iter_embedding_chunks, read_images, read_shard
 
 REFERENCE_BLOCK = 4096
 
@@ -41,6 +41,17 @@ class Reference:
     vectors: np.ndarray
 
 
+def _reference_shards(location: str) -> list[ShardFile]:
+    """The reference's shard files (ReferenceError when the location is missing or holds none)."""
+    try:
+        shards = discover_shards(location)
+    except (FileNotFoundError, ValueError) as err:
+        raise ReferenceError(f"reference {location}: {err}") from None
+    if not shards:
+        raise ReferenceError(f"reference {location}: no shard files")
+    return shards
+
+
 def embed_reference(location: str, modality: str, column: str, id_column: str,
                     encode: Callable[[list], np.ndarray] | None,
                     encode_images: Callable[[list], tuple[np.ndarray, np.ndarray]] | None = None) -> Reference:
@@ -49,12 +60,7 @@ def embed_reference(location: str, modality: str, column: str, id_column: str,
     `encode(texts)` embeds text; `encode_images(images)` returns (vectors, ok positions)
     (undecodable reference images are skipped); the embedding modality needs neither.
     """
-    try:
-        shards = discover_shards(location)
-    except (FileNotFoundError, ValueError) as err:
-        raise ReferenceError(f"reference {location}: {err}") from None
-    if not shards:
-        raise ReferenceError(f"reference {location}: no shard files")
+    shards = _reference_shards(location)
     ids: list[np.ndarray] = []
     vectors: list[np.ndarray] = []
     for shard in shards:
@@ -75,6 +81,27 @@ def embed_reference(location: str, modality: str, column: str, id_column: str,
         ids.append(np.asarray([f"{i}" for i in shard_ids], dtype=object))
         vectors.append(l2_normalize(np.asarray(x, dtype=np.float32)))
     return Reference(np.concatenate(ids), np.concatenate(vectors))
+
+
+def check_reference(location: str, modality: str, column: str, id_column: str, dataset_dim: int | None = None) -> int:
+    """Fail (ReferenceError) when a --reference cannot be used; returns its item count. Embeds nothing.
+
+    Run before any stage, so that a missing location, an unreadable shard, a bad vector
+    (NaN/inf, zero norm, subnormal: the ingest checks) or, for bring-your-own embeddings,
+    a dimension other than the dataset's `dataset_dim` stops the run before it writes.
+    """
+    shards = _reference_shards(location)
+    items = 0
+    for shard in shards:
+        try:
+            index = read_shard(shard, modality, column, id_column)
+        except ShardError as err:
+            raise ReferenceError(f"reference {err}") from None
+        if dataset_dim is not None and index.dim is not None and index.dim != dataset_dim:
+            raise ReferenceError(f"reference shard {shard.key!r} has dimension {index.dim} but the dataset's "
+                                 f"embeddings have dimension {dataset_dim}: embed both with the same encoder")
+        items += index.table.num_rows
+    return items
 
 
 def nearest_reference(x: np.ndarray, reference: np.ndarray, block: int = REFERENCE_BLOCK,
@@ -141,12 +168,15 @@ def decontaminate(settings: Settings, embedding_files: Mapping[str, st.UPath], e
                   ) -> DecontaminationResult | None:
     """Flag the dataset's items within 1 - eps of `settings.reference`; writes the contaminated file atomically.
 
-    Without a reference the file is removed (nothing is contaminated) and None is returned.
+    Without a reference the file holds no rows (nothing is contaminated) and None is returned;
+    it is not removed, so a catalog a client still holds never loses the file under its view.
+    The file records the reference it was computed against (CONTAMINATED_REFERENCE_KEY).
     The reference is embedded with the dataset's encoder (`encoder`, else `encoder_for(settings)`).
     """
     storage = settings.storage_root()
+    schema = CONTAMINATED_SCHEMA.with_metadata({CONTAMINATED_REFERENCE_KEY: (settings.reference or "").encode()})
     if not settings.reference:
-        st.remove(storage.contaminated_file)
+        st.atomic_write_table(schema.empty_table(), storage.contaminated_file)
         return None
     start = time.perf_counter()
     if settings.modality != "embedding" and encoder is None:
@@ -159,7 +189,7 @@ def decontaminate(settings: Settings, embedding_files: Mapping[str, st.UPath], e
     reference = embed_reference(settings.reference, settings.modality, settings.payload_column, settings.id_column,
                                 encoder.encode if settings.modality == "text" else None, encode_images)
     threshold = contamination_threshold(settings.eps)
-    writer = st.AtomicParquetWriter(storage.contaminated_file, CONTAMINATED_SCHEMA)
+    writer = st.AtomicParquetWriter(storage.contaminated_file, schema)
     scores: list[float] = []
     with st.publish_together([writer]):
         for table in find_contaminated(_stored_chunks(embedding_files), reference, threshold,

@@ -36,6 +36,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import IO
 
+import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -44,6 +45,7 @@ import pyarrow.parquet as pq
 from semdedup_assets.core import storage as st
 from semdedup_assets.core.catalog import BUCKET_GLOB, scan, sql_quote, stage_source
 from semdedup_assets.core.prune import Pruning, PruneError, is_pruning, keep_count, kept_file, parse_pruning
+from semdedup_assets.core.schemas import CONTAMINATED_REFERENCE_KEY
 from semdedup_assets.core.shards import ShardFile, discover_shards
 from semdedup_assets.core.storage import UPath
 from semdedup_assets.core.webdataset import split_member_name
@@ -113,10 +115,28 @@ def _items_source(storage: st.Storage) -> str:
     return stage_source(storage, st.SEMANTIC_DUPLICATES, BUCKET_GLOB)
 
 
-def _contaminated_source(storage: st.Storage) -> str | None:
-    """The decontamination results, when a reference was checked (see core/decontaminate.py)."""
+def _contaminated_source(storage: st.Storage, reference: str | None = None) -> str | None:
+    """The decontamination results (see core/decontaminate.py), when they are those of `reference`.
+
+    Refuses results computed against another reference than the one the settings name
+    (a run whose new --reference could not be read), and a missing or damaged file.
+    """
     path = storage.contaminated_file
-    return f"read_parquet({sql_quote(str(path))})" if path.exists() else None
+    if not path.exists():
+        if reference:
+            raise ExportError(f"no decontamination results for the reference {reference}: the last run did not "
+                              "finish them; re-run `semdedup run`")
+        return None
+    try:
+        recorded = (st.read_schema(path).metadata or {}).get(CONTAMINATED_REFERENCE_KEY)
+    except st.StageFileError as err:
+        raise ExportError(f"{path} is damaged ({err.reason}): `semdedup verify --repair` deletes it and "
+                          "`semdedup run` recomputes it") from None
+    if recorded is not None and recorded.decode() != (reference or ""):
+        raise ExportError(f"{path} was computed against the reference {recorded.decode() or '(none)'}, but the "
+                          f"settings name {reference or '(none)'} (its run failed): re-run `semdedup run` with a "
+                          "readable --reference before exporting")
+    return f"read_parquet({sql_quote(str(path))})"
 
 
 def contamination_eps(selection: Selection, configured_eps: Sequence[float]) -> float:
@@ -147,16 +167,20 @@ def selection_condition(storage: st.Storage, selection: Selection) -> tuple[str,
 
 
 def kept_ids(storage: st.Storage, selection: Selection, shards: Sequence[str],
-             configured_eps: Sequence[float] = ()) -> dict[str, pa.Array]:
-    """The kept ids of some shards under a selection (contaminated items left out), by shard."""
+             configured_eps: Sequence[float] = (), reference: str | None = None) -> dict[str, pa.Array]:
+    """The kept ids of some shards under a selection (items contaminated by `reference` left out), by shard."""
     source = _items_source(storage)
     cond, params = selection_condition(storage, selection)
-    contaminated = _contaminated_source(storage)
+    contaminated = _contaminated_source(storage, reference)
     if contaminated:
         cond += f" AND id NOT IN (SELECT id FROM {contaminated} WHERE score > ?)"
         params.append(1.0 - contamination_eps(selection, configured_eps or [selection.value]))
-    rows = scan(storage, f"SELECT shard, list(id ORDER BY id) FROM {source} WHERE shard IN (SELECT unnest(?)) "
-                f"AND {cond} GROUP BY shard", [list(shards), *params])
+    try:
+        rows = scan(storage, f"SELECT shard, list(id ORDER BY id) FROM {source} WHERE shard IN (SELECT unnest(?)) "
+                    f"AND {cond} GROUP BY shard", [list(shards), *params])
+    except duckdb.Error as err:  # a stage file damaged inside (its footer read fine)
+        raise ExportError(f"cannot read the results: {str(err).splitlines()[0]} (`semdedup verify` names the "
+                          "damaged file)") from None
     out = {s: pa.array([], pa.string()) for s in shards}
     out.update({s: pa.array(ids, pa.string()) for s, ids in rows})
     return out
@@ -436,10 +460,11 @@ def remove_exported_shard(storage: st.Storage, key: str) -> list[str]:
 
 def export_shards(storage: st.Storage, input_location: str, selection: Selection,
                   keys: Sequence[str] | None = None, configured_eps: Sequence[float] = (),
-                  log: Callable[[str], None] | None = None) -> list[ShardExport]:
+                  log: Callable[[str], None] | None = None, reference: str | None = None) -> list[ShardExport]:
     """Write the deduplicated copy of some shards (default: every shard that has results).
 
-    `log`, if given, is called once per shard done.
+    `log`, if given, is called once per shard done. `reference` is the settings' --reference:
+    the decontamination results must be those of it (see `_contaminated_source`).
 
     Refuses (ExportError naming the shard) when an input shard changed since it was
     ingested, or has no results. Shards whose kept rows and input are unchanged since the
@@ -460,7 +485,7 @@ def export_shards(storage: st.Storage, input_location: str, selection: Selection
                               f"re-run the pipeline before exporting")
     base = root if root.is_dir() else root.parent
     out_dir = selection_dir(storage, selection)
-    kept = kept_ids(storage, selection, keys, configured_eps)
+    kept = kept_ids(storage, selection, keys, configured_eps, reference)
     results = []
     for key in keys:
         shard = files[key]

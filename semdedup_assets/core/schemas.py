@@ -80,3 +80,6 @@ BUDGET_SCHEMA = pa.schema([
 # D4's per-bucket scores against the re-clustered centroids.
 PRUNE_SCORES_SCHEMA = pa.schema([("id", pa.string()), ("shard", pa.string()), ("cluster", pa.int32()),
                                  ("sim_to_centroid", pa.float64())])
+# Schema metadata of contaminated.parquet: the --reference it was computed against ("" for none),
+# so an export never applies the results of another reference than the recorded settings name.
+CONTAMINATED_REFERENCE_KEY = b"semdedup.reference"

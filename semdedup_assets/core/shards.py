@@ -331,7 +331,7 @@ def _validate_text(shard: str, column: str, values: pa.ChunkedArray) -> pa.Array
 
 
 def _embedding_matrix_of(shard: str, column: str, values: pa.ChunkedArray) -> np.ndarray:
-    """A list-of-floats column as an (n, d) float32 matrix, with shape and finiteness checks."""
+    """A list-of-floats column as an (n, d) float32 matrix, with shape checks and `_check_vectors`."""
     if not (pa.types.is_list(values.type) or pa.types.is_fixed_size_list(values.type) or pa.types.is_large_list(values.type)):
         raise ShardError(shard, f"{column!r} must be a list of floats, found {values.type}")
     if values.null_count:
@@ -344,14 +344,28 @@ def _embedding_matrix_of(shard: str, column: str, values: pa.ChunkedArray) -> np
     if dim == 0:
         raise ShardError(shard, f"{column!r} has dimension 0")
     flat = pc.list_flatten(values).cast(pa.float32()).to_numpy(zero_copy_only=False).reshape(-1, dim)
-    _check_finite(shard, column, flat, 0)
+    _check_vectors(shard, column, flat, 0)
     return flat
 
 
-def _check_finite(shard: str, column: str, block: np.ndarray, offset: int) -> None:
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)  # the smallest normal float32
+
+
+def _check_vectors(shard: str, column: str, block: np.ndarray, offset: int) -> None:
+    """Every row can be L2-normalised in float32: finite, not all zero, not subnormal. Names the first bad row."""
+    block = np.asarray(block, dtype=np.float32)  # what the pipeline computes with (a float64 1e39 overflows)
     finite = np.isfinite(block).all(axis=1)
     if not finite.all():
         raise ShardError(shard, f"{column!r} has a non-finite value (NaN or inf)", row=offset + int(np.flatnonzero(~finite)[0]))
+    norms = np.sqrt(np.einsum("ij,ij->i", block, block, dtype=np.float64))
+    if (norms == 0).any():
+        raise ShardError(shard, f"{column!r} is a zero vector (zero norm): it has no direction to compare",
+                         row=offset + int(np.flatnonzero(norms == 0)[0]))
+    tiny = norms < FLOAT32_TINY
+    if tiny.any():
+        bad = int(np.flatnonzero(tiny)[0])
+        raise ShardError(shard, f"{column!r} is subnormal (norm {norms[bad]:.3g}, below float32's smallest normal "
+                         f"{FLOAT32_TINY:.3g}): it cannot be L2-normalised in float32", row=offset + bad)
 
 
 def _open_npy(shard: ShardFile) -> np.ndarray:
@@ -390,7 +404,7 @@ def _validate_npy(shard: ShardFile, n_metadata: int) -> int:
         raise ShardError(shard.key, f"{shard.path.name} has {x.shape[0]} rows but its metadata "
                          f"{shard.metadata.name if shard.metadata else ''} has {n_metadata}")
     for start in range(0, x.shape[0], EMBEDDING_CHUNK_ROWS):
-        _check_finite(shard.key, shard.path.name, np.asarray(x[start : start + EMBEDDING_CHUNK_ROWS]), start)
+        _check_vectors(shard.key, shard.path.name, np.asarray(x[start : start + EMBEDDING_CHUNK_ROWS]), start)
     return int(x.shape[1])
 
 

@@ -38,7 +38,7 @@ PRUNED = "pruned"  # pruning selections (core/prune.py), one folder per selectio
 EMBEDDING_CACHE_KEY = b"semdedup.cache_key"
 # Schema metadata of a raw file ingested with --keep-by: its keep-by columns (a JSON list).
 RAW_KEEP_BY_KEY = b"semdedup.keep_by"
-STAGES = (RAW, REJECTED, EMBEDDINGS, CENTROIDS, CLUSTER_ASSIGNMENTS, SEMANTIC_DUPLICATES, KEEP_LISTS)
+STAGES = (RAW, REJECTED, EMBEDDINGS, CENTROIDS, CLUSTER_ASSIGNMENTS, SEMANTIC_DUPLICATES, KEEP_LISTS, CONTAMINATED)
 
 # Characters a shard key may never hold: backslashes (a Windows separator) and controls.
 _FORBIDDEN_KEY_CHARS = re.compile(r"[\\\x00-\x1f\x7f]")

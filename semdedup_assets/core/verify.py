@@ -5,7 +5,7 @@ embeddings have one row per raw row (minus rejected images), the same ids in the
 order and, where the caller can compute it, the cache key of their current input and
 settings; assignments hold exactly the embeddings' ids with clusters in [0, k); each
 bucket holds exactly the assigned items of its cluster range; each keep-list and the eps
-curve agree with the buckets. Temporary files left by a killed writer are reported too.
+curve agree with the buckets; the decontamination results read back whole. Temporary files left by a killed writer are reported too.
 A missing file is not a problem (it is simply not computed yet), and a file whose
 upstream is missing or bad is not judged (the next run recomputes both). `repair` deletes every
 file found damaged, so that the next `semdedup run` recomputes it; a *stale* file (whole, but made
@@ -28,6 +28,7 @@ from semdedup_assets.core.assign import bucket_cluster_range, bucket_keys
 from semdedup_assets.core.config import Settings
 from semdedup_assets.core.export import CONTENT_KEY, recorded_fingerprint
 from semdedup_assets.core.keep import keep_mask
+from semdedup_assets.core.schemas import CONTAMINATED_SCHEMA
 from semdedup_assets.core.shards import ShardFile
 
 
@@ -111,6 +112,7 @@ class _Checker:
         self.buckets(self.assignments(emb_ids, k), k)
         for path in self.storage.stage_files(st.PRUNED):  # pruning selections: whole and readable
             self.read(path)
+        self.contaminated()
         return self.problems
 
     def input_changed(self, key: str) -> str | None:
@@ -224,6 +226,17 @@ class _Checker:
             whole = False
         # The keep-lists can be checked against the buckets only when every bucket is whole.
         self.keep_lists(np.concatenate(max_sims) if whole else None)
+
+    def contaminated(self) -> None:
+        """The decontamination results read back whole, with their columns and scores in [-1, 1]."""
+        path = self.storage.contaminated_file
+        if not path.exists() or (table := self.read(path)) is None:
+            return
+        missing = [c for c in CONTAMINATED_SCHEMA.names if c not in table.column_names]
+        if missing:
+            self.bad(path, f"missing column(s) {', '.join(missing)}")
+        elif table.num_rows and not np.all(np.abs(table.column("score").to_numpy(zero_copy_only=False)) <= 1 + 1e-5):
+            self.bad(path, "a score outside [-1, 1]")
 
     def keep_lists(self, max_sim: np.ndarray | None) -> None:
         for eps in self.settings.eps:
