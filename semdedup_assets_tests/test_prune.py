@@ -23,6 +23,7 @@ from semdedup_assets.cli import main
 from semdedup_assets.core.catalog import query
 from semdedup_assets.core.config import Settings
 from semdedup_assets.core.prune import compute_pruning, parse_pruning
+from semdedup_assets.definitions import build_definitions
 from semdedup_assets.pipeline import run_pipeline
 from semdedup_assets_tests.conftest import write_embedding_shards
 
@@ -50,7 +51,11 @@ def ran(request, tmp_path_factory: pytest.TempPathFactory) -> dict:
         run_pipeline(settings, instance, log=lambda m: None)
         events = {m: instance.get_latest_materialization_event(dg.AssetKey(f"pruned_{m}"))
                   for m in ("prototypes", "d4", "dbp")}
-    metadata = {m: e.asset_materialization.metadata for m, e in events.items()}
+        metadata = {m: e.asset_materialization.metadata for m, e in events.items()}
+        # The `deduplicated` asset with a pruning selection in `select` (export_job, one shard).
+        label = "d4:eps=0.05,keep-fraction=0.3,clusters=6"
+        export = build_definitions(settings.replace(select=label)).resolve_job_def("export_job")
+        assert export.execute_in_process(instance=instance, partition_key="part-01").success
     # The stored embeddings and centroids are the references' inputs.
     stored = [pq.read_table(root / "storage" / "embeddings" / f"part-{s:02d}.parquet") for s in range(N_SHARDS)]
     ids = np.array([i for t in stored for i in t.column("id").to_pylist()])
@@ -211,3 +216,10 @@ def test_assets_show_the_budget_table_and_a_plot(ran: dict) -> None:
         assert m["selections"].value == {"prototypes": 2, "d4": 2, "dbp": 7}[method]
         plots = [v.value for k, v in m.items() if k.endswith(": budget_plot")]
         assert plots and all(p.startswith("![") and "data:image/png;base64," in p for p in plots)
+
+
+def test_the_deduplicated_asset_exports_a_pruning_selection(ran: dict) -> None:
+    settings = ran["settings"]
+    label = "d4:eps=0.05,keep-fraction=0.3,clusters=6"
+    written = pq.read_table(Path(settings.storage) / "deduplicated" / label / "part-01.parquet").column("id").to_pylist()
+    assert set(written) == {i for i in kept_ids(settings, label) if i.startswith("s1-")} and written
