@@ -136,8 +136,13 @@ def test_in_place_edit_keeping_size_and_mtime_is_found_by_verify_content(tmp_pat
     assert main(["verify", "--content", "--storage", str(storage)]) == 1
     raw = storage / "raw" / "vecs.parquet"
     out = capsys.readouterr().out
-    assert f"STALE {raw}: stale: the content of its input {npy} changed since it was ingested" in out, out
-    assert _run(tmp_path) == 0  # the raw file records the digest: a run re-embeds the edited shard
+    assert f"BAD {raw}: the content of its input {npy} changed since it was ingested, with the same size" in out, out
+    assert _run(tmp_path) == 0  # a run sees only the fingerprint: the old embeddings stay
+    emb = pq.read_table(storage / "embeddings" / "vecs.parquet").column("embedding").to_pylist()
+    assert emb[1] != emb[0]
+    assert main(["verify", "--content", "--repair", "--storage", str(storage)]) == 0
+    assert not raw.exists()
+    assert _run(tmp_path) == 0  # ingested and embedded again
     emb = pq.read_table(storage / "embeddings" / "vecs.parquet").column("embedding").to_pylist()
     assert emb[1] == emb[0]
     assert main(["verify", "--content", "--storage", str(storage)]) == 0

@@ -89,6 +89,24 @@ def check_keep_by_kinds(storage: st.Storage, kinds: dict[str, dict[str, str]], k
                                     f"{first!r}; a keep-by column must be of one kind in every shard")
 
 
+def known_digest(storage: st.Storage, key: str, fingerprint: str) -> str | None:
+    """The content digest in the shard's existing raw file, when its fingerprint is still `fingerprint`.
+
+    A run does not read an unchanged input twice: the digest is computed when a shard is first
+    ingested or its fingerprint changed (an edit that keeps both is for `verify --content`).
+    """
+    path = storage.shard_file(st.RAW, key)
+    if not path.exists():
+        return None
+    try:
+        meta = st.read_schema(path).metadata or {}
+    except st.StageFileError:  # damaged: recomputed like the rest of the file
+        return None
+    if meta.get(FINGERPRINT_KEY, b"").decode() != fingerprint:
+        return None
+    return meta.get(CONTENT_KEY, b"").decode() or None
+
+
 def ingest_shards(settings: Settings, shards: Sequence[ShardFile],
                   log: Callable[[str], None] | None = None) -> IngestResult:
     """Validate every shard, then publish `raw/<key>.parquet` for all of them together.
@@ -111,9 +129,11 @@ def ingest_shards(settings: Settings, shards: Sequence[ShardFile],
             index = read_shard(shard, settings.modality, settings.payload_column, settings.id_column, keep_by)
             table = index.table.add_column(1, "shard", pa.array([shard.key] * index.table.num_rows, type=pa.string()))
             # The input as ingested: `semdedup export` refuses a shard that changed since.
-            # The content digest makes the raw file (and so the embeddings' cache key) change with the
-            # input's bytes, even when an in-place edit keeps its size and modification time.
-            schema_meta = {FINGERPRINT_KEY: shard.fingerprint().encode(), CONTENT_KEY: shard.content_digest().encode()}
+            # The input as ingested: `semdedup export` refuses a shard that changed since, and
+            # `verify --content` compares the input's bytes with the digest.
+            fingerprint = shard.fingerprint()
+            digest = known_digest(storage, shard.key, fingerprint) or shard.content_digest()
+            schema_meta = {FINGERPRINT_KEY: fingerprint.encode(), CONTENT_KEY: digest.encode()}
             if index.dim is not None:
                 dims[shard.key] = index.dim
                 schema_meta[RAW_DIM_KEY] = str(index.dim).encode()

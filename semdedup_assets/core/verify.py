@@ -11,7 +11,8 @@ upstream is missing or bad is not judged (the next run recomputes both). `repair
 file found damaged, so that the next `semdedup run` recomputes it; a *stale* file (whole, but made
 from an input or settings that changed since, e.g. a `touch`ed input) is reported apart and left
 alone: the next run redoes it anyway. With `content`, each input's bytes are checked against
-the digest recorded at ingest (an in-place edit that kept size and modification time).
+the digest recorded at ingest: an in-place edit that kept size and modification time makes
+the raw index wrong (a run cannot see the edit), so `repair` deletes it.
 """
 
 from __future__ import annotations
@@ -139,8 +140,10 @@ class _Checker:
             if shard is None or recorded is None or self.input_changed(key):
                 continue  # gone, ingested before digests were recorded, or already told by the fingerprint
             if shard.content_digest() != recorded:
-                self.bad(path, f"stale: the content of its input {shard.path} changed since it was ingested "
-                         "(size and modification time are the same); the next `semdedup run` redoes it", STALE)
+                # A run sees only the fingerprint: deleting the raw index makes the next one ingest and embed again.
+                self.bad(path, f"the content of its input {shard.path} changed since it was ingested, with the same "
+                         "size and modification time, so a run cannot see it: --repair deletes this raw index and "
+                         "the next `semdedup run` ingests and embeds the shard again")
 
     def embeddings(self, raw_ids: dict[str, pa.ChunkedArray], rejected_ids: dict[str, set[str]]) -> dict[str, pa.ChunkedArray]:
         out = {}
