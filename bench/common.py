@@ -21,6 +21,9 @@ if str(ROOT) not in sys.path:  # running from a checkout without the package ins
 
 MIB = 1024 * 1024
 
+# The peak-RSS helpers live in the package (stages report their own peaks): re-exported for the benchmarks.
+from semdedup_assets.core.meter import reset_peak_rss as reset_peak, status_kib as read_status_kib  # noqa: E402,F401
+
 
 def cpu_model() -> str:
     """The CPU model name from /proc/cpuinfo, or platform's guess."""
@@ -72,28 +75,6 @@ def machine_lines(extra: list[str] | None = None) -> list[str]:
         *(extra or []),
         "",
     ]
-
-
-def read_status_kib(field: str) -> int:
-    """A VmXXX field of /proc/self/status in KiB (0 where unavailable)."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def reset_peak() -> bool:
-    """Reset VmHWM to the current RSS; False where the kernel does not allow it."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def measure(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str, Any]:

@@ -4,7 +4,7 @@
 import dagster as dg
 
 from semdedup_assets.assets.common import (EAGER, GPU_OP_TAGS, GPU_POOL, ProgressLog, core_failures, remove_unregistered,
-                                           run_metadata, run_partition_keys, shard_backfill_policy, timed)
+                                           metered, run_metadata, run_partition_keys, shard_backfill_policy, timed)
 from semdedup_assets.core import storage as st
 from semdedup_assets.core.assign import assign_shard
 from semdedup_assets.core.centroids import load_centroids, train_centroids
@@ -35,6 +35,7 @@ def registered_stage_files(instance: dg.DagsterInstance, storage: st.Storage, st
     group_name="cluster",
     kinds={"faiss", "parquet"},
 )
+@metered
 def centroids(context: dg.AssetExecutionContext, semdedup: SemDedupConfig) -> dg.MaterializeResult:
     """Spherical k-means centroids, trained on a sample drawn shard by shard."""
     settings = semdedup.settings()
@@ -62,6 +63,7 @@ def build_cluster_assignments(settings: Settings) -> dg.AssetsDefinition:
         check_specs=[dg.AssetCheckSpec("assigned_exactly_once", asset="cluster_assignments", blocking=True,
                                        description="Every item of the shard is assigned to exactly one cluster.")],
     )
+    @metered
     def cluster_assignments(context: dg.AssetExecutionContext, semdedup: SemDedupConfig) -> dg.MaterializeResult:
         """Each item's nearest centroid and cosine similarity to it, sorted by (cluster, id)."""
         config = semdedup.settings()

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import warnings
@@ -17,6 +18,7 @@ from semdedup_assets.core.embed import EmbedError
 from semdedup_assets.core.engines import EngineError
 from semdedup_assets.core.ingest import DuplicateIdsError
 from semdedup_assets.core.layout import prune_shard_stages
+from semdedup_assets.core.meter import resource_metadata, stage_meter
 from semdedup_assets.core.shards import ShardError
 from semdedup_assets.core.storage import Storage, StageFileError, UnsafeKeyError, validate_shard_key
 from semdedup_assets.partitions import SHARDS_PARTITIONS_NAME
@@ -95,6 +97,26 @@ def timed() -> Iterator[dict[str, float]]:
         yield out
     finally:
         out["seconds"] = round(time.perf_counter() - start, 2)
+
+
+# The metadata entry that holds a stage's row count, in order of preference.
+ROW_ENTRIES = ("run_rows", "rows", "items")
+
+
+def metered(fn: Callable[..., dg.MaterializeResult]) -> Callable[..., dg.MaterializeResult]:
+    """Wrap an asset's body: its result carries `resources/*` metadata (peak RSS, GPU memory, rows, seconds).
+
+    The figures are this process's (a Ray engine's workers report their own units elsewhere).
+    """
+    @functools.wraps(fn)
+    def wrapper(*args: object, **kwargs: object) -> dg.MaterializeResult:
+        with stage_meter() as figures:
+            result = fn(*args, **kwargs)
+        meta = dict(result.metadata or {})
+        rows = next((v for k in ROW_ENTRIES if isinstance(v := meta.get(k), int)), 0)
+        return result._replace(metadata={**meta, **resource_metadata(figures, rows)})
+
+    return wrapper
 
 
 def rounded(name: str, value: object) -> object:

@@ -9,7 +9,8 @@ import dagster as dg
 from dagster_ray import RayResource
 
 from semdedup_assets.assets.cluster import registered_stage_files
-from semdedup_assets.assets.common import EAGER, GPU_OP_TAGS, GPU_POOL, ProgressLog, core_failures, table_metadata, timed
+from semdedup_assets.assets.common import (EAGER, GPU_OP_TAGS, GPU_POOL, ProgressLog, core_failures, metered, table_metadata,
+                                           timed)
 from semdedup_assets.core import storage as st
 from semdedup_assets.core.boundary import boundary_markdown, boundary_pairs, image_thumbnails
 from semdedup_assets.core.centroids import load_centroids
@@ -43,6 +44,7 @@ def build_semantic_duplicates(settings: Settings) -> dg.AssetsDefinition:
         check_specs=[dg.AssetCheckSpec("bucket_items_exactly_once", asset="semantic_duplicates", blocking=True,
                                        description="Every assigned item of the bucket's clusters appears once.")],
     )
+    @metered
     def semantic_duplicates(context: dg.AssetExecutionContext, semdedup: SemDedupConfig,
                             ray: RayResource) -> dg.MaterializeResult:
         """Per cluster bucket: max_sim (M) and duplicate_of for every member, in cluster order."""
@@ -81,7 +83,9 @@ def build_semantic_duplicates(settings: Settings) -> dg.AssetsDefinition:
             context.add_asset_metadata({
                 "rows": r.rows, "clusters": f"[{r.first_cluster}, {r.end_cluster})",
                 "non_empty_clusters": len(r.cluster_sizes), "largest_cluster": max(r.cluster_sizes, default=0),
-                "pairwise_seconds": r.seconds, "path": dg.MetadataValue.path(r.path)}, partition_key=key)
+                "pairwise_seconds": r.seconds, "reads": r.groups,
+                "clusters_from_disk": ",".join(map(str, r.clusters_from_disk)) or "none",
+                "path": dg.MetadataValue.path(r.path)}, partition_key=key)
         stale = prune_buckets(storage, buckets)  # results of an earlier, larger bucket count
         if stale:
             context.log.info(f"removed {len(stale)} bucket result(s) beyond the {buckets} buckets: {stale[:5]}")
@@ -91,6 +95,7 @@ def build_semantic_duplicates(settings: Settings) -> dg.AssetsDefinition:
                                    "run_seconds": t["seconds"], "device": device, "keep": config.keep,
                                    "precision": config.precision, "probes": config.probes, "rechecked_rows": rechecked,
                                    "error_bound": bound, "engine": config.engine,
+                                   "memory_budget_mib": round(config.memory_budget_bytes / 2**20, 1),
                                    "top_pairs": dg.MetadataValue.md(
                                        "\n".join(f"- {s:.5f}: `{a}` duplicates `{b}`" for s, a, b in pairs) or "none")}
         check = dg.AssetCheckResult(check_name="bucket_items_exactly_once", passed=not problems,
@@ -134,6 +139,7 @@ def build_keep_lists_asset(settings: Settings) -> dg.AssetsDefinition:
                               "partitions and the configured eps imply."),
         ],
     )
+    @metered
     def keep_lists(context: dg.AssetExecutionContext, semdedup: SemDedupConfig) -> dg.MaterializeResult:
         """One keep-list per configured eps, the eps curve, and the catalog views."""
         storage = semdedup.storage_root()

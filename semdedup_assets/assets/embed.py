@@ -5,7 +5,7 @@ import dagster as dg
 from dagster_ray import RayResource
 
 from semdedup_assets.assets.common import (GPU_OP_TAGS, GPU_POOL, ProgressLog, core_failures, remove_unregistered,
-                                           run_metadata, run_partition_keys, shard_backfill_policy, timed)
+                                           metered, run_metadata, run_partition_keys, shard_backfill_policy, timed)
 from semdedup_assets.assets.ingest import input_shards
 from semdedup_assets.core import storage as st
 from semdedup_assets.core.config import Settings
@@ -29,6 +29,7 @@ def build_embeddings(settings: Settings) -> dg.AssetsDefinition:
         check_specs=[dg.AssetCheckSpec("embeddings_finite_unit_norm", asset="embeddings", blocking=True,
                                        description="Finite, unit-norm rows; row count equals the raw shard's.")],
     )
+    @metered
     def embeddings(context: dg.AssetExecutionContext, semdedup: SemDedupConfig, ray: RayResource) -> dg.MaterializeResult:
         """L2-normalised float32 embeddings per shard: id, embedding (FLOAT[d])."""
         config = semdedup.settings()

@@ -4,7 +4,7 @@
 import dagster as dg
 
 from semdedup_assets.assets.common import (ProgressLog, core_failures, remove_unregistered, run_metadata,
-                                           run_partition_keys, shard_backfill_policy)
+                                           metered, run_partition_keys, shard_backfill_policy)
 from semdedup_assets.core import storage as st
 from semdedup_assets.core.catalog import duplicate_ids
 from semdedup_assets.core.config import Settings
@@ -36,6 +36,7 @@ def build_raw_shards(settings: Settings) -> dg.AssetsDefinition:
         group_name="ingest",
         kinds={"parquet"},
     )
+    @metered
     def raw_shards(context: dg.AssetExecutionContext, semdedup: SemDedupConfig) -> dg.MaterializeResult:
         """Validated index of each input shard: id, shard, row (and the text for the text modality)."""
         files = input_shards(semdedup)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -63,8 +64,20 @@ def train_centroids(settings: Settings, embedding_files: Mapping[str, st.UPath],
         table = st.read_table(embedding_files[key], columns=["embedding"])
         return embedding_matrix(table.take(pa.array(rows, type=pa.int64())).column("embedding"))
 
+    target = sample_target(k, settings.max_points_per_centroid)
+    dim = _embedding_dim(embedding_files)
+    cap = sample_cap(settings.memory_budget_bytes, dim)
+    if target > cap:
+        # Deterministic all the same: the per-shard draw only sees the smaller target.
+        warnings.warn(f"the k-means training sample of {target} rows ({target * dim * 4 / 2**20:.2f} MiB) exceeds "
+                      f"what half the memory budget of {settings.memory_budget_bytes / 2**20:.2f} MiB holds: "
+                      f"training on a sample of {max(cap, k)} rows ({max(cap, k) // k} per centroid) instead",
+                      stacklevel=2)
+        if log is not None:
+            log(f"k-means sample capped by the memory budget: {cap} rows instead of {target}")
+        target = max(cap, k)  # k-means needs a row per centroid at least
     start = time.perf_counter()
-    sample = collect_sample(counts.items(), read_rows, sample_target(k, settings.max_points_per_centroid), settings.seed)
+    sample = collect_sample(counts.items(), read_rows, target, settings.seed)
     sample_seconds = round(time.perf_counter() - start, 2)
     if log is not None:
         log(f"training k={k} on a sample of {len(sample)} of {total} items")
@@ -76,6 +89,18 @@ def train_centroids(settings: Settings, embedding_files: Mapping[str, st.UPath],
     return CentroidsResult(path=str(storage.centroids_file), clusters=k, dim=dim, items=total, shards=len(counts),
                            sample_rows=int(len(sample)), train_rows=result.n_train, objective=result.objective,
                            gpu=result.gpu, sample_seconds=sample_seconds, train_seconds=round(result.seconds, 2))
+
+
+def sample_cap(budget: int, dim: int) -> int:
+    """The largest training sample (rows) the memory budget allows: half of it, as fp32 rows plus faiss' copy."""
+    return max(1, budget // 2 // max(1, dim * 4 * 2))
+
+
+def _embedding_dim(embedding_files: Mapping[str, st.UPath]) -> int:
+    """The vector width of the stored embeddings (from the first file's schema; 1 without files)."""
+    for path in embedding_files.values():
+        return int(st.read_schema(path).field("embedding").type.list_size)
+    return 1
 
 
 def load_centroids(storage: st.Storage) -> np.ndarray:

@@ -96,6 +96,10 @@ class Settings:
                        "(1 = the paper's rule; exact fp32 tiles)", metavar="P")
     buckets: int = knob(16, "cluster buckets = partitions of semantic_duplicates")
     block_size: int = knob(1024, "tile size of the pairwise kernel")
+    memory_budget: str | None = knob(None, "memory a stage may hold for its data (bucket rows, k-means sample, "
+                                     "buffers), e.g. 4GB or 512MB; the interpreter itself is extra. Buckets larger "
+                                     "than it are deduplicated a few clusters at a time; default: half the "
+                                     "machine's memory", metavar="SIZE")
     embedding_dtype: EmbeddingDtype = knob("float32", "stored embeddings: float32, or float16 (half the I/O; "
                                            "compute stays fp32)")
     precision: Precision = knob("fp32", "pairwise tiles: fp32, or fp16/bf16 on a GPU with an exact fp32 re-check "
@@ -149,6 +153,8 @@ class Settings:
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
         parse_keep_by(self.keep_by)  # a malformed spec fails here, before any run
+        if self.memory_budget is not None:
+            parse_size(self.memory_budget)
         if not self.eps or any(not 0.0 < e < 1.0 for e in self.eps):
             raise ValueError(f"every eps must lie in (0, 1), got {self.eps}")
         object.__setattr__(self, "eps", tuple(sorted(set(float(e) for e in self.eps))))
@@ -162,6 +168,11 @@ class Settings:
     def keep_by_columns(self) -> tuple[tuple[str, bool], ...]:
         """The `keep_by` columns as (name, descending) pairs, most significant first (() without it)."""
         return parse_keep_by(self.keep_by)
+
+    @property
+    def memory_budget_bytes(self) -> int:
+        """The memory budget in bytes: the `memory_budget` knob, else half of this machine's memory."""
+        return parse_size(self.memory_budget) if self.memory_budget is not None else machine_memory() // 2
 
     @property
     def payload_column(self) -> str:
@@ -220,6 +231,32 @@ def parse_keep_by(text: str | None) -> tuple[tuple[str, bool], ...]:
             raise ValueError(f"keep_by names column {name!r} twice")
         out.append((name, order.strip().lower() == "desc"))
     return tuple(out)
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "KIB": 2**10, "M": 2**20, "MB": 2**20, "MIB": 2**20,
+               "G": 2**30, "GB": 2**30, "GIB": 2**30, "T": 2**40, "TB": 2**40, "TIB": 2**40}
+
+
+def parse_size(text: str | int) -> int:
+    """`4GB`, `512MB`, `1.5G` or a plain byte count -> bytes (binary units: 1 GB = 2**30 bytes)."""
+    raw = str(text).strip().upper().replace(" ", "")
+    number = raw.rstrip("KMGTIB")
+    unit = raw[len(number):]
+    try:
+        value = float(number) * _SIZE_UNITS[unit]
+    except (ValueError, KeyError):
+        raise ValueError(f"memory_budget must be a size such as 4GB or 512MB, got {text!r}") from None
+    if not math.isfinite(value) or value < 2**16:
+        raise ValueError(f"memory_budget must be at least 64KB, got {text!r}")
+    return int(value)
+
+
+def machine_memory() -> int:
+    """This machine's physical memory in bytes (8 GiB where the OS does not say)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 8 * 2**30
 
 
 def knobs() -> tuple[dataclasses.Field, ...]:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import heapq
+import os
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -15,7 +18,8 @@ from semdedup_assets.core import storage as st
 from semdedup_assets.core.assign import bucket_cluster_range
 from semdedup_assets.core.config import Settings
 from semdedup_assets.core.encoders import resolve_device
-from semdedup_assets.core.pairwise import cluster_semantic_duplicates
+from semdedup_assets.core.ordering import cluster_order
+from semdedup_assets.core.pairwise import RowFile, cluster_semantic_duplicates, max_sim_tiled
 from semdedup_assets.core.schemas import SEMANTIC_DUPLICATES_SCHEMA
 from semdedup_assets.core.tables import unit_embeddings
 
@@ -41,16 +45,12 @@ class DedupBucketResult:
     device: str
     seconds: float  # the pairwise rule alone (reading and writing excluded)
     problems: list[str] = field(default_factory=list)
+    groups: int = 1  # reads of the bucket: more than one when its clusters exceed the memory budget
+    clusters_from_disk: list[int] = field(default_factory=list)  # clusters larger than the budget, tiled from disk
 
 
-def read_bucket_rows(files: Sequence[st.UPath], first: int, end: int, clusters: list[int] | None = None,
-                     keep_by: Sequence[str] = ()) -> pa.Table:
-    """The assignments of clusters [first, end) (or of `clusters`) from every shard file (row groups skipped by stats).
-
-    `keep_by` columns are read too; a file without one of them fails, naming the file.
-    """
-    if not files:
-        return pa.table({})
+def _assignments_dataset(files: Sequence[st.UPath], keep_by: Sequence[str] = ()) -> ds.Dataset:
+    """The shards' assignment files as one dataset; `keep_by` columns must exist in each (else fail naming the file)."""
     local = st.is_local(files[0])
     schema = None
     if keep_by:
@@ -61,12 +61,60 @@ def read_bucket_rows(files: Sequence[st.UPath], first: int, end: int, clusters: 
                 raise ValueError(f"{path} has no keep-by column {missing[0]!r} (columns: "
                                  f"{', '.join(file_schema.names)}): assign the shard again with this --keep-by")
         schema = pa.unify_schemas([s.remove_metadata() for s in schemas], promote_options="permissive")
-    dataset = ds.dataset([str(p) if local else p.path for p in files], format="parquet", schema=schema,
-                         filesystem=None if local else files[0].fs)
-    flt = (pc.field("cluster") >= first) & (pc.field("cluster") < end) if clusters is None else \
+    return ds.dataset([str(p) if local else p.path for p in files], format="parquet", schema=schema,
+                      filesystem=None if local else files[0].fs)
+
+
+def _cluster_filter(first: int, end: int, clusters: list[int] | None = None) -> pc.Expression:
+    return (pc.field("cluster") >= first) & (pc.field("cluster") < end) if clusters is None else \
         pc.field("cluster").isin(clusters)
-    table = dataset.to_table(filter=flt, columns=["id", "shard", "cluster", "sim_to_centroid", "embedding", *keep_by])
+
+
+def read_bucket_rows(files: Sequence[st.UPath], first: int, end: int, clusters: list[int] | None = None,
+                     keep_by: Sequence[str] = (), embeddings: bool = True) -> pa.Table:
+    """The assignments of clusters [first, end) (or of `clusters`) from every shard file (row groups skipped by stats).
+
+    `keep_by` columns are read too; a file without one of them fails, naming the file.
+    `embeddings=False` leaves the embedding column out.
+    """
+    if not files:
+        return pa.table({})
+    columns = ["id", "shard", "cluster", "sim_to_centroid", *(["embedding"] if embeddings else []), *keep_by]
+    # Few files in flight at once: a shard file's row group of this bucket is read whole before filtering.
+    table = _assignments_dataset(files, keep_by).to_table(filter=_cluster_filter(first, end, clusters), columns=columns,
+                                                          fragment_readahead=2, batch_readahead=2)
     return table.sort_by([("cluster", "ascending"), ("id", "ascending")])
+
+
+def cluster_counts(files: Sequence[st.UPath], first: int, end: int) -> np.ndarray:
+    """Members of each cluster in [first, end), from the cluster column alone."""
+    if not files or end <= first:
+        return np.zeros(max(0, end - first), dtype=np.int64)
+    clusters = _assignments_dataset(files).to_table(filter=_cluster_filter(first, end), columns=["cluster"])
+    return np.bincount(clusters.column("cluster").to_numpy() - first, minlength=end - first).astype(np.int64)
+
+
+def row_bytes(files: Sequence[st.UPath]) -> int:
+    """What one assigned row costs while its bucket is deduplicated (bytes, an upper estimate).
+
+    The stored vector, its fp32 unit copy, the cluster's ordered fp32 copy and a
+    normalisation temporary (float16 storage), plus the id, shard and result columns.
+    """
+    field_type = st.read_schema(files[0]).field("embedding").type
+    stored = 2 if pa.types.is_float16(field_type.value_type) else 4
+    return field_type.list_size * (stored + 12) + 256
+
+
+def cluster_groups(sizes: np.ndarray, first: int, per_row: int, budget: int) -> Iterator[tuple[int, int]]:
+    """Consecutive cluster ranges [a, b) whose rows together fit the budget (a lone cluster may not)."""
+    a, rows = first, 0
+    for c, n in enumerate(sizes.tolist(), start=first):
+        if rows and (rows + n) * per_row > budget:
+            yield a, c
+            a, rows = c, 0
+        rows += n
+    if rows or a < first + len(sizes):
+        yield a, first + len(sizes)
 
 
 def dedup_table(table: pa.Table, strategy: str, seed: int, block_size: int, device: str, precision: str = "fp32",
@@ -96,19 +144,68 @@ def dedup_table(table: pa.Table, strategy: str, seed: int, block_size: int, devi
         rank_parts.append(r["rank"])
         max_parts.append(r["max_sim"])
         dup_parts.append(np.where(r["duplicate_of"] >= 0, r["duplicate_of"] + s, -1))
-    order = np.concatenate(order_parts)
-    dup = np.concatenate(dup_parts)
+    result = _result_table(table, ids, clusters, sims, np.concatenate(order_parts), np.concatenate(rank_parts),
+                           np.concatenate(max_parts), np.concatenate(dup_parts))
+    return result, [int(e - s) for s, e in zip(starts, ends)]
+
+
+def _result_table(table: pa.Table, ids: np.ndarray, clusters: np.ndarray, sims: np.ndarray, order: np.ndarray,
+                  rank: np.ndarray, max_sim: np.ndarray, dup: np.ndarray) -> pa.Table:
+    """The bucket result rows in processing order; `dup` holds input indices (-1: none)."""
     dup_ids = pa.array([ids[i] if i >= 0 else None for i in dup], type=pa.string())
-    result = pa.table({
+    return pa.table({
         "id": pa.array(ids[order], type=pa.string()),
         "shard": table.column("shard").take(pa.array(order)),
         "cluster": pa.array(clusters[order], type=pa.int32()),
-        "rank": pa.array(np.concatenate(rank_parts)),
+        "rank": pa.array(rank),
         "sim_to_centroid": pa.array(sims[order].astype(np.float64)),
-        "max_sim": pa.array(np.concatenate(max_parts)),
+        "max_sim": pa.array(max_sim),
         "duplicate_of": dup_ids,
     }, schema=SEMANTIC_DUPLICATES_SCHEMA)
-    return result, [int(e - s) for s, e in zip(starts, ends)]
+
+
+def dedup_cluster_from_disk(files: Sequence[st.UPath], cluster: int, strategy: str, seed: int, block_size: int,
+                            device: str, keep_by: Sequence[tuple[str, bool]] = (),
+                            read_rows: int = 8192) -> pa.Table:
+    """The pairwise rule over one cluster larger than the memory budget, its tiles streamed from disk.
+
+    The cluster's ids, sims and keep-by values are read (no vectors), ordered as in memory;
+    its unit vectors are then written in that order to a scratch file, `read_rows` at a
+    time, and the tiled rule reads block x block tiles back. The result equals the
+    in-memory rule's bit for bit (same rows, same tiles, fp32).
+    """
+    names = [name for name, _ in keep_by]
+    table = read_bucket_rows(files, cluster, cluster + 1, keep_by=names, embeddings=False)
+    n = table.num_rows
+    ids = np.asarray(table.column("id").to_pylist(), dtype=object)
+    sims = table.column("sim_to_centroid").to_numpy()
+    order = cluster_order(ids, sims, strategy, seed=seed,
+                          keep_by=[(table.column(name).combine_chunks(), desc) for name, desc in keep_by])
+    position = np.empty(n, dtype=np.int64)
+    position[order] = np.arange(n, dtype=np.int64)
+    id_values = table.column("id").combine_chunks()
+    d = st.read_schema(files[0]).field("embedding").type.list_size
+    with tempfile.TemporaryDirectory(prefix=f"semdedup-cluster-{cluster}-") as scratch:
+        path = os.path.join(scratch, "rows.f32")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            os.ftruncate(fd, n * d * 4)
+            batches = _assignments_dataset(files).to_batches(filter=_cluster_filter(cluster, cluster + 1),
+                                                             columns=["id", "embedding"], batch_size=read_rows)
+            for batch in batches:
+                if not batch.num_rows:
+                    continue
+                rows = position[pc.index_in(batch.column("id"), value_set=id_values).to_numpy()]
+                vectors = np.ascontiguousarray(unit_embeddings(pa.Table.from_batches([batch])), dtype=np.float32)
+                for row, vector in zip(rows.tolist(), vectors):
+                    os.pwrite(fd, vector.tobytes(), row * d * 4)
+        finally:
+            os.close(fd)
+        max_sim, dup_pos = max_sim_tiled(RowFile(path, n, d, device), block_size=block_size, device=device)
+    dup = np.where(dup_pos >= 0, order[np.maximum(dup_pos, 0)], -1).astype(np.int64)
+    clusters = np.full(n, cluster, dtype=np.int32)
+    return _result_table(table, ids, clusters, sims, order, np.arange(n, dtype=np.int64),
+                         max_sim.astype(np.float64), dup)
 
 
 def top_pairs(table: pa.Table, n: int = TOP_PAIRS, below: float | None = None) -> list[Pair]:
@@ -136,26 +233,92 @@ def dedup_bucket(settings: Settings, bucket: str, k: int, assignment_files: Sequ
     files = sorted(assignment_files, key=str)
     keep_by = settings.keep_by_columns
     names = [name for name, _ in keep_by]
-    table = read_bucket_rows(files, first, end, keep_by=names)
     kernel: dict[str, float] = {"rechecked_rows": 0, "error_bound": 0.0}
-    start = time.perf_counter()
-    if settings.probes > 1:  # exact fp32 tiles over the probed clusters (core/multiprobe.py)
+    path = storage.bucket_file(bucket)
+    if settings.probes > 1:  # exact fp32 tiles over the probed clusters (core/multiprobe.py): the bucket at once
         from semdedup_assets.core.centroids import load_centroids
         from semdedup_assets.core.multiprobe import multiprobe_bucket
 
+        table = read_bucket_rows(files, first, end, keep_by=names)
+        start = time.perf_counter()
         result, sizes = multiprobe_bucket(table, lambda cs: read_bucket_rows(files, 0, 0, cs, keep_by=names),
                                           load_centroids(storage), settings.probes, settings.keep, settings.seed,
                                           settings.block_size, device, keep_by=keep_by)
+        seconds = time.perf_counter() - start
+        st.atomic_write_table(result, path)
+        pairs, rows, assigned, ids_seen, groups, from_disk = top_pairs(result), result.num_rows, table.num_rows, \
+            pc.count_distinct(result.column("id")).as_py(), 1, []
     else:
-        result, sizes = dedup_table(table, settings.keep, settings.seed, settings.block_size, device,
-                                    settings.precision, settings.thresholds, kernel, keep_by=keep_by)
-    seconds = round(time.perf_counter() - start, 2)
+        sizes, pairs, rows, assigned, ids_seen, seconds, groups, from_disk = \
+            _dedup_in_groups(settings, files, first, end, device, kernel, path)
     problems = []
-    if result.num_rows != table.num_rows or pc.count_distinct(result.column("id")).as_py() != result.num_rows:
-        problems.append(f"bucket {bucket}: {result.num_rows} result rows for {table.num_rows} assigned items")
-    path = storage.bucket_file(bucket)
-    st.atomic_write_table(result, path)
-    return DedupBucketResult(bucket=bucket, path=str(path), first_cluster=first, end_cluster=end, rows=result.num_rows,
-                             assigned_rows=table.num_rows, cluster_sizes=sizes, top_pairs=top_pairs(result),
+    if rows != assigned or ids_seen != rows:
+        problems.append(f"bucket {bucket}: {rows} result rows for {assigned} assigned items")
+    return DedupBucketResult(bucket=bucket, path=str(path), first_cluster=first, end_cluster=end, rows=rows,
+                             assigned_rows=assigned, cluster_sizes=sizes, top_pairs=pairs,
                              rechecked_rows=int(kernel["rechecked_rows"]), error_bound=float(kernel["error_bound"]),
-                             device=device, seconds=seconds, problems=problems)
+                             device=device, seconds=round(seconds, 2), problems=problems, groups=groups,
+                             clusters_from_disk=from_disk)
+
+
+def _dedup_in_groups(settings: Settings, files: Sequence[st.UPath], first: int, end: int, device: str,
+                     kernel: dict[str, float], path: st.UPath) -> tuple[list[int], list[Pair], int, int, int, float,
+                                                                          int, list[int]]:
+    """Deduplicate clusters [first, end) a group of consecutive clusters at a time, each group within the budget.
+
+    A cluster that alone exceeds the budget is tiled from disk (fp32), or refused with a
+    message naming it, its size and the k that would fit when the precision is not fp32.
+    The result file is streamed group by group, in cluster order: the same rows as one read.
+    """
+    keep_by = settings.keep_by_columns
+    names = [name for name, _ in keep_by]
+    # The kernel's tiles (a block x block score tile and its temporaries) come out of the budget first.
+    budget = max(settings.memory_budget_bytes - 4 * 4 * settings.block_size ** 2, settings.memory_budget_bytes // 4)
+    counts = cluster_counts(files, first, end)
+    per_row = row_bytes(files) if files else 1
+    sizes: list[int] = []
+    pairs: list[Pair] = []
+    rows = assigned = ids_seen = groups = 0
+    from_disk: list[int] = []
+    seconds = 0.0
+    # Fixed row groups: the file's bytes do not depend on how the bucket was split.
+    with st.publish_together([st.AtomicParquetWriter(path, SEMANTIC_DUPLICATES_SCHEMA, st.STREAM_ROW_GROUP)]) as (writer,):
+        for a, b in cluster_groups(counts, first, per_row, budget):
+            group_rows = int(counts[a - first:b - first].sum())
+            if group_rows == 0:
+                continue
+            groups += 1
+            start = time.perf_counter()
+            if b - a == 1 and group_rows * per_row > budget:  # one cluster beyond the budget
+                if settings.precision != "fp32":
+                    raise ValueError(f"cluster {a} has {group_rows} members ({group_rows * per_row / 2**20:.0f} MiB "
+                                     f"to deduplicate), more than the memory budget of {budget / 2**20:.0f} MiB, and "
+                                     f"precision {settings.precision} cannot tile it from disk: use --precision fp32, "
+                                     f"a larger --memory-budget, or a k of at least "
+                                     f"{_k_that_fits(settings, files, group_rows, budget // per_row)}")
+                result = dedup_cluster_from_disk(files, a, settings.keep, settings.seed, settings.block_size, device,
+                                                 keep_by)
+                group_sizes, read = [result.num_rows], result.num_rows
+                from_disk.append(a)
+            else:
+                table = read_bucket_rows(files, a, b, keep_by=names)
+                start = time.perf_counter()
+                result, group_sizes = dedup_table(table, settings.keep, settings.seed, settings.block_size, device,
+                                                  settings.precision, settings.thresholds, kernel, keep_by=keep_by)
+                read = table.num_rows
+                del table
+            seconds += time.perf_counter() - start
+            writer.write(result)
+            sizes += group_sizes
+            rows += result.num_rows
+            assigned += read
+            ids_seen += pc.count_distinct(result.column("id")).as_py()
+            pairs = heapq.nsmallest(TOP_PAIRS, pairs + top_pairs(result), key=lambda x: (-x[0], x[1]))
+    return sizes, pairs, rows, assigned, ids_seen, seconds, max(groups, 1), from_disk
+
+
+def _k_that_fits(settings: Settings, files: Sequence[st.UPath], size: int, fits: int) -> int:
+    """A k whose average cluster holds `fits` rows, scaled by how far this cluster exceeds that."""
+    items = sum(st.parquet_num_rows(p) for p in files)
+    k = settings.n_clusters(items) if items else 1
+    return max(k, -(-k * size // max(fits, 1)))

@@ -186,6 +186,23 @@ def kept_ids(storage: st.Storage, selection: Selection, shards: Sequence[str],
     return out
 
 
+# Kept ids held at once while exporting (shards are queried in groups of about this many rows).
+EXPORT_ID_ROWS = 1_000_000
+
+
+def _next_shards(storage: st.Storage, keys: Sequence[str], first: str) -> list[str]:
+    """`first` and the shards after it in `keys` whose raw rows together stay within EXPORT_ID_ROWS."""
+    group: list[str] = []
+    rows = 0
+    for key in keys[list(keys).index(first):]:
+        n = st.parquet_num_rows(storage.shard_file(st.RAW, key))
+        if group and rows + n > EXPORT_ID_ROWS:
+            break
+        group.append(key)
+        rows += n
+    return group
+
+
 def kept_rows(raw: pa.Table, ids: pa.Array) -> np.ndarray:
     """Ascending input row numbers of the kept ids, from a shard's raw index (id, row)."""
     mask = pc.is_in(raw.column("id"), value_set=ids).to_numpy(zero_copy_only=False)
@@ -485,9 +502,11 @@ def export_shards(storage: st.Storage, input_location: str, selection: Selection
                               f"re-run the pipeline before exporting")
     base = root if root.is_dir() else root.parent
     out_dir = selection_dir(storage, selection)
-    kept = kept_ids(storage, selection, keys, configured_eps, reference)
     results = []
+    kept: dict[str, pa.Array] = {}
     for key in keys:
+        if key not in kept:  # the kept ids of a few shards at a time, never of the whole dataset
+            kept = kept_ids(storage, selection, _next_shards(storage, keys, key), configured_eps, reference)
         shard = files[key]
         raw = st.read_table(storage.shard_file(st.RAW, key), columns=["id", "row"])
         rows = kept_rows(raw, kept[key])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import heapq
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -164,14 +164,15 @@ def build_keep_lists(settings: Settings, bucket_files: Sequence[st.UPath],
     """
     storage = settings.storage_root()
     curve = EpsCurveAccumulator(settings.eps)
-    writers = [st.AtomicParquetWriter(storage.keep_list_file(e), KEEP_LIST_SCHEMA) for e in settings.eps]
+    # Fixed row groups: the files' bytes do not depend on --buckets or on how buckets were read.
+    writers = [st.AtomicParquetWriter(storage.keep_list_file(e), KEEP_LIST_SCHEMA, st.STREAM_ROW_GROUP)
+               for e in settings.eps]
     pairs: list[Pair] = []
     near_pairs: list[Pair] = []
     max_sim_counts = np.zeros(len(MAX_SIM_BINS) - 1, dtype=np.int64)  # streamed: no per-item array
     start = time.perf_counter()
     with st.publish_together(writers):
-        for path in bucket_files:
-            table = st.read_table(path)
+        for path, table in _bucket_chunks(bucket_files):  # a row group at a time: O(row group), never O(bucket)
             max_sim = table.column("max_sim").to_numpy()
             curve.update(max_sim)
             max_sim_counts += np.histogram(max_sim[table.column("rank").to_numpy() > 0], bins=MAX_SIM_BINS)[0]
@@ -180,8 +181,8 @@ def build_keep_lists(settings: Settings, bucket_files: Sequence[st.UPath],
             pairs = heapq.nsmallest(TOP_PAIRS, pairs + top_pairs(table), key=lambda x: (-x[0], x[1]))
             near_pairs = heapq.nsmallest(TOP_PAIRS, near_pairs + top_pairs(table, below=NEAR_EXACT),
                                          key=lambda x: (-x[0], x[1]))
-            if log is not None:
-                log(f"read {path.name}: {table.num_rows} items")
+            if log is not None and path is not None:
+                log(f"read {path.name}: {st.parquet_num_rows(path)} items")
     seconds = round(time.perf_counter() - start, 2)
     rows = curve.rows()
     st.atomic_write_table(pa.Table.from_pylist(rows, schema=EPS_CURVE_SCHEMA), storage.eps_curve_file)
@@ -193,6 +194,19 @@ def build_keep_lists(settings: Settings, bucket_files: Sequence[st.UPath],
     return KeepListsResult(eps_curve=rows, items=curve.total, distinct_ids=distinct, cluster_sizes=sizes,
                            max_sim_counts=max_sim_counts.tolist(), top_pairs=pairs, near_pairs=near_pairs, texts=texts,
                            keep_list_paths=[str(storage.keep_list_file(e)) for e in settings.eps], seconds=seconds)
+
+
+def _bucket_chunks(bucket_files: Sequence[st.UPath]) -> Iterator[tuple[st.UPath | None, pa.Table]]:
+    """Each bucket file's rows in batches; the path comes with a bucket's last batch (None before it)."""
+    for path in bucket_files:
+        last = None
+        for batch in st.iter_batches(path, batch_size=st.STREAM_ROW_GROUP):
+            if last is not None:
+                yield None, pa.Table.from_batches([last])
+            last = batch
+        table = pa.Table.from_batches([last]) if last is not None else \
+            st.read_schema(path).empty_table()
+        yield path, table
 
 
 def payload_texts(storage: st.Storage, ids: list[str], modality: str) -> dict[str, str]:

@@ -24,6 +24,36 @@ from semdedup_assets.core.ordering import KeepByKey, cluster_order
 ArrayLike2D = np.ndarray | torch.Tensor
 
 
+class RowFile:
+    """An (n, d) float32 matrix in a raw file (row-major), read one block of rows at a time.
+
+    The pairwise rule over a cluster larger than the memory budget reads its tiles from
+    here: only the block being compared is in memory, never the cluster's n x d rows.
+    """
+
+    def __init__(self, path: str, n: int, d: int, device: str | torch.device | None = None) -> None:
+        """Rows of `path` (n * d float32 values); blocks come back as tensors on `device`."""
+        self.path, self.n, self.d = str(path), int(n), int(d)
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(n, d), like an array's."""
+        return self.n, self.d
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        """Rows [start, stop) as a float32 tensor (a fresh read; step must be 1)."""
+        start, stop, step = rows.indices(self.n)
+        if step != 1:
+            raise ValueError("a RowFile reads contiguous blocks of rows only")
+        count = max(0, stop - start)
+        block = np.fromfile(self.path, dtype=np.float32, count=count * self.d, offset=start * self.d * 4)
+        return torch.from_numpy(block.reshape(count, self.d)).to(self.device)
+
+
 def _empty_result() -> tuple[np.ndarray, np.ndarray]:
     """Return the (max_sim, duplicate_of) pair for an empty cluster."""
     return np.empty(0, dtype=np.float32), np.empty(0, dtype=np.int64)
@@ -165,8 +195,11 @@ def max_sim_tiled(
         stats.setdefault("error_bound", 0.0)
     if n == 0:
         return _empty_result()
+    from_disk = isinstance(embeddings, RowFile)
+    if from_disk and precision != "fp32":
+        raise ValueError(f"precision {precision!r}: a cluster tiled from disk runs fp32 tiles only")
     with torch.inference_mode(), torch_threads(num_threads):
-        x = _as_tensor(embeddings, device)
+        x = embeddings if from_disk else _as_tensor(embeddings, device)
         dev = x.device
         bsz = int(block_size)
         low = x if precision == "fp32" else x.to(_LOW[precision][0])

@@ -365,11 +365,23 @@ def atomic_write_table(table: pa.Table, path: UPath, row_group_size: int | None 
         _drop_tmp(tmp)
 
 
-class AtomicParquetWriter:
-    """A streaming Parquet writer that publishes its file only on a clean close."""
+# Row groups of streamed stage files (keep-lists, bucket results): a fixed size, so a file's
+# bytes do not depend on how its rows were read or computed (--buckets, --memory-budget).
+STREAM_ROW_GROUP = 65536
 
-    def __init__(self, path: UPath, schema: pa.Schema) -> None:
+
+class AtomicParquetWriter:
+    """A streaming Parquet writer that publishes its file only on a clean close.
+
+    With `row_group_rows`, rows are buffered and written in row groups of exactly that
+    many rows (the last one shorter), whatever the sizes of the tables written.
+    """
+
+    def __init__(self, path: UPath, schema: pa.Schema, row_group_rows: int | None = None) -> None:
         self.path = path
+        self._group = row_group_rows
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
         _make_parent(path)
         self._local = is_local(path)
         self._tmp = _tmp_sibling(path) if self._local else None
@@ -384,15 +396,36 @@ class AtomicParquetWriter:
         self.rows = 0
 
     def write(self, table: pa.Table) -> None:
-        """Append a table (one or more row groups)."""
-        if table.num_rows:
+        """Append a table (one or more row groups; buffered into fixed row groups with `row_group_rows`)."""
+        if not table.num_rows:
+            return
+        self.rows += table.num_rows
+        if self._group is None:
             with writing(self.path):
                 self._writer.write_table(table)
-            self.rows += table.num_rows
+            return
+        self._pending.append(table)
+        self._pending_rows += table.num_rows
+        if self._pending_rows >= self._group:
+            self._flush(final=False)
+
+    def _flush(self, final: bool) -> None:
+        """Write the buffered rows in whole row groups (and, if `final`, the rest)."""
+        pending = pa.concat_tables(self._pending)
+        full = (pending.num_rows // self._group) * self._group
+        end = pending.num_rows if final else full
+        with writing(self.path):
+            for start in range(0, end, self._group):
+                self._writer.write_table(pending.slice(start, min(self._group, end - start)),
+                                         row_group_size=self._group)
+        rest = pending.slice(end)
+        self._pending, self._pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
 
     def commit(self) -> None:
         """Close and publish the file."""
         try:
+            if self._pending:
+                self._flush(final=True)
             with writing(self.path):
                 self._writer.close()
             if self._local:
