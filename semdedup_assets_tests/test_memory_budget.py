@@ -179,5 +179,5 @@ def test_the_pairwise_stage_peak_stays_under_the_budget_as_n_grows_4x(tmp_path: 
         pytest.skip("this kernel does not let a process reset its peak RSS")
     allowance = 32  # MiB, whatever N: the shard files' row groups in flight, torch's first tiles, allocator heaps
     assert large["extra_mib"] < 8 + allowance, large
-    assert large["extra_mib"] < small["extra_mib"] * 1.25 + 8, (small, large)
-    assert unbounded["reads"] == 1 and unbounded["extra_mib"] > large["extra_mib"] * 2, (large, unbounded)
+    assert large["extra_mib"] < small["extra_mib"] * 1.5 + 8, (small, large)
+    assert unbounded["reads"] == 1 and unbounded["extra_mib"] > large["extra_mib"] * 1.5, (large, unbounded)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -108,7 +107,6 @@ def metered(fn: Callable[..., dg.MaterializeResult]) -> Callable[..., dg.Materia
 
     The figures are this process's (a Ray engine's workers report their own units elsewhere).
     """
-    @functools.wraps(fn)
     def wrapper(*args: object, **kwargs: object) -> dg.MaterializeResult:
         with stage_meter() as figures:
             result = fn(*args, **kwargs)
@@ -116,6 +114,10 @@ def metered(fn: Callable[..., dg.MaterializeResult]) -> Callable[..., dg.Materia
         rows = next((v for k in ROW_ENTRIES if isinstance(v := meta.get(k), int)), 0)
         return result._replace(metadata={**meta, **resource_metadata(figures, rows)})
 
+    # What functools.wraps copies (Dagster reads the parameters and resource types through __wrapped__).
+    for name in ("__module__", "__name__", "__qualname__", "__doc__", "__annotations__"):
+        setattr(wrapper, name, getattr(fn, name))
+    wrapper.__wrapped__ = fn  # type: ignore[attr-defined]
     return wrapper
 
 

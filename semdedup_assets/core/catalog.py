@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -232,10 +233,26 @@ def stage_source(storage: Storage, stage: str, pattern: str = "**/*.parquet") ->
     return f"read_parquet({sql_quote(str(storage.stage_dir(stage)).rstrip('/') + '/' + pattern)})"
 
 
-def scan(storage: Storage, sql: str, params: Sequence[Any] | None = None, tables: dict[str, Any] | None = None) -> list[tuple]:
-    """Run SQL over the stage files in a scratch in-memory DuckDB (no catalog lock)."""
+# DuckDB refuses some aggregates below this limit instead of spilling them.
+MIN_SCAN_MEMORY = 256 * 2**20
+
+
+def scan(storage: Storage, sql: str, params: Sequence[Any] | None = None, tables: dict[str, Any] | None = None,
+         memory_limit: int | None = None) -> list[tuple]:
+    """Run SQL over the stage files in a scratch in-memory DuckDB (no catalog lock).
+
+    `memory_limit` (bytes, at least MIN_SCAN_MEMORY) caps DuckDB's memory: larger
+    aggregates spill to a scratch folder instead of growing with the dataset.
+    """
     con = duckdb.connect()
+    scratch = None
     try:
+        if memory_limit is not None:
+            scratch = tempfile.TemporaryDirectory(prefix="semdedup-duckdb-")
+            con.execute(f"SET memory_limit='{max(memory_limit, MIN_SCAN_MEMORY) // 2**20}MB'")
+            con.execute(f"SET temp_directory={sql_quote(scratch.name)}")
+            con.execute("SET preserve_insertion_order=false")
+            con.execute("SET enable_progress_bar=false")
         if not storage.local:
             con.register_filesystem(storage.root.fs)
         for name, table in (tables or {}).items():
@@ -243,9 +260,12 @@ def scan(storage: Storage, sql: str, params: Sequence[Any] | None = None, tables
         return con.execute(sql, params or []).fetchall()
     finally:
         con.close()
+        if scratch is not None:
+            scratch.cleanup()
 
 
-def duplicate_ids(storage: Storage, pending: Any = None, exclude_shards: Sequence[str] = (), limit: int = 5) -> list[tuple[str, str, int, str, int]]:
+def duplicate_ids(storage: Storage, pending: Any = None, exclude_shards: Sequence[str] = (), limit: int = 5,
+                  memory_limit: int | None = None) -> list[tuple[str, str, int, str, int]]:
     """Ids that appear more than once across raw shards: (id, shard, row, shard, row).
 
     `pending` (an Arrow table id, shard, row) holds shards validated but not yet
@@ -262,4 +282,4 @@ def duplicate_ids(storage: Storage, pending: Any = None, exclude_shards: Sequenc
     return scan(storage,
         f"SELECT id, arg_min(shard, {order}), arg_min(row, {order}), arg_max(shard, {order}), arg_max(row, {order}) "
         f"FROM ({' UNION ALL '.join(parts)}) GROUP BY id HAVING count(*) > 1 ORDER BY id LIMIT {int(limit)}",
-        tables={"pending": pending} if pending is not None else None)
+        tables={"pending": pending} if pending is not None else None, memory_limit=memory_limit)

@@ -151,7 +151,9 @@ def ingest_shards(settings: Settings, shards: Sequence[ShardFile],
                 log(f"validated shard {shard.key!r}: {table.num_rows} rows")
         check_dims(storage, dims, keys)
         check_keep_by_kinds(storage, kinds, keys)
-        if pending_ids and (dups := duplicate_ids(storage, pa.concat_tables(pending_ids), exclude_shards=keys)):
+        # The id check is the one O(N) aggregate of ingest: DuckDB gets a quarter of the budget, and spills beyond it.
+        if pending_ids and (dups := duplicate_ids(storage, pa.concat_tables(pending_ids), exclude_shards=keys,
+                                                  memory_limit=settings.memory_budget_bytes // 4)):
             raise DuplicateIdsError(dups)
     preview = []
     if table is not None and settings.modality == "text":
