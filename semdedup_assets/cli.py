@@ -581,7 +581,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         from semdedup_assets.definitions import build_definitions
 
         # The `robustness` asset of the first sub-storage, so the UI on it shows the comparison.
-        _execute(build_definitions(first), _instance(first), "robustness_job", {"semdedup/sweep": root})
+        _execute(build_definitions(first), _instance(first), "robustness_job", {"semdedup/sweep": root},
+                 verbose=args.verbose)
         local_root = Settings(storage=root).storage_root()
         plot = args.plot or (os.path.join(str(local_root.root), "compare.png") if local_root.local
                              else "semdedup-compare.png")

@@ -13,11 +13,11 @@ from semdedup_assets.resources import SemDedupConfig
 
 
 @dg.asset(deps=["keep_lists"], group_name="robustness", kinds={"parquet"})
-def robustness(semdedup: SemDedupConfig) -> dg.MaterializeResult:
+def robustness(context: dg.AssetExecutionContext, semdedup: SemDedupConfig) -> dg.MaterializeResult:
     """Per eps: removed items of this storage and of every `compare_with` storage (same items, other k, seed
     or encoder), the Jaccard index of each pair's removed sets, and every configuration's eps curve in one plot."""
     try:
-        r, files, png = build_robustness(semdedup.settings())
+        r, files, png = build_robustness(semdedup.settings(), log=context.log.info)
     except CompareError as err:
         raise dg.Failure(description=str(err)) from None
     configurations = [{k: v for k, v in row.items() if k != "storage"} for row in r.per_configuration]

@@ -285,10 +285,19 @@ def compared_storages(settings: Settings) -> list[str]:
     return out
 
 
-def build_robustness(settings: Settings) -> tuple[Comparison, RobustnessFiles, bytes]:
-    """The `robustness` asset's work: compare this storage with `compare_with`, write the tables and the PNG."""
+def build_robustness(settings: Settings, log: Callable[[str], None] = lambda m: None
+                     ) -> tuple[Comparison, RobustnessFiles, bytes]:
+    """The `robustness` asset's work: compare this storage with `compare_with`, write the tables and the PNG.
+
+    `log` gets one line as the comparison starts and one before the plot and the writes, so
+    that a long comparison (large storages) shows where it is.
+    """
     from semdedup_assets.core.plots import eps_curves_png
 
-    comparison = compare_storages(compared_storages(settings))
+    storages = compared_storages(settings)
+    log(f"robustness: comparing the removals of {len(storages)} storage(s)")
+    comparison = compare_storages(storages)
+    log(f"robustness: {comparison.items} items, {len(comparison.eps)} eps: drawing the eps curves, "
+        f"writing {ROBUSTNESS}/")
     png = eps_curves_png(comparison.curves)
     return comparison, write_comparison(settings.storage_root(), comparison, png), png
