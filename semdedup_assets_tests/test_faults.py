@@ -441,13 +441,22 @@ def test_full_disk_patched_writer(tmp_path: Path, instance: dg.DagsterInstance, 
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(table, where, *args, **kwargs)
 
+    real_streamed = pq.ParquetWriter.write_table
+
+    def full_disk_streamed(self, table, *args, **kwargs):  # bucket files are streamed, cluster group by group
+        if "semantic_duplicates" in str(self.where):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_streamed(self, table, *args, **kwargs)
+
     monkeypatch.setattr(pq, "write_table", full_disk)
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", full_disk_streamed)
     with pytest.raises(PipelineError) as err:
         run_pipeline(settings, instance, log=lambda m: None)
     bucket = settings.storage_root().bucket_file("000")
     assert f"cannot write {bucket}: No space left on device" in str(err.value)
     assert not list(Path(settings.storage).rglob("*.tmp")) and not Path(str(bucket)).exists()
     monkeypatch.setattr(pq, "write_table", real)
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", real_streamed)
     run_pipeline(settings, instance, log=lambda m: None)
     assert snapshot(Path(settings.storage)) == before
 
