@@ -22,7 +22,8 @@ from semdedup_assets.core.engines import EngineError, ray_session
 from semdedup_assets.core.export import DEDUPLICATED, remove_exported_shard
 from semdedup_assets.core.layout import remove_shard_files
 from semdedup_assets.core.shards import SHARD_SUFFIXES, ShardFile, discover
-from semdedup_assets.definitions import build_definitions
+from semdedup_assets.graph import build_definitions
+from semdedup_assets.names import DEFAULT_NAMES, GraphNames
 from semdedup_assets.partitions import SHARDS_PARTITIONS_NAME
 from semdedup_assets.run_guard import RunGuard, process_tags
 
@@ -118,24 +119,25 @@ def failure_message(result: dg.ExecuteInProcessResult) -> str:
 
 
 def run_pipeline(settings: Settings, instance: dg.DagsterInstance, log=print, verbose: bool = False,
-                 stop_on_signals: bool = False) -> PipelineResult:
+                 stop_on_signals: bool = False, names: GraphNames = DEFAULT_NAMES) -> PipelineResult:
     """Register every shard under settings.input and materialize the whole graph.
 
     Dagster's console log shows only with `verbose`. Runs of killed processes are marked
     failed and their pool slots freed first; with `stop_on_signals` (the CLI), SIGTERM/SIGINT
     cancel the run and exit (see run_guard.RunGuard). With engine=ray, one Ray connection (or
     local instance) serves every stage; an unreachable `ray_address` fails here, before
-    anything is written.
+    anything is written. `names`: the graph's names (a `SemDedup` component's, or the plain ones).
     """
     with RunGuard(instance, log, stop_on_signals=stop_on_signals):
         try:
             with ray_session(settings):
-                return _run_pipeline(settings, instance, log, verbose)
+                return _run_pipeline(settings, instance, log, verbose, names)
         except EngineError as err:
             raise PipelineError(str(err)) from None
 
 
-def _run_pipeline(settings: Settings, instance: dg.DagsterInstance, log=print, verbose: bool = False) -> PipelineResult:
+def _run_pipeline(settings: Settings, instance: dg.DagsterInstance, log=print, verbose: bool = False,
+                  names: GraphNames = DEFAULT_NAMES) -> PipelineResult:
     if not settings.input:
         raise PipelineError("no input location given")
     # Before anything is written: a missing bucket or refused credentials are named, nothing published.
@@ -152,7 +154,7 @@ def _run_pipeline(settings: Settings, instance: dg.DagsterInstance, log=print, v
     if settings.reference:  # before anything is recorded: a bad reference leaves the storage as it was
         check_run_reference(settings, found.shards[0])
     save_settings(settings)
-    known = instance.get_dynamic_partitions(SHARDS_PARTITIONS_NAME)
+    known = instance.get_dynamic_partitions(names.partitions)
     stray = sorted(set(known) - set(shards))
     if stray:  # checked before registering anything: a refused run leaves no trace
         raise PipelineError(
@@ -160,11 +162,11 @@ def _run_pipeline(settings: Settings, instance: dg.DagsterInstance, log=print, v
             f"(e.g. {stray[:3]}): use another --storage, or `semdedup forget SHARD` first")
     new = [k for k in shards if k not in set(known)]
     if new:
-        instance.add_dynamic_partitions(SHARDS_PARTITIONS_NAME, new)
-    defs = build_definitions(settings)
-    bucket_def = defs.resolve_assets_def("semantic_duplicates").partitions_def
+        instance.add_dynamic_partitions(names.partitions, new)
+    defs = build_definitions(settings, names)
+    bucket_def = defs.resolve_assets_def(names.key("semantic_duplicates")).partitions_def
     buckets = bucket_def.get_partition_keys()
-    registered = instance.get_dynamic_partitions(SHARDS_PARTITIONS_NAME)
+    registered = instance.get_dynamic_partitions(names.partitions)
     result = PipelineResult(shards=shards)
     for label, job_name, partitioning in STAGES + ([PRUNE_STAGE] if settings.prune else []):
         tags: dict[str, str] = {"semdedup/stage": label}
@@ -175,10 +177,10 @@ def _run_pipeline(settings: Settings, instance: dg.DagsterInstance, log=print, v
             tags.update({RANGE_START: buckets[0], RANGE_END: buckets[-1]})
         log(f"[semdedup] {label} ...")
         try:
-            run_id = _execute(defs, instance, job_name, tags, verbose=verbose)
+            run_id = _execute(defs, instance, names.definition(job_name), tags, verbose=verbose)
         except PipelineError as err:
             if job_name == "ingest_job":
-                withdraw_shards(settings, instance, new)
+                withdraw_shards(settings, instance, new, names)
             raise PipelineError(f"{label}: {err}") from None
         result.run_ids[label] = run_id
         result.seconds[label] = _run_seconds(instance, run_id)
@@ -202,18 +204,19 @@ def check_run_reference(settings: Settings, first_shard: ShardFile) -> None:
         raise PipelineError(f"--reference: {err}") from None
 
 
-def withdraw_shards(settings: Settings, instance: dg.DagsterInstance, shards: list[str]) -> list[str]:
+def withdraw_shards(settings: Settings, instance: dg.DagsterInstance, shards: list[str],
+                    names: GraphNames = DEFAULT_NAMES) -> list[str]:
     """Undo the registration of shards whose ingest failed: their partitions and every per-shard file.
 
     Only the shards that the failed run registered are withdrawn; shards registered before
     it keep their partitions and results, so the retry after fixing the input starts clean.
     """
     storage = settings.storage_root()
-    registered = set(instance.get_dynamic_partitions(SHARDS_PARTITIONS_NAME))
+    registered = set(instance.get_dynamic_partitions(names.partitions))
     removed: list[str] = []
     for shard in shards:
         if shard in registered:
-            instance.delete_dynamic_partition(SHARDS_PARTITIONS_NAME, shard)
+            instance.delete_dynamic_partition(names.partitions, shard)
         removed += remove_shard_files(storage, shard)
     return removed
 

@@ -9,8 +9,7 @@ from semdedup_assets.assets.cluster import BUCKETS_TOUCHED
 from semdedup_assets.core import storage as st
 from semdedup_assets.core.config import Settings
 from semdedup_assets.core.shards import discover_shards
-from semdedup_assets.jobs import dedup_job, ingest_job
-from semdedup_assets.partitions import SHARDS_PARTITIONS_NAME, shard_partitions
+from semdedup_assets.names import DEFAULT_NAMES, GraphNames
 
 
 def scan_input(location: str, cursor: str | None) -> tuple[dict[str, str], list[str], list[str], list[str]]:
@@ -28,11 +27,13 @@ def default_status(settings: Settings) -> dg.DefaultSensorStatus:
     return dg.DefaultSensorStatus.RUNNING if settings.sensors else dg.DefaultSensorStatus.STOPPED
 
 
-def build_shard_sensor(settings: Settings, minimum_interval_seconds: int | None = None) -> dg.SensorDefinition:
+def build_shard_sensor(settings: Settings, minimum_interval_seconds: int | None = None,
+                       names: GraphNames = DEFAULT_NAMES) -> dg.SensorDefinition:
     """The sensor watching `settings.input` for shard files."""
 
     @dg.sensor(
-        name="shard_sensor", job=ingest_job, minimum_interval_seconds=minimum_interval_seconds or settings.sensor_interval,
+        name=names.definition("shard_sensor"), job_name=names.definition("ingest_job"),
+        minimum_interval_seconds=minimum_interval_seconds or settings.sensor_interval,
         default_status=default_status(settings),
         description="Registers new shard files as `shards` partitions and requests their ingest runs.",
     )
@@ -41,13 +42,13 @@ def build_shard_sensor(settings: Settings, minimum_interval_seconds: int | None 
         if not settings.input:
             return dg.SkipReason("no input location configured (SEMDEDUP_INPUT or `semdedup run --input`)")
         now, new, changed, vanished = scan_input(settings.input, context.cursor)
-        known = set(context.instance.get_dynamic_partitions(SHARDS_PARTITIONS_NAME))
+        known = set(context.instance.get_dynamic_partitions(names.partitions))
         events = []
         for key in vanished:
             # Never deleted silently: logged, and recorded on the shard's partition for the UI.
             context.log.warning(f"shard {key!r} vanished from {settings.input}; its results stay until `semdedup forget {key}`")
             if key in known:
-                events.append(dg.AssetObservation(asset_key="raw_shards", partition=key, metadata={
+                events.append(dg.AssetObservation(asset_key=names.key("raw_shards"), partition=key, metadata={
                     "vanished": True, "input": settings.input,
                     "action": f"results kept; run `semdedup forget {key}` to remove them"}))
         to_add = [k for k in new if k not in known]
@@ -60,7 +61,7 @@ def build_shard_sensor(settings: Settings, minimum_interval_seconds: int | None 
             return dg.SkipReason("no new or changed shard files")
         return dg.SensorResult(
             run_requests=runs,
-            dynamic_partitions_requests=[shard_partitions.build_add_request(to_add)] if to_add else [],
+            dynamic_partitions_requests=[names.shard_partitions.build_add_request(to_add)] if to_add else [],
             asset_events=events,
             cursor=json.dumps(now, sort_keys=True),
         )
@@ -68,7 +69,8 @@ def build_shard_sensor(settings: Settings, minimum_interval_seconds: int | None 
     return shard_sensor
 
 
-def stale_buckets(instance: dg.DagsterInstance, after_storage_id: int) -> tuple[dict[str, int], int]:
+def stale_buckets(instance: dg.DagsterInstance, after_storage_id: int,
+                  names: GraphNames = DEFAULT_NAMES) -> tuple[dict[str, int], int]:
     """Buckets touched by cluster_assignments since a storage id and not re-materialized since.
 
     Returns ({bucket: newest touching event id}, newest event id seen).
@@ -78,7 +80,7 @@ def stale_buckets(instance: dg.DagsterInstance, after_storage_id: int) -> tuple[
     cursor = None
     while True:
         page = instance.fetch_materializations(
-            dg.AssetRecordsFilter(asset_key=dg.AssetKey("cluster_assignments"), after_storage_id=after_storage_id),
+            dg.AssetRecordsFilter(asset_key=names.key("cluster_assignments"), after_storage_id=after_storage_id),
             limit=1000, cursor=cursor, ascending=True)
         for record in page.records:
             newest = max(newest, record.storage_id)
@@ -91,24 +93,26 @@ def stale_buckets(instance: dg.DagsterInstance, after_storage_id: int) -> tuple[
     stale = {}
     for bucket, event_id in sorted(touched.items()):
         latest = instance.fetch_materializations(
-            dg.AssetRecordsFilter(asset_key=dg.AssetKey("semantic_duplicates"), asset_partitions=[bucket]), limit=1)
+            dg.AssetRecordsFilter(asset_key=names.key("semantic_duplicates"), asset_partitions=[bucket]), limit=1)
         if not latest.records or latest.records[0].storage_id < event_id:
             stale[bucket] = event_id
     return stale, newest
 
 
-def build_bucket_sensor(settings: Settings, minimum_interval_seconds: int | None = None) -> dg.SensorDefinition:
+def build_bucket_sensor(settings: Settings, minimum_interval_seconds: int | None = None,
+                        names: GraphNames = DEFAULT_NAMES) -> dg.SensorDefinition:
     """The sensor that re-runs only the cluster buckets whose clusters gained or lost items."""
 
     @dg.sensor(
-        name="bucket_sensor", job=dedup_job, minimum_interval_seconds=minimum_interval_seconds or settings.sensor_interval,
+        name=names.definition("bucket_sensor"), job_name=names.definition("dedup_job"),
+        minimum_interval_seconds=minimum_interval_seconds or settings.sensor_interval,
         default_status=default_status(settings),
         description="After cluster_assignments changes, requests semantic_duplicates for the touched buckets only.",
     )
     def bucket_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
         """One tick: new assignment events -> one run per stale bucket."""
         after = int(context.cursor) if context.cursor else 0
-        stale, newest = stale_buckets(context.instance, after)
+        stale, newest = stale_buckets(context.instance, after, names)
         if not stale:
             return dg.SensorResult(skip_reason="no bucket is stale", cursor=str(newest))
         context.log.info(f"stale buckets: {sorted(stale)}")
@@ -120,10 +124,15 @@ def build_bucket_sensor(settings: Settings, minimum_interval_seconds: int | None
     return bucket_sensor
 
 
-def build_automation_sensor(settings: Settings) -> dg.AutomationConditionSensorDefinition:
-    """Evaluates the assets' automation conditions (assignment of new shards, keep-lists after buckets)."""
+def build_automation_sensor(settings: Settings, names: GraphNames = DEFAULT_NAMES,
+                            target: dg.AssetSelection | None = None) -> dg.AutomationConditionSensorDefinition:
+    """Evaluates the assets' automation conditions (assignment of new shards, keep-lists after buckets).
+
+    `target`: every asset of the code location by default; a graph's sensor (graph.py) targets its own
+    assets, so two components never evaluate each other's (Dagster allows one sensor per asset).
+    """
     return dg.AutomationConditionSensorDefinition(
-        "automation_sensor", target=dg.AssetSelection.all(), default_status=default_status(settings),
+        names.definition("automation_sensor"), target=target or dg.AssetSelection.all(), default_status=default_status(settings),
         minimum_interval_seconds=settings.sensor_interval,
         description="cluster_assignments follow new embeddings and re-trained centroids; keep_lists follow the buckets.",
     )

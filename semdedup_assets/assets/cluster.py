@@ -3,21 +3,22 @@
 
 import dagster as dg
 
-from semdedup_assets.assets.common import (EAGER, GPU_OP_TAGS, GPU_POOL, ProgressLog, core_failures, remove_unregistered,
-                                           metered, run_metadata, run_partition_keys, shard_backfill_policy, timed)
+from semdedup_assets.assets.common import (EAGER, GPU_OP_TAGS, ProgressLog, beta_parameters, core_failures, metered,
+                                           remove_unregistered, run_metadata, run_partition_keys, settings_resource,
+                                           shard_backfill_policy, timed)
 from semdedup_assets.core import storage as st
-from semdedup_assets.core.assign import assign_shard
-from semdedup_assets.core.centroids import load_centroids, train_centroids
+from semdedup_assets.core.assign import AssignShardResult, assign_shard
+from semdedup_assets.core.centroids import CentroidsResult, load_centroids, train_centroids
 from semdedup_assets.core.config import Settings
-from semdedup_assets.partitions import SHARDS_PARTITIONS_NAME, shard_partitions
-from semdedup_assets.resources import SemDedupConfig
+from semdedup_assets.names import GraphNames
 
 BUCKETS_TOUCHED = "buckets_touched"
 
 
-def registered_stage_files(instance: dg.DagsterInstance, storage: st.Storage, stage: str) -> dict[str, st.UPath]:
+def registered_stage_files(instance: dg.DagsterInstance, names: GraphNames, storage: st.Storage,
+                           stage: str) -> dict[str, st.UPath]:
     """The stage files of every registered shard; fails naming shards that lack theirs."""
-    keys = sorted(instance.get_dynamic_partitions(SHARDS_PARTITIONS_NAME))
+    keys = sorted(instance.get_dynamic_partitions(names.partitions))
     if not keys:
         raise dg.Failure("no shards are registered: run the shard sensor or `semdedup run` first")
     files = {k: storage.shard_file(stage, k) for k in keys}
@@ -28,66 +29,95 @@ def registered_stage_files(instance: dg.DagsterInstance, storage: st.Storage, st
     return files
 
 
-@dg.asset(
-    deps=[dg.AssetDep("embeddings", partition_mapping=dg.AllPartitionMapping())],
-    pool=GPU_POOL,
-    op_tags=GPU_OP_TAGS,
-    group_name="cluster",
-    kinds={"faiss", "parquet"},
-)
-@metered
-def centroids(context: dg.AssetExecutionContext, semdedup: SemDedupConfig) -> dg.MaterializeResult:
-    """Spherical k-means centroids, trained on a sample drawn shard by shard."""
-    settings = semdedup.settings()
-    files = registered_stage_files(context.instance, semdedup.storage_root(), st.EMBEDDINGS)
-    r = train_centroids(settings, files, log=context.log.info, warn=context.log.warning)
-    return dg.MaterializeResult(metadata={
+def build_centroids(names: GraphNames) -> dg.AssetsDefinition:
+    """The centroids asset (one for the whole dataset)."""
+
+    @dg.asset(
+        key=names.key("centroids"),
+        deps=[dg.AssetDep(names.key("embeddings"), partition_mapping=dg.AllPartitionMapping())],
+        pool=names.pool,
+        op_tags=GPU_OP_TAGS,
+        required_resource_keys={names.resource},
+        group_name="cluster",
+        kinds={"faiss", "parquet"},
+    )
+    @metered
+    def centroids(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        """Spherical k-means centroids, trained on a sample drawn shard by shard."""
+        semdedup = settings_resource(context, names)
+        settings = semdedup.settings()
+        files = registered_stage_files(context.instance, names, semdedup.storage_root(), st.EMBEDDINGS)
+        r = train_centroids(settings, files, log=context.log.info, warn=context.log.warning)
+        return dg.MaterializeResult(metadata=centroids_metadata(settings, r))
+
+    return centroids
+
+
+def centroids_metadata(settings: Settings, r: CentroidsResult) -> dict[str, object]:
+    """The centroids' metadata."""
+    return {
         "clusters": r.clusters, "dim": r.dim, "items": r.items, "shards": r.shards,
         "sample_rows": r.sample_rows, "train_rows": r.train_rows, "objective": r.objective,
         "iterations": settings.kmeans_iterations, "seed": settings.seed, "gpu": r.gpu,
         "sample_seconds": r.sample_seconds, "train_seconds": r.train_seconds,
         "path": dg.MetadataValue.path(r.path),
-    })
+    }
 
 
-def build_cluster_assignments(settings: Settings) -> dg.AssetsDefinition:
-    """The per-shard assignment asset (backfill batch from the settings)."""
+def build_cluster_assignments(names: GraphNames, backfill_batch: int) -> dg.AssetsDefinition:
+    """The per-shard assignment asset (static: its names and backfill batch; the rest from the resource at run time)."""
 
-    @dg.asset(
-        partitions_def=shard_partitions,
-        deps=["embeddings", "centroids"],
-        backfill_policy=shard_backfill_policy(settings),
-        automation_condition=EAGER,
-        group_name="cluster",
-        kinds={"faiss", "parquet"},
-        check_specs=[dg.AssetCheckSpec("assigned_exactly_once", asset="cluster_assignments", blocking=True,
-                                       description="Every item of the shard is assigned to exactly one cluster.")],
-    )
-    @metered
-    def cluster_assignments(context: dg.AssetExecutionContext, semdedup: SemDedupConfig) -> dg.MaterializeResult:
-        """Each item's nearest centroid and cosine similarity to it, sorted by (cluster, id)."""
-        config = semdedup.settings()
-        with core_failures():
-            cents = load_centroids(semdedup.storage_root())
-        per_shard: list[dict[str, object]] = []
-        problems: list[str] = []
-        buckets: set[str] = set()
-        keys = run_partition_keys(context)
-        progress = ProgressLog(context.log, len(keys), settings.progress_interval, label="assign")
-        with timed() as t:
-            for key in keys:
-                r = assign_shard(config, key, cents, len(cents), warn=context.log.warning)
-                problems += [f"shard {key!r}: {p}" for p in r.problems]
-                buckets.update(r.buckets_touched)
-                per_shard.append({"shard": key, "rows": r.rows, "clusters_touched": r.clusters_touched,
-                                  "mean_sim_to_centroid": r.mean_sim_to_centroid})
-                progress.step(f"assigned shard {key!r}: {r.rows} items")
-        extra = {"rows": sum(int(r["rows"]) for r in per_shard), "clusters": len(cents), "seconds": t["seconds"],
-                 # Read by the bucket sensor: only these semantic_duplicates partitions need a re-run.
-                 BUCKETS_TOUCHED: ",".join(sorted(buckets))}
-        check = dg.AssetCheckResult(check_name="assigned_exactly_once", passed=not problems,
-                                    description="; ".join(problems[:10]) or None)
-        remove_unregistered(context, semdedup.storage_root(), st.CLUSTER_ASSIGNMENTS)
-        return dg.MaterializeResult(metadata=run_metadata(context, per_shard, extra), check_results=[check])
+    with beta_parameters():
+        @dg.asset(
+            key=names.key("cluster_assignments"),
+            partitions_def=names.shard_partitions,
+            deps=[names.key("embeddings"), names.key("centroids")],
+            backfill_policy=shard_backfill_policy(backfill_batch),
+            automation_condition=EAGER,
+            required_resource_keys={names.resource},
+            group_name="cluster",
+            kinds={"faiss", "parquet"},
+            check_specs=[dg.AssetCheckSpec("assigned_exactly_once", asset=names.key("cluster_assignments"),
+                                           blocking=True,
+                                           description="Every item of the shard is assigned to exactly one cluster.")],
+        )
+        @metered
+        def cluster_assignments(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+            """Each item's nearest centroid and cosine similarity to it, sorted by (cluster, id)."""
+            semdedup = settings_resource(context, names)
+            settings = semdedup.settings()
+            with core_failures():
+                cents = load_centroids(semdedup.storage_root())
+            results: list[tuple[str, AssignShardResult]] = []
+            keys = run_partition_keys(context)
+            progress = ProgressLog(context.log, len(keys), settings.progress_interval, label="assign")
+            with timed() as t:
+                for key in keys:
+                    r = assign_shard(settings, key, cents, len(cents), warn=context.log.warning)
+                    results.append((key, r))
+                    progress.step(f"assigned shard {key!r}: {r.rows} items")
+            per_shard, extra, problems = assign_metadata(results, len(cents), t["seconds"])
+            check = dg.AssetCheckResult(check_name="assigned_exactly_once", passed=not problems,
+                                        description="; ".join(problems[:10]) or None)
+            remove_unregistered(context, names, semdedup.storage_root(), st.CLUSTER_ASSIGNMENTS)
+            return dg.MaterializeResult(metadata=run_metadata(context, per_shard, extra), check_results=[check])
 
     return cluster_assignments
+
+
+def assign_metadata(results: list[tuple[str, AssignShardResult]], clusters: int, seconds: float
+                    ) -> tuple[list[dict[str, object]], dict[str, object], list[str]]:
+    """The assign stage's metadata: (one row per shard, the run's figures, check problems)."""
+    per_shard: list[dict[str, object]] = []
+    problems: list[str] = []
+    buckets: set[str] = set()
+    for key, r in results:
+        problems += [f"shard {key!r}: {p}" for p in r.problems]
+        buckets.update(r.buckets_touched)
+        per_shard.append({"shard": key, "rows": r.rows, "clusters_touched": r.clusters_touched,
+                          "mean_sim_to_centroid": r.mean_sim_to_centroid})
+    extra: dict[str, object] = {"rows": sum(int(r["rows"]) for r in per_shard), "clusters": clusters,
+                                "seconds": seconds,
+                                # Read by the bucket sensor: only these semantic_duplicates partitions need a re-run.
+                                BUCKETS_TOUCHED: ",".join(sorted(buckets))}
+    return per_shard, extra, problems

@@ -12,7 +12,6 @@ import dagster as dg
 
 from semdedup_assets import progress
 from semdedup_assets.core.centroids import MissingCentroidsError
-from semdedup_assets.core.config import Settings
 from semdedup_assets.core.embed import EmbedError
 from semdedup_assets.core.engines import EngineError
 from semdedup_assets.core.ingest import DuplicateIdsError
@@ -20,20 +19,32 @@ from semdedup_assets.core.layout import prune_shard_stages
 from semdedup_assets.core.meter import resource_metadata, stage_meter
 from semdedup_assets.core.shards import ShardError
 from semdedup_assets.core.storage import Storage, StageFileError, UnsafeKeyError, validate_shard_key
-from semdedup_assets.partitions import SHARDS_PARTITIONS_NAME
-
-# backfill_policy is a beta parameter; users need not see the notice on every import.
-warnings.filterwarnings("ignore", category=dg.BetaWarning)
+from semdedup_assets.names import GraphNames
+from semdedup_assets.resources import SemDedupConfig
 
 
-def shard_backfill_policy(settings: Settings) -> dg.BackfillPolicy:
+def shard_backfill_policy(backfill_batch: int) -> dg.BackfillPolicy:
     """Per-shard assets take many partitions per run, so a backfill of thousands of shards
     starts tens of processes, not thousands (Settings.backfill_batch per run)."""
-    return dg.BackfillPolicy.multi_run(max_partitions_per_run=settings.backfill_batch)
+    return dg.BackfillPolicy.multi_run(max_partitions_per_run=backfill_batch)
+
+
+@contextmanager
+def beta_parameters() -> Iterator[None]:
+    """Around an `@dg.asset(backfill_policy=...)`: the parameter is beta, and users need not see
+    the notice each time the code location loads (filtered here, not for the whole process)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dg.BetaWarning)
+        yield
+
+
+def settings_resource(context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext,
+                      names: GraphNames) -> SemDedupConfig:
+    """The graph's settings resource (under its own key: a component's graph has its own)."""
+    return getattr(context.resources, names.resource)
 
 # Ready for k8s_job_executor: each GPU step asks for one GPU.
 GPU_OP_TAGS = {"dagster-k8s/config": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}}}}}
-GPU_POOL = "gpu"
 
 # Follow upstream changes, but never past a failed blocking check (eager alone ignores them).
 EAGER = dg.AutomationCondition.eager() & dg.AutomationCondition.all_deps_blocking_checks_passed()
@@ -157,8 +168,8 @@ def run_metadata(context: dg.AssetExecutionContext, per_shard: list[dict[str, ob
     return meta
 
 
-def remove_unregistered(context: dg.AssetExecutionContext, storage: Storage, *stages: str) -> None:
+def remove_unregistered(context: dg.AssetExecutionContext, names: GraphNames, storage: Storage, *stages: str) -> None:
     """Delete this stage's files of shards that are no longer registered (see core/layout.py)."""
-    removed = prune_shard_stages(storage, stages, context.instance.get_dynamic_partitions(SHARDS_PARTITIONS_NAME))
+    removed = prune_shard_stages(storage, stages, context.instance.get_dynamic_partitions(names.partitions))
     if removed:
         context.log.info(f"removed {len(removed)} file(s) of shards that are no longer registered: {removed[:5]}")

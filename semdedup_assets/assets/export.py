@@ -2,28 +2,31 @@
 
 import dagster as dg
 
-from semdedup_assets.assets.common import run_metadata, run_partition_keys, shard_backfill_policy, timed
-from semdedup_assets.core.config import Settings
+from semdedup_assets.assets.common import (beta_parameters, run_metadata, run_partition_keys, settings_resource,
+                                           shard_backfill_policy, timed)
 from semdedup_assets.core.export import (ExportError, default_selection, export_shards, parse_selection, selection_dir,
                                          tidy_exports)
-from semdedup_assets.partitions import shard_partitions
-from semdedup_assets.resources import SemDedupConfig
+from semdedup_assets.names import GraphNames
 
 
-def build_deduplicated(settings: Settings) -> dg.AssetsDefinition:
-    """The per-shard deduplicated-dataset asset (backfill batch from the settings)."""
+def build_deduplicated(names: GraphNames, backfill_batch: int) -> dg.AssetsDefinition:
+    """The per-shard deduplicated-dataset asset (static: its names and backfill batch)."""
 
-    @dg.asset(
-        name="deduplicated",
-        partitions_def=shard_partitions,
-        deps=["keep_lists", "contaminated", "pruned_prototypes", "pruned_d4", "pruned_dbp"],
-        backfill_policy=shard_backfill_policy(settings),
-        group_name="dedup",
-        kinds={"parquet"},
-    )
-    def deduplicated(context: dg.AssetExecutionContext, semdedup: SemDedupConfig) -> dg.MaterializeResult:
+    with beta_parameters():
+        decorator = dg.asset(
+            key=names.key("deduplicated"),
+            partitions_def=names.shard_partitions,
+            deps=[names.key(k) for k in ("keep_lists", "contaminated", "pruned_prototypes", "pruned_d4", "pruned_dbp")],
+            backfill_policy=shard_backfill_policy(backfill_batch),
+            required_resource_keys={names.resource},
+            group_name="dedup",
+            kinds={"parquet"},
+        )
+
+    @decorator
+    def deduplicated(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         """The shard again, in its own format, holding only the rows kept by the `select` knob."""
-        config = semdedup.settings()
+        config = settings_resource(context, names).settings()
         if not config.input:
             raise dg.Failure("no input location configured (set `input` on the semdedup resource)")
         storage = config.storage_root()

@@ -3,14 +3,13 @@
 
 import dagster as dg
 
-from semdedup_assets.assets.common import (ProgressLog, core_failures, remove_unregistered, run_metadata,
-                                           metered, run_partition_keys, shard_backfill_policy)
+from semdedup_assets.assets.common import (ProgressLog, beta_parameters, core_failures, metered, remove_unregistered,
+                                           run_metadata, run_partition_keys, settings_resource, shard_backfill_policy)
 from semdedup_assets.core import storage as st
 from semdedup_assets.core.catalog import duplicate_ids
-from semdedup_assets.core.config import Settings
-from semdedup_assets.core.ingest import duplicate_ids_message, ingest_shards
+from semdedup_assets.core.ingest import IngestResult, duplicate_ids_message, ingest_shards
 from semdedup_assets.core.shards import ShardFile, discover_shards
-from semdedup_assets.partitions import shard_partitions
+from semdedup_assets.names import GraphNames
 from semdedup_assets.resources import SemDedupConfig
 
 
@@ -27,42 +26,60 @@ def _preview(rows: list[tuple[str, str]], n_rows: int) -> str:
     return "\n".join(f"- `{i}`: {t[:200]}" for i, t in rows)
 
 
-def build_raw_shards(settings: Settings) -> dg.AssetsDefinition:
-    """The per-shard ingest asset (backfill batch and progress interval from the settings)."""
+def build_raw_shards(names: GraphNames, backfill_batch: int) -> dg.AssetsDefinition:
+    """The per-shard ingest asset (static: its names and backfill batch; the rest from the resource at run time)."""
 
-    @dg.asset(
-        partitions_def=shard_partitions,
-        backfill_policy=shard_backfill_policy(settings),
-        group_name="ingest",
-        kinds={"parquet"},
-    )
-    @metered
-    def raw_shards(context: dg.AssetExecutionContext, semdedup: SemDedupConfig) -> dg.MaterializeResult:
-        """Validated index of each input shard: id, shard, row (and the text for the text modality)."""
-        files = input_shards(semdedup)
-        keys = run_partition_keys(context)
-        missing = [k for k in keys if k not in files]
-        if missing:
-            raise dg.Failure(f"shard(s) {missing[:5]} are registered but no longer exist under {semdedup.input}")
-        # Files of shards no longer registered would feed the id and dimension checks.
-        remove_unregistered(context, semdedup.storage_root(), st.RAW)
-        progress = ProgressLog(context.log, len(keys), settings.progress_interval, label="ingest")
-        with core_failures():
-            r = ingest_shards(semdedup.settings(), [files[k] for k in keys], log=progress.step)
-        per_shard = [{"shard": s.key, "rows": s.rows, "input": s.input, "fingerprint": s.fingerprint} for s in r.shards]
-        extra = {"rows": sum(s.rows for s in r.shards), "seconds": r.seconds}
-        if len(r.shards) == 1:
-            extra["path"] = dg.MetadataValue.path(r.shards[0].path)
-            extra["preview"] = dg.MetadataValue.md(_preview(r.preview, r.shards[0].rows))
-        return dg.MaterializeResult(metadata=run_metadata(context, per_shard, extra))
+    with beta_parameters():
+        @dg.asset(
+            key=names.key("raw_shards"),
+            partitions_def=names.shard_partitions,
+            backfill_policy=shard_backfill_policy(backfill_batch),
+            required_resource_keys={names.resource},
+            group_name="ingest",
+            kinds={"parquet"},
+        )
+        @metered
+        def raw_shards(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+            """Validated index of each input shard: id, shard, row (and the text for the text modality)."""
+            semdedup = settings_resource(context, names)
+            settings = semdedup.settings()
+            files = input_shards(semdedup)
+            keys = run_partition_keys(context)
+            missing = [k for k in keys if k not in files]
+            if missing:
+                raise dg.Failure(f"shard(s) {missing[:5]} are registered but no longer exist under {semdedup.input}")
+            # Files of shards no longer registered would feed the id and dimension checks.
+            remove_unregistered(context, names, semdedup.storage_root(), st.RAW)
+            progress = ProgressLog(context.log, len(keys), settings.progress_interval, label="ingest")
+            with core_failures():
+                r = ingest_shards(settings, [files[k] for k in keys], log=progress.step)
+            return dg.MaterializeResult(metadata=run_metadata(context, *ingest_metadata(r)))
 
     return raw_shards
 
 
-@dg.asset_check(asset="raw_shards", blocking=True, description="Every id appears once across all shards.")
-def ids_unique_across_shards(semdedup: SemDedupConfig) -> dg.AssetCheckResult:
-    """Blocking: an id repeated across shards stops the run before embedding."""
-    dups = duplicate_ids(semdedup.storage_root())
-    if not dups:
-        return dg.AssetCheckResult(passed=True)
-    return dg.AssetCheckResult(passed=False, description=duplicate_ids_message(dups))
+def ingest_metadata(r: IngestResult) -> tuple[list[dict[str, object]], dict[str, object]]:
+    """The ingest stage's metadata: (one row per shard, the run's figures)."""
+    per_shard: list[dict[str, object]] = [{"shard": s.key, "rows": s.rows, "input": s.input,
+                                           "fingerprint": s.fingerprint} for s in r.shards]
+    extra: dict[str, object] = {"rows": sum(s.rows for s in r.shards), "seconds": r.seconds}
+    if len(r.shards) == 1:
+        extra["path"] = dg.MetadataValue.path(r.shards[0].path)
+        extra["preview"] = dg.MetadataValue.md(_preview(r.preview, r.shards[0].rows))
+    return per_shard, extra
+
+
+def build_ids_unique_check(names: GraphNames) -> dg.AssetChecksDefinition:
+    """The blocking check that ids are unique across every shard of the graph."""
+
+    @dg.asset_check(asset=names.key("raw_shards"), name="ids_unique_across_shards", blocking=True,
+                    required_resource_keys={names.resource},
+                    description="Every id appears once across all shards.")
+    def ids_unique_across_shards(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+        """Blocking: an id repeated across shards stops the run before embedding."""
+        dups = duplicate_ids(settings_resource(context, names).storage_root())
+        if not dups:
+            return dg.AssetCheckResult(passed=True)
+        return dg.AssetCheckResult(passed=False, description=duplicate_ids_message(dups))
+
+    return ids_unique_across_shards

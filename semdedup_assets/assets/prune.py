@@ -7,13 +7,13 @@ when that names the method), and shows per selection its per-cluster budget tabl
 
 import dagster as dg
 
-from semdedup_assets.assets.common import table_metadata
+from semdedup_assets.assets.common import settings_resource, table_metadata
 from semdedup_assets.core.catalog import refresh_catalog
 from semdedup_assets.core.config import Settings
 from semdedup_assets.core.plots import budget_markdown
 from semdedup_assets.core.prune import (METHODS, PruneError, Pruning, compute_pruning, is_pruning, parse_pruning,
                                         parse_prune_list, prune_stale, selection_dir)
-from semdedup_assets.resources import SemDedupConfig
+from semdedup_assets.names import GraphNames
 
 BUDGET_ROWS = 100  # clusters shown in the metadata table (the plot and the view have them all)
 
@@ -28,19 +28,20 @@ def configured_prunings(settings: Settings, method: str | None = None) -> list[P
     return [p for p in prunings if method is None or p.method == method]
 
 
-def build_pruned(method: str) -> dg.AssetsDefinition:
+def build_pruned(names: GraphNames, method: str) -> dg.AssetsDefinition:
     """The asset of one pruning method."""
 
     @dg.asset(
-        name=f"pruned_{method}",
-        deps=["keep_lists"],
+        key=names.key(f"pruned_{method}"),
+        deps=[names.key("keep_lists")],
+        required_resource_keys={names.resource},
         group_name="prune",
         kinds={"duckdb", "parquet"},
         description=f"The {method} pruning selections of the `prune` knob: `pruned/<label>/kept.parquet` and "
                     "`budget.parquet` (views `pruned`, `pruned_budget`).",
     )
-    def pruned(context: dg.AssetExecutionContext, semdedup: SemDedupConfig) -> dg.MaterializeResult:
-        config = semdedup.settings()
+    def pruned(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        config = settings_resource(context, names).settings()
         storage = config.storage_root()
         try:
             prunings = configured_prunings(config, method)
@@ -69,7 +70,7 @@ def build_pruned(method: str) -> dg.AssetsDefinition:
     return pruned
 
 
-def build_pruned_assets() -> list[dg.AssetsDefinition]:
+def build_pruned_assets(names: GraphNames) -> list[dg.AssetsDefinition]:
     """One asset per pruning method."""
-    return [build_pruned(m) for m in METHODS]
+    return [build_pruned(names, m) for m in METHODS]
 

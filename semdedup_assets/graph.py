@@ -1,0 +1,43 @@
+"""One asset graph as Dagster definitions: assets, checks, jobs, sensors, schedule, resources.
+
+`build_definitions(settings, names)` is what a `SemDedup` component builds (see
+semdedup_assets/component.py) and what `semdedup run` executes; the project's own code
+location (semdedup_assets/definitions.py) is one such component under the plain names.
+"""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from semdedup_assets.assets import build_asset_checks, build_assets
+from semdedup_assets.core.config import Settings
+from semdedup_assets.jobs import build_jobs
+from semdedup_assets.loggers import console_logger
+from semdedup_assets.names import DEFAULT_NAMES, GraphNames
+from semdedup_assets.ray_resource import SemDedupRay
+from semdedup_assets.resources import SemDedupConfig
+from semdedup_assets.schedules import build_retrain_schedule
+from semdedup_assets.sensors import build_automation_sensor, build_bucket_sensor, build_shard_sensor
+
+
+def build_definitions(settings: Settings, names: GraphNames = DEFAULT_NAMES, *,
+                      schedule_running: bool = False) -> dg.Definitions:
+    """Assets, checks, jobs, sensors, schedule and resources of one graph, for one set of settings.
+
+    Only the bucket count and the backfill batch shape the graph; the assets read every other
+    knob from the settings resource (`names.resource`) when they run, so the launchpad can change them.
+    """
+    assets = build_assets(names, buckets=settings.buckets, backfill_batch=settings.backfill_batch)
+    return dg.Definitions(
+        assets=assets,
+        asset_checks=build_asset_checks(names),
+        jobs=build_jobs(names),
+        sensors=[build_shard_sensor(settings, names=names), build_bucket_sensor(settings, names=names),
+                 build_automation_sensor(settings, names, dg.AssetSelection.assets(*assets))],
+        schedules=[build_retrain_schedule(settings.retrain_cron, names, running=schedule_running)],
+        loggers={"console": console_logger},
+        resources={names.resource: SemDedupConfig.from_settings(settings),
+                   # dagster-ray's RayResource: connects only for steps whose settings say engine=ray.
+                   names.ray_resource: SemDedupRay()},
+    )
+
