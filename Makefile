@@ -52,12 +52,12 @@ server-deps:
 	}
 
 validate: $(VENV)/.stamp-demo
-	SEMDEDUP_STORAGE=$(DEMO_STORAGE) $(BIN)/dagster definitions validate -w workspace.yaml
+	SEMDEDUP_STORAGE=$(DEMO_STORAGE) VIRTUAL_ENV=$(abspath $(VENV)) $(BIN)/dg check defs
 
+# `dg dev` on the demo's storage and run history; SIGINT or SIGTERM stops it and every process
+# it started within 10 s (semdedup_assets/ui.py runs it in its own process group).
 ui: $(VENV)/.stamp-demo
-	$(BIN)/python -c "from semdedup_assets.pipeline import ensure_instance_config as e; e('$(abspath $(DEMO_STORAGE))/dagster_home')"
-	SEMDEDUP_STORAGE=$(abspath $(DEMO_STORAGE)) DAGSTER_HOME=$(abspath $(DEMO_STORAGE))/dagster_home \
-		$(BIN)/dagster dev -h 127.0.0.1 -p $(UI_PORT) -w workspace.yaml
+	$(BIN)/python -m semdedup_assets.ui --storage $(abspath $(DEMO_STORAGE)) --host 127.0.0.1 --port $(UI_PORT)
 
 $(VENV)/.stamp-bench: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[test,demo,deploy,ray,static,bench]'

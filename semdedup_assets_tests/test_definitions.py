@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -84,3 +85,21 @@ def test_dagster_cli_validates_workspace(tmp_path: Path) -> None:
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Validation successful" in proc.stdout + proc.stderr
+
+
+def test_dg_check_and_list_defs_in_the_project(tmp_path: Path) -> None:
+    """`dg` finds the code location through pyproject's [tool.dg] (the same Definitions as workspace.yaml)."""
+    env = dict(os.environ, SEMDEDUP_STORAGE=str(tmp_path / "storage"), DAGSTER_HOME=str(tmp_path),
+               VIRTUAL_ENV=sys.prefix)
+    dg_bin = str(Path(sys.executable).parent / "dg")
+    checked = subprocess.run([dg_bin, "check", "defs"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    out = checked.stdout + checked.stderr
+    assert checked.returncode == 0 and "All definitions loaded successfully" in out, out
+    listed = subprocess.run([dg_bin, "list", "defs", "--json"], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert listed.returncode == 0, listed.stderr
+    data = json.loads(listed.stdout)
+    assert {a["asset_key"] for a in data["assets"]} == ASSETS
+    assert {"ingest_job", "pipeline_job"} <= {j["name"] for j in data["jobs"]}
+    for text in (out, listed.stderr):
+        assert "SupersessionWarning" not in text and "BetaWarning" not in text, text

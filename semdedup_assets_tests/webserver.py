@@ -10,7 +10,6 @@ launched). Not named gql.py on purpose: that would shadow the `gql` package.
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +21,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import requests
+
+from semdedup_assets.ui import stop_group
 
 REPO = Path(__file__).resolve().parents[1]
 DAGSTER = Path(sys.executable).parent / "dagster"
@@ -126,28 +127,9 @@ def _location_loaded(dev: DagsterDev) -> bool:
     return bool(entries) and all(e["loadStatus"] == "LOADED" for e in entries)
 
 
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-
-
 def _kill_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
     """SIGTERM the whole process group, wait up to `grace` s, then SIGKILL whatever is left of it."""
-    pgid = proc.pid  # start_new_session=True: the group id is the leader's pid, even after it exits
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            break
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline and _group_alive(pgid):
-            proc.poll()  # reap the leader, or its zombie keeps the group alive
-            time.sleep(0.2)
-        if not _group_alive(pgid):
-            break
+    stop_group(proc, grace)  # start_new_session=True: the group id is the leader's pid, even after it exits
     try:
         proc.wait(timeout=5)
     except subprocess.TimeoutExpired:

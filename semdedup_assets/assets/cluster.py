@@ -38,7 +38,7 @@ def build_centroids(names: GraphNames) -> dg.AssetsDefinition:
         pool=names.pool,
         op_tags=GPU_OP_TAGS,
         required_resource_keys={names.resource},
-        group_name="cluster",
+        group_name=names.definition("cluster"),
         kinds={"faiss", "parquet"},
     )
     @metered
@@ -75,7 +75,7 @@ def build_cluster_assignments(names: GraphNames, backfill_batch: int) -> dg.Asse
             backfill_policy=shard_backfill_policy(backfill_batch),
             automation_condition=EAGER,
             required_resource_keys={names.resource},
-            group_name="cluster",
+            group_name=names.definition("cluster"),
             kinds={"faiss", "parquet"},
             check_specs=[dg.AssetCheckSpec("assigned_exactly_once", asset=names.key("cluster_assignments"),
                                            blocking=True,

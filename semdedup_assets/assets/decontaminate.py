@@ -23,7 +23,7 @@ def build_contaminated(names: GraphNames) -> dg.AssetsDefinition:
         pool=names.pool,
         op_tags=GPU_OP_TAGS,
         required_resource_keys={names.resource},
-        group_name="dedup",
+        group_name=names.definition("dedup"),
         kinds={"pytorch", "parquet"},
     )
     def contaminated(context: dg.AssetExecutionContext) -> dg.MaterializeResult:

@@ -40,7 +40,7 @@ def build_semantic_duplicates(names: GraphNames, buckets: int) -> dg.AssetsDefin
             pool=names.pool,
             op_tags=GPU_OP_TAGS,
             required_resource_keys={names.resource, names.ray_resource},
-            group_name="dedup",
+            group_name=names.definition("dedup"),
             kinds={"pytorch", "parquet"},
             check_specs=[dg.AssetCheckSpec("bucket_items_exactly_once", asset=names.key("semantic_duplicates"),
                                            blocking=True,
@@ -141,7 +141,7 @@ def build_keep_lists_asset(names: GraphNames) -> dg.AssetsDefinition:
         deps=[dg.AssetDep(names.key("semantic_duplicates"), partition_mapping=dg.AllPartitionMapping())],
         automation_condition=EAGER,
         required_resource_keys={names.resource},
-        group_name="dedup",
+        group_name=names.definition("dedup"),
         kinds={"duckdb", "parquet"},
         check_specs=[
             dg.AssetCheckSpec("kept_fraction_monotone", asset=names.key("keep_lists"), blocking=True,

@@ -27,7 +27,7 @@ def build_embeddings(names: GraphNames, backfill_batch: int) -> dg.AssetsDefinit
             pool=names.pool,
             op_tags=GPU_OP_TAGS,
             required_resource_keys={names.resource, names.ray_resource},
-            group_name="embed",
+            group_name=names.definition("embed"),
             kinds={"pytorch", "parquet"},
             check_specs=[dg.AssetCheckSpec("embeddings_finite_unit_norm", asset=names.key("embeddings"), blocking=True,
                                            description="Finite, unit-norm rows; row count equals the raw shard's.")],

@@ -19,7 +19,7 @@ def build_deduplicated(names: GraphNames, backfill_batch: int) -> dg.AssetsDefin
             deps=[names.key(k) for k in ("keep_lists", "contaminated", "pruned_prototypes", "pruned_d4", "pruned_dbp")],
             backfill_policy=shard_backfill_policy(backfill_batch),
             required_resource_keys={names.resource},
-            group_name="dedup",
+            group_name=names.definition("dedup"),
             kinds={"parquet"},
         )
 

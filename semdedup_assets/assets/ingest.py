@@ -35,7 +35,7 @@ def build_raw_shards(names: GraphNames, backfill_batch: int) -> dg.AssetsDefinit
             partitions_def=names.shard_partitions,
             backfill_policy=shard_backfill_policy(backfill_batch),
             required_resource_keys={names.resource},
-            group_name="ingest",
+            group_name=names.definition("ingest"),
             kinds={"parquet"},
         )
         @metered
