@@ -215,7 +215,7 @@ GRAPH_DTYPES = ("float32", "float16")
 def run_graph(inp: Path, storage: Path, args: argparse.Namespace, env: dict, dtype: str) -> dict:
     """`semdedup run` in a subprocess: times, stage times, removed set and eps curve."""
     from semdedup_assets.core.catalog import query
-    from semdedup_assets.core.config import load_settings
+    from semdedup_assets.core.settings_store import load_settings
 
     cli = [sys.executable, "-m", "semdedup_assets.cli", "run", "--input", str(inp), "--storage", str(storage),
            "--modality", "embedding", "--clusters", str(args.clusters), "--buckets", str(args.buckets),

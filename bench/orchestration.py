@@ -23,7 +23,8 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from semdedup_assets.core.catalog import query  # noqa: E402
-from semdedup_assets.core.config import Settings, save_settings  # noqa: E402
+from semdedup_assets.core.config import Settings  # noqa: E402
+from semdedup_assets.core.settings_store import save_settings  # noqa: E402
 from semdedup_assets.definitions import build_definitions  # noqa: E402
 from semdedup_assets.partitions import SHARDS_PARTITIONS_NAME  # noqa: E402
 from semdedup_assets.pipeline import run_pipeline  # noqa: E402

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import fcntl
 import os
 import sys
 import time
 from collections.abc import Sequence
 
-from semdedup_assets.core.config import (AUTO, Settings, allowed_values, base_type, changed_settings, default_of,
-                                         knobs, load_settings)
+from semdedup_assets.core.config import (AUTO, Settings, allowed_values, base_type, default_of, describe_settings, knobs,
+                                         shown_value)
+from semdedup_assets.core.settings_store import changed_settings, load_settings
+from semdedup_assets.status import refuse_missing_storage
 
 DEMO_STORAGE = ".demo/storage"
 DEMO_MODEL = "static"  # the demo's default text model: fast on a CPU; --model all-MiniLM-L6-v2 for the transformer
@@ -179,56 +180,12 @@ def _settings_from_args(args: argparse.Namespace) -> Settings:
     return load_settings(args.storage, use_stored=False, **overrides)
 
 
-def shown_value(name: str, value: object) -> str:
-    """A knob's value as the command line writes it (`auto` for the default k, lists comma-separated)."""
-    if name == "clusters" and value is None:
-        return AUTO
-    return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
-
-
-def describe_settings(settings: Settings) -> str:
-    """The effective settings of a run, one `name=value` per knob that a run uses."""
-    parts = []
-    for f in knobs():
-        if f.metadata.get("flag", "") is None and f.name != "storage":
-            continue
-        parts.append(f"{f.name}={shown_value(f.name, getattr(settings, f.name))}")
-    return " ".join(parts)
-
-
 def warn_changed_settings(settings: Settings) -> None:
     """Warn about every knob that differs from the run stored in the same storage."""
     changed = changed_settings(settings)
     for name, (before, now) in sorted(changed.items()):
         print(f"semdedup: warning: {name} is {shown_value(name, now)}, the previous run on this storage used "
               f"{shown_value(name, before)}", file=sys.stderr)
-
-
-def default_dagster_home(settings: Settings) -> str:
-    """DAGSTER_HOME: the environment's, else a folder inside a local storage root."""
-    from semdedup_assets.pipeline import PipelineError
-
-    if os.environ.get("DAGSTER_HOME"):
-        return os.environ["DAGSTER_HOME"]
-    storage = settings.storage_root()
-    if not storage.local:
-        raise PipelineError("set DAGSTER_HOME when the storage root is not a local folder")
-    return str(storage.root / "dagster_home")
-
-
-def _instance(settings: Settings):
-    import dagster as dg
-
-    from semdedup_assets.pipeline import ensure_instance_config
-
-    home = default_dagster_home(settings)
-    os.environ["DAGSTER_HOME"] = os.path.abspath(home) if "://" not in home else home
-    ensure_instance_config(os.environ["DAGSTER_HOME"])
-    # Two commands starting on a fresh home would both create the SQLite schema ("table
-    # already exists"): the first one to hold the lock creates it, the other then opens it.
-    with open(os.path.join(os.environ["DAGSTER_HOME"], ".semdedup-instance.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        return dg.DagsterInstance.get()
 
 
 def summary(settings: Settings) -> str:
@@ -253,6 +210,7 @@ def cmd_run(settings: Settings, verbose: bool = False) -> int:
     """Materialize the whole graph and print the summary."""
     from semdedup_assets.core.shards import ShardError
     from semdedup_assets.core.storage import StoreError
+    from semdedup_assets.instance import open_instance
     from semdedup_assets.pipeline import PipelineError, run_pipeline
 
     warn_changed_settings(settings)
@@ -262,7 +220,7 @@ def cmd_run(settings: Settings, verbose: bool = False) -> int:
     except (ValueError, ImportError, OSError) as err:
         print(f"semdedup: error: {err}", file=sys.stderr)
         return 1
-    instance = _instance(settings)
+    instance = open_instance(settings)
     start = time.perf_counter()
     try:
         with _show_progress(settings):
@@ -327,27 +285,6 @@ def cmd_distill(source: str | None, dims: int | None, out: str | None, force: bo
     return 0
 
 
-def missing_storage(settings: Settings) -> str | None:
-    """Why commands that read an existing storage cannot use this one (None when it exists).
-
-    Checked before anything is opened, so a mistyped --storage creates no folder or catalog.
-    """
-    root = settings.storage_root().root
-    if not root.exists():
-        return f"no storage at {root}: the location does not exist (give the --storage of a `semdedup run`)"
-    if not root.is_dir():
-        return f"the storage {root} is not a folder"
-    return None
-
-
-def refuse_missing_storage(settings: Settings) -> bool:
-    """Say on stderr why the storage cannot be used; True when the command must stop (exit 1)."""
-    missing = missing_storage(settings)
-    if missing is not None:
-        print(f"semdedup: error: {missing}", file=sys.stderr)
-    return missing is not None
-
-
 def cmd_sql(storage: str | None, sql: str) -> int:
     """Print each statement's result as a table (several statements: each under its own text)."""
     import duckdb
@@ -376,6 +313,7 @@ def cmd_sql(storage: str | None, sql: str) -> int:
 
 def cmd_forget(storage: str | None, shard: str, verbose: bool = False) -> int:
     """Remove one shard's results; the buckets it touched and the keep-lists are recomputed."""
+    from semdedup_assets.instance import open_instance
     from semdedup_assets.pipeline import PipelineError, forget_shard
 
     settings = load_settings(storage)
@@ -383,7 +321,7 @@ def cmd_forget(storage: str | None, shard: str, verbose: bool = False) -> int:
         return 1
     try:
         with _show_progress(settings):
-            result = forget_shard(settings, _instance(settings), shard, log=lambda m: print(m, flush=True),
+            result = forget_shard(settings, open_instance(settings), shard, log=lambda m: print(m, flush=True),
                                   verbose=verbose, stop_on_signals=True)
     except PipelineError as err:
         print(f"semdedup: error: {err}", file=sys.stderr)
@@ -552,6 +490,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from semdedup_assets.core.robustness import CompareError, run_sweep
     from semdedup_assets.core.shards import ShardError
     from semdedup_assets.core.storage import StoreError
+    from semdedup_assets.instance import open_instance
     from semdedup_assets.pipeline import PipelineError, _execute, run_pipeline
 
     clusters = [coerce("clusters", v) for v in _sweep_values(args.clusters, "clusters")]
@@ -569,7 +508,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         if own_home is None:  # each sub-storage its own instance, as `semdedup run --storage SUB` would use
             os.environ.pop("DAGSTER_HOME", None)
         with _show_progress(settings):
-            run_pipeline(settings, _instance(settings), log=lambda m: print(m, flush=True), verbose=args.verbose,
+            run_pipeline(settings, open_instance(settings), log=lambda m: print(m, flush=True), verbose=args.verbose,
                          stop_on_signals=True)
         print(summary(settings), flush=True)
 
@@ -581,7 +520,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         from semdedup_assets.definitions import build_definitions
 
         # The `robustness` asset of the first sub-storage, so the UI on it shows the comparison.
-        _execute(build_definitions(first), _instance(first), "robustness_job", {"semdedup/sweep": root},
+        _execute(build_definitions(first), open_instance(first), "robustness_job", {"semdedup/sweep": root},
                  verbose=args.verbose)
         local_root = Settings(storage=root).storage_root()
         plot = args.plot or (os.path.join(str(local_root.root), "compare.png") if local_root.local
@@ -619,7 +558,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_compare(args.storages, args.eps, args.plot)
         if args.command == "distill":
             return cmd_distill(args.source, args.dims, args.out, args.force)
-        return cmd_forget(args.storage, args.shard, args.verbose)
+        if args.command == "forget":
+            return cmd_forget(args.storage, args.shard, args.verbose)
+        build_parser().print_help(sys.stderr)  # no command (or one without a branch here): never a default
+        return 2
     except ValueError as err:  # bad settings
         print(f"semdedup: error: {err}", file=sys.stderr)
         return 2

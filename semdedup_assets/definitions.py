@@ -12,7 +12,7 @@ from __future__ import annotations
 import dagster as dg
 
 from semdedup_assets.component import SemDedup
-from semdedup_assets.core.config import load_settings
+from semdedup_assets.core.settings_store import load_settings
 from semdedup_assets.graph import build_definitions
 
 __all__ = ["build_definitions", "defs", "load_definitions"]

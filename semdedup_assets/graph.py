@@ -20,24 +20,30 @@ from semdedup_assets.schedules import build_retrain_schedule
 from semdedup_assets.sensors import build_automation_sensor, build_bucket_sensor, build_shard_sensor
 
 
-def build_definitions(settings: Settings, names: GraphNames = DEFAULT_NAMES, *,
-                      schedule_running: bool = False) -> dg.Definitions:
-    """Assets, checks, jobs, sensors, schedule and resources of one graph, for one set of settings.
+def build_graph(settings: Settings, names: GraphNames = DEFAULT_NAMES) -> dg.Definitions:
+    """Assets, checks, jobs and resources of one graph: what running it needs (`run_pipeline`).
 
     Only the bucket count and the backfill batch shape the graph; the assets read every other
     knob from the settings resource (`names.resource`) when they run, so the launchpad can change them.
     """
-    assets = build_assets(names, buckets=settings.buckets, backfill_batch=settings.backfill_batch)
     return dg.Definitions(
-        assets=assets,
-        asset_checks=build_asset_checks(names),
-        jobs=build_jobs(names),
-        sensors=[build_shard_sensor(settings, names=names), build_bucket_sensor(settings, names=names),
-                 build_automation_sensor(settings, names, dg.AssetSelection.assets(*assets))],
-        schedules=[build_retrain_schedule(settings.retrain_cron, names, running=schedule_running)],
-        loggers={"console": console_logger},
         resources={names.resource: SemDedupConfig.from_settings(settings),
                    # dagster-ray's RayResource: connects only for steps whose settings say engine=ray.
                    names.ray_resource: SemDedupRay()},
+        assets=build_assets(names, buckets=settings.buckets, backfill_batch=settings.backfill_batch),
+        asset_checks=build_asset_checks(names),
+        jobs=build_jobs(names),
+        loggers={"console": console_logger},
     )
 
+
+def build_definitions(settings: Settings, names: GraphNames = DEFAULT_NAMES, *,
+                      schedule_running: bool = False) -> dg.Definitions:
+    """The graph (`build_graph`) with its sensors and retrain schedule: a code location's definitions."""
+    graph = build_graph(settings, names)
+    operations = dg.Definitions(
+        sensors=[build_shard_sensor(settings, names=names), build_bucket_sensor(settings, names=names),
+                 build_automation_sensor(settings, names, dg.AssetSelection.assets(*graph.assets or []))],
+        schedules=[build_retrain_schedule(settings.retrain_cron, names, running=schedule_running)],
+    )
+    return dg.Definitions.merge(graph, operations)

@@ -8,7 +8,6 @@ run in the instance, so it shows in the UI's run history.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import dagster as dg
@@ -17,12 +16,13 @@ from semdedup_assets import progress
 from semdedup_assets.core import storage as st
 from semdedup_assets.core.assign import bucket_keys, touched_buckets
 from semdedup_assets.core.catalog import refresh_catalog
-from semdedup_assets.core.config import Settings, save_settings
+from semdedup_assets.core.config import Settings
 from semdedup_assets.core.engines import EngineError, ray_session
 from semdedup_assets.core.export import DEDUPLICATED, remove_exported_shard
 from semdedup_assets.core.layout import remove_shard_files
+from semdedup_assets.core.settings_store import save_settings
 from semdedup_assets.core.shards import SHARD_SUFFIXES, ShardFile, discover
-from semdedup_assets.graph import build_definitions
+from semdedup_assets.graph import build_graph
 from semdedup_assets.names import DEFAULT_NAMES, GraphNames
 from semdedup_assets.partitions import SHARDS_PARTITIONS_NAME
 from semdedup_assets.run_guard import RunGuard, process_tags
@@ -63,41 +63,6 @@ class PipelineResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def visible_gpus() -> int:
-    """CUDA devices torch can see (0 without a GPU or a CUDA build)."""
-    try:
-        import torch
-
-        return torch.cuda.device_count() if torch.cuda.is_available() else 0
-    except Exception:  # a broken CUDA install must not stop a CPU run
-        return 0
-
-
-def instance_yaml(gpu_limit: int) -> str:
-    """dagster.yaml: the `gpu` pool's limit (one step per visible GPU), telemetry off."""
-    return (
-        "# Written by semdedup; edit freely (it is not overwritten).\n"
-        "telemetry:\n  enabled: false\n"
-        "concurrency:\n  pools:\n"
-        f"    # Steps in a pool with no explicit limit (our only pool is `gpu`): one per visible GPU.\n"
-        f"    default_limit: {gpu_limit}\n"
-        "# Daemon-launched runs (the UI, sensors): fail runs stuck starting or canceling, and free the\n"
-        "# pool slots of runs that ended without releasing them. `semdedup run` and `forget` also\n"
-        "# mark their own killed runs failed when they start (see semdedup_assets/run_guard.py).\n"
-        "run_monitoring:\n  enabled: true\n  start_timeout_seconds: 180\n  cancel_timeout_seconds: 180\n"
-        "  poll_interval_seconds: 30\n  free_slots_after_run_end_seconds: 30\n"
-    )
-
-
-def ensure_instance_config(home: str) -> None:
-    """Create DAGSTER_HOME with a dagster.yaml (gpu pool limit, telemetry off) when it is missing."""
-    os.makedirs(home, exist_ok=True)
-    path = os.path.join(home, "dagster.yaml")
-    if not os.path.exists(path):
-        with open(path, "w") as f:
-            f.write(instance_yaml(max(1, visible_gpus())))
-
-
 def failure_message(result: dg.ExecuteInProcessResult) -> str:
     """The user-facing reason a run failed: step errors and failed blocking checks."""
     reasons = []
@@ -129,62 +94,62 @@ def run_pipeline(settings: Settings, instance: dg.DagsterInstance, log=print, ve
     anything is written. `names`: the graph's names (a `SemDedup` component's, or the plain ones).
     """
     with RunGuard(instance, log, stop_on_signals=stop_on_signals):
-        try:
-            with ray_session(settings):
-                return _run_pipeline(settings, instance, log, verbose, names)
-        except EngineError as err:
-            raise PipelineError(str(err)) from None
+        return _run_pipeline(settings, instance, log, verbose, names)
 
 
 def _run_pipeline(settings: Settings, instance: dg.DagsterInstance, log=print, verbose: bool = False,
                   names: GraphNames = DEFAULT_NAMES) -> PipelineResult:
     if not settings.input:
         raise PipelineError("no input location given")
-    # Before anything is written: a missing bucket or refused credentials are named, nothing published.
-    st.check_store(settings.input, "input")
-    st.check_store(settings.storage, "storage")
-    if (overlap := st.overlap_error(settings.input, settings.storage)) is not None:
-        raise PipelineError(overlap)  # before anything is written: the next run would read the storage as input
-    found = discover(settings.input)
-    if (note := found.skipped_note(settings.input)) is not None:
-        log(f"[semdedup] {note}")
-    shards = [s.key for s in found.shards]
-    if not shards:
-        raise PipelineError(f"no shard files ({', '.join(SHARD_SUFFIXES)}) under {settings.input}")
-    if settings.reference:  # before anything is recorded: a bad reference leaves the storage as it was
-        check_run_reference(settings, found.shards[0])
-    save_settings(settings)
-    known = instance.get_dynamic_partitions(names.partitions)
-    stray = sorted(set(known) - set(shards))
-    if stray:  # checked before registering anything: a refused run leaves no trace
-        raise PipelineError(
-            f"the storage already holds {len(stray)} shard(s) that are not under {settings.input} "
-            f"(e.g. {stray[:3]}): use another --storage, or `semdedup forget SHARD` first")
-    new = [k for k in shards if k not in set(known)]
-    if new:
-        instance.add_dynamic_partitions(names.partitions, new)
-    defs = build_definitions(settings, names)
+    defs = build_graph(settings, names)  # no side effects: the stores are checked next, before anything is written
     bucket_def = defs.resolve_assets_def(names.key("semantic_duplicates")).partitions_def
     buckets = bucket_def.get_partition_keys()
-    registered = instance.get_dynamic_partitions(names.partitions)
-    result = PipelineResult(shards=shards)
-    for label, job_name, partitioning in STAGES + ([PRUNE_STAGE] if settings.prune else []):
-        tags: dict[str, str] = {"semdedup/stage": label}
-        if partitioning == "shards":
-            # A range over the registered keys in registration order: every shard in one run.
-            tags.update({RANGE_START: registered[0], RANGE_END: registered[-1]})
-        elif partitioning == "buckets":
-            tags.update({RANGE_START: buckets[0], RANGE_END: buckets[-1]})
-        log(f"[semdedup] {label} ...")
-        try:
-            run_id = _execute(defs, instance, names.definition(job_name), tags, verbose=verbose)
-        except PipelineError as err:
-            if job_name == "ingest_job":
-                withdraw_shards(settings, instance, new, names)
-            raise PipelineError(f"{label}: {err}") from None
-        result.run_ids[label] = run_id
-        result.seconds[label] = _run_seconds(instance, run_id)
-    return result
+    try:
+        with ray_session(settings):
+            # Before anything is written: a missing bucket or refused credentials are named, nothing published.
+            st.check_store(settings.input, "input")
+            st.check_store(settings.storage, "storage")
+            if (overlap := st.overlap_error(settings.input, settings.storage)) is not None:
+                raise PipelineError(overlap)  # before anything is written: the next run would read the storage as input
+            found = discover(settings.input)
+            if (note := found.skipped_note(settings.input)) is not None:
+                log(f"[semdedup] {note}")
+            shards = [s.key for s in found.shards]
+            if not shards:
+                raise PipelineError(f"no shard files ({', '.join(SHARD_SUFFIXES)}) under {settings.input}")
+            if settings.reference:  # before anything is recorded: a bad reference leaves the storage as it was
+                check_run_reference(settings, found.shards[0])
+            save_settings(settings)
+            known = instance.get_dynamic_partitions(names.partitions)
+            stray = sorted(set(known) - set(shards))
+            if stray:  # checked before registering anything: a refused run leaves no trace
+                raise PipelineError(
+                    f"the storage already holds {len(stray)} shard(s) that are not under {settings.input} "
+                    f"(e.g. {stray[:3]}): use another --storage, or `semdedup forget SHARD` first")
+            new = [k for k in shards if k not in set(known)]
+            if new:
+                instance.add_dynamic_partitions(names.partitions, new)
+            registered = instance.get_dynamic_partitions(names.partitions)
+            result = PipelineResult(shards=shards)
+            for label, job_name, partitioning in STAGES + ([PRUNE_STAGE] if settings.prune else []):
+                tags: dict[str, str] = {"semdedup/stage": label}
+                if partitioning == "shards":
+                    # A range over the registered keys in registration order: every shard in one run.
+                    tags.update({RANGE_START: registered[0], RANGE_END: registered[-1]})
+                elif partitioning == "buckets":
+                    tags.update({RANGE_START: buckets[0], RANGE_END: buckets[-1]})
+                log(f"[semdedup] {label} ...")
+                try:
+                    run_id = _execute(defs, instance, names.definition(job_name), tags, verbose=verbose)
+                except PipelineError as err:
+                    if job_name == "ingest_job":
+                        withdraw_shards(settings, instance, new, names)
+                    raise PipelineError(f"{label}: {err}") from None
+                result.run_ids[label] = run_id
+                result.seconds[label] = _run_seconds(instance, run_id)
+            return result
+    except EngineError as err:
+        raise PipelineError(str(err)) from None
 
 
 def check_run_reference(settings: Settings, first_shard: ShardFile) -> None:
@@ -275,7 +240,7 @@ def _forget_shard(settings: Settings, instance: dg.DagsterInstance, shard: str, 
         for stage in (st.SEMANTIC_DUPLICATES, st.KEEP_LISTS):
             result.removed += [str(p) for p in storage.stage_files(stage) if st.remove(p)]
     else:
-        defs = build_definitions(settings)
+        defs = build_graph(settings)
         tags = {"semdedup/forget": shard}
         rerun = [b for b in result.buckets if storage.bucket_file(b).exists()]
         # The keep-lists list the shard's ids: rewrite them whenever they exist, or drop them

@@ -23,7 +23,7 @@ from dagster_ray import RayResource
 from pydantic import PrivateAttr
 
 from semdedup_assets.core.config import Settings
-from semdedup_assets.core.engines import (Engine, LocalEngine, RayEngine, _host_port, import_ray, ray_init_options,
+from semdedup_assets.core.engines import (Engine, LocalEngine, RayEngine, host_port, import_ray, ray_init_options,
                                           resolve_ray_address)
 
 
@@ -35,7 +35,7 @@ class SemDedupRay(RayResource):
 
     @property
     def host(self) -> str:
-        return _host_port(self._address)[0] if self._address else "127.0.0.1"
+        return host_port(self._address)[0] if self._address else "127.0.0.1"
 
     @property
     def name(self) -> str:

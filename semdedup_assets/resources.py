@@ -1,8 +1,11 @@
-"""Resources: the pipeline settings as a Dagster resource, derived from `Settings`.
+"""Resources: the pipeline settings as a Dagster resource, `SemDedupConfig`.
 
-The resource's fields are generated from `core.config.Settings` (names, types and
-defaults), so every knob is defined once; the launchpad shows them all and
-`settings()` turns the resource back into the plain `Settings` the core functions take.
+Its fields are declared here, one per knob of `core.config.Settings` (types as Dagster
+config takes them: a Literal becomes str, which Settings validates; a tuple a list),
+with the defaults taken from Settings, so the launchpad shows every knob and type
+checkers see them. `settings()` turns the resource back into the plain `Settings` the
+core functions take. test_settings_model.py fails when a knob is missing here, extra,
+or typed or defaulted differently.
 """
 
 from __future__ import annotations
@@ -12,13 +15,13 @@ from typing import Any, Literal
 
 import dagster as dg
 
-from semdedup_assets.core.config import Settings, default_of, field_types, knobs
+from semdedup_assets.core.config import Settings, default_of, knobs
 from semdedup_assets.core.encoders import Encoder, encoder_for
 from semdedup_assets.core.storage import Storage
 
 
-def _resource_type(tp: Any) -> Any:
-    """Dagster config types for a Settings type: Literals become str (Settings validates), tuples lists."""
+def resource_type(tp: Any) -> Any:
+    """The Dagster config type of a Settings type: Literals become str (Settings validates), tuples lists."""
     if typing.get_origin(tp) is Literal:
         return str
     if typing.get_origin(tp) is tuple:
@@ -26,22 +29,54 @@ def _resource_type(tp: Any) -> Any:
     return tp
 
 
-def _resource_fields() -> dict[str, Any]:
-    annotations: dict[str, Any] = {}
-    namespace: dict[str, Any] = {}
-    types = field_types()
-    for f in knobs():
-        annotations[f.name] = _resource_type(types[f.name])
-        default = default_of(f)
-        if f.name == "storage":
-            continue  # required: a resource always names its storage root
-        namespace[f.name] = list(default) if isinstance(default, tuple) else default
-    namespace["__annotations__"] = annotations
-    return namespace
+def _default(name: str) -> Any:
+    """A knob's default as the resource holds it (a tuple as a list)."""
+    value = default_of(next(f for f in knobs() if f.name == name))
+    return list(value) if isinstance(value, tuple) else value
 
 
-class _SemDedupConfigBase(dg.ConfigurableResource):
-    """Methods of the settings resource; its fields come from Settings."""
+class SemDedupConfig(dg.ConfigurableResource):
+    """Every knob of the pipeline (see the README's configuration table), as in Settings."""
+
+    storage: str  # required: a resource always names its storage root
+    input: str | None = _default("input")
+    modality: str = _default("modality")
+    column: str | None = _default("column")
+    id_column: str = _default("id_column")
+    model: str | None = _default("model")
+    pretrained: str | None = _default("pretrained")
+    num_workers: int = _default("num_workers")
+    strict: bool = _default("strict")
+    pooling: str = _default("pooling")
+    max_length: int = _default("max_length")
+    batch_size: int = _default("batch_size")
+    device: str = _default("device")
+    clusters: int | None = _default("clusters")
+    kmeans_iterations: int = _default("kmeans_iterations")
+    max_points_per_centroid: int = _default("max_points_per_centroid")
+    seed: int = _default("seed")
+    eps: list[float] = _default("eps")
+    keep: str = _default("keep")
+    keep_by: str | None = _default("keep_by")
+    probes: int = _default("probes")
+    buckets: int = _default("buckets")
+    block_size: int = _default("block_size")
+    embedding_dtype: str = _default("embedding_dtype")
+    precision: str = _default("precision")
+    reference: str | None = _default("reference")
+    compare_with: str | None = _default("compare_with")
+    select: str | None = _default("select")
+    prune: str | None = _default("prune")
+    engine: str = _default("engine")
+    ray_address: str | None = _default("ray_address")
+    ray_actors: int = _default("ray_actors")
+    ray_retries: int = _default("ray_retries")
+    sensors: bool = _default("sensors")
+    sensor_interval: int = _default("sensor_interval")
+    retrain_cron: str = _default("retrain_cron")
+    backfill_batch: int = _default("backfill_batch")
+    progress_interval: float = _default("progress_interval")
+    catalog: str = _default("catalog")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "SemDedupConfig":
@@ -63,10 +98,5 @@ class _SemDedupConfigBase(dg.ConfigurableResource):
         """The encoder for the configured modality, loaded once per process."""
         return encoder_for(self.settings())
 
-
-# Every knob of the pipeline (see the README's configuration table), generated from Settings.
-SemDedupConfig = type("SemDedupConfig", (_SemDedupConfigBase,),
-                      {"__module__": __name__, "__doc__": "Every knob of the pipeline, derived from Settings.",
-                       **_resource_fields()})
 
 __all__ = ["SemDedupConfig"]

@@ -16,7 +16,8 @@ from typing import Any
 
 from semdedup_assets.core import storage as st
 from semdedup_assets.core.assign import bucket_keys
-from semdedup_assets.core.config import Settings, load_settings, stored_settings
+from semdedup_assets.core.config import Settings, describe_settings
+from semdedup_assets.core.settings_store import load_settings, stored_settings
 
 RECENT_RUNS = 8  # runs listed
 HISTORY_RUNS = 200  # runs searched for failures not followed by a success of the same job
@@ -255,7 +256,6 @@ def _run_line(run: dict[str, Any]) -> str:
 
 def format_status(s: dict[str, Any]) -> str:
     """The human-readable report."""
-    from semdedup_assets.cli import describe_settings  # the same `name=value` list `semdedup run` prints
     from semdedup_assets.core.catalog import format_table
 
     lines = [f"storage:    {s['storage']}  ({s['state']})"]
@@ -331,9 +331,30 @@ def format_status(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def missing_storage(settings: Settings) -> str | None:
+    """Why commands that read an existing storage cannot use this one (None when it exists).
+
+    Checked before anything is opened, so a mistyped --storage creates no folder or catalog.
+    """
+    root = settings.storage_root().root
+    if not root.exists():
+        return f"no storage at {root}: the location does not exist (give the --storage of a `semdedup run`)"
+    if not root.is_dir():
+        return f"the storage {root} is not a folder"
+    return None
+
+
+def refuse_missing_storage(settings: Settings) -> bool:
+    """Say on stderr why the storage cannot be used; True when the command must stop (exit 1)."""
+    missing = missing_storage(settings)
+    if missing is not None:
+        print(f"semdedup: error: {missing}", file=sys.stderr)
+    return missing is not None
+
+
 def cmd_status(storage: str | None, as_json: bool = False) -> int:
     """Print the status of a storage (text, or JSON with `as_json`)."""
-    from semdedup_assets.cli import default_dagster_home, refuse_missing_storage
+    from semdedup_assets.instance import default_dagster_home
     from semdedup_assets.pipeline import PipelineError
 
     settings = load_settings(storage)

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     storage = os.path.abspath(args.storage)
     home = os.path.join(storage, "dagster_home")
-    from semdedup_assets.pipeline import ensure_instance_config  # Dagster: only once the arguments are fine
+    from semdedup_assets.instance import ensure_instance_config  # Dagster: only once the arguments are fine
 
     ensure_instance_config(home)
     # VIRTUAL_ENV: dg compares it with the project's .venv and warns when they differ.

@@ -1,4 +1,5 @@
-"""Test fixtures shared by the tests and the benchmarks' smoke runs (not part of the package)."""
+"""Test data shared by the tests and the benchmarks (not part of the package): small datasets written
+as real shard files (text with planted near-copies, bring-your-own embeddings), a tiny CLIP."""
 
 from __future__ import annotations
 
@@ -6,6 +7,10 @@ import json
 import os
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from semdedup_assets.core.encoders.clip_pretrained import LOCAL_DIR_PREFIX, OPEN_CLIP_CONFIG
 
@@ -58,3 +63,78 @@ def save_tiny_clip(folder: str | os.PathLike[str], seed: int = 0) -> dict[str, s
         "checkpoint": str(checkpoint),
         "local_dir": LOCAL_DIR_PREFIX + str(local),
     }
+
+
+# Real English sentences with planted paraphrases/near-copies (pairs share an index).
+BASE_SENTENCES = [
+    "The cat sat on the mat and watched the birds outside.",
+    "Stock markets fell sharply after the central bank raised interest rates.",
+    "Photosynthesis converts sunlight, water and carbon dioxide into sugar.",
+    "The football match was postponed because of heavy rain.",
+    "Python lists are mutable sequences that can hold items of any type.",
+    "A healthy breakfast includes fruit, whole grains and protein.",
+    "The museum opened a new exhibition of impressionist paintings.",
+    "Volcanoes form where magma rises through cracks in the earth's crust.",
+    "She practised the violin for two hours every evening.",
+    "Electric cars are becoming cheaper as battery prices drop.",
+    "The recipe calls for two cups of flour and a pinch of salt.",
+    "Mount Everest is the highest mountain above sea level.",
+    "The library extended its opening hours during exam season.",
+    "Honey bees communicate the location of flowers by dancing.",
+    "The train to Edinburgh was delayed by forty minutes.",
+    "Regular exercise lowers the risk of heart disease.",
+]
+NEAR_COPIES = {
+    0: "The cat sat on the mat and watched the birds outside!",
+    1: "Stock markets fell sharply after the central bank raised its interest rates.",
+    4: "Python lists are mutable sequences which can hold items of any type.",
+    9: "Electric cars are becoming cheaper as the battery prices drop.",
+    13: "Honeybees communicate the location of flowers by dancing.",
+}
+
+
+def text_rows(n_shards: int = 2) -> list[list[dict[str, str]]]:
+    """Rows per shard: every base sentence once, near-copies placed in other shards."""
+    shards: list[list[dict[str, str]]] = [[] for _ in range(n_shards)]
+    for i, s in enumerate(BASE_SENTENCES):
+        shards[i % n_shards].append({"id": f"base-{i:02d}", "text": s})
+    for i, s in NEAR_COPIES.items():
+        shards[(i + 1) % n_shards].append({"id": f"copy-{i:02d}", "text": s})
+    return shards
+
+
+def write_text_shards(folder: Path, n_shards: int = 2, fmt: str = "parquet") -> list[Path]:
+    """Write the small text dataset as Parquet or JSON Lines shards."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for k, rows in enumerate(text_rows(n_shards)):
+        path = folder / f"part-{k:02d}.{fmt}"
+        if fmt == "parquet":
+            pq.write_table(pa.Table.from_pylist(rows), path)
+        else:
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        paths.append(path)
+    return paths
+
+
+def make_planted(n: int, d: int, dup_every: int, seed: int = 0, noise: float = 0.01) -> np.ndarray:
+    """Random unit vectors where every dup_every-th row is a noisy copy of the row before."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    for i in range(1, n, dup_every):
+        x[i] = x[i - 1] + noise * rng.normal(size=d)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def write_embedding_shards(folder: Path, n_shards: int = 4, per_shard: int = 300, d: int = 16,
+                           dup_every: int = 10, seed: int = 0) -> np.ndarray:
+    """Bring-your-own-embedding shards with planted duplicates; returns the full matrix."""
+    folder.mkdir(parents=True, exist_ok=True)
+    x = make_planted(n_shards * per_shard, d, dup_every, seed)
+    for s in range(n_shards):
+        part = x[s * per_shard : (s + 1) * per_shard]
+        pq.write_table(pa.table({
+            "id": [f"s{s}-{i:05d}" for i in range(per_shard)],
+            "embedding": pa.array(list(part), type=pa.list_(pa.float32())),
+        }), folder / f"part-{s:02d}.parquet")
+    return x

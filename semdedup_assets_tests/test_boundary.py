@@ -13,7 +13,7 @@ from semdedup_assets.core.boundary import thumbnail_uri
 from semdedup_assets.core.catalog import query
 from semdedup_assets.core.config import Settings
 from semdedup_assets.pipeline import run_pipeline
-from semdedup_assets_tests.conftest import write_embedding_shards
+from semdedup_assets_tests.fixtures import write_embedding_shards
 
 
 def test_keep_lists_metadata_shows_the_pairs_on_both_sides_of_each_threshold(tmp_path: Path,

@@ -14,7 +14,7 @@ from semdedup_assets.core.catalog import query
 from semdedup_assets.core.config import Settings
 from semdedup_assets.core.shards import discover_shards, iter_embedding_chunks
 from semdedup_assets.pipeline import PipelineError, run_pipeline
-from semdedup_assets_tests.conftest import make_planted
+from semdedup_assets_tests.fixtures import make_planted
 
 
 def write_laion(folder: Path, n_shards: int = 3, rows: int = 200, d: int = 16, dtype=np.float16, scale: float = 1.0) -> np.ndarray:

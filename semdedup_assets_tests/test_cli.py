@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from semdedup_assets.cli import main
-from semdedup_assets_tests.conftest import write_text_shards
+from semdedup_assets_tests.fixtures import write_text_shards
 
 STAGE_DIRS = ("raw", "embeddings", "centroids", "cluster_assignments", "semantic_duplicates", "keep_lists")
 

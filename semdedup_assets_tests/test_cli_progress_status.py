@@ -23,7 +23,7 @@ import dagster as dg
 import pytest
 
 from semdedup_assets.cli import main
-from semdedup_assets_tests.conftest import write_embedding_shards
+from semdedup_assets_tests.fixtures import write_embedding_shards
 
 BUCKETS = "4"
 # A periodic line off a TTY: count, percentage, elapsed<remaining (the ETA) and the rate.

@@ -23,7 +23,7 @@ from semdedup_assets.core.shards import ShardError, discover_shards, read_shard
 from semdedup_assets.definitions import build_definitions
 from semdedup_assets.partitions import SHARDS_PARTITIONS_NAME
 from semdedup_assets.pipeline import PipelineError, forget_shard, run_pipeline
-from semdedup_assets_tests.conftest import write_embedding_shards, write_text_shards
+from semdedup_assets_tests.fixtures import write_embedding_shards, write_text_shards
 
 
 def _settings(tmp_path: Path, **kw) -> Settings:

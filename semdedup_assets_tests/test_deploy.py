@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from semdedup_assets.pipeline import instance_yaml
-from semdedup_assets_tests.conftest import write_embedding_shards, write_text_shards
+from semdedup_assets.instance import instance_yaml
+from semdedup_assets_tests.fixtures import write_embedding_shards, write_text_shards
 from semdedup_assets_tests.servers import (
     PostgresServer,
     S3Server,

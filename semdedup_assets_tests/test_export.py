@@ -20,7 +20,7 @@ from semdedup_assets.core.keep import keep_for_target
 from semdedup_assets.definitions import build_definitions
 from semdedup_assets.partitions import SHARDS_PARTITIONS_NAME
 from semdedup_assets.pipeline import run_pipeline
-from semdedup_assets_tests.conftest import make_planted
+from semdedup_assets_tests.fixtures import make_planted
 
 PER_SHARD = 120
 

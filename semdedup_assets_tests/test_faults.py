@@ -26,7 +26,7 @@ from semdedup_assets.core.catalog import query
 from semdedup_assets.core.config import Settings
 from semdedup_assets.core.prune import compute_pruning, parse_pruning
 from semdedup_assets.core.storage import Storage
-from semdedup_assets_tests.conftest import write_embedding_shards
+from semdedup_assets_tests.fixtures import write_embedding_shards
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_ARGS = ["--modality", "embedding", "--clusters", "24", "--buckets", "4", "--iterations", "60",

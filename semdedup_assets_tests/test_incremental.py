@@ -12,11 +12,12 @@ import pyarrow.parquet as pq
 
 from semdedup_assets.core import storage as st
 from semdedup_assets.core.assign import touched_buckets
-from semdedup_assets.core.config import Settings, save_settings
+from semdedup_assets.core.config import Settings
+from semdedup_assets.core.settings_store import save_settings
 from semdedup_assets.definitions import build_definitions
 from semdedup_assets.partitions import SHARDS_PARTITIONS_NAME
 from semdedup_assets.pipeline import run_pipeline
-from semdedup_assets_tests.conftest import write_embedding_shards
+from semdedup_assets_tests.fixtures import write_embedding_shards
 
 K, BUCKETS = 12, 12
 

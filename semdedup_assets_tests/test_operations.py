@@ -19,7 +19,7 @@ from semdedup_assets.core.config import Settings
 from semdedup_assets.definitions import build_definitions
 from semdedup_assets.partitions import SHARDS_PARTITIONS_NAME
 from semdedup_assets.pipeline import forget_shard, run_pipeline
-from semdedup_assets_tests.conftest import write_embedding_shards
+from semdedup_assets_tests.fixtures import write_embedding_shards
 
 
 def _settings(tmp_path: Path) -> Settings:

@@ -17,7 +17,7 @@ from semdedup_assets.core.pairwise import dense_max_sim
 from semdedup_assets.definitions import build_definitions
 from semdedup_assets.partitions import SHARDS_PARTITIONS_NAME
 from semdedup_assets.pipeline import PipelineError, run_pipeline
-from semdedup_assets_tests.conftest import write_embedding_shards
+from semdedup_assets_tests.fixtures import write_embedding_shards
 
 
 def _settings(tmp_path: Path, **kw) -> Settings:
@@ -89,7 +89,7 @@ def test_keep_lists_are_byte_identical_whatever_the_partition_order(tmp_path: Pa
         settings = _settings(tmp_path, storage=str(tmp_path / f"storage-{name}"), keep="random", seed=7)
         defs = build_definitions(settings)
         with dg.instance_for_test() as inst:
-            from semdedup_assets.core.config import save_settings
+            from semdedup_assets.core.settings_store import save_settings
             save_settings(settings)
             shards = ["part-00", "part-01", "part-02"]
             inst.add_dynamic_partitions(SHARDS_PARTITIONS_NAME, sorted(shards, reverse=order))

@@ -12,7 +12,7 @@ from semdedup_assets.core.catalog import query
 from semdedup_assets.core.config import Settings
 from semdedup_assets.core.multiprobe import dense_multiprobe, global_rank, probe_clusters
 from semdedup_assets.pipeline import run_pipeline
-from semdedup_assets_tests.conftest import write_embedding_shards
+from semdedup_assets_tests.fixtures import write_embedding_shards
 
 
 @pytest.mark.parametrize("probes", [2, 3])

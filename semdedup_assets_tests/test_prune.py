@@ -25,7 +25,7 @@ from semdedup_assets.core.config import Settings
 from semdedup_assets.core.prune import compute_pruning, parse_pruning
 from semdedup_assets.definitions import build_definitions
 from semdedup_assets.pipeline import run_pipeline
-from semdedup_assets_tests.conftest import write_embedding_shards
+from semdedup_assets_tests.fixtures import write_embedding_shards
 
 N_SHARDS, PER_SHARD, DIM = 3, 300, 32
 EPS = (0.01, 0.05, 0.2)

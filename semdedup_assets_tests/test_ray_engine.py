@@ -22,7 +22,7 @@ import pytest
 from semdedup_assets.core.catalog import query
 from semdedup_assets.core.config import Settings
 from semdedup_assets.pipeline import run_pipeline
-from semdedup_assets_tests.conftest import BASE_SENTENCES, write_embedding_shards, write_text_shards
+from semdedup_assets_tests.fixtures import BASE_SENTENCES, write_embedding_shards, write_text_shards
 from semdedup_assets_tests.raycluster import NetNamespace, RayCluster, namespaces_available, run_semdedup, start_cluster
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.skipif(namespaces_available() is not None,

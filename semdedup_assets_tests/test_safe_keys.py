@@ -18,7 +18,7 @@ from semdedup_assets.core.shards import discover_shards
 from semdedup_assets.definitions import build_definitions
 from semdedup_assets.partitions import SHARDS_PARTITIONS_NAME
 from semdedup_assets.pipeline import run_pipeline
-from semdedup_assets_tests.conftest import write_embedding_shards
+from semdedup_assets_tests.fixtures import write_embedding_shards
 
 HOSTILE = ["../x", "a/../../x", "/etc/passwd", "a//b", "a/", "./a", "a\\..\\b", "a\x00b", "a\nb", ""]
 

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import dagster as dg
 
-from semdedup_assets.core.config import Settings, save_settings
+from semdedup_assets.core.config import Settings
+from semdedup_assets.core.settings_store import save_settings
 from semdedup_assets.definitions import build_definitions
 from semdedup_assets.partitions import SHARDS_PARTITIONS_NAME
 from semdedup_assets.pipeline import run_pipeline
-from semdedup_assets_tests.conftest import write_embedding_shards
+from semdedup_assets_tests.fixtures import write_embedding_shards
 
 
 def _tick(defs: dg.Definitions, instance: dg.DagsterInstance, cursor: str | None) -> dg.SensorResult:

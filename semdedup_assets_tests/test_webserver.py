@@ -25,8 +25,8 @@ import pytest
 from semdedup_assets.core.assign import touched_buckets
 from semdedup_assets.core.catalog import query
 from semdedup_assets.core.storage import Storage
-from semdedup_assets.pipeline import ensure_instance_config
-from semdedup_assets_tests.conftest import write_embedding_shards
+from semdedup_assets.instance import ensure_instance_config
+from semdedup_assets_tests.fixtures import write_embedding_shards
 from semdedup_assets_tests.webserver import (
     BACKFILL_QUERY,
     FAILED,

@@ -35,7 +35,7 @@ def build_pruned(names: GraphNames, method: str) -> dg.AssetsDefinition:
         key=names.key(f"pruned_{method}"),
         deps=[names.key("keep_lists")],
         required_resource_keys={names.resource},
-        group_name="prune",
+        group_name=names.definition("prune"),
         kinds={"duckdb", "parquet"},
         description=f"The {method} pruning selections of the `prune` knob: `pruned/<label>/kept.parquet` and "
                     "`budget.parquet` (views `pruned`, `pruned_budget`).",

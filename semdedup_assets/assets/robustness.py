@@ -16,7 +16,7 @@ def build_robustness_asset(names: GraphNames) -> dg.AssetsDefinition:
     """The robustness asset (one for the whole dataset)."""
 
     @dg.asset(key=names.key("robustness"), deps=[names.key("keep_lists")], required_resource_keys={names.resource},
-              group_name="robustness", kinds={"parquet"})
+              group_name=names.definition("robustness"), kinds={"parquet"})
     def robustness(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         """Per eps: removed items of this storage and of every `compare_with` storage (same items, other k, seed
         or encoder), the Jaccard index of each pair's removed sets, and every configuration's eps curve in one plot."""

@@ -6,7 +6,8 @@ and allowed values (as `Literal` types). The `semdedup run` options
 (`semdedup_assets.resources`) are both derived from these fields, so a knob added here
 appears in both, and `test_settings_model.py` fails if they drift apart.
 
-Where values come from (this module is the only place that reads the environment):
+Where values come from (core/settings_store.py loads and saves them; it and this module's
+`visible_cuda_devices` are the only places that read the environment):
 - `semdedup run`: defaults, then `SEMDEDUP_<NAME>` environment variables, then the flags
   given on the command line. Settings of an earlier run are *not* re-applied; a flag left
   out means its default, and the run warns about every setting that differs from the
@@ -23,11 +24,10 @@ import json
 import math
 import os
 import typing
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from semdedup_assets.core.storage import Storage, atomic_write_bytes, check_store, to_upath
+from semdedup_assets.core.storage import Storage
 
 Modality = Literal["text", "image", "embedding"]
 Pooling = Literal["mean", "cls", "last_token"]
@@ -38,7 +38,6 @@ EngineName = Literal["local", "ray"]
 
 MODALITIES: tuple[str, ...] = typing.get_args(Modality)
 KEEP_STRATEGIES: tuple[str, ...] = typing.get_args(KeepStrategy)
-PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
 DEFAULT_EPS = (0.0001, 0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3)
 DEFAULT_STORAGE = ".storage"
 ENV_PREFIX = "SEMDEDUP_"
@@ -326,12 +325,6 @@ def coerce(name: str, raw: Any) -> Any:
     return str(raw)
 
 
-def environment_overrides(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """The knobs set by `SEMDEDUP_<NAME>` environment variables."""
-    environ = os.environ if environ is None else environ
-    return {f.name: environ[ENV_PREFIX + f.name.upper()] for f in knobs() if ENV_PREFIX + f.name.upper() in environ}
-
-
 def visible_cuda_devices() -> str:
     """This process's CUDA_VISIBLE_DEVICES ("" when unset); Ray sets it for actors and tasks that hold GPUs."""
     return os.environ.get("CUDA_VISIBLE_DEVICES", "")
@@ -346,64 +339,18 @@ def model_cache_dir() -> str:
     return os.path.join(base, "semdedup")
 
 
-def storage_location(storage: str | None = None) -> str:
-    """The storage root: the given one, else $SEMDEDUP_STORAGE, else the default."""
-    return storage or os.environ.get(ENV_PREFIX + "STORAGE") or DEFAULT_STORAGE
+def shown_value(name: str, value: object) -> str:
+    """A knob's value as the command line writes it (`auto` for the default k, lists comma-separated)."""
+    if name == "clusters" and value is None:
+        return AUTO
+    return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
 
 
-def stored_settings(storage: str) -> dict[str, Any]:
-    """The raw values recorded by the last `semdedup run` on this storage ({} if none)."""
-    settings_file = Storage(storage).settings_file
-    if not settings_file.exists():
-        return {}
-    try:
-        return dict(json.loads(settings_file.read_text()))
-    except (ValueError, OSError) as err:
-        raise ValueError(f"cannot read the stored settings {settings_file}: {err}") from None
-
-
-def _build(values: dict[str, Any]) -> Settings:
-    unknown = set(values) - {f.name for f in dataclasses.fields(Settings)}
-    if unknown:
-        raise ValueError(f"unknown settings: {sorted(unknown)}")
-    return Settings(**{k: coerce(k, v) for k, v in values.items()})
-
-
-def load_settings(storage: str | None = None, *, use_stored: bool = True, **overrides: Any) -> Settings:
-    """Defaults, then (if `use_stored`) `<storage>/semdedup.json`, then SEMDEDUP_* env vars, then overrides.
-
-    `semdedup run` passes `use_stored=False`: the command line (and the environment) is the
-    whole truth for a new run; everything else works on what the storage already holds.
-    """
-    storage = storage_location(storage)
-    check_store(storage, "storage")  # refused credentials raise here, naming the bucket, not in exists()
-    values: dict[str, Any] = stored_settings(storage) if use_stored else {}
-    values.update(environment_overrides())
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    values["storage"] = storage
-    return _build(values)
-
-
-def changed_settings(settings: Settings) -> dict[str, tuple[Any, Any]]:
-    """Knobs whose value differs from the run stored in the same storage: {name: (stored, now)}."""
-    raw = stored_settings(settings.storage)
-    if not raw:
-        return {}
-    try:
-        stored = _build({**raw, "storage": settings.storage})
-    except ValueError:
-        return {}  # an older or hand-edited file: nothing sensible to compare
-    now, before = _absolute(settings).to_dict(), _absolute(stored).to_dict()
-    return {k: (before[k], now[k]) for k in now if k != "extra" and before[k] != now[k]}
-
-
-def _absolute(settings: Settings) -> Settings:
-    """The settings with local paths made absolute (URLs unchanged)."""
-    return settings.replace(storage=str(to_upath(settings.storage)),
-                            input=str(to_upath(settings.input)) if settings.input else None,
-                            reference=str(to_upath(settings.reference)) if settings.reference else None)
-
-
-def save_settings(settings: Settings) -> None:
-    """Record the settings in the storage root, with local paths made absolute."""
-    atomic_write_bytes(_absolute(settings).to_json().encode(), settings.storage_root().settings_file)
+def describe_settings(settings: Settings) -> str:
+    """The effective settings of a run, one `name=value` per knob that a run uses."""
+    parts = []
+    for f in knobs():
+        if f.metadata.get("flag", "") is None and f.name != "storage":
+            continue
+        parts.append(f"{f.name}={shown_value(f.name, getattr(settings, f.name))}")
+    return " ".join(parts)

@@ -129,7 +129,8 @@ def engine_for(settings: Settings) -> Engine:
 # --- Ray ----------------------------------------------------------------------------------
 
 
-def _host_port(address: str) -> tuple[str, int]:
+def host_port(address: str) -> tuple[str, int]:
+    """(host, port) of a Ray address (`HOST:PORT`, `ray://HOST:PORT`); a ValueError names a malformed one."""
     text = address.split("://", 1)[-1].rstrip("/")
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit():
@@ -153,7 +154,7 @@ def resolve_ray_address(address: str | None) -> str | None:
         if not resolved:
             raise EngineError("--ray-address auto: no running Ray cluster found on this machine (no RAY_ADDRESS, "
                               "no `ray start`)")
-    host, port = _host_port(resolved)
+    host, port = host_port(resolved)
     try:
         socket.create_connection((host, port), timeout=REACHABLE_TIMEOUT_S).close()
     except OSError as err:

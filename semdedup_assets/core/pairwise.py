@@ -18,7 +18,6 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-from semdedup_assets.core.config import PRECISIONS
 from semdedup_assets.core.ordering import KeepByKey, cluster_order
 
 ArrayLike2D = np.ndarray | torch.Tensor
@@ -95,6 +94,8 @@ def torch_threads(num_threads: int | None) -> Iterator[None]:
 
 
 _LOW = {"fp16": (torch.float16, 11), "bf16": (torch.bfloat16, 8)}  # dtype, significand bits
+# The tiles' precisions: the `precision` knob's values (a test holds them equal to Settings' Literal).
+TILE_PRECISIONS: tuple[str, ...] = ("fp32", *_LOW)
 
 
 def low_precision_error_bound(precision: str, dim: int, max_norm: float = 1.0, fp32_output: bool = False) -> float:
@@ -185,8 +186,8 @@ def max_sim_tiled(
     """
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision not in TILE_PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(TILE_PRECISIONS)}, got {precision!r}")
     if precision != "fp32" and not thresholds:
         raise ValueError(f"precision {precision!r} needs the thresholds (1 - eps) whose decisions must equal fp32")
     n = int(embeddings.shape[0])

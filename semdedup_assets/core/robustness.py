@@ -26,7 +26,8 @@ import pyarrow as pa
 
 from semdedup_assets.core import storage as st
 from semdedup_assets.core.catalog import BUCKET_GLOB, scan, stage_source
-from semdedup_assets.core.config import Settings, load_settings
+from semdedup_assets.core.config import Settings
+from semdedup_assets.core.settings_store import load_settings
 
 ROBUSTNESS = "robustness"  # folder of the `robustness` asset's files under a storage root
 SWEEP_FILE = "sweep.json"  # at a sweep's root: the sub-storages it made

@@ -56,7 +56,7 @@ def test_temporaries_of_a_killed_writer_are_removed_and_nothing_else(tmp_path: P
 def test_the_local_engine_runs_the_core_units_in_order(tmp_path: Path):
     from semdedup_assets.core.ingest import ingest_shards
     from semdedup_assets.core.shards import discover_shards
-    from semdedup_assets_tests.conftest import write_embedding_shards
+    from semdedup_assets_tests.fixtures import write_embedding_shards
 
     write_embedding_shards(tmp_path / "in", n_shards=3, per_shard=20)
     settings = Settings(storage=str(tmp_path / "s"), input=str(tmp_path / "in"), modality="embedding")

@@ -20,7 +20,7 @@ from semdedup_assets.core.ingest import ingest_shards
 from semdedup_assets.core.ordering import cluster_order
 from semdedup_assets.core.shards import ShardError, discover_shards, keep_by_column
 from semdedup_assets.pipeline import run_pipeline
-from semdedup_assets_tests.conftest import make_planted
+from semdedup_assets_tests.fixtures import make_planted
 from semdedup_assets_tests.core.test_units import run_units
 
 N, SHARDS = 240, 3

@@ -12,7 +12,7 @@ from semdedup_assets.core.assign import assign
 from semdedup_assets.core.multiprobe import (dense_multiprobe, global_rank, multiprobe_bucket, probe_clusters)
 from semdedup_assets.core.schemas import assignments_schema
 from semdedup_assets.core.tables import embedding_array
-from semdedup_assets_tests.conftest import make_planted
+from semdedup_assets_tests.fixtures import make_planted
 
 K = 7
 

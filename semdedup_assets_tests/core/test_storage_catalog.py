@@ -10,7 +10,8 @@ import pytest
 
 from semdedup_assets.core import storage as st
 from semdedup_assets.core.catalog import duplicate_ids, query, refresh_catalog
-from semdedup_assets.core.config import Settings, load_settings, save_settings
+from semdedup_assets.core.config import Settings
+from semdedup_assets.core.settings_store import load_settings, save_settings
 from semdedup_assets.core.tables import embedding_array, embedding_matrix
 
 

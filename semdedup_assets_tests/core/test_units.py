@@ -24,7 +24,7 @@ from semdedup_assets.core.ingest import DuplicateIdsError, ingest_shards
 from semdedup_assets.core.keep import build_keep_lists
 from semdedup_assets.core.shards import discover_shards
 from semdedup_assets.pipeline import run_pipeline
-from semdedup_assets_tests.conftest import write_embedding_shards
+from semdedup_assets_tests.fixtures import write_embedding_shards
 
 REPO = Path(__file__).resolve().parents[2]
 # What an asset module may import: Dagster, the standard library and this package (the core does the work).

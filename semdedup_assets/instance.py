@@ -1,0 +1,73 @@
+"""The Dagster instance of the commands: where DAGSTER_HOME is, its dagster.yaml, opening it.
+
+`semdedup run`, `forget`, `status` and `make ui` (ui.py) share one instance per storage:
+`<storage>/dagster_home` unless DAGSTER_HOME is set.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+
+import dagster as dg
+
+from semdedup_assets.core.config import Settings
+
+
+def visible_gpus() -> int:
+    """CUDA devices torch can see (0 without a GPU or a CUDA build)."""
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:  # a broken CUDA install must not stop a CPU run
+        return 0
+
+
+def instance_yaml(gpu_limit: int) -> str:
+    """dagster.yaml: the `gpu` pool's limit (one step per visible GPU), telemetry off."""
+    return (
+        "# Written by semdedup; edit freely (it is not overwritten).\n"
+        "telemetry:\n  enabled: false\n"
+        "concurrency:\n  pools:\n"
+        f"    # Steps in a pool with no explicit limit (our only pool is `gpu`): one per visible GPU.\n"
+        f"    default_limit: {gpu_limit}\n"
+        "# Daemon-launched runs (the UI, sensors): fail runs stuck starting or canceling, and free the\n"
+        "# pool slots of runs that ended without releasing them. `semdedup run` and `forget` also\n"
+        "# mark their own killed runs failed when they start (see semdedup_assets/run_guard.py).\n"
+        "run_monitoring:\n  enabled: true\n  start_timeout_seconds: 180\n  cancel_timeout_seconds: 180\n"
+        "  poll_interval_seconds: 30\n  free_slots_after_run_end_seconds: 30\n"
+    )
+
+
+def ensure_instance_config(home: str) -> None:
+    """Create DAGSTER_HOME with a dagster.yaml (gpu pool limit, telemetry off) when it is missing."""
+    os.makedirs(home, exist_ok=True)
+    path = os.path.join(home, "dagster.yaml")
+    if not os.path.exists(path):
+        with open(path, "w") as f:
+            f.write(instance_yaml(max(1, visible_gpus())))
+
+
+def default_dagster_home(settings: Settings) -> str:
+    """DAGSTER_HOME: the environment's, else a folder inside a local storage root."""
+    from semdedup_assets.pipeline import PipelineError
+
+    if os.environ.get("DAGSTER_HOME"):
+        return os.environ["DAGSTER_HOME"]
+    storage = settings.storage_root()
+    if not storage.local:
+        raise PipelineError("set DAGSTER_HOME when the storage root is not a local folder")
+    return str(storage.root / "dagster_home")
+
+
+def open_instance(settings: Settings) -> dg.DagsterInstance:
+    """The Dagster instance of a command: DAGSTER_HOME (created with its dagster.yaml when missing)."""
+    home = default_dagster_home(settings)
+    os.environ["DAGSTER_HOME"] = os.path.abspath(home) if "://" not in home else home
+    ensure_instance_config(os.environ["DAGSTER_HOME"])
+    # Two commands starting on a fresh home would both create the SQLite schema ("table
+    # already exists"): the first one to hold the lock creates it, the other then opens it.
+    with open(os.path.join(os.environ["DAGSTER_HOME"], ".semdedup-instance.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return dg.DagsterInstance.get()
