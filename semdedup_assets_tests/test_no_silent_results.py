@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from semdedup_assets.cli import main
-from semdedup_assets_tests.conftest import make_planted, write_embedding_shards
+from semdedup_assets_tests.fixtures import make_planted, write_embedding_shards
 
 RUN = ["--modality", "embedding", "--clusters", "4", "--buckets", "2"]
 
