@@ -17,11 +17,12 @@ from semdedup_assets.core import storage as st
 from semdedup_assets.core.assign import bucket_keys, touched_buckets
 from semdedup_assets.core.catalog import refresh_catalog
 from semdedup_assets.core.config import Settings
+from semdedup_assets.core.decontaminate import ReferenceError, check_run_reference
 from semdedup_assets.core.engines import EngineError, ray_session
 from semdedup_assets.core.export import DEDUPLICATED, remove_exported_shard
 from semdedup_assets.core.layout import remove_shard_files
 from semdedup_assets.core.settings_store import save_settings
-from semdedup_assets.core.shards import SHARD_SUFFIXES, ShardFile, discover
+from semdedup_assets.core.shards import SHARD_SUFFIXES, discover
 from semdedup_assets.graph import build_graph
 from semdedup_assets.names import DEFAULT_NAMES, GraphNames
 from semdedup_assets.partitions import SHARDS_PARTITIONS_NAME
@@ -118,7 +119,10 @@ def _run_pipeline(settings: Settings, instance: dg.DagsterInstance, log=print, v
             if not shards:
                 raise PipelineError(f"no shard files ({', '.join(SHARD_SUFFIXES)}) under {settings.input}")
             if settings.reference:  # before anything is recorded: a bad reference leaves the storage as it was
-                check_run_reference(settings, found.shards[0])
+                try:
+                    check_run_reference(settings, found.shards[0])
+                except ReferenceError as err:
+                    raise PipelineError(f"--reference: {err}") from None
             save_settings(settings)
             known = instance.get_dynamic_partitions(names.partitions)
             stray = sorted(set(known) - set(shards))
@@ -150,23 +154,6 @@ def _run_pipeline(settings: Settings, instance: dg.DagsterInstance, log=print, v
             return result
     except EngineError as err:
         raise PipelineError(str(err)) from None
-
-
-def check_run_reference(settings: Settings, first_shard: ShardFile) -> None:
-    """Refuse a --reference that the last stage could not use (PipelineError naming it and why)."""
-    from semdedup_assets.core.decontaminate import ReferenceError, check_reference
-    from semdedup_assets.core.shards import ShardError, read_shard
-
-    dim = None
-    if settings.modality == "embedding":  # the dataset's dimension, from its first shard (validated anyway)
-        try:
-            dim = read_shard(first_shard, settings.modality, settings.payload_column, settings.id_column).dim
-        except ShardError:
-            dim = None  # the ingest stage reports the dataset's own problem
-    try:
-        check_reference(settings.reference, settings.modality, settings.payload_column, settings.id_column, dim)
-    except ReferenceError as err:
-        raise PipelineError(f"--reference: {err}") from None
 
 
 def withdraw_shards(settings: Settings, instance: dg.DagsterInstance, shards: list[str],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -138,3 +139,11 @@ def write_embedding_shards(folder: Path, n_shards: int = 4, per_shard: int = 300
             "embedding": pa.array(list(part), type=pa.list_(pa.float32())),
         }), folder / f"part-{s:02d}.parquet")
     return x
+
+
+def write_embeddings_and_reference(root: Path, per_shard: int, d: int) -> dict[str, Path]:
+    """Three bring-your-own shards under root/input and a --reference root/ref (a copy of part-00: all flagged)."""
+    write_embedding_shards(root / "input", n_shards=3, per_shard=per_shard, d=d)
+    (root / "ref").mkdir()
+    shutil.copy(root / "input" / "part-00.parquet", root / "ref" / "eval.parquet")
+    return {"root": root, "input": root / "input", "storage": root / "storage", "ref": root / "ref"}

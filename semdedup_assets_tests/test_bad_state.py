@@ -19,10 +19,11 @@ import pytest
 
 from semdedup_assets.cli import build_parser, main
 from semdedup_assets.core.catalog import VIEW_NAMES
-from semdedup_assets.core.config import Settings, load_settings, save_settings
+from semdedup_assets.core.config import Settings
+from semdedup_assets.core.settings_store import load_settings, save_settings
 from semdedup_assets.core.shards import ShardError, discover_shards, read_shard
 from semdedup_assets.status import collect_status
-from semdedup_assets_tests.conftest import write_embeddings_and_reference
+from semdedup_assets_tests.fixtures import write_embeddings_and_reference
 
 REPO = Path(__file__).resolve().parents[1]
 ARGS = ["--modality", "embedding", "--clusters", "4", "--buckets", "2", "--iterations", "20", "--eps", "0.01,0.1"]

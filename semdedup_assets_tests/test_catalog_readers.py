@@ -16,7 +16,7 @@ import duckdb
 import pytest
 
 from semdedup_assets.core.catalog import VIEW_NAMES
-from semdedup_assets_tests.conftest import write_embeddings_and_reference
+from semdedup_assets_tests.fixtures import write_embeddings_and_reference
 from semdedup_assets_tests.test_faults import Child, _env
 
 ARGS = ["--modality", "embedding", "--clusters", "4", "--buckets", "2", "--iterations", "20", "--eps", "0.01,0.1"]

@@ -16,7 +16,7 @@ from semdedup_assets.core.config import Settings  # noqa: E402
 from semdedup_assets.core.encoders import create_encoder, encoder_for  # noqa: E402
 from semdedup_assets.core.encoders.static import (NotAStaticModelError, StaticTextEncoder,  # noqa: E402
                                                   default_static_model, is_static_model_dir, wants_static)
-from semdedup_assets_tests.conftest import BASE_SENTENCES, NEAR_COPIES, write_text_shards  # noqa: E402
+from semdedup_assets_tests.fixtures import BASE_SENTENCES, NEAR_COPIES, write_text_shards  # noqa: E402
 from semdedup_assets_tests.tinybert import write_tiny_bert  # noqa: E402
 
 TEXTS = [*BASE_SENTENCES, *NEAR_COPIES.values(), "the method returns a value", "", "\U0001f642"]

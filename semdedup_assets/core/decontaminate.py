@@ -104,6 +104,20 @@ def check_reference(location: str, modality: str, column: str, id_column: str, d
     return items
 
 
+def check_run_reference(settings: Settings, first_shard: ShardFile) -> int:
+    """Refuse a --reference that the last stage could not use (a ReferenceError naming it and why), before a run.
+
+    With bring-your-own embeddings the reference's dimension must be the dataset's, read here
+    from its first shard (a damaged shard is left for the ingest stage to report).
+    """
+    dim = None
+    if settings.modality == "embedding":
+        try:
+            dim = read_shard(first_shard, settings.modality, settings.payload_column, settings.id_column).dim
+        except ShardError:
+            dim = None
+    return check_reference(settings.reference, settings.modality, settings.payload_column, settings.id_column, dim)
+
 def nearest_reference(x: np.ndarray, reference: np.ndarray, block: int = REFERENCE_BLOCK,
                       device: str | torch.device | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(best cosine float32, index of the first reference row achieving it) for every row of x, exact.
