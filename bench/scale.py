@@ -106,7 +106,7 @@ def run_point(inp: Path, storage: Path, clusters: int, buckets: str, budget: str
         raise SystemExit(f"semdedup run failed (rc {out['rc']})")
     m = re.search(r"stages \(s\): (.*?)  total: ([\d.]+) s", out["stdout"])
     from semdedup_assets.core.catalog import query
-    from semdedup_assets.core.config import load_settings
+    from semdedup_assets.core.settings_store import load_settings
 
     root = load_settings(str(storage)).storage_root()
     _, rows = query(root, "SELECT eps, removed FROM eps_curve ORDER BY eps")

@@ -17,7 +17,7 @@ from semdedup_assets.core import storage as st
 from semdedup_assets.core.config import Settings, parse_size
 from semdedup_assets.core.dedup import cluster_groups
 from semdedup_assets.pipeline import run_pipeline
-from semdedup_assets_tests.conftest import write_embedding_shards
+from semdedup_assets_tests.fixtures import write_embedding_shards
 
 
 def _settings(tmp_path: Path, name: str, **kw) -> Settings:
