@@ -61,6 +61,7 @@ class SemDedupConfig(dg.ConfigurableResource):
     probes: int = _default("probes")
     buckets: int = _default("buckets")
     block_size: int = _default("block_size")
+    memory_budget: str | None = _default("memory_budget")
     embedding_dtype: str = _default("embedding_dtype")
     precision: str = _default("precision")
     reference: str | None = _default("reference")
