@@ -14,9 +14,9 @@ from pathlib import Path
 
 import dagster as dg
 
-from semdedup_assets.core.config import load_settings
+from semdedup_assets.core.settings_store import load_settings
 from semdedup_assets.core.robustness import ROBUSTNESS, build_robustness
-from semdedup_assets_tests.conftest import write_embedding_shards
+from semdedup_assets_tests.fixtures import write_embedding_shards
 from semdedup_assets_tests.test_faults import Child, instance_of
 
 # Printed by core.robustness.build_robustness once the comparison is made: the plot and the writes follow.
