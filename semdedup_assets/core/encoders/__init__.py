@@ -1,7 +1,8 @@
 """Encoders turning items of one modality into unit-norm embeddings, looked up by modality name."""
 
 from .base import Encoder, l2_normalize, resolve_device, row_norms
-from .registry import available_modalities, create_encoder, encoder_for, register_encoder
+from .dispatch import encoder_for
+from .registry import available_modalities, create_encoder, register_encoder
 
 # Registers the "text" modality; cheap, since text.py imports torch/transformers lazily.
 from . import text as text  # noqa: E402  (import for its registration side effect)
