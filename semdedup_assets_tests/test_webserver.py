@@ -252,7 +252,7 @@ def test_browser_shows_graph_and_materializes_a_partition(tmp_path: Path) -> Non
         with sync_api.sync_playwright() as pw:
             context = pw.chromium.launch_persistent_context(
                 str(tmp_path / "chromium-profile"), executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS,
-                viewport={"width": 2400, "height": 1300})  # wide enough for full (unabbreviated) asset nodes
+                viewport={"width": 3600, "height": 1500})  # wide enough for full (unabbreviated) asset nodes of all seven groups
             try:
                 run_id = _drive_ui(sync_api, context.new_page(), dev, shots, key)
             finally:
