@@ -54,20 +54,14 @@ def main(argv: list[str] | None = None) -> int:
         args.texts, args.text_shards = 2000, 2
     from scale_out import run_text
 
-    from semdedup_assets.core.encoders.static import default_static_model
     from semdedup_assets_tests.raycluster import NetNamespace, namespaces_available
 
     reason = namespaces_available()
     if reason:
         raise SystemExit(f"scale_out_static.py runs Ray in a loopback-only network namespace and {reason}")
-    if args.static:
-        static = args.static
-    elif args.smoke:
-        from text_embedding import smoke_static_model
+    from text_embedding import bench_static_model
 
-        static = smoke_static_model()
-    else:
-        static = str(default_static_model())
+    static = bench_static_model(args.static, args.smoke)
     machine = machine_lines(["- every Ray process ran in a network namespace holding only `lo`"])
     work = Path(tempfile.mkdtemp(prefix="scale-out-static-"))
     ns = NetNamespace()

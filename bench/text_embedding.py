@@ -67,6 +67,15 @@ def smoke_static_model() -> str:
     return str(distill_static_model(str(write_tiny_bert(root / "bert")), root / "static", dims=16))
 
 
+def bench_static_model(static: str | None, smoke: bool) -> str:
+    """The static model a bench encodes with: --static PATH, the tiny smoke model, or this machine's default."""
+    if static:
+        return static
+    if smoke:
+        return smoke_static_model()
+    return str(default_static_model())
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark, print the markdown report and write it where asked."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -90,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     path = resolve_text_model(None)
     ours = HFTextEncoder(None, max_length=args.max_length, batch_size=args.batch_size, device="cpu")
     tok, model = ours.tokenizer, ours.model  # the same weights for the bare loops
-    static_path = args.static or (smoke_static_model() if args.smoke else str(default_static_model()))
+    static_path = bench_static_model(args.static, args.smoke)
     static = StaticTextEncoder(f"model2vec:{static_path}", max_length=args.max_length, device="cpu")
     st = SentenceTransformer(path, device="cpu")
     st.max_seq_length = args.max_length

@@ -199,16 +199,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import duckdb
 
-    from semdedup_assets.core.encoders.static import default_static_model
+    from text_embedding import bench_static_model
 
-    if args.static:
-        static = args.static
-    elif args.smoke:
-        from text_embedding import smoke_static_model
-
-        static = smoke_static_model()
-    else:
-        static = str(default_static_model())
+    static = bench_static_model(args.static, args.smoke)
     work = Path(args.work or tempfile.mkdtemp(prefix="semdedup-text-e2e-"))
     pairs = build_dataset(work / "input", args.n, args.dup_fraction, args.shards)
     items = args.n + len(pairs)
