@@ -21,3 +21,26 @@ def instance() -> Iterator[dg.DagsterInstance]:
     """An ephemeral-directory Dagster instance (a temporary DAGSTER_HOME)."""
     with dg.instance_for_test() as inst:
         yield inst
+
+
+@pytest.fixture(autouse=True)
+def _no_dagster_state_storage_from_an_earlier_test() -> Iterator[None]:
+    """Each test resolves definitions with no defs state, whatever earlier tests left behind.
+
+    Entering a DagsterInstance sets a process-wide context variable (`DefsStateStorage.get()`) that a
+    new `DefinitionsLoadContext` reads when `Definitions` are resolved. In the full suite it was once
+    left pointing at the storage of an instance whose temporary folder was gone, so later tests failed
+    with "unable to open database file" / "undefined DagsterInstance weakref" (CI of 5d9ef01, and once
+    mid-test in a subset: which test leaves it was not found). Our definitions hold no state-backed
+    components, so each test gets a load context without defs state, made before anything can leak.
+    """
+    from dagster._core.definitions.definitions_load_context import DefinitionsLoadContext, DefinitionsLoadType
+    from dagster._core.storage.defs_state.base import set_defs_state_storage
+
+    previous = DefinitionsLoadContext._instance
+    with set_defs_state_storage(None):
+        DefinitionsLoadContext.set(DefinitionsLoadContext(load_type=DefinitionsLoadType.INITIALIZATION))
+        try:
+            yield
+        finally:
+            DefinitionsLoadContext._instance = previous
