@@ -7,13 +7,15 @@ connects to it); the engine then runs on whatever cluster that resource connecte
 
 The default binding, `SemDedupRay`, connects lazily: the engine and the address are
 knobs of the `semdedup` settings resource (so the launchpad, sensors and backfills set
-them like any other knob), and only a step whose settings say `engine: ray` connects,
-to `ray_address` or to a new local instance. An unreachable address fails that step at
-once, naming the address, before anything is written.
+them like any other knob), and only a step whose settings say `engine: ray` connects:
+to `ray_address`, or without one to the cluster of the Ray job it runs in (a run under
+dagster-ray's RayRunLauncher) or else a new local instance. An unreachable address fails
+that step at once, naming the address, before anything is written.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Generator
 from contextlib import contextmanager
 from typing import Any
@@ -24,13 +26,14 @@ from pydantic import PrivateAttr
 
 from semdedup_assets.core.config import Settings
 from semdedup_assets.core.engines import (Engine, LocalEngine, RayEngine, host_port, import_ray, ray_init_options,
-                                          resolve_ray_address)
+                                          resolve_ray_address, starts_local_instance)
 
 
 class SemDedupRay(RayResource):
     """dagster-ray's RayResource, connected on demand to the cluster the run's settings name."""
 
-    _address: str | None = PrivateAttr(default=None)
+    _address: str | None = PrivateAttr(default=None)  # None: Ray's choice (the Ray job's cluster, or a new instance)
+    _local: bool = PrivateAttr(default=False)  # this step started its own instance (ray.shutdown ends it)
     _init_context: Any = PrivateAttr(default=None)
 
     @property
@@ -39,7 +42,9 @@ class SemDedupRay(RayResource):
 
     @property
     def name(self) -> str:
-        return f"Ray cluster at {self._address}" if self._address else "local Ray instance"
+        if self._address:
+            return f"Ray cluster at {self._address}"
+        return "local Ray instance" if self._local else "Ray cluster of this Ray job"
 
     @property
     def created(self) -> bool:  # an existing cluster or a local instance: nothing to create
@@ -69,7 +74,21 @@ class SemDedupRay(RayResource):
         if ray.is_initialized():  # `semdedup run` holds one connection for all its stages
             return
         self._address = resolve_ray_address(settings.ray_address)
+        self._local = self._address is None and starts_local_instance()
         self._connect(self._init_context)
+
+    def on_connect(self, context: Any) -> None:
+        """Log where this step's driver is, from Ray's runtime context (dagster-ray's says "via Ray Client")."""
+        import ray
+
+        runtime = ray.get_runtime_context()
+        context.log.info(f"connected to the Ray cluster at {runtime.gcs_address}"
+                         + (" (a new local instance)" if self._local else "")
+                         + f": Ray job {runtime.get_job_id()}, driver pid {os.getpid()} on node {runtime.get_node_id()}")
+
+    def on_cleanup(self, context: Any, *, deleted: bool) -> None:
+        """What disconnecting did (dagster-ray's message says "Deleted" for any cluster it disconnects from)."""
+        context.log.info(f"disconnected from the {self.name}" + (" (stopped)" if self._local else " (left running)"))
 
     def connect(self, context: Any) -> Any:
         """ray.init with dagster-ray's init options and injected environment on top of ours."""

@@ -34,6 +34,7 @@ from semdedup_assets_tests.webserver import (
     LAUNCH_BACKFILL,
     PARTITION_STATUS_QUERY,
     REPO,
+    TEST_DAEMON_LOOP_S,
     DagsterDev,
     dagster_dev,
     describe_runs,
@@ -166,7 +167,7 @@ def test_partition_backfill_via_graphql_runs_in_batches(tmp_path: Path) -> None:
     keys = [f"part-{i:02d}" for i in range(n_shards)]
     _register_shards(env["DAGSTER_HOME"], keys)
 
-    with dagster_dev(env, _log_path("backfill")) as dev:
+    with dagster_dev(env, _log_path("backfill"), daemon_loop_s=TEST_DAEMON_LOOP_S) as dev:
         result = dev.graphql(LAUNCH_BACKFILL, {"backfillParams": {
             "assetSelection": [{"path": ["raw_shards"]}, {"path": ["embeddings"]}],
             "partitionNames": keys,
@@ -247,7 +248,7 @@ def test_browser_shows_graph_and_materializes_a_partition(tmp_path: Path) -> Non
     key = "part-01"
     _register_shards(env["DAGSTER_HOME"], keys)
 
-    with dagster_dev(env, _log_path("browser")) as dev:
+    with dagster_dev(env, _log_path("browser"), daemon_loop_s=TEST_DAEMON_LOOP_S) as dev:
         dev.graphql("mutation { setNuxSeen }")  # the first-visit community dialog: seen
         with sync_api.sync_playwright() as pw:
             context = pw.chromium.launch_persistent_context(

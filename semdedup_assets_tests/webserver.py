@@ -1,10 +1,14 @@
-"""Test helper: a real `dagster dev` (webserver + daemon) in a subprocess, and raw GraphQL.
+"""Test helper: a real `dg dev` (webserver + daemon + code server) in a subprocess, and raw GraphQL.
 
-`dagster_dev(...)` starts `dagster dev -h 127.0.0.1 -p PORT -w workspace.yaml` in its own
-process group with the given environment, waits until `/server_info` answers and the code
-location has loaded, yields a `DagsterDev` handle (base URL, log file), and always kills
-the whole process group at the end (webserver, daemon, code servers and the runs they
-launched). Not named gql.py on purpose: that would shadow the `gql` package.
+`dagster_dev(...)` starts `dg dev --host 127.0.0.1 --port PORT` from the project root (what
+`make ui` runs, see semdedup_assets/ui.py) in its own process group with the given
+environment, waits until `/server_info` answers and the code location has loaded, yields a
+`DagsterDev` handle (base URL, log file), and always kills the whole process group at the
+end (webserver, daemon, code servers and the runs they launched). Not named gql.py on
+purpose: that would shadow the `gql` package.
+`daemon_loop_s` (the tests pass it; benchmarks, which time the daemon, do not) cuts the daemon's
+fixed idle sleeps between iterations (daemon_loop/sitecustomize.py) and the run queue's dequeue
+interval, so a test waits for the work and not for the daemon's clock.
 """
 
 from __future__ import annotations
@@ -22,10 +26,11 @@ from typing import Any, TypeVar
 
 import requests
 
-from semdedup_assets.ui import stop_group
+from semdedup_assets.ui import dg_dev_command, stop_group
 
 REPO = Path(__file__).resolve().parents[1]
-DAGSTER = Path(sys.executable).parent / "dagster"
+DAEMON_LOOP = Path(__file__).resolve().parent / "daemon_loop"  # its sitecustomize.py shortens the daemon's sleeps
+TEST_DAEMON_LOOP_S = 2  # the tests' daemon sleep between iterations (Dagster's: 30 s backfills, 5 s sensors)
 T = TypeVar("T")
 
 
@@ -66,7 +71,7 @@ def wait_for(what: str, probe: Callable[[], T | None], timeout: float, interval:
             except Exception as err:
                 parts.append(f"--- state --- (unavailable: {err!r})")
         if log:
-            parts.append(f"--- dagster dev log (tail) ---\n{log()}")
+            parts.append(f"--- dg dev log (tail) ---\n{log()}")
         return ("\n" + "\n".join(parts)) if parts else ""
 
     deadline = time.monotonic() + timeout
@@ -88,14 +93,14 @@ def wait_for(what: str, probe: Callable[[], T | None], timeout: float, interval:
 
 @dataclass
 class DagsterDev:
-    """A running `dagster dev`."""
+    """A running `dg dev`."""
 
     url: str
     log_path: Path
     process: subprocess.Popen
 
     def log_tail(self, lines: int = 80) -> str:
-        """The last lines of the combined stdout/stderr of `dagster dev`."""
+        """The last lines of the combined stdout/stderr of `dg dev`."""
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError as err:
@@ -136,36 +141,66 @@ def _kill_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
         pass
 
 
+def fast_daemon_env(env: dict[str, str], loop_s: float) -> dict[str, str]:
+    """`env` for a `dg dev` whose daemon sleeps `loop_s` between iterations, its run queue 1 s.
+
+    Dagster's backfill daemon sleeps a fixed 30 s between iterations and the sensor and asset
+    daemons at least 5 s; no dagster.yaml setting changes them, so daemon_loop/sitecustomize.py
+    does it inside the daemon process only. The run queue's dequeue interval (5 s by default) is
+    an instance setting: it is added to DAGSTER_HOME's dagster.yaml.
+    """
+    from semdedup_assets.instance import ensure_instance_config
+
+    home = Path(env["DAGSTER_HOME"])
+    ensure_instance_config(str(home))
+    config = home / "dagster.yaml"
+    text = config.read_text()
+    if "run_queue:" not in text:
+        config.write_text(text + "# Tests (semdedup_assets_tests/webserver.py): dequeue every second.\n"
+                          "run_queue:\n  dequeue_interval_seconds: 1\n")
+    path = [p for p in (env.get("PYTHONPATH"), str(DAEMON_LOOP)) if p]
+    return dict(env, PYTHONPATH=os.pathsep.join(path), SEMDEDUP_TESTS_DAEMON_LOOP_S=str(loop_s))
+
+
 @contextmanager
 def dagster_dev(env: dict[str, str], log_path: Path, port: int | None = None,
-                startup_timeout: float = 180.0) -> Iterator[DagsterDev]:
-    """Run `dagster dev` with `env` (must hold DAGSTER_HOME); yield once the code location is loaded."""
-    assert env.get("DAGSTER_HOME"), "dagster dev needs DAGSTER_HOME"
+                startup_timeout: float = 180.0, stop_grace: float = 10.0,
+                daemon_loop_s: float | None = None) -> Iterator[DagsterDev]:
+    """Run `dg dev` with `env` (must hold DAGSTER_HOME); yield once the code location is loaded.
+
+    At the end its process group gets SIGTERM, then SIGKILL after `stop_grace` seconds.
+    `daemon_loop_s`: the daemon's idle sleep between iterations (see `fast_daemon_env`); None
+    keeps Dagster's own (30 s for backfills, 5 s for sensors), as a benchmark needs.
+    """
+    assert env.get("DAGSTER_HOME"), "dg dev needs DAGSTER_HOME"
+    if daemon_loop_s is not None:
+        env = fast_daemon_env(env, daemon_loop_s)
     port = port or free_port()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log = open(log_path, "wb")
+    # VIRTUAL_ENV: dg compares it with the project's .venv and warns when they differ (as ui.py sets it).
     proc = subprocess.Popen(
-        [str(DAGSTER), "dev", "-h", "127.0.0.1", "-p", str(port), "-w", str(REPO / "workspace.yaml")],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        dg_dev_command("127.0.0.1", port), cwd=REPO, env={**env, "VIRTUAL_ENV": sys.prefix},
+        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         start_new_session=True,  # its own process group: one killpg ends webserver, daemon and runs
     )
     dev = DagsterDev(url=f"http://127.0.0.1:{port}", log_path=log_path, process=proc)
     try:
         def up() -> bool:
             if proc.poll() is not None:
-                raise AssertionError(f"dagster dev exited with {proc.returncode}")
+                raise AssertionError(f"dg dev exited with {proc.returncode}")
             return requests.get(f"{dev.url}/server_info", timeout=5).ok
 
         def alive_and_loaded() -> bool:
             if proc.poll() is not None:
-                raise AssertionError(f"dagster dev exited with {proc.returncode}")
+                raise AssertionError(f"dg dev exited with {proc.returncode}")
             return _location_loaded(dev)
 
-        dev.wait_for("dagster dev /server_info", up, startup_timeout, interval=0.5)
+        dev.wait_for("dg dev /server_info", up, startup_timeout, interval=0.5)
         dev.wait_for("the code location to load", alive_and_loaded, startup_timeout, interval=0.5)
         yield dev
     finally:
-        _kill_group(proc)
+        _kill_group(proc, stop_grace)
         log.close()
 
 
