@@ -78,6 +78,25 @@ def test_encoding_is_deterministic_across_batches_threads_and_order(models: tupl
     assert reversed_rows.tobytes() == whole.tobytes()
 
 
+def test_an_embedding_actor_holds_the_tokenizer_threads_to_its_share(models: tuple[Path, Path]) -> None:
+    """CPU actors start with the Rust tokenizer pool sized to their CPU share; torch threads likewise."""
+    import torch
+
+    from semdedup_assets.core.engines import RAYON_THREADS_ENV, ShardEmbedder, plan_actors
+
+    _, static = models
+    for actors, share in ((1, "2"), (2, "1")):
+        plan = plan_actors(Settings(ray_actors=actors), n_units=4, node_cpus=[2.0], gpus=0)
+        assert plan.options["runtime_env"]["env_vars"] == {RAYON_THREADS_ENV: share}, plan.options
+    previous = torch.get_num_threads()
+    try:
+        actor = ShardEmbedder(Settings(model=f"model2vec:{static}"), threads=1)
+        assert torch.get_num_threads() == 1
+        assert isinstance(actor.encoder.loaded(), StaticTextEncoder)  # loaded at the first shard to encode
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_a_static_folder_is_detected_and_a_transformer_folder_is_refused(models: tuple[Path, Path]) -> None:
     bert, static = models
     assert wants_static(str(static)) and wants_static("static") and not wants_static(str(bert))
