@@ -8,8 +8,8 @@ import sys
 import time
 from collections.abc import Sequence
 
-from semdedup_assets.core.config import (AUTO, Settings, allowed_values, base_type, default_of, describe_settings, knobs,
-                                         shown_value)
+from semdedup_assets.core.config import (AUTO_KNOBS, Settings, allowed_values, base_type, default_of, describe_settings,
+                                         knobs, shown_value)
 from semdedup_assets.core.settings_store import changed_settings, load_settings
 from semdedup_assets.status import refuse_missing_storage
 
@@ -158,15 +158,15 @@ def add_settings_options(parser: argparse.ArgumentParser) -> None:
             continue
         flag = flag or "--" + f.name.replace("_", "-")
         kind, allowed, default = base_type(f.name), allowed_values(f), default_of(f)
-        shown = ",".join(map(str, default)) if isinstance(default, tuple) else (AUTO if f.name == "clusters" else default)
+        shown = None if default is None and f.name not in AUTO_KNOBS else shown_value(f.name, default)
         help_text = f"{f.metadata['help']} (default: {shown})" if shown is not None else f.metadata["help"]
         options: dict[str, object] = {"dest": f.name, "default": None, "help": help_text}
         if kind is bool:
             options["action"] = argparse.BooleanOptionalAction  # --strict / --no-strict
         elif allowed:
             options["choices"] = allowed
-        elif kind in (int, float) and f.name not in ("clusters", "eps"):
-            options["type"] = kind  # clusters also takes `auto` and eps a list; Settings coerces them
+        elif kind in (int, float) and f.name not in (*AUTO_KNOBS, "eps"):
+            options["type"] = kind  # clusters and buckets also take `auto` and eps a list; Settings coerces them
         if f.metadata.get("metavar"):
             options["metavar"] = f.metadata["metavar"]
         if f.name == "input":

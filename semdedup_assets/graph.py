@@ -30,7 +30,7 @@ def build_graph(settings: Settings, names: GraphNames = DEFAULT_NAMES) -> dg.Def
         resources={names.resource: SemDedupConfig.from_settings(settings),
                    # dagster-ray's RayResource: connects only for steps whose settings say engine=ray.
                    names.ray_resource: SemDedupRay()},
-        assets=build_assets(names, buckets=settings.buckets, backfill_batch=settings.backfill_batch),
+        assets=build_assets(names, buckets=settings.bucket_partitions, backfill_batch=settings.backfill_batch),
         asset_checks=build_asset_checks(names),
         jobs=build_jobs(names),
         loggers={"console": console_logger},

@@ -212,8 +212,8 @@ def _forget_shard(settings: Settings, instance: dg.DagsterInstance, shard: str, 
         k = st.parquet_num_rows(storage.centroids_file)
         old = st.usable(assignments, lambda p: st.read_table(p, columns=["cluster"]), log)
         # A damaged assignments file cannot say which buckets held the shard: re-run them all.
-        buckets = touched_buckets(old.column("cluster").to_numpy(), k, settings.buckets) if old is not None \
-            else set(bucket_keys(settings.buckets))
+        buckets = touched_buckets(old.column("cluster").to_numpy(), k, settings.bucket_partitions) if old is not None \
+            else set(bucket_keys(settings.bucket_partitions))
     removed = remove_shard_files(storage, shard)
     removed += [str(storage.stage_dir(DEDUPLICATED) / p) for p in remove_exported_shard(storage, shard)]
     known = shard in instance.get_dynamic_partitions(SHARDS_PARTITIONS_NAME)
@@ -233,7 +233,7 @@ def _forget_shard(settings: Settings, instance: dg.DagsterInstance, shard: str, 
         # The keep-lists list the shard's ids: rewrite them whenever they exist, or drop them
         # when they cannot be rewritten (bucket results missing), never leave them stale.
         keep_files = storage.stage_files(st.KEEP_LISTS)
-        rewrite = bool(keep_files) and all(storage.bucket_file(b).exists() for b in bucket_keys(settings.buckets))
+        rewrite = bool(keep_files) and all(storage.bucket_file(b).exists() for b in bucket_keys(settings.bucket_partitions))
         log(f"[semdedup] re-running {len(rerun)} bucket(s) without shard {shard!r}"
             + (", then the keep-lists" if rewrite else ""))
         with progress.task("forget: re-run", len(rerun) + rewrite, unit="runs", outer=True) as bar:

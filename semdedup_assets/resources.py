@@ -59,7 +59,7 @@ class SemDedupConfig(dg.ConfigurableResource):
     keep: str = _default("keep")
     keep_by: str | None = _default("keep_by")
     probes: int = _default("probes")
-    buckets: int = _default("buckets")
+    buckets: int | None = _default("buckets")
     block_size: int = _default("block_size")
     memory_budget: str | None = _default("memory_budget")
     embedding_dtype: str = _default("embedding_dtype")

@@ -176,7 +176,7 @@ def collect_status(settings: Settings, dagster_home: str | None) -> dict[str, An
                  if trained and (_mtime(p) or 0) > trained]
         centroids["embedded_after_training"] = newer
 
-    buckets = bucket_keys(settings.buckets)
+    buckets = bucket_keys(settings.bucket_partitions)
     done = [b for b in buckets if storage.bucket_file(b).exists()]
     keep_files = sorted(str(p.name) for p in storage.stage_files(st.KEEP_LISTS) if p.name != storage.eps_curve_file.name)
     keep = {"configured_eps": list(settings.eps),

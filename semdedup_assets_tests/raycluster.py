@@ -12,6 +12,7 @@ every Ray process on the machine, including other tests'), then the holder.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import shutil
@@ -20,14 +21,18 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 HEAD_PORT = 6379  # the namespace has its own ports: no clash with anything outside it
+DASHBOARD_PORT = 8265  # the Ray Jobs API (dagster-ray's RayRunLauncher submits runs there)
+CLONE_NEWNET = 0x40000000
 
 
 def namespaces_available() -> str | None:
@@ -88,6 +93,30 @@ class NetNamespace:
         kw.setdefault("env", ray_env())
         return subprocess.Popen(self.command(args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
+    @contextmanager
+    def joined(self) -> Iterator[None]:
+        """Run the block with the calling thread inside the namespace (setns), then return it to its own.
+
+        Sockets the block opens reach the namespace's 127.0.0.1 (its webserver, the Ray dashboard),
+        and processes it starts (subprocess) are born inside the namespace, so `stop` ends them too.
+        """
+        libc = ctypes.CDLL(None, use_errno=True)
+        own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+        target = os.open(self.netns, os.O_RDONLY)
+        try:
+            if libc.setns(target, CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"setns into {self.netns}: {os.strerror(err)}")
+            try:
+                yield
+            finally:
+                if libc.setns(own, CLONE_NEWNET) != 0:  # never leave the test's thread stranded inside
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"setns back to this thread's namespace: {os.strerror(err)}")
+        finally:
+            os.close(own)
+            os.close(target)
+
     def members(self) -> list[int]:
         """Every process inside the namespace except the holder."""
         pids = []
@@ -131,9 +160,11 @@ class NetNamespace:
 class RayCluster:
     """A Ray head plus extra nodes (each its own raylet) on 127.0.0.1 inside a NetNamespace."""
 
-    def __init__(self, ns: NetNamespace, nodes: Sequence[dict[str, int]]) -> None:
+    def __init__(self, ns: NetNamespace, nodes: Sequence[dict[str, int]], dashboard: bool = False) -> None:
         self.ns = ns
         self.address = f"127.0.0.1:{HEAD_PORT}"
+        # The Ray Jobs API (with `dashboard`): where RayRunLauncher submits each run as a Ray job.
+        self.dashboard_url = f"http://127.0.0.1:{DASHBOARD_PORT}" if dashboard else None
         # Short: Ray's Unix socket paths live below it and must stay under 108 bytes.
         self.temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
         for i, resources in enumerate(nodes):
@@ -141,7 +172,9 @@ class RayCluster:
                     "--object-store-memory=200000000",
                     *(f"--{name.replace('_', '-')}={value}" for name, value in resources.items())]
             if i == 0:
-                args += ["--head", f"--port={HEAD_PORT}", "--include-dashboard=false", f"--temp-dir={self.temp_dir}"]
+                args += ["--head", f"--port={HEAD_PORT}", f"--temp-dir={self.temp_dir}",
+                         *(["--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                            f"--dashboard-port={DASHBOARD_PORT}"] if dashboard else ["--include-dashboard=false"])]
             else:
                 args += [f"--address={self.address}"]
             started = ns.run(args, timeout=120)
@@ -174,14 +207,51 @@ def run_semdedup(ns: NetNamespace, *args: str, timeout: float = 600) -> subproce
     return ns.run(semdedup_command(*args), timeout=timeout, cwd=str(REPO))
 
 
-def start_cluster(nodes: Sequence[dict[str, int]]) -> RayCluster:
-    """A cluster in a fresh namespace; skips the test where namespaces or Ray are unavailable."""
+def start_cluster(nodes: Sequence[dict[str, int]], dashboard: bool = False) -> RayCluster:
+    """A cluster in a fresh namespace (with the Ray Jobs API if `dashboard`); skips where namespaces are unavailable."""
     reason = namespaces_available()
     if reason:
         pytest.skip(reason)
     ns = NetNamespace()
     try:
-        return RayCluster(ns, nodes)
+        return RayCluster(ns, nodes, dashboard=dashboard)
     except BaseException:
         ns.stop()
         raise
+
+
+# ---- The reference: the local engine in this process (the Ray runs must give its bytes) ----
+
+STAGES = ("raw", "embeddings", "centroids", "cluster_assignments", "semantic_duplicates", "keep_lists")
+
+
+def stage_files(storage: Path) -> dict[str, bytes]:
+    """Every Parquet file the stages wrote (relative path -> bytes); temporaries included, to catch leftovers."""
+    return {str(p.relative_to(storage)): p.read_bytes()
+            for stage in STAGES for p in sorted((storage / stage).rglob("*")) if p.is_file()}
+
+
+def run_local(input_dir: Path, storage: Path, **settings: Any) -> None:
+    """The reference: the whole graph with the local engine, in this process (4 clusters, 2 buckets unless given)."""
+    import dagster as dg
+
+    from semdedup_assets.core.config import Settings
+    from semdedup_assets.pipeline import run_pipeline
+
+    values: dict[str, Any] = {"clusters": 4, "buckets": 2, "eps": (0.001, 0.01, 0.1), **settings}
+    with dg.instance_for_test() as instance:
+        run_pipeline(Settings(storage=str(storage), input=str(input_dir), **values), instance, log=lambda m: None)
+
+
+def assert_same_results(local: Path, ray: Path) -> None:
+    """Both storages hold the same stage files, byte for byte, and the same `items` rows; no temporaries."""
+    from semdedup_assets.core.catalog import query
+    from semdedup_assets.core.config import Settings
+
+    a, b = stage_files(local), stage_files(ray)
+    assert sorted(a) == sorted(b)
+    assert not [p for p in a if p.endswith(".tmp")]
+    different = [p for p in a if a[p] != b[p]]
+    assert not different, f"files differ between the engines: {different}"
+    items = "SELECT id, shard, cluster, sim_to_centroid, max_sim, duplicate_of FROM items ORDER BY id"
+    assert query(Settings(storage=str(local)).storage_root(), items) == query(Settings(storage=str(ray)).storage_root(), items)

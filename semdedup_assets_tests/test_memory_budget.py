@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +19,7 @@ from semdedup_assets.core import storage as st
 from semdedup_assets.core.config import Settings, parse_size
 from semdedup_assets.core.dedup import cluster_groups
 from semdedup_assets.pipeline import run_pipeline
+from semdedup_assets_tests.core.test_units import run_units
 from semdedup_assets_tests.fixtures import write_embedding_shards
 
 
@@ -55,6 +58,11 @@ def budget_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Set
                 "small-one-bucket-float16": dict(buckets=1, memory_budget="100KB", embedding_dtype="float16"),
                 "float16": dict(buckets=3, embedding_dtype="float16")}
     runs = {}
+    # k = 40 (~22 rows a cluster): `auto` partitions hold 2-3 clusters each, which a small budget splits. The core
+    # units without Dagster: the tests below run the pairwise stage and the keep-lists again on its assignments.
+    k40 = _settings(tmp_path, "k40", clusters=40, buckets=3)
+    run_units(k40)
+    runs["k40"] = (k40, None)
     for name, kw in variants.items():
         settings = _settings(tmp_path, name, **kw)
         instance = dg.DagsterInstance.ephemeral()
@@ -82,6 +90,76 @@ def test_a_small_budget_splits_buckets_and_tiles_clusters_from_disk_with_the_sam
     [record] = tight_instance.fetch_materializations(dg.AssetKey("semantic_duplicates"), limit=10).records
     assert record.asset_materialization.metadata["clusters_from_disk"].value != "none"
     assert _bytes(tight, st.KEEP_LISTS) == _bytes(budget_runs["float16"][0], st.KEEP_LISTS)
+
+
+def _items(settings: Settings) -> list[dict]:
+    """Every bucket row, whatever file it is in (bucket files are an internal layout), sorted by id."""
+    files = settings.storage_root().stage_files(st.SEMANTIC_DUPLICATES)
+    return sorted((r for p in files for r in pq.read_table(p).to_pylist()), key=lambda r: r["id"])
+
+
+def _rerun_pairwise(reference: Settings, folder: Path, **kw) -> tuple[Settings, list]:
+    """The pairwise stage and the keep-lists of the reference run's assignments again, under other settings, into
+    `folder` (the core units, as the assets call them: no Dagster run needed for a second layout)."""
+    from semdedup_assets.core.assign import bucket_keys
+    from semdedup_assets.core.dedup import dedup_bucket
+    from semdedup_assets.core.keep import build_keep_lists
+
+    settings = dataclasses.replace(reference, storage=str(folder), **kw)
+    storage = settings.storage_root()
+    (folder / st.CENTROIDS).mkdir(parents=True)
+    shutil.copy(str(reference.storage_root().centroids_file), str(storage.centroids_file))
+    files = reference.storage_root().stage_files(st.CLUSTER_ASSIGNMENTS)
+    keys = bucket_keys(settings.bucket_partitions)
+    results = [dedup_bucket(settings, key, 40, files) for key in keys]
+    assert not [p for r in results for p in r.problems]
+    build_keep_lists(settings, [storage.bucket_file(key) for key in keys])
+    return settings, results
+
+
+def test_buckets_auto_plans_memory_buckets_from_the_counts_with_the_same_keep_lists(budget_runs, tmp_path) -> None:
+    """`--buckets auto` under a small budget: 16 partitions, some split into several memory buckets, a cluster
+    tiled from disk, and the keep-lists byte-identical to 3 unconstrained buckets."""
+    reference = budget_runs["k40"][0]
+    auto, results = _rerun_pairwise(reference, tmp_path / "auto", buckets=None, memory_budget="70KB")
+    assert auto.bucket_partitions == 16 and len(results) == 16
+    assert max(r.groups for r in results) > 1, "the budget should have split a partition into memory buckets"
+    assert any(r.clusters_from_disk for r in results), "a cluster should have been tiled from disk"
+    assert _bytes(auto, st.KEEP_LISTS) == _bytes(reference, st.KEEP_LISTS)
+    assert _items(auto) == _items(reference)
+
+
+def test_plan_bucket_fits_the_budget_from_the_assignment_counts(budget_runs) -> None:
+    from semdedup_assets.core.dedup import cluster_counts, pairwise_budget, plan_bucket, row_bytes
+
+    settings, _ = budget_runs["k40"]
+    files = settings.storage_root().stage_files(st.CLUSTER_ASSIGNMENTS)
+    small = settings.replace(memory_budget="90KB")
+    plan = plan_bucket(small, files, 0, 40)
+    counts = cluster_counts(files, 0, 40)
+    assert [n for _, _, n in plan] == [int(counts[a:b].sum()) for a, b, _ in plan] and sum(counts) == 900
+    assert plan[0][0] == 0 and plan[-1][1] == 40 and all(b1 == a2 for (_, b1, _), (a2, _, _) in zip(plan, plan[1:]))
+    per_row, budget = row_bytes(files), pairwise_budget(small)
+    assert all(n * per_row <= budget or b - a == 1 for a, b, n in plan)  # only a lone cluster may exceed it
+    assert len(plan) > len(plan_bucket(settings, files, 0, 40)) == 1
+
+
+def test_multiprobe_within_the_budget_gives_the_same_results(budget_runs, tmp_path) -> None:
+    """`--probes 2`: one bucket under a small budget is done in several groups (each pool within the budget) and
+    gives the same rows and keep-lists as three unconstrained buckets."""
+    from semdedup_assets.core.pairwise import torch_threads
+
+    reference = budget_runs["k40"][0]
+    with torch_threads(1):  # a few hundred tiny tiles: on a loaded machine a thread pool's barriers cost ~10x the maths
+        whole, _ = _rerun_pairwise(reference, tmp_path / "whole", probes=2)
+        small, [result] = _rerun_pairwise(reference, tmp_path / "small", probes=2, buckets=1, memory_budget="1MB")
+    assert result.groups > 1
+    assert _items(small) == _items(whole)
+    assert _bytes(small, st.KEEP_LISTS) == _bytes(whole, st.KEEP_LISTS)
+    assert any(a["max_sim"] > b["max_sim"] for a, b in zip(_items(small), _items(reference)))  # probes found more
+    with pytest.raises(ValueError, match=r"cluster \d+ and the clusters its members probe hold \d+ rows .* "
+                                         r"--probes 2: use a larger --memory-budget"):
+        _rerun_pairwise(reference, tmp_path / "refused", probes=2, memory_budget="200KB")
 
 
 def test_every_stage_reports_its_resources(budget_runs) -> None:
@@ -181,3 +259,86 @@ def test_the_pairwise_stage_peak_stays_under_the_budget_as_n_grows_4x(tmp_path: 
     assert large["extra_mib"] < 8 + allowance, large
     assert large["extra_mib"] < small["extra_mib"] * 1.5 + 8, (small, large)
     assert unbounded["reads"] == 1 and unbounded["extra_mib"] > large["extra_mib"] * 1.5, (large, unbounded)
+
+
+PROBE_MULTI = r"""
+import json, sys
+from semdedup_assets.core.config import Settings
+from semdedup_assets.core.dedup import dedup_bucket, read_bucket_rows
+from semdedup_assets.core.meter import stage_meter
+import semdedup_assets.core.multiprobe, torch, faiss  # imports and thread pools before the baseline
+torch.set_num_threads(1)  # thousands of tiny tiles: a loaded machine's thread-pool barriers would cost ~10x the maths
+torch.ones(8, 8) @ torch.ones(8, 8)
+for job in json.loads(sys.argv[1]):
+    settings = Settings(storage=job["root"], buckets=1, block_size=128, probes=2, memory_budget=job["budget"])
+    files = settings.storage_root().stage_files("cluster_assignments")
+    read_bucket_rows(files, 0, 1)
+    with stage_meter() as m:
+        r = dedup_bucket(settings, "000", job["k"], files)
+    print(json.dumps({"extra_mib": m["peak_rss_mib"] - m["start_rss_mib"], "scope": m["peak_rss_scope"],
+                      "rows": r.rows, "reads": r.groups}))
+"""
+
+
+def _write_clustered(root: Path, n: int, k: int, d: int = 64, shard_rows: int = 5000) -> None:
+    """Assignments and centroids of n unit vectors near k centroids on a random walk over the sphere (a cluster's
+    next-nearest centroids are its neighbours in id, so a group's probed clusters are a few row groups), in shards
+    as the assign stage writes them (sorted by cluster, a few row groups each)."""
+    from semdedup_assets.core.schemas import assignments_schema, centroids_schema
+    from semdedup_assets.core.tables import embedding_array
+
+    rng = np.random.default_rng(1)
+    centroids = np.empty((k, d), dtype=np.float32)
+    centroids[0] = rng.standard_normal(d)
+    for c in range(1, k):
+        centroids[c] = centroids[c - 1] / np.linalg.norm(centroids[c - 1]) + 0.05 * rng.standard_normal(d)
+    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+    (root / st.CENTROIDS).mkdir(parents=True)
+    pq.write_table(pa.table({"cluster": pa.array(np.arange(k, dtype=np.int32)), "centroid": embedding_array(centroids)},
+                            schema=centroids_schema(d)), root / st.CENTROIDS / "centroids.parquet")
+    folder = root / st.CLUSTER_ASSIGNMENTS
+    folder.mkdir(parents=True)
+    for s in range(n // shard_rows):
+        clusters = rng.integers(0, k, shard_rows).astype(np.int32)
+        x = centroids[clusters] + 0.01 * rng.standard_normal((shard_rows, d), dtype=np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        table = pa.table({"id": [f"s{s}-{i}" for i in range(shard_rows)], "shard": [f"s{s}"] * shard_rows,
+                          "cluster": clusters, "sim_to_centroid": np.einsum("ij,ij->i", x, centroids[clusters]),
+                          "embedding": embedding_array(x)}, schema=assignments_schema(d))
+        pq.write_table(table.sort_by([("cluster", "ascending"), ("id", "ascending")]), folder / f"s{s}.parquet",
+                       row_group_size=1000)
+
+
+def test_the_multiprobe_stage_peak_stays_under_the_budget_as_n_grows_4x(tmp_path: Path) -> None:
+    """`--probes 2` on one bucket of N = 20,000 and of 80,000 items (64-d, k = N/100, shards of 5,000): under an
+    8 MB budget the stage's extra peak RSS stays below the budget plus a fixed allowance and does not grow with N
+    (reading the bucket whole, as before the budget covered multi-probe, needs ~100 MB at 80,000)."""
+    spec = []
+    for n, budget in ((20_000, "8MB"), (80_000, "8MB"), (80_000, "1GB")):
+        root = tmp_path / f"n{n}"
+        if not root.exists():
+            _write_clustered(root, n, n // 100)
+        spec.append({"root": str(root), "k": n // 100, "budget": budget})
+    out = subprocess.run([sys.executable, "-c", PROBE_MULTI, json.dumps(spec)], capture_output=True, text=True,
+                         check=True)
+    small, large, unbounded = [json.loads(line) for line in out.stdout.strip().splitlines()[-3:]]
+    assert large["rows"] == 80_000 and large["reads"] > 1 and unbounded["reads"] == 1
+    if small["scope"] != "stage":
+        pytest.skip("this kernel does not let a process reset its peak RSS")
+    allowance = 32  # MiB, whatever N: row groups in flight, torch's first tiles, faiss, allocator heaps
+    assert large["extra_mib"] < 8 + allowance, large
+    assert large["extra_mib"] < small["extra_mib"] * 1.5 + 8, (small, large)
+    assert unbounded["extra_mib"] > large["extra_mib"] * 1.5, (large, unbounded)
+
+
+def test_buckets_auto_is_a_knob_value_everywhere(tmp_path: Path) -> None:
+    from semdedup_assets.cli import _settings_from_args, build_parser
+    from semdedup_assets.core.config import coerce, describe_settings
+
+    assert coerce("buckets", "auto") is None and coerce("buckets", "7") == 7
+    auto = Settings(buckets=None)
+    assert auto.bucket_partitions == 16 and "buckets=auto" in describe_settings(auto)
+    args = build_parser().parse_args(["run", "--input", "/data", "--storage", str(tmp_path), "--buckets", "auto"])
+    assert _settings_from_args(args).buckets is None
+    with pytest.raises(ValueError, match="buckets must be >= 1"):
+        Settings(buckets=0)

@@ -19,16 +19,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from semdedup_assets.core.catalog import query
-from semdedup_assets.core.config import Settings
-from semdedup_assets.pipeline import run_pipeline
 from semdedup_assets_tests.fixtures import BASE_SENTENCES, write_embedding_shards, write_text_shards
-from semdedup_assets_tests.raycluster import NetNamespace, RayCluster, namespaces_available, run_semdedup, start_cluster
+from semdedup_assets_tests.raycluster import (STAGES, NetNamespace, RayCluster, assert_same_results, namespaces_available,
+                                              run_local, run_semdedup, start_cluster)
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.skipif(namespaces_available() is not None,
                                                           reason=namespaces_available() or "")]
 
-STAGES = ("raw", "embeddings", "centroids", "cluster_assignments", "semantic_duplicates", "keep_lists")
 COMMON = ["--clusters", "4", "--buckets", "2", "--eps", "0.001,0.01,0.1"]
 
 
@@ -40,30 +37,6 @@ def two_nodes():
         yield cluster
     finally:
         assert cluster.stop() == [], "processes left in the namespace"
-
-
-def stage_files(storage: Path) -> dict[str, bytes]:
-    """Every Parquet file the stages wrote (relative path -> bytes); temporaries included, to catch leftovers."""
-    return {str(p.relative_to(storage)): p.read_bytes()
-            for stage in STAGES for p in sorted((storage / stage).rglob("*")) if p.is_file()}
-
-
-def run_local(input_dir: Path, storage: Path, **settings) -> None:
-    """The reference: the whole graph with the local engine, in this process."""
-    cfg = Settings(storage=str(storage), input=str(input_dir), clusters=4, buckets=2, eps=(0.001, 0.01, 0.1),
-                   **settings)
-    with dg.instance_for_test() as instance:
-        run_pipeline(cfg, instance, log=lambda m: None)
-
-
-def assert_same_results(local: Path, ray: Path) -> None:
-    a, b = stage_files(local), stage_files(ray)
-    assert sorted(a) == sorted(b)
-    assert not [p for p in a if p.endswith(".tmp")]
-    different = [p for p in a if a[p] != b[p]]
-    assert not different, f"files differ between the engines: {different}"
-    items = "SELECT id, shard, cluster, sim_to_centroid, max_sim, duplicate_of FROM items ORDER BY id"
-    assert query(Settings(storage=str(local)).storage_root(), items) == query(Settings(storage=str(ray)).storage_root(), items)
 
 
 def semdedup_ok(cluster: RayCluster, *args: str) -> subprocess.CompletedProcess:
@@ -88,12 +61,40 @@ def test_two_nodes_give_the_local_engines_bytes_for_text_and_bring_your_own_embe
     # Both nodes did work: each embedding shard names the raylet's node and worker process it ran on.
     workers = {r["worker"] for r in per_shard_rows(tmp_path / "byo-ray", "embeddings")}
     assert len(workers) == 2, workers
+    assert_stages_ran_on_the_cluster(tmp_path / "byo-ray", gpus=False)
 
     # Every socket of every process in the namespace (GCS, raylets, workers, driver's) is on the loopback.
     listening = two_nodes.ns.listening()
     assert any(addr.endswith(":6379") for addr, _ in listening), listening
     outside = [(a, p) for a, p in listening if not a.rsplit(":", 1)[0] in ("127.0.0.1", "[::ffff:127.0.0.1]")]
     assert not outside, f"Ray listens beyond 127.0.0.1: {outside}"
+
+
+def node_and_pid(worker: object) -> tuple[str, int]:
+    """(Ray node id, pid) of a `worker` metadata value ('127.0.0.1 node 1a2b... pid 42 ...')."""
+    words = str(worker).split()
+    return words[words.index("node") + 1], int(words[words.index("pid") + 1])
+
+
+def assert_stages_ran_on_the_cluster(storage: Path, gpus: bool) -> None:
+    """Where each stage ran, from its metadata: embedding actors on both nodes, k-means on a GPU worker (or, with no
+    GPU in the cluster, in the driver), assignment, pairwise and keep-lists as Ray tasks (not in the driver)."""
+    embed_nodes = {node_and_pid(r["worker"])[0] for r in per_shard_rows(storage, "embeddings")}
+    (kmeans,) = per_shard_rows(storage, "centroids")
+    kmeans_node, kmeans_pid = node_and_pid(kmeans["worker"])
+    assert kmeans["ran_on"] == ("ray worker" if gpus else "driver"), kmeans
+    assert kmeans["device"] == "cpu" and "CUDA not available here" in kmeans["device_note"], kmeans
+    tasks = [node_and_pid(r["worker"]) for asset in ("cluster_assignments", "semantic_duplicates", "keep_lists")
+             for r in per_shard_rows(storage, asset)]
+    (keep,) = per_shard_rows(storage, "keep_lists")
+    assert keep["ran_on"] == "ray worker", keep
+    assert tasks and {node for node, _ in tasks} <= embed_nodes | {kmeans_node}, (tasks, embed_nodes)
+    if not gpus:  # the driver's pid: no assignment or bucket ran there
+        assert len(embed_nodes) == 2 and kmeans_node in embed_nodes, (embed_nodes, kmeans)
+        assert kmeans_pid not in {pid for _, pid in tasks}, (kmeans, tasks)
+    else:
+        assert "CUDA_VISIBLE_DEVICES=" in str(kmeans["worker"]), kmeans
+        assert all("CUDA_VISIBLE_DEVICES=" in str(r["worker"]) for r in per_shard_rows(storage, "cluster_assignments"))
 
 
 def per_shard_rows(storage: Path, asset: str) -> list[dict[str, object]]:
@@ -117,30 +118,34 @@ def big_text_shards(folder: Path, n_shards: int = 2, rows: int = 600) -> None:
                        folder / f"big-{s}.parquet")
 
 
-def embedding_worker_pids(ns: NetNamespace) -> list[int]:
-    """The namespace's embedding actors that are running a shard (Ray titles them ray::ShardEmbedder.embed)."""
+EMBEDDING_ACTOR, ASSIGN_TASK = "ray::ShardEmbedder.embed", "ray::_assign_task"  # Ray's titles of busy workers
+
+
+def busy_worker_pids(ns: NetNamespace, title: str) -> list[int]:
+    """The namespace's Ray workers running a unit of `title` (e.g. ray::ShardEmbedder.embed)."""
     pids = []
     for pid in ns.members():
         try:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
         except OSError:
             continue
-        if cmd.startswith("ray::ShardEmbedder.embed"):
+        if cmd.startswith(title):
             pids.append(pid)
     return pids
 
 
-def kill_one_embedding_worker(ns: NetNamespace, run: subprocess.Popen, timeout: float = 240) -> int:
-    """SIGKILL the first embedding actor seen in the middle of a shard; returns its pid."""
+def kill_one_worker(ns: NetNamespace, run: subprocess.Popen, title: str = EMBEDDING_ACTOR, settle: float = 0.5,
+                    timeout: float = 240) -> int:
+    """SIGKILL the first worker seen running a unit of `title`, `settle` seconds into it; returns its pid."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and run.poll() is None:
-        pids = embedding_worker_pids(ns)
+        pids = busy_worker_pids(ns, title)
         if pids:
-            time.sleep(0.5)  # well inside the shard
+            time.sleep(settle)  # inside the unit
             os.kill(pids[0], signal.SIGKILL)
             return pids[0]
-        time.sleep(0.05)
-    raise AssertionError(f"no embedding actor seen running a shard (run exited: {run.poll()})")
+        time.sleep(0.01)
+    raise AssertionError(f"no {title} worker seen (run exited: {run.poll()})")
 
 
 def test_a_killed_worker_is_retried_and_a_shard_past_its_retries_fails_the_run_naming_it(two_nodes, tmp_path):
@@ -148,21 +153,34 @@ def test_a_killed_worker_is_retried_and_a_shard_past_its_retries_fails_the_run_n
     big_text_shards(big)
     args = ["run", "--input", str(big), "--engine", "ray", "--ray-address", two_nodes.address, *COMMON]
 
+    # An embedding actor and an assignment task's worker killed in one run: both retried, the local bytes.
     run = two_nodes.popen_semdedup(*args, "--storage", str(tmp_path / "ray"))
-    kill_one_embedding_worker(two_nodes.ns, run)
+    kill_one_worker(two_nodes.ns, run)
+    killed = kill_one_worker(two_nodes.ns, run, ASSIGN_TASK, settle=0)
     out, _ = run.communicate(timeout=600)
     assert run.returncode == 0, out[-4000:]
+    assert killed not in {node_and_pid(r["worker"])[1] for r in per_shard_rows(tmp_path / "ray", "cluster_assignments")}
     run_local(big, tmp_path / "local")
     assert_same_results(tmp_path / "local", tmp_path / "ray")  # also: no temporary file left behind
 
     run = two_nodes.popen_semdedup(*args, "--storage", str(tmp_path / "ray0"), "--ray-retries", "0")
-    kill_one_embedding_worker(two_nodes.ns, run)
+    kill_one_worker(two_nodes.ns, run)
     out, _ = run.communicate(timeout=600)
     assert run.returncode != 0
     assert "its Ray worker died 1 time(s); the 0 retries are exhausted" in out, out[-4000:]
     assert "shard 'big-" in out
     leftovers = [p for p in (tmp_path / "ray0").rglob("*.tmp")]
     assert not leftovers
+
+    # Again on the first storage (its embeddings cached): an assignment past its 0 retries fails naming the shard.
+    run = two_nodes.popen_semdedup(*args, "--storage", str(tmp_path / "ray"), "--ray-retries", "0")
+    kill_one_worker(two_nodes.ns, run, ASSIGN_TASK, settle=0)
+    out, _ = run.communicate(timeout=600)
+    assert run.returncode != 0
+    assert "cluster_assignments: " in out and "its Ray worker died 1 time(s); the 0 retries are exhausted" in out, \
+        out[-4000:]
+    assert "shard 'big-" in out
+    assert not [p for p in (tmp_path / "ray").rglob("*.tmp")]
 
 
 def test_two_logical_gpus_get_one_embedding_actor_each_and_both_embed(tmp_path):
@@ -178,6 +196,8 @@ def test_two_logical_gpus_get_one_embedding_actor_each_and_both_embed(tmp_path):
     devices = [str(r["worker"]).split("CUDA_VISIBLE_DEVICES=")[-1] for r in rows]
     assert all("CUDA_VISIBLE_DEVICES=" in str(r["worker"]) for r in rows), rows
     assert set(devices) == {"0", "1"}, rows  # distinct devices, and both did work
+    # k-means on a GPU worker (no real CUDA here: faiss' CPU math inside it, said so), assignments on GPU tasks.
+    assert_stages_ran_on_the_cluster(tmp_path / "ray", gpus=True)
     run_local(text_in, tmp_path / "local")  # the CPU path ran the math: same bytes as in-process
     assert_same_results(tmp_path / "local", tmp_path / "ray")
 

@@ -1,16 +1,22 @@
-"""Cluster stage: `centroids` (spherical k-means on a sample) and `cluster_assignments` (core.assign.assign_shard)."""
+"""Cluster stage: `centroids` (spherical k-means on a sample) and `cluster_assignments` (core.assign.assign_shard).
+
+The engine runs both: in this process, or with `--engine ray` k-means on a GPU worker
+(where the cluster has one) and one Ray task per shard's assignment.
+"""
 
 
 import dagster as dg
+from dagster_ray import RayResource
 
 from semdedup_assets.assets.common import (EAGER, GPU_OP_TAGS, ProgressLog, beta_parameters, core_failures, metered,
                                            remove_unregistered, run_metadata, run_partition_keys, settings_resource,
                                            shard_backfill_policy, timed)
 from semdedup_assets.core import storage as st
-from semdedup_assets.core.assign import AssignShardResult, assign_shard
-from semdedup_assets.core.centroids import CentroidsResult, load_centroids, train_centroids
+from semdedup_assets.core.centroids import CentroidsResult, centroids_count
 from semdedup_assets.core.config import Settings
+from semdedup_assets.core.engines import Done, Worker
 from semdedup_assets.names import GraphNames
+from semdedup_assets.ray_resource import engine_for_step
 
 BUCKETS_TOUCHED = "buckets_touched"
 
@@ -37,7 +43,7 @@ def build_centroids(names: GraphNames) -> dg.AssetsDefinition:
         deps=[dg.AssetDep(names.key("embeddings"), partition_mapping=dg.AllPartitionMapping())],
         pool=names.pool,
         op_tags=GPU_OP_TAGS,
-        required_resource_keys={names.resource},
+        required_resource_keys={names.resource, names.ray_resource},
         group_name=names.definition("cluster"),
         kinds={"faiss", "parquet"},
     )
@@ -45,21 +51,24 @@ def build_centroids(names: GraphNames) -> dg.AssetsDefinition:
     def centroids(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         """Spherical k-means centroids, trained on a sample drawn shard by shard."""
         semdedup = settings_resource(context, names)
+        ray: RayResource = getattr(context.resources, names.ray_resource)
         settings = semdedup.settings()
         files = registered_stage_files(context.instance, names, semdedup.storage_root(), st.EMBEDDINGS)
-        r = train_centroids(settings, files, log=context.log.info, warn=context.log.warning)
-        return dg.MaterializeResult(metadata=centroids_metadata(settings, r))
+        with core_failures(), engine_for_step(settings, ray, context.log.info) as engine:
+            d = engine.train_centroids(settings, files, log=context.log.info, warn=context.log.warning)
+        return dg.MaterializeResult(metadata=centroids_metadata(settings, d.result, d.worker))
 
     return centroids
 
 
-def centroids_metadata(settings: Settings, r: CentroidsResult) -> dict[str, object]:
-    """The centroids' metadata."""
+def centroids_metadata(settings: Settings, r: CentroidsResult, worker: Worker) -> dict[str, object]:
+    """The centroids' metadata, with where k-means ran (driver or Ray worker, node, process, device)."""
     return {
         "clusters": r.clusters, "dim": r.dim, "items": r.items, "shards": r.shards,
         "sample_rows": r.sample_rows, "train_rows": r.train_rows, "objective": r.objective,
         "iterations": settings.kmeans_iterations, "seed": settings.seed, "gpu": r.gpu,
         "sample_seconds": r.sample_seconds, "train_seconds": r.train_seconds,
+        "ran_on": worker.role, "worker": str(worker), "device": r.device, "device_note": r.device_note,
         "path": dg.MetadataValue.path(r.path),
     }
 
@@ -74,7 +83,7 @@ def build_cluster_assignments(names: GraphNames, backfill_batch: int) -> dg.Asse
             deps=[names.key("embeddings"), names.key("centroids")],
             backfill_policy=shard_backfill_policy(backfill_batch),
             automation_condition=EAGER,
-            required_resource_keys={names.resource},
+            required_resource_keys={names.resource, names.ray_resource},
             group_name=names.definition("cluster"),
             kinds={"faiss", "parquet"},
             check_specs=[dg.AssetCheckSpec("assigned_exactly_once", asset=names.key("cluster_assignments"),
@@ -85,18 +94,23 @@ def build_cluster_assignments(names: GraphNames, backfill_batch: int) -> dg.Asse
         def cluster_assignments(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
             """Each item's nearest centroid and cosine similarity to it, sorted by (cluster, id)."""
             semdedup = settings_resource(context, names)
+            ray: RayResource = getattr(context.resources, names.ray_resource)
             settings = semdedup.settings()
             with core_failures():
-                cents = load_centroids(semdedup.storage_root())
-            results: list[tuple[str, AssignShardResult]] = []
+                k = centroids_count(semdedup.storage_root())
+            done: dict[str, Done] = {}
             keys = run_partition_keys(context)
             progress = ProgressLog(context.log, len(keys), settings.progress_interval, label="assign")
             with timed() as t:
-                for key in keys:
-                    r = assign_shard(settings, key, cents, len(cents), warn=context.log.warning)
-                    results.append((key, r))
-                    progress.step(f"assigned shard {key!r}: {r.rows} items")
-            per_shard, extra, problems = assign_metadata(results, len(cents), t["seconds"])
+                # The engine runs the shards here or as Ray tasks; each writes its own file atomically.
+                with core_failures(), engine_for_step(settings, ray, context.log.info) as engine:
+                    for d in engine.assign_shards(settings, keys):
+                        done[d.unit], r = d, d.result
+                        for warning in r.warnings:  # a damaged earlier file, replaced
+                            context.log.warning(warning)
+                        progress.step(f"assigned shard {d.unit!r}: {r.rows} items"
+                                      + (f" on {d.worker}" if engine.name != "local" else ""))
+            per_shard, extra, problems = assign_metadata(settings, [done[key] for key in keys], k, t["seconds"])
             check = dg.AssetCheckResult(check_name="assigned_exactly_once", passed=not problems,
                                         description="; ".join(problems[:10]) or None)
             remove_unregistered(context, names, semdedup.storage_root(), st.CLUSTER_ASSIGNMENTS)
@@ -105,17 +119,21 @@ def build_cluster_assignments(names: GraphNames, backfill_batch: int) -> dg.Asse
     return cluster_assignments
 
 
-def assign_metadata(results: list[tuple[str, AssignShardResult]], clusters: int, seconds: float
+def assign_metadata(settings: Settings, done: list[Done], clusters: int, seconds: float
                     ) -> tuple[list[dict[str, object]], dict[str, object], list[str]]:
-    """The assign stage's metadata: (one row per shard, the run's figures, check problems)."""
+    """The assign stage's metadata, in shard order: (one row per shard, the run's figures, check problems)."""
     per_shard: list[dict[str, object]] = []
     problems: list[str] = []
     buckets: set[str] = set()
-    for key, r in results:
+    for d in done:
+        key, r = d.unit, d.result
         problems += [f"shard {key!r}: {p}" for p in r.problems]
         buckets.update(r.buckets_touched)
-        per_shard.append({"shard": key, "rows": r.rows, "clusters_touched": r.clusters_touched,
-                          "mean_sim_to_centroid": r.mean_sim_to_centroid})
+        row: dict[str, object] = {"shard": key, "rows": r.rows, "clusters_touched": r.clusters_touched,
+                                  "mean_sim_to_centroid": r.mean_sim_to_centroid, "device": r.device}
+        if settings.engine != "local":
+            row["worker"] = str(d.worker)
+        per_shard.append(row)
     extra: dict[str, object] = {"rows": sum(int(r["rows"]) for r in per_shard), "clusters": clusters,
                                 "seconds": seconds,
                                 # Read by the bucket sensor: only these semantic_duplicates partitions need a re-run.

@@ -1,7 +1,7 @@
 """Dedup stage: `semantic_duplicates` per cluster bucket, then `keep_lists` for every eps.
 
-The work is core.dedup.dedup_bucket and core.keep.build_keep_lists; these assets read the
-partition keys, call them and report metadata and checks.
+The work is core.dedup.dedup_bucket and core.keep.build_keep_lists, run by the engine (here or on Ray);
+these assets read the partition keys, hand them to it and report metadata and checks.
 """
 
 
@@ -17,7 +17,7 @@ from semdedup_assets.core.centroids import load_centroids
 from semdedup_assets.core.config import Settings
 from semdedup_assets.core.dedup import TOP_PAIRS, DedupBucketResult, Pair
 from semdedup_assets.core.encoders import resolve_device
-from semdedup_assets.core.keep import MAX_SIM_BINS, NEAR_EXACT, KeepListsResult, build_keep_lists, payload_texts
+from semdedup_assets.core.keep import MAX_SIM_BINS, NEAR_EXACT, KeepListsResult, payload_texts
 from semdedup_assets.core.layout import bucket_files_on_disk, layout_problems, prune_buckets, prune_keep_lists
 from semdedup_assets.core.plots import eps_curve_markdown, histogram_markdown
 from semdedup_assets.partitions import bucket_partitions
@@ -55,8 +55,8 @@ def build_semantic_duplicates(names: GraphNames, buckets: int) -> dg.AssetsDefin
         ray: RayResource = getattr(context.resources, names.ray_resource)
         settings = semdedup.settings()
         storage = semdedup.storage_root()
-        if settings.buckets != buckets:
-            raise dg.Failure(f"the resource says {settings.buckets} buckets but the partitions have {buckets}")
+        if settings.bucket_partitions != buckets:
+            raise dg.Failure(f"the resource says {settings.bucket_partitions} buckets but the partitions have {buckets}")
         with core_failures():
             k = len(load_centroids(storage))
         files = list(registered_stage_files(context.instance, names, storage, st.CLUSTER_ASSIGNMENTS).values())
@@ -67,16 +67,20 @@ def build_semantic_duplicates(names: GraphNames, buckets: int) -> dg.AssetsDefin
                                label="pairwise", unit="buckets")
         keys = sorted(context.partition_keys)
         results: dict[str, DedupBucketResult] = {}
+        workers: dict[str, str] = {}
         with timed() as t:
             # The engine runs the buckets here or as Ray tasks; each writes its own file atomically.
             with core_failures(), engine_for_step(settings, ray, context.log.info) as engine:
                 for d in engine.dedup_buckets(settings, keys, k, files):
                     results[d.unit] = r = d.result
+                    workers[d.unit] = str(d.worker)
                     progress.step(f"bucket {d.unit}: clusters [{r.first_cluster}, {r.end_cluster}), {r.rows} items, "
                                   f"{r.seconds} s" + (f" on {d.worker}" if engine.name != "local" else ""))
         per_bucket, meta, problems = pairwise_metadata(settings, [(key, results[key]) for key in keys], device,
                                                        t["seconds"])
         for key, row in per_bucket.items():
+            if settings.engine != "local":
+                row["worker"] = workers[key]
             # This bucket's own figures on its own event (a range run's metadata is copied onto every bucket).
             context.add_asset_metadata(row, partition_key=key)
         stale = prune_buckets(storage, buckets)  # results of an earlier, larger bucket count
@@ -140,7 +144,7 @@ def build_keep_lists_asset(names: GraphNames) -> dg.AssetsDefinition:
         key=names.key("keep_lists"),
         deps=[dg.AssetDep(names.key("semantic_duplicates"), partition_mapping=dg.AllPartitionMapping())],
         automation_condition=EAGER,
-        required_resource_keys={names.resource},
+        required_resource_keys={names.resource, names.ray_resource},
         group_name=names.definition("dedup"),
         kinds={"duckdb", "parquet"},
         check_specs=[
@@ -157,9 +161,10 @@ def build_keep_lists_asset(names: GraphNames) -> dg.AssetsDefinition:
     def keep_lists(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         """One keep-list per configured eps, the eps curve, and the catalog views."""
         semdedup = settings_resource(context, names)
+        ray: RayResource = getattr(context.resources, names.ray_resource)
         storage = semdedup.storage_root()
         settings = semdedup.settings()
-        bucket_files = [storage.bucket_file(b) for b in bucket_partitions(settings.buckets).get_partition_keys()]
+        bucket_files = [storage.bucket_file(b) for b in bucket_partitions(settings.bucket_partitions).get_partition_keys()]
         missing = [str(p) for p in bucket_files if not p.exists()]
         if missing:
             raise dg.Failure(f"{len(missing)} bucket result(s) missing (e.g. {missing[:3]}): materialize semantic_duplicates")
@@ -167,7 +172,10 @@ def build_keep_lists_asset(names: GraphNames) -> dg.AssetsDefinition:
         assigned = sum(st.parquet_num_rows(p) for p in assignment_files.values())
         progress = ProgressLog(context.log, len(bucket_files), settings.progress_interval, label="keep-lists",
                                unit="buckets")
-        r = build_keep_lists(settings, bucket_files, log=progress.step)  # bucket order: byte-identical run to run
+        # Here or in a Ray task; bucket order either way: byte-identical run to run.
+        with core_failures(), engine_for_step(settings, ray, context.log.info) as engine:
+            d = engine.build_keep_lists(settings, bucket_files, log=progress.step)
+        r: KeepListsResult = d.result
         fractions = [row["kept_fraction"] for row in r.eps_curve]
         monotone = all(a >= b for a, b in zip(fractions, fractions[1:]))
         stale = prune_keep_lists(storage, settings.eps)  # eps no longer configured
@@ -176,7 +184,7 @@ def build_keep_lists_asset(names: GraphNames) -> dg.AssetsDefinition:
         # Every bucket file on disk counts, not only the configured ones: a leftover file double-counts items.
         on_disk = sum(st.parquet_num_rows(p) for p in bucket_files_on_disk(storage).values())
         one_bucket = r.items == assigned and r.distinct_ids == assigned and on_disk == assigned
-        layout = layout_problems(storage, list(assignment_files), settings.buckets, settings.eps)
+        layout = layout_problems(storage, list(assignment_files), settings.bucket_partitions, settings.eps)
         checks = [
             dg.AssetCheckResult(check_name="kept_fraction_monotone", passed=monotone,
                                 metadata={"kept_fraction": str([round(f, 6) for f in fractions])}),
@@ -187,7 +195,8 @@ def build_keep_lists_asset(names: GraphNames) -> dg.AssetsDefinition:
                                           "bucket_rows_on_disk": on_disk}),
             dg.AssetCheckResult(check_name=FILES_CHECK, passed=not layout, description="; ".join(layout) or None),
         ]
-        return dg.MaterializeResult(metadata=keep_lists_metadata(storage, settings, r), check_results=checks)
+        meta = {**keep_lists_metadata(storage, settings, r), "ran_on": d.worker.role, "worker": str(d.worker)}
+        return dg.MaterializeResult(metadata=meta, check_results=checks)
 
     return keep_lists
 

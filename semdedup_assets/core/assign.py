@@ -20,22 +20,53 @@ from semdedup_assets.core.tables import embedding_matrix, stored_dtype
 SIM_BLOCK = 4096
 
 
-def assign(embeddings: np.ndarray, centroids: np.ndarray, batch: int = 65536) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest centroid by inner product: (cluster int32, sim_to_centroid float32, independent of batching)."""
+def assign(embeddings: np.ndarray, centroids: np.ndarray, batch: int = 65536,
+           device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid by inner product: (cluster int32, sim_to_centroid float32, independent of batching).
+
+    On `device` "cpu" faiss' flat index finds the nearest centroid; on a CUDA device a torch
+    GEMM does (its scores can differ from faiss' BLAS in the last bit, so an item within an
+    ulp of two centroids can go to the other one). `sim_to_centroid` is the same row-wise
+    float64 kernel on either.
+    """
     x = np.ascontiguousarray(embeddings, dtype=np.float32)
     c32 = np.ascontiguousarray(centroids, dtype=np.float32)
-    index = faiss.IndexFlatIP(c32.shape[1])
-    index.add(c32)
+    nearest = _nearest_torch(c32, device) if device.startswith("cuda") else _nearest_faiss(c32)
     clusters = np.empty(len(x), dtype=np.int32)
     sims = np.empty(len(x), dtype=np.float32)
     for start in range(0, len(x), batch):
         chunk = x[start : start + batch]
-        _, i = index.search(chunk, 1)
+        i = nearest(chunk)
         clusters[start : start + batch] = i[:, 0]
         for s in range(0, len(chunk), SIM_BLOCK):  # bounded temporaries
             rows = chunk[s : s + SIM_BLOCK]
             sims[start + s : start + s + len(rows)] = sim_to_centroid(rows, c32[i[s : s + SIM_BLOCK, 0]])
     return clusters, sims
+
+
+def _nearest_faiss(c32: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    index = faiss.IndexFlatIP(c32.shape[1])
+    index.add(c32)
+    return lambda chunk: index.search(chunk, 1)[1]
+
+
+def _nearest_torch(c32: np.ndarray, device: str) -> Callable[[np.ndarray], np.ndarray]:
+    import torch
+
+    c = torch.from_numpy(c32).to(device)
+
+    def nearest(chunk: np.ndarray) -> np.ndarray:
+        scores = torch.from_numpy(chunk).to(device) @ c.T
+        return scores.argmax(dim=1, keepdim=True).cpu().numpy()
+
+    return nearest
+
+
+def assign_device(settings: Settings) -> str:
+    """Where the nearest-centroid search runs: the `device` knob resolved here ("cpu" or "cuda[:N]")."""
+    from semdedup_assets.core.encoders import resolve_device
+
+    return str(resolve_device(settings.device))
 
 
 def sim_to_centroid(rows: np.ndarray, row_centroids: np.ndarray) -> np.ndarray:
@@ -100,6 +131,8 @@ class AssignShardResult:
     buckets_touched: list[str]  # bucket keys holding the shard's items, before and after this run
     problems: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    device: str = "cpu"
+    warnings: list[str] = field(default_factory=list)  # e.g. a damaged earlier file that was replaced
 
 
 def assignment_problems(table: pa.Table, expected_rows: int, k: int) -> list[str]:
@@ -136,7 +169,8 @@ def assign_shard(settings: Settings, key: str, centroids: np.ndarray, k: int | N
 
     Rows are sorted by (cluster, id) with one row group per bucket. `buckets_touched`
     also holds the buckets the shard's items leave when an earlier assignment is replaced
-    (a damaged earlier file is just replaced, and `warn` names it).
+    (a damaged earlier file is just replaced: `warn` and the result's `warnings` name it).
+    Both engines call this, in the run's process or in a Ray task, so both write the same bytes.
     """
     k = len(centroids) if k is None else k
     if k != len(centroids):
@@ -145,14 +179,22 @@ def assign_shard(settings: Settings, key: str, centroids: np.ndarray, k: int | N
     storage = settings.storage_root()
     out = storage.shard_file(st.CLUSTER_ASSIGNMENTS, key)
     buckets: set[str] = set()
+    warnings: list[str] = []
+
+    def note(message: str) -> None:
+        warnings.append(message)
+        if warn is not None:
+            warn(message)
+
     # A re-run: the buckets its items leave are touched too.
-    old = st.usable(out, lambda p: st.read_table(p, columns=["cluster"]), warn)
+    old = st.usable(out, lambda p: st.read_table(p, columns=["cluster"]), note)
     if old is not None and old.num_rows and (old_clusters := old.column("cluster").to_numpy()).max() < k:
-        buckets |= touched_buckets(old_clusters, k, settings.buckets)
+        buckets |= touched_buckets(old_clusters, k, settings.bucket_partitions)
     emb = st.read_table(storage.shard_file(st.EMBEDDINGS, key))
     vectors = embedding_matrix(emb.column("embedding"))
     dtype = stored_dtype(emb.schema.field("embedding"))
-    clusters, sims = assign(vectors, centroids)
+    device = assign_device(settings)
+    clusters, sims = assign(vectors, centroids, device=device)
     schema = assignments_schema(vectors.shape[1], dtype)
     table = pa.table({
         "id": emb.column("id"), "shard": pa.array([key] * emb.num_rows, type=pa.string()),
@@ -165,11 +207,12 @@ def assign_shard(settings: Settings, key: str, centroids: np.ndarray, k: int | N
     problems = assignment_problems(table, emb.num_rows, k)
     # One row group per bucket: a bucket's read skips every other bucket's rows by footer stats.
     with st.publish_together([st.AtomicParquetWriter(out, table.schema)]) as (writer,):
-        for offset, length in bucket_row_slices(table.column("cluster").to_numpy(), k, settings.buckets):
+        for offset, length in bucket_row_slices(table.column("cluster").to_numpy(), k, settings.bucket_partitions):
             writer.write(table.slice(offset, length))
-    buckets |= touched_buckets(clusters, k, settings.buckets)
+    buckets |= touched_buckets(clusters, k, settings.bucket_partitions)
     if settings.probes > 1:  # a bucket's items probe clusters of other buckets: every bucket may change
-        buckets = set(bucket_keys(settings.buckets))
+        buckets = set(bucket_keys(settings.bucket_partitions))
     return AssignShardResult(key=key, path=str(out), rows=emb.num_rows, clusters_touched=int(len(np.unique(clusters))),
                              mean_sim_to_centroid=round(float(sims.mean()), 4), buckets_touched=sorted(buckets),
-                             problems=problems, seconds=round(time.perf_counter() - start, 2))
+                             problems=problems, seconds=round(time.perf_counter() - start, 2), device=device,
+                             warnings=warnings)

@@ -12,7 +12,7 @@ import pyarrow as pa
 
 from semdedup_assets.core import storage as st
 from semdedup_assets.core.config import Settings
-from semdedup_assets.core.kmeans import collect_sample, sample_target, train_spherical_kmeans
+from semdedup_assets.core.kmeans import collect_sample, kmeans_device_note, sample_target, train_spherical_kmeans
 from semdedup_assets.core.schemas import centroids_schema
 from semdedup_assets.core.tables import embedding_array, embedding_matrix
 
@@ -36,6 +36,8 @@ class CentroidsResult:
     gpu: bool
     sample_seconds: float
     train_seconds: float
+    device: str = "cpu"  # "cuda" where faiss-gpu trained
+    device_note: str = ""  # why that device (e.g. CUDA not available in the worker)
 
 
 def clusters_warning(settings: Settings, items: int) -> str | None:
@@ -88,7 +90,8 @@ def train_centroids(settings: Settings, embedding_files: Mapping[str, st.UPath],
     st.atomic_write_table(table, storage.centroids_file)
     return CentroidsResult(path=str(storage.centroids_file), clusters=k, dim=dim, items=total, shards=len(counts),
                            sample_rows=int(len(sample)), train_rows=result.n_train, objective=result.objective,
-                           gpu=result.gpu, sample_seconds=sample_seconds, train_seconds=round(result.seconds, 2))
+                           gpu=result.gpu, sample_seconds=sample_seconds, train_seconds=round(result.seconds, 2),
+                           device="cuda" if result.gpu else "cpu", device_note=kmeans_device_note(result.gpu))
 
 
 def sample_cap(budget: int, dim: int) -> int:
@@ -103,10 +106,18 @@ def _embedding_dim(embedding_files: Mapping[str, st.UPath]) -> int:
     return 1
 
 
+def _centroids_file(storage: st.Storage) -> st.UPath:
+    if not storage.centroids_file.exists():
+        raise MissingCentroidsError("no centroids yet: materialize `centroids` first")
+    return storage.centroids_file
+
+
+def centroids_count(storage: st.Storage) -> int:
+    """k, the number of trained centroids (from the file's footer, without reading the centroids)."""
+    return st.parquet_num_rows(_centroids_file(storage))
+
+
 def load_centroids(storage: st.Storage) -> np.ndarray:
     """The trained centroids as a (k, d) float32 matrix."""
-    path = storage.centroids_file
-    if not path.exists():
-        raise MissingCentroidsError("no centroids yet: materialize `centroids` first")
-    table = st.read_table(path)
+    table = st.read_table(_centroids_file(storage))
     return embedding_matrix(table.sort_by("cluster").column("centroid"))

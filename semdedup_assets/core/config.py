@@ -41,7 +41,10 @@ KEEP_STRATEGIES: tuple[str, ...] = typing.get_args(KeepStrategy)
 DEFAULT_EPS = (0.0001, 0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3)
 DEFAULT_STORAGE = ".storage"
 ENV_PREFIX = "SEMDEDUP_"
-AUTO = "auto"  # `--clusters auto`: the default k, round(sqrt(items))
+AUTO = "auto"  # `--clusters auto`: the default k, round(sqrt(items)); `--buckets auto`: buckets planned from counts
+# `--buckets auto`: the Dagster partitions of semantic_duplicates stay this fixed set (a graph's partitions are
+# known before any data is); the core plans each partition's memory buckets from the assignment counts.
+AUTO_BUCKET_PARTITIONS = 16
 
 
 def knob(default: Any, help: str, *, flag: str | None = "", metavar: str | None = None,
@@ -93,7 +96,10 @@ class Settings:
                                "order, then by id: the earlier member survives", metavar="COLUMN[:asc|desc],...")
     probes: int = knob(1, "multi-probe: also compare each item with the members of its P-1 next-nearest clusters "
                        "(1 = the paper's rule; exact fp32 tiles)", metavar="P")
-    buckets: int = knob(16, "cluster buckets = partitions of semantic_duplicates")
+    buckets: int | None = knob(16, "cluster buckets = partitions of semantic_duplicates, or auto: 16 partitions "
+                               "whose clusters are grouped into buckets that fit --memory-budget, planned from the "
+                               "assignment counts (a number B is split the same way where a bucket exceeds the "
+                               "budget)", metavar="B|auto")
     block_size: int = knob(1024, "tile size of the pairwise kernel")
     memory_budget: str | None = knob(None, "memory a stage may hold for its data (bucket rows, k-means sample, "
                                      "buffers), e.g. 4GB or 512MB; the interpreter itself is extra. Buckets larger "
@@ -120,7 +126,8 @@ class Settings:
     engine: EngineName = knob("local", "where embedding and the pairwise rule run: local (this process) or ray "
                               "(a local Ray instance, or the cluster at --ray-address)")
     ray_address: str | None = knob(None, "with --engine ray: an existing cluster, HOST:PORT (GCS), ray://HOST:PORT "
-                                   "(Ray client) or auto (default: start a local Ray instance)",
+                                   "(Ray client) or auto (default: inside a Ray job, e.g. a run under dagster-ray's "
+                                   "RayRunLauncher, that job's cluster; else a new local Ray instance)",
                                    metavar="HOST:PORT|auto")
     ray_actors: int = knob(0, "with --engine ray: embedding actors; 0 means one per GPU of the cluster, or without "
                            "GPUs one per CPU (each actor then gets CPUs/actors cores)")
@@ -143,7 +150,9 @@ class Settings:
                 raise ValueError(f"{f.name} must be one of {', '.join(allowed)}, got {getattr(self, f.name)!r}")
         if self.clusters is not None and self.clusters < 1:
             raise ValueError(f"clusters must be >= 1 (or auto), got {self.clusters}")
-        for name in ("probes", "buckets", "block_size", "batch_size", "max_length", "kmeans_iterations",
+        if self.buckets is not None and self.buckets < 1:
+            raise ValueError(f"buckets must be >= 1 (or auto), got {self.buckets}")
+        for name in ("probes", "block_size", "batch_size", "max_length", "kmeans_iterations",
                      "max_points_per_centroid", "backfill_batch", "sensor_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -172,6 +181,11 @@ class Settings:
     def memory_budget_bytes(self) -> int:
         """The memory budget in bytes: the `memory_budget` knob, else half of this machine's memory."""
         return parse_size(self.memory_budget) if self.memory_budget is not None else machine_memory() // 2
+
+    @property
+    def bucket_partitions(self) -> int:
+        """The partition count of semantic_duplicates: `buckets`, or AUTO_BUCKET_PARTITIONS for `auto`."""
+        return self.buckets if self.buckets is not None else AUTO_BUCKET_PARTITIONS
 
     @property
     def payload_column(self) -> str:
@@ -293,6 +307,7 @@ def default_of(f: dataclasses.Field) -> Any:
     return f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
 
 
+AUTO_KNOBS = ("clusters", "buckets")  # knobs whose None is written `auto`
 _TRUE = ("1", "true", "yes", "on", "running")
 _FALSE = ("0", "false", "no", "off", "stopped", "")
 
@@ -315,7 +330,7 @@ def coerce(name: str, raw: Any) -> Any:
         if text in _TRUE or text in _FALSE:
             return text in _TRUE
         raise ValueError(f"{name} must be on or off, got {raw!r}")
-    if name == "clusters" and isinstance(raw, str) and raw.strip().lower() in (AUTO, "none", ""):
+    if name in AUTO_KNOBS and isinstance(raw, str) and raw.strip().lower() in (AUTO, "none", ""):
         return None
     if kind in (int, float):
         try:
@@ -341,7 +356,7 @@ def model_cache_dir() -> str:
 
 def shown_value(name: str, value: object) -> str:
     """A knob's value as the command line writes it (`auto` for the default k, lists comma-separated)."""
-    if name == "clusters" and value is None:
+    if name in AUTO_KNOBS and value is None:
         return AUTO
     return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
 

@@ -204,13 +204,15 @@ def decontaminate(settings: Settings, embedding_files: Mapping[str, st.UPath], e
                                 encoder.encode if settings.modality == "text" else None, encode_images)
     threshold = contamination_threshold(settings.eps)
     writer = st.AtomicParquetWriter(storage.contaminated_file, schema)
-    scores: list[float] = []
+    per_eps = {e: 0 for e in settings.eps}  # counted shard by shard: no list of every flagged item's score
+    flagged = 0
     with st.publish_together([writer]):
         for table in find_contaminated(_stored_chunks(embedding_files), reference, threshold,
                                        device=resolve_device(settings.device)):
             writer.write(table)
-            scores += table.column("score").to_pylist()
-    s = np.asarray(scores, dtype=np.float64)
+            s = table.column("score").to_numpy()
+            flagged += len(s)
+            for e in per_eps:
+                per_eps[e] += int((s > 1.0 - e).sum())
     return DecontaminationResult(path=str(storage.contaminated_file), reference_items=int(len(reference.ids)),
-                                 flagged=int(len(s)), per_eps={e: int((s > 1.0 - e).sum()) for e in settings.eps},
-                                 seconds=round(time.perf_counter() - start, 2))
+                                 flagged=flagged, per_eps=per_eps, seconds=round(time.perf_counter() - start, 2))

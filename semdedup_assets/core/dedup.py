@@ -66,8 +66,19 @@ def _assignments_dataset(files: Sequence[st.UPath], keep_by: Sequence[str] = ())
 
 
 def _cluster_filter(first: int, end: int, clusters: list[int] | None = None) -> pc.Expression:
-    return (pc.field("cluster") >= first) & (pc.field("cluster") < end) if clusters is None else \
-        pc.field("cluster").isin(clusters)
+    """Rows of clusters [first, end), or of `clusters` as ranges of consecutive ids (row groups skipped by stats)."""
+    if clusters is None:
+        return (pc.field("cluster") >= first) & (pc.field("cluster") < end)
+    ids = np.unique(np.asarray(clusters, dtype=np.int64))
+    if not len(ids):
+        return pc.scalar(False)
+    cuts = np.flatnonzero(np.diff(ids) != 1) + 1
+    runs = [(int(r[0]), int(r[-1]) + 1) for r in np.split(ids, cuts)]
+    expression = None
+    for a, b in runs:
+        part = (pc.field("cluster") >= a) & (pc.field("cluster") < b)
+        expression = part if expression is None else expression | part
+    return expression
 
 
 def read_bucket_rows(files: Sequence[st.UPath], first: int, end: int, clusters: list[int] | None = None,
@@ -87,11 +98,15 @@ def read_bucket_rows(files: Sequence[st.UPath], first: int, end: int, clusters: 
 
 
 def cluster_counts(files: Sequence[st.UPath], first: int, end: int) -> np.ndarray:
-    """Members of each cluster in [first, end), from the cluster column alone."""
+    """Members of each cluster in [first, end), from the cluster column alone (streamed: O(end - first))."""
+    counts = np.zeros(max(0, end - first), dtype=np.int64)
     if not files or end <= first:
-        return np.zeros(max(0, end - first), dtype=np.int64)
-    clusters = _assignments_dataset(files).to_table(filter=_cluster_filter(first, end), columns=["cluster"])
-    return np.bincount(clusters.column("cluster").to_numpy() - first, minlength=end - first).astype(np.int64)
+        return counts
+    for batch in _assignments_dataset(files).to_batches(filter=_cluster_filter(first, end), columns=["cluster"],
+                                                        fragment_readahead=2, batch_readahead=2):
+        if batch.num_rows:
+            counts += np.bincount(batch.column("cluster").to_numpy() - first, minlength=end - first)
+    return counts
 
 
 def row_bytes(files: Sequence[st.UPath]) -> int:
@@ -224,97 +239,193 @@ def top_pairs(table: pa.Table, n: int = TOP_PAIRS, below: float | None = None) -
 def dedup_bucket(settings: Settings, bucket: str, k: int, assignment_files: Sequence[st.UPath]) -> DedupBucketResult:
     """Deduplicate the clusters of one bucket across every shard's assignments file.
 
-    Writes `semantic_duplicates/bucket-<bucket>.parquet` atomically; the result's
-    `problems` is empty when every assigned item of the bucket appears exactly once.
+    The bucket's clusters are planned into groups that fit the memory budget from the
+    assignment counts (`plan_bucket`); each group is read and deduplicated on its own and
+    `semantic_duplicates/bucket-<bucket>.parquet` is streamed group by group and published
+    atomically. The result's `problems` is empty when every assigned item of the bucket
+    appears exactly once.
     """
     storage = settings.storage_root()
     device = str(resolve_device(settings.device))
-    first, end = bucket_cluster_range(int(bucket), k, settings.buckets)
+    first, end = bucket_cluster_range(int(bucket), k, settings.bucket_partitions)
     files = sorted(assignment_files, key=str)
-    keep_by = settings.keep_by_columns
-    names = [name for name, _ in keep_by]
     kernel: dict[str, float] = {"rechecked_rows": 0, "error_bound": 0.0}
     path = storage.bucket_file(bucket)
-    if settings.probes > 1:  # exact fp32 tiles over the probed clusters (core/multiprobe.py): the bucket at once
-        from semdedup_assets.core.centroids import load_centroids
-        from semdedup_assets.core.multiprobe import multiprobe_bucket
-
-        table = read_bucket_rows(files, first, end, keep_by=names)
-        start = time.perf_counter()
-        result, sizes = multiprobe_bucket(table, lambda cs: read_bucket_rows(files, 0, 0, cs, keep_by=names),
-                                          load_centroids(storage), settings.probes, settings.keep, settings.seed,
-                                          settings.block_size, device, keep_by=keep_by)
-        seconds = time.perf_counter() - start
-        st.atomic_write_table(result, path)
-        pairs, rows, assigned, ids_seen, groups, from_disk = top_pairs(result), result.num_rows, table.num_rows, \
-            pc.count_distinct(result.column("id")).as_py(), 1, []
-    else:
-        sizes, pairs, rows, assigned, ids_seen, seconds, groups, from_disk = \
-            _dedup_in_groups(settings, files, first, end, device, kernel, path)
+    tally = _Tally()
+    # Fixed row groups: the file's bytes do not depend on how the bucket was split.
+    with st.publish_together([st.AtomicParquetWriter(path, SEMANTIC_DUPLICATES_SCHEMA, st.STREAM_ROW_GROUP)]) as (writer,):
+        if settings.probes > 1:  # exact fp32 tiles over the probed clusters (core/multiprobe.py)
+            _multiprobe_in_groups(settings, files, first, end, k, device, writer, tally)
+        else:
+            _dedup_in_groups(settings, files, first, end, device, kernel, writer, tally)
     problems = []
-    if rows != assigned or ids_seen != rows:
-        problems.append(f"bucket {bucket}: {rows} result rows for {assigned} assigned items")
-    return DedupBucketResult(bucket=bucket, path=str(path), first_cluster=first, end_cluster=end, rows=rows,
-                             assigned_rows=assigned, cluster_sizes=sizes, top_pairs=pairs,
+    if tally.rows != tally.assigned or tally.ids_seen != tally.rows:
+        problems.append(f"bucket {bucket}: {tally.rows} result rows for {tally.assigned} assigned items")
+    return DedupBucketResult(bucket=bucket, path=str(path), first_cluster=first, end_cluster=end, rows=tally.rows,
+                             assigned_rows=tally.assigned, cluster_sizes=tally.sizes, top_pairs=tally.pairs,
                              rechecked_rows=int(kernel["rechecked_rows"]), error_bound=float(kernel["error_bound"]),
-                             device=device, seconds=round(seconds, 2), problems=problems, groups=groups,
-                             clusters_from_disk=from_disk)
+                             device=device, seconds=round(tally.seconds, 2), problems=problems,
+                             groups=max(tally.groups, 1), clusters_from_disk=tally.from_disk)
+
+
+@dataclass
+class _Tally:
+    """What the groups of one bucket added up to."""
+
+    sizes: list[int] = field(default_factory=list)
+    pairs: list[Pair] = field(default_factory=list)
+    rows: int = 0
+    assigned: int = 0
+    ids_seen: int = 0
+    groups: int = 0
+    seconds: float = 0.0
+    from_disk: list[int] = field(default_factory=list)
+
+    def add(self, writer: st.AtomicParquetWriter, result: pa.Table, sizes: list[int], read: int,
+            seconds: float) -> None:
+        """Write one group's result (groups come in cluster order) and count it."""
+        writer.write(result)
+        self.groups += 1
+        self.seconds += seconds
+        self.sizes += sizes
+        self.rows += result.num_rows
+        self.assigned += read
+        self.ids_seen += pc.count_distinct(result.column("id")).as_py()
+        self.pairs = heapq.nsmallest(TOP_PAIRS, self.pairs + top_pairs(result), key=lambda x: (-x[0], x[1]))
+
+
+def pairwise_budget(settings: Settings) -> int:
+    """The bytes a bucket's rows may take: the memory budget less the kernel's tiles (a block x block score tile
+    and its temporaries), at least a quarter of the budget."""
+    return max(settings.memory_budget_bytes - 4 * 4 * settings.block_size ** 2, settings.memory_budget_bytes // 4)
+
+
+def plan_bucket(settings: Settings, files: Sequence[st.UPath], first: int, end: int) -> list[tuple[int, int, int]]:
+    """The memory buckets of clusters [first, end): (first, end, rows) of consecutive cluster ranges that fit.
+
+    Computed from the assignment counts (the `cluster` column only), never guessed: each
+    range's rows, at the stored dtype with their working copies (`row_bytes`), fit
+    `pairwise_budget`; a cluster larger than that is a range of its own (tiled from disk).
+    Ranges without rows are left out.
+    """
+    counts = cluster_counts(files, first, end)
+    per_row = row_bytes(files) if files else 1
+    plan = [(a, b, int(counts[a - first:b - first].sum()))
+            for a, b in cluster_groups(counts, first, per_row, pairwise_budget(settings))]
+    return [(a, b, n) for a, b, n in plan if n]
 
 
 def _dedup_in_groups(settings: Settings, files: Sequence[st.UPath], first: int, end: int, device: str,
-                     kernel: dict[str, float], path: st.UPath) -> tuple[list[int], list[Pair], int, int, int, float,
-                                                                          int, list[int]]:
-    """Deduplicate clusters [first, end) a group of consecutive clusters at a time, each group within the budget.
+                     kernel: dict[str, float], writer: st.AtomicParquetWriter, tally: _Tally) -> None:
+    """Deduplicate clusters [first, end) a planned group of consecutive clusters at a time, each within the budget.
 
     A cluster that alone exceeds the budget is tiled from disk (fp32), or refused with a
     message naming it, its size and the k that would fit when the precision is not fp32.
-    The result file is streamed group by group, in cluster order: the same rows as one read.
     """
     keep_by = settings.keep_by_columns
     names = [name for name, _ in keep_by]
-    # The kernel's tiles (a block x block score tile and its temporaries) come out of the budget first.
-    budget = max(settings.memory_budget_bytes - 4 * 4 * settings.block_size ** 2, settings.memory_budget_bytes // 4)
-    counts = cluster_counts(files, first, end)
+    budget = pairwise_budget(settings)
     per_row = row_bytes(files) if files else 1
-    sizes: list[int] = []
-    pairs: list[Pair] = []
-    rows = assigned = ids_seen = groups = 0
-    from_disk: list[int] = []
-    seconds = 0.0
-    # Fixed row groups: the file's bytes do not depend on how the bucket was split.
-    with st.publish_together([st.AtomicParquetWriter(path, SEMANTIC_DUPLICATES_SCHEMA, st.STREAM_ROW_GROUP)]) as (writer,):
-        for a, b in cluster_groups(counts, first, per_row, budget):
-            group_rows = int(counts[a - first:b - first].sum())
-            if group_rows == 0:
-                continue
-            groups += 1
+    for a, b, size in plan_bucket(settings, files, first, end):
+        if b - a == 1 and size * per_row > budget:  # one cluster beyond the budget
+            if settings.precision != "fp32":
+                raise ValueError(f"cluster {a} has {size} members ({size * per_row / 2**20:.0f} MiB "
+                                 f"to deduplicate), more than the memory budget of {budget / 2**20:.0f} MiB, and "
+                                 f"precision {settings.precision} cannot tile it from disk: use --precision fp32, "
+                                 f"a larger --memory-budget, or a k of at least "
+                                 f"{_k_that_fits(settings, files, size, budget // per_row)}")
             start = time.perf_counter()
-            if b - a == 1 and group_rows * per_row > budget:  # one cluster beyond the budget
-                if settings.precision != "fp32":
-                    raise ValueError(f"cluster {a} has {group_rows} members ({group_rows * per_row / 2**20:.0f} MiB "
-                                     f"to deduplicate), more than the memory budget of {budget / 2**20:.0f} MiB, and "
-                                     f"precision {settings.precision} cannot tile it from disk: use --precision fp32, "
-                                     f"a larger --memory-budget, or a k of at least "
-                                     f"{_k_that_fits(settings, files, group_rows, budget // per_row)}")
-                result = dedup_cluster_from_disk(files, a, settings.keep, settings.seed, settings.block_size, device,
-                                                 keep_by)
-                group_sizes, read = [result.num_rows], result.num_rows
-                from_disk.append(a)
-            else:
-                table = read_bucket_rows(files, a, b, keep_by=names)
-                start = time.perf_counter()
-                result, group_sizes = dedup_table(table, settings.keep, settings.seed, settings.block_size, device,
-                                                  settings.precision, settings.thresholds, kernel, keep_by=keep_by)
-                read = table.num_rows
-                del table
-            seconds += time.perf_counter() - start
-            writer.write(result)
-            sizes += group_sizes
-            rows += result.num_rows
-            assigned += read
-            ids_seen += pc.count_distinct(result.column("id")).as_py()
-            pairs = heapq.nsmallest(TOP_PAIRS, pairs + top_pairs(result), key=lambda x: (-x[0], x[1]))
-    return sizes, pairs, rows, assigned, ids_seen, seconds, max(groups, 1), from_disk
+            result = dedup_cluster_from_disk(files, a, settings.keep, settings.seed, settings.block_size, device,
+                                             keep_by)
+            tally.from_disk.append(a)
+            tally.add(writer, result, [result.num_rows], result.num_rows, time.perf_counter() - start)
+            continue
+        table = read_bucket_rows(files, a, b, keep_by=names)
+        start = time.perf_counter()
+        result, sizes = dedup_table(table, settings.keep, settings.seed, settings.block_size, device,
+                                    settings.precision, settings.thresholds, kernel, keep_by=keep_by)
+        read = table.num_rows
+        del table
+        tally.add(writer, result, sizes, read, time.perf_counter() - start)
+
+
+def _multiprobe_in_groups(settings: Settings, files: Sequence[st.UPath], first: int, end: int, k: int, device: str,
+                          writer: st.AtomicParquetWriter, tally: _Tally) -> None:
+    """The multi-probe rule over clusters [first, end), a group of consecutive clusters at a time within the budget.
+
+    A group's pool is its own rows plus every member of the clusters they probe; groups are
+    read with a (P + 1)-th of the budget and then cut so that each pool fits the rest
+    (`probe_groups`). A single cluster whose pool exceeds the budget is refused, naming it:
+    the probed clusters cannot be tiled from disk. Each query's M depends only on its own
+    probe set, so the groups give the same rows as one read of the bucket.
+    """
+    from semdedup_assets.core.centroids import load_centroids
+    from semdedup_assets.core.multiprobe import multiprobe_bucket, probe_clusters
+
+    keep_by = settings.keep_by_columns
+    names = [name for name, _ in keep_by]
+    centroids = load_centroids(settings.storage_root())
+    budget = pairwise_budget(settings)
+    per_row = row_bytes(files) if files else 1
+    counts = cluster_counts(files, 0, k)  # every cluster's size: a probed cluster is read whole
+    for a, b in cluster_groups(counts[first:end], first, per_row, budget // (settings.probes + 1)):
+        if not counts[a:b].sum():
+            continue
+        table = read_bucket_rows(files, a, b, keep_by=names)
+        own = table.column("cluster").to_numpy().astype(np.int64)
+        probe = probe_clusters(unit_embeddings(table), centroids, own, settings.probes)
+        for c0, c1 in probe_groups(own, probe, a, b, counts, per_row, budget - table.num_rows * per_row,
+                                   settings.probes):
+            s, e = (int(i) for i in np.searchsorted(own, [c0, c1]))
+            start = time.perf_counter()
+            result, sizes = multiprobe_bucket(table.slice(s, e - s),
+                                              lambda cs: _probed_rows(table, own, a, b, cs, files, names),
+                                              centroids, settings.probes, settings.keep, settings.seed,
+                                              settings.block_size, device, keep_by=keep_by, probe=probe[s:e])
+            tally.add(writer, result, sizes, e - s, time.perf_counter() - start)
+        del table
+
+
+def _probed_rows(table: pa.Table, own: np.ndarray, a: int, b: int, clusters: list[int], files: Sequence[st.UPath],
+                 names: Sequence[str]) -> pa.Table:
+    """The rows of `clusters`: those of the group in memory (clusters [a, b) of `table`) taken from it, the rest read."""
+    inside = [c for c in clusters if a <= c < b]
+    outside = [c for c in clusters if not a <= c < b]
+    parts = [table.take(pa.array(np.flatnonzero(np.isin(own, inside))))] if inside else []
+    if outside:
+        parts.append(read_bucket_rows(files, 0, 0, outside, keep_by=names).select(table.column_names))
+    return pa.concat_tables(parts) if parts else table.schema.empty_table()
+
+
+def probe_groups(own: np.ndarray, probe: np.ndarray, first: int, end: int, counts: np.ndarray, per_row: int,
+                 budget: int, probes: int) -> Iterator[tuple[int, int]]:
+    """Consecutive cluster ranges of [first, end) whose pools (own members plus every member of the clusters
+    they probe) fit the budget; `own` is sorted, `probe` its (n, P) probe clusters, `counts` every cluster's size.
+
+    Raises ValueError naming a cluster whose pool alone exceeds the budget.
+    """
+    bounds = np.searchsorted(own, np.arange(first, end + 1))
+    a, pool = first, set()
+
+    def rows(clusters: set[int]) -> int:
+        return int(counts[sorted(clusters)].sum())
+
+    for c in range(first, end):
+        s, e = bounds[c - first], bounds[c - first + 1]
+        if e == s:
+            continue
+        mine = {c, *np.unique(probe[s:e]).tolist()}
+        if pool and rows(pool | mine) * per_row > budget:
+            yield a, c
+            a, pool = c, set()
+        if not pool and rows(mine) * per_row > budget:
+            raise ValueError(f"cluster {c} and the clusters its members probe hold {rows(mine)} rows "
+                             f"({rows(mine) * per_row / 2**20:.0f} MiB), more than the memory budget leaves for "
+                             f"them ({max(budget, 0) / 2**20:.0f} MiB) with --probes {probes}: use a larger "
+                             f"--memory-budget, fewer --probes, or a larger k")
+        pool |= mine
+    if pool:
+        yield a, end
 
 
 def _k_that_fits(settings: Settings, files: Sequence[st.UPath], size: int, fits: int) -> int:

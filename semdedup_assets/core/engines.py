@@ -4,14 +4,18 @@
 - `ray`: on a Ray cluster, a local instance or the one at `ray_address`. Shards stream
   through a pool of embedding actors: one per GPU (`num_gpus=1`, so Ray pins each
   actor's `CUDA_VISIBLE_DEVICES`) or, without GPUs, CPU actors that split the cores.
-  Each actor loads the encoder once. The buckets of the pairwise rule are Ray tasks,
-  one GPU each where the cluster has GPUs.
+  Each actor loads the encoder once. k-means training is one task on a GPU worker
+  where the cluster has a GPU, else it stays in the driver (the run's process). The
+  shards' assignments and the buckets of the pairwise rule are Ray tasks, one GPU each
+  where the cluster has GPUs; the keep-lists are one CPU task. Ingest stays in the driver.
 
 Both engines call the same core functions (`core.embed.embed_shard`,
-`core.dedup.dedup_bucket`), which write their files atomically wherever they run, so
-both give the same bytes. A worker that dies (killed, out of memory, node lost) is
-retried `ray_retries` times; then the run fails naming the shard or bucket. Nothing
-here imports Dagster; `ray` is imported only by the Ray engine.
+`core.centroids.train_centroids`, `core.assign.assign_shard`, `core.dedup.dedup_bucket`,
+`core.keep.build_keep_lists`),
+which read their inputs from storage by path and write their files atomically wherever
+they run, so both give the same bytes. A worker that dies (killed, out of memory, node
+lost) is retried `ray_retries` times; then the run fails naming the shard or bucket.
+Nothing here imports Dagster; `ray` is imported only by the Ray engine.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import os
 import socket
 from abc import ABC, abstractmethod
 from collections import Counter, deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -32,6 +36,8 @@ from semdedup_assets.core.shards import ShardFile
 R = TypeVar("R")
 Log = Callable[[str], None]
 REACHABLE_TIMEOUT_S = 5.0
+CENTROIDS = "centroids"  # the unit key of k-means training (one for the dataset)
+KEEP_LISTS = "keep_lists"  # the unit key of the keep-lists (one for the dataset)
 
 
 class EngineError(RuntimeError):
@@ -42,29 +48,38 @@ class EngineError(RuntimeError):
         self.shard = shard
 
 
+DRIVER, RAY_WORKER = "driver", "ray worker"
+
+
 @dataclass(frozen=True)
 class Worker:
-    """Where a unit of work ran: node address, process and visible GPUs."""
+    """Where a unit of work ran: node address, process, visible GPUs, Ray node id and role."""
 
     node: str
     pid: int
     devices: str = ""  # CUDA_VISIBLE_DEVICES; "" when unset
+    node_id: str = ""  # the Ray node's id; "" outside Ray
+    role: str = DRIVER  # DRIVER (the run's own process) or RAY_WORKER (a Ray task or actor)
 
     def __str__(self) -> str:
-        return f"{self.node} pid {self.pid}" + (f" CUDA_VISIBLE_DEVICES={self.devices}" if self.devices else "")
+        return (f"{self.node}" + (f" node {self.node_id[:12]}" if self.node_id else "") + f" pid {self.pid}"
+                + (f" CUDA_VISIBLE_DEVICES={self.devices}" if self.devices else ""))
 
 
-def current_worker() -> Worker:
-    """This process as a Worker (Ray sets CUDA_VISIBLE_DEVICES for actors and tasks that hold GPUs)."""
-    node = socket.gethostname()
+def current_worker(role: str = DRIVER) -> Worker:
+    """This process as a Worker (Ray sets CUDA_VISIBLE_DEVICES for actors and tasks that hold GPUs).
+
+    `role`: RAY_WORKER when called from a Ray task or actor, DRIVER from the run's own process.
+    """
+    node, node_id = socket.gethostname(), ""
     try:
         import ray
 
         if ray.is_initialized():
-            node = ray.util.get_node_ip_address()
+            node, node_id = ray.util.get_node_ip_address(), ray.get_runtime_context().get_node_id()
     except ImportError:
         pass
-    return Worker(node=node, pid=os.getpid(), devices=visible_cuda_devices())
+    return Worker(node=node, pid=os.getpid(), devices=visible_cuda_devices(), node_id=node_id, role=role)
 
 
 @dataclass
@@ -86,9 +101,24 @@ class Engine(ABC):
         """Embed every shard (`core.embed.embed_shard`), yielding Done(key, EmbedShardResult, worker)."""
 
     @abstractmethod
+    def train_centroids(self, settings: Settings, embedding_files: Mapping[str, st.UPath],
+                        log: Log | None = None, warn: Log | None = None) -> Done:
+        """Train and write the centroids (`core.centroids.train_centroids`): Done("centroids", CentroidsResult, worker)."""
+
+    @abstractmethod
+    def assign_shards(self, settings: Settings, keys: Sequence[str]) -> Iterator[Done]:
+        """Assign every shard to the centroids file's clusters (`core.assign.assign_shard`), yielding
+        Done(key, AssignShardResult, worker)."""
+
+    @abstractmethod
     def dedup_buckets(self, settings: Settings, buckets: Sequence[str], k: int,
                       assignment_files: Sequence[st.UPath]) -> Iterator[Done]:
         """Deduplicate every bucket (`core.dedup.dedup_bucket`), yielding Done(bucket, DedupBucketResult, worker)."""
+
+    @abstractmethod
+    def build_keep_lists(self, settings: Settings, bucket_files: Sequence[st.UPath], log: Log | None = None) -> Done:
+        """Write the keep-lists from the bucket files (`core.keep.build_keep_lists`): Done("keep_lists", KeepListsResult,
+        worker)."""
 
     def close(self) -> None:
         """Release what the engine holds."""
@@ -112,6 +142,21 @@ class LocalEngine(Engine):
         for shard in shards:
             yield Done(shard.key, embed_shard(settings, shard.key, shard, log=log), worker)
 
+    def train_centroids(self, settings: Settings, embedding_files: Mapping[str, st.UPath],
+                        log: Log | None = None, warn: Log | None = None) -> Done:
+        from semdedup_assets.core.centroids import train_centroids
+
+        return Done(CENTROIDS, train_centroids(settings, embedding_files, log=log, warn=warn), current_worker())
+
+    def assign_shards(self, settings: Settings, keys: Sequence[str]) -> Iterator[Done]:
+        from semdedup_assets.core.assign import assign_shard
+        from semdedup_assets.core.centroids import load_centroids
+
+        centroids = load_centroids(settings.storage_root())  # once for the run's shards
+        worker = current_worker()
+        for key in keys:
+            yield Done(key, assign_shard(settings, key, centroids, len(centroids)), worker)
+
     def dedup_buckets(self, settings: Settings, buckets: Sequence[str], k: int,
                       assignment_files: Sequence[st.UPath]) -> Iterator[Done]:
         from semdedup_assets.core.dedup import dedup_bucket
@@ -119,6 +164,11 @@ class LocalEngine(Engine):
         worker = current_worker()
         for bucket in buckets:
             yield Done(bucket, dedup_bucket(settings, bucket, k, assignment_files), worker)
+
+    def build_keep_lists(self, settings: Settings, bucket_files: Sequence[st.UPath], log: Log | None = None) -> Done:
+        from semdedup_assets.core.keep import build_keep_lists
+
+        return Done(KEEP_LISTS, build_keep_lists(settings, bucket_files, log=log), current_worker())
 
 
 def engine_for(settings: Settings) -> Engine:
@@ -139,7 +189,7 @@ def host_port(address: str) -> tuple[str, int]:
 
 
 def resolve_ray_address(address: str | None) -> str | None:
-    """The address to connect to (None: start a local instance), checked to be reachable at once.
+    """The address to connect to (None: let Ray decide, see `starts_local_instance`), checked to be reachable at once.
 
     `ray.init` on an address where nothing listens retries for minutes; a plain TCP connect
     answers in milliseconds, so a wrong address fails before any work starts.
@@ -171,10 +221,29 @@ def import_ray() -> Any:
     return ray
 
 
+def starts_local_instance() -> bool:
+    """Whether `ray.init()` with no address starts a new local instance (Ray's own look-up).
+
+    With no address Ray connects to the cluster in RAY_ADDRESS, which Ray sets for every job's
+    driver (a Dagster run under dagster-ray's RayRunLauncher is one), or to the latest
+    `ray start` on this machine; only without either does it start an instance of its own.
+    """
+    from ray._private.services import canonicalize_bootstrap_address
+
+    try:
+        return canonicalize_bootstrap_address(None) is None
+    except Exception:  # a malformed RAY_ADDRESS: ray.init will say so itself
+        return False
+
+
 def ray_init_options(address: str | None) -> dict[str, Any]:
-    """`ray.init` options: quiet drivers; a local instance keeps its sockets on the loopback, no dashboard."""
+    """`ray.init` options: quiet drivers; a new local instance keeps its sockets on the loopback, no dashboard.
+
+    Not for an existing cluster found without an address (inside a Ray job): there the driver's
+    node address is the node's own, and 127.0.0.1 would match no raylet of a real cluster.
+    """
     options: dict[str, Any] = {"log_to_driver": False, "configure_logging": False}
-    if address is None:
+    if address is None and starts_local_instance():
         options.update(include_dashboard=False, _node_ip_address="127.0.0.1")
     return options
 
@@ -214,24 +283,47 @@ def _worker_died_errors() -> tuple[type[BaseException], ...]:
     return (rex.RayActorError, rex.WorkerCrashedError, rex.OutOfMemoryError, rex.NodeDiedError, rex.ObjectLostError)
 
 
+RAYON_THREADS_ENV = "RAYON_NUM_THREADS"  # the size of the tokenizers' (Rust, rayon) thread pool
+
+
+class LazyEncoder:
+    """The settings' encoder, loaded at its first use: an actor whose shards are all cached loads no model."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._encoder: Any = None
+
+    def loaded(self) -> Any:
+        """The encoder, loading it now if this is its first use."""
+        if self._encoder is None:
+            from semdedup_assets.core.encoders import encoder_for
+
+            self._encoder = encoder_for(self._settings)
+        return self._encoder
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):  # not the encoder's (e.g. looked up while unpickling)
+            raise AttributeError(name)
+        return getattr(self.loaded(), name)
+
+
 class ShardEmbedder:
-    """A Ray actor: loads the encoder once, then embeds the shards it is given, one at a time."""
+    """A Ray actor: loads the encoder once (at its first shard that is not cached), then embeds the shards it is
+    given, one at a time."""
 
     def __init__(self, settings: Settings, threads: int) -> None:
-        from semdedup_assets.core.encoders import encoder_for
-
         if threads:
             import torch
 
-            torch.set_num_threads(threads)
+            torch.set_num_threads(threads)  # the tokenizers' pool is sized by the actor's runtime_env (plan_actors)
         self.settings = settings
-        self.encoder = None if settings.modality == "embedding" else encoder_for(settings)
+        self.encoder = None if settings.modality == "embedding" else LazyEncoder(settings)
 
     def embed(self, shard: ShardFile) -> tuple[Any, Worker]:
         """Embed one shard; returns its EmbedShardResult and this worker."""
         from semdedup_assets.core.embed import embed_shard
 
-        return embed_shard(self.settings, shard.key, shard, encoder=self.encoder), current_worker()
+        return embed_shard(self.settings, shard.key, shard, encoder=self.encoder), current_worker(RAY_WORKER)
 
 
 def _dedup_task(settings: Settings, bucket: str, k: int, assignment_files: Sequence[st.UPath],
@@ -243,7 +335,53 @@ def _dedup_task(settings: Settings, bucket: str, k: int, assignment_files: Seque
 
         torch.set_num_threads(threads)
 
-    return dedup_bucket(settings, bucket, k, assignment_files), current_worker()
+    return dedup_bucket(settings, bucket, k, assignment_files), current_worker(RAY_WORKER)
+
+
+def _assign_task(settings: Settings, key: str) -> tuple[Any, Worker]:
+    """One shard's assignment in a Ray worker: the centroids file and the shard's embeddings read by path."""
+    from semdedup_assets.core.assign import assign_shard
+    from semdedup_assets.core.centroids import load_centroids
+
+    centroids = load_centroids(settings.storage_root())
+    return assign_shard(settings, key, centroids, len(centroids)), current_worker(RAY_WORKER)
+
+
+def _keep_lists_task(settings: Settings, bucket_files: Sequence[st.UPath]) -> tuple[tuple[Any, list[str]], Worker]:
+    """The keep-lists in a Ray worker: the bucket files streamed from storage, the files written there."""
+    from semdedup_assets.core.keep import build_keep_lists
+
+    logs: list[str] = []
+    return (build_keep_lists(settings, bucket_files, log=logs.append), logs), current_worker(RAY_WORKER)
+
+
+@dataclass
+class CentroidsRun:
+    """What the k-means task hands back: the result, and the log lines and warnings the driver repeats."""
+
+    result: Any  # CentroidsResult
+    logs: list[str]
+    warned: list[str]  # told to `warn` (k differs from --clusters)
+    warnings: list[str]  # Python warnings (the sample capped by the memory budget)
+
+
+def _centroids_task(settings: Settings, embedding_files: Mapping[str, st.UPath], threads: int
+                    ) -> tuple[CentroidsRun, Worker]:
+    """k-means training on a GPU worker (faiss-gpu where importable there, else faiss' CPU math)."""
+    import warnings
+
+    import faiss
+
+    from semdedup_assets.core.centroids import train_centroids
+
+    if threads:  # the node's cores, as the local engine's faiss uses the machine's
+        faiss.omp_set_num_threads(threads)
+    logs: list[str] = []
+    warned: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = train_centroids(settings, embedding_files, log=logs.append, warn=warned.append)
+    return CentroidsRun(result, logs, warned, [str(w.message) for w in caught]), current_worker(RAY_WORKER)
 
 
 def remove_temporaries(path: st.UPath) -> None:
@@ -258,7 +396,7 @@ class ActorPlan:
     """How many embedding actors, and the Ray resources and torch threads of each."""
 
     actors: int
-    options: dict[str, float]
+    options: dict[str, Any]  # ray.remote options: resources, and the runtime_env of CPU actors
     threads: int
 
 
@@ -274,7 +412,11 @@ def plan_actors(settings: Settings, n_units: int, node_cpus: Sequence[float], gp
     n = settings.ray_actors or total
     each = max(1, total // n)
     fits = sum(int(c) // each for c in node_cpus) or 1
-    return ActorPlan(max(1, min(n, n_units, fits)), {"num_cpus": each}, each)
+    # The Rust tokenizers run their own thread pool, one thread per core of the node unless told otherwise:
+    # C actors on C cores would each start C threads. Ray starts each actor's process with this environment,
+    # so the pool (made at the first batch) holds to the actor's share; token ids do not depend on it.
+    options = {"num_cpus": each, "runtime_env": {"env_vars": {RAYON_THREADS_ENV: str(each)}}}
+    return ActorPlan(max(1, min(n, n_units, fits)), options, each)
 
 
 class RayEngine(Engine):
@@ -335,9 +477,8 @@ class RayEngine(Engine):
                     for path in outputs(shard.key):
                         remove_temporaries(path)
                     if attempts[shard.key] > settings.ray_retries:
-                        raise EngineError(f"shard {shard.key!r}: its Ray worker died {attempts[shard.key]} time(s); "
-                                          f"the {settings.ray_retries} retries are exhausted: "
-                                          f"{_first_line(err)}", shard=shard.key) from None
+                        raise worker_died_error("shard", shard.key, attempts[shard.key], settings.ray_retries,
+                                                err) from None
                     if log is not None:
                         log(f"shard {shard.key!r}: its Ray worker died ({_first_line(err)}); retry "
                             f"{attempts[shard.key]} of {settings.ray_retries} on a new actor")
@@ -352,6 +493,47 @@ class RayEngine(Engine):
             for actor in actors:
                 ray.kill(actor)
 
+    def train_centroids(self, settings: Settings, embedding_files: Mapping[str, st.UPath],
+                        log: Log | None = None, warn: Log | None = None) -> Done:
+        import warnings
+
+        import ray
+
+        node_cpus, gpus = self._resources()
+        if gpus < 1:  # no GPU to gain: k-means stays in the driver, as with the local engine
+            if log is not None:
+                log("ray: no GPU in the cluster, k-means trains in the driver")
+            return LocalEngine().train_centroids(settings, embedding_files, log=log, warn=warn)
+        task = ray.remote(_centroids_task).options(max_retries=settings.ray_retries, retry_exceptions=False,
+                                                   num_gpus=1, num_cpus=0)
+        storage = settings.storage_root()
+        threads = max(1, int(min(node_cpus, default=1)))
+        if log is not None:
+            log("ray: k-means trains in one task on a GPU worker")
+        (done,) = self._run_tasks(settings, task, [(CENTROIDS, (settings, dict(embedding_files), threads))],
+                                  kind="k-means", outputs=lambda _: [storage.centroids_file])
+        run: CentroidsRun = done.result
+        for line in run.logs if log is not None else []:
+            log(f"{line} (on {done.worker})")
+        for message in run.warned if warn is not None else []:
+            warn(message)
+        for message in run.warnings:
+            warnings.warn(message, stacklevel=2)
+        return Done(CENTROIDS, run.result, done.worker)
+
+    def assign_shards(self, settings: Settings, keys: Sequence[str]) -> Iterator[Done]:
+        import ray
+
+        if not keys:
+            return
+        storage = settings.storage_root()
+        _, gpus = self._resources()
+        # O(shard + k*d) each: one CPU (or one GPU) per task, so a node runs as many shards as it has cores.
+        resources = {"num_gpus": 1, "num_cpus": 0} if gpus >= 1 else {"num_cpus": 1}
+        task = ray.remote(_assign_task).options(max_retries=settings.ray_retries, retry_exceptions=False, **resources)
+        yield from self._run_tasks(settings, task, [(key, (settings, key)) for key in keys], kind="shard",
+                                   outputs=lambda key: [storage.shard_file(st.CLUSTER_ASSIGNMENTS, key)])
+
     def dedup_buckets(self, settings: Settings, buckets: Sequence[str], k: int,
                       assignment_files: Sequence[st.UPath]) -> Iterator[Done]:
         import ray
@@ -365,23 +547,50 @@ class RayEngine(Engine):
         # and with the same count per bucket the bucket files equal the local engine's byte for byte.
         threads = 0 if gpus >= 1 else max(1, int(min(node_cpus, default=1)))
         resources = {"num_gpus": 1, "num_cpus": 0} if gpus >= 1 else {"num_cpus": threads}
-        # Ray itself re-runs a task whose worker died, up to ray_retries times; the unit's own
-        # errors are not retried (they would fail again).
         task = ray.remote(_dedup_task).options(max_retries=settings.ray_retries, retry_exceptions=False, **resources)
         files = ray.put(list(assignment_files))
-        refs = {task.remote(settings, bucket, k, files, threads): bucket for bucket in buckets}
+        yield from self._run_tasks(settings, task, [(bucket, (settings, bucket, k, files, threads)) for bucket in buckets],
+                                   kind="bucket", outputs=lambda bucket: [storage.bucket_file(bucket)])
+
+    def build_keep_lists(self, settings: Settings, bucket_files: Sequence[st.UPath], log: Log | None = None) -> Done:
+        import ray
+
+        storage = settings.storage_root()
+        # A streaming merge of the bucket files: one CPU, on whichever node Ray picks.
+        task = ray.remote(_keep_lists_task).options(max_retries=settings.ray_retries, retry_exceptions=False,
+                                                    num_cpus=1)
+        outputs = [storage.keep_list_file(e) for e in settings.eps] + [storage.eps_curve_file]
+        (done,) = self._run_tasks(settings, task, [(KEEP_LISTS, (settings, list(bucket_files)))], kind="keep-lists",
+                                  outputs=lambda _: outputs)
+        result, logs = done.result
+        for line in logs if log is not None else []:
+            log(line)
+        return Done(KEEP_LISTS, result, done.worker)
+
+    @staticmethod
+    def _run_tasks(settings: Settings, task: Any, units: Sequence[tuple[str, tuple]], kind: str,
+                   outputs: Callable[[str], list[st.UPath]]) -> Iterator[Done]:
+        """Submit one Ray task per unit, yield each as it finishes; a unit past its retries fails naming it.
+
+        Ray itself re-runs a task whose worker died, up to `ray_retries` times (`max_retries`);
+        the unit's own errors are not retried (they would fail again). A killed writer's
+        temporary files are removed, so no partial output remains.
+        """
+        import ray
+
+        refs = {task.remote(*args): unit for unit, args in units}
         try:
             while refs:
                 (ref,), _ = ray.wait(list(refs), num_returns=1)
-                bucket = refs.pop(ref)
+                unit = refs.pop(ref)
                 try:
                     result, worker = _get(ref)
                 except _worker_died_errors() as err:
-                    raise EngineError(f"bucket {bucket}: its Ray worker died and the {settings.ray_retries} "
-                                      f"retries are exhausted: {_first_line(err)}") from None
+                    raise worker_died_error(kind, unit, settings.ray_retries + 1, settings.ray_retries, err) from None
                 finally:
-                    remove_temporaries(storage.bucket_file(bucket))
-                yield Done(bucket, result, worker)
+                    for path in outputs(unit):
+                        remove_temporaries(path)
+                yield Done(unit, result, worker)
         finally:
             for ref in refs:
                 ray.cancel(ref, force=True)
@@ -398,6 +607,13 @@ def _get(ref: Any) -> Any:
         if isinstance(err.cause, Exception) and not isinstance(err.cause, RayTaskError):
             raise err.cause from None
         raise
+
+
+def worker_died_error(kind: str, unit: str, deaths: int, retries: int, err: BaseException) -> EngineError:
+    """The error of a unit whose Ray worker died past its retries, naming the shard, bucket or k-means."""
+    name = f"{kind} {unit!r}" if kind in ("shard", "bucket") else kind
+    return EngineError(f"{name}: its Ray worker died {deaths} time(s); the {retries} retries are exhausted: "
+                       f"{_first_line(err)}", shard=unit if kind == "shard" else None)
 
 
 def _first_line(err: BaseException) -> str:

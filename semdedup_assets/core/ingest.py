@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from semdedup_assets.core import storage as st
 from semdedup_assets.core.export import CONTENT_KEY, FINGERPRINT_KEY
@@ -117,43 +120,53 @@ def ingest_shards(settings: Settings, shards: Sequence[ShardFile],
     storage = settings.storage_root()
     keys = [s.key for s in shards]
     pending: list[st.AtomicParquetWriter] = []
-    pending_ids: list[pa.Table] = []
     dims: dict[str, int] = {}
     keep_by = tuple(name for name, _ in settings.keep_by_columns)
     kinds: dict[str, dict[str, str]] = {}
     done: list[IngestedShard] = []
     table: pa.Table | None = None
     start = time.perf_counter()
-    with st.publish_together(pending):
-        for shard in shards:
-            index = read_shard(shard, settings.modality, settings.payload_column, settings.id_column, keep_by)
-            table = index.table.add_column(1, "shard", pa.array([shard.key] * index.table.num_rows, type=pa.string()))
-            # The input as ingested: `semdedup export` refuses a shard that changed since.
-            # The input as ingested: `semdedup export` refuses a shard that changed since, and
-            # `verify --content` compares the input's bytes with the digest.
-            fingerprint = shard.fingerprint()
-            digest = known_digest(storage, shard.key, fingerprint) or shard.content_digest()
-            schema_meta = {FINGERPRINT_KEY: fingerprint.encode(), CONTENT_KEY: digest.encode()}
-            if index.dim is not None:
-                dims[shard.key] = index.dim
-                schema_meta[RAW_DIM_KEY] = str(index.dim).encode()
-            if keep_by:  # only then: without --keep-by the raw file is byte for byte what it always was
-                schema_meta[RAW_KEEP_BY_KEY] = json.dumps(list(keep_by)).encode()
-                kinds[shard.key] = {n: keep_by_kind(table.schema.field(n).type) for n in keep_by}
-            table = table.replace_schema_metadata(schema_meta)
-            path = storage.shard_file(st.RAW, shard.key)
-            writer = st.AtomicParquetWriter(path, table.schema)
-            pending.append(writer)
-            writer.write(table)
-            pending_ids.append(table.select(["id", "shard", "row"]))
-            done.append(IngestedShard(shard.key, str(path), table.num_rows, str(shard.path), shard.fingerprint()))
-            if log is not None:
-                log(f"validated shard {shard.key!r}: {table.num_rows} rows")
+    # The batch's (id, shard, row) go to a scratch Parquet file shard by shard, not to a list in memory: the
+    # cross-shard id check reads them back in DuckDB under its memory limit, so ingest stays O(shard).
+    with tempfile.TemporaryDirectory(prefix="semdedup-ingest-ids-") as scratch, st.publish_together(pending):
+        pending_path = os.path.join(scratch, "pending.parquet")
+        pending_ids: pq.ParquetWriter | None = None
+        try:
+            for shard in shards:
+                index = read_shard(shard, settings.modality, settings.payload_column, settings.id_column, keep_by)
+                table = index.table.add_column(1, "shard",
+                                               pa.array([shard.key] * index.table.num_rows, type=pa.string()))
+                # The input as ingested: `semdedup export` refuses a shard that changed since, and
+                # `verify --content` compares the input's bytes with the digest.
+                fingerprint = shard.fingerprint()
+                digest = known_digest(storage, shard.key, fingerprint) or shard.content_digest()
+                schema_meta = {FINGERPRINT_KEY: fingerprint.encode(), CONTENT_KEY: digest.encode()}
+                if index.dim is not None:
+                    dims[shard.key] = index.dim
+                    schema_meta[RAW_DIM_KEY] = str(index.dim).encode()
+                if keep_by:  # only then: without --keep-by the raw file is byte for byte what it always was
+                    schema_meta[RAW_KEEP_BY_KEY] = json.dumps(list(keep_by)).encode()
+                    kinds[shard.key] = {n: keep_by_kind(table.schema.field(n).type) for n in keep_by}
+                table = table.replace_schema_metadata(schema_meta)
+                path = storage.shard_file(st.RAW, shard.key)
+                writer = st.AtomicParquetWriter(path, table.schema)
+                pending.append(writer)
+                writer.write(table)
+                ids = table.select(["id", "shard", "row"]).replace_schema_metadata(None)
+                if pending_ids is None:
+                    pending_ids = pq.ParquetWriter(pending_path, ids.schema)
+                pending_ids.write_table(ids.cast(pending_ids.schema))
+                done.append(IngestedShard(shard.key, str(path), table.num_rows, str(shard.path), shard.fingerprint()))
+                if log is not None:
+                    log(f"validated shard {shard.key!r}: {table.num_rows} rows")
+        finally:
+            if pending_ids is not None:
+                pending_ids.close()
         check_dims(storage, dims, keys)
         check_keep_by_kinds(storage, kinds, keys)
         # The id check is the one O(N) aggregate of ingest: DuckDB gets a quarter of the budget, and spills beyond it.
-        if pending_ids and (dups := duplicate_ids(storage, pa.concat_tables(pending_ids), exclude_shards=keys,
-                                                  memory_limit=settings.memory_budget_bytes // 4)):
+        if pending_ids is not None and (dups := duplicate_ids(storage, pending_path, exclude_shards=keys,
+                                                              memory_limit=settings.memory_budget_bytes // 4)):
             raise DuplicateIdsError(dups)
     preview = []
     if table is not None and settings.modality == "text":

@@ -22,6 +22,29 @@ def faiss_gpu_count() -> int:
     return int(get()) if get is not None else 0
 
 
+def kmeans_device_note(gpu: bool) -> str:
+    """Why k-means ran on the device it did: faiss-gpu, or why faiss' CPU math ran here.
+
+    Only faiss trains: a torch k-means on CUDA would be another algorithm (its own
+    initialisation and sums), so without faiss-gpu a GPU worker runs the CPU math.
+    """
+    if gpu:
+        return f"faiss-gpu ({faiss_gpu_count()} GPU(s) visible)"
+    from semdedup_assets.core.config import visible_cuda_devices
+
+    visible = visible_cuda_devices()
+    try:
+        import torch
+
+        cuda = bool(torch.cuda.is_available())
+    except ImportError:
+        cuda = False
+    if not cuda:
+        return ("CUDA not available here" + (f" (CUDA_VISIBLE_DEVICES={visible}, but no CUDA device)" if visible else "")
+                + ": faiss CPU k-means")
+    return "CUDA available but this faiss has no GPU support (faiss-cpu): faiss CPU k-means"
+
+
 def shard_rng(seed: int, shard: str) -> np.random.Generator:
     """An RNG that depends only on the global seed and the shard key."""
     digest = hashlib.blake2b(f"{seed}:{shard}".encode(), digest_size=8).digest()

@@ -90,16 +90,15 @@ def multiprobe_max_sim(
     with torch.inference_mode():
         xs = torch.from_numpy(np.array(np.asarray(vectors)[perm], dtype=np.float32, order="C")).to(device or "cpu")
         dev = xs.device
-        for c in np.unique(probes):
+        bsz = int(block_size)
+        for c, rows in _probe_sets(probes, clusters[queries], rank[queries], bsz):
             start, end = np.searchsorted(sorted_clusters, [c, c + 1])
-            rows = np.flatnonzero((probes == c).any(axis=1))
-            rows = rows[np.argsort(rank[queries[rows]], kind="stable")]
             # How many members precede each query in the global order: `_max_over_earlier` counts those only.
             pos = np.searchsorted(sorted_rank[start:end], rank[queries[rows]])
             if end == start or not pos.any():
                 continue
             val, arg, _ = _max_over_earlier(xs[torch.from_numpy(at[queries[rows]]).to(dev)],
-                                            torch.from_numpy(pos).to(dev), xs[start:end], int(block_size))
+                                            torch.from_numpy(pos).to(dev), xs[start:end], bsz)
             val, arg = val.cpu().numpy(), arg.cpu().numpy()
             found = arg >= 0
             cand = np.where(found, perm[start + np.maximum(arg, 0)], -1)
@@ -111,6 +110,24 @@ def multiprobe_max_sim(
     none = best_idx < 0
     max_sim = np.where(none, 0.0, best.astype(np.float64))
     return max_sim, best_idx
+
+
+def _probe_sets(probes: np.ndarray, own: np.ndarray, rank: np.ndarray, block: int) -> list[tuple[int, np.ndarray]]:
+    """(probed cluster c, up to `block` queries of one own cluster that probe c, in global order), by (c, own cluster).
+
+    Per own cluster, not per bucket: the query sets then do not depend on which other
+    clusters share the bucket or the memory group, so neither do the tiles' shapes (a
+    float32 GEMM's last bit can depend on them); `block` rows at a time, so a score tile
+    holds at most block x block values however large the cluster.
+    """
+    n, width = probes.shape
+    query = np.repeat(np.arange(n), width)
+    probed, owner = probes.ravel(), np.repeat(own, width)
+    order = np.lexsort((rank[query], owner, probed))
+    probed, owner, query = probed[order], owner[order], query[order]
+    cuts = np.flatnonzero((np.diff(probed) != 0) | (np.diff(owner) != 0)) + 1
+    starts, ends = np.concatenate([[0], cuts]), np.concatenate([cuts, [len(order)]])
+    return [(int(probed[s]), query[b:min(b + block, e)]) for s, e in zip(starts, ends) for b in range(s, e, block)]
 
 
 def dense_multiprobe(vectors: np.ndarray, rank: np.ndarray, clusters: np.ndarray,
@@ -132,18 +149,22 @@ def dense_multiprobe(vectors: np.ndarray, rank: np.ndarray, clusters: np.ndarray
 def multiprobe_bucket(table: pa.Table, read_clusters: Callable[[list[int]], pa.Table], centroids: np.ndarray,
                       probes: int, strategy: str, seed: int, block_size: int = 1024,
                       device: str | torch.device | None = None,
-                      keep_by: Sequence[tuple[str, bool]] = ()) -> tuple[pa.Table, list[int]]:
+                      keep_by: Sequence[tuple[str, bool]] = (), probe: np.ndarray | None = None
+                      ) -> tuple[pa.Table, list[int]]:
     """The multi-probe rule for the items of one bucket (`table`, assignment rows sorted by cluster, id).
 
     `read_clusters(ids)` returns the assignment rows of other clusters that the bucket's
-    items probe. The result has the layout of the single-cluster path: rows grouped by
-    cluster in cluster order, `rank` the position in the own cluster's order.
+    items probe; `probe`, if given, their (n, P) probe clusters (else computed here). The
+    result has the layout of the single-cluster path: rows grouped by cluster in cluster
+    order, `rank` the position in the own cluster's order. The rows of any set of whole
+    clusters give the same result rows as the bucket's (a query's M depends only on the
+    members of its probe set), so a bucket can be done a few clusters at a time.
     """
     if table.num_rows == 0:
         return SEMANTIC_DUPLICATES_SCHEMA.empty_table(), []
     own = table.column("cluster").to_numpy().astype(np.int64)
     bucket_x = unit_embeddings(table)
-    probe = probe_clusters(bucket_x, centroids, own, probes)
+    probe = probe_clusters(bucket_x, centroids, own, probes) if probe is None else probe
     extra = sorted(set(np.unique(probe).tolist()) - set(np.unique(own).tolist()))
     others = read_clusters(extra) if extra else table.schema.empty_table()
     pool = pa.concat_tables([table, others.select(table.column_names)]) if extra else table

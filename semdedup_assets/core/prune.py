@@ -221,7 +221,7 @@ def integer_quotas(n: int, real: np.ndarray, sizes: np.ndarray) -> np.ndarray:
 
 def bucket_files(storage: st.Storage, settings: Settings) -> list[st.UPath]:
     """The configured bucket results, in bucket order; missing ones are an error naming them."""
-    files = [storage.bucket_file(b) for b in bucket_keys(settings.buckets)]
+    files = [storage.bucket_file(b) for b in bucket_keys(settings.bucket_partitions)]
     missing = [str(p) for p in files if not p.exists()]
     if missing:
         raise PruneError(f"{len(missing)} bucket result(s) missing (e.g. {missing[:3]}): run the pipeline first")
@@ -428,13 +428,13 @@ def _d4(storage: st.Storage, settings: Settings, pruning: Pruning, log: Callable
     n = keep_count(pruning.keep_fraction, total)
     run_k = len(load_centroids(storage))
     assignment_files = storage.stage_files(st.CLUSTER_ASSIGNMENTS)
-    keys = bucket_keys(settings.buckets)
+    keys = bucket_keys(settings.bucket_partitions)
     folder = selection_dir(storage, pruning)
 
     def bucket_survivors(b: int, path: st.UPath) -> tuple[pa.Table, np.ndarray]:
         """The survivors of one bucket with their stored embeddings (unit rows), by (cluster, id)."""
         ids = _survivors(_read_bucket(path), pruning.eps).column("id")
-        first, end = bucket_cluster_range(b, run_k, settings.buckets)
+        first, end = bucket_cluster_range(b, run_k, settings.bucket_partitions)
         rows = read_bucket_rows(assignment_files, first, end)
         if rows.num_rows == 0:
             return rows, np.empty((0, 0), dtype=np.float32)

@@ -66,25 +66,34 @@ class Comparison:
     curves: dict[str, tuple[list[float], list[float]]] = field(default_factory=dict)  # label -> (eps, kept fraction)
 
 
-def removal_scores(storage: st.Storage) -> tuple[np.ndarray, np.ndarray]:
-    """(ids sorted, max_sim aligned with them) from a storage's bucket results."""
+def results_source(storage: st.Storage) -> str:
+    """The read_parquet() of a storage's bucket results (its `items`)."""
     if not storage.stage_files(st.SEMANTIC_DUPLICATES):
         raise CompareError(f"{storage.root} has no semantic_duplicates results: `semdedup run` it first")
-    rows = scan(storage, f"SELECT id, max_sim FROM {stage_source(storage, st.SEMANTIC_DUPLICATES, BUCKET_GLOB)} "
-                         "ORDER BY id")
-    ids = np.asarray([r[0] for r in rows], dtype=object)
-    return ids, np.asarray([r[1] for r in rows], dtype=np.float64)
+    return stage_source(storage, st.SEMANTIC_DUPLICATES, BUCKET_GLOB)
 
 
-def _id_difference(a: str, ids_a: np.ndarray, b: str, ids_b: np.ndarray) -> str:
-    only_a = sorted(set(ids_a.tolist()) - set(ids_b.tolist()))
-    only_b = sorted(set(ids_b.tolist()) - set(ids_a.tolist()))
+def _id_difference(storage: st.Storage, memory: int, a: str, source_a: str, b: str, source_b: str) -> str | None:
+    """How the ids of two results differ (None when they are the same), with a few examples; DuckDB does the sets."""
     parts = []
-    if only_a:
-        parts.append(f"{len(only_a)} id(s) only in {a} (e.g. {', '.join(only_a[:MAX_NAMED_IDS])})")
-    if only_b:
-        parts.append(f"{len(only_b)} id(s) only in {b} (e.g. {', '.join(only_b[:MAX_NAMED_IDS])})")
-    return "; ".join(parts) or "the same ids appear a different number of times"
+    for x, source_x, source_y in ((a, source_a, source_b), (b, source_b, source_a)):
+        only = f"(SELECT id FROM {source_x} EXCEPT SELECT id FROM {source_y})"
+        [(count, examples)] = scan(storage, f"SELECT (SELECT count(*) FROM {only}), "
+                                            f"(SELECT list(id ORDER BY id) FROM (SELECT id FROM {only} ORDER BY id "
+                                            f"LIMIT {MAX_NAMED_IDS}))", memory_limit=memory)
+        if count:
+            parts.append(f"{count} id(s) only in {x} (e.g. {', '.join(examples)})")
+    return "; ".join(parts) or None
+
+
+def _counts(storage: st.Storage, memory: int, sql_from: str, conditions: Sequence[str],
+            params: Sequence[float]) -> list[int]:
+    """count(*) FILTER (WHERE condition) for each condition, in one pass over `sql_from` (DuckDB under `memory`)."""
+    if not conditions:
+        return []
+    cols = ", ".join(f"count(*) FILTER (WHERE {c})" for c in conditions)
+    [row] = scan(storage, f"SELECT {cols} FROM {sql_from}", list(params), memory_limit=memory)
+    return [int(v) for v in row]
 
 
 def labels_for(storages: Sequence[str]) -> list[str]:
@@ -134,45 +143,59 @@ def compare_storages(storages: Sequence[str], eps: Sequence[float] | None = None
         raise CompareError("no storage to compare")
     labels = list(labels) if labels is not None else labels_for(storages)
     configs: list[Configuration] = []
-    scores: list[np.ndarray] = []
-    first_ids: np.ndarray | None = None
+    sources: list[str] = []
     wanted: set[float] = set(float(e) for e in eps or ())
+    first: st.Storage | None = None
+    n = first_distinct = memory = 0
+    # Every figure is a DuckDB aggregate over the stored results (joins on the id spill to disk beyond a quarter
+    # of the budget): no storage's ids or scores are held in Python.
     for label, location in zip(labels, storages):
         if not st.to_upath(location).exists():
             raise CompareError(f"no storage at {location}")
         settings = load_settings(location)
-        ids, max_sim = removal_scores(settings.storage_root())
-        if first_ids is None:
-            first_ids = ids
-        elif len(ids) != len(first_ids) or not (ids == first_ids).all():
+        storage = settings.storage_root()
+        source = results_source(storage)
+        [(count, distinct)] = scan(storage, f"SELECT count(*), count(DISTINCT id) FROM {source}",
+                                   memory_limit=settings.memory_budget_bytes // 4)
+        if first is None:  # DuckDB gets a quarter of the first storage's budget for the joins and set operations
+            first, n, first_distinct, memory = storage, int(count), int(distinct), settings.memory_budget_bytes // 4
+        elif (difference := _id_difference(first, memory, label, source, labels[0], sources[0])) is not None \
+                or count != n or distinct != first_distinct:
             raise CompareError(f"{label} and {labels[0]} hold different items, so their removals cannot be "
-                               f"compared: {_id_difference(label, ids, labels[0], first_ids)}")
+                               f"compared: {difference or 'the same ids appear a different number of times'}")
         if eps is None:
             wanted |= set(settings.eps)
         configs.append(Configuration(label, str(location), _distinguishing(settings)))
-        scores.append(max_sim)
+        sources.append(source)
+    assert first is not None
     eps_values = sorted(wanted)
     if not eps_values or any(not 0.0 < e < 1.0 for e in eps_values):
         raise CompareError(f"every eps must lie in (0, 1), got {eps_values}")
-    n = len(first_ids)
-    per_config, pairs = [], []
-    for e in eps_values:
-        removed = [m > 1.0 - e for m in scores]  # the rule's strict inequality, in float64 as everywhere
-        for c, r in zip(configs, removed):
-            count = int(r.sum())
-            per_config.append({"eps": e, "configuration": c.label, "storage": c.storage, "removed": count,
-                               "kept_fraction": (n - count) / n if n else 1.0})
-        for i in range(len(configs)):
-            for j in range(i + 1, len(configs)):
-                a, b = removed[i], removed[j]
-                both, either, na, nb = int((a & b).sum()), int((a | b).sum()), int(a.sum()), int(b.sum())
-                pairs.append({"eps": e, "a": configs[i].label, "b": configs[j].label, "removed_a": na,
-                              "removed_b": nb, "both": both, "jaccard": both / either if either else 1.0,
-                              "a_also_in_b": both / na if na else None, "b_also_in_a": both / nb if nb else None})
     grid = sorted(set(np.geomspace(eps_values[0], eps_values[-1], CURVE_POINTS).tolist()) | set(eps_values)) \
         if len(eps_values) > 1 else eps_values
-    curves = {c.label: (grid, [float((m <= 1.0 - e).sum()) / n if n else 1.0 for e in grid])
-              for c, m in zip(configs, scores)}
+    thresholds = [1.0 - e for e in eps_values]  # the rule's strict inequality, in float64 (DOUBLE) as everywhere
+    removed, curves = [], {}
+    for c, source in zip(configs, sources):
+        removed.append(_counts(first, memory, source, ["max_sim > ?"] * len(thresholds), thresholds))
+        kept = _counts(first, memory, source, ["max_sim <= ?"] * len(grid), [1.0 - e for e in grid])
+        curves[c.label] = (grid, [k / n if n else 1.0 for k in kept])
+    both: dict[tuple[int, int], list[int]] = {}
+    for i in range(len(configs)):
+        for j in range(i + 1, len(configs)):
+            both[i, j] = _counts(first, memory, f"{sources[i]} a JOIN {sources[j]} b USING (id)",
+                                 ["a.max_sim > ? AND b.max_sim > ?"] * len(thresholds),
+                                 [t for t in thresholds for _ in (0, 1)])
+    per_config, pairs = [], []
+    for x, e in enumerate(eps_values):
+        for c, r in zip(configs, removed):
+            per_config.append({"eps": e, "configuration": c.label, "storage": c.storage, "removed": r[x],
+                               "kept_fraction": (n - r[x]) / n if n else 1.0})
+        for (i, j), counts in both.items():
+            na, nb, ab = removed[i][x], removed[j][x], counts[x]
+            either = na + nb - ab
+            pairs.append({"eps": e, "a": configs[i].label, "b": configs[j].label, "removed_a": na,
+                          "removed_b": nb, "both": ab, "jaccard": ab / either if either else 1.0,
+                          "a_also_in_b": ab / na if na else None, "b_also_in_a": ab / nb if nb else None})
     return Comparison(configs, n, eps_values, per_config, pairs, curves)
 
 

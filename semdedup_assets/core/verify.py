@@ -105,12 +105,13 @@ class _Checker:
         if self.content:
             self.input_contents(raw)
         rejected = self.per_shard(st.REJECTED)
-        raw_ids = {k: t.column("id") for k, p in raw.items() if (t := self.read(p, ["id"])) is not None}
-        rejected_ids = {k: set(t.column("id").to_pylist()) for k, p in rejected.items()
-                        if (t := self.read(p, ["id"])) is not None}
-        emb_ids = self.embeddings(raw_ids, rejected_ids)
+        # A first read reports the damaged raw and rejected files; their ids are read again shard by shard where
+        # a check needs them, so no stage's ids of every shard are in memory at once (O(shard), not O(N)).
+        raw_ok = {k: p for k, p in raw.items() if self.read(p, ["id"]) is not None}
+        rejected_ok = {k: p for k, p in rejected.items() if self.read(p, ["id"]) is not None}
+        emb_ok = self.embeddings(raw_ok, rejected_ok)
         k = self.centroids()
-        self.buckets(self.assignments(emb_ids, k), k)
+        self.buckets(self.assignments(emb_ok, k), k)
         for path in self.storage.stage_files(st.PRUNED):  # pruning selections: whole and readable
             self.read(path)
         self.contaminated()
@@ -145,17 +146,19 @@ class _Checker:
                          "size and modification time, so a run cannot see it: --repair deletes this raw index and "
                          "the next `semdedup run` ingests and embeds the shard again")
 
-    def embeddings(self, raw_ids: dict[str, pa.ChunkedArray], rejected_ids: dict[str, set[str]]) -> dict[str, pa.ChunkedArray]:
+    def embeddings(self, raw: dict[str, st.UPath], rejected: dict[str, st.UPath]) -> dict[str, st.UPath]:
+        """The embeddings files whose ids match their (readable) raw file's, minus the rejected items."""
         out = {}
         for key, path in self.per_shard(st.EMBEDDINGS).items():
             table = self.read(path)
             if table is None:
                 continue
-            if key not in raw_ids:  # raw missing or damaged: the next run rewrites it, then checks the cache
+            if key not in raw:  # raw missing or damaged: the next run rewrites it, then checks the cache
                 continue
-            skip = rejected_ids.get(key, set())
-            expected = raw_ids[key].filter(pc.invert(pc.is_in(raw_ids[key], pa.array(sorted(skip), pa.string())))) \
-                if skip else raw_ids[key]
+            raw_ids = _read_whole(raw[key], ["id"]).column("id")
+            skip = _read_whole(rejected[key], ["id"]).column("id") if key in rejected else None
+            expected = raw_ids.filter(pc.invert(pc.is_in(raw_ids, skip.combine_chunks()))) \
+                if skip is not None and len(skip) else raw_ids
             if table.num_rows != len(expected):
                 self.bad(path, f"{table.num_rows} rows, but its raw file has {len(expected)} (minus rejected)")
             elif not table.column("id").equals(expected):
@@ -167,7 +170,7 @@ class _Checker:
                 why = self.input_changed(key) or "it was made from another raw file or encoder settings"
                 self.bad(path, f"stale: {why}; the next `semdedup run` redoes it", STALE)
             else:
-                out[key] = table.column("id")
+                out[key] = path
         return out
 
     def centroids(self) -> int | None:
@@ -182,39 +185,50 @@ class _Checker:
             return None
         return table.num_rows
 
-    def assignments(self, emb_ids: dict[str, pa.ChunkedArray], k: int | None) -> dict[str, np.ndarray] | None:
-        """Every assignment file's cluster column (None when one is unreadable: buckets cannot be judged)."""
-        out: dict[str, np.ndarray] | None = {}
+    def assignments(self, embeddings: dict[str, st.UPath], k: int | None) -> tuple[bool, np.ndarray | None]:
+        """Each assignment file against its embeddings; (buckets can be judged, members per cluster).
+
+        The buckets cannot be judged when an assignment file is unreadable or k is unknown;
+        the sizes are None when there is no assignment file. Streamed shard by shard: O(k) kept.
+        """
+        judge = k is not None
+        sizes = None
         for key, path in self.per_shard(st.CLUSTER_ASSIGNMENTS).items():
             table = self.read(path, ["id", "cluster"])
             if table is None:
-                out = None
+                judge = False
                 continue
             clusters = table.column("cluster").to_numpy()
-            if out is not None:
-                out[key] = clusters
-            if key not in emb_ids:  # upstream missing or bad: the next run recomputes both
+            if k is not None:
+                inside = clusters[(clusters >= 0) & (clusters < k)]
+                sizes = (sizes if sizes is not None else 0) + np.bincount(inside, minlength=k)
+            if key not in embeddings:  # upstream missing or bad: the next run recomputes both
                 continue
-            if table.num_rows != len(emb_ids[key]):
-                self.bad(path, f"{table.num_rows} rows, but its embeddings have {len(emb_ids[key])}")
-            elif not _sorted(table.column("id")).equals(_sorted(emb_ids[key])):
+            emb_ids = _read_whole(embeddings[key], ["id"]).column("id")
+            if table.num_rows != len(emb_ids):
+                self.bad(path, f"{table.num_rows} rows, but its embeddings have {len(emb_ids)}")
+            elif not _sorted(table.column("id")).equals(_sorted(emb_ids)):
                 self.bad(path, "ids differ from its embeddings'")
             elif k is not None and len(clusters) and (clusters.min() < 0 or clusters.max() >= k):
                 self.bad(path, f"a cluster outside [0, {k}): the centroids changed since")
-        return out
+        return judge, sizes
 
-    def buckets(self, assigned: dict[str, np.ndarray] | None, k: int | None) -> None:
-        """Each bucket against the assignments; the keep-lists against the buckets when all are whole."""
-        judge = k is not None and assigned is not None
-        sizes = np.bincount(np.concatenate(list(assigned.values())), minlength=k) if judge and assigned else None
-        max_sims, whole = [], judge and bool(assigned)
-        for bucket in bucket_keys(self.settings.buckets):
+    def buckets(self, assigned: tuple[bool, np.ndarray | None], k: int | None) -> None:
+        """Each bucket against the assignments; the keep-lists against the buckets when all are whole.
+
+        The buckets' max_sim are counted per eps bucket by bucket (no array of every item's).
+        """
+        judge, sizes = assigned
+        whole = judge and sizes is not None
+        kept = {e: 0 for e in self._eps_to_check()}
+        total = 0
+        for bucket in bucket_keys(self.settings.bucket_partitions):
             path = self.storage.bucket_file(bucket)
             table = self.read(path, ["id", "cluster", "max_sim"]) if path.exists() else None
             if table is None or not judge:
                 whole = False
                 continue
-            first, end = bucket_cluster_range(int(bucket), k, self.settings.buckets)
+            first, end = bucket_cluster_range(int(bucket), k, self.settings.bucket_partitions)
             clusters = table.column("cluster").to_numpy()
             expected = int(sizes[first:end].sum()) if sizes is not None else 0
             if len(clusters) and (clusters.min() < first or clusters.max() >= end):
@@ -224,11 +238,25 @@ class _Checker:
             elif sizes is not None and table.num_rows != expected:
                 self.bad(path, f"{table.num_rows} rows, but the assignments put {expected} items in clusters [{first}, {end})")
             else:
-                max_sims.append(table.column("max_sim").to_numpy())
+                max_sim = table.column("max_sim").to_numpy()
+                total += len(max_sim)
+                for e in kept:
+                    kept[e] += int(keep_mask(max_sim, e).sum())
                 continue
             whole = False
         # The keep-lists can be checked against the buckets only when every bucket is whole.
-        self.keep_lists(np.concatenate(max_sims) if whole else None)
+        self.keep_lists(kept if whole else None, total)
+
+    def _eps_to_check(self) -> list[float]:
+        """The configured eps and those of the eps curve on disk (read quietly: keep_lists reports its damage)."""
+        eps = set(self.settings.eps)
+        path = self.storage.eps_curve_file
+        if path.exists():
+            try:
+                eps |= set(_read_whole(path, ["eps"]).column("eps").to_pylist())
+            except (st.StageFileError, KeyError):
+                pass
+        return sorted(eps)
 
     def contaminated(self) -> None:
         """The decontamination results read back whole, with their columns and scores in [-1, 1]."""
@@ -241,18 +269,19 @@ class _Checker:
         elif table.num_rows and not np.all(np.abs(table.column("score").to_numpy(zero_copy_only=False)) <= 1 + 1e-5):
             self.bad(path, "a score outside [-1, 1]")
 
-    def keep_lists(self, max_sim: np.ndarray | None) -> None:
+    def keep_lists(self, kept: dict[float, int] | None, total: int) -> None:
+        """Each keep-list's and the eps curve's counts against the buckets' (`kept` per eps; None: not judged)."""
         for eps in self.settings.eps:
             path = self.storage.keep_list_file(eps)
-            if path.exists() and (table := self.read(path, ["id"])) is not None and max_sim is not None:
-                want = int(keep_mask(max_sim, eps).sum())
+            if path.exists() and (table := self.read(path, ["id"])) is not None and kept is not None:
+                want = kept[eps]
                 if table.num_rows != want:
                     self.bad(path, f"{table.num_rows} ids, but the buckets keep {want} at eps={st.format_eps(eps)}")
         path = self.storage.eps_curve_file
-        if path.exists() and (table := self.read(path)) is not None and max_sim is not None:
+        if path.exists() and (table := self.read(path)) is not None and kept is not None:
             for row in table.to_pylist():
-                want = int(keep_mask(max_sim, row["eps"]).sum())
-                if row["kept"] != want or row["kept"] + row["removed"] != len(max_sim):
+                want = kept.get(row["eps"])
+                if row["kept"] != want or row["kept"] + row["removed"] != total:
                     self.bad(path, f"eps={st.format_eps(row['eps'])}: kept {row['kept']}, but the buckets keep {want}")
                     break
 

@@ -37,6 +37,39 @@ def test_assignment_is_the_nearest_centroid_by_inner_product() -> None:
     assert (x @ km.centroids.T).argmax(axis=1).tolist() == clusters.tolist()
 
 
+def _nearest_gap(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    top2 = np.sort(x.astype(np.float64) @ centroids.astype(np.float64).T, axis=1)[:, -2:]
+    return top2[:, 1] - top2[:, 0]
+
+
+def test_the_torch_search_of_cuda_devices_finds_faiss_nearest_centroid() -> None:
+    # The CUDA path's code (a torch GEMM and argmax), run on the CPU here: faiss' answer wherever
+    # the two nearest centroids are not within float32 rounding of each other.
+    from semdedup_assets.core.assign import _nearest_faiss, _nearest_torch
+
+    x, _ = _blobs(3000, 16, 6, seed=2)
+    centroids = train_spherical_kmeans(x, 12, niter=10, seed=0).centroids
+    by_torch, by_faiss = _nearest_torch(centroids, "cpu")(x), _nearest_faiss(centroids)(x)
+    assert by_torch.shape == by_faiss.shape == (3000, 1)
+    clear = _nearest_gap(x, centroids) > 1e-5
+    assert clear.mean() > 0.99
+    np.testing.assert_array_equal(by_torch[clear], by_faiss[clear])
+
+
+@pytest.mark.gpu
+def test_cuda_assignment_matches_the_cpu_one() -> None:
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    x, _ = _blobs(20000, 64, 20, seed=3)
+    centroids = train_spherical_kmeans(x, 50, niter=10, seed=0).centroids
+    cpu, gpu = assign(x, centroids), assign(x, centroids, device="cuda")
+    clear = _nearest_gap(x, centroids) > 1e-5
+    np.testing.assert_array_equal(gpu[0][clear], cpu[0][clear])
+    same = gpu[0] == cpu[0]
+    assert gpu[1][same].tobytes() == cpu[1][same].tobytes()  # the same float64 row kernel on either device
+
+
 def test_sample_is_independent_of_shard_order() -> None:
     rng = np.random.default_rng(0)
     shards = {f"s{i}": rng.normal(size=(100 + i, 4)).astype(np.float32) for i in range(5)}

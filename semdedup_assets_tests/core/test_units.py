@@ -48,7 +48,7 @@ def run_units(settings: Settings) -> list:
     centroids = load_centroids(storage)
     results += [assign_shard(settings, s.key, centroids, len(centroids)) for s in shards]
     files = [storage.shard_file(st.CLUSTER_ASSIGNMENTS, s.key) for s in shards]
-    buckets = bucket_keys(settings.buckets)
+    buckets = bucket_keys(settings.bucket_partitions)
     results += [dedup_bucket(settings, b, len(centroids), files) for b in reversed(buckets)]  # any bucket order
     results.append(build_keep_lists(settings, [storage.bucket_file(b) for b in buckets]))
     return results
