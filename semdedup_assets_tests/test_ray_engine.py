@@ -89,6 +89,14 @@ def assert_stages_ran_on_the_cluster(storage: Path, gpus: bool) -> None:
     (keep,) = per_shard_rows(storage, "keep_lists")
     assert keep["ran_on"] == "ray worker", keep
     assert tasks and {node for node, _ in tasks} <= embed_nodes | {kmeans_node}, (tasks, embed_nodes)
+    # Each stage's metadata shows its largest Ray unit's peak RSS in its worker, and how many workers ran units
+    # (the driver's own `resources/peak_rss_mib` does not see them); each bucket shows its own.
+    for asset in ("embeddings", "cluster_assignments", "semantic_duplicates", "keep_lists"):
+        for r in per_shard_rows(storage, asset):
+            assert r["resources/worker_peak_rss_mib"] > 10 and r["resources/workers"] >= 1, (asset, r)
+            assert r["resources/worker_peak_rss_mib"] < 8192, (asset, r)  # a unit's peak, not a sum over workers
+    assert all(r["worker_peak_rss_mib"] > 10 for r in per_shard_rows(storage, "semantic_duplicates"))
+    assert ("resources/worker_peak_rss_mib" in kmeans) == gpus, kmeans  # k-means in the driver: its own figures
     if not gpus:  # the driver's pid: no assignment or bucket ran there
         assert len(embed_nodes) == 2 and kmeans_node in embed_nodes, (embed_nodes, kmeans)
         assert kmeans_pid not in {pid for _, pid in tasks}, (kmeans, tasks)

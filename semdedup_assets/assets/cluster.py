@@ -10,7 +10,7 @@ from dagster_ray import RayResource
 
 from semdedup_assets.assets.common import (EAGER, GPU_OP_TAGS, ProgressLog, beta_parameters, core_failures, metered,
                                            remove_unregistered, run_metadata, run_partition_keys, settings_resource,
-                                           shard_backfill_policy, timed)
+                                           shard_backfill_policy, timed, worker_resources)
 from semdedup_assets.core import storage as st
 from semdedup_assets.core.centroids import CentroidsResult, centroids_count
 from semdedup_assets.core.config import Settings
@@ -56,7 +56,8 @@ def build_centroids(names: GraphNames) -> dg.AssetsDefinition:
         files = registered_stage_files(context.instance, names, semdedup.storage_root(), st.EMBEDDINGS)
         with core_failures(), engine_for_step(settings, ray, context.log.info) as engine:
             d = engine.train_centroids(settings, files, log=context.log.info, warn=context.log.warning)
-        return dg.MaterializeResult(metadata=centroids_metadata(settings, d.result, d.worker))
+        return dg.MaterializeResult(metadata={**centroids_metadata(settings, d.result, d.worker),
+                                              **worker_resources([d.worker])})
 
     return centroids
 
@@ -114,7 +115,9 @@ def build_cluster_assignments(names: GraphNames, backfill_batch: int) -> dg.Asse
             check = dg.AssetCheckResult(check_name="assigned_exactly_once", passed=not problems,
                                         description="; ".join(problems[:10]) or None)
             remove_unregistered(context, names, semdedup.storage_root(), st.CLUSTER_ASSIGNMENTS)
-            return dg.MaterializeResult(metadata=run_metadata(context, per_shard, extra), check_results=[check])
+            return dg.MaterializeResult(metadata={**run_metadata(context, per_shard, extra),
+                                                  **worker_resources(d.worker for d in done.values())},
+                                        check_results=[check])
 
     return cluster_assignments
 

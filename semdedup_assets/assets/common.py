@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 import warnings
@@ -13,7 +13,7 @@ import dagster as dg
 from semdedup_assets import progress
 from semdedup_assets.core.centroids import MissingCentroidsError
 from semdedup_assets.core.embed import EmbedError
-from semdedup_assets.core.engines import EngineError
+from semdedup_assets.core.engines import EngineError, Worker
 from semdedup_assets.core.ingest import DuplicateIdsError
 from semdedup_assets.core.layout import prune_shard_stages
 from semdedup_assets.core.meter import resource_metadata, stage_meter
@@ -116,7 +116,7 @@ ROW_ENTRIES = ("run_rows", "rows", "items")
 def metered(fn: Callable[..., dg.MaterializeResult]) -> Callable[..., dg.MaterializeResult]:
     """Wrap an asset's body: its result carries `resources/*` metadata (peak RSS, GPU memory, rows, seconds).
 
-    The figures are this process's (a Ray engine's workers report their own units elsewhere).
+    The figures are this process's; a Ray engine's units add their workers' (`worker_resources`).
     """
     def wrapper(*args: object, **kwargs: object) -> dg.MaterializeResult:
         with stage_meter() as figures:
@@ -130,6 +130,20 @@ def metered(fn: Callable[..., dg.MaterializeResult]) -> Callable[..., dg.Materia
         setattr(wrapper, name, getattr(fn, name))
     wrapper.__wrapped__ = fn  # type: ignore[attr-defined]
     return wrapper
+
+
+def worker_resources(workers: Iterable[Worker]) -> dict[str, object]:
+    """`resources/worker_*` metadata: the largest Ray unit's peak RSS (and GPU memory) in its worker, and how
+    many worker processes ran units; empty when every unit ran in this process (its own figures cover them)."""
+    measured = [w for w in workers if w.peak_rss_mib is not None]
+    if not measured:
+        return {}
+    out: dict[str, object] = {"resources/worker_peak_rss_mib": max(float(w.peak_rss_mib or 0) for w in measured),
+                              "resources/workers": len({(w.node, w.pid) for w in measured})}
+    gpu = [w.gpu_peak_mib for w in measured if w.gpu_peak_mib is not None]
+    if gpu:
+        out["resources/worker_gpu_peak_mib"] = max(gpu)
+    return out
 
 
 def rounded(name: str, value: object) -> object:

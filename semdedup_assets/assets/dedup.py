@@ -10,13 +10,14 @@ from dagster_ray import RayResource
 
 from semdedup_assets.assets.cluster import registered_stage_files
 from semdedup_assets.assets.common import (EAGER, GPU_OP_TAGS, ProgressLog, beta_parameters, core_failures, metered,
-                                           settings_resource, table_metadata, timed)
+                                           settings_resource, table_metadata, timed, worker_resources)
 from semdedup_assets.core import storage as st
 from semdedup_assets.core.boundary import boundary_markdown, boundary_pairs, image_thumbnails
 from semdedup_assets.core.centroids import load_centroids
 from semdedup_assets.core.config import Settings
 from semdedup_assets.core.dedup import TOP_PAIRS, DedupBucketResult, Pair
 from semdedup_assets.core.encoders import resolve_device
+from semdedup_assets.core.engines import Worker
 from semdedup_assets.core.keep import MAX_SIM_BINS, NEAR_EXACT, KeepListsResult, payload_texts
 from semdedup_assets.core.layout import bucket_files_on_disk, layout_problems, prune_buckets, prune_keep_lists
 from semdedup_assets.core.plots import eps_curve_markdown, histogram_markdown
@@ -67,20 +68,22 @@ def build_semantic_duplicates(names: GraphNames, buckets: int) -> dg.AssetsDefin
                                label="pairwise", unit="buckets")
         keys = sorted(context.partition_keys)
         results: dict[str, DedupBucketResult] = {}
-        workers: dict[str, str] = {}
+        workers: dict[str, Worker] = {}
         with timed() as t:
             # The engine runs the buckets here or as Ray tasks; each writes its own file atomically.
             with core_failures(), engine_for_step(settings, ray, context.log.info) as engine:
                 for d in engine.dedup_buckets(settings, keys, k, files):
                     results[d.unit] = r = d.result
-                    workers[d.unit] = str(d.worker)
+                    workers[d.unit] = d.worker
                     progress.step(f"bucket {d.unit}: clusters [{r.first_cluster}, {r.end_cluster}), {r.rows} items, "
                                   f"{r.seconds} s" + (f" on {d.worker}" if engine.name != "local" else ""))
         per_bucket, meta, problems = pairwise_metadata(settings, [(key, results[key]) for key in keys], device,
                                                        t["seconds"])
         for key, row in per_bucket.items():
             if settings.engine != "local":
-                row["worker"] = workers[key]
+                row["worker"] = str(workers[key])
+                if workers[key].peak_rss_mib is not None:  # this bucket's own peak in its worker
+                    row["worker_peak_rss_mib"] = workers[key].peak_rss_mib
             # This bucket's own figures on its own event (a range run's metadata is copied onto every bucket).
             context.add_asset_metadata(row, partition_key=key)
         stale = prune_buckets(storage, buckets)  # results of an earlier, larger bucket count
@@ -88,7 +91,7 @@ def build_semantic_duplicates(names: GraphNames, buckets: int) -> dg.AssetsDefin
             context.log.info(f"removed {len(stale)} bucket result(s) beyond the {buckets} buckets: {stale[:5]}")
         check = dg.AssetCheckResult(check_name="bucket_items_exactly_once", passed=not problems,
                                     description="; ".join(problems[:10]) or None)
-        return dg.MaterializeResult(metadata=meta, check_results=[check])
+        return dg.MaterializeResult(metadata={**meta, **worker_resources(workers.values())}, check_results=[check])
 
     return semantic_duplicates
 
@@ -195,7 +198,8 @@ def build_keep_lists_asset(names: GraphNames) -> dg.AssetsDefinition:
                                           "bucket_rows_on_disk": on_disk}),
             dg.AssetCheckResult(check_name=FILES_CHECK, passed=not layout, description="; ".join(layout) or None),
         ]
-        meta = {**keep_lists_metadata(storage, settings, r), "ran_on": d.worker.role, "worker": str(d.worker)}
+        meta = {**keep_lists_metadata(storage, settings, r), "ran_on": d.worker.role, "worker": str(d.worker),
+                **worker_resources([d.worker])}
         return dg.MaterializeResult(metadata=meta, check_results=checks)
 
     return keep_lists

@@ -6,7 +6,7 @@ from dagster_ray import RayResource
 
 from semdedup_assets.assets.common import (GPU_OP_TAGS, ProgressLog, beta_parameters, core_failures, metered,
                                            remove_unregistered, run_metadata, run_partition_keys, settings_resource,
-                                           shard_backfill_policy, timed)
+                                           shard_backfill_policy, timed, worker_resources)
 from semdedup_assets.assets.ingest import input_shards
 from semdedup_assets.core import storage as st
 from semdedup_assets.core.config import Settings
@@ -61,7 +61,9 @@ def build_embeddings(names: GraphNames, backfill_batch: int) -> dg.AssetsDefinit
                                         description="; ".join(problems[:10]) or None,
                                         metadata={"rows_checked": extra["rows"]})
             remove_unregistered(context, names, semdedup.storage_root(), st.EMBEDDINGS, st.REJECTED)
-            return dg.MaterializeResult(metadata=run_metadata(context, per_shard, extra), check_results=[check])
+            return dg.MaterializeResult(metadata={**run_metadata(context, per_shard, extra),
+                                                  **worker_resources(d.worker for d in done.values())},
+                                        check_results=[check])
 
     return embeddings
 

@@ -26,11 +26,12 @@ from abc import ABC, abstractmethod
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Generic, TypeVar
 
 from semdedup_assets.core import storage as st
 from semdedup_assets.core.config import Settings, visible_cuda_devices
+from semdedup_assets.core.meter import stage_meter
 from semdedup_assets.core.shards import ShardFile
 
 R = TypeVar("R")
@@ -60,6 +61,10 @@ class Worker:
     devices: str = ""  # CUDA_VISIBLE_DEVICES; "" when unset
     node_id: str = ""  # the Ray node's id; "" outside Ray
     role: str = DRIVER  # DRIVER (the run's own process) or RAY_WORKER (a Ray task or actor)
+    # A Ray unit's own cost in its worker process (None in the driver, whose stage figures cover it):
+    # the peak RSS since the unit began (VmHWM reset, core/meter.py) and torch's CUDA peak, in MiB.
+    peak_rss_mib: float | None = None
+    gpu_peak_mib: float | None = None
 
     def __str__(self) -> str:
         return (f"{self.node}" + (f" node {self.node_id[:12]}" if self.node_id else "") + f" pid {self.pid}"
@@ -307,6 +312,19 @@ class LazyEncoder:
         return getattr(self.loaded(), name)
 
 
+def in_ray_worker(work: Callable[[], R]) -> tuple[R, Worker]:
+    """Run one unit in a Ray task or actor: its result, and this worker with the unit's peak RSS (and GPU memory).
+
+    The driver's stage figures do not see a worker's memory; these let the stage's metadata
+    show the largest unit's peak, so a user sees which stage and unit limit a node.
+    """
+    with stage_meter() as figures:
+        result = work()
+    gpu = figures.get("gpu_peak_mib")
+    return result, replace(current_worker(RAY_WORKER), peak_rss_mib=float(figures["peak_rss_mib"]),
+                           gpu_peak_mib=None if gpu is None else float(gpu))
+
+
 class ShardEmbedder:
     """A Ray actor: loads the encoder once (at its first shard that is not cached), then embeds the shards it is
     given, one at a time."""
@@ -323,7 +341,7 @@ class ShardEmbedder:
         """Embed one shard; returns its EmbedShardResult and this worker."""
         from semdedup_assets.core.embed import embed_shard
 
-        return embed_shard(self.settings, shard.key, shard, encoder=self.encoder), current_worker(RAY_WORKER)
+        return in_ray_worker(lambda: embed_shard(self.settings, shard.key, shard, encoder=self.encoder))
 
 
 def _dedup_task(settings: Settings, bucket: str, k: int, assignment_files: Sequence[st.UPath],
@@ -335,7 +353,7 @@ def _dedup_task(settings: Settings, bucket: str, k: int, assignment_files: Seque
 
         torch.set_num_threads(threads)
 
-    return dedup_bucket(settings, bucket, k, assignment_files), current_worker(RAY_WORKER)
+    return in_ray_worker(lambda: dedup_bucket(settings, bucket, k, assignment_files))
 
 
 def _assign_task(settings: Settings, key: str) -> tuple[Any, Worker]:
@@ -343,8 +361,11 @@ def _assign_task(settings: Settings, key: str) -> tuple[Any, Worker]:
     from semdedup_assets.core.assign import assign_shard
     from semdedup_assets.core.centroids import load_centroids
 
-    centroids = load_centroids(settings.storage_root())
-    return assign_shard(settings, key, centroids, len(centroids)), current_worker(RAY_WORKER)
+    def work() -> Any:
+        centroids = load_centroids(settings.storage_root())
+        return assign_shard(settings, key, centroids, len(centroids))
+
+    return in_ray_worker(work)
 
 
 def _keep_lists_task(settings: Settings, bucket_files: Sequence[st.UPath]) -> tuple[tuple[Any, list[str]], Worker]:
@@ -352,7 +373,7 @@ def _keep_lists_task(settings: Settings, bucket_files: Sequence[st.UPath]) -> tu
     from semdedup_assets.core.keep import build_keep_lists
 
     logs: list[str] = []
-    return (build_keep_lists(settings, bucket_files, log=logs.append), logs), current_worker(RAY_WORKER)
+    return in_ray_worker(lambda: (build_keep_lists(settings, bucket_files, log=logs.append), logs))
 
 
 @dataclass
@@ -380,8 +401,9 @@ def _centroids_task(settings: Settings, embedding_files: Mapping[str, st.UPath],
     warned: list[str] = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = train_centroids(settings, embedding_files, log=logs.append, warn=warned.append)
-    return CentroidsRun(result, logs, warned, [str(w.message) for w in caught]), current_worker(RAY_WORKER)
+        result, worker = in_ray_worker(lambda: train_centroids(settings, embedding_files, log=logs.append,
+                                                               warn=warned.append))
+    return CentroidsRun(result, logs, warned, [str(w.message) for w in caught]), worker
 
 
 def remove_temporaries(path: st.UPath) -> None:
