@@ -82,11 +82,12 @@ def _cluster_filter(first: int, end: int, clusters: list[int] | None = None) -> 
 
 
 def read_bucket_rows(files: Sequence[st.UPath], first: int, end: int, clusters: list[int] | None = None,
-                     keep_by: Sequence[str] = (), embeddings: bool = True) -> pa.Table:
+                     keep_by: Sequence[str] = (), embeddings: bool = True, ordered: bool = True) -> pa.Table:
     """The assignments of clusters [first, end) (or of `clusters`) from every shard file (row groups skipped by stats).
 
     `keep_by` columns are read too; a file without one of them fails, naming the file.
-    `embeddings=False` leaves the embedding column out.
+    `embeddings=False` leaves the embedding column out; `ordered=False` skips the sort by
+    (cluster, id), for callers whose result does not depend on the row order.
     """
     if not files:
         return pa.table({})
@@ -94,7 +95,7 @@ def read_bucket_rows(files: Sequence[st.UPath], first: int, end: int, clusters: 
     # Few files in flight at once: a shard file's row group of this bucket is read whole before filtering.
     table = _assignments_dataset(files, keep_by).to_table(filter=_cluster_filter(first, end, clusters), columns=columns,
                                                           fragment_readahead=2, batch_readahead=2)
-    return table.sort_by([("cluster", "ascending"), ("id", "ascending")])
+    return table.sort_by([("cluster", "ascending"), ("id", "ascending")]) if ordered else table
 
 
 def cluster_counts(files: Sequence[st.UPath], first: int, end: int) -> np.ndarray:
@@ -393,7 +394,8 @@ def _probed_rows(table: pa.Table, own: np.ndarray, a: int, b: int, clusters: lis
     outside = [c for c in clusters if not a <= c < b]
     parts = [table.take(pa.array(np.flatnonzero(np.isin(own, inside))))] if inside else []
     if outside:
-        parts.append(read_bucket_rows(files, 0, 0, outside, keep_by=names).select(table.column_names))
+        # Unsorted: the pool's row order changes nothing (the global rank is a total order on unique ids).
+        parts.append(read_bucket_rows(files, 0, 0, outside, keep_by=names, ordered=False).select(table.column_names))
     return pa.concat_tables(parts) if parts else table.schema.empty_table()
 
 

@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 import faiss
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from semdedup_assets.core.ordering import KeepByKey, cluster_order
@@ -53,10 +54,27 @@ def probe_clusters(x: np.ndarray, centroids: np.ndarray, own: np.ndarray, probes
     return out
 
 
-def global_rank(ids: Sequence[str] | np.ndarray, sims: np.ndarray, strategy: str, seed: int,
+def global_rank(ids: Sequence[str] | np.ndarray | pa.Array, sims: np.ndarray, strategy: str, seed: int,
                 keep_by: Sequence[KeepByKey] = ()) -> np.ndarray:
-    """Each item's position in the global order (keep-by columns, the strategy's key, then id, over all items)."""
-    order = cluster_order(ids, sims, strategy, seed, keep_by=keep_by)
+    """Each item's position in the global order (keep-by columns, the strategy's key, then id, over all items).
+
+    `ids` may be an Arrow string array: for `hard`/`easy` without keep-by the order is then
+    one Arrow sort by (sim, id), the same order as `cluster_order` (a total order: ids are
+    unique, and Arrow orders strings by UTF-8 bytes, i.e. by code point, as numpy does) at
+    a fraction of the cost of numpy's lexsort over Python strings.
+    """
+    if isinstance(ids, (pa.Array, pa.ChunkedArray)):
+        if keep_by or strategy not in ("hard", "easy"):
+            ids = np.asarray(ids.to_pylist(), dtype=object)
+        else:
+            sims = np.asarray(sims, dtype=np.float64).reshape(-1)
+            if np.isnan(sims).any():
+                raise ValueError("sim_to_centroid contains NaN; the order would be undefined")
+            direction = "ascending" if strategy == "hard" else "descending"
+            order = pc.sort_indices(pa.table({"s": sims, "id": ids}),
+                                    sort_keys=[("s", direction), ("id", "ascending")]).to_numpy()
+    if not isinstance(ids, (pa.Array, pa.ChunkedArray)):
+        order = cluster_order(ids, sims, strategy, seed, keep_by=keep_by)
     rank = np.empty(len(order), dtype=np.int64)
     rank[order] = np.arange(len(order))
     return rank
@@ -168,7 +186,7 @@ def multiprobe_bucket(table: pa.Table, read_clusters: Callable[[list[int]], pa.T
     extra = sorted(set(np.unique(probe).tolist()) - set(np.unique(own).tolist()))
     others = read_clusters(extra) if extra else table.schema.empty_table()
     pool = pa.concat_tables([table, others.select(table.column_names)]) if extra else table
-    ids = np.asarray(pool.column("id").to_pylist(), dtype=object)
+    ids = pool.column("id").combine_chunks().cast(pa.string())  # Arrow, not Python strings: the pool can be large
     clusters = pool.column("cluster").to_numpy().astype(np.int64)
     sims = pool.column("sim_to_centroid").to_numpy()
     vectors = np.concatenate([bucket_x, unit_embeddings(others)]) if extra else bucket_x
@@ -182,13 +200,13 @@ def multiprobe_bucket(table: pa.Table, read_clusters: Callable[[list[int]], pa.T
     starts = np.concatenate([[0], bounds])
     ranks = np.arange(len(order)) - np.repeat(starts, np.diff(np.concatenate([starts, [len(order)]])))
     result = pa.table({
-        "id": pa.array(ids[order].tolist(), type=pa.string()),
+        "id": ids.take(pa.array(order)),
         "shard": table.column("shard").take(pa.array(order)),
         "cluster": pa.array(own[order].astype(np.int32)),
         "rank": pa.array(ranks.astype(np.int64)),
         "sim_to_centroid": pa.array(sims[order].astype(np.float64)),
         "max_sim": pa.array(max_sim[order].astype(np.float64)),
-        "duplicate_of": pa.array([ids[i] if i >= 0 else None for i in dup[order]], type=pa.string()),
+        "duplicate_of": ids.take(pa.array(dup[order], mask=dup[order] < 0)),
     }, schema=SEMANTIC_DUPLICATES_SCHEMA)
     sizes = np.diff(np.concatenate([starts, [len(order)]])).tolist()
     return result, [int(s) for s in sizes]

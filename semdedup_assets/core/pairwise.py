@@ -147,13 +147,23 @@ def _max_over_earlier(
     if len(q) == 0:
         return best, best_idx, fp32_out
     first, last = int(q_pos[0]), int(q_pos[-1])
+    # On the CPU the mask, max and running update run in numpy (one thread, in place): torch
+    # hands each of those small ops to its thread pool, which costs up to milliseconds per op
+    # when the cores are shared, and multi-probe runs thousands of small tiles. Only the
+    # epilogue moves; the GEMM call and its operands are unchanged, so are its bits.
+    host = dev.type == "cpu"
+    if host:
+        best_np, best_idx_np, pos_np = best.numpy(), best_idx.numpy(), q_pos.cpu().numpy()
     # Row blocks in ascending order, and only a strictly greater value replaces the running
     # max, so the earliest i wins exact ties across blocks; torch.max(dim) documents the
-    # first index on ties within a tile.
+    # first index on ties within a tile, as does numpy's argmax.
     for i0 in range(0, last, bsz):
         i1 = min(i0 + bsz, last)
         tile, exact_out = _matmul_fp32_out(q, x[i0:i1].T)
         fp32_out = fp32_out and exact_out
+        if host:
+            _update_best_host(tile.numpy(), pos_np, i0, i1 > first, best_np, best_idx_np)
+            continue
         if i1 > first:  # the tile reaches the diagonal: pairs with i >= j must not count
             cols = torch.arange(i0, i1, device=dev)
             tile.masked_fill_(cols[None, :] >= q_pos[:, None], float("-inf"))
@@ -162,6 +172,19 @@ def _max_over_earlier(
         best = torch.where(better, val, best)
         best_idx = torch.where(better, arg + i0, best_idx)
     return best, best_idx, fp32_out
+
+
+def _update_best_host(tile: np.ndarray, pos: np.ndarray, i0: int, diagonal: bool, best: np.ndarray,
+                      best_idx: np.ndarray) -> None:
+    """One tile of `_max_over_earlier` in numpy: mask i >= pos (if the tile reaches the diagonal), then a
+    strictly greater max (the first argmax within the tile) replaces `best`/`best_idx` in place."""
+    if diagonal:
+        tile[np.arange(i0, i0 + tile.shape[1])[None, :] >= pos[:, None]] = -np.inf
+    arg = tile.argmax(axis=1)
+    val = tile[np.arange(len(tile)), arg]
+    better = val > best
+    best[better] = val[better]
+    best_idx[better] = arg[better] + i0
 
 
 def max_sim_tiled(

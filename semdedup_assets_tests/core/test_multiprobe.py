@@ -87,3 +87,37 @@ def test_probe_clusters_put_the_own_cluster_first() -> None:
     assert (p[:, 0] == own).all() and all(len(set(r)) == 3 for r in p.tolist())
     dense = np.argsort(-(x.astype(np.float64) @ cents.T.astype(np.float64)), axis=1, kind="stable")[:, :3]
     assert (np.sort(p, axis=1) == np.sort(dense, axis=1)).mean() > 0.99
+
+
+@pytest.mark.parametrize("strategy", ["hard", "easy", "random"])
+def test_global_rank_from_arrow_ids_equals_the_numpy_order(strategy: str) -> None:
+    """The Arrow sort (multi-probe pools) and `cluster_order`'s lexsort give the same global order, ties included."""
+    rng = np.random.default_rng(3)
+    ids = [f"i{j}" for j in rng.permutation(500)] + ["é", "z", "Z", "a-b", "ab"]
+    sims = np.round(rng.uniform(-1, 1, len(ids)), 1)  # many exact ties: the id decides them
+    sims[:3] = [0.0, -0.0, 0.0]
+    expected = global_rank(np.asarray(ids, dtype=object), sims, strategy, 0)
+    np.testing.assert_array_equal(global_rank(pa.array(ids), sims, strategy, 0), expected)
+    np.testing.assert_array_equal(global_rank(pa.chunked_array([ids[:100], ids[100:]]), sims, strategy, 0), expected)
+
+
+def test_the_numpy_tile_epilogue_equals_torch_s() -> None:
+    """`_max_over_earlier` on the CPU (numpy mask/max) gives the torch epilogue's values and first argmax, ties too."""
+    import torch
+
+    from semdedup_assets.core import pairwise
+
+    rng = np.random.default_rng(4)
+    x = torch.from_numpy(np.round(rng.normal(size=(300, 8)), 1).astype(np.float32))
+    x[50:60] = x[10]  # exact ties across and within tiles
+    q, pos = x[[5, 11, 70, 200, 299]], torch.tensor([5, 11, 70, 200, 299])
+    host = pairwise._max_over_earlier(q, pos, x, 64)
+    best = torch.full((5,), float("-inf"))
+    best_idx = torch.full((5,), -1, dtype=torch.int64)
+    for i0 in range(0, 299, 64):  # the torch epilogue, spelled out as before the numpy one
+        tile = q @ x[i0:min(i0 + 64, 299)].T
+        tile.masked_fill_(torch.arange(i0, min(i0 + 64, 299))[None, :] >= pos[:, None], float("-inf"))
+        val, arg = tile.max(dim=1)
+        better = val > best
+        best, best_idx = torch.where(better, val, best), torch.where(better, arg + i0, best_idx)
+    assert torch.equal(host[0], best) and torch.equal(host[1], best_idx)
