@@ -66,19 +66,20 @@ def _assignments_dataset(files: Sequence[st.UPath], keep_by: Sequence[str] = ())
 
 
 def _cluster_filter(first: int, end: int, clusters: list[int] | None = None) -> pc.Expression:
-    """Rows of clusters [first, end), or of `clusters` as ranges of consecutive ids (row groups skipped by stats)."""
+    """Rows of clusters [first, end), or of `clusters` (row groups skipped by stats).
+
+    `clusters` as one set lookup within their [min, max] span: an OR over one range per run
+    of consecutive ids costs several times the read itself when the clusters are scattered
+    (multi-probe reads a bucket's probed clusters, spread over all of k); Arrow still prunes
+    row groups by the span and by the set.
+    """
     if clusters is None:
         return (pc.field("cluster") >= first) & (pc.field("cluster") < end)
     ids = np.unique(np.asarray(clusters, dtype=np.int64))
     if not len(ids):
         return pc.scalar(False)
-    cuts = np.flatnonzero(np.diff(ids) != 1) + 1
-    runs = [(int(r[0]), int(r[-1]) + 1) for r in np.split(ids, cuts)]
-    expression = None
-    for a, b in runs:
-        part = (pc.field("cluster") >= a) & (pc.field("cluster") < b)
-        expression = part if expression is None else expression | part
-    return expression
+    return ((pc.field("cluster") >= int(ids[0])) & (pc.field("cluster") <= int(ids[-1]))
+            & pc.field("cluster").isin(pa.array(ids, type=pa.int32())))
 
 
 def read_bucket_rows(files: Sequence[st.UPath], first: int, end: int, clusters: list[int] | None = None,

@@ -97,7 +97,6 @@ def multiprobe_max_sim(
     n = len(queries)
     best = np.full(n, -np.inf, dtype=np.float32)
     best_idx = np.full(n, -1, dtype=np.int64)
-    best_rank = np.full(n, np.iinfo(np.int64).max, dtype=np.int64)
     if n == 0:
         return np.zeros(0, dtype=np.float64), best_idx
     # The pool sorted once by (cluster, global rank): each cluster's members are one contiguous slice.
@@ -105,26 +104,46 @@ def multiprobe_max_sim(
     sorted_clusters, sorted_rank = clusters[perm], rank[perm]
     at = np.empty(len(perm), dtype=np.int64)
     at[perm] = np.arange(len(perm))
+    sets = _probe_sets(probes, clusters[queries], rank[queries], int(block_size))
+    # What each set needs besides its tiles, for all sets at once, so that the loop below runs
+    # the GEMMs back to back: between two small GEMMs torch's pool threads go to sleep, and
+    # waking them on a shared CPU costs more than a small tile's maths.
+    probed = np.array([c for c, _ in sets], dtype=np.int64)
+    lengths = np.array([len(rows) for _, rows in sets], dtype=np.int64)
+    rows_all = np.concatenate([rows for _, rows in sets])
+    set_of = np.repeat(np.arange(len(sets)), lengths)
+    starts, ends = np.searchsorted(sorted_clusters, probed), np.searchsorted(sorted_clusters, probed + 1)
+    # How many members of its probed cluster precede each query in the global order (`_max_over_earlier`
+    # counts those only): a search on the (cluster, rank) key, rank < pool size, minus the cluster's start.
+    key = sorted_clusters * len(perm) + sorted_rank
+    pos_all = np.searchsorted(key, probed[set_of] * len(perm) + rank[queries[rows_all]]) - starts[set_of]
+    pool_q = at[queries[rows_all]]
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    done, vals, args = [], [], []
     with torch.inference_mode():
         xs = torch.from_numpy(np.array(np.asarray(vectors)[perm], dtype=np.float32, order="C")).to(device or "cpu")
         dev = xs.device
-        bsz = int(block_size)
-        for c, rows in _probe_sets(probes, clusters[queries], rank[queries], bsz):
-            start, end = np.searchsorted(sorted_clusters, [c, c + 1])
-            # How many members precede each query in the global order: `_max_over_earlier` counts those only.
-            pos = np.searchsorted(sorted_rank[start:end], rank[queries[rows]])
+        for s in range(len(sets)):
+            o0, o1, start, end = offsets[s], offsets[s + 1], starts[s], ends[s]
+            pos = pos_all[o0:o1]
             if end == start or not pos.any():
                 continue
-            val, arg, _ = _max_over_earlier(xs[torch.from_numpy(at[queries[rows]]).to(dev)],
-                                            torch.from_numpy(pos).to(dev), xs[start:end], bsz)
-            val, arg = val.cpu().numpy(), arg.cpu().numpy()
-            found = arg >= 0
-            cand = np.where(found, perm[start + np.maximum(arg, 0)], -1)
-            cand_rank = np.where(found, rank[np.maximum(cand, 0)], np.iinfo(np.int64).max)
-            # Across clusters, the larger cosine wins; on an exact tie the earlier item in the global order.
-            better = found & ((val > best[rows]) | ((val == best[rows]) & (cand_rank < best_rank[rows])))
-            r = rows[better]
-            best[r], best_idx[r], best_rank[r] = val[better], cand[better], cand_rank[better]
+            val, arg, _ = _max_over_earlier(xs[torch.from_numpy(pool_q[o0:o1]).to(dev)],
+                                            torch.from_numpy(pos).to(dev), xs[start:end], int(block_size))
+            done.append(s)
+            vals.append(val.cpu().numpy())
+            args.append(arg.cpu().numpy())
+    if done:
+        picked = np.concatenate([np.arange(offsets[s], offsets[s + 1]) for s in done])
+        val, arg = np.concatenate(vals), np.concatenate(args)
+        found = arg >= 0
+        row = rows_all[picked][found]
+        val, cand = val[found], perm[starts[set_of[picked]][found] + arg[found]]
+        # Across clusters, the larger cosine wins; on an exact tie the earlier item in the global order
+        # (candidates of different clusters are different items: their ranks differ, the winner is unique).
+        order = np.lexsort((rank[cand], -val, row))
+        first = order[np.concatenate([[True], row[order][1:] != row[order][:-1]])] if len(row) else order
+        best[row[first]], best_idx[row[first]] = val[first], cand[first]
     none = best_idx < 0
     max_sim = np.where(none, 0.0, best.astype(np.float64))
     return max_sim, best_idx
