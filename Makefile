@@ -26,8 +26,11 @@ DEMO_MODEL ?= static
 demo: $(VENV)/.stamp-demo
 	$(BIN)/semdedup demo --storage $(DEMO_STORAGE) --model $(DEMO_MODEL)
 
+# Two pytest-xdist workers (TEST_WORKERS=0: one process); tests are grouped per module and the
+# daemon/server tests share one group (semdedup_assets_tests/conftest.py).
+TEST_WORKERS ?= 2
 test: browser-deps server-deps $(VENV)/.stamp-test
-	$(BIN)/python -m pytest -q --durations=25
+	$(BIN)/python -m pytest -q --durations=25 -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 
 # Debian's Chromium for the browser test (Playwright drives /usr/bin/chromium; it never downloads a
 # browser). Installs only when missing; as root directly, otherwise through passwordless sudo.

@@ -35,6 +35,7 @@ from semdedup_assets_tests.webserver import (
     BACKFILL_QUERY,
     LAUNCH_BACKFILL,
     REPO,
+    TEST_DAEMON_LOOP_S,
     dagster_dev,
     describe_runs,
     platform_env,
@@ -180,7 +181,8 @@ def test_whole_graph_on_postgres_and_s3_matches_local(tmp_path: Path, pg: Postgr
 def _db_of(env: dict[str, str]) -> str:
     """The database name in a DAGSTER_HOME's postgres_url."""
     text = (Path(env["DAGSTER_HOME"]) / "dagster.yaml").read_text()
-    return text.rsplit("/", 1)[1].strip()
+    (url,) = [line.split("postgres_url:", 1)[1].strip() for line in text.splitlines() if "postgres_url:" in line]
+    return url.rsplit("/", 1)[1]
 
 
 # --------------------------------------------------------------------------------------
@@ -223,7 +225,7 @@ def test_daemon_on_postgres_and_s3_survives_a_postgres_restart(tmp_path: Path, p
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("SEMDEDUP_CATALOG", str(tmp_path / "test-catalog.duckdb"))
 
-    with dagster_dev(env, ARTIFACTS / "deploy-daemon-dagster-dev.log") as dev:
+    with dagster_dev(env, ARTIFACTS / "deploy-daemon-dagster-dev.log", daemon_loop_s=TEST_DAEMON_LOOP_S) as dev:
         def settled(shard: str, total: int):
             def probe() -> bool:
                 all_runs = _fail_on_failed_runs(dev)

@@ -104,7 +104,7 @@ def test_daemon_flow_new_shard_reaches_catalog(tmp_path: Path) -> None:
     storage = Storage(env["SEMDEDUP_STORAGE"])
     assert query(storage, "SELECT count(*) FROM items")[1] == [(200,)]
 
-    with dagster_dev(env, _log_path("daemon-flow")) as dev:
+    with dagster_dev(env, _log_path("daemon-flow"), daemon_loop_s=TEST_DAEMON_LOOP_S) as dev:
         dropped = time.time()
         # A new shard lands (renamed into place, as an uploader would).
         os.replace(staging / "part-02.parquet", landing / "part-02.parquet")
