@@ -28,7 +28,6 @@ from collections.abc import Callable, Sequence
 import faiss
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 
 from semdedup_assets.core.ordering import KeepByKey, cluster_order
@@ -56,25 +55,8 @@ def probe_clusters(x: np.ndarray, centroids: np.ndarray, own: np.ndarray, probes
 
 def global_rank(ids: Sequence[str] | np.ndarray | pa.Array, sims: np.ndarray, strategy: str, seed: int,
                 keep_by: Sequence[KeepByKey] = ()) -> np.ndarray:
-    """Each item's position in the global order (keep-by columns, the strategy's key, then id, over all items).
-
-    `ids` may be an Arrow string array: for `hard`/`easy` without keep-by the order is then
-    one Arrow sort by (sim, id), the same order as `cluster_order` (a total order: ids are
-    unique, and Arrow orders strings by UTF-8 bytes, i.e. by code point, as numpy does) at
-    a fraction of the cost of numpy's lexsort over Python strings.
-    """
-    if isinstance(ids, (pa.Array, pa.ChunkedArray)):
-        if keep_by or strategy not in ("hard", "easy"):
-            ids = np.asarray(ids.to_pylist(), dtype=object)
-        else:
-            sims = np.asarray(sims, dtype=np.float64).reshape(-1)
-            if np.isnan(sims).any():
-                raise ValueError("sim_to_centroid contains NaN; the order would be undefined")
-            direction = "ascending" if strategy == "hard" else "descending"
-            order = pc.sort_indices(pa.table({"s": sims, "id": ids}),
-                                    sort_keys=[("s", direction), ("id", "ascending")]).to_numpy()
-    if not isinstance(ids, (pa.Array, pa.ChunkedArray)):
-        order = cluster_order(ids, sims, strategy, seed, keep_by=keep_by)
+    """Each item's position in the global order: `cluster_order` over all items (ids may be an Arrow array)."""
+    order = cluster_order(ids, sims, strategy, seed, keep_by=keep_by)
     rank = np.empty(len(order), dtype=np.int64)
     rank[order] = np.arange(len(order))
     return rank

@@ -52,7 +52,7 @@ def random_keys(ids: np.ndarray, seed: int) -> np.ndarray:
 
 
 def cluster_order(
-    ids: Sequence[str] | np.ndarray,
+    ids: Sequence[str] | np.ndarray | pa.Array | pa.ChunkedArray,
     sim_to_centroid: np.ndarray,
     strategy: str,
     seed: int = 0,
@@ -62,10 +62,14 @@ def cluster_order(
 
     `keep_by` holds (values, descending) per keep-by column, most significant first; the
     strategy's key and the id break its ties, so the order is total and never depends on
-    the order in which rows arrived.
+    the order in which rows arrived. `ids` may be an Arrow string array (a multi-probe pool
+    can be large): for `hard`/`easy` the order is then one Arrow sort, with no Python strings.
     """
     validate_strategy(strategy)
-    id_arr = ids_as_str(ids)
+    arrow = isinstance(ids, (pa.Array, pa.ChunkedArray))
+    if arrow and strategy == "random":  # the random key hashes each id in Python anyway
+        ids, arrow = ids.to_pylist(), False
+    id_arr = ids if arrow else ids_as_str(ids)
     sims = np.asarray(sim_to_centroid, dtype=np.float64).reshape(-1)
     if len(id_arr) != len(sims):
         raise ValueError(f"ids has {len(id_arr)} entries but sim_to_centroid has {len(sims)}")
@@ -73,7 +77,7 @@ def cluster_order(
         return np.empty(0, dtype=np.int64)
     if np.isnan(sims).any():
         raise ValueError("sim_to_centroid contains NaN; the order would be undefined")
-    if keep_by:
+    if keep_by or arrow:
         return _keep_by_order(id_arr, sims, strategy, seed, keep_by)
     # np.lexsort: the last key is the primary one; the id is always the tie-breaker,
     # so the result never depends on the order in which rows arrived.
@@ -86,9 +90,10 @@ def cluster_order(
     return perm.astype(np.int64, copy=False)
 
 
-def _keep_by_order(ids: np.ndarray, sims: np.ndarray, strategy: str, seed: int,
+def _keep_by_order(ids: np.ndarray | pa.Array | pa.ChunkedArray, sims: np.ndarray, strategy: str, seed: int,
                    keep_by: Sequence[KeepByKey]) -> np.ndarray:
-    """The keep-by columns, then the strategy's key, then the id; nulls (and NaN) last in every column.
+    """The keep-by columns (if any), then the strategy's key, then the id, as one Arrow sort; nulls (and NaN)
+    last in every column. `ids` is a numpy array, or an Arrow one unless the strategy is `random`.
 
     Arrow's multi-key sort is stable and orders strings by UTF-8 bytes, i.e. by code point,
     exactly as numpy orders the ids in the plain path; the unique id makes the order total.
@@ -107,7 +112,7 @@ def _keep_by_order(ids: np.ndarray, sims: np.ndarray, strategy: str, seed: int,
         columns["s"], order = pa.array(random_keys(ids, seed)), "ascending"
     else:
         columns["s"], order = pa.array(sims), "ascending" if strategy == "hard" else "descending"
-    columns["id"] = pa.array(ids.tolist(), type=pa.string())
+    columns["id"] = ids if isinstance(ids, (pa.Array, pa.ChunkedArray)) else pa.array(ids.tolist(), type=pa.string())
     # Arrow places nulls at the end in either direction by default (every release since 3.0).
     perm = pc.sort_indices(pa.table(columns), sort_keys=sort_keys + [("s", order), ("id", "ascending")])
     return perm.to_numpy().astype(np.int64, copy=False)

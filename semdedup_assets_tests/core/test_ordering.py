@@ -133,3 +133,19 @@ def test_length_mismatch_and_nan_are_rejected() -> None:
         cluster_order(["a", "b"], np.array([0.1]), "hard")
     with pytest.raises(ValueError):
         cluster_order(["a", "b"], np.array([0.1, np.nan]), "hard")
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("keep_by", [False, True])
+def test_arrow_ids_give_the_numpy_order(strategy: str, keep_by: bool) -> None:
+    """Arrow string ids (one Arrow sort, as multi-probe pools use) and Python ids give one order, ties included."""
+    import pyarrow as pa
+
+    rng = np.random.default_rng(3)
+    ids = [f"i{j}" for j in rng.permutation(300)] + ["é", "z", "Z", "a-b", "ab"]
+    sims = np.round(rng.uniform(-1, 1, len(ids)), 1)  # many exact ties: the id (or the keep-by column) decides
+    sims[:3] = [0.0, -0.0, 0.0]
+    keys = [(pa.array(rng.integers(0, 3, len(ids))), True)] if keep_by else []
+    expected = cluster_order(ids, sims, strategy, 5, keep_by=keys)
+    for arrow_ids in (pa.array(ids), pa.chunked_array([ids[:100], ids[100:]]), pa.array(ids, pa.large_string())):
+        np.testing.assert_array_equal(cluster_order(arrow_ids, sims, strategy, 5, keep_by=keys), expected)
