@@ -2,7 +2,8 @@
 
 Usage:
     .venv/bin/python bench/text_end_to_end.py [--n 200000] [--dup-fraction 0.1] [--shards 8]
-                                              [--static PATH] [--out bench/results/text_end_to_end.md]
+                                              [--static PATH] [--probes-too P] [--exact-too]
+                                              [--out bench/results/text_end_to_end.md]
     .venv/bin/python bench/text_end_to_end.py --smoke     # 1,000 paragraphs, a tiny static model; prints only
 
 Data: `--n` distinct real English paragraphs (docstrings and comment blocks of the Python standard
@@ -15,6 +16,8 @@ punctuation stripped. Parquet shards with `id` and `text`.
    Dagster runs and every stage file written are inside the time), from empty storage. With
    `--probes-too P`, then `semdedup run ... --probes P` on the same storage (a fresh process again; the
    embeddings are reused, so its time is the clustering and the rule): its quality gets its own columns.
+   With `--exact-too`, likewise with `--clusters 1`: the paper's rule over all items with no pair split
+   by the clustering, the ceiling of what any k or `--probes` can reach.
 2. SemHash: a fresh process that reads the same shards, loads the same static model
    (`StaticModel.from_pretrained`) and runs `SemHash.from_records(records, columns=["text"], model=...)`
    then `self_deduplicate()` at its default threshold 0.9; only then (untimed) `self_deduplicate` at
@@ -221,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--probes-too", type=int, default=0, metavar="P",
                     help="after the timed run, run ours again with --probes P on the same storage (embeddings "
                     "reused) and report its quality and time too (0: no)")
+    ap.add_argument("--exact-too", action="store_true",
+                    help="then run ours again with --clusters 1 (every item against every earlier one: no pair is "
+                    "split by k-means) and report its quality too; O(N^2), ~15 min at 220k on 2 busy cores")
     ap.add_argument("--child-thresholds", default="", help=argparse.SUPPRESS)
     ap.add_argument("--child-semhash", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--child-input", help=argparse.SUPPRESS)
@@ -253,14 +259,20 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"semdedup run failed:\n{ours['stdout'][-3000:]}\n{ours['stderr'][-3000:]}")
     stages = re.search(r"stages \(s\): (.*?)  total", ours["stdout"])
     max_sim = read_max_sim(work / "storage")
-    probed = None
-    if args.probes_too > 1:
-        print(f"[bench] ours again with --probes {args.probes_too} ...", flush=True)
-        probed = run_tree(ours_cmd + ["--probes", str(args.probes_too)], env=env)
-        if probed["rc"] != 0:
-            raise SystemExit(f"semdedup run --probes failed:\n{probed['stdout'][-3000:]}\n{probed['stderr'][-3000:]}")
-        probed["stages"] = re.search(r"stages \(s\): (.*?)  total", probed["stdout"])
-        probed["max_sim"] = read_max_sim(work / "storage")
+    # Further runs of ours on the same storage (embeddings reused): more probes, and the rule with no clustering
+    # at all (k = 1: every item compared with every earlier one, the ceiling of what any k or P can find).
+    extras = ([(f"P={args.probes_too}", ["--probes", str(args.probes_too)])] if args.probes_too > 1 else []) + \
+        ([("exact (k=1)", ["--clusters", "1"])] if args.exact_too else [])
+    again = []
+    for name, extra in extras:
+        print(f"[bench] ours again with {' '.join(extra)} ...", flush=True)
+        run = run_tree(ours_cmd + extra, env=env)
+        if run["rc"] != 0:
+            raise SystemExit(f"semdedup run {' '.join(extra)} failed:\n{run['stdout'][-3000:]}\n{run['stderr'][-3000:]}")
+        run.update(name=name, args=" ".join(extra), stages=re.search(r"stages \(s\): (.*?)  total", run["stdout"]))
+        run_max_sim = read_max_sim(work / "storage")
+        run["score"] = {t: score({i for i, m in run_max_sim.items() if m > t}, pairs) for t in THRESHOLDS}
+        again.append(run)
     child_out = work / "semhash.json"
     theirs_cmd = [sys.executable, str(Path(__file__).resolve()), "--child-semhash", "--child-input", str(work / "input"),
                   "--child-model", static, "--child-out", str(child_out),
@@ -299,22 +311,20 @@ def main(argv: list[str] | None = None) -> int:
              f" the model, indexing, querying) | {theirs['peak_mib']:,.0f} MiB | {items / sh['seconds']:,.0f} |", "",
              f"Our stages (s): {stages.group(1) if stages else '?'}", "",
              "SemHash's phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in sh.get("phases", {}).items()), ""]
-    if probed is not None:
-        lines += [f"Ours again with `--probes {args.probes_too}` on the same storage (a fresh process; embeddings "
-                  f"reused, so not an end-to-end time): {probed['seconds']:.1f} s; stages (s): "
-                  f"{probed['stages'].group(1) if probed['stages'] else '?'}", ""]
-    p_head = f" ours P={args.probes_too} recall | ours P={args.probes_too} outside removals |" if probed else ""
+    for run in again:
+        lines += [f"Ours again with `{run['args']}` on the same storage (a fresh process; embeddings "
+                  f"reused, so not an end-to-end time): {run['seconds']:.1f} s; stages (s): "
+                  f"{run['stages'].group(1) if run['stages'] else '?'}", ""]
+    p_head = "".join(f" ours {r['name']} recall | ours {r['name']} outside removals |" for r in again)
     lines += ["## Quality at each threshold t (ours: eps = 1 - t)", "",
               "| t | ours recall | ours outside removals |" + p_head + " SemHash recall | SemHash outside removals |",
-              "|---|---|---|" + ("---|---|" if probed else "") + "---|---|"]
-    probed_score = {t: score({i for i, m in probed["max_sim"].items() if m > t}, pairs) for t in THRESHOLDS} \
-        if probed else {}
+              "|---|---|---|" + "---|---|" * len(again) + "---|---|"]
     for t in THRESHOLDS:
         (ro, _, oo) = ours_score[t]
         mark = (" (SemHash default)" if t == d else "") + (" (ours calibrated)" if t == best_ours else "") + \
             (" (SemHash calibrated)" if t == best_sh else "")
         theirs_cells = f"{sh_score[t][0]:.4f} | {sh_score[t][2]:,}" if t in sh_score else "not measured | -"
-        p_cells = f" {probed_score[t][0]:.4f} | {probed_score[t][2]:,} |" if probed else ""
+        p_cells = "".join(f" {r['score'][t][0]:.4f} | {r['score'][t][2]:,} |" for r in again)
         lines.append(f"| {t}{mark} | {ro:.4f} | {oo:,} |{p_cells} {theirs_cells} |")
     cal_ok = ours_score[best_ours][0] >= sh_score[d][0] and ours_score[best_ours][2] <= sh_score[d][2]
     eq_ok = ours_score[d][0] >= sh_score[d][0] and ours_score[d][2] <= sh_score[d][2]
@@ -327,15 +337,15 @@ def main(argv: list[str] | None = None) -> int:
               f" {ours_score[best_ours][2]:,} vs {sh_score[d][2]:,}: **{verdict(cal_ok)}**",
               f"- SemHash's own calibrated t = {best_sh}: recall {sh_score[best_sh][0]:.4f}, outside removals"
               f" {sh_score[best_sh][2]:,}"]
-    # Any threshold of ours (either probe count) that is at least as good on both counts as SemHash's default.
-    runs = [("P=1", ours_score)] + ([(f"P={args.probes_too}", probed_score)] if probed else [])
+    # Any threshold of ours (any of the runs) that is at least as good on both counts as SemHash's default.
+    runs = [("P=1", ours_score)] + [(r["name"], r["score"]) for r in again]
     dominating = [f"{name} t={t}" for name, sc in runs for t in THRESHOLDS
                   if sc[t][0] >= sh_score[d][0] and sc[t][2] <= sh_score[d][2]]
     lines += [f"- a threshold of ours with recall >= {sh_score[d][0]:.4f} and outside removals <= {sh_score[d][2]:,}"
               f" (SemHash at {d}): **{', '.join(dominating) if dominating else 'none, MISSED'}**"]
-    if probed:
-        pd_ = probed_score[d]
-        lines += [f"- `--probes {args.probes_too}` at {d}: recall {pd_[0]:.4f} vs {sh_score[d][0]:.4f}, outside removals"
+    for r in again:
+        pd_ = r["score"][d]
+        lines += [f"- `{r['args']}` at {d}: recall {pd_[0]:.4f} vs {sh_score[d][0]:.4f}, outside removals"
                   f" {pd_[2]:,} vs {sh_score[d][2]:,}: **{verdict(pd_[0] >= sh_score[d][0] and pd_[2] <= sh_score[d][2])}**"]
     lines += [""]
     emit(lines, out)
