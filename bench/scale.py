@@ -151,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({k: v for k, v in r.items() if k != "resources"}), flush=True)
             print(json.dumps(r["resources"]), flush=True)
             results.append(r)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+            if args.json:  # after every point: a long series stopped part way keeps what it measured
+                Path(args.json).write_text(json.dumps(results, indent=1))
     lines = ["# Scale: memory and time of `semdedup run` as N grows (fixed k)", "",
              f"Command: `{command_line('bench/scale.py', argv)}`", "",
              *machine_lines([f"- load average at the end: {load_average()} (start: {load_start})"]),

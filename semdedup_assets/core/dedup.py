@@ -302,6 +302,63 @@ def pairwise_budget(settings: Settings) -> int:
     return max(settings.memory_budget_bytes - 4 * 4 * settings.block_size ** 2, settings.memory_budget_bytes // 4)
 
 
+def spill_groups(files: Sequence[st.UPath], groups: Sequence[tuple[int, int, int]], keep_by: Sequence[str],
+                 folder: str, buffer_bytes: int) -> dict[int, str]:
+    """Split the rows of planned cluster groups into one Arrow IPC file per group, in one pass (memory: the buffers).
+
+    `groups` are (first, end, rows) cluster ranges in ascending order. Each shard file is
+    read once, batch by batch; a batch's rows go to their group's buffer, written out when
+    the buffers together pass `buffer_bytes`. Returns {first cluster of a group: its file}.
+    The files hold the rows as `read_bucket_rows` would return them, unsorted.
+    """
+    if not groups or not files:
+        return {}
+    columns = ["id", "shard", "cluster", "sim_to_centroid", "embedding", *keep_by]
+    dataset = _assignments_dataset(files, keep_by)
+    schema = pa.schema([dataset.schema.field(name) for name in columns])
+    starts = np.array([a for a, _, _ in groups], dtype=np.int64)
+    ends = np.array([b for _, b, _ in groups], dtype=np.int64)
+    paths = {int(a): os.path.join(folder, f"group-{a}.arrow") for a in starts}
+    writers = {a: pa.ipc.new_file(path, schema) for a, path in paths.items()}
+    pending: dict[int, list[pa.RecordBatch]] = {a: [] for a in paths}
+    held = 0
+
+    def flush() -> None:
+        nonlocal held
+        for a, batches in pending.items():
+            if batches:
+                writers[a].write_table(pa.Table.from_batches(batches, schema).combine_chunks())
+                batches.clear()
+        held = 0
+
+    try:
+        for batch in dataset.to_batches(filter=_cluster_filter(int(starts[0]), int(ends[-1])), columns=columns,
+                                        fragment_readahead=2, batch_readahead=2):
+            if not batch.num_rows:
+                continue
+            cluster = batch.column("cluster").to_numpy()
+            group = np.searchsorted(ends, cluster, side="right")
+            group[starts[np.minimum(group, len(starts) - 1)] > cluster] = len(starts)  # in no group: not spilled
+            for g in np.unique(group[group < len(starts)]).tolist():
+                part = batch.filter(pa.array(group == g))
+                pending[int(starts[g])].append(part)
+                held += part.nbytes
+            if held >= buffer_bytes:
+                flush()
+        flush()
+    finally:
+        for writer in writers.values():
+            writer.close()
+    return paths
+
+
+def read_spilled(path: str) -> pa.Table:
+    """A group's spilled rows (`spill_groups`), sorted by (cluster, id) as `read_bucket_rows` returns them."""
+    with pa.OSFile(path) as source:  # read, not memory-mapped: the group's bytes count where they are used
+        table = pa.ipc.open_file(source).read_all()
+    return table.sort_by([("cluster", "ascending"), ("id", "ascending")])
+
+
 def plan_bucket(settings: Settings, files: Sequence[st.UPath], first: int, end: int) -> list[tuple[int, int, int]]:
     """The memory buckets of clusters [first, end): (first, end, rows) of consecutive cluster ranges that fit.
 
@@ -328,27 +385,36 @@ def _dedup_in_groups(settings: Settings, files: Sequence[st.UPath], first: int, 
     names = [name for name, _ in keep_by]
     budget = pairwise_budget(settings)
     per_row = row_bytes(files) if files else 1
-    for a, b, size in plan_bucket(settings, files, first, end):
-        if b - a == 1 and size * per_row > budget:  # one cluster beyond the budget
-            if settings.precision != "fp32":
-                raise ValueError(f"cluster {a} has {size} members ({size * per_row / 2**20:.0f} MiB "
-                                 f"to deduplicate), more than the memory budget of {budget / 2**20:.0f} MiB, and "
-                                 f"precision {settings.precision} cannot tile it from disk: use --precision fp32, "
-                                 f"a larger --memory-budget, or a k of at least "
-                                 f"{_k_that_fits(settings, files, size, budget // per_row)}")
+    plan = plan_bucket(settings, files, first, end)
+    alone = [b - a == 1 and size * per_row > budget for a, b, size in plan]  # one cluster beyond the budget
+    with tempfile.TemporaryDirectory(prefix=f"semdedup-bucket-{first}-") as scratch:
+        # More than one group in memory: one pass over the bucket spills each group's rows to its own file, so
+        # the bucket is decoded once, not once per group (G groups would read G x the bucket: N^2 / budget).
+        spilled = (spill_groups(files, [g for g, big in zip(plan, alone) if not big], names, scratch,
+                                budget // 4) if sum(not big for big in alone) > 1 else {})
+        for (a, b, size), big in zip(plan, alone):
+            if big:
+                if settings.precision != "fp32":
+                    raise ValueError(f"cluster {a} has {size} members ({size * per_row / 2**20:.0f} MiB "
+                                     f"to deduplicate), more than the memory budget of {budget / 2**20:.0f} MiB, "
+                                     f"and precision {settings.precision} cannot tile it from disk: use --precision "
+                                     f"fp32, a larger --memory-budget, or a k of at least "
+                                     f"{_k_that_fits(settings, files, size, budget // per_row)}")
+                start = time.perf_counter()
+                result = dedup_cluster_from_disk(files, a, settings.keep, settings.seed, settings.block_size, device,
+                                                 keep_by)
+                tally.from_disk.append(a)
+                tally.add(writer, result, [result.num_rows], result.num_rows, time.perf_counter() - start)
+                continue
+            table = read_spilled(spilled[a]) if a in spilled else read_bucket_rows(files, a, b, keep_by=names)
             start = time.perf_counter()
-            result = dedup_cluster_from_disk(files, a, settings.keep, settings.seed, settings.block_size, device,
-                                             keep_by)
-            tally.from_disk.append(a)
-            tally.add(writer, result, [result.num_rows], result.num_rows, time.perf_counter() - start)
-            continue
-        table = read_bucket_rows(files, a, b, keep_by=names)
-        start = time.perf_counter()
-        result, sizes = dedup_table(table, settings.keep, settings.seed, settings.block_size, device,
-                                    settings.precision, settings.thresholds, kernel, keep_by=keep_by)
-        read = table.num_rows
-        del table
-        tally.add(writer, result, sizes, read, time.perf_counter() - start)
+            result, sizes = dedup_table(table, settings.keep, settings.seed, settings.block_size, device,
+                                        settings.precision, settings.thresholds, kernel, keep_by=keep_by)
+            read = table.num_rows
+            del table
+            if a in spilled:
+                os.unlink(spilled[a])  # the scratch holds at most the bucket, and less as groups are done
+            tally.add(writer, result, sizes, read, time.perf_counter() - start)
 
 
 def _multiprobe_in_groups(settings: Settings, files: Sequence[st.UPath], first: int, end: int, k: int, device: str,
