@@ -76,7 +76,8 @@ def stage_resources(storage: Path) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for key in ("raw_shards", "embeddings", "centroids", "cluster_assignments", "semantic_duplicates", "keep_lists"):
         records = instance.fetch_materializations(dg.AssetKey(key), limit=10_000).records
-        stage = out.setdefault(key, {"peak_rss_mib": 0.0, "rows": 0, "seconds": 0.0, "runs": 0})
+        stage = out.setdefault(key, {"peak_rss_mib": 0.0, "worker_peak_rss_mib": 0.0, "rows": 0, "seconds": 0.0,
+                                     "runs": 0})
         runs = {}  # a range run's metadata is on each of its partitions' events: count each run once
         for rec in records:
             md = rec.asset_materialization.metadata if rec.asset_materialization else {}
@@ -84,14 +85,22 @@ def stage_resources(storage: Path) -> dict[str, dict]:
                 runs[rec.run_id] = md
         for md in runs.values():
             stage["peak_rss_mib"] = max(stage["peak_rss_mib"], float(md["resources/peak_rss_mib"].value))
+            if "resources/worker_peak_rss_mib" in md:  # --engine ray: the largest unit's peak in its Ray worker
+                stage["worker_peak_rss_mib"] = max(stage["worker_peak_rss_mib"],
+                                                   float(md["resources/worker_peak_rss_mib"].value))
             stage["rows"] += int(md["resources/rows"].value)
             stage["seconds"] += float(md["resources/seconds"].value)
         stage["runs"] = len(runs)
     return out
 
 
-def run_point(inp: Path, storage: Path, clusters: int, buckets: str, budget: str | None, dtype: str) -> dict:
-    """One `semdedup run` in a subprocess: wall, tree peak RSS, stage seconds, removed count, hashes."""
+def run_point(inp: Path, storage: Path, clusters: int, buckets: str, budget: str | None, dtype: str,
+              cluster: object = None) -> dict:
+    """One `semdedup run` in a subprocess: wall, tree peak RSS, stage seconds, removed count, hashes.
+
+    With `cluster` (a RayCluster of semdedup_assets_tests.raycluster) the run is `--engine ray` on
+    it, inside its loopback-only network namespace.
+    """
     if storage.exists():
         shutil.rmtree(storage)
     cli = [sys.executable, "-m", "semdedup_assets.cli", "run", "--input", str(inp), "--storage", str(storage),
@@ -99,8 +108,13 @@ def run_point(inp: Path, storage: Path, clusters: int, buckets: str, budget: str
            "--embedding-dtype", dtype, "--eps", "0.01,0.05"]
     if budget:
         cli += ["--memory-budget", budget]
-    out = run_tree(cli, env={"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                             "PATH": "/usr/bin:/bin"})
+    env = {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    if cluster is not None:
+        from semdedup_assets_tests.raycluster import ray_env
+
+        cli = cluster.ns.command(cli + ["--engine", "ray", "--ray-address", cluster.address])
+        env = {**ray_env(), **env}
+    out = run_tree(cli, env=env)
     if out["rc"] != 0:
         print(out["stdout"][-3000:], out["stderr"][-3000:], sep="\n")
         raise SystemExit(f"semdedup run failed (rc {out['rc']})")
@@ -126,8 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clusters", type=int, default=500)
     ap.add_argument("--buckets", default="16")
     ap.add_argument("--budgets", default="", help="comma-separated --memory-budget values ('' = the default)")
-    ap.add_argument("--points", default="", help="instead of sizes x budgets: N:BUCKETS:BUDGET,... (BUDGET '' = "
-                    "the default), run in this order")
+    ap.add_argument("--points", default="", help="instead of sizes x budgets: N:BUCKETS:BUDGET[:ENGINE],... "
+                    "(BUDGET '' = the default; ENGINE local, or ray: two local Ray nodes of 2 CPUs each in a "
+                    "loopback-only network namespace, as root), run in this order")
     ap.add_argument("--dtype", default="float16")
     ap.add_argument("--root", default="/tmp/semdedup-scale")
     ap.add_argument("--json", default=None, help="also write the raw results here")
@@ -138,43 +153,61 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.root)
     load_start = load_average()
     results = []
-    points = [(n, args.buckets, b) for n in sizes for b in budgets]
+    points = [(n, args.buckets, b, "local") for n in sizes for b in budgets]
     if args.points and not args.smoke:
-        points = [(int(n), b, bud or None) for n, b, bud in (p.split(":") for p in args.points.split(","))]
-    for n, buckets, budget in points:
-        inp = root / f"input-{n}"
-        if not inp.exists():
-            print(f"writing {n} items: {write_planted(inp, n):.1f} s", flush=True)
-        if True:
-            r = run_point(inp, root / "storage", args.clusters, buckets, budget, args.dtype)
-            r.update(n=n, budget=budget or "default", buckets=buckets, load=load_average())
+        points = [(int(n), b, bud or None, (rest or ["local"])[0])
+                  for n, b, bud, *rest in (p.split(":") for p in args.points.split(","))]
+    cluster = None
+    try:
+        for n, buckets, budget, engine in points:
+            inp = root / f"input-{n}"
+            if not inp.exists():
+                print(f"writing {n} items: {write_planted(inp, n):.1f} s", flush=True)
+            if engine == "ray" and cluster is None:
+                from semdedup_assets_tests.raycluster import NetNamespace, RayCluster, namespaces_available
+
+                if reason := namespaces_available():
+                    raise SystemExit(f"a ray point runs Ray in a loopback-only network namespace and {reason}")
+                # 2 CPUs a node, as the machine has: a pairwise task then runs as many torch threads as a local run,
+                # so the bucket files can be byte-identical (README, "Scale out").
+                cluster = RayCluster(NetNamespace(), [{"num_cpus": 2}, {"num_cpus": 2}])
+            r = run_point(inp, root / "storage", args.clusters, buckets, budget, args.dtype,
+                          cluster if engine == "ray" else None)
+            r.update(n=n, budget=budget or "default", buckets=buckets, engine=engine, load=load_average())
             print(json.dumps({k: v for k, v in r.items() if k != "resources"}), flush=True)
             print(json.dumps(r["resources"]), flush=True)
             results.append(r)
             if args.json:  # after every point: a long series stopped part way keeps what it measured
                 Path(args.json).write_text(json.dumps(results, indent=1))
+    finally:
+        if cluster is not None:
+            cluster.stop()
     lines = ["# Scale: memory and time of `semdedup run` as N grows (fixed k)", "",
              f"Command: `{command_line('bench/scale.py', argv)}`", "",
              *machine_lines([f"- load average at the end: {load_average()} (start: {load_start})"]),
              "## Whole runs", "",
-             "| N | buckets | budget | wall (s) | peak RSS, process tree (MiB) | storage (MiB) |"
-             " removed at eps 0.01 / 0.05 | keep-lists sha256 | load after |", "|---|---|---|---|---|---|---|---|---|"]
+             "| N | engine | buckets | budget | wall (s) | peak RSS, process tree (MiB) | storage (MiB) |"
+             " removed at eps 0.01 / 0.05 | keep-lists sha256 | load after |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         rem = r["removed"]
-        lines.append(f"| {r['n']:,} | {r['buckets']} | {r['budget']} | {r['seconds']:.1f} | {r['peak_mib']:,.0f} | "
+        lines.append(f"| {r['n']:,} | {r['engine']} | {r['buckets']} | {r['budget']} | {r['seconds']:.1f} | "
+                     f"{r['peak_mib']:,.0f} | "
                      f"{r['storage_bytes'] / 2**20:,.0f} | {rem.get(0.01, '?')} / {rem.get(0.05, '?')} | "
                      f"`{r['hash']}` | {r['load']} |")
     lines += ["", "## Peak RSS per stage (MiB; max over the stage's partitions, from materialization metadata)", "",
-              "| N | buckets | budget | raw_shards | embeddings | centroids | cluster_assignments | semantic_duplicates |"
-              " keep_lists |", "|---|---|---|---|---|---|---|---|---|"]
+              "| N | engine | buckets | budget | raw_shards | embeddings | centroids | cluster_assignments |"
+              " semantic_duplicates | keep_lists |", "|---|---|---|---|---|---|---|---|---|---|"]
     stages = ("raw_shards", "embeddings", "centroids", "cluster_assignments", "semantic_duplicates", "keep_lists")
     for r in results:
         res = r["resources"]
-        cells = [f"{res[s]['peak_rss_mib']:,.0f}" if s in res and res[s].get("peak_rss_mib") else "n/a"
-                 for s in stages]
-        lines.append(f"| {r['n']:,} | {r['buckets']} | {r['budget']} | " + " | ".join(cells) + " |")
+        # --engine ray: the run's process / the largest Ray unit's worker
+        cells = [(f"{res[s]['peak_rss_mib']:,.0f}" + (f" / {res[s]['worker_peak_rss_mib']:,.0f}"
+                                                       if res[s].get("worker_peak_rss_mib") else ""))
+                 if s in res and res[s].get("peak_rss_mib") else "n/a" for s in stages]
+        lines.append(f"| {r['n']:,} | {r['engine']} | {r['buckets']} | {r['budget']} | " + " | ".join(cells) + " |")
     lines += ["", "Stage seconds (Dagster run time, from the CLI):", ""]
-    lines += [f"- N = {r['n']:,}, {r['buckets']} buckets, budget {r['budget']}: {r['stages']}" for r in results]
+    lines += [f"- N = {r['n']:,}, --engine {r['engine']}, {r['buckets']} buckets, budget {r['budget']}: {r['stages']}"
+              for r in results]
     emit(lines, output_path(args, DEFAULT_OUT))
     return 0
 

@@ -78,20 +78,22 @@ def node_and_pid(worker: object) -> tuple[str, int]:
 
 def assert_stages_ran_on_the_cluster(storage: Path, gpus: bool) -> None:
     """Where each stage ran, from its metadata: embedding actors on both nodes, k-means on a GPU worker (or, with no
-    GPU in the cluster, in the driver), assignment, pairwise and keep-lists as Ray tasks (not in the driver)."""
+    GPU in the cluster, in the driver), ingest, assignment, pairwise and keep-lists as Ray tasks (not in the
+    driver)."""
     embed_nodes = {node_and_pid(r["worker"])[0] for r in per_shard_rows(storage, "embeddings")}
     (kmeans,) = per_shard_rows(storage, "centroids")
     kmeans_node, kmeans_pid = node_and_pid(kmeans["worker"])
     assert kmeans["ran_on"] == ("ray worker" if gpus else "driver"), kmeans
     assert kmeans["device"] == "cpu" and "CUDA not available here" in kmeans["device_note"], kmeans
-    tasks = [node_and_pid(r["worker"]) for asset in ("cluster_assignments", "semantic_duplicates", "keep_lists")
-             for r in per_shard_rows(storage, asset)]
+    tasks = [node_and_pid(r["worker"]) for asset in ("raw_shards", "cluster_assignments", "semantic_duplicates",
+                                                     "keep_lists") for r in per_shard_rows(storage, asset)]
+    assert {node_and_pid(r["worker"]) for r in per_shard_rows(storage, "raw_shards")}, "ingest ran as Ray tasks"
     (keep,) = per_shard_rows(storage, "keep_lists")
     assert keep["ran_on"] == "ray worker", keep
     assert tasks and {node for node, _ in tasks} <= embed_nodes | {kmeans_node}, (tasks, embed_nodes)
     # Each stage's metadata shows its largest Ray unit's peak RSS in its worker, and how many workers ran units
     # (the driver's own `resources/peak_rss_mib` does not see them); each bucket shows its own.
-    for asset in ("embeddings", "cluster_assignments", "semantic_duplicates", "keep_lists"):
+    for asset in ("raw_shards", "embeddings", "cluster_assignments", "semantic_duplicates", "keep_lists"):
         for r in per_shard_rows(storage, asset):
             assert r["resources/worker_peak_rss_mib"] > 10 and r["resources/workers"] >= 1, (asset, r)
             assert r["resources/worker_peak_rss_mib"] < 8192, (asset, r)  # a unit's peak, not a sum over workers

@@ -2,14 +2,18 @@
 
 
 import dagster as dg
+from dagster_ray import RayResource
 
 from semdedup_assets.assets.common import (ProgressLog, beta_parameters, core_failures, metered, remove_unregistered,
-                                           run_metadata, run_partition_keys, settings_resource, shard_backfill_policy)
+                                           run_metadata, run_partition_keys, settings_resource, shard_backfill_policy,
+                                           worker_resources)
 from semdedup_assets.core import storage as st
 from semdedup_assets.core.catalog import duplicate_ids
+from semdedup_assets.core.config import Settings
 from semdedup_assets.core.ingest import IngestResult, duplicate_ids_message, ingest_shards
 from semdedup_assets.core.shards import ShardFile, discover_shards
 from semdedup_assets.names import GraphNames
+from semdedup_assets.ray_resource import engine_for_step
 from semdedup_assets.resources import SemDedupConfig
 
 
@@ -34,7 +38,7 @@ def build_raw_shards(names: GraphNames, backfill_batch: int) -> dg.AssetsDefinit
             key=names.key("raw_shards"),
             partitions_def=names.shard_partitions,
             backfill_policy=shard_backfill_policy(backfill_batch),
-            required_resource_keys={names.resource},
+            required_resource_keys={names.resource, names.ray_resource},
             group_name=names.definition("ingest"),
             kinds={"parquet"},
         )
@@ -51,17 +55,23 @@ def build_raw_shards(names: GraphNames, backfill_batch: int) -> dg.AssetsDefinit
             # Files of shards no longer registered would feed the id and dimension checks.
             remove_unregistered(context, names, semdedup.storage_root(), st.RAW)
             progress = ProgressLog(context.log, len(keys), settings.progress_interval, label="ingest")
-            with core_failures():
-                r = ingest_shards(settings, [files[k] for k in keys], log=progress.step)
-            return dg.MaterializeResult(metadata=run_metadata(context, *ingest_metadata(r)))
+            ray: RayResource = getattr(context.resources, names.ray_resource)
+            # The engine validates and stages the shards here or as Ray tasks; this process publishes them together.
+            with core_failures(), engine_for_step(settings, ray, context.log.info) as engine:
+                r = ingest_shards(settings, [files[k] for k in keys], log=progress.step, engine=engine)
+            return dg.MaterializeResult(metadata={**run_metadata(context, *ingest_metadata(settings, r)),
+                                                  **worker_resources(r.workers.values())})
 
     return raw_shards
 
 
-def ingest_metadata(r: IngestResult) -> tuple[list[dict[str, object]], dict[str, object]]:
+def ingest_metadata(settings: Settings, r: IngestResult) -> tuple[list[dict[str, object]], dict[str, object]]:
     """The ingest stage's metadata: (one row per shard, the run's figures)."""
     per_shard: list[dict[str, object]] = [{"shard": s.key, "rows": s.rows, "input": s.input,
                                            "fingerprint": s.fingerprint} for s in r.shards]
+    if settings.engine != "local":
+        for row, s in zip(per_shard, r.shards):
+            row["worker"] = str(r.workers[s.key])
     extra: dict[str, object] = {"rows": sum(s.rows for s in r.shards), "seconds": r.seconds}
     if len(r.shards) == 1:
         extra["path"] = dg.MetadataValue.path(r.shards[0].path)

@@ -268,15 +268,18 @@ def duplicate_ids(storage: Storage, pending: Any = None, exclude_shards: Sequenc
                   memory_limit: int | None = None) -> list[tuple[str, str, int, str, int]]:
     """Ids that appear more than once across raw shards: (id, shard, row, shard, row).
 
-    `pending` (an Arrow table id, shard, row, or the path of a local Parquet file of them)
-    holds shards validated but not yet published; their committed files (`exclude_shards`)
-    are left out.
+    `pending` (an Arrow table id, shard, row, or the paths of Parquet files with those columns,
+    e.g. staged raw files) holds shards validated but not yet published; their committed
+    files (`exclude_shards`) are left out.
     """
     skip = set(exclude_shards)
     files = [str(p) for p in storage.stage_files(RAW) if storage.shard_of(RAW, p) not in skip]
     parts = [f"SELECT id, shard, row FROM read_parquet([{', '.join(sql_quote(f) for f in files)}])"] if files else []
     if isinstance(pending, str):
-        parts.append(f"SELECT id, shard, row FROM read_parquet({sql_quote(pending)})")
+        pending = [pending]
+    if isinstance(pending, list):
+        if pending:
+            parts.append(f"SELECT id, shard, row FROM read_parquet([{', '.join(sql_quote(f) for f in pending)}])")
         pending = None
     elif pending is not None:
         parts.append("SELECT id, shard, row FROM pending")

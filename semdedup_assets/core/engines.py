@@ -102,6 +102,11 @@ class Engine(ABC):
     name: str
 
     @abstractmethod
+    def stage_shards(self, settings: Settings, shards: Sequence[ShardFile]) -> Iterator[Done]:
+        """Validate every shard and stage its raw index (`core.ingest.stage_shard`), yielding Done(key, StagedShard,
+        worker); the caller publishes the batch (`core.ingest.publish_shards`)."""
+
+    @abstractmethod
     def embed_shards(self, settings: Settings, shards: Sequence[ShardFile], log: Log | None = None) -> Iterator[Done]:
         """Embed every shard (`core.embed.embed_shard`), yielding Done(key, EmbedShardResult, worker)."""
 
@@ -139,6 +144,13 @@ class LocalEngine(Engine):
     """Today's in-process path: one unit after another, the encoder loaded once per process."""
 
     name = "local"
+
+    def stage_shards(self, settings: Settings, shards: Sequence[ShardFile]) -> Iterator[Done]:
+        from semdedup_assets.core.ingest import stage_shard
+
+        worker = current_worker()
+        for shard in shards:
+            yield Done(shard.key, stage_shard(settings, shard), worker)
 
     def embed_shards(self, settings: Settings, shards: Sequence[ShardFile], log: Log | None = None) -> Iterator[Done]:
         from semdedup_assets.core.embed import embed_shard
@@ -356,6 +368,13 @@ def _dedup_task(settings: Settings, bucket: str, k: int, assignment_files: Seque
     return in_ray_worker(lambda: dedup_bucket(settings, bucket, k, assignment_files))
 
 
+def _stage_task(settings: Settings, shard: ShardFile) -> tuple[Any, Worker]:
+    """One shard's ingest in a Ray worker: the input read by path, its raw index staged in storage."""
+    from semdedup_assets.core.ingest import stage_shard
+
+    return in_ray_worker(lambda: stage_shard(settings, shard))
+
+
 def _assign_task(settings: Settings, key: str) -> tuple[Any, Worker]:
     """One shard's assignment in a Ray worker: the centroids file and the shard's embeddings read by path."""
     from semdedup_assets.core.assign import assign_shard
@@ -542,6 +561,17 @@ class RayEngine(Engine):
         for message in run.warnings:
             warnings.warn(message, stacklevel=2)
         return Done(CENTROIDS, run.result, done.worker)
+
+    def stage_shards(self, settings: Settings, shards: Sequence[ShardFile]) -> Iterator[Done]:
+        import ray
+
+        if not shards:
+            return
+        # O(shard) each, one CPU per task: a node reads and validates as many shards at once as it has cores. The
+        # staged files stay after a task (the run's process publishes or discards the whole batch).
+        task = ray.remote(_stage_task).options(max_retries=settings.ray_retries, retry_exceptions=False, num_cpus=1)
+        yield from self._run_tasks(settings, task, [(shard.key, (settings, shard)) for shard in shards], kind="shard",
+                                   outputs=lambda key: [])
 
     def assign_shards(self, settings: Settings, keys: Sequence[str]) -> Iterator[Done]:
         import ray

@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from semdedup_assets.core import storage as st
 from semdedup_assets.core.export import CONTENT_KEY, FINGERPRINT_KEY
 from semdedup_assets.core.catalog import duplicate_ids
 from semdedup_assets.core.config import Settings
 from semdedup_assets.core.shards import ShardError, ShardFile, keep_by_kind, read_shard
+
+if TYPE_CHECKING:
+    from semdedup_assets.core.engines import Engine, Worker
 
 RAW_DIM_KEY = b"semdedup.dim"
 RAW_KEEP_BY_KEY = st.RAW_KEEP_BY_KEY  # the embeddings cache ignores these columns (core/embed.py)
@@ -52,6 +53,7 @@ class IngestResult:
     shards: list[IngestedShard]
     seconds: float
     preview: list[tuple[str, str]] = field(default_factory=list)  # (id, text) of the last shard's first rows
+    workers: dict[str, Worker] = field(default_factory=dict)  # where each shard was validated and staged
 
 
 def duplicate_ids_message(dups: list[DuplicateId]) -> str:
@@ -110,66 +112,121 @@ def known_digest(storage: st.Storage, key: str, fingerprint: str) -> str | None:
     return meta.get(CONTENT_KEY, b"").decode() or None
 
 
-def ingest_shards(settings: Settings, shards: Sequence[ShardFile],
-                  log: Callable[[str], None] | None = None) -> IngestResult:
-    """Validate every shard, then publish `raw/<key>.parquet` for all of them together.
+@dataclass
+class StagedShard:
+    """One validated shard whose raw index file is written but not yet published (plain values: it crosses
+    processes)."""
 
-    Raises ShardError (naming the shard and row) or DuplicateIdsError; then nothing is
-    published. `log` receives one line per validated shard.
+    key: str
+    staged_name: str  # the hidden sibling of `raw/<key>.parquet` that holds it until the batch is published
+    rows: int
+    input: str
+    fingerprint: str
+    dim: int | None
+    kinds: dict[str, str]  # keep-by column -> "number" or "string"
+    preview: list[tuple[str, str]]
+
+
+def stage_shard(settings: Settings, shard: ShardFile) -> StagedShard:
+    """Validate one shard and write its raw index beside `raw/<key>.parquet`, unpublished (O(shard) memory).
+
+    Raises ShardError naming the shard and row. Any engine runs this: in the run's process
+    or as a Ray task; `publish_shards` then checks the batch and publishes it.
     """
     storage = settings.storage_root()
-    keys = [s.key for s in shards]
-    pending: list[st.AtomicParquetWriter] = []
-    dims: dict[str, int] = {}
     keep_by = tuple(name for name, _ in settings.keep_by_columns)
-    kinds: dict[str, dict[str, str]] = {}
-    done: list[IngestedShard] = []
-    table: pa.Table | None = None
-    start = time.perf_counter()
-    # The batch's (id, shard, row) go to a scratch Parquet file shard by shard, not to a list in memory: the
-    # cross-shard id check reads them back in DuckDB under its memory limit, so ingest stays O(shard).
-    with tempfile.TemporaryDirectory(prefix="semdedup-ingest-ids-") as scratch, st.publish_together(pending):
-        pending_path = os.path.join(scratch, "pending.parquet")
-        pending_ids: pq.ParquetWriter | None = None
-        try:
-            for shard in shards:
-                index = read_shard(shard, settings.modality, settings.payload_column, settings.id_column, keep_by)
-                table = index.table.add_column(1, "shard",
-                                               pa.array([shard.key] * index.table.num_rows, type=pa.string()))
-                # The input as ingested: `semdedup export` refuses a shard that changed since, and
-                # `verify --content` compares the input's bytes with the digest.
-                fingerprint = shard.fingerprint()
-                digest = known_digest(storage, shard.key, fingerprint) or shard.content_digest()
-                schema_meta = {FINGERPRINT_KEY: fingerprint.encode(), CONTENT_KEY: digest.encode()}
-                if index.dim is not None:
-                    dims[shard.key] = index.dim
-                    schema_meta[RAW_DIM_KEY] = str(index.dim).encode()
-                if keep_by:  # only then: without --keep-by the raw file is byte for byte what it always was
-                    schema_meta[RAW_KEEP_BY_KEY] = json.dumps(list(keep_by)).encode()
-                    kinds[shard.key] = {n: keep_by_kind(table.schema.field(n).type) for n in keep_by}
-                table = table.replace_schema_metadata(schema_meta)
-                path = storage.shard_file(st.RAW, shard.key)
-                writer = st.AtomicParquetWriter(path, table.schema)
-                pending.append(writer)
-                writer.write(table)
-                ids = table.select(["id", "shard", "row"]).replace_schema_metadata(None)
-                if pending_ids is None:
-                    pending_ids = pq.ParquetWriter(pending_path, ids.schema)
-                pending_ids.write_table(ids.cast(pending_ids.schema))
-                done.append(IngestedShard(shard.key, str(path), table.num_rows, str(shard.path), shard.fingerprint()))
-                if log is not None:
-                    log(f"validated shard {shard.key!r}: {table.num_rows} rows")
-        finally:
-            if pending_ids is not None:
-                pending_ids.close()
-        check_dims(storage, dims, keys)
-        check_keep_by_kinds(storage, kinds, keys)
-        # The id check is the one O(N) aggregate of ingest: DuckDB gets a quarter of the budget, and spills beyond it.
-        if pending_ids is not None and (dups := duplicate_ids(storage, pending_path, exclude_shards=keys,
-                                                              memory_limit=settings.memory_budget_bytes // 4)):
-            raise DuplicateIdsError(dups)
+    index = read_shard(shard, settings.modality, settings.payload_column, settings.id_column, keep_by)
+    table = index.table.add_column(1, "shard", pa.array([shard.key] * index.table.num_rows, type=pa.string()))
+    # The input as ingested: `semdedup export` refuses a shard that changed since, and
+    # `verify --content` compares the input's bytes with the digest.
+    fingerprint = shard.fingerprint()
+    digest = known_digest(storage, shard.key, fingerprint) or shard.content_digest()
+    schema_meta = {FINGERPRINT_KEY: fingerprint.encode(), CONTENT_KEY: digest.encode()}
+    if index.dim is not None:
+        schema_meta[RAW_DIM_KEY] = str(index.dim).encode()
+    kinds: dict[str, str] = {}
+    if keep_by:  # only then: without --keep-by the raw file is byte for byte what it always was
+        schema_meta[RAW_KEEP_BY_KEY] = json.dumps(list(keep_by)).encode()
+        kinds = {n: keep_by_kind(table.schema.field(n).type) for n in keep_by}
+    table = table.replace_schema_metadata(schema_meta)
+    writer = st.AtomicParquetWriter(storage.shard_file(st.RAW, shard.key), table.schema)
+    try:
+        writer.write(table)
+    except BaseException:
+        writer.abort()
+        raise
+    staged = writer.stage()
     preview = []
-    if table is not None and settings.modality == "text":
+    if settings.modality == "text":
         head = table.slice(0, PREVIEW_ROWS)
         preview = list(zip(head.column("id").to_pylist(), head.column("text").to_pylist()))
-    return IngestResult(done, round(time.perf_counter() - start, 2), preview)
+    return StagedShard(shard.key, staged.name, table.num_rows, str(shard.path), fingerprint, index.dim, kinds, preview)
+
+
+def discard_staged(settings: Settings, keys: Sequence[str]) -> None:
+    """Delete every staged (and half-written) raw file of these shards; their published files stay as they were."""
+    storage = settings.storage_root()
+    for key in keys:
+        path = storage.shard_file(st.RAW, key)
+        if path.parent.exists():
+            for tmp in path.parent.glob(f".{path.name}.*{st.TMP_SUFFIX}"):
+                st.drop_staged(tmp)
+
+
+def publish_shards(settings: Settings, staged: Sequence[StagedShard], seconds: float = 0.0,
+                   workers: dict[str, Worker] | None = None) -> IngestResult:
+    """Check a batch of staged shards together and publish all of them, or none.
+
+    Raises ShardError (a dimension or keep-by kind that differs from another shard's) or
+    DuplicateIdsError; then every staged file is deleted and nothing is published.
+    """
+    start = time.perf_counter()
+    storage = settings.storage_root()
+    keys = [s.key for s in staged]
+    paths = {s.key: storage.shard_file(st.RAW, s.key) for s in staged}
+    files = {s.key: paths[s.key].with_name(s.staged_name) for s in staged}
+    for f in files.values():
+        st.track_staged(f)
+    try:
+        check_dims(storage, {s.key: s.dim for s in staged if s.dim is not None}, keys)
+        check_keep_by_kinds(storage, {s.key: s.kinds for s in staged if s.kinds}, keys)
+        # The id check is the one O(N) aggregate of ingest: DuckDB reads the staged files' (id, shard, row) under a
+        # quarter of the budget, and spills beyond it.
+        if staged and (dups := duplicate_ids(storage, [str(f) for f in files.values()], exclude_shards=keys,
+                                             memory_limit=settings.memory_budget_bytes // 4)):
+            raise DuplicateIdsError(dups)
+        for key in keys:
+            st.publish_staged(files[key], paths[key])
+    except BaseException:
+        discard_staged(settings, keys)
+        raise
+    discard_staged(settings, keys)  # what a Ray task killed mid-write left before its retry staged the shard
+    done = [IngestedShard(s.key, str(paths[s.key]), s.rows, s.input, s.fingerprint) for s in staged]
+    preview = staged[-1].preview if staged else []
+    return IngestResult(done, round(seconds + time.perf_counter() - start, 2), preview, dict(workers or {}))
+
+
+def ingest_shards(settings: Settings, shards: Sequence[ShardFile], log: Callable[[str], None] | None = None,
+                  engine: Engine | None = None) -> IngestResult:
+    """Validate every shard, then publish `raw/<key>.parquet` for all of them together.
+
+    The engine stages the shards (`stage_shard`: here, or as Ray tasks with `--engine ray`);
+    this process then checks the batch and publishes it (`publish_shards`). Raises ShardError
+    (naming the shard and row) or DuplicateIdsError; then nothing is published. `log`
+    receives one line per validated shard.
+    """
+    from semdedup_assets.core.engines import LocalEngine
+
+    start = time.perf_counter()
+    staged: dict[str, StagedShard] = {}
+    workers: dict[str, Worker] = {}
+    try:
+        for d in (engine or LocalEngine()).stage_shards(settings, shards):
+            staged[d.unit], workers[d.unit] = d.result, d.worker
+            if log is not None:
+                log(f"validated shard {d.unit!r}: {d.result.rows} rows"
+                    + (f" on {d.worker}" if engine is not None and engine.name != "local" else ""))
+    except BaseException:
+        discard_staged(settings, [s.key for s in shards])
+        raise
+    return publish_shards(settings, [staged[s.key] for s in shards], time.perf_counter() - start, workers)

@@ -421,19 +421,41 @@ class AtomicParquetWriter:
         rest = pending.slice(end)
         self._pending, self._pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
 
+    def _close(self) -> None:
+        """Write the buffered rows and the footer."""
+        if self._pending:
+            self._flush(final=True)
+        with writing(self.path):
+            self._writer.close()
+
     def commit(self) -> None:
         """Close and publish the file."""
         try:
-            if self._pending:
-                self._flush(final=True)
-            with writing(self.path):
-                self._writer.close()
+            self._close()
             if self._local:
                 os.replace(str(self._tmp), str(self.path))
             else:
                 atomic_write_bytes(self._buf.getvalue(), self.path)
         finally:
             _drop_tmp(self._tmp)
+
+    def stage(self) -> UPath:
+        """Close the file and return where it is staged, unpublished: a hidden temporary sibling of `path`.
+
+        `publish_staged` moves it into place later, possibly from another process (a Ray
+        task stages, the run's process publishes the batch together); `drop_staged` deletes it.
+        """
+        try:
+            self._close()
+            if self._local:
+                _LIVE_TEMPS.discard(str(self._tmp))  # the publisher tracks it: this process may be a Ray worker
+                return self._tmp
+            staged = _tmp_sibling(self.path)
+            atomic_write_bytes(self._buf.getvalue(), staged)
+            return staged
+        except BaseException:
+            _drop_tmp(self._tmp)
+            raise
 
     def abort(self) -> None:
         """Close and drop the unfinished file."""
@@ -443,6 +465,35 @@ class AtomicParquetWriter:
             pass  # a full disk fails the close too; the file is dropped either way
         finally:
             _drop_tmp(self._tmp)
+
+
+def track_staged(staged: UPath) -> None:
+    """Let a signal that stops this process delete a staged file it has not published yet (local files)."""
+    if is_local(staged):
+        _LIVE_TEMPS.add(str(staged))
+
+
+def publish_staged(staged: UPath, path: UPath) -> None:
+    """Move a staged file (`AtomicParquetWriter.stage`) to `path`: a rename, or a copy of the object on S3."""
+    if is_local(path):
+        with writing(path):
+            os.replace(str(staged), str(path))
+        _LIVE_TEMPS.discard(str(staged))
+        return
+    with writing(path):
+        path.fs.copy(staged.path, path.path)  # one object copy: readers see the old object or the whole new one
+    drop_staged(staged)
+
+
+def drop_staged(staged: UPath) -> None:
+    """Delete a staged file that will not be published (a missing one is fine)."""
+    if is_local(staged):
+        _drop_tmp(staged)
+        return
+    try:
+        staged.fs.rm(staged.path)
+    except FileNotFoundError:
+        pass
 
 
 @contextmanager

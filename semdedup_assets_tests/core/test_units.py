@@ -20,7 +20,7 @@ from semdedup_assets.core.centroids import MissingCentroidsError, load_centroids
 from semdedup_assets.core.config import Settings
 from semdedup_assets.core.dedup import dedup_bucket
 from semdedup_assets.core.embed import embed_shard
-from semdedup_assets.core.ingest import DuplicateIdsError, ingest_shards
+from semdedup_assets.core.ingest import DuplicateIdsError, ingest_shards, publish_shards, stage_shard
 from semdedup_assets.core.keep import build_keep_lists
 from semdedup_assets.core.shards import discover_shards
 from semdedup_assets.pipeline import run_pipeline
@@ -114,6 +114,51 @@ def test_unit_errors_name_what_is_wrong(tmp_path: Path) -> None:
     assert not settings.storage_root().shard_file(st.RAW, "part-09").exists()
     with pytest.raises(ValueError, match="k=4 but 3 centroids"):
         assign_shard(settings, "part-00", np.eye(3, 8, dtype=np.float32), 4)
+
+
+STAGE_IN_ANOTHER_PROCESS = """
+import pickle, sys
+from semdedup_assets.core.ingest import stage_shard
+settings, shard = pickle.loads(sys.stdin.buffer.read())
+sys.stdout.buffer.write(pickle.dumps(stage_shard(settings, shard)))
+"""
+
+
+def test_shards_staged_in_other_processes_publish_together_or_not_at_all(tmp_path: Path) -> None:
+    """Ingest as an engine runs it: each shard validated and staged in another process (as a Ray task does), the
+    batch checked and published by this one; the raw files equal in-process ingest's bytes, and a batch with a
+    repeated id publishes nothing and leaves no staged file behind."""
+    write_embedding_shards(tmp_path / "input", n_shards=3, per_shard=40, d=8)
+    local = _settings(tmp_path, "local")
+    shards = discover_shards(local.input)
+    ingest_shards(local, shards)
+    staged_settings = _settings(tmp_path, "staged")
+
+    def stage_elsewhere(settings: Settings, shard) -> object:
+        out = subprocess.run([sys.executable, "-c", STAGE_IN_ANOTHER_PROCESS], input=pickle.dumps((settings, shard)),
+                             capture_output=True, check=True, cwd=REPO)
+        return pickle.loads(out.stdout)
+
+    staged = [stage_elsewhere(staged_settings, s) for s in shards]
+    raw = staged_settings.storage_root().stage_files(st.RAW)
+    assert not raw, "a staged shard is not visible before its batch is published"
+    assert len(list((tmp_path / "staged" / "raw").glob(".*.tmp"))) == 3
+    result = publish_shards(staged_settings, staged)
+    assert [s.rows for s in result.shards] == [40, 40, 40]
+    theirs = {p.name: p.read_bytes() for p in staged_settings.storage_root().stage_files(st.RAW)}
+    assert theirs == {p.name: p.read_bytes() for p in local.storage_root().stage_files(st.RAW)}
+    assert not list((tmp_path / "staged").rglob(".*.tmp"))
+
+    # A repeated id across two staged shards of one batch: neither is published, no staged file stays.
+    twin = tmp_path / "twin"
+    twin.mkdir()
+    for name in ("part-08.parquet", "part-09.parquet"):
+        (twin / name).write_bytes(Path(shards[0].path.path).read_bytes())
+    fresh = _settings(tmp_path, "fresh")
+    batch = [stage_elsewhere(fresh, s) for s in discover_shards(str(twin))]
+    with pytest.raises(DuplicateIdsError, match="in shard 'part-08' row 0 and in shard 'part-09' row 0"):
+        publish_shards(fresh, batch)
+    assert not fresh.storage_root().stage_files(st.RAW) and not list((tmp_path / "fresh").rglob(".*.tmp"))
 
 
 def test_asset_modules_only_adapt() -> None:
