@@ -54,6 +54,33 @@ def _alive(pids: set[int]) -> set[int]:
     return pids & live
 
 
+def _as_from_a_terminal() -> None:
+    """In the child before exec: SIGTERM and SIGINT handled by default and not blocked, as a shell leaves them.
+
+    An ignored or blocked signal is inherited through exec, and GNU make keeps ignoring a
+    SIGTERM it inherited ignored (it then never passes it on): the test process's own state
+    after earlier tests must not decide what `make ui` does with the signal.
+    """
+    for signo in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signo, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
+
+
+def _signal_state(pids: list[int]) -> dict[int, str]:
+    """Each process's blocked, ignored and pending signal masks (why a signal did nothing), from /proc."""
+    out = {}
+    for pid in pids:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text().splitlines()
+        except OSError:
+            continue
+        name = next((line.split()[1] for line in status if line.startswith("Name:")), "?")
+        masks = " ".join(line.replace("\t", "") for line in status if line.startswith(("SigBlk", "SigIgn", "SigPnd",
+                                                                                        "ShdPnd")))
+        out[pid] = f"{name} {masks}"
+    return out
+
+
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("how", ["SIGTERM to make", "SIGINT to the group"])
 def test_make_ui_serves_the_location_and_stops_within_10_s(tmp_path: Path, how: str) -> None:
@@ -64,7 +91,7 @@ def test_make_ui_serves_the_location_and_stops_within_10_s(tmp_path: Path, how: 
     proc = subprocess.Popen(["make", "-o", ".venv/.stamp-demo", "ui", f"UI_PORT={port}",
                              f"DEMO_STORAGE={tmp_path / 'storage'}"],
                             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_as_from_a_terminal)
     url = f"http://127.0.0.1:{port}"
 
     def loaded() -> bool:
@@ -89,7 +116,8 @@ def test_make_ui_serves_the_location_and_stops_within_10_s(tmp_path: Path, how: 
             time.sleep(0.2)
         took = time.monotonic() - sent
         left = _alive(tree)
-        assert not left and took <= STOP_WITHIN_S, f"{how}: {sorted(left)} still alive after {took:.1f} s"
+        assert not left and took <= STOP_WITHIN_S, (f"{how}: {sorted(left)} still alive after {took:.1f} s; "
+                                                    f"signal state: {_signal_state(sorted(left))}")
         with pytest.raises(requests.ConnectionError):  # nothing listens on the port any more
             requests.get(f"{url}/server_info", timeout=2)
         print(f"\n{how}: {len(tree)} processes gone in {took:.1f} s")
