@@ -108,10 +108,34 @@ def test_registry_and_protocol(enc_file: OpenClipImageEncoder) -> None:
 def test_checkpoint_file_and_local_dir_give_identical_embeddings(
     enc_file: OpenClipImageEncoder, enc_dir: OpenClipImageEncoder
 ) -> None:
-    a, b = enc_file.encode(ORIGINALS), enc_dir.encode(ORIGINALS)
+    # The same batches on both: a row's bits may depend on the batch it shares a GEMM with.
+    a = enc_file.encode(ORIGINALS)
+    previous, enc_dir.batch_size = enc_dir.batch_size, enc_file.batch_size
+    try:
+        b = enc_dir.encode(ORIGINALS)
+    finally:
+        enc_dir.batch_size = previous
     assert a.dtype == np.float32 and a.shape == (10, 32)
     np.testing.assert_array_equal(a, b)
     np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch_size", [256, 4])
+def test_the_bits_do_not_depend_on_torchs_thread_count(tiny: dict[str, str], batch_size: int) -> None:
+    """A 1-CPU Ray actor and a 2-core process embed alike (batches run single-threaded, map_batches):
+    before, this tiny ViT's rows 8 and 9 differed in their last bits between 1 and 2 torch threads."""
+    enc = OpenClipImageEncoder(tiny["arch"], pretrained=tiny["checkpoint"], num_workers=0, device="cpu",
+                               batch_size=batch_size)
+    previous = torch.get_num_threads()
+    try:
+        runs = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            runs.append(enc.encode(ORIGINALS).tobytes())
+            assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(previous)
+    assert runs[0] == runs[1] == runs[2]
 
 
 def test_order_is_preserved(enc_file: OpenClipImageEncoder) -> None:

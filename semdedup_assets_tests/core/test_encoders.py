@@ -343,3 +343,53 @@ def test_package_import_is_lazy() -> None:
         "assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_each_batch_runs_single_threaded_and_the_bits_do_not_depend_on_the_thread_count(
+        mean_encoder: HFTextEncoder) -> None:
+    """A 1-CPU Ray actor and a many-core process embed alike: every batch's forward sees one intra-op
+    thread (GEMM libraries may reorder a product's sums with their thread count), batches run on
+    up to `torch.get_num_threads()` Python threads at once, and the process's count is restored."""
+    import threading
+
+    seen: list[tuple[int, str]] = []
+
+    def hook(module: Any, args: Any, output: Any) -> None:
+        seen.append((torch.get_num_threads(), threading.current_thread().name))
+
+    texts = SENTENCES * 5  # 60 texts, 15 batches of 4
+    handle = mean_encoder.model.register_forward_hook(hook)
+    previous = torch.get_num_threads()
+    results = {}
+    try:
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            seen.clear()
+            results[threads] = mean_encoder.encode(texts)
+            assert torch.get_num_threads() == threads  # restored
+            assert len(seen) == 15 and {t for t, _ in seen} == {1}, seen
+            names = {name for _, name in seen}
+            assert (len(names) > 1) == (threads > 1), names  # 3 threads: the pool's threads ran batches
+    finally:
+        torch.set_num_threads(previous)
+        handle.remove()
+    assert results[1].tobytes() == results[3].tobytes()
+
+
+def test_a_failing_batch_raises_and_restores_the_thread_count() -> None:
+    from semdedup_assets.core.encoders.base import map_batches
+
+    def forward(i: int) -> int:
+        if i == 5:
+            raise ValueError("batch 5 is bad")
+        return i * i
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert list(map_batches(forward, range(5), torch.device("cpu"))) == [0, 1, 4, 9, 16]
+        with pytest.raises(ValueError, match="batch 5 is bad"):
+            list(map_batches(forward, range(20), torch.device("cpu")))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)

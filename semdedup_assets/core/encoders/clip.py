@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .base import l2_normalize
+from .base import l2_normalize, map_batches
 from .clip_factory import PRECISIONS, LoadedClip, autocast, load_open_clip
 from .clip_pretrained import (
     DEFAULT_IMAGE_MODEL,
@@ -134,10 +134,8 @@ class OpenClipImageEncoder:
         n = int(pixels.shape[0])
         if n == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
-        parts: list[torch.Tensor] = []
-        with torch.inference_mode():
-            for start in range(0, n, self.batch_size):
-                parts.append(self._forward(pixels[start : start + self.batch_size]))
+        chunks = (pixels[start : start + self.batch_size] for start in range(0, n, self.batch_size))
+        parts = list(map_batches(self._forward, chunks, self.device))  # single-threaded per batch on CPU
         return _normalized(torch.cat(parts).numpy(), np.arange(n, dtype=np.int64))
 
     def _iter_encoded(
@@ -158,14 +156,16 @@ class OpenClipImageEncoder:
             self.num_workers,
             pin_memory=self.device.type == "cuda",
         )
-        for indices, pixels, rejected in batches:
-            if len(indices):
-                # Scoped per batch: the mode must not leak into the caller between yields.
-                with torch.inference_mode():
-                    feats = self._forward(pixels)
-            else:
-                feats = torch.zeros(0, self.dim)
-            yield indices, feats, rejected
+
+        def forward(batch: tuple[np.ndarray, torch.Tensor, list[tuple[int, str]]]
+                    ) -> tuple[np.ndarray, torch.Tensor, list[tuple[int, str]]]:
+            indices, pixels, rejected = batch
+            feats = self._forward(pixels) if len(indices) else torch.zeros(0, self.dim)
+            return indices, feats, rejected
+
+        # Single-threaded per batch on the CPU, in order (map_batches); inference mode is scoped to
+        # each call, so it does not leak into the caller between yields.
+        yield from map_batches(forward, batches, self.device)
 
     def encode_images(self, items: Sequence[bytes | None]) -> ImageEncodeResult:
         """Embed what decodes; undecodable items go to `rejected` with a reason (lenient)."""
@@ -270,8 +270,6 @@ class OpenClipTextEncoder:
         texts = _as_texts(items)
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        parts: list[torch.Tensor] = []
-        with torch.inference_mode():
-            for start in range(0, len(texts), self.batch_size):
-                parts.append(self._forward(texts[start : start + self.batch_size]))
+        chunks = (texts[start : start + self.batch_size] for start in range(0, len(texts), self.batch_size))
+        parts = list(map_batches(self._forward, chunks, self.device))  # single-threaded per batch on CPU
         return _normalized(torch.cat(parts).numpy(), np.arange(len(texts), dtype=np.int64))

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .base import l2_normalize, resolve_device
+from .base import l2_normalize, map_batches, resolve_device
 from .registry import register_encoder
 
 if TYPE_CHECKING:  # torch/transformers are imported on first use, not at package import
@@ -210,8 +210,6 @@ class HFTextEncoder:
 
     def encode(self, items: Sequence[str]) -> np.ndarray:
         """Embed `items` into an (n, dim) float32 array of unit rows, in input order."""
-        import torch
-
         texts = _as_texts(items)
         n = len(texts)
         if n == 0:
@@ -234,22 +232,30 @@ class HFTextEncoder:
         # error shows up on the first batch rather than after most of the work.
         order = np.argsort(-lengths, kind="stable")
 
-        out = np.empty((n, self.dim), dtype=np.float32)
-        with torch.inference_mode(), self._autocast():
-            for start in range(0, n, self.batch_size):
-                idx = order[start : start + self.batch_size]
-                features = {k: [enc[k][i] for i in idx] for k in keys}
-                batch = self.tokenizer.pad(features, padding=True, return_tensors="pt")
-                batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        def padded(start: int) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
+            idx = order[start : start + self.batch_size]
+            features = {k: [enc[k][i] for i in idx] for k in keys}
+            return idx, self.tokenizer.pad(features, padding=True, return_tensors="pt")
+
+        def forward(item: tuple[np.ndarray, dict[str, torch.Tensor]]) -> tuple[np.ndarray, np.ndarray]:
+            idx, batch = item
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            with self._autocast():  # thread-local, so entered on the thread that runs the batch
                 outputs = self.model(**batch)
-                hidden = getattr(outputs, "last_hidden_state", None)
-                if hidden is None:
-                    hidden = outputs[0]
-                pooled = pool_hidden_states(hidden, batch["attention_mask"], self.pooling)
-                if pooled.shape[1] != self.dim:
-                    raise RuntimeError(
-                        f"{self.name!r} produced {pooled.shape[1]}-d states but config says {self.dim}"
-                    )
-                out[idx] = pooled.cpu().numpy()  # scatter back to input positions
+            hidden = getattr(outputs, "last_hidden_state", None)
+            if hidden is None:
+                hidden = outputs[0]
+            pooled = pool_hidden_states(hidden, batch["attention_mask"], self.pooling)
+            if pooled.shape[1] != self.dim:
+                raise RuntimeError(
+                    f"{self.name!r} produced {pooled.shape[1]}-d states but config says {self.dim}"
+                )
+            return idx, pooled.cpu().numpy()
+
+        out = np.empty((n, self.dim), dtype=np.float32)
+        # Padded on this thread, run single-threaded per batch (map_batches): the same bits
+        # whatever the process's thread count.
+        for idx, pooled in map_batches(forward, (padded(s) for s in range(0, n, self.batch_size)), self.device):
+            out[idx] = pooled  # scatter back to input positions
         # Normalise after scattering so an error names the caller's row index.
         return l2_normalize(out)
