@@ -189,6 +189,13 @@ def test_empty_texts_and_ids_go_to_rejected_with_a_reason_or_fail_in_strict_mode
     assert verify_storage(storage, settings) == []  # embeddings = raw minus rejected
     with pytest.raises(EmbedError, match=r"shard 't', key 'b' \(row 1\): empty text \(3 empty item\(s\); strict mode\)"):
         embed_shard(settings.replace(strict=True, max_length=100), "t", shard, encoder=_LengthEncoder())
+    # Strict over the lenient run's reused file (same cache key): the recorded rejections fail it too, not a
+    # silent cache hit; lenient again reuses it.
+    with pytest.raises(EmbedError, match=r"shard 't', key 'b' \(row 1\): empty text \(3 rejected item\(s\) "
+                                         r"recorded when it was embedded; strict mode\)"):
+        embed_shard(settings.replace(strict=True), "t", shard, encoder=_LengthEncoder())
+    again = embed_shard(settings, "t", shard, encoder=_LengthEncoder())
+    assert again.cached and (again.rows, again.rejected) == (2, 3)
 
 
 def test_more_clusters_than_items_and_auto_are_said_plainly(tmp_path: Path, home: Path,

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from semdedup_assets.core import storage as st
@@ -162,6 +163,21 @@ def _refuse_in_strict_mode(settings: Settings, key: str, ids: pa.Array, rejected
                          f"({len(rejected)} {what}; strict mode)", shard=key)
 
 
+def _refuse_cached_rejections(settings: Settings, key: str, raw_path: st.UPath, rejected_path: st.UPath) -> None:
+    """Strict mode over a reused embeddings file: the rejections an earlier lenient run recorded fail the shard,
+    as they would have failed it when embedded (strict is not in the cache key: it changes no embedding)."""
+    if not settings.strict or not rejected_path.exists():
+        return
+    rejected = st.read_table(rejected_path, columns=["id", "reason"])
+    if rejected.num_rows == 0:
+        return
+    first, reason = rejected.column("id")[0].as_py(), rejected.column("reason")[0].as_py()
+    raw_ids = st.read_table(raw_path, columns=["id"]).column("id")
+    row = pc.index(raw_ids, pa.scalar(first, raw_ids.type)).as_py()
+    raise EmbedError(f"shard {key!r}, key {first!r} (row {row}): {reason} ({rejected.num_rows} rejected item(s) "
+                     "recorded when it was embedded; strict mode)", shard=key)
+
+
 def _write_rejected(path: st.UPath, key: str, ids: pa.Array, rejected: list[tuple[int, str]], always: bool) -> None:
     """The shard's `rejected` file (id, shard, reason); without rejections only where `always`, else removed."""
     if not rejected and not always:
@@ -252,6 +268,7 @@ def embed_shard(settings: Settings, key: str, shard: ShardFile, *, encoder: Enco
         if cached_key(out, note) == cache_key else None
     cached = table is not None
     if table is not None:
+        _refuse_cached_rejections(settings, key, raw_path, rejected_path)
         vectors = embedding_matrix(table.column("embedding"))
         n_rejected = st.parquet_num_rows(rejected_path) if rejected_path.exists() else 0
         written = _Written(rows=len(vectors), dim=int(vectors.shape[1]), renormalised=0,
