@@ -21,6 +21,7 @@ import torch
 
 from semdedup_assets.core import storage as st
 from semdedup_assets.core.config import Settings
+from semdedup_assets.core.embed import empty_items
 from semdedup_assets.core.encoders import Encoder, encoder_for, l2_normalize, resolve_device
 from semdedup_assets.core.schemas import CONTAMINATED_REFERENCE_KEY, CONTAMINATED_SCHEMA
 from semdedup_assets.core.tables import unit_embeddings
@@ -39,6 +40,7 @@ class Reference:
 
     ids: np.ndarray
     vectors: np.ndarray
+    skipped: int = 0  # items with an empty id or an empty or whitespace-only text: nothing to compare
 
 
 def _reference_shards(location: str) -> list[ShardFile]:
@@ -58,29 +60,45 @@ def embed_reference(location: str, modality: str, column: str, id_column: str,
     """Read and embed every reference shard under `location` like dataset shards.
 
     `encode(texts)` embeds text; `encode_images(images)` returns (vectors, ok positions)
-    (undecodable reference images are skipped); the embedding modality needs neither.
+    (undecodable reference images are skipped); the embedding modality needs neither. Items
+    with nothing to compare (an empty id, an empty or whitespace-only text: `embed.empty_items`,
+    as the dataset's own are rejected) are skipped and counted in `skipped`: an empty text
+    would embed to a vector that flags unrelated short items.
     """
     shards = _reference_shards(location)
     ids: list[np.ndarray] = []
     vectors: list[np.ndarray] = []
+    skipped = 0
     for shard in shards:
         try:
             index = read_shard(shard, modality, column, id_column).table
-            shard_ids = np.asarray(index.column("id").to_pylist(), dtype=object)
+            id_list = index.column("id").to_pylist()
+            texts = index.column("text").to_pylist() if modality == "text" else None
+            empty = {row for row, _ in empty_items(id_list, texts)}
+            skipped += len(empty)
+            keep = np.array([row not in empty for row in range(len(id_list))], dtype=bool)
+            shard_ids = np.asarray(id_list, dtype=object)
             if modality == "embedding":
-                x = np.concatenate(list(iter_embedding_chunks(shard, column)))
+                x = np.concatenate(list(iter_embedding_chunks(shard, column)))[keep]
+                shard_ids = shard_ids[keep]
             elif modality == "text":
-                assert encode is not None
-                x = encode(index.column("text").to_pylist())
+                assert encode is not None and texts is not None
+                x = encode([t for t, k in zip(texts, keep) if k]) if keep.any() else np.zeros((0, 1), np.float32)
+                shard_ids = shard_ids[keep]
             else:
                 assert encode_images is not None
                 x, ok = encode_images(read_images(shard, column))
-                shard_ids = shard_ids[ok]
+                kept = keep[np.asarray(ok, dtype=np.int64)]
+                x, shard_ids = np.asarray(x)[kept], shard_ids[np.asarray(ok, dtype=np.int64)[kept]]
         except ShardError as err:
             raise ReferenceError(f"reference {err}") from None
+        if not len(shard_ids):
+            continue
         ids.append(np.asarray([f"{i}" for i in shard_ids], dtype=object))
         vectors.append(l2_normalize(np.asarray(x, dtype=np.float32)))
-    return Reference(np.concatenate(ids), np.concatenate(vectors))
+    if not ids:
+        raise ReferenceError(f"reference {location}: no item to compare ({skipped} with an empty id or text)")
+    return Reference(np.concatenate(ids), np.concatenate(vectors), skipped)
 
 
 def check_reference(location: str, modality: str, column: str, id_column: str, dataset_dim: int | None = None) -> int:
@@ -169,6 +187,7 @@ class DecontaminationResult:
     flagged: int
     per_eps: dict[float, int]
     seconds: float
+    reference_skipped: int = 0  # reference items with an empty id or text (not compared)
 
 
 def _stored_chunks(embedding_files: Mapping[str, st.UPath]) -> Iterator[tuple[str, list[str], np.ndarray]]:
@@ -215,4 +234,5 @@ def decontaminate(settings: Settings, embedding_files: Mapping[str, st.UPath], e
             for e in per_eps:
                 per_eps[e] += int((s > 1.0 - e).sum())
     return DecontaminationResult(path=str(storage.contaminated_file), reference_items=int(len(reference.ids)),
+                                 reference_skipped=reference.skipped,
                                  flagged=flagged, per_eps=per_eps, seconds=round(time.perf_counter() - start, 2))

@@ -158,3 +158,45 @@ def test_nearest_reference_is_exact_across_blocks_and_first_on_ties() -> None:
     assert arg[7] == 3 and (arg == dense.argmax(axis=1)).mean() > 0.95
     with pytest.raises(ReferenceError, match="dimension 5 but the dataset's have dimension 6"):
         nearest_reference(x, r[:, :5])
+
+
+def test_reference_items_with_nothing_to_compare_are_skipped_and_counted(tmp_path: Path) -> None:
+    """An empty or whitespace-only reference text was embedded (a vector near every short item) and an empty
+    reference id accepted; both are now skipped, as the dataset's own are rejected, and counted."""
+    from semdedup_assets.core.decontaminate import ReferenceError, embed_reference
+
+    seen: list[str] = []
+
+    def encode(texts: list[str]) -> np.ndarray:
+        seen.extend(texts)
+        return np.array([[1.0, len(t), 2.0] for t in texts], dtype=np.float32)
+
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    pq.write_table(pa.table({"id": ["r0", "r1", "r2", "", "r4"], "text": ["a cat", "", "  \t", "no id", "a dog"]}),
+                   ref / "eval.parquet")
+    pq.write_table(pa.table({"id": ["q0", "q1"], "text": [" ", ""]}), ref / "empty.parquet")
+    reference = embed_reference(str(ref), "text", "text", "id", encode)
+    assert seen == ["a cat", "a dog"]
+    assert list(reference.ids) == ["r0", "r4"] and reference.skipped == 5
+    np.testing.assert_allclose(np.linalg.norm(reference.vectors, axis=1), 1.0, atol=1e-6)
+
+    (ref / "eval.parquet").unlink()
+    with pytest.raises(ReferenceError, match=r"reference .*ref: no item to compare \(2 with an empty id or text\)"):
+        embed_reference(str(ref), "text", "text", "id", encode)
+
+
+def test_reference_images_skip_empty_ids_and_undecodable_items(tmp_path: Path) -> None:
+    from semdedup_assets.core.decontaminate import embed_reference
+
+    def encode_images(items: list) -> tuple[np.ndarray, np.ndarray]:
+        ok = np.array([i for i, item in enumerate(items) if item != b"bad"], dtype=np.int64)
+        return np.array([[1.0, float(i), 0.5] for i in ok], dtype=np.float32), ok
+
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    pq.write_table(pa.table({"id": ["i0", "", "i2", "i3"], "image": [b"png0", b"png1", b"bad", b"png3"]}),
+                   ref / "eval.parquet")
+    reference = embed_reference(str(ref), "image", "image", "id", None, encode_images)
+    assert list(reference.ids) == ["i0", "i3"] and reference.skipped == 1
+    np.testing.assert_allclose(reference.vectors[1] * np.linalg.norm([1.0, 3.0, 0.5]), [1.0, 3.0, 0.5], atol=1e-5)
