@@ -241,15 +241,18 @@ def scan(storage: Storage, sql: str, params: Sequence[Any] | None = None, tables
          memory_limit: int | None = None) -> list[tuple]:
     """Run SQL over the stage files in a scratch in-memory DuckDB (no catalog lock).
 
-    `memory_limit` (bytes, at least MIN_SCAN_MEMORY) caps DuckDB's memory: larger
-    aggregates spill to a scratch folder instead of growing with the dataset.
+    `memory_limit` (bytes, at least MIN_SCAN_MEMORY; default: the storage's `scan_memory`,
+    a quarter of the settings' memory budget) caps DuckDB's memory: larger aggregates spill
+    to a scratch folder instead of growing with the dataset.
     """
+    if memory_limit is None:
+        memory_limit = storage.scan_memory
     con = duckdb.connect()
     scratch = None
     try:
         if memory_limit is not None:
             scratch = tempfile.TemporaryDirectory(prefix="semdedup-duckdb-")
-            con.execute(f"SET memory_limit='{max(memory_limit, MIN_SCAN_MEMORY) // 2**20}MB'")
+            con.execute(f"SET memory_limit='{max(memory_limit, MIN_SCAN_MEMORY) // 2**20}MiB'")
             con.execute(f"SET temp_directory={sql_quote(scratch.name)}")
             con.execute("SET preserve_insertion_order=false")
             con.execute("SET enable_progress_bar=false")

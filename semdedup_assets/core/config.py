@@ -183,6 +183,11 @@ class Settings:
         return parse_size(self.memory_budget) if self.memory_budget is not None else machine_memory() // 2
 
     @property
+    def scan_memory_bytes(self) -> int:
+        """DuckDB's share of the budget for one scan of the stage files (an O(N) aggregate spills beyond it)."""
+        return self.memory_budget_bytes // 4
+
+    @property
     def bucket_partitions(self) -> int:
         """The partition count of semantic_duplicates: `buckets`, or AUTO_BUCKET_PARTITIONS for `auto`."""
         return self.buckets if self.buckets is not None else AUTO_BUCKET_PARTITIONS
@@ -194,7 +199,7 @@ class Settings:
 
     def storage_root(self) -> Storage:
         """The storage root object."""
-        return Storage(self.storage, catalog=self.catalog)
+        return Storage(self.storage, catalog=self.catalog, scan_memory=self.scan_memory_bytes)
 
     def n_clusters(self, n_items: int) -> int:
         """k for a dataset of n_items: the configured value, else round(sqrt(n))."""

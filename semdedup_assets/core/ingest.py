@@ -200,10 +200,9 @@ def publish_shards(settings: Settings, staged: Sequence[StagedShard], seconds: f
     try:
         check_dims(storage, {s.key: s.dim for s in staged if s.dim is not None}, keys)
         check_keep_by_kinds(storage, {s.key: s.kinds for s in staged if s.kinds}, keys)
-        # The id check is the one O(N) aggregate of ingest: DuckDB reads the staged files' (id, shard, row) under a
-        # quarter of the budget, and spills beyond it.
-        if staged and (dups := duplicate_ids(storage, [str(f) for f in files.values()], exclude_shards=keys,
-                                             memory_limit=settings.memory_budget_bytes // 4)):
+        # The id check is the one O(N) aggregate of ingest: DuckDB reads the staged files' (id, shard, row) under
+        # the storage's scan memory (a quarter of the budget), and spills beyond it.
+        if staged and (dups := duplicate_ids(storage, [str(f) for f in files.values()], exclude_shards=keys)):
             raise DuplicateIdsError(dups)
         for key in keys:
             st.publish_staged(files[key], paths[key])

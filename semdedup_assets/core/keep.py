@@ -188,11 +188,9 @@ def build_keep_lists(settings: Settings, bucket_files: Sequence[st.UPath],
     st.atomic_write_table(pa.Table.from_pylist(rows, schema=EPS_CURVE_SCHEMA), storage.eps_curve_file)
     refresh_catalog(storage)
     results = stage_source(storage, st.SEMANTIC_DUPLICATES, BUCKET_GLOB)
-    # count(DISTINCT id) is an O(N) aggregate: DuckDB gets a quarter of the budget and spills beyond it.
-    memory = settings.memory_budget_bytes // 4
-    distinct = int(scan(storage, f"SELECT count(DISTINCT id) FROM {results}", memory_limit=memory)[0][0])
-    sizes = [int(r[0]) for r in scan(storage, f"SELECT count(*) FROM {results} GROUP BY cluster ORDER BY cluster",
-                                     memory_limit=memory)]
+    # count(DISTINCT id) is an O(N) aggregate: DuckDB gets the storage's scan memory and spills beyond it.
+    distinct = int(scan(storage, f"SELECT count(DISTINCT id) FROM {results}")[0][0])
+    sizes = [int(r[0]) for r in scan(storage, f"SELECT count(*) FROM {results} GROUP BY cluster ORDER BY cluster")]
     texts = payload_texts(storage, sorted({i for _, a, b in pairs + near_pairs for i in (a, b)}), settings.modality)
     return KeepListsResult(eps_curve=rows, items=curve.total, distinct_ids=distinct, cluster_sizes=sizes,
                            max_sim_counts=max_sim_counts.tolist(), top_pairs=pairs, near_pairs=near_pairs, texts=texts,

@@ -73,7 +73,7 @@ def results_source(storage: st.Storage) -> str:
     return stage_source(storage, st.SEMANTIC_DUPLICATES, BUCKET_GLOB)
 
 
-def _id_difference(storage: st.Storage, memory: int, a: str, source_a: str, b: str, source_b: str) -> str | None:
+def _id_difference(storage: st.Storage, memory: int | None, a: str, source_a: str, b: str, source_b: str) -> str | None:
     """How the ids of two results differ (None when they are the same), with a few examples; DuckDB does the sets."""
     parts = []
     for x, source_x, source_y in ((a, source_a, source_b), (b, source_b, source_a)):
@@ -86,7 +86,7 @@ def _id_difference(storage: st.Storage, memory: int, a: str, source_a: str, b: s
     return "; ".join(parts) or None
 
 
-def _counts(storage: st.Storage, memory: int, sql_from: str, conditions: Sequence[str],
+def _counts(storage: st.Storage, memory: int | None, sql_from: str, conditions: Sequence[str],
             params: Sequence[float]) -> list[int]:
     """count(*) FILTER (WHERE condition) for each condition, in one pass over `sql_from` (DuckDB under `memory`)."""
     if not conditions:
@@ -155,10 +155,9 @@ def compare_storages(storages: Sequence[str], eps: Sequence[float] | None = None
         settings = load_settings(location)
         storage = settings.storage_root()
         source = results_source(storage)
-        [(count, distinct)] = scan(storage, f"SELECT count(*), count(DISTINCT id) FROM {source}",
-                                   memory_limit=settings.memory_budget_bytes // 4)
-        if first is None:  # DuckDB gets a quarter of the first storage's budget for the joins and set operations
-            first, n, first_distinct, memory = storage, int(count), int(distinct), settings.memory_budget_bytes // 4
+        [(count, distinct)] = scan(storage, f"SELECT count(*), count(DISTINCT id) FROM {source}")
+        if first is None:  # DuckDB gets the first storage's scan memory for the joins and set operations
+            first, n, first_distinct, memory = storage, int(count), int(distinct), storage.scan_memory
         elif (difference := _id_difference(first, memory, label, source, labels[0], sources[0])) is not None \
                 or count != n or distinct != first_distinct:
             raise CompareError(f"{label} and {labels[0]} hold different items, so their removals cannot be "

@@ -197,9 +197,13 @@ def _make_parent(path: UPath) -> None:
 class Storage:
     """The storage root and the layout of every stage's files below it."""
 
-    def __init__(self, root: str | os.PathLike[str] | UPath, catalog: str = "catalog.duckdb") -> None:
+    def __init__(self, root: str | os.PathLike[str] | UPath, catalog: str = "catalog.duckdb",
+                 scan_memory: int | None = None) -> None:
         self.root = to_upath(root)
         self.catalog = catalog  # the catalog file's path when the root is not local
+        # DuckDB's memory for a scan of the stage files (catalog.scan), from the settings' memory budget: None
+        # leaves DuckDB's own default (80% of the machine), which a GROUP BY of every id would take at scale.
+        self.scan_memory = scan_memory
 
     def __repr__(self) -> str:
         return f"Storage({str(self.root)!r})"

@@ -120,3 +120,19 @@ def test_settings_roundtrip_and_env_override(tmp_path: Path, monkeypatch: pytest
     with pytest.raises(ValueError, match="eps"):
         Settings(eps=(0.0,))
     assert Settings().n_clusters(10_000) == 100 and Settings(clusters=50).n_clusters(10) == 10
+
+
+def test_every_scan_runs_under_a_quarter_of_the_memory_budget_by_default(tmp_path) -> None:
+    """catalog.scan's callers need not pass a limit: a storage from the settings carries its scan memory (a quarter
+    of the budget, at least MIN_SCAN_MEMORY), so no scan gets DuckDB's default of 80% of the machine."""
+    from semdedup_assets.core.catalog import MIN_SCAN_MEMORY, scan
+    from semdedup_assets.core.config import Settings
+
+    limit = "SELECT current_setting('memory_limit'), current_setting('temp_directory')"
+    storage = Settings(storage=str(tmp_path), memory_budget="4GB").storage_root()
+    assert storage.scan_memory == 2**30
+    [(memory, scratch)] = scan(storage, limit)
+    assert memory == "1.0 GiB" and "semdedup-duckdb-" in scratch  # spills to a scratch folder beyond it
+    storage = Settings(storage=str(tmp_path), memory_budget="8MB").storage_root()
+    assert scan(storage, limit)[0][0] == f"{MIN_SCAN_MEMORY / 2**20:.1f} MiB"
+    assert scan(storage, limit, memory_limit=2**31)[0][0] == "2.0 GiB"  # an explicit limit wins
