@@ -13,12 +13,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
+import torch
 
 from semdedup_assets.core import storage as st
 from semdedup_assets.core.assign import bucket_cluster_range
 from semdedup_assets.core.config import Settings
 from semdedup_assets.core.encoders import resolve_device
 from semdedup_assets.core.ordering import cluster_order
+from semdedup_assets.core.parallel import map_batches
 from semdedup_assets.core.pairwise import RowFile, cluster_semantic_duplicates, max_sim_tiled
 from semdedup_assets.core.schemas import SEMANTIC_DUPLICATES_SCHEMA
 from semdedup_assets.core.tables import unit_embeddings
@@ -153,10 +155,21 @@ def dedup_table(table: pa.Table, strategy: str, seed: int, block_size: int, devi
     ends = np.concatenate([bounds, [len(clusters)]])
     order_parts, rank_parts, max_parts, dup_parts = [], [], [], []
     keys = [(table.column(name).combine_chunks(), desc) for name, desc in keep_by]
-    for s, e in zip(starts, ends):
-        r = cluster_semantic_duplicates(ids[s:e], vectors[s:e], sims[s:e], strategy, seed, block_size, device,
-                                        precision, thresholds, stats,
-                                        keep_by=[(values.slice(s, e - s), desc) for values, desc in keys])
+
+    def cluster(bounds: tuple[int, int]) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        s, e = bounds
+        own: dict[str, float] = {}  # per cluster, merged below in cluster order: no shared counter across threads
+        return cluster_semantic_duplicates(ids[s:e], vectors[s:e], sims[s:e], strategy, seed, block_size, device,
+                                           precision, thresholds, own,
+                                           keep_by=[(values.slice(s, e - s), desc) for values, desc in keys]), own
+
+    # Clusters run single-threaded, torch's thread count of them at once (parallel.map_batches): the same bits
+    # whatever that count (a 1-CPU Ray task or a many-core process); most clusters are one tile or a few.
+    spans = list(zip(starts.tolist(), ends.tolist()))
+    for (s, e), (r, own) in zip(spans, map_batches(cluster, spans, torch.device(device))):
+        if stats is not None:
+            stats["rechecked_rows"] = stats.get("rechecked_rows", 0) + own["rechecked_rows"]
+            stats["error_bound"] = max(stats.get("error_bound", 0.0), own["error_bound"])
         order_parts.append(r["order"] + s)
         rank_parts.append(r["rank"])
         max_parts.append(r["max_sim"])

@@ -31,6 +31,7 @@ import pyarrow as pa
 import torch
 
 from semdedup_assets.core.ordering import KeepByKey, cluster_order
+from semdedup_assets.core.parallel import map_batches
 from semdedup_assets.core.pairwise import _max_over_earlier
 from semdedup_assets.core.schemas import SEMANTIC_DUPLICATES_SCHEMA
 from semdedup_assets.core.tables import unit_embeddings
@@ -102,19 +103,24 @@ def multiprobe_max_sim(
     pool_q = at[queries[rows_all]]
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     done, vals, args = [], [], []
-    with torch.inference_mode():
-        xs = torch.from_numpy(np.array(np.asarray(vectors)[perm], dtype=np.float32, order="C")).to(device or "cpu")
-        dev = xs.device
-        for s in range(len(sets)):
-            o0, o1, start, end = offsets[s], offsets[s + 1], starts[s], ends[s]
-            pos = pos_all[o0:o1]
-            if end == start or not pos.any():
-                continue
-            val, arg, _ = _max_over_earlier(xs[torch.from_numpy(pool_q[o0:o1]).to(dev)],
-                                            torch.from_numpy(pos).to(dev), xs[start:end], int(block_size))
-            done.append(s)
-            vals.append(val.cpu().numpy())
-            args.append(arg.cpu().numpy())
+    xs = torch.from_numpy(np.array(np.asarray(vectors)[perm], dtype=np.float32, order="C")).to(device or "cpu")
+    dev = xs.device
+
+    def probe_set(s: int) -> tuple[np.ndarray, np.ndarray]:
+        o0, o1, start, end = offsets[s], offsets[s + 1], starts[s], ends[s]
+        val, arg, _ = _max_over_earlier(xs[torch.from_numpy(pool_q[o0:o1]).to(dev)],
+                                        torch.from_numpy(pos_all[o0:o1]).to(dev), xs[start:end], int(block_size))
+        return val.cpu().numpy(), arg.cpu().numpy()
+
+    # Each set's tiles with one intra-op thread (parallel.map_batches, workers=1), so the bits do not depend on
+    # torch's thread count (a 1-CPU Ray task and a 2-core process disagreed on small-M GEMMs). One set at a
+    # time: most sets are a few rows against one cluster, and two Python threads over them were slower than
+    # one (at 200k, P = 2, 16 buckets: 30-39 s against 25-27 s; the old 2-thread GEMMs took 21-24 s).
+    live = [s for s in range(len(sets)) if ends[s] > starts[s] and pos_all[offsets[s]:offsets[s + 1]].any()]
+    for s, (val, arg) in zip(live, map_batches(probe_set, live, dev, workers=1)):
+        done.append(s)
+        vals.append(val)
+        args.append(arg)
     if done:
         picked = np.concatenate([np.arange(offsets[s], offsets[s + 1]) for s in done])
         val, arg = np.concatenate(vals), np.concatenate(args)

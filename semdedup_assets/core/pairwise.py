@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from semdedup_assets.core.ordering import KeepByKey, cluster_order
+from semdedup_assets.core.parallel import map_batches
 
 ArrayLike2D = np.ndarray | torch.Tensor
 
@@ -198,7 +199,8 @@ def max_sim_tiled(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Return (max_sim float32, duplicate_of int64) for ordered, L2-normalised rows, tiled.
 
-    `num_threads` (CPU only) sets torch's thread count for this call only; None keeps it.
+    `num_threads` (CPU only): how many query blocks run at once, each single-threaded (None:
+    torch's thread count); the bits do not depend on it.
 
     `precision` "fp16"/"bf16" runs the tiles in that dtype (tensor cores on GPU) and then
     re-checks in fp32 every row whose approximate max lies within the error bound of one
@@ -222,40 +224,53 @@ def max_sim_tiled(
     from_disk = isinstance(embeddings, RowFile)
     if from_disk and precision != "fp32":
         raise ValueError(f"precision {precision!r}: a cluster tiled from disk runs fp32 tiles only")
-    with torch.inference_mode(), torch_threads(num_threads):
-        x = embeddings if from_disk else _as_tensor(embeddings, device)
-        dev = x.device
-        bsz = int(block_size)
+    x = embeddings if from_disk else _as_tensor(embeddings, device)
+    dev = x.device
+    bsz = int(block_size)
+    with torch.inference_mode():
         low = x if precision == "fp32" else x.to(_LOW[precision][0])
         t = torch.tensor(sorted(float(v) for v in thresholds), dtype=torch.float32, device=dev)
         bound: float | None = None
+        if precision != "fp32":  # before the blocks run: they share it, possibly on several threads
+            norm = float(torch.linalg.vector_norm(x, dim=1).max())
+            fp32_out = _matmul_fp32_out(low[:1], low[:1].T)[1]
+            bound = low_precision_error_bound(precision, x.shape[1], norm, fp32_out)
+
+    def query_block(j0: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Max and argmax over earlier rows for query rows [j0, j0 + bsz); the rows it re-checked in fp32."""
+        j1 = min(j0 + bsz, n)
+        pos = torch.arange(j0, j1, device=dev)
+        best, best_idx, _ = _max_over_earlier(low[j0:j1], pos, low, bsz)
         rechecked = 0
-        max_sim = torch.empty(n, dtype=torch.float32, device=dev)
-        dup = torch.empty(n, dtype=torch.int64, device=dev)
-        for j0 in range(0, n, bsz):
-            j1 = min(j0 + bsz, n)
-            pos = torch.arange(j0, j1, device=dev)
-            best, best_idx, fp32_out = _max_over_earlier(low[j0:j1], pos, low, bsz)
-            if precision != "fp32":
-                if bound is None:
-                    norm = float(torch.linalg.vector_norm(x, dim=1).max())
-                    bound = low_precision_error_bound(precision, x.shape[1], norm, fp32_out)
-                near = ((best[:, None] - t[None, :]).abs() <= bound).any(dim=1)
-                rows = torch.nonzero(near).flatten()
-                if len(rows):
-                    exact, exact_idx, _ = _max_over_earlier(x[j0:j1][rows], pos[rows], x, bsz)
-                    best[rows], best_idx[rows] = exact, exact_idx
-                    rechecked += len(rows)
-            max_sim[j0:j1] = best
-            dup[j0:j1] = best_idx
-        # M[0] is defined as 0 (nothing precedes it); every j > 0 keeps its true max,
-        # which may be negative.
-        max_sim[0] = 0.0
-        dup[0] = -1
-        if stats is not None:
-            stats["rechecked_rows"] += rechecked
-            stats["error_bound"] = max(stats["error_bound"], bound or 0.0)
-        return max_sim.cpu().numpy(), dup.cpu().numpy()
+        if bound is not None:
+            near = ((best[:, None] - t[None, :]).abs() <= bound).any(dim=1)
+            rows = torch.nonzero(near).flatten()
+            if len(rows):
+                exact, exact_idx, _ = _max_over_earlier(x[j0:j1][rows], pos[rows], x, bsz)
+                best[rows], best_idx[rows] = exact, exact_idx
+                rechecked = len(rows)
+        return best, best_idx, rechecked
+
+    max_sim = torch.empty(n, dtype=torch.float32, device=dev)
+    dup = torch.empty(n, dtype=torch.int64, device=dev)
+    rechecked = 0
+    # On the CPU the query blocks run single-threaded, up to `num_threads` (default: torch's count) at once
+    # (parallel.map_batches): a tile's GEMM then never depends on the thread count, so a 1-CPU Ray task and a
+    # many-core process write the same bits. Inside dedup_table's per-cluster batches they run inline.
+    starts = range(0, n, bsz)
+    for j0, (best, best_idx, count) in zip(starts, map_batches(query_block, starts, dev, workers=num_threads)):
+        j1 = min(j0 + bsz, n)
+        max_sim[j0:j1] = best
+        dup[j0:j1] = best_idx
+        rechecked += count
+    # M[0] is defined as 0 (nothing precedes it); every j > 0 keeps its true max,
+    # which may be negative.
+    max_sim[0] = 0.0
+    dup[0] = -1
+    if stats is not None:
+        stats["rechecked_rows"] += rechecked
+        stats["error_bound"] = max(stats["error_bound"], bound or 0.0)
+    return max_sim.cpu().numpy(), dup.cpu().numpy()
 
 
 def rule_from_similarity(sim: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

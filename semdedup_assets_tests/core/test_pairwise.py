@@ -387,3 +387,46 @@ def test_cuda_low_precision_decisions_equal_fp32(precision: str) -> None:
         np.testing.assert_array_equal(m > t, m32 > t, err_msg=f"decisions differ at threshold {t}")
     assert np.abs(m - m32).max() <= stats["error_bound"]
     assert stats["rechecked_rows"] > 0
+
+
+def test_tiles_run_single_threaded_and_the_bits_do_not_depend_on_the_thread_count(monkeypatch) -> None:
+    """A 1-CPU Ray task and a many-core process write the same bucket bytes: every tile GEMM of the tiled
+    rule, of dedup_table's clusters and of multi-probe sees one intra-op thread (parallel.map_batches),
+    whatever torch's count, and the count is restored."""
+    import pyarrow as pa
+
+    from semdedup_assets.core import pairwise
+    from semdedup_assets.core.dedup import dedup_table
+    from semdedup_assets.core.multiprobe import multiprobe_max_sim
+    from semdedup_assets.core.tables import embedding_array
+
+    seen: list[int] = []
+    real = pairwise._matmul_fp32_out
+
+    def spy(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        seen.append(torch.get_num_threads())
+        return real(a, b)
+
+    monkeypatch.setattr(pairwise, "_matmul_fp32_out", spy)
+    rng = np.random.default_rng(3)
+    x = _normalise(rng.normal(size=(700, 24)))
+    clusters = np.repeat(np.arange(7), 100)
+    table = pa.table({"id": [f"i{i:04d}" for i in range(700)], "shard": ["s"] * 700, "cluster": clusters,
+                      "sim_to_centroid": rng.random(700), "embedding": embedding_array(x, "float32")})
+    probes = np.stack([clusters, (clusters + 1) % 7], axis=1)
+    previous = torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            seen.clear()
+            tiled = max_sim_tiled(x, block_size=64)
+            result, _ = dedup_table(table, "hard", 0, 64, "cpu", precision="fp16", thresholds=(0.99, 0.9))
+            probed = multiprobe_max_sim(x, clusters, np.arange(700), np.arange(700), probes, 64, "cpu")
+            assert torch.get_num_threads() == threads
+            assert seen and set(seen) == {1}, seen
+            runs.append([tiled[0].tobytes(), tiled[1].tobytes(), str(result.to_pylist()),
+                         probed[0].tobytes(), probed[1].tobytes()])
+    finally:
+        torch.set_num_threads(previous)
+    assert runs[0] == runs[1] == runs[2]
