@@ -426,10 +426,13 @@ def _centroids_task(settings: Settings, embedding_files: Mapping[str, st.UPath],
 
 
 def remove_temporaries(path: st.UPath) -> None:
-    """Drop the temporary siblings a killed writer of `path` left behind (the file itself is untouched)."""
-    if st.is_local(path) and path.parent.exists():
-        for tmp in path.parent.glob(f".{path.name}.*.tmp"):
-            tmp.unlink(missing_ok=True)
+    """Drop the temporary siblings a killed writer of `path` left behind (the file itself is untouched).
+
+    Local storage only: on S3 a unit's writer buffers in memory and writes the object whole, so a
+    killed worker leaves nothing there (and a listing per unit would cost a request each).
+    """
+    if st.is_local(path):
+        st.remove_temporaries([path])
 
 
 @dataclass(frozen=True)

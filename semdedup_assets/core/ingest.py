@@ -164,23 +164,9 @@ def stage_shard(settings: Settings, shard: ShardFile) -> StagedShard:
 
 
 def discard_staged(settings: Settings, keys: Sequence[str]) -> None:
-    """Delete every staged (and half-written) raw file of these shards; their published files stay as they were.
-
-    One listing per folder of the batch (keys with '/' live in subfolders), not one per shard:
-    a batch of S shards costs O(files), not O(S x files).
-    """
+    """Delete every staged (and half-written) raw file of these shards; their published files stay as they were."""
     storage = settings.storage_root()
-    folders: dict[str, tuple[st.UPath, list[str]]] = {}
-    for key in keys:
-        path = storage.shard_file(st.RAW, key)
-        # `.<name>.<uuid>.tmp`: the hidden siblings AtomicParquetWriter writes (storage._tmp_sibling)
-        folders.setdefault(str(path.parent), (path.parent, []))[1].append(f".{path.name}.")
-    for folder, prefixes in folders.values():
-        if not folder.exists():
-            continue
-        for tmp in folder.iterdir():
-            if tmp.name.startswith(tuple(prefixes)) and tmp.name.endswith(st.TMP_SUFFIX):
-                st.drop_staged(tmp)
+    st.remove_temporaries(storage.shard_file(st.RAW, key) for key in keys)
 
 
 def publish_shards(settings: Settings, staged: Sequence[StagedShard], seconds: float = 0.0,

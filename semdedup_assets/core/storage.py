@@ -12,7 +12,7 @@ import io
 import os
 import re
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, TypeVar
@@ -487,6 +487,23 @@ def publish_staged(staged: UPath, path: UPath) -> None:
     with writing(path):
         path.fs.copy(staged.path, path.path)  # one object copy: readers see the old object or the whole new one
     drop_staged(staged)
+
+
+def remove_temporaries(paths: Iterable[UPath]) -> None:
+    """Delete the temporary siblings (`.<name>.<uuid>.tmp`, see _tmp_sibling) that writers of these paths left:
+    a killed process's half-written file or a staged file that will not be published. The paths themselves
+    stay as they are. One listing per folder, not one per path: a batch of S files costs O(files), not
+    O(S x files).
+    """
+    folders: dict[str, tuple[UPath, list[str]]] = {}
+    for path in paths:
+        folders.setdefault(str(path.parent), (path.parent, []))[1].append(f".{path.name}.")
+    for folder, prefixes in folders.values():
+        if not folder.exists():
+            continue
+        for tmp in folder.iterdir():
+            if tmp.name.startswith(tuple(prefixes)) and tmp.name.endswith(TMP_SUFFIX):
+                drop_staged(tmp)
 
 
 def drop_staged(staged: UPath) -> None:
