@@ -197,3 +197,41 @@ def test_per_partition_metadata_is_per_partition(tmp_path: Path, instance: dg.Da
         meta = record.asset_materialization.metadata
         assert meta["rows"].value == st.parquet_num_rows(storage.bucket_file(record.partition_key))
         assert meta["run_rows"].value == 67 and meta["buckets_in_run"].value == 4
+
+
+def test_partition_metadata_reads_the_partition_keys_once_per_step(tmp_path: Path, instance: dg.DagsterInstance,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """`add_asset_metadata(partition_key=...)` re-read every dynamic partition key on each call (O(P^2) per run:
+    45 s of a 181 s run at 1,000 shards); inside partition_keys_read_once the instance answers from a memo, and
+    its own methods are back afterwards. Run with 8 shards and with 2: the reads per run do not grow with them."""
+    from semdedup_assets.assets.common import partition_keys_read_once
+
+    instance.add_dynamic_partitions(SHARDS_PARTITIONS_NAME, [f"k{i}" for i in range(5)])
+    calls: list[str] = []
+    storage_get = type(instance).get_dynamic_partitions
+
+    def counted(self: dg.DagsterInstance, *args: object, **kwargs: object) -> object:
+        calls.append(str(args[0] if args else kwargs["partitions_def_name"]))
+        return storage_get(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(instance), "get_dynamic_partitions", counted)
+    with partition_keys_read_once(instance):
+        assert [instance.get_dynamic_partitions(SHARDS_PARTITIONS_NAME) for _ in range(10)][-1] == \
+            [f"k{i}" for i in range(5)]
+        assert instance.has_dynamic_partition(SHARDS_PARTITIONS_NAME, "k3")
+        assert not instance.has_dynamic_partition(SHARDS_PARTITIONS_NAME, "nope")
+    assert calls == [SHARDS_PARTITIONS_NAME]
+    assert "get_dynamic_partitions" not in vars(instance) and "has_dynamic_partition" not in vars(instance)
+    instance.get_dynamic_partitions(SHARDS_PARTITIONS_NAME)
+    assert len(calls) == 2  # the instance's own method again
+
+    reads = {}
+    for n_shards in (2, 8):
+        calls.clear()
+        with dg.instance_for_test() as fresh:
+            monkeypatch.setattr(type(fresh), "get_dynamic_partitions", counted)
+            write_embedding_shards(tmp_path / f"in{n_shards}", n_shards=n_shards, per_shard=20, d=8)
+            run_pipeline(Settings(storage=str(tmp_path / f"s{n_shards}"), input=str(tmp_path / f"in{n_shards}"),
+                                  modality="embedding", clusters=2, buckets=2), fresh, log=lambda m: None)
+        reads[n_shards] = len(calls)
+    assert reads[8] <= reads[2] + 3, reads  # was 3 per shard and per-shard stage more

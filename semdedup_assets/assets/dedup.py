@@ -9,8 +9,9 @@ import dagster as dg
 from dagster_ray import RayResource
 
 from semdedup_assets.assets.cluster import registered_stage_files
-from semdedup_assets.assets.common import (EAGER, GPU_OP_TAGS, ProgressLog, beta_parameters, core_failures, metered,
-                                           settings_resource, table_metadata, timed, worker_resources)
+from semdedup_assets.assets.common import (EAGER, GPU_OP_TAGS, ProgressLog, add_partition_metadata, beta_parameters,
+                                           core_failures, metered, settings_resource, table_metadata, timed,
+                                           worker_resources)
 from semdedup_assets.core import storage as st
 from semdedup_assets.core.boundary import boundary_markdown, boundary_pairs, image_thumbnails
 from semdedup_assets.core.centroids import load_centroids
@@ -84,8 +85,8 @@ def build_semantic_duplicates(names: GraphNames, buckets: int) -> dg.AssetsDefin
                 row["worker"] = str(workers[key])
                 if workers[key].peak_rss_mib is not None:  # this bucket's own peak in its worker
                     row["worker_peak_rss_mib"] = workers[key].peak_rss_mib
-            # This bucket's own figures on its own event (a range run's metadata is copied onto every bucket).
-            context.add_asset_metadata(row, partition_key=key)
+        # Each bucket's own figures on its own event (a range run's metadata is copied onto every bucket).
+        add_partition_metadata(context, per_bucket)
         stale = prune_buckets(storage, buckets)  # results of an earlier, larger bucket count
         if stale:
             context.log.info(f"removed {len(stale)} bucket result(s) beyond the {buckets} buckets: {stale[:5]}")
