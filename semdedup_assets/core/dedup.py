@@ -20,7 +20,7 @@ from semdedup_assets.core.assign import bucket_cluster_range
 from semdedup_assets.core.config import Settings
 from semdedup_assets.core.encoders import resolve_device
 from semdedup_assets.core.ordering import cluster_order
-from semdedup_assets.core.parallel import map_batches
+from semdedup_assets.core.parallel import map_batches, worker_count
 from semdedup_assets.core.pairwise import RowFile, cluster_semantic_duplicates, max_sim_tiled
 from semdedup_assets.core.schemas import SEMANTIC_DUPLICATES_SCHEMA
 from semdedup_assets.core.tables import unit_embeddings
@@ -311,8 +311,9 @@ class _Tally:
 
 def pairwise_budget(settings: Settings) -> int:
     """The bytes a bucket's rows may take: the memory budget less the kernel's tiles (a block x block score tile
-    and its temporaries), at least a quarter of the budget."""
-    return max(settings.memory_budget_bytes - 4 * 4 * settings.block_size ** 2, settings.memory_budget_bytes // 4)
+    and its temporaries, one per cluster running at once: `parallel.worker_count`), at least a quarter of it."""
+    tiles = 4 * 4 * settings.block_size ** 2 * worker_count(resolve_device(settings.device))
+    return max(settings.memory_budget_bytes - tiles, settings.memory_budget_bytes // 4)
 
 
 def spill_groups(files: Sequence[st.UPath], groups: Sequence[tuple[int, int, int]], keep_by: Sequence[str],
