@@ -18,9 +18,29 @@ from semdedup_assets.graph import build_definitions
 __all__ = ["build_definitions", "defs", "load_definitions"]
 
 
+# Runs launched from the UI, sensors or backfills execute each step in a process of its own. Spawned,
+# each such process imported Dagster, torch, faiss and this package again (5-15 s per step on 2
+# cores); from a forkserver, which imports this module once per run, each step is forked in well
+# under a second. The launchpad keeps Dagster's default executor config: `in_process`, or
+# `multiprocess` with `max_concurrent`, `retries` or another `start_method`; only the start
+# method, when none is given, becomes forkserver. Only this code location sets it: a user's
+# project that adds the SemDedup component keeps its own executor.
+def _forkserver_unless_chosen(config: dict) -> dict:
+    """The default executor's config with `start_method: forkserver` where multiprocess names none."""
+    if "multiprocess" in config and "start_method" not in (config["multiprocess"] or {}):
+        return {"multiprocess": {**(config["multiprocess"] or {}), "start_method": {"forkserver": {}}}}
+    return config
+
+
+STEP_EXECUTOR = dg.multi_or_in_process_executor.configured(
+    _forkserver_unless_chosen, name="multi_or_in_process_executor",
+    config_schema=dg.multi_or_in_process_executor.config_schema)
+
+
 def load_definitions() -> dg.Definitions:
     """The code location's definitions, for the settings of the storage it points at."""
-    return SemDedup.from_settings(load_settings()).definitions()
+    return dg.Definitions.merge(SemDedup.from_settings(load_settings()).definitions(),
+                                dg.Definitions(executor=STEP_EXECUTOR))
 
 
 defs = dg.definitions(load_definitions)

@@ -50,6 +50,32 @@ def test_definitions_load(tmp_path: Path, monkeypatch) -> None:
     assert defs.resolve_schedule_def("retrain_centroids_schedule").cron_schedule == "0 3 * * 0"
 
 
+def test_the_code_locations_steps_fork_from_a_forkserver_and_the_launchpad_keeps_its_choices(
+        tmp_path: Path, monkeypatch) -> None:
+    """Every job of the code location (the asset job too) starts its steps from a forkserver unless the run
+    config picks a start method; `in_process` and the other executor options of Dagster's default stay valid."""
+    from dagster._core.system_config.objects import ResolvedRunConfig
+
+    monkeypatch.setenv("SEMDEDUP_STORAGE", str(tmp_path))
+    defs = load_definitions()
+    for name in ("ingest_job", "dedup_job", "__ASSET_JOB"):
+        job = defs.resolve_job_def(name)
+
+        def engine(config: dict | None, job=job) -> dict:
+            return ResolvedRunConfig.build(job, {"execution": {"config": config}} if config else {}) \
+                .execution.execution_engine_config
+
+        assert engine(None)["multiprocess"]["start_method"] == {"forkserver": {}}, name
+        assert engine({"multiprocess": {"max_concurrent": 2}})["multiprocess"] == \
+            {"max_concurrent": 2, "start_method": {"forkserver": {}}, "retries": {"enabled": {}}}
+        assert engine({"multiprocess": {"start_method": {"spawn": {}}}})["multiprocess"]["start_method"] == \
+            {"spawn": {}}
+        assert set(engine({"in_process": {}})) == {"in_process"}
+    # A user's project with the component keeps Dagster's default (its own executor, if any, is not overridden).
+    plain = build_definitions(Settings(storage=str(tmp_path))).resolve_job_def("ingest_job")
+    assert "start_method" not in ResolvedRunConfig.build(plain, {}).execution.execution_engine_config["multiprocess"]
+
+
 def test_graph_shape_pools_and_partitions() -> None:
     d = build_definitions(Settings(storage="/tmp/unused", buckets=5))
     graph = d.resolve_asset_graph()
