@@ -25,10 +25,20 @@ __all__ = ["build_definitions", "defs", "load_definitions"]
 # `multiprocess` with `max_concurrent`, `retries` or another `start_method`; only the start
 # method, when none is given, becomes forkserver. Only this code location sets it: a user's
 # project that adds the SemDedup component keeps its own executor.
+#
+# The forkserver preloads this module and what every step imports later anyway: Dagster's
+# instance storage and plan execution (`dagster._utils.test` pulls them in, SQLAlchemy and alembic
+# with them, ~0.7 s) and matplotlib's Agg backend for the metadata plots (~0.3 s); the forkserver
+# skips a module it cannot import. Not torch (~2 s): only the steps that run a model or the
+# pairwise rule import it, and most runs of sensors and backfills have none.
+FORKSERVER_PRELOAD = (__name__, "dagster._utils.test", "matplotlib.backends.backend_agg")
+
+
 def _forkserver_unless_chosen(config: dict) -> dict:
     """The default executor's config with `start_method: forkserver` where multiprocess names none."""
     if "multiprocess" in config and "start_method" not in (config["multiprocess"] or {}):
-        return {"multiprocess": {**(config["multiprocess"] or {}), "start_method": {"forkserver": {}}}}
+        return {"multiprocess": {**(config["multiprocess"] or {}),
+                                 "start_method": {"forkserver": {"preload_modules": list(FORKSERVER_PRELOAD)}}}}
     return config
 
 

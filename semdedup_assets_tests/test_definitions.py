@@ -65,9 +65,11 @@ def test_the_code_locations_steps_fork_from_a_forkserver_and_the_launchpad_keeps
             return ResolvedRunConfig.build(job, {"execution": {"config": config}} if config else {}) \
                 .execution.execution_engine_config
 
-        assert engine(None)["multiprocess"]["start_method"] == {"forkserver": {}}, name
+        forkserver = {"forkserver": {"preload_modules": ["semdedup_assets.definitions", "dagster._utils.test",
+                                                         "matplotlib.backends.backend_agg"]}}
+        assert engine(None)["multiprocess"]["start_method"] == forkserver, name
         assert engine({"multiprocess": {"max_concurrent": 2}})["multiprocess"] == \
-            {"max_concurrent": 2, "start_method": {"forkserver": {}}, "retries": {"enabled": {}}}
+            {"max_concurrent": 2, "start_method": forkserver, "retries": {"enabled": {}}}
         assert engine({"multiprocess": {"start_method": {"spawn": {}}}})["multiprocess"]["start_method"] == \
             {"spawn": {}}
         assert set(engine({"in_process": {}})) == {"in_process"}
@@ -75,6 +77,20 @@ def test_the_code_locations_steps_fork_from_a_forkserver_and_the_launchpad_keeps
     plain = build_definitions(Settings(storage=str(tmp_path))).resolve_job_def("ingest_job")
     assert "start_method" not in ResolvedRunConfig.build(plain, {}).execution.execution_engine_config["multiprocess"]
 
+
+
+def test_the_code_location_and_the_cli_load_without_torch(tmp_path: Path) -> None:
+    """Loading the code location (each run worker, step forkserver and code server does) and the CLI imports
+    no torch: it costs ~2 s and ~500 MB per process, and only the stages that run a model or the pairwise rule
+    need it (they import it when they run)."""
+    probe = ("import sys, semdedup_assets.definitions as d, semdedup_assets.cli, semdedup_assets.core.dedup, "
+             "semdedup_assets.core.decontaminate; d.load_definitions(); "
+             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SEMDEDUP_")}
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                          env={**env, "SEMDEDUP_STORAGE": str(tmp_path)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout[-2000:]
 
 def test_graph_shape_pools_and_partitions() -> None:
     d = build_definitions(Settings(storage="/tmp/unused", buckets=5))

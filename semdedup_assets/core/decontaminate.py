@@ -14,10 +14,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from semdedup_assets.core import storage as st
 from semdedup_assets.core.config import Settings
@@ -26,6 +26,9 @@ from semdedup_assets.core.encoders import Encoder, encoder_for, l2_normalize, re
 from semdedup_assets.core.schemas import CONTAMINATED_REFERENCE_KEY, CONTAMINATED_SCHEMA
 from semdedup_assets.core.tables import unit_embeddings
 from semdedup_assets.core.shards import ShardError, ShardFile, discover_shards, iter_embedding_chunks, read_images, read_shard
+
+if TYPE_CHECKING:
+    import torch
 
 REFERENCE_BLOCK = 4096
 
@@ -145,6 +148,8 @@ def nearest_reference(x: np.ndarray, reference: np.ndarray, block: int = REFEREN
     if x.shape[1] != reference.shape[1]:
         raise ReferenceError(f"the reference embeddings have dimension {reference.shape[1]} but the dataset's have "
                              f"dimension {x.shape[1]}: embed both with the same encoder")
+    import torch  # here, not at import: the code location loads without torch
+
     with torch.inference_mode():
         q = torch.from_numpy(np.array(x, dtype=np.float32, order="C")).to(device or "cpu")
         r = torch.from_numpy(np.array(reference, dtype=np.float32, order="C")).to(q.device)

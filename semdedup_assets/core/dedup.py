@@ -13,7 +13,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
-import torch
 
 from semdedup_assets.core import storage as st
 from semdedup_assets.core.assign import bucket_cluster_range
@@ -21,7 +20,6 @@ from semdedup_assets.core.config import Settings
 from semdedup_assets.core.encoders import resolve_device
 from semdedup_assets.core.ordering import cluster_order
 from semdedup_assets.core.parallel import map_batches, worker_count
-from semdedup_assets.core.pairwise import RowFile, cluster_semantic_duplicates, max_sim_tiled
 from semdedup_assets.core.schemas import SEMANTIC_DUPLICATES_SCHEMA
 from semdedup_assets.core.tables import unit_embeddings
 
@@ -156,6 +154,10 @@ def dedup_table(table: pa.Table, strategy: str, seed: int, block_size: int, devi
     order_parts, rank_parts, max_parts, dup_parts = [], [], [], []
     keys = [(table.column(name).combine_chunks(), desc) for name, desc in keep_by]
 
+    import torch  # here, not at import: the code location and its run workers load without torch (~2 s)
+
+    from semdedup_assets.core.pairwise import cluster_semantic_duplicates
+
     def cluster(bounds: tuple[int, int]) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         s, e = bounds
         own: dict[str, float] = {}  # per cluster, merged below in cluster order: no shared counter across threads
@@ -204,6 +206,8 @@ def dedup_cluster_from_disk(files: Sequence[st.UPath], cluster: int, strategy: s
     time, and the tiled rule reads block x block tiles back. The result equals the
     in-memory rule's bit for bit (same rows, same tiles, fp32).
     """
+    from semdedup_assets.core.pairwise import RowFile, max_sim_tiled  # torch: loaded where the rule runs
+
     names = [name for name, _ in keep_by]
     table = read_bucket_rows(files, cluster, cluster + 1, keep_by=names, embeddings=False)
     n = table.num_rows
