@@ -11,6 +11,7 @@ pydoc topics), which makes it a good small playground for semantic deduplication
 from __future__ import annotations
 
 import ast
+import gzip
 import hashlib
 import io
 import json
@@ -18,6 +19,7 @@ import os
 import pathlib
 import platform
 import re
+import sys
 import sysconfig
 import tempfile
 import tokenize
@@ -240,9 +242,60 @@ def _iter_topic_items() -> Iterator[tuple[str, str]]:
             yield par, f"pydoc_data:{name}"
 
 
+def _cache_dir() -> pathlib.Path:
+    """This machine's cache folder, the one `--model static` uses (`config.model_cache_dir`)."""
+    from semdedup_assets.core.config import model_cache_dir
+
+    return pathlib.Path(model_cache_dir())
+
+
+def _candidates_key(root: pathlib.Path) -> str:
+    """A digest of what the candidates depend on: this module's code, the interpreter and every stdlib
+    file read (its path, size and modification time), the pydoc topics included."""
+    h = hashlib.sha256()
+    h.update(pathlib.Path(__file__).read_bytes())
+    h.update(f"{sys.version}\0{root}\0".encode())
+    files = [path for path, _ in _iter_stdlib_files(root)]
+    try:
+        import pydoc_data.topics as topics
+
+        files.append(pathlib.Path(topics.__file__))
+    except ImportError:
+        pass
+    for path in files:
+        st = path.stat()
+        h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
 def _collect_candidates() -> list[tuple[int, str, str]]:
-    """Return every candidate as (tier, text, source) in reading order (files sorted, then topics)."""
+    """Return every candidate as (tier, text, source) in reading order (files sorted, then topics).
+
+    Parsing the standard library takes ~15-30 s; the result is cached on this machine (gzipped JSON
+    in `_cache_dir()`, named by `_candidates_key`, written atomically), so a second demo, benchmark or
+    test reads it in well under a second. A cache that is missing, unreadable or from other sources
+    is recomputed; one that cannot be written is skipped.
+    """
     root = _stdlib_root()
+    key = _candidates_key(root)
+    path = _cache_dir() / f"demo-candidates-{key[:32]}.json.gz"
+    try:
+        cached = json.loads(gzip.decompress(path.read_bytes()))
+        if cached["key"] == key:
+            return [(int(tier), str(text), str(source)) for tier, text, source in cached["candidates"]]
+    except Exception:  # noqa: BLE001 - a cache that cannot be read, whatever the reason, is recomputed
+        pass
+    out = _parse_candidates(root)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write_bytes(path, gzip.compress(json.dumps({"key": key, "candidates": out}).encode(), 6))
+    except OSError:
+        pass
+    return out
+
+
+def _parse_candidates(root: pathlib.Path) -> list[tuple[int, str, str]]:
+    """Every candidate, read from the stdlib sources under `root` and the pydoc topics."""
     out: list[tuple[int, str, str]] = []
     for path, is_test in _iter_stdlib_files(root):
         module = _module_name(path, root)

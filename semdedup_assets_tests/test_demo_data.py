@@ -61,9 +61,16 @@ def _read_rows(paths: list[pathlib.Path]) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def demo_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[pathlib.Path], list[pathlib.Path]]:
-    """Write the demo corpus twice, into two separate folders (the slow part, done once)."""
-    a = write_demo_shards(tmp_path_factory.mktemp("demo_a"))
-    b = write_demo_shards(tmp_path_factory.mktemp("demo_b"))
+    """Write the demo corpus twice, into two separate folders (the slow part, done once).
+
+    Both under an empty candidates cache of their own: the first write parses the standard
+    library and fills it, the second reads it, so `test_deterministic_bytes` compares the two paths.
+    """
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SEMDEDUP_CACHE", str(tmp_path_factory.mktemp("cache")))
+        a = write_demo_shards(tmp_path_factory.mktemp("demo_a"))
+        assert list(demo_data._cache_dir().glob("demo-candidates-*.json.gz")), "the parse was not cached"
+        b = write_demo_shards(tmp_path_factory.mktemp("demo_b"))
     return a, b
 
 
@@ -228,3 +235,57 @@ def test_select_caps_copies_and_prefers_docstrings() -> None:
 def test_description_mentions_licence() -> None:
     assert "Python Software Foundation License" in DEMO_DESCRIPTION
     assert "\n" not in DEMO_DESCRIPTION
+
+
+@pytest.fixture
+def tiny_stdlib(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> pathlib.Path:
+    """A two-file stand-in for the standard library (no pydoc topics) and an empty cache folder."""
+    root = tmp_path / "lib"
+    root.mkdir()
+    (root / "alpha.py").write_text('"""The alpha module reads the configuration files and returns their settings."""\n')
+    (root / "beta.py").write_text('def f():\n    """Return the number of items that were written to the output."""\n')
+    monkeypatch.setattr(demo_data, "_stdlib_root", lambda: root)
+    monkeypatch.setattr(demo_data, "_iter_topic_items", lambda: iter(()))
+    monkeypatch.setenv("SEMDEDUP_CACHE", str(tmp_path / "cache"))
+    return root
+
+
+def _no_parse(root: pathlib.Path) -> list:
+    raise AssertionError("the standard library was parsed again")
+
+
+def test_candidates_are_cached_per_user_and_follow_the_sources(tiny_stdlib: pathlib.Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The parse is cached; a second call reads it; a changed source file is parsed again."""
+    first = demo_data._collect_candidates()
+    assert [source for _, _, source in first] == ["alpha", "beta:f"]
+    cached = list(demo_data._cache_dir().glob("demo-candidates-*.json.gz"))
+    assert len(cached) == 1
+    parse = demo_data._parse_candidates
+    monkeypatch.setattr(demo_data, "_parse_candidates", _no_parse)
+    assert demo_data._collect_candidates() == first
+    (tiny_stdlib / "beta.py").write_text('def g():\n    """Return the list of files that were found under the folder."""\n')
+    monkeypatch.setattr(demo_data, "_parse_candidates", parse)
+    assert [source for _, _, source in demo_data._collect_candidates()] == ["alpha", "beta:g"]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not gzip", "other key"])
+def test_a_damaged_candidates_cache_is_parsed_again_and_rewritten(tiny_stdlib: pathlib.Path, damage: str) -> None:
+    import gzip
+
+    first = demo_data._collect_candidates()
+    (path,) = demo_data._cache_dir().glob("demo-candidates-*.json.gz")
+    data = path.read_bytes()
+    path.write_bytes({"truncated": data[: len(data) // 2], "not gzip": b"{}",
+                      "other key": gzip.compress(json.dumps({"key": "x", "candidates": [[0, "a", "b"]]}).encode())}
+                     [damage])
+    assert demo_data._collect_candidates() == first
+    assert path.read_bytes() != b"{}" and json.loads(gzip.decompress(path.read_bytes()))["candidates"]
+
+
+def test_an_unwritable_cache_folder_still_gives_the_candidates(tiny_stdlib: pathlib.Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    blocker = tiny_stdlib.parent / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("SEMDEDUP_CACHE", str(blocker / "cache"))  # a folder that cannot be made under a file
+    assert [source for _, _, source in demo_data._collect_candidates()] == ["alpha", "beta:f"]

@@ -351,7 +351,8 @@ def visible_cuda_devices() -> str:
 
 
 def model_cache_dir() -> str:
-    """This machine's cache of derived models (`--model static`): $SEMDEDUP_CACHE, else $XDG_CACHE_HOME/semdedup."""
+    """This machine's cache of derived models (`--model static`) and of the demo's parsed texts: $SEMDEDUP_CACHE,
+    else $XDG_CACHE_HOME/semdedup."""
     explicit = os.environ.get(ENV_PREFIX + "CACHE")
     if explicit:
         return os.path.expanduser(explicit)
