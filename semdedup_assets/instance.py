@@ -12,6 +12,7 @@ import os
 import dagster as dg
 
 from semdedup_assets.core.config import Settings
+from semdedup_assets.names import GraphNames
 
 
 def visible_gpus() -> int:
@@ -70,4 +71,22 @@ def open_instance(settings: Settings) -> dg.DagsterInstance:
     # already exists"): the first one to hold the lock creates it, the other then opens it.
     with open(os.path.join(os.environ["DAGSTER_HOME"], ".semdedup-instance.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        return dg.DagsterInstance.get()
+        instance = dg.DagsterInstance.get()
+        _initialize_pool(instance, GraphNames().pool)
+        return instance
+
+
+def _initialize_pool(instance: dg.DagsterInstance, pool: str) -> None:
+    """Give the pool its default limit row now, under the caller's lock, when it has none.
+
+    Dagster creates it at the first step that claims a slot, and a step of another run that
+    syncs the pools at that moment can read the new slots before their limit row and insert an
+    empty row (`IntegrityError: NOT NULL constraint failed: concurrency_limits.concurrency_key`,
+    seen with two `semdedup run` starting together on a fresh home). Once the pool has its row,
+    Dagster's reconciliation has nothing to do.
+    """
+    storage = instance.event_log_storage
+    if not storage.supports_global_concurrency_limits:
+        return
+    if pool not in {limit.name for limit in storage.get_pool_limits()}:
+        storage.initialize_concurrency_limit_to_default(pool)

@@ -255,6 +255,24 @@ def test_two_concurrent_runs_on_one_storage(data, tmp_path: Path) -> None:
     assert snapshot(storage) == data["reference"]
 
 
+def test_a_fresh_home_gets_its_pool_limit_before_any_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: two runs starting together on a fresh home failed one of them inside Dagster
+    (`NOT NULL constraint failed: concurrency_limits.concurrency_key`): the first step to claim a
+    slot created the pool while the other run's step synced the pools. The commands now give the
+    pool its limit row when they open the instance, under the instance lock, before any run."""
+    from semdedup_assets.instance import open_instance, visible_gpus
+
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    settings = Settings(storage=str(tmp_path / "storage"))
+    instance = open_instance(settings)
+    gpus = max(1, visible_gpus())  # dagster.yaml's default limit: one step per visible GPU
+    assert [(p.name, p.limit) for p in instance.event_log_storage.get_pool_limits()] == [("gpu", gpus)]
+    assert instance.event_log_storage.get_concurrency_info("gpu").slot_count == gpus
+    # A limit the user set stays as it is.
+    instance.event_log_storage.set_concurrency_slots("gpu", 3)
+    assert open_instance(settings).event_log_storage.get_concurrency_info("gpu").slot_count == 3
+
+
 def _can_mount_tmpfs(path: Path) -> bool:
     path.mkdir(parents=True, exist_ok=True)
     return subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(path)],
