@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import fcntl
 import os
+import tempfile
 
 import dagster as dg
 
 from semdedup_assets.core.config import Settings
-from semdedup_assets.names import GraphNames
 
 
 def visible_gpus() -> int:
@@ -42,12 +42,37 @@ def instance_yaml(gpu_limit: int) -> str:
 
 
 def ensure_instance_config(home: str) -> None:
-    """Create DAGSTER_HOME with a dagster.yaml (gpu pool limit, telemetry off) when it is missing."""
+    """Create DAGSTER_HOME with a dagster.yaml (gpu pool limit, telemetry off) when it is missing.
+
+    The file appears whole or not at all (written aside, then linked into place, never over an
+    existing one): a command that read it half-written got an instance without the pool's default
+    limit, and its first step then deleted the pool's limit row as Dagster does for a pool whose
+    default is gone; another run's next claim failed inside Dagster (`NOT NULL constraint failed:
+    concurrency_limits.concurrency_key`), seen with two `semdedup run` starting together.
+    """
     os.makedirs(home, exist_ok=True)
     path = os.path.join(home, "dagster.yaml")
-    if not os.path.exists(path):
-        with open(path, "w") as f:
+    if os.path.exists(path):
+        return
+    fd, tmp = tempfile.mkstemp(dir=home, prefix=".dagster.yaml.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
             f.write(instance_yaml(max(1, visible_gpus())))
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        try:
+            os.link(tmp, path)  # fails if another command put its (same) file there first
+        except FileExistsError:
+            pass
+        except OSError:  # a file system without hard links: replace (the same content either way)
+            if not os.path.exists(path):
+                os.replace(tmp, path)
+    finally:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:  # replaced into place
+            pass
 
 
 def default_dagster_home(settings: Settings) -> str:
@@ -71,22 +96,4 @@ def open_instance(settings: Settings) -> dg.DagsterInstance:
     # already exists"): the first one to hold the lock creates it, the other then opens it.
     with open(os.path.join(os.environ["DAGSTER_HOME"], ".semdedup-instance.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        instance = dg.DagsterInstance.get()
-        _initialize_pool(instance, GraphNames().pool)
-        return instance
-
-
-def _initialize_pool(instance: dg.DagsterInstance, pool: str) -> None:
-    """Give the pool its default limit row now, under the caller's lock, when it has none.
-
-    Dagster creates it at the first step that claims a slot, and a step of another run that
-    syncs the pools at that moment can read the new slots before their limit row and insert an
-    empty row (`IntegrityError: NOT NULL constraint failed: concurrency_limits.concurrency_key`,
-    seen with two `semdedup run` starting together on a fresh home). Once the pool has its row,
-    Dagster's reconciliation has nothing to do.
-    """
-    storage = instance.event_log_storage
-    if not storage.supports_global_concurrency_limits:
-        return
-    if pool not in {limit.name for limit in storage.get_pool_limits()}:
-        storage.initialize_concurrency_limit_to_default(pool)
+        return dg.DagsterInstance.get()

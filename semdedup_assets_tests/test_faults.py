@@ -255,22 +255,39 @@ def test_two_concurrent_runs_on_one_storage(data, tmp_path: Path) -> None:
     assert snapshot(storage) == data["reference"]
 
 
-def test_a_fresh_home_gets_its_pool_limit_before_any_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dagster_yaml_appears_whole_and_is_never_overwritten(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Regression: two runs starting together on a fresh home failed one of them inside Dagster
-    (`NOT NULL constraint failed: concurrency_limits.concurrency_key`): the first step to claim a
-    slot created the pool while the other run's step synced the pools. The commands now give the
-    pool its limit row when they open the instance, under the instance lock, before any run."""
-    from semdedup_assets.instance import open_instance, visible_gpus
+    (`NOT NULL constraint failed: concurrency_limits.concurrency_key`, at a later stage). One command
+    read dagster.yaml while the other was writing it, so its instance had no default pool limit, and
+    its first step deleted the pool's limit row. The file now appears whole or not at all."""
+    from semdedup_assets import instance as inst
 
-    monkeypatch.delenv("DAGSTER_HOME", raising=False)
-    settings = Settings(storage=str(tmp_path / "storage"))
-    instance = open_instance(settings)
-    gpus = max(1, visible_gpus())  # dagster.yaml's default limit: one step per visible GPU
-    assert [(p.name, p.limit) for p in instance.event_log_storage.get_pool_limits()] == [("gpu", gpus)]
-    assert instance.event_log_storage.get_concurrency_info("gpu").slot_count == gpus
-    # A limit the user set stays as it is.
-    instance.event_log_storage.set_concurrency_slots("gpu", 3)
-    assert open_instance(settings).event_log_storage.get_concurrency_info("gpu").slot_count == 3
+    home = tmp_path / "home"
+    seen: list[str] = []
+    real_link = os.link
+
+    def link(src: str, dst: str) -> None:  # the moment the file appears under its name
+        seen.append(Path(src).read_text())
+        real_link(src, dst)
+
+    monkeypatch.setattr(inst.os, "link", link)
+    inst.ensure_instance_config(str(home))
+    whole = inst.instance_yaml(max(1, inst.visible_gpus()))
+    assert seen == [whole] and (home / "dagster.yaml").read_text() == whole
+    assert [p.name for p in home.iterdir()] == ["dagster.yaml"]  # no temporary file left
+    # A user's edit stays, and a second command racing on the link keeps the first file.
+    (home / "dagster.yaml").write_text("# mine\n")
+    inst.ensure_instance_config(str(home))
+    monkeypatch.setattr(inst.os.path, "exists", lambda path: False)  # as if the other command linked just now
+    inst.ensure_instance_config(str(home))
+    monkeypatch.undo()
+    assert (home / "dagster.yaml").read_text() == "# mine\n"
+    assert sorted(p.name for p in home.iterdir()) == ["dagster.yaml"]
+    # The instance a command opens has the pool's default limit.
+    assert dg.DagsterInstance.from_config(str(home)).global_op_concurrency_default_limit is None  # the user's file
+    (home / "dagster.yaml").unlink()
+    inst.ensure_instance_config(str(home))
+    assert dg.DagsterInstance.from_config(str(home)).global_op_concurrency_default_limit == max(1, inst.visible_gpus())
 
 
 def _can_mount_tmpfs(path: Path) -> bool:
