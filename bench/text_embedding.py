@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import add_output_options, output_path, command_line, emit, machine_lines, verdict  # noqa: E402
 
-from semdedup_assets.demo_data import _collect_candidates, _select  # noqa: E402
+from semdedup_assets.demo_data import collect_demo_texts  # noqa: E402
 from semdedup_assets.core.encoders.static import StaticTextEncoder, default_static_model, distill_static_model  # noqa: E402
 from semdedup_assets.core.encoders.text import HFTextEncoder, resolve_text_model  # noqa: E402
 
@@ -99,9 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
     from sentence_transformers import SentenceTransformer
 
-    # collect_demo_texts(n) for two n: the standard library is parsed once (~20 s), each selection made from it.
-    candidates = _collect_candidates()
-    texts = [t for t, _ in _select(candidates, args.n)]
+    texts = [t for t, _ in collect_demo_texts(args.n)]  # the parse is cached: the second call below reads it
     path = resolve_text_model(None)
     ours = HFTextEncoder(None, max_length=args.max_length, batch_size=args.batch_size, device="cpu")
     tok, model = ours.tokenizer, ours.model  # the same weights for the bare loops
@@ -137,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from model2vec import StaticModel
 
-    static_texts = [t for t, _ in _select(candidates, args.static_n)]
+    static_texts = [t for t, _ in collect_demo_texts(args.static_n)]
     reference = StaticModel.from_pretrained(static_path, force_download=False)
     static_runs = {"(e) StaticTextEncoder.encode": lambda: static.encode(static_texts),
                    "(f) model2vec StaticModel.encode": lambda: reference.encode(static_texts,

@@ -249,13 +249,13 @@ def _cache_dir() -> pathlib.Path:
     return pathlib.Path(model_cache_dir())
 
 
-def _candidates_key(root: pathlib.Path) -> str:
+def _candidates_key(root: pathlib.Path, sources: list[tuple[pathlib.Path, bool]]) -> str:
     """A digest of what the candidates depend on: this module's code, the interpreter and every stdlib
-    file read (its path, size and modification time), the pydoc topics included."""
+    file read (`sources`: its path, size and modification time), the pydoc topics included."""
     h = hashlib.sha256()
     h.update(pathlib.Path(__file__).read_bytes())
     h.update(f"{sys.version}\0{root}\0".encode())
-    files = [path for path, _ in _iter_stdlib_files(root)]
+    files = [path for path, _ in sources]
     try:
         import pydoc_data.topics as topics
 
@@ -277,7 +277,8 @@ def _collect_candidates() -> list[tuple[int, str, str]]:
     is recomputed; one that cannot be written is skipped.
     """
     root = _stdlib_root()
-    key = _candidates_key(root)
+    sources = list(_iter_stdlib_files(root))  # walked once: for the key and, on a miss, the parse
+    key = _candidates_key(root, sources)
     path = _cache_dir() / f"demo-candidates-{key[:32]}.json.gz"
     try:
         cached = json.loads(gzip.decompress(path.read_bytes()))
@@ -285,7 +286,7 @@ def _collect_candidates() -> list[tuple[int, str, str]]:
             return [(int(tier), str(text), str(source)) for tier, text, source in cached["candidates"]]
     except Exception:  # noqa: BLE001 - a cache that cannot be read, whatever the reason, is recomputed
         pass
-    out = _parse_candidates(root)
+    out = _parse_candidates(root, sources)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         _atomic_write_bytes(path, gzip.compress(json.dumps({"key": key, "candidates": out}).encode(), 6))
@@ -294,10 +295,10 @@ def _collect_candidates() -> list[tuple[int, str, str]]:
     return out
 
 
-def _parse_candidates(root: pathlib.Path) -> list[tuple[int, str, str]]:
-    """Every candidate, read from the stdlib sources under `root` and the pydoc topics."""
+def _parse_candidates(root: pathlib.Path, sources: list[tuple[pathlib.Path, bool]]) -> list[tuple[int, str, str]]:
+    """Every candidate, read from the stdlib `sources` (path, is_test) under `root` and the pydoc topics."""
     out: list[tuple[int, str, str]] = []
-    for path, is_test in _iter_stdlib_files(root):
+    for path, is_test in sources:
         module = _module_name(path, root)
         for text, source, is_comment in _iter_file_items(path, module):
             out.append((2 * is_comment + is_test, text, source))

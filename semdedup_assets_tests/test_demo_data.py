@@ -250,7 +250,7 @@ def tiny_stdlib(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> path
     return root
 
 
-def _no_parse(root: pathlib.Path) -> list:
+def _no_parse(root: pathlib.Path, sources: list) -> list:
     raise AssertionError("the standard library was parsed again")
 
 
