@@ -149,6 +149,56 @@ def test_in_place_edit_keeping_size_and_mtime_is_found_by_verify_content(tmp_pat
     assert "(and every input's content)" in capsys.readouterr().out
 
 
+def _file_bytes_digest(h, *paths: Path) -> str:
+    for path in paths:
+        h.update(path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def test_content_digests_are_sha256_and_a_recorded_blake2b_digest_still_verifies(
+        tmp_path: Path, home: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """New raw indexes record `sha256:<hex>`; one written before (an unprefixed BLAKE2b-128 digest) is
+    verified with BLAKE2b, so `verify --content` neither cries wolf over it nor misses an edit."""
+    import hashlib
+
+    from semdedup_assets.core.export import CONTENT_KEY
+    from semdedup_assets.core.shards import ShardFile
+
+    def recorded(storage: Path, key: str) -> str:
+        return pq.read_schema(storage / "raw" / f"{key}.parquet").metadata[CONTENT_KEY].decode()
+
+    x = make_planted(60, 8, dup_every=1000, seed=5)
+    (tmp_path / "input").mkdir()
+    npy, meta = tmp_path / "input" / "vecs.npy", tmp_path / "input" / "vecs.parquet"
+    np.save(npy, x)
+    pq.write_table(pa.table({"id": [f"v{i}" for i in range(60)]}), meta)
+    assert _run(tmp_path, storage=tmp_path / "new") == 0
+    assert recorded(tmp_path / "new", "vecs") == "sha256:" + _file_bytes_digest(hashlib.sha256(), npy, meta)
+
+    # A storage written before the change: the same ingest, recording BLAKE2b-128 as it did.
+    def blake2b_digest(self: ShardFile, like: str | None = None) -> str:
+        return _file_bytes_digest(hashlib.blake2b(digest_size=16), *(p for p in (self.path, self.metadata) if p))
+
+    with monkeypatch.context() as m:
+        m.setattr(ShardFile, "content_digest", blake2b_digest)
+        assert _run(tmp_path) == 0
+    storage = tmp_path / "storage"
+    assert recorded(storage, "vecs") == _file_bytes_digest(hashlib.blake2b(digest_size=16), npy, meta)
+    capsys.readouterr()
+    assert main(["verify", "--content", "--storage", str(storage)]) == 0, capsys.readouterr().out
+    assert _run(tmp_path) == 0  # unchanged input: the recorded digest is kept, not recomputed
+    assert not recorded(storage, "vecs").startswith("sha256:")
+    before = os.stat(npy)
+    edited = np.load(npy, mmap_mode="r+")
+    edited[1] = edited[0]
+    edited.flush()
+    del edited
+    os.utime(npy, ns=(before.st_atime_ns, before.st_mtime_ns))
+    capsys.readouterr()
+    assert main(["verify", "--content", "--storage", str(storage)]) == 1
+    assert f"the content of its input {npy} changed since it was ingested" in capsys.readouterr().out
+
+
 class _LengthEncoder:
     """A stand-in text encoder: one unit vector per text length (records what it was asked to embed)."""
 

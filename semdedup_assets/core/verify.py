@@ -140,7 +140,7 @@ class _Checker:
                 continue  # damaged: reported by the read below
             if shard is None or recorded is None or self.input_changed(key):
                 continue  # gone, ingested before digests were recorded, or already told by the fingerprint
-            if shard.content_digest() != recorded:
+            if shard.content_digest(like=recorded) != recorded:
                 # A run sees only the fingerprint: deleting the raw index makes the next one ingest and embed again.
                 self.bad(path, f"the content of its input {shard.path} changed since it was ingested, with the same "
                          "size and modification time, so a run cannot see it: --repair deletes this raw index and "
