@@ -168,7 +168,7 @@ def dedup_table(table: pa.Table, strategy: str, seed: int, block_size: int, devi
     # Clusters run single-threaded, torch's thread count of them at once (parallel.map_batches): the same bits
     # whatever that count (a 1-CPU Ray task or a many-core process); most clusters are one tile or a few.
     spans = list(zip(starts.tolist(), ends.tolist()))
-    for (s, e), (r, own) in zip(spans, map_batches(cluster, spans, torch.device(device))):
+    for (s, e), (r, own) in zip(spans, map_batches(cluster, spans, torch.device(device)), strict=True):
         if stats is not None:
             stats["rechecked_rows"] = stats.get("rechecked_rows", 0) + own["rechecked_rows"]
             stats["error_bound"] = max(stats.get("error_bound", 0.0), own["error_bound"])

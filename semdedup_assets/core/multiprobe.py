@@ -117,7 +117,7 @@ def multiprobe_max_sim(
     # time: most sets are a few rows against one cluster, and two Python threads over them were slower than
     # one (at 200k, P = 2, 16 buckets: 30-39 s against 25-27 s; the old 2-thread GEMMs took 21-24 s).
     live = [s for s in range(len(sets)) if ends[s] > starts[s] and pos_all[offsets[s]:offsets[s + 1]].any()]
-    for s, (val, arg) in zip(live, map_batches(probe_set, live, dev, workers=1)):
+    for s, (val, arg) in zip(live, map_batches(probe_set, live, dev, workers=1), strict=True):
         done.append(s)
         vals.append(val)
         args.append(arg)

@@ -258,7 +258,8 @@ def max_sim_tiled(
     # (parallel.map_batches): a tile's GEMM then never depends on the thread count, so a 1-CPU Ray task and a
     # many-core process write the same bits. Inside dedup_table's per-cluster batches they run inline.
     starts = range(0, n, bsz)
-    for j0, (best, best_idx, count) in zip(starts, map_batches(query_block, starts, dev, workers=num_threads)):
+    blocks = map_batches(query_block, starts, dev, workers=num_threads)
+    for j0, (best, best_idx, count) in zip(starts, blocks, strict=True):
         j1 = min(j0 + bsz, n)
         max_sim[j0:j1] = best
         dup[j0:j1] = best_idx
