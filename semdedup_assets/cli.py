@@ -12,6 +12,7 @@ from semdedup_assets.core.config import (AUTO_KNOBS, Settings, allowed_values, b
                                          knobs, shown_value)
 from semdedup_assets.core.settings_store import changed_settings, load_settings
 from semdedup_assets.status import refuse_missing_storage
+from semdedup_assets.ui import ui_command
 
 DEMO_STORAGE = ".demo/storage"
 DEMO_MODEL = "static"  # the demo's default text model: fast on a CPU; --model all-MiniLM-L6-v2 for the transformer
@@ -42,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="register every shard under --input and materialize the whole asset graph",
                          description="Register every shard file under --input as a `shards` partition and "
                          "materialize the whole asset graph through Dagster (runs are recorded in $DAGSTER_HOME, "
-                         "default <storage>/dagster_home, so they show in `make ui`).")
+                         "default <storage>/dagster_home, so they show in the Dagster UI: `make ui` in a checkout, "
+                         "`dagster dev -m semdedup_assets.definitions` with DAGSTER_HOME and SEMDEDUP_STORAGE set).")
     add_settings_options(run)
     _add_storage(run)
     _add_verbose(run)
@@ -233,7 +235,8 @@ def cmd_run(settings: Settings, verbose: bool = False) -> int:
           + ", ".join(f"{k} {v}" for k, v in result.seconds.items())
           + f"  total: {time.perf_counter() - start:.1f} s")
     print(summary(settings))
-    print(f"dagster runs recorded in {os.environ['DAGSTER_HOME']} (open them with `make ui`)")
+    home = os.environ["DAGSTER_HOME"]
+    print(f"dagster runs recorded in {home} (open them with `{ui_command(settings.storage, home)}`)")
     return 0
 
 
@@ -521,7 +524,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
         # The `robustness` asset of the first sub-storage, so the UI on it shows the comparison.
         _execute(build_definitions(first), open_instance(first), "robustness_job", {"semdedup/sweep": root},
-                 verbose=args.verbose)
+                 first.storage, verbose=args.verbose)
         local_root = Settings(storage=root).storage_root()
         plot = args.plot or (os.path.join(str(local_root.root), "compare.png") if local_root.local
                              else "semdedup-compare.png")

@@ -27,6 +27,7 @@ from semdedup_assets.graph import build_graph
 from semdedup_assets.names import DEFAULT_NAMES, GraphNames
 from semdedup_assets.partitions import SHARDS_PARTITIONS_NAME
 from semdedup_assets.run_guard import RunGuard, process_tags
+from semdedup_assets.ui import ui_command
 
 RANGE_START = "dagster/asset_partition_range_start"
 RANGE_END = "dagster/asset_partition_range_end"
@@ -144,7 +145,7 @@ def _run_pipeline(settings: Settings, instance: dg.DagsterInstance, log=print, v
                     tags.update({RANGE_START: buckets[0], RANGE_END: buckets[-1]})
                 log(f"[semdedup] {label} ...")
                 try:
-                    run_id = _execute(defs, instance, names.definition(job_name), tags, verbose=verbose)
+                    run_id = _execute(defs, instance, names.definition(job_name), tags, settings.storage, verbose=verbose)
                 except PipelineError as err:
                     if job_name == "ingest_job":
                         withdraw_shards(settings, instance, new, names)
@@ -238,10 +239,11 @@ def _forget_shard(settings: Settings, instance: dg.DagsterInstance, shard: str, 
             + (", then the keep-lists" if rewrite else ""))
         with progress.task("forget: re-run", len(rerun) + rewrite, unit="runs", outer=True) as bar:
             for bucket in rerun:
-                result.run_ids.append(_execute(defs, instance, "dedup_job", tags, partition_key=bucket, verbose=verbose))
+                result.run_ids.append(_execute(defs, instance, "dedup_job", tags, settings.storage, partition_key=bucket,
+                                                verbose=verbose))
                 bar.update(1, f"bucket {bucket}")
             if rewrite:
-                result.run_ids.append(_execute(defs, instance, "keep_lists_job", tags, verbose=verbose))
+                result.run_ids.append(_execute(defs, instance, "keep_lists_job", tags, settings.storage, verbose=verbose))
                 result.keep_lists = True
                 bar.update(1, "keep-lists")
         if keep_files and not rewrite:
@@ -251,14 +253,14 @@ def _forget_shard(settings: Settings, instance: dg.DagsterInstance, shard: str, 
 
 
 def _execute(defs: dg.Definitions, instance: dg.DagsterInstance, job_name: str, tags: dict[str, str],
-             partition_key: str | None = None, verbose: bool = False) -> str:
+             storage: str, partition_key: str | None = None, verbose: bool = False) -> str:
     # The pid and host let a later process tell that this run's process is gone (run_guard).
     run = defs.resolve_job_def(job_name).execute_in_process(
         run_config=console_run_config(verbose), instance=instance, tags={**tags, **process_tags()},
         partition_key=partition_key, raise_on_error=False)
     if not run.success:
         raise PipelineError(f"{failure_message(run)}\n(full trace: run again with -v, or open run {run.run_id} "
-                            f"of {job_name} in the UI, `make ui`)")
+                            f"of {job_name} in the UI: {ui_command(storage, instance.root_directory)})")
     return run.run_id
 
 

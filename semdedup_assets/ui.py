@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -48,6 +49,39 @@ def stop_group(proc: subprocess.Popen, grace: float = GRACE_S) -> None:
 def dg_dev_command(host: str, port: int) -> list[str]:
     """`dg dev` of this environment, bound to host:port."""
     return [str(Path(sys.executable).parent / "dg"), "dev", "--host", host, "--port", str(port)]
+
+
+def source_checkout(package_dir: Path | None = None) -> Path | None:
+    """The source checkout this package runs from (its Makefile has a `ui` target), or None for a pip install."""
+    root = (package_dir or Path(__file__).resolve().parent).parent
+    makefile = root / "Makefile"
+    try:
+        has_ui = makefile.is_file() and any(line.startswith("ui:") for line in makefile.read_text().splitlines())
+    except OSError:
+        return None
+    return root if has_ui else None
+
+
+def ui_command(storage: str, dagster_home: str, package_dir: Path | None = None, cwd: Path | None = None) -> str:
+    """The command that opens the Dagster UI on `storage`'s run history, for how this package was installed.
+
+    In a source checkout whose `make ui` would open this run history (`<storage>/dagster_home`):
+    `make ui` (with `DEMO_STORAGE=` when the storage is not the demo's, after a `cd` from another folder).
+    Otherwise (a pip install, or another DAGSTER_HOME): `dagster dev` on the package's code location,
+    with the environment it needs; `dg dev` needs a project folder, which a pip install does not have.
+    """
+    checkout = source_checkout(package_dir)
+    local = "://" not in storage
+    storage_abs = os.path.abspath(storage) if local else storage
+    if checkout is not None and local and os.path.abspath(dagster_home) == os.path.join(storage_abs, "dagster_home"):
+        command = "make ui"
+        if storage_abs != str(checkout / ".demo" / "storage"):
+            command += " DEMO_STORAGE=" + shlex.quote(storage_abs)
+        if Path(cwd or os.getcwd()).resolve() != checkout.resolve():
+            command = f"cd {shlex.quote(str(checkout))} && {command}"
+        return command
+    return (f"DAGSTER_HOME={shlex.quote(dagster_home)} SEMDEDUP_STORAGE={shlex.quote(storage_abs)} "
+            "dagster dev -m semdedup_assets.definitions")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,6 +23,7 @@ from semdedup_assets.core.config import Settings
 from semdedup_assets.core.settings_store import load_settings, save_settings
 from semdedup_assets.core.shards import ShardError, discover_shards, read_shard
 from semdedup_assets.status import collect_status
+from semdedup_assets.ui import ui_command
 from semdedup_assets_tests.fixtures import write_embeddings_and_reference
 
 REPO = Path(__file__).resolve().parents[1]
@@ -213,7 +214,11 @@ def test_failed_run_prints_the_cause_not_a_traceback(tmp_path: Path) -> None:
     error = ("semdedup: error:" + after[1]).strip().splitlines()
     assert len(error) <= 2, error
     assert "shard 'part-01', row 5" in error[0] and "non-finite" in error[0], error
-    assert "-v" in error[-1] and re.search(r"run [0-9a-f-]{36}", error[-1]) and "make ui" in error[-1], error
+    assert "-v" in error[-1] and re.search(r"run [0-9a-f-]{36}", error[-1]), error
+    # The UI hint fits this install: a checkout's `make ui`, on this storage's run history.
+    storage = str(tmp_path / "storage")
+    assert error[-1].endswith(f"in the UI: {ui_command(storage, os.path.join(storage, 'dagster_home'))})"), error
+    assert "make ui DEMO_STORAGE=" in error[-1], error
     noise = [line for line in proc.stderr.splitlines() if " - ERROR - " in line]
     assert not noise, noise
     # -v still shows Dagster's own failure events with the whole trace.
