@@ -1,11 +1,11 @@
-# semdedup-assets: `make demo`, `make test`, `make ui`, `make bench`.
+# semdedup-assets: `make demo`, `make test`, `make ui`, `make bench`, `make docs`.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 DEMO_STORAGE := .demo/storage
 UI_PORT ?= 3000
 
-.PHONY: demo test browser-deps server-deps ui bench bench-smoke validate clean
+.PHONY: demo test browser-deps server-deps ui bench bench-smoke validate docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -83,5 +83,15 @@ bench: $(VENV)/.stamp-bench
 bench-smoke: $(VENV)/.stamp-bench
 	$(BIN)/python -m pytest -q semdedup_assets_tests/test_bench_smoke.py
 
+$(VENV)/.stamp-docs: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[docs]'
+	touch $@
+
+# The documentation site in site/: the configuration page is generated from Settings first, then
+# MkDocs (Material) builds with --strict, so a broken link, anchor or missing page fails.
+docs: $(VENV)/.stamp-docs
+	$(BIN)/python docs/gen_config.py
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 clean:
-	rm -rf .demo test-artifacts .pytest_cache
+	rm -rf .demo test-artifacts .pytest_cache site
