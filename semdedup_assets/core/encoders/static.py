@@ -193,7 +193,7 @@ def default_static_model(cache_dir: str | os.PathLike[str] | None = None, *, dim
     with _locked(cache / f".{target.name}.lock"):
         if not is_static_model_dir(target):  # another process may have finished it while we waited
             say(f"--model static: no cached static model yet; distilling it once for this machine into {target} "
-                "(a few minutes on 2 cores; `semdedup distill` does it ahead of time)")
+                "(seconds on idle cores, minutes on busy ones; `semdedup distill` does it ahead of time)")
             distill_static_model(source, target, dims=dims, log=say)
     return target
 
