@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                 if reason := namespaces_available():
                     raise SystemExit(f"a ray point runs Ray in a loopback-only network namespace and {reason}")
                 # 2 CPUs a node, as the machine has: a pairwise task then runs as many torch threads as a local run,
-                # so the bucket files can be byte-identical (README, "Scale out").
+                # so the bucket files can be byte-identical (docs/scale-out.md).
                 cluster = RayCluster(NetNamespace(), [{"num_cpus": 2}, {"num_cpus": 2}])
             r = run_point(inp, root / "storage", args.clusters, buckets, budget, args.dtype,
                           cluster if engine == "ray" else None)

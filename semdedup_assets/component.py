@@ -54,7 +54,7 @@ class SemDedupScaffolder(dg.Scaffolder):
 class SemDedup(dg.Component, dg.Resolvable, dg.Model):
     """Semantic deduplication (SemDeDup) of one dataset: ingest, embed, cluster, pairwise rule, keep-lists.
 
-    The attributes are the knobs of `semdedup run` (see the README's configuration table;
+    The attributes are the knobs of `semdedup run` (docs/configuration.md lists them;
     `encoder` is the `model` knob); `settings` takes any other knob by name. `prefix` puts every asset key under `<prefix>/`
     and names the partitions, resources, pool, jobs, sensors and schedule after it.
     """

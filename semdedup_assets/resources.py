@@ -36,7 +36,7 @@ def _default(name: str) -> Any:
 
 
 class SemDedupConfig(dg.ConfigurableResource):
-    """Every knob of the pipeline (see the README's configuration table), as in Settings."""
+    """Every knob of the pipeline (docs/configuration.md lists them), as in Settings."""
 
     storage: str  # required: a resource always names its storage root
     input: str | None = _default("input")

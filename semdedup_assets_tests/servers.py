@@ -80,7 +80,7 @@ class PostgresServer:
     log_path: Path
 
     def url(self, database: str) -> str:
-        """The SQLAlchemy URL of a database (psycopg2: see README "Deploy")."""
+        """The SQLAlchemy URL of a database (psycopg2: see docs/deploy.md)."""
         return f"postgresql+psycopg2://{PG_USER}@127.0.0.1:{self.port}/{database}"
 
     def _pg_ctl(self, *args: str, timeout: float = 60) -> None:

@@ -46,7 +46,7 @@ FORWARDED = ("SEMDEDUP_STORAGE", "SEMDEDUP_INPUT", "SEMDEDUP_MODALITY", "SEMDEDU
 
 
 def launcher_yaml(dashboard_url: str) -> str:
-    """The run launcher part of dagster.yaml (what the README shows), on top of what semdedup writes."""
+    """The run launcher part of dagster.yaml (what docs/scale-out.md shows), on top of what semdedup writes."""
     env_vars = "".join(f"\n        - {name}" for name in FORWARDED)
     return (f"run_launcher:\n  module: dagster_ray\n  class: RayRunLauncher\n  config:\n    ray:\n"
             f"      address: {dashboard_url}\n      env_vars:{env_vars}\n"

@@ -2,7 +2,7 @@
 
 A *selection* says which items are kept: `eps=E` (one of the configured eps: keep
 `max_sim <= 1 - E`), `keep-fraction=F` (keep the N = ceil(F * items) items with the
-smallest max_sim, ties by id: the README's `ORDER BY max_sim, id LIMIT N`, solved exactly
+smallest max_sim, ties by id: docs/export.md's `ORDER BY max_sim, id LIMIT N`, solved exactly
 from the stored max_sim), or a pruning selection (`prototypes:...`, `d4:...`, `dbp:...`,
 core/prune.py: the kept items of its `pruned/<label>/kept.parquet`). Items flagged by
 decontamination (`contaminated`) are dropped too: those whose reference score exceeds

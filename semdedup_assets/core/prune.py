@@ -1,6 +1,6 @@
 """Pruning to a target size with the stored embeddings and clusters: SSL prototypes, D4 and DBP.
 
-Three selections beyond the paper's eps rule (README, "Pruning to a target size"):
+Three selections beyond the paper's eps rule (docs/pruning.md):
 
 - `prototypes:keep-fraction=F` (Sorscher et al. 2022): an item's difficulty is its cosine
   distance to its nearest centroid, 1 - sim_to_centroid; keep the N = ceil(F * items) items

@@ -4,7 +4,7 @@ A static model stores one vector per token of its vocabulary (the transformer's 
 that token alone, PCA-reduced and Zipf/SIF-weighted, see model2vec's distillation). Embedding
 a text is then tokenise + sum of rows + normalise, with no forward pass: two orders of
 magnitude cheaper than the transformer on a CPU, at some cost in quality (the similarities of
-unrelated texts sit higher, so eps has to be chosen for the model: README "Choosing eps").
+unrelated texts sit higher, so eps has to be chosen for the model: docs/choosing-eps.md).
 
 Three ways to name one (`--model`):
 - `model2vec:PATH_OR_NAME`: a static model folder (or a hub name already in the local cache);
