@@ -12,16 +12,14 @@ near-exact copies: random weights say nothing about semantic similarity.
 
 from __future__ import annotations
 
-import argparse
 import io
 import tarfile
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from helpers import semdedup
+from helpers import example_parser, semdedup, workdir
 
 
 def picture(seed: int) -> Image.Image:
@@ -65,12 +63,11 @@ def write_shards(folder: Path, n: int = 12) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", type=Path, default=None, help="where input/ and storage/ go (default: a new temporary folder)")
+    parser = example_parser(__doc__)
     parser.add_argument("--model", default="ViT-B-32", help="open_clip ARCH, local-dir:PATH or hf-hub:ORG/REPO")
     parser.add_argument("--pretrained", default=None, help="checkpoint file or open_clip tag (default: random weights)")
     args = parser.parse_args()
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="semdedup-images-"))
+    work = workdir(args, "images")
     write_shards(work / "input")
     storage = str(work / "storage")
     pretrained = args.pretrained or ("random" if not args.model.startswith("local-dir:") else None)

@@ -11,15 +11,13 @@ for row. The same command runs on the real set (`--clusters 50000` for 400M item
 
 from __future__ import annotations
 
-import argparse
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from helpers import semdedup
+from helpers import example_parser, semdedup, workdir
 
 
 def write_shards(root: Path, n_shards: int = 2, per_shard: int = 200, d: int = 32, seed: int = 0) -> None:
@@ -40,14 +38,13 @@ def write_shards(root: Path, n_shards: int = 2, per_shard: int = 200, d: int = 3
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", type=Path, default=None, help="where input/ and storage/ go (default: a new temporary folder)")
+    parser = example_parser(__doc__)
     parser.add_argument("--data-only", type=Path, default=None, metavar="DIR", help="write the shards to DIR and stop")
     args = parser.parse_args()
     if args.data_only is not None:
         write_shards(args.data_only)
         return
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="semdedup-laion-"))
+    work = workdir(args, "laion")
     write_shards(work / "laion400m")
     storage = str(work / "storage")
     semdedup("run", "--input", str(work / "laion400m"), "--storage", storage, "--modality", "embedding",

@@ -11,13 +11,11 @@ N / 5,000 or more).
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
-import tempfile
 from pathlib import Path
 
-from helpers import semdedup
+from helpers import example_parser, semdedup, workdir
 
 PARAGRAPHS = [
     "The city council approved a new budget for road repairs and public parks on Tuesday.",
@@ -53,11 +51,10 @@ def write_shards(folder: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", type=Path, default=None, help="where input/ and storage/ go (default: a new temporary folder)")
+    parser = example_parser(__doc__)
     parser.add_argument("--model", default=None, help="text encoder (default: the offline all-MiniLM-L6-v2)")
     args = parser.parse_args()
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="semdedup-text-"))
+    work = workdir(args, "text")
     write_shards(work / "input")
     storage = str(work / "storage")
     model = ["--model", args.model] if args.model else []
