@@ -228,3 +228,28 @@ def test_bad_input_names_what_is_wrong(planted: np.ndarray, tmp_path: Path) -> N
 
 def test_result_type_is_exported() -> None:
     assert SemDeDupResult.__name__ == "SemDeDupResult"
+
+
+def doc_blocks(path: Path) -> list[str]:
+    """The ```python blocks of a Markdown file, but those under a `<!-- not run ... -->` line."""
+    blocks = re.findall(r"(<!-- not run[^\n]*-->\n)?```python\n(.*?)```", path.read_text(), flags=re.S)
+    return [code for marker, code in blocks if not marker]
+
+
+def test_python_api_doc_examples_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/python-api.md's examples, run in order in one namespace (so they stay true)."""
+    blocks = doc_blocks(REPO / "docs" / "python-api.md")
+    assert len(blocks) >= 3
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    for code in blocks:
+        exec(compile(code, "docs/python-api.md", "exec"), namespace)
+    assert list(tmp_path.iterdir()) == []  # temporary storages only, all removed
+
+
+def test_dataframe_example_script_runs(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, str(REPO / "examples" / "python_api_dataframe.py")], capture_output=True,
+                         text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "kept 400 of 600 rows" in out.stdout and "duplicate_of" in out.stdout
+    assert list(tmp_path.iterdir()) == []
