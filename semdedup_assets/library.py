@@ -93,6 +93,10 @@ class SemDeDup:
         root = tempfile.mkdtemp(prefix="semdedup-") if owned else os.fspath(storage)
         try:
             return self._run(data, ids, root, owned)
+        except st.StoreError as err:  # an unusable bucket is bad input here, named as the CLI names it
+            if owned:
+                shutil.rmtree(root, ignore_errors=True)
+            raise ValueError(str(err)) from None
         except BaseException:
             if owned:
                 shutil.rmtree(root, ignore_errors=True)
@@ -105,6 +109,8 @@ class SemDeDup:
             settings = settings.replace(modality=modality)
         if kind == "path":
             st.check_store(source, "input")
+            if not st.to_upath(source).exists():
+                raise ValueError(f"input {source} does not exist")
             if (overlap := st.overlap_error(source, root)) is not None:
                 raise ValueError(overlap)
             settings = settings.replace(input=str(source))

@@ -220,6 +220,8 @@ def test_bad_input_names_what_is_wrong(planted: np.ndarray, tmp_path: Path) -> N
     (shards / "part-7.jsonl").write_text('{"id": "a", "embedding": [1, 0]}\n{"id": "b", "embedding": "x"}\n')
     with pytest.raises(ValueError, match="part-7"):
         SemDeDup(**KNOBS, modality="embedding").run(str(shards), storage=storage)
+    with pytest.raises(ValueError, match="input .*nowhere does not exist"):
+        sd.run(tmp_path / "nowhere", storage=storage)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "s"]
     with pytest.raises(ValueError, match="give exactly one"):
         with SemDeDup(**KNOBS).run(planted[:60]) as r:
