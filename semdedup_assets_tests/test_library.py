@@ -122,6 +122,19 @@ def test_items_equal_semdedup_run_byte_for_byte(planted: np.ndarray, tmp_path: P
     assert library.items.column("id").to_pylist() == ids  # the input's order
 
 
+def test_engine_ray_passes_through(planted: np.ndarray, tmp_path: Path) -> None:
+    """engine="ray" (a local Ray instance) runs the units on Ray and writes the local engine's bytes."""
+    pytest.importorskip("ray")
+    knobs = {**KNOBS, "shard_rows": 120}
+    local = SemDeDup(**knobs).run(planted, storage=tmp_path / "local")
+    ray = SemDeDup(**knobs, engine="ray", ray_actors=1).run(planted, storage=tmp_path / "ray")
+    assert ray.settings.engine == "ray"
+    for stage in (st.CLUSTER_ASSIGNMENTS, st.SEMANTIC_DUPLICATES, st.KEEP_LISTS):  # embeddings: their cache key
+        ours = {p.name: p.read_bytes() for p in ray.storage.stage_files(stage)}
+        assert ours and ours == {p.name: p.read_bytes() for p in local.storage.stage_files(stage)}, stage
+    assert np.array_equal(ray.keep_mask(0.01), local.keep_mask(0.01))
+
+
 NO_DAGSTER = """
 import sys
 import numpy as np
