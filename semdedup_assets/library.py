@@ -104,6 +104,7 @@ class SemDeDup:
 
     def _run(self, data: Any, ids: Sequence[Any] | None, root: str, owned: bool) -> "SemDeDupResult":
         settings = Settings(**self.knobs, storage=root)
+        st.check_store(root, "storage")  # before anything is written
         kind, source, modality = as_input(data, ids, settings)
         if modality is not None and "modality" not in self.knobs:
             settings = settings.replace(modality=modality)
@@ -114,10 +115,9 @@ class SemDeDup:
             if (overlap := st.overlap_error(source, root)) is not None:
                 raise ValueError(overlap)
             settings = settings.replace(input=str(source))
-        else:
-            settings = settings.replace(input=str(write_input(source, settings, self.shard_rows)))
         prepare_model(settings)
-        st.check_store(root, "storage")
+        if kind != "path":
+            settings = settings.replace(input=str(write_input(source, settings, self.shard_rows)))
         save_settings(settings)  # `semdedup export/sql --storage` find the run's settings, as after `semdedup run`
         with ProgressBar(self.progress) as (on_step, on_unit):
             run_units(settings, on_step=on_step, on_unit=on_unit)
@@ -199,6 +199,12 @@ def with_ids(table: pa.Table | None, ids: Sequence[Any] | None, n: int, settings
         return table
     else:
         column = pa.array(np.arange(n).astype(str), pa.string())
+    counts = pc.value_counts(column)  # checked here, on the whole input: the rows named are the input's own
+    repeated = counts.filter(pc.greater(counts.field("counts"), 1))
+    if len(repeated):
+        first = repeated[0]["values"].as_py()
+        rows = np.flatnonzero(pc.equal(column, first).to_numpy(zero_copy_only=False))
+        raise ValueError(f"id {first!r} appears twice, at rows {rows[0]} and {rows[1]}")
     if table is None:
         return pa.table({name: column})
     if name in table.column_names:

@@ -222,8 +222,8 @@ def test_bad_input_names_what_is_wrong(planted: np.ndarray, tmp_path: Path) -> N
         sd.run(["a", 3], storage=storage)
     with pytest.raises(ValueError, match="ids has 2 entries but data has 240 rows"):
         sd.run(planted, ids=["a", "b"], storage=storage)
-    with pytest.raises(ValueError, match="id 'a' appears twice"):
-        sd.run(planted, ids=["a"] * 240, storage=storage)
+    with pytest.raises(ValueError, match="id 'x' appears twice, at rows 7 and 201"):
+        sd.run(planted, ids=[f"x{i}" if i not in (7, 201) else "x" for i in range(240)], storage=storage)
     with pytest.raises(ValueError, match="missing payload column 'body'"):
         SemDeDup(**KNOBS, column="body").run(pa.table({"text": ["x"]}), storage=storage)
     with pytest.raises(TypeError, match="got builtins.dict"):
