@@ -41,6 +41,8 @@ INPUT_DIR = "library_input"  # under the storage: the shards the library writes 
 SHARD_ROWS = 100_000  # rows per shard written from in-memory data
 # Knobs that the library sets itself (storage and input come from run()).
 NOT_KNOBS = {"storage", "input", "extra"}
+# Knobs of the assets after the keep-lists, which the library does not run (`semdedup run` does).
+GRAPH_ONLY = {"reference": "decontamination", "prune": "pruning selections", "compare_with": "the robustness asset"}
 ITEMS_COLUMNS = ["id", "shard", "cluster", "sim_to_centroid", "max_sim", "duplicate_of"]
 PAYLOAD_COLUMNS = ("text", "embedding", "image")
 
@@ -64,6 +66,9 @@ class SemDeDup:
         if unknown:
             raise TypeError(f"unknown setting(s) {', '.join(map(repr, unknown))}; the settings are: "
                             f"{', '.join(knob_names())}")
+        for name, what in GRAPH_ONLY.items():
+            if knobs.get(name):
+                raise ValueError(f"{name}= ({what}) runs in the asset graph only: use `semdedup run`")
         for name in ("clusters", "buckets"):
             if isinstance(knobs.get(name), str) and knobs[name].strip().lower() == "auto":
                 knobs[name] = None

@@ -210,6 +210,8 @@ def test_bad_input_names_what_is_wrong(planted: np.ndarray, tmp_path: Path) -> N
     storage = tmp_path / "s"
     with pytest.raises(TypeError, match="unknown setting.*'clusterz'"):
         SemDeDup(clusterz=3)
+    with pytest.raises(ValueError, match="reference= .decontamination. runs in the asset graph only"):
+        SemDeDup(reference="ref/")
     with pytest.raises(ValueError, match="clusters must be >= 1"):
         SemDeDup(clusters=0)
     with pytest.raises(ValueError, match=re.escape("N x d array, got shape (8,)")):
