@@ -160,7 +160,8 @@ def test_asset_modules_only_adapt() -> None:
 
 def test_core_units_import_no_dagster() -> None:
     code = ("import sys; import semdedup_assets.core.embed, semdedup_assets.core.assign, semdedup_assets.core.dedup, "
-            "semdedup_assets.core.keep, semdedup_assets.core.ingest, semdedup_assets.core.centroids; "
+            "semdedup_assets.core.keep, semdedup_assets.core.ingest, semdedup_assets.core.centroids, "
+            "semdedup_assets.core.run_loop; "
             "print('dagster' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert out.returncode == 0, out.stderr
