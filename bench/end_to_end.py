@@ -45,12 +45,8 @@ DEFAULT_OUT = "bench/results/end_to_end.md"
 EPS_LIST = "0.0001,0.001,0.005,0.01,0.02,0.05,0.1,0.2,0.3"
 
 
-def write_shards(folder: Path, n: int, d: int, shards: int, centers: int, seed: int = 0) -> float:
-    """Clustered unit vectors with planted near-duplicates and exact copies, in `shards` Parquet files."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    start = time.perf_counter()
+def planted_embeddings(n: int, d: int, centers: int, seed: int = 0) -> np.ndarray:
+    """N clustered unit vectors (float32): 5% planted near-duplicates at cosine ~0.999, 1% exact copies."""
     rng = np.random.default_rng(seed)
     c = rng.standard_normal((centers, d), dtype=np.float32)
     x = c[rng.integers(0, centers, n)]
@@ -62,6 +58,16 @@ def write_shards(folder: Path, n: int, d: int, shards: int, centers: int, seed: 
     x[dst[:n_near]] = x[src[:n_near]] + rng.standard_normal((n_near, d), dtype=np.float32) * np.float32(np.sqrt(0.002 / d))
     x[dst[n_near:]] = x[src[n_near:]]
     x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x
+
+
+def write_shards(folder: Path, n: int, d: int, shards: int, centers: int, seed: int = 0) -> float:
+    """Clustered unit vectors with planted near-duplicates and exact copies, in `shards` Parquet files."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    start = time.perf_counter()
+    x = planted_embeddings(n, d, centers, seed)
     folder.mkdir(parents=True, exist_ok=True)
     bounds = np.linspace(0, n, shards + 1).astype(int)
     for s in range(shards):

@@ -20,6 +20,7 @@ SCRIPTS = [
     ("bench/assign_stage.py", "| **total today / alternative** |"),
     ("bench/scale_out.py", "| `--engine ray` |"),
     ("bench/text_end_to_end.py", "| SemHash `from_records` + `self_deduplicate(0.9)` |"),
+    ("bench/library.py", "| reference-style script (faiss k-means on all rows, dense per cluster) |"),
 ]
 
 

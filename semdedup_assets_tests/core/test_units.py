@@ -13,15 +13,14 @@ import dagster as dg
 import numpy as np
 import pytest
 
+from semdedup_assets.core import run_loop
 from semdedup_assets.core import storage as st
 from semdedup_assets.core.assign import assign_shard, bucket_keys
 from semdedup_assets.core.catalog import query
-from semdedup_assets.core.centroids import MissingCentroidsError, load_centroids, train_centroids
+from semdedup_assets.core.centroids import MissingCentroidsError, load_centroids
 from semdedup_assets.core.config import Settings
-from semdedup_assets.core.dedup import dedup_bucket
 from semdedup_assets.core.embed import embed_shard
 from semdedup_assets.core.ingest import DuplicateIdsError, ingest_shards, publish_shards, stage_shard
-from semdedup_assets.core.keep import build_keep_lists
 from semdedup_assets.core.shards import discover_shards
 from semdedup_assets.pipeline import run_pipeline
 from semdedup_assets_tests.fixtures import write_embedding_shards
@@ -39,19 +38,8 @@ def _settings(tmp_path: Path, storage: str, **kw) -> Settings:
 
 
 def run_units(settings: Settings) -> list:
-    """The whole pipeline as the core's units of work, in plain Python; returns every result."""
-    shards = discover_shards(settings.input)
-    storage = settings.storage_root()
-    results: list = [ingest_shards(settings, shards)]
-    results += [embed_shard(settings, s.key, s) for s in shards]
-    results.append(train_centroids(settings, {s.key: storage.shard_file(st.EMBEDDINGS, s.key) for s in shards}))
-    centroids = load_centroids(storage)
-    results += [assign_shard(settings, s.key, centroids, len(centroids)) for s in shards]
-    files = [storage.shard_file(st.CLUSTER_ASSIGNMENTS, s.key) for s in shards]
-    buckets = bucket_keys(settings.bucket_partitions)
-    results += [dedup_bucket(settings, b, len(centroids), files) for b in reversed(buckets)]  # any bucket order
-    results.append(build_keep_lists(settings, [storage.bucket_file(b) for b in buckets]))
-    return results
+    """The whole pipeline as the core's units of work, in plain Python (the core's run loop); returns every result."""
+    return run_loop.run_units(settings).all()
 
 
 def test_units_without_dagster_write_the_graphs_files(tmp_path: Path) -> None:
@@ -172,7 +160,8 @@ def test_asset_modules_only_adapt() -> None:
 
 def test_core_units_import_no_dagster() -> None:
     code = ("import sys; import semdedup_assets.core.embed, semdedup_assets.core.assign, semdedup_assets.core.dedup, "
-            "semdedup_assets.core.keep, semdedup_assets.core.ingest, semdedup_assets.core.centroids; "
+            "semdedup_assets.core.keep, semdedup_assets.core.ingest, semdedup_assets.core.centroids, "
+            "semdedup_assets.core.run_loop; "
             "print('dagster' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert out.returncode == 0, out.stderr
