@@ -270,3 +270,17 @@ def test_dataframe_example_script_runs(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     assert "kept 400 of 600 rows" in out.stdout and "duplicate_of" in out.stdout
     assert list(tmp_path.iterdir()) == []
+
+
+def test_readme_python_section_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's Python example, on a planted embeddings.npy, as a user would paste it."""
+    section = (REPO / "README.md").read_text().split("## Python\n", 1)[1].split("\n## ", 1)[0]
+    [code] = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((300, 16)).astype(np.float32)
+    np.save(tmp_path / "embeddings.npy", np.concatenate([base, base[:60] + 1e-4]))  # 60 near-copies
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert namespace["keep"].shape == (360,) and int((~namespace["keep"]).sum()) >= 60
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["embeddings.npy"]  # the temporary storage is gone
