@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from semdedup_assets.core.config import (AUTO_KNOBS, Settings, allowed_values, base_type, default_of, describe_settings,
                                          knobs, shown_value)
+from semdedup_assets.core.messages import printable
 from semdedup_assets.core.settings_store import changed_settings, load_settings
 from semdedup_assets.status import refuse_missing_storage
 from semdedup_assets.ui import ui_command
@@ -191,11 +192,13 @@ def warn_changed_settings(settings: Settings) -> None:
 
 
 def summary(settings: Settings) -> str:
-    """Items, clusters and kept/removed per eps, from the catalog."""
+    """Items, clusters (the k that k-means used, as `status` shows it) and kept/removed per eps, from the catalog."""
     from semdedup_assets.core.catalog import format_table, query
 
     storage = settings.storage_root()
-    _, [(items, clusters)] = query(storage, "SELECT count(*), count(DISTINCT cluster) FROM items")
+    _, [(items,)] = query(storage, "SELECT count(*) FROM items")
+    _, [(k, filled)] = query(storage, "SELECT count(*), count(*) FILTER (WHERE size > 0) FROM centroids")
+    clusters = f"{k}" if filled == k else f"{k} ({filled} with members, {k - filled} empty)"
     cols, rows = query(storage, "SELECT eps, kept, removed, round(kept_fraction, 4) AS kept_fraction FROM eps_curve ORDER BY eps")
     return (f"items: {items}\nclusters: {clusters}\n"
             f"{format_table(cols, rows)}\ncatalog: {storage.catalog_file}")
@@ -213,13 +216,16 @@ def cmd_run(settings: Settings, verbose: bool = False) -> int:
     from semdedup_assets.core.shards import ShardError
     from semdedup_assets.core.storage import StoreError
     from semdedup_assets.instance import open_instance
-    from semdedup_assets.pipeline import PipelineError, run_pipeline
+    from semdedup_assets.pipeline import PipelineError, check_run_locations, run_pipeline
 
     warn_changed_settings(settings)
     print(f"[semdedup] settings: {describe_settings(settings)}", flush=True)
-    try:  # before the clock starts: a one-time distillation is set-up, not pipeline time
+    try:
+        # Every refusal about the locations before the instance is opened: that creates <storage>/dagster_home.
+        check_run_locations(settings)
+        # Before the clock starts: a one-time distillation is set-up, not pipeline time.
         prepare_static_model(settings)
-    except (ValueError, ImportError, OSError) as err:
+    except (PipelineError, ValueError, ImportError, OSError) as err:
         print(f"semdedup: error: {err}", file=sys.stderr)
         return 1
     instance = open_instance(settings)
@@ -244,8 +250,14 @@ def cmd_demo(storage: str, verbose: bool = False, model: str = DEMO_MODEL) -> in
     """Write the demo shards and run the graph on them."""
     from semdedup_assets.demo_data import write_demo_shards
 
+    from semdedup_assets.core.storage import folder_problem
+
     storage = os.path.abspath(storage)
     input_dir = os.path.join(os.path.dirname(storage.rstrip("/")), "input")
+    for location, role in ((storage, "--storage"), (input_dir, "the demo's input")):
+        if (problem := folder_problem(location, role)) is not None:  # before the demo shards are written
+            print(f"semdedup: error: {problem}", file=sys.stderr)
+            return 1
     paths = write_demo_shards(input_dir)
     print(f"[semdedup] demo: {len(paths)} shards of Python standard-library docstrings in {input_dir}")
     settings = load_settings(storage, use_stored=False, input=input_dir, modality="text", max_length=128,
@@ -442,9 +454,14 @@ def comparison_report(storages: Sequence[str], eps: str | None, plot: str) -> st
     from semdedup_assets.core.catalog import format_table
     from semdedup_assets.core.keep import parse_eps_list
     from semdedup_assets.core.plots import eps_curves_png
-    from semdedup_assets.core.robustness import compare_storages, expand_sweeps
+    from semdedup_assets.core.robustness import CompareError, compare_storages, expand_sweeps
+    from semdedup_assets.core.storage import folder_problem
 
+    folder = os.path.dirname(os.path.abspath(plot))
+    if (problem := folder_problem(folder, "--plot's folder")) is not None:
+        raise CompareError(problem)  # before the work: a comparison of large storages takes a while
     r = compare_storages(expand_sweeps(storages), parse_eps_list(eps) if eps else None)
+    os.makedirs(folder, exist_ok=True)  # `--plot cmp/out.png` with no cmp/ yet: made, as the storages are
     with open(plot, "wb") as f:
         f.write(eps_curves_png(r.curves))
 
@@ -494,7 +511,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from semdedup_assets.core.shards import ShardError
     from semdedup_assets.core.storage import StoreError
     from semdedup_assets.instance import open_instance
-    from semdedup_assets.pipeline import PipelineError, _execute, run_pipeline
+    from semdedup_assets.pipeline import PipelineError, _execute, check_run_locations, run_pipeline
 
     clusters = [coerce("clusters", v) for v in _sweep_values(args.clusters, "clusters")]
     models: list[str | None] = _sweep_values(args.model, "model") if args.model else [None]
@@ -516,6 +533,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(summary(settings), flush=True)
 
     try:
+        check_run_locations(base)  # the root's: before any sub-storage (or its dagster_home) is made
         result = run_sweep(base, root, clusters, models, run, log=lambda m: print(m, flush=True), seeds=seeds)
         first = load_settings(result.storages[0])
         if own_home is None:
@@ -536,10 +554,34 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `semdedup` console script."""
+    """Entry point of the `semdedup` console script.
+
+    A reader that closes the pipe early (`semdedup status | head -1`) ends the command quietly,
+    with status 1 and no traceback, whatever the command was printing.
+    """
+    try:
+        code = run_command(build_parser().parse_args(argv))
+        sys.stdout.flush()  # inside the guard: a closed pipe shows here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        silence_stdout()
+        return 1
+
+
+def silence_stdout() -> None:
+    """Point stdout at /dev/null: Python's final flush would otherwise report the closed pipe again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout without a file descriptor (a test's capture): nothing to flush there
+        pass
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run the parsed command; a user error is one `semdedup: error: ...` line on stderr and status 1 or 2."""
     from semdedup_assets.core.storage import StoreError
 
-    args = build_parser().parse_args(argv)
     try:
         if args.command == "run":
             return cmd_run(_settings_from_args(args), args.verbose)
@@ -570,6 +612,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except StoreError as err:  # a missing bucket, refused credentials, an unreachable endpoint
         print(f"semdedup: error: {err}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        raise  # main() ends quietly on it
+    except OSError as err:  # a path the user named that cannot be used (not a folder, no permission, full disk)
+        print(f"semdedup: error: {printable(err)}", file=sys.stderr)
         return 1
 
 

@@ -22,7 +22,8 @@ from semdedup_assets.core.engines import EngineError, ray_session
 from semdedup_assets.core.export import DEDUPLICATED, remove_exported_shard
 from semdedup_assets.core.layout import remove_shard_files
 from semdedup_assets.core.settings_store import save_settings
-from semdedup_assets.core.shards import SHARD_SUFFIXES, discover
+from semdedup_assets.core.messages import printable
+from semdedup_assets.core.shards import SHARD_SUFFIXES, Discovery, discover
 from semdedup_assets.graph import build_graph
 from semdedup_assets.names import DEFAULT_NAMES, GraphNames
 from semdedup_assets.partitions import SHARDS_PARTITIONS_NAME
@@ -47,9 +48,10 @@ PRUNE_STAGE = ("pruned", "prune_job", None)
 def console_run_config(verbose: bool) -> dict:
     """Run config of an in-process run: the console logger shows warnings only, unless `verbose`
     (Dagster's DEBUG stream, failure tracebacks included). A failure's cause is printed by the caller
-    (failure_message). Every event still goes to the instance, so the UI has them all."""
+    (failure_message); the warnings that show are `semdedup: warning: ...` lines. Every event still goes to
+    the instance, so the UI has them all."""
     return {"loggers": {"console": {"config": {"log_level": "DEBUG" if verbose else "WARNING",
-                                               "tracebacks": verbose}}}}
+                                               "tracebacks": verbose, "plain": not verbose}}}}
 
 
 class PipelineError(RuntimeError):
@@ -85,6 +87,27 @@ def failure_message(result: dg.ExecuteInProcessResult) -> str:
     return "\n".join(dict.fromkeys(reasons)) or "the run failed"
 
 
+def check_run_locations(settings: Settings) -> Discovery:
+    """Every refusal about the input and storage locations, made before anything is written.
+
+    The CLI calls it before it opens the Dagster instance (which creates `<storage>/dagster_home`),
+    so a refused run leaves no file behind, also not inside the input. Returns the input's shards.
+    """
+    if not settings.input:
+        raise PipelineError("no input location given")
+    # A missing bucket or refused credentials are named, nothing published.
+    st.check_store(settings.input, "input")
+    st.check_store(settings.storage, "storage")
+    if (overlap := st.overlap_error(settings.input, settings.storage)) is not None:
+        raise PipelineError(overlap)  # the next run would read the storage as input
+    if (problem := st.folder_problem(settings.storage, "--storage")) is not None:
+        raise PipelineError(problem)
+    found = discover(settings.input)
+    if not found.shards:
+        raise PipelineError(f"no shard files ({', '.join(SHARD_SUFFIXES)}) under {printable(settings.input)}")
+    return found
+
+
 def run_pipeline(settings: Settings, instance: dg.DagsterInstance, log=print, verbose: bool = False,
                  stop_on_signals: bool = False, names: GraphNames = DEFAULT_NAMES) -> PipelineResult:
     """Register every shard under settings.input and materialize the whole graph.
@@ -108,17 +131,10 @@ def _run_pipeline(settings: Settings, instance: dg.DagsterInstance, log=print, v
     buckets = bucket_def.get_partition_keys()
     try:
         with ray_session(settings):
-            # Before anything is written: a missing bucket or refused credentials are named, nothing published.
-            st.check_store(settings.input, "input")
-            st.check_store(settings.storage, "storage")
-            if (overlap := st.overlap_error(settings.input, settings.storage)) is not None:
-                raise PipelineError(overlap)  # before anything is written: the next run would read the storage as input
-            found = discover(settings.input)
+            found = check_run_locations(settings)
             if (note := found.skipped_note(settings.input)) is not None:
                 log(f"[semdedup] {note}")
             shards = [s.key for s in found.shards]
-            if not shards:
-                raise PipelineError(f"no shard files ({', '.join(SHARD_SUFFIXES)}) under {settings.input}")
             if settings.reference:  # before anything is recorded: a bad reference leaves the storage as it was
                 try:
                     check_run_reference(settings, found.shards[0])

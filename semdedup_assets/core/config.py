@@ -27,6 +27,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from semdedup_assets.core.messages import printable
 from semdedup_assets.core.storage import Storage
 
 Modality = Literal["text", "image", "embedding"]
@@ -161,6 +162,8 @@ class Settings:
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
         parse_keep_by(self.keep_by)  # a malformed spec fails here, before any run
+        if self.keep_by is not None and not str(self.keep_by).strip():
+            object.__setattr__(self, "keep_by", None)  # an empty spec is no keep-by: one value for "none"
         if self.memory_budget is not None:
             parse_size(self.memory_budget)
         if not self.eps or any(not 0.0 < e < 1.0 for e in self.eps):
@@ -230,15 +233,20 @@ RESERVED_COLUMNS = ("id", "shard", "row", "text", "caption", "cluster", "sim_to_
 def parse_keep_by(text: str | None) -> tuple[tuple[str, bool], ...]:
     """`score:desc,lang` -> (("score", True), ("lang", False)); ascending unless `:desc`.
 
-    Raises ValueError for an empty entry, a repeated column or a reserved name.
+    The text after an entry's last `:` is its direction, `asc` or `desc` (a column whose name holds
+    a `:` is written with its direction, `a:b:asc`). Raises ValueError for another direction
+    (`quality:up`), an empty entry, a repeated column or a reserved name.
     """
     if text is None or not str(text).strip():
         return ()
     out: list[tuple[str, bool]] = []
     for part in str(text).split(","):
-        name, _, order = part.strip().rpartition(":")
-        if not name or order.strip().lower() not in ("asc", "desc"):
-            name, order = part.strip(), "asc"  # no (or no known) direction: the whole entry is the name
+        name, colon, order = part.strip().rpartition(":")
+        if not colon:
+            name, order = order, "asc"  # no direction: ascending
+        elif order.strip().lower() not in ("asc", "desc"):
+            raise ValueError(f"keep_by direction must be asc or desc, got {printable(order.strip())!r} in "
+                             f"{printable(part.strip())!r}; expected COLUMN[:asc|desc],...")
         name = name.strip()
         if not name:
             raise ValueError(f"keep_by has an empty column name in {text!r}; expected COLUMN[:asc|desc],...")

@@ -52,11 +52,14 @@ def histogram_markdown(values: Sequence[float] | np.ndarray, title: str, xlabel:
                        edges: Sequence[float] | np.ndarray | None = None) -> str:
     """A histogram as a markdown image: of raw values, or of precomputed counts when edges are given."""
     fig, ax = _figure()
+    values = np.asarray(values)
+    # A log axis needs a positive count: a tiny dataset (one item, no duplicate pair) may have none,
+    # and matplotlib would warn ("cannot be log-scaled") onto the user's terminal.
     if edges is None:
-        ax.hist(np.asarray(values), bins=bins, log=log)
+        ax.hist(values, bins=bins, log=log and values.size > 0)
     else:
-        ax.stairs(np.asarray(values), edges, fill=True)
-        if log:
+        ax.stairs(values, edges, fill=True)
+        if log and bool((values > 0).any()):
             ax.set_yscale("log")
     ax.set_title(title)
     ax.set_xlabel(xlabel)

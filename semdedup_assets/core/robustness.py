@@ -27,6 +27,7 @@ import pyarrow as pa
 from semdedup_assets.core import storage as st
 from semdedup_assets.core.catalog import BUCKET_GLOB, scan, stage_source
 from semdedup_assets.core.config import Settings
+from semdedup_assets.core.messages import printable
 from semdedup_assets.core.settings_store import load_settings
 
 ROBUSTNESS = "robustness"  # folder of the `robustness` asset's files under a storage root
@@ -120,7 +121,7 @@ def expand_sweeps(storages: Sequence[str]) -> list[str]:
     for s in storages:
         manifest = st.to_upath(s) / SWEEP_FILE
         if manifest.exists() and not (st.to_upath(s) / "semdedup.json").exists():
-            out += [c["storage"] for c in json.loads(manifest.read_text())["configurations"]]
+            out += sweep_configurations(s)
         else:
             out.append(s)
     return out
@@ -141,6 +142,9 @@ def compare_storages(storages: Sequence[str], eps: Sequence[float] | None = None
     """
     if not storages:
         raise CompareError("no storage to compare")
+    # Local paths absolute, once: a sweep's sub-storages (absolute in its sweep.json) and storages given
+    # relative to the working folder then share one folder in their labels and read alike.
+    storages = [str(st.to_upath(s)) for s in storages]
     labels = list(labels) if labels is not None else labels_for(storages)
     configs: list[Configuration] = []
     sources: list[str] = []
@@ -151,7 +155,9 @@ def compare_storages(storages: Sequence[str], eps: Sequence[float] | None = None
     # of the budget): no storage's ids or scores are held in Python.
     for label, location in zip(labels, storages):
         if not st.to_upath(location).exists():
-            raise CompareError(f"no storage at {location}")
+            raise CompareError(f"no storage at {printable(location)}")
+        if not st.to_upath(location).is_dir():
+            raise CompareError(f"the storage {printable(location)} is not a folder")
         settings = load_settings(location)
         storage = settings.storage_root()
         source = results_source(storage)
@@ -280,6 +286,13 @@ def run_sweep(base: Settings, root: str, clusters: Sequence[int | None], models:
     plan = [(m, k, s, sub_storage(root, k, m, s)) for m in models for k in clusters for s in seeds]
     if len({p for *_, p in plan}) != len(plan):
         raise ValueError("the sweep repeats a configuration (the same k, model or seed twice)")
+    retired = retire_configurations(root, [p for *_, p in plan])
+    if retired:
+        log(f"[semdedup] sweep: removed {len(retired)} sub-storage(s) of the previous sweep into {root} that this "
+            f"one does not make: {', '.join(posixpath.relpath(p, root) for p in retired)}")
+    # Written before the runs too: a sweep stopped half-way still names every sub-storage it may have made,
+    # so that the next sweep into this root finds and retires them.
+    write_sweep_manifest(root, plan, complete=False)
     everyone = ",".join(p for *_, p in plan)
     shared: dict[str, int] = {}
     first: dict[str | None, st.Storage] = {}
@@ -294,9 +307,51 @@ def run_sweep(base: Settings, root: str, clusters: Sequence[int | None], models:
             + (f", model={model}" if model else "") + (f", seed={seed}" if seed is not None else "") + ")")
         run(settings)
         first.setdefault(model, settings.storage_root())
-    manifest = {"configurations": [{"storage": p, "clusters": k, "model": m, "seed": s} for m, k, s, p in plan]}
-    st.atomic_write_bytes(json.dumps(manifest, indent=2).encode(), st.to_upath(root) / SWEEP_FILE)
+    write_sweep_manifest(root, plan, complete=True)
     return SweepResult([p for *_, p in plan], shared)
+
+
+def write_sweep_manifest(root: str, plan: Sequence[tuple[str | None, int | None, int | None, str]],
+                         complete: bool) -> None:
+    """`<root>/sweep.json`: the sub-storages of the sweep (model, k, seed, path), and whether every run finished."""
+    manifest = {"configurations": [{"storage": p, "clusters": k, "model": m, "seed": s} for m, k, s, p in plan],
+                "complete": complete}
+    st.atomic_write_bytes(json.dumps(manifest, indent=2).encode(), st.to_upath(root) / SWEEP_FILE)
+
+
+def sweep_configurations(root: str) -> list[str]:
+    """The sub-storages that `<root>/sweep.json` lists ([] without one)."""
+    manifest = st.to_upath(root) / SWEEP_FILE
+    if not manifest.exists():
+        return []
+    try:
+        return [str(c["storage"]) for c in json.loads(manifest.read_text())["configurations"]]
+    except (ValueError, KeyError, TypeError) as err:
+        raise CompareError(f"{printable(manifest)} is not a sweep manifest ({err}); move it away") from None
+
+
+def retire_configurations(root: str, planned: Sequence[str]) -> list[str]:
+    """Delete the sub-storages an earlier sweep into `root` made that `planned` does not hold; returns them.
+
+    A sweep root then holds exactly the configurations of its last sweep: an old `k=10/seed=0`
+    would otherwise stay beside (or inside) a new `k=10`, and `compare ROOT` would mix them in.
+    Only sub-storages the root's sweep.json lists, strictly below the root, are ever deleted.
+    """
+    base = root.rstrip("/") + "/"
+    keep = {p.rstrip("/") for p in planned}
+    retired = []
+    for path in sweep_configurations(root):
+        path = str(st.to_upath(path)).rstrip("/")
+        if path in keep or not path.startswith(base):
+            continue
+        st.remove_tree(st.to_upath(path))
+        retired.append(path)
+        parent = posixpath.dirname(path)  # `k=3/` of a retired `k=3/seed=0`: gone too once empty
+        while parent.startswith(base) and st.is_local(st.to_upath(parent)) and os.path.isdir(parent) \
+                and not os.listdir(parent):
+            os.rmdir(parent)
+            parent = posixpath.dirname(parent)
+    return retired
 
 
 def compared_storages(settings: Settings) -> list[str]:

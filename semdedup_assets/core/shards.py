@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from upath import UPath
 
+from semdedup_assets.core.messages import printable
 from semdedup_assets.core.storage import UnsafeKeyError, check_store, is_local, to_upath, validate_shard_key
 
 SHARD_SUFFIXES = (".jsonl.gz", ".parquet", ".jsonl", ".tar", ".npy")
@@ -119,11 +120,11 @@ def shard_key(path: UPath, root: UPath) -> str:
     rel = str(path)[len(str(root).rstrip("/")) + 1 :]
     suffix = shard_suffix(rel)
     if suffix is None:
-        raise ValueError(f"not a shard file: {path}")
+        raise ValueError(f"not a shard file: {printable(path)}")
     try:
         return validate_shard_key(rel[: -len(suffix)])
     except UnsafeKeyError as err:
-        raise UnsafeKeyError(f"input file {path}: {err}") from None
+        raise UnsafeKeyError(f"input file {printable(path)}: {err}") from None
 
 
 HIDDEN_PREFIXES = (".", "_")  # Spark/Hive convention: _SUCCESS, _temporary, .crc files are not data
@@ -141,9 +142,9 @@ class Discovery:
         if not self.skipped:
             return None
         folders = sorted({p.rpartition("/")[0] or "." for p in self.skipped})
-        return (f"skipped {len(self.skipped)} file(s) whose names start with '_' or '.' under {location} "
-                f"(in {', '.join(folders[:3])}{', ...' if len(folders) > 3 else ''}; e.g. "
-                f"{', '.join(self.skipped[:3])}): such names are never shards")
+        return (f"skipped {len(self.skipped)} file(s) whose names start with '_' or '.' under {printable(location)} "
+                f"(in {', '.join(map(printable, folders[:3]))}{', ...' if len(folders) > 3 else ''}; e.g. "
+                f"{', '.join(map(printable, self.skipped[:3]))}): such names are never shards")
 
 
 def _walk_local(root: str) -> Iterator[str]:
@@ -160,13 +161,13 @@ def _walk_local(root: str) -> Iterator[str]:
                 if entry.is_dir():  # follows symbolic links
                     real = os.path.realpath(entry.path)
                     if real in ancestors:
-                        raise ValueError(f"symbolic link loop under the input: {entry.path} points to {real}, "
+                        raise ValueError(f"symbolic link loop under the input: {printable(entry.path)} points to {printable(real)}, "
                                          "a folder that contains it")
                     stack.append((entry.path, (*ancestors, real)))
                 elif entry.is_file():
                     yield entry.path
                 elif entry.is_symlink() and shard_suffix(entry.name):
-                    raise ValueError(f"broken symbolic link under the input: {entry.path} -> {os.readlink(entry.path)}")
+                    raise ValueError(f"broken symbolic link under the input: {printable(entry.path)} -> {printable(os.readlink(entry.path))}")
 
 
 def discover(location: str | UPath) -> Discovery:
@@ -180,10 +181,10 @@ def discover(location: str | UPath) -> Discovery:
     if root.is_file():
         suffix = shard_suffix(root.name)
         if suffix is None:
-            raise ValueError(f"{root}: not a shard file (one of {', '.join(SHARD_SUFFIXES)})")
+            raise ValueError(f"{printable(root)}: not a shard file (one of {', '.join(SHARD_SUFFIXES)})")
         return Discovery([ShardFile(validate_shard_key(root.name[: -len(suffix)]), root)], [])
     if not root.exists():
-        raise FileNotFoundError(f"input location does not exist: {root}")
+        raise FileNotFoundError(f"input location does not exist: {printable(root)}")
     if is_local(root):
         candidates = [to_upath(p) for p in _walk_local(str(root)) if shard_suffix(os.path.basename(p))]
     else:
@@ -200,7 +201,7 @@ def discover(location: str | UPath) -> Discovery:
             continue
         key = shard_key(path, root)
         if key in found:
-            raise ValueError(f"two files give shard key {key!r}: {found[key].path} and {path}")
+            raise ValueError(f"two files give shard key {key!r}: {printable(found[key].path)} and {printable(path)}")
         found[key] = ShardFile(key, path, metadata.get(str(path)))
     return Discovery([found[k] for k in sorted(found)], skipped)
 

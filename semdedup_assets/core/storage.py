@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import shutil
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -21,6 +22,8 @@ from urllib.parse import urlsplit
 import pyarrow as pa
 import pyarrow.parquet as pq
 from upath import UPath
+
+from semdedup_assets.core.messages import printable
 
 T = TypeVar("T")
 
@@ -150,12 +153,33 @@ def check_store(location: str | os.PathLike[str] | UPath, role: str) -> None:
     try:
         path.fs.info(f"{bucket}/")
     except FileNotFoundError:
-        raise StoreError(f"{role} {path}: bucket {bucket!r} does not exist") from None
+        raise StoreError(f"{role} {printable(path)}: bucket {bucket!r} does not exist") from None
     except PermissionError as err:
-        raise StoreError(f"{role} {path}: access to bucket {bucket!r} refused ({err}); check the credentials "
+        raise StoreError(f"{role} {printable(path)}: access to bucket {bucket!r} refused ({err}); check the credentials "
                          "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the instance role)") from None
     except Exception as err:  # botocore's connection errors are not OSErrors
-        raise StoreError(f"{role} {path}: cannot reach bucket {bucket!r}: {err}") from None
+        raise StoreError(f"{role} {printable(path)}: cannot reach bucket {bucket!r}: {err}") from None
+
+
+def folder_problem(location: str | os.PathLike[str] | UPath, role: str) -> str | None:
+    """Why a local folder cannot be (created and) used at `location`, else None; object stores pass.
+
+    Checked before anything is written: a regular file, or a file where a parent folder should be,
+    would otherwise fail deep inside a run (NotADirectoryError on `<storage>/dagster_home`).
+    """
+    path = to_upath(location)
+    if not is_local(path):
+        return None
+    target = probe = os.path.abspath(os.fspath(path))
+    while not os.path.lexists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    if os.path.isdir(probe):
+        return None
+    if probe == target and os.path.islink(probe) and not os.path.exists(probe):
+        return f"{role} {printable(target)} is a broken symbolic link (to {printable(os.readlink(probe))})"
+    if probe == target:
+        return f"{role} {printable(target)} is a file, not a folder"
+    return f"{role} {printable(target)} cannot be a folder: {printable(probe)} is a file"
 
 
 def _location_parts(location: str | os.PathLike[str] | UPath) -> tuple[str, tuple[str, ...]]:
@@ -178,12 +202,12 @@ def overlap_error(input_location: str | os.PathLike[str] | UPath,
     if p_in != p_st:
         return None
     if a == b:
-        return f"--input {input_location} and --storage {storage_location} are the same location"
+        return f"--input {printable(input_location)} and --storage {printable(storage_location)} are the same location"
     if b[: len(a)] == a:
-        return (f"--storage {storage_location} is inside --input {input_location}: its files would be read as input "
+        return (f"--storage {printable(storage_location)} is inside --input {printable(input_location)}: its files would be read as input "
                 "shards; put the storage outside the input")
     if a[: len(b)] == b:
-        return (f"--input {input_location} is inside --storage {storage_location}: the storage's files would be "
+        return (f"--input {printable(input_location)} is inside --storage {printable(storage_location)}: the storage's files would be "
                 "mixed with the input; put the input outside the storage")
     return None
 
@@ -541,7 +565,7 @@ class StageFileError(OSError):
     def __init__(self, path: UPath, cause: BaseException) -> None:
         self.path = path
         self.reason = f"{type(cause).__name__}: {cause}"
-        super().__init__(f"cannot read {path}: {self.reason} (the file is damaged; "
+        super().__init__(f"cannot read {printable(path)}: {self.reason} (the file is damaged; "
                          "delete it, or run `semdedup verify --repair`, and the next run recomputes it)")
 
 
@@ -612,6 +636,14 @@ def usable(path: UPath, read: Callable[[UPath], T], warn: Callable[[str], None] 
         if warn is not None:
             warn(f"{err.path} is damaged and is recomputed ({err.reason})")
         return None
+
+
+def remove_tree(path: UPath) -> None:
+    """Delete a folder and everything below it (local or object store); a missing one is left alone."""
+    if is_local(path):
+        shutil.rmtree(str(path), ignore_errors=True)
+    elif path.exists():
+        path.fs.rm(path.path, recursive=True)
 
 
 def remove(path: UPath) -> bool:

@@ -130,8 +130,10 @@ def test_keep_by_errors_name_the_shard_and_what_it_has(tmp_path: Path) -> None:
 def test_keep_by_spec() -> None:
     assert parse_keep_by("score:desc, lang ,when:ASC") == (("score", True), ("lang", False), ("when", False))
     assert parse_keep_by(None) == parse_keep_by(" ") == ()
-    assert parse_keep_by("a:b") == (("a:b", False),)  # not a direction: part of the name
-    for bad, message in (("score,,lang", "empty column name"), ("score,score:desc", "twice"),
+    # A name holding `:` is written with its direction; any other direction is refused (issue 34, finding 6).
+    assert parse_keep_by("a:b:desc") == (("a:b", True),)
+    for bad, message in (("quality:up", "direction must be asc or desc, got 'up'"), ("a:b", "got 'b'"),
+                         ("score,,lang", "empty column name"), ("score,score:desc", "twice"),
                          ("sim_to_centroid", "stage files use themselves")):
         with pytest.raises(ValueError, match=message):
             Settings(keep_by=bad)

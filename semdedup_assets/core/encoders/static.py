@@ -27,6 +27,9 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 import numpy as np
 
+from semdedup_assets.core.messages import printable
+from semdedup_assets.core.storage import folder_problem
+
 from .base import l2_normalize
 from .registry import register_encoder
 
@@ -137,6 +140,12 @@ def distill_static_model(source: str | os.PathLike[str] | None, out: str | os.Pa
 
     if not isinstance(dims, int) or dims < 1:
         raise ValueError(f"dims must be a positive int, got {dims!r}")
+    # Before the minutes of distillation: an output that cannot be a folder is refused now, not at the write.
+    if (problem := folder_problem(os.path.expanduser(os.fspath(out)), "the output")) is not None:
+        raise NotADirectoryError(problem)
+    if source is not None and os.fspath(source).startswith((os.sep, ".", "~")) \
+            and not os.path.isdir(os.path.expanduser(os.fspath(source))):  # a path (not a hub name) that is missing
+        raise FileNotFoundError(f"the source model folder {printable(source)} does not exist")
     try:
         from model2vec.distill import distill_from_model
     except ImportError as err:
@@ -150,8 +159,13 @@ def distill_static_model(source: str | os.PathLike[str] | None, out: str | os.Pa
     out = Path(os.path.expanduser(os.fspath(out)))
     say = log or (lambda m: None)
     start = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local, use_fast=True)
-    model = AutoModel.from_pretrained(path, local_files_only=local).to(torch.float32).eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local, use_fast=True)
+        model = AutoModel.from_pretrained(path, local_files_only=local).to(torch.float32).eval()
+    except OSError as err:  # transformers' own message spans lines and speaks of the network
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise OSError(f"cannot load the source model {printable(path)}: not a local encoder folder, nor a hub "
+                      f"name in this machine's cache ({printable(first)})") from None
     width = int(getattr(model.config, "hidden_size", dims))
     pca = min(dims, width)
     say(f"distilling {path} ({len(tokenizer)} tokens, {width}-d) to a {pca}-d static model at {out}")
