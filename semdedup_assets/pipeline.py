@@ -22,7 +22,7 @@ from semdedup_assets.core.engines import EngineError, ray_session
 from semdedup_assets.core.export import DEDUPLICATED, remove_exported_shard
 from semdedup_assets.core.layout import remove_shard_files
 from semdedup_assets.core.settings_store import save_settings
-from semdedup_assets.core.shards import SHARD_SUFFIXES, discover
+from semdedup_assets.core.shards import GROUP_SEPARATOR, SHARD_SUFFIXES, discover
 from semdedup_assets.graph import build_graph
 from semdedup_assets.names import DEFAULT_NAMES, GraphNames
 from semdedup_assets.partitions import SHARDS_PARTITIONS_NAME
@@ -112,7 +112,7 @@ def _run_pipeline(settings: Settings, instance: dg.DagsterInstance, log=print, v
             st.check_store(settings.storage, "storage")
             if (overlap := st.overlap_error(settings.input, settings.storage)) is not None:
                 raise PipelineError(overlap)  # before anything is written: the next run would read the storage as input
-            found = discover(settings.input)
+            found = discover(settings.input, settings.files_per_shard)
             if (note := found.skipped_note(settings.input)) is not None:
                 log(f"[semdedup] {note}")
             shards = [s.key for s in found.shards]
@@ -120,12 +120,22 @@ def _run_pipeline(settings: Settings, instance: dg.DagsterInstance, log=print, v
                 raise PipelineError(f"no shard files ({', '.join(SHARD_SUFFIXES)}) under {settings.input}")
             if settings.reference:  # before anything is recorded: a bad reference leaves the storage as it was
                 try:
-                    check_run_reference(settings, found.shards[0])
+                    check_run_reference(settings, found.files[0])
                 except ReferenceError as err:
                     raise PipelineError(f"--reference: {err}") from None
             save_settings(settings)
             known = instance.get_dynamic_partitions(names.partitions)
             stray = sorted(set(known) - set(shards))
+            regrouped = regrouped_shards(stray, {f.key for f in found.files}, settings.files_per_shard)
+            if regrouped:  # their files are in other shards now: withdrawn, never left to hold an id twice
+                log(f"[semdedup] {len(regrouped)} shard(s) regrouped by --files-per-shard {settings.files_per_shard} "
+                    f"(a file added, removed or renamed inside the input, e.g. {regrouped[:3]}): their results are "
+                    "withdrawn and their files ingested in their new shards")
+                withdraw_shards(settings, instance, regrouped, names)
+                for key in regrouped:
+                    remove_exported_shard(settings.storage_root(), key)
+                known = instance.get_dynamic_partitions(names.partitions)
+                stray = [k for k in stray if k not in regrouped]
             if stray:  # checked before registering anything: a refused run leaves no trace
                 raise PipelineError(
                     f"the storage already holds {len(stray)} shard(s) that are not under {settings.input} "
@@ -154,6 +164,26 @@ def _run_pipeline(settings: Settings, instance: dg.DagsterInstance, log=print, v
             return result
     except EngineError as err:
         raise PipelineError(str(err)) from None
+
+
+def regrouped_shards(stray: list[str], files: set[str], files_per_shard: int) -> list[str]:
+    """The registered shards that are no longer shards only because the input's files were grouped anew.
+
+    A group key `<first>+<n>` whose first file is still an input file, or (with
+    `files_per_shard` > 1) sorts between the input's first and last files (a file added,
+    removed or renamed inside the input, or the group size changed); with `files_per_shard`
+    > 1, the plain key of a file now in a group. Any other stray key is a shard that
+    vanished (or another dataset's): left to `semdedup forget`, as ever.
+    """
+    low, high = (min(files), max(files)) if files else ("", "")
+
+    def is_group(key: str) -> bool:
+        first, sep, size = key.rpartition(GROUP_SEPARATOR)
+        if not (sep and size.isdigit() and int(size) > 1):
+            return False
+        return first in files or (files_per_shard > 1 and low < first < high)
+
+    return [k for k in stray if is_group(k) or (files_per_shard > 1 and k in files)]
 
 
 def withdraw_shards(settings: Settings, instance: dg.DagsterInstance, shards: list[str],

@@ -12,10 +12,15 @@ from semdedup_assets.core.shards import discover_shards
 from semdedup_assets.names import DEFAULT_NAMES, GraphNames
 
 
-def scan_input(location: str, cursor: str | None) -> tuple[dict[str, str], list[str], list[str], list[str]]:
-    """Compare the input location with the cursor: (fingerprints, new, changed, vanished)."""
+def scan_input(location: str, cursor: str | None,
+               files_per_shard: int = 1) -> tuple[dict[str, str], list[str], list[str], list[str]]:
+    """Compare the input location with the cursor: (fingerprints, new, changed, vanished).
+
+    With `files_per_shard` > 1 the keys are group keys and a group's fingerprint names its
+    files: a file added to, removed from or renamed inside a group makes the group `changed`.
+    """
     before: dict[str, str] = json.loads(cursor) if cursor else {}
-    now = {s.key: s.fingerprint() for s in discover_shards(location)}
+    now = {s.key: s.fingerprint() for s in discover_shards(location, files_per_shard)}
     new = sorted(k for k in now if k not in before)
     changed = sorted(k for k in now if k in before and before[k] != now[k])
     vanished = sorted(k for k in before if k not in now)
@@ -41,7 +46,7 @@ def build_shard_sensor(settings: Settings, minimum_interval_seconds: int | None 
         """One tick: new files -> partitions + runs; changed files -> re-runs; vanished -> logged."""
         if not settings.input:
             return dg.SkipReason("no input location configured (SEMDEDUP_INPUT or `semdedup run --input`)")
-        now, new, changed, vanished = scan_input(settings.input, context.cursor)
+        now, new, changed, vanished = scan_input(settings.input, context.cursor, settings.files_per_shard)
         known = set(context.instance.get_dynamic_partitions(names.partitions))
         events = []
         for key in vanished:
