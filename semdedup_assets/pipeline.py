@@ -22,7 +22,7 @@ from semdedup_assets.core.engines import EngineError, ray_session
 from semdedup_assets.core.export import DEDUPLICATED, remove_exported_shard
 from semdedup_assets.core.layout import remove_shard_files
 from semdedup_assets.core.settings_store import save_settings
-from semdedup_assets.core.shards import GROUP_SEPARATOR, SHARD_SUFFIXES, discover
+from semdedup_assets.core.shards import SHARD_SUFFIXES, discover, regrouped_shards
 from semdedup_assets.graph import build_graph
 from semdedup_assets.names import DEFAULT_NAMES, GraphNames
 from semdedup_assets.partitions import SHARDS_PARTITIONS_NAME
@@ -164,26 +164,6 @@ def _run_pipeline(settings: Settings, instance: dg.DagsterInstance, log=print, v
             return result
     except EngineError as err:
         raise PipelineError(str(err)) from None
-
-
-def regrouped_shards(stray: list[str], files: set[str], files_per_shard: int) -> list[str]:
-    """The registered shards that are no longer shards only because the input's files were grouped anew.
-
-    A group key `<first>+<n>` whose first file is still an input file, or (with
-    `files_per_shard` > 1) sorts between the input's first and last files (a file added,
-    removed or renamed inside the input, or the group size changed); with `files_per_shard`
-    > 1, the plain key of a file now in a group. Any other stray key is a shard that
-    vanished (or another dataset's): left to `semdedup forget`, as ever.
-    """
-    low, high = (min(files), max(files)) if files else ("", "")
-
-    def is_group(key: str) -> bool:
-        first, sep, size = key.rpartition(GROUP_SEPARATOR)
-        if not (sep and size.isdigit() and int(size) > 1):
-            return False
-        return first in files or (files_per_shard > 1 and low < first < high)
-
-    return [k for k in stray if is_group(k) or (files_per_shard > 1 and k in files)]
 
 
 def withdraw_shards(settings: Settings, instance: dg.DagsterInstance, shards: list[str],

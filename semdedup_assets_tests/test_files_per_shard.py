@@ -22,6 +22,10 @@ from semdedup_assets.core.config import Settings
 from semdedup_assets.core.export import parse_selection, export_shards, tidy_exports
 from semdedup_assets.core.shards import discover
 from semdedup_assets.core.storage import UnsafeKeyError
+from semdedup_assets.cli import main
+from semdedup_assets.core.settings_store import load_settings
+from semdedup_assets.definitions import build_definitions
+from semdedup_assets.status import collect_status
 from semdedup_assets.partitions import SHARDS_PARTITIONS_NAME
 from semdedup_assets.pipeline import forget_shard, run_pipeline
 from semdedup_assets_tests.fixtures import make_planted
@@ -139,6 +143,20 @@ def test_keep_lists_byte_identical_whatever_files_per_shard(tmp_path: Path) -> N
         assert out[a.storage] == out[b.storage]
 
 
+def test_status_and_verify_understand_groups(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_files(tmp_path / "input", NAMES)
+    with dg.instance_for_test() as inst:
+        s = run(tmp_path, "grouped", 3, inst)
+    assert main(["verify", "--storage", s.storage]) == 0
+    status = collect_status(load_settings(s.storage), None)
+    assert status["shards"]["ingested"] == 3 and status["input_missing"] == []
+    write_files(tmp_path / "input", ["00004"], seed=1)  # edit one member of group 00003+3
+    capsys.readouterr()
+    assert main(["verify", "--storage", s.storage]) == 1
+    out = capsys.readouterr()
+    assert "00003+3" in out.out + out.err and "changed: " in out.out + out.err and "00004.parquet" in out.out + out.err
+
+
 def test_run_after_insert_and_delete_equals_a_fresh_run_and_leaves_nothing_stale(tmp_path: Path) -> None:
     """`semdedup run` after a file is inserted into (then deleted from) the input: the shifted groups are
     withdrawn and ingested anew; keep-lists and items equal a fresh run's, and no file of an old group stays."""
@@ -200,3 +218,29 @@ def test_sigkill_mid_stage_with_grouping_then_rerun_gives_the_same_bytes(tmp_pat
     assert rerun.wait() == 0, rerun.output
     assert snapshot(tmp_path / "killed") == snapshot(tmp_path / "reference")
     remove_leftovers(tmp_path / "killed")
+
+
+def test_shard_sensor_understands_groups(tmp_path: Path) -> None:
+    """Append: only the partial last group (changed) and the new group run. Insert: the shifted groups'
+    old partitions are deleted (each stage's next run removes their files) and their new ones run."""
+    inp = tmp_path / "input"
+    write_files(inp, NAMES)
+    with dg.instance_for_test() as inst:
+        s = run(tmp_path, "grouped", 3, inst)
+        defs = build_definitions(s)
+        cursor = _tick(defs, inst, None).cursor
+        write_files(inp, ["00007", "00008", "00009"])  # append
+        tick = _tick(defs, inst, cursor)
+        assert [r.partition_key for r in tick.run_requests] == ["00009+3", "00006+3"]  # new, then changed
+        assert [r.partition_keys for r in tick.dynamic_partitions_requests] == [["00009+3"]]
+        inst.add_dynamic_partitions(SHARDS_PARTITIONS_NAME, ["00009+3"])
+        write_files(inp, ["00004a"])  # insert inside group 00003+3
+        tick = _tick(defs, inst, tick.cursor)
+        deleted = [r.partition_keys for r in tick.dynamic_partitions_requests if isinstance(r, dg.DeleteDynamicPartitionsRequest)]
+        assert deleted == [["00006+3", "00009+3"]]
+        assert sorted(r.partition_key for r in tick.run_requests) == ["00003+3", "00005+3", "00008+3"]
+
+
+def _tick(defs: dg.Definitions, instance: dg.DagsterInstance, cursor: str | None):
+    ctx = dg.build_sensor_context(instance=instance, instance_ref=instance.get_ref(), definitions=defs, cursor=cursor)
+    return defs.resolve_sensor_def("shard_sensor").evaluate_tick(ctx)

@@ -112,6 +112,17 @@ class ShardGroup:
         """Every member's key and fingerprint: a file added, removed, renamed or changed changes it."""
         return ";".join(f"{f.key}={f.fingerprint()}" for f in self.files)
 
+    def changed_files(self, recorded: str) -> str:
+        """What differs from a recorded group fingerprint, naming the files (for an error message)."""
+        before = dict(part.partition("=")[::2] for part in recorded.split(";") if "=" in part)
+        now = {f.key: f for f in self.files}
+        added = [str(now[k].path) for k in now if k not in before]
+        gone = [k for k in before if k not in now]
+        edited = [str(now[k].path) for k in now if k in before and before[k] != now[k].fingerprint()]
+        parts = [f"{what}: {', '.join(names[:3])}" for what, names in
+                 (("added", added), ("gone", gone), ("changed", edited)) if names]
+        return f"its input files changed since it was ingested ({'; '.join(parts) or 'order'})"
+
     def content_digest(self, like: str | None = None) -> str:
         """One digest of every member's bytes, in order, each preceded by its key."""
         legacy = like is not None and not like.startswith(DIGEST_PREFIX)
@@ -161,6 +172,26 @@ def group_files(files: list[ShardFile], files_per_shard: int) -> list[Shard]:
                              f"--files-per-shard {files_per_shard}: a group holds one kind of file")
         groups.append(ShardGroup(validate_shard_key(group_key(run[0].key, files_per_shard)), run))
     return groups
+
+
+def regrouped_shards(stray: list[str], files: set[str], files_per_shard: int) -> list[str]:
+    """The registered shards that are no longer shards only because the input's files were grouped anew.
+
+    A group key `<first>+<n>` whose first file is still an input file, or (with
+    `files_per_shard` > 1) sorts between the input's first and last files (a file added,
+    removed or renamed inside the input, or the group size changed); with `files_per_shard`
+    > 1, the plain key of a file now in a group. Any other stray key is a shard that
+    vanished (or another dataset's): left to `semdedup forget`, as ever.
+    """
+    low, high = (min(files), max(files)) if files else ("", "")
+
+    def is_group(key: str) -> bool:
+        first, sep, size = key.rpartition(GROUP_SEPARATOR)
+        if not (sep and size.isdigit() and int(size) > 1):
+            return False
+        return first in files or (files_per_shard > 1 and low < first < high)
+
+    return [k for k in stray if is_group(k) or (files_per_shard > 1 and k in files)]
 
 
 def _fingerprint(path: UPath) -> str:
