@@ -3,7 +3,7 @@
 Usage:
     .venv/bin/python bench/files_scale.py [--files 1000,10000] [--grouping 1,100] [--opens]
                                           [--out bench/results/files_scale.md]
-    .venv/bin/python bench/files_scale.py --smoke        # 60 files, groupings 1 and 20; prints only
+    .venv/bin/python bench/files_scale.py --smoke        # 20 files, groupings 1 and 10; prints only
 
 For each file count F (Parquet files of 20 planted 32-d vectors each, so the maths is nothing
 and every second is per-file cost) and each grouping N, one `semdedup run --modality embedding
@@ -110,11 +110,12 @@ def main() -> None:
     parser.add_argument("--skip", default="10000:1", help="F:N pairs not to run (too long here), comma-separated")
     parser.add_argument("--opens", action="store_true", help="also count file opens per stage under strace")
     parser.add_argument("--opens-files", type=int, default=1000, help="the file count whose opens are counted")
-    parser.add_argument("--out", default="bench/results/files_scale.md")
+    parser.add_argument("--out", default=None, help="also write the tables to this file (bench/results/files_scale.md "
+                        "holds them with notes)")
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
-    files = [60] if args.smoke else [int(x) for x in args.files.split(",")]
-    groupings = [1, 20] if args.smoke else [int(x) for x in args.grouping.split(",")]
+    files = [20] if args.smoke else [int(x) for x in args.files.split(",")]
+    groupings = [1, 10] if args.smoke else [int(x) for x in args.grouping.split(",")]
     skip = set() if args.smoke else {tuple(map(int, p.split(":"))) for p in args.skip.split(",") if p}
     lines = ["| files | --files-per-shard | partitions | wall s | ingest + embed | centroids | cluster_assignments | "
              "semantic_duplicates | keep_lists | wall per file ms |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -149,9 +150,8 @@ def main() -> None:
         text += ("\n\n| files | --files-per-shard | partitions | stage | read-only opens of .parquet files | by folder |\n"
                  "|---|---|---|---|---|---|\n" + "\n".join(opens_lines))
     print(text)
-    if not args.smoke:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out + ".raw").write_text(text + "\n")
+    if args.out and not args.smoke:
+        Path(args.out).write_text(text + "\n")
 
 
 if __name__ == "__main__":
