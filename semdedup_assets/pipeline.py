@@ -22,7 +22,7 @@ from semdedup_assets.core.engines import EngineError, ray_session
 from semdedup_assets.core.export import DEDUPLICATED, remove_exported_shard
 from semdedup_assets.core.layout import remove_shard_files
 from semdedup_assets.core.settings_store import save_settings
-from semdedup_assets.core.shards import SHARD_SUFFIXES, discover, regrouped_shards
+from semdedup_assets.core.shards import SHARD_SUFFIXES, discover, members, regrouped_shards
 from semdedup_assets.graph import build_graph
 from semdedup_assets.names import DEFAULT_NAMES, GraphNames
 from semdedup_assets.partitions import SHARDS_PARTITIONS_NAME
@@ -230,7 +230,7 @@ def _forget_shard(settings: Settings, instance: dg.DagsterInstance, shard: str, 
     if known:
         instance.delete_dynamic_partition(SHARDS_PARTITIONS_NAME, shard)
     if not removed and not known:
-        raise PipelineError(f"no shard {shard!r} in {storage.root}")
+        raise PipelineError(f"no shard {shard!r} in {storage.root}{group_hint(settings, shard)}")
     result = ForgetResult(removed, sorted(buckets))
     if not instance.get_dynamic_partitions(SHARDS_PARTITIONS_NAME):
         # Nothing left: the dataset-wide results describe no data any more.
@@ -258,6 +258,20 @@ def _forget_shard(settings: Settings, instance: dg.DagsterInstance, shard: str, 
             result.removed += [str(p) for p in keep_files if st.remove(p)]
     refresh_catalog(storage)
     return result
+
+
+def group_hint(settings: Settings, key: str) -> str:
+    """With --files-per-shard > 1, where an input file's key `key` lives: ': file ... is in shard ...' ('' if not)."""
+    if settings.files_per_shard == 1 or not settings.input:
+        return ""
+    try:
+        shards = discover(settings.input, settings.files_per_shard).shards
+    except (OSError, ValueError):
+        return ""
+    group = next((s.key for s in shards if key in {f.key for f in members(s)}), None)
+    return "" if group is None else (f": file {key!r} is in shard {group!r} (--files-per-shard "
+                                     f"{settings.files_per_shard}); forget {group!r}, or remove the file from the "
+                                     "input and run again")
 
 
 def _execute(defs: dg.Definitions, instance: dg.DagsterInstance, job_name: str, tags: dict[str, str],

@@ -27,7 +27,7 @@ from semdedup_assets.core.settings_store import load_settings
 from semdedup_assets.definitions import build_definitions
 from semdedup_assets.status import collect_status
 from semdedup_assets.partitions import SHARDS_PARTITIONS_NAME
-from semdedup_assets.pipeline import forget_shard, run_pipeline
+from semdedup_assets.pipeline import PipelineError, forget_shard, run_pipeline
 from semdedup_assets_tests.fixtures import make_planted
 from semdedup_assets_tests.test_faults import Child, instance_of, remove_leftovers, snapshot, stage_runs
 
@@ -189,6 +189,8 @@ def test_forget_a_grouped_shard(tmp_path: Path) -> None:
     write_files(tmp_path / "input", NAMES)
     with dg.instance_for_test() as inst:
         s = run(tmp_path, "grouped", 3, inst)
+        with pytest.raises(PipelineError, match=r"file '00004' is in shard '00003\+3' \(--files-per-shard 3\)"):
+            forget_shard(s, inst, "00004", log=lambda m: None)
         result = forget_shard(s, inst, "00003+3", log=lambda m: None)
         assert partitions(inst) == ["00000+3", "00006+3"]
         assert not any("00003+3" in p for p in [str(x) for stage in (st.RAW, st.EMBEDDINGS, st.CLUSTER_ASSIGNMENTS)

@@ -14,7 +14,7 @@ from semdedup_assets.core import storage as st
 from semdedup_assets.core.export import CONTENT_KEY, FINGERPRINT_KEY
 from semdedup_assets.core.catalog import duplicate_ids
 from semdedup_assets.core.config import Settings
-from semdedup_assets.core.shards import Shard, ShardError, ShardFile, ShardIndex, keep_by_kind, members, read_shard
+from semdedup_assets.core.shards import Shard, ShardError, ShardIndex, keep_by_kind, members, read_shard
 
 if TYPE_CHECKING:
     from semdedup_assets.core.engines import Engine, Worker
