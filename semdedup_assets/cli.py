@@ -371,8 +371,10 @@ def cmd_export(storage: str | None, select: str | None) -> int:
         total = len(settings.storage_root().stage_files("raw"))
         with _show_progress(settings), progress.task("export", total, unit="shards") as bar:
             done = export_shards(settings.storage_root(), settings.input, selection, configured_eps=settings.eps,
-                                 log=lambda note: bar.update(1, note), reference=settings.reference)
-        tidied = tidy_exports(settings.storage_root(), settings.input, selection, settings.eps)
+                                 log=lambda note: bar.update(1, note), reference=settings.reference,
+                                 files_per_shard=settings.files_per_shard)
+        tidied = tidy_exports(settings.storage_root(), settings.input, selection, settings.eps,
+                              settings.files_per_shard)
     except (ExportError, PruneError, FileNotFoundError, StageFileError) as err:  # a damaged stage file: named
         print(f"semdedup: error: {err}", file=sys.stderr)
         return 1
@@ -429,7 +431,7 @@ def _input_files(settings: Settings) -> dict:
     from semdedup_assets.core.shards import discover_shards
 
     try:
-        return {s.key: s for s in discover_shards(settings.input)} if settings.input else {}
+        return {s.key: s for s in discover_shards(settings.input, settings.files_per_shard)} if settings.input else {}
     except (OSError, ValueError):
         return {}
 

@@ -354,7 +354,7 @@ class SemDeDupResult:
 
     def input_ids(self) -> pa.Array:
         """Every id in the input's order (shards in key order, rows in order)."""
-        shards = discover_shards(self.settings.input)
+        shards = discover_shards(self.settings.input, self.settings.files_per_shard)
         raw = [st.read_table(self.storage.shard_file(st.RAW, s.key), columns=["id"]).column("id") for s in shards]
         return pa.chunked_array([c for r in raw for c in r.chunks], pa.string()).combine_chunks()
 

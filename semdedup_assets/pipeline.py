@@ -23,7 +23,7 @@ from semdedup_assets.core.export import DEDUPLICATED, remove_exported_shard
 from semdedup_assets.core.layout import remove_shard_files
 from semdedup_assets.core.settings_store import save_settings
 from semdedup_assets.core.messages import printable
-from semdedup_assets.core.shards import SHARD_SUFFIXES, Discovery, discover
+from semdedup_assets.core.shards import SHARD_SUFFIXES, Discovery, discover, members, regrouped_shards
 from semdedup_assets.graph import build_graph
 from semdedup_assets.names import DEFAULT_NAMES, GraphNames
 from semdedup_assets.partitions import SHARDS_PARTITIONS_NAME
@@ -102,7 +102,7 @@ def check_run_locations(settings: Settings) -> Discovery:
         raise PipelineError(overlap)  # the next run would read the storage as input
     if (problem := st.folder_problem(settings.storage, "--storage")) is not None:
         raise PipelineError(problem)
-    found = discover(settings.input)
+    found = discover(settings.input, settings.files_per_shard)
     if not found.shards:
         raise PipelineError(f"no shard files ({', '.join(SHARD_SUFFIXES)}) under {printable(settings.input)}")
     return found
@@ -137,12 +137,22 @@ def _run_pipeline(settings: Settings, instance: dg.DagsterInstance, log=print, v
             shards = [s.key for s in found.shards]
             if settings.reference:  # before anything is recorded: a bad reference leaves the storage as it was
                 try:
-                    check_run_reference(settings, found.shards[0])
+                    check_run_reference(settings, found.files[0])
                 except ReferenceError as err:
                     raise PipelineError(f"--reference: {err}") from None
             save_settings(settings)
             known = instance.get_dynamic_partitions(names.partitions)
             stray = sorted(set(known) - set(shards))
+            regrouped = regrouped_shards(stray, {f.key for f in found.files}, settings.files_per_shard)
+            if regrouped:  # their files are in other shards now: withdrawn, never left to hold an id twice
+                log(f"[semdedup] {len(regrouped)} shard(s) regrouped by --files-per-shard {settings.files_per_shard} "
+                    f"(a file added, removed or renamed inside the input, e.g. {regrouped[:3]}): their results are "
+                    "withdrawn and their files ingested in their new shards")
+                withdraw_shards(settings, instance, regrouped, names)
+                for key in regrouped:
+                    remove_exported_shard(settings.storage_root(), key)
+                known = instance.get_dynamic_partitions(names.partitions)
+                stray = [k for k in stray if k not in regrouped]
             if stray:  # checked before registering anything: a refused run leaves no trace
                 raise PipelineError(
                     f"the storage already holds {len(stray)} shard(s) that are not under {settings.input} "
@@ -237,7 +247,7 @@ def _forget_shard(settings: Settings, instance: dg.DagsterInstance, shard: str, 
     if known:
         instance.delete_dynamic_partition(SHARDS_PARTITIONS_NAME, shard)
     if not removed and not known:
-        raise PipelineError(f"no shard {shard!r} in {storage.root}")
+        raise PipelineError(f"no shard {shard!r} in {storage.root}{group_hint(settings, shard)}")
     result = ForgetResult(removed, sorted(buckets))
     if not instance.get_dynamic_partitions(SHARDS_PARTITIONS_NAME):
         # Nothing left: the dataset-wide results describe no data any more.
@@ -266,6 +276,20 @@ def _forget_shard(settings: Settings, instance: dg.DagsterInstance, shard: str, 
             result.removed += [str(p) for p in keep_files if st.remove(p)]
     refresh_catalog(storage)
     return result
+
+
+def group_hint(settings: Settings, key: str) -> str:
+    """With --files-per-shard > 1, where an input file's key `key` lives: ': file ... is in shard ...' ('' if not)."""
+    if settings.files_per_shard == 1 or not settings.input:
+        return ""
+    try:
+        shards = discover(settings.input, settings.files_per_shard).shards
+    except (OSError, ValueError):
+        return ""
+    group = next((s.key for s in shards if key in {f.key for f in members(s)}), None)
+    return "" if group is None else (f": file {key!r} is in shard {group!r} (--files-per-shard "
+                                     f"{settings.files_per_shard}); forget {group!r}, or remove the file from the "
+                                     "input and run again")
 
 
 def _execute(defs: dg.Definitions, instance: dg.DagsterInstance, job_name: str, tags: dict[str, str],

@@ -40,6 +40,7 @@ class SemDedupConfig(dg.ConfigurableResource):
 
     storage: str  # required: a resource always names its storage root
     input: str | None = _default("input")
+    files_per_shard: int = _default("files_per_shard")
     modality: str = _default("modality")
     column: str | None = _default("column")
     id_column: str = _default("id_column")

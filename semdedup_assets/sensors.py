@@ -8,18 +8,24 @@ import dagster as dg
 from semdedup_assets.assets.cluster import BUCKETS_TOUCHED
 from semdedup_assets.core import storage as st
 from semdedup_assets.core.config import Settings
-from semdedup_assets.core.shards import discover_shards
+from semdedup_assets.core.shards import discover, regrouped_shards
 from semdedup_assets.names import DEFAULT_NAMES, GraphNames
 
 
-def scan_input(location: str, cursor: str | None) -> tuple[dict[str, str], list[str], list[str], list[str]]:
-    """Compare the input location with the cursor: (fingerprints, new, changed, vanished)."""
+def scan_input(location: str, cursor: str | None, files_per_shard: int = 1
+               ) -> tuple[dict[str, str], list[str], list[str], list[str], set[str]]:
+    """Compare the input location with the cursor: (fingerprints, new, changed, vanished, input file keys).
+
+    With `files_per_shard` > 1 the keys are group keys and a group's fingerprint names its
+    files: a file added to, removed from or renamed inside a group makes the group `changed`.
+    """
     before: dict[str, str] = json.loads(cursor) if cursor else {}
-    now = {s.key: s.fingerprint() for s in discover_shards(location)}
+    found = discover(location, files_per_shard)
+    now = {s.key: s.fingerprint() for s in found.shards}
     new = sorted(k for k in now if k not in before)
     changed = sorted(k for k in now if k in before and before[k] != now[k])
     vanished = sorted(k for k in before if k not in now)
-    return now, new, changed, vanished
+    return now, new, changed, vanished, {f.key for f in found.files}
 
 
 def default_status(settings: Settings) -> dg.DefaultSensorStatus:
@@ -41,9 +47,16 @@ def build_shard_sensor(settings: Settings, minimum_interval_seconds: int | None 
         """One tick: new files -> partitions + runs; changed files -> re-runs; vanished -> logged."""
         if not settings.input:
             return dg.SkipReason("no input location configured (SEMDEDUP_INPUT or `semdedup run --input`)")
-        now, new, changed, vanished = scan_input(settings.input, context.cursor)
+        now, new, changed, vanished, files = scan_input(settings.input, context.cursor, settings.files_per_shard)
         known = set(context.instance.get_dynamic_partitions(names.partitions))
         events = []
+        # Groups whose files moved to other groups (a file inserted, removed or renamed inside the input): their
+        # partitions are deleted, and each stage's next run removes their files before any check reads them.
+        regrouped = [k for k in regrouped_shards(vanished, files, settings.files_per_shard) if k in known]
+        for key in regrouped:
+            context.log.info(f"shard {key!r} was regrouped by --files-per-shard {settings.files_per_shard}: its "
+                             "partition is deleted and its files are ingested in their new shards")
+        vanished = [k for k in vanished if k not in regrouped]
         for key in vanished:
             # Never deleted silently: logged, and recorded on the shard's partition for the UI.
             context.log.warning(f"shard {key!r} vanished from {settings.input}; its results stay until `semdedup forget {key}`")
@@ -57,11 +70,12 @@ def build_shard_sensor(settings: Settings, minimum_interval_seconds: int | None 
         raw = settings.storage_root()
         new = [k for k in new if k not in known or not raw.shard_file(st.RAW, k).exists()]
         runs = [dg.RunRequest(run_key=f"{k}:{now[k]}", partition_key=k) for k in new + changed]
-        if not runs and not vanished and context.cursor is not None:
+        if not runs and not vanished and not regrouped and context.cursor is not None:
             return dg.SkipReason("no new or changed shard files")
+        requests = [names.shard_partitions.build_delete_request(regrouped)] if regrouped else []
         return dg.SensorResult(
             run_requests=runs,
-            dynamic_partitions_requests=[names.shard_partitions.build_add_request(to_add)] if to_add else [],
+            dynamic_partitions_requests=requests + ([names.shard_partitions.build_add_request(to_add)] if to_add else []),
             asset_events=events,
             cursor=json.dumps(now, sort_keys=True),
         )

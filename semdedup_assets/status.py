@@ -133,7 +133,7 @@ def _instance_facts(home: str) -> dict[str, Any]:
             "failed_runs": failed, "unfinished_runs": unfinished, "total_runs": len(records)}
 
 
-def _input_files(location: str | None) -> tuple[set[str], list[str]]:
+def _input_files(location: str | None, files_per_shard: int = 1) -> tuple[set[str], list[str]]:
     """The shard keys under the input, and the files discovery skips for their `_` or `.` names.
 
     Both empty when the input is not given or not reachable (then every shard counts as gone).
@@ -143,7 +143,7 @@ def _input_files(location: str | None) -> tuple[set[str], list[str]]:
     if not location:
         return set(), []
     try:
-        found = discover(location)
+        found = discover(location, files_per_shard)
     except (OSError, ValueError):
         return set(), []
     return {f.key for f in found.shards}, found.skipped
@@ -189,7 +189,7 @@ def collect_status(settings: Settings, dagster_home: str | None) -> dict[str, An
         "buckets": len(done) == len(buckets),
         "keep_lists": bool(keep["eps_curve"]) and len(keep["present_eps"]) == len(settings.eps),
     }
-    present, skipped = _input_files(settings.input)
+    present, skipped = _input_files(settings.input, settings.files_per_shard)
     input_missing = sorted(set(registered or raw) - present) if settings.input else []
     contamination = _contamination(storage, settings)
     started = bool(registered or raw or embedded or storage.settings_file.exists() or facts["total_runs"])

@@ -34,8 +34,8 @@ def build_deduplicated(names: GraphNames, backfill_batch: int) -> dg.AssetsDefin
             selection = parse_selection(config.select or default_selection(config.eps), config.eps)
             with timed() as t:
                 done = export_shards(storage, config.input, selection, run_partition_keys(context), config.eps,
-                                     reference=config.reference)
-                tidied = tidy_exports(storage, config.input, selection, config.eps)
+                                     reference=config.reference, files_per_shard=config.files_per_shard)
+                tidied = tidy_exports(storage, config.input, selection, config.eps, config.files_per_shard)
         except ExportError as err:
             raise dg.Failure(description=str(err)) from None
         if tidied.stale_files or tidied.unproducible:

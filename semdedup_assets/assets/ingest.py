@@ -11,17 +11,17 @@ from semdedup_assets.core import storage as st
 from semdedup_assets.core.catalog import duplicate_ids
 from semdedup_assets.core.config import Settings
 from semdedup_assets.core.ingest import IngestResult, duplicate_ids_message, ingest_shards
-from semdedup_assets.core.shards import ShardFile, discover_shards
+from semdedup_assets.core.shards import Shard, discover_shards
 from semdedup_assets.names import GraphNames
 from semdedup_assets.ray_resource import engine_for_step
 from semdedup_assets.resources import SemDedupConfig
 
 
-def input_shards(config: SemDedupConfig) -> dict[str, ShardFile]:
-    """The shard files under the configured input location, by key."""
+def input_shards(config: SemDedupConfig) -> dict[str, Shard]:
+    """The shards (files, or groups of `files_per_shard` files) under the configured input location, by key."""
     if not config.input:
         raise dg.Failure("no input location configured (set `input` on the semdedup resource or SEMDEDUP_INPUT)")
-    return {s.key: s for s in discover_shards(config.input)}
+    return {s.key: s for s in discover_shards(config.input, config.files_per_shard)}
 
 
 def _preview(rows: list[tuple[str, str]], n_rows: int) -> str:

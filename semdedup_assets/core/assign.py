@@ -163,6 +163,16 @@ def keep_by_values(storage: st.Storage, key: str, ids: pa.ChunkedArray, settings
     return {n: raw.column(n).take(rows).combine_chunks() for n in names}
 
 
+def item_files(storage: st.Storage, key: str, ids: pa.ChunkedArray, settings: Settings) -> pa.Array:
+    """The input file key of every embedded item (`ids`, in raw order): the partition's key itself with one file
+    per shard, else the raw index's `shard` column (a group's items name their own files)."""
+    if settings.files_per_shard == 1:
+        return pa.array([key] * len(ids), type=pa.string())
+    raw = st.read_table(storage.shard_file(st.RAW, key), columns=["id", "shard"])
+    rows = pc.index_in(ids, value_set=raw.column("id"))  # rejected items are absent from `ids`, never extra
+    return raw.column("shard").take(rows).combine_chunks()
+
+
 def assign_shard(settings: Settings, key: str, centroids: np.ndarray, k: int | None = None,
                  warn: Callable[[str], None] | None = None) -> AssignShardResult:
     """Assign one shard's embeddings to their nearest centroids; write `cluster_assignments/<key>.parquet`.
@@ -197,7 +207,7 @@ def assign_shard(settings: Settings, key: str, centroids: np.ndarray, k: int | N
     clusters, sims = assign(vectors, centroids, device=device)
     schema = assignments_schema(vectors.shape[1], dtype)
     table = pa.table({
-        "id": emb.column("id"), "shard": pa.array([key] * emb.num_rows, type=pa.string()),
+        "id": emb.column("id"), "shard": item_files(storage, key, emb.column("id"), settings),
         "cluster": pa.array(clusters), "sim_to_centroid": pa.array(sims),
         "embedding": emb.column("embedding").cast(schema.field("embedding").type),
     }, schema=schema)

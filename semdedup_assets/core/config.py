@@ -68,6 +68,9 @@ class Settings:
 
     storage: str = knob(DEFAULT_STORAGE, "storage root: local folder or fsspec URL", flag=None)
     input: str | None = knob(None, "folder (or fsspec URL) of .parquet/.jsonl/.jsonl.gz/.tar/.npy shards, or one file")
+    files_per_shard: int = knob(1, "input files per shard (partition): N > 1 groups N consecutive files in key "
+                                "order, keyed <first file's key>+N; appended files fill the last group, then new "
+                                "ones (docs/files-per-shard.md)", metavar="N")
     modality: Modality = knob("text", "payload kind")
     column: str | None = knob(None, "payload column (default: the modality's name: text, image or embedding)")
     id_column: str = knob("id", "id column (only the default `id` may be absent, then ids are <shard>:<row>; "
@@ -154,7 +157,7 @@ class Settings:
         if self.buckets is not None and self.buckets < 1:
             raise ValueError(f"buckets must be >= 1 (or auto), got {self.buckets}")
         for name in ("probes", "block_size", "batch_size", "max_length", "kmeans_iterations",
-                     "max_points_per_centroid", "backfill_batch", "sensor_interval"):
+                     "max_points_per_centroid", "backfill_batch", "sensor_interval", "files_per_shard"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.ray_actors < 0 or self.ray_retries < 0:

@@ -18,7 +18,7 @@ from semdedup_assets.core import storage as st
 from semdedup_assets.core.config import Settings
 from semdedup_assets.core.encoders import Encoder, encoder_for, l2_normalize, row_norms
 from semdedup_assets.core.schemas import REJECTED_SCHEMA, embeddings_schema
-from semdedup_assets.core.shards import ShardFile, iter_embedding_chunks, read_images
+from semdedup_assets.core.shards import Shard, iter_embedding_chunks, members, read_images
 from semdedup_assets.core.tables import embedding_array, embedding_matrix
 
 # Encode in chunks so progress shows in the run log and memory stays bounded.
@@ -81,7 +81,7 @@ def embedding_problems(vectors: np.ndarray, expected_rows: int) -> list[str]:
     return problems
 
 
-def embedding_cache_key(raw_path: st.UPath, shard: ShardFile, settings: Settings) -> str:
+def embedding_cache_key(raw_path: st.UPath, shard: Shard, settings: Settings) -> str:
     """What an embeddings file depends on: the raw index's bytes, the input files and the encoder settings."""
     h = hashlib.blake2b(digest_size=16)
     for block in _index_bytes(raw_path):
@@ -178,14 +178,44 @@ def _refuse_cached_rejections(settings: Settings, key: str, raw_path: st.UPath, 
                      "recorded when it was embedded; strict mode)", shard=key)
 
 
-def _write_rejected(path: st.UPath, key: str, ids: pa.Array, rejected: list[tuple[int, str]], always: bool) -> None:
-    """The shard's `rejected` file (id, shard, reason); without rejections only where `always`, else removed."""
+def _write_rejected(path: st.UPath, files: pa.Array, ids: pa.Array, rejected: list[tuple[int, str]],
+                    always: bool) -> None:
+    """The shard's `rejected` file (id, shard: the item's input file key, reason); without rejections only where
+    `always`, else removed."""
     if not rejected and not always:
         st.remove(path)  # left by an earlier run of other input
         return
     st.atomic_write_table(pa.table({
-        "id": [ids[i].as_py() for i, _ in rejected], "shard": [key] * len(rejected), "reason": [r for _, r in rejected],
+        "id": [ids[i].as_py() for i, _ in rejected], "shard": [files[i].as_py() for i, _ in rejected],
+        "reason": [r for _, r in rejected],
     }, schema=REJECTED_SCHEMA), path)
+
+
+def file_segments(files: pa.Array) -> list[tuple[int, int]]:
+    """The [start, end) row ranges of each input file in a raw index's `shard` column (one for a plain file).
+
+    An encoder's batches never straddle two files: a group embeds each file exactly as one
+    file per shard would (batch composition can move a transformer's last bits).
+    """
+    values = files.to_numpy(zero_copy_only=False)
+    if len(values) == 0:
+        return []
+    starts = [0, *(np.flatnonzero(values[1:] != values[:-1]) + 1).tolist()]
+    return list(zip(starts, [*starts[1:], len(values)]))
+
+
+def _encode_images(encoder: Encoder, shard: Shard, column: str) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
+    """(vectors, ok positions, rejected (position, reason)) of a shard's images, one file per call."""
+    vectors, ok, rejected, offset = [], [], [], 0
+    for member in members(shard):
+        result = encoder.encode_images(read_images(member, column))
+        vectors.append(result.vectors)
+        ok.append(np.asarray(result.ok_index, dtype=np.int64) + offset)
+        rejected += [(row + offset, reason) for row, reason in result.rejected]
+        offset += len(result.ok_index) + len(result.rejected)
+    if len(vectors) == 1:
+        return vectors[0], np.asarray(result.ok_index), list(result.rejected)
+    return np.concatenate(vectors), np.concatenate(ok), rejected
 
 
 def _without_rows(chunks: Iterator[np.ndarray], drop: np.ndarray) -> Iterator[np.ndarray]:
@@ -197,11 +227,12 @@ def _without_rows(chunks: Iterator[np.ndarray], drop: np.ndarray) -> Iterator[np
         start += len(chunk)
 
 
-def _encode_and_write(settings: Settings, key: str, shard: ShardFile, raw: pa.Table, out: st.UPath,
+def _encode_and_write(settings: Settings, key: str, shard: Shard, raw: pa.Table, out: st.UPath,
                       rejected_path: st.UPath, cache_key: str, encoder: Encoder | None,
                       log: Callable[[str], None] | None) -> tuple[_Written, int]:
     """Embed the raw shard into `out`; returns the written file and the number of rejected items."""
     ids = raw.column("id").combine_chunks()
+    files = raw.column("shard").combine_chunks()
     column = settings.payload_column
     dtype = settings.embedding_dtype
     texts = raw.column("text").to_pylist() if settings.modality == "text" else None
@@ -212,35 +243,37 @@ def _encode_and_write(settings: Settings, key: str, shard: ShardFile, raw: pa.Ta
     if settings.modality == "embedding":  # bring your own: stream (npy is memory-mapped)
         written = _write_chunks(out, kept_ids, _without_rows(iter_embedding_chunks(shard, column), drop),
                                 cache_key, dtype)
-        _write_rejected(rejected_path, key, ids, empty, always=False)
+        _write_rejected(rejected_path, files, ids, empty, always=False)
         return written, len(empty)
     encoder = encoder or encoder_for(settings)
     if texts is not None:
         dropped = set(drop.tolist())
         kept_texts = [t for row, t in enumerate(texts) if row not in dropped] if dropped else texts
+        kept_files = files.filter(pa.array(~np.isin(np.arange(len(ids)), drop))) if len(drop) else files
 
         def text_chunks() -> Iterator[np.ndarray]:
-            for start in range(0, len(kept_texts), ENCODE_CHUNK):
-                yield encoder.encode(kept_texts[start : start + ENCODE_CHUNK])
-                if log is not None:
-                    log(f"encoded {min(start + ENCODE_CHUNK, len(kept_texts))}/{len(kept_texts)}")
+            for first, end in file_segments(kept_files):
+                for start in range(first, end, ENCODE_CHUNK):
+                    yield encoder.encode(kept_texts[start : min(start + ENCODE_CHUNK, end)])
+                    if log is not None:
+                        log(f"encoded {min(start + ENCODE_CHUNK, end)}/{len(kept_texts)}")
 
         written = _write_chunks(out, kept_ids, text_chunks(), cache_key, dtype)
-        _write_rejected(rejected_path, key, ids, empty, always=False)
+        _write_rejected(rejected_path, files, ids, empty, always=False)
         return written, len(empty)
-    result = encoder.encode_images(read_images(shard, column))
-    _refuse_in_strict_mode(settings, key, ids, result.rejected, "undecodable image(s)")
+    all_vectors, ok_index, undecodable = _encode_images(encoder, shard, column)
+    _refuse_in_strict_mode(settings, key, ids, undecodable, "undecodable image(s)")
     empty_rows = set(drop.tolist())
-    ok = [(pos, i) for pos, i in enumerate(result.ok_index) if i not in empty_rows]
-    rejected = sorted([*result.rejected, *empty], key=lambda r: r[0])
-    vectors = result.vectors[[pos for pos, _ in ok]] if len(ok) != len(result.ok_index) else result.vectors
+    ok = [(pos, i) for pos, i in enumerate(ok_index) if i not in empty_rows]
+    rejected = sorted([*undecodable, *empty], key=lambda r: r[0])
+    vectors = all_vectors[[pos for pos, _ in ok]] if len(ok) != len(ok_index) else all_vectors
     written = _write_chunks(out, ids.take(pa.array([i for _, i in ok], pa.int64())), iter([vectors]), cache_key,
                             dtype)
-    _write_rejected(rejected_path, key, ids, rejected, always=True)
+    _write_rejected(rejected_path, files, ids, rejected, always=True)
     return written, len(rejected)
 
 
-def embed_shard(settings: Settings, key: str, shard: ShardFile, *, encoder: Encoder | None = None,
+def embed_shard(settings: Settings, key: str, shard: Shard, *, encoder: Encoder | None = None,
                 log: Callable[[str], None] | None = None, warn: Callable[[str], None] | None = None
                 ) -> EmbedShardResult:
     """Embed one ingested shard into `embeddings/<key>.parquet` (and `rejected/<key>.parquet` for images,

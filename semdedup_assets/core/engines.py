@@ -33,7 +33,7 @@ from typing import Any, Generic, TypeVar
 from semdedup_assets.core import storage as st
 from semdedup_assets.core.config import Settings, visible_cuda_devices
 from semdedup_assets.core.meter import stage_meter
-from semdedup_assets.core.shards import ShardFile
+from semdedup_assets.core.shards import Shard
 
 R = TypeVar("R")
 Log = Callable[[str], None]
@@ -101,12 +101,12 @@ class Engine(ABC):
     name: str
 
     @abstractmethod
-    def stage_shards(self, settings: Settings, shards: Sequence[ShardFile]) -> Iterator[Done]:
+    def stage_shards(self, settings: Settings, shards: Sequence[Shard]) -> Iterator[Done]:
         """Validate every shard and stage its raw index (`core.ingest.stage_shard`), yielding Done(key, StagedShard,
         worker); the caller publishes the batch (`core.ingest.publish_shards`)."""
 
     @abstractmethod
-    def embed_shards(self, settings: Settings, shards: Sequence[ShardFile], log: Log | None = None) -> Iterator[Done]:
+    def embed_shards(self, settings: Settings, shards: Sequence[Shard], log: Log | None = None) -> Iterator[Done]:
         """Embed every shard (`core.embed.embed_shard`), yielding Done(key, EmbedShardResult, worker)."""
 
     @abstractmethod
@@ -144,14 +144,14 @@ class LocalEngine(Engine):
 
     name = "local"
 
-    def stage_shards(self, settings: Settings, shards: Sequence[ShardFile]) -> Iterator[Done]:
+    def stage_shards(self, settings: Settings, shards: Sequence[Shard]) -> Iterator[Done]:
         from semdedup_assets.core.ingest import stage_shard
 
         worker = current_worker()
         for shard in shards:
             yield Done(shard.key, stage_shard(settings, shard), worker)
 
-    def embed_shards(self, settings: Settings, shards: Sequence[ShardFile], log: Log | None = None) -> Iterator[Done]:
+    def embed_shards(self, settings: Settings, shards: Sequence[Shard], log: Log | None = None) -> Iterator[Done]:
         from semdedup_assets.core.embed import embed_shard
 
         worker = current_worker()
@@ -348,7 +348,7 @@ class ShardEmbedder:
         self.settings = settings
         self.encoder = None if settings.modality == "embedding" else LazyEncoder(settings)
 
-    def embed(self, shard: ShardFile) -> tuple[Any, Worker]:
+    def embed(self, shard: Shard) -> tuple[Any, Worker]:
         """Embed one shard; returns its EmbedShardResult and this worker."""
         from semdedup_assets.core.embed import embed_shard
 
@@ -367,7 +367,7 @@ def _dedup_task(settings: Settings, bucket: str, k: int, assignment_files: Seque
     return in_ray_worker(lambda: dedup_bucket(settings, bucket, k, assignment_files))
 
 
-def _stage_task(settings: Settings, shard: ShardFile) -> tuple[Any, Worker]:
+def _stage_task(settings: Settings, shard: Shard) -> tuple[Any, Worker]:
     """One shard's ingest in a Ray worker: the input read by path, its raw index staged in storage."""
     from semdedup_assets.core.ingest import stage_shard
 
@@ -484,7 +484,7 @@ class RayEngine(Engine):
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         return [n["Resources"].get("CPU", 0.0) for n in nodes], float(ray.cluster_resources().get("GPU", 0.0))
 
-    def embed_shards(self, settings: Settings, shards: Sequence[ShardFile], log: Log | None = None) -> Iterator[Done]:
+    def embed_shards(self, settings: Settings, shards: Sequence[Shard], log: Log | None = None) -> Iterator[Done]:
         import ray
 
         if not shards:
@@ -497,7 +497,7 @@ class RayEngine(Engine):
             log(f"ray: {plan.actors} embedding actor(s), each {plan.options}")
         actors = [actor_class.remote(settings, plan.threads) for _ in range(plan.actors)]
         pending, attempts = deque(shards), Counter()
-        inflight: dict[Any, tuple[int, ShardFile]] = {}
+        inflight: dict[Any, tuple[int, Shard]] = {}
 
         def submit(i: int) -> None:
             if pending:
@@ -564,7 +564,7 @@ class RayEngine(Engine):
             warnings.warn(message, stacklevel=2)
         return Done(CENTROIDS, run.result, done.worker)
 
-    def stage_shards(self, settings: Settings, shards: Sequence[ShardFile]) -> Iterator[Done]:
+    def stage_shards(self, settings: Settings, shards: Sequence[Shard]) -> Iterator[Done]:
         import ray
 
         if not shards:

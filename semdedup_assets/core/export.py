@@ -46,7 +46,7 @@ from semdedup_assets.core import storage as st
 from semdedup_assets.core.catalog import BUCKET_GLOB, scan, sql_quote, stage_source
 from semdedup_assets.core.prune import Pruning, PruneError, is_pruning, keep_count, kept_file, parse_pruning
 from semdedup_assets.core.schemas import CONTAMINATED_REFERENCE_KEY
-from semdedup_assets.core.shards import ShardFile, discover_shards
+from semdedup_assets.core.shards import Shard, ShardFile, ShardGroup, discover_shards, members
 from semdedup_assets.core.storage import UPath
 from semdedup_assets.core.webdataset import split_member_name
 
@@ -329,6 +329,11 @@ def relative_path(path: UPath, root: UPath) -> str:
     return path.name
 
 
+def shard_outputs(shard: Shard, input_root: UPath, out_dir: UPath) -> list[list[UPath]]:
+    """Where each input file of a shard (one, or a group's) goes: `output_files` per file, in key order."""
+    return [output_files(member, input_root, out_dir) for member in members(shard)]
+
+
 def output_files(shard: ShardFile, input_root: UPath, out_dir: UPath) -> list[UPath]:
     """Where a shard's deduplicated file(s) go: its relative path(s) below the selection folder."""
     paths = [shard.path] + ([shard.metadata] if shard.kind == "npy" and shard.metadata is not None else [])
@@ -477,8 +482,12 @@ def remove_exported_shard(storage: st.Storage, key: str) -> list[str]:
 
 def export_shards(storage: st.Storage, input_location: str, selection: Selection,
                   keys: Sequence[str] | None = None, configured_eps: Sequence[float] = (),
-                  log: Callable[[str], None] | None = None, reference: str | None = None) -> list[ShardExport]:
+                  log: Callable[[str], None] | None = None, reference: str | None = None,
+                  files_per_shard: int = 1) -> list[ShardExport]:
     """Write the deduplicated copy of some shards (default: every shard that has results).
+
+    Every input file is written again in its own format and relative path; a group of
+    `files_per_shard` files is one shard (one manifest) whose files are written one by one.
 
     `log`, if given, is called once per shard done. `reference` is the settings' --reference:
     the decontamination results must be those of it (see `_contaminated_source`).
@@ -488,7 +497,7 @@ def export_shards(storage: st.Storage, input_location: str, selection: Selection
     last export of this selection are not rewritten.
     """
     root = st.to_upath(input_location)
-    files = {s.key: s for s in discover_shards(input_location)}
+    files = {s.key: s for s in discover_shards(input_location, files_per_shard)}
     raw_keys = [storage.shard_of(st.RAW, p) for p in storage.stage_files(st.RAW)]
     keys = sorted(raw_keys if keys is None else keys)
     for key in keys:
@@ -503,28 +512,36 @@ def export_shards(storage: st.Storage, input_location: str, selection: Selection
     base = root if root.is_dir() else root.parent
     out_dir = selection_dir(storage, selection)
     results = []
-    kept: dict[str, pa.Array] = {}
+    kept: dict[str, pa.Array] = {}  # by input file key (the `shard` column)
+    covered: set[str] = set()
     for key in keys:
-        if key not in kept:  # the kept ids of a few shards at a time, never of the whole dataset
-            kept = kept_ids(storage, selection, _next_shards(storage, keys, key), configured_eps, reference)
+        if key not in covered:  # the kept ids of a few shards at a time, never of the whole dataset
+            batch = _next_shards(storage, keys, key)
+            covered = set(batch)
+            kept = kept_ids(storage, selection, [m.key for k in batch for m in members(files[k])], configured_eps,
+                            reference)
         shard = files[key]
-        raw = st.read_table(storage.shard_file(st.RAW, key), columns=["id", "row"])
-        rows = kept_rows(raw, kept[key])
-        outputs = output_files(shard, base, out_dir)
+        grouped = isinstance(shard, ShardGroup)
+        raw = st.read_table(storage.shard_file(st.RAW, key), columns=["id", "shard", "row"] if grouped else ["id", "row"])
+        per_file = [raw.filter(pc.equal(raw.column("shard"), m.key)) if grouped else raw for m in members(shard)]
+        rows_of = [kept_rows(part, kept[m.key]) for m, part in zip(members(shard), per_file, strict=True)]
+        outputs_of = shard_outputs(shard, base, out_dir)
+        outputs = [p for outs in outputs_of for p in outs]
+        n_kept = sum(len(r) for r in rows_of)
         manifest_path = manifest_file(out_dir, key)
-        state = {"fingerprint": shard.fingerprint(), "rows": rows_digest(rows),
-                 "files": [str(p) for p in outputs]}
+        digest = rows_digest(rows_of[0]) if not grouped else ",".join(rows_digest(r) for r in rows_of)
+        state = {"fingerprint": shard.fingerprint(), "rows": digest, "files": [str(p) for p in outputs]}
         previous = json.loads(manifest_path.read_text()) if manifest_path.exists() else None
         rewrite = previous is None or {k: previous.get(k) for k in state} != state or not all(p.exists() for p in outputs)
         if rewrite:
-            ids = raw.sort_by("row").column("id").to_pylist() if shard.kind == "tar" else []
-            write_shard(shard, rows, ids, outputs)
-            st.atomic_write_bytes(json.dumps({**state, "kept": int(len(rows)),
-                                              "removed": int(raw.num_rows - len(rows))}).encode(), manifest_path)
-        results.append(ShardExport(key, int(len(rows)), int(raw.num_rows - len(rows)), rewrite,
-                                   [str(p) for p in outputs]))
+            for member, part, rows, outs in zip(members(shard), per_file, rows_of, outputs_of, strict=True):
+                ids = part.sort_by("row").column("id").to_pylist() if member.kind == "tar" else []
+                write_shard(member, rows, ids, outs)
+            st.atomic_write_bytes(json.dumps({**state, "kept": int(n_kept),
+                                              "removed": int(raw.num_rows - n_kept)}).encode(), manifest_path)
+        results.append(ShardExport(key, int(n_kept), int(raw.num_rows - n_kept), rewrite, [str(p) for p in outputs]))
         if log is not None:
-            log(f"shard {key!r}: kept {len(rows)}" + ("" if rewrite else " (unchanged)"))
+            log(f"shard {key!r}: kept {n_kept}" + ("" if rewrite else " (unchanged)"))
     return results
 
 
@@ -537,7 +554,7 @@ class Tidied:
 
 
 def tidy_exports(storage: st.Storage, input_location: str, selection: Selection,
-                 configured_eps: Sequence[float]) -> Tidied:
+                 configured_eps: Sequence[float], files_per_shard: int = 1) -> Tidied:
     """After an export: the selection folder keeps only what the selection implies, and folders
     of selections the settings can no longer produce are removed.
 
@@ -546,11 +563,11 @@ def tidy_exports(storage: st.Storage, input_location: str, selection: Selection,
     forgotten shard's copy, a file of an older layout) would be read back with the dataset.
     """
     root = st.to_upath(input_location)
-    files = {s.key: s for s in discover_shards(input_location)}
+    files = {s.key: s for s in discover_shards(input_location, files_per_shard)}
     base = root if root.is_dir() else root.parent
     out_dir = selection_dir(storage, selection)
     raw_keys = [storage.shard_of(st.RAW, p) for p in storage.stage_files(st.RAW)]
     expected = {str(manifest_file(out_dir, k)) for k in raw_keys}
-    expected |= {str(p) for k in raw_keys for p in (output_files(files[k], base, out_dir) if k in files
+    expected |= {str(p) for k in raw_keys for p in ([p for outs in shard_outputs(files[k], base, out_dir) for p in outs] if k in files
                                                     else _manifest_files(manifest_file(out_dir, k)))}
     return Tidied(prune_selection(storage, selection, expected), remove_unproducible_selections(storage, configured_eps))

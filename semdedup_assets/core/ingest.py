@@ -14,7 +14,7 @@ from semdedup_assets.core import storage as st
 from semdedup_assets.core.export import CONTENT_KEY, FINGERPRINT_KEY
 from semdedup_assets.core.catalog import duplicate_ids
 from semdedup_assets.core.config import Settings
-from semdedup_assets.core.shards import ShardError, ShardFile, keep_by_kind, read_shard
+from semdedup_assets.core.shards import Shard, ShardError, ShardIndex, keep_by_kind, members, read_shard
 
 if TYPE_CHECKING:
     from semdedup_assets.core.engines import Engine, Worker
@@ -127,16 +127,45 @@ class StagedShard:
     preview: list[tuple[str, str]]
 
 
-def stage_shard(settings: Settings, shard: ShardFile) -> StagedShard:
+def read_members(shard: Shard, settings: Settings, keep_by: tuple[str, ...]) -> ShardIndex:
+    """Validate every file of a shard and return one index: id, shard (the file's key), row (in that file), ...
+
+    A group's files are read one by one, as one file per shard would read them (default ids
+    `<file key>:<row>`, errors naming the file), then put one after the other. Raises
+    ShardError naming the file when one differs from the group's first in dimension or in
+    the kind of a keep-by column.
+    """
+    tables, dims = [], []
+    for member in members(shard):
+        index = read_shard(member, settings.modality, settings.payload_column, settings.id_column, keep_by)
+        tables.append(index.table.add_column(1, "shard", pa.array([member.key] * index.table.num_rows,
+                                                                  type=pa.string())))
+        dims.append(index.dim)
+        first = tables[0].schema
+        if dims[-1] != dims[0]:
+            raise ShardError(member.key, f"embedding dimension {dims[-1]} differs from file {members(shard)[0].key!r} "
+                                         f"({dims[0]}) of the same shard {shard.key!r}")
+        for name in keep_by:
+            kinds = {keep_by_kind(first.field(name).type), keep_by_kind(tables[-1].schema.field(name).type)} - {"null"}
+            if len(kinds) > 1:
+                raise ShardError(member.key, f"keep-by column {name!r} holds {keep_by_kind(tables[-1].schema.field(name).type)}s "
+                                             f"here but {keep_by_kind(first.field(name).type)}s in file "
+                                             f"{members(shard)[0].key!r} of the same shard {shard.key!r}")
+    if len(tables) == 1:
+        return ShardIndex(tables[0], dims[0])
+    return ShardIndex(pa.concat_tables(tables, promote_options="default"), dims[0])
+
+
+def stage_shard(settings: Settings, shard: Shard) -> StagedShard:
     """Validate one shard and write its raw index beside `raw/<key>.parquet`, unpublished (O(shard) memory).
 
-    Raises ShardError naming the shard and row. Any engine runs this: in the run's process
-    or as a Ray task; `publish_shards` then checks the batch and publishes it.
+    Raises ShardError naming the shard (the file, in a group) and row. Any engine runs this: in
+    the run's process or as a Ray task; `publish_shards` then checks the batch and publishes it.
     """
     storage = settings.storage_root()
     keep_by = tuple(name for name, _ in settings.keep_by_columns)
-    index = read_shard(shard, settings.modality, settings.payload_column, settings.id_column, keep_by)
-    table = index.table.add_column(1, "shard", pa.array([shard.key] * index.table.num_rows, type=pa.string()))
+    index = read_members(shard, settings, keep_by)
+    table = index.table
     # The input as ingested: `semdedup export` refuses a shard that changed since, and
     # `verify --content` compares the input's bytes with the digest.
     fingerprint = shard.fingerprint()
@@ -201,7 +230,7 @@ def publish_shards(settings: Settings, staged: Sequence[StagedShard], seconds: f
     return IngestResult(done, round(seconds + time.perf_counter() - start, 2), preview, dict(workers or {}))
 
 
-def ingest_shards(settings: Settings, shards: Sequence[ShardFile], log: Callable[[str], None] | None = None,
+def ingest_shards(settings: Settings, shards: Sequence[Shard], log: Callable[[str], None] | None = None,
                   engine: Engine | None = None) -> IngestResult:
     """Validate every shard, then publish `raw/<key>.parquet` for all of them together.
 

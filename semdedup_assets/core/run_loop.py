@@ -72,7 +72,7 @@ def run_units(settings: Settings, engine: Engine | None = None, shards: Sequence
     `on_step(step, units)` is called as each step of STEPS starts with its number of units, and
     `on_unit(step, key)` as each unit finishes: progress for a caller. `log` gets the core's own lines.
     """
-    shards = list(discover_shards(settings.input) if shards is None else shards)
+    shards = list(discover_shards(settings.input, settings.files_per_shard) if shards is None else shards)
     if not shards:
         raise ValueError(f"no shard files under {settings.input}")
     if stray := stray_shards(settings, shards):

@@ -9,6 +9,12 @@ relative to the input location without the extension (`2024/part-03`).
 text modality); heavy payloads (embeddings, images) are read again by the embedding
 stage with `iter_embedding_chunks` / `read_images`, never copied. Anything wrong raises
 `ShardError` naming the shard and, where known, the row.
+
+With `--files-per-shard N` (N > 1) a shard is a `ShardGroup`: N consecutive files in key
+order (group i holds files i*N .. i*N+N-1; the last may hold fewer), keyed
+`<first file's key>+<N>` (docs/files-per-shard.md). Every item still names its own
+file: the raw index's `shard` column is the file's key and `row` its row in that file,
+so ids, keep-lists and exports are what one file per shard gives.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import json
 import os
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -86,6 +92,109 @@ class ShardFile:
         return h.hexdigest() if legacy else DIGEST_PREFIX + h.hexdigest()
 
 
+@dataclass(frozen=True)
+class ShardGroup:
+    """Consecutive input files (in key order) read, ingested and embedded as one shard (one partition)."""
+
+    key: str
+    files: tuple[ShardFile, ...]
+
+    @property
+    def kind(self) -> str:
+        """The kind of its files (a group holds one kind)."""
+        return self.files[0].kind
+
+    @property
+    def path(self) -> UPath:
+        """The first file's path (what a log line names for the group)."""
+        return self.files[0].path
+
+    def fingerprint(self) -> str:
+        """Every member's key and fingerprint: a file added, removed, renamed or changed changes it."""
+        return ";".join(f"{f.key}={f.fingerprint()}" for f in self.files)
+
+    def changed_files(self, recorded: str) -> str:
+        """What differs from a recorded group fingerprint, naming the files (for an error message)."""
+        before = dict(part.partition("=")[::2] for part in recorded.split(";") if "=" in part)
+        now = {f.key: f for f in self.files}
+        added = [str(now[k].path) for k in now if k not in before]
+        gone = [k for k in before if k not in now]
+        edited = [str(now[k].path) for k in now if k in before and before[k] != now[k].fingerprint()]
+        parts = [f"{what}: {', '.join(names[:3])}" for what, names in
+                 (("added", added), ("gone", gone), ("changed", edited)) if names]
+        return f"its input files changed since it was ingested ({'; '.join(parts) or 'order'})"
+
+    def content_digest(self, like: str | None = None) -> str:
+        """One digest of every member's bytes, in order, each preceded by its key."""
+        legacy = like is not None and not like.startswith(DIGEST_PREFIX)
+        h = hashlib.blake2b(digest_size=16) if legacy else hashlib.sha256()
+        for member in self.files:
+            h.update(member.key.encode() + b"\0")
+            h.update(member.content_digest(like).encode() + b"\0")
+        return h.hexdigest() if legacy else DIGEST_PREFIX + h.hexdigest()
+
+
+Shard = ShardFile | ShardGroup  # what a `shards` partition stands for
+
+
+def members(shard: Shard) -> tuple[ShardFile, ...]:
+    """The input files of a shard, in key order (one for a plain file)."""
+    return shard.files if isinstance(shard, ShardGroup) else (shard,)
+
+
+GROUP_SEPARATOR = "+"
+
+
+def group_key(first: str, files_per_shard: int) -> str:
+    """The key of the group whose first file has key `first`: `<first>+<N>` (N the configured group size).
+
+    The nominal size, not the count: the last group keeps its key while appended files fill it.
+    """
+    return f"{first}{GROUP_SEPARATOR}{files_per_shard}"
+
+
+def group_files(files: list[ShardFile], files_per_shard: int) -> list[Shard]:
+    """Group files sorted by key into shards of `files_per_shard` consecutive files (1: the files themselves).
+
+    Group i is files [i*N, (i+1)*N): appending files whose keys sort after the others fills the
+    last group and then starts new ones, never moving a file of a full group. A group mixing
+    kinds (say .parquet and .jsonl) is refused naming both files.
+    """
+    if files_per_shard < 1:
+        raise ValueError(f"files_per_shard must be >= 1, got {files_per_shard}")
+    if files_per_shard == 1:
+        return list(files)
+    groups: list[Shard] = []
+    for start in range(0, len(files), files_per_shard):
+        run = tuple(files[start : start + files_per_shard])
+        odd = next((f for f in run if f.kind != run[0].kind), None)
+        if odd is not None:
+            raise ValueError(f"files {run[0].path} ({run[0].kind}) and {odd.path} ({odd.kind}) fall in one group of "
+                             f"--files-per-shard {files_per_shard}: a group holds one kind of file")
+        groups.append(ShardGroup(validate_shard_key(group_key(run[0].key, files_per_shard)), run))
+    return groups
+
+
+def regrouped_shards(stray: list[str], files: set[str], files_per_shard: int) -> list[str]:
+    """The registered shards that are no longer shards only because the input's files were grouped anew.
+
+    A group key `<first>+<n>` whose first file is still an input file, or (with
+    `files_per_shard` > 1) sorts between the input's first and last files (a file added,
+    removed or renamed inside the input, or the group size changed); with `files_per_shard`
+    > 1, the plain key of a file now in a group. Any other stray key is a shard that
+    vanished (or another dataset's): left to `semdedup forget`, as ever.
+    """
+    low, high = (min(files), max(files)) if files else ("", "")
+
+    def is_group(key: str) -> bool:
+        first, sep, size = key.rpartition(GROUP_SEPARATOR)
+        if not (sep and size.isdigit() and int(size) > 1):
+            return False
+        return first in files or (files_per_shard > 1 and low < first < high)
+
+    return [k for k in stray if is_group(k) or (files_per_shard > 1 and k in files)]
+
+
 def _fingerprint(path: UPath) -> str:
     info = path.stat()
     size = getattr(info, "st_size", None)
@@ -134,8 +243,9 @@ HIDDEN_PREFIXES = (".", "_")  # Spark/Hive convention: _SUCCESS, _temporary, .cr
 class Discovery:
     """What a listing of the input found: the shards, and the shard-like files it skipped."""
 
-    shards: list[ShardFile]
+    shards: list[Shard]  # one per partition: the files, or with files_per_shard > 1 their groups
     skipped: list[str]  # paths relative to the input of files with a shard suffix named `_...` or `.…`
+    files: list[ShardFile] = field(default_factory=list)  # every input file, sorted by key
 
     def skipped_note(self, location: str | UPath) -> str | None:
         """One line saying how many files were skipped and where (None when none were)."""
@@ -170,19 +280,26 @@ def _walk_local(root: str) -> Iterator[str]:
                     raise ValueError(f"broken symbolic link under the input: {printable(entry.path)} -> {printable(os.readlink(entry.path))}")
 
 
-def discover(location: str | UPath) -> Discovery:
-    """Every shard file under the input location (or the one file it names), sorted by key.
+def discover(location: str | UPath, files_per_shard: int = 1) -> Discovery:
+    """Every shard under the input location (or the one file it names), sorted by key.
 
     Files whose names start with `_` or `.` are skipped (and listed in `skipped`); local
-    symbolic links to folders are followed.
+    symbolic links to folders are followed. `files_per_shard` > 1 groups the files
+    (`group_files`); `files` always lists them one by one.
     """
     root = to_upath(location)
     check_store(root, "input")  # refused credentials must not read as "no such input"
     if root.is_file():
         suffix = shard_suffix(root.name)
         if suffix is None:
+<<<<<<< HEAD
             raise ValueError(f"{printable(root)}: not a shard file (one of {', '.join(SHARD_SUFFIXES)})")
         return Discovery([ShardFile(validate_shard_key(root.name[: -len(suffix)]), root)], [])
+=======
+            raise ValueError(f"{root}: not a shard file (one of {', '.join(SHARD_SUFFIXES)})")
+        one = [ShardFile(validate_shard_key(root.name[: -len(suffix)]), root)]
+        return Discovery(group_files(one, files_per_shard), [], one)
+>>>>>>> files-per-shard
     if not root.exists():
         raise FileNotFoundError(f"input location does not exist: {printable(root)}")
     if is_local(root):
@@ -203,12 +320,13 @@ def discover(location: str | UPath) -> Discovery:
         if key in found:
             raise ValueError(f"two files give shard key {key!r}: {printable(found[key].path)} and {printable(path)}")
         found[key] = ShardFile(key, path, metadata.get(str(path)))
-    return Discovery([found[k] for k in sorted(found)], skipped)
+    files = [found[k] for k in sorted(found)]
+    return Discovery(group_files(files, files_per_shard), skipped, files)
 
 
-def discover_shards(location: str | UPath) -> list[ShardFile]:
-    """Every shard file under the input location (or the one file it names), sorted by key (see `discover`)."""
-    return discover(location).shards
+def discover_shards(location: str | UPath, files_per_shard: int = 1) -> list[Shard]:
+    """Every shard under the input location (or the one file it names), sorted by key (see `discover`)."""
+    return discover(location, files_per_shard).shards
 
 
 def _read_jsonl(shard: str, data: bytes) -> pa.Table:
@@ -393,9 +511,14 @@ def _open_npy(shard: ShardFile) -> np.ndarray:
     return x
 
 
-def iter_embedding_chunks(shard: ShardFile, column: str = "embedding",
+def iter_embedding_chunks(shard: Shard, column: str = "embedding",
                           chunk_rows: int = EMBEDDING_CHUNK_ROWS) -> Iterator[np.ndarray]:
-    """The shard's embeddings as float32 (rows, dim) chunks, in row order (npy: memory-mapped)."""
+    """The shard's embeddings as float32 (rows, dim) chunks, in row order (npy: memory-mapped); a group's
+    files one after the other."""
+    if isinstance(shard, ShardGroup):
+        for member in shard.files:
+            yield from iter_embedding_chunks(member, column, chunk_rows)
+        return
     if shard.kind == "npy":
         x = _open_npy(shard)
         for start in range(0, x.shape[0], chunk_rows):
@@ -417,8 +540,10 @@ def _validate_npy(shard: ShardFile, n_metadata: int) -> int:
     return int(x.shape[1])
 
 
-def read_images(shard: ShardFile, column: str = "image") -> list[bytes | None]:
-    """The encoded image bytes of a shard, in row order (None where a sample has none)."""
+def read_images(shard: Shard, column: str = "image") -> list[bytes | None]:
+    """The encoded image bytes of a shard, in row order (None where a sample has none); a group's files in order."""
+    if isinstance(shard, ShardGroup):
+        return [image for member in shard.files for image in read_images(member, column)]
     table = read_raw_table(shard, [column] if shard.kind == "parquet" else None)
     return table.column(column).to_pylist()
 

@@ -30,7 +30,7 @@ from semdedup_assets.core.config import Settings
 from semdedup_assets.core.export import CONTENT_KEY, recorded_fingerprint
 from semdedup_assets.core.keep import keep_mask
 from semdedup_assets.core.schemas import CONTAMINATED_SCHEMA
-from semdedup_assets.core.shards import ShardFile
+from semdedup_assets.core.shards import Shard, ShardGroup, members
 
 
 
@@ -71,7 +71,7 @@ def _read_whole(path: st.UPath, columns: list[str] | None = None) -> pa.Table:
 class _Checker:
     def __init__(self, storage: st.Storage, settings: Settings,
                  expected_cache_key: Callable[[str], str | None] | None,
-                 inputs: Mapping[str, ShardFile] | None = None, content: bool = False) -> None:
+                 inputs: Mapping[str, Shard] | None = None, content: bool = False) -> None:
         self.storage, self.settings, self.expected_cache_key = storage, settings, expected_cache_key
         self.inputs, self.content = inputs or {}, content
         self.problems: list[Problem] = []
@@ -127,6 +127,8 @@ class _Checker:
         except st.StageFileError:
             return None
         if recorded is not None and recorded != shard.fingerprint():
+            if isinstance(shard, ShardGroup):
+                return shard.changed_files(recorded)
             return f"its input {shard.path} changed since it was ingested (size or modification time)"
         return None
 
@@ -142,7 +144,8 @@ class _Checker:
                 continue  # gone, ingested before digests were recorded, or already told by the fingerprint
             if shard.content_digest(like=recorded) != recorded:
                 # A run sees only the fingerprint: deleting the raw index makes the next one ingest and embed again.
-                self.bad(path, f"the content of its input {shard.path} changed since it was ingested, with the same "
+                inputs = ", ".join(str(f.path) for f in members(shard)[:3]) + (", ..." if len(members(shard)) > 3 else "")
+                self.bad(path, f"the content of its input {inputs} changed since it was ingested, with the same "
                          "size and modification time, so a run cannot see it: --repair deletes this raw index and "
                          "the next `semdedup run` ingests and embeds the shard again")
 
@@ -288,7 +291,7 @@ class _Checker:
 
 def verify_storage(storage: st.Storage, settings: Settings,
                    expected_cache_key: Callable[[str], str | None] | None = None,
-                   inputs: Mapping[str, ShardFile] | None = None, content: bool = False) -> list[Problem]:
+                   inputs: Mapping[str, Shard] | None = None, content: bool = False) -> list[Problem]:
     """Every stage file that is damaged, inconsistent with its upstream or stale (empty when all is well).
 
     `expected_cache_key(shard)`, if given, is the cache key that shard's embeddings file
