@@ -292,14 +292,9 @@ def discover(location: str | UPath, files_per_shard: int = 1) -> Discovery:
     if root.is_file():
         suffix = shard_suffix(root.name)
         if suffix is None:
-<<<<<<< HEAD
             raise ValueError(f"{printable(root)}: not a shard file (one of {', '.join(SHARD_SUFFIXES)})")
-        return Discovery([ShardFile(validate_shard_key(root.name[: -len(suffix)]), root)], [])
-=======
-            raise ValueError(f"{root}: not a shard file (one of {', '.join(SHARD_SUFFIXES)})")
         one = [ShardFile(validate_shard_key(root.name[: -len(suffix)]), root)]
         return Discovery(group_files(one, files_per_shard), [], one)
->>>>>>> files-per-shard
     if not root.exists():
         raise FileNotFoundError(f"input location does not exist: {printable(root)}")
     if is_local(root):
