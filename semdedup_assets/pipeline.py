@@ -19,11 +19,12 @@ from semdedup_assets.core.catalog import refresh_catalog
 from semdedup_assets.core.config import Settings
 from semdedup_assets.core.decontaminate import ReferenceError, check_run_reference
 from semdedup_assets.core.engines import EngineError, ray_session
-from semdedup_assets.core.export import DEDUPLICATED, remove_exported_shard
+from semdedup_assets.core.export import DEDUPLICATED, remove_exported_shard, stale_exports
 from semdedup_assets.core.layout import remove_shard_files
+from semdedup_assets.core.lineage import results_fingerprint
 from semdedup_assets.core.settings_store import save_settings
 from semdedup_assets.core.shards import SHARD_SUFFIXES, discover
-from semdedup_assets.core.verify import remove_stale_outputs
+from semdedup_assets.core.verify import remove_stale_prunings
 from semdedup_assets.graph import build_graph
 from semdedup_assets.names import DEFAULT_NAMES, GraphNames, record_graph, recorded_graph
 from semdedup_assets.run_guard import RunGuard, process_tags
@@ -104,8 +105,8 @@ def run_pipeline(settings: Settings, instance: dg.DagsterInstance, log=print, ve
     The settings are committed to the storage (`semdedup.json`) only when every stage
     succeeded: a failed run leaves those of the last good run, which the commands that read
     the storage (export, status, sensors) go on using; the stages themselves take the new
-    settings from the graph's resource. Then the derived outputs that the new results no
-    longer match (exports, pruning selections: core/lineage.py) are removed.
+    settings from the graph's resource. Then the pruning selections that the new results no
+    longer match (core/lineage.py) are removed, and exports that no longer match are named.
     """
     with RunGuard(instance, log, stop_on_signals=stop_on_signals):
         return _run_pipeline(settings, instance, log, verbose, storage_names(settings, names))
@@ -166,11 +167,16 @@ def _run_pipeline(settings: Settings, instance: dg.DagsterInstance, log=print, v
                 result.run_ids[label] = run_id
                 result.seconds[label] = _run_seconds(instance, run_id)
             save_settings(settings)  # every stage succeeded: these are now the storage's settings
-            removed = remove_stale_outputs(settings.storage_root(), settings)
+            storage = settings.storage_root()
+            fingerprint = results_fingerprint(storage)
+            removed = remove_stale_prunings(storage, fingerprint)
             if removed:
-                refresh_catalog(settings.storage_root())
-                log(f"[semdedup] removed {len(removed)} output(s) made from earlier results: {', '.join(removed)} "
-                    "(`semdedup export --select SELECTION` writes an export again)")
+                refresh_catalog(storage)
+                log(f"[semdedup] removed {len(removed)} pruning selection(s) made from earlier results: "
+                    f"{', '.join(removed)}")
+            for label in stale_exports(storage, settings.eps, fingerprint):
+                log(f"[semdedup] warning: deduplicated/{label} was exported from earlier results: "
+                    f"`semdedup export --select {label}` writes it again (status and verify flag it until then)")
             return result
     except EngineError as err:
         raise PipelineError(str(err)) from None

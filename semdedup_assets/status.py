@@ -276,6 +276,9 @@ def format_status(s: dict[str, Any]) -> str:
     if s["state"] == "fresh":
         lines.append("nothing here yet: `semdedup run --input PATH --storage ...` fills it")
         return "\n".join(lines)
+    if s.get("graph"):
+        lines.append(f"graph:      {s['graph']} (a SemDedup component's: partitions, jobs and runs under that prefix, "
+                     f"instance {s['dagster_home'] or '-'})")
     lines.append(f"input:      {s['input'] or '-'}")
     if skipped := s.get("input_skipped"):
         lines.append(f"            {len(skipped)} file(s) skipped for names starting with '_' or '.': "
@@ -332,7 +335,8 @@ def format_status(s: dict[str, Any]) -> str:
                      f"{e['shards']} shard(s), written {_age(time.time() - e['written_at']) if e['written_at'] else '-'}"
                      + ("  STALE" if e.get("stale") else ""))
     if s.get("stale_outputs"):
-        lines.append("stale outputs (made from other results; the next `semdedup run` removes them):")
+        lines.append("stale outputs (made from other results: `semdedup export` writes an export again, "
+                     "the next `semdedup run` removes a pruning selection):")
         lines += [f"  {o['path']}: {o['reason']}" for o in s["stale_outputs"]]
     r = s["runs"]
     lines.append(f"runs:       {r['total']} recorded" + (f", last {len(r['recent'])}:" if r["recent"] else ""))

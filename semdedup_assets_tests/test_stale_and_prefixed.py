@@ -2,7 +2,8 @@
 
 1. every command understands the storage of a prefixed `SemDedup` component graph (two in one project);
 2. a relative --reference is resolved once, to absolute, before anything records it;
-3. exports and pruning selections record what they were made from: flagged when stale, removed by the next run;
+3. exports and pruning selections record what they were made from: flagged when stale (status, verify, the run),
+   a stale pruning selection left out of the `pruned` view and removed by the next run;
 4. a failed run leaves the settings of the last good one.
 
 Tiny bring-your-own-embedding shards, a few clusters: seconds each.
@@ -122,7 +123,7 @@ def test_a_relative_reference_is_resolved_once_and_exports_work(tmp_path: Path, 
 
 # -- finding 3: exports and pruning selections made from other results ------------------------------------
 
-def test_exports_made_from_other_results_are_flagged_then_removed_by_the_next_run(
+def test_exports_made_from_other_results_are_flagged_until_written_again(
         tmp_path: Path, home: Path, capsys: pytest.CaptureFixture) -> None:
     """`run --clusters 10`, `export --select eps=...`, `run --clusters 20`: the folder kept the k = 10 rows while
     status said (complete) and verify exited 0; other selection folders stayed stale too."""
@@ -147,19 +148,23 @@ def test_exports_made_from_other_results_are_flagged_then_removed_by_the_next_ru
     assert _command(capsys, "export", "--select", "eps=0.1", "--storage", str(storage))[0] == 0  # written again
     assert {Path(o["path"]).name for o in _status(capsys, storage)["stale_outputs"]} == {"keep-fraction=0.5"}
 
-    # A run with other settings: every export of the earlier results goes, none is served stale.
+    # A run with other settings: it names the exports of the earlier results; they stay flagged until written again.
     code, out, err = _command(capsys, *run, "--clusters", "5")
     assert code == 0, err
-    assert "removed 2 output(s) made from earlier results" in out, out
-    assert not (storage / "deduplicated").exists() or not any((storage / "deduplicated").iterdir())
+    for label in ("eps=0.1", "keep-fraction=0.5"):
+        assert f"warning: deduplicated/{label} was exported from earlier results" in out, out
     s = _status(capsys, storage)
-    assert s["state"] == "complete" and s["stale_outputs"] == [] and s["exports"] == [], s
+    assert s["state"] == "partial" and len(s["stale_outputs"]) == 2, s
+    assert _command(capsys, "verify", "--storage", str(storage))[0] == 1
+    for select in ("eps=0.1", "keep-fraction=0.5"):
+        assert _command(capsys, "export", "--select", select, "--storage", str(storage))[0] == 0
+    s = _status(capsys, storage)
+    assert s["state"] == "complete" and s["stale_outputs"] == [] and not any(e["stale"] for e in s["exports"]), s
     assert _command(capsys, "verify", "--storage", str(storage))[0] == 0
 
-    # The same settings again: the same bytes, so a fresh export stays.
-    assert _command(capsys, "export", "--select", "eps=0.1", "--storage", str(storage))[0] == 0
-    assert _command(capsys, *run, "--clusters", "5")[0] == 0
-    assert (storage / "deduplicated" / "eps=0.1" / "part-00.parquet").exists()
+    # The same settings again: the same bytes, so the exports stay current.
+    code, out, err = _command(capsys, *run, "--clusters", "5")
+    assert code == 0 and "exported from earlier results" not in out, out
     assert _status(capsys, storage)["stale_outputs"] == []
 
 
@@ -192,7 +197,7 @@ def test_a_run_without_prune_drops_the_selection_of_the_earlier_run(tmp_path: Pa
     assert _last_row(_command(capsys, *sql)[1]) == ["24", "5"]
     code, out, err = _command(capsys, *run, "--clusters", "3")
     assert code == 0, err
-    assert "pruned/prototypes:keep-fraction=0.3" in out
+    assert "removed 1 pruning selection(s) made from earlier results: pruned/prototypes:keep-fraction=0.3" in out
     assert _last_row(_command(capsys, *sql)[1]) == ["0", "-1"]
     assert not (storage / "pruned" / "prototypes:keep-fraction=0.3").exists()
     assert _status(capsys, storage)["stale_outputs"] == []

@@ -503,7 +503,7 @@ def export_shards(storage: st.Storage, input_location: str, selection: Selection
     base = root if root.is_dir() else root.parent
     out_dir = selection_dir(storage, selection)
     # Taken before the results are read: if they change meanwhile, the record is stale, never wrongly current.
-    made_from = export_made_from(selection, configured_eps, results_fingerprint(storage))
+    made_from = export_made_from(storage, selection, configured_eps, results_fingerprint(storage))
     results = []
     kept: dict[str, pa.Array] = {}
     for key in keys:
@@ -531,10 +531,17 @@ def export_shards(storage: st.Storage, input_location: str, selection: Selection
     return results
 
 
-def export_made_from(selection: Selection, configured_eps: Sequence[float], fingerprint: str) -> dict[str, object]:
-    """What an export of `selection` is computed from: the results, and the eps contaminated items are dropped at."""
-    return {"results": fingerprint,
-            "contamination_eps": contamination_eps(selection, configured_eps or [selection.value])}
+def export_made_from(storage: st.Storage, selection: Selection, configured_eps: Sequence[float],
+                     fingerprint: str) -> dict[str, object]:
+    """What an export of `selection` is computed from: the results, and the eps contaminated items are dropped at
+    (None when no item is flagged: then the configured eps do not matter)."""
+    path = storage.contaminated_file
+    try:
+        flagged = path.exists() and st.parquet_num_rows(path) > 0
+    except st.StageFileError:
+        flagged = True  # damaged: an export refuses it anyway (see _contaminated_source)
+    dropped_at = contamination_eps(selection, configured_eps or [selection.value]) if flagged else None
+    return {"results": fingerprint, "contamination_eps": dropped_at}
 
 
 def _label_selection(label: str, configured_eps: Sequence[float]) -> Selection | None:
@@ -575,7 +582,7 @@ def stale_exports(storage: st.Storage, configured_eps: Sequence[float], fingerpr
         manifests = sorted((folder / MANIFEST_DIR).rglob("*.json"), key=str) if (folder / MANIFEST_DIR).exists() else []
         if selection is None or not manifests:
             continue  # not an export folder, or an empty one: nothing is served from it
-        want = export_made_from(selection, configured_eps, current)
+        want = export_made_from(storage, selection, configured_eps, current)
         for manifest in manifests:
             try:
                 recorded = json.loads(manifest.read_text()).get("made_from")

@@ -6,9 +6,9 @@ bucket results (`max_sim`, `duplicate_of`, `sim_to_centroid`, cluster), the cent
 the decontamination results. `results_fingerprint` digests the bytes of exactly those
 files; each derived output records it when it is written (an export in every shard's
 manifest, a pruning selection in its `made_from.json`). An output whose recorded
-fingerprint differs from the storage's current one was made from other results: status
-and verify flag it, the `pruned` view leaves it out, and the next successful run removes
-it (docs/stale-outputs.md). A run with the same settings rewrites the same bytes
+fingerprint differs from the storage's current one was made from other results: status,
+verify and the next successful run flag it, the `pruned` view leaves a stale selection out
+and that run removes it; `export` writes an export again (docs/stale-outputs.md). A run with the same settings rewrites the same bytes
 (the byte-identity guarantee), so it keeps its outputs current.
 """
 

@@ -14,7 +14,8 @@ alone: the next run redoes it anyway. With `content`, each input's bytes are che
 the digest recorded at ingest: an in-place edit that kept size and modification time makes
 the raw index wrong (a run cannot see the edit), so `repair` deletes it. The derived outputs
 (export folders, pruning selections) made from other results than the storage holds now are
-stale too (`stale_outputs`, core/lineage.py): the next successful run removes them.
+stale too (`stale_outputs`, core/lineage.py): `export` writes an export again, the next
+successful run removes a stale pruning selection.
 """
 
 from __future__ import annotations
@@ -29,8 +30,7 @@ import pyarrow.compute as pc
 from semdedup_assets.core import storage as st
 from semdedup_assets.core.assign import bucket_cluster_range, bucket_keys
 from semdedup_assets.core.config import Settings
-from semdedup_assets.core.export import (CONTENT_KEY, DEDUPLICATED, recorded_fingerprint, remove_selection_folder,
-                                         stale_exports)
+from semdedup_assets.core.export import CONTENT_KEY, DEDUPLICATED, recorded_fingerprint, stale_exports
 from semdedup_assets.core.lineage import results_fingerprint
 from semdedup_assets.core.prune import remove_pruning_folder, stale_prunings
 from semdedup_assets.core.keep import keep_mask
@@ -310,21 +310,23 @@ def stale_outputs(storage: st.Storage, settings: Settings) -> list[Problem]:
     fingerprint = results_fingerprint(storage)
     exports = stale_exports(storage, settings.eps, fingerprint)
     prunings = stale_prunings(storage, fingerprint)
-    return ([Problem(storage.stage_dir(DEDUPLICATED) / label, f"stale export: {why}; the next `semdedup run` "
-                     f"removes it, `semdedup export --select {label}` writes it again", STALE)
+    return ([Problem(storage.stage_dir(DEDUPLICATED) / label, f"stale export: {why}; "
+                     f"`semdedup export --select {label}` writes it again", STALE)
              for label, why in exports.items()]
             + [Problem(storage.stage_dir(st.PRUNED) / label, f"stale pruning selection (left out of the `pruned` "
                        f"view): {why}; the next `semdedup run` removes it", STALE)
                for label, why in prunings.items()])
 
 
-def remove_stale_outputs(storage: st.Storage, settings: Settings) -> list[str]:
-    """Delete every stale export folder and pruning selection; returns them as `<stage>/<label>`."""
-    fingerprint = results_fingerprint(storage)
+def remove_stale_prunings(storage: st.Storage, fingerprint: str | None = None) -> list[str]:
+    """Delete every pruning selection not made from the current results; returns them as `pruned/<label>`.
+
+    A run calls it once its results are committed: the `pruned` view then holds only selections
+    of these results (the view leaves stale ones out meanwhile). Exports are not removed: they are
+    the user's files, flagged (`stale_outputs`) until `semdedup export` writes them again.
+    `fingerprint`: the storage's results_fingerprint, when the caller has it already.
+    """
     removed = []
-    for label in stale_exports(storage, settings.eps, fingerprint):
-        remove_selection_folder(storage, label)
-        removed.append(f"{DEDUPLICATED}/{label}")
     for label in stale_prunings(storage, fingerprint):
         remove_pruning_folder(storage, label)
         removed.append(f"{st.PRUNED}/{label}")
