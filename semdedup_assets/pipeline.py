@@ -24,7 +24,7 @@ from semdedup_assets.core.layout import remove_shard_files
 from semdedup_assets.core.lineage import results_fingerprint
 from semdedup_assets.core.settings_store import save_settings
 from semdedup_assets.core.shards import SHARD_SUFFIXES, discover
-from semdedup_assets.core.verify import remove_stale_prunings
+from semdedup_assets.core.verify import derived_outputs_exist, remove_stale_prunings
 from semdedup_assets.graph import build_graph
 from semdedup_assets.names import DEFAULT_NAMES, GraphNames, record_graph, recorded_graph
 from semdedup_assets.run_guard import RunGuard, process_tags
@@ -168,15 +168,16 @@ def _run_pipeline(settings: Settings, instance: dg.DagsterInstance, log=print, v
                 result.seconds[label] = _run_seconds(instance, run_id)
             save_settings(settings)  # every stage succeeded: these are now the storage's settings
             storage = settings.storage_root()
-            fingerprint = results_fingerprint(storage)
-            removed = remove_stale_prunings(storage, fingerprint)
-            if removed:
-                refresh_catalog(storage)
-                log(f"[semdedup] removed {len(removed)} pruning selection(s) made from earlier results: "
-                    f"{', '.join(removed)}")
-            for label in stale_exports(storage, settings.eps, fingerprint):
-                log(f"[semdedup] warning: deduplicated/{label} was exported from earlier results: "
-                    f"`semdedup export --select {label}` writes it again (status and verify flag it until then)")
+            if derived_outputs_exist(storage):
+                fingerprint = results_fingerprint(storage)
+                removed = remove_stale_prunings(storage, fingerprint)
+                if removed:
+                    refresh_catalog(storage)
+                    log(f"[semdedup] removed {len(removed)} pruning selection(s) made from earlier results: "
+                        f"{', '.join(removed)}")
+                for label in stale_exports(storage, settings.eps, fingerprint):
+                    log(f"[semdedup] warning: deduplicated/{label} was exported from earlier results: "
+                        f"`semdedup export --select {label}` writes it again (status and verify flag it until then)")
             return result
     except EngineError as err:
         raise PipelineError(str(err)) from None

@@ -305,8 +305,16 @@ def verify_storage(storage: st.Storage, settings: Settings,
     return _Checker(storage, settings, expected_cache_key, inputs, content).run()
 
 
+def derived_outputs_exist(storage: st.Storage) -> bool:
+    """Whether the storage holds any export folder or pruning selection."""
+    folders = (storage.stage_dir(DEDUPLICATED), storage.stage_dir(st.PRUNED))
+    return any(f.exists() and any(True for _ in f.iterdir()) for f in folders)
+
+
 def stale_outputs(storage: st.Storage, settings: Settings) -> list[Problem]:
     """Every export folder and pruning selection not made from the current results (kind STALE), with why."""
+    if not derived_outputs_exist(storage):
+        return []  # nothing derived: no need to read the results
     fingerprint = results_fingerprint(storage)
     exports = stale_exports(storage, settings.eps, fingerprint)
     prunings = stale_prunings(storage, fingerprint)
