@@ -22,7 +22,7 @@ from functools import cached_property
 
 import dagster as dg
 
-from semdedup_assets.core.storage import Storage, atomic_write_bytes
+from semdedup_assets.core.storage import Storage, UPath, atomic_write_bytes
 from semdedup_assets.partitions import SHARDS_PARTITIONS_NAME, shard_partitions
 
 GRAPH_FILE = "graph.json"
@@ -75,7 +75,7 @@ class StorageGraph:
     dagster_home: str | None = None
 
 
-def graph_file(storage: Storage):
+def graph_file(storage: Storage) -> UPath:
     """`<storage>/graph.json`."""
     return storage.root / GRAPH_FILE
 
