@@ -22,6 +22,7 @@ import dagster as dg
 from dagster.components.component_scaffolding import scaffold_component
 
 from semdedup_assets.core.config import Settings, coerce, knobs
+from semdedup_assets.core.settings_store import local_paths_absolute
 from semdedup_assets.graph import build_definitions
 from semdedup_assets.names import DEFAULT_NAMES, GraphNames
 from semdedup_assets.pipeline import PipelineError, run_pipeline
@@ -101,10 +102,10 @@ class SemDedup(dg.Component, dg.Resolvable, dg.Model):
                       clusters=self.clusters, engine=self.engine, ray_address=self.ray_address, sensors=self.sensors)
         if self.eps is not None:
             values["eps"] = tuple(self.eps)
-        for key in ("input", "storage"):
-            if root is not None and values[key] and "://" not in values[key] and not Path(values[key]).is_absolute():
+        for key in ("input", "storage", "reference"):
+            if root is not None and values.get(key) and "://" not in values[key] and not Path(values[key]).is_absolute():
                 values[key] = str(root / values[key])
-        return Settings(**values)
+        return local_paths_absolute(Settings(**values))  # without a root: from the current directory
 
     def definitions(self, root: Path | None = None) -> dg.Definitions:
         """The graph's definitions and a job that runs every stage (`<prefix>_pipeline_job`)."""

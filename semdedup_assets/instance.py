@@ -76,12 +76,17 @@ def ensure_instance_config(home: str) -> None:
 
 
 def default_dagster_home(settings: Settings) -> str:
-    """DAGSTER_HOME: the environment's, else a folder inside a local storage root."""
+    """DAGSTER_HOME: the environment's, else the one the storage's graph recorded (a component's project
+    instance, names.record_graph), else a folder inside a local storage root."""
+    from semdedup_assets.names import recorded_graph
     from semdedup_assets.pipeline import PipelineError
 
     if os.environ.get("DAGSTER_HOME"):
         return os.environ["DAGSTER_HOME"]
     storage = settings.storage_root()
+    recorded = recorded_graph(storage).dagster_home
+    if recorded and ("://" in recorded or os.path.isfile(os.path.join(recorded, "dagster.yaml"))):
+        return recorded
     if not storage.local:
         raise PipelineError("set DAGSTER_HOME when the storage root is not a local folder")
     return str(storage.root / "dagster_home")

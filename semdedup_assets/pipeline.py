@@ -19,14 +19,15 @@ from semdedup_assets.core.catalog import refresh_catalog
 from semdedup_assets.core.config import Settings
 from semdedup_assets.core.decontaminate import ReferenceError, check_run_reference
 from semdedup_assets.core.engines import EngineError, ray_session
-from semdedup_assets.core.export import DEDUPLICATED, remove_exported_shard
+from semdedup_assets.core.export import DEDUPLICATED, remove_exported_shard, stale_exports
 from semdedup_assets.core.layout import remove_shard_files
+from semdedup_assets.core.lineage import results_fingerprint
 from semdedup_assets.core.settings_store import save_settings
 from semdedup_assets.core.messages import printable
 from semdedup_assets.core.shards import SHARD_SUFFIXES, Discovery, discover, members, regrouped_shards
+from semdedup_assets.core.verify import derived_outputs_exist, remove_stale_prunings
 from semdedup_assets.graph import build_graph
-from semdedup_assets.names import DEFAULT_NAMES, GraphNames
-from semdedup_assets.partitions import SHARDS_PARTITIONS_NAME
+from semdedup_assets.names import DEFAULT_NAMES, GraphNames, record_graph, recorded_graph
 from semdedup_assets.run_guard import RunGuard, process_tags
 from semdedup_assets.ui import ui_command
 
@@ -108,18 +109,31 @@ def check_run_locations(settings: Settings) -> Discovery:
     return found
 
 
+def storage_names(settings: Settings, names: GraphNames | None = None) -> GraphNames:
+    """The graph names to work on a storage with: the given ones, else those the storage recorded
+    (a `SemDedup` component's prefixed graph), else the plain ones."""
+    return names if names is not None else recorded_graph(settings.storage_root()).names
+
+
 def run_pipeline(settings: Settings, instance: dg.DagsterInstance, log=print, verbose: bool = False,
-                 stop_on_signals: bool = False, names: GraphNames = DEFAULT_NAMES) -> PipelineResult:
+                 stop_on_signals: bool = False, names: GraphNames | None = None) -> PipelineResult:
     """Register every shard under settings.input and materialize the whole graph.
 
     Dagster's console log shows only with `verbose`. Runs of killed processes are marked
     failed and their pool slots freed first; with `stop_on_signals` (the CLI), SIGTERM/SIGINT
     cancel the run and exit (see run_guard.RunGuard). With engine=ray, one Ray connection (or
     local instance) serves every stage; an unreachable `ray_address` fails here, before
-    anything is written. `names`: the graph's names (a `SemDedup` component's, or the plain ones).
+    anything is written. `names`: the graph's names (a `SemDedup` component's, or the plain ones;
+    default: those the storage recorded).
+
+    The settings are committed to the storage (`semdedup.json`) only when every stage
+    succeeded: a failed run leaves those of the last good run, which the commands that read
+    the storage (export, status, sensors) go on using; the stages themselves take the new
+    settings from the graph's resource. Then the pruning selections that the new results no
+    longer match (core/lineage.py) are removed, and exports that no longer match are named.
     """
     with RunGuard(instance, log, stop_on_signals=stop_on_signals):
-        return _run_pipeline(settings, instance, log, verbose, names)
+        return _run_pipeline(settings, instance, log, verbose, storage_names(settings, names))
 
 
 def _run_pipeline(settings: Settings, instance: dg.DagsterInstance, log=print, verbose: bool = False,
@@ -140,7 +154,6 @@ def _run_pipeline(settings: Settings, instance: dg.DagsterInstance, log=print, v
                     check_run_reference(settings, found.files[0])
                 except ReferenceError as err:
                     raise PipelineError(f"--reference: {err}") from None
-            save_settings(settings)
             known = instance.get_dynamic_partitions(names.partitions)
             stray = sorted(set(known) - set(shards))
             regrouped = regrouped_shards(stray, {f.key for f in found.files}, settings.files_per_shard)
@@ -157,6 +170,8 @@ def _run_pipeline(settings: Settings, instance: dg.DagsterInstance, log=print, v
                 raise PipelineError(
                     f"the storage already holds {len(stray)} shard(s) that are not under {settings.input} "
                     f"(e.g. {stray[:3]}): use another --storage, or `semdedup forget SHARD` first")
+            # Before the instance records anything: which graph and instance every later command must use.
+            record_graph(settings.storage_root(), names, instance.root_directory)
             new = [k for k in shards if k not in set(known)]
             if new:
                 instance.add_dynamic_partitions(names.partitions, new)
@@ -178,6 +193,18 @@ def _run_pipeline(settings: Settings, instance: dg.DagsterInstance, log=print, v
                     raise PipelineError(f"{label}: {err}") from None
                 result.run_ids[label] = run_id
                 result.seconds[label] = _run_seconds(instance, run_id)
+            save_settings(settings)  # every stage succeeded: these are now the storage's settings
+            storage = settings.storage_root()
+            if derived_outputs_exist(storage):
+                fingerprint = results_fingerprint(storage)
+                removed = remove_stale_prunings(storage, fingerprint)
+                if removed:
+                    refresh_catalog(storage)
+                    log(f"[semdedup] removed {len(removed)} pruning selection(s) made from earlier results: "
+                        f"{', '.join(removed)}")
+                for label in stale_exports(storage, settings.eps, fingerprint):
+                    log(f"[semdedup] warning: deduplicated/{label} was exported from earlier results: "
+                        f"`semdedup export --select {label}` writes it again (status and verify flag it until then)")
             return result
     except EngineError as err:
         raise PipelineError(str(err)) from None
@@ -211,28 +238,38 @@ class ForgetResult:
 
 
 def forget_shard(settings: Settings, instance: dg.DagsterInstance, shard: str, log=print,
-                 verbose: bool = False, stop_on_signals: bool = False) -> ForgetResult:
+                 verbose: bool = False, stop_on_signals: bool = False,
+                 names: GraphNames | None = None) -> ForgetResult:
     """Remove a shard's results and partition, then re-run the buckets it touched and the keep-lists.
 
     An unsafe key (`..`, absolute, control characters) never becomes a path: when such a
     key was registered as a partition (through the UI or GraphQL) only the partition is
-    deleted, and otherwise it is refused.
+    deleted, and otherwise it is refused. `names`: the graph's (default: those the storage
+    recorded, so a `SemDedup` component's storage is forgotten from in its own partitions).
     """
     with RunGuard(instance, log, stop_on_signals=stop_on_signals):
-        return _forget_shard(settings, instance, shard, log, verbose)
+        return _forget_shard(settings, instance, shard, log, verbose, storage_names(settings, names))
 
 
 def _forget_shard(settings: Settings, instance: dg.DagsterInstance, shard: str, log=print,
-                  verbose: bool = False) -> ForgetResult:
+                  verbose: bool = False, names: GraphNames = DEFAULT_NAMES) -> ForgetResult:
     storage = settings.storage_root()
+    partitions = names.partitions
     try:
         st.validate_shard_key(shard)
     except st.UnsafeKeyError as err:
-        if shard not in instance.get_dynamic_partitions(SHARDS_PARTITIONS_NAME):
+        if shard not in instance.get_dynamic_partitions(partitions):
             raise PipelineError(str(err)) from None
-        instance.delete_dynamic_partition(SHARDS_PARTITIONS_NAME, shard)
+        instance.delete_dynamic_partition(partitions, shard)
         log(f"[semdedup] {err}; deleted its partition, touched no file")
         return ForgetResult([], [])
+    registered = set(instance.get_dynamic_partitions(partitions))
+    on_disk = {storage.shard_of(st.RAW, p) for p in storage.stage_files(st.RAW)}
+    if on_disk and not registered & on_disk:
+        # Re-running the stages here would find no shard: the instance is not the one this storage's runs used.
+        raise PipelineError(f"the Dagster instance at {instance.root_directory} has none of the {len(on_disk)} shard(s) "
+                            f"of {storage.root} registered in its partitions {partitions!r}: run with the "
+                            "DAGSTER_HOME of the runs that made this storage")
     assignments = storage.shard_file(st.CLUSTER_ASSIGNMENTS, shard)
     buckets: set[str] = set()
     if assignments.exists() and storage.centroids_file.exists():
@@ -243,18 +280,18 @@ def _forget_shard(settings: Settings, instance: dg.DagsterInstance, shard: str, 
             else set(bucket_keys(settings.bucket_partitions))
     removed = remove_shard_files(storage, shard)
     removed += [str(storage.stage_dir(DEDUPLICATED) / p) for p in remove_exported_shard(storage, shard)]
-    known = shard in instance.get_dynamic_partitions(SHARDS_PARTITIONS_NAME)
+    known = shard in registered
     if known:
-        instance.delete_dynamic_partition(SHARDS_PARTITIONS_NAME, shard)
+        instance.delete_dynamic_partition(partitions, shard)
     if not removed and not known:
         raise PipelineError(f"no shard {shard!r} in {storage.root}{group_hint(settings, shard)}")
     result = ForgetResult(removed, sorted(buckets))
-    if not instance.get_dynamic_partitions(SHARDS_PARTITIONS_NAME):
+    if not instance.get_dynamic_partitions(partitions):
         # Nothing left: the dataset-wide results describe no data any more.
         for stage in (st.SEMANTIC_DUPLICATES, st.KEEP_LISTS):
             result.removed += [str(p) for p in storage.stage_files(stage) if st.remove(p)]
     else:
-        defs = build_graph(settings)
+        defs = build_graph(settings, names)
         tags = {"semdedup/forget": shard}
         rerun = [b for b in result.buckets if storage.bucket_file(b).exists()]
         # The keep-lists list the shard's ids: rewrite them whenever they exist, or drop them
@@ -265,11 +302,12 @@ def _forget_shard(settings: Settings, instance: dg.DagsterInstance, shard: str, 
             + (", then the keep-lists" if rewrite else ""))
         with progress.task("forget: re-run", len(rerun) + rewrite, unit="runs", outer=True) as bar:
             for bucket in rerun:
-                result.run_ids.append(_execute(defs, instance, "dedup_job", tags, settings.storage, partition_key=bucket,
-                                                verbose=verbose))
+                result.run_ids.append(_execute(defs, instance, names.definition("dedup_job"), tags, settings.storage,
+                                               partition_key=bucket, verbose=verbose))
                 bar.update(1, f"bucket {bucket}")
             if rewrite:
-                result.run_ids.append(_execute(defs, instance, "keep_lists_job", tags, settings.storage, verbose=verbose))
+                result.run_ids.append(_execute(defs, instance, names.definition("keep_lists_job"), tags,
+                                               settings.storage, verbose=verbose))
                 result.keep_lists = True
                 bar.update(1, "keep-lists")
         if keep_files and not rewrite:

@@ -12,12 +12,16 @@ import os
 import sys
 import time
 from datetime import datetime, timezone
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from semdedup_assets.core import storage as st
 from semdedup_assets.core.assign import bucket_keys
 from semdedup_assets.core.config import Settings, describe_settings
 from semdedup_assets.core.settings_store import load_settings, stored_settings
+
+if TYPE_CHECKING:
+    from semdedup_assets.names import GraphNames
 
 RECENT_RUNS = 8  # runs listed
 HISTORY_RUNS = 200  # runs searched for failures not followed by a success of the same job
@@ -73,8 +77,9 @@ def _contamination(storage: st.Storage, settings: Settings) -> dict[str, Any]:
     return out
 
 
-def _exports(storage: st.Storage) -> list[dict[str, Any]]:
-    """Each `deduplicated/<selection>/` folder: shards exported and items kept, from its manifests."""
+def _exports(storage: st.Storage, stale: set[str] = frozenset()) -> list[dict[str, Any]]:
+    """Each `deduplicated/<selection>/` folder: shards exported and items kept, from its manifests
+    (`stale`: the labels of those made from other results)."""
     folder = storage.stage_dir("deduplicated")
     out = []
     for sel in sorted(folder.iterdir(), key=lambda p: p.name) if folder.exists() else []:
@@ -88,19 +93,18 @@ def _exports(storage: st.Storage) -> list[dict[str, Any]]:
                 continue
             shards, kept, removed = shards + 1, kept + int(m.get("kept", 0)), removed + int(m.get("removed", 0))
         out.append({"selection": sel.name, "shards": shards, "kept": kept, "removed": removed,
-                    "written_at": _mtime(sel)})
+                    "written_at": _mtime(sel), "stale": sel.name in stale})
     return out
 
 
-def _instance_facts(home: str) -> dict[str, Any]:
-    """Registered shards, the centroids' last materialization and the run history, from the instance."""
+def _instance_facts(home: str, names: GraphNames) -> dict[str, Any]:
+    """Registered shards, the centroids' last materialization and the run history of the graph `names`,
+    from the instance (which a component's graph may share with other graphs)."""
     import dagster as dg
 
-    from semdedup_assets.partitions import SHARDS_PARTITIONS_NAME
-
     with dg.DagsterInstance.from_config(home) as instance:
-        registered = list(instance.get_dynamic_partitions(SHARDS_PARTITIONS_NAME))
-        event = instance.get_latest_materialization_event(dg.AssetKey("centroids"))
+        registered = list(instance.get_dynamic_partitions(names.partitions))
+        event = instance.get_latest_materialization_event(names.key("centroids"))
         training: dict[str, Any] = {}
         if event is not None and event.asset_materialization is not None:
             meta = event.asset_materialization.metadata
@@ -109,6 +113,8 @@ def _instance_facts(home: str) -> dict[str, Any]:
                     training[key] = meta[key].value
             training["trained_at"] = event.timestamp
         records = instance.get_run_records(limit=HISTORY_RUNS)
+    if names.prefix:  # the instance of a user's project: only this graph's runs
+        records = [r for r in records if r.dagster_run.job_name.startswith(names.definition(""))]
     runs = []
     for r in records:  # newest first
         start, end = r.start_time or r.create_timestamp.timestamp(), r.end_time
@@ -151,10 +157,14 @@ def _input_files(location: str | None, files_per_shard: int = 1) -> tuple[set[st
 
 def collect_status(settings: Settings, dagster_home: str | None) -> dict[str, Any]:
     """Everything `semdedup status` shows, as plain JSON-able values."""
+    from semdedup_assets.core.verify import stale_outputs
+    from semdedup_assets.names import recorded_graph
+
     storage = settings.storage_root()
     now = time.time()
+    names = recorded_graph(storage).names
     has_instance = bool(dagster_home) and os.path.isfile(os.path.join(str(dagster_home), "dagster.yaml"))
-    facts = _instance_facts(str(dagster_home)) if has_instance else {
+    facts = _instance_facts(str(dagster_home), names) if has_instance else {
         "registered": [], "training": {}, "runs": [], "failed_runs": [], "unfinished_runs": [], "total_runs": 0}
 
     def keys(stage: str) -> list[str]:
@@ -192,12 +202,14 @@ def collect_status(settings: Settings, dagster_home: str | None) -> dict[str, An
     present, skipped = _input_files(settings.input, settings.files_per_shard)
     input_missing = sorted(set(registered or raw) - present) if settings.input else []
     contamination = _contamination(storage, settings)
+    stale = [{"path": str(p.path), "reason": p.reason} for p in stale_outputs(storage, settings)]
     started = bool(registered or raw or embedded or storage.settings_file.exists() or facts["total_runs"])
     if not started:
         state = "fresh"
     elif facts["unfinished_runs"]:  # a run going on now, or one whose process died (stale)
         state = "running"
-    elif all(stages_done.values()) and not facts["failed_runs"] and not input_missing and contamination["current"]:
+    elif all(stages_done.values()) and not facts["failed_runs"] and not input_missing and contamination["current"] \
+            and not stale:
         state = "complete"
     else:
         state = "partial"
@@ -216,7 +228,9 @@ def collect_status(settings: Settings, dagster_home: str | None) -> dict[str, An
         "input_missing": input_missing,
         "buckets": {"total": len(buckets), "done": len(done), "missing": [b for b in buckets if b not in done]},
         "contamination": contamination,
-        "exports": _exports(storage),
+        "graph": "/".join(names.prefix) or None,
+        "exports": _exports(storage, {Path(e["path"]).name for e in stale if Path(e["path"]).parent.name == "deduplicated"}),
+        "stale_outputs": stale,
         "keep_lists": keep,
         "runs": {"recent": facts["runs"], "failed": facts["failed_runs"], "unfinished": facts["unfinished_runs"],
                  "total": facts["total_runs"]},
@@ -262,6 +276,9 @@ def format_status(s: dict[str, Any]) -> str:
     if s["state"] == "fresh":
         lines.append("nothing here yet: `semdedup run --input PATH --storage ...` fills it")
         return "\n".join(lines)
+    if s.get("graph"):
+        lines.append(f"graph:      {s['graph']} (a SemDedup component's: partitions, jobs and runs under that prefix, "
+                     f"instance {s['dagster_home'] or '-'})")
     lines.append(f"input:      {s['input'] or '-'}")
     if skipped := s.get("input_skipped"):
         lines.append(f"            {len(skipped)} file(s) skipped for names starting with '_' or '.': "
@@ -315,7 +332,12 @@ def format_status(s: dict[str, Any]) -> str:
         lines.append(f"contamination: {what}")
     for e in s["exports"]:
         lines.append(f"export:     deduplicated/{e['selection']}: {e['kept']} kept, {e['removed']} removed in "
-                     f"{e['shards']} shard(s), written {_age(time.time() - e['written_at']) if e['written_at'] else '-'}")
+                     f"{e['shards']} shard(s), written {_age(time.time() - e['written_at']) if e['written_at'] else '-'}"
+                     + ("  STALE" if e.get("stale") else ""))
+    if s.get("stale_outputs"):
+        lines.append("stale outputs (made from other results: `semdedup export` writes an export again, "
+                     "the next `semdedup run` removes a pruning selection):")
+        lines += [f"  {o['path']}: {o['reason']}" for o in s["stale_outputs"]]
     r = s["runs"]
     lines.append(f"runs:       {r['total']} recorded" + (f", last {len(r['recent'])}:" if r["recent"] else ""))
     lines += [_run_line(run) for run in r["recent"]]

@@ -19,6 +19,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
+from semdedup_assets.core.lineage import read_made_from, results_fingerprint
 from semdedup_assets.core.schemas import (
     BUDGET_SCHEMA,
     CONTAMINATED_SCHEMA,
@@ -100,11 +101,31 @@ def _has_files(storage: Storage, stage: str, pattern: str) -> bool:
     return any(p.is_file() for p in (folder.rglob(glob) if "**" in pattern else folder.glob(glob)))
 
 
+def current_pruning_files(storage: Storage, name: str) -> list[str]:
+    """The files (`kept.parquet` or `budget.parquet`) of the pruning selections made from the current results.
+
+    A selection made from other results (core/lineage.py) is left out of the views: never a
+    mix of old and new. Its folder stays until the next run removes it; status and verify flag it.
+    """
+    root = storage.stage_dir(PRUNED)
+    folders = [p for p in sorted(root.iterdir(), key=str) if p.is_dir()] if root.exists() else []
+    if not folders:
+        return []
+    current = results_fingerprint(storage)
+    return [str(f / name) for f in folders
+            if (f / name).exists() and read_made_from(f).get("results") == current]
+
+
 def _view_select(storage: Storage, name: str) -> str:
     """The SELECT of one view: over the stage's files, or typed placeholder columns before the stage has any."""
     stage, pattern, columns, schema = _VIEWS[name]
-    if _has_files(storage, stage, pattern):
-        return f"SELECT {', '.join(columns) if columns else '*'} FROM {stage_source(storage, stage, pattern)}"
+    listed = ", ".join(columns) if columns else "*"
+    if stage == PRUNED:
+        files = current_pruning_files(storage, pattern.rpartition("/")[2])
+        if files:
+            return f"SELECT {listed} FROM read_parquet([{', '.join(map(sql_quote, files))}])"
+    elif _has_files(storage, stage, pattern):
+        return f"SELECT {listed} FROM {stage_source(storage, stage, pattern)}"
     return f"SELECT {_empty_select(schema, columns or tuple(schema.names))} WHERE false"
 
 

@@ -18,7 +18,9 @@ writer per input format, streamed (bounded memory) and published atomically:
 
 A manifest per shard (`.semdedup/<shard>.json` in the selection folder) records the input
 fingerprint and a digest of the kept rows, so a re-export rewrites only the shards whose
-keep decision (or input) changed.
+keep decision (or input) changed, and what the rows were selected from (`made_from`: the
+storage's results fingerprint, core/lineage.py, and the eps at which contaminated items were
+dropped), so that a folder made from other results is flagged (`stale_exports`).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ import pyarrow.parquet as pq
 
 from semdedup_assets.core import storage as st
 from semdedup_assets.core.catalog import BUCKET_GLOB, scan, sql_quote, stage_source
+from semdedup_assets.core.lineage import mismatch, results_fingerprint
 from semdedup_assets.core.prune import Pruning, PruneError, is_pruning, keep_count, kept_file, parse_pruning
 from semdedup_assets.core.schemas import CONTAMINATED_REFERENCE_KEY
 from semdedup_assets.core.shards import Shard, ShardFile, ShardGroup, discover_shards, members
@@ -452,11 +455,8 @@ def unproducible_selections(storage: st.Storage, configured_eps: Sequence[float]
 def remove_unproducible_selections(storage: st.Storage, configured_eps: Sequence[float]) -> list[str]:
     """Delete every selection folder no `export` can refresh any more; returns their labels."""
     labels = unproducible_selections(storage, configured_eps)
-    root = storage.stage_dir(DEDUPLICATED)
     for label in labels:
-        _remove_files(_files_below(root / label), root)
-        if st.is_local(root) and (root / label).exists():
-            shutil.rmtree(str(root / label))  # only empty folders are left
+        remove_selection_folder(storage, label)
     return labels
 
 
@@ -511,6 +511,8 @@ def export_shards(storage: st.Storage, input_location: str, selection: Selection
                               f"re-run the pipeline before exporting")
     base = root if root.is_dir() else root.parent
     out_dir = selection_dir(storage, selection)
+    # Taken before the results are read: if they change meanwhile, the record is stale, never wrongly current.
+    made_from = export_made_from(storage, selection, configured_eps, results_fingerprint(storage))
     results = []
     kept: dict[str, pa.Array] = {}  # by input file key (the `shard` column)
     covered: set[str] = set()
@@ -537,12 +539,89 @@ def export_shards(storage: st.Storage, input_location: str, selection: Selection
             for member, part, rows, outs in zip(members(shard), per_file, rows_of, outputs_of, strict=True):
                 ids = part.sort_by("row").column("id").to_pylist() if member.kind == "tar" else []
                 write_shard(member, rows, ids, outs)
-            st.atomic_write_bytes(json.dumps({**state, "kept": int(n_kept),
-                                              "removed": int(raw.num_rows - n_kept)}).encode(), manifest_path)
+        if rewrite or previous.get("made_from") != made_from:  # same rows from new results: the record only
+            st.atomic_write_bytes(json.dumps({**state, "kept": int(n_kept), "removed": int(raw.num_rows - n_kept),
+                                              "made_from": made_from}).encode(), manifest_path)
         results.append(ShardExport(key, int(n_kept), int(raw.num_rows - n_kept), rewrite, [str(p) for p in outputs]))
         if log is not None:
             log(f"shard {key!r}: kept {n_kept}" + ("" if rewrite else " (unchanged)"))
     return results
+
+
+def export_made_from(storage: st.Storage, selection: Selection, configured_eps: Sequence[float],
+                     fingerprint: str) -> dict[str, object]:
+    """What an export of `selection` is computed from: the results, and the eps contaminated items are dropped at
+    (None when no item is flagged: then the configured eps do not matter)."""
+    path = storage.contaminated_file
+    try:
+        flagged = path.exists() and st.parquet_num_rows(path) > 0
+    except st.StageFileError:
+        flagged = True  # damaged: an export refuses it anyway (see _contaminated_source)
+    dropped_at = contamination_eps(selection, configured_eps or [selection.value]) if flagged else None
+    return {"results": fingerprint, "contamination_eps": dropped_at}
+
+
+def _label_selection(label: str, configured_eps: Sequence[float]) -> Selection | None:
+    """The selection a folder label stands for, also for an eps no longer configured (None: not a label)."""
+    for eps in (configured_eps, [float(v) for v in _label_eps(label)]):
+        try:
+            return parse_selection(label, eps)
+        except ExportError:
+            continue
+    return None
+
+
+def _label_eps(label: str) -> list[str]:
+    """The eps values written in a label (`eps=0.05`, `d4:eps=0.05,...`)."""
+    out = []
+    for part in label.split(":", 1)[-1].split(","):
+        name, _, value = part.partition("=")
+        if name.strip() == "eps":
+            try:
+                out.append(str(float(value)))
+            except ValueError:
+                pass
+    return out
+
+
+def stale_exports(storage: st.Storage, configured_eps: Sequence[float], fingerprint: str | None = None) -> dict[str, str]:
+    """The selection folders (by label) holding a shard not selected from the current results, with the reason.
+
+    `fingerprint`: the storage's results_fingerprint, when the caller has it already.
+    """
+    folders = selection_folders(storage)
+    if not folders:
+        return {}
+    current = fingerprint or results_fingerprint(storage)
+    out = {}
+    for label, folder in folders.items():
+        selection = _label_selection(label, configured_eps)
+        manifests = sorted((folder / MANIFEST_DIR).rglob("*.json"), key=str) if (folder / MANIFEST_DIR).exists() else []
+        if selection is None or not manifests:
+            continue  # not an export folder, or an empty one: nothing is served from it
+        want = export_made_from(storage, selection, configured_eps, current)
+        for manifest in manifests:
+            try:
+                recorded = json.loads(manifest.read_text()).get("made_from")
+            except (OSError, ValueError, AttributeError):
+                recorded = None
+            why = mismatch(recorded.get("results") if isinstance(recorded, dict) else None, current)
+            if why is None and recorded != want:
+                why = (f"its contaminated items were dropped at eps={recorded.get('contamination_eps')}, the settings "
+                       f"now drop them at eps={want['contamination_eps']}")
+            if why is not None:
+                out[label] = f"shard {manifest.relative_to(folder / MANIFEST_DIR).with_suffix('')}: {why}" \
+                    if st.is_local(folder) else why
+                break
+    return out
+
+
+def remove_selection_folder(storage: st.Storage, label: str) -> None:
+    """Delete one selection folder under `deduplicated/` (files, then the folders they leave)."""
+    root = storage.stage_dir(DEDUPLICATED)
+    _remove_files(_files_below(root / label), root)
+    if st.is_local(root) and (root / label).exists():
+        shutil.rmtree(str(root / label))
 
 
 @dataclass

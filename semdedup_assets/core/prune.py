@@ -43,6 +43,7 @@ from semdedup_assets.core.centroids import load_centroids
 from semdedup_assets.core.config import Settings
 from semdedup_assets.core.dedup import read_bucket_rows
 from semdedup_assets.core.kmeans import sample_rows, train_spherical_kmeans
+from semdedup_assets.core.lineage import mismatch, read_made_from, results_fingerprint, write_made_from
 from semdedup_assets.core.ordering import ids_as_str
 from semdedup_assets.core.schemas import BUDGET_SCHEMA, KEPT_SCHEMA, PRUNE_SCORES_SCHEMA as SCORES_SCHEMA
 from semdedup_assets.core.tables import embedding_array, unit_embeddings
@@ -485,10 +486,42 @@ def compute_pruning(settings: Settings, pruning: Pruning, log: Callable[[str], N
     """Compute one pruning selection from the stored results and write its files (atomically, deterministic)."""
     storage = settings.storage_root()
     start = time.perf_counter()
+    # Taken before reading the results: if they change meanwhile, the record is already stale, never wrongly fresh.
+    made_from = results_fingerprint(storage)
     run = {"prototypes": _prototypes, "d4": _d4, "dbp": _dbp}[pruning.method]
     result = run(storage, settings, pruning, log or (lambda m: None))
+    write_made_from(selection_dir(storage, pruning), made_from)
     result.seconds = round(time.perf_counter() - start, 2)
     return result
+
+
+def stale_prunings(storage: st.Storage, fingerprint: str | None = None) -> dict[str, str]:
+    """The pruning selections (by label) not made from the current results, with the reason.
+
+    `fingerprint`: the storage's results_fingerprint, when the caller has it already.
+    """
+    root = storage.stage_dir(PRUNED)
+    if not root.exists():
+        return {}
+    folders = [p for p in sorted(root.iterdir(), key=str) if p.is_dir()]
+    if not folders:
+        return {}
+    current = fingerprint or results_fingerprint(storage)
+    out = {}
+    for folder in folders:
+        why = mismatch(read_made_from(folder).get("results"), current)
+        if why is not None:
+            out[folder.name] = why
+    return out
+
+
+def remove_pruning_folder(storage: st.Storage, label: str) -> None:
+    """Delete one selection's folder under `pruned/`."""
+    folder = storage.stage_dir(PRUNED) / label
+    if st.is_local(folder):
+        shutil.rmtree(str(folder), ignore_errors=True)
+    elif folder.exists():
+        folder.fs.rm(folder.path, recursive=True)
 
 
 def prune_stale(storage: st.Storage, method: str, keep: Sequence[Pruning]) -> list[str]:
@@ -500,9 +533,6 @@ def prune_stale(storage: st.Storage, method: str, keep: Sequence[Pruning]) -> li
     removed = []
     for folder in sorted(root.iterdir(), key=lambda p: str(p)):
         if folder.name.partition(":")[0] == method and folder.name not in wanted:
-            if st.is_local(folder):
-                shutil.rmtree(str(folder), ignore_errors=True)
-            else:
-                folder.fs.rm(folder.path, recursive=True)
+            remove_pruning_folder(storage, folder.name)
             removed.append(folder.name)
     return removed

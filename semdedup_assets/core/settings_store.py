@@ -58,7 +58,24 @@ def load_settings(storage: str | None = None, *, use_stored: bool = True, **over
     values.update(environment_overrides())
     values.update({k: v for k, v in overrides.items() if v is not None})
     values["storage"] = storage
-    return _build(values)
+    # Resolved once, here, before any command records or compares a path: a relative --reference
+    # recorded by the stages as given and in semdedup.json as absolute failed every later export.
+    return local_paths_absolute(_build(values))
+
+
+PATH_KNOBS = ("storage", "input", "reference")  # locations: local paths are made absolute, URLs kept as given
+
+
+def absolute_location(location: str) -> str:
+    """A local path made absolute (from the current directory, `~` expanded); an fsspec URL as given."""
+    if "://" in location and not location.startswith("file://"):
+        return location
+    return str(to_upath(location))
+
+
+def local_paths_absolute(settings: Settings) -> Settings:
+    """The settings with every local path knob absolute (URLs unchanged)."""
+    return settings.replace(**{k: absolute_location(getattr(settings, k)) for k in PATH_KNOBS if getattr(settings, k)})
 
 
 def changed_settings(settings: Settings) -> dict[str, tuple[Any, Any]]:

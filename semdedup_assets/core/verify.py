@@ -12,7 +12,10 @@ file found damaged, so that the next `semdedup run` recomputes it; a *stale* fil
 from an input or settings that changed since, e.g. a `touch`ed input) is reported apart and left
 alone: the next run redoes it anyway. With `content`, each input's bytes are checked against
 the digest recorded at ingest: an in-place edit that kept size and modification time makes
-the raw index wrong (a run cannot see the edit), so `repair` deletes it.
+the raw index wrong (a run cannot see the edit), so `repair` deletes it. The derived outputs
+(export folders, pruning selections) made from other results than the storage holds now are
+stale too (`stale_outputs`, core/lineage.py): `export` writes an export again, the next
+successful run removes a stale pruning selection.
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ import pyarrow.compute as pc
 from semdedup_assets.core import storage as st
 from semdedup_assets.core.assign import bucket_cluster_range, bucket_keys
 from semdedup_assets.core.config import Settings
-from semdedup_assets.core.export import CONTENT_KEY, recorded_fingerprint
+from semdedup_assets.core.export import CONTENT_KEY, DEDUPLICATED, recorded_fingerprint, stale_exports
+from semdedup_assets.core.lineage import results_fingerprint
+from semdedup_assets.core.prune import remove_pruning_folder, stale_prunings
 from semdedup_assets.core.keep import keep_mask
 from semdedup_assets.core.schemas import CONTAMINATED_SCHEMA
 from semdedup_assets.core.shards import Shard, ShardGroup, members
@@ -115,6 +120,7 @@ class _Checker:
         for path in self.storage.stage_files(st.PRUNED):  # pruning selections: whole and readable
             self.read(path)
         self.contaminated()
+        self.problems += stale_outputs(self.storage, self.settings)
         return self.problems
 
     def input_changed(self, key: str) -> str | None:
@@ -300,6 +306,42 @@ def verify_storage(storage: st.Storage, settings: Settings,
     `content`, every input is read and compared with the digest recorded at ingest.
     """
     return _Checker(storage, settings, expected_cache_key, inputs, content).run()
+
+
+def derived_outputs_exist(storage: st.Storage) -> bool:
+    """Whether the storage holds any export folder or pruning selection."""
+    folders = (storage.stage_dir(DEDUPLICATED), storage.stage_dir(st.PRUNED))
+    return any(f.exists() and any(True for _ in f.iterdir()) for f in folders)
+
+
+def stale_outputs(storage: st.Storage, settings: Settings) -> list[Problem]:
+    """Every export folder and pruning selection not made from the current results (kind STALE), with why."""
+    if not derived_outputs_exist(storage):
+        return []  # nothing derived: no need to read the results
+    fingerprint = results_fingerprint(storage)
+    exports = stale_exports(storage, settings.eps, fingerprint)
+    prunings = stale_prunings(storage, fingerprint)
+    return ([Problem(storage.stage_dir(DEDUPLICATED) / label, f"stale export: {why}; "
+                     f"`semdedup export --select {label}` writes it again", STALE)
+             for label, why in exports.items()]
+            + [Problem(storage.stage_dir(st.PRUNED) / label, f"stale pruning selection (left out of the `pruned` "
+                       f"view): {why}; the next `semdedup run` removes it", STALE)
+               for label, why in prunings.items()])
+
+
+def remove_stale_prunings(storage: st.Storage, fingerprint: str | None = None) -> list[str]:
+    """Delete every pruning selection not made from the current results; returns them as `pruned/<label>`.
+
+    A run calls it once its results are committed: the `pruned` view then holds only selections
+    of these results (the view leaves stale ones out meanwhile). Exports are not removed: they are
+    the user's files, flagged (`stale_outputs`) until `semdedup export` writes them again.
+    `fingerprint`: the storage's results_fingerprint, when the caller has it already.
+    """
+    removed = []
+    for label in stale_prunings(storage, fingerprint):
+        remove_pruning_folder(storage, label)
+        removed.append(f"{st.PRUNED}/{label}")
+    return removed
 
 
 def repair(problems: list[Problem]) -> list[st.UPath]:
