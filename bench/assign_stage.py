@@ -41,7 +41,7 @@ def sim_kernels(n: int, d: int, k: int, repeats: int) -> list[str]:
     """Time each sim_to_centroid kernel and count the rows whose value differs from the pipeline's."""
     import faiss
 
-    from semdedup_assets.core.assign import SIM_BLOCK, sim_to_centroid
+    from semdedup_assets.core.cluster.assign import SIM_BLOCK, sim_to_centroid
 
     rng = np.random.default_rng(0)
     x, c = unit_rows(rng, n, d), unit_rows(rng, k, d)
@@ -91,9 +91,9 @@ def bucket_layouts(rows: int, d: int, k: int, buckets: int, repeats: int) -> lis
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from semdedup_assets.core.assign import assign, bucket_row_slices
-    from semdedup_assets.core.storage import parquet_options
-    from semdedup_assets.core.tables import embedding_array
+    from semdedup_assets.core.cluster.assign import assign, bucket_row_slices
+    from semdedup_assets.core.io.storage import parquet_options
+    from semdedup_assets.core.io.tables import embedding_array
 
     rng = np.random.default_rng(1)
     x, c = unit_rows(rng, rows, d), unit_rows(rng, k, d)

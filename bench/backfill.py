@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dagster as dg  # noqa: E402
 
-from semdedup_assets.core.encoders import l2_normalize  # noqa: E402
-from semdedup_assets.core.shards import discover_shards, iter_embedding_chunks, read_shard  # noqa: E402
+from semdedup_assets.core.embed.encoders import l2_normalize  # noqa: E402
+from semdedup_assets.core.io.shards import discover_shards, iter_embedding_chunks, read_shard  # noqa: E402
 from semdedup_assets.instance import ensure_instance_config  # noqa: E402
 from semdedup_assets_tests.fixtures import write_embedding_shards  # noqa: E402
 from semdedup_assets_tests.webserver import BACKFILL_QUERY, LAUNCH_BACKFILL, dagster_dev, platform_env, runs  # noqa: E402

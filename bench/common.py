@@ -22,7 +22,7 @@ if str(ROOT) not in sys.path:  # running from a checkout without the package ins
 MIB = 1024 * 1024
 
 # The peak-RSS helpers live in the package (stages report their own peaks): re-exported for the benchmarks.
-from semdedup_assets.core.meter import reset_peak_rss as reset_peak, status_kib as read_status_kib  # noqa: E402,F401
+from semdedup_assets.core.run.meter import reset_peak_rss as reset_peak, status_kib as read_status_kib  # noqa: E402,F401
 
 
 def cpu_model() -> str:

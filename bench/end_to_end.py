@@ -97,11 +97,11 @@ def core_single_process(input_dir: str, k: int, eps: float, out_ids: str, seed: 
     """The pipeline's computation by the core functions, in this process, stage by stage."""
     import pyarrow.parquet as pq
 
-    from semdedup_assets.core.assign import assign
-    from semdedup_assets.core.encoders import l2_normalize
-    from semdedup_assets.core.keep import EpsCurveAccumulator, parse_eps_list
-    from semdedup_assets.core.kmeans import collect_sample, sample_target, train_spherical_kmeans
-    from semdedup_assets.core.pairwise import cluster_semantic_duplicates
+    from semdedup_assets.core.cluster.assign import assign
+    from semdedup_assets.core.embed.encoders import l2_normalize
+    from semdedup_assets.core.dedup.keep import EpsCurveAccumulator, parse_eps_list
+    from semdedup_assets.core.cluster.kmeans import collect_sample, sample_target, train_spherical_kmeans
+    from semdedup_assets.core.dedup.pairwise import cluster_semantic_duplicates
 
     t: dict[str, float] = {}
     start = time.perf_counter()
@@ -220,7 +220,7 @@ GRAPH_DTYPES = ("float32", "float16")
 
 def run_graph(inp: Path, storage: Path, args: argparse.Namespace, env: dict, dtype: str) -> dict:
     """`semdedup run` in a subprocess: times, stage times, removed set and eps curve."""
-    from semdedup_assets.core.catalog import query
+    from semdedup_assets.core.io.catalog import query
     from semdedup_assets.core.settings_store import load_settings
 
     cli = [sys.executable, "-m", "semdedup_assets.cli", "run", "--input", str(inp), "--storage", str(storage),

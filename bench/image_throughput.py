@@ -33,7 +33,7 @@ from PIL import Image, ImageDraw
 
 # The checkout's root: the package (when not installed) and the tests' tiny model fixture.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from semdedup_assets.core.encoders.clip import OpenClipImageEncoder  # noqa: E402
+from semdedup_assets.core.embed.encoders.clip import OpenClipImageEncoder  # noqa: E402
 from semdedup_assets_tests.fixtures import save_tiny_clip  # noqa: E402
 
 import open_clip

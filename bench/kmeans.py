@@ -24,8 +24,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import add_output_options, output_path, command_line, emit, gemm_peak_gflops, machine_lines  # noqa: E402
 
-from semdedup_assets.core.assign import assign  # noqa: E402
-from semdedup_assets.core.kmeans import faiss_gpu_count, sample_target, train_spherical_kmeans  # noqa: E402
+from semdedup_assets.core.cluster.assign import assign  # noqa: E402
+from semdedup_assets.core.cluster.kmeans import faiss_gpu_count, sample_target, train_spherical_kmeans  # noqa: E402
 
 DEFAULT_OUT = "bench/results/kmeans.md"
 

@@ -19,11 +19,11 @@ import shutil
 import time
 from pathlib import Path
 
-from semdedup_assets.core import storage as st
-from semdedup_assets.core.assign import bucket_keys
-from semdedup_assets.core.centroids import load_centroids
-from semdedup_assets.core.dedup import dedup_bucket
-from semdedup_assets.core.keep import build_keep_lists
+from semdedup_assets.core.io import storage as st
+from semdedup_assets.core.cluster.assign import bucket_keys
+from semdedup_assets.core.cluster.centroids import load_centroids
+from semdedup_assets.core.dedup.buckets import dedup_bucket
+from semdedup_assets.core.dedup.keep import build_keep_lists
 from semdedup_assets.core.settings_store import load_settings
 
 

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from semdedup_assets.core.catalog import query  # noqa: E402
+from semdedup_assets.core.io.catalog import query  # noqa: E402
 from semdedup_assets.core.config import Settings  # noqa: E402
 from semdedup_assets.core.settings_store import save_settings  # noqa: E402
 from semdedup_assets.definitions import build_definitions  # noqa: E402

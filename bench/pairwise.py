@@ -32,7 +32,7 @@ from common import (  # noqa: E402
 )
 
 from semdedup_assets.core.config import DEFAULT_EPS  # noqa: E402
-from semdedup_assets.core.pairwise import max_sim_tiled, torch_threads  # noqa: E402
+from semdedup_assets.core.dedup.pairwise import max_sim_tiled, torch_threads  # noqa: E402
 
 DEFAULT_OUT = "bench/results/pairwise.md"
 

@@ -21,10 +21,10 @@ import numpy as np
 import torch
 
 try:
-    from semdedup_assets.core.pairwise import dense_max_sim, max_sim_tiled
+    from semdedup_assets.core.dedup.pairwise import dense_max_sim, max_sim_tiled
 except ImportError:  # running from a checkout without the package installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from semdedup_assets.core.pairwise import dense_max_sim, max_sim_tiled
+    from semdedup_assets.core.dedup.pairwise import dense_max_sim, max_sim_tiled
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import MIB, add_output_options, output_path, cpu_model, emit, measure, pairwise_gflops  # noqa: E402

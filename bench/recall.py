@@ -142,10 +142,10 @@ def clustered(ids: list[str], x: np.ndarray):  # noqa: ANN201
     """The assignment rows (one bucket of every cluster, k = round(sqrt(n))) and the centroids."""
     import pyarrow as pa
 
-    from semdedup_assets.core.assign import assign
-    from semdedup_assets.core.kmeans import train_spherical_kmeans
-    from semdedup_assets.core.schemas import assignments_schema
-    from semdedup_assets.core.tables import embedding_array
+    from semdedup_assets.core.cluster.assign import assign
+    from semdedup_assets.core.cluster.kmeans import train_spherical_kmeans
+    from semdedup_assets.core.io.schemas import assignments_schema
+    from semdedup_assets.core.io.tables import embedding_array
 
     k = max(1, round(math.sqrt(len(x))))
     cents = train_spherical_kmeans(x, k, 20, 0, 256).centroids
@@ -158,8 +158,8 @@ def clustered(ids: list[str], x: np.ndarray):  # noqa: ANN201
 def semdedup_runs(ids: list[str], x: np.ndarray, eps: float, probes: tuple[int, ...],
                   repeats: int) -> dict[int, tuple[set[str], float]]:
     """Per P: removed ids at eps and the best pairwise time (the P values interleaved in every round)."""
-    from semdedup_assets.core.dedup import dedup_table
-    from semdedup_assets.core.multiprobe import multiprobe_bucket
+    from semdedup_assets.core.dedup.buckets import dedup_table
+    from semdedup_assets.core.dedup.multiprobe import multiprobe_bucket
 
     table, cents = clustered(ids, x)
     best = {p: float("inf") for p in probes}
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         args.base, args.per_kind, args.repeats = 150, 8, 1
     out = output_path(args, DEFAULT_OUT)
 
-    from semdedup_assets.core.encoders import create_encoder
+    from semdedup_assets.core.embed.encoders import create_encoder
 
     base = load_corpus(args.base)
     ids, texts, pairs = build_dataset(base, args.per_kind)

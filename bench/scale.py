@@ -119,7 +119,7 @@ def run_point(inp: Path, storage: Path, clusters: int, buckets: str, budget: str
         print(out["stdout"][-3000:], out["stderr"][-3000:], sep="\n")
         raise SystemExit(f"semdedup run failed (rc {out['rc']})")
     m = re.search(r"stages \(s\): (.*?)  total: ([\d.]+) s", out["stdout"])
-    from semdedup_assets.core.catalog import query
+    from semdedup_assets.core.io.catalog import query
     from semdedup_assets.core.settings_store import load_settings
 
     root = load_settings(str(storage)).storage_root()

@@ -65,9 +65,9 @@ def run_graph(ns, inp: Path, storage: Path, args: argparse.Namespace, engine: st
 def text_child(args: argparse.Namespace) -> int:
     """Inside the namespace: time the embedding unit over every text shard with one engine; print JSON."""
     from semdedup_assets.core.config import Settings
-    from semdedup_assets.core.engines import LocalEngine, RayEngine, connect_ray
-    from semdedup_assets.core.ingest import ingest_shards
-    from semdedup_assets.core.shards import discover_shards
+    from semdedup_assets.core.run.engines import LocalEngine, RayEngine, connect_ray
+    from semdedup_assets.core.ingest.stage import ingest_shards
+    from semdedup_assets.core.io.shards import discover_shards
 
     actors = int(args.child_actors)
     settings = Settings(storage=args.child_storage, input=args.child_input, modality="text", max_length=128,
@@ -83,7 +83,7 @@ def text_child(args: argparse.Namespace) -> int:
         engine = RayEngine(settings)
         start = time.perf_counter()
     else:
-        from semdedup_assets.core.encoders import encoder_for
+        from semdedup_assets.core.embed.encoders import encoder_for
 
         engine = LocalEngine()
         start = time.perf_counter()

@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import add_output_options, output_path, command_line, emit, machine_lines, verdict  # noqa: E402
 
 from semdedup_assets.demo_data import collect_demo_texts  # noqa: E402
-from semdedup_assets.core.encoders.static import StaticTextEncoder, default_static_model, distill_static_model  # noqa: E402
-from semdedup_assets.core.encoders.text import HFTextEncoder, resolve_text_model  # noqa: E402
+from semdedup_assets.core.embed.encoders.static import StaticTextEncoder, default_static_model, distill_static_model  # noqa: E402
+from semdedup_assets.core.embed.encoders.text import HFTextEncoder, resolve_text_model  # noqa: E402
 
 DEFAULT_OUT = "bench/results/text_embedding.md"
 

@@ -17,7 +17,7 @@ from semdedup_assets.ui import ui_command
 
 DEMO_STORAGE = ".demo/storage"
 DEMO_MODEL = "static"  # the demo's default text model: fast on a CPU; --model all-MiniLM-L6-v2 for the transformer
-# The catalog's views (core.catalog.VIEW_NAMES; listed here so --help imports no DuckDB).
+# The catalog's views (core.io.catalog.VIEW_NAMES; listed here so --help imports no DuckDB).
 SQL_VIEWS = ("items", "embeddings", "centroids", "eps_curve", "raw_items", "rejected", "contaminated",
              "cluster_assignments", "centroid_vectors", "pruned", "pruned_budget")
 
@@ -193,7 +193,7 @@ def warn_changed_settings(settings: Settings) -> None:
 
 def summary(settings: Settings) -> str:
     """Items, clusters (the k that k-means used, as `status` shows it) and kept/removed per eps, from the catalog."""
-    from semdedup_assets.core.catalog import format_table, query
+    from semdedup_assets.core.io.catalog import format_table, query
 
     storage = settings.storage_root()
     _, [(items,)] = query(storage, "SELECT count(*) FROM items")
@@ -213,8 +213,8 @@ def _show_progress(settings: Settings):
 
 def cmd_run(settings: Settings, verbose: bool = False) -> int:
     """Materialize the whole graph and print the summary."""
-    from semdedup_assets.core.shards import ShardError
-    from semdedup_assets.core.storage import StoreError
+    from semdedup_assets.core.io.shards import ShardError
+    from semdedup_assets.core.io.storage import StoreError
     from semdedup_assets.instance import open_instance
     from semdedup_assets.pipeline import PipelineError, check_run_locations, run_pipeline
 
@@ -250,7 +250,7 @@ def cmd_demo(storage: str, verbose: bool = False, model: str = DEMO_MODEL) -> in
     """Write the demo shards and run the graph on them."""
     from semdedup_assets.demo_data import write_demo_shards
 
-    from semdedup_assets.core.storage import folder_problem
+    from semdedup_assets.core.io.storage import folder_problem
 
     storage = os.path.abspath(storage)
     input_dir = os.path.join(os.path.dirname(storage.rstrip("/")), "input")
@@ -267,7 +267,7 @@ def cmd_demo(storage: str, verbose: bool = False, model: str = DEMO_MODEL) -> in
 
 def prepare_static_model(settings: Settings) -> None:
     """A static --model: make `static` exist before the run (saying so when it is made), check a model2vec:PATH."""
-    from semdedup_assets.core.encoders.static import resolve_static_model, wants_static
+    from semdedup_assets.core.embed.encoders.static import resolve_static_model, wants_static
 
     if settings.modality == "text" and wants_static(settings.model):
         # Fails here, before any run starts, when model2vec:PATH is not a static model.
@@ -276,7 +276,7 @@ def prepare_static_model(settings: Settings) -> None:
 
 def cmd_distill(source: str | None, dims: int | None, out: str | None, force: bool = False) -> int:
     """Distil a static model (to `out`, or this machine's cached `--model static`) and say where it is."""
-    from semdedup_assets.core.encoders.static import (DEFAULT_STATIC_DIMS, default_static_model,
+    from semdedup_assets.core.embed.encoders.static import (DEFAULT_STATIC_DIMS, default_static_model,
                                                       distill_static_model, is_static_model_dir, static_cache_dir)
 
     dims = DEFAULT_STATIC_DIMS if dims is None else dims
@@ -304,7 +304,7 @@ def cmd_sql(storage: str | None, sql: str) -> int:
     """Print each statement's result as a table (several statements: each under its own text)."""
     import duckdb
 
-    from semdedup_assets.core.catalog import format_table, query_statements
+    from semdedup_assets.core.io.catalog import format_table, query_statements
 
     settings = load_settings(storage)
     if refuse_missing_storage(settings):
@@ -349,11 +349,11 @@ def cmd_forget(storage: str | None, shard: str, verbose: bool = False) -> int:
 def cmd_export(storage: str | None, select: str | None) -> int:
     """Write the deduplicated dataset for a selection and print what each shard kept."""
     from semdedup_assets import progress
-    from semdedup_assets.core.catalog import refresh_catalog
-    from semdedup_assets.core.export import (ExportError, default_selection, export_shards, parse_selection,
+    from semdedup_assets.core.io.catalog import refresh_catalog
+    from semdedup_assets.core.select.export import (ExportError, default_selection, export_shards, parse_selection,
                                              tidy_exports)
-    from semdedup_assets.core.prune import PruneError, compute_pruning
-    from semdedup_assets.core.storage import StageFileError
+    from semdedup_assets.core.select.prune import PruneError, compute_pruning
+    from semdedup_assets.core.io.storage import StageFileError
 
     settings = load_settings(storage)
     if refuse_missing_storage(settings):
@@ -396,7 +396,7 @@ def cmd_verify(storage: str | None, repair: bool, content: bool = False) -> int:
 
     Exit status 1 while anything is found, unless `repair` deleted every damaged file.
     """
-    from semdedup_assets.core.verify import STALE, repair as delete, verify_storage
+    from semdedup_assets.core.checks.verify import STALE, repair as delete, verify_storage
 
     settings = load_settings(storage)
     if refuse_missing_storage(settings):
@@ -428,7 +428,7 @@ def cmd_verify(storage: str | None, repair: bool, content: bool = False) -> int:
 
 def _input_files(settings: Settings) -> dict:
     """The input shards by key ({} when the input is not reachable)."""
-    from semdedup_assets.core.shards import discover_shards
+    from semdedup_assets.core.io.shards import discover_shards
 
     try:
         return {s.key: s for s in discover_shards(settings.input, settings.files_per_shard)} if settings.input else {}
@@ -438,8 +438,8 @@ def _input_files(settings: Settings) -> dict:
 
 def _cache_keys(settings: Settings, files: dict | None = None):
     """The embeddings cache key each shard should carry now (None when the input is not reachable)."""
-    from semdedup_assets.core import storage as st
-    from semdedup_assets.core.embed import embedding_cache_key
+    from semdedup_assets.core.io import storage as st
+    from semdedup_assets.core.embed.shard import embedding_cache_key
 
     files = _input_files(settings) if files is None else files
     raw = settings.storage_root()
@@ -453,11 +453,11 @@ def _cache_keys(settings: Settings, files: dict | None = None):
 
 def comparison_report(storages: Sequence[str], eps: str | None, plot: str) -> str:
     """`semdedup compare`'s output: the configurations, the per-eps tables and the plot's path (written here)."""
-    from semdedup_assets.core.catalog import format_table
-    from semdedup_assets.core.keep import parse_eps_list
+    from semdedup_assets.core.io.catalog import format_table
+    from semdedup_assets.core.dedup.keep import parse_eps_list
     from semdedup_assets.core.plots import eps_curves_png
-    from semdedup_assets.core.robustness import CompareError, compare_storages, expand_sweeps
-    from semdedup_assets.core.storage import folder_problem
+    from semdedup_assets.core.select.robustness import CompareError, compare_storages, expand_sweeps
+    from semdedup_assets.core.io.storage import folder_problem
 
     folder = os.path.dirname(os.path.abspath(plot))
     if (problem := folder_problem(folder, "--plot's folder")) is not None:
@@ -484,7 +484,7 @@ def comparison_report(storages: Sequence[str], eps: str | None, plot: str) -> st
 
 def cmd_compare(storages: Sequence[str], eps: str | None, plot: str) -> int:
     """Print the comparison of finished storages and write the eps-curves PNG."""
-    from semdedup_assets.core.robustness import CompareError
+    from semdedup_assets.core.select.robustness import CompareError
 
     try:
         print(comparison_report(storages, eps, plot))
@@ -509,9 +509,9 @@ def _sweep_values(text: str, name: str) -> list[str]:
 def cmd_sweep(args: argparse.Namespace) -> int:
     """One run per (encoder, k) in sub-storages sharing each encoder's embeddings, then the comparison."""
     from semdedup_assets.core.config import coerce
-    from semdedup_assets.core.robustness import CompareError, run_sweep
-    from semdedup_assets.core.shards import ShardError
-    from semdedup_assets.core.storage import StoreError
+    from semdedup_assets.core.select.robustness import CompareError, run_sweep
+    from semdedup_assets.core.io.shards import ShardError
+    from semdedup_assets.core.io.storage import StoreError
     from semdedup_assets.instance import open_instance
     from semdedup_assets.pipeline import PipelineError, _execute, check_run_locations, run_pipeline
 
@@ -582,7 +582,7 @@ def silence_stdout() -> None:
 
 def run_command(args: argparse.Namespace) -> int:
     """Run the parsed command; a user error is one `semdedup: error: ...` line on stderr and status 1 or 2."""
-    from semdedup_assets.core.storage import StoreError
+    from semdedup_assets.core.io.storage import StoreError
 
     try:
         if args.command == "run":

@@ -1,7 +1,7 @@
 """SemDeDup as a library: `SemDeDup(**knobs).run(data)` on arrays, texts, tables or shards, without Dagster.
 
 The data is written as shards under the storage (`<storage>/library_input/`, nothing outside it),
-then the core's run loop (`core.run_loop.run_units`) runs the graph's units in the graph's order,
+then the core's run loop (`core.run.loop.run_units`) runs the graph's units in the graph's order,
 so the files are those `semdedup run` writes on the same shards, byte for byte. The result reads
 them back in the input's order: eps curve, keep masks, kept ids, duplicates, explanations, SQL
 over the catalog, the deduplicated dataset, and the kept rows in the input's own type.
@@ -25,17 +25,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from semdedup_assets.core import storage as st
-from semdedup_assets.core.catalog import query
+from semdedup_assets.core.io import storage as st
+from semdedup_assets.core.io.catalog import query
 from semdedup_assets.core.config import Settings
-from semdedup_assets.core.export import (ExportError, export_shards, parse_selection, selection_dir,
+from semdedup_assets.core.select.export import (ExportError, export_shards, parse_selection, selection_dir,
                                          tidy_exports)
-from semdedup_assets.core.keep import keep_for_target
-from semdedup_assets.core.keep import keep_mask as threshold_mask
-from semdedup_assets.core.layout import remove_shard_files
-from semdedup_assets.core.run_loop import STEPS, run_units
+from semdedup_assets.core.dedup.keep import keep_for_target
+from semdedup_assets.core.dedup.keep import keep_mask as threshold_mask
+from semdedup_assets.core.checks.layout import remove_shard_files
+from semdedup_assets.core.run.loop import STEPS, run_units
 from semdedup_assets.core.settings_store import save_settings
-from semdedup_assets.core.shards import discover_shards
+from semdedup_assets.core.io.shards import discover_shards
 
 INPUT_DIR = "library_input"  # under the storage: the shards the library writes from in-memory data
 SHARD_ROWS = 100_000  # rows per shard written from in-memory data
@@ -269,7 +269,7 @@ def write_if_changed(data: bytes, path: st.UPath) -> None:
 
 def prepare_model(settings: Settings) -> None:
     """A static text `model`: made (or checked) before the run, as `semdedup run` does."""
-    from semdedup_assets.core.encoders.static import resolve_static_model, wants_static
+    from semdedup_assets.core.embed.encoders.static import resolve_static_model, wants_static
 
     if settings.modality == "text" and wants_static(settings.model):
         resolve_static_model(settings.model or "")

@@ -22,7 +22,7 @@ from functools import cached_property
 
 import dagster as dg
 
-from semdedup_assets.core.storage import Storage, UPath, atomic_write_bytes
+from semdedup_assets.core.io.storage import Storage, UPath, atomic_write_bytes
 from semdedup_assets.partitions import SHARDS_PARTITIONS_NAME, shard_partitions
 
 GRAPH_FILE = "graph.json"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from semdedup_assets.core.assign import bucket_keys
+from semdedup_assets.core.cluster.assign import bucket_keys
 
 SHARDS_PARTITIONS_NAME = "shards"
 

@@ -13,19 +13,19 @@ from dataclasses import dataclass, field
 import dagster as dg
 
 from semdedup_assets import progress
-from semdedup_assets.core import storage as st
-from semdedup_assets.core.assign import bucket_keys, touched_buckets
-from semdedup_assets.core.catalog import refresh_catalog
+from semdedup_assets.core.io import storage as st
+from semdedup_assets.core.cluster.assign import bucket_keys, touched_buckets
+from semdedup_assets.core.io.catalog import refresh_catalog
 from semdedup_assets.core.config import Settings
-from semdedup_assets.core.decontaminate import ReferenceError, check_run_reference
-from semdedup_assets.core.engines import EngineError, ray_session
-from semdedup_assets.core.export import DEDUPLICATED, remove_exported_shard, stale_exports
-from semdedup_assets.core.layout import remove_shard_files
-from semdedup_assets.core.lineage import results_fingerprint
+from semdedup_assets.core.select.decontaminate import ReferenceError, check_run_reference
+from semdedup_assets.core.run.engines import EngineError, ray_session
+from semdedup_assets.core.select.export import DEDUPLICATED, remove_exported_shard, stale_exports
+from semdedup_assets.core.checks.layout import remove_shard_files
+from semdedup_assets.core.checks.lineage import results_fingerprint
 from semdedup_assets.core.settings_store import save_settings
 from semdedup_assets.core.messages import printable
-from semdedup_assets.core.shards import SHARD_SUFFIXES, Discovery, discover, members, regrouped_shards
-from semdedup_assets.core.verify import derived_outputs_exist, remove_stale_prunings
+from semdedup_assets.core.io.shards import SHARD_SUFFIXES, Discovery, discover, members, regrouped_shards
+from semdedup_assets.core.checks.verify import derived_outputs_exist, remove_stale_prunings
 from semdedup_assets.graph import build_graph
 from semdedup_assets.names import DEFAULT_NAMES, GraphNames, record_graph, recorded_graph
 from semdedup_assets.run_guard import RunGuard, process_tags
@@ -130,7 +130,7 @@ def run_pipeline(settings: Settings, instance: dg.DagsterInstance, log=print, ve
     succeeded: a failed run leaves those of the last good run, which the commands that read
     the storage (export, status, sensors) go on using; the stages themselves take the new
     settings from the graph's resource. Then the pruning selections that the new results no
-    longer match (core/lineage.py) are removed, and exports that no longer match are named.
+    longer match (core/checks/lineage.py) are removed, and exports that no longer match are named.
     """
     with RunGuard(instance, log, stop_on_signals=stop_on_signals):
         return _run_pipeline(settings, instance, log, verbose, storage_names(settings, names))

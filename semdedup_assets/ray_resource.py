@@ -25,7 +25,7 @@ from dagster_ray import RayResource
 from pydantic import PrivateAttr
 
 from semdedup_assets.core.config import Settings
-from semdedup_assets.core.engines import (Engine, LocalEngine, RayEngine, host_port, import_ray, ray_init_options,
+from semdedup_assets.core.run.engines import (Engine, LocalEngine, RayEngine, host_port, import_ray, ray_init_options,
                                           resolve_ray_address, starts_local_instance)
 
 

@@ -16,8 +16,8 @@ from typing import Any, Literal
 import dagster as dg
 
 from semdedup_assets.core.config import Settings, default_of, knobs
-from semdedup_assets.core.encoders import Encoder, encoder_for
-from semdedup_assets.core.storage import Storage
+from semdedup_assets.core.embed.encoders import Encoder, encoder_for
+from semdedup_assets.core.io.storage import Storage
 
 
 def resource_type(tp: Any) -> Any:

@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import dagster as dg
 
-from semdedup_assets.core import storage as st
+from semdedup_assets.core.io import storage as st
 
 PID_TAG = "semdedup/pid"
 HOST_TAG = "semdedup/host"

@@ -6,9 +6,9 @@ import json
 import dagster as dg
 
 from semdedup_assets.assets.cluster import BUCKETS_TOUCHED
-from semdedup_assets.core import storage as st
+from semdedup_assets.core.io import storage as st
 from semdedup_assets.core.config import Settings
-from semdedup_assets.core.shards import discover, regrouped_shards
+from semdedup_assets.core.io.shards import discover, regrouped_shards
 from semdedup_assets.names import DEFAULT_NAMES, GraphNames
 
 

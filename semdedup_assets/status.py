@@ -15,8 +15,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from semdedup_assets.core import storage as st
-from semdedup_assets.core.assign import bucket_keys
+from semdedup_assets.core.io import storage as st
+from semdedup_assets.core.cluster.assign import bucket_keys
 from semdedup_assets.core.config import Settings, describe_settings
 from semdedup_assets.core.settings_store import load_settings, stored_settings
 
@@ -59,7 +59,7 @@ def _eps_curve(storage: st.Storage) -> list[dict[str, Any]]:
 
 def _contamination(storage: st.Storage, settings: Settings) -> dict[str, Any]:
     """The decontamination results: present, flagged items, the reference they were computed against."""
-    from semdedup_assets.core.schemas import CONTAMINATED_REFERENCE_KEY
+    from semdedup_assets.core.io.schemas import CONTAMINATED_REFERENCE_KEY
 
     path = storage.contaminated_file
     out: dict[str, Any] = {"reference": settings.reference, "present": path.exists()}
@@ -144,7 +144,7 @@ def _input_files(location: str | None, files_per_shard: int = 1) -> tuple[set[st
 
     Both empty when the input is not given or not reachable (then every shard counts as gone).
     """
-    from semdedup_assets.core.shards import discover
+    from semdedup_assets.core.io.shards import discover
 
     if not location:
         return set(), []
@@ -157,7 +157,7 @@ def _input_files(location: str | None, files_per_shard: int = 1) -> tuple[set[st
 
 def collect_status(settings: Settings, dagster_home: str | None) -> dict[str, Any]:
     """Everything `semdedup status` shows, as plain JSON-able values."""
-    from semdedup_assets.core.verify import stale_outputs
+    from semdedup_assets.core.checks.verify import stale_outputs
     from semdedup_assets.names import recorded_graph
 
     storage = settings.storage_root()
@@ -270,7 +270,7 @@ def _run_line(run: dict[str, Any]) -> str:
 
 def format_status(s: dict[str, Any]) -> str:
     """The human-readable report."""
-    from semdedup_assets.core.catalog import format_table
+    from semdedup_assets.core.io.catalog import format_table
 
     lines = [f"storage:    {s['storage']}  ({s['state']})"]
     if s["state"] == "fresh":

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from semdedup_assets.core.encoders.clip_pretrained import LOCAL_DIR_PREFIX, OPEN_CLIP_CONFIG
+from semdedup_assets.core.embed.encoders.clip_pretrained import LOCAL_DIR_PREFIX, OPEN_CLIP_CONFIG
 
 TINY_ARCH = "tiny-test-vit"
 # A few-hundred-kB ViT for offline tests and smoke runs; the vocabulary size must match

@@ -245,7 +245,7 @@ def run_local(input_dir: Path, storage: Path, **settings: Any) -> None:
 
 def assert_same_results(local: Path, ray: Path) -> None:
     """Both storages hold the same stage files, byte for byte, and the same `items` rows; no temporaries."""
-    from semdedup_assets.core.catalog import query
+    from semdedup_assets.core.io.catalog import query
     from semdedup_assets.core.config import Settings
 
     a, b = stage_files(local), stage_files(ray)

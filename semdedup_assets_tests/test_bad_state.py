@@ -18,10 +18,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from semdedup_assets.cli import build_parser, main
-from semdedup_assets.core.catalog import VIEW_NAMES
+from semdedup_assets.core.io.catalog import VIEW_NAMES
 from semdedup_assets.core.config import Settings
 from semdedup_assets.core.settings_store import load_settings, save_settings
-from semdedup_assets.core.shards import ShardError, discover_shards, read_shard
+from semdedup_assets.core.io.shards import ShardError, discover_shards, read_shard
 from semdedup_assets.status import collect_status
 from semdedup_assets.ui import ui_command
 from semdedup_assets_tests.fixtures import write_embeddings_and_reference

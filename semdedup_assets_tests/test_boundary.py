@@ -9,8 +9,8 @@ from pathlib import Path
 import dagster as dg
 from PIL import Image
 
-from semdedup_assets.core.boundary import thumbnail_uri
-from semdedup_assets.core.catalog import query
+from semdedup_assets.core.dedup.boundary import thumbnail_uri
+from semdedup_assets.core.io.catalog import query
 from semdedup_assets.core.config import Settings
 from semdedup_assets.pipeline import run_pipeline
 from semdedup_assets_tests.fixtures import write_embedding_shards

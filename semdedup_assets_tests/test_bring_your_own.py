@@ -10,9 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from semdedup_assets.core.catalog import query
+from semdedup_assets.core.io.catalog import query
 from semdedup_assets.core.config import Settings
-from semdedup_assets.core.shards import discover_shards, iter_embedding_chunks
+from semdedup_assets.core.io.shards import discover_shards, iter_embedding_chunks
 from semdedup_assets.pipeline import PipelineError, run_pipeline
 from semdedup_assets_tests.fixtures import make_planted
 

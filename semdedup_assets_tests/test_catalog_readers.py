@@ -15,7 +15,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from semdedup_assets.core.catalog import VIEW_NAMES
+from semdedup_assets.core.io.catalog import VIEW_NAMES
 from semdedup_assets_tests.fixtures import write_embeddings_and_reference
 from semdedup_assets_tests.test_faults import Child, _env
 

@@ -266,7 +266,7 @@ def test_a_command_leaves_no_reporter_behind_and_a_closed_stream_never_fails_the
 def test_status_of_an_object_store_storage_without_an_instance(tmp_path: Path) -> None:
     import pyarrow as pa
 
-    from semdedup_assets.core import storage as st
+    from semdedup_assets.core.io import storage as st
     from semdedup_assets.core.config import Settings
     from semdedup_assets.status import collect_status, format_status
 

@@ -16,10 +16,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from semdedup_assets.core import storage as st
-from semdedup_assets.core.catalog import query
+from semdedup_assets.core.io import storage as st
+from semdedup_assets.core.io.catalog import query
 from semdedup_assets.core.config import Settings
-from semdedup_assets.core.shards import ShardError, discover_shards, read_shard
+from semdedup_assets.core.io.shards import ShardError, discover_shards, read_shard
 from semdedup_assets.definitions import build_definitions
 from semdedup_assets.partitions import SHARDS_PARTITIONS_NAME
 from semdedup_assets.pipeline import PipelineError, forget_shard, run_pipeline

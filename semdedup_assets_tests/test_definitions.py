@@ -83,8 +83,8 @@ def test_the_code_location_and_the_cli_load_without_torch(tmp_path: Path) -> Non
     """Loading the code location (each run worker, step forkserver and code server does) and the CLI imports
     no torch: it costs ~2 s and ~500 MB per process, and only the stages that run a model or the pairwise rule
     need it (they import it when they run)."""
-    probe = ("import sys, semdedup_assets.definitions as d, semdedup_assets.cli, semdedup_assets.core.dedup, "
-             "semdedup_assets.core.decontaminate; d.load_definitions(); "
+    probe = ("import sys, semdedup_assets.definitions as d, semdedup_assets.cli, semdedup_assets.core.dedup.buckets, "
+             "semdedup_assets.core.select.decontaminate; d.load_definitions(); "
              "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
     env = {k: v for k, v in os.environ.items() if not k.startswith("SEMDEDUP_")}
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,

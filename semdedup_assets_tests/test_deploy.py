@@ -191,8 +191,8 @@ def _db_of(env: dict[str, str]) -> str:
 # --------------------------------------------------------------------------------------
 
 def _catalog_counts(storage: str, shard: str) -> tuple[int, int, list]:
-    from semdedup_assets.core.catalog import query
-    from semdedup_assets.core.storage import Storage
+    from semdedup_assets.core.io.catalog import query
+    from semdedup_assets.core.io.storage import Storage
 
     store = Storage(storage)
     _, [(new, total)] = query(store, f"SELECT count(*) FILTER (shard = '{shard}'), count(*) FROM items")
@@ -315,7 +315,7 @@ def test_missing_bucket_and_wrong_credentials_are_named(tmp_path: Path, pg: Post
 
 def test_object_deleted_between_discovery_and_reading(tmp_path: Path, s3: S3Server,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    from semdedup_assets.core.shards import ShardError, discover_shards, read_shard
+    from semdedup_assets.core.io.shards import ShardError, discover_shards, read_shard
 
     _, source = _small_input(tmp_path, s3)
     for k, v in s3.env().items():

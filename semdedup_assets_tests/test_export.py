@@ -14,9 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from semdedup_assets.cli import main
-from semdedup_assets.core.catalog import query
+from semdedup_assets.core.io.catalog import query
 from semdedup_assets.core.config import Settings
-from semdedup_assets.core.keep import keep_for_target
+from semdedup_assets.core.dedup.keep import keep_for_target
 from semdedup_assets.definitions import build_definitions
 from semdedup_assets.partitions import SHARDS_PARTITIONS_NAME
 from semdedup_assets.pipeline import run_pipeline
@@ -102,8 +102,8 @@ def test_export_by_eps_and_by_keep_fraction(ran: Settings, capsys) -> None:
     assert out.count("(unchanged)") == 3, out
 
     # A changed keep decision in one shard (an item flagged as contaminated) rewrites that shard only.
-    from semdedup_assets.core import storage as st
-    from semdedup_assets.core.schemas import CONTAMINATED_SCHEMA
+    from semdedup_assets.core.io import storage as st
+    from semdedup_assets.core.io.schemas import CONTAMINATED_SCHEMA
 
     eps_kept = _kept_by_shard(ran, "i.max_sim <= 1 - 0.01")["a"]
     victim = f"p-{eps_kept[0]:04d}"

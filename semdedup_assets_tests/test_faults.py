@@ -22,10 +22,10 @@ import dagster as dg
 import pyarrow as pa
 import pytest
 
-from semdedup_assets.core.catalog import query
+from semdedup_assets.core.io.catalog import query
 from semdedup_assets.core.config import Settings
-from semdedup_assets.core.prune import compute_pruning, parse_pruning
-from semdedup_assets.core.storage import Storage
+from semdedup_assets.core.select.prune import compute_pruning, parse_pruning
+from semdedup_assets.core.io.storage import Storage
 from semdedup_assets_tests.fixtures import write_embedding_shards
 
 REPO = Path(__file__).resolve().parents[1]
@@ -322,8 +322,8 @@ def test_full_disk_on_a_real_tmpfs(data, tmp_path: Path) -> None:
 
 # ---- damaged stage files and a full disk, in-process (fast) ---------------------------------------
 
-from semdedup_assets.core import storage as st  # noqa: E402
-from semdedup_assets.core.verify import repair, verify_storage  # noqa: E402
+from semdedup_assets.core.io import storage as st  # noqa: E402
+from semdedup_assets.core.checks.verify import repair, verify_storage  # noqa: E402
 from semdedup_assets.definitions import build_definitions  # noqa: E402
 from semdedup_assets.pipeline import PipelineError, run_pipeline  # noqa: E402
 

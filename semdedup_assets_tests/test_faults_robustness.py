@@ -15,11 +15,11 @@ from pathlib import Path
 import dagster as dg
 
 from semdedup_assets.core.settings_store import load_settings
-from semdedup_assets.core.robustness import ROBUSTNESS, build_robustness
+from semdedup_assets.core.select.robustness import ROBUSTNESS, build_robustness
 from semdedup_assets_tests.fixtures import write_embedding_shards
 from semdedup_assets_tests.test_faults import Child, instance_of
 
-# Printed by core.robustness.build_robustness once the comparison is made: the plot and the writes follow.
+# Printed by core.select.robustness.build_robustness once the comparison is made: the plot and the writes follow.
 KILL_LINE = r"robustness: \d+ items, \d+ eps: drawing the eps curves"
 
 

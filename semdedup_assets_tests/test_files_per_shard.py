@@ -16,12 +16,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from semdedup_assets.core import storage as st
-from semdedup_assets.core.catalog import query
+from semdedup_assets.core.io import storage as st
+from semdedup_assets.core.io.catalog import query
 from semdedup_assets.core.config import Settings
-from semdedup_assets.core.export import parse_selection, export_shards, tidy_exports
-from semdedup_assets.core.shards import discover
-from semdedup_assets.core.storage import UnsafeKeyError
+from semdedup_assets.core.select.export import parse_selection, export_shards, tidy_exports
+from semdedup_assets.core.io.shards import discover
+from semdedup_assets.core.io.storage import UnsafeKeyError
 from semdedup_assets.cli import main
 from semdedup_assets.core.settings_store import load_settings
 from semdedup_assets.definitions import build_definitions

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageDraw
 
-from semdedup_assets.core.catalog import query
+from semdedup_assets.core.io.catalog import query
 from semdedup_assets.core.config import Settings
 from semdedup_assets_tests.fixtures import save_tiny_clip
 from semdedup_assets.pipeline import PipelineError, run_pipeline

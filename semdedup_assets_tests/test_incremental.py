@@ -10,8 +10,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from semdedup_assets.core import storage as st
-from semdedup_assets.core.assign import touched_buckets
+from semdedup_assets.core.io import storage as st
+from semdedup_assets.core.cluster.assign import touched_buckets
 from semdedup_assets.core.config import Settings
 from semdedup_assets.core.settings_store import save_settings
 from semdedup_assets.definitions import build_definitions

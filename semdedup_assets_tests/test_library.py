@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from semdedup_assets import SemDeDup, SemDeDupResult
-from semdedup_assets.core import storage as st
-from semdedup_assets.core.catalog import query
+from semdedup_assets.core.io import storage as st
+from semdedup_assets.core.io.catalog import query
 from semdedup_assets.core.config import Settings
 from semdedup_assets_tests.fixtures import BASE_SENTENCES, NEAR_COPIES, make_planted
 

@@ -16,9 +16,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from semdedup_assets.core import storage as st
+from semdedup_assets.core.io import storage as st
 from semdedup_assets.core.config import Settings, parse_size
-from semdedup_assets.core.dedup import cluster_groups
+from semdedup_assets.core.dedup.buckets import cluster_groups
 from semdedup_assets.pipeline import run_pipeline
 from semdedup_assets_tests.core.test_units import run_units
 from semdedup_assets_tests.fixtures import write_embedding_shards
@@ -102,9 +102,9 @@ def _items(settings: Settings) -> list[dict]:
 def _rerun_pairwise(reference: Settings, folder: Path, **kw) -> tuple[Settings, list]:
     """The pairwise stage and the keep-lists of the reference run's assignments again, under other settings, into
     `folder` (the core units, as the assets call them: no Dagster run needed for a second layout)."""
-    from semdedup_assets.core.assign import bucket_keys
-    from semdedup_assets.core.dedup import dedup_bucket
-    from semdedup_assets.core.keep import build_keep_lists
+    from semdedup_assets.core.cluster.assign import bucket_keys
+    from semdedup_assets.core.dedup.buckets import dedup_bucket
+    from semdedup_assets.core.dedup.keep import build_keep_lists
 
     settings = dataclasses.replace(reference, storage=str(folder), **kw)
     storage = settings.storage_root()
@@ -131,7 +131,7 @@ def test_buckets_auto_plans_memory_buckets_from_the_counts_with_the_same_keep_li
 
 
 def test_plan_bucket_fits_the_budget_from_the_assignment_counts(budget_runs) -> None:
-    from semdedup_assets.core.dedup import cluster_counts, pairwise_budget, plan_bucket, row_bytes
+    from semdedup_assets.core.dedup.buckets import cluster_counts, pairwise_budget, plan_bucket, row_bytes
 
     settings, _ = budget_runs["k40"]
     files = settings.storage_root().stage_files(st.CLUSTER_ASSIGNMENTS)
@@ -148,7 +148,7 @@ def test_plan_bucket_fits_the_budget_from_the_assignment_counts(budget_runs) -> 
 def test_multiprobe_within_the_budget_gives_the_same_results(budget_runs, tmp_path) -> None:
     """`--probes 2`: one bucket under a small budget is done in several groups (each pool within the budget) and
     gives the same rows and keep-lists as three unconstrained buckets."""
-    from semdedup_assets.core.pairwise import torch_threads
+    from semdedup_assets.core.dedup.pairwise import torch_threads
 
     reference = budget_runs["k40"][0]
     with torch_threads(1):  # a few hundred tiny tiles: on a loaded machine a thread pool's barriers cost ~10x the maths
@@ -175,7 +175,7 @@ def test_every_stage_reports_its_resources(budget_runs) -> None:
 
 
 def test_the_kmeans_sample_is_capped_by_the_budget_with_a_warning(budget_runs) -> None:
-    from semdedup_assets.core.centroids import train_centroids
+    from semdedup_assets.core.cluster.centroids import train_centroids
 
     settings, instance = budget_runs["unconstrained"]
     files = {settings.storage_root().shard_of(st.EMBEDDINGS, p): p
@@ -188,7 +188,7 @@ def test_the_kmeans_sample_is_capped_by_the_budget_with_a_warning(budget_runs) -
 
 
 def test_a_too_large_cluster_at_low_precision_is_refused_naming_it(tmp_path: Path) -> None:
-    from semdedup_assets.core.dedup import dedup_bucket
+    from semdedup_assets.core.dedup.buckets import dedup_bucket
 
     write_embedding_shards(tmp_path / "input", n_shards=1, per_shard=300, d=32)
     settings = _settings(tmp_path, "storage", clusters=1, buckets=1)
@@ -203,9 +203,9 @@ def test_a_too_large_cluster_at_low_precision_is_refused_naming_it(tmp_path: Pat
 PROBE = r"""
 import json, sys
 from semdedup_assets.core.config import Settings
-from semdedup_assets.core.dedup import dedup_bucket, read_bucket_rows
-from semdedup_assets.core.meter import stage_meter
-import semdedup_assets.core.pairwise, torch  # imports and thread pools before the baseline
+from semdedup_assets.core.dedup.buckets import dedup_bucket, read_bucket_rows
+from semdedup_assets.core.run.meter import stage_meter
+import semdedup_assets.core.dedup.pairwise, torch  # imports and thread pools before the baseline
 torch.ones(8, 8) @ torch.ones(8, 8)
 for job in json.loads(sys.argv[1]):
     settings = Settings(storage=job["root"], buckets=1, block_size=256, memory_budget=job["budget"])
@@ -224,8 +224,8 @@ for job in json.loads(sys.argv[1]):
 
 def _write_assignments(root: Path, n: int, k: int, d: int = 384, shard_rows: int = 1250) -> None:
     """Assignment files as the assign stage writes them: shards of `shard_rows`, k clusters, unit vectors."""
-    from semdedup_assets.core.schemas import assignments_schema
-    from semdedup_assets.core.tables import embedding_array
+    from semdedup_assets.core.io.schemas import assignments_schema
+    from semdedup_assets.core.io.tables import embedding_array
 
     folder = root / st.CLUSTER_ASSIGNMENTS
     folder.mkdir(parents=True)
@@ -283,9 +283,9 @@ def test_the_pairwise_stage_peak_stays_under_the_budget_as_n_grows_4x(tmp_path: 
 PROBE_MULTI = r"""
 import json, sys
 from semdedup_assets.core.config import Settings
-from semdedup_assets.core.dedup import dedup_bucket, read_bucket_rows
-from semdedup_assets.core.meter import stage_meter
-import semdedup_assets.core.multiprobe, torch, faiss  # imports and thread pools before the baseline
+from semdedup_assets.core.dedup.buckets import dedup_bucket, read_bucket_rows
+from semdedup_assets.core.run.meter import stage_meter
+import semdedup_assets.core.dedup.multiprobe, torch, faiss  # imports and thread pools before the baseline
 import pyarrow as pa
 torch.set_num_threads(1)  # thousands of tiny tiles: a loaded machine's thread-pool barriers would cost ~10x the maths
 # The stage's own memory, not Arrow's: with its thread pools each probed read decodes row groups of every shard
@@ -310,8 +310,8 @@ def _write_clustered(root: Path, n: int, k: int, d: int = 64, shard_rows: int = 
     """Assignments and centroids of n unit vectors near k centroids on a random walk over the sphere (a cluster's
     next-nearest centroids are its neighbours in id, so a group's probed clusters are a few row groups), in shards
     as the assign stage writes them (sorted by cluster, a few row groups each)."""
-    from semdedup_assets.core.schemas import assignments_schema, centroids_schema
-    from semdedup_assets.core.tables import embedding_array
+    from semdedup_assets.core.io.schemas import assignments_schema, centroids_schema
+    from semdedup_assets.core.io.tables import embedding_array
 
     rng = np.random.default_rng(1)
     centroids = np.empty((k, d), dtype=np.float32)

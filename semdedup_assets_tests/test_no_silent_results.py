@@ -161,8 +161,8 @@ def test_content_digests_are_sha256_and_a_recorded_blake2b_digest_still_verifies
     verified with BLAKE2b, so `verify --content` neither cries wolf over it nor misses an edit."""
     import hashlib
 
-    from semdedup_assets.core.export import CONTENT_KEY
-    from semdedup_assets.core.shards import ShardFile
+    from semdedup_assets.core.select.export import CONTENT_KEY
+    from semdedup_assets.core.io.shards import ShardFile
 
     def recorded(storage: Path, key: str) -> str:
         return pq.read_schema(storage / "raw" / f"{key}.parquet").metadata[CONTENT_KEY].decode()
@@ -216,10 +216,10 @@ class _LengthEncoder:
 def test_empty_texts_and_ids_go_to_rejected_with_a_reason_or_fail_in_strict_mode(tmp_path: Path) -> None:
     """20.12: "" and "   " were embedded (so "" removed "   " as a duplicate), and an empty id was accepted."""
     from semdedup_assets.core.config import Settings
-    from semdedup_assets.core.embed import EmbedError, embed_shard
-    from semdedup_assets.core.ingest import ingest_shards
-    from semdedup_assets.core.shards import discover_shards
-    from semdedup_assets.core.verify import verify_storage
+    from semdedup_assets.core.embed.shard import EmbedError, embed_shard
+    from semdedup_assets.core.ingest.stage import ingest_shards
+    from semdedup_assets.core.io.shards import discover_shards
+    from semdedup_assets.core.checks.verify import verify_storage
 
     (tmp_path / "input").mkdir()
     rows = [("a", "hello there"), ("b", ""), ("c", "  \t "), ("", "no id"), ("e", "general kenobi")]

@@ -13,8 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from semdedup_assets.core import storage as st
-from semdedup_assets.core.catalog import query
+from semdedup_assets.core.io import storage as st
+from semdedup_assets.core.io.catalog import query
 from semdedup_assets.core.config import Settings
 from semdedup_assets.definitions import build_definitions
 from semdedup_assets.partitions import SHARDS_PARTITIONS_NAME
@@ -103,7 +103,7 @@ def test_failed_blocking_check_stops_automation(tmp_path: Path, instance: dg.Dag
     defs = build_definitions(settings)
     auto = dg.evaluate_automation_conditions(defs=defs, instance=instance)
     # Bad data: embeddings that are not unit norm (as a broken encoder would produce).
-    from semdedup_assets.core import embed
+    from semdedup_assets.core.embed import shard as embed
 
     monkeypatch.setattr(embed, "renormalise", lambda chunk: (np.asarray(chunk, np.float32) * 2.0, 0))
     os.utime(tmp_path / "input" / "part-01.parquet", (time.time() + 5, time.time() + 5))  # invalidate the cache

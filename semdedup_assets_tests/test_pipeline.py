@@ -9,11 +9,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from semdedup_assets.core import storage as st
-from semdedup_assets.core.assign import bucket_of
-from semdedup_assets.core.catalog import query
+from semdedup_assets.core.io import storage as st
+from semdedup_assets.core.cluster.assign import bucket_of
+from semdedup_assets.core.io.catalog import query
 from semdedup_assets.core.config import Settings
-from semdedup_assets.core.pairwise import dense_max_sim
+from semdedup_assets.core.dedup.pairwise import dense_max_sim
 from semdedup_assets.definitions import build_definitions
 from semdedup_assets.partitions import SHARDS_PARTITIONS_NAME
 from semdedup_assets.pipeline import PipelineError, run_pipeline

@@ -8,9 +8,9 @@ import dagster as dg
 import numpy as np
 import pytest
 
-from semdedup_assets.core.catalog import query
+from semdedup_assets.core.io.catalog import query
 from semdedup_assets.core.config import Settings
-from semdedup_assets.core.multiprobe import dense_multiprobe, global_rank, probe_clusters
+from semdedup_assets.core.dedup.multiprobe import dense_multiprobe, global_rank, probe_clusters
 from semdedup_assets.pipeline import run_pipeline
 from semdedup_assets_tests.fixtures import write_embedding_shards
 

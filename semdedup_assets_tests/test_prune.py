@@ -20,9 +20,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from semdedup_assets.cli import main
-from semdedup_assets.core.catalog import query
+from semdedup_assets.core.io.catalog import query
 from semdedup_assets.core.config import Settings
-from semdedup_assets.core.prune import compute_pruning, parse_pruning
+from semdedup_assets.core.select.prune import compute_pruning, parse_pruning
 from semdedup_assets.definitions import build_definitions
 from semdedup_assets.pipeline import run_pipeline
 from semdedup_assets_tests.fixtures import write_embedding_shards

@@ -14,10 +14,10 @@ import matplotlib.image
 import pytest
 
 from semdedup_assets.cli import main
-from semdedup_assets.core import storage as st
+from semdedup_assets.core.io import storage as st
 from semdedup_assets.core.config import Settings
 from semdedup_assets.core.settings_store import load_settings
-from semdedup_assets.core.robustness import CompareError, compare_storages, run_sweep, sub_storage
+from semdedup_assets.core.select.robustness import CompareError, compare_storages, run_sweep, sub_storage
 from semdedup_assets.status import collect_status
 from semdedup_assets_tests.fixtures import write_embedding_shards
 from semdedup_assets_tests.core.test_units import run_units

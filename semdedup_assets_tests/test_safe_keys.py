@@ -12,9 +12,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from semdedup_assets.core import storage as st
+from semdedup_assets.core.io import storage as st
 from semdedup_assets.core.config import Settings
-from semdedup_assets.core.shards import discover_shards
+from semdedup_assets.core.io.shards import discover_shards
 from semdedup_assets.definitions import build_definitions
 from semdedup_assets.partitions import SHARDS_PARTITIONS_NAME
 from semdedup_assets.pipeline import run_pipeline

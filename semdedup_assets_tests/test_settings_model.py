@@ -66,7 +66,7 @@ def test_cli_options_are_the_settings_knobs() -> None:
 
 
 def test_allowed_values_are_defined_once() -> None:
-    from semdedup_assets.core import ordering, pairwise
+    from semdedup_assets.core.dedup import ordering, pairwise
 
     assert ordering.STRATEGIES == allowed_values(next(f for f in knobs() if f.name == "keep"))
     assert pairwise.TILE_PRECISIONS == allowed_values(next(f for f in knobs() if f.name == "precision"))

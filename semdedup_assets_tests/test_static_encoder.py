@@ -13,8 +13,8 @@ pytest.importorskip("skeletoken")
 
 from semdedup_assets import cli  # noqa: E402
 from semdedup_assets.core.config import Settings  # noqa: E402
-from semdedup_assets.core.encoders import create_encoder, encoder_for  # noqa: E402
-from semdedup_assets.core.encoders.static import (NotAStaticModelError, StaticTextEncoder,  # noqa: E402
+from semdedup_assets.core.embed.encoders import create_encoder, encoder_for  # noqa: E402
+from semdedup_assets.core.embed.encoders.static import (NotAStaticModelError, StaticTextEncoder,  # noqa: E402
                                                   default_static_model, is_static_model_dir, wants_static)
 from semdedup_assets_tests.fixtures import BASE_SENTENCES, NEAR_COPIES, write_text_shards  # noqa: E402
 from semdedup_assets_tests.tinybert import write_tiny_bert  # noqa: E402
@@ -82,7 +82,7 @@ def test_an_embedding_actor_holds_the_tokenizer_threads_to_its_share(models: tup
     """CPU actors start with the Rust tokenizer pool sized to their CPU share; torch threads likewise."""
     import torch
 
-    from semdedup_assets.core.engines import RAYON_THREADS_ENV, ShardEmbedder, plan_actors
+    from semdedup_assets.core.run.engines import RAYON_THREADS_ENV, ShardEmbedder, plan_actors
 
     _, static = models
     for actors, share in ((1, "2"), (2, "1")):

@@ -22,9 +22,9 @@ import dagster as dg
 import pyarrow.parquet as pq
 import pytest
 
-from semdedup_assets.core.assign import touched_buckets
-from semdedup_assets.core.catalog import query
-from semdedup_assets.core.storage import Storage
+from semdedup_assets.core.cluster.assign import touched_buckets
+from semdedup_assets.core.io.catalog import query
+from semdedup_assets.core.io.storage import Storage
 from semdedup_assets.instance import ensure_instance_config
 from semdedup_assets_tests.fixtures import write_embedding_shards
 from semdedup_assets_tests.webserver import (

@@ -1,4 +1,4 @@
-"""Cluster stage: `centroids` (spherical k-means on a sample) and `cluster_assignments` (core.assign.assign_shard).
+"""Cluster stage: `centroids` (spherical k-means on a sample) and `cluster_assignments` (core.cluster.assign.assign_shard).
 
 The engine runs both: in this process, or with `--engine ray` k-means on a GPU worker
 (where the cluster has one) and one Ray task per shard's assignment.
@@ -11,10 +11,10 @@ from dagster_ray import RayResource
 from semdedup_assets.assets.common import (EAGER, GPU_OP_TAGS, ProgressLog, beta_parameters, core_failures, metered,
                                            remove_unregistered, run_metadata, run_partition_keys, settings_resource,
                                            shard_backfill_policy, timed, worker_resources)
-from semdedup_assets.core import storage as st
-from semdedup_assets.core.centroids import CentroidsResult, centroids_count
+from semdedup_assets.core.io import storage as st
+from semdedup_assets.core.cluster.centroids import CentroidsResult, centroids_count
 from semdedup_assets.core.config import Settings
-from semdedup_assets.core.engines import Done, Worker
+from semdedup_assets.core.run.engines import Done, Worker
 from semdedup_assets.names import GraphNames
 from semdedup_assets.ray_resource import engine_for_step
 

@@ -11,14 +11,14 @@ import warnings
 import dagster as dg
 
 from semdedup_assets import progress
-from semdedup_assets.core.centroids import MissingCentroidsError
-from semdedup_assets.core.embed import EmbedError
-from semdedup_assets.core.engines import EngineError, Worker
-from semdedup_assets.core.ingest import DuplicateIdsError
-from semdedup_assets.core.layout import prune_shard_stages
-from semdedup_assets.core.meter import resource_metadata, stage_meter
-from semdedup_assets.core.shards import ShardError
-from semdedup_assets.core.storage import Storage, StageFileError, UnsafeKeyError, validate_shard_key
+from semdedup_assets.core.cluster.centroids import MissingCentroidsError
+from semdedup_assets.core.embed.shard import EmbedError
+from semdedup_assets.core.run.engines import EngineError, Worker
+from semdedup_assets.core.ingest.stage import DuplicateIdsError
+from semdedup_assets.core.checks.layout import prune_shard_stages
+from semdedup_assets.core.run.meter import resource_metadata, stage_meter
+from semdedup_assets.core.io.shards import ShardError
+from semdedup_assets.core.io.storage import Storage, StageFileError, UnsafeKeyError, validate_shard_key
 from semdedup_assets.names import GraphNames
 from semdedup_assets.resources import SemDedupConfig
 
@@ -226,7 +226,7 @@ def run_metadata(context: dg.AssetExecutionContext, per_shard: list[dict[str, ob
 
 
 def remove_unregistered(context: dg.AssetExecutionContext, names: GraphNames, storage: Storage, *stages: str) -> None:
-    """Delete this stage's files of shards that are no longer registered (see core/layout.py)."""
+    """Delete this stage's files of shards that are no longer registered (see core/checks/layout.py)."""
     removed = prune_shard_stages(storage, stages, context.instance.get_dynamic_partitions(names.partitions))
     if removed:
         context.log.info(f"removed {len(removed)} file(s) of shards that are no longer registered: {removed[:5]}")

@@ -1,6 +1,6 @@
 """Decontamination: `contaminated`, dataset items that are near-copies of a --reference (evaluation) set.
 
-The work is core.decontaminate.decontaminate; this asset reads the registered shards'
+The work is core.select.decontaminate.decontaminate; this asset reads the registered shards'
 embeddings files, calls it and reports metadata.
 """
 
@@ -8,9 +8,9 @@ import dagster as dg
 
 from semdedup_assets.assets.cluster import registered_stage_files
 from semdedup_assets.assets.common import GPU_OP_TAGS, settings_resource
-from semdedup_assets.core import storage as st
-from semdedup_assets.core.catalog import refresh_catalog
-from semdedup_assets.core.decontaminate import DecontaminationResult, ReferenceError, decontaminate
+from semdedup_assets.core.io import storage as st
+from semdedup_assets.core.io.catalog import refresh_catalog
+from semdedup_assets.core.select.decontaminate import DecontaminationResult, ReferenceError, decontaminate
 from semdedup_assets.names import GraphNames
 
 

@@ -1,6 +1,6 @@
 """Dedup stage: `semantic_duplicates` per cluster bucket, then `keep_lists` for every eps.
 
-The work is core.dedup.dedup_bucket and core.keep.build_keep_lists, run by the engine (here or on Ray);
+The work is core.dedup.buckets.dedup_bucket and core.dedup.keep.build_keep_lists, run by the engine (here or on Ray);
 these assets read the partition keys, hand them to it and report metadata and checks.
 """
 
@@ -12,15 +12,15 @@ from semdedup_assets.assets.cluster import registered_stage_files
 from semdedup_assets.assets.common import (EAGER, GPU_OP_TAGS, ProgressLog, add_partition_metadata, beta_parameters,
                                            core_failures, metered, settings_resource, table_metadata, timed,
                                            worker_resources)
-from semdedup_assets.core import storage as st
-from semdedup_assets.core.boundary import boundary_markdown, boundary_pairs, image_thumbnails
-from semdedup_assets.core.centroids import load_centroids
+from semdedup_assets.core.io import storage as st
+from semdedup_assets.core.dedup.boundary import boundary_markdown, boundary_pairs, image_thumbnails
+from semdedup_assets.core.cluster.centroids import load_centroids
 from semdedup_assets.core.config import Settings
-from semdedup_assets.core.dedup import TOP_PAIRS, DedupBucketResult, Pair
-from semdedup_assets.core.encoders import resolve_device
-from semdedup_assets.core.engines import Worker
-from semdedup_assets.core.keep import MAX_SIM_BINS, NEAR_EXACT, KeepListsResult, payload_texts
-from semdedup_assets.core.layout import bucket_files_on_disk, layout_problems, prune_buckets, prune_keep_lists
+from semdedup_assets.core.dedup.buckets import TOP_PAIRS, DedupBucketResult, Pair
+from semdedup_assets.core.embed.encoders import resolve_device
+from semdedup_assets.core.run.engines import Worker
+from semdedup_assets.core.dedup.keep import MAX_SIM_BINS, NEAR_EXACT, KeepListsResult, payload_texts
+from semdedup_assets.core.checks.layout import bucket_files_on_disk, layout_problems, prune_buckets, prune_keep_lists
 from semdedup_assets.core.plots import eps_curve_markdown, histogram_markdown
 from semdedup_assets.partitions import bucket_partitions
 from semdedup_assets.names import GraphNames
@@ -228,7 +228,7 @@ def keep_lists_metadata(storage: st.Storage, settings: Settings, r: KeepListsRes
 
 
 def boundary_metadata(storage: st.Storage, settings: Settings) -> dict[str, dg.MetadataValue]:
-    """Per configured eps, the pairs just above and just below 1 - eps, with text or thumbnails (core/boundary.py)."""
+    """Per configured eps, the pairs just above and just below 1 - eps, with text or thumbnails (core/dedup/boundary.py)."""
     sides = {eps: boundary_pairs(storage, eps) for eps in settings.eps}
     ids = sorted({i for above, below in sides.values() for _, a, b in above + below for i in (a, b)})
     if settings.modality == "image" and settings.input:

@@ -1,4 +1,4 @@
-"""Embed stage: `embeddings`, unit-norm float32 vectors per shard (the work is core.embed.embed_shard)."""
+"""Embed stage: `embeddings`, unit-norm float32 vectors per shard (the work is core.embed.shard.embed_shard)."""
 
 
 import dagster as dg
@@ -8,9 +8,9 @@ from semdedup_assets.assets.common import (GPU_OP_TAGS, ProgressLog, beta_parame
                                            remove_unregistered, run_metadata, run_partition_keys, settings_resource,
                                            shard_backfill_policy, timed, worker_resources)
 from semdedup_assets.assets.ingest import input_shards
-from semdedup_assets.core import storage as st
+from semdedup_assets.core.io import storage as st
 from semdedup_assets.core.config import Settings
-from semdedup_assets.core.engines import Done
+from semdedup_assets.core.run.engines import Done
 from semdedup_assets.names import GraphNames
 from semdedup_assets.ray_resource import engine_for_step
 

@@ -4,7 +4,7 @@ import dagster as dg
 
 from semdedup_assets.assets.common import (beta_parameters, run_metadata, run_partition_keys, settings_resource,
                                            shard_backfill_policy, timed)
-from semdedup_assets.core.export import (ExportError, default_selection, export_shards, parse_selection, selection_dir,
+from semdedup_assets.core.select.export import (ExportError, default_selection, export_shards, parse_selection, selection_dir,
                                          tidy_exports)
 from semdedup_assets.names import GraphNames
 

@@ -1,4 +1,4 @@
-"""Ingest stage: `raw_shards`, one validated index of each input shard (the work is core.ingest.ingest_shards)."""
+"""Ingest stage: `raw_shards`, one validated index of each input shard (the work is core.ingest.stage.ingest_shards)."""
 
 
 import dagster as dg
@@ -7,11 +7,11 @@ from dagster_ray import RayResource
 from semdedup_assets.assets.common import (ProgressLog, beta_parameters, core_failures, metered, remove_unregistered,
                                            run_metadata, run_partition_keys, settings_resource, shard_backfill_policy,
                                            worker_resources)
-from semdedup_assets.core import storage as st
-from semdedup_assets.core.catalog import duplicate_ids
+from semdedup_assets.core.io import storage as st
+from semdedup_assets.core.io.catalog import duplicate_ids
 from semdedup_assets.core.config import Settings
-from semdedup_assets.core.ingest import IngestResult, duplicate_ids_message, ingest_shards
-from semdedup_assets.core.shards import Shard, discover_shards
+from semdedup_assets.core.ingest.stage import IngestResult, duplicate_ids_message, ingest_shards
+from semdedup_assets.core.io.shards import Shard, discover_shards
 from semdedup_assets.names import GraphNames
 from semdedup_assets.ray_resource import engine_for_step
 from semdedup_assets.resources import SemDedupConfig

@@ -1,4 +1,4 @@
-"""Prune stage: `pruned_prototypes`, `pruned_d4`, `pruned_dbp`, one asset per method (core/prune.py).
+"""Prune stage: `pruned_prototypes`, `pruned_d4`, `pruned_dbp`, one asset per method (core/select/prune.py).
 
 Each materializes the selections of its method named by the `prune` knob (and by `select`,
 when that names the method), and shows per selection its per-cluster budget table and a plot.
@@ -8,10 +8,10 @@ when that names the method), and shows per selection its per-cluster budget tabl
 import dagster as dg
 
 from semdedup_assets.assets.common import settings_resource, table_metadata
-from semdedup_assets.core.catalog import refresh_catalog
+from semdedup_assets.core.io.catalog import refresh_catalog
 from semdedup_assets.core.config import Settings
 from semdedup_assets.core.plots import budget_markdown
-from semdedup_assets.core.prune import (METHODS, PruneError, Pruning, compute_pruning, is_pruning, parse_pruning,
+from semdedup_assets.core.select.prune import (METHODS, PruneError, Pruning, compute_pruning, is_pruning, parse_pruning,
                                         parse_prune_list, prune_stale, selection_dir)
 from semdedup_assets.names import GraphNames
 

@@ -1,6 +1,6 @@
 """Robustness stage (the paper's RQ3): `robustness` compares this storage's removals with other storages'.
 
-The work is core.robustness.build_robustness; this asset reports its tables and plot.
+The work is core.select.robustness.build_robustness; this asset reports its tables and plot.
 """
 
 
@@ -8,7 +8,7 @@ import dagster as dg
 
 from semdedup_assets.assets.common import settings_resource, table_metadata
 from semdedup_assets.core.plots import png_markdown
-from semdedup_assets.core.robustness import CompareError, Comparison, RobustnessFiles, build_robustness
+from semdedup_assets.core.select.robustness import CompareError, Comparison, RobustnessFiles, build_robustness
 from semdedup_assets.names import GraphNames
 
 

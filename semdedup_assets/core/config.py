@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from semdedup_assets.core.messages import printable
-from semdedup_assets.core.storage import Storage
+from semdedup_assets.core.io.storage import Storage
 
 Modality = Literal["text", "image", "embedding"]
 Pooling = Literal["mean", "cls", "last_token"]
@@ -126,7 +126,7 @@ class Settings:
                              "prototypes:keep-fraction=F, d4:eps=E,keep-fraction=F[,clusters=K], "
                              "dbp:eps=E,keep-fraction=F[,temperature=T,neighbours=L] (views `pruned`, "
                              "`pruned_budget`)", metavar="METHOD:K=V,...[;...]")
-    # Scale-out (core/engines.py): where the per-shard and per-bucket work runs.
+    # Scale-out (core/run/engines.py): where the per-shard and per-bucket work runs.
     engine: EngineName = knob("local", "where embedding and the pairwise rule run: local (this process) or ray "
                               "(a local Ray instance, or the cluster at --ray-address)")
     ray_address: str | None = knob(None, "with --engine ray: an existing cluster, HOST:PORT (GCS), ray://HOST:PORT "

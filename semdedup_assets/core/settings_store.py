@@ -2,7 +2,7 @@
 
 The model itself (`Settings`, its knobs and their types) is core/config.py and does no
 I/O; this module reads the environment and the stored run's settings, and records a
-run's settings in the storage root (atomically, see core/storage.py).
+run's settings in the storage root (atomically, see core/io/storage.py).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from semdedup_assets.core.config import DEFAULT_STORAGE, ENV_PREFIX, Settings, coerce, knobs
-from semdedup_assets.core.storage import Storage, atomic_write_bytes, check_store, to_upath
+from semdedup_assets.core.io.storage import Storage, atomic_write_bytes, check_store, to_upath
 
 
 def environment_overrides(environ: Mapping[str, str] | None = None) -> dict[str, Any]:

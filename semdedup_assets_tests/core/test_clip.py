@@ -19,8 +19,8 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from semdedup_assets.core.encoders import Encoder, available_modalities, create_encoder
-from semdedup_assets.core.encoders.clip import (
+from semdedup_assets.core.embed.encoders import Encoder, available_modalities, create_encoder
+from semdedup_assets.core.embed.encoders.clip import (
     DEFAULT_IMAGE_MODEL,
     ImageEncodeResult,
     OpenClipImageEncoder,
@@ -28,7 +28,7 @@ from semdedup_assets.core.encoders.clip import (
     UnsafeCheckpointError,
     check_checkpoint_weights_only,
 )
-from semdedup_assets.core.images import ImageDecodeError
+from semdedup_assets.core.embed.images import ImageDecodeError
 from semdedup_assets_tests.fixtures import TINY_ARCH, save_tiny_clip
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from semdedup_assets.core.encoders import (
+from semdedup_assets.core.embed.encoders import (
     Encoder,
     available_modalities,
     create_encoder,
@@ -20,8 +20,8 @@ from semdedup_assets.core.encoders import (
     register_encoder,
     resolve_device,
 )
-from semdedup_assets.core.encoders import registry as registry_mod
-from semdedup_assets.core.encoders.text import (
+from semdedup_assets.core.embed.encoders import registry as registry_mod
+from semdedup_assets.core.embed.encoders.text import (
     DEFAULT_TEXT_MODEL,
     HFTextEncoder,
     pool_hidden_states,
@@ -337,7 +337,7 @@ def test_factory_must_return_an_encoder() -> None:
 
 def test_package_import_is_lazy() -> None:
     code = (
-        "import sys, semdedup_assets.core.encoders as e; "
+        "import sys, semdedup_assets.core.embed.encoders as e; "
         "assert 'text' in e.available_modalities(); "
         "heavy = [m for m in ('torch', 'transformers', 'open_clip') if m in sys.modules]; "
         "assert not heavy, heavy"
@@ -377,7 +377,7 @@ def test_each_batch_runs_single_threaded_and_the_bits_do_not_depend_on_the_threa
 
 
 def test_a_failing_batch_raises_and_restores_the_thread_count() -> None:
-    from semdedup_assets.core.encoders.base import map_batches
+    from semdedup_assets.core.embed.encoders.base import map_batches
 
     def forward(i: int) -> int:
         if i == 5:

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from semdedup_assets.core import storage as st
+from semdedup_assets.core.io import storage as st
 from semdedup_assets.core.config import Settings
-from semdedup_assets.core.engines import (DRIVER, EngineError, LazyEncoder, LocalEngine, plan_actors, ray_init_options,
+from semdedup_assets.core.run.engines import (DRIVER, EngineError, LazyEncoder, LocalEngine, plan_actors, ray_init_options,
                                           remove_temporaries, resolve_ray_address, starts_local_instance,
                                           worker_died_error)
 
@@ -75,8 +75,8 @@ def test_temporaries_of_a_killed_writer_are_removed_and_nothing_else(tmp_path: P
 
 
 def test_the_local_engine_runs_the_core_units_in_order(tmp_path: Path):
-    from semdedup_assets.core.ingest import ingest_shards
-    from semdedup_assets.core.shards import discover_shards
+    from semdedup_assets.core.ingest.stage import ingest_shards
+    from semdedup_assets.core.io.shards import discover_shards
     from semdedup_assets_tests.fixtures import write_embedding_shards
 
     write_embedding_shards(tmp_path / "in", n_shards=3, per_shard=20)
@@ -101,7 +101,7 @@ def test_the_local_engine_runs_the_core_units_in_order(tmp_path: Path):
 
 
 def test_an_embedding_actor_loads_its_encoder_only_when_a_shard_needs_it(monkeypatch):
-    import semdedup_assets.core.encoders as encoders
+    import semdedup_assets.core.embed.encoders as encoders
 
     loads = []
 

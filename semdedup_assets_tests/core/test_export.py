@@ -13,11 +13,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from semdedup_assets.core.export import (ExportError, Selection, keep_count, output_files, parse_selection,
+from semdedup_assets.core.select.export import (ExportError, Selection, keep_count, output_files, parse_selection,
                                          write_shard)
-from semdedup_assets.core.shards import discover_shards, read_raw_table
-from semdedup_assets.core.storage import to_upath
-from semdedup_assets.core.webdataset import read_webdataset
+from semdedup_assets.core.io.shards import discover_shards, read_raw_table
+from semdedup_assets.core.io.storage import to_upath
+from semdedup_assets.core.io.webdataset import read_webdataset
 
 KEEP = np.array([0, 2, 3, 7])
 
@@ -145,7 +145,7 @@ def test_keep_count_is_the_ceiling_of_the_exact_decimal() -> None:
 
 
 def test_nearest_reference_is_exact_across_blocks_and_first_on_ties() -> None:
-    from semdedup_assets.core.decontaminate import ReferenceError, nearest_reference
+    from semdedup_assets.core.select.decontaminate import ReferenceError, nearest_reference
 
     rng = np.random.default_rng(1)
     x = rng.normal(size=(50, 6)).astype(np.float32)
@@ -163,7 +163,7 @@ def test_nearest_reference_is_exact_across_blocks_and_first_on_ties() -> None:
 def test_reference_items_with_nothing_to_compare_are_skipped_and_counted(tmp_path: Path) -> None:
     """An empty or whitespace-only reference text was embedded (a vector near every short item) and an empty
     reference id accepted; both are now skipped, as the dataset's own are rejected, and counted."""
-    from semdedup_assets.core.decontaminate import ReferenceError, embed_reference
+    from semdedup_assets.core.select.decontaminate import ReferenceError, embed_reference
 
     seen: list[str] = []
 
@@ -187,7 +187,7 @@ def test_reference_items_with_nothing_to_compare_are_skipped_and_counted(tmp_pat
 
 
 def test_reference_images_skip_empty_ids_and_undecodable_items(tmp_path: Path) -> None:
-    from semdedup_assets.core.decontaminate import embed_reference
+    from semdedup_assets.core.select.decontaminate import embed_reference
 
     def encode_images(items: list) -> tuple[np.ndarray, np.ndarray]:
         ok = np.array([i for i, item in enumerate(items) if item != b"bad"], dtype=np.int64)

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from semdedup_assets.core.images import (
+from semdedup_assets.core.embed.images import (
     ImageBytesDataset,
     ImageDecodeError,
     collate_decoded,

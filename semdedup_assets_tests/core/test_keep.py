@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from semdedup_assets.core.keep import (
+from semdedup_assets.core.dedup.keep import (
     EpsCurveAccumulator,
     duplicate_mask,
     eps_curve,

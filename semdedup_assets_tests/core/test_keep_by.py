@@ -12,13 +12,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from semdedup_assets.core import storage as st
-from semdedup_assets.core.catalog import query
+from semdedup_assets.core.io import storage as st
+from semdedup_assets.core.io.catalog import query
 from semdedup_assets.core.config import Settings, parse_keep_by
-from semdedup_assets.core.embed import embed_shard
-from semdedup_assets.core.ingest import ingest_shards
-from semdedup_assets.core.ordering import cluster_order
-from semdedup_assets.core.shards import ShardError, discover_shards, keep_by_column
+from semdedup_assets.core.embed.shard import embed_shard
+from semdedup_assets.core.ingest.stage import ingest_shards
+from semdedup_assets.core.dedup.ordering import cluster_order
+from semdedup_assets.core.io.shards import ShardError, discover_shards, keep_by_column
 from semdedup_assets.pipeline import run_pipeline
 from semdedup_assets_tests.fixtures import make_planted
 from semdedup_assets_tests.core.test_units import run_units

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from semdedup_assets.core.assign import assign, bucket_cluster_range, bucket_row_slices, bucket_keys, bucket_of, iter_cluster_ranges, touched_buckets
-from semdedup_assets.core.kmeans import collect_sample, sample_rows, train_spherical_kmeans
+from semdedup_assets.core.cluster.assign import assign, bucket_cluster_range, bucket_row_slices, bucket_keys, bucket_of, iter_cluster_ranges, touched_buckets
+from semdedup_assets.core.cluster.kmeans import collect_sample, sample_rows, train_spherical_kmeans
 
 
 def _blobs(n: int, d: int, k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -45,7 +45,7 @@ def _nearest_gap(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
 def test_the_torch_search_of_cuda_devices_finds_faiss_nearest_centroid() -> None:
     # The CUDA path's code (a torch GEMM and argmax), run on the CPU here: faiss' answer wherever
     # the two nearest centroids are not within float32 rounding of each other.
-    from semdedup_assets.core.assign import _nearest_faiss, _nearest_torch
+    from semdedup_assets.core.cluster.assign import _nearest_faiss, _nearest_torch
 
     x, _ = _blobs(3000, 16, 6, seed=2)
     centroids = train_spherical_kmeans(x, 12, niter=10, seed=0).centroids

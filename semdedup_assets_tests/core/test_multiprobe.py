@@ -7,11 +7,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from semdedup_assets.core.dedup import dedup_table
-from semdedup_assets.core.assign import assign
-from semdedup_assets.core.multiprobe import (dense_multiprobe, global_rank, multiprobe_bucket, probe_clusters)
-from semdedup_assets.core.schemas import assignments_schema
-from semdedup_assets.core.tables import embedding_array
+from semdedup_assets.core.dedup.buckets import dedup_table
+from semdedup_assets.core.cluster.assign import assign
+from semdedup_assets.core.dedup.multiprobe import (dense_multiprobe, global_rank, multiprobe_bucket, probe_clusters)
+from semdedup_assets.core.io.schemas import assignments_schema
+from semdedup_assets.core.io.tables import embedding_array
 from semdedup_assets_tests.fixtures import make_planted
 
 K = 7
@@ -105,7 +105,7 @@ def test_the_numpy_tile_epilogue_equals_torch_s() -> None:
     """`_max_over_earlier` on the CPU (numpy mask/max) gives the torch epilogue's values and first argmax, ties too."""
     import torch
 
-    from semdedup_assets.core import pairwise
+    from semdedup_assets.core.dedup import pairwise
 
     rng = np.random.default_rng(4)
     x = torch.from_numpy(np.round(rng.normal(size=(300, 8)), 1).astype(np.float32))

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from semdedup_assets.core.ordering import STRATEGIES, cluster_order
+from semdedup_assets.core.dedup.ordering import STRATEGIES, cluster_order
 
 
 def _ids(n: int) -> list[str]:
@@ -100,7 +100,7 @@ def test_random_is_stable_across_processes() -> None:
     here = cluster_order(ids, np.zeros(40), "random", seed=11).tolist()
     code = (
         "import numpy as np;"
-        "from semdedup_assets.core.ordering import cluster_order;"
+        "from semdedup_assets.core.dedup.ordering import cluster_order;"
         "print(cluster_order([f'item-{k}' for k in range(40)], np.zeros(40), 'random', seed=11).tolist())"
     )
     env_out = subprocess.run(

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from semdedup_assets.core.keep import keep_mask
-from semdedup_assets.core.ordering import STRATEGIES
-from semdedup_assets.core.pairwise import (
+from semdedup_assets.core.dedup.keep import keep_mask
+from semdedup_assets.core.dedup.ordering import STRATEGIES
+from semdedup_assets.core.dedup.pairwise import (
     cluster_semantic_duplicates,
     dense_max_sim,
     max_sim_tiled,
@@ -354,7 +354,7 @@ def test_without_the_recheck_low_precision_decides_wrongly() -> None:
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_error_bound_holds_for_random_pairs(precision: str) -> None:
     """|s_low - s_fp32| never exceeds the stated bound (CPU kernels round the output too)."""
-    from semdedup_assets.core.pairwise import low_precision_error_bound
+    from semdedup_assets.core.dedup.pairwise import low_precision_error_bound
 
     x = _planted(800, 384, seed=9)
     dtype = torch.float16 if precision == "fp16" else torch.bfloat16
@@ -395,10 +395,10 @@ def test_tiles_run_single_threaded_and_the_bits_do_not_depend_on_the_thread_coun
     whatever torch's count, and the count is restored."""
     import pyarrow as pa
 
-    from semdedup_assets.core import pairwise
-    from semdedup_assets.core.dedup import dedup_table
-    from semdedup_assets.core.multiprobe import multiprobe_max_sim
-    from semdedup_assets.core.tables import embedding_array
+    from semdedup_assets.core.dedup import pairwise
+    from semdedup_assets.core.dedup.buckets import dedup_table
+    from semdedup_assets.core.dedup.multiprobe import multiprobe_max_sim
+    from semdedup_assets.core.io.tables import embedding_array
 
     seen: list[int] = []
     real = pairwise._matmul_fp32_out

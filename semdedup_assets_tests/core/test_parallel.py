@@ -7,7 +7,7 @@ import threading
 
 import torch
 
-from semdedup_assets.core.parallel import map_batches, worker_count
+from semdedup_assets.core.run.parallel import map_batches, worker_count
 
 CPU = torch.device("cpu")
 

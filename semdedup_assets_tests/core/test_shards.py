@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from semdedup_assets.core.shards import ShardError, discover_shards, read_shard
+from semdedup_assets.core.io.shards import ShardError, discover_shards, read_shard
 
 
 def test_discovery_keys_and_formats(tmp_path: Path) -> None:
@@ -98,7 +98,7 @@ def test_symlinked_subfolders_are_followed_and_a_loop_is_refused(tmp_path: Path)
 
 def test_names_starting_with_underscore_or_dot_are_skipped_and_listed(tmp_path: Path) -> None:
     """Issue 20.3: `_b.parquet` and `.c.parquet` were skipped without a word."""
-    from semdedup_assets.core.shards import discover
+    from semdedup_assets.core.io.shards import discover
 
     (tmp_path / "sub").mkdir()
     for name in ("a.parquet", "_b.parquet", "sub/.c.parquet"):

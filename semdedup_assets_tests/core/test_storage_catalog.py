@@ -8,11 +8,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from semdedup_assets.core import storage as st
-from semdedup_assets.core.catalog import duplicate_ids, query, refresh_catalog
+from semdedup_assets.core.io import storage as st
+from semdedup_assets.core.io.catalog import duplicate_ids, query, refresh_catalog
 from semdedup_assets.core.config import Settings
 from semdedup_assets.core.settings_store import load_settings, save_settings
-from semdedup_assets.core.tables import embedding_array, embedding_matrix
+from semdedup_assets.core.io.tables import embedding_array, embedding_matrix
 
 
 def test_layout_and_nested_shard_keys(tmp_path: Path) -> None:
@@ -60,8 +60,8 @@ def test_embedding_columns_are_stored_plain_and_the_rest_compressed(tmp_path: Pa
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_embedding_columns_roundtrip_non_null_in_both_dtypes(tmp_path: Path, dtype: str) -> None:
-    from semdedup_assets.core.schemas import embedding_field
-    from semdedup_assets.core.tables import stored_dtype
+    from semdedup_assets.core.io.schemas import embedding_field
+    from semdedup_assets.core.io.tables import stored_dtype
 
     x = np.random.default_rng(0).standard_normal((50, 6)).astype(np.float32)
     schema = pa.schema([embedding_field("embedding", 6, dtype)])
@@ -125,7 +125,7 @@ def test_settings_roundtrip_and_env_override(tmp_path: Path, monkeypatch: pytest
 def test_every_scan_runs_under_a_quarter_of_the_memory_budget_by_default(tmp_path) -> None:
     """catalog.scan's callers need not pass a limit: a storage from the settings carries its scan memory (a quarter
     of the budget, at least MIN_SCAN_MEMORY), so no scan gets DuckDB's default of 80% of the machine."""
-    from semdedup_assets.core.catalog import MIN_SCAN_MEMORY, scan
+    from semdedup_assets.core.io.catalog import MIN_SCAN_MEMORY, scan
     from semdedup_assets.core.config import Settings
 
     limit = "SELECT current_setting('memory_limit'), current_setting('temp_directory')"

@@ -13,15 +13,15 @@ import dagster as dg
 import numpy as np
 import pytest
 
-from semdedup_assets.core import run_loop
-from semdedup_assets.core import storage as st
-from semdedup_assets.core.assign import assign_shard, bucket_keys
-from semdedup_assets.core.catalog import query
-from semdedup_assets.core.centroids import MissingCentroidsError, load_centroids
+from semdedup_assets.core.run import loop as run_loop
+from semdedup_assets.core.io import storage as st
+from semdedup_assets.core.cluster.assign import assign_shard, bucket_keys
+from semdedup_assets.core.io.catalog import query
+from semdedup_assets.core.cluster.centroids import MissingCentroidsError, load_centroids
 from semdedup_assets.core.config import Settings
-from semdedup_assets.core.embed import embed_shard
-from semdedup_assets.core.ingest import DuplicateIdsError, ingest_shards, publish_shards, stage_shard
-from semdedup_assets.core.shards import discover_shards
+from semdedup_assets.core.embed.shard import embed_shard
+from semdedup_assets.core.ingest.stage import DuplicateIdsError, ingest_shards, publish_shards, stage_shard
+from semdedup_assets.core.io.shards import discover_shards
 from semdedup_assets.pipeline import run_pipeline
 from semdedup_assets_tests.fixtures import write_embedding_shards
 
@@ -106,7 +106,7 @@ def test_unit_errors_name_what_is_wrong(tmp_path: Path) -> None:
 
 STAGE_IN_ANOTHER_PROCESS = """
 import pickle, sys
-from semdedup_assets.core.ingest import stage_shard
+from semdedup_assets.core.ingest.stage import stage_shard
 settings, shard = pickle.loads(sys.stdin.buffer.read())
 sys.stdout.buffer.write(pickle.dumps(stage_shard(settings, shard)))
 """
@@ -159,9 +159,9 @@ def test_asset_modules_only_adapt() -> None:
 
 
 def test_core_units_import_no_dagster() -> None:
-    code = ("import sys; import semdedup_assets.core.embed, semdedup_assets.core.assign, semdedup_assets.core.dedup, "
-            "semdedup_assets.core.keep, semdedup_assets.core.ingest, semdedup_assets.core.centroids, "
-            "semdedup_assets.core.run_loop; "
+    code = ("import sys; import semdedup_assets.core.embed.shard, semdedup_assets.core.cluster.assign, semdedup_assets.core.dedup.buckets, "
+            "semdedup_assets.core.dedup.keep, semdedup_assets.core.ingest.stage, semdedup_assets.core.cluster.centroids, "
+            "semdedup_assets.core.run.loop; "
             "print('dagster' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert out.returncode == 0, out.stderr

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from semdedup_assets.core.webdataset import WEBDATASET_SCHEMA, read_webdataset, split_member_name
+from semdedup_assets.core.io.webdataset import WEBDATASET_SCHEMA, read_webdataset, split_member_name
 
 
 def image_bytes(fmt: str, color: tuple[int, int, int] = (200, 30, 30)) -> bytes:
