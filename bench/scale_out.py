@@ -66,7 +66,7 @@ def text_child(args: argparse.Namespace) -> int:
     """Inside the namespace: time the embedding unit over every text shard with one engine; print JSON."""
     from semdedup_assets.core.config import Settings
     from semdedup_assets.core.run.engines import LocalEngine, RayEngine, connect_ray
-    from semdedup_assets.core.ingest.stage import ingest_shards
+    from semdedup_assets.core.run.loop import ingest_shards
     from semdedup_assets.core.io.shards import discover_shards
 
     actors = int(args.child_actors)

@@ -217,7 +217,7 @@ def test_empty_texts_and_ids_go_to_rejected_with_a_reason_or_fail_in_strict_mode
     """20.12: "" and "   " were embedded (so "" removed "   " as a duplicate), and an empty id was accepted."""
     from semdedup_assets.core.config import Settings
     from semdedup_assets.core.embed.shard import EmbedError, embed_shard
-    from semdedup_assets.core.ingest.stage import ingest_shards
+    from semdedup_assets.core.run.loop import ingest_shards
     from semdedup_assets.core.io.shards import discover_shards
     from semdedup_assets.core.checks.verify import verify_storage
 

@@ -1,4 +1,4 @@
-"""Ingest stage: `raw_shards`, one validated index of each input shard (the work is core.ingest.stage.ingest_shards)."""
+"""Ingest stage: `raw_shards`, one validated index of each input shard (the work is core.run.loop.ingest_shards)."""
 
 
 import dagster as dg
@@ -10,7 +10,8 @@ from semdedup_assets.assets.common import (ProgressLog, beta_parameters, core_fa
 from semdedup_assets.core.io import storage as st
 from semdedup_assets.core.io.catalog import duplicate_ids
 from semdedup_assets.core.config import Settings
-from semdedup_assets.core.ingest.stage import IngestResult, duplicate_ids_message, ingest_shards
+from semdedup_assets.core.ingest.stage import IngestResult, duplicate_ids_message
+from semdedup_assets.core.run.loop import ingest_shards
 from semdedup_assets.core.io.shards import Shard, discover_shards
 from semdedup_assets.names import GraphNames
 from semdedup_assets.ray_resource import engine_for_step

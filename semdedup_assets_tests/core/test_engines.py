@@ -75,7 +75,7 @@ def test_temporaries_of_a_killed_writer_are_removed_and_nothing_else(tmp_path: P
 
 
 def test_the_local_engine_runs_the_core_units_in_order(tmp_path: Path):
-    from semdedup_assets.core.ingest.stage import ingest_shards
+    from semdedup_assets.core.run.loop import ingest_shards
     from semdedup_assets.core.io.shards import discover_shards
     from semdedup_assets_tests.fixtures import write_embedding_shards
 

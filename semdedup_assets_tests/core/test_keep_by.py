@@ -16,7 +16,7 @@ from semdedup_assets.core.io import storage as st
 from semdedup_assets.core.io.catalog import query
 from semdedup_assets.core.config import Settings, parse_keep_by
 from semdedup_assets.core.embed.shard import embed_shard
-from semdedup_assets.core.ingest.stage import ingest_shards
+from semdedup_assets.core.run.loop import ingest_shards
 from semdedup_assets.core.dedup.ordering import cluster_order
 from semdedup_assets.core.io.shards import ShardError, discover_shards, keep_by_column
 from semdedup_assets.pipeline import run_pipeline

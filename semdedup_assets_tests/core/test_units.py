@@ -20,7 +20,8 @@ from semdedup_assets.core.io.catalog import query
 from semdedup_assets.core.cluster.centroids import MissingCentroidsError, load_centroids
 from semdedup_assets.core.config import Settings
 from semdedup_assets.core.embed.shard import embed_shard
-from semdedup_assets.core.ingest.stage import DuplicateIdsError, ingest_shards, publish_shards, stage_shard
+from semdedup_assets.core.ingest.stage import DuplicateIdsError, publish_shards, stage_shard
+from semdedup_assets.core.run.loop import ingest_shards
 from semdedup_assets.core.io.shards import discover_shards
 from semdedup_assets.pipeline import run_pipeline
 from semdedup_assets_tests.fixtures import write_embedding_shards

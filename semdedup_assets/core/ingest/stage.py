@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -17,7 +17,7 @@ from semdedup_assets.core.config import Settings
 from semdedup_assets.core.io.shards import Shard, ShardError, ShardIndex, keep_by_kind, members, read_shard
 
 if TYPE_CHECKING:
-    from semdedup_assets.core.run.engines import Engine, Worker
+    from semdedup_assets.core.run.engines import Worker
 
 RAW_DIM_KEY = b"semdedup.dim"
 RAW_KEEP_BY_KEY = st.RAW_KEEP_BY_KEY  # the embeddings cache ignores these columns (core/embed/shard.py)
@@ -228,29 +228,3 @@ def publish_shards(settings: Settings, staged: Sequence[StagedShard], seconds: f
     done = [IngestedShard(s.key, str(paths[s.key]), s.rows, s.input, s.fingerprint) for s in staged]
     preview = staged[-1].preview if staged else []
     return IngestResult(done, round(seconds + time.perf_counter() - start, 2), preview, dict(workers or {}))
-
-
-def ingest_shards(settings: Settings, shards: Sequence[Shard], log: Callable[[str], None] | None = None,
-                  engine: Engine | None = None) -> IngestResult:
-    """Validate every shard, then publish `raw/<key>.parquet` for all of them together.
-
-    The engine stages the shards (`stage_shard`: here, or as Ray tasks with `--engine ray`);
-    this process then checks the batch and publishes it (`publish_shards`). Raises ShardError
-    (naming the shard and row) or DuplicateIdsError; then nothing is published. `log`
-    receives one line per validated shard.
-    """
-    from semdedup_assets.core.run.engines import LocalEngine
-
-    start = time.perf_counter()
-    staged: dict[str, StagedShard] = {}
-    workers: dict[str, Worker] = {}
-    try:
-        for d in (engine or LocalEngine()).stage_shards(settings, shards):
-            staged[d.unit], workers[d.unit] = d.result, d.worker
-            if log is not None:
-                log(f"validated shard {d.unit!r}: {d.result.rows} rows"
-                    + (f" on {d.worker}" if engine is not None and engine.name != "local" else ""))
-    except BaseException:
-        discard_staged(settings, [s.key for s in shards])
-        raise
-    return publish_shards(settings, [staged[s.key] for s in shards], time.perf_counter() - start, workers)

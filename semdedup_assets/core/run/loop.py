@@ -12,6 +12,7 @@ It reads the shards under `settings.input` and writes under `settings.storage`, 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -22,11 +23,11 @@ from semdedup_assets.core.cluster.centroids import CentroidsResult, load_centroi
 from semdedup_assets.core.config import Settings
 from semdedup_assets.core.dedup.buckets import DedupBucketResult
 from semdedup_assets.core.embed.shard import EmbedShardResult
-from semdedup_assets.core.run.engines import Engine, engine_for, ray_session
-from semdedup_assets.core.ingest.stage import IngestResult, ingest_shards
+from semdedup_assets.core.run.engines import Engine, LocalEngine, Worker, engine_for, ray_session
+from semdedup_assets.core.ingest.stage import IngestResult, StagedShard, discard_staged, publish_shards
 from semdedup_assets.core.dedup.keep import KeepListsResult
 from semdedup_assets.core.checks.layout import prune_keep_lists
-from semdedup_assets.core.io.shards import ShardFile, discover_shards
+from semdedup_assets.core.io.shards import Shard, discover_shards
 
 Log = Callable[[str], None]
 # The steps of a run, in order (what `on_step` is called with).
@@ -54,14 +55,39 @@ class RunUnitsResult:
         return [self.ingest, *self.embedded, self.centroids, *self.assigned, *self.deduplicated, self.keep]
 
 
-def stray_shards(settings: Settings, shards: Sequence[ShardFile]) -> list[str]:
+def ingest_shards(settings: Settings, shards: Sequence[Shard], log: Log | None = None,
+                  engine: Engine | None = None) -> IngestResult:
+    """Validate every shard, then publish `raw/<key>.parquet` for all of them together.
+
+    The engine stages the shards (`core.ingest.stage.stage_shard`: here, or as Ray tasks with
+    `--engine ray`); this process then checks the batch and publishes it (`publish_shards`).
+    Raises ShardError (naming the shard and row) or DuplicateIdsError; then nothing is published.
+    `log` receives one line per validated shard. It lives here, not in core.ingest, because it
+    drives an engine: the engines call core.ingest, so core.ingest must not call them.
+    """
+    start = time.perf_counter()
+    staged: dict[str, StagedShard] = {}
+    workers: dict[str, Worker] = {}
+    try:
+        for d in (engine or LocalEngine()).stage_shards(settings, shards):
+            staged[d.unit], workers[d.unit] = d.result, d.worker
+            if log is not None:
+                log(f"validated shard {d.unit!r}: {d.result.rows} rows"
+                    + (f" on {d.worker}" if engine is not None and engine.name != "local" else ""))
+    except BaseException:
+        discard_staged(settings, [s.key for s in shards])
+        raise
+    return publish_shards(settings, [staged[s.key] for s in shards], time.perf_counter() - start, workers)
+
+
+def stray_shards(settings: Settings, shards: Sequence[Shard]) -> list[str]:
     """Shards whose raw index is in the storage but that are not among `shards` (sorted)."""
     storage = settings.storage_root()
     keys = {s.key for s in shards}
     return sorted(k for k in (storage.shard_of(st.RAW, p) for p in storage.stage_files(st.RAW)) if k not in keys)
 
 
-def run_units(settings: Settings, engine: Engine | None = None, shards: Sequence[ShardFile] | None = None,
+def run_units(settings: Settings, engine: Engine | None = None, shards: Sequence[Shard] | None = None,
               log: Log | None = None, on_step: Callable[[str, int], None] | None = None,
               on_unit: Callable[[str, str], None] | None = None) -> RunUnitsResult:
     """Run the whole method on `settings.input` into `settings.storage` as the core's units, stage after stage.
