@@ -161,7 +161,7 @@ def test_content_digests_are_sha256_and_a_recorded_blake2b_digest_still_verifies
     verified with BLAKE2b, so `verify --content` neither cries wolf over it nor misses an edit."""
     import hashlib
 
-    from semdedup_assets.core.select.export import CONTENT_KEY
+    from semdedup_assets.core.io.storage import CONTENT_KEY
     from semdedup_assets.core.io.shards import ShardFile
 
     def recorded(storage: Path, key: str) -> str:

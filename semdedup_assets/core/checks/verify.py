@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 from semdedup_assets.core.io import storage as st
 from semdedup_assets.core.cluster.assign import bucket_cluster_range, bucket_keys
 from semdedup_assets.core.config import Settings
-from semdedup_assets.core.select.export import CONTENT_KEY, DEDUPLICATED, recorded_fingerprint, stale_exports
+from semdedup_assets.core.select.export import DEDUPLICATED, stale_exports
 from semdedup_assets.core.checks.lineage import results_fingerprint
 from semdedup_assets.core.select.prune import remove_pruning_folder, stale_prunings
 from semdedup_assets.core.dedup.keep import keep_mask
@@ -129,7 +129,7 @@ class _Checker:
         if shard is None:
             return None
         try:
-            recorded = recorded_fingerprint(self.storage, key)
+            recorded = st.recorded_fingerprint(self.storage, key)
         except st.StageFileError:
             return None
         if recorded is not None and recorded != shard.fingerprint():
@@ -143,7 +143,7 @@ class _Checker:
         for key, path in raw.items():
             shard = self.inputs.get(key)
             try:
-                recorded = recorded_fingerprint(self.storage, key, CONTENT_KEY)
+                recorded = st.recorded_fingerprint(self.storage, key, st.CONTENT_KEY)
             except st.StageFileError:
                 continue  # damaged: reported by the read below
             if shard is None or recorded is None or self.input_changed(key):

@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 
 from semdedup_assets.core.io import storage as st
-from semdedup_assets.core.select.export import CONTENT_KEY, FINGERPRINT_KEY
 from semdedup_assets.core.io.catalog import duplicate_ids
 from semdedup_assets.core.config import Settings
 from semdedup_assets.core.io.shards import Shard, ShardError, ShardIndex, keep_by_kind, members, read_shard
@@ -107,9 +106,9 @@ def known_digest(storage: st.Storage, key: str, fingerprint: str) -> str | None:
         meta = st.read_schema(path).metadata or {}
     except st.StageFileError:  # damaged: recomputed like the rest of the file
         return None
-    if meta.get(FINGERPRINT_KEY, b"").decode() != fingerprint:
+    if meta.get(st.FINGERPRINT_KEY, b"").decode() != fingerprint:
         return None
-    return meta.get(CONTENT_KEY, b"").decode() or None
+    return meta.get(st.CONTENT_KEY, b"").decode() or None
 
 
 @dataclass
@@ -170,7 +169,7 @@ def stage_shard(settings: Settings, shard: Shard) -> StagedShard:
     # `verify --content` compares the input's bytes with the digest.
     fingerprint = shard.fingerprint()
     digest = known_digest(storage, shard.key, fingerprint) or shard.content_digest()
-    schema_meta = {FINGERPRINT_KEY: fingerprint.encode(), CONTENT_KEY: digest.encode()}
+    schema_meta = {st.FINGERPRINT_KEY: fingerprint.encode(), st.CONTENT_KEY: digest.encode()}
     if index.dim is not None:
         schema_meta[RAW_DIM_KEY] = str(index.dim).encode()
     kinds: dict[str, str] = {}

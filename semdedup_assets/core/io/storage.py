@@ -41,6 +41,10 @@ PRUNED = "pruned"  # pruning selections (core/select/prune.py), one folder per s
 EMBEDDING_CACHE_KEY = b"semdedup.cache_key"
 # Schema metadata of a raw file ingested with --keep-by: its keep-by columns (a JSON list).
 RAW_KEEP_BY_KEY = b"semdedup.keep_by"
+# Beside it in every raw file: the input as ingested (its fingerprint) and a digest of the input's
+# bytes (`verify --content`). Written by ingest, read by export and verify.
+FINGERPRINT_KEY = b"semdedup.fingerprint"
+CONTENT_KEY = b"semdedup.content"
 STAGES = (RAW, REJECTED, EMBEDDINGS, CENTROIDS, CLUSTER_ASSIGNMENTS, SEMANTIC_DUPLICATES, KEEP_LISTS, CONTAMINATED)
 
 # Characters a shard key may never hold: backslashes (a Windows separator) and controls.
@@ -600,6 +604,14 @@ def read_schema(path: UPath) -> pa.Schema:
             return pq.read_schema(str(path))
         with path.open("rb") as f:
             return pq.read_schema(f)
+
+
+def recorded_fingerprint(storage: Storage, key: str, what: bytes = FINGERPRINT_KEY) -> str | None:
+    """The input fingerprint (or with `what=CONTENT_KEY` the content digest) stored in a shard's raw
+    index when it was ingested (None if not recorded)."""
+    meta = read_schema(storage.shard_file(RAW, key)).metadata or {}
+    value = meta.get(what)
+    return value.decode() if value else None
 
 
 def parquet_num_rows(path: UPath) -> int:

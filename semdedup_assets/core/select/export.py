@@ -55,8 +55,6 @@ from semdedup_assets.core.io.webdataset import split_member_name
 
 DEDUPLICATED = "deduplicated"
 MANIFEST_DIR = ".semdedup"
-FINGERPRINT_KEY = b"semdedup.fingerprint"  # in each raw file's schema metadata: the input as ingested
-CONTENT_KEY = b"semdedup.content"  # beside it: a digest of the input's bytes (`verify --content`)
 PARQUET_BATCH_ROWS = 16384
 NPY_CHUNK_ROWS = 65536
 
@@ -374,14 +372,6 @@ def rows_digest(rows: np.ndarray) -> str:
     return hashlib.blake2b(np.asarray(rows, dtype="<i8").tobytes(), digest_size=16).hexdigest()
 
 
-def recorded_fingerprint(storage: st.Storage, key: str, what: bytes = FINGERPRINT_KEY) -> str | None:
-    """The input fingerprint (or with `what=CONTENT_KEY` the content digest) stored in a shard's raw
-    index when it was ingested (None if not recorded)."""
-    meta = st.read_schema(storage.shard_file(st.RAW, key)).metadata or {}
-    value = meta.get(what)
-    return value.decode() if value else None
-
-
 @dataclass
 class ShardExport:
     """What exporting one shard did."""
@@ -505,7 +495,7 @@ def export_shards(storage: st.Storage, input_location: str, selection: Selection
             raise ExportError(f"shard {key!r} is no longer under {input_location}")
         if not storage.shard_file(st.RAW, key).exists():
             raise ExportError(f"shard {key!r} has no results yet: run the pipeline first")
-        recorded = recorded_fingerprint(storage, key)
+        recorded = st.recorded_fingerprint(storage, key)
         if recorded is not None and recorded != files[key].fingerprint():
             raise ExportError(f"shard {key!r} changed since it was embedded ({files[key].path}): "
                               f"re-run the pipeline before exporting")
