@@ -15,6 +15,10 @@ import dagster as dg
 from semdedup_assets.core.config import Settings
 
 
+class PipelineError(RuntimeError):
+    """A stage failed; the message says which step and why (also: the instance cannot be set up)."""
+
+
 def visible_gpus() -> int:
     """CUDA devices torch can see (0 without a GPU or a CUDA build)."""
     try:
@@ -79,7 +83,6 @@ def default_dagster_home(settings: Settings) -> str:
     """DAGSTER_HOME: the environment's, else the one the storage's graph recorded (a component's project
     instance, names.record_graph), else a folder inside a local storage root."""
     from semdedup_assets.names import recorded_graph
-    from semdedup_assets.pipeline import PipelineError
 
     if os.environ.get("DAGSTER_HOME"):
         return os.environ["DAGSTER_HOME"]

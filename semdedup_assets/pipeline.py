@@ -27,6 +27,8 @@ from semdedup_assets.core.messages import printable
 from semdedup_assets.core.io.shards import SHARD_SUFFIXES, Discovery, discover, members, regrouped_shards
 from semdedup_assets.core.checks.verify import derived_outputs_exist, remove_stale_prunings
 from semdedup_assets.graph import build_graph
+# Defined beside the instance, whose set-up raises it too (instance.py must not import this module).
+from semdedup_assets.instance import PipelineError
 from semdedup_assets.names import DEFAULT_NAMES, GraphNames, record_graph, recorded_graph
 from semdedup_assets.run_guard import RunGuard, process_tags
 from semdedup_assets.ui import ui_command
@@ -53,10 +55,6 @@ def console_run_config(verbose: bool) -> dict:
     the instance, so the UI has them all."""
     return {"loggers": {"console": {"config": {"log_level": "DEBUG" if verbose else "WARNING",
                                                "tracebacks": verbose, "plain": not verbose}}}}
-
-
-class PipelineError(RuntimeError):
-    """A stage failed; the message says which step and why."""
 
 
 @dataclass
