@@ -513,7 +513,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from semdedup_assets.core.io.shards import ShardError
     from semdedup_assets.core.io.storage import StoreError
     from semdedup_assets.instance import open_instance
-    from semdedup_assets.pipeline import PipelineError, _execute, check_run_locations, run_pipeline
+    from semdedup_assets.pipeline import PipelineError, check_run_locations, execute_job, run_pipeline
 
     clusters = [coerce("clusters", v) for v in _sweep_values(args.clusters, "clusters")]
     models: list[str | None] = _sweep_values(args.model, "model") if args.model else [None]
@@ -543,8 +543,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         from semdedup_assets.definitions import build_definitions
 
         # The `robustness` asset of the first sub-storage, so the UI on it shows the comparison.
-        _execute(build_definitions(first), open_instance(first), "robustness_job", {"semdedup/sweep": root},
-                 first.storage, verbose=args.verbose)
+        execute_job(build_definitions(first), open_instance(first), "robustness_job", {"semdedup/sweep": root},
+                    first.storage, verbose=args.verbose)
         local_root = Settings(storage=root).storage_root()
         plot = args.plot or (os.path.join(str(local_root.root), "compare.png") if local_root.local
                              else "semdedup-compare.png")

@@ -184,7 +184,7 @@ def _run_pipeline(settings: Settings, instance: dg.DagsterInstance, log=print, v
                     tags.update({RANGE_START: buckets[0], RANGE_END: buckets[-1]})
                 log(f"[semdedup] {label} ...")
                 try:
-                    run_id = _execute(defs, instance, names.definition(job_name), tags, settings.storage, verbose=verbose)
+                    run_id = execute_job(defs, instance, names.definition(job_name), tags, settings.storage, verbose=verbose)
                 except PipelineError as err:
                     if job_name == "ingest_job":
                         withdraw_shards(settings, instance, new, names)
@@ -300,12 +300,12 @@ def _forget_shard(settings: Settings, instance: dg.DagsterInstance, shard: str, 
             + (", then the keep-lists" if rewrite else ""))
         with progress.task("forget: re-run", len(rerun) + rewrite, unit="runs", outer=True) as bar:
             for bucket in rerun:
-                result.run_ids.append(_execute(defs, instance, names.definition("dedup_job"), tags, settings.storage,
-                                               partition_key=bucket, verbose=verbose))
+                result.run_ids.append(execute_job(defs, instance, names.definition("dedup_job"), tags, settings.storage,
+                                                  partition_key=bucket, verbose=verbose))
                 bar.update(1, f"bucket {bucket}")
             if rewrite:
-                result.run_ids.append(_execute(defs, instance, names.definition("keep_lists_job"), tags,
-                                               settings.storage, verbose=verbose))
+                result.run_ids.append(execute_job(defs, instance, names.definition("keep_lists_job"), tags,
+                                                  settings.storage, verbose=verbose))
                 result.keep_lists = True
                 bar.update(1, "keep-lists")
         if keep_files and not rewrite:
@@ -328,8 +328,13 @@ def group_hint(settings: Settings, key: str) -> str:
                                      "input and run again")
 
 
-def _execute(defs: dg.Definitions, instance: dg.DagsterInstance, job_name: str, tags: dict[str, str],
-             storage: str, partition_key: str | None = None, verbose: bool = False) -> str:
+def execute_job(defs: dg.Definitions, instance: dg.DagsterInstance, job_name: str, tags: dict[str, str],
+                storage: str, partition_key: str | None = None, verbose: bool = False) -> str:
+    """Run one job of `defs` in this process (one partition where `partition_key` is given); its run id.
+
+    Raises PipelineError with the failed step's message and where to see the full trace (`-v`, or the
+    run in the UI on `storage`'s run history).
+    """
     # The pid and host let a later process tell that this run's process is gone (run_guard).
     run = defs.resolve_job_def(job_name).execute_in_process(
         run_config=console_run_config(verbose), instance=instance, tags={**tags, **process_tags()},

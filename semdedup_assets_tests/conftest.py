@@ -9,10 +9,6 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-# Names the tests imported from here before the helpers moved to fixtures.py.
-from semdedup_assets_tests.fixtures import (BASE_SENTENCES, NEAR_COPIES, make_planted,  # noqa: F401
-                                            text_rows, write_embedding_shards, write_text_shards)
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 

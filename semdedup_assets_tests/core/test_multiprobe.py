@@ -102,7 +102,7 @@ def test_global_rank_from_arrow_ids_equals_the_numpy_order(strategy: str) -> Non
 
 
 def test_the_numpy_tile_epilogue_equals_torch_s() -> None:
-    """`_max_over_earlier` on the CPU (numpy mask/max) gives the torch epilogue's values and first argmax, ties too."""
+    """`max_over_earlier` on the CPU (numpy mask/max) gives the torch epilogue's values and first argmax, ties too."""
     import torch
 
     from semdedup_assets.core.dedup import pairwise
@@ -111,7 +111,7 @@ def test_the_numpy_tile_epilogue_equals_torch_s() -> None:
     x = torch.from_numpy(np.round(rng.normal(size=(300, 8)), 1).astype(np.float32))
     x[50:60] = x[10]  # exact ties across and within tiles
     q, pos = x[[5, 11, 70, 200, 299]], torch.tensor([5, 11, 70, 200, 299])
-    host = pairwise._max_over_earlier(q, pos, x, 64)
+    host = pairwise.max_over_earlier(q, pos, x, 64)
     best = torch.full((5,), float("-inf"))
     best_idx = torch.full((5,), -1, dtype=torch.int64)
     for i0 in range(0, 299, 64):  # the torch epilogue, spelled out as before the numpy one

@@ -17,7 +17,7 @@ across clusters. With P probes the rule becomes (P = 1 is exactly the paper's ru
 - j is removed at eps iff M[j] > 1 - eps, as before.
 
 The search is exact and tiled: per probed cluster, the queries that probe it are matched
-against its members in `pairwise._max_over_earlier` tiles (only members earlier in the
+against its members in `pairwise.max_over_earlier` tiles (only members earlier in the
 global order count), and the best over the probed clusters is kept.
 """
 
@@ -32,7 +32,7 @@ import torch
 
 from semdedup_assets.core.dedup.ordering import KeepByKey, cluster_order
 from semdedup_assets.core.run.parallel import map_batches
-from semdedup_assets.core.dedup.pairwise import _max_over_earlier
+from semdedup_assets.core.dedup.pairwise import max_over_earlier
 from semdedup_assets.core.io.schemas import SEMANTIC_DUPLICATES_SCHEMA
 from semdedup_assets.core.io.tables import unit_embeddings
 
@@ -96,7 +96,7 @@ def multiprobe_max_sim(
     rows_all = np.concatenate([rows for _, rows in sets])
     set_of = np.repeat(np.arange(len(sets)), lengths)
     starts, ends = np.searchsorted(sorted_clusters, probed), np.searchsorted(sorted_clusters, probed + 1)
-    # How many members of its probed cluster precede each query in the global order (`_max_over_earlier`
+    # How many members of its probed cluster precede each query in the global order (`max_over_earlier`
     # counts those only): a search on the (cluster, rank) key, rank < pool size, minus the cluster's start.
     key = sorted_clusters * len(perm) + sorted_rank
     pos_all = np.searchsorted(key, probed[set_of] * len(perm) + rank[queries[rows_all]]) - starts[set_of]
@@ -108,7 +108,7 @@ def multiprobe_max_sim(
 
     def probe_set(s: int) -> tuple[np.ndarray, np.ndarray]:
         o0, o1, start, end = offsets[s], offsets[s + 1], starts[s], ends[s]
-        val, arg, _ = _max_over_earlier(xs[torch.from_numpy(pool_q[o0:o1]).to(dev)],
+        val, arg, _ = max_over_earlier(xs[torch.from_numpy(pool_q[o0:o1]).to(dev)],
                                         torch.from_numpy(pos_all[o0:o1]).to(dev), xs[start:end], int(block_size))
         return val.cpu().numpy(), arg.cpu().numpy()
 

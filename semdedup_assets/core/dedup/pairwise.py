@@ -132,7 +132,7 @@ def _matmul_fp32_out(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, bo
     return (a @ b).float(), False
 
 
-def _max_over_earlier(
+def max_over_earlier(
     q: torch.Tensor, q_pos: torch.Tensor, x: torch.Tensor, bsz: int
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """For query rows q at ascending positions q_pos: max and first argmax of q . x[i] over i < q_pos.
@@ -177,7 +177,7 @@ def _max_over_earlier(
 
 def _update_best_host(tile: np.ndarray, pos: np.ndarray, i0: int, diagonal: bool, best: np.ndarray,
                       best_idx: np.ndarray) -> None:
-    """One tile of `_max_over_earlier` in numpy: mask i >= pos (if the tile reaches the diagonal), then a
+    """One tile of `max_over_earlier` in numpy: mask i >= pos (if the tile reaches the diagonal), then a
     strictly greater max (the first argmax within the tile) replaces `best`/`best_idx` in place."""
     if diagonal:
         tile[np.arange(i0, i0 + tile.shape[1])[None, :] >= pos[:, None]] = -np.inf
@@ -240,13 +240,13 @@ def max_sim_tiled(
         """Max and argmax over earlier rows for query rows [j0, j0 + bsz); the rows it re-checked in fp32."""
         j1 = min(j0 + bsz, n)
         pos = torch.arange(j0, j1, device=dev)
-        best, best_idx, _ = _max_over_earlier(low[j0:j1], pos, low, bsz)
+        best, best_idx, _ = max_over_earlier(low[j0:j1], pos, low, bsz)
         rechecked = 0
         if bound is not None:
             near = ((best[:, None] - t[None, :]).abs() <= bound).any(dim=1)
             rows = torch.nonzero(near).flatten()
             if len(rows):
-                exact, exact_idx, _ = _max_over_earlier(x[j0:j1][rows], pos[rows], x, bsz)
+                exact, exact_idx, _ = max_over_earlier(x[j0:j1][rows], pos[rows], x, bsz)
                 best[rows], best_idx[rows] = exact, exact_idx
                 rechecked = len(rows)
         return best, best_idx, rechecked

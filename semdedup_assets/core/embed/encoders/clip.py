@@ -265,9 +265,9 @@ class OpenClipTextEncoder:
         """Embed `items` into an (n, dim) float32 array of unit rows, in input order."""
         import torch
 
-        from .text import _as_texts
+        from .text import as_texts
 
-        texts = _as_texts(items)
+        texts = as_texts(items)
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         chunks = (texts[start : start + self.batch_size] for start in range(0, len(texts), self.batch_size))

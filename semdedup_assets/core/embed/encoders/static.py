@@ -311,9 +311,9 @@ class StaticTextEncoder:
         """Embed `items` into an (n, dim) float32 array of unit rows, in input order."""
         import torch
 
-        from .text import _as_texts
+        from .text import as_texts
 
-        texts = _as_texts(items)
+        texts = as_texts(items)
         n = len(texts)
         out = np.empty((n, self.dim), dtype=np.float32)
         with torch.inference_mode():

@@ -95,7 +95,7 @@ def _output_dim(config: Any) -> int:
     )
 
 
-def _as_texts(items: Sequence[Any]) -> list[str]:
+def as_texts(items: Sequence[Any]) -> list[str]:
     """Validate that `items` is a sequence of str and return it as a list."""
     if isinstance(items, (str, bytes)):
         # A bare string is a Sequence too; iterating it would embed single characters.
@@ -210,7 +210,7 @@ class HFTextEncoder:
 
     def encode(self, items: Sequence[str]) -> np.ndarray:
         """Embed `items` into an (n, dim) float32 array of unit rows, in input order."""
-        texts = _as_texts(items)
+        texts = as_texts(items)
         n = len(texts)
         if n == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
