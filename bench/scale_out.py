@@ -65,7 +65,8 @@ def run_graph(ns, inp: Path, storage: Path, args: argparse.Namespace, engine: st
 def text_child(args: argparse.Namespace) -> int:
     """Inside the namespace: time the embedding unit over every text shard with one engine; print JSON."""
     from semdedup_assets.core.config import Settings
-    from semdedup_assets.core.run.engines import LocalEngine, RayEngine, connect_ray
+    from semdedup_assets.core.run.local_engine import LocalEngine
+    from semdedup_assets.core.run.ray_engine import RayEngine, connect_ray
     from semdedup_assets.core.run.loop import ingest_shards
     from semdedup_assets.core.io.shards import discover_shards
 

@@ -18,7 +18,8 @@ from semdedup_assets.core.cluster.assign import bucket_keys, touched_buckets
 from semdedup_assets.core.io.catalog import refresh_catalog
 from semdedup_assets.core.config import Settings
 from semdedup_assets.core.select.decontaminate import ReferenceError, check_run_reference
-from semdedup_assets.core.run.engines import EngineError, ray_session
+from semdedup_assets.core.run.engines import EngineError
+from semdedup_assets.core.run.ray_engine import ray_session
 from semdedup_assets.core.select.export import DEDUPLICATED, remove_exported_shard, stale_exports
 from semdedup_assets.core.checks.layout import remove_shard_files
 from semdedup_assets.core.checks.lineage import results_fingerprint

@@ -25,8 +25,10 @@ from dagster_ray import RayResource
 from pydantic import PrivateAttr
 
 from semdedup_assets.core.config import Settings
-from semdedup_assets.core.run.engines import (Engine, LocalEngine, RayEngine, host_port, import_ray, ray_init_options,
-                                          resolve_ray_address, starts_local_instance)
+from semdedup_assets.core.run.engines import Engine
+from semdedup_assets.core.run.local_engine import LocalEngine
+from semdedup_assets.core.run.ray_engine import (RayEngine, host_port, import_ray, ray_init_options, resolve_ray_address,
+                                                 starts_local_instance)
 
 
 class SemDedupRay(RayResource):

@@ -82,7 +82,7 @@ def test_an_embedding_actor_holds_the_tokenizer_threads_to_its_share(models: tup
     """CPU actors start with the Rust tokenizer pool sized to their CPU share; torch threads likewise."""
     import torch
 
-    from semdedup_assets.core.run.engines import RAYON_THREADS_ENV, ShardEmbedder, plan_actors
+    from semdedup_assets.core.run.ray_engine import RAYON_THREADS_ENV, ShardEmbedder, plan_actors
 
     _, static = models
     for actors, share in ((1, "2"), (2, "1")):

@@ -14,9 +14,10 @@ import torch
 
 from semdedup_assets.core.io import storage as st
 from semdedup_assets.core.config import Settings
-from semdedup_assets.core.run.engines import (DRIVER, EngineError, LazyEncoder, LocalEngine, plan_actors, ray_init_options,
-                                          remove_temporaries, resolve_ray_address, starts_local_instance,
-                                          worker_died_error)
+from semdedup_assets.core.run.engines import DRIVER, EngineError
+from semdedup_assets.core.run.local_engine import LocalEngine
+from semdedup_assets.core.run.ray_engine import (LazyEncoder, plan_actors, ray_init_options, remove_temporaries,
+                                                 resolve_ray_address, starts_local_instance, worker_died_error)
 
 
 def test_one_actor_per_gpu_with_no_cpu_claim_else_cpu_actors_splitting_the_cores():

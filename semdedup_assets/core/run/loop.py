@@ -2,7 +2,7 @@
 
 One place says what a whole run is: ingest (validate and publish the raw index), embed every
 shard, train the centroids, assign every shard, deduplicate every bucket, write the keep-lists.
-Each step calls the engine (`core.run.engines`: in this process, or on Ray), and the engine calls the
+Each step calls the engine (`core.run.local_engine`: in this process, or `core.run.ray_engine`: on Ray), and the engine calls the
 same core functions the Dagster assets call, so a run through here writes the graph's files,
 byte for byte. The library (`semdedup_assets.library.SemDeDup`) and the tests use it; the Dagster
 assets call the same engine methods one stage (one asset) at a time.
@@ -23,7 +23,9 @@ from semdedup_assets.core.cluster.centroids import CentroidsResult, load_centroi
 from semdedup_assets.core.config import Settings
 from semdedup_assets.core.dedup.buckets import DedupBucketResult
 from semdedup_assets.core.embed.shard import EmbedShardResult
-from semdedup_assets.core.run.engines import Engine, LocalEngine, Worker, engine_for, ray_session
+from semdedup_assets.core.run.engines import Engine, Worker
+from semdedup_assets.core.run.local_engine import LocalEngine
+from semdedup_assets.core.run.ray_engine import RayEngine, ray_session
 from semdedup_assets.core.ingest.stage import IngestResult, StagedShard, discard_staged, publish_shards
 from semdedup_assets.core.dedup.keep import KeepListsResult
 from semdedup_assets.core.checks.layout import prune_keep_lists
@@ -53,6 +55,11 @@ class RunUnitsResult:
     def all(self) -> list:
         """Every result in run order (ingest first, keep-lists last)."""
         return [self.ingest, *self.embedded, self.centroids, *self.assigned, *self.deduplicated, self.keep]
+
+
+def engine_for(settings: Settings) -> Engine:
+    """The engine the settings ask for (the Ray engine connects, or starts Ray, at once)."""
+    return RayEngine(settings) if settings.engine == "ray" else LocalEngine()
 
 
 def ingest_shards(settings: Settings, shards: Sequence[Shard], log: Log | None = None,
