@@ -1,11 +1,11 @@
-# semdedup-assets: `make demo`, `make test`, `make ui`, `make bench`, `make docs`.
+# semdedup-assets: `make demo`, `make test`, `make test-fast`, `make lint`, `make ui`, `make bench`, `make docs`.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 DEMO_STORAGE := .demo/storage
 UI_PORT ?= 3000
 
-.PHONY: demo test browser-deps server-deps ui bench bench-smoke validate docs clean
+.PHONY: demo test test-fast lint browser-deps server-deps ui bench bench-smoke validate docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,22 @@ demo: $(VENV)/.stamp-demo
 TEST_WORKERS ?= 2
 test: browser-deps server-deps $(VENV)/.stamp-test
 	$(BIN)/python -m pytest -q --durations=25 -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
+
+# The fast tier (docs/testing.md): the tests that start no server, daemon, Ray or subprocess.
+# conftest.py gives every test its tier and fails a fast-tier test that starts a subprocess.
+test-fast: $(VENV)/.stamp-test
+	$(BIN)/python -m pytest -q --durations=10 -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder -m "pure or dagster"
+
+$(VENV)/.stamp-lint: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[lint]'
+	touch $@
+
+# ruff (lint, then format without rewriting) and mypy, as configured in pyproject.toml. `ruff check --fix .`
+# and `ruff format .` apply what they can.
+lint: $(VENV)/.stamp-lint
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 # Debian's Chromium for the browser test (Playwright drives /usr/bin/chromium; it never downloads a
 # browser). Installs only when missing; as root directly, otherwise through passwordless sudo.
