@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_output_options, best_of, command_line, emit, machine_lines, output_path  # noqa: E402
+from common import add_output_options, best_of, command_line, emit, machine_lines, output_path
 
 DEFAULT_OUT = "bench/results/assign_stage.md"
 
@@ -66,20 +66,31 @@ def sim_kernels(n: int, d: int, k: int, repeats: int) -> list[str]:
         return out
 
     kernels: list[tuple[str, Callable[[], np.ndarray]]] = [
-        ("pipeline: float64 einsum of float32 rows and gathered float32 centroids (`sim_to_centroid`)",
-         lambda: blocked(lambda r, ii: sim_to_centroid(r, c[ii]))),
-        ("base commit: float64 einsum with gathered float64 centroids",
-         lambda: blocked(lambda r, ii: np.einsum("ij,ij->i", r, c64[ii], dtype=np.float64))),
-        ("float32 einsum (one row-wise kernel, batch-independent)", lambda: blocked(lambda r, ii: np.einsum("ij,ij->i", r, c[ii]))),
+        (
+            "pipeline: float64 einsum of float32 rows and gathered float32 centroids (`sim_to_centroid`)",
+            lambda: blocked(lambda r, ii: sim_to_centroid(r, c[ii])),
+        ),
+        (
+            "base commit: float64 einsum with gathered float64 centroids",
+            lambda: blocked(lambda r, ii: np.einsum("ij,ij->i", r, c64[ii], dtype=np.float64)),
+        ),
+        (
+            "float32 einsum (one row-wise kernel, batch-independent)",
+            lambda: blocked(lambda r, ii: np.einsum("ij,ij->i", r, c[ii])),
+        ),
         ("float32 BLAS matrix-vector product per cluster", per_cluster_sgemv),
     ]
     ref = kernels[0][1]()
     search = best_of(lambda: index.search(x, 1), repeats)
-    lines = ["## 1. sim_to_centroid kernels", "",
-             f"n = {n:,} rows x {d}, k = {k:,}; faiss `IndexFlatIP.search(x, 1)` on the same rows: {search:.3f} s"
-             f" (best of {repeats})", "",
-             "| kernel | seconds | vs the faiss search | rows whose float32 sim differs from the pipeline's |",
-             "|---|---|---|---|"]
+    lines = [
+        "## 1. sim_to_centroid kernels",
+        "",
+        f"n = {n:,} rows x {d}, k = {k:,}; faiss `IndexFlatIP.search(x, 1)` on the same rows: {search:.3f} s"
+        f" (best of {repeats})",
+        "",
+        "| kernel | seconds | vs the faiss search | rows whose float32 sim differs from the pipeline's |",
+        "|---|---|---|---|",
+    ]
     for name, fn in kernels:
         sec = best_of(fn, repeats)
         lines.append(f"| {name} | {sec:.3f} | {sec / search:.1%} | {int((fn() != ref).sum()):,} of {n:,} |")
@@ -99,17 +110,26 @@ def bucket_layouts(rows: int, d: int, k: int, buckets: int, repeats: int) -> lis
     x, c = unit_rows(rng, rows, d), unit_rows(rng, k, d)
     clusters, sims = assign(x, c)
     emb = pa.table({"id": pa.array([f"s-{r:06d}" for r in range(rows)]), "embedding": embedding_array(x, "float32")})
-    index = pa.table({"id": emb.column("id"), "row": pa.array(np.arange(rows)), "cluster": pa.array(clusters),
-                      "sim_to_centroid": pa.array(sims)})
+    index = pa.table(
+        {
+            "id": emb.column("id"),
+            "row": pa.array(np.arange(rows)),
+            "cluster": pa.array(clusters),
+            "sim_to_centroid": pa.array(sims),
+        }
+    )
     by = [("cluster", "ascending"), ("id", "ascending")]
     with_emb = index.append_column("embedding", emb.column("embedding")).sort_by(by)
     without = index.sort_by(by)
 
     with tempfile.TemporaryDirectory() as tmp:
+
         def write(table: pa.Table, name: str, per_bucket: bool = True) -> str:
             path = f"{tmp}/{name}.parquet"
             with pq.ParquetWriter(path, table.schema, **parquet_options(table.schema)) as w:
-                slices = bucket_row_slices(table.column("cluster").to_numpy(), k, buckets) if per_bucket else [(0, rows)]
+                slices = (
+                    bucket_row_slices(table.column("cluster").to_numpy(), k, buckets) if per_bucket else [(0, rows)]
+                )
                 for offset, length in slices:
                     w.write_table(table.slice(offset, length))
             return path
@@ -128,23 +148,39 @@ def bucket_layouts(rows: int, d: int, k: int, buckets: int, repeats: int) -> lis
                 pq.read_table(e_path, columns=["embedding"]).column("embedding").take(part.column("row"))
 
         figures = [
-            ("today, assignment stage: write the sorted file with embeddings", best_of(lambda: write(with_emb, "w"), repeats)),
-            ("alternative, assignment stage: write the sorted file without embeddings",
-             best_of(lambda: write(without, "w"), repeats)),
+            (
+                "today, assignment stage: write the sorted file with embeddings",
+                best_of(lambda: write(with_emb, "w"), repeats),
+            ),
+            (
+                "alternative, assignment stage: write the sorted file without embeddings",
+                best_of(lambda: write(without, "w"), repeats),
+            ),
             (f"today, bucket stage: {groups} buckets each read their row group", best_of(read_today, repeats)),
-            (f"alternative, bucket stage: {groups} buckets each read their small row group and take their rows"
-             " from the whole embeddings file", best_of(read_alternative, repeats)),
+            (
+                f"alternative, bucket stage: {groups} buckets each read their small row group and take their rows"
+                " from the whole embeddings file",
+                best_of(read_alternative, repeats),
+            ),
         ]
     today = figures[0][1] + figures[2][1]
     alt = figures[1][1] + figures[3][1]
-    return ["## 2. Does cluster_assignments need the embeddings?", "",
-            f"One shard of {rows:,} rows x {d}, k = {k:,}, {buckets} buckets (best of {repeats}):", "",
-            "| step | ms per shard |", "|---|---|", *[f"| {name} | {sec * 1000:.0f} |" for name, sec in figures],
-            f"| **total today / alternative** | **{today * 1000:.0f} / {alt * 1000:.0f}** |", "",
-            f"Verdict: dropping the embeddings from the assignments {'pays' if alt < today else 'does not pay'}"
-            f" (the alternative takes {alt / today:.2f}x today's time). A shard's embeddings file is in input order, so every row group of it holds rows of"
-            " every bucket: each bucket has to read the whole file, and the reads grow with the bucket count, while the"
-            " write it saves is one sequential pass.", ""]
+    return [
+        "## 2. Does cluster_assignments need the embeddings?",
+        "",
+        f"One shard of {rows:,} rows x {d}, k = {k:,}, {buckets} buckets (best of {repeats}):",
+        "",
+        "| step | ms per shard |",
+        "|---|---|",
+        *[f"| {name} | {sec * 1000:.0f} |" for name, sec in figures],
+        f"| **total today / alternative** | **{today * 1000:.0f} / {alt * 1000:.0f}** |",
+        "",
+        f"Verdict: dropping the embeddings from the assignments {'pays' if alt < today else 'does not pay'}"
+        f" (the alternative takes {alt / today:.2f}x today's time). A shard's embeddings file is in input order, so every row group of it holds rows of"
+        " every bucket: each bucket has to read the whole file, and the reads grow with the bucket count, while the"
+        " write it saves is one sequential pass.",
+        "",
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,11 +198,17 @@ def main(argv: list[str] | None = None) -> int:
         args.n, args.shard_rows, args.clusters, args.repeats = 8192, 2000, 50, 1
     out = output_path(args, DEFAULT_OUT)
     start = time.perf_counter()
-    lines = ["# The assignment stage: sim_to_centroid kernel and the assignments' layout", "",
-             f"Command: `{command_line('bench/assign_stage.py', argv)}`", "", *machine_lines(),
-             *sim_kernels(args.n, args.d, args.clusters, args.repeats),
-             *bucket_layouts(args.shard_rows, args.d, args.clusters, args.buckets, args.repeats),
-             f"Ran in {time.perf_counter() - start:.0f} s.", ""]
+    lines = [
+        "# The assignment stage: sim_to_centroid kernel and the assignments' layout",
+        "",
+        f"Command: `{command_line('bench/assign_stage.py', argv)}`",
+        "",
+        *machine_lines(),
+        *sim_kernels(args.n, args.d, args.clusters, args.repeats),
+        *bucket_layouts(args.shard_rows, args.d, args.clusters, args.buckets, args.repeats),
+        f"Ran in {time.perf_counter() - start:.0f} s.",
+        "",
+    ]
     emit(lines, out)
     return 0
 

@@ -20,13 +20,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import dagster as dg  # noqa: E402
+import dagster as dg
 
-from semdedup_assets.core.embed.encoders import l2_normalize  # noqa: E402
-from semdedup_assets.core.io.shards import discover_shards, iter_embedding_chunks, read_shard  # noqa: E402
-from semdedup_assets.instance import ensure_instance_config  # noqa: E402
-from semdedup_assets_tests.fixtures import write_embedding_shards  # noqa: E402
-from semdedup_assets_tests.webserver import BACKFILL_QUERY, LAUNCH_BACKFILL, dagster_dev, platform_env, runs  # noqa: E402
+from semdedup_assets.core.embed.encoders import l2_normalize
+from semdedup_assets.core.io.shards import discover_shards, iter_embedding_chunks, read_shard
+from semdedup_assets.instance import ensure_instance_config
+from semdedup_assets_tests.fixtures import write_embedding_shards
+from semdedup_assets_tests.webserver import BACKFILL_QUERY, LAUNCH_BACKFILL, dagster_dev, platform_env, runs
 
 
 def core_seconds(landing: Path) -> float:
@@ -61,9 +61,17 @@ def main() -> None:
         core_s = core_seconds(root / "landing")
         with dagster_dev(env, root / "dagster-dev.log") as dev:
             start = time.perf_counter()
-            res = dev.graphql(LAUNCH_BACKFILL, {"backfillParams": {
-                "assetSelection": [{"path": ["raw_shards"]}, {"path": ["embeddings"]}],
-                "partitionNames": keys, "fromFailure": False, "tags": []}})["launchPartitionBackfill"]
+            res = dev.graphql(
+                LAUNCH_BACKFILL,
+                {
+                    "backfillParams": {
+                        "assetSelection": [{"path": ["raw_shards"]}, {"path": ["embeddings"]}],
+                        "partitionNames": keys,
+                        "fromFailure": False,
+                        "tags": [],
+                    }
+                },
+            )["launchPartitionBackfill"]
             assert res["__typename"] == "LaunchBackfillSuccess", res
             bid = res["backfillId"]
 
@@ -77,19 +85,24 @@ def main() -> None:
             bruns = runs(dev, tags=[{"key": "dagster/backfill", "value": bid}])
         ok = sum(r["status"] == "SUCCESS" for r in bruns)
     lines = [
-        "# Partition backfill through the daemon", "",
-        f"Command: `python bench/backfill.py --shards {n}`", "",
+        "# Partition backfill through the daemon",
+        "",
+        f"Command: `python bench/backfill.py --shards {n}`",
+        "",
         f"- {platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}, dagster {dg.__version__}",
         f"- load average at start: {' / '.join(f'{x:.2f}' for x in load0)}; at end: "
-        f"{' / '.join(f'{x:.2f}' for x in os.getloadavg())}", "",
-        "| figure | value |", "|---|---|",
+        f"{' / '.join(f'{x:.2f}' for x in os.getloadavg())}",
+        "",
+        "| figure | value |",
+        "|---|---|",
         f"| shards (partitions), 20 x 16-d embeddings each | {n:,} |",
         "| assets | raw_shards + embeddings (BackfillPolicy.multi_run(64)) |",
         f"| backfill wall time (launch to COMPLETED) | **{wall:.1f} s** |",
         f"| runs | **{len(bruns)}** ({ok} succeeded) for {2 * n:,} asset partitions |",
         f"| same per-shard work in one process (validate + normalise) | {core_s:.1f} s |",
         f"| orchestration overhead per shard ((wall - core) / shards) | **{1000 * (wall - core_s) / n:.0f} ms** |",
-        "", "The backfill daemon loops every 30 s, so a few tens of seconds are its fixed latency.",
+        "",
+        "The backfill daemon loops every 30 s, so a few tens of seconds are its fixed latency.",
     ]
     text = "\n".join(lines) + "\n"
     print(text)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-
 import gc
 import os
 import platform
@@ -22,7 +21,8 @@ if str(ROOT) not in sys.path:  # running from a checkout without the package ins
 MIB = 1024 * 1024
 
 # The peak-RSS helpers live in the package (stages report their own peaks): re-exported for the benchmarks.
-from semdedup_assets.core.run.meter import reset_peak_rss as reset_peak, status_kib as read_status_kib  # noqa: E402,F401
+from semdedup_assets.core.run.meter import reset_peak_rss as reset_peak  # noqa: E402
+from semdedup_assets.core.run.meter import status_kib as read_status_kib
 
 
 def cpu_model() -> str:
@@ -86,8 +86,15 @@ def measure(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str, Any]
     result = fn(*args, **kwargs)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     peak_kib = read_status_kib("VmHWM")
-    return {"result": result, "seconds": seconds, "cpu_seconds": cpu_seconds, "baseline_mib": baseline_kib / 1024,
-            "peak_mib": peak_kib / 1024, "extra_mib": (peak_kib - baseline_kib) / 1024, "reset_ok": reset_ok}
+    return {
+        "result": result,
+        "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
+        "baseline_mib": baseline_kib / 1024,
+        "peak_mib": peak_kib / 1024,
+        "extra_mib": (peak_kib - baseline_kib) / 1024,
+        "reset_ok": reset_ok,
+    }
 
 
 def best_of(fn: Callable[[], Any], repeats: int) -> float:
@@ -100,8 +107,7 @@ def best_of(fn: Callable[[], Any], repeats: int) -> float:
     return best
 
 
-def gemm_peak_gflops(d: int, rows: int = 4096, repeats: int = 5, device: str = "cpu",
-                     dtype: Any = None) -> float:
+def gemm_peak_gflops(d: int, rows: int = 4096, repeats: int = 5, device: str = "cpu", dtype: Any = None) -> float:
     """Same-run GEMM peak: best-of-`repeats` GFLOP/s of (rows x d) @ (d x rows)."""
     import torch
 

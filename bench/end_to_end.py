@@ -38,8 +38,17 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (add_output_options, output_path, ROOT, command_line, emit, load_average, machine_lines,  # noqa: E402
-                    run_tree, verdict)  # noqa: E402
+from common import (
+    ROOT,
+    add_output_options,
+    command_line,
+    emit,
+    load_average,
+    machine_lines,
+    output_path,
+    run_tree,
+    verdict,
+)
 
 DEFAULT_OUT = "bench/results/end_to_end.md"
 EPS_LIST = "0.0001,0.001,0.005,0.01,0.02,0.05,0.1,0.2,0.3"
@@ -55,7 +64,9 @@ def planted_embeddings(n: int, d: int, centers: int, seed: int = 0) -> np.ndarra
     n_near, n_exact = int(0.05 * n), int(0.01 * n)
     dst = rng.choice(n, n_near + n_exact, replace=False)
     src = rng.integers(0, n, n_near + n_exact)
-    x[dst[:n_near]] = x[src[:n_near]] + rng.standard_normal((n_near, d), dtype=np.float32) * np.float32(np.sqrt(0.002 / d))
+    x[dst[:n_near]] = x[src[:n_near]] + rng.standard_normal((n_near, d), dtype=np.float32) * np.float32(
+        np.sqrt(0.002 / d)
+    )
     x[dst[n_near:]] = x[src[n_near:]]
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     return x
@@ -89,8 +100,12 @@ def cluster_rows(clusters: np.ndarray, k: int) -> Iterator[np.ndarray]:
 
 def save_pairs(out_ids: str, removed: list[np.ndarray], partners: list[np.ndarray]) -> None:
     """Save the (removed id, duplicate_of id) pairs as a (2, n) string array."""
-    np.save(out_ids, np.stack([np.concatenate(removed).astype(str), np.concatenate(partners).astype(str)])
-            if removed else np.empty((2, 0), dtype=str))
+    np.save(
+        out_ids,
+        np.stack([np.concatenate(removed).astype(str), np.concatenate(partners).astype(str)])
+        if removed
+        else np.empty((2, 0), dtype=str),
+    )
 
 
 def core_single_process(input_dir: str, k: int, eps: float, out_ids: str, seed: int = 0) -> dict:
@@ -98,10 +113,10 @@ def core_single_process(input_dir: str, k: int, eps: float, out_ids: str, seed: 
     import pyarrow.parquet as pq
 
     from semdedup_assets.core.cluster.assign import assign
-    from semdedup_assets.core.embed.encoders import l2_normalize
-    from semdedup_assets.core.dedup.keep import EpsCurveAccumulator, parse_eps_list
     from semdedup_assets.core.cluster.kmeans import collect_sample, sample_target, train_spherical_kmeans
+    from semdedup_assets.core.dedup.keep import EpsCurveAccumulator, parse_eps_list
     from semdedup_assets.core.dedup.pairwise import cluster_semantic_duplicates
+    from semdedup_assets.core.embed.encoders import l2_normalize
 
     t: dict[str, float] = {}
     start = time.perf_counter()
@@ -116,8 +131,9 @@ def core_single_process(input_dir: str, k: int, eps: float, out_ids: str, seed: 
     t["read shards"] = time.perf_counter() - start
     start = time.perf_counter()
     by_key = dict(zip(keys, emb_parts))
-    sample = collect_sample([(kk, len(e)) for kk, e in by_key.items()], lambda kk, rows: by_key[kk][rows],
-                            sample_target(k, 256), seed)
+    sample = collect_sample(
+        [(kk, len(e)) for kk, e in by_key.items()], lambda kk, rows: by_key[kk][rows], sample_target(k, 256), seed
+    )
     km = train_spherical_kmeans(sample, k, niter=20, seed=seed, max_points_per_centroid=256)
     t["sample + train k-means"] = time.perf_counter() - start
     start = time.perf_counter()
@@ -153,8 +169,9 @@ def reference_process(input_dir: str, k: int, eps: float, out_ids: str, seed: in
     t: dict[str, float] = {}
     start = time.perf_counter()
     tables = [pq.read_table(p) for p in sorted(Path(input_dir).glob("*.parquet"))]
-    x = np.concatenate([tb.column("embedding").combine_chunks().values.to_numpy().reshape(tb.num_rows, -1)
-                        for tb in tables]).astype(np.float32, copy=False)
+    x = np.concatenate(
+        [tb.column("embedding").combine_chunks().values.to_numpy().reshape(tb.num_rows, -1) for tb in tables]
+    ).astype(np.float32, copy=False)
     ids = np.asarray([i for tb in tables for i in tb.column("id").to_pylist()], dtype=object)
     del tables
     t["load"] = time.perf_counter() - start
@@ -200,8 +217,9 @@ def semhash_process(input_dir: str, eps: float, out_ids: str) -> dict:
     t: dict[str, float] = {}
     start = time.perf_counter()
     tables = [pq.read_table(p) for p in sorted(Path(input_dir).glob("*.parquet"))]
-    x = np.concatenate([tb.column("embedding").combine_chunks().values.to_numpy().reshape(tb.num_rows, -1)
-                        for tb in tables]).astype(np.float32)
+    x = np.concatenate(
+        [tb.column("embedding").combine_chunks().values.to_numpy().reshape(tb.num_rows, -1) for tb in tables]
+    ).astype(np.float32)
     ids = [i for tb in tables for i in tb.column("id").to_pylist()]
     t["read shards"] = time.perf_counter() - start
     start = time.perf_counter()
@@ -210,8 +228,10 @@ def semhash_process(input_dir: str, eps: float, out_ids: str) -> dict:
     start = time.perf_counter()
     res = sh.self_deduplicate(threshold=1.0 - eps)
     t["self_deduplicate"] = time.perf_counter() - start
-    np.save(out_ids, np.array([[f.record for f in res.filtered], [f.duplicate_of for f in res.filtered]], dtype=str)
-            .reshape(2, -1))
+    np.save(
+        out_ids,
+        np.array([[f.record for f in res.filtered], [f.duplicate_of for f in res.filtered]], dtype=str).reshape(2, -1),
+    )
     return {"stages": t, "removed": len(res.filtered)}
 
 
@@ -223,9 +243,26 @@ def run_graph(inp: Path, storage: Path, args: argparse.Namespace, env: dict, dty
     from semdedup_assets.core.io.catalog import query
     from semdedup_assets.core.settings_store import load_settings
 
-    cli = [sys.executable, "-m", "semdedup_assets.cli", "run", "--input", str(inp), "--storage", str(storage),
-           "--modality", "embedding", "--clusters", str(args.clusters), "--buckets", str(args.buckets),
-           "--eps", EPS_LIST, "--embedding-dtype", dtype]
+    cli = [
+        sys.executable,
+        "-m",
+        "semdedup_assets.cli",
+        "run",
+        "--input",
+        str(inp),
+        "--storage",
+        str(storage),
+        "--modality",
+        "embedding",
+        "--clusters",
+        str(args.clusters),
+        "--buckets",
+        str(args.buckets),
+        "--eps",
+        EPS_LIST,
+        "--embedding-dtype",
+        dtype,
+    ]
     out = run_tree(cli, env={**env, "PYTHONPATH": str(ROOT)})
     if out["rc"] != 0:
         print(out["stdout"][-3000:], out["stderr"][-3000:], sep="\n")
@@ -291,12 +328,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shards", type=int, default=100)
     ap.add_argument("--clusters", type=int, default=1000)
     ap.add_argument("--buckets", type=int, default=16)
-    ap.add_argument("--eps", type=float, default=0.01, help="eps for the removed-set comparison (SemHash threshold 1 - eps)")
+    ap.add_argument(
+        "--eps", type=float, default=0.01, help="eps for the removed-set comparison (SemHash threshold 1 - eps)"
+    )
     ap.add_argument("--no-semhash", action="store_true")
     ap.add_argument("--no-float16", action="store_true", help="skip the graph run with float16 storage")
-    ap.add_argument("--repeats", type=int, default=2,
-                    help="interleaved runs of the graph (each storage), the reference-style script and the core;"
-                         " the best of each is reported")
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=2,
+        help="interleaved runs of the graph (each storage), the reference-style script and the core;"
+        " the best of each is reported",
+    )
     ap.add_argument("--workdir", default=None, help="where to write shards and storage (default: a temp folder)")
     add_output_options(ap, DEFAULT_OUT, "n=3000, 10 shards, 20 clusters: checks the script works")
     ap.add_argument("--child", choices=("core", "reference", "semhash"), help=argparse.SUPPRESS)
@@ -322,8 +365,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.n:,} x {args.d} in {args.shards} shards: {write_s:.1f} s", flush=True)
         env = {k: v for k, v in os.environ.items() if k != "DAGSTER_HOME"}
         py = sys.executable
-        me = [py, str(Path(__file__).resolve()), "--input", str(inp), "--clusters", str(args.clusters),
-              "--eps", str(args.eps)]
+        me = [
+            py,
+            str(Path(__file__).resolve()),
+            "--input",
+            str(inp),
+            "--clusters",
+            str(args.clusters),
+            "--eps",
+            str(args.eps),
+        ]
         # Interleaved repeats from empty storage (no embeddings cache): load bursts hit every variant alike.
         dtypes = GRAPH_DTYPES[:1] if args.no_float16 else GRAPH_DTYPES
         runs: dict[str, list[dict]] = {dtype: [] for dtype in dtypes}
@@ -358,93 +409,154 @@ def main(argv: list[str] | None = None) -> int:
     def stage_cell(g: dict | None, k: str) -> str:
         return "-" if g is None else str(g["stages"].get(k, "-"))
 
-    lines = ["# End to end: `semdedup run` vs a reference-style script vs the core functions vs SemHash", "",
-             f"Command: `{command_line('bench/end_to_end.py', argv)}`", "",
-             *[line.replace("at start:", "when the report was written:") for line in
-               machine_lines([f"- load average (1/5/15 min) when the benchmark started: {load_at_start}"])],
-             "## Input", "",
-             f"- N = {args.n:,} bring-your-own {args.d}-d unit embeddings in {args.shards} Parquet shards"
-             f" (`id`, fixed-size-list `embedding`), around {2 * args.clusters:,} random centres;"
-             f" 5% planted near-duplicates (cosine ~0.999) and 1% exact copies; written in {write_s:.1f} s",
-             f"- k = {args.clusters:,} clusters, {args.buckets} buckets, order `hard`, removed sets compared at"
-             f" eps = {args.eps} (SemHash threshold {1 - args.eps})", "",
-             "Baselines, each in one fresh process:", "",
-             "- **reference-style script** (the goal's baseline): as the SemDeDup reference code does it, load every"
-             " shard into memory, `faiss.Kmeans(spherical=True, niter=20)` on all rows (faiss draws its default"
-             " sample of k x 256), assign by `index.search`, and per cluster the full n x n similarity matrix,"
-             " `torch.triu(diagonal=1)`, column max; nothing written",
-             "- **core functions**: the pipeline's own computation (per-shard sample, assign with deterministic"
-             " sims, tiled pairwise, eps curve) in one process with all embeddings in memory, nothing written: the"
-             " graph / core ratio is the orchestration and storage overhead", "",
-             "## Times", "",
-             "| run | wall time | peak RSS (process tree) | stored embeddings | vs reference-style script | vs core |",
-             "|---|---|---|---|---|---|",
-             *[f"| `semdedup run --embedding-dtype {d}` (whole graph, 5 Dagster runs) | {g['seconds']:.1f} s"
-               f" | {g['peak_mib']:,.0f} MiB | {g['bytes'] / 2**20:,.0f} MiB | {g['seconds'] / ref['seconds']:.2f}x"
-               f" | {g['seconds'] / core['seconds']:.2f}x |" for d, g in graphs.items()],
-             f"| reference-style script, one process | {ref['seconds']:.1f} s | {ref['peak_mib']:,.0f} MiB | - | 1.00x"
-             f" | {ref['seconds'] / core['seconds']:.2f}x |",
-             f"| core functions, one process | {core['seconds']:.1f} s | {core['peak_mib']:,.0f} MiB | -"
-             f" | {core['seconds'] / ref['seconds']:.2f}x | 1.00x |"]
+    lines = [
+        "# End to end: `semdedup run` vs a reference-style script vs the core functions vs SemHash",
+        "",
+        f"Command: `{command_line('bench/end_to_end.py', argv)}`",
+        "",
+        *[
+            line.replace("at start:", "when the report was written:")
+            for line in machine_lines([f"- load average (1/5/15 min) when the benchmark started: {load_at_start}"])
+        ],
+        "## Input",
+        "",
+        f"- N = {args.n:,} bring-your-own {args.d}-d unit embeddings in {args.shards} Parquet shards"
+        f" (`id`, fixed-size-list `embedding`), around {2 * args.clusters:,} random centres;"
+        f" 5% planted near-duplicates (cosine ~0.999) and 1% exact copies; written in {write_s:.1f} s",
+        f"- k = {args.clusters:,} clusters, {args.buckets} buckets, order `hard`, removed sets compared at"
+        f" eps = {args.eps} (SemHash threshold {1 - args.eps})",
+        "",
+        "Baselines, each in one fresh process:",
+        "",
+        "- **reference-style script** (the goal's baseline): as the SemDeDup reference code does it, load every"
+        " shard into memory, `faiss.Kmeans(spherical=True, niter=20)` on all rows (faiss draws its default"
+        " sample of k x 256), assign by `index.search`, and per cluster the full n x n similarity matrix,"
+        " `torch.triu(diagonal=1)`, column max; nothing written",
+        "- **core functions**: the pipeline's own computation (per-shard sample, assign with deterministic"
+        " sims, tiled pairwise, eps curve) in one process with all embeddings in memory, nothing written: the"
+        " graph / core ratio is the orchestration and storage overhead",
+        "",
+        "## Times",
+        "",
+        "| run | wall time | peak RSS (process tree) | stored embeddings | vs reference-style script | vs core |",
+        "|---|---|---|---|---|---|",
+        *[
+            f"| `semdedup run --embedding-dtype {d}` (whole graph, 5 Dagster runs) | {g['seconds']:.1f} s"
+            f" | {g['peak_mib']:,.0f} MiB | {g['bytes'] / 2**20:,.0f} MiB | {g['seconds'] / ref['seconds']:.2f}x"
+            f" | {g['seconds'] / core['seconds']:.2f}x |"
+            for d, g in graphs.items()
+        ],
+        f"| reference-style script, one process | {ref['seconds']:.1f} s | {ref['peak_mib']:,.0f} MiB | - | 1.00x"
+        f" | {ref['seconds'] / core['seconds']:.2f}x |",
+        f"| core functions, one process | {core['seconds']:.1f} s | {core['peak_mib']:,.0f} MiB | -"
+        f" | {core['seconds'] / ref['seconds']:.2f}x | 1.00x |",
+    ]
     if sh is not None:
-        lines.append(f"| SemHash (from_embeddings + self_deduplicate) | {sh['seconds']:.1f} s | {sh['peak_mib']:,.0f} MiB"
-                     f" | - | {sh['seconds'] / ref['seconds']:.2f}x | {sh['seconds'] / core['seconds']:.2f}x |")
-    lines += ["", f"Best of {args.repeats} interleaved run(s); every run (s): "
-              + "; ".join(f"graph {d} " + ", ".join(f"{g['seconds']:.1f}" for g in rs) for d, rs in runs.items())
-              + "; reference-style " + ", ".join(f"{c[0]['seconds']:.1f}" for c in refs)
-              + "; core " + ", ".join(f"{c[0]['seconds']:.1f}" for c in cores) + ".",
-              "", "Per-stage seconds (of the best run):", "",
-              "| `semdedup run` stage (Dagster run time) | float32 storage | float16 storage |", "|---|---|---|",
-              *[f"| {k} | {v} | {stage_cell(g16, k)} |" for k, v in graph["stages"].items()],
-              f"| total printed by the CLI / process wall incl. start-up | {graph['total_cli']:.1f} / {graph['seconds']:.1f}"
-              f" | {g16_total} |", "",
-              "| reference-style stage | s |", "|---|---|", *[f"| {k} | {v:.1f} |" for k, v in ref_res["stages"].items()], "",
-              "| core stage | s |", "|---|---|", *[f"| {k} | {v:.1f} |" for k, v in core_res["stages"].items()], ""]
+        lines.append(
+            f"| SemHash (from_embeddings + self_deduplicate) | {sh['seconds']:.1f} s | {sh['peak_mib']:,.0f} MiB"
+            f" | - | {sh['seconds'] / ref['seconds']:.2f}x | {sh['seconds'] / core['seconds']:.2f}x |"
+        )
+    lines += [
+        "",
+        f"Best of {args.repeats} interleaved run(s); every run (s): "
+        + "; ".join(f"graph {d} " + ", ".join(f"{g['seconds']:.1f}" for g in rs) for d, rs in runs.items())
+        + "; reference-style "
+        + ", ".join(f"{c[0]['seconds']:.1f}" for c in refs)
+        + "; core "
+        + ", ".join(f"{c[0]['seconds']:.1f}" for c in cores)
+        + ".",
+        "",
+        "Per-stage seconds (of the best run):",
+        "",
+        "| `semdedup run` stage (Dagster run time) | float32 storage | float16 storage |",
+        "|---|---|---|",
+        *[f"| {k} | {v} | {stage_cell(g16, k)} |" for k, v in graph["stages"].items()],
+        f"| total printed by the CLI / process wall incl. start-up | {graph['total_cli']:.1f} / {graph['seconds']:.1f}"
+        f" | {g16_total} |",
+        "",
+        "| reference-style stage | s |",
+        "|---|---|",
+        *[f"| {k} | {v:.1f} |" for k, v in ref_res["stages"].items()],
+        "",
+        "| core stage | s |",
+        "|---|---|",
+        *[f"| {k} | {v:.1f} |" for k, v in core_res["stages"].items()],
+        "",
+    ]
     if sh_res:
-        lines += ["| SemHash stage | s |", "|---|---|", *[f"| {k} | {v:.1f} |" for k, v in sh_res["stages"].items()], ""]
+        lines += [
+            "| SemHash stage | s |",
+            "|---|---|",
+            *[f"| {k} | {v:.1f} |" for k, v in sh_res["stages"].items()],
+            "",
+        ]
 
     def agree(a: set, b: set, na: str, nb: str) -> str:
         inter = len(a & b)
-        return (f"| {na} vs {nb} | {len(a):,} | {len(b):,} | {jaccard(a, b):.4f} | {inter / len(a) if a else 1:.2%}"
-                f" | {inter / len(b) if b else 1:.2%} |")
+        return (
+            f"| {na} vs {nb} | {len(a):,} | {len(b):,} | {jaccard(a, b):.4f} | {inter / len(a) if a else 1:.2%}"
+            f" | {inter / len(b) if b else 1:.2%} |"
+        )
 
-    lines += [f"## Removed sets at eps = {args.eps}", "",
-              "| comparison | removed by A | removed by B | Jaccard | share of A also removed by B | share of B also removed by A |",
-              "|---|---|---|---|---|---|", agree(graph["removed"], core_removed, "graph (float32)", "core"),
-              *([agree(g16["removed"], core_removed, "graph (float16 storage)", "core")] if g16 else []),
-              agree(graph["removed"], ref_removed, "graph (float32)", "reference-style (other sample, other centroids)")]
+    lines += [
+        f"## Removed sets at eps = {args.eps}",
+        "",
+        "| comparison | removed by A | removed by B | Jaccard | share of A also removed by B | share of B also removed by A |",
+        "|---|---|---|---|---|---|",
+        agree(graph["removed"], core_removed, "graph (float32)", "core"),
+        *([agree(g16["removed"], core_removed, "graph (float16 storage)", "core")] if g16 else []),
+        agree(graph["removed"], ref_removed, "graph (float32)", "reference-style (other sample, other centroids)"),
+    ]
     if sh is not None:
         sd_in_sh = pair_agreement(core_pairs, sh_removed)
         sh_in_sd = pair_agreement(sh_pairs, core_removed)
-        lines += [agree(core_removed, sh_removed, "SemDeDup (core)", "SemHash"), "",
-                  "Pair agreement (does the other method also break the pair up, by removing either member?):", "",
-                  f"- SemDeDup's (removed, duplicate_of) pairs that SemHash also breaks up: **{sd_in_sh:.2%}**",
-                  f"- SemHash's (removed, duplicate_of) pairs that SemDeDup also breaks up: **{sh_in_sd:.2%}**"]
-    lines += ["", "Graph eps curve: " + "; ".join(f"eps {e:g}: removed {r:,}" for e, _, r in graph["curve"]), "",
-              "Reference-style eps curve: " + "; ".join(f"eps {e:g}: removed {r:,}" for e, _, r in ref_res["curve"]), ""]
+        lines += [
+            agree(core_removed, sh_removed, "SemDeDup (core)", "SemHash"),
+            "",
+            "Pair agreement (does the other method also break the pair up, by removing either member?):",
+            "",
+            f"- SemDeDup's (removed, duplicate_of) pairs that SemHash also breaks up: **{sd_in_sh:.2%}**",
+            f"- SemHash's (removed, duplicate_of) pairs that SemDeDup also breaks up: **{sh_in_sd:.2%}**",
+        ]
+    lines += [
+        "",
+        "Graph eps curve: " + "; ".join(f"eps {e:g}: removed {r:,}" for e, _, r in graph["curve"]),
+        "",
+        "Reference-style eps curve: " + "; ".join(f"eps {e:g}: removed {r:,}" for e, _, r in ref_res["curve"]),
+        "",
+    ]
     if sh is not None:
-        lines += ["Why SemDeDup and SemHash differ: SemDeDup compares only within a k-means cluster, in a fixed"
-                  " order (hard: farthest from the centroid kept first), and removes an item when any earlier member"
-                  " of its cluster is more similar than 1 - eps, even if that member is itself removed (chains). SemHash"
-                  " queries an approximate (usearch HNSW) index over the whole set and selects greedily in input order:"
-                  " an item is dropped only if it matches an already *selected* item, so chains keep more items; it also"
-                  " finds pairs that k-means split across clusters, and may miss neighbours the ANN search does not return."
-                  " Most of all, for a pair of duplicates both remove exactly one member, but not the same one:"
-                  " SemDeDup keeps the member farther from its centroid, SemHash the one earlier in input order, so"
-                  " the removed sets can differ a lot even where the removed counts are equal.", ""]
-    lines += ["## Goals", "",
-              f"- whole graph <= 1.3x the reference-style script's wall time: **{verdict(ratio <= 1.3)}** ({ratio:.2f}x"
-              + ("" if g16 is None else f"; float16 storage {g16['seconds'] / ref['seconds']:.2f}x") + ")",
-              f"- whole graph's peak RSS below the reference-style script's: **{verdict(rss_below)}**"
-              f" ({graph['peak_mib']:,.0f} MiB vs {ref['peak_mib']:,.0f} MiB)",
-              f"- (earlier goal) whole graph <= 1.3x the single-process core: **{verdict(graph['seconds'] / core['seconds'] <= 1.3)}**"
-              f" ({graph['seconds'] / core['seconds']:.2f}x)"]
+        lines += [
+            "Why SemDeDup and SemHash differ: SemDeDup compares only within a k-means cluster, in a fixed"
+            " order (hard: farthest from the centroid kept first), and removes an item when any earlier member"
+            " of its cluster is more similar than 1 - eps, even if that member is itself removed (chains). SemHash"
+            " queries an approximate (usearch HNSW) index over the whole set and selects greedily in input order:"
+            " an item is dropped only if it matches an already *selected* item, so chains keep more items; it also"
+            " finds pairs that k-means split across clusters, and may miss neighbours the ANN search does not return."
+            " Most of all, for a pair of duplicates both remove exactly one member, but not the same one:"
+            " SemDeDup keeps the member farther from its centroid, SemHash the one earlier in input order, so"
+            " the removed sets can differ a lot even where the removed counts are equal.",
+            "",
+        ]
+    lines += [
+        "## Goals",
+        "",
+        f"- whole graph <= 1.3x the reference-style script's wall time: **{verdict(ratio <= 1.3)}** ({ratio:.2f}x"
+        + ("" if g16 is None else f"; float16 storage {g16['seconds'] / ref['seconds']:.2f}x")
+        + ")",
+        f"- whole graph's peak RSS below the reference-style script's: **{verdict(rss_below)}**"
+        f" ({graph['peak_mib']:,.0f} MiB vs {ref['peak_mib']:,.0f} MiB)",
+        f"- (earlier goal) whole graph <= 1.3x the single-process core: **{verdict(graph['seconds'] / core['seconds'] <= 1.3)}**"
+        f" ({graph['seconds'] / core['seconds']:.2f}x)",
+    ]
     if sh is not None:
-        lines += [f"- faster than SemHash: **{verdict(graph['seconds'] < sh['seconds'])}**"
-                  f" ({sh['seconds'] / graph['seconds']:.2f}x faster)",
-                  f"- agreement with SemHash >= 99%: removed sets **{verdict(jaccard(core_removed, sh_removed) >= 0.99)}**"
-                  f" (Jaccard {jaccard(core_removed, sh_removed):.4f}: which member of a pair is kept differs, see above); pairs broken up by both **"
-                  f"{verdict(min(sd_in_sh, sh_in_sd) >= 0.99)}** ({sd_in_sh:.2%} / {sh_in_sd:.2%})"]
+        lines += [
+            f"- faster than SemHash: **{verdict(graph['seconds'] < sh['seconds'])}**"
+            f" ({sh['seconds'] / graph['seconds']:.2f}x faster)",
+            f"- agreement with SemHash >= 99%: removed sets **{verdict(jaccard(core_removed, sh_removed) >= 0.99)}**"
+            f" (Jaccard {jaccard(core_removed, sh_removed):.4f}: which member of a pair is kept differs, see above); pairs broken up by both **"
+            f"{verdict(min(sd_in_sh, sh_in_sd) >= 0.99)}** ({sd_in_sh:.2%} / {sh_in_sd:.2%})",
+        ]
     lines.append("")
     emit(lines, out)
     return 0

@@ -42,24 +42,50 @@ def write_files(folder: Path, n_files: int, seed: int = 0) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n_files * PER_FILE, DIM), dtype=np.float32)
-    x[1::10] = x[0::10][: len(x[1::10])] + np.float32(0.01) * rng.standard_normal((len(x[1::10]), DIM), dtype=np.float32)
+    x[1::10] = x[0::10][: len(x[1::10])] + np.float32(0.01) * rng.standard_normal(
+        (len(x[1::10]), DIM), dtype=np.float32
+    )
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     for f in range(n_files):
         part = x[f * PER_FILE : (f + 1) * PER_FILE]
-        pq.write_table(pa.table({"id": [f"{f:06d}-{i:02d}" for i in range(PER_FILE)],
-                                 "embedding": pa.array(list(part), type=pa.list_(pa.float32()))}),
-                       folder / f"{f:06d}.parquet")
+        pq.write_table(
+            pa.table(
+                {
+                    "id": [f"{f:06d}-{i:02d}" for i in range(PER_FILE)],
+                    "embedding": pa.array(list(part), type=pa.list_(pa.float32())),
+                }
+            ),
+            folder / f"{f:06d}.parquet",
+        )
 
 
-def semdedup_run(input_dir: Path, storage: Path, files_per_shard: int, strace_out: Path | None = None
-                 ) -> tuple[float, dict[str, float], str]:
+def semdedup_run(
+    input_dir: Path, storage: Path, files_per_shard: int, strace_out: Path | None = None
+) -> tuple[float, dict[str, float], str]:
     """One `semdedup run` from empty storage: (wall s, stage seconds, output)."""
     shutil.rmtree(storage, ignore_errors=True)
     env = {k: v for k, v in os.environ.items() if k != "DAGSTER_HOME" and not k.startswith("SEMDEDUP_")}
     env["PYTHONUNBUFFERED"] = "1"
-    cmd = [sys.executable, "-m", "semdedup_assets.cli", "run", "--input", str(input_dir), "--storage", str(storage),
-           "--modality", "embedding", "--clusters", "20", "--eps", "0.01", "--buckets", str(BUCKETS),
-           "--files-per-shard", str(files_per_shard)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "semdedup_assets.cli",
+        "run",
+        "--input",
+        str(input_dir),
+        "--storage",
+        str(storage),
+        "--modality",
+        "embedding",
+        "--clusters",
+        "20",
+        "--eps",
+        "0.01",
+        "--buckets",
+        str(BUCKETS),
+        "--files-per-shard",
+        str(files_per_shard),
+    ]
     if strace_out is not None:
         cmd = ["strace", "-f", "-qq", "-s", "120", "-e", "trace=openat,write", "-o", str(strace_out), *cmd]
     start = time.perf_counter()
@@ -70,14 +96,14 @@ def semdedup_run(input_dir: Path, storage: Path, files_per_shard: int, strace_ou
     out = proc.stdout + proc.stderr
     m = re.search(r"stages \(s\): (.*?)  total", out)
     stages = {}
-    for part in (m.group(1).split(", ") if m else []):
+    for part in m.group(1).split(", ") if m else []:
         label, _, seconds = part.rpartition(" ")
         stages[label] = float(seconds)
     return wall, stages, out
 
 
 OPEN = re.compile(r'openat\(AT_FDCWD, "([^"]+)", ([A-Z_|]+)')
-STAGE_LINE = re.compile(r'write\(\d+, "\[semdedup\] (' + "|".join(re.escape(s) for s in STAGES) + r') \.\.\.')
+STAGE_LINE = re.compile(r'write\(\d+, "\[semdedup\] (' + "|".join(re.escape(s) for s in STAGES) + r") \.\.\.")
 
 
 def count_opens(trace: Path, storage: Path, input_dir: Path) -> dict[str, Counter]:
@@ -110,15 +136,21 @@ def main() -> None:
     parser.add_argument("--skip", default="10000:1", help="F:N pairs not to run (too long here), comma-separated")
     parser.add_argument("--opens", action="store_true", help="also count file opens per stage under strace")
     parser.add_argument("--opens-files", type=int, default=1000, help="the file count whose opens are counted")
-    parser.add_argument("--out", default=None, help="also write the tables to this file (bench/results/files_scale.md "
-                        "holds them with notes)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="also write the tables to this file (bench/results/files_scale.md holds them with notes)",
+    )
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
     files = [20] if args.smoke else [int(x) for x in args.files.split(",")]
     groupings = [1, 10] if args.smoke else [int(x) for x in args.grouping.split(",")]
     skip = set() if args.smoke else {tuple(map(int, p.split(":"))) for p in args.skip.split(",") if p}
-    lines = ["| files | --files-per-shard | partitions | wall s | ingest + embed | centroids | cluster_assignments | "
-             "semantic_duplicates | keep_lists | wall per file ms |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| files | --files-per-shard | partitions | wall s | ingest + embed | centroids | cluster_assignments | "
+        "semantic_duplicates | keep_lists | wall per file ms |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     opens_lines: list[str] = []
     with tempfile.TemporaryDirectory(prefix="files_scale_") as tmp:
         tmp_path = Path(tmp)
@@ -131,8 +163,9 @@ def main() -> None:
                     continue
                 wall, stages, _ = semdedup_run(input_dir, tmp_path / "storage", n)
                 cells = " | ".join(f"{stages.get(s, float('nan')):.1f}" for s in STAGES)
-                lines.append(f"| {n_files:,} | {n} | {-(-n_files // n):,} | {wall:.1f} | {cells} | "
-                             f"{1000 * wall / n_files:.1f} |")
+                lines.append(
+                    f"| {n_files:,} | {n} | {-(-n_files // n):,} | {wall:.1f} | {cells} | {1000 * wall / n_files:.1f} |"
+                )
                 print(lines[-1], flush=True)
                 if args.opens and (n_files == args.opens_files or args.smoke):
                     trace = tmp_path / "trace.txt"
@@ -142,13 +175,17 @@ def main() -> None:
                     for stage, counts in per_stage.items():
                         if counts:
                             detail = ", ".join(f"{folder} {c:,}" for folder, c in sorted(counts.items()))
-                            opens_lines.append(f"| {n_files:,} | {n} | {partitions:,} | {stage} | "
-                                               f"{sum(counts.values()):,} | {detail} |")
+                            opens_lines.append(
+                                f"| {n_files:,} | {n} | {partitions:,} | {stage} | "
+                                f"{sum(counts.values()):,} | {detail} |"
+                            )
                             print(opens_lines[-1], flush=True)
     text = "\n".join(lines)
     if opens_lines:
-        text += ("\n\n| files | --files-per-shard | partitions | stage | read-only opens of .parquet files | by folder |\n"
-                 "|---|---|---|---|---|---|\n" + "\n".join(opens_lines))
+        text += (
+            "\n\n| files | --files-per-shard | partitions | stage | read-only opens of .parquet files | by folder |\n"
+            "|---|---|---|---|---|---|\n" + "\n".join(opens_lines)
+        )
     print(text)
     if args.out and not args.smoke:
         Path(args.out).write_text(text + "\n")

@@ -33,13 +33,13 @@ from PIL import Image, ImageDraw
 
 # The checkout's root: the package (when not installed) and the tests' tiny model fixture.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from semdedup_assets.core.embed.encoders.clip import OpenClipImageEncoder  # noqa: E402
-from semdedup_assets_tests.fixtures import save_tiny_clip  # noqa: E402
-
 import open_clip
 
+from semdedup_assets.core.embed.encoders.clip import OpenClipImageEncoder
+from semdedup_assets_tests.fixtures import save_tiny_clip
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_output_options, output_path, cpu_model, emit, load_average  # noqa: E402
+from common import add_output_options, cpu_model, emit, load_average, output_path
 
 DEFAULT_OUT = "bench/results/image_throughput.md"
 
@@ -65,8 +65,13 @@ def make_jpegs(n: int, size: tuple[int, int], seed: int) -> list[bytes]:
     return out
 
 
-def bare_loop(model: torch.nn.Module, pixels: torch.Tensor, batch_size: int, device: torch.device,
-              autocast_dtype: torch.dtype | None) -> torch.Tensor:
+def bare_loop(
+    model: torch.nn.Module,
+    pixels: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None,
+) -> torch.Tensor:
     """The baseline: model.encode_image over fixed-size slices, nothing else."""
     outs = []
     ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else None
@@ -105,8 +110,11 @@ def build_encoder(arch: str, tiny_dir: str | None, **options: object) -> OpenCli
     return OpenClipImageEncoder(arch, pretrained="random", **options)  # type: ignore[arg-type]
 
 
-def from_bytes_configs(enc: OpenClipImageEncoder, jpegs: list[bytes], workers: list[int]) -> dict[str, Callable[[], object]]:
+def from_bytes_configs(
+    enc: OpenClipImageEncoder, jpegs: list[bytes], workers: list[int]
+) -> dict[str, Callable[[], object]]:
     """One (c) configuration per worker count, all on the same loaded encoder."""
+
     def run(w: int) -> object:
         enc.num_workers = w
         return enc.encode_images(jpegs)
@@ -117,8 +125,15 @@ def from_bytes_configs(enc: OpenClipImageEncoder, jpegs: list[bytes], workers: l
 BARE = "(a) bare model.encode_image loop, preprocessed tensors"
 
 
-def measure_rates(enc: OpenClipImageEncoder, pixels: torch.Tensor, jpegs: list[bytes], workers: list[int],
-                  batch_size: int, repeats: int, dtype: torch.dtype | None) -> dict[str, float]:
+def measure_rates(
+    enc: OpenClipImageEncoder,
+    pixels: torch.Tensor,
+    jpegs: list[bytes],
+    workers: list[int],
+    batch_size: int,
+    repeats: int,
+    dtype: torch.dtype | None,
+) -> dict[str, float]:
     """Images/s of the bare loop (a), our encoder on the same tensors (b) and from JPEG bytes (c)."""
     # Warm-up: thread pools, allocator and any lazy initialisation out of the timings.
     bare_loop(enc.model, pixels[:batch_size], batch_size, enc.device, dtype)
@@ -135,8 +150,9 @@ def rate_rows(rates: dict[str, float]) -> list[str]:
     return [f"| {name} | {rate:,.1f} | {rate / rates[BARE]:.3f} |" for name, rate in rates.items()]
 
 
-def run_cpu(arch: str, n: int, batch_size: int, repeats: int, workers: list[int], seed: int,
-            tiny_dir: str | None) -> tuple[list[str], dict[str, float]]:
+def run_cpu(
+    arch: str, n: int, batch_size: int, repeats: int, workers: list[int], seed: int, tiny_dir: str | None
+) -> tuple[list[str], dict[str, float]]:
     """All CPU measurements; returns markdown table rows and the rates."""
     jpegs = make_jpegs(n, (384, 288), seed)
     enc = build_encoder(arch, tiny_dir, device="cpu", batch_size=batch_size, num_workers=0)

@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_output_options, output_path, command_line, emit, gemm_peak_gflops, machine_lines  # noqa: E402
+from common import add_output_options, command_line, emit, gemm_peak_gflops, machine_lines, output_path
 
-from semdedup_assets.core.cluster.assign import assign  # noqa: E402
-from semdedup_assets.core.cluster.kmeans import faiss_gpu_count, sample_target, train_spherical_kmeans  # noqa: E402
+from semdedup_assets.core.cluster.assign import assign
+from semdedup_assets.core.cluster.kmeans import faiss_gpu_count, sample_target, train_spherical_kmeans
 
 DEFAULT_OUT = "bench/results/kmeans.md"
 
@@ -38,7 +38,9 @@ def make_data(n: int, d: int, centers: int, seed: int = 0) -> np.ndarray:
     step = 100_000
     for s in range(0, n, step):  # chunked: no second n x d temporary
         e = min(s + step, n)
-        x[s:e] = c[rng.integers(0, centers, e - s)] + rng.standard_normal((e - s, d), dtype=np.float32) * np.float32(0.6)
+        x[s:e] = c[rng.integers(0, centers, e - s)] + rng.standard_normal((e - s, d), dtype=np.float32) * np.float32(
+            0.6
+        )
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     return x
 
@@ -55,18 +57,31 @@ def run_case(n: int, d: int, k: int, mppc: int, iters: int, use_gpu: bool) -> di
     clusters, sims = assign(x, km.centroids)
     assign_s = time.perf_counter() - start
     sizes = np.bincount(clusters, minlength=k)
-    return {"n": n, "d": d, "k": k, "n_train": km.n_train, "iters": iters, "sample_s": sample_s,
-            "train_s": km.seconds, "assign_s": assign_s, "objective": km.objective, "gpu": km.gpu,
-            "train_gflops": 2.0 * km.n_train * k * d * iters / km.seconds / 1e9,
-            "assign_gflops": 2.0 * n * k * d / assign_s / 1e9,
-            "empty": int((sizes == 0).sum()), "largest": int(sizes.max()), "mean_sim": float(sims.mean())}
+    return {
+        "n": n,
+        "d": d,
+        "k": k,
+        "n_train": km.n_train,
+        "iters": iters,
+        "sample_s": sample_s,
+        "train_s": km.seconds,
+        "assign_s": assign_s,
+        "objective": km.objective,
+        "gpu": km.gpu,
+        "train_gflops": 2.0 * km.n_train * k * d * iters / km.seconds / 1e9,
+        "assign_gflops": 2.0 * n * k * d / assign_s / 1e9,
+        "empty": int((sizes == 0).sum()),
+        "largest": int(sizes.max()),
+        "mean_sim": float(sims.mean()),
+    }
 
 
 def table(r: dict, peak: float | None) -> list[str]:
     """Markdown rows of one case."""
     rel = (lambda g: f" ({g / peak:.0%} of GEMM peak)") if peak else (lambda g: "")
     return [
-        "| metric | value |", "|---|---|",
+        "| metric | value |",
+        "|---|---|",
         f"| data | {r['n']:,} x {r['d']} float32, k = {r['k']:,}, {'GPU' if r['gpu'] else 'CPU'} |",
         f"| training sample (k x max_points_per_centroid) | {r['n_train']:,} rows ({r['sample_s']:.2f} s to draw) |",
         f"| **training** ({r['iters']} iterations) | **{r['train_s']:.2f} s** = {r['train_s'] / r['iters']:.2f} s/iteration,"
@@ -95,14 +110,26 @@ def main(argv: list[str] | None = None) -> int:
 
     import faiss
 
-    lines = ["# Spherical k-means (faiss) through `train_spherical_kmeans` and `assign`", "",
-             f"Command: `{command_line('bench/kmeans.py', argv)}`", "",
-             *machine_lines([f"- faiss {faiss.__version__}, OpenMP threads: {faiss.omp_get_max_threads()},"
-                             f" GPUs visible to faiss: {faiss_gpu_count()}"])]
+    lines = [
+        "# Spherical k-means (faiss) through `train_spherical_kmeans` and `assign`",
+        "",
+        f"Command: `{command_line('bench/kmeans.py', argv)}`",
+        "",
+        *machine_lines(
+            [
+                f"- faiss {faiss.__version__}, OpenMP threads: {faiss.omp_get_max_threads()},"
+                f" GPUs visible to faiss: {faiss_gpu_count()}"
+            ]
+        ),
+    ]
     peak = gemm_peak_gflops(args.d)
-    lines += [f"Same-run GEMM peak (torch fp32 (4096 x {args.d}) @ ({args.d} x 4096), best of 5): {peak:,.1f} GFLOP/s"
-              " (faiss uses its own BLAS; the ratio shows how close k-means runs to dense matmul speed).", "",
-              "## CPU", ""]
+    lines += [
+        f"Same-run GEMM peak (torch fp32 (4096 x {args.d}) @ ({args.d} x 4096), best of 5): {peak:,.1f} GFLOP/s"
+        " (faiss uses its own BLAS; the ratio shows how close k-means runs to dense matmul speed).",
+        "",
+        "## CPU",
+        "",
+    ]
     r = run_case(args.n, args.d, args.k, args.max_points_per_centroid, args.iterations, use_gpu=False)
     lines += table(r, peak)
     print("\n".join(lines[-10:]), flush=True)

@@ -29,9 +29,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (add_output_options, command_line, emit, load_average, machine_lines, output_path,  # noqa: E402
-                    run_tree, verdict)
-from end_to_end import cluster_rows, parse_result, planted_embeddings  # noqa: E402
+from common import add_output_options, command_line, emit, load_average, machine_lines, output_path, run_tree, verdict
+from end_to_end import cluster_rows, parse_result, planted_embeddings
 
 DEFAULT_OUT = "bench/results/library.md"
 FIXED_N, FIXED_D = 100, 32
@@ -51,8 +50,13 @@ def fixed_cost_child() -> dict:
     with sd.run(x) as result:
         mask = result.keep_mask(0.01)
     done = time.perf_counter()
-    return {"import": imported - start, "setup": ready - imported, "first result": done - ready,
-            "total": done - start, "kept": int(mask.sum())}
+    return {
+        "import": imported - start,
+        "setup": ready - imported,
+        "first result": done - ready,
+        "total": done - start,
+        "kept": int(mask.sum()),
+    }
 
 
 def torch_child() -> dict:
@@ -101,8 +105,20 @@ def mask_digest(mask: np.ndarray) -> str:
 
 def run_child(kind: str, args: argparse.Namespace) -> dict:
     """One measurement in a fresh process: its RESULT, with the process's wall time and peak RSS."""
-    cmd = [sys.executable, __file__, "--child", kind, "--n", str(args.n), "--d", str(args.d),
-           "--clusters", str(args.clusters), "--eps", str(args.eps)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        kind,
+        "--n",
+        str(args.n),
+        "--d",
+        str(args.d),
+        "--clusters",
+        str(args.clusters),
+        "--eps",
+        str(args.eps),
+    ]
     out = run_tree(cmd)
     if out["rc"] != 0:
         raise SystemExit(f"{kind} failed:\n{out['stderr'][-3000:]}")
@@ -133,8 +149,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.child:
         out = {"fixed": fixed_cost_child, "torch": torch_child}.get(args.child)
-        result = out() if out else (library_child if args.child == "library" else reference_child)(
-            args.n, args.d, args.clusters, args.eps)
+        result = (
+            out()
+            if out
+            else (library_child if args.child == "library" else reference_child)(
+                args.n, args.d, args.clusters, args.eps
+            )
+        )
         print("RESULT " + json.dumps(result))
         return 0
     if args.smoke:
@@ -155,31 +176,50 @@ def main(argv: list[str] | None = None) -> int:
     parts = {p: statistics.median(r[p] for r in runs["fixed"]) for p in ("import", "setup", "first result")}
     jac = statistics.median(agreement(a["mask"], b["mask"], args.n) for a, b in zip(runs["library"], runs["reference"]))
     lines = [
-        "# The library path: fixed cost and bring-your-own embeddings in memory", "",
-        f"Command: `{command_line('bench/library.py', argv)}`", "",
-        *machine_lines([f"load average at start: {load}"]), "",
+        "# The library path: fixed cost and bring-your-own embeddings in memory",
+        "",
+        f"Command: `{command_line('bench/library.py', argv)}`",
+        "",
+        *machine_lines([f"load average at start: {load}"]),
+        "",
         "Medians of interleaved fresh processes. The machine is shared and noisy: the absolute seconds move",
-        "from run to run, the ratios within one run are what count.", "",
-        "## Fixed cost: import + set-up + first result on 100 embeddings (32-d)", "",
-        "| part | s (median) |", "|---|---|",
+        "from run to run, the ratios within one run are what count.",
+        "",
+        "## Fixed cost: import + set-up + first result on 100 embeddings (32-d)",
+        "",
+        "| part | s (median) |",
+        "|---|---|",
         *[f"| {p} | {v:.2f} |" for p, v in parts.items()],
         f"| **total, in process** | **{fixed:.2f}** |",
         f"| whole process, wall (interpreter start and exit included) | {fixed_wall:.2f} |",
         f"| `import torch` alone, in process (the floor: the pairwise tiles run on torch) | {torch_floor:.2f} |",
-        f"| library fixed cost / `import torch` | {fixed / torch_floor:.2f}x |", "",
-        f"Runs (s): library " + ", ".join(f"{r['total']:.2f}" for r in runs["fixed"])
-        + "; import torch " + ", ".join(f"{r['total']:.2f}" for r in runs["torch"]), "",
-        f"## Bring-your-own embeddings in memory: {args.n:,} x {args.d}, k = {args.clusters}, eps = {args.eps}", "",
-        "Both from the numpy array in the process to the keep mask out, imports included.", "",
-        "| run | s (median) | peak RSS (MiB) | removed | vs reference-style |", "|---|---|---|---|---|",
+        f"| library fixed cost / `import torch` | {fixed / torch_floor:.2f}x |",
+        "",
+        "Runs (s): library "
+        + ", ".join(f"{r['total']:.2f}" for r in runs["fixed"])
+        + "; import torch "
+        + ", ".join(f"{r['total']:.2f}" for r in runs["torch"]),
+        "",
+        f"## Bring-your-own embeddings in memory: {args.n:,} x {args.d}, k = {args.clusters}, eps = {args.eps}",
+        "",
+        "Both from the numpy array in the process to the keep mask out, imports included.",
+        "",
+        "| run | s (median) | peak RSS (MiB) | removed | vs reference-style |",
+        "|---|---|---|---|---|",
         f"| `SemDeDup(clusters={args.clusters}, eps=[{args.eps}]).run(x).keep_mask({args.eps})` | {lib:.2f} | "
         f"{med('library', 'peak_mib'):,.0f} | {runs['library'][0]['removed']:,} | {ratio:.2f}x |",
         f"| reference-style script (faiss k-means on all rows, dense per cluster) | {ref:.2f} | "
-        f"{med('reference', 'peak_mib'):,.0f} | {runs['reference'][0]['removed']:,} | 1.00x |", "",
-        "Runs (s): library " + ", ".join(f"{r['total']:.2f}" for r in runs["library"])
-        + "; reference-style " + ", ".join(f"{r['total']:.2f}" for r in runs["reference"]), "",
-        f"Agreement of the removed sets (Jaccard; other k-means samples give other clusters): {jac:.3f}", "",
-        "## Goals", "",
+        f"{med('reference', 'peak_mib'):,.0f} | {runs['reference'][0]['removed']:,} | 1.00x |",
+        "",
+        "Runs (s): library "
+        + ", ".join(f"{r['total']:.2f}" for r in runs["library"])
+        + "; reference-style "
+        + ", ".join(f"{r['total']:.2f}" for r in runs["reference"]),
+        "",
+        f"Agreement of the removed sets (Jaccard; other k-means samples give other clusters): {jac:.3f}",
+        "",
+        "## Goals",
+        "",
         f"- fixed cost (import + set-up + first result on 100 items) <= 2 s: **{verdict(fixed <= 2.0)}** "
         f"({fixed:.2f} s in process; `import torch` alone takes {torch_floor:.2f} s here)",
         f"- <= 1.0x the reference-style script on bring-your-own embeddings in memory: **{verdict(ratio <= 1.0)}** "

@@ -19,11 +19,11 @@ import shutil
 import time
 from pathlib import Path
 
-from semdedup_assets.core.io import storage as st
 from semdedup_assets.core.cluster.assign import bucket_keys
 from semdedup_assets.core.cluster.centroids import load_centroids
 from semdedup_assets.core.dedup.buckets import dedup_bucket
 from semdedup_assets.core.dedup.keep import build_keep_lists
+from semdedup_assets.core.io import storage as st
 from semdedup_assets.core.settings_store import load_settings
 
 
@@ -36,13 +36,13 @@ def digest(folder: Path) -> str:
     return h.hexdigest()
 
 
-def run_config(source: Path, work: Path, probes: int, buckets: int, budget: str | None,
-               profile: bool, keep: str = "hard") -> tuple[float, str, str]:
+def run_config(
+    source: Path, work: Path, probes: int, buckets: int, budget: str | None, profile: bool, keep: str = "hard"
+) -> tuple[float, str, str]:
     """(stage seconds, bucket-files sha256, keep-lists sha256) of one configuration."""
     target = work / f"p{probes}-b{buckets}-m{budget or 'none'}-{keep}"
     shutil.rmtree(target, ignore_errors=True)
-    shutil.copytree(source, target, ignore=shutil.ignore_patterns("semantic_duplicates", "keep_lists",
-                                                                   "dagster_home"))
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("semantic_duplicates", "keep_lists", "dagster_home"))
     settings = load_settings(str(target), probes=probes, buckets=buckets, memory_budget=budget, keep=keep)
     storage = settings.storage_root()
     k = len(load_centroids(storage))
@@ -68,13 +68,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--storage", required=True, type=Path)
     parser.add_argument("--work", required=True, type=Path)
-    parser.add_argument("--config", nargs="+", required=True, help="PROBES:BUCKETS:BUDGET[:KEEP], e.g. 2:16:none 2:4:8MB:easy")
+    parser.add_argument(
+        "--config", nargs="+", required=True, help="PROBES:BUCKETS:BUDGET[:KEEP], e.g. 2:16:none 2:4:8MB:easy"
+    )
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     for config in args.config:
         probes, buckets, budget, *keep = config.split(":")
-        seconds, buckets_sha, keep_sha = run_config(args.storage, args.work, int(probes), int(buckets),
-                                                    None if budget == "none" else budget, args.profile, *keep)
+        seconds, buckets_sha, keep_sha = run_config(
+            args.storage,
+            args.work,
+            int(probes),
+            int(buckets),
+            None if budget == "none" else budget,
+            args.profile,
+            *keep,
+        )
         print(f"{config}  {seconds:8.2f} s  buckets {buckets_sha[:16]}  keep-lists {keep_sha[:16]}", flush=True)
 
 

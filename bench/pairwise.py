@@ -25,14 +25,23 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
-    add_output_options, output_path,
-    MIB, best_of, command_line, cuda_available, emit, gemm_peak_gflops, machine_lines, measure,
-    pairwise_gflops, verdict,
+from common import (
+    MIB,
+    add_output_options,
+    best_of,
+    command_line,
+    cuda_available,
+    emit,
+    gemm_peak_gflops,
+    machine_lines,
+    measure,
+    output_path,
+    pairwise_gflops,
+    verdict,
 )
 
-from semdedup_assets.core.config import DEFAULT_EPS  # noqa: E402
-from semdedup_assets.core.dedup.pairwise import max_sim_tiled, torch_threads  # noqa: E402
+from semdedup_assets.core.config import DEFAULT_EPS
+from semdedup_assets.core.dedup.pairwise import max_sim_tiled, torch_threads
 
 DEFAULT_OUT = "bench/results/pairwise.md"
 
@@ -107,7 +116,8 @@ def tuning_sweep(n: int, d: int, blocks: list[int], repeats: int) -> tuple[list[
     lines = [
         f"## Tuning sweep: n = {n:,}, d = {d} (best of {repeats}, configurations interleaved)",
         "",
-        "GEMM peak at each thread count: " + ", ".join(f"{th} thread(s) {peaks[th]:,.1f} GFLOP/s" for th in thread_counts),
+        "GEMM peak at each thread count: "
+        + ", ".join(f"{th} thread(s) {peaks[th]:,.1f} GFLOP/s" for th in thread_counts),
         "",
         "| variant | tile / panel | threads | time | GFLOP/s | % of GEMM peak (same threads) |",
         "|---|---|---|---|---|---|",
@@ -139,8 +149,13 @@ def main(argv: list[str] | None = None) -> int:
         sizes, dims, sweep_n, sweep_repeats, sweep_blocks = [300, 1500], [64], 1000, 1, [256, 512]
     out = output_path(args, DEFAULT_OUT)
 
-    lines = ["# Pairwise kernel: tiled max-similarity vs GEMM peak and the dense baseline", "",
-             f"Command: `{command_line('bench/pairwise.py', argv)}`", "", *machine_lines()]
+    lines = [
+        "# Pairwise kernel: tiled max-similarity vs GEMM peak and the dense baseline",
+        "",
+        f"Command: `{command_line('bench/pairwise.py', argv)}`",
+        "",
+        *machine_lines(),
+    ]
     max_sim_tiled(make_cluster(2048, 64, seed=1), block_size=args.block)  # warm-up (thread pool)
 
     if sweep_n:
@@ -151,11 +166,15 @@ def main(argv: list[str] | None = None) -> int:
     for d in dims:
         with torch_threads(args.threads):
             peak = gemm_peak_gflops(d)
-        lines += [f"## d = {d}: tile {args.block}, threads {args.threads or torch.get_num_threads()}", "",
-                  f"Same-run GEMM peak (fp32 (4096 x {d}) @ ({d} x 4096), best of 5): **{peak:,.1f} GFLOP/s**", "",
-                  "| n | tiled time | tiled GFLOP/s | % of GEMM peak | tiled extra peak | dense time | dense extra peak"
-                  " | speed-up vs dense | tiled / dense memory | max abs diff of M (vs max(0, M)) |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## d = {d}: tile {args.block}, threads {args.threads or torch.get_num_threads()}",
+            "",
+            f"Same-run GEMM peak (fp32 (4096 x {d}) @ ({d} x 4096), best of 5): **{peak:,.1f} GFLOP/s**",
+            "",
+            "| n | tiled time | tiled GFLOP/s | % of GEMM peak | tiled extra peak | dense time | dense extra peak"
+            " | speed-up vs dense | tiled / dense memory | max abs diff of M (vs max(0, M)) |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for n in sizes:
             x = make_cluster(n, d, seed=n + d)
             repeats = 3 if n < 20_000 else 1
@@ -165,31 +184,44 @@ def main(argv: list[str] | None = None) -> int:
             gf = pairwise_gflops(n, d, tiled["seconds"])
             row = f"| {n:,} | {tiled['seconds']:.3f} s | {gf:,.1f} | {gf / peak:.0%} | {extra:,.1f} MiB"
             if n >= 10_000:
-                goals.append(f"- d = {d}, n = {n:,}: >= 60% of GEMM peak: **{verdict(gf >= 0.6 * peak)}**"
-                             f" ({gf / peak:.0%})")
+                goals.append(
+                    f"- d = {d}, n = {n:,}: >= 60% of GEMM peak: **{verdict(gf >= 0.6 * peak)}** ({gf / peak:.0%})"
+                )
             if n <= args.dense_max:
                 dense = min((measure(dense_reference, x) for _ in range(repeats)), key=lambda r: r["seconds"])
                 m_t = np.maximum(tiled["result"][0][1:], 0)
                 diff = float(np.abs(m_t - dense["result"][0][1:]).max()) if n > 1 else 0.0
                 speed = dense["seconds"] / tiled["seconds"]
                 mem = max(extra, 0.0) / max(dense["extra_mib"], 1e-9)
-                row += (f" | {dense['seconds']:.3f} s | {dense['extra_mib']:,.1f} MiB | {speed:.2f}x | {mem:.2%}"
-                        f" | {diff:.1e} |")
+                row += (
+                    f" | {dense['seconds']:.3f} s | {dense['extra_mib']:,.1f} MiB | {speed:.2f}x | {mem:.2%}"
+                    f" | {diff:.1e} |"
+                )
                 if n == args.dense_max or (args.smoke and n == max(sizes)):
-                    goals.append(f"- d = {d}, n = {n:,}: >= 4x faster than dense: **{verdict(speed >= 4)}** ({speed:.2f}x)")
-                    goals.append(f"- d = {d}, n = {n:,}: extra memory < 5% of dense: **{verdict(mem < 0.05)}**"
-                                 f" ({extra:,.1f} MiB = {mem:.2%} of {dense['extra_mib']:,.1f} MiB)")
+                    goals.append(
+                        f"- d = {d}, n = {n:,}: >= 4x faster than dense: **{verdict(speed >= 4)}** ({speed:.2f}x)"
+                    )
+                    goals.append(
+                        f"- d = {d}, n = {n:,}: extra memory < 5% of dense: **{verdict(mem < 0.05)}**"
+                        f" ({extra:,.1f} MiB = {mem:.2%} of {dense['extra_mib']:,.1f} MiB)"
+                    )
             else:
                 row += f" | not run (n x n fp32 = {n * n * 4 / MIB:,.0f} MiB) | | | | |"
             lines.append(row)
             print(row, flush=True)
             del x
         lines.append("")
-    lines += ["## Goals", "", *goals, "",
-              "The dense baseline computes all n^2 products in one large GEMM (at GEMM peak) plus triu and a column"
-              " max over the n x n matrix; the tiled kernel computes only the n(n-1)/2 needed products. Its speed-up"
-              " is therefore bounded by about 2x (half the flops) plus the saved memory passes: it can only reach"
-              " 4x where the dense version is memory-bound.", ""]
+    lines += [
+        "## Goals",
+        "",
+        *goals,
+        "",
+        "The dense baseline computes all n^2 products in one large GEMM (at GEMM peak) plus triu and a column"
+        " max over the n x n matrix; the tiled kernel computes only the n(n-1)/2 needed products. Its speed-up"
+        " is therefore bounded by about 2x (half the flops) plus the saved memory passes: it can only reach"
+        " 4x where the dense version is memory-bound.",
+        "",
+    ]
 
     lines += ["## GPU", ""]
     if cuda_available():
@@ -199,13 +231,18 @@ def main(argv: list[str] | None = None) -> int:
         max_sim_tiled(x[:2048], device=dev)
         torch.cuda.synchronize()
         thresholds = tuple(1.0 - e for e in DEFAULT_EPS)
-        peaks = {"fp32": gemm_peak_gflops(d, rows=8192, device=dev),
-                 "fp16": gemm_peak_gflops(d, rows=8192, device=dev, dtype=torch.float16),
-                 "bf16": gemm_peak_gflops(d, rows=8192, device=dev, dtype=torch.bfloat16)}
-        lines += [f"{torch.cuda.get_device_name(0)}, n = {n:,}, d = {d}, tile 4096; GEMM peaks (8192 x {d} @ {d} x 8192): "
-                  + ", ".join(f"{k} {v / 1e3:,.1f} TFLOP/s" for k, v in peaks.items()), "",
-                  "| precision | time | TFLOP/s | % of same-dtype GEMM peak | re-checked rows | decisions equal fp32 |",
-                  "|---|---|---|---|---|---|"]
+        peaks = {
+            "fp32": gemm_peak_gflops(d, rows=8192, device=dev),
+            "fp16": gemm_peak_gflops(d, rows=8192, device=dev, dtype=torch.float16),
+            "bf16": gemm_peak_gflops(d, rows=8192, device=dev, dtype=torch.bfloat16),
+        }
+        lines += [
+            f"{torch.cuda.get_device_name(0)}, n = {n:,}, d = {d}, tile 4096; GEMM peaks (8192 x {d} @ {d} x 8192): "
+            + ", ".join(f"{k} {v / 1e3:,.1f} TFLOP/s" for k, v in peaks.items()),
+            "",
+            "| precision | time | TFLOP/s | % of same-dtype GEMM peak | re-checked rows | decisions equal fp32 |",
+            "|---|---|---|---|---|---|",
+        ]
         ref = None
         for precision in ("fp32", "fp16", "bf16"):
             stats: dict[str, float] = {}
@@ -222,8 +259,10 @@ def main(argv: list[str] | None = None) -> int:
             ref = m if ref is None else ref
             same = all(((m > t) == (ref > t)).all() for t in thresholds)
             gf = pairwise_gflops(n, d, s)
-            lines.append(f"| {precision} | {s:.3f} s | {gf / 1e3:,.1f} | {gf / peaks[precision]:.0%}"
-                         f" | {int(stats['rechecked_rows']):,} | {same} |")
+            lines.append(
+                f"| {precision} | {s:.3f} s | {gf / 1e3:,.1f} | {gf / peaks[precision]:.0%}"
+                f" | {int(stats['rechecked_rows']):,} | {same} |"
+            )
             if precision == "bf16":
                 goals_gpu = f"- GPU pairwise >= 50% of bf16 peak: **{verdict(gf >= 0.5 * peaks['bf16'])}** ({gf / peaks['bf16']:.0%})"
         lines += ["", goals_gpu, ""]

@@ -27,7 +27,7 @@ except ImportError:  # running from a checkout without the package installed
     from semdedup_assets.core.dedup.pairwise import dense_max_sim, max_sim_tiled
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import MIB, add_output_options, output_path, cpu_model, emit, measure, pairwise_gflops  # noqa: E402
+from common import MIB, add_output_options, cpu_model, emit, measure, output_path, pairwise_gflops
 
 DEFAULT_OUT = "bench/results/pairwise_memory.md"
 

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_output_options, command_line, emit, machine_lines, output_path, verdict  # noqa: E402
+from common import add_output_options, command_line, emit, machine_lines, output_path, verdict
 
 DEFAULT_OUT = "bench/results/recall.md"
 KINDS = ("exact", "small_edit", "truncation", "boilerplate", "paraphrase")
@@ -50,23 +50,62 @@ BOILERPLATE = (
     "Last updated on 2024-05-01. Licensed under the PSF License Agreement.",
 )
 SYNONYMS = {
-    "return": "give back", "returns": "gives back", "function": "routine", "functions": "routines",
-    "object": "instance", "objects": "instances", "value": "result", "values": "results",
-    "use": "employ", "used": "employed", "create": "make", "creates": "makes", "specified": "given",
-    "argument": "parameter", "arguments": "parameters", "list": "sequence", "string": "text string",
-    "file": "document", "method": "member function", "called": "invoked", "raise": "throw",
-    "raises": "throws", "default": "standard", "optional": "not required", "must": "has to",
-    "should": "ought to", "may": "might", "can": "is able to", "if": "when", "contains": "holds",
-    "number": "count", "first": "initial", "new": "fresh", "current": "present", "large": "big",
-    "small": "little", "error": "failure", "check": "verify", "set": "assign", "get": "obtain",
+    "return": "give back",
+    "returns": "gives back",
+    "function": "routine",
+    "functions": "routines",
+    "object": "instance",
+    "objects": "instances",
+    "value": "result",
+    "values": "results",
+    "use": "employ",
+    "used": "employed",
+    "create": "make",
+    "creates": "makes",
+    "specified": "given",
+    "argument": "parameter",
+    "arguments": "parameters",
+    "list": "sequence",
+    "string": "text string",
+    "file": "document",
+    "method": "member function",
+    "called": "invoked",
+    "raise": "throw",
+    "raises": "throws",
+    "default": "standard",
+    "optional": "not required",
+    "must": "has to",
+    "should": "ought to",
+    "may": "might",
+    "can": "is able to",
+    "if": "when",
+    "contains": "holds",
+    "number": "count",
+    "first": "initial",
+    "new": "fresh",
+    "current": "present",
+    "large": "big",
+    "small": "little",
+    "error": "failure",
+    "check": "verify",
+    "set": "assign",
+    "get": "obtain",
 }
-CONTRACTIONS = {"is not": "isn't", "does not": "doesn't", "do not": "don't", "cannot": "can't",
-                "it is": "it's", "are not": "aren't", "will not": "won't"}
+CONTRACTIONS = {
+    "is not": "isn't",
+    "does not": "doesn't",
+    "do not": "don't",
+    "cannot": "can't",
+    "it is": "it's",
+    "are not": "aren't",
+    "will not": "won't",
+}
 
 
 def load_corpus(n: int) -> list[str]:
     """`n` distinct paragraphs of at least 12 words from the demo corpus (Python's own docstrings)."""
     from semdedup_assets.demo_data import collect_demo_texts
+
     seen: set[str] = set()
     out: list[str] = []
     for text, _ in collect_demo_texts(max(4 * n, 2000)):
@@ -122,14 +161,21 @@ def paraphrase(text: str, rng: random.Random) -> str:
     return " ".join(sentences)
 
 
-def build_dataset(base: list[str], per_kind: int, seed: int = 0) -> tuple[list[str], list[str], dict[str, list[tuple[int, int]]]]:
+def build_dataset(
+    base: list[str], per_kind: int, seed: int = 0
+) -> tuple[list[str], list[str], dict[str, list[tuple[int, int]]]]:
     """(ids, texts, {kind: [(base index, variant index)]}): the base texts plus one variant per chosen base."""
     rng = random.Random(seed)
     texts, ids = list(base), [f"b{i:05d}" for i in range(len(base))]
     chosen = rng.sample(range(len(base)), per_kind * len(KINDS))
     pairs: dict[str, list[tuple[int, int]]] = {k: [] for k in KINDS}
-    make = {"exact": lambda t, r: t, "small_edit": small_edit, "truncation": truncation,
-            "boilerplate": boilerplate, "paraphrase": paraphrase}
+    make = {
+        "exact": lambda t, r: t,
+        "small_edit": small_edit,
+        "truncation": truncation,
+        "boilerplate": boilerplate,
+        "paraphrase": paraphrase,
+    }
     for n, src in enumerate(chosen):
         kind = KINDS[n // per_kind]
         texts.append(make[kind](base[src], rng))
@@ -138,7 +184,7 @@ def build_dataset(base: list[str], per_kind: int, seed: int = 0) -> tuple[list[s
     return ids, texts, pairs
 
 
-def clustered(ids: list[str], x: np.ndarray):  # noqa: ANN201
+def clustered(ids: list[str], x: np.ndarray):
     """The assignment rows (one bucket of every cluster, k = round(sqrt(n))) and the centroids."""
     import pyarrow as pa
 
@@ -150,13 +196,22 @@ def clustered(ids: list[str], x: np.ndarray):  # noqa: ANN201
     k = max(1, round(math.sqrt(len(x))))
     cents = train_spherical_kmeans(x, k, 20, 0, 256).centroids
     clusters, sims = assign(x, cents)
-    table = pa.table({"id": ids, "shard": ["bench"] * len(ids), "cluster": clusters, "sim_to_centroid": sims,
-                      "embedding": embedding_array(x)}, schema=assignments_schema(x.shape[1]))
+    table = pa.table(
+        {
+            "id": ids,
+            "shard": ["bench"] * len(ids),
+            "cluster": clusters,
+            "sim_to_centroid": sims,
+            "embedding": embedding_array(x),
+        },
+        schema=assignments_schema(x.shape[1]),
+    )
     return table.sort_by([("cluster", "ascending"), ("id", "ascending")]), cents
 
 
-def semdedup_runs(ids: list[str], x: np.ndarray, eps: float, probes: tuple[int, ...],
-                  repeats: int) -> dict[int, tuple[set[str], float]]:
+def semdedup_runs(
+    ids: list[str], x: np.ndarray, eps: float, probes: tuple[int, ...], repeats: int
+) -> dict[int, tuple[set[str], float]]:
     """Per P: removed ids at eps and the best pairwise time (the P values interleaved in every round)."""
     from semdedup_assets.core.dedup.buckets import dedup_table
     from semdedup_assets.core.dedup.multiprobe import multiprobe_bucket
@@ -170,8 +225,9 @@ def semdedup_runs(ids: list[str], x: np.ndarray, eps: float, probes: tuple[int, 
             if p == 1:
                 result, _ = dedup_table(table, "hard", 0, 1024, "cpu")
             else:  # every cluster is in the one bucket: nothing else to read
-                result, _ = multiprobe_bucket(table, lambda cs: table.schema.empty_table(), cents, p, "hard", 0,
-                                              1024, "cpu")
+                result, _ = multiprobe_bucket(
+                    table, lambda cs: table.schema.empty_table(), cents, p, "hard", 0, 1024, "cpu"
+                )
             best[p] = min(best[p], time.perf_counter() - start)
             results[p] = result
     out = {}
@@ -186,7 +242,7 @@ def semhash_removed(ids: list[str], texts: list[str], x: np.ndarray, eps: float)
     from semhash import SemHash
 
     class Fixed:  # SemHash wants an encoder; the embeddings are given, so it is never called on new text
-        def encode(self, sentences, **kwargs):  # noqa: ANN001, ANN003, ANN201
+        def encode(self, sentences, **kwargs):
             raise RuntimeError("not used")
 
     records = [{"id": i, "text": t} for i, t in zip(ids, texts)]
@@ -243,29 +299,48 @@ def main(argv: list[str] | None = None) -> int:
         semhash = None
         print("semhash is not installed (pip install -e '.[bench]'): its row is left out", file=sys.stderr)
 
-    lines = ["# Recall of injected near-duplicates: SemDeDup `--probes` 1, 2, 3 and SemHash", "",
-             f"Command: `{command_line('bench/recall.py', argv)}`", "", *machine_lines(),
-             f"Data: {len(base)} distinct paragraphs of the demo corpus (Python standard-library docstrings, "
-             f"comments, pydoc topics) plus {args.per_kind} injected variants per kind = {len(texts)} texts; "
-             f"embedded once with all-MiniLM-L6-v2 (max_length 128, {embed_s:.1f} s on the CPU), "
-             f"k = {max(1, round(math.sqrt(len(texts))))} clusters (round(sqrt(n))), keep `hard`.", "",
-             "| method | " + " | ".join(KINDS) + " | all pairs | other removals | removed | pairwise s |",
-             "|---|" + "---|" * (len(KINDS) + 4)]
+    lines = [
+        "# Recall of injected near-duplicates: SemDeDup `--probes` 1, 2, 3 and SemHash",
+        "",
+        f"Command: `{command_line('bench/recall.py', argv)}`",
+        "",
+        *machine_lines(),
+        f"Data: {len(base)} distinct paragraphs of the demo corpus (Python standard-library docstrings, "
+        f"comments, pydoc topics) plus {args.per_kind} injected variants per kind = {len(texts)} texts; "
+        f"embedded once with all-MiniLM-L6-v2 (max_length 128, {embed_s:.1f} s on the CPU), "
+        f"k = {max(1, round(math.sqrt(len(texts))))} clusters (round(sqrt(n))), keep `hard`.",
+        "",
+        "| method | " + " | ".join(KINDS) + " | all pairs | other removals | removed | pairwise s |",
+        "|---|" + "---|" * (len(KINDS) + 4),
+    ]
     for name, s, seconds in rows:
-        lines.append(f"| {name} | " + " | ".join(f"{s[k]:.3f}" for k in KINDS)
-                     + f" | {s['all']:.3f} | {int(s['other_removals'])} | {int(s['removed'])} | {seconds:.3f} |")
+        lines.append(
+            f"| {name} | "
+            + " | ".join(f"{s[k]:.3f}" for k in KINDS)
+            + f" | {s['all']:.3f} | {int(s['other_removals'])} | {int(s['removed'])} | {seconds:.3f} |"
+        )
     p1, p2 = rows[0], rows[1]
-    lines += ["", "Recall per kind: the fraction of injected (base, variant) pairs of which at least one item is "
-              "removed. Other removals: removed texts that belong to no injected pair (near-duplicates the corpus "
-              "already holds, e.g. the same docstring on several classes). SemHash's time includes building its "
-              "exact index; SemDeDup's is the rule alone.", "", "## Goal (P = 2)", ""]
+    lines += [
+        "",
+        "Recall per kind: the fraction of injected (base, variant) pairs of which at least one item is "
+        "removed. Other removals: removed texts that belong to no injected pair (near-duplicates the corpus "
+        "already holds, e.g. the same docstring on several classes). SemHash's time includes building its "
+        "exact index; SemDeDup's is the rule alone.",
+        "",
+        "## Goal (P = 2)",
+        "",
+    ]
     if semhash is not None:
-        lines += [f"- recall at eps {args.eps:g} >= SemHash at {1 - args.eps:g}: {p2[1]['all']:.3f} vs "
-                  f"{semhash['all']:.3f}: {verdict(p2[1]['all'] >= semhash['all'])}",
-                  f"- no more removals outside the injected pairs: {int(p2[1]['other_removals'])} vs "
-                  f"{int(semhash['other_removals'])}: {verdict(p2[1]['other_removals'] <= semhash['other_removals'])}"]
-    lines += [f"- pairwise time <= 2x P = 1: {p2[2]:.3f} s vs {p1[2]:.3f} s ({p2[2] / max(p1[2], 1e-9):.2f}x): "
-              f"{verdict(p2[2] <= 2 * p1[2])}"]
+        lines += [
+            f"- recall at eps {args.eps:g} >= SemHash at {1 - args.eps:g}: {p2[1]['all']:.3f} vs "
+            f"{semhash['all']:.3f}: {verdict(p2[1]['all'] >= semhash['all'])}",
+            f"- no more removals outside the injected pairs: {int(p2[1]['other_removals'])} vs "
+            f"{int(semhash['other_removals'])}: {verdict(p2[1]['other_removals'] <= semhash['other_removals'])}",
+        ]
+    lines += [
+        f"- pairwise time <= 2x P = 1: {p2[2]:.3f} s vs {p1[2]:.3f} s ({p2[2] / max(p1[2], 1e-9):.2f}x): "
+        f"{verdict(p2[2] <= 2 * p1[2])}"
+    ]
     emit(lines, out)
     return 0
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, add_output_options, command_line, emit, load_average, machine_lines, output_path, run_tree  # noqa: E402
+from common import ROOT, add_output_options, command_line, emit, load_average, machine_lines, output_path, run_tree
 
 DEFAULT_OUT = "bench/results/scale.md"
 SHARD_ROWS = 10_000
@@ -50,7 +50,8 @@ def write_planted(folder: Path, n: int, d: int = DIM, seed: int = 0) -> float:
         dst = rng.choice(rows, n_near + n_exact, replace=False)
         src = rng.integers(0, rows, n_near + n_exact)
         x[dst[:n_near]] = x[src[:n_near]] + rng.standard_normal((n_near, d), dtype=np.float32) * np.float32(
-            np.sqrt(0.002 / d))
+            np.sqrt(0.002 / d)
+        )
         x[dst[n_near:]] = x[src[n_near:]]
         x /= np.linalg.norm(x, axis=1, keepdims=True)
         emb = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), d)
@@ -76,8 +77,9 @@ def stage_resources(storage: Path) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for key in ("raw_shards", "embeddings", "centroids", "cluster_assignments", "semantic_duplicates", "keep_lists"):
         records = instance.fetch_materializations(dg.AssetKey(key), limit=10_000).records
-        stage = out.setdefault(key, {"peak_rss_mib": 0.0, "worker_peak_rss_mib": 0.0, "rows": 0, "seconds": 0.0,
-                                     "runs": 0})
+        stage = out.setdefault(
+            key, {"peak_rss_mib": 0.0, "worker_peak_rss_mib": 0.0, "rows": 0, "seconds": 0.0, "runs": 0}
+        )
         runs = {}  # a range run's metadata is on each of its partitions' events: count each run once
         for rec in records:
             md = rec.asset_materialization.metadata if rec.asset_materialization else {}
@@ -86,16 +88,18 @@ def stage_resources(storage: Path) -> dict[str, dict]:
         for md in runs.values():
             stage["peak_rss_mib"] = max(stage["peak_rss_mib"], float(md["resources/peak_rss_mib"].value))
             if "resources/worker_peak_rss_mib" in md:  # --engine ray: the largest unit's peak in its Ray worker
-                stage["worker_peak_rss_mib"] = max(stage["worker_peak_rss_mib"],
-                                                   float(md["resources/worker_peak_rss_mib"].value))
+                stage["worker_peak_rss_mib"] = max(
+                    stage["worker_peak_rss_mib"], float(md["resources/worker_peak_rss_mib"].value)
+                )
             stage["rows"] += int(md["resources/rows"].value)
             stage["seconds"] += float(md["resources/seconds"].value)
         stage["runs"] = len(runs)
     return out
 
 
-def run_point(inp: Path, storage: Path, clusters: int, buckets: str, budget: str | None, dtype: str,
-              cluster: object = None) -> dict:
+def run_point(
+    inp: Path, storage: Path, clusters: int, buckets: str, budget: str | None, dtype: str, cluster: object = None
+) -> dict:
     """One `semdedup run` in a subprocess: wall, tree peak RSS, stage seconds, removed count, hashes.
 
     With `cluster` (a RayCluster of semdedup_assets_tests.raycluster) the run is `--engine ray` on
@@ -103,9 +107,26 @@ def run_point(inp: Path, storage: Path, clusters: int, buckets: str, budget: str
     """
     if storage.exists():
         shutil.rmtree(storage)
-    cli = [sys.executable, "-m", "semdedup_assets.cli", "run", "--input", str(inp), "--storage", str(storage),
-           "--modality", "embedding", "--clusters", str(clusters), "--buckets", buckets,
-           "--embedding-dtype", dtype, "--eps", "0.01,0.05"]
+    cli = [
+        sys.executable,
+        "-m",
+        "semdedup_assets.cli",
+        "run",
+        "--input",
+        str(inp),
+        "--storage",
+        str(storage),
+        "--modality",
+        "embedding",
+        "--clusters",
+        str(clusters),
+        "--buckets",
+        buckets,
+        "--embedding-dtype",
+        dtype,
+        "--eps",
+        "0.01,0.05",
+    ]
     if budget:
         cli += ["--memory-budget", budget]
     env = {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
@@ -128,10 +149,16 @@ def run_point(inp: Path, storage: Path, clusters: int, buckets: str, budget: str
         resources = stage_resources(storage)
     except Exception as err:  # an older main without resources metadata
         resources = {"error": str(err)}
-    return {"seconds": out["seconds"], "peak_mib": out["peak_mib"], "stages": m.group(1) if m else "",
-            "removed": {float(e): int(r) for e, r in rows}, "hash": keep_list_hashes(storage),
-            "storage_bytes": sum(f.stat().st_size for f in storage.rglob("*.parquet")),
-            "resources": resources, "warnings": [l for l in out["stderr"].splitlines() if "sample" in l][:3]}
+    return {
+        "seconds": out["seconds"],
+        "peak_mib": out["peak_mib"],
+        "stages": m.group(1) if m else "",
+        "removed": {float(e): int(r) for e, r in rows},
+        "hash": keep_list_hashes(storage),
+        "storage_bytes": sum(f.stat().st_size for f in storage.rglob("*.parquet")),
+        "resources": resources,
+        "warnings": [l for l in out["stderr"].splitlines() if "sample" in l][:3],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,9 +167,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clusters", type=int, default=500)
     ap.add_argument("--buckets", default="16")
     ap.add_argument("--budgets", default="", help="comma-separated --memory-budget values ('' = the default)")
-    ap.add_argument("--points", default="", help="instead of sizes x budgets: N:BUCKETS:BUDGET[:ENGINE],... "
-                    "(BUDGET '' = the default; ENGINE local, or ray: two local Ray nodes of 2 CPUs each in a "
-                    "loopback-only network namespace, as root), run in this order")
+    ap.add_argument(
+        "--points",
+        default="",
+        help="instead of sizes x budgets: N:BUCKETS:BUDGET[:ENGINE],... "
+        "(BUDGET '' = the default; ENGINE local, or ray: two local Ray nodes of 2 CPUs each in a "
+        "loopback-only network namespace, as root), run in this order",
+    )
     ap.add_argument("--dtype", default="float16")
     ap.add_argument("--root", default="/tmp/semdedup-scale")
     ap.add_argument("--json", default=None, help="also write the raw results here")
@@ -155,8 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     points = [(n, args.buckets, b, "local") for n in sizes for b in budgets]
     if args.points and not args.smoke:
-        points = [(int(n), b, bud or None, (rest or ["local"])[0])
-                  for n, b, bud, *rest in (p.split(":") for p in args.points.split(","))]
+        points = [
+            (int(n), b, bud or None, (rest or ["local"])[0])
+            for n, b, bud, *rest in (p.split(":") for p in args.points.split(","))
+        ]
     cluster = None
     try:
         for n, buckets, budget, engine in points:
@@ -171,8 +204,9 @@ def main(argv: list[str] | None = None) -> int:
                 # 2 CPUs a node, as the machine has: a pairwise task then runs as many torch threads as a local run,
                 # so the bucket files can be byte-identical (docs/scale-out.md).
                 cluster = RayCluster(NetNamespace(), [{"num_cpus": 2}, {"num_cpus": 2}])
-            r = run_point(inp, root / "storage", args.clusters, buckets, budget, args.dtype,
-                          cluster if engine == "ray" else None)
+            r = run_point(
+                inp, root / "storage", args.clusters, buckets, budget, args.dtype, cluster if engine == "ray" else None
+            )
             r.update(n=n, budget=budget or "default", buckets=buckets, engine=engine, load=load_average())
             print(json.dumps({k: v for k, v in r.items() if k != "resources"}), flush=True)
             print(json.dumps(r["resources"]), flush=True)
@@ -182,32 +216,53 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if cluster is not None:
             cluster.stop()
-    lines = ["# Scale: memory and time of `semdedup run` as N grows (fixed k)", "",
-             f"Command: `{command_line('bench/scale.py', argv)}`", "",
-             *machine_lines([f"- load average at the end: {load_average()} (start: {load_start})"]),
-             "## Whole runs", "",
-             "| N | engine | buckets | budget | wall (s) | peak RSS, process tree (MiB) | storage (MiB) |"
-             " removed at eps 0.01 / 0.05 | keep-lists sha256 | load after |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Scale: memory and time of `semdedup run` as N grows (fixed k)",
+        "",
+        f"Command: `{command_line('bench/scale.py', argv)}`",
+        "",
+        *machine_lines([f"- load average at the end: {load_average()} (start: {load_start})"]),
+        "## Whole runs",
+        "",
+        "| N | engine | buckets | budget | wall (s) | peak RSS, process tree (MiB) | storage (MiB) |"
+        " removed at eps 0.01 / 0.05 | keep-lists sha256 | load after |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         rem = r["removed"]
-        lines.append(f"| {r['n']:,} | {r['engine']} | {r['buckets']} | {r['budget']} | {r['seconds']:.1f} | "
-                     f"{r['peak_mib']:,.0f} | "
-                     f"{r['storage_bytes'] / 2**20:,.0f} | {rem.get(0.01, '?')} / {rem.get(0.05, '?')} | "
-                     f"`{r['hash']}` | {r['load']} |")
-    lines += ["", "## Peak RSS per stage (MiB; max over the stage's partitions, from materialization metadata)", "",
-              "| N | engine | buckets | budget | raw_shards | embeddings | centroids | cluster_assignments |"
-              " semantic_duplicates | keep_lists |", "|---|---|---|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {r['n']:,} | {r['engine']} | {r['buckets']} | {r['budget']} | {r['seconds']:.1f} | "
+            f"{r['peak_mib']:,.0f} | "
+            f"{r['storage_bytes'] / 2**20:,.0f} | {rem.get(0.01, '?')} / {rem.get(0.05, '?')} | "
+            f"`{r['hash']}` | {r['load']} |"
+        )
+    lines += [
+        "",
+        "## Peak RSS per stage (MiB; max over the stage's partitions, from materialization metadata)",
+        "",
+        "| N | engine | buckets | budget | raw_shards | embeddings | centroids | cluster_assignments |"
+        " semantic_duplicates | keep_lists |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     stages = ("raw_shards", "embeddings", "centroids", "cluster_assignments", "semantic_duplicates", "keep_lists")
     for r in results:
         res = r["resources"]
         # --engine ray: the run's process / the largest Ray unit's worker
-        cells = [(f"{res[s]['peak_rss_mib']:,.0f}" + (f" / {res[s]['worker_peak_rss_mib']:,.0f}"
-                                                       if res[s].get("worker_peak_rss_mib") else ""))
-                 if s in res and res[s].get("peak_rss_mib") else "n/a" for s in stages]
+        cells = [
+            (
+                f"{res[s]['peak_rss_mib']:,.0f}"
+                + (f" / {res[s]['worker_peak_rss_mib']:,.0f}" if res[s].get("worker_peak_rss_mib") else "")
+            )
+            if s in res and res[s].get("peak_rss_mib")
+            else "n/a"
+            for s in stages
+        ]
         lines.append(f"| {r['n']:,} | {r['engine']} | {r['buckets']} | {r['budget']} | " + " | ".join(cells) + " |")
     lines += ["", "Stage seconds (Dagster run time, from the CLI):", ""]
-    lines += [f"- N = {r['n']:,}, --engine {r['engine']}, {r['buckets']} buckets, budget {r['budget']}: {r['stages']}"
-              for r in results]
+    lines += [
+        f"- N = {r['n']:,}, --engine {r['engine']}, {r['buckets']} buckets, budget {r['budget']}: {r['stages']}"
+        for r in results
+    ]
     emit(lines, output_path(args, DEFAULT_OUT))
     return 0
 

@@ -33,7 +33,17 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, add_output_options, command_line, emit, load_average, machine_lines, output_path, run_tree, verdict  # noqa: E402
+from common import (
+    ROOT,
+    add_output_options,
+    command_line,
+    emit,
+    load_average,
+    machine_lines,
+    output_path,
+    run_tree,
+    verdict,
+)
 
 DEFAULT_OUT = "bench/results/scale_out.md"
 
@@ -49,31 +59,59 @@ def files_digest(folder: Path) -> str:
 
 def run_graph(ns, inp: Path, storage: Path, args: argparse.Namespace, engine: str) -> dict:
     """`semdedup run --modality embedding --engine ENGINE` inside the namespace: wall time and stage times."""
-    cli = [sys.executable, "-m", "semdedup_assets.cli", "run", "--input", str(inp), "--storage", str(storage),
-           "--modality", "embedding", "--clusters", str(args.clusters), "--buckets", str(args.buckets),
-           "--eps", "0.001,0.01,0.1", "--engine", engine]
+    cli = [
+        sys.executable,
+        "-m",
+        "semdedup_assets.cli",
+        "run",
+        "--input",
+        str(inp),
+        "--storage",
+        str(storage),
+        "--modality",
+        "embedding",
+        "--clusters",
+        str(args.clusters),
+        "--buckets",
+        str(args.buckets),
+        "--eps",
+        "0.001,0.01,0.1",
+        "--engine",
+        engine,
+    ]
     from semdedup_assets_tests.raycluster import ray_env
 
     out = run_tree(ns.command(cli), env=ray_env())
     if out["rc"] != 0:
         raise SystemExit(f"semdedup run --engine {engine} failed:\n{out['stdout'][-3000:]}\n{out['stderr'][-3000:]}")
     stages = re.search(r"stages \(s\): (.*?)  total", out["stdout"])
-    return {"seconds": out["seconds"], "stages": stages.group(1) if stages else "",
-            "keep_lists": files_digest(storage / "keep_lists"), "items": files_digest(storage / "semantic_duplicates")}
+    return {
+        "seconds": out["seconds"],
+        "stages": stages.group(1) if stages else "",
+        "keep_lists": files_digest(storage / "keep_lists"),
+        "items": files_digest(storage / "semantic_duplicates"),
+    }
 
 
 def text_child(args: argparse.Namespace) -> int:
     """Inside the namespace: time the embedding unit over every text shard with one engine; print JSON."""
     from semdedup_assets.core.config import Settings
-    from semdedup_assets.core.run.local_engine import LocalEngine
-    from semdedup_assets.core.run.ray_engine import RayEngine, connect_ray
-    from semdedup_assets.core.run.loop import ingest_shards
     from semdedup_assets.core.io.shards import discover_shards
+    from semdedup_assets.core.run.local_engine import LocalEngine
+    from semdedup_assets.core.run.loop import ingest_shards
+    from semdedup_assets.core.run.ray_engine import RayEngine, connect_ray
 
     actors = int(args.child_actors)
-    settings = Settings(storage=args.child_storage, input=args.child_input, modality="text", max_length=128,
-                        batch_size=64, engine="ray" if actors else "local", ray_actors=actors,
-                        model=args.child_model or None)
+    settings = Settings(
+        storage=args.child_storage,
+        input=args.child_input,
+        modality="text",
+        max_length=128,
+        batch_size=64,
+        engine="ray" if actors else "local",
+        ray_actors=actors,
+        model=args.child_model or None,
+    )
     shards = discover_shards(settings.input)
     ingest_shards(settings, shards)
     startup = 0.0
@@ -100,9 +138,18 @@ def text_child(args: argparse.Namespace) -> int:
 
         ray.shutdown()
     # Steady state: the busiest worker's time inside embed_shard (no process start, imports or model load).
-    print(json.dumps({"seconds": seconds, "startup": startup, "rows": rows, "workers": len(busy),
-                      "steady": max(busy.values()),
-                      "digest": files_digest(Path(args.child_storage) / "embeddings")}))
+    print(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "startup": startup,
+                "rows": rows,
+                "workers": len(busy),
+                "steady": max(busy.values()),
+                "digest": files_digest(Path(args.child_storage) / "embeddings"),
+            }
+        )
+    )
     return 0
 
 
@@ -110,8 +157,19 @@ def run_text(ns, inp: Path, storage: Path, actors: int, model: str | None = None
     """The embedding stage over every text shard with 0 (in-process), 1 or more Ray actors, in the namespace."""
     from semdedup_assets_tests.raycluster import ray_env
 
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child-text", "--child-input", str(inp),
-           "--child-storage", str(storage), "--child-actors", str(actors), "--child-model", model or ""]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child-text",
+        "--child-input",
+        str(inp),
+        "--child-storage",
+        str(storage),
+        "--child-actors",
+        str(actors),
+        "--child-model",
+        model or "",
+    ]
     done = subprocess.run(ns.command(cmd), capture_output=True, text=True, env=ray_env(), cwd=ROOT)
     if done.returncode != 0:
         raise SystemExit(f"text embedding ({actors} actors) failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
@@ -129,8 +187,9 @@ def write_texts(folder: Path, n: int, shards: int) -> None:
     bounds = [round(i * len(texts) / shards) for i in range(shards + 1)]
     for s in range(shards):
         a, b = bounds[s], bounds[s + 1]
-        pq.write_table(pa.table({"id": [f"t{i:06d}" for i in range(a, b)], "text": texts[a:b]}),
-                       folder / f"texts-{s:02d}.parquet")
+        pq.write_table(
+            pa.table({"id": [f"t{i:06d}" for i in range(a, b)], "text": texts[a:b]}), folder / f"texts-{s:02d}.parquet"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,10 +220,13 @@ def main(argv: list[str] | None = None) -> int:
     reason = namespaces_available()
     if reason:
         raise SystemExit(f"scale_out.py runs Ray in a loopback-only network namespace and {reason}")
-    machine = machine_lines(["- every Ray process ran in a network namespace holding only `lo` (no traffic beyond "
-                             "loopback)",
-                             "- GPU: none on this machine, so no per-GPU figures were measured (one actor per GPU is "
-                             "tested with two logical GPUs in `test_ray_engine.py`, on the CPU path)"])
+    machine = machine_lines(
+        [
+            "- every Ray process ran in a network namespace holding only `lo` (no traffic beyond loopback)",
+            "- GPU: none on this machine, so no per-GPU figures were measured (one actor per GPU is "
+            "tested with two logical GPUs in `test_ray_engine.py`, on the CPU path)",
+        ]
+    )
     work = Path(tempfile.mkdtemp(prefix="scale-out-"))
     ns = NetNamespace()
     try:
@@ -186,8 +248,10 @@ def main(argv: list[str] | None = None) -> int:
 
     best = {e: min(runs, key=lambda x: x["seconds"]) for e, runs in graph.items()}
     ratio = best["ray"]["seconds"] / best["local"]["seconds"]
-    same_graph = len({x["keep_lists"] for runs in graph.values() for x in runs}) == 1 and \
-        len({x["items"] for runs in graph.values() for x in runs}) == 1
+    same_graph = (
+        len({x["keep_lists"] for runs in graph.values() for x in runs}) == 1
+        and len({x["items"] for runs in graph.values() for x in runs}) == 1
+    )
     rate = {a: t["rows"] / t["seconds"] for a, t in text.items()}
     steady = {a: t["rows"] / t["steady"] for a, t in text.items()}
     same_text = len({t["digest"] for t in text.values()}) == 1
@@ -202,11 +266,12 @@ def main(argv: list[str] | None = None) -> int:
         f"## 1. Whole graph, bring-your-own embeddings: {args.n:,} x {args.d} in {args.shards} shards, "
         f"k = {args.clusters}, {args.buckets} buckets (best of {args.repeats}, interleaved)",
         "",
-        "| engine | wall | stages (s) |", "|---|---|---|",
+        "| engine | wall | stages (s) |",
+        "|---|---|---|",
         *[f"| `--engine {e}` | {best[e]['seconds']:.1f} s | {best[e]['stages']} |" for e in ("local", "ray")],
         "",
-        f"- every run: " + "; ".join(f"{e} " + ", ".join(f"{x['seconds']:.1f} s" for x in runs)
-                                     for e, runs in graph.items()),
+        "- every run: "
+        + "; ".join(f"{e} " + ", ".join(f"{x['seconds']:.1f} s" for x in runs) for e, runs in graph.items()),
         f"- Ray / local: **{ratio:.2f}x** (goal <= 1.2x: {verdict(ratio <= 1.2)}); `--engine ray` starts its own "
         "local Ray instance, and that start-up is inside its time",
         f"- keep-lists and bucket files byte-identical across engines and runs: {same_graph}",
@@ -217,18 +282,27 @@ def main(argv: list[str] | None = None) -> int:
         "| engine | embed time (all in) | texts/s | vs in-process | steady texts/s | vs in-process | workers used "
         "| Ray start-up (apart) |",
         "|---|---|---|---|---|---|---|---|",
-        *[f"| {'in-process (torch default threads)' if a == 0 else f'Ray, {a} CPU actor(s)'} | "
-          f"{t['seconds']:.1f} s | {rate[a]:.0f} | {rate[a] / rate[0]:.2f}x | {steady[a]:.0f} | "
-          f"{steady[a] / steady[0]:.2f}x | {t['workers']} | {t['startup']:.1f} s |" for a, t in text.items()],
+        *[
+            f"| {'in-process (torch default threads)' if a == 0 else f'Ray, {a} CPU actor(s)'} | "
+            f"{t['seconds']:.1f} s | {rate[a]:.0f} | {rate[a] / rate[0]:.2f}x | {steady[a]:.0f} | "
+            f"{steady[a] / steady[0]:.2f}x | {t['workers']} | {t['startup']:.1f} s |"
+            for a, t in text.items()
+        ],
         "",
         "- *all in*: from the call to the last shard, including imports and model loading (in-process once; each "
         "actor once, in a fresh worker process, in parallel); *steady*: rows over the busiest worker's time inside "
         "`embed_shard` (model loaded)",
         f"- 2 actors against in-process, steady: {steady[2] / steady[0]:.2f}x (goal: no loss, >= 1.0x: "
         f"{verdict(steady[2] >= 0.97 * steady[0])}, within 3% counted as no loss); all in: {rate[2] / rate[0]:.2f}x",
-        *([f"- scaling 1 -> 2 actors, steady: {steady[2] / steady[1]:.2f}x, efficiency {steady[2] / steady[1] / 2:.2f} "
-           "per actor (the >= 0.8 goal is for machines with more cores or GPUs than this one's 2: here both actor "
-           "counts share the same 2 cores)"] if 1 in text else []),
+        *(
+            [
+                f"- scaling 1 -> 2 actors, steady: {steady[2] / steady[1]:.2f}x, efficiency {steady[2] / steady[1] / 2:.2f} "
+                "per actor (the >= 0.8 goal is for machines with more cores or GPUs than this one's 2: here both actor "
+                "counts share the same 2 cores)"
+            ]
+            if 1 in text
+            else []
+        ),
         f"- embeddings files byte-identical across the {len(text)} runs: {same_text}",
         f"- processes left in the namespace after the run: {len(survivors)}",
     ]

@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_output_options, command_line, emit, load_average, machine_lines, output_path, verdict  # noqa: E402
+from common import add_output_options, command_line, emit, load_average, machine_lines, output_path, verdict
 
 DEFAULT_OUT = "bench/results/scale_out_static.md"
 
@@ -37,8 +37,9 @@ def write_paragraph_shards(folder: Path, n: int, shards: int) -> None:
     bounds = [round(i * n / shards) for i in range(shards + 1)]
     for s in range(shards):
         a, b = bounds[s], bounds[s + 1]
-        pq.write_table(pa.table({"id": [f"t{i:07d}" for i in range(a, b)], "text": texts[a:b]}),
-                       folder / f"texts-{s:02d}.parquet")
+        pq.write_table(
+            pa.table({"id": [f"t{i:07d}" for i in range(a, b)], "text": texts[a:b]}), folder / f"texts-{s:02d}.parquet"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,8 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--texts", type=int, default=100_000)
     ap.add_argument("--text-shards", type=int, default=8)
-    ap.add_argument("--static", default=None, metavar="PATH",
-                    help="static model folder (default: this machine's `--model static`, distilled if missing)")
+    ap.add_argument(
+        "--static",
+        default=None,
+        metavar="PATH",
+        help="static model folder (default: this machine's `--model static`, distilled if missing)",
+    )
     add_output_options(ap, DEFAULT_OUT, "2,000 texts in 2 shards, a tiny static model; prints only")
     args = ap.parse_args(argv)
     if args.smoke:
@@ -75,17 +80,24 @@ def main(argv: list[str] | None = None) -> int:
     steady = {a: t["rows"] / t["steady"] for a, t in text.items()}
     same = len({t["digest"] for t in text.values()}) == 1
     lines = [
-        "# Scale-out: static text embedding on Ray CPU actors", "",
-        f"Command: `{command_line('bench/scale_out_static.py', argv)}`", "",
-        *machine[:-1], f"- load average (1/5/15 min) at the end: {load_average()}", "",
+        "# Scale-out: static text embedding on Ray CPU actors",
+        "",
+        f"Command: `{command_line('bench/scale_out_static.py', argv)}`",
+        "",
+        *machine[:-1],
+        f"- load average (1/5/15 min) at the end: {load_average()}",
+        "",
         f"## {text[0]['rows']:,} real paragraphs in {args.text_shards} shards, static model {static}, max_length 128",
         "",
         "| engine | embed time (all in) | texts/s | vs in-process | steady texts/s | vs in-process | workers used "
         "| Ray start-up (apart) |",
         "|---|---|---|---|---|---|---|---|",
-        *[f"| {'in-process' if a == 0 else f'Ray, {a} CPU actor(s)'} | {t['seconds']:.1f} s | {rate[a]:,.0f} | "
-          f"{rate[a] / rate[0]:.2f}x | {steady[a]:,.0f} | {steady[a] / steady[0]:.2f}x | {t['workers']} | "
-          f"{t['startup']:.1f} s |" for a, t in text.items()],
+        *[
+            f"| {'in-process' if a == 0 else f'Ray, {a} CPU actor(s)'} | {t['seconds']:.1f} s | {rate[a]:,.0f} | "
+            f"{rate[a] / rate[0]:.2f}x | {steady[a]:,.0f} | {steady[a] / steady[0]:.2f}x | {t['workers']} | "
+            f"{t['startup']:.1f} s |"
+            for a, t in text.items()
+        ],
         "",
         "- *all in*: from the call to the last shard, with model loading; *steady*: rows over the busiest worker's "
         "time inside `embed_shard` (reading the raw shard, tokenising, summing, writing the embeddings file)",

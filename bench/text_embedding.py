@@ -31,11 +31,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_output_options, output_path, command_line, emit, machine_lines, verdict  # noqa: E402
+from common import add_output_options, command_line, emit, machine_lines, output_path, verdict
 
-from semdedup_assets.demo_data import collect_demo_texts  # noqa: E402
-from semdedup_assets.core.embed.encoders.static import StaticTextEncoder, default_static_model, distill_static_model  # noqa: E402
-from semdedup_assets.core.embed.encoders.text import HFTextEncoder, resolve_text_model  # noqa: E402
+from semdedup_assets.core.embed.encoders.static import StaticTextEncoder, default_static_model, distill_static_model
+from semdedup_assets.core.embed.encoders.text import HFTextEncoder, resolve_text_model
+from semdedup_assets.demo_data import collect_demo_texts
 
 DEFAULT_OUT = "bench/results/text_embedding.md"
 
@@ -53,8 +53,9 @@ def bare_loop(tokenizer, model, texts: list[str], batch: int, max_length: int, o
     with torch.inference_mode():
         for s in range(0, len(texts), batch):
             idx = order[s : s + batch]
-            enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length,
-                            return_tensors="pt")
+            enc = tokenizer(
+                [texts[i] for i in idx], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+            )
             hidden = model(**enc).last_hidden_state
             out[idx] = mean_pool(hidden, enc["attention_mask"])
     return out
@@ -86,8 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--static", default=None, metavar="PATH",
-                    help="static model folder for (e) (default: the cached `--model static`, distilled if missing)")
+    ap.add_argument(
+        "--static",
+        default=None,
+        metavar="PATH",
+        help="static model folder for (e) (default: the cached `--model static`, distilled if missing)",
+    )
     ap.add_argument("--static-n", type=int, default=24_000, help="texts of the static-only comparison (e) vs (f)")
     add_output_options(ap, DEFAULT_OUT, "n=32, max_length 64, one repeat: checks the script works")
     args = ap.parse_args(argv)
@@ -113,12 +118,15 @@ def main(argv: list[str] | None = None) -> int:
 
     runs = {
         "(a) HFTextEncoder.encode": lambda: ours.encode(texts),
-        "(b) bare model(**batch) loop, input order": lambda: bare_loop(tok, model, texts, args.batch_size,
-                                                                        args.max_length, input_order),
+        "(b) bare model(**batch) loop, input order": lambda: bare_loop(
+            tok, model, texts, args.batch_size, args.max_length, input_order
+        ),
         "(c) bare model(**batch) loop, same length-sorted batches": lambda: bare_loop(
-            tok, model, texts, args.batch_size, args.max_length, sorted_order),
-        "(d) SentenceTransformer.encode": lambda: st.encode(texts, batch_size=args.batch_size, convert_to_numpy=True,
-                                                            normalize_embeddings=True, show_progress_bar=False),
+            tok, model, texts, args.batch_size, args.max_length, sorted_order
+        ),
+        "(d) SentenceTransformer.encode": lambda: st.encode(
+            texts, batch_size=args.batch_size, convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False
+        ),
         "(e) StaticTextEncoder.encode (model2vec, distilled from the same model)": lambda: static.encode(texts),
     }
     ours.encode(texts[:64])  # warm-up: thread pools, first-call allocations
@@ -137,9 +145,10 @@ def main(argv: list[str] | None = None) -> int:
 
     static_texts = [t for t, _ in collect_demo_texts(args.static_n)]
     reference = StaticModel.from_pretrained(static_path, force_download=False)
-    static_runs = {"(e) StaticTextEncoder.encode": lambda: static.encode(static_texts),
-                   "(f) model2vec StaticModel.encode": lambda: reference.encode(static_texts,
-                                                                                max_length=args.max_length)}
+    static_runs = {
+        "(e) StaticTextEncoder.encode": lambda: static.encode(static_texts),
+        "(f) model2vec StaticModel.encode": lambda: reference.encode(static_texts, max_length=args.max_length),
+    }
     static_best = {k: float("inf") for k in static_runs}
     for _ in range(args.repeats):
         for name, fn in static_runs.items():
@@ -157,37 +166,61 @@ def main(argv: list[str] | None = None) -> int:
     diff_st = float(np.abs(outputs[a] - outputs[d]).max())
     diff_bare = float(np.abs(outputs[a] - outputs[b]).max())
     n_tok = int(lengths.sum())
-    lines = ["# Text embedding throughput: HFTextEncoder vs a bare loop vs sentence-transformers", "",
-             f"Command: `{command_line('bench/text_embedding.py', argv)}`", "",
-             *machine_lines([f"- transformers {transformers.__version__}, sentence-transformers {sentence_transformers.__version__}"]),
-             "## Input", "",
-             f"- {len(texts):,} real texts (`collect_demo_texts`: Python docstrings, pydoc topics, comments);"
-             f" {n_tok:,} tokens after truncation to {args.max_length} (mean {lengths.mean():.1f},"
-             f" {int((lengths >= args.max_length).sum()):,} truncated)",
-             f"- model: offline all-MiniLM-L6-v2 ({path}), fp32, CPU; batch size {args.batch_size};"
-             f" best of {args.repeats} interleaved runs",
-             f"- (e): static model {static_path} ({static.dim}-d; batches of {static.batch_size} texts)", "",
-             "## Results", "",
-             "| implementation | time | texts/s | ratio (a) / this |", "|---|---|---|---|"]
+    lines = [
+        "# Text embedding throughput: HFTextEncoder vs a bare loop vs sentence-transformers",
+        "",
+        f"Command: `{command_line('bench/text_embedding.py', argv)}`",
+        "",
+        *machine_lines(
+            [f"- transformers {transformers.__version__}, sentence-transformers {sentence_transformers.__version__}"]
+        ),
+        "## Input",
+        "",
+        f"- {len(texts):,} real texts (`collect_demo_texts`: Python docstrings, pydoc topics, comments);"
+        f" {n_tok:,} tokens after truncation to {args.max_length} (mean {lengths.mean():.1f},"
+        f" {int((lengths >= args.max_length).sum()):,} truncated)",
+        f"- model: offline all-MiniLM-L6-v2 ({path}), fp32, CPU; batch size {args.batch_size};"
+        f" best of {args.repeats} interleaved runs",
+        f"- (e): static model {static_path} ({static.dim}-d; batches of {static.batch_size} texts)",
+        "",
+        "## Results",
+        "",
+        "| implementation | time | texts/s | ratio (a) / this |",
+        "|---|---|---|---|",
+    ]
     for name in runs:
         lines.append(f"| {name} | {best[name]:.2f} s | {rate[name]:,.1f} | {rate[a] / rate[name]:.2f}x |")
-    lines += ["", f"Agreement: max |(a) - (d)| = {diff_st:.1e}, max |(a) - (b)| = {diff_bare:.1e} per coordinate"
-              " (unit vectors).", "",
-              f"## Static only: {len(static_texts):,} texts, max length {args.max_length}, best of {args.repeats}", "",
-              "| implementation | time | texts/s | ratio (e) / this |", "|---|---|---|---|"]
+    lines += [
+        "",
+        f"Agreement: max |(a) - (d)| = {diff_st:.1e}, max |(a) - (b)| = {diff_bare:.1e} per coordinate (unit vectors).",
+        "",
+        f"## Static only: {len(static_texts):,} texts, max length {args.max_length}, best of {args.repeats}",
+        "",
+        "| implementation | time | texts/s | ratio (e) / this |",
+        "|---|---|---|---|",
+    ]
     for name in static_runs:
-        lines.append(f"| {name} | {static_best[name]:.2f} s | {static_rate[name]:,.0f} |"
-                     f" {static_rate[se] / static_rate[name]:.2f}x |")
-    lines += ["", f"Agreement: max |(e) - (f) normalised| = {diff_m2v:.1e} per coordinate.", "", "## Goals", "",
-              f"- (a) >= 0.95x the bare loop (same length-sorted batches, c): **{verdict(rate[a] >= 0.95 * rate[c])}**"
-              f" ({rate[a] / rate[c]:.2f}x)",
-              f"- (a) >= 0.95x the bare loop (input order, b): **{verdict(rate[a] >= 0.95 * rate[b])}**"
-              f" ({rate[a] / rate[b]:.2f}x; sorting by length saves padding)",
-              f"- (a) >= 1.0x sentence-transformers (d): **{verdict(rate[a] >= rate[d])}** ({rate[a] / rate[d]:.2f}x)",
-              f"- static (e) against MiniLM (a), same run: **{rate[e] / rate[a]:,.0f}x** the texts/s"
-              f" ({rate[e]:,.0f} against {rate[a]:,.1f})",
-              f"- static (e) >= 1.0x model2vec's own encode (f), {len(static_texts):,} texts:"
-              f" **{verdict(static_rate[se] >= static_rate[sf])}** ({static_rate[se] / static_rate[sf]:.2f}x)", ""]
+        lines.append(
+            f"| {name} | {static_best[name]:.2f} s | {static_rate[name]:,.0f} |"
+            f" {static_rate[se] / static_rate[name]:.2f}x |"
+        )
+    lines += [
+        "",
+        f"Agreement: max |(e) - (f) normalised| = {diff_m2v:.1e} per coordinate.",
+        "",
+        "## Goals",
+        "",
+        f"- (a) >= 0.95x the bare loop (same length-sorted batches, c): **{verdict(rate[a] >= 0.95 * rate[c])}**"
+        f" ({rate[a] / rate[c]:.2f}x)",
+        f"- (a) >= 0.95x the bare loop (input order, b): **{verdict(rate[a] >= 0.95 * rate[b])}**"
+        f" ({rate[a] / rate[b]:.2f}x; sorting by length saves padding)",
+        f"- (a) >= 1.0x sentence-transformers (d): **{verdict(rate[a] >= rate[d])}** ({rate[a] / rate[d]:.2f}x)",
+        f"- static (e) against MiniLM (a), same run: **{rate[e] / rate[a]:,.0f}x** the texts/s"
+        f" ({rate[e]:,.0f} against {rate[a]:,.1f})",
+        f"- static (e) >= 1.0x model2vec's own encode (f), {len(static_texts):,} texts:"
+        f" **{verdict(static_rate[se] >= static_rate[sf])}** ({static_rate[se] / static_rate[sf]:.2f}x)",
+        "",
+    ]
     emit(lines, out)
     return 0
 

@@ -43,14 +43,19 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_output_options, command_line, emit, load_average, machine_lines, output_path, run_tree, verdict  # noqa: E402
+from common import add_output_options, command_line, emit, load_average, machine_lines, output_path, run_tree, verdict
 
 DEFAULT_OUT = "bench/results/text_end_to_end.md"
 THRESHOLDS = (0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.99)
 SEMHASH_DEFAULT = 0.9
 VARIANTS = ("exact", "typos", "boilerplate", "truncated", "reordered", "case_punct")
-BOILERPLATE = ("See the documentation for more details.", "This text is reproduced from the original source.",
-               "Note:", "Copyright notice: all rights reserved.", "Updated in the latest release.")
+BOILERPLATE = (
+    "See the documentation for more details.",
+    "This text is reproduced from the original source.",
+    "Note:",
+    "Copyright notice: all rights reserved.",
+    "Updated in the latest release.",
+)
 
 
 def collect_paragraphs(n: int) -> list[str]:
@@ -63,8 +68,11 @@ def collect_paragraphs(n: int) -> list[str]:
         seen.setdefault(text)
     for root in (stdlib, purelib):
         for dirpath, dirnames, filenames in os.walk(root):
-            dirnames[:] = sorted(d for d in dirnames if d not in ("__pycache__", "site-packages", "dist-packages")
-                                 and not d.startswith("."))
+            dirnames[:] = sorted(
+                d
+                for d in dirnames
+                if d not in ("__pycache__", "site-packages", "dist-packages") and not d.startswith(".")
+            )
             for name in sorted(filenames):
                 if not name.endswith(".py"):
                     continue
@@ -138,9 +146,10 @@ def build_dataset(folder: Path, n: int, dup_fraction: float, shards: int, seed: 
     folder.mkdir(parents=True, exist_ok=True)
     bounds = [round(s * len(rows) / shards) for s in range(shards + 1)]
     for s in range(shards):
-        part = rows[bounds[s]:bounds[s + 1]]
-        pq.write_table(pa.table({"id": [r[0] for r in part], "text": [r[1] for r in part]}),
-                       folder / f"part-{s:02d}.parquet")
+        part = rows[bounds[s] : bounds[s + 1]]
+        pq.write_table(
+            pa.table({"id": [r[0] for r in part], "text": [r[1] for r in part]}), folder / f"part-{s:02d}.parquet"
+        )
     return pairs
 
 
@@ -178,8 +187,11 @@ def semhash_child(args: argparse.Namespace) -> int:
     semhash_module.featurize, Index.from_vectors_and_items = timed_featurize, classmethod(timed_build)
     t0 = time.perf_counter()
     semhash = SemHash.from_records(records, columns=["text"], model=model)
-    phases["from_records, the rest (exact-copy grouping)"] = time.perf_counter() - t0 - sum(
-        phases.get(k, 0.0) for k in ("embed (model2vec encode)", "ANN index build (usearch HNSW)"))
+    phases["from_records, the rest (exact-copy grouping)"] = (
+        time.perf_counter()
+        - t0
+        - sum(phases.get(k, 0.0) for k in ("embed (model2vec encode)", "ANN index build (usearch HNSW)"))
+    )
     t0 = time.perf_counter()
     result = semhash.self_deduplicate(threshold=SEMHASH_DEFAULT)
     phases[f"self_deduplicate({SEMHASH_DEFAULT}): threshold queries + selection"] = time.perf_counter() - t0
@@ -198,8 +210,9 @@ def read_max_sim(storage: Path) -> dict[str, float]:
     """id -> max_sim of a storage's semantic_duplicates."""
     import duckdb
 
-    return dict(duckdb.sql(f"SELECT id, max_sim FROM read_parquet('{storage}/semantic_duplicates/**/*.parquet')")
-                .fetchall())
+    return dict(
+        duckdb.sql(f"SELECT id, max_sim FROM read_parquet('{storage}/semantic_duplicates/**/*.parquet')").fetchall()
+    )
 
 
 def score(removed: set[str], pairs: list[tuple[str, str]]) -> tuple[float, int, int]:
@@ -215,18 +228,34 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=200_000, help="distinct real paragraphs (injected copies come on top)")
     ap.add_argument("--dup-fraction", type=float, default=0.1)
     ap.add_argument("--shards", type=int, default=8)
-    ap.add_argument("--static", default=None, metavar="PATH",
-                    help="static model folder (default: this machine's `--model static`, distilled if missing)")
+    ap.add_argument(
+        "--static",
+        default=None,
+        metavar="PATH",
+        help="static model folder (default: this machine's `--model static`, distilled if missing)",
+    )
     ap.add_argument("--work", default=None, help="working folder (default: a temporary one)")
-    ap.add_argument("--semhash-thresholds", default=None, metavar="T1,T2,...",
-                    help="the untimed SemHash thresholds besides 0.9 (default: every threshold of the table; each is "
-                    "one more self_deduplicate, minutes at 200k on 2 cores)")
-    ap.add_argument("--probes-too", type=int, default=0, metavar="P",
-                    help="after the timed run, run ours again with --probes P on the same storage (embeddings "
-                    "reused) and report its quality and time too (0: no)")
-    ap.add_argument("--exact-too", action="store_true",
-                    help="then run ours again with --clusters 1 (every item against every earlier one: no pair is "
-                    "split by k-means) and report its quality too; O(N^2), ~15 min at 220k on 2 busy cores")
+    ap.add_argument(
+        "--semhash-thresholds",
+        default=None,
+        metavar="T1,T2,...",
+        help="the untimed SemHash thresholds besides 0.9 (default: every threshold of the table; each is "
+        "one more self_deduplicate, minutes at 200k on 2 cores)",
+    )
+    ap.add_argument(
+        "--probes-too",
+        type=int,
+        default=0,
+        metavar="P",
+        help="after the timed run, run ours again with --probes P on the same storage (embeddings "
+        "reused) and report its quality and time too (0: no)",
+    )
+    ap.add_argument(
+        "--exact-too",
+        action="store_true",
+        help="then run ours again with --clusters 1 (every item against every earlier one: no pair is "
+        "split by k-means) and report its quality too; O(N^2), ~15 min at 220k on 2 busy cores",
+    )
     ap.add_argument("--child-thresholds", default="", help=argparse.SUPPRESS)
     ap.add_argument("--child-semhash", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--child-input", help=argparse.SUPPRESS)
@@ -251,8 +280,22 @@ def main(argv: list[str] | None = None) -> int:
     items = args.n + len(pairs)
     eps = ",".join(f"{1 - t:.4g}" for t in THRESHOLDS)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    ours_cmd = [sys.executable, "-m", "semdedup_assets.cli", "run", "--input", str(work / "input"), "--storage",
-                str(work / "storage"), "--model", f"model2vec:{static}", "--max-length", "512", "--eps", eps]
+    ours_cmd = [
+        sys.executable,
+        "-m",
+        "semdedup_assets.cli",
+        "run",
+        "--input",
+        str(work / "input"),
+        "--storage",
+        str(work / "storage"),
+        "--model",
+        f"model2vec:{static}",
+        "--max-length",
+        "512",
+        "--eps",
+        eps,
+    ]
     print(f"[bench] ours: {' '.join(ours_cmd)}", flush=True)
     ours = run_tree(ours_cmd, env=env)
     if ours["rc"] != 0:
@@ -261,22 +304,35 @@ def main(argv: list[str] | None = None) -> int:
     max_sim = read_max_sim(work / "storage")
     # Further runs of ours on the same storage (embeddings reused): more probes, and the rule with no clustering
     # at all (k = 1: every item compared with every earlier one, the ceiling of what any k or P can find).
-    extras = ([(f"P={args.probes_too}", ["--probes", str(args.probes_too)])] if args.probes_too > 1 else []) + \
-        ([("exact (k=1)", ["--clusters", "1"])] if args.exact_too else [])
+    extras = ([(f"P={args.probes_too}", ["--probes", str(args.probes_too)])] if args.probes_too > 1 else []) + (
+        [("exact (k=1)", ["--clusters", "1"])] if args.exact_too else []
+    )
     again = []
     for name, extra in extras:
         print(f"[bench] ours again with {' '.join(extra)} ...", flush=True)
         run = run_tree(ours_cmd + extra, env=env)
         if run["rc"] != 0:
-            raise SystemExit(f"semdedup run {' '.join(extra)} failed:\n{run['stdout'][-3000:]}\n{run['stderr'][-3000:]}")
+            raise SystemExit(
+                f"semdedup run {' '.join(extra)} failed:\n{run['stdout'][-3000:]}\n{run['stderr'][-3000:]}"
+            )
         run.update(name=name, args=" ".join(extra), stages=re.search(r"stages \(s\): (.*?)  total", run["stdout"]))
         run_max_sim = read_max_sim(work / "storage")
         run["score"] = {t: score({i for i, m in run_max_sim.items() if m > t}, pairs) for t in THRESHOLDS}
         again.append(run)
     child_out = work / "semhash.json"
-    theirs_cmd = [sys.executable, str(Path(__file__).resolve()), "--child-semhash", "--child-input", str(work / "input"),
-                  "--child-model", static, "--child-out", str(child_out),
-                  "--child-thresholds", args.semhash_thresholds or ""]
+    theirs_cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child-semhash",
+        "--child-input",
+        str(work / "input"),
+        "--child-model",
+        static,
+        "--child-out",
+        str(child_out),
+        "--child-thresholds",
+        args.semhash_thresholds or "",
+    ]
     print("[bench] semhash ...", flush=True)
     theirs = run_tree(theirs_cmd, env=env)
     if theirs["rc"] != 0 and not child_out.exists():
@@ -294,59 +350,95 @@ def main(argv: list[str] | None = None) -> int:
     speedup = sh["seconds"] / ours["seconds"]
     d = SEMHASH_DEFAULT
 
-    lines = ["# Text end to end: the whole graph with a static model against SemHash, same model", "",
-             f"Command: `{command_line('bench/text_end_to_end.py', argv)}`", "",
-             *machine_lines([f"- model2vec {version('model2vec')}, semhash {version('semhash')}",
-                             f"- load average just before the timed runs: {load_at_start}"]),
-             "## Input", "",
-             f"- {args.n:,} distinct real paragraphs (stdlib, then installed packages: docstrings and comment blocks)"
-             f" + {len(pairs):,} injected copies ({', '.join(VARIANTS)}, in turn) = {items:,} items in"
-             f" {args.shards} Parquet shards",
-             f"- static model: {static}", "",
-             "## Time (fresh process each: imports, model load, everything written)", "",
-             "| system | wall time | peak RSS (tree) | items/s |", "|---|---|---|---|",
-             f"| ours: `semdedup run --model model2vec:PATH` (whole graph, {len(THRESHOLDS)} eps) | "
-             f"{ours['seconds']:.1f} s | {ours['peak_mib']:,.0f} MiB | {items / ours['seconds']:,.0f} |",
-             f"| SemHash `from_records` + `self_deduplicate({d})` | {sh['seconds']:.1f} s (reading the shards, loading"
-             f" the model, indexing, querying) | {theirs['peak_mib']:,.0f} MiB | {items / sh['seconds']:,.0f} |", "",
-             f"Our stages (s): {stages.group(1) if stages else '?'}", "",
-             "SemHash's phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in sh.get("phases", {}).items()), ""]
+    lines = [
+        "# Text end to end: the whole graph with a static model against SemHash, same model",
+        "",
+        f"Command: `{command_line('bench/text_end_to_end.py', argv)}`",
+        "",
+        *machine_lines(
+            [
+                f"- model2vec {version('model2vec')}, semhash {version('semhash')}",
+                f"- load average just before the timed runs: {load_at_start}",
+            ]
+        ),
+        "## Input",
+        "",
+        f"- {args.n:,} distinct real paragraphs (stdlib, then installed packages: docstrings and comment blocks)"
+        f" + {len(pairs):,} injected copies ({', '.join(VARIANTS)}, in turn) = {items:,} items in"
+        f" {args.shards} Parquet shards",
+        f"- static model: {static}",
+        "",
+        "## Time (fresh process each: imports, model load, everything written)",
+        "",
+        "| system | wall time | peak RSS (tree) | items/s |",
+        "|---|---|---|---|",
+        f"| ours: `semdedup run --model model2vec:PATH` (whole graph, {len(THRESHOLDS)} eps) | "
+        f"{ours['seconds']:.1f} s | {ours['peak_mib']:,.0f} MiB | {items / ours['seconds']:,.0f} |",
+        f"| SemHash `from_records` + `self_deduplicate({d})` | {sh['seconds']:.1f} s (reading the shards, loading"
+        f" the model, indexing, querying) | {theirs['peak_mib']:,.0f} MiB | {items / sh['seconds']:,.0f} |",
+        "",
+        f"Our stages (s): {stages.group(1) if stages else '?'}",
+        "",
+        "SemHash's phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in sh.get("phases", {}).items()),
+        "",
+    ]
     for run in again:
-        lines += [f"Ours again with `{run['args']}` on the same storage (a fresh process; embeddings "
-                  f"reused, so not an end-to-end time): {run['seconds']:.1f} s; stages (s): "
-                  f"{run['stages'].group(1) if run['stages'] else '?'}", ""]
+        lines += [
+            f"Ours again with `{run['args']}` on the same storage (a fresh process; embeddings "
+            f"reused, so not an end-to-end time): {run['seconds']:.1f} s; stages (s): "
+            f"{run['stages'].group(1) if run['stages'] else '?'}",
+            "",
+        ]
     p_head = "".join(f" ours {r['name']} recall | ours {r['name']} outside removals |" for r in again)
-    lines += ["## Quality at each threshold t (ours: eps = 1 - t)", "",
-              "| t | ours recall | ours outside removals |" + p_head + " SemHash recall | SemHash outside removals |",
-              "|---|---|---|" + "---|---|" * len(again) + "---|---|"]
+    lines += [
+        "## Quality at each threshold t (ours: eps = 1 - t)",
+        "",
+        "| t | ours recall | ours outside removals |" + p_head + " SemHash recall | SemHash outside removals |",
+        "|---|---|---|" + "---|---|" * len(again) + "---|---|",
+    ]
     for t in THRESHOLDS:
         (ro, _, oo) = ours_score[t]
-        mark = (" (SemHash default)" if t == d else "") + (" (ours calibrated)" if t == best_ours else "") + \
-            (" (SemHash calibrated)" if t == best_sh else "")
+        mark = (
+            (" (SemHash default)" if t == d else "")
+            + (" (ours calibrated)" if t == best_ours else "")
+            + (" (SemHash calibrated)" if t == best_sh else "")
+        )
         theirs_cells = f"{sh_score[t][0]:.4f} | {sh_score[t][2]:,}" if t in sh_score else "not measured | -"
         p_cells = "".join(f" {r['score'][t][0]:.4f} | {r['score'][t][2]:,} |" for r in again)
         lines.append(f"| {t}{mark} | {ro:.4f} | {oo:,} |{p_cells} {theirs_cells} |")
     cal_ok = ours_score[best_ours][0] >= sh_score[d][0] and ours_score[best_ours][2] <= sh_score[d][2]
     eq_ok = ours_score[d][0] >= sh_score[d][0] and ours_score[d][2] <= sh_score[d][2]
-    lines += ["", "## Goals", "",
-              f"- ours >= 3x faster end to end: **{verdict(speedup >= 3)}** ({speedup:.2f}x)",
-              f"- at equal threshold {d}: ours recall {ours_score[d][0]:.4f} vs {sh_score[d][0]:.4f}, outside removals"
-              f" {ours_score[d][2]:,} vs {sh_score[d][2]:,}: **{verdict(eq_ok)}**",
-              f"- ours at its calibrated t = {best_ours} (eps {1 - best_ours:.3g}) against SemHash at its default"
-              f" {d}: recall {ours_score[best_ours][0]:.4f} vs {sh_score[d][0]:.4f}, outside removals"
-              f" {ours_score[best_ours][2]:,} vs {sh_score[d][2]:,}: **{verdict(cal_ok)}**",
-              f"- SemHash's own calibrated t = {best_sh}: recall {sh_score[best_sh][0]:.4f}, outside removals"
-              f" {sh_score[best_sh][2]:,}"]
+    lines += [
+        "",
+        "## Goals",
+        "",
+        f"- ours >= 3x faster end to end: **{verdict(speedup >= 3)}** ({speedup:.2f}x)",
+        f"- at equal threshold {d}: ours recall {ours_score[d][0]:.4f} vs {sh_score[d][0]:.4f}, outside removals"
+        f" {ours_score[d][2]:,} vs {sh_score[d][2]:,}: **{verdict(eq_ok)}**",
+        f"- ours at its calibrated t = {best_ours} (eps {1 - best_ours:.3g}) against SemHash at its default"
+        f" {d}: recall {ours_score[best_ours][0]:.4f} vs {sh_score[d][0]:.4f}, outside removals"
+        f" {ours_score[best_ours][2]:,} vs {sh_score[d][2]:,}: **{verdict(cal_ok)}**",
+        f"- SemHash's own calibrated t = {best_sh}: recall {sh_score[best_sh][0]:.4f}, outside removals"
+        f" {sh_score[best_sh][2]:,}",
+    ]
     # Any threshold of ours (any of the runs) that is at least as good on both counts as SemHash's default.
     runs = [("P=1", ours_score)] + [(r["name"], r["score"]) for r in again]
-    dominating = [f"{name} t={t}" for name, sc in runs for t in THRESHOLDS
-                  if sc[t][0] >= sh_score[d][0] and sc[t][2] <= sh_score[d][2]]
-    lines += [f"- a threshold of ours with recall >= {sh_score[d][0]:.4f} and outside removals <= {sh_score[d][2]:,}"
-              f" (SemHash at {d}): **{', '.join(dominating) if dominating else 'none, MISSED'}**"]
+    dominating = [
+        f"{name} t={t}"
+        for name, sc in runs
+        for t in THRESHOLDS
+        if sc[t][0] >= sh_score[d][0] and sc[t][2] <= sh_score[d][2]
+    ]
+    lines += [
+        f"- a threshold of ours with recall >= {sh_score[d][0]:.4f} and outside removals <= {sh_score[d][2]:,}"
+        f" (SemHash at {d}): **{', '.join(dominating) if dominating else 'none, MISSED'}**"
+    ]
     for r in again:
         pd_ = r["score"][d]
-        lines += [f"- `{r['args']}` at {d}: recall {pd_[0]:.4f} vs {sh_score[d][0]:.4f}, outside removals"
-                  f" {pd_[2]:,} vs {sh_score[d][2]:,}: **{verdict(pd_[0] >= sh_score[d][0] and pd_[2] <= sh_score[d][2])}**"]
+        lines += [
+            f"- `{r['args']}` at {d}: recall {pd_[0]:.4f} vs {sh_score[d][0]:.4f}, outside removals"
+            f" {pd_[2]:,} vs {sh_score[d][2]:,}: **{verdict(pd_[0] >= sh_score[d][0] and pd_[2] <= sh_score[d][2])}**"
+        ]
     lines += [""]
     emit(lines, out)
     return 0

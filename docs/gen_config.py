@@ -117,8 +117,10 @@ def render() -> str:
     rows = ["| knob | flag | resource field | environment | default | help |", "|---|---|---|---|---|---|"]
     for f in knobs():
         resource = f"`{f.name}`" if f.name in fields else "—"
-        rows.append(f"| `{f.name}` | {flag_of(f)} | {resource} | `{ENV_PREFIX}{f.name.upper()}` | "
-                    f"{default_text(f)} | {help_text(f)} |")
+        rows.append(
+            f"| `{f.name}` | {flag_of(f)} | {resource} | `{ENV_PREFIX}{f.name.upper()}` | "
+            f"{default_text(f)} | {help_text(f)} |"
+        )
     return HEADER + "\n" + "\n".join(rows) + "\n"
 
 

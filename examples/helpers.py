@@ -28,8 +28,12 @@ def semdedup(*args: str) -> str:
 def example_parser(doc: str) -> argparse.ArgumentParser:
     """An example's argument parser, with `--workdir` (where its input and storage go)."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
-    parser.add_argument("--workdir", type=Path, default=None,
-                        help="where the input and storage folders go (default: a new temporary folder)")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="where the input and storage folders go (default: a new temporary folder)",
+    )
     return parser
 
 

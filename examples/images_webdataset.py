@@ -17,9 +17,8 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-
 from helpers import example_parser, semdedup, workdir
+from PIL import Image
 
 
 def picture(seed: int) -> Image.Image:
@@ -29,7 +28,7 @@ def picture(seed: int) -> Image.Image:
     for _ in range(4):
         x, y = rng.integers(0, 48, 2)
         w, h = rng.integers(8, 24, 2)
-        pixels[y:y + h, x:x + w] = rng.integers(0, 256, 3)
+        pixels[y : y + h, x : x + w] = rng.integers(0, 256, 3)
     return Image.fromarray(pixels)
 
 
@@ -71,11 +70,35 @@ def main() -> None:
     write_shards(work / "input")
     storage = str(work / "storage")
     pretrained = args.pretrained or ("random" if not args.model.startswith("local-dir:") else None)
-    semdedup("run", "--input", str(work / "input"), "--storage", storage, "--modality", "image",
-             "--model", args.model, *(["--pretrained", pretrained] if pretrained else []),
-             "--clusters", "2", "--buckets", "2", "--eps", "0.01,0.05", "--workers", "0", "--batch-size", "16")
-    semdedup("sql", "SELECT i.id, r.caption, round(i.max_sim, 4) AS max_sim, i.duplicate_of FROM items i "
-             "JOIN raw_items r USING (id) WHERE i.max_sim > 1 - 0.05 ORDER BY i.id", "--storage", storage)
+    semdedup(
+        "run",
+        "--input",
+        str(work / "input"),
+        "--storage",
+        storage,
+        "--modality",
+        "image",
+        "--model",
+        args.model,
+        *(["--pretrained", pretrained] if pretrained else []),
+        "--clusters",
+        "2",
+        "--buckets",
+        "2",
+        "--eps",
+        "0.01,0.05",
+        "--workers",
+        "0",
+        "--batch-size",
+        "16",
+    )
+    semdedup(
+        "sql",
+        "SELECT i.id, r.caption, round(i.max_sim, 4) AS max_sim, i.duplicate_of FROM items i "
+        "JOIN raw_items r USING (id) WHERE i.max_sim > 1 - 0.05 ORDER BY i.id",
+        "--storage",
+        storage,
+    )
 
 
 if __name__ == "__main__":

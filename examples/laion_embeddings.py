@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-
 from helpers import example_parser, semdedup, workdir
 
 
@@ -32,9 +31,16 @@ def write_shards(root: Path, n_shards: int = 2, per_shard: int = 200, d: int = 3
         x /= np.linalg.norm(x, axis=1, keepdims=True)
         np.save(root / "img_emb" / f"img_emb_{n}.npy", x.astype(np.float16))
         keys = [f"{n:05d}{i:04d}" for i in range(per_shard)]
-        pq.write_table(pa.table({"key": keys, "url": [f"https://example.org/{k}.jpg" for k in keys],
-                                 "caption": [f"caption {k}" for k in keys]}),
-                       root / "metadata" / f"metadata_{n}.parquet")
+        pq.write_table(
+            pa.table(
+                {
+                    "key": keys,
+                    "url": [f"https://example.org/{k}.jpg" for k in keys],
+                    "caption": [f"caption {k}" for k in keys],
+                }
+            ),
+            root / "metadata" / f"metadata_{n}.parquet",
+        )
 
 
 def main() -> None:
@@ -47,8 +53,23 @@ def main() -> None:
     work = workdir(args, "laion")
     write_shards(work / "laion400m")
     storage = str(work / "storage")
-    semdedup("run", "--input", str(work / "laion400m"), "--storage", storage, "--modality", "embedding",
-             "--id-column", "key", "--clusters", "4", "--buckets", "2", "--eps", "0.001,0.01,0.05")
+    semdedup(
+        "run",
+        "--input",
+        str(work / "laion400m"),
+        "--storage",
+        storage,
+        "--modality",
+        "embedding",
+        "--id-column",
+        "key",
+        "--clusters",
+        "4",
+        "--buckets",
+        "2",
+        "--eps",
+        "0.001,0.01,0.05",
+    )
     semdedup("export", "--select", "eps=0.01", "--storage", storage)
     kept = np.load(Path(storage) / "deduplicated" / "eps=0.01" / "img_emb" / "img_emb_0.npy")
     meta = pq.read_table(Path(storage) / "deduplicated" / "eps=0.01" / "metadata" / "metadata_0.parquet")

@@ -17,9 +17,13 @@ def make_frame(n: int = 600, d: int = 32, seed: int = 0) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, d)).astype(np.float32)
     x[1::3] = x[0::3][: len(x[1::3])] + 0.002 * rng.normal(size=(len(x[1::3]), d)).astype(np.float32)
-    return pd.DataFrame({"doc": [f"doc-{i:04d}" for i in range(n)],
-                         "source": [("web", "books", "code")[i % 3] for i in range(n)],
-                         "embedding": list(x)})
+    return pd.DataFrame(
+        {
+            "doc": [f"doc-{i:04d}" for i in range(n)],
+            "source": [("web", "books", "code")[i % 3] for i in range(n)],
+            "embedding": list(x),
+        }
+    )
 
 
 def main() -> None:

@@ -43,8 +43,9 @@ def write_shards(folder: Path) -> None:
     for i, text in enumerate(PARAGRAPHS):
         shards[i % 2].append({"text": text, "url": f"https://example.org/{i}", "timestamp": "2019-04-25T12:57:54Z"})
     for i, text in COPIES.items():
-        shards[(i + 1) % 2].append({"text": text, "url": f"https://mirror.example.net/{i}",
-                                    "timestamp": "2019-04-26T08:12:03Z"})
+        shards[(i + 1) % 2].append(
+            {"text": text, "url": f"https://mirror.example.net/{i}", "timestamp": "2019-04-26T08:12:03Z"}
+        )
     for k, rows in enumerate(shards):
         with gzip.open(folder / f"c4-train.{k:05d}-of-00002.jsonl.gz", "wt") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)
@@ -58,11 +59,32 @@ def main() -> None:
     write_shards(work / "input")
     storage = str(work / "storage")
     model = ["--model", args.model] if args.model else []
-    semdedup("run", "--input", str(work / "input"), "--storage", storage, "--modality", "text", "--column", "text",
-             "--clusters", "2", "--buckets", "2", "--eps", "0.01,0.05,0.1", *model)
+    semdedup(
+        "run",
+        "--input",
+        str(work / "input"),
+        "--storage",
+        storage,
+        "--modality",
+        "text",
+        "--column",
+        "text",
+        "--clusters",
+        "2",
+        "--buckets",
+        "2",
+        "--eps",
+        "0.01,0.05,0.1",
+        *model,
+    )
     # No id column in C4: ids are <shard>:<row>. The removed items next to the earlier member they duplicate.
-    semdedup("sql", "SELECT i.id, round(i.max_sim, 3) AS max_sim, i.duplicate_of FROM items i "
-             "WHERE i.max_sim > 1 - 0.05 ORDER BY i.id", "--storage", storage)
+    semdedup(
+        "sql",
+        "SELECT i.id, round(i.max_sim, 3) AS max_sim, i.duplicate_of FROM items i "
+        "WHERE i.max_sim > 1 - 0.05 ORDER BY i.id",
+        "--storage",
+        storage,
+    )
     semdedup("export", "--select", "eps=0.05", "--storage", storage)
 
 

@@ -8,8 +8,16 @@ import sys
 import time
 from collections.abc import Sequence
 
-from semdedup_assets.core.config import (AUTO_KNOBS, Settings, allowed_values, base_type, default_of, describe_settings,
-                                         knobs, shown_value)
+from semdedup_assets.core.config import (
+    AUTO_KNOBS,
+    Settings,
+    allowed_values,
+    base_type,
+    default_of,
+    describe_settings,
+    knobs,
+    shown_value,
+)
 from semdedup_assets.core.messages import printable
 from semdedup_assets.core.settings_store import changed_settings, load_settings
 from semdedup_assets.status import refuse_missing_storage
@@ -18,18 +26,36 @@ from semdedup_assets.ui import ui_command
 DEMO_STORAGE = ".demo/storage"
 DEMO_MODEL = "static"  # the demo's default text model: fast on a CPU; --model all-MiniLM-L6-v2 for the transformer
 # The catalog's views (core.io.catalog.VIEW_NAMES; listed here so --help imports no DuckDB).
-SQL_VIEWS = ("items", "embeddings", "centroids", "eps_curve", "raw_items", "rejected", "contaminated",
-             "cluster_assignments", "centroid_vectors", "pruned", "pruned_budget")
+SQL_VIEWS = (
+    "items",
+    "embeddings",
+    "centroids",
+    "eps_curve",
+    "raw_items",
+    "rejected",
+    "contaminated",
+    "cluster_assignments",
+    "centroid_vectors",
+    "pruned",
+    "pruned_budget",
+)
 
 
 def _add_storage(p: argparse.ArgumentParser, default: str | None = None) -> None:
-    p.add_argument("--storage", default=default, help="storage root: local folder or fsspec URL "
-                   f"(default: $SEMDEDUP_STORAGE or {default or '.storage'})")
+    p.add_argument(
+        "--storage",
+        default=default,
+        help=f"storage root: local folder or fsspec URL (default: $SEMDEDUP_STORAGE or {default or '.storage'})",
+    )
 
 
 def _add_verbose(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-v", "--verbose", action="store_true",
-                   help="also print Dagster's own DEBUG event stream (always recorded in the instance for the UI)")
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also print Dagster's own DEBUG event stream (always recorded in the instance for the UI)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,114 +67,178 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="register every shard under --input and materialize the whole asset graph",
-                         description="Register every shard file under --input as a `shards` partition and "
-                         "materialize the whole asset graph through Dagster (runs are recorded in $DAGSTER_HOME, "
-                         "default <storage>/dagster_home, so they show in the Dagster UI: `make ui` in a checkout, "
-                         "`dagster dev -m semdedup_assets.definitions` with DAGSTER_HOME and SEMDEDUP_STORAGE set).")
+    run = sub.add_parser(
+        "run",
+        help="register every shard under --input and materialize the whole asset graph",
+        description="Register every shard file under --input as a `shards` partition and "
+        "materialize the whole asset graph through Dagster (runs are recorded in $DAGSTER_HOME, "
+        "default <storage>/dagster_home, so they show in the Dagster UI: `make ui` in a checkout, "
+        "`dagster dev -m semdedup_assets.definitions` with DAGSTER_HOME and SEMDEDUP_STORAGE set).",
+    )
     add_settings_options(run)
     _add_storage(run)
     _add_verbose(run)
 
-    demo = sub.add_parser("demo", help="the embedded demo: Python's own docstrings, deduplicated end to end",
-                          description="Write the embedded demo shards (real English text from this Python's "
-                          "standard-library docstrings) and run the whole graph on them, as `make demo`.")
+    demo = sub.add_parser(
+        "demo",
+        help="the embedded demo: Python's own docstrings, deduplicated end to end",
+        description="Write the embedded demo shards (real English text from this Python's "
+        "standard-library docstrings) and run the whole graph on them, as `make demo`.",
+    )
     _add_storage(demo, DEMO_STORAGE)
-    demo.add_argument("--model", default=DEMO_MODEL, metavar="static|all-MiniLM-L6-v2|...",
-                      help="text model of the demo (default: static, this machine's model2vec distillation of "
-                      "all-MiniLM-L6-v2, made on first use; all-MiniLM-L6-v2 runs the transformer itself)")
+    demo.add_argument(
+        "--model",
+        default=DEMO_MODEL,
+        metavar="static|all-MiniLM-L6-v2|...",
+        help="text model of the demo (default: static, this machine's model2vec distillation of "
+        "all-MiniLM-L6-v2, made on first use; all-MiniLM-L6-v2 runs the transformer itself)",
+    )
     _add_verbose(demo)
 
-    sql = sub.add_parser("sql", help="query the DuckDB catalog (views items, embeddings, centroids, eps_curve, ...)",
-                         description="Run SQL against the catalog's views (those of <storage>/catalog.duckdb, "
-                         "in a private in-memory connection: it never waits for another client of the file). "
-                         f"Views: {', '.join(SQL_VIEWS)}. Several statements separated by `;` run in order, "
-                         "each result printed under its statement. The keep-list at any eps is "
-                         "`SELECT id FROM items WHERE max_sim <= 1 - eps`.")
+    sql = sub.add_parser(
+        "sql",
+        help="query the DuckDB catalog (views items, embeddings, centroids, eps_curve, ...)",
+        description="Run SQL against the catalog's views (those of <storage>/catalog.duckdb, "
+        "in a private in-memory connection: it never waits for another client of the file). "
+        f"Views: {', '.join(SQL_VIEWS)}. Several statements separated by `;` run in order, "
+        "each result printed under its statement. The keep-list at any eps is "
+        "`SELECT id FROM items WHERE max_sim <= 1 - eps`.",
+    )
     sql.add_argument("query", help='e.g. "SELECT * FROM eps_curve"')
     _add_storage(sql)
 
-    forget = sub.add_parser("forget", help="remove one shard's results and its partition",
-                            description="Delete a shard's raw, rejected, embeddings and cluster_assignments files "
-                            "and its `shards` partition, then re-run (through Dagster) the cluster buckets its items "
-                            "were in and the keep-lists, so the catalog no longer shows it.")
+    forget = sub.add_parser(
+        "forget",
+        help="remove one shard's results and its partition",
+        description="Delete a shard's raw, rejected, embeddings and cluster_assignments files "
+        "and its `shards` partition, then re-run (through Dagster) the cluster buckets its items "
+        "were in and the keep-lists, so the catalog no longer shows it.",
+    )
     forget.add_argument("shard", help="shard key, e.g. part-03 or 2024/part-03")
     _add_storage(forget)
     _add_verbose(forget)
 
-    status = sub.add_parser("status", help="what a storage holds and what state it is in",
-                            description="Input and settings; shards registered, embedded and assigned; centroids "
-                            "(age, k, training sample); buckets done; keep-lists with the eps curve; the last runs "
-                            "with status and duration, stale or failed runs; disk used per stage.")
+    status = sub.add_parser(
+        "status",
+        help="what a storage holds and what state it is in",
+        description="Input and settings; shards registered, embedded and assigned; centroids "
+        "(age, k, training sample); buckets done; keep-lists with the eps curve; the last runs "
+        "with status and duration, stale or failed runs; disk used per stage.",
+    )
     status.add_argument("--json", action="store_true", help="the same as JSON, for scripts")
     _add_storage(status)
 
-    export = sub.add_parser("export", help="write the deduplicated dataset (each input shard, kept rows only)",
-                            description="Write every input shard again under <storage>/deduplicated/<selection>/, "
-                            "in its own format and relative path, with all of its columns and only the kept rows "
-                            "(items flagged by --reference decontamination are dropped too). Shards whose kept rows "
-                            "did not change since the last export of the same selection are not rewritten.")
-    export.add_argument("--select", default=None, metavar="eps=E|keep-fraction=F|METHOD:K=V,...",
-                        help="eps=E (one of the configured eps) or keep-fraction=F with 0 < F <= 1: keep the "
-                        "ceil(F * items) items with the smallest max_sim, ties by id (default: the smallest eps); "
-                        "or a pruning selection, computed first: prototypes:keep-fraction=F, "
-                        "d4:eps=E,keep-fraction=F[,clusters=K], dbp:eps=E,keep-fraction=F[,temperature=T,neighbours=L]")
+    export = sub.add_parser(
+        "export",
+        help="write the deduplicated dataset (each input shard, kept rows only)",
+        description="Write every input shard again under <storage>/deduplicated/<selection>/, "
+        "in its own format and relative path, with all of its columns and only the kept rows "
+        "(items flagged by --reference decontamination are dropped too). Shards whose kept rows "
+        "did not change since the last export of the same selection are not rewritten.",
+    )
+    export.add_argument(
+        "--select",
+        default=None,
+        metavar="eps=E|keep-fraction=F|METHOD:K=V,...",
+        help="eps=E (one of the configured eps) or keep-fraction=F with 0 < F <= 1: keep the "
+        "ceil(F * items) items with the smallest max_sim, ties by id (default: the smallest eps); "
+        "or a pruning selection, computed first: prototypes:keep-fraction=F, "
+        "d4:eps=E,keep-fraction=F[,clusters=K], dbp:eps=E,keep-fraction=F[,temperature=T,neighbours=L]",
+    )
     _add_storage(export)
 
-    verify = sub.add_parser("verify", help="check that every stage file is whole and consistent; --repair deletes bad ones",
-                            description="Read every stage file back and check it against its upstream (row counts, ids, "
-                            "embedding cache keys, cluster ranges, keep-list counts). Exits 1 and lists each bad file; "
-                            "with --repair, deletes them (and leftover temporary files) so that the next "
-                            "`semdedup run` recomputes them.")
-    verify.add_argument("--repair", action="store_true", help="delete every damaged or inconsistent file "
-                        "(stale files, made from an input or settings that changed since, are left: a run redoes them)")
-    verify.add_argument("--content", action="store_true", help="also read every input file and compare its bytes "
-                        "with the digest recorded at ingest (finds an in-place edit that kept size and mtime)")
+    verify = sub.add_parser(
+        "verify",
+        help="check that every stage file is whole and consistent; --repair deletes bad ones",
+        description="Read every stage file back and check it against its upstream (row counts, ids, "
+        "embedding cache keys, cluster ranges, keep-list counts). Exits 1 and lists each bad file; "
+        "with --repair, deletes them (and leftover temporary files) so that the next "
+        "`semdedup run` recomputes them.",
+    )
+    verify.add_argument(
+        "--repair",
+        action="store_true",
+        help="delete every damaged or inconsistent file "
+        "(stale files, made from an input or settings that changed since, are left: a run redoes them)",
+    )
+    verify.add_argument(
+        "--content",
+        action="store_true",
+        help="also read every input file and compare its bytes "
+        "with the digest recorded at ingest (finds an in-place edit that kept size and mtime)",
+    )
     _add_storage(verify)
 
-    sweep = sub.add_parser("sweep", help="the robustness study: one run per k (and encoder), embeddings computed once",
-                           description="Run the whole graph once per --clusters value (and per --model and --seed), "
-                           "each in its own sub-storage <storage>/[model=M/]k=K[/seed=S], a normal storage that every "
-                           "command opens. Each "
-                           "encoder embeds once; the other k of that encoder share its embeddings files (hard links, "
-                           "not copies) and run only centroids to keep-lists. Then compares them as `semdedup compare`.")
+    sweep = sub.add_parser(
+        "sweep",
+        help="the robustness study: one run per k (and encoder), embeddings computed once",
+        description="Run the whole graph once per --clusters value (and per --model and --seed), "
+        "each in its own sub-storage <storage>/[model=M/]k=K[/seed=S], a normal storage that every "
+        "command opens. Each "
+        "encoder embeds once; the other k of that encoder share its embeddings files (hard links, "
+        "not copies) and run only centroids to keep-lists. Then compares them as `semdedup compare`.",
+    )
     add_settings_options(sweep)
     sweep._option_string_actions["--clusters"].help = "comma-separated k values, e.g. 100,1000,5000 (auto allowed)"
     sweep._option_string_actions["--clusters"].required = True
     sweep._option_string_actions["--clusters"].metavar = "K1,K2,..."
-    sweep._option_string_actions["--model"].help = ("comma-separated encoders to sweep as well (default: the "
-                                                    "modality's default model, one sub-storage per k)")
+    sweep._option_string_actions["--model"].help = (
+        "comma-separated encoders to sweep as well (default: the modality's default model, one sub-storage per k)"
+    )
     seed = sweep._option_string_actions["--seed"]
     seed.type, seed.metavar = None, "S1,S2,..."
     seed.help = "comma-separated seeds to sweep as well (k-means sample and training, the random order; default: 0)"
     _add_storage(sweep)
-    sweep.add_argument("--plot", default=None, metavar="PNG",
-                       help="where to write the eps curves (default: <storage>/compare.png)")
+    sweep.add_argument(
+        "--plot", default=None, metavar="PNG", help="where to write the eps curves (default: <storage>/compare.png)"
+    )
     _add_verbose(sweep)
 
-    compare = sub.add_parser("compare", help="compare the removals of storages on the same items (k, seed, encoder)",
-                             description="Join finished storages on the item id (they must hold the same ids) and "
-                             "print, per eps, each one's removed count and, per pair, the Jaccard index of the removed "
-                             "sets and the share of A's removals that B also makes; write every configuration's eps "
-                             "curve into one PNG. A sweep's root stands for all of its sub-storages.")
+    compare = sub.add_parser(
+        "compare",
+        help="compare the removals of storages on the same items (k, seed, encoder)",
+        description="Join finished storages on the item id (they must hold the same ids) and "
+        "print, per eps, each one's removed count and, per pair, the Jaccard index of the removed "
+        "sets and the share of A's removals that B also makes; write every configuration's eps "
+        "curve into one PNG. A sweep's root stands for all of its sub-storages.",
+    )
     compare.add_argument("storages", nargs="+", metavar="STORAGE", help="storage roots (or a `semdedup sweep` root)")
-    compare.add_argument("--eps", default=None, metavar="E1,E2,...",
-                         help="eps values to compare at (default: every eps any of the storages configured)")
-    compare.add_argument("--plot", default="semdedup-compare.png", metavar="PNG",
-                         help="where to write the eps curves (default: ./semdedup-compare.png)")
+    compare.add_argument(
+        "--eps",
+        default=None,
+        metavar="E1,E2,...",
+        help="eps values to compare at (default: every eps any of the storages configured)",
+    )
+    compare.add_argument(
+        "--plot",
+        default="semdedup-compare.png",
+        metavar="PNG",
+        help="where to write the eps curves (default: ./semdedup-compare.png)",
+    )
 
-    distill = sub.add_parser("distill", help="build a static (model2vec) text model from a local transformer, offline",
-                             description="Distil a model2vec static model: one forward pass per token of the "
-                             "source model's vocabulary (with a progress bar), PCA to --dims, Zipf/SIF weights. "
-                             "Without --out it writes this machine's default for `--model static` into the cache "
-                             "folder ($SEMDEDUP_CACHE, else ~/.cache/semdedup), once; use the result with "
-                             "`semdedup run --model model2vec:OUT`.")
-    distill.add_argument("--from", dest="source", default=None, metavar="MODEL",
-                         help="a local Hugging Face encoder folder or a cached hub name "
-                         "(default: the shipped all-MiniLM-L6-v2)")
+    distill = sub.add_parser(
+        "distill",
+        help="build a static (model2vec) text model from a local transformer, offline",
+        description="Distil a model2vec static model: one forward pass per token of the "
+        "source model's vocabulary (with a progress bar), PCA to --dims, Zipf/SIF weights. "
+        "Without --out it writes this machine's default for `--model static` into the cache "
+        "folder ($SEMDEDUP_CACHE, else ~/.cache/semdedup), once; use the result with "
+        "`semdedup run --model model2vec:OUT`.",
+    )
+    distill.add_argument(
+        "--from",
+        dest="source",
+        default=None,
+        metavar="MODEL",
+        help="a local Hugging Face encoder folder or a cached hub name (default: the shipped all-MiniLM-L6-v2)",
+    )
     distill.add_argument("--dims", type=int, default=None, help="output width after PCA (default: 256)")
-    distill.add_argument("--out", default=None, metavar="PATH",
-                         help="output folder (default: the cached `--model static` of this machine)")
+    distill.add_argument(
+        "--out",
+        default=None,
+        metavar="PATH",
+        help="output folder (default: the cached `--model static` of this machine)",
+    )
     distill.add_argument("--force", action="store_true", help="distil again even when the output already exists")
     return parser
 
@@ -187,8 +277,11 @@ def warn_changed_settings(settings: Settings) -> None:
     """Warn about every knob that differs from the run stored in the same storage."""
     changed = changed_settings(settings)
     for name, (before, now) in sorted(changed.items()):
-        print(f"semdedup: warning: {name} is {shown_value(name, now)}, the previous run on this storage used "
-              f"{shown_value(name, before)}", file=sys.stderr)
+        print(
+            f"semdedup: warning: {name} is {shown_value(name, now)}, the previous run on this storage used "
+            f"{shown_value(name, before)}",
+            file=sys.stderr,
+        )
 
 
 def summary(settings: Settings) -> str:
@@ -199,9 +292,10 @@ def summary(settings: Settings) -> str:
     _, [(items,)] = query(storage, "SELECT count(*) FROM items")
     _, [(k, filled)] = query(storage, "SELECT count(*), count(*) FILTER (WHERE size > 0) FROM centroids")
     clusters = f"{k}" if filled == k else f"{k} ({filled} with members, {k - filled} empty)"
-    cols, rows = query(storage, "SELECT eps, kept, removed, round(kept_fraction, 4) AS kept_fraction FROM eps_curve ORDER BY eps")
-    return (f"items: {items}\nclusters: {clusters}\n"
-            f"{format_table(cols, rows)}\ncatalog: {storage.catalog_file}")
+    cols, rows = query(
+        storage, "SELECT eps, kept, removed, round(kept_fraction, 4) AS kept_fraction FROM eps_curve ORDER BY eps"
+    )
+    return f"items: {items}\nclusters: {clusters}\n{format_table(cols, rows)}\ncatalog: {storage.catalog_file}"
 
 
 def _show_progress(settings: Settings):
@@ -232,14 +326,17 @@ def cmd_run(settings: Settings, verbose: bool = False) -> int:
     start = time.perf_counter()
     try:
         with _show_progress(settings):
-            result = run_pipeline(settings, instance, log=lambda m: print(m, flush=True), verbose=verbose,
-                                  stop_on_signals=True)
+            result = run_pipeline(
+                settings, instance, log=lambda m: print(m, flush=True), verbose=verbose, stop_on_signals=True
+            )
     except (PipelineError, ShardError, StoreError, FileNotFoundError, ValueError) as err:
         print(f"semdedup: error: {err}", file=sys.stderr)
         return 1
-    print(f"\nshards: {len(result.shards)}  stages (s): "
-          + ", ".join(f"{k} {v}" for k, v in result.seconds.items())
-          + f"  total: {time.perf_counter() - start:.1f} s")
+    print(
+        f"\nshards: {len(result.shards)}  stages (s): "
+        + ", ".join(f"{k} {v}" for k, v in result.seconds.items())
+        + f"  total: {time.perf_counter() - start:.1f} s"
+    )
     print(summary(settings))
     home = os.environ["DAGSTER_HOME"]
     print(f"dagster runs recorded in {home} (open them with `{ui_command(settings.storage, home)}`)")
@@ -248,9 +345,8 @@ def cmd_run(settings: Settings, verbose: bool = False) -> int:
 
 def cmd_demo(storage: str, verbose: bool = False, model: str = DEMO_MODEL) -> int:
     """Write the demo shards and run the graph on them."""
-    from semdedup_assets.demo_data import write_demo_shards
-
     from semdedup_assets.core.io.storage import folder_problem
+    from semdedup_assets.demo_data import write_demo_shards
 
     storage = os.path.abspath(storage)
     input_dir = os.path.join(os.path.dirname(storage.rstrip("/")), "input")
@@ -260,8 +356,7 @@ def cmd_demo(storage: str, verbose: bool = False, model: str = DEMO_MODEL) -> in
             return 1
     paths = write_demo_shards(input_dir)
     print(f"[semdedup] demo: {len(paths)} shards of Python standard-library docstrings in {input_dir}")
-    settings = load_settings(storage, use_stored=False, input=input_dir, modality="text", max_length=128,
-                             model=model)
+    settings = load_settings(storage, use_stored=False, input=input_dir, modality="text", max_length=128, model=model)
     return cmd_run(settings, verbose)
 
 
@@ -276,19 +371,29 @@ def prepare_static_model(settings: Settings) -> None:
 
 def cmd_distill(source: str | None, dims: int | None, out: str | None, force: bool = False) -> int:
     """Distil a static model (to `out`, or this machine's cached `--model static`) and say where it is."""
-    from semdedup_assets.core.embed.encoders.static import (DEFAULT_STATIC_DIMS, default_static_model,
-                                                      distill_static_model, is_static_model_dir, static_cache_dir)
+    from semdedup_assets.core.embed.encoders.static import (
+        DEFAULT_STATIC_DIMS,
+        default_static_model,
+        distill_static_model,
+        is_static_model_dir,
+        static_cache_dir,
+    )
 
     dims = DEFAULT_STATIC_DIMS if dims is None else dims
     log = lambda m: print(f"[semdedup] {m}", flush=True)  # noqa: E731
     try:
         if out is None and source is None and not force:
             path = default_static_model(dims=dims, log=log)
-            print(f"static model: {path} (cached in {static_cache_dir()}; use it with --model static"
-                  + (")" if dims == DEFAULT_STATIC_DIMS else f" only at the default dims; here --model model2vec:{path})"))
+            print(
+                f"static model: {path} (cached in {static_cache_dir()}; use it with --model static"
+                + (")" if dims == DEFAULT_STATIC_DIMS else f" only at the default dims; here --model model2vec:{path})")
+            )
             return 0
         if out is None:
-            out = str(static_cache_dir() / f"model2vec-{os.path.basename(str(source or 'all-MiniLM-L6-v2').rstrip('/'))}-{dims}d")
+            out = str(
+                static_cache_dir()
+                / f"model2vec-{os.path.basename(str(source or 'all-MiniLM-L6-v2').rstrip('/'))}-{dims}d"
+            )
         if is_static_model_dir(out) and not force:
             print(f"static model: {out} exists already (--force distils it again); use it with --model model2vec:{out}")
             return 0
@@ -336,13 +441,21 @@ def cmd_forget(storage: str | None, shard: str, verbose: bool = False) -> int:
         return 1
     try:
         with _show_progress(settings):
-            result = forget_shard(settings, open_instance(settings), shard, log=lambda m: print(m, flush=True),
-                                  verbose=verbose, stop_on_signals=True)
+            result = forget_shard(
+                settings,
+                open_instance(settings),
+                shard,
+                log=lambda m: print(m, flush=True),
+                verbose=verbose,
+                stop_on_signals=True,
+            )
     except PipelineError as err:
         print(f"semdedup: error: {err}", file=sys.stderr)
         return 1
-    print(f"forgot shard {shard!r}: removed {len(result.removed)} file(s), re-ran {len(result.buckets)} bucket(s)"
-          + (" and the keep-lists" if result.keep_lists else ""))
+    print(
+        f"forgot shard {shard!r}: removed {len(result.removed)} file(s), re-ran {len(result.buckets)} bucket(s)"
+        + (" and the keep-lists" if result.keep_lists else "")
+    )
     return 0
 
 
@@ -350,10 +463,15 @@ def cmd_export(storage: str | None, select: str | None) -> int:
     """Write the deduplicated dataset for a selection and print what each shard kept."""
     from semdedup_assets import progress
     from semdedup_assets.core.io.catalog import refresh_catalog
-    from semdedup_assets.core.select.export import (ExportError, default_selection, export_shards, parse_selection,
-                                             tidy_exports)
-    from semdedup_assets.core.select.prune import PruneError, compute_pruning
     from semdedup_assets.core.io.storage import StageFileError
+    from semdedup_assets.core.select.export import (
+        ExportError,
+        default_selection,
+        export_shards,
+        parse_selection,
+        tidy_exports,
+    )
+    from semdedup_assets.core.select.prune import PruneError, compute_pruning
 
     settings = load_settings(storage)
     if refuse_missing_storage(settings):
@@ -364,30 +482,48 @@ def cmd_export(storage: str | None, select: str | None) -> int:
     try:
         selection = parse_selection(select or settings.select or default_selection(settings.eps), settings.eps)
         if selection.pruning is not None:  # computed from the stored results (deterministic: same bytes again)
-            pruned = compute_pruning(settings, selection.pruning, log=lambda m: print(f"[semdedup] {m}", file=sys.stderr))
+            pruned = compute_pruning(
+                settings, selection.pruning, log=lambda m: print(f"[semdedup] {m}", file=sys.stderr)
+            )
             refresh_catalog(settings.storage_root())
-            print(f"{pruned.label}: {pruned.survivors} of {pruned.items} items survive, target {pruned.target}, "
-                  f"kept {pruned.kept}", file=sys.stderr)
+            print(
+                f"{pruned.label}: {pruned.survivors} of {pruned.items} items survive, target {pruned.target}, "
+                f"kept {pruned.kept}",
+                file=sys.stderr,
+            )
         total = len(settings.storage_root().stage_files("raw"))
         with _show_progress(settings), progress.task("export", total, unit="shards") as bar:
-            done = export_shards(settings.storage_root(), settings.input, selection, configured_eps=settings.eps,
-                                 log=lambda note: bar.update(1, note), reference=settings.reference,
-                                 files_per_shard=settings.files_per_shard)
-        tidied = tidy_exports(settings.storage_root(), settings.input, selection, settings.eps,
-                              settings.files_per_shard)
+            done = export_shards(
+                settings.storage_root(),
+                settings.input,
+                selection,
+                configured_eps=settings.eps,
+                log=lambda note: bar.update(1, note),
+                reference=settings.reference,
+                files_per_shard=settings.files_per_shard,
+            )
+        tidied = tidy_exports(
+            settings.storage_root(), settings.input, selection, settings.eps, settings.files_per_shard
+        )
     except (ExportError, PruneError, FileNotFoundError, StageFileError) as err:  # a damaged stage file: named
         print(f"semdedup: error: {err}", file=sys.stderr)
         return 1
     for d in done:
         print(f"{d.shard}: kept {d.kept}, removed {d.removed}" + ("" if d.rewritten else " (unchanged)"))
     if tidied.stale_files:
-        print(f"{selection.label}: removed {len(tidied.stale_files)} file(s) the selection no longer implies "
-              f"(e.g. {', '.join(tidied.stale_files[:3])})")
+        print(
+            f"{selection.label}: removed {len(tidied.stale_files)} file(s) the selection no longer implies "
+            f"(e.g. {', '.join(tidied.stale_files[:3])})"
+        )
     for label in tidied.unproducible:
-        print(f"removed deduplicated/{label}/: the configured eps ({', '.join(map(str, settings.eps))}) "
-              "can no longer produce it")
-    print(f"{selection.label}: kept {sum(d.kept for d in done)} of {sum(d.kept + d.removed for d in done)} items "
-          f"in {len(done)} shard(s) under {settings.storage_root().stage_dir('deduplicated') / selection.label}")
+        print(
+            f"removed deduplicated/{label}/: the configured eps ({', '.join(map(str, settings.eps))}) "
+            "can no longer produce it"
+        )
+    print(
+        f"{selection.label}: kept {sum(d.kept for d in done)} of {sum(d.kept + d.removed for d in done)} items "
+        f"in {len(done)} shard(s) under {settings.storage_root().stage_dir('deduplicated') / selection.label}"
+    )
     return 0
 
 
@@ -396,7 +532,8 @@ def cmd_verify(storage: str | None, repair: bool, content: bool = False) -> int:
 
     Exit status 1 while anything is found, unless `repair` deleted every damaged file.
     """
-    from semdedup_assets.core.checks.verify import STALE, repair as delete, verify_storage
+    from semdedup_assets.core.checks.verify import STALE, verify_storage
+    from semdedup_assets.core.checks.verify import repair as delete
 
     settings = load_settings(storage)
     if refuse_missing_storage(settings):
@@ -414,12 +551,17 @@ def cmd_verify(storage: str | None, repair: bool, content: bool = False) -> int:
         print(f"every stage file under {settings.storage_root().root} is whole and consistent{checked}")
         return 0
     if stale:
-        print(f"{len(stale)} stale file(s): their input or settings changed since; the next `semdedup run` "
-              "redoes them (--repair leaves them)", file=sys.stderr)
+        print(
+            f"{len(stale)} stale file(s): their input or settings changed since; the next `semdedup run` "
+            "redoes them (--repair leaves them)",
+            file=sys.stderr,
+        )
     if not repair:
         if damaged:
-            print(f"{len(damaged)} bad file(s); `semdedup verify --repair` deletes them so the next run "
-                  "recomputes them", file=sys.stderr)
+            print(
+                f"{len(damaged)} bad file(s); `semdedup verify --repair` deletes them so the next run recomputes them",
+                file=sys.stderr,
+            )
         return 1
     removed = delete(damaged)
     print(f"deleted {len(removed)} file(s); `semdedup run` recomputes them")
@@ -438,8 +580,8 @@ def _input_files(settings: Settings) -> dict:
 
 def _cache_keys(settings: Settings, files: dict | None = None):
     """The embeddings cache key each shard should carry now (None when the input is not reachable)."""
-    from semdedup_assets.core.io import storage as st
     from semdedup_assets.core.embed.shard import embedding_cache_key
+    from semdedup_assets.core.io import storage as st
 
     files = _input_files(settings) if files is None else files
     raw = settings.storage_root()
@@ -453,11 +595,11 @@ def _cache_keys(settings: Settings, files: dict | None = None):
 
 def comparison_report(storages: Sequence[str], eps: str | None, plot: str) -> str:
     """`semdedup compare`'s output: the configurations, the per-eps tables and the plot's path (written here)."""
-    from semdedup_assets.core.io.catalog import format_table
     from semdedup_assets.core.dedup.keep import parse_eps_list
+    from semdedup_assets.core.io.catalog import format_table
+    from semdedup_assets.core.io.storage import folder_problem
     from semdedup_assets.core.plots import eps_curves_png
     from semdedup_assets.core.select.robustness import CompareError, compare_storages, expand_sweeps
-    from semdedup_assets.core.io.storage import folder_problem
 
     folder = os.path.dirname(os.path.abspath(plot))
     if (problem := folder_problem(folder, "--plot's folder")) is not None:
@@ -470,8 +612,10 @@ def comparison_report(storages: Sequence[str], eps: str | None, plot: str) -> st
     def fmt(name: str, v: object) -> object:  # eps as given; fractions to 4 places
         return "-" if v is None else round(v, 4) if isinstance(v, float) and name != "eps" else v
 
-    lines = ["configurations:"] + [f"  {c.label}: {c.storage} (" + ", ".join(f"{k}={v}" for k, v in c.settings.items())
-                                   + ")" for c in r.configurations]
+    lines = ["configurations:"] + [
+        f"  {c.label}: {c.storage} (" + ", ".join(f"{k}={v}" for k, v in c.settings.items()) + ")"
+        for c in r.configurations
+    ]
     lines.append(f"items: {r.items}")
     cols = ["eps", "configuration", "removed", "kept_fraction"]
     lines.append(format_table(cols, [tuple(fmt(c, row[c]) for c in cols) for row in r.per_configuration]))
@@ -509,9 +653,9 @@ def _sweep_values(text: str, name: str) -> list[str]:
 def cmd_sweep(args: argparse.Namespace) -> int:
     """One run per (encoder, k) in sub-storages sharing each encoder's embeddings, then the comparison."""
     from semdedup_assets.core.config import coerce
-    from semdedup_assets.core.select.robustness import CompareError, run_sweep
     from semdedup_assets.core.io.shards import ShardError
     from semdedup_assets.core.io.storage import StoreError
+    from semdedup_assets.core.select.robustness import CompareError, run_sweep
     from semdedup_assets.instance import open_instance
     from semdedup_assets.pipeline import PipelineError, check_run_locations, execute_job, run_pipeline
 
@@ -523,15 +667,22 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     root = base.storage
     own_home = os.environ.get("DAGSTER_HOME")  # given by the user: every sub-storage's runs go there
     print(f"[semdedup] settings: {describe_settings(base)}", flush=True)
-    print(f"[semdedup] sweep: clusters={args_text(clusters, 'auto')} models={args_text(models)} seeds={args_text(seeds)}",
-          flush=True)
+    print(
+        f"[semdedup] sweep: clusters={args_text(clusters, 'auto')} models={args_text(models)} seeds={args_text(seeds)}",
+        flush=True,
+    )
 
     def run(settings: Settings) -> None:
         if own_home is None:  # each sub-storage its own instance, as `semdedup run --storage SUB` would use
             os.environ.pop("DAGSTER_HOME", None)
         with _show_progress(settings):
-            run_pipeline(settings, open_instance(settings), log=lambda m: print(m, flush=True), verbose=args.verbose,
-                         stop_on_signals=True)
+            run_pipeline(
+                settings,
+                open_instance(settings),
+                log=lambda m: print(m, flush=True),
+                verbose=args.verbose,
+                stop_on_signals=True,
+            )
         print(summary(settings), flush=True)
 
     try:
@@ -543,11 +694,18 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         from semdedup_assets.definitions import build_definitions
 
         # The `robustness` asset of the first sub-storage, so the UI on it shows the comparison.
-        execute_job(build_definitions(first), open_instance(first), "robustness_job", {"semdedup/sweep": root},
-                    first.storage, verbose=args.verbose)
+        execute_job(
+            build_definitions(first),
+            open_instance(first),
+            "robustness_job",
+            {"semdedup/sweep": root},
+            first.storage,
+            verbose=args.verbose,
+        )
         local_root = Settings(storage=root).storage_root()
-        plot = args.plot or (os.path.join(str(local_root.root), "compare.png") if local_root.local
-                             else "semdedup-compare.png")
+        plot = args.plot or (
+            os.path.join(str(local_root.root), "compare.png") if local_root.local else "semdedup-compare.png"
+        )
         print(comparison_report(result.storages, None, plot))
     except (PipelineError, ShardError, StoreError, CompareError, FileNotFoundError, ValueError) as err:
         print(f"semdedup: error: {err}", file=sys.stderr)

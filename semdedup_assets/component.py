@@ -36,19 +36,22 @@ class SemDedupScaffolder(dg.Scaffolder):
 
     def scaffold(self, request: dg.ScaffoldRequest) -> None:
         name = request.target_path.name
-        scaffold_component(request, {
-            "prefix": name,
-            "input": "data/" + name,
-            "storage": ".storage/" + name,
-            "modality": "text",
-            "encoder": None,
-            "clusters": None,
-            "eps": [0.01, 0.05, 0.1],
-            "engine": "local",
-            "sensors": False,
-            "schedule": False,
-            "settings": {},
-        })
+        scaffold_component(
+            request,
+            {
+                "prefix": name,
+                "input": "data/" + name,
+                "storage": ".storage/" + name,
+                "modality": "text",
+                "encoder": None,
+                "clusters": None,
+                "eps": [0.01, 0.05, 0.1],
+                "engine": "local",
+                "sensors": False,
+                "schedule": False,
+                "settings": {},
+            },
+        )
 
 
 @dg.scaffold_with(SemDedupScaffolder)
@@ -79,8 +82,10 @@ class SemDedup(dg.Component, dg.Resolvable, dg.Model):
         """The component for a Settings object (every knob goes in `settings`, the named attributes too)."""
         values = {f.name: getattr(settings, f.name) for f in knobs()}
         values["eps"] = list(values["eps"])
-        named = {k: values.pop(k) for k in ("input", "storage", "modality", "clusters", "eps", "engine",
-                                             "ray_address", "sensors")}
+        named = {
+            k: values.pop(k)
+            for k in ("input", "storage", "modality", "clusters", "eps", "engine", "ray_address", "sensors")
+        }
         return cls(prefix=prefix, encoder=values.pop("model"), settings=values, **named)
 
     @property
@@ -98,20 +103,35 @@ class SemDedup(dg.Component, dg.Resolvable, dg.Model):
         if unknown:
             raise ValueError(f"unknown setting(s) {unknown}; the knobs are {[f.name for f in knobs()]}")
         values = {name: coerce(name, raw) for name, raw in self.settings.items()}
-        values.update(input=self.input, storage=self.storage, modality=self.modality, model=self.encoder,
-                      clusters=self.clusters, engine=self.engine, ray_address=self.ray_address, sensors=self.sensors)
+        values.update(
+            input=self.input,
+            storage=self.storage,
+            modality=self.modality,
+            model=self.encoder,
+            clusters=self.clusters,
+            engine=self.engine,
+            ray_address=self.ray_address,
+            sensors=self.sensors,
+        )
         if self.eps is not None:
             values["eps"] = tuple(self.eps)
         for key in ("input", "storage", "reference"):
-            if root is not None and values.get(key) and "://" not in values[key] and not Path(values[key]).is_absolute():
+            if (
+                root is not None
+                and values.get(key)
+                and "://" not in values[key]
+                and not Path(values[key]).is_absolute()
+            ):
                 values[key] = str(root / values[key])
         return local_paths_absolute(Settings(**values))  # without a root: from the current directory
 
     def definitions(self, root: Path | None = None) -> dg.Definitions:
         """The graph's definitions and a job that runs every stage (`<prefix>_pipeline_job`)."""
         settings, names = self.to_settings(root), self.names
-        return dg.Definitions.merge(build_definitions(settings, names, schedule_running=self.schedule),
-                                    dg.Definitions(jobs=[build_pipeline_job(names)]))
+        return dg.Definitions.merge(
+            build_definitions(settings, names, schedule_running=self.schedule),
+            dg.Definitions(jobs=[build_pipeline_job(names)]),
+        )
 
     def build_defs(self, context: dg.ComponentLoadContext) -> dg.Definitions:
         return self.definitions(context.project_root)
@@ -134,8 +154,10 @@ def build_pipeline_job(names: GraphNames) -> dg.JobDefinition:
             raise dg.Failure(description=str(err)) from None
         context.log.info(f"{len(result.shards)} shard(s); runs {result.run_ids}")
 
-    @dg.job(name=names.definition(PIPELINE_JOB),
-            description="Register every shard under `input` and materialize the whole graph (one run per stage).")
+    @dg.job(
+        name=names.definition(PIPELINE_JOB),
+        description="Register every shard under `input` and materialize the whole graph (one run per stage).",
+    )
     def pipeline_job() -> None:
         run_every_stage()
 

@@ -37,20 +37,27 @@ FORKSERVER_PRELOAD = (__name__, "dagster._utils.test", "matplotlib.backends.back
 def _forkserver_unless_chosen(config: dict) -> dict:
     """The default executor's config with `start_method: forkserver` where multiprocess names none."""
     if "multiprocess" in config and "start_method" not in (config["multiprocess"] or {}):
-        return {"multiprocess": {**(config["multiprocess"] or {}),
-                                 "start_method": {"forkserver": {"preload_modules": list(FORKSERVER_PRELOAD)}}}}
+        return {
+            "multiprocess": {
+                **(config["multiprocess"] or {}),
+                "start_method": {"forkserver": {"preload_modules": list(FORKSERVER_PRELOAD)}},
+            }
+        }
     return config
 
 
 STEP_EXECUTOR = dg.multi_or_in_process_executor.configured(
-    _forkserver_unless_chosen, name="multi_or_in_process_executor",
-    config_schema=dg.multi_or_in_process_executor.config_schema)
+    _forkserver_unless_chosen,
+    name="multi_or_in_process_executor",
+    config_schema=dg.multi_or_in_process_executor.config_schema,
+)
 
 
 def load_definitions() -> dg.Definitions:
     """The code location's definitions, for the settings of the storage it points at."""
-    return dg.Definitions.merge(SemDedup.from_settings(load_settings()).definitions(),
-                                dg.Definitions(executor=STEP_EXECUTOR))
+    return dg.Definitions.merge(
+        SemDedup.from_settings(load_settings()).definitions(), dg.Definitions(executor=STEP_EXECUTOR)
+    )
 
 
 defs = dg.definitions(load_definitions)

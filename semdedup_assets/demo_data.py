@@ -30,9 +30,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 __all__ = [
-    "DEMO_DESCRIPTION",
     "DEFAULT_MAX_ITEMS",
     "DEFAULT_N_SHARDS",
+    "DEMO_DESCRIPTION",
     "MANIFEST_NAME",
     "collect_demo_texts",
     "demo_manifest",
@@ -73,7 +73,9 @@ _PRAGMA = re.compile(r"^#(!|\s*-\*-|\s*(noqa|type:|pragma|fmt:|pylint:|flake8|XX
 _RULER = re.compile(r"^[-=#*~_+.]*$")
 _PARA_SPLIT = re.compile(r"\n[ \t]*\n")
 _TABLE_LINE = re.compile(r"^\s*(\+[-=+]+\+|[=\-]{3,}(\s+[=\-]{3,})*|.*\s\|\s.*\|.*)\s*$")
-_CODE_LINE = re.compile(r"^\s*(>>>|\.\.\.\s|\.\.\.$|\$ |#|def |class |import |from \S+ import |return\b|[\w.\[\]]+\s*=[^=])")
+_CODE_LINE = re.compile(
+    r"^\s*(>>>|\.\.\.\s|\.\.\.$|\$ |#|def |class |import |from \S+ import |return\b|[\w.\[\]]+\s*=[^=])"
+)
 _EXAMPLE_LINE = re.compile(r"^\s*(>>>|Traceback \(most recent call last\))")
 _WORD = re.compile(r"[A-Za-z]+(?:'[a-z]+)?")
 
@@ -167,7 +169,7 @@ def _mark_statement_interiors(body: list[ast.stmt], mask: bytearray) -> None:
             for block in blocks:
                 _mark_statement_interiors(block, mask)
         elif node.end_lineno and node.end_lineno > node.lineno:
-            mask[node.lineno + 1:node.end_lineno + 1] = b"\x01" * (node.end_lineno - node.lineno)
+            mask[node.lineno + 1 : node.end_lineno + 1] = b"\x01" * (node.end_lineno - node.lineno)
 
 
 def _comment_blocks(source: str, tree: ast.Module) -> Iterator[tuple[int, str]]:
@@ -202,7 +204,7 @@ def _scope_of_lines(defs: list[tuple[ast.AST, str]], n_lines: int) -> list[str]:
     # Outer definitions come first in source order, so inner ones overwrite them.
     for node, qual in defs:
         lo, hi = node.lineno, node.end_lineno or node.lineno
-        scope[lo:hi + 1] = [qual] * (hi - lo + 1)
+        scope[lo : hi + 1] = [qual] * (hi - lo + 1)
     return scope
 
 
@@ -284,7 +286,7 @@ def _collect_candidates() -> list[tuple[int, str, str]]:
         cached = json.loads(gzip.decompress(path.read_bytes()))
         if cached["key"] == key:
             return [(int(tier), str(text), str(source)) for tier, text, source in cached["candidates"]]
-    except Exception:  # noqa: BLE001 - a cache that cannot be read, whatever the reason, is recomputed
+    except Exception:
         pass
     out = _parse_candidates(root, sources)
     try:
@@ -384,12 +386,19 @@ def _atomic_write_table(path: pathlib.Path, table: pa.Table) -> None:
     os.close(fd)
     try:
         pq.write_table(
-            table, tmp,
-            compression="zstd", compression_level=3,
-            use_dictionary=False, write_statistics=True,
-            row_group_size=1 << 20, data_page_size=1 << 20,
-            version="2.6", data_page_version="1.0",
-            store_schema=True, write_page_index=False, write_page_checksum=False,
+            table,
+            tmp,
+            compression="zstd",
+            compression_level=3,
+            use_dictionary=False,
+            write_statistics=True,
+            row_group_size=1 << 20,
+            data_page_size=1 << 20,
+            version="2.6",
+            data_page_version="1.0",
+            store_schema=True,
+            write_page_index=False,
+            write_page_checksum=False,
         )
         os.replace(tmp, path)
     except BaseException:
@@ -410,8 +419,12 @@ def _reusable(out: pathlib.Path, n_shards: int, max_items: int) -> list[pathlib.
     man = demo_manifest(out)
     if not isinstance(man, dict):
         return None
-    expected = {"format_version": _FORMAT_VERSION, "python_version": platform.python_version(),
-                "n_shards": n_shards, "max_items": max_items}
+    expected = {
+        "format_version": _FORMAT_VERSION,
+        "python_version": platform.python_version(),
+        "n_shards": n_shards,
+        "max_items": max_items,
+    }
     if any(man.get(k) != v for k, v in expected.items()):
         return None
     shards = man.get("shards")
@@ -421,15 +434,20 @@ def _reusable(out: pathlib.Path, n_shards: int, max_items: int) -> list[pathlib.
     for k, entry in enumerate(shards):
         path = out / _shard_name(k, n_shards)
         # Hashing a few MB is far cheaper than re-reading the stdlib.
-        if (not isinstance(entry, dict) or entry.get("file") != path.name or not path.is_file()
-                or _file_sha256(path) != entry.get("sha256")):
+        if (
+            not isinstance(entry, dict)
+            or entry.get("file") != path.name
+            or not path.is_file()
+            or _file_sha256(path) != entry.get("sha256")
+        ):
             return None
         paths.append(path)
     return paths
 
 
-def write_demo_shards(out_dir: str | os.PathLike, n_shards: int = DEFAULT_N_SHARDS,
-                      max_items: int = DEFAULT_MAX_ITEMS) -> list[pathlib.Path]:
+def write_demo_shards(
+    out_dir: str | os.PathLike, n_shards: int = DEFAULT_N_SHARDS, max_items: int = DEFAULT_MAX_ITEMS
+) -> list[pathlib.Path]:
     """Write the demo corpus as ``part-NN.parquet`` shards (id, text, source) and return their paths."""
     if n_shards < 1:
         raise ValueError(f"n_shards must be >= 1, got {n_shards}")
@@ -453,9 +471,10 @@ def write_demo_shards(out_dir: str | os.PathLike, n_shards: int = DEFAULT_N_SHAR
         # Interleave: item i goes to shard i % n_shards, so neighbours (often near-duplicates,
         # e.g. sibling methods of one class) usually land in different shards.
         idx = range(k, len(items), n_shards)
-        table = pa.table({"id": [ids[i] for i in idx],
-                          "text": [items[i][0] for i in idx],
-                          "source": [items[i][1] for i in idx]}, schema=schema)
+        table = pa.table(
+            {"id": [ids[i] for i in idx], "text": [items[i][0] for i in idx], "source": [items[i][1] for i in idx]},
+            schema=schema,
+        )
         path = out / _shard_name(k, n_shards)
         _atomic_write_table(path, table)
         paths.append(path)
@@ -478,6 +497,5 @@ def write_demo_shards(out_dir: str | os.PathLike, n_shards: int = DEFAULT_N_SHAR
         "shards": shard_entries,
         "description": DEMO_DESCRIPTION,
     }
-    _atomic_write_bytes(out / MANIFEST_NAME,
-                        (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+    _atomic_write_bytes(out / MANIFEST_NAME, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode("utf-8"))
     return paths

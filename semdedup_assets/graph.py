@@ -27,9 +27,11 @@ def build_graph(settings: Settings, names: GraphNames = DEFAULT_NAMES) -> dg.Def
     knob from the settings resource (`names.resource`) when they run, so the launchpad can change them.
     """
     return dg.Definitions(
-        resources={names.resource: SemDedupConfig.from_settings(settings),
-                   # dagster-ray's RayResource: connects only for steps whose settings say engine=ray.
-                   names.ray_resource: SemDedupRay()},
+        resources={
+            names.resource: SemDedupConfig.from_settings(settings),
+            # dagster-ray's RayResource: connects only for steps whose settings say engine=ray.
+            names.ray_resource: SemDedupRay(),
+        },
         assets=build_assets(names, buckets=settings.bucket_partitions, backfill_batch=settings.backfill_batch),
         asset_checks=build_asset_checks(names),
         jobs=build_jobs(names),
@@ -37,13 +39,17 @@ def build_graph(settings: Settings, names: GraphNames = DEFAULT_NAMES) -> dg.Def
     )
 
 
-def build_definitions(settings: Settings, names: GraphNames = DEFAULT_NAMES, *,
-                      schedule_running: bool = False) -> dg.Definitions:
+def build_definitions(
+    settings: Settings, names: GraphNames = DEFAULT_NAMES, *, schedule_running: bool = False
+) -> dg.Definitions:
     """The graph (`build_graph`) with its sensors and retrain schedule: a code location's definitions."""
     graph = build_graph(settings, names)
     operations = dg.Definitions(
-        sensors=[build_shard_sensor(settings, names=names), build_bucket_sensor(settings, names=names),
-                 build_automation_sensor(settings, names, dg.AssetSelection.assets(*graph.assets or []))],
+        sensors=[
+            build_shard_sensor(settings, names=names),
+            build_bucket_sensor(settings, names=names),
+            build_automation_sensor(settings, names, dg.AssetSelection.assets(*graph.assets or [])),
+        ],
         schedules=[build_retrain_schedule(settings.retrain_cron, names, running=schedule_running)],
     )
     return dg.Definitions.merge(graph, operations)

@@ -25,17 +25,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from semdedup_assets.core.io import storage as st
-from semdedup_assets.core.io.catalog import query
+from semdedup_assets.core.checks.layout import remove_shard_files
 from semdedup_assets.core.config import Settings
-from semdedup_assets.core.select.export import (ExportError, export_shards, parse_selection, selection_dir,
-                                         tidy_exports)
 from semdedup_assets.core.dedup.keep import keep_for_target
 from semdedup_assets.core.dedup.keep import keep_mask as threshold_mask
-from semdedup_assets.core.checks.layout import remove_shard_files
-from semdedup_assets.core.run.loop import STEPS, run_units
-from semdedup_assets.core.settings_store import save_settings
+from semdedup_assets.core.io import storage as st
+from semdedup_assets.core.io.catalog import query
 from semdedup_assets.core.io.shards import discover_shards
+from semdedup_assets.core.run.loop import run_units
+from semdedup_assets.core.select.export import ExportError, export_shards, parse_selection, selection_dir, tidy_exports
+from semdedup_assets.core.settings_store import save_settings
 
 INPUT_DIR = "library_input"  # under the storage: the shards the library writes from in-memory data
 SHARD_ROWS = 100_000  # rows per shard written from in-memory data
@@ -64,8 +63,9 @@ class SemDeDup:
     def __init__(self, *, progress: bool = True, shard_rows: int = SHARD_ROWS, **knobs: Any) -> None:
         unknown = sorted(set(knobs) - set(knob_names()))
         if unknown:
-            raise TypeError(f"unknown setting(s) {', '.join(map(repr, unknown))}; the settings are: "
-                            f"{', '.join(knob_names())}")
+            raise TypeError(
+                f"unknown setting(s) {', '.join(map(repr, unknown))}; the settings are: {', '.join(knob_names())}"
+            )
         for name, what in GRAPH_ONLY.items():
             if knobs.get(name):
                 raise ValueError(f"{name}= ({what}) runs in the asset graph only: use `semdedup run`")
@@ -84,8 +84,9 @@ class SemDeDup:
     def __repr__(self) -> str:
         return f"SemDeDup({', '.join(f'{k}={v!r}' for k, v in self.knobs.items())})"
 
-    def run(self, data: Any, ids: Sequence[Any] | None = None, storage: str | os.PathLike[str] | None = None
-            ) -> "SemDeDupResult":
+    def run(
+        self, data: Any, ids: Sequence[Any] | None = None, storage: str | os.PathLike[str] | None = None
+    ) -> SemDeDupResult:
         """Deduplicate `data`; returns a SemDeDupResult (close it, or use `with`, to remove a temporary storage).
 
         `data`: an N x d numpy array or torch tensor of embeddings; a list of strings (texts); a pyarrow
@@ -107,7 +108,7 @@ class SemDeDup:
                 shutil.rmtree(root, ignore_errors=True)
             raise
 
-    def _run(self, data: Any, ids: Sequence[Any] | None, root: str, owned: bool) -> "SemDeDupResult":
+    def _run(self, data: Any, ids: Sequence[Any] | None, root: str, owned: bool) -> SemDeDupResult:
         settings = Settings(**self.knobs, storage=root)
         st.check_store(root, "storage")  # before anything is written
         kind, source, modality = as_input(data, ids, settings)
@@ -165,16 +166,23 @@ def as_input(data: Any, ids: Sequence[Any] | None, settings: Settings) -> tuple[
     if column is None:
         found = [c for c in PAYLOAD_COLUMNS if c in table.column_names]
         if not found:
-            raise ValueError(f"no text, embedding or image column (columns: {', '.join(table.column_names)}): "
-                             f"name the payload with column=")
+            raise ValueError(
+                f"no text, embedding or image column (columns: {', '.join(table.column_names)}): "
+                f"name the payload with column="
+            )
         column = found[0]
     elif column not in table.column_names:
         raise ValueError(f"missing payload column {column!r} (columns: {', '.join(table.column_names)})")
     modality = column if column in PAYLOAD_COLUMNS else None
     if modality is None:  # a named column: its type says the modality
         t = table.schema.field(column).type
-        modality = ("text" if pa.types.is_string(t) or pa.types.is_large_string(t) else "image"
-                    if pa.types.is_binary(t) or pa.types.is_large_binary(t) else "embedding")
+        modality = (
+            "text"
+            if pa.types.is_string(t) or pa.types.is_large_string(t)
+            else "image"
+            if pa.types.is_binary(t) or pa.types.is_large_binary(t)
+            else "embedding"
+        )
     return "table", (with_ids(table, ids, table.num_rows, settings), None), modality
 
 
@@ -187,8 +195,10 @@ def arrow_table(data: Any) -> pa.Table:
         return pa.Table.from_pandas(data, preserve_index=False)
     if module == "datasets" and hasattr(data, "data"):
         return data.flatten_indices().data.table if hasattr(data, "flatten_indices") else data.data.table
-    raise TypeError(f"data must be an N x d array or tensor, a list of strings, a pyarrow Table, pandas DataFrame, "
-                    f"datasets.Dataset, or a path of shards; got {type(data).__module__}.{type(data).__name__}")
+    raise TypeError(
+        f"data must be an N x d array or tensor, a list of strings, a pyarrow Table, pandas DataFrame, "
+        f"datasets.Dataset, or a path of shards; got {type(data).__module__}.{type(data).__name__}"
+    )
 
 
 def with_ids(table: pa.Table | None, ids: Sequence[Any] | None, n: int, settings: Settings) -> pa.Table:
@@ -233,8 +243,9 @@ def write_input(source: tuple[pa.Table, np.ndarray | None], settings: Settings, 
         keys.append(key)
         part = table.slice(start, shard_rows)
         if embeddings is not None:
-            write_if_changed(npy_bytes(np.ascontiguousarray(embeddings[start:start + shard_rows])),
-                             folder / f"{key}.npy")
+            write_if_changed(
+                npy_bytes(np.ascontiguousarray(embeddings[start : start + shard_rows])), folder / f"{key}.npy"
+            )
         write_if_changed(parquet_bytes(part), folder / f"{key}.parquet")
     for path in list(folder.iterdir()):  # an earlier run's extra shards: their files and results go
         key = path.name.split(".")[0]
@@ -326,14 +337,16 @@ class SemDeDupResult:
         if self._finalizer is not None:
             self._finalizer()
 
-    def __enter__(self) -> "SemDeDupResult":
+    def __enter__(self) -> SemDeDupResult:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __repr__(self) -> str:
-        return f"SemDeDupResult({self.items.num_rows} items, eps {list(self.settings.eps)}, storage {self.storage.root})"
+        return (
+            f"SemDeDupResult({self.items.num_rows} items, eps {list(self.settings.eps)}, storage {self.storage.root})"
+        )
 
     # --- reading ----------------------------------------------------------------------------------
     @property
@@ -345,7 +358,9 @@ class SemDeDupResult:
     def items(self) -> pa.Table:
         """One row per input item, in the input's order: id, shard, cluster, sim_to_centroid, max_sim, duplicate_of."""
         if self._items is None:
-            buckets = [st.read_table(p, columns=ITEMS_COLUMNS) for p in self.storage.stage_files(st.SEMANTIC_DUPLICATES)]
+            buckets = [
+                st.read_table(p, columns=ITEMS_COLUMNS) for p in self.storage.stage_files(st.SEMANTIC_DUPLICATES)
+            ]
             items = pa.concat_tables(buckets)
             order = self.input_ids()
             position = pc.index_in(items.column("id"), value_set=order).to_numpy(zero_copy_only=False)
@@ -405,8 +420,11 @@ class SemDeDupResult:
         if not 0.0 < float(keep_fraction) <= 1.0:
             raise ValueError(f"keep_fraction must lie in (0, 1], got {keep_fraction}")
         items = self.items
-        rows = keep_for_target(items.column("id").to_numpy(zero_copy_only=False),
-                               items.column("max_sim").to_numpy(), fraction=keep_fraction)
+        rows = keep_for_target(
+            items.column("id").to_numpy(zero_copy_only=False),
+            items.column("max_sim").to_numpy(),
+            fraction=keep_fraction,
+        )
         mask = np.zeros(items.num_rows, dtype=bool)
         mask[rows] = True
         return mask
@@ -447,8 +465,13 @@ class SemDeDupResult:
             selection = parse_selection(select, self.settings.eps)
         except ExportError as err:
             raise ValueError(str(err)) from None
-        export_shards(self.storage, self.settings.input, selection, configured_eps=self.settings.eps,
-                      reference=self.settings.reference)
+        export_shards(
+            self.storage,
+            self.settings.input,
+            selection,
+            configured_eps=self.settings.eps,
+            reference=self.settings.reference,
+        )
         tidy_exports(self.storage, self.settings.input, selection, self.settings.eps)
         return Path(str(selection_dir(self.storage, selection)))
 

@@ -40,10 +40,18 @@ class PlainFormatter(logging.Formatter):
     config_schema={
         "log_level": dg.Field(str, default_value="INFO", is_required=False),
         "name": dg.Field(str, default_value="dagster", is_required=False),
-        "tracebacks": dg.Field(bool, default_value=True, is_required=False,
-                               description="false: leave ERROR records (failures and their tracebacks) to the caller"),
-        "plain": dg.Field(bool, default_value=False, is_required=False,
-                          description="true: `semdedup: warning: ...` lines on stderr, as the commands' own"),
+        "tracebacks": dg.Field(
+            bool,
+            default_value=True,
+            is_required=False,
+            description="false: leave ERROR records (failures and their tracebacks) to the caller",
+        ),
+        "plain": dg.Field(
+            bool,
+            default_value=False,
+            is_required=False,
+            description="true: `semdedup: warning: ...` lines on stderr, as the commands' own",
+        ),
     },
     description="Dagster's colored console logger; tracebacks: false leaves failures to the caller.",
 )

@@ -39,10 +39,15 @@ class GraphNames:
     pool: str = "gpu"
 
     @classmethod
-    def for_component(cls, name: str, pool: str | None = None) -> "GraphNames":
+    def for_component(cls, name: str, pool: str | None = None) -> GraphNames:
         """The names of a component's graph: keys under `name/`, everything else prefixed `name_`."""
-        return cls(prefix=(name,), partitions=f"{name}_shards", resource=f"semdedup_{name}",
-                   ray_resource=f"ray_{name}", pool=pool or f"{name}_gpu")
+        return cls(
+            prefix=(name,),
+            partitions=f"{name}_shards",
+            resource=f"semdedup_{name}",
+            ray_resource=f"ray_{name}",
+            pool=pool or f"{name}_gpu",
+        )
 
     def key(self, name: str) -> dg.AssetKey:
         """The asset key of one of the graph's assets (`keep_lists` -> `dedup_c4/keep_lists`)."""
@@ -85,8 +90,10 @@ def record_graph(storage: Storage, names: GraphNames, dagster_home: str | None) 
     own = str(storage.root / "dagster_home") if storage.local else None
     home = os.path.abspath(dagster_home) if dagster_home and "://" not in dagster_home else dagster_home
     record = StorageGraph(names, None if home == own else home)
-    value = {"names": {**dataclasses.asdict(record.names), "prefix": list(record.names.prefix)},
-             "dagster_home": record.dagster_home}
+    value = {
+        "names": {**dataclasses.asdict(record.names), "prefix": list(record.names.prefix)},
+        "dagster_home": record.dagster_home,
+    }
     path = graph_file(storage)
     data = json.dumps(value, indent=2, sort_keys=True).encode()
     if not path.exists() or path.read_bytes() != data:

@@ -13,21 +13,22 @@ from dataclasses import dataclass, field
 import dagster as dg
 
 from semdedup_assets import progress
-from semdedup_assets.core.io import storage as st
-from semdedup_assets.core.cluster.assign import bucket_keys, touched_buckets
-from semdedup_assets.core.io.catalog import refresh_catalog
-from semdedup_assets.core.config import Settings
-from semdedup_assets.core.select.decontaminate import ReferenceError, check_run_reference
-from semdedup_assets.core.run.engines import EngineError
-from semdedup_assets.core.run.ray_engine import ray_session
-from semdedup_assets.core.select.export import DEDUPLICATED, remove_exported_shard, stale_exports
 from semdedup_assets.core.checks.layout import remove_shard_files
 from semdedup_assets.core.checks.lineage import results_fingerprint
-from semdedup_assets.core.settings_store import save_settings
-from semdedup_assets.core.messages import printable
-from semdedup_assets.core.io.shards import SHARD_SUFFIXES, Discovery, discover, members, regrouped_shards
 from semdedup_assets.core.checks.verify import derived_outputs_exist, remove_stale_prunings
+from semdedup_assets.core.cluster.assign import bucket_keys, touched_buckets
+from semdedup_assets.core.config import Settings
+from semdedup_assets.core.io import storage as st
+from semdedup_assets.core.io.catalog import refresh_catalog
+from semdedup_assets.core.io.shards import SHARD_SUFFIXES, Discovery, discover, members, regrouped_shards
+from semdedup_assets.core.messages import printable
+from semdedup_assets.core.run.engines import EngineError
+from semdedup_assets.core.run.ray_engine import ray_session
+from semdedup_assets.core.select.decontaminate import ReferenceError, check_run_reference
+from semdedup_assets.core.select.export import DEDUPLICATED, remove_exported_shard, stale_exports
+from semdedup_assets.core.settings_store import save_settings
 from semdedup_assets.graph import build_graph
+
 # Defined beside the instance, whose set-up raises it too (instance.py must not import this module).
 from semdedup_assets.instance import PipelineError
 from semdedup_assets.names import DEFAULT_NAMES, GraphNames, record_graph, recorded_graph
@@ -54,8 +55,13 @@ def console_run_config(verbose: bool) -> dict:
     (Dagster's DEBUG stream, failure tracebacks included). A failure's cause is printed by the caller
     (failure_message); the warnings that show are `semdedup: warning: ...` lines. Every event still goes to
     the instance, so the UI has them all."""
-    return {"loggers": {"console": {"config": {"log_level": "DEBUG" if verbose else "WARNING",
-                                               "tracebacks": verbose, "plain": not verbose}}}}
+    return {
+        "loggers": {
+            "console": {
+                "config": {"log_level": "DEBUG" if verbose else "WARNING", "tracebacks": verbose, "plain": not verbose}
+            }
+        }
+    }
 
 
 @dataclass
@@ -83,7 +89,9 @@ def failure_message(result: dg.ExecuteInProcessResult) -> str:
         elif event.event_type_value == "ASSET_CHECK_EVALUATION":
             data = event.event_specific_data
             if not data.passed:
-                reasons.append(f"check {data.asset_key.to_user_string()}.{data.check_name} failed: {data.description or ''}")
+                reasons.append(
+                    f"check {data.asset_key.to_user_string()}.{data.check_name} failed: {data.description or ''}"
+                )
     return "\n".join(dict.fromkeys(reasons)) or "the run failed"
 
 
@@ -114,8 +122,14 @@ def storage_names(settings: Settings, names: GraphNames | None = None) -> GraphN
     return names if names is not None else recorded_graph(settings.storage_root()).names
 
 
-def run_pipeline(settings: Settings, instance: dg.DagsterInstance, log=print, verbose: bool = False,
-                 stop_on_signals: bool = False, names: GraphNames | None = None) -> PipelineResult:
+def run_pipeline(
+    settings: Settings,
+    instance: dg.DagsterInstance,
+    log=print,
+    verbose: bool = False,
+    stop_on_signals: bool = False,
+    names: GraphNames | None = None,
+) -> PipelineResult:
     """Register every shard under settings.input and materialize the whole graph.
 
     Dagster's console log shows only with `verbose`. Runs of killed processes are marked
@@ -135,8 +149,13 @@ def run_pipeline(settings: Settings, instance: dg.DagsterInstance, log=print, ve
         return _run_pipeline(settings, instance, log, verbose, storage_names(settings, names))
 
 
-def _run_pipeline(settings: Settings, instance: dg.DagsterInstance, log=print, verbose: bool = False,
-                  names: GraphNames = DEFAULT_NAMES) -> PipelineResult:
+def _run_pipeline(
+    settings: Settings,
+    instance: dg.DagsterInstance,
+    log=print,
+    verbose: bool = False,
+    names: GraphNames = DEFAULT_NAMES,
+) -> PipelineResult:
     if not settings.input:
         raise PipelineError("no input location given")
     defs = build_graph(settings, names)  # no side effects: the stores are checked next, before anything is written
@@ -157,9 +176,11 @@ def _run_pipeline(settings: Settings, instance: dg.DagsterInstance, log=print, v
             stray = sorted(set(known) - set(shards))
             regrouped = regrouped_shards(stray, {f.key for f in found.files}, settings.files_per_shard)
             if regrouped:  # their files are in other shards now: withdrawn, never left to hold an id twice
-                log(f"[semdedup] {len(regrouped)} shard(s) regrouped by --files-per-shard {settings.files_per_shard} "
+                log(
+                    f"[semdedup] {len(regrouped)} shard(s) regrouped by --files-per-shard {settings.files_per_shard} "
                     f"(a file added, removed or renamed inside the input, e.g. {regrouped[:3]}): their results are "
-                    "withdrawn and their files ingested in their new shards")
+                    "withdrawn and their files ingested in their new shards"
+                )
                 withdraw_shards(settings, instance, regrouped, names)
                 for key in regrouped:
                     remove_exported_shard(settings.storage_root(), key)
@@ -168,7 +189,8 @@ def _run_pipeline(settings: Settings, instance: dg.DagsterInstance, log=print, v
             if stray:  # checked before registering anything: a refused run leaves no trace
                 raise PipelineError(
                     f"the storage already holds {len(stray)} shard(s) that are not under {settings.input} "
-                    f"(e.g. {stray[:3]}): use another --storage, or `semdedup forget SHARD` first")
+                    f"(e.g. {stray[:3]}): use another --storage, or `semdedup forget SHARD` first"
+                )
             # Before the instance records anything: which graph and instance every later command must use.
             record_graph(settings.storage_root(), names, instance.root_directory)
             new = [k for k in shards if k not in set(known)]
@@ -185,7 +207,9 @@ def _run_pipeline(settings: Settings, instance: dg.DagsterInstance, log=print, v
                     tags.update({RANGE_START: buckets[0], RANGE_END: buckets[-1]})
                 log(f"[semdedup] {label} ...")
                 try:
-                    run_id = execute_job(defs, instance, names.definition(job_name), tags, settings.storage, verbose=verbose)
+                    run_id = execute_job(
+                        defs, instance, names.definition(job_name), tags, settings.storage, verbose=verbose
+                    )
                 except PipelineError as err:
                     if job_name == "ingest_job":
                         withdraw_shards(settings, instance, new, names)
@@ -199,18 +223,23 @@ def _run_pipeline(settings: Settings, instance: dg.DagsterInstance, log=print, v
                 removed = remove_stale_prunings(storage, fingerprint)
                 if removed:
                     refresh_catalog(storage)
-                    log(f"[semdedup] removed {len(removed)} pruning selection(s) made from earlier results: "
-                        f"{', '.join(removed)}")
+                    log(
+                        f"[semdedup] removed {len(removed)} pruning selection(s) made from earlier results: "
+                        f"{', '.join(removed)}"
+                    )
                 for label in stale_exports(storage, settings.eps, fingerprint):
-                    log(f"[semdedup] warning: deduplicated/{label} was exported from earlier results: "
-                        f"`semdedup export --select {label}` writes it again (status and verify flag it until then)")
+                    log(
+                        f"[semdedup] warning: deduplicated/{label} was exported from earlier results: "
+                        f"`semdedup export --select {label}` writes it again (status and verify flag it until then)"
+                    )
             return result
     except EngineError as err:
         raise PipelineError(str(err)) from None
 
 
-def withdraw_shards(settings: Settings, instance: dg.DagsterInstance, shards: list[str],
-                    names: GraphNames = DEFAULT_NAMES) -> list[str]:
+def withdraw_shards(
+    settings: Settings, instance: dg.DagsterInstance, shards: list[str], names: GraphNames = DEFAULT_NAMES
+) -> list[str]:
     """Undo the registration of shards whose ingest failed: their partitions and every per-shard file.
 
     Only the shards that the failed run registered are withdrawn; shards registered before
@@ -236,9 +265,15 @@ class ForgetResult:
     keep_lists: bool = False  # the keep-lists were rewritten
 
 
-def forget_shard(settings: Settings, instance: dg.DagsterInstance, shard: str, log=print,
-                 verbose: bool = False, stop_on_signals: bool = False,
-                 names: GraphNames | None = None) -> ForgetResult:
+def forget_shard(
+    settings: Settings,
+    instance: dg.DagsterInstance,
+    shard: str,
+    log=print,
+    verbose: bool = False,
+    stop_on_signals: bool = False,
+    names: GraphNames | None = None,
+) -> ForgetResult:
     """Remove a shard's results and partition, then re-run the buckets it touched and the keep-lists.
 
     An unsafe key (`..`, absolute, control characters) never becomes a path: when such a
@@ -250,8 +285,14 @@ def forget_shard(settings: Settings, instance: dg.DagsterInstance, shard: str, l
         return _forget_shard(settings, instance, shard, log, verbose, storage_names(settings, names))
 
 
-def _forget_shard(settings: Settings, instance: dg.DagsterInstance, shard: str, log=print,
-                  verbose: bool = False, names: GraphNames = DEFAULT_NAMES) -> ForgetResult:
+def _forget_shard(
+    settings: Settings,
+    instance: dg.DagsterInstance,
+    shard: str,
+    log=print,
+    verbose: bool = False,
+    names: GraphNames = DEFAULT_NAMES,
+) -> ForgetResult:
     storage = settings.storage_root()
     partitions = names.partitions
     try:
@@ -266,17 +307,22 @@ def _forget_shard(settings: Settings, instance: dg.DagsterInstance, shard: str, 
     on_disk = {storage.shard_of(st.RAW, p) for p in storage.stage_files(st.RAW)}
     if on_disk and not registered & on_disk:
         # Re-running the stages here would find no shard: the instance is not the one this storage's runs used.
-        raise PipelineError(f"the Dagster instance at {instance.root_directory} has none of the {len(on_disk)} shard(s) "
-                            f"of {storage.root} registered in its partitions {partitions!r}: run with the "
-                            "DAGSTER_HOME of the runs that made this storage")
+        raise PipelineError(
+            f"the Dagster instance at {instance.root_directory} has none of the {len(on_disk)} shard(s) "
+            f"of {storage.root} registered in its partitions {partitions!r}: run with the "
+            "DAGSTER_HOME of the runs that made this storage"
+        )
     assignments = storage.shard_file(st.CLUSTER_ASSIGNMENTS, shard)
     buckets: set[str] = set()
     if assignments.exists() and storage.centroids_file.exists():
         k = st.parquet_num_rows(storage.centroids_file)
         old = st.usable(assignments, lambda p: st.read_table(p, columns=["cluster"]), log)
         # A damaged assignments file cannot say which buckets held the shard: re-run them all.
-        buckets = touched_buckets(old.column("cluster").to_numpy(), k, settings.bucket_partitions) if old is not None \
+        buckets = (
+            touched_buckets(old.column("cluster").to_numpy(), k, settings.bucket_partitions)
+            if old is not None
             else set(bucket_keys(settings.bucket_partitions))
+        )
     removed = remove_shard_files(storage, shard)
     removed += [str(storage.stage_dir(DEDUPLICATED) / p) for p in remove_exported_shard(storage, shard)]
     known = shard in registered
@@ -296,17 +342,33 @@ def _forget_shard(settings: Settings, instance: dg.DagsterInstance, shard: str, 
         # The keep-lists list the shard's ids: rewrite them whenever they exist, or drop them
         # when they cannot be rewritten (bucket results missing), never leave them stale.
         keep_files = storage.stage_files(st.KEEP_LISTS)
-        rewrite = bool(keep_files) and all(storage.bucket_file(b).exists() for b in bucket_keys(settings.bucket_partitions))
-        log(f"[semdedup] re-running {len(rerun)} bucket(s) without shard {shard!r}"
-            + (", then the keep-lists" if rewrite else ""))
+        rewrite = bool(keep_files) and all(
+            storage.bucket_file(b).exists() for b in bucket_keys(settings.bucket_partitions)
+        )
+        log(
+            f"[semdedup] re-running {len(rerun)} bucket(s) without shard {shard!r}"
+            + (", then the keep-lists" if rewrite else "")
+        )
         with progress.task("forget: re-run", len(rerun) + rewrite, unit="runs", outer=True) as bar:
             for bucket in rerun:
-                result.run_ids.append(execute_job(defs, instance, names.definition("dedup_job"), tags, settings.storage,
-                                                  partition_key=bucket, verbose=verbose))
+                result.run_ids.append(
+                    execute_job(
+                        defs,
+                        instance,
+                        names.definition("dedup_job"),
+                        tags,
+                        settings.storage,
+                        partition_key=bucket,
+                        verbose=verbose,
+                    )
+                )
                 bar.update(1, f"bucket {bucket}")
             if rewrite:
-                result.run_ids.append(execute_job(defs, instance, names.definition("keep_lists_job"), tags,
-                                                  settings.storage, verbose=verbose))
+                result.run_ids.append(
+                    execute_job(
+                        defs, instance, names.definition("keep_lists_job"), tags, settings.storage, verbose=verbose
+                    )
+                )
                 result.keep_lists = True
                 bar.update(1, "keep-lists")
         if keep_files and not rewrite:
@@ -324,13 +386,26 @@ def group_hint(settings: Settings, key: str) -> str:
     except (OSError, ValueError):
         return ""
     group = next((s.key for s in shards if key in {f.key for f in members(s)}), None)
-    return "" if group is None else (f": file {key!r} is in shard {group!r} (--files-per-shard "
-                                     f"{settings.files_per_shard}); forget {group!r}, or remove the file from the "
-                                     "input and run again")
+    return (
+        ""
+        if group is None
+        else (
+            f": file {key!r} is in shard {group!r} (--files-per-shard "
+            f"{settings.files_per_shard}); forget {group!r}, or remove the file from the "
+            "input and run again"
+        )
+    )
 
 
-def execute_job(defs: dg.Definitions, instance: dg.DagsterInstance, job_name: str, tags: dict[str, str],
-                storage: str, partition_key: str | None = None, verbose: bool = False) -> str:
+def execute_job(
+    defs: dg.Definitions,
+    instance: dg.DagsterInstance,
+    job_name: str,
+    tags: dict[str, str],
+    storage: str,
+    partition_key: str | None = None,
+    verbose: bool = False,
+) -> str:
     """Run one job of `defs` in this process (one partition where `partition_key` is given); its run id.
 
     Raises PipelineError with the failed step's message and where to see the full trace (`-v`, or the
@@ -338,11 +413,17 @@ def execute_job(defs: dg.Definitions, instance: dg.DagsterInstance, job_name: st
     """
     # The pid and host let a later process tell that this run's process is gone (run_guard).
     run = defs.resolve_job_def(job_name).execute_in_process(
-        run_config=console_run_config(verbose), instance=instance, tags={**tags, **process_tags()},
-        partition_key=partition_key, raise_on_error=False)
+        run_config=console_run_config(verbose),
+        instance=instance,
+        tags={**tags, **process_tags()},
+        partition_key=partition_key,
+        raise_on_error=False,
+    )
     if not run.success:
-        raise PipelineError(f"{failure_message(run)}\n(full trace: run again with -v, or open run {run.run_id} "
-                            f"of {job_name} in the UI: {ui_command(storage, instance.root_directory)})")
+        raise PipelineError(
+            f"{failure_message(run)}\n(full trace: run again with -v, or open run {run.run_id} "
+            f"of {job_name} in the UI: {ui_command(storage, instance.root_directory)})"
+        )
     return run.run_id
 
 

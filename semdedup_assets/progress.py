@@ -37,7 +37,7 @@ NOTE_WIDTH = 60  # the bar's note (last item done) is cut to this many character
 class Task:
     """Progress of one loop: `update` after each item; closes itself after the last one."""
 
-    def __init__(self, reporter: "Reporter | None", label: str, total: int, unit: str) -> None:
+    def __init__(self, reporter: Reporter | None, label: str, total: int, unit: str) -> None:
         self.reporter, self.label, self.total, self.unit = reporter, label, total, unit
         self.done = 0
         self.closed = reporter is None
@@ -48,8 +48,15 @@ class Task:
             return
         try:
             if reporter.tty:
-                self._bar = tqdm(total=total, desc=label, unit=unit, file=reporter.stream, dynamic_ncols=True,
-                                 mininterval=0.1, leave=True)
+                self._bar = tqdm(
+                    total=total,
+                    desc=label,
+                    unit=unit,
+                    file=reporter.stream,
+                    dynamic_ncols=True,
+                    mininterval=0.1,
+                    leave=True,
+                )
             else:
                 self._line("")
         except (OSError, ValueError):
@@ -67,7 +74,11 @@ class Task:
                 self._bar.update(n)
             else:
                 now = time.monotonic()
-                if self.done >= self.total or self._last_line is None or now - self._last_line >= self.reporter.interval:
+                if (
+                    self.done >= self.total
+                    or self._last_line is None
+                    or now - self._last_line >= self.reporter.interval
+                ):
                     self._line(note)
         except (OSError, ValueError):  # the terminal went away (closed pipe): never fail the work for it
             self._bar = None
@@ -90,16 +101,18 @@ class Task:
 
     def _line(self, note: str) -> None:
         elapsed = time.monotonic() - self._start
-        line = tqdm.format_meter(self.done, self.total, elapsed, unit=self.unit, prefix=self.label,
-                                 bar_format=LINE_FORMAT)
+        line = tqdm.format_meter(
+            self.done, self.total, elapsed, unit=self.unit, prefix=self.label, bar_format=LINE_FORMAT
+        )
         print(line + (f"  {_cut(note)}" if note else ""), file=self.reporter.stream, flush=True)
         self._last_line = time.monotonic()
 
-    def __enter__(self) -> "Task":
+    def __enter__(self) -> Task:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
 

@@ -27,8 +27,14 @@ from pydantic import PrivateAttr
 from semdedup_assets.core.config import Settings
 from semdedup_assets.core.run.engines import Engine
 from semdedup_assets.core.run.local_engine import LocalEngine
-from semdedup_assets.core.run.ray_engine import (RayEngine, host_port, import_ray, ray_init_options, resolve_ray_address,
-                                                 starts_local_instance)
+from semdedup_assets.core.run.ray_engine import (
+    RayEngine,
+    host_port,
+    import_ray,
+    ray_init_options,
+    resolve_ray_address,
+    starts_local_instance,
+)
 
 
 class SemDedupRay(RayResource):
@@ -61,7 +67,7 @@ class SemDedupRay(RayResource):
         return self._address
 
     @contextmanager
-    def yield_for_execution(self, context: dg.InitResourceContext) -> Generator["SemDedupRay", None, None]:
+    def yield_for_execution(self, context: dg.InitResourceContext) -> Generator[SemDedupRay, None, None]:
         self._init_context = context
         try:
             yield self  # no connection yet: `connect_for` makes one if a step asks for engine=ray
@@ -84,9 +90,11 @@ class SemDedupRay(RayResource):
         import ray
 
         runtime = ray.get_runtime_context()
-        context.log.info(f"connected to the Ray cluster at {runtime.gcs_address}"
-                         + (" (a new local instance)" if self._local else "")
-                         + f": Ray job {runtime.get_job_id()}, driver pid {os.getpid()} on node {runtime.get_node_id()}")
+        context.log.info(
+            f"connected to the Ray cluster at {runtime.gcs_address}"
+            + (" (a new local instance)" if self._local else "")
+            + f": Ray job {runtime.get_job_id()}, driver pid {os.getpid()} on node {runtime.get_node_id()}"
+        )
 
     def on_cleanup(self, context: Any, *, deleted: bool) -> None:
         """What disconnecting did (dagster-ray's message says "Deleted" for any cluster it disconnects from)."""

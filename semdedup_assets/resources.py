@@ -81,7 +81,7 @@ class SemDedupConfig(dg.ConfigurableResource):
     catalog: str = _default("catalog")
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "SemDedupConfig":
+    def from_settings(cls, settings: Settings) -> SemDedupConfig:
         """The resource for a Settings object."""
         values = {f.name: getattr(settings, f.name) for f in knobs()}
         return cls(**{k: list(v) if isinstance(v, tuple) else v for k, v in values.items()})

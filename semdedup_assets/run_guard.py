@@ -83,12 +83,16 @@ def recover_stale_runs(instance: dg.DagsterInstance, log: Callable[[str], None] 
     for run in instance.get_runs(filters=dg.RunsFilter(statuses=UNFINISHED)):
         if not process_gone(dict(run.tags)):
             continue
-        reason = (f"the process that ran it (pid {run.tags[PID_TAG]} on {run.tags[HOST_TAG]}) is gone: "
-                  "it was killed or crashed; marked failed by semdedup")
+        reason = (
+            f"the process that ran it (pid {run.tags[PID_TAG]} on {run.tags[HOST_TAG]}) is gone: "
+            "it was killed or crashed; marked failed by semdedup"
+        )
         instance.report_run_failed(run, message=reason)
         _free_slots(instance, run.run_id)
-        log(f"[semdedup] run {run.run_id} ({run.job_name}) was still {run.status.value} but {reason}; "
-            "its pool slots are freed")
+        log(
+            f"[semdedup] run {run.run_id} ({run.job_name}) was still {run.status.value} but {reason}; "
+            "its pool slots are freed"
+        )
         recovered.append(run.run_id)
     storage = instance.event_log_storage
     if storage.supports_global_concurrency_limits:
@@ -101,8 +105,9 @@ def recover_stale_runs(instance: dg.DagsterInstance, log: Callable[[str], None] 
     return recovered
 
 
-def report_waiting_steps(instance: dg.DagsterInstance, run_ids: set[str], log: Callable[[str], None],
-                         now: float | None = None) -> list[str]:
+def report_waiting_steps(
+    instance: dg.DagsterInstance, run_ids: set[str], log: Callable[[str], None], now: float | None = None
+) -> list[str]:
     """Log, for each step of `run_ids` waiting for a pool slot, which runs hold the pool and for how long."""
     storage = instance.event_log_storage
     if not run_ids or not storage.supports_global_concurrency_limits:
@@ -123,11 +128,13 @@ def report_waiting_steps(instance: dg.DagsterInstance, run_ids: set[str], log: C
             state = f", {run.status.value}" if run is not None else ", unknown to this instance"
             holders.append(f"run {slot.run_id} (step {slot.step_key}{state}){held}")
         for step in waiting:
-            line = (f"[semdedup] step {step.step_key} of run {step.run_id} waits for a slot of pool {pool!r} "
-                    f"(limit {info.slot_count}, waiting {now - step.enqueued_timestamp.timestamp():.0f} s); held by "
-                    + ("; ".join(holders) or "no run")
-                    + f". A holder whose process is gone is released automatically; to raise the limit: "
-                    f"`dagster instance concurrency set {pool} N`")
+            line = (
+                f"[semdedup] step {step.step_key} of run {step.run_id} waits for a slot of pool {pool!r} "
+                f"(limit {info.slot_count}, waiting {now - step.enqueued_timestamp.timestamp():.0f} s); held by "
+                + ("; ".join(holders) or "no run")
+                + f". A holder whose process is gone is released automatically; to raise the limit: "
+                f"`dagster instance concurrency set {pool} N`"
+            )
             log(line)
             lines.append(line)
             waiting_run = instance.get_run_by_id(step.run_id)
@@ -144,8 +151,13 @@ class RunGuard:
     Dagster has swapped the SIGINT handler or the main thread sits in a long C call.
     """
 
-    def __init__(self, instance: dg.DagsterInstance, log: Callable[[str], None] = print,
-                 report_interval: float = WAIT_REPORT_INTERVAL_S, stop_on_signals: bool = False) -> None:
+    def __init__(
+        self,
+        instance: dg.DagsterInstance,
+        log: Callable[[str], None] = print,
+        report_interval: float = WAIT_REPORT_INTERVAL_S,
+        stop_on_signals: bool = False,
+    ) -> None:
         self.instance = instance
         self.stop_on_signals = stop_on_signals  # only a command owns its process: a library caller keeps its handlers
         self.log = log
@@ -159,11 +171,15 @@ class RunGuard:
 
     def own_run_ids(self) -> set[str]:
         """Unfinished runs started by this process."""
-        runs = self.instance.get_runs(filters=dg.RunsFilter(statuses=UNFINISHED + [dg.DagsterRunStatus.NOT_STARTED],
-                                                            tags={PID_TAG: self.tags[PID_TAG], HOST_TAG: self.tags[HOST_TAG]}))
+        runs = self.instance.get_runs(
+            filters=dg.RunsFilter(
+                statuses=UNFINISHED + [dg.DagsterRunStatus.NOT_STARTED],
+                tags={PID_TAG: self.tags[PID_TAG], HOST_TAG: self.tags[HOST_TAG]},
+            )
+        )
         return {r.run_id for r in runs}
 
-    def __enter__(self) -> "RunGuard":
+    def __enter__(self) -> RunGuard:
         recover_stale_runs(self.instance, self.log)
         if self.stop_on_signals and threading.current_thread() is threading.main_thread():
             read_fd, write_fd = os.pipe()

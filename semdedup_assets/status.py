@@ -15,9 +15,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from semdedup_assets.core.io import storage as st
 from semdedup_assets.core.cluster.assign import bucket_keys
 from semdedup_assets.core.config import Settings, describe_settings
+from semdedup_assets.core.io import storage as st
 from semdedup_assets.core.settings_store import load_settings, stored_settings
 
 if TYPE_CHECKING:
@@ -53,8 +53,15 @@ def _eps_curve(storage: st.Storage) -> list[dict[str, Any]]:
     if not storage.eps_curve_file.exists():
         return []
     rows = st.read_table(storage.eps_curve_file).to_pylist()
-    return [{"eps": float(r["eps"]), "kept": int(r["kept"]), "removed": int(r["removed"]),
-             "kept_fraction": round(float(r["kept_fraction"]), 4)} for r in sorted(rows, key=lambda r: r["eps"])]
+    return [
+        {
+            "eps": float(r["eps"]),
+            "kept": int(r["kept"]),
+            "removed": int(r["removed"]),
+            "kept_fraction": round(float(r["kept_fraction"]), 4),
+        }
+        for r in sorted(rows, key=lambda r: r["eps"])
+    ]
 
 
 def _contamination(storage: st.Storage, settings: Settings) -> dict[str, Any]:
@@ -92,8 +99,16 @@ def _exports(storage: st.Storage, stale: set[str] = frozenset()) -> list[dict[st
             except (OSError, ValueError):
                 continue
             shards, kept, removed = shards + 1, kept + int(m.get("kept", 0)), removed + int(m.get("removed", 0))
-        out.append({"selection": sel.name, "shards": shards, "kept": kept, "removed": removed,
-                    "written_at": _mtime(sel), "stale": sel.name in stale})
+        out.append(
+            {
+                "selection": sel.name,
+                "shards": shards,
+                "kept": kept,
+                "removed": removed,
+                "written_at": _mtime(sel),
+                "stale": sel.name in stale,
+            }
+        )
     return out
 
 
@@ -118,13 +133,20 @@ def _instance_facts(home: str, names: GraphNames) -> dict[str, Any]:
     runs = []
     for r in records:  # newest first
         start, end = r.start_time or r.create_timestamp.timestamp(), r.end_time
-        runs.append({"run_id": r.dagster_run.run_id, "job": r.dagster_run.job_name,
-                     "status": r.dagster_run.status.value,
-                     "stage": r.dagster_run.tags.get("semdedup/stage") or (
-                         "forget " + r.dagster_run.tags["semdedup/forget"] if "semdedup/forget" in r.dagster_run.tags
-                         else ""),
-                     "partition": r.dagster_run.tags.get("dagster/partition", ""),
-                     "started": start, "seconds": round(end - start, 2) if start and end else None})
+        runs.append(
+            {
+                "run_id": r.dagster_run.run_id,
+                "job": r.dagster_run.job_name,
+                "status": r.dagster_run.status.value,
+                "stage": r.dagster_run.tags.get("semdedup/stage")
+                or (
+                    "forget " + r.dagster_run.tags["semdedup/forget"] if "semdedup/forget" in r.dagster_run.tags else ""
+                ),
+                "partition": r.dagster_run.tags.get("dagster/partition", ""),
+                "started": start,
+                "seconds": round(end - start, 2) if start and end else None,
+            }
+        )
     # A failed run is still a problem unless a later run of the same job succeeded.
     failed, succeeded_later = [], set()
     for run in runs:
@@ -135,8 +157,14 @@ def _instance_facts(home: str, names: GraphNames) -> dict[str, Any]:
             failed.append(run)
     # In-process runs end with their process: one still "started" is stale unless a run is going on now.
     unfinished = [run for run in runs if run["status"] in UNFINISHED]
-    return {"registered": registered, "training": training, "runs": runs[:RECENT_RUNS],
-            "failed_runs": failed, "unfinished_runs": unfinished, "total_runs": len(records)}
+    return {
+        "registered": registered,
+        "training": training,
+        "runs": runs[:RECENT_RUNS],
+        "failed_runs": failed,
+        "unfinished_runs": unfinished,
+        "total_runs": len(records),
+    }
 
 
 def _input_files(location: str | None, files_per_shard: int = 1) -> tuple[set[str], list[str]]:
@@ -164,8 +192,11 @@ def collect_status(settings: Settings, dagster_home: str | None) -> dict[str, An
     now = time.time()
     names = recorded_graph(storage).names
     has_instance = bool(dagster_home) and os.path.isfile(os.path.join(str(dagster_home), "dagster.yaml"))
-    facts = _instance_facts(str(dagster_home), names) if has_instance else {
-        "registered": [], "training": {}, "runs": [], "failed_runs": [], "unfinished_runs": [], "total_runs": 0}
+    facts = (
+        _instance_facts(str(dagster_home), names)
+        if has_instance
+        else {"registered": [], "training": {}, "runs": [], "failed_runs": [], "unfinished_runs": [], "total_runs": 0}
+    )
 
     def keys(stage: str) -> list[str]:
         return [storage.shard_of(stage, p) for p in storage.stage_files(stage)]
@@ -177,21 +208,35 @@ def collect_status(settings: Settings, dagster_home: str | None) -> dict[str, An
     centroids: dict[str, Any] = {"present": storage.centroids_file.exists()}
     if centroids["present"]:
         trained = _mtime(storage.centroids_file) or facts["training"].get("trained_at")
-        centroids.update({"k": st.parquet_num_rows(storage.centroids_file), "trained_at": trained,
-                          "age_seconds": round(now - trained, 1) if trained else None})
+        centroids.update(
+            {
+                "k": st.parquet_num_rows(storage.centroids_file),
+                "trained_at": trained,
+                "age_seconds": round(now - trained, 1) if trained else None,
+            }
+        )
         training = facts["training"]
-        centroids.update({k: training[k] for k in ("items", "sample_rows", "train_rows", "iterations", "seed")
-                          if k in training})
-        newer = [storage.shard_of(st.EMBEDDINGS, p) for p in storage.stage_files(st.EMBEDDINGS)
-                 if trained and (_mtime(p) or 0) > trained]
+        centroids.update(
+            {k: training[k] for k in ("items", "sample_rows", "train_rows", "iterations", "seed") if k in training}
+        )
+        newer = [
+            storage.shard_of(st.EMBEDDINGS, p)
+            for p in storage.stage_files(st.EMBEDDINGS)
+            if trained and (_mtime(p) or 0) > trained
+        ]
         centroids["embedded_after_training"] = newer
 
     buckets = bucket_keys(settings.bucket_partitions)
     done = [b for b in buckets if storage.bucket_file(b).exists()]
-    keep_files = sorted(str(p.name) for p in storage.stage_files(st.KEEP_LISTS) if p.name != storage.eps_curve_file.name)
-    keep = {"configured_eps": list(settings.eps),
-            "present_eps": [e for e in settings.eps if storage.keep_list_file(e).exists()],
-            "files": keep_files, "eps_curve": _eps_curve(storage)}
+    keep_files = sorted(
+        str(p.name) for p in storage.stage_files(st.KEEP_LISTS) if p.name != storage.eps_curve_file.name
+    )
+    keep = {
+        "configured_eps": list(settings.eps),
+        "present_eps": [e for e in settings.eps if storage.keep_list_file(e).exists()],
+        "files": keep_files,
+        "eps_curve": _eps_curve(storage),
+    }
 
     stages_done = {
         "embedded": bool(registered or raw) and set(registered or raw) <= set(embedded),
@@ -208,32 +253,50 @@ def collect_status(settings: Settings, dagster_home: str | None) -> dict[str, An
         state = "fresh"
     elif facts["unfinished_runs"]:  # a run going on now, or one whose process died (stale)
         state = "running"
-    elif all(stages_done.values()) and not facts["failed_runs"] and not input_missing and contamination["current"] \
-            and not stale:
+    elif (
+        all(stages_done.values())
+        and not facts["failed_runs"]
+        and not input_missing
+        and contamination["current"]
+        and not stale
+    ):
         state = "complete"
     else:
         state = "partial"
     return {
-        "storage": str(storage.root), "state": state, "input": settings.input,
+        "storage": str(storage.root),
+        "state": state,
+        "input": settings.input,
         "input_skipped": skipped,
         "settings_recorded": bool(stored_settings(settings.storage)),
         "settings": {k: v for k, v in settings.to_dict().items() if k != "extra"},
         "dagster_home": dagster_home if has_instance else None,
-        "shards": {"registered": len(registered), "ingested": len(raw), "embedded": len(embedded),
-                   "assigned": len(assigned), "rejected_items": rejected,
-                   # Without an instance (a remote storage, no DAGSTER_HOME) the ingested shards stand in.
-                   "not_embedded": sorted(set(registered or raw) - set(embedded))[:LISTED],
-                   "not_assigned": sorted(set(embedded) - set(assigned))[:LISTED]},
+        "shards": {
+            "registered": len(registered),
+            "ingested": len(raw),
+            "embedded": len(embedded),
+            "assigned": len(assigned),
+            "rejected_items": rejected,
+            # Without an instance (a remote storage, no DAGSTER_HOME) the ingested shards stand in.
+            "not_embedded": sorted(set(registered or raw) - set(embedded))[:LISTED],
+            "not_assigned": sorted(set(embedded) - set(assigned))[:LISTED],
+        },
         "centroids": centroids,
         "input_missing": input_missing,
         "buckets": {"total": len(buckets), "done": len(done), "missing": [b for b in buckets if b not in done]},
         "contamination": contamination,
         "graph": "/".join(names.prefix) or None,
-        "exports": _exports(storage, {Path(e["path"]).name for e in stale if Path(e["path"]).parent.name == "deduplicated"}),
+        "exports": _exports(
+            storage, {Path(e["path"]).name for e in stale if Path(e["path"]).parent.name == "deduplicated"}
+        ),
         "stale_outputs": stale,
         "keep_lists": keep,
-        "runs": {"recent": facts["runs"], "failed": facts["failed_runs"], "unfinished": facts["unfinished_runs"],
-                 "total": facts["total_runs"]},
+        "runs": {
+            "recent": facts["runs"],
+            "failed": facts["failed_runs"],
+            "unfinished": facts["unfinished_runs"],
+            "total": facts["total_runs"],
+        },
         "disk_bytes": _disk(storage),
     }
 
@@ -277,26 +340,34 @@ def format_status(s: dict[str, Any]) -> str:
         lines.append("nothing here yet: `semdedup run --input PATH --storage ...` fills it")
         return "\n".join(lines)
     if s.get("graph"):
-        lines.append(f"graph:      {s['graph']} (a SemDedup component's: partitions, jobs and runs under that prefix, "
-                     f"instance {s['dagster_home'] or '-'})")
+        lines.append(
+            f"graph:      {s['graph']} (a SemDedup component's: partitions, jobs and runs under that prefix, "
+            f"instance {s['dagster_home'] or '-'})"
+        )
     lines.append(f"input:      {s['input'] or '-'}")
     if skipped := s.get("input_skipped"):
-        lines.append(f"            {len(skipped)} file(s) skipped for names starting with '_' or '.': "
-                     f"{', '.join(skipped[:LISTED])}{', ...' if len(skipped) > LISTED else ''}")
+        lines.append(
+            f"            {len(skipped)} file(s) skipped for names starting with '_' or '.': "
+            f"{', '.join(skipped[:LISTED])}{', ...' if len(skipped) > LISTED else ''}"
+        )
     settings = Settings(**{**s["settings"], "eps": tuple(s["settings"]["eps"])})
-    lines.append(f"settings:   {describe_settings(settings)}"
-                 + ("" if s["settings_recorded"] else "  (no run recorded: defaults and environment)"))
+    lines.append(
+        f"settings:   {describe_settings(settings)}"
+        + ("" if s["settings_recorded"] else "  (no run recorded: defaults and environment)")
+    )
     sh = s["shards"]
-    lines.append(f"shards:     {sh['registered']} registered, {sh['ingested']} ingested, {sh['embedded']} embedded, "
-                 f"{sh['assigned']} assigned" + (f", {sh['rejected_items']} items rejected" if sh["rejected_items"] else ""))
+    lines.append(
+        f"shards:     {sh['registered']} registered, {sh['ingested']} ingested, {sh['embedded']} embedded, "
+        f"{sh['assigned']} assigned" + (f", {sh['rejected_items']} items rejected" if sh["rejected_items"] else "")
+    )
     if sh["not_embedded"]:
         lines.append(f"            not embedded yet: {', '.join(sh['not_embedded'])}")
     if sh["not_assigned"]:
         lines.append(f"            not assigned yet: {', '.join(sh['not_assigned'])}")
     c = s["centroids"]
     if c["present"]:
-        sample = (f" on a sample of {c['sample_rows']} of {c['items']} items" if "sample_rows" in c else "")
-        extra = (f" (seed {c['seed']}, {c['iterations']} iterations)" if "seed" in c else "")
+        sample = f" on a sample of {c['sample_rows']} of {c['items']} items" if "sample_rows" in c else ""
+        extra = f" (seed {c['seed']}, {c['iterations']} iterations)" if "seed" in c else ""
         age = _age(c["age_seconds"]) if c["age_seconds"] is not None else "(age unknown)"
         lines.append(f"centroids:  k={c['k']}, trained {age}{sample}{extra}")
         if c["embedded_after_training"]:
@@ -305,12 +376,16 @@ def format_status(s: dict[str, Any]) -> str:
         lines.append("centroids:  not trained yet")
     if s["input_missing"]:
         gone = s["input_missing"]
-        lines.append(f"            input gone: {len(gone)} shard(s) no longer under {s['input']}: "
-                     f"{', '.join(gone[:LISTED])}{', ...' if len(gone) > LISTED else ''}")
+        lines.append(
+            f"            input gone: {len(gone)} shard(s) no longer under {s['input']}: "
+            f"{', '.join(gone[:LISTED])}{', ...' if len(gone) > LISTED else ''}"
+        )
     b = s["buckets"]
     more = ", ..." if len(b["missing"]) > LISTED else ""
-    lines.append(f"buckets:    {b['done']}/{b['total']} done"
-                 + (f" (missing: {', '.join(b['missing'][:LISTED])}{more})" if b["missing"] else ""))
+    lines.append(
+        f"buckets:    {b['done']}/{b['total']} done"
+        + (f" (missing: {', '.join(b['missing'][:LISTED])}{more})" if b["missing"] else "")
+    )
     k = s["keep_lists"]
     lines.append(f"keep-lists: {len(k['present_eps'])} of {len(k['configured_eps'])} configured eps present")
     if k["eps_curve"]:
@@ -325,18 +400,25 @@ def format_status(s: dict[str, Any]) -> str:
             what = f"no results yet for the reference {c['reference']}"
         else:
             against = c.get("computed_against")
-            what = (f"{c['flagged']} item(s) flagged against {against or c['reference'] or '(no reference)'}"
-                    if c["reference"] or c["flagged"] else "no reference set")
+            what = (
+                f"{c['flagged']} item(s) flagged against {against or c['reference'] or '(no reference)'}"
+                if c["reference"] or c["flagged"]
+                else "no reference set"
+            )
             if not c["current"]:
                 what += f" (stale: the settings name {c['reference'] or 'no reference'}; re-run)"
         lines.append(f"contamination: {what}")
     for e in s["exports"]:
-        lines.append(f"export:     deduplicated/{e['selection']}: {e['kept']} kept, {e['removed']} removed in "
-                     f"{e['shards']} shard(s), written {_age(time.time() - e['written_at']) if e['written_at'] else '-'}"
-                     + ("  STALE" if e.get("stale") else ""))
+        lines.append(
+            f"export:     deduplicated/{e['selection']}: {e['kept']} kept, {e['removed']} removed in "
+            f"{e['shards']} shard(s), written {_age(time.time() - e['written_at']) if e['written_at'] else '-'}"
+            + ("  STALE" if e.get("stale") else "")
+        )
     if s.get("stale_outputs"):
-        lines.append("stale outputs (made from other results: `semdedup export` writes an export again, "
-                     "the next `semdedup run` removes a pruning selection):")
+        lines.append(
+            "stale outputs (made from other results: `semdedup export` writes an export again, "
+            "the next `semdedup run` removes a pruning selection):"
+        )
         lines += [f"  {o['path']}: {o['reason']}" for o in s["stale_outputs"]]
     r = s["runs"]
     lines.append(f"runs:       {r['total']} recorded" + (f", last {len(r['recent'])}:" if r["recent"] else ""))
@@ -348,8 +430,11 @@ def format_status(s: dict[str, Any]) -> str:
         lines.append("unfinished (stale unless a run is going on now):")
         lines += [_run_line(run) for run in r["unfinished"]]
     disk = s["disk_bytes"]
-    lines.append("disk:       " + ", ".join(f"{name} {_size(n)}" for name, n in disk.items() if n)
-                 + f"; total {_size(sum(disk.values()))}")
+    lines.append(
+        "disk:       "
+        + ", ".join(f"{name} {_size(n)}" for name, n in disk.items() if n)
+        + f"; total {_size(sum(disk.values()))}"
+    )
     return "\n".join(lines)
 
 

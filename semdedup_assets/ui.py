@@ -80,8 +80,10 @@ def ui_command(storage: str, dagster_home: str, package_dir: Path | None = None,
         if Path(cwd or os.getcwd()).resolve() != checkout.resolve():
             command = f"cd {shlex.quote(str(checkout))} && {command}"
         return command
-    return (f"DAGSTER_HOME={shlex.quote(dagster_home)} SEMDEDUP_STORAGE={shlex.quote(storage_abs)} "
-            "dagster dev -m semdedup_assets.definitions")
+    return (
+        f"DAGSTER_HOME={shlex.quote(dagster_home)} SEMDEDUP_STORAGE={shlex.quote(storage_abs)} "
+        "dagster dev -m semdedup_assets.definitions"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

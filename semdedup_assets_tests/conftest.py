@@ -23,8 +23,12 @@ DAEMON_MODULES = ("test_deploy", "test_webserver", "test_ray_launcher")
 DAEMON_GROUP = "daemons"
 # Longest groups first (measured), so that the two workers end close together: the groups are
 # handed out in the order of their first test.
-LONGEST_FIRST = (DAEMON_GROUP, "semdedup_assets_tests/test_bench_smoke.py", "semdedup_assets_tests/test_faults.py",
-                 "semdedup_assets_tests/test_ray_engine.py")
+LONGEST_FIRST = (
+    DAEMON_GROUP,
+    "semdedup_assets_tests/test_bench_smoke.py",
+    "semdedup_assets_tests/test_faults.py",
+    "semdedup_assets_tests/test_ray_engine.py",
+)
 
 
 def suite_group(nodeid: str) -> str:

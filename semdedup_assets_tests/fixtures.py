@@ -127,17 +127,23 @@ def make_planted(n: int, d: int, dup_every: int, seed: int = 0, noise: float = 0
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def write_embedding_shards(folder: Path, n_shards: int = 4, per_shard: int = 300, d: int = 16,
-                           dup_every: int = 10, seed: int = 0) -> np.ndarray:
+def write_embedding_shards(
+    folder: Path, n_shards: int = 4, per_shard: int = 300, d: int = 16, dup_every: int = 10, seed: int = 0
+) -> np.ndarray:
     """Bring-your-own-embedding shards with planted duplicates; returns the full matrix."""
     folder.mkdir(parents=True, exist_ok=True)
     x = make_planted(n_shards * per_shard, d, dup_every, seed)
     for s in range(n_shards):
         part = x[s * per_shard : (s + 1) * per_shard]
-        pq.write_table(pa.table({
-            "id": [f"s{s}-{i:05d}" for i in range(per_shard)],
-            "embedding": pa.array(list(part), type=pa.list_(pa.float32())),
-        }), folder / f"part-{s:02d}.parquet")
+        pq.write_table(
+            pa.table(
+                {
+                    "id": [f"s{s}-{i:05d}" for i in range(per_shard)],
+                    "embedding": pa.array(list(part), type=pa.list_(pa.float32())),
+                }
+            ),
+            folder / f"part-{s:02d}.parquet",
+        )
     return x
 
 

@@ -53,12 +53,17 @@ def ray_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0",
-               PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
-               # Explicit: otherwise a local ray.init writes ~/.ray/auth_token, and a later `ray start`
-               # that finds it enables token auth for some processes of a cluster and not others.
-               # Nothing outside the loopback-only namespace can reach these clusters anyway.
-               RAY_AUTH_MODE="disabled")
+    env.update(
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        RAY_USAGE_STATS_ENABLED="0",
+        PYTHONUNBUFFERED="1",
+        TOKENIZERS_PARALLELISM="false",
+        # Explicit: otherwise a local ray.init writes ~/.ray/auth_token, and a later `ray start`
+        # that finds it enables token auth for some processes of a cluster and not others.
+        # Nothing outside the loopback-only namespace can reach these clusters anyway.
+        RAY_AUTH_MODE="disabled",
+    )
     env.pop("RAY_ADDRESS", None)
     return env
 
@@ -68,9 +73,18 @@ class NetNamespace:
 
     def __init__(self) -> None:
         self.holder = subprocess.Popen(
-            ["unshare", "--net", "--fork", "--kill-child", "sh", "-c",
-             "ip link set lo up && echo $$ && exec sleep infinity"],
-            stdout=subprocess.PIPE, text=True)
+            [
+                "unshare",
+                "--net",
+                "--fork",
+                "--kill-child",
+                "sh",
+                "-c",
+                "ip link set lo up && echo $$ && exec sleep infinity",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         line = self.holder.stdout.readline().strip()
         if not line.isdigit():
             self.holder.kill()
@@ -168,13 +182,25 @@ class RayCluster:
         # Short: Ray's Unix socket paths live below it and must stay under 108 bytes.
         self.temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
         for i, resources in enumerate(nodes):
-            args = [str(BIN / "ray"), "start", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
-                    "--object-store-memory=200000000",
-                    *(f"--{name.replace('_', '-')}={value}" for name, value in resources.items())]
+            args = [
+                str(BIN / "ray"),
+                "start",
+                "--node-ip-address=127.0.0.1",
+                "--disable-usage-stats",
+                "--object-store-memory=200000000",
+                *(f"--{name.replace('_', '-')}={value}" for name, value in resources.items()),
+            ]
             if i == 0:
-                args += ["--head", f"--port={HEAD_PORT}", f"--temp-dir={self.temp_dir}",
-                         *(["--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                            f"--dashboard-port={DASHBOARD_PORT}"] if dashboard else ["--include-dashboard=false"])]
+                args += [
+                    "--head",
+                    f"--port={HEAD_PORT}",
+                    f"--temp-dir={self.temp_dir}",
+                    *(
+                        ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={DASHBOARD_PORT}"]
+                        if dashboard
+                        else ["--include-dashboard=false"]
+                    ),
+                ]
             else:
                 args += [f"--address={self.address}"]
             started = ns.run(args, timeout=120)
@@ -227,8 +253,12 @@ STAGES = ("raw", "embeddings", "centroids", "cluster_assignments", "semantic_dup
 
 def stage_files(storage: Path) -> dict[str, bytes]:
     """Every Parquet file the stages wrote (relative path -> bytes); temporaries included, to catch leftovers."""
-    return {str(p.relative_to(storage)): p.read_bytes()
-            for stage in STAGES for p in sorted((storage / stage).rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(storage)): p.read_bytes()
+        for stage in STAGES
+        for p in sorted((storage / stage).rglob("*"))
+        if p.is_file()
+    }
 
 
 def run_local(input_dir: Path, storage: Path, **settings: Any) -> None:
@@ -245,8 +275,8 @@ def run_local(input_dir: Path, storage: Path, **settings: Any) -> None:
 
 def assert_same_results(local: Path, ray: Path) -> None:
     """Both storages hold the same stage files, byte for byte, and the same `items` rows; no temporaries."""
-    from semdedup_assets.core.io.catalog import query
     from semdedup_assets.core.config import Settings
+    from semdedup_assets.core.io.catalog import query
 
     a, b = stage_files(local), stage_files(ray)
     assert sorted(a) == sorted(b)
@@ -254,4 +284,6 @@ def assert_same_results(local: Path, ray: Path) -> None:
     different = [p for p in a if a[p] != b[p]]
     assert not different, f"files differ between the engines: {different}"
     items = "SELECT id, shard, cluster, sim_to_centroid, max_sim, duplicate_of FROM items ORDER BY id"
-    assert query(Settings(storage=str(local)).storage_root(), items) == query(Settings(storage=str(ray)).storage_root(), items)
+    assert query(Settings(storage=str(local)).storage_root(), items) == query(
+        Settings(storage=str(ray)).storage_root(), items
+    )

@@ -84,15 +84,27 @@ class PostgresServer:
         return f"postgresql+psycopg2://{PG_USER}@127.0.0.1:{self.port}/{database}"
 
     def _pg_ctl(self, *args: str, timeout: float = 60) -> None:
-        proc = subprocess.run(_as_user([str(self.bindir / "pg_ctl"), "-D", str(self.datadir), *args]),
-                              capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(
+            _as_user([str(self.bindir / "pg_ctl"), "-D", str(self.datadir), *args]),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         if proc.returncode != 0:
             raise RuntimeError(f"pg_ctl {' '.join(args)} failed: {proc.stdout}{proc.stderr}\n{self.log_tail()}")
 
     def start(self) -> None:
         """Start the server and wait until it accepts connections."""
-        self._pg_ctl("start", "-w", "-t", "60", "-l", str(self.log_path),
-                     "-o", f"-h 127.0.0.1 -p {self.port} -k {self.datadir} -c fsync=off")
+        self._pg_ctl(
+            "start",
+            "-w",
+            "-t",
+            "60",
+            "-l",
+            str(self.log_path),
+            "-o",
+            f"-h 127.0.0.1 -p {self.port} -k {self.datadir} -c fsync=off",
+        )
 
     def stop(self) -> None:
         """Stop the server (fast shutdown: open sessions are disconnected)."""
@@ -105,17 +117,38 @@ class PostgresServer:
 
     def psql(self, database: str, sql: str) -> str:
         """Run SQL with psql; returns its output."""
-        proc = subprocess.run([str(self.bindir / "psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U", PG_USER,
-                               "-d", database, "-v", "ON_ERROR_STOP=1", "-Atc", sql],
-                              capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(
+            [
+                str(self.bindir / "psql"),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-U",
+                PG_USER,
+                "-d",
+                database,
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-Atc",
+                sql,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         if proc.returncode != 0:
             raise RuntimeError(f"psql failed: {proc.stderr}")
         return proc.stdout
 
     def dump(self, database: str) -> str:
         """pg_dump of a database as SQL text (runs, tags, event logs, metadata: everything Dagster stored)."""
-        proc = subprocess.run([str(self.bindir / "pg_dump"), "-h", "127.0.0.1", "-p", str(self.port), "-U", PG_USER,
-                               database], capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [str(self.bindir / "pg_dump"), "-h", "127.0.0.1", "-p", str(self.port), "-U", PG_USER, database],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         if proc.returncode != 0:
             raise RuntimeError(f"pg_dump failed: {proc.stderr}")
         return proc.stdout
@@ -147,9 +180,25 @@ def postgres_server() -> Iterator[PostgresServer]:
     server = PostgresServer(bindir, datadir, free_port(), log_path)
     started = False
     try:
-        proc = subprocess.run(_as_user([str(bindir / "initdb"), "-D", str(datadir), "-U", PG_USER, "--auth=trust",
-                                        "--no-sync", "-E", "UTF8", "--locale=C"]),
-                              capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            _as_user(
+                [
+                    str(bindir / "initdb"),
+                    "-D",
+                    str(datadir),
+                    "-U",
+                    PG_USER,
+                    "--auth=trust",
+                    "--no-sync",
+                    "-E",
+                    "UTF8",
+                    "--locale=C",
+                ]
+            ),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         if proc.returncode != 0:
             raise RuntimeError(f"initdb failed: {proc.stdout}{proc.stderr}")
         server.start()
@@ -181,23 +230,37 @@ class S3Server:
 
     def env(self, secret_key: str | None = None) -> dict[str, str]:
         """The standard AWS variables that botocore and s3fs read (never our code)."""
-        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": self.access_key,
-                "AWS_SECRET_ACCESS_KEY": secret_key or self.secret_key, "AWS_DEFAULT_REGION": "us-east-1",
-                "AWS_EC2_METADATA_DISABLED": "true"}
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": secret_key or self.secret_key,
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
 
     def filesystem(self):
         """An s3fs filesystem on this server (for the test's own uploads and checks)."""
         import s3fs
 
-        return s3fs.S3FileSystem(key=self.access_key, secret=self.secret_key, endpoint_url=self.endpoint,
-                                 skip_instance_cache=True, use_listings_cache=False)
+        return s3fs.S3FileSystem(
+            key=self.access_key,
+            secret=self.secret_key,
+            endpoint_url=self.endpoint,
+            skip_instance_cache=True,
+            use_listings_cache=False,
+        )
 
     def create_bucket(self, name: str) -> None:
         """Create a bucket (through boto3: s3fs' mkdir sends a location constraint moto refuses)."""
         import boto3
 
-        boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.access_key,
-                     aws_secret_access_key=self.secret_key, region_name="us-east-1").create_bucket(Bucket=name)
+        boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            region_name="us-east-1",
+        ).create_bucket(Bucket=name)
 
     def start(self) -> None:
         """Start moto_server and wait until it answers."""
@@ -205,9 +268,14 @@ class S3Server:
         # Authentication on after the first 3 requests (user, policy, key below): from then on
         # moto refuses unknown keys and bad signatures, as S3 does.
         env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="3")
-        self.process = subprocess.Popen([str(MOTO_SERVER), "-H", "127.0.0.1", "-p", str(self.port)],
-                                        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        start_new_session=True, env=env)
+        self.process = subprocess.Popen(
+            [str(MOTO_SERVER), "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env=env,
+        )
         log.close()
 
         def up() -> bool:
@@ -215,15 +283,30 @@ class S3Server:
                 raise AssertionError(f"moto_server exited with {self.process.returncode}")
             return requests.get(f"{self.endpoint}/moto-api/", timeout=2).ok
 
-        wait_for("moto_server to answer", up, timeout=60, interval=0.2,
-                 log=lambda: self.log_path.read_text(errors="replace")[-3000:])
+        wait_for(
+            "moto_server to answer",
+            up,
+            timeout=60,
+            interval=0.2,
+            log=lambda: self.log_path.read_text(errors="replace")[-3000:],
+        )
         import boto3
 
-        iam = boto3.client("iam", endpoint_url=self.endpoint, aws_access_key_id="bootstrap",
-                           aws_secret_access_key="bootstrap", region_name="us-east-1")
+        iam = boto3.client(
+            "iam",
+            endpoint_url=self.endpoint,
+            aws_access_key_id="bootstrap",
+            aws_secret_access_key="bootstrap",
+            region_name="us-east-1",
+        )
         iam.create_user(UserName="semdedup")
-        iam.put_user_policy(UserName="semdedup", PolicyName="s3", PolicyDocument=json.dumps(
-            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+        iam.put_user_policy(
+            UserName="semdedup",
+            PolicyName="s3",
+            PolicyDocument=json.dumps(
+                {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
+            ),
+        )
         key = iam.create_access_key(UserName="semdedup")["AccessKey"]
         self.access_key, self.secret_key = key["AccessKeyId"], key["SecretAccessKey"]
 

@@ -18,10 +18,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from semdedup_assets.cli import build_parser, main
-from semdedup_assets.core.io.catalog import VIEW_NAMES
 from semdedup_assets.core.config import Settings
-from semdedup_assets.core.settings_store import load_settings, save_settings
+from semdedup_assets.core.io.catalog import VIEW_NAMES
 from semdedup_assets.core.io.shards import ShardError, discover_shards, read_shard
+from semdedup_assets.core.settings_store import load_settings, save_settings
 from semdedup_assets.status import collect_status
 from semdedup_assets.ui import ui_command
 from semdedup_assets_tests.fixtures import write_embeddings_and_reference
@@ -37,21 +37,31 @@ def _env() -> dict[str, str]:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "semdedup_assets.cli", *args], env=_env(), capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "semdedup_assets.cli", *args], env=_env(), capture_output=True, text=True, timeout=600
+    )
 
 
 def _vectors(path: Path, x: np.ndarray, prefix: str = "r") -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table({"id": [f"{prefix}{i}" for i in range(len(x))],
-                             "embedding": pa.array(list(x.astype(np.float32)), type=pa.list_(pa.float32()))}), path)
+    pq.write_table(
+        pa.table(
+            {
+                "id": [f"{prefix}{i}" for i in range(len(x))],
+                "embedding": pa.array(list(x.astype(np.float32)), type=pa.list_(pa.float32())),
+            }
+        ),
+        path,
+    )
 
 
 @pytest.fixture(scope="module")
 def ran(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A complete storage of a run with a --reference (a copy of one input shard: its items are flagged)."""
     ran = write_embeddings_and_reference(tmp_path_factory.mktemp("badstate"), per_shard=100, d=8)
-    proc = _cli("run", "--input", str(ran["input"]), "--storage", str(ran["storage"]), *ARGS, "--reference", str(ran["ref"]))
+    proc = _cli(
+        "run", "--input", str(ran["input"]), "--storage", str(ran["storage"]), *ARGS, "--reference", str(ran["ref"])
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return ran
 
@@ -73,6 +83,7 @@ def _command(capsys, *args: str) -> tuple[int, str, str]:
 
 # -- point 9: a bad --reference is refused before any stage runs ----------------------------------------
 
+
 def test_bad_reference_is_refused_before_any_stage(ran, tmp_path: Path, capsys, monkeypatch) -> None:
     recorded = (ran["storage"] / "semdedup.json").read_bytes()
     nan = np.ones((3, 8)), np.ones((3, 4))
@@ -80,10 +91,12 @@ def test_bad_reference_is_refused_before_any_stage(ran, tmp_path: Path, capsys, 
     _vectors(tmp_path / "nan" / "a.parquet", nan[0])
     _vectors(tmp_path / "dim" / "a.parquet", nan[1])
     _vectors(tmp_path / "zero" / "a.parquet", np.vstack([np.ones((2, 8)), np.zeros((1, 8))]))
-    cases = {tmp_path / "missing": "does not exist|not found|no such",
-             tmp_path / "nan": r"shard 'a', row 1: 'embedding' has a non-finite value",
-             tmp_path / "dim": "dimension 4 but the dataset's embeddings have dimension 8",
-             tmp_path / "zero": r"shard 'a', row 2: 'embedding' is a zero vector"}
+    cases = {
+        tmp_path / "missing": "does not exist|not found|no such",
+        tmp_path / "nan": r"shard 'a', row 1: 'embedding' has a non-finite value",
+        tmp_path / "dim": "dimension 4 but the dataset's embeddings have dimension 8",
+        tmp_path / "zero": r"shard 'a', row 2: 'embedding' is a zero vector",
+    }
     for location, reason in cases.items():
         code, out, err = _run(ran, capsys, monkeypatch, "--reference", str(location))
         assert code == 1, (location, out, err)
@@ -93,6 +106,7 @@ def test_bad_reference_is_refused_before_any_stage(ran, tmp_path: Path, capsys, 
 
 
 # -- point 4: export never applies the results of another reference ---------------------------------------
+
 
 def test_export_refuses_contamination_of_another_reference(ran, tmp_path: Path, capsys) -> None:
     storage = str(ran["storage"])
@@ -106,7 +120,9 @@ def test_export_refuses_contamination_of_another_reference(ran, tmp_path: Path, 
         # What a run whose new --reference failed in its last stage leaves: settings naming the new one.
         save_settings(dataclasses.replace(load_settings(storage), reference=str(tmp_path / "other")))
         code, out, err = _command(capsys, "export", "--storage", storage, "--select", "eps=0.1")
-        assert code == 1 and f"computed against the reference {ran['ref']}" in err and str(tmp_path / "other") in err, err
+        assert code == 1 and f"computed against the reference {ran['ref']}" in err and str(tmp_path / "other") in err, (
+            err
+        )
         save_settings(dataclasses.replace(load_settings(storage), reference=None))  # a run without --reference
         code, out, err = _command(capsys, "export", "--storage", storage, "--select", "eps=0.1")
         assert code == 1 and "settings name (none)" in err, err
@@ -116,9 +132,15 @@ def test_export_refuses_contamination_of_another_reference(ran, tmp_path: Path, 
 
 # -- point 7: vectors that cannot be normalised are refused at ingest, naming shard and row ----------------
 
-@pytest.mark.parametrize("value,row,reason", [(0.0, 42, "is a zero vector (zero norm)"),
-                                               (1e-41, 0, "is subnormal"),
-                                               (np.inf, 7, "has a non-finite value (NaN or inf)")])
+
+@pytest.mark.parametrize(
+    "value,row,reason",
+    [
+        (0.0, 42, "is a zero vector (zero norm)"),
+        (1e-41, 0, "is subnormal"),
+        (np.inf, 7, "has a non-finite value (NaN or inf)"),
+    ],
+)
 def test_bad_vectors_are_refused_at_ingest(tmp_path: Path, value: float, row: int, reason: str) -> None:
     x = np.random.default_rng(0).normal(size=(50, 8))
     if value == 1e-41:
@@ -132,6 +154,7 @@ def test_bad_vectors_are_refused_at_ingest(tmp_path: Path, value: float, row: in
 
 
 # -- point 10: a damaged contaminated.parquet is verified, and takes down neither sql nor export -----------
+
 
 def test_damaged_contaminated_file_is_named_everywhere(ran, capsys) -> None:
     storage = str(ran["storage"])
@@ -154,6 +177,7 @@ def test_damaged_contaminated_file_is_named_everywhere(ran, capsys) -> None:
 
 
 # -- point 14: status is honest about what it cannot call complete ------------------------------------------
+
 
 def test_status_on_a_mistyped_storage_is_an_error(tmp_path: Path, capsys) -> None:
     code, out, err = _command(capsys, "status", "--storage", str(tmp_path / "no-such-storage"))
@@ -183,8 +207,9 @@ def test_status_reports_contamination_exports_gone_inputs_and_running_runs(ran, 
         moved.rename(ran["input"] / "part-02.parquet")
     # A run still STARTED (going on now, or its process died): not complete.
     with dg.DagsterInstance.from_config(str(ran["storage"] / "dagster_home")) as instance:
-        run = instance.add_run(dg.DagsterRun(job_name="dedup_job", run_id="feedface" * 4,
-                                             status=dg.DagsterRunStatus.STARTED))
+        run = instance.add_run(
+            dg.DagsterRun(job_name="dedup_job", run_id="feedface" * 4, status=dg.DagsterRunStatus.STARTED)
+        )
         try:
             js = json.loads(_command(capsys, "status", "--storage", storage, "--json")[1])
             assert js["state"] == "running", js["state"]
@@ -199,6 +224,7 @@ def test_status_json_lists_every_missing_bucket(tmp_path: Path) -> None:
 
 
 # -- point 15: a failed run's terminal output is the cause in two lines, not a traceback ---------------------
+
 
 def test_failed_run_prints_the_cause_not_a_traceback(tmp_path: Path) -> None:
     x = np.random.default_rng(0).normal(size=(20, 8))
@@ -227,6 +253,7 @@ def test_failed_run_prints_the_cause_not_a_traceback(tmp_path: Path) -> None:
 
 
 # -- point 16: several SQL statements, and the views in --help ----------------------------------------------
+
 
 def test_sql_prints_every_statement_and_help_lists_every_view(tmp_path: Path, capsys) -> None:
     (tmp_path / "s").mkdir()

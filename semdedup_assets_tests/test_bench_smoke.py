@@ -41,8 +41,9 @@ def test_bench_smoke(script: str, marker: str, tmp_path: Path) -> None:
 
         if namespaces_available():
             pytest.skip(namespaces_available())
-    proc = subprocess.run([sys.executable, str(ROOT / script), "--smoke"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / script), "--smoke"], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert marker in proc.stdout
     assert "written to" not in proc.stdout  # --smoke never writes bench/results

@@ -10,14 +10,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from semdedup_assets.core.io.catalog import query
 from semdedup_assets.core.config import Settings
+from semdedup_assets.core.io.catalog import query
 from semdedup_assets.core.io.shards import discover_shards, iter_embedding_chunks
 from semdedup_assets.pipeline import PipelineError, run_pipeline
 from semdedup_assets_tests.fixtures import make_planted
 
 
-def write_laion(folder: Path, n_shards: int = 3, rows: int = 200, d: int = 16, dtype=np.float16, scale: float = 1.0) -> np.ndarray:
+def write_laion(
+    folder: Path, n_shards: int = 3, rows: int = 200, d: int = 16, dtype=np.float16, scale: float = 1.0
+) -> np.ndarray:
     """LAION's layout: img_emb/img_emb_N.npy with metadata/metadata_N.parquet (url, caption, key)."""
     (folder / "img_emb").mkdir(parents=True, exist_ok=True)
     (folder / "metadata").mkdir(parents=True, exist_ok=True)
@@ -25,17 +27,29 @@ def write_laion(folder: Path, n_shards: int = 3, rows: int = 200, d: int = 16, d
     for n in range(n_shards):
         part = x[n * rows : (n + 1) * rows]
         np.save(folder / "img_emb" / f"img_emb_{n}.npy", part.astype(dtype))
-        pq.write_table(pa.table({
-            "key": [f"{n:05d}{i:04d}" for i in range(rows)],
-            "url": [f"https://example.org/{n}/{i}.jpg" for i in range(rows)],
-            "caption": [f"caption {i}" for i in range(rows)],
-        }), folder / "metadata" / f"metadata_{n}.parquet")
+        pq.write_table(
+            pa.table(
+                {
+                    "key": [f"{n:05d}{i:04d}" for i in range(rows)],
+                    "url": [f"https://example.org/{n}/{i}.jpg" for i in range(rows)],
+                    "caption": [f"caption {i}" for i in range(rows)],
+                }
+            ),
+            folder / "metadata" / f"metadata_{n}.parquet",
+        )
     return x
 
 
 def _settings(tmp_path: Path, **kw) -> Settings:
-    base = dict(storage=str(tmp_path / "storage"), input=str(tmp_path / "input"), modality="embedding",
-                id_column="key", clusters=5, buckets=2, eps=(0.001, 0.01, 0.1))
+    base = dict(
+        storage=str(tmp_path / "storage"),
+        input=str(tmp_path / "input"),
+        modality="embedding",
+        id_column="key",
+        clusters=5,
+        buckets=2,
+        eps=(0.001, 0.01, 0.1),
+    )
     base.update(kw)
     return Settings(**base)
 
@@ -71,7 +85,9 @@ def test_parquet_float16_fixed_size_embeddings(tmp_path: Path, instance: dg.Dags
     for s in range(2):
         part = x[s * 150 : (s + 1) * 150].astype(np.float16)
         col = pa.FixedSizeListArray.from_arrays(pa.array(part.reshape(-1), pa.float16()), 8)
-        pq.write_table(pa.table({"key": [f"{s}-{i}" for i in range(150)], "vec": col}), tmp_path / "input" / f"p{s}.parquet")
+        pq.write_table(
+            pa.table({"key": [f"{s}-{i}" for i in range(150)], "vec": col}), tmp_path / "input" / f"p{s}.parquet"
+        )
     settings = _settings(tmp_path, column="vec", clusters=3)
     run_pipeline(settings, instance, log=lambda m: None)
     _, [(n, dups)] = query(settings.storage_root(), "SELECT count(*), count(*) FILTER (max_sim > 0.99) FROM items")
@@ -88,8 +104,10 @@ def _fails(tmp_path: Path, instance: dg.DagsterInstance, match: str) -> str:
 
 def test_mismatched_row_counts(tmp_path: Path, instance: dg.DagsterInstance) -> None:
     write_laion(tmp_path / "input", n_shards=2, rows=20)
-    pq.write_table(pq.read_table(tmp_path / "input" / "metadata" / "metadata_1.parquet").slice(0, 19),
-                   tmp_path / "input" / "metadata" / "metadata_1.parquet")
+    pq.write_table(
+        pq.read_table(tmp_path / "input" / "metadata" / "metadata_1.parquet").slice(0, 19),
+        tmp_path / "input" / "metadata" / "metadata_1.parquet",
+    )
     msg = _fails(tmp_path, instance, "img_emb_1.npy has 20 rows but its metadata metadata_1.parquet has 19")
     assert "shard 'img_emb/img_emb_1'" in msg
 

@@ -59,21 +59,27 @@ print("result", json.dumps({{"connects": connects, "errors": errors[:5], "n_erro
 
 
 def _client(script: str, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", script, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, bufsize=1)
+    return subprocess.Popen(
+        [sys.executable, "-c", script, *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+    )
 
 
 def _expect(proc: subprocess.Popen, word: str) -> str:
     line = proc.stdout.readline()
     assert line.startswith(word), line + proc.stdout.read()
-    return line[len(word):].strip()
+    return line[len(word) :].strip()
 
 
 def _finish(proc: subprocess.Popen, word: str) -> str:
     """Release a client, then its final line (`word ...`); it must exit 0."""
     out, _ = proc.communicate("\n", timeout=60)
     assert proc.returncode == 0, out
-    return next(line for line in out.splitlines() if line.startswith(word))[len(word):].strip()
+    return next(line for line in out.splitlines() if line.startswith(word))[len(word) :].strip()
 
 
 def _run(input_dir: Path, storage: Path, *extra: str) -> Child:
@@ -126,8 +132,21 @@ def test_read_write_holder_never_blocks_a_run_or_semdedup_sql(first_run) -> None
     holder = _client(HOLDER, str(catalog), "rw")
     _expect(holder, "holding")
     try:
-        sql = subprocess.run([sys.executable, "-m", "semdedup_assets.cli", "sql", "SELECT count(*) AS n FROM items",
-                              "--storage", str(storage)], env=_env(), capture_output=True, text=True, timeout=60)
+        sql = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "semdedup_assets.cli",
+                "sql",
+                "SELECT count(*) AS n FROM items",
+                "--storage",
+                str(storage),
+            ],
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert sql.returncode == 0 and "600" in sql.stdout, sql.stdout + sql.stderr
         run = _run(first_run["input"], storage)  # no reference: `contaminated` goes back to its placeholder
         rc = run.wait()

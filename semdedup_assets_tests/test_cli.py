@@ -20,8 +20,9 @@ STAGE_DIRS = ("raw", "embeddings", "centroids", "cluster_assignments", "semantic
 
 
 def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "semdedup_assets.cli", *args], env=env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "semdedup_assets.cli", *args], env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 def parse_table(text: str, header_starts: str | None = None) -> tuple[list[str], list[list[str]]]:
@@ -31,7 +32,7 @@ def parse_table(text: str, header_starts: str | None = None) -> tuple[list[str],
     columns = [c.strip() for c in lines[at].split(" | ")]
     assert set(lines[at + 1]) <= {"-", "+"}, lines[at + 1]  # the separator line
     rows = []
-    for line in lines[at + 2:]:
+    for line in lines[at + 2 :]:
         cells = [c.strip() for c in line.split(" | ")]
         if len(cells) != len(columns):
             break
@@ -44,8 +45,20 @@ def test_run_end_to_end_then_query_every_view(tmp_path: Path) -> None:
     write_text_shards(tmp_path / "input", n_shards=2)
     env = {k: v for k, v in os.environ.items() if k != "DAGSTER_HOME"}
     storage = tmp_path / "storage"
-    proc = _cli("run", "--input", str(tmp_path / "input"), "--storage", str(storage), "--clusters", "3",
-                "--eps", "0.01,0.05,0.1", "--buckets", "2", env=env)
+    proc = _cli(
+        "run",
+        "--input",
+        str(tmp_path / "input"),
+        "--storage",
+        str(storage),
+        "--clusters",
+        "3",
+        "--eps",
+        "0.01,0.05,0.1",
+        "--buckets",
+        "2",
+        env=env,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
     assert "items: 21" in lines and "clusters: 3" in lines
@@ -72,11 +85,15 @@ def test_run_end_to_end_then_query_every_view(tmp_path: Path) -> None:
     assert {float(r[0]): int(r[1]) for r in curve} == kept_printed
     # The planted near-copies (cosine 0.97-0.998 under MiniLM) are duplicates of their originals at
     # eps=0.05; "Honeybees"/"Honey bees" (0.944) only at eps=0.1.
-    removed = {r[0] for r in sql("SELECT id || '~' || duplicate_of AS pair FROM items WHERE max_sim > 1 - 0.05 ORDER BY id")}
+    removed = {
+        r[0] for r in sql("SELECT id || '~' || duplicate_of AS pair FROM items WHERE max_sim > 1 - 0.05 ORDER BY id")
+    }
     for i in ("00", "01", "04", "09"):
         assert f"copy-{i}~base-{i}" in removed or f"base-{i}~copy-{i}" in removed
     assert not any("-13" in p or "base-02" in p for p in removed)
-    removed = {r[0] for r in sql("SELECT id || '~' || duplicate_of AS pair FROM items WHERE max_sim > 1 - 0.1 ORDER BY id")}
+    removed = {
+        r[0] for r in sql("SELECT id || '~' || duplicate_of AS pair FROM items WHERE max_sim > 1 - 0.1 ORDER BY id")
+    }
     assert "copy-13~base-13" in removed or "base-13~copy-13" in removed
     # The keep-list rule in SQL matches the eps curve, and the printed count.
     assert sql("SELECT count(*) AS kept FROM items WHERE max_sim <= 1 - 0.05") == [[str(kept_printed[0.05])]]
@@ -100,7 +117,12 @@ def _write(tmp_path: Path, name: str, rows: list[dict] | None = None, raw: bytes
     if raw is not None:
         (folder / name).write_bytes(raw)
     elif name.endswith(".parquet"):
-        pq.write_table(pa.Table.from_pylist(rows) if rows else pa.table({"id": pa.array([], pa.string()), "text": pa.array([], pa.string())}), folder / name)
+        pq.write_table(
+            pa.Table.from_pylist(rows)
+            if rows
+            else pa.table({"id": pa.array([], pa.string()), "text": pa.array([], pa.string())}),
+            folder / name,
+        )
     else:
         data = "".join(json.dumps(r) + "\n" for r in rows).encode()
         (folder / name).write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
@@ -160,8 +182,10 @@ def test_non_utf8_text_in_jsonl(tmp_path: Path, capsys, monkeypatch) -> None:
 def test_non_utf8_text_in_parquet_binary_column(tmp_path: Path, capsys, monkeypatch) -> None:
     _write(tmp_path, "good.parquet", GOOD)
     folder = tmp_path / "input"
-    pq.write_table(pa.table({"id": ["b0", "b1", "b2"], "text": pa.array([b"ok", b"fine", b"\xff\xfe bad"], pa.binary())}),
-                   folder / "binary.parquet")
+    pq.write_table(
+        pa.table({"id": ["b0", "b1", "b2"], "text": pa.array([b"ok", b"fine", b"\xff\xfe bad"], pa.binary())}),
+        folder / "binary.parquet",
+    )
     err = _bad_run(tmp_path, capsys, monkeypatch)
     assert "shard 'binary', row 2" in err and "UTF-8" in err
 

@@ -73,8 +73,13 @@ def test_progress_on_a_pipe_is_one_line_per_update(done) -> None:
     _, proc = done
     out = proc.stderr
     assert "\r" not in out and "\x1b" not in out  # no bar redraws in a CI log
-    for label, unit, total in (("ingest", "shards", 3), ("embed", "shards", 3), ("assign", "shards", 3),
-                               ("pairwise", "buckets", 4), ("keep-lists", "buckets", 4)):
+    for label, unit, total in (
+        ("ingest", "shards", 3),
+        ("embed", "shards", 3),
+        ("assign", "shards", 3),
+        ("pairwise", "buckets", 4),
+        ("keep-lists", "buckets", 4),
+    ):
         for n in range(total + 1):
             assert re.search(PIPE_LINE.format(label=label, n=n, total=total, unit=unit), out), (label, n, out)
     # The note names the last item done.
@@ -93,8 +98,12 @@ def test_quiet_by_default_but_the_instance_has_every_event(done) -> None:
         for record in runs:
             events = instance.all_logs(record.dagster_run.run_id)
             kinds = {e.dagster_event.event_type_value for e in events if e.is_dagster_event}
-            assert {dg.DagsterEventType.RUN_START.value, "STEP_START", dg.DagsterEventType.RUN_SUCCESS.value,
-                    "ASSET_MATERIALIZATION"} <= kinds
+            assert {
+                dg.DagsterEventType.RUN_START.value,
+                "STEP_START",
+                dg.DagsterEventType.RUN_SUCCESS.value,
+                "ASSET_MATERIALIZATION",
+            } <= kinds
         # The progress lines of the assets are still in the event log for the UI.
         messages = [e.user_message for e in instance.all_logs(runs[-1].dagster_run.run_id)]
         assert any("[3/3] embedded shard 'part-02'" in m for m in messages)
@@ -155,8 +164,9 @@ def test_progress_bars_on_a_tty(tmp_path: Path) -> None:
     write_embedding_shards(tmp_path / "input", n_shards=3, per_shard=60)
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
-    proc = subprocess.Popen(_args("run", tmp_path), env=_env(TERM="xterm"), stdin=slave, stdout=slave, stderr=slave,
-                            close_fds=True)
+    proc = subprocess.Popen(
+        _args("run", tmp_path), env=_env(TERM="xterm"), stdin=slave, stdout=slave, stderr=slave, close_fds=True
+    )
     os.close(slave)
     try:
         out = _read_pty(master, proc)
@@ -166,7 +176,9 @@ def test_progress_bars_on_a_tty(tmp_path: Path) -> None:
     # tqdm redraws one line with carriage returns: a bar, the count, the rate and the ETA.
     assert "\r" in out
     for label, unit, total in (("embed", "shards", 3), ("assign", "shards", 3), ("pairwise", "buckets", 4)):
-        assert re.search(rf"{label}: 100%\|[█#]+\| {total}/{total} \[\d\d:\d\d<\d\d:\d\d, +[\d.]+({unit}/s|s/{unit})", out), (label, out)
+        assert re.search(
+            rf"{label}: 100%\|[█#]+\| {total}/{total} \[\d\d:\d\d<\d\d:\d\d, +[\d.]+({unit}/s|s/{unit})", out
+        ), (label, out)
     assert re.search(r"embed:\s+\d+%\|.*\| [0-2]/3 \[\d\d:\d\d<[^,]+, ", out)  # intermediate states drawn
     assert "[semdedup] embed: " not in out  # no CI-style lines on a terminal
     assert " - dagster - " not in out and "items: 180" in out
@@ -201,8 +213,14 @@ def test_status_partial_names_the_failed_run_and_missing_work(tmp_path: Path, ca
     assert "not embedded yet: part-00, part-01, part-09" in text and "centroids:  not trained yet" in text
     # A run whose process died stays "started" in the instance: status calls it out.
     with dg.DagsterInstance.from_config(str(tmp_path / "storage" / "dagster_home")) as instance:
-        instance.add_run(dg.DagsterRun(job_name="dedup_job", run_id="deadbeef" * 4, status=dg.DagsterRunStatus.STARTED,
-                                       tags={"dagster/partition": "003"}))
+        instance.add_run(
+            dg.DagsterRun(
+                job_name="dedup_job",
+                run_id="deadbeef" * 4,
+                status=dg.DagsterRunStatus.STARTED,
+                tags={"dagster/partition": "003"},
+            )
+        )
     text, js = _status(tmp_path, capsys, monkeypatch)
     assert [(r["job"], r["partition"]) for r in js["runs"]["unfinished"]] == [("dedup_job", "003")]
     assert "unfinished (stale unless a run is going on now):" in text and "STARTED" in text and "(deadbeef)" in text
@@ -214,15 +232,20 @@ def test_status_complete(done, capsys, monkeypatch) -> None:
     assert js["state"] == "complete" and "(complete)" in text
     assert js["input"] == str(tmp / "input") and js["settings"]["modality"] == "embedding"
     assert {k: js["shards"][k] for k in ("registered", "embedded", "assigned")} == {
-        "registered": 3, "embedded": 3, "assigned": 3}
+        "registered": 3,
+        "embedded": 3,
+        "assigned": 3,
+    }
     c = js["centroids"]
     assert c["k"] == 17 and c["items"] == 300 and c["sample_rows"] == 300 and 0 <= c["age_seconds"] < 3600
     assert js["buckets"] == {"total": 4, "done": 4, "missing": []}
     assert len(js["keep_lists"]["present_eps"]) == 9 == len(js["keep_lists"]["eps_curve"])
     assert all(r["kept"] + r["removed"] == 300 for r in js["keep_lists"]["eps_curve"])
     assert [r["status"] for r in js["runs"]["recent"]] == ["SUCCESS"] * 5 and not js["runs"]["failed"]
-    assert all(js["disk_bytes"][s] > 0 for s in ("raw", "embeddings", "centroids", "cluster_assignments",
-                                                 "semantic_duplicates", "keep_lists"))
+    assert all(
+        js["disk_bytes"][s] > 0
+        for s in ("raw", "embeddings", "centroids", "cluster_assignments", "semantic_duplicates", "keep_lists")
+    )
     assert "buckets:    4/4 done" in text and "kept_fraction" in text and "k=17, trained" in text
     assert "on a sample of 300 of 300 items" in text and "disk:       raw " in text
 
@@ -232,8 +255,9 @@ def test_forget_shows_progress_over_its_reruns(verbose, capsys, monkeypatch) -> 
     proc = _cli("forget", tmp_path, "part-01")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     runs = int(re.search(r"re-running (\d+) bucket", proc.stdout).group(1)) + 1
-    assert re.search(PIPE_LINE.format(label="forget: re-run", n=runs, total=runs, unit="runs") + "  keep-lists",
-                     proc.stderr), proc.stderr
+    assert re.search(
+        PIPE_LINE.format(label="forget: re-run", n=runs, total=runs, unit="runs") + "  keep-lists", proc.stderr
+    ), proc.stderr
     assert "pairwise:" not in proc.stderr  # the re-runs' own loops stay under the outer bar
     _, js = _status(tmp_path, capsys, monkeypatch)
     assert js["shards"]["registered"] == 1 and js["state"] == "complete"
@@ -266,8 +290,8 @@ def test_a_command_leaves_no_reporter_behind_and_a_closed_stream_never_fails_the
 def test_status_of_an_object_store_storage_without_an_instance(tmp_path: Path) -> None:
     import pyarrow as pa
 
-    from semdedup_assets.core.io import storage as st
     from semdedup_assets.core.config import Settings
+    from semdedup_assets.core.io import storage as st
     from semdedup_assets.status import collect_status, format_status
 
     settings = Settings(storage=f"memory://status-test/{tmp_path.name}")

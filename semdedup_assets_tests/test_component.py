@@ -30,8 +30,9 @@ BUCKETS = 2
 
 
 def _dg(project: Path, env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(BIN / "dg"), *args], cwd=project, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(
+        [str(BIN / "dg"), *args], cwd=project, env=env, capture_output=True, text=True, timeout=timeout
+    )
     assert proc.returncode == 0, f"dg {' '.join(args)}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return proc
 
@@ -43,11 +44,22 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, s
     home = root / "dagster_home"
     ensure_instance_config(str(home))  # telemetry off
     env = {k: v for k, v in os.environ.items() if not k.startswith("SEMDEDUP_")}
-    env.update(DAGSTER_HOME=str(home), VIRTUAL_ENV=sys.prefix, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               # The project is not installed (no uv sync offline): its src/ goes on the path.
-               PYTHONPATH=os.pathsep.join(p for p in (str(root / "userproj" / "src"), env.get("PYTHONPATH")) if p))
-    subprocess.run([str(BIN / "create-dagster"), "project", "userproj", "--no-uv-sync"], cwd=root, env=env,
-                   check=True, capture_output=True, timeout=120)
+    env.update(
+        DAGSTER_HOME=str(home),
+        VIRTUAL_ENV=sys.prefix,
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        # The project is not installed (no uv sync offline): its src/ goes on the path.
+        PYTHONPATH=os.pathsep.join(p for p in (str(root / "userproj" / "src"), env.get("PYTHONPATH")) if p),
+    )
+    subprocess.run(
+        [str(BIN / "create-dagster"), "project", "userproj", "--no-uv-sync"],
+        cwd=root,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     proj = root / "userproj"
     with open(proj / "pyproject.toml", "a") as f:
         f.write("\n[tool.dg.cli.telemetry]\nenabled = false\n")
@@ -60,16 +72,24 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, s
     assert scaffolded["type"] == "semdedup_assets.SemDedup" and scaffolded["attributes"]["prefix"] == "dedup_c4"
     for name, data in (("dedup_c4", "c4"), ("dedup_laion", "laion")):
         (defs_dir / name).mkdir(exist_ok=True)
-        attributes = dict(scaffolded["attributes"], prefix=name, input=f"data/{data}", storage=f".storage/{name}",
-                          settings={"buckets": BUCKETS}, **KNOBS)
-        (defs_dir / name / "defs.yaml").write_text(yaml.safe_dump({"type": "semdedup_assets.SemDedup",
-                                                                   "attributes": attributes}, sort_keys=False))
+        attributes = dict(
+            scaffolded["attributes"],
+            prefix=name,
+            input=f"data/{data}",
+            storage=f".storage/{name}",
+            settings={"buckets": BUCKETS},
+            **KNOBS,
+        )
+        (defs_dir / name / "defs.yaml").write_text(
+            yaml.safe_dump({"type": "semdedup_assets.SemDedup", "attributes": attributes}, sort_keys=False)
+        )
     (defs_dir / "training_mix.py").write_text(
         "import dagster as dg\n\n\n"
         "@dg.asset(deps=[dg.AssetKey(['dedup_c4', 'keep_lists'])])\n"
         "def training_mix() -> dg.MaterializeResult:\n"
-        "    \"\"\"The user's own asset, downstream of the keep-lists.\"\"\"\n"
-        "    return dg.MaterializeResult(metadata={'mixed': True})\n")
+        '    """The user\'s own asset, downstream of the keep-lists."""\n'
+        "    return dg.MaterializeResult(metadata={'mixed': True})\n"
+    )
     return proj, env
 
 
@@ -87,8 +107,9 @@ def test_dg_check_and_list_two_components_that_do_not_collide(project: tuple[Pat
     assert deps["training_mix"] == ["dedup_c4/keep_lists"]
     for kind in ("jobs", "sensors", "schedules", "resources"):
         names = [d["name"] for d in listed[kind]]
-        assert len(names) == len(set(names)) and {n.startswith(("dedup_c4", "semdedup_dedup_c4", "ray_dedup_c4"))
-                                                   for n in names} == {True, False}, (kind, names)
+        assert len(names) == len(set(names)) and {
+            n.startswith(("dedup_c4", "semdedup_dedup_c4", "ray_dedup_c4")) for n in names
+        } == {True, False}, (kind, names)
     assert {"dedup_c4_pipeline_job", "dedup_laion_pipeline_job"} <= {j["name"] for j in listed["jobs"]}
 
 
@@ -113,7 +134,8 @@ def test_two_components_have_their_own_partitions_pools_and_storage(tmp_path: Pa
 
 @pytest.mark.timeout(600)
 def test_dg_launch_materializes_one_component_with_the_bytes_of_semdedup_run(
-        project: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+    project: tuple[Path, dict[str, str]], tmp_path: Path
+) -> None:
     proj, env = project
     _dg(proj, env, "launch", "--job", "dedup_c4_pipeline_job", timeout=600)
     c4 = proj / ".storage" / "dedup_c4"
@@ -122,8 +144,14 @@ def test_dg_launch_materializes_one_component_with_the_bytes_of_semdedup_run(
     assert not (proj / ".storage" / "dedup_laion").exists()  # the other component was not touched
 
     # `semdedup run`'s pipeline on the same input and knobs, in a storage and instance of its own.
-    settings = Settings(storage=str(tmp_path / "ref"), input=str(proj / "data" / "c4"), buckets=BUCKETS,
-                        modality="embedding", clusters=3, eps=(0.01, 0.05, 0.1))
+    settings = Settings(
+        storage=str(tmp_path / "ref"),
+        input=str(proj / "data" / "c4"),
+        buckets=BUCKETS,
+        modality="embedding",
+        clusters=3,
+        eps=(0.01, 0.05, 0.1),
+    )
     with dg.instance_for_test() as instance:
         run_pipeline(settings, instance, log=lambda _: None)
     reference = sorted((tmp_path / "ref" / "keep_lists").glob("eps=*.parquet"))

@@ -16,9 +16,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from semdedup_assets.core.config import Settings
 from semdedup_assets.core.io import storage as st
 from semdedup_assets.core.io.catalog import query
-from semdedup_assets.core.config import Settings
 from semdedup_assets.core.io.shards import ShardError, discover_shards, read_shard
 from semdedup_assets.definitions import build_definitions
 from semdedup_assets.partitions import SHARDS_PARTITIONS_NAME
@@ -27,8 +27,14 @@ from semdedup_assets_tests.fixtures import write_embedding_shards, write_text_sh
 
 
 def _settings(tmp_path: Path, **kw) -> Settings:
-    base = dict(storage=str(tmp_path / "storage"), input=str(tmp_path / "input"), modality="embedding",
-                clusters=6, buckets=4, eps=(0.001, 0.01, 0.1))
+    base = dict(
+        storage=str(tmp_path / "storage"),
+        input=str(tmp_path / "input"),
+        modality="embedding",
+        clusters=6,
+        buckets=4,
+        eps=(0.001, 0.01, 0.1),
+    )
     base.update(kw)
     return Settings(**base)
 
@@ -116,11 +122,16 @@ def test_failed_embedding_withdraws_only_the_new_shards(tmp_path: Path, instance
     run_pipeline(settings, instance, log=lambda m: None)
     storage = settings.storage_root()
     before = {p: p.read_bytes() for p in storage.stage_files(st.EMBEDDINGS)}
-    pq.write_table(pa.table({"id": ["n0", "n1"], "text": ["A new shard.", "Another new line."]}),
-                   tmp_path / "input" / "part-02.parquet")
+    pq.write_table(
+        pa.table({"id": ["n0", "n1"], "text": ["A new shard.", "Another new line."]}),
+        tmp_path / "input" / "part-02.parquet",
+    )
     with pytest.raises(PipelineError, match="ingest"):
-        run_pipeline(_settings(tmp_path, modality="text", clusters=2, buckets=1, model=str(tmp_path / "no-model")),
-                     instance, log=lambda m: None)
+        run_pipeline(
+            _settings(tmp_path, modality="text", clusters=2, buckets=1, model=str(tmp_path / "no-model")),
+            instance,
+            log=lambda m: None,
+        )
     assert sorted(_registered(instance)) == ["part-00", "part-01"]
     for stage in (st.RAW, st.EMBEDDINGS):
         assert _files(tmp_path / "storage" / stage) == ["part-00.parquet", "part-01.parquet"]
@@ -141,7 +152,9 @@ def test_a_named_id_column_must_exist(tmp_path: Path, instance: dg.DagsterInstan
     assert read_shard(shard, "text", "text", id_column="doc_id").table.column("id").to_pylist() == ["a", "b"]
     write_embedding_shards(tmp_path / "emb", n_shards=1, per_shard=10, d=4)
     with pytest.raises(PipelineError, match="missing id column 'doc_idd'"):
-        run_pipeline(_settings(tmp_path, input=str(tmp_path / "emb"), id_column="doc_idd"), instance, log=lambda m: None)
+        run_pipeline(
+            _settings(tmp_path, input=str(tmp_path / "emb"), id_column="doc_idd"), instance, log=lambda m: None
+        )
     assert _registered(instance) == []
 
 
@@ -178,9 +191,15 @@ def test_no_shard_files_message_lists_every_format(tmp_path: Path, instance: dg.
 def test_per_partition_metadata_is_per_partition(tmp_path: Path, instance: dg.DagsterInstance) -> None:
     """Defect 6: each shard's materialization shows its own rows, not the run's total."""
     write_embedding_shards(tmp_path / "input", n_shards=2, per_shard=30, d=8)
-    pq.write_table(pa.table({"id": [f"x{i}" for i in range(7)],
-                             "embedding": pa.array(list(np.eye(8, dtype=np.float32)[:7]), pa.list_(pa.float32()))}),
-                   tmp_path / "input" / "part-02.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "id": [f"x{i}" for i in range(7)],
+                "embedding": pa.array(list(np.eye(8, dtype=np.float32)[:7]), pa.list_(pa.float32())),
+            }
+        ),
+        tmp_path / "input" / "part-02.parquet",
+    )
     run_pipeline(_settings(tmp_path), instance, log=lambda m: None)
     expected = {"part-00": 30, "part-01": 30, "part-02": 7}
     for asset in ("raw_shards", "embeddings", "cluster_assignments"):
@@ -199,8 +218,9 @@ def test_per_partition_metadata_is_per_partition(tmp_path: Path, instance: dg.Da
         assert meta["run_rows"].value == 67 and meta["buckets_in_run"].value == 4
 
 
-def test_partition_metadata_reads_the_partition_keys_once_per_step(tmp_path: Path, instance: dg.DagsterInstance,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_partition_metadata_reads_the_partition_keys_once_per_step(
+    tmp_path: Path, instance: dg.DagsterInstance, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """`add_asset_metadata(partition_key=...)` re-read every dynamic partition key on each call (O(P^2) per run:
     45 s of a 181 s run at 1,000 shards); inside partition_keys_read_once the instance answers from a memo, and
     its own methods are back afterwards. Run with 8 shards and with 2: the reads per run do not grow with them."""
@@ -216,8 +236,9 @@ def test_partition_metadata_reads_the_partition_keys_once_per_step(tmp_path: Pat
 
     monkeypatch.setattr(type(instance), "get_dynamic_partitions", counted)
     with partition_keys_read_once(instance):
-        assert [instance.get_dynamic_partitions(SHARDS_PARTITIONS_NAME) for _ in range(10)][-1] == \
-            [f"k{i}" for i in range(5)]
+        assert [instance.get_dynamic_partitions(SHARDS_PARTITIONS_NAME) for _ in range(10)][-1] == [
+            f"k{i}" for i in range(5)
+        ]
         assert instance.has_dynamic_partition(SHARDS_PARTITIONS_NAME, "k3")
         assert not instance.has_dynamic_partition(SHARDS_PARTITIONS_NAME, "nope")
     assert calls == [SHARDS_PARTITIONS_NAME]
@@ -231,7 +252,16 @@ def test_partition_metadata_reads_the_partition_keys_once_per_step(tmp_path: Pat
         with dg.instance_for_test() as fresh:
             monkeypatch.setattr(type(fresh), "get_dynamic_partitions", counted)
             write_embedding_shards(tmp_path / f"in{n_shards}", n_shards=n_shards, per_shard=20, d=8)
-            run_pipeline(Settings(storage=str(tmp_path / f"s{n_shards}"), input=str(tmp_path / f"in{n_shards}"),
-                                  modality="embedding", clusters=2, buckets=2), fresh, log=lambda m: None)
+            run_pipeline(
+                Settings(
+                    storage=str(tmp_path / f"s{n_shards}"),
+                    input=str(tmp_path / f"in{n_shards}"),
+                    modality="embedding",
+                    clusters=2,
+                    buckets=2,
+                ),
+                fresh,
+                log=lambda m: None,
+            )
         reads[n_shards] = len(calls)
     assert reads[8] <= reads[2] + 3, reads  # was 3 per shard and per-shard stage more

@@ -44,9 +44,12 @@ def _near_duplicate_pairs(rows: list[dict], threshold: float = 0.8) -> list[tupl
             continue
         for i, a in enumerate(group):
             ta = _tokens(a["text"])
-            for b in group[i + 1:]:
-                if a["source"] != b["source"] and a["text"] != b["text"] \
-                        and _jaccard(ta, _tokens(b["text"])) >= threshold:
+            for b in group[i + 1 :]:
+                if (
+                    a["source"] != b["source"]
+                    and a["text"] != b["text"]
+                    and _jaccard(ta, _tokens(b["text"])) >= threshold
+                ):
                     pairs.append((a, b))
     return pairs
 
@@ -129,9 +132,11 @@ def test_natural_near_duplicates(rows: list[dict]) -> None:
 
 def test_near_duplicate_check_can_fail() -> None:
     text = "Return the value of the named attribute of the object, or the default if it is missing."
-    rows = [{"text": text, "source": "a"},
-            {"text": "Return the value of the environment variable with the given key.", "source": "b"},
-            {"text": text, "source": "c"}]
+    rows = [
+        {"text": text, "source": "a"},
+        {"text": "Return the value of the environment variable with the given key.", "source": "b"},
+        {"text": text, "source": "c"},
+    ]
     # Different texts below the threshold; identical texts are not near-duplicates.
     assert _near_duplicate_pairs(rows) == []
     rows.append({"text": text.replace("the default", "a default"), "source": "d"})
@@ -155,8 +160,9 @@ def test_manifest(demo_dirs: tuple[list[pathlib.Path], list[pathlib.Path]], rows
     assert man["python_version"]
 
 
-def test_second_call_reuses_files(demo_dirs: tuple[list[pathlib.Path], list[pathlib.Path]],
-                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_second_call_reuses_files(
+    demo_dirs: tuple[list[pathlib.Path], list[pathlib.Path]], monkeypatch: pytest.MonkeyPatch
+) -> None:
     paths = demo_dirs[0]
     out = paths[0].parent
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
@@ -171,7 +177,8 @@ def test_second_call_reuses_files(demo_dirs: tuple[list[pathlib.Path], list[path
 
 
 def test_tampered_or_mismatched_shards_are_not_reused(
-        demo_dirs: tuple[list[pathlib.Path], list[pathlib.Path]], tmp_path: pathlib.Path) -> None:
+    demo_dirs: tuple[list[pathlib.Path], list[pathlib.Path]], tmp_path: pathlib.Path
+) -> None:
     src = demo_dirs[0][0].parent
     for p in src.iterdir():
         (tmp_path / p.name).write_bytes(p.read_bytes())
@@ -190,8 +197,7 @@ def test_no_leftover_tmp(demo_dirs: tuple[list[pathlib.Path], list[pathlib.Path]
         assert names == sorted([MANIFEST_NAME] + [p.name for p in paths])
 
 
-def test_failed_write_leaves_no_tmp_and_no_manifest(tmp_path: pathlib.Path,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_write_leaves_no_tmp_and_no_manifest(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
     small = [(f"Paragraph number {i} of a tiny fake corpus for this test.", f"m:f{i}") for i in range(40)]
     monkeypatch.setattr(demo_data, "collect_demo_texts", lambda max_items=0: small)
     real_write = pq.write_table
@@ -219,8 +225,8 @@ def test_failed_write_leaves_no_tmp_and_no_manifest(tmp_path: pathlib.Path,
 
 
 def test_select_caps_copies_and_prefers_docstrings() -> None:
-    cands = [(0, "same docstring text", "m:a")] * 5          # 5 exact copies -> 3
-    cands += [(2, f"comment {i}", f"m#comment") for i in range(10)]
+    cands = [(0, "same docstring text", "m:a")] * 5  # 5 exact copies -> 3
+    cands += [(2, f"comment {i}", "m#comment") for i in range(10)]
     cands += [(0, f"doc {i}", f"m:f{i}") for i in range(4)]
     picked = demo_data._select(cands, 9)
     assert len(picked) == 9
@@ -254,8 +260,9 @@ def _no_parse(root: pathlib.Path, sources: list) -> list:
     raise AssertionError("the standard library was parsed again")
 
 
-def test_candidates_are_cached_per_user_and_follow_the_sources(tiny_stdlib: pathlib.Path,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_candidates_are_cached_per_user_and_follow_the_sources(
+    tiny_stdlib: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The parse is cached; a second call reads it; a changed source file is parsed again."""
     first = demo_data._collect_candidates()
     assert [source for _, _, source in first] == ["alpha", "beta:f"]
@@ -264,7 +271,9 @@ def test_candidates_are_cached_per_user_and_follow_the_sources(tiny_stdlib: path
     parse = demo_data._parse_candidates
     monkeypatch.setattr(demo_data, "_parse_candidates", _no_parse)
     assert demo_data._collect_candidates() == first
-    (tiny_stdlib / "beta.py").write_text('def g():\n    """Return the list of files that were found under the folder."""\n')
+    (tiny_stdlib / "beta.py").write_text(
+        'def g():\n    """Return the list of files that were found under the folder."""\n'
+    )
     monkeypatch.setattr(demo_data, "_parse_candidates", parse)
     assert [source for _, _, source in demo_data._collect_candidates()] == ["alpha", "beta:g"]
 
@@ -276,15 +285,20 @@ def test_a_damaged_candidates_cache_is_parsed_again_and_rewritten(tiny_stdlib: p
     first = demo_data._collect_candidates()
     (path,) = demo_data._cache_dir().glob("demo-candidates-*.json.gz")
     data = path.read_bytes()
-    path.write_bytes({"truncated": data[: len(data) // 2], "not gzip": b"{}",
-                      "other key": gzip.compress(json.dumps({"key": "x", "candidates": [[0, "a", "b"]]}).encode())}
-                     [damage])
+    path.write_bytes(
+        {
+            "truncated": data[: len(data) // 2],
+            "not gzip": b"{}",
+            "other key": gzip.compress(json.dumps({"key": "x", "candidates": [[0, "a", "b"]]}).encode()),
+        }[damage]
+    )
     assert demo_data._collect_candidates() == first
     assert path.read_bytes() != b"{}" and json.loads(gzip.decompress(path.read_bytes()))["candidates"]
 
 
-def test_an_unwritable_cache_folder_still_gives_the_candidates(tiny_stdlib: pathlib.Path,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_unwritable_cache_folder_still_gives_the_candidates(
+    tiny_stdlib: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     blocker = tiny_stdlib.parent / "not-a-folder"
     blocker.write_text("")
     monkeypatch.setenv("SEMDEDUP_CACHE", str(blocker / "cache"))  # a folder that cannot be made under a file

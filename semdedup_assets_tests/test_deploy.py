@@ -73,8 +73,7 @@ def _postgres_home(home: Path, pg: PostgresServer) -> Path:
 
 
 def _base_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SEMDEDUP_", "AWS_")) and k != "DAGSTER_HOME"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SEMDEDUP_", "AWS_")) and k != "DAGSTER_HOME"}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
     return env
 
@@ -89,8 +88,14 @@ def _stack_env(tmp: Path, pg: PostgresServer, s3: S3Server, **extra: str) -> dic
 
 
 def _cli(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "semdedup_assets.cli", *args], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "semdedup_assets.cli", *args],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _upload(s3: S3Server, folder: Path, url: str) -> None:
@@ -106,7 +111,10 @@ def _keep_lists_local(storage: Path) -> dict[str, bytes]:
 
 def _keep_lists_s3(s3: S3Server, url: str) -> dict[str, bytes]:
     fs = s3.filesystem()
-    return {p.rsplit("/", 1)[1]: fs.cat_file(p) for p in sorted(fs.glob(f"{url.removeprefix('s3://')}/keep_lists/*.parquet"))}
+    return {
+        p.rsplit("/", 1)[1]: fs.cat_file(p)
+        for p in sorted(fs.glob(f"{url.removeprefix('s3://')}/keep_lists/*.parquet"))
+    }
 
 
 def _objects(s3: S3Server, bucket: str) -> dict[str, bytes]:
@@ -115,8 +123,7 @@ def _objects(s3: S3Server, bucket: str) -> dict[str, bytes]:
 
 
 def _assert_no_secret(secret: str, blobs: dict[str, bytes | str]) -> None:
-    leaks = [name for name, blob in blobs.items()
-             if (secret.encode() if isinstance(blob, bytes) else secret) in blob]
+    leaks = [name for name, blob in blobs.items() if (secret.encode() if isinstance(blob, bytes) else secret) in blob]
     assert not leaks, f"the secret key appears in: {leaks}"
 
 
@@ -132,10 +139,12 @@ def _local_run(tmp: Path, input_dir: Path, *flags: str) -> dict[str, bytes]:
 # The whole graph with the instance on Postgres and input + storage in the bucket.
 # --------------------------------------------------------------------------------------
 
+
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("modality", ["embedding", pytest.param("text", marks=pytest.mark.slow)])
-def test_whole_graph_on_postgres_and_s3_matches_local(tmp_path: Path, pg: PostgresServer, s3: S3Server,
-                                                      modality: str) -> None:
+def test_whole_graph_on_postgres_and_s3_matches_local(
+    tmp_path: Path, pg: PostgresServer, s3: S3Server, modality: str
+) -> None:
     input_dir = tmp_path / "input"
     if modality == "text":
         write_text_shards(input_dir, n_shards=2)
@@ -172,8 +181,13 @@ def test_whole_graph_on_postgres_and_s3_matches_local(tmp_path: Path, pg: Postgr
     # No secret anywhere: the bucket (semdedup.json, Parquet), the catalog, the Postgres database
     # (runs, run tags, event logs, materialization metadata), DAGSTER_HOME's files, the CLI output.
     assert f"{bucket_store}/semdedup/semdedup.json" in _objects(s3, bucket_store)
-    blobs: dict[str, bytes | str] = {**_objects(s3, bucket_store), "catalog": catalog, "postgres": database,
-                                     "stdout": proc.stdout, "stderr": proc.stderr}
+    blobs: dict[str, bytes | str] = {
+        **_objects(s3, bucket_store),
+        "catalog": catalog,
+        "postgres": database,
+        "stdout": proc.stdout,
+        "stderr": proc.stderr,
+    }
     blobs.update({str(p): p.read_bytes() for p in Path(env["DAGSTER_HOME"]).rglob("*") if p.is_file()})
     _assert_no_secret(s3.secret_key, blobs)
 
@@ -190,6 +204,7 @@ def _db_of(env: dict[str, str]) -> str:
 # Postgres restarts under the daemon, which carries on; a UI-style backfill runs.
 # --------------------------------------------------------------------------------------
 
+
 def _catalog_counts(storage: str, shard: str) -> tuple[int, int, list]:
     from semdedup_assets.core.io.catalog import query
     from semdedup_assets.core.io.storage import Storage
@@ -201,8 +216,9 @@ def _catalog_counts(storage: str, shard: str) -> tuple[int, int, list]:
 
 
 @pytest.mark.timeout(600)
-def test_daemon_on_postgres_and_s3_survives_a_postgres_restart(tmp_path: Path, pg: PostgresServer, s3: S3Server,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_daemon_on_postgres_and_s3_survives_a_postgres_restart(
+    tmp_path: Path, pg: PostgresServer, s3: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from semdedup_assets_tests.test_webserver import _fail_on_failed_runs
 
     staging = tmp_path / "staging"
@@ -217,8 +233,20 @@ def test_daemon_on_postgres_and_s3_survives_a_postgres_restart(tmp_path: Path, p
 
     env = platform_env(tmp_path, sensors=True, interval=3, clusters=2, buckets=1)
     env.update(_stack_env(tmp_path, pg, s3), SEMDEDUP_STORAGE=storage, SEMDEDUP_INPUT=landing)
-    proc = _cli("run", "--input", landing, "--storage", storage, "--modality", "embedding",
-                "--clusters", "2", "--buckets", "1", env=env)  # one bucket: one dedup run per new shard
+    proc = _cli(
+        "run",
+        "--input",
+        landing,
+        "--storage",
+        storage,
+        "--modality",
+        "embedding",
+        "--clusters",
+        "2",
+        "--buckets",
+        "1",
+        env=env,
+    )  # one bucket: one dedup run per new shard
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # The test's own catalog queries: the same bucket and credentials, another catalog file.
     for k, v in s3.env().items():
@@ -226,6 +254,7 @@ def test_daemon_on_postgres_and_s3_survives_a_postgres_restart(tmp_path: Path, p
     monkeypatch.setenv("SEMDEDUP_CATALOG", str(tmp_path / "test-catalog.duckdb"))
 
     with dagster_dev(env, ARTIFACTS / "deploy-daemon-dagster-dev.log", daemon_loop_s=TEST_DAEMON_LOOP_S) as dev:
+
         def settled(shard: str, total: int):
             def probe() -> bool:
                 all_runs = _fail_on_failed_runs(dev)
@@ -233,6 +262,7 @@ def test_daemon_on_postgres_and_s3_survives_a_postgres_restart(tmp_path: Path, p
                     return False
                 new, n, curve = _catalog_counts(storage, shard)
                 return new == 100 and n == total and curve == [(total,)]
+
             return probe
 
         # PostgreSQL restarts under the running daemon and webserver; both carry on, and the
@@ -242,15 +272,28 @@ def test_daemon_on_postgres_and_s3_survives_a_postgres_restart(tmp_path: Path, p
         pg.start()
         t0 = time.monotonic()
         fs.put_file(str(staging / "part-02.parquet"), f"{bucket_in}/part-02.parquet")
-        dev.wait_for("part-02 to reach the catalog after the Postgres restart", settled("part-02", 300),
-                     timeout=400, interval=2, describe=lambda: describe_runs(dev))
+        dev.wait_for(
+            "part-02 to reach the catalog after the Postgres restart",
+            settled("part-02", 300),
+            timeout=400,
+            interval=2,
+            describe=lambda: describe_runs(dev),
+        )
         flow = time.monotonic() - t0
 
         # A partition backfill through GraphQL, as the UI launches it.
         keys = [f"part-{i:02d}" for i in range(3)]
-        result = dev.graphql(LAUNCH_BACKFILL, {"backfillParams": {
-            "assetSelection": [{"path": ["raw_shards"]}, {"path": ["embeddings"]}],
-            "partitionNames": keys, "fromFailure": False, "tags": []}})["launchPartitionBackfill"]
+        result = dev.graphql(
+            LAUNCH_BACKFILL,
+            {
+                "backfillParams": {
+                    "assetSelection": [{"path": ["raw_shards"]}, {"path": ["embeddings"]}],
+                    "partitionNames": keys,
+                    "fromFailure": False,
+                    "tags": [],
+                }
+            },
+        )["launchPartitionBackfill"]
         assert result["__typename"] == "LaunchBackfillSuccess", result
 
         def backfill_done() -> dict | None:
@@ -259,24 +302,32 @@ def test_daemon_on_postgres_and_s3_survives_a_postgres_restart(tmp_path: Path, p
             assert b["status"] not in ("FAILED", "COMPLETED_FAILED", "CANCELED", "CANCELING", "FAILING"), b
             return b if b["status"] in ("COMPLETED", "COMPLETED_SUCCESS") else None
 
-        b = dev.wait_for("the backfill to complete", backfill_done, timeout=240, interval=2,
-                         describe=lambda: describe_runs(dev))
+        b = dev.wait_for(
+            "the backfill to complete", backfill_done, timeout=240, interval=2, describe=lambda: describe_runs(dev)
+        )
         assert b["runs"] and all(r["status"] == "SUCCESS" for r in b["runs"])
         all_runs = runs(dev)
         log = dev.log_tail(100000)
     print(f"\nnew shard -> catalog after the Postgres restart: {flow:.0f} s; runs: {len(all_runs)}")
-    assert any(r["tags"].get("dagster/sensor_name") == "shard_sensor" and r["tags"].get("dagster/partition") == "part-02"
-               for r in all_runs)
+    assert any(
+        r["tags"].get("dagster/sensor_name") == "shard_sensor" and r["tags"].get("dagster/partition") == "part-02"
+        for r in all_runs
+    )
     # No secret in the runs' tags, the Postgres database, the catalogs, the bucket or the server log.
-    blobs: dict[str, bytes | str] = {**_objects(s3, bucket_store), "postgres": pg.dump(_db_of(env)),
-                                     "dagster dev log": log, "run tags": json.dumps([r["tags"] for r in all_runs]),
-                                     "catalog": Path(env["SEMDEDUP_CATALOG"]).read_bytes()}
+    blobs: dict[str, bytes | str] = {
+        **_objects(s3, bucket_store),
+        "postgres": pg.dump(_db_of(env)),
+        "dagster dev log": log,
+        "run tags": json.dumps([r["tags"] for r in all_runs]),
+        "catalog": Path(env["SEMDEDUP_CATALOG"]).read_bytes(),
+    }
     _assert_no_secret(s3.secret_key, blobs)
 
 
 # --------------------------------------------------------------------------------------
 # Object-store faults: a clear error naming the bucket or key, nothing published.
 # --------------------------------------------------------------------------------------
+
 
 def _small_input(tmp: Path, s3: S3Server) -> tuple[Path, str]:
     input_dir = tmp / "input"
@@ -300,9 +351,12 @@ def test_missing_bucket_and_wrong_credentials_are_named(tmp_path: Path, pg: Post
 
     store = _name("store")
     s3.create_bucket(store)
-    proc = _cli("run", "--input", f"s3://{missing}/in", "--storage", f"s3://{store}/semdedup", *flags, env=env,
-                timeout=120)
-    assert proc.returncode == 1 and f"input s3://{missing}/in: bucket {missing!r} does not exist" in proc.stderr, proc.stderr
+    proc = _cli(
+        "run", "--input", f"s3://{missing}/in", "--storage", f"s3://{store}/semdedup", *flags, env=env, timeout=120
+    )
+    assert proc.returncode == 1 and f"input s3://{missing}/in: bucket {missing!r} does not exist" in proc.stderr, (
+        proc.stderr
+    )
     assert _objects(s3, store) == {}, "something was published without input"
 
     wrong = dict(env, AWS_SECRET_ACCESS_KEY="not-the-secret")
@@ -313,8 +367,9 @@ def test_missing_bucket_and_wrong_credentials_are_named(tmp_path: Path, pg: Post
     assert _objects(s3, store) == {}, "something was published with refused credentials"
 
 
-def test_object_deleted_between_discovery_and_reading(tmp_path: Path, s3: S3Server,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_object_deleted_between_discovery_and_reading(
+    tmp_path: Path, s3: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from semdedup_assets.core.io.shards import ShardError, discover_shards, read_shard
 
     _, source = _small_input(tmp_path, s3)
@@ -345,9 +400,24 @@ def test_s3_stopped_mid_run_then_rerun_equals_uninterrupted(tmp_path: Path, pg: 
 
     env = _stack_env(tmp_path, pg, s3)
     env = prepare()
-    run = subprocess.Popen([sys.executable, "-m", "semdedup_assets.cli", "run", "--input", f"s3://{bucket_in}/in",
-                            "--storage", storage, *flags], env=env, cwd=REPO, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
+    run = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "semdedup_assets.cli",
+            "run",
+            "--input",
+            f"s3://{bucket_in}/in",
+            "--storage",
+            storage,
+            *flags,
+        ],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     fs = s3.filesystem()
     deadline = time.monotonic() + 240
     while not fs.glob(f"{bucket_store}/semdedup/cluster_assignments/*.parquet"):

@@ -29,8 +29,8 @@ def _generator() -> ModuleType:
 def _run_flags() -> dict[str, str]:
     """dest -> the first option string of every `semdedup run` option, from the real parser."""
     parser = build_parser()
-    run = next(a for a in parser._subparsers._group_actions if a.dest == "command").choices["run"]  # noqa: SLF001
-    return {a.dest: a.option_strings[0] for a in run._actions if a.option_strings}  # noqa: SLF001
+    run = next(a for a in parser._subparsers._group_actions if a.dest == "command").choices["run"]
+    return {a.dest: a.option_strings[0] for a in run._actions if a.option_strings}
 
 
 def _rows(page: str) -> dict[str, list[str]]:
@@ -75,8 +75,13 @@ def test_committed_configuration_page_is_the_generated_one() -> None:
 def test_mkdocs_build_strict(tmp_path: Path) -> None:
     if importlib.util.find_spec("mkdocs") is None or importlib.util.find_spec("material") is None:
         pytest.skip("mkdocs and mkdocs-material are not installed (pip install -e '.[docs]')")
-    proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
-                          cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (tmp_path / "site" / "configuration" / "index.html").exists()

@@ -14,9 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from semdedup_assets.cli import main
-from semdedup_assets.core.io.catalog import query
 from semdedup_assets.core.config import Settings
 from semdedup_assets.core.dedup.keep import keep_for_target
+from semdedup_assets.core.io.catalog import query
 from semdedup_assets.definitions import build_definitions
 from semdedup_assets.partitions import SHARDS_PARTITIONS_NAME
 from semdedup_assets.pipeline import run_pipeline
@@ -30,31 +30,51 @@ def _write_inputs(folder: Path) -> None:
     x = make_planted(3 * PER_SHARD, 12, dup_every=4, seed=3)
     parts = [x[i * PER_SHARD : (i + 1) * PER_SHARD] for i in range(3)]
     folder.mkdir(parents=True)
-    pq.write_table(pa.table({"id": [f"p-{i:04d}" for i in range(PER_SHARD)], "lang": ["en"] * PER_SHARD,
-                             "embedding": pa.array(list(parts[0]), pa.list_(pa.float32()))}),
-                   folder / "a.parquet")
-    lines = [json.dumps({"id": f"j-{i:04d}", "embedding": [float(v) for v in row], "n": i}) + "\n"
-             for i, row in enumerate(parts[1])]
+    pq.write_table(
+        pa.table(
+            {
+                "id": [f"p-{i:04d}" for i in range(PER_SHARD)],
+                "lang": ["en"] * PER_SHARD,
+                "embedding": pa.array(list(parts[0]), pa.list_(pa.float32())),
+            }
+        ),
+        folder / "a.parquet",
+    )
+    lines = [
+        json.dumps({"id": f"j-{i:04d}", "embedding": [float(v) for v in row], "n": i}) + "\n"
+        for i, row in enumerate(parts[1])
+    ]
     (folder / "b.jsonl.gz").write_bytes(gzip.compress("".join(lines).encode()))
     for d in ("img_emb", "metadata"):
         (folder / "laion" / d).mkdir(parents=True)
     np.save(folder / "laion" / "img_emb" / "img_emb_0.npy", parts[2])
-    pq.write_table(pa.table({"url": [f"http://x/{i}" for i in range(PER_SHARD)]}),
-                   folder / "laion" / "metadata" / "metadata_0.parquet")
+    pq.write_table(
+        pa.table({"url": [f"http://x/{i}" for i in range(PER_SHARD)]}),
+        folder / "laion" / "metadata" / "metadata_0.parquet",
+    )
 
 
 @pytest.fixture
 def ran(tmp_path: Path, instance: dg.DagsterInstance) -> Settings:
     _write_inputs(tmp_path / "input")
-    settings = Settings(storage=str(tmp_path / "storage"), input=str(tmp_path / "input"), modality="embedding",
-                        clusters=4, buckets=2, eps=(0.001, 0.01, 0.1), block_size=32)
+    settings = Settings(
+        storage=str(tmp_path / "storage"),
+        input=str(tmp_path / "input"),
+        modality="embedding",
+        clusters=4,
+        buckets=2,
+        eps=(0.001, 0.01, 0.1),
+        block_size=32,
+    )
     run_pipeline(settings, instance, log=lambda m: None)
     return settings
 
 
 def _kept_by_shard(settings: Settings, sql_filter: str) -> dict[str, list[int]]:
-    _, rows = query(settings.storage_root(), "SELECT r.shard, r.row FROM items i JOIN raw_items r USING (id) "
-                    f"WHERE {sql_filter} ORDER BY r.shard, r.row")
+    _, rows = query(
+        settings.storage_root(),
+        f"SELECT r.shard, r.row FROM items i JOIN raw_items r USING (id) WHERE {sql_filter} ORDER BY r.shard, r.row",
+    )
     out: dict[str, list[int]] = {}
     for shard, row in rows:
         out.setdefault(shard, []).append(row)
@@ -107,8 +127,12 @@ def test_export_by_eps_and_by_keep_fraction(ran: Settings, capsys) -> None:
 
     eps_kept = _kept_by_shard(ran, "i.max_sim <= 1 - 0.01")["a"]
     victim = f"p-{eps_kept[0]:04d}"
-    st.atomic_write_table(pa.Table.from_pylist([{"id": victim, "shard": "a", "reference_id": "eval-0", "score": 1.0}],
-                                               schema=CONTAMINATED_SCHEMA), ran.storage_root().contaminated_file)
+    st.atomic_write_table(
+        pa.Table.from_pylist(
+            [{"id": victim, "shard": "a", "reference_id": "eval-0", "score": 1.0}], schema=CONTAMINATED_SCHEMA
+        ),
+        ran.storage_root().contaminated_file,
+    )
     assert main(["export", "--select", "eps=0.01", *storage]) == 0
     out = capsys.readouterr().out
     [line_a] = [ln for ln in out.splitlines() if ln.startswith("a: ")]
@@ -146,8 +170,10 @@ def test_deduplicated_asset_takes_the_selection_from_the_resource(ran: Settings,
 
 def _write_reference(folder: Path, x: np.ndarray, d: int | None = None) -> None:
     folder.mkdir(parents=True)
-    pq.write_table(pa.table({"id": [f"eval-{i}" for i in range(len(x))],
-                             "embedding": pa.array(list(x), pa.list_(pa.float32()))}), folder / "eval.parquet")
+    pq.write_table(
+        pa.table({"id": [f"eval-{i}" for i in range(len(x))], "embedding": pa.array(list(x), pa.list_(pa.float32()))}),
+        folder / "eval.parquet",
+    )
 
 
 def test_planted_leak_is_flagged_and_left_out_of_the_export(tmp_path: Path, instance: dg.DagsterInstance) -> None:
@@ -162,11 +188,20 @@ def test_planted_leak_is_flagged_and_left_out_of_the_export(tmp_path: Path, inst
         ref[10 + k] = vectors[row] + 0.002 * rng.normal(size=12)
     ref /= np.linalg.norm(ref, axis=1, keepdims=True)
     _write_reference(tmp_path / "eval", ref)
-    settings = Settings(storage=str(tmp_path / "storage"), input=str(tmp_path / "input"), modality="embedding",
-                        clusters=4, buckets=2, eps=(0.001, 0.01, 0.1), block_size=32, reference=str(tmp_path / "eval"))
+    settings = Settings(
+        storage=str(tmp_path / "storage"),
+        input=str(tmp_path / "input"),
+        modality="embedding",
+        clusters=4,
+        buckets=2,
+        eps=(0.001, 0.01, 0.1),
+        block_size=32,
+        reference=str(tmp_path / "eval"),
+    )
     run_pipeline(settings, instance, log=lambda m: None)
-    _, rows = query(settings.storage_root(), "SELECT id, reference_id, score FROM contaminated WHERE score > 1 - 0.01 "
-                    "ORDER BY id")
+    _, rows = query(
+        settings.storage_root(), "SELECT id, reference_id, score FROM contaminated WHERE score > 1 - 0.01 ORDER BY id"
+    )
     assert [(i, r) for i, r, _ in rows] == [(f"p-{row:04d}", f"eval-{10 + k}") for k, row in enumerate(leaked)]
     assert all(s > 0.99 for _, _, s in rows)
     assert main(["export", "--select", "eps=0.01", "--storage", settings.storage]) == 0
@@ -178,7 +213,16 @@ def test_planted_leak_is_flagged_and_left_out_of_the_export(tmp_path: Path, inst
 def test_reference_of_another_dimension_fails_naming_both(tmp_path: Path, instance: dg.DagsterInstance) -> None:
     _write_inputs(tmp_path / "input")
     _write_reference(tmp_path / "eval", np.eye(8, dtype=np.float32))
-    settings = Settings(storage=str(tmp_path / "storage"), input=str(tmp_path / "input"), modality="embedding",
-                        clusters=4, buckets=2, eps=(0.01,), reference=str(tmp_path / "eval"))
-    with pytest.raises(Exception, match="reference shard 'eval' has dimension 8 but the dataset's embeddings have dimension 12"):
+    settings = Settings(
+        storage=str(tmp_path / "storage"),
+        input=str(tmp_path / "input"),
+        modality="embedding",
+        clusters=4,
+        buckets=2,
+        eps=(0.01,),
+        reference=str(tmp_path / "eval"),
+    )
+    with pytest.raises(
+        Exception, match="reference shard 'eval' has dimension 8 but the dataset's embeddings have dimension 12"
+    ):
         run_pipeline(settings, instance, log=lambda m: None)

@@ -15,22 +15,31 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import dagster as dg
 import pyarrow as pa
 import pytest
 
-from semdedup_assets.core.io.catalog import query
 from semdedup_assets.core.config import Settings
-from semdedup_assets.core.select.prune import compute_pruning, parse_pruning
+from semdedup_assets.core.io.catalog import query
 from semdedup_assets.core.io.storage import Storage
+from semdedup_assets.core.select.prune import compute_pruning, parse_pruning
 from semdedup_assets_tests.fixtures import write_embedding_shards
 
 REPO = Path(__file__).resolve().parents[1]
-RUN_ARGS = ["--modality", "embedding", "--clusters", "24", "--buckets", "4", "--iterations", "60",
-            "--eps", "0.001,0.01,0.1"]
+RUN_ARGS = [
+    "--modality",
+    "embedding",
+    "--clusters",
+    "24",
+    "--buckets",
+    "4",
+    "--iterations",
+    "60",
+    "--eps",
+    "0.001,0.01,0.1",
+]
 # The kill inside the prune stage: every method, as the pruned_* assets (a sixth run).
 PRUNE = "prototypes:keep-fraction=0.5;d4:eps=0.01,keep-fraction=0.5;dbp:eps=0.01,keep-fraction=0.4"
 RERUN_TIMEOUT_S = 120  # before the fix a re-run after a kill in a gpu step waited for ever
@@ -46,8 +55,14 @@ class Child:
     """A `semdedup` subprocess whose merged output is read line by line as it comes."""
 
     def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "semdedup_assets.cli", *args], env=env or _env(),
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "semdedup_assets.cli", *args],
+            env=env or _env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+        )
         self.lines: list[str] = []
         self._cond = threading.Condition()
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -77,7 +92,9 @@ class Child:
                         return line
                 seen = len(self.lines)
                 if self.proc.poll() is not None and not self._reader.is_alive():
-                    raise AssertionError(f"process ended (rc {self.proc.returncode}) before {pattern!r}:\n{self.output[-4000:]}")
+                    raise AssertionError(
+                        f"process ended (rc {self.proc.returncode}) before {pattern!r}:\n{self.output[-4000:]}"
+                    )
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise AssertionError(f"no line matching {pattern!r} in {timeout} s:\n{self.output[-4000:]}")
@@ -105,8 +122,11 @@ def run_cli(input_dir: Path, storage: Path, *extra: str, env: dict[str, str] | N
 
 def snapshot(storage: Path) -> dict[str, object]:
     """What must be byte-identical: keep-lists, bucket files and the `items` view."""
-    files = {str(p.relative_to(storage)): p.read_bytes()
-             for stage in ("keep_lists", "semantic_duplicates") for p in sorted((storage / stage).glob("*.parquet"))}
+    files = {
+        str(p.relative_to(storage)): p.read_bytes()
+        for stage in ("keep_lists", "semantic_duplicates")
+        for p in sorted((storage / stage).glob("*.parquet"))
+    }
     _, items = query(Storage(str(storage)), "SELECT * FROM items ORDER BY id")
     return {"files": files, "items": items}
 
@@ -154,8 +174,9 @@ def pruned_files(storage: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("label,line,gpu_step", KILL_POINTS, ids=[k[0].split()[0] for k in KILL_POINTS])
-def test_sigkill_inside_each_stage_then_rerun_is_byte_identical(data, tmp_path: Path, label: str, line: str,
-                                                                 gpu_step: str | None) -> None:
+def test_sigkill_inside_each_stage_then_rerun_is_byte_identical(
+    data, tmp_path: Path, label: str, line: str, gpu_step: str | None
+) -> None:
     """Regression for defects 1 and 2: a kill in a gpu step left its slot claimed (the re-run hung)
     and its run STARTED for ever."""
     storage = tmp_path / "storage"
@@ -178,8 +199,14 @@ def test_sigkill_inside_each_stage_then_rerun_is_byte_identical(data, tmp_path: 
     if extra:  # the re-run's selections equal a fresh computation from the same stored results
         after = pruned_files(storage)
         assert len([p for p in after if p.endswith("kept.parquet")]) == 3
-        settings = Settings(storage=str(storage), modality="embedding", clusters=24, buckets=4, kmeans_iterations=60,
-                            eps=(0.001, 0.01, 0.1))
+        settings = Settings(
+            storage=str(storage),
+            modality="embedding",
+            clusters=24,
+            buckets=4,
+            kmeans_iterations=60,
+            eps=(0.001, 0.01, 0.1),
+        )
         for selection in PRUNE.split(";"):
             compute_pruning(settings, parse_pruning(selection, settings.eps))
         assert pruned_files(storage) == after
@@ -292,8 +319,10 @@ def test_dagster_yaml_appears_whole_and_is_never_overwritten(tmp_path: Path, mon
 
 def _can_mount_tmpfs(path: Path) -> bool:
     path.mkdir(parents=True, exist_ok=True)
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(path)],
-                          capture_output=True).returncode == 0
+    return (
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(path)], capture_output=True).returncode
+        == 0
+    )
 
 
 def test_full_disk_on_a_real_tmpfs(data, tmp_path: Path) -> None:
@@ -322,15 +351,21 @@ def test_full_disk_on_a_real_tmpfs(data, tmp_path: Path) -> None:
 
 # ---- damaged stage files and a full disk, in-process (fast) ---------------------------------------
 
-from semdedup_assets.core.io import storage as st  # noqa: E402
 from semdedup_assets.core.checks.verify import repair, verify_storage  # noqa: E402
+from semdedup_assets.core.io import storage as st  # noqa: E402
 from semdedup_assets.definitions import build_definitions  # noqa: E402
 from semdedup_assets.pipeline import PipelineError, run_pipeline  # noqa: E402
 
 
 def _settings(tmp_path: Path) -> Settings:
-    return Settings(storage=str(tmp_path / "storage"), input=str(tmp_path / "input"), modality="embedding",
-                    clusters=6, buckets=3, eps=(0.001, 0.01, 0.1))
+    return Settings(
+        storage=str(tmp_path / "storage"),
+        input=str(tmp_path / "input"),
+        modality="embedding",
+        clusters=6,
+        buckets=3,
+        eps=(0.001, 0.01, 0.1),
+    )
 
 
 def _truncate(path: st.UPath) -> None:
@@ -354,8 +389,9 @@ DAMAGED = {
 }
 
 
-def test_truncated_file_in_every_stage_is_found_by_verify_and_healed_by_a_rerun(tmp_path: Path,
-                                                                              instance: dg.DagsterInstance) -> None:
+def test_truncated_file_in_every_stage_is_found_by_verify_and_healed_by_a_rerun(
+    tmp_path: Path, instance: dg.DagsterInstance
+) -> None:
     """Regression for defect 3: a truncated embeddings file failed every re-run with
     'ArrowInvalid: Parquet magic bytes not found in footer', naming no file."""
     write_embedding_shards(tmp_path / "input", n_shards=3, per_shard=60, d=8)
@@ -384,12 +420,20 @@ def test_downstream_read_of_a_damaged_file_names_it(tmp_path: Path, instance: dg
     run_pipeline(settings, instance, log=lambda m: None)
     storage = settings.storage_root()
     defs = build_definitions(settings)
-    for job, path in (("assign_job", storage.shard_file(st.EMBEDDINGS, "part-00")),
-                      ("keep_lists_job", storage.bucket_file("002")),
-                      ("dedup_job", storage.centroids_file)):
+    for job, path in (
+        ("assign_job", storage.shard_file(st.EMBEDDINGS, "part-00")),
+        ("keep_lists_job", storage.bucket_file("002")),
+        ("dedup_job", storage.centroids_file),
+    ):
         good = Path(str(path)).read_bytes()
         _truncate(path)
-        kwargs = {"partition_key": "part-00"} if job == "assign_job" else {"partition_key": "000"} if job == "dedup_job" else {}
+        kwargs = (
+            {"partition_key": "part-00"}
+            if job == "assign_job"
+            else {"partition_key": "000"}
+            if job == "dedup_job"
+            else {}
+        )
         run = defs.resolve_job_def(job).execute_in_process(instance=instance, raise_on_error=False, **kwargs)
         assert not run.success
         from semdedup_assets.pipeline import failure_message
@@ -398,7 +442,9 @@ def test_downstream_read_of_a_damaged_file_names_it(tmp_path: Path, instance: dg
         Path(str(path)).write_bytes(good)
 
 
-def test_verify_checks_consistency_with_upstream_and_repair_deletes(tmp_path: Path, instance: dg.DagsterInstance) -> None:
+def test_verify_checks_consistency_with_upstream_and_repair_deletes(
+    tmp_path: Path, instance: dg.DagsterInstance
+) -> None:
     import pyarrow.parquet as pq
 
     write_embedding_shards(tmp_path / "input", n_shards=3, per_shard=60, d=8)
@@ -433,15 +479,32 @@ def test_verify_checks_consistency_with_upstream_and_repair_deletes(tmp_path: Pa
     assert problem.path == keep and "the buckets keep" in problem.reason
 
 
-def test_cli_verify_exit_status_and_repair(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                           capsys: pytest.CaptureFixture) -> None:
+def test_cli_verify_exit_status_and_repair(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     from semdedup_assets.cli import main
 
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
     write_embedding_shards(tmp_path / "input", n_shards=2, per_shard=40, d=8)
     storage = str(tmp_path / "storage")
-    assert main(["run", "--input", str(tmp_path / "input"), "--storage", storage, "--modality", "embedding",
-                 "--clusters", "3", "--buckets", "2"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "--input",
+                str(tmp_path / "input"),
+                "--storage",
+                storage,
+                "--modality",
+                "embedding",
+                "--clusters",
+                "3",
+                "--buckets",
+                "2",
+            ]
+        )
+        == 0
+    )
     assert main(["verify", "--storage", storage]) == 0
     emb = Storage(storage).shard_file(st.EMBEDDINGS, "part-01")
     _truncate(emb)
@@ -450,12 +513,30 @@ def test_cli_verify_exit_status_and_repair(tmp_path: Path, monkeypatch: pytest.M
     assert f"BAD {emb}: damaged" in capsys.readouterr().out
     assert main(["verify", "--repair", "--storage", storage]) == 0
     assert not Path(str(emb)).exists()
-    assert main(["run", "--input", str(tmp_path / "input"), "--storage", storage, "--modality", "embedding",
-                 "--clusters", "3", "--buckets", "2"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "--input",
+                str(tmp_path / "input"),
+                "--storage",
+                storage,
+                "--modality",
+                "embedding",
+                "--clusters",
+                "3",
+                "--buckets",
+                "2",
+            ]
+        )
+        == 0
+    )
     assert main(["verify", "--storage", storage]) == 0
 
 
-def test_full_disk_patched_writer(tmp_path: Path, instance: dg.DagsterInstance, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_full_disk_patched_writer(
+    tmp_path: Path, instance: dg.DagsterInstance, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """ENOSPC while writing a bucket: a clear error naming the file, no partial file, and a clean re-run."""
     import errno
 
@@ -503,11 +584,14 @@ def test_recover_stale_runs_marks_dead_runs_failed_and_frees_their_slots(instanc
     dead = subprocess.Popen(["true"])
     dead.wait()
     runs = {}
-    for name, tags in {"dead": {**run_guard.process_tags(), run_guard.PID_TAG: str(dead.pid)},
-                       "alive": run_guard.process_tags(),
-                       "elsewhere": {**run_guard.process_tags(), run_guard.HOST_TAG: "another-host"}}.items():
-        runs[name] = instance.create_run_for_job(dg.GraphDefinition(name=f"g_{name}").to_job(), tags=tags,
-                                                 status=dg.DagsterRunStatus.STARTED)
+    for name, tags in {
+        "dead": {**run_guard.process_tags(), run_guard.PID_TAG: str(dead.pid)},
+        "alive": run_guard.process_tags(),
+        "elsewhere": {**run_guard.process_tags(), run_guard.HOST_TAG: "another-host"},
+    }.items():
+        runs[name] = instance.create_run_for_job(
+            dg.GraphDefinition(name=f"g_{name}").to_job(), tags=tags, status=dg.DagsterRunStatus.STARTED
+        )
     storage = instance.event_log_storage
     storage.set_concurrency_slots("gpu", 1)
     assert storage.claim_concurrency_slot("gpu", runs["dead"].run_id, "semantic_duplicates").is_claimed
@@ -523,7 +607,10 @@ def test_recover_stale_runs_marks_dead_runs_failed_and_frees_their_slots(instanc
     assert run_guard.recover_stale_runs(instance, lines.append) == [runs["dead"].run_id]
     assert f"pid {dead.pid}" in lines[-1] and "is gone" in lines[-1]
     status = {k: instance.get_run_by_id(r.run_id).status for k, r in runs.items()}
-    assert status == {"dead": dg.DagsterRunStatus.FAILURE, "alive": dg.DagsterRunStatus.STARTED,
-                      "elsewhere": dg.DagsterRunStatus.STARTED}
+    assert status == {
+        "dead": dg.DagsterRunStatus.FAILURE,
+        "alive": dg.DagsterRunStatus.STARTED,
+        "elsewhere": dg.DagsterRunStatus.STARTED,
+    }
     assert not [s for s in storage.get_concurrency_info("gpu").claimed_slots if s.run_id == runs["dead"].run_id]
     assert storage.claim_concurrency_slot("gpu", runs["alive"].run_id, "embeddings").is_claimed

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import dagster as dg
 
-from semdedup_assets.core.settings_store import load_settings
 from semdedup_assets.core.select.robustness import ROBUSTNESS, build_robustness
+from semdedup_assets.core.settings_store import load_settings
 from semdedup_assets_tests.fixtures import write_embedding_shards
 from semdedup_assets_tests.test_faults import Child, instance_of
 
@@ -24,8 +24,22 @@ KILL_LINE = r"robustness: \d+ items, \d+ eps: drawing the eps curves"
 
 
 def _sweep(input_dir: Path, root: Path) -> Child:
-    return Child("sweep", "-v", "--input", str(input_dir), "--storage", str(root), "--modality", "embedding",
-                 "--clusters", "3,12", "--eps", "0.01,0.1", "--buckets", "2")
+    return Child(
+        "sweep",
+        "-v",
+        "--input",
+        str(input_dir),
+        "--storage",
+        str(root),
+        "--modality",
+        "embedding",
+        "--clusters",
+        "3,12",
+        "--eps",
+        "0.01,0.1",
+        "--buckets",
+        "2",
+    )
 
 
 def _robustness_files(storage: Path) -> dict[str, bytes]:
@@ -53,8 +67,7 @@ def test_sigkill_inside_robustness_then_rerun_is_byte_identical(tmp_path: Path) 
     assert f"run {killed.run_id}" in rerun.output and "is gone" in rerun.output
     instance = instance_of(first)
     assert instance.get_run_by_id(killed.run_id).status == dg.DagsterRunStatus.FAILURE
-    assert [r.status for r in _robustness_runs(instance)] == [dg.DagsterRunStatus.SUCCESS,
-                                                               dg.DagsterRunStatus.FAILURE]
+    assert [r.status for r in _robustness_runs(instance)] == [dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE]
     assert not instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED]))
 
     after = _robustness_files(first)

@@ -16,18 +16,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from semdedup_assets.cli import main
+from semdedup_assets.core.config import Settings
 from semdedup_assets.core.io import storage as st
 from semdedup_assets.core.io.catalog import query
-from semdedup_assets.core.config import Settings
-from semdedup_assets.core.select.export import parse_selection, export_shards, tidy_exports
 from semdedup_assets.core.io.shards import discover
 from semdedup_assets.core.io.storage import UnsafeKeyError
-from semdedup_assets.cli import main
+from semdedup_assets.core.select.export import export_shards, parse_selection, tidy_exports
 from semdedup_assets.core.settings_store import load_settings
 from semdedup_assets.definitions import build_definitions
-from semdedup_assets.status import collect_status
 from semdedup_assets.partitions import SHARDS_PARTITIONS_NAME
 from semdedup_assets.pipeline import PipelineError, forget_shard, run_pipeline
+from semdedup_assets.status import collect_status
 from semdedup_assets_tests.fixtures import make_planted
 from semdedup_assets_tests.test_faults import Child, instance_of, remove_leftovers, snapshot, stage_runs
 
@@ -45,16 +45,24 @@ def write_files(folder: Path, names: list[str], seed: int = 0) -> None:
     for name in names:
         start = (sum(map(ord, name)) * 7) % (len(base) - PER_FILE)
         part = base[start : start + PER_FILE]
-        pq.write_table(pa.table({"embedding": pa.array(list(part), type=pa.list_(pa.float32())),
-                                 "score": np.arange(PER_FILE, dtype=np.float64)}), folder / f"{name}.parquet")
+        pq.write_table(
+            pa.table(
+                {
+                    "embedding": pa.array(list(part), type=pa.list_(pa.float32())),
+                    "score": np.arange(PER_FILE, dtype=np.float64),
+                }
+            ),
+            folder / f"{name}.parquet",
+        )
 
 
 NAMES = [f"{i:05d}" for i in range(7)]
 
 
 def run(tmp_path: Path, storage: str, files_per_shard: int, instance: dg.DagsterInstance, **extra) -> Settings:
-    settings = Settings(storage=str(tmp_path / storage), input=str(tmp_path / "input"),
-                        files_per_shard=files_per_shard, **RUN, **extra)
+    settings = Settings(
+        storage=str(tmp_path / storage), input=str(tmp_path / "input"), files_per_shard=files_per_shard, **RUN, **extra
+    )
     run_pipeline(settings, instance, log=lambda m: None)
     return settings
 
@@ -75,8 +83,12 @@ def partitions(instance: dg.DagsterInstance) -> list[str]:
 def raw_members(settings: Settings) -> dict[str, list[str]]:
     """Each raw index file's input files (its `shard` column, in order)."""
     storage = settings.storage_root()
-    return {storage.shard_of(st.RAW, p): list(dict.fromkeys(st.read_table(p, columns=["shard"]).column("shard").to_pylist()))
-            for p in storage.stage_files(st.RAW)}
+    return {
+        storage.shard_of(st.RAW, p): list(
+            dict.fromkeys(st.read_table(p, columns=["shard"]).column("shard").to_pylist())
+        )
+        for p in storage.stage_files(st.RAW)
+    }
 
 
 def test_grouping_rule_consecutive_runs_in_key_order(tmp_path: Path) -> None:
@@ -105,8 +117,12 @@ def test_append_insert_delete_rename(tmp_path: Path) -> None:
 
     write_files(inp, ["00004a"])  # insert inside group 00003+3
     inserted = {s.key: [f.key for f in s.files] for s in discover(inp, 3).shards}
-    assert inserted == {"00000+3": NAMES[0:3], "00003+3": ["00003", "00004", "00004a"],
-                        "00005+3": ["00005", "00006", "00007"], "00008+3": ["00008", "00009"]}
+    assert inserted == {
+        "00000+3": NAMES[0:3],
+        "00003+3": ["00003", "00004", "00004a"],
+        "00005+3": ["00005", "00006", "00007"],
+        "00008+3": ["00008", "00009"],
+    }
     (inp / "00004a.parquet").unlink()  # delete it again: back to the grouping before
     assert {s.key: s.fingerprint() for s in discover(inp, 3).shards} == after
     (inp / "00004.parquet").rename(inp / "00004r.parquet")  # rename inside a group: its fingerprint changes
@@ -137,8 +153,12 @@ def test_keep_lists_byte_identical_whatever_files_per_shard(tmp_path: Path) -> N
             sel = parse_selection("eps=0.01", s.eps)
             export_shards(s.storage_root(), s.input, sel, configured_eps=s.eps, files_per_shard=s.files_per_shard)
             tidy_exports(s.storage_root(), s.input, sel, s.eps, s.files_per_shard)
-        out = {s.storage: {p.name: p.read_bytes() for p in (Path(s.storage) / "deduplicated" / "eps=0.01").glob("*.parquet")}
-               for s in (a, b)}
+        out = {
+            s.storage: {
+                p.name: p.read_bytes() for p in (Path(s.storage) / "deduplicated" / "eps=0.01").glob("*.parquet")
+            }
+            for s in (a, b)
+        }
         assert sorted(out[a.storage]) == [f"{n}.parquet" for n in NAMES]
         assert out[a.storage] == out[b.storage]
 
@@ -167,11 +187,16 @@ def test_run_after_insert_and_delete_equals_a_fresh_run_and_leaves_nothing_stale
         write_files(inp, ["00001a"])  # inside the first group: every group shifts
         run_pipeline(s, inst, log=lambda m: None)
         assert partitions(inst) == ["00000+3", "00002+3", "00005+3"]
-        assert raw_members(s) == {"00000+3": ["00000", "00001", "00001a"], "00002+3": ["00002", "00003", "00004"],
-                                  "00005+3": ["00005", "00006"]}
+        assert raw_members(s) == {
+            "00000+3": ["00000", "00001", "00001a"],
+            "00002+3": ["00002", "00003", "00004"],
+            "00005+3": ["00005", "00006"],
+        }
         for stage in (st.RAW, st.EMBEDDINGS, st.CLUSTER_ASSIGNMENTS):
-            assert sorted(s.storage_root().shard_of(stage, p) for p in s.storage_root().stage_files(stage)) \
-                in ([], partitions(inst)), stage
+            assert sorted(s.storage_root().shard_of(stage, p) for p in s.storage_root().stage_files(stage)) in (
+                [],
+                partitions(inst),
+            ), stage
         fresh = run(tmp_path, "fresh", 3, fresh_inst)
         assert keep_lists(s) == keep_lists(fresh) and items(s) == items(fresh)
 
@@ -193,21 +218,43 @@ def test_forget_a_grouped_shard(tmp_path: Path) -> None:
             forget_shard(s, inst, "00004", log=lambda m: None)
         result = forget_shard(s, inst, "00003+3", log=lambda m: None)
         assert partitions(inst) == ["00000+3", "00006+3"]
-        assert not any("00003+3" in p for p in [str(x) for stage in (st.RAW, st.EMBEDDINGS, st.CLUSTER_ASSIGNMENTS)
-                                                 for x in s.storage_root().stage_files(stage)])
+        assert not any(
+            "00003+3" in p
+            for p in [
+                str(x)
+                for stage in (st.RAW, st.EMBEDDINGS, st.CLUSTER_ASSIGNMENTS)
+                for x in s.storage_root().stage_files(stage)
+            ]
+        )
         assert result.buckets and result.keep_lists
         left = {row[1] for row in items(s)}
         assert left == {"00000", "00001", "00002", "00006"}  # the group's three files are gone, the others stay
-        kept = {i for p in (Path(s.storage) / st.KEEP_LISTS).glob("*.parquet")
-                if "shard" in pq.read_schema(p).names for i in pq.read_table(p, columns=["shard"]).column("shard").to_pylist()}
+        kept = {
+            i
+            for p in (Path(s.storage) / st.KEEP_LISTS).glob("*.parquet")
+            if "shard" in pq.read_schema(p).names
+            for i in pq.read_table(p, columns=["shard"]).column("shard").to_pylist()
+        }
         assert kept
         assert kept <= left
 
 
 def test_sigkill_mid_stage_with_grouping_then_rerun_gives_the_same_bytes(tmp_path: Path) -> None:
     write_files(tmp_path / "input", NAMES)
-    args = ["--input", str(tmp_path / "input"), "--files-per-shard", "3", "--modality", "embedding",
-            "--clusters", "6", "--buckets", "3", "--eps", "0.001,0.01,0.1"]
+    args = [
+        "--input",
+        str(tmp_path / "input"),
+        "--files-per-shard",
+        "3",
+        "--modality",
+        "embedding",
+        "--clusters",
+        "6",
+        "--buckets",
+        "3",
+        "--eps",
+        "0.001,0.01,0.1",
+    ]
     reference = Child("run", "-v", "--storage", str(tmp_path / "reference"), *args)
     assert reference.wait() == 0, reference.output
     child = Child("run", "-v", "--storage", str(tmp_path / "killed"), *args)
@@ -238,7 +285,11 @@ def test_shard_sensor_understands_groups(tmp_path: Path) -> None:
         inst.add_dynamic_partitions(SHARDS_PARTITIONS_NAME, ["00009+3"])
         write_files(inp, ["00004a"])  # insert inside group 00003+3
         tick = _tick(defs, inst, tick.cursor)
-        deleted = [r.partition_keys for r in tick.dynamic_partitions_requests if isinstance(r, dg.DeleteDynamicPartitionsRequest)]
+        deleted = [
+            r.partition_keys
+            for r in tick.dynamic_partitions_requests
+            if isinstance(r, dg.DeleteDynamicPartitionsRequest)
+        ]
         assert deleted == [["00006+3", "00009+3"]]
         assert sorted(r.partition_key for r in tick.run_requests) == ["00003+3", "00005+3", "00008+3"]
 

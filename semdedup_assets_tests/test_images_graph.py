@@ -18,10 +18,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageDraw
 
-from semdedup_assets.core.io.catalog import query
 from semdedup_assets.core.config import Settings
-from semdedup_assets_tests.fixtures import save_tiny_clip
+from semdedup_assets.core.io.catalog import query
 from semdedup_assets.pipeline import PipelineError, run_pipeline
+from semdedup_assets_tests.fixtures import save_tiny_clip
 
 
 def synthetic_image(seed: int, size: int = 96) -> Image.Image:
@@ -63,8 +63,17 @@ def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 
 def _settings(tmp_path: Path, clip: dict[str, str], **kw) -> Settings:
-    base = dict(storage=str(tmp_path / "storage"), input=str(tmp_path / "input"), modality="image",
-                model=clip["local_dir"], clusters=1, buckets=1, eps=(0.001, 0.01, 0.05), num_workers=0, batch_size=8)
+    base = dict(
+        storage=str(tmp_path / "storage"),
+        input=str(tmp_path / "input"),
+        modality="image",
+        model=clip["local_dir"],
+        clusters=1,
+        buckets=1,
+        eps=(0.001, 0.01, 0.05),
+        num_workers=0,
+        batch_size=8,
+    )
     base.update(kw)
     return Settings(**base)
 
@@ -95,7 +104,10 @@ def _assert_copies_are_duplicates(settings: Settings) -> None:
     copies = [i for i in by_id if i.startswith(("jpeg", "small"))]
     originals = [i for i in by_id if i.startswith("orig")]
     # Re-encoded copies sit closer to their original than any two distinct originals do.
-    _, sims = query(storage, "SELECT a.id, b.id, list_dot_product(a.embedding, b.embedding) FROM embeddings a, embeddings b WHERE a.id < b.id")
+    _, sims = query(
+        storage,
+        "SELECT a.id, b.id, list_dot_product(a.embedding, b.embedding) FROM embeddings a, embeddings b WHERE a.id < b.id",
+    )
     sim = {(a, b): s for a, b, s in sims} | {(b, a): s for a, b, s in sims}
     distinct_max = max(sim[(a, b)] for a in originals for b in originals if a != b)
     for c in copies:
@@ -108,7 +120,9 @@ def _assert_copies_are_duplicates(settings: Settings) -> None:
     assert len(rejected) == 1 and rejected[0][0] == "corrupt" and rejected[0][2]
 
 
-def test_parquet_images_through_the_graph(tmp_path: Path, tiny_clip: dict[str, str], instance: dg.DagsterInstance) -> None:
+def test_parquet_images_through_the_graph(
+    tmp_path: Path, tiny_clip: dict[str, str], instance: dg.DagsterInstance
+) -> None:
     _write_parquet(tmp_path, image_rows())
     settings = _settings(tmp_path, tiny_clip)
     run_pipeline(settings, instance, log=lambda m: None)
@@ -118,17 +132,22 @@ def test_parquet_images_through_the_graph(tmp_path: Path, tiny_clip: dict[str, s
     assert events[0].asset_materialization.metadata["run_rejected"].value == 1
 
 
-def test_webdataset_images_through_the_graph_with_a_checkpoint_file(tmp_path: Path, tiny_clip: dict[str, str],
-                                                                    instance: dg.DagsterInstance) -> None:
+def test_webdataset_images_through_the_graph_with_a_checkpoint_file(
+    tmp_path: Path, tiny_clip: dict[str, str], instance: dg.DagsterInstance
+) -> None:
     _write_tar(tmp_path, image_rows())
-    settings = _settings(tmp_path, tiny_clip, model=tiny_clip["arch"], pretrained=tiny_clip["checkpoint"], num_workers=2)
+    settings = _settings(
+        tmp_path, tiny_clip, model=tiny_clip["arch"], pretrained=tiny_clip["checkpoint"], num_workers=2
+    )
     run_pipeline(settings, instance, log=lambda m: None)
     _assert_copies_are_duplicates(settings)
     _, [(caption,)] = query(settings.storage_root(), "SELECT caption FROM raw_items WHERE id = 'jpeg-01'")
     assert caption == "jpeg-01"
 
 
-def test_strict_mode_names_shard_and_key(tmp_path: Path, tiny_clip: dict[str, str], instance: dg.DagsterInstance) -> None:
+def test_strict_mode_names_shard_and_key(
+    tmp_path: Path, tiny_clip: dict[str, str], instance: dg.DagsterInstance
+) -> None:
     _write_parquet(tmp_path, image_rows())
     with pytest.raises(PipelineError, match=r"shard 'b', key 'corrupt'"):
         run_pipeline(_settings(tmp_path, tiny_clip, strict=True), instance, log=lambda m: None)

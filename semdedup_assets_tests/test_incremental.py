@@ -10,9 +10,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from semdedup_assets.core.io import storage as st
 from semdedup_assets.core.cluster.assign import touched_buckets
 from semdedup_assets.core.config import Settings
+from semdedup_assets.core.io import storage as st
 from semdedup_assets.core.settings_store import save_settings
 from semdedup_assets.definitions import build_definitions
 from semdedup_assets.partitions import SHARDS_PARTITIONS_NAME
@@ -23,8 +23,14 @@ K, BUCKETS = 12, 12
 
 
 def _settings(tmp_path: Path, name: str) -> Settings:
-    return Settings(storage=str(tmp_path / name), input=str(tmp_path / "input"), modality="embedding",
-                    clusters=K, buckets=BUCKETS, eps=(0.001, 0.01, 0.1))
+    return Settings(
+        storage=str(tmp_path / name),
+        input=str(tmp_path / "input"),
+        modality="embedding",
+        clusters=K,
+        buckets=BUCKETS,
+        eps=(0.001, 0.01, 0.1),
+    )
 
 
 def _tick(defs: dg.Definitions, name: str, instance: dg.DagsterInstance, cursor: str | None):
@@ -51,7 +57,9 @@ def test_new_shard_reruns_only_touched_buckets_and_equals_a_full_recompute(tmp_p
     with dg.instance_for_test() as inst:
         run_pipeline(settings, inst, log=lambda m: None)
         storage = settings.storage_root()
-        assert _bucket_materializations(inst) == {b: 1 for b in defs.resolve_assets_def("semantic_duplicates").partitions_def.get_partition_keys()}
+        assert _bucket_materializations(inst) == {
+            b: 1 for b in defs.resolve_assets_def("semantic_duplicates").partitions_def.get_partition_keys()
+        }
         shard_cursor = _tick(defs, "shard_sensor", inst, None).cursor
         bucket_tick = _tick(defs, "bucket_sensor", inst, None)
         assert not bucket_tick.run_requests  # every bucket is newer than the assignments
@@ -60,8 +68,10 @@ def test_new_shard_reruns_only_touched_buckets_and_equals_a_full_recompute(tmp_p
         # A new shard: near-copies of three existing items, so it touches few clusters.
         rng = np.random.default_rng(9)
         new = x[[5, 250, 480]] + 0.001 * rng.normal(size=(3, 16)).astype(np.float32)
-        pq.write_table(pa.table({"id": ["new-0", "new-1", "new-2"], "embedding": pa.array(list(new), pa.list_(pa.float32()))}),
-                       tmp_path / "input" / "part-03.parquet")
+        pq.write_table(
+            pa.table({"id": ["new-0", "new-1", "new-2"], "embedding": pa.array(list(new), pa.list_(pa.float32()))}),
+            tmp_path / "input" / "part-03.parquet",
+        )
         tick = _tick(defs, "shard_sensor", inst, shard_cursor)
         assert [r.partition_key for r in tick.run_requests] == ["part-03"]
         inst.add_dynamic_partitions(SHARDS_PARTITIONS_NAME, ["part-03"])
@@ -69,14 +79,19 @@ def test_new_shard_reruns_only_touched_buckets_and_equals_a_full_recompute(tmp_p
 
         # Declarative automation assigns the new shard (and only it) to the existing centroids.
         auto = dg.evaluate_automation_conditions(defs=defs, instance=inst, cursor=auto.cursor)
-        requested = {(r.key.to_user_string(), tuple(sorted(r.true_subset.expensively_compute_partition_keys())))
-                     for r in auto.results if r.true_subset.size}
+        requested = {
+            (r.key.to_user_string(), tuple(sorted(r.true_subset.expensively_compute_partition_keys())))
+            for r in auto.results
+            if r.true_subset.size
+        }
         assert requested == {("cluster_assignments", ("part-03",))}
         centroid_bytes = storage.centroids_file.read_bytes()
         _run(defs, "assign_job", inst, "part-03")
         assert storage.centroids_file.read_bytes() == centroid_bytes  # not re-trained
 
-        clusters = pq.read_table(str(storage.shard_file(st.CLUSTER_ASSIGNMENTS, "part-03"))).column("cluster").to_numpy()
+        clusters = (
+            pq.read_table(str(storage.shard_file(st.CLUSTER_ASSIGNMENTS, "part-03"))).column("cluster").to_numpy()
+        )
         expected = touched_buckets(clusters, K, BUCKETS)
         tick = _tick(defs, "bucket_sensor", inst, bucket_tick.cursor)
         assert sorted(r.partition_key for r in tick.run_requests) == sorted(expected)

@@ -31,8 +31,10 @@ def module_files() -> dict[str, Path]:
 
 def _is_type_checking(node: ast.AST) -> bool:
     return isinstance(node, ast.If) and any(
-        isinstance(n, ast.Name) and n.id == "TYPE_CHECKING" or isinstance(n, ast.Attribute) and n.attr == "TYPE_CHECKING"
-        for n in ast.walk(node.test))
+        (isinstance(n, ast.Name) and n.id == "TYPE_CHECKING")
+        or (isinstance(n, ast.Attribute) and n.attr == "TYPE_CHECKING")
+        for n in ast.walk(node.test)
+    )
 
 
 def runtime_imports(tree: ast.AST) -> Iterator[ast.Import | ast.ImportFrom]:
@@ -46,8 +48,9 @@ def runtime_imports(tree: ast.AST) -> Iterator[ast.Import | ast.ImportFrom]:
         yield from runtime_imports(child)
 
 
-def resolve(module: str, path: Path, node: ast.Import | ast.ImportFrom,
-            modules: dict[str, Path]) -> list[tuple[str, str | None]]:
+def resolve(
+    module: str, path: Path, node: ast.Import | ast.ImportFrom, modules: dict[str, Path]
+) -> list[tuple[str, str | None]]:
     """(target module, imported name or None) for each name an import statement binds."""
     if isinstance(node, ast.Import):
         return [(alias.name, None) for alias in node.names]
@@ -176,12 +179,15 @@ def test_the_checks_see_what_they_look_for(tmp_path: Path) -> None:
     (pkg / "__init__.py").write_text("")
     (pkg / "a.py").write_text("from semdedup_assets import b\n\ndef f():\n    from semdedup_assets.c import _x\n")
     (pkg / "b.py").write_text("def g():\n    from semdedup_assets import a\n    return a._hidden\n")
-    (pkg / "c.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from semdedup_assets import a\n"
-                              "_x = 1\n")
+    (pkg / "c.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from semdedup_assets import a\n_x = 1\n"
+    )
     modules = {}
     for path in sorted(pkg.glob("*.py")):
         modules["semdedup_assets" if path.stem == "__init__" else f"semdedup_assets.{path.stem}"] = path
     assert cycles(import_graph(modules)) == [["semdedup_assets.a", "semdedup_assets.b"]]
     problems = private_uses(modules, tmp_path)
-    assert [p.split(": ", 1)[1] for p in problems] == ["imports _x from semdedup_assets.c",
-                                                      "uses semdedup_assets.a._hidden"]
+    assert [p.split(": ", 1)[1] for p in problems] == [
+        "imports _x from semdedup_assets.c",
+        "uses semdedup_assets.a._hidden",
+    ]

@@ -13,9 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from semdedup_assets import SemDeDup, SemDeDupResult
+from semdedup_assets.core.config import Settings
 from semdedup_assets.core.io import storage as st
 from semdedup_assets.core.io.catalog import query
-from semdedup_assets.core.config import Settings
 from semdedup_assets_tests.fixtures import BASE_SENTENCES, NEAR_COPIES, make_planted
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,8 +111,28 @@ def test_items_equal_semdedup_run_byte_for_byte(planted: np.ndarray, tmp_path: P
     ids = [f"item-{i:04d}" for i in range(len(planted))]
     library = SemDeDup(**KNOBS, shard_rows=100).run(planted, ids=ids, storage=tmp_path / "library")
     graph = tmp_path / "graph"
-    assert cli.main(["run", "--input", library.settings.input, "--storage", str(graph), "--modality", "embedding",
-                     "--clusters", "5", "--buckets", "3", "--eps", "0.001,0.01,0.1", "--block-size", "32"]) == 0
+    assert (
+        cli.main(
+            [
+                "run",
+                "--input",
+                library.settings.input,
+                "--storage",
+                str(graph),
+                "--modality",
+                "embedding",
+                "--clusters",
+                "5",
+                "--buckets",
+                "3",
+                "--eps",
+                "0.001,0.01,0.1",
+                "--block-size",
+                "32",
+            ]
+        )
+        == 0
+    )
     theirs = Settings(storage=str(graph)).storage_root()
     for stage in (st.RAW, st.EMBEDDINGS, st.CENTROIDS, st.CLUSTER_ASSIGNMENTS, st.SEMANTIC_DUPLICATES, st.KEEP_LISTS):
         ours = {p.name: p.read_bytes() for p in library.storage.stage_files(stage)}
@@ -157,8 +177,9 @@ def test_tables_and_tensors_give_their_own_type_back(planted: np.ndarray, tmp_pa
     pd = pytest.importorskip("pandas")
     tensor = torch.from_numpy(planted)
     ids = [f"r{i}" for i in range(len(planted))]
-    table = pa.table({"key": ids, "score": np.arange(len(planted)),
-                      "embedding": pa.array(list(planted), pa.list_(pa.float32()))})
+    table = pa.table(
+        {"key": ids, "score": np.arange(len(planted)), "embedding": pa.array(list(planted), pa.list_(pa.float32()))}
+    )
     frame = table.to_pandas()
     masks = []
     for data in (tensor, table, frame):
@@ -196,9 +217,15 @@ def test_a_path_of_shards(planted: np.ndarray, tmp_path: Path) -> None:
     folder = tmp_path / "input"
     folder.mkdir()
     for k in range(2):
-        pq.write_table(pa.table({"id": [f"p{k}-{i}" for i in range(120)],
-                                 "embedding": pa.array(list(planted[k * 120:(k + 1) * 120]), pa.list_(pa.float32()))}),
-                       folder / f"part-{k}.parquet")
+        pq.write_table(
+            pa.table(
+                {
+                    "id": [f"p{k}-{i}" for i in range(120)],
+                    "embedding": pa.array(list(planted[k * 120 : (k + 1) * 120]), pa.list_(pa.float32())),
+                }
+            ),
+            folder / f"part-{k}.parquet",
+        )
     with SemDeDup(**KNOBS, modality="embedding").run(str(folder), storage=tmp_path / "s") as r:
         assert r.items.column("id").to_pylist()[118:122] == ["p0-118", "p0-119", "p1-0", "p1-1"]
         assert (r.select(eps=0.01) / "part-0.parquet").is_file()
@@ -265,8 +292,13 @@ def test_python_api_doc_examples_run(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 
 def test_dataframe_example_script_runs(tmp_path: Path) -> None:
-    out = subprocess.run([sys.executable, str(REPO / "examples" / "python_api_dataframe.py")], capture_output=True,
-                         text=True, timeout=300, cwd=tmp_path)
+    out = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "python_api_dataframe.py")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr
     assert "kept 400 of 600 rows" in out.stdout and "duplicate_of" in out.stdout
     assert list(tmp_path.iterdir()) == []

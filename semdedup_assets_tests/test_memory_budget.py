@@ -16,17 +16,24 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from semdedup_assets.core.io import storage as st
 from semdedup_assets.core.config import Settings, parse_size
 from semdedup_assets.core.dedup.buckets import cluster_groups
+from semdedup_assets.core.io import storage as st
 from semdedup_assets.pipeline import run_pipeline
 from semdedup_assets_tests.core.test_units import run_units
 from semdedup_assets_tests.fixtures import write_embedding_shards
 
 
 def _settings(tmp_path: Path, name: str, **kw) -> Settings:
-    base = dict(storage=str(tmp_path / name), input=str(tmp_path / "input"), modality="embedding",
-                clusters=6, eps=(0.001, 0.01, 0.1), block_size=64, max_points_per_centroid=16)
+    base = dict(
+        storage=str(tmp_path / name),
+        input=str(tmp_path / "input"),
+        modality="embedding",
+        clusters=6,
+        eps=(0.001, 0.01, 0.1),
+        block_size=64,
+        max_points_per_centroid=16,
+    )
     base.update(kw)
     return Settings(**base)
 
@@ -55,9 +62,12 @@ def budget_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Set
     """One input, run unconstrained and under a budget small enough to split buckets and stream clusters."""
     tmp_path = tmp_path_factory.mktemp("budget")
     write_embedding_shards(tmp_path / "input", n_shards=3, per_shard=300, d=32, dup_every=7)
-    variants = {"unconstrained": dict(buckets=2), "small": dict(buckets=2, memory_budget="160KB"),
-                "small-one-bucket-float16": dict(buckets=1, memory_budget="100KB", embedding_dtype="float16"),
-                "float16": dict(buckets=3, embedding_dtype="float16")}
+    variants = {
+        "unconstrained": dict(buckets=2),
+        "small": dict(buckets=2, memory_budget="160KB"),
+        "small-one-bucket-float16": dict(buckets=1, memory_budget="100KB", embedding_dtype="float16"),
+        "float16": dict(buckets=3, embedding_dtype="float16"),
+    }
     runs = {}
     # k = 40 (~22 rows a cluster): `auto` partitions hold 2-3 clusters each, which a small budget splits. The core
     # units without Dagster: the tests below run the pairwise stage and the keep-lists again on its assignments.
@@ -158,8 +168,11 @@ def test_multiprobe_within_the_budget_gives_the_same_results(budget_runs, tmp_pa
     assert _items(small) == _items(whole)
     assert _bytes(small, st.KEEP_LISTS) == _bytes(whole, st.KEEP_LISTS)
     assert any(a["max_sim"] > b["max_sim"] for a, b in zip(_items(small), _items(reference)))  # probes found more
-    with pytest.raises(ValueError, match=r"cluster \d+ and the clusters its members probe hold \d+ rows .* "
-                                         r"--probes 2: use a larger --memory-budget"):
+    with pytest.raises(
+        ValueError,
+        match=r"cluster \d+ and the clusters its members probe hold \d+ rows .* "
+        r"--probes 2: use a larger --memory-budget",
+    ):
         _rerun_pairwise(reference, tmp_path / "refused", probes=2, memory_budget="200KB")
 
 
@@ -170,20 +183,27 @@ def test_every_stage_reports_its_resources(budget_runs) -> None:
         meta = event.asset_materialization.metadata
         assert meta["resources/peak_rss_mib"].value > 10, key
         assert meta["resources/seconds"].value >= 0 and meta["resources/rows"].value > 0, key
-    assert instance.get_latest_materialization_event(dg.AssetKey("semantic_duplicates")).asset_materialization \
-        .metadata["memory_budget_mib"].value == round(160 / 1024, 1)
+    assert instance.get_latest_materialization_event(dg.AssetKey("semantic_duplicates")).asset_materialization.metadata[
+        "memory_budget_mib"
+    ].value == round(160 / 1024, 1)
 
 
 def test_the_kmeans_sample_is_capped_by_the_budget_with_a_warning(budget_runs) -> None:
     from semdedup_assets.core.cluster.centroids import train_centroids
 
     settings, instance = budget_runs["unconstrained"]
-    files = {settings.storage_root().shard_of(st.EMBEDDINGS, p): p
-             for p in settings.storage_root().stage_files(st.EMBEDDINGS)}
-    full = train_centroids(settings.replace(storage=settings.storage + "-centroids", max_points_per_centroid=512), files)
+    files = {
+        settings.storage_root().shard_of(st.EMBEDDINGS, p): p
+        for p in settings.storage_root().stage_files(st.EMBEDDINGS)
+    }
+    full = train_centroids(
+        settings.replace(storage=settings.storage + "-centroids", max_points_per_centroid=512), files
+    )
     with pytest.warns(UserWarning, match=r"training on a sample of 128 rows"):
-        capped = train_centroids(settings.replace(storage=settings.storage + "-capped", memory_budget="64KB",
-                                                  max_points_per_centroid=512), files)
+        capped = train_centroids(
+            settings.replace(storage=settings.storage + "-capped", memory_budget="64KB", max_points_per_centroid=512),
+            files,
+        )
     assert full.sample_rows > capped.sample_rows and capped.clusters == 6
 
 
@@ -234,15 +254,27 @@ def _write_assignments(root: Path, n: int, k: int, d: int = 384, shard_rows: int
         x = rng.standard_normal((shard_rows, d), dtype=np.float32)
         x /= np.linalg.norm(x, axis=1, keepdims=True)
         clusters = rng.integers(0, k, shard_rows).astype(np.int32)
-        table = pa.table({"id": [f"s{s}-{i}" for i in range(shard_rows)], "shard": [f"s{s}"] * shard_rows,
-                          "cluster": clusters, "sim_to_centroid": rng.random(shard_rows, dtype=np.float32),
-                          "embedding": embedding_array(x)}, schema=assignments_schema(d))
+        table = pa.table(
+            {
+                "id": [f"s{s}-{i}" for i in range(shard_rows)],
+                "shard": [f"s{s}"] * shard_rows,
+                "cluster": clusters,
+                "sim_to_centroid": rng.random(shard_rows, dtype=np.float32),
+                "embedding": embedding_array(x),
+            },
+            schema=assignments_schema(d),
+        )
         pq.write_table(table.sort_by([("cluster", "ascending"), ("id", "ascending")]), folder / f"s{s}.parquet")
 
 
-def _probe(tmp_path: Path, jobs: list[tuple[int, int, str]], script: str = PROBE,
-           write: Callable[[Path, int, int], None] = _write_assignments, extra: dict | None = None,
-           repeats: int = 3) -> list[dict]:
+def _probe(
+    tmp_path: Path,
+    jobs: list[tuple[int, int, str]],
+    script: str = PROBE,
+    write: Callable[[Path, int, int], None] = _write_assignments,
+    extra: dict | None = None,
+    repeats: int = 3,
+) -> list[dict]:
     """Run `script` (dedup_bucket) on each (N, k, budget) bucket of `write`'s data in a fresh process, `repeats`
     times; each job's lowest figures (`extra`: more keys for the script's job).
 
@@ -256,8 +288,14 @@ def _probe(tmp_path: Path, jobs: list[tuple[int, int, str]], script: str = PROBE
         if not root.exists():
             write(root, n, k)
         spec = json.dumps([{"root": str(root), "k": k, "budget": budget, **(extra or {})}])
-        runs = [json.loads(subprocess.run([sys.executable, "-c", script, spec], capture_output=True, text=True,
-                                          check=True).stdout.strip().splitlines()[-1]) for _ in range(repeats)]
+        runs = [
+            json.loads(
+                subprocess.run([sys.executable, "-c", script, spec], capture_output=True, text=True, check=True)
+                .stdout.strip()
+                .splitlines()[-1]
+            )
+            for _ in range(repeats)
+        ]
         figures.append(min(runs, key=lambda r: r["extra_mib"]))
     return figures
 
@@ -268,8 +306,9 @@ def test_the_pairwise_stage_peak_stays_under_the_budget_as_n_grows_4x(tmp_path: 
     unbounded, the same bucket (read whole) needs several times more."""
     warm = tmp_path / "warm"
     _write_assignments(warm, 5_000, 50)
-    small, large, unbounded = _probe(tmp_path, [(5_000, 50, "8MB"), (20_000, 200, "8MB"), (20_000, 200, "1GB")],
-                                     extra={"warm": str(warm)})
+    small, large, unbounded = _probe(
+        tmp_path, [(5_000, 50, "8MB"), (20_000, 200, "8MB"), (20_000, 200, "1GB")], extra={"warm": str(warm)}
+    )
     assert large["rows"] == 20_000 and large["reads"] > 1
     if small["scope"] != "stage":
         pytest.skip("this kernel does not let a process reset its peak RSS")
@@ -320,19 +359,34 @@ def _write_clustered(root: Path, n: int, k: int, d: int = 64, shard_rows: int = 
         centroids[c] = centroids[c - 1] / np.linalg.norm(centroids[c - 1]) + 0.05 * rng.standard_normal(d)
     centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
     (root / st.CENTROIDS).mkdir(parents=True)
-    pq.write_table(pa.table({"cluster": pa.array(np.arange(k, dtype=np.int32)), "centroid": embedding_array(centroids)},
-                            schema=centroids_schema(d)), root / st.CENTROIDS / "centroids.parquet")
+    pq.write_table(
+        pa.table(
+            {"cluster": pa.array(np.arange(k, dtype=np.int32)), "centroid": embedding_array(centroids)},
+            schema=centroids_schema(d),
+        ),
+        root / st.CENTROIDS / "centroids.parquet",
+    )
     folder = root / st.CLUSTER_ASSIGNMENTS
     folder.mkdir(parents=True)
     for s in range(n // shard_rows):
         clusters = rng.integers(0, k, shard_rows).astype(np.int32)
         x = centroids[clusters] + 0.01 * rng.standard_normal((shard_rows, d), dtype=np.float32)
         x /= np.linalg.norm(x, axis=1, keepdims=True)
-        table = pa.table({"id": [f"s{s}-{i}" for i in range(shard_rows)], "shard": [f"s{s}"] * shard_rows,
-                          "cluster": clusters, "sim_to_centroid": np.einsum("ij,ij->i", x, centroids[clusters]),
-                          "embedding": embedding_array(x)}, schema=assignments_schema(d))
-        pq.write_table(table.sort_by([("cluster", "ascending"), ("id", "ascending")]), folder / f"s{s}.parquet",
-                       row_group_size=1000)
+        table = pa.table(
+            {
+                "id": [f"s{s}-{i}" for i in range(shard_rows)],
+                "shard": [f"s{s}"] * shard_rows,
+                "cluster": clusters,
+                "sim_to_centroid": np.einsum("ij,ij->i", x, centroids[clusters]),
+                "embedding": embedding_array(x),
+            },
+            schema=assignments_schema(d),
+        )
+        pq.write_table(
+            table.sort_by([("cluster", "ascending"), ("id", "ascending")]),
+            folder / f"s{s}.parquet",
+            row_group_size=1000,
+        )
 
 
 def test_the_multiprobe_stage_peak_stays_under_the_budget_as_n_grows_4x(tmp_path: Path) -> None:
@@ -343,8 +397,13 @@ def test_the_multiprobe_stage_peak_stays_under_the_budget_as_n_grows_4x(tmp_path
     probed reads, which decode a row group of every shard the probed clusters are in.)"""
     warm = tmp_path / "warm"
     _write_clustered(warm, 5_000, 50)
-    small, large, unbounded = _probe(tmp_path, [(20_000, 200, "8MB"), (80_000, 800, "8MB"), (80_000, 800, "1GB")],
-                                     script=PROBE_MULTI, write=_write_clustered, extra={"warm": str(warm)})
+    small, large, unbounded = _probe(
+        tmp_path,
+        [(20_000, 200, "8MB"), (80_000, 800, "8MB"), (80_000, 800, "1GB")],
+        script=PROBE_MULTI,
+        write=_write_clustered,
+        extra={"warm": str(warm)},
+    )
     assert large["rows"] == 80_000 and large["reads"] > 1 and unbounded["reads"] == 1
     if small["scope"] != "stage":
         pytest.skip("this kernel does not let a process reset its peak RSS")

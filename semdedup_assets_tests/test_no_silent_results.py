@@ -19,8 +19,17 @@ RUN = ["--modality", "embedding", "--clusters", "4", "--buckets", "2"]
 
 
 def _run(tmp_path: Path, *extra: str, input_dir: Path | None = None, storage: Path | None = None) -> int:
-    return main(["run", "--input", str(input_dir or tmp_path / "input"), "--storage",
-                 str(storage or tmp_path / "storage"), *RUN, *extra])
+    return main(
+        [
+            "run",
+            "--input",
+            str(input_dir or tmp_path / "input"),
+            "--storage",
+            str(storage or tmp_path / "storage"),
+            *RUN,
+            *extra,
+        ]
+    )
 
 
 @pytest.fixture
@@ -29,8 +38,9 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path / "home"
 
 
-def test_export_folders_hold_exactly_the_current_selection(tmp_path: Path, home: Path,
-                                                           capsys: pytest.CaptureFixture) -> None:
+def test_export_folders_hold_exactly_the_current_selection(
+    tmp_path: Path, home: Path, capsys: pytest.CaptureFixture
+) -> None:
     """20.1: after `forget part-02` the eps folder still held part-02 (read back with the dataset), and a
     folder of an eps no longer configured stayed, unrefreshable and unflagged."""
     write_embedding_shards(tmp_path / "input", n_shards=3, per_shard=50, d=8)
@@ -52,8 +62,7 @@ def test_export_folders_hold_exactly_the_current_selection(tmp_path: Path, home:
     kept = int(out.split("eps=0.05: kept ")[1].split(" of ")[0])
     assert "removed 1 file(s) the selection no longer implies (e.g. old-layout.parquet)" in out
     assert pq.read_table(dedup / "eps=0.05").num_rows == kept  # the folder reads back as what was printed
-    assert sorted(p.name for p in (dedup / "eps=0.05").iterdir()) == [".semdedup", "part-00.parquet",
-                                                                     "part-01.parquet"]
+    assert sorted(p.name for p in (dedup / "eps=0.05").iterdir()) == [".semdedup", "part-00.parquet", "part-01.parquet"]
     # eps 0.05 is no longer configured: its folder cannot be refreshed, so it goes (and says so)
     assert _run(tmp_path, "--eps", "0.02,0.1") == 0
     capsys.readouterr()
@@ -63,8 +72,9 @@ def test_export_folders_hold_exactly_the_current_selection(tmp_path: Path, home:
     assert sorted(p.name for p in dedup.iterdir()) == ["eps=0.1"]
 
 
-def test_skipped_files_are_named_by_the_run_and_by_status(tmp_path: Path, home: Path,
-                                                          capsys: pytest.CaptureFixture) -> None:
+def test_skipped_files_are_named_by_the_run_and_by_status(
+    tmp_path: Path, home: Path, capsys: pytest.CaptureFixture
+) -> None:
     """20.3: `_b.parquet` and `.c.parquet` (50 of 150 items) were skipped without a word."""
     write_embedding_shards(tmp_path / "input", n_shards=3, per_shard=50, d=8)
     (tmp_path / "input" / "part-01.parquet").rename(tmp_path / "input" / "_b.parquet")
@@ -81,8 +91,9 @@ def test_skipped_files_are_named_by_the_run_and_by_status(tmp_path: Path, home: 
 
 
 @pytest.mark.parametrize("layout", ["storage-in-input", "input-in-storage", "same"])
-def test_overlapping_input_and_storage_are_refused_naming_both(tmp_path: Path, home: Path, layout: str,
-                                                               capsys: pytest.CaptureFixture) -> None:
+def test_overlapping_input_and_storage_are_refused_naming_both(
+    tmp_path: Path, home: Path, layout: str, capsys: pytest.CaptureFixture
+) -> None:
     """20.8: a storage inside the input worked once, then failed reading its centroids as a shard."""
     data = tmp_path / "data"
     write_embedding_shards(data, n_shards=1, per_shard=20, d=8)
@@ -93,8 +104,9 @@ def test_overlapping_input_and_storage_are_refused_naming_both(tmp_path: Path, h
     assert not (Path(storage) / "semdedup.json").exists() and not (data / "st").exists()
 
 
-def test_touched_input_is_stale_not_damaged_and_repair_keeps_it(tmp_path: Path, home: Path,
-                                                                capsys: pytest.CaptureFixture) -> None:
+def test_touched_input_is_stale_not_damaged_and_repair_keeps_it(
+    tmp_path: Path, home: Path, capsys: pytest.CaptureFixture
+) -> None:
     """20.11: `touch` on an input made verify call its embeddings "stale" like a damaged file, and --repair
     deleted them."""
     write_embedding_shards(tmp_path / "input", n_shards=2, per_shard=40, d=8)
@@ -114,8 +126,9 @@ def test_touched_input_is_stale_not_damaged_and_repair_keeps_it(tmp_path: Path, 
     assert main(["verify", "--storage", str(storage)]) == 0
 
 
-def test_in_place_edit_keeping_size_and_mtime_is_found_by_verify_content(tmp_path: Path, home: Path,
-                                                                         capsys: pytest.CaptureFixture) -> None:
+def test_in_place_edit_keeping_size_and_mtime_is_found_by_verify_content(
+    tmp_path: Path, home: Path, capsys: pytest.CaptureFixture
+) -> None:
     """20.5: an in-place edit that keeps size and mtime went unnoticed (verify said consistent)."""
     x = make_planted(60, 8, dup_every=1000, seed=5)  # no planted duplicates
     (tmp_path / "input").mkdir()
@@ -156,13 +169,14 @@ def _file_bytes_digest(h, *paths: Path) -> str:
 
 
 def test_content_digests_are_sha256_and_a_recorded_blake2b_digest_still_verifies(
-        tmp_path: Path, home: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, home: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """New raw indexes record `sha256:<hex>`; one written before (an unprefixed BLAKE2b-128 digest) is
     verified with BLAKE2b, so `verify --content` neither cries wolf over it nor misses an edit."""
     import hashlib
 
-    from semdedup_assets.core.io.storage import CONTENT_KEY
     from semdedup_assets.core.io.shards import ShardFile
+    from semdedup_assets.core.io.storage import CONTENT_KEY
 
     def recorded(storage: Path, key: str) -> str:
         return pq.read_schema(storage / "raw" / f"{key}.parquet").metadata[CONTENT_KEY].decode()
@@ -215,15 +229,17 @@ class _LengthEncoder:
 
 def test_empty_texts_and_ids_go_to_rejected_with_a_reason_or_fail_in_strict_mode(tmp_path: Path) -> None:
     """20.12: "" and "   " were embedded (so "" removed "   " as a duplicate), and an empty id was accepted."""
+    from semdedup_assets.core.checks.verify import verify_storage
     from semdedup_assets.core.config import Settings
     from semdedup_assets.core.embed.shard import EmbedError, embed_shard
-    from semdedup_assets.core.run.loop import ingest_shards
     from semdedup_assets.core.io.shards import discover_shards
-    from semdedup_assets.core.checks.verify import verify_storage
+    from semdedup_assets.core.run.loop import ingest_shards
 
     (tmp_path / "input").mkdir()
     rows = [("a", "hello there"), ("b", ""), ("c", "  \t "), ("", "no id"), ("e", "general kenobi")]
-    pq.write_table(pa.table({"id": [r[0] for r in rows], "text": [r[1] for r in rows]}), tmp_path / "input" / "t.parquet")
+    pq.write_table(
+        pa.table({"id": [r[0] for r in rows], "text": [r[1] for r in rows]}), tmp_path / "input" / "t.parquet"
+    )
     settings = Settings(storage=str(tmp_path / "storage"), input=str(tmp_path / "input"), modality="text")
     [shard] = discover_shards(settings.input)
     ingest_shards(settings, [shard])
@@ -233,23 +249,32 @@ def test_empty_texts_and_ids_go_to_rejected_with_a_reason_or_fail_in_strict_mode
     assert (result.rows, result.rejected) == (2, 3)
     storage = settings.storage_root()
     rejected = pq.read_table(str(storage.shard_file("rejected", "t"))).to_pylist()
-    assert [(r["id"], r["reason"]) for r in rejected] == [("b", "empty text"), ("c", "whitespace-only text"),
-                                                         ("", "empty id")]
+    assert [(r["id"], r["reason"]) for r in rejected] == [
+        ("b", "empty text"),
+        ("c", "whitespace-only text"),
+        ("", "empty id"),
+    ]
     assert pq.read_table(str(storage.shard_file("embeddings", "t"))).column("id").to_pylist() == ["a", "e"]
     assert verify_storage(storage, settings) == []  # embeddings = raw minus rejected
-    with pytest.raises(EmbedError, match=r"shard 't', key 'b' \(row 1\): empty text \(3 empty item\(s\); strict mode\)"):
+    with pytest.raises(
+        EmbedError, match=r"shard 't', key 'b' \(row 1\): empty text \(3 empty item\(s\); strict mode\)"
+    ):
         embed_shard(settings.replace(strict=True, max_length=100), "t", shard, encoder=_LengthEncoder())
     # Strict over the lenient run's reused file (same cache key): the recorded rejections fail it too, not a
     # silent cache hit; lenient again reuses it.
-    with pytest.raises(EmbedError, match=r"shard 't', key 'b' \(row 1\): empty text \(3 rejected item\(s\) "
-                                         r"recorded when it was embedded; strict mode\)"):
+    with pytest.raises(
+        EmbedError,
+        match=r"shard 't', key 'b' \(row 1\): empty text \(3 rejected item\(s\) "
+        r"recorded when it was embedded; strict mode\)",
+    ):
         embed_shard(settings.replace(strict=True), "t", shard, encoder=_LengthEncoder())
     again = embed_shard(settings, "t", shard, encoder=_LengthEncoder())
     assert again.cached and (again.rows, again.rejected) == (2, 3)
 
 
-def test_more_clusters_than_items_and_auto_are_said_plainly(tmp_path: Path, home: Path,
-                                                            capfd: pytest.CaptureFixture) -> None:
+def test_more_clusters_than_items_and_auto_are_said_plainly(
+    tmp_path: Path, home: Path, capfd: pytest.CaptureFixture
+) -> None:
     """20.13: --clusters 500 on 50 items silently used k=50; the settings warning printed "clusters is None"."""
     write_embedding_shards(tmp_path / "input", n_shards=1, per_shard=50, d=8)
     assert _run(tmp_path, "--clusters", "500") == 0

@@ -13,9 +13,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from semdedup_assets.core.config import Settings
 from semdedup_assets.core.io import storage as st
 from semdedup_assets.core.io.catalog import query
-from semdedup_assets.core.config import Settings
 from semdedup_assets.definitions import build_definitions
 from semdedup_assets.partitions import SHARDS_PARTITIONS_NAME
 from semdedup_assets.pipeline import forget_shard, run_pipeline
@@ -23,8 +23,14 @@ from semdedup_assets_tests.fixtures import write_embedding_shards
 
 
 def _settings(tmp_path: Path) -> Settings:
-    return Settings(storage=str(tmp_path / "storage"), input=str(tmp_path / "input"), modality="embedding",
-                    clusters=6, buckets=6, eps=(0.001, 0.01, 0.1))
+    return Settings(
+        storage=str(tmp_path / "storage"),
+        input=str(tmp_path / "input"),
+        modality="embedding",
+        clusters=6,
+        buckets=6,
+        eps=(0.001, 0.01, 0.1),
+    )
 
 
 def _tick(defs: dg.Definitions, instance: dg.DagsterInstance, cursor: str | None, name: str = "shard_sensor"):
@@ -49,8 +55,10 @@ def test_changed_file_requests_exactly_one_rerun(tmp_path: Path, instance: dg.Da
 def test_vanished_file_is_reported_and_kept_until_forget(tmp_path: Path, instance: dg.DagsterInstance) -> None:
     x = write_embedding_shards(tmp_path / "input", n_shards=2, per_shard=60, d=8, dup_every=4)
     # A small third shard (near-copies of two items) that lives in few clusters.
-    pq.write_table(pa.table({"id": ["c-0", "c-1"], "embedding": pa.array(list(x[[3, 70]] + 1e-3), pa.list_(pa.float32()))}),
-                   tmp_path / "input" / "part-02.parquet")
+    pq.write_table(
+        pa.table({"id": ["c-0", "c-1"], "embedding": pa.array(list(x[[3, 70]] + 1e-3), pa.list_(pa.float32()))}),
+        tmp_path / "input" / "part-02.parquet",
+    )
     settings = _settings(tmp_path)
     run_pipeline(settings, instance, log=lambda m: None)
     storage = settings.storage_root()
@@ -66,8 +74,10 @@ def test_vanished_file_is_reported_and_kept_until_forget(tmp_path: Path, instanc
     _, [(n,)] = query(storage, "SELECT count(*) FROM items WHERE shard = 'part-02'")
     assert n == 2
 
-    before = {r.partition_key: r.storage_id for r in instance.fetch_materializations(
-        dg.AssetKey("semantic_duplicates"), limit=100, ascending=True).records}
+    before = {
+        r.partition_key: r.storage_id
+        for r in instance.fetch_materializations(dg.AssetKey("semantic_duplicates"), limit=100, ascending=True).records
+    }
     result = forget_shard(settings, instance, "part-02", log=lambda m: None)
     assert "part-02" not in instance.get_dynamic_partitions(SHARDS_PARTITIONS_NAME)
     assert not storage.shard_file(st.EMBEDDINGS, "part-02").exists()
@@ -76,8 +86,10 @@ def test_vanished_file_is_reported_and_kept_until_forget(tmp_path: Path, instanc
     assert n == 0 and total == 120
     _, [(kept,)] = query(storage, "SELECT kept + removed FROM eps_curve WHERE eps = 0.01")
     assert kept == 120
-    after = {r.partition_key: r.storage_id for r in instance.fetch_materializations(
-        dg.AssetKey("semantic_duplicates"), limit=100, ascending=True).records}
+    after = {
+        r.partition_key: r.storage_id
+        for r in instance.fetch_materializations(dg.AssetKey("semantic_duplicates"), limit=100, ascending=True).records
+    }
     rerun = sorted(b for b in after if after[b] != before[b])
     assert rerun == result.buckets  # only the buckets that held its items
 
@@ -90,13 +102,17 @@ def test_retrained_centroids_make_every_assignment_stale(tmp_path: Path, instanc
     auto = dg.evaluate_automation_conditions(defs=defs, instance=instance)
     assert defs.resolve_job_def("centroids_job").execute_in_process(instance=instance).success
     auto = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=auto.cursor)
-    requested = {(r.key.to_user_string(), tuple(sorted(r.true_subset.expensively_compute_partition_keys())))
-                 for r in auto.results if r.true_subset.size}
+    requested = {
+        (r.key.to_user_string(), tuple(sorted(r.true_subset.expensively_compute_partition_keys())))
+        for r in auto.results
+        if r.true_subset.size
+    }
     assert requested == {("cluster_assignments", ("part-00", "part-01"))}
 
 
-def test_failed_blocking_check_stops_automation(tmp_path: Path, instance: dg.DagsterInstance,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_blocking_check_stops_automation(
+    tmp_path: Path, instance: dg.DagsterInstance, monkeypatch: pytest.MonkeyPatch
+) -> None:
     write_embedding_shards(tmp_path / "input", n_shards=2, per_shard=60, d=8)
     settings = _settings(tmp_path)
     run_pipeline(settings, instance, log=lambda m: None)
@@ -107,7 +123,9 @@ def test_failed_blocking_check_stops_automation(tmp_path: Path, instance: dg.Dag
 
     monkeypatch.setattr(embed, "renormalise", lambda chunk: (np.asarray(chunk, np.float32) * 2.0, 0))
     os.utime(tmp_path / "input" / "part-01.parquet", (time.time() + 5, time.time() + 5))  # invalidate the cache
-    run = defs.resolve_job_def("ingest_job").execute_in_process(instance=instance, partition_key="part-01", raise_on_error=False)
+    run = defs.resolve_job_def("ingest_job").execute_in_process(
+        instance=instance, partition_key="part-01", raise_on_error=False
+    )
     assert not run.success
     [check] = [e for e in run.get_asset_check_evaluations() if e.check_name == "embeddings_finite_unit_norm"]
     assert not check.passed and "norms deviate" in check.description
@@ -121,8 +139,24 @@ def test_cli_forget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pyt
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
     write_embedding_shards(tmp_path / "input", n_shards=2, per_shard=40, d=8)
     storage = str(tmp_path / "storage")
-    assert main(["run", "--input", str(tmp_path / "input"), "--storage", storage, "--modality", "embedding",
-                 "--clusters", "3", "--buckets", "3"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "--input",
+                str(tmp_path / "input"),
+                "--storage",
+                storage,
+                "--modality",
+                "embedding",
+                "--clusters",
+                "3",
+                "--buckets",
+                "3",
+            ]
+        )
+        == 0
+    )
     assert main(["forget", "part-00", "--storage", storage]) == 0
     assert "forgot shard 'part-00'" in capsys.readouterr().out
     assert main(["sql", "SELECT count(*) AS n, count(DISTINCT shard) AS shards FROM items", "--storage", storage]) == 0

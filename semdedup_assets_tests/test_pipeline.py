@@ -9,11 +9,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from semdedup_assets.core.io import storage as st
 from semdedup_assets.core.cluster.assign import bucket_of
-from semdedup_assets.core.io.catalog import query
 from semdedup_assets.core.config import Settings
 from semdedup_assets.core.dedup.pairwise import dense_max_sim
+from semdedup_assets.core.io import storage as st
+from semdedup_assets.core.io.catalog import query
 from semdedup_assets.definitions import build_definitions
 from semdedup_assets.partitions import SHARDS_PARTITIONS_NAME
 from semdedup_assets.pipeline import PipelineError, run_pipeline
@@ -21,8 +21,15 @@ from semdedup_assets_tests.fixtures import write_embedding_shards
 
 
 def _settings(tmp_path: Path, **kw) -> Settings:
-    base = dict(storage=str(tmp_path / "storage"), input=str(tmp_path / "input"), modality="embedding",
-                clusters=6, buckets=3, eps=(0.0001, 0.001, 0.01, 0.1), block_size=64)
+    base = dict(
+        storage=str(tmp_path / "storage"),
+        input=str(tmp_path / "input"),
+        modality="embedding",
+        clusters=6,
+        buckets=3,
+        eps=(0.0001, 0.001, 0.01, 0.1),
+        block_size=64,
+    )
     base.update(kw)
     return Settings(**base)
 
@@ -41,7 +48,9 @@ def test_whole_graph_finds_planted_duplicates(tmp_path: Path, instance: dg.Dagst
     storage = settings.storage_root()
 
     # Every item lands in exactly one bucket row; the planted copies (100) are the duplicates.
-    _, [(n, distinct, dups)] = query(storage, "SELECT count(*), count(DISTINCT id), count(*) FILTER (max_sim > 1 - 0.01) FROM items")
+    _, [(n, distinct, dups)] = query(
+        storage, "SELECT count(*), count(DISTINCT id), count(*) FILTER (max_sim > 1 - 0.01) FROM items"
+    )
     assert n == distinct == len(x)
     assert dups == 100
     # duplicate_of points at the planted partner (same shard, neighbouring row).
@@ -59,8 +68,10 @@ def test_whole_graph_finds_planted_duplicates(tmp_path: Path, instance: dg.Dagst
     # One row group per bucket in every assignments file, so a bucket read touches only its rows.
     for shard in result.shards:
         meta = pq.read_metadata(str(storage.shard_file(st.CLUSTER_ASSIGNMENTS, shard)))
-        spans = [(meta.row_group(g).column(2).statistics.min, meta.row_group(g).column(2).statistics.max)
-                 for g in range(meta.num_row_groups)]
+        spans = [
+            (meta.row_group(g).column(2).statistics.min, meta.row_group(g).column(2).statistics.max)
+            for g in range(meta.num_row_groups)
+        ]
         assert meta.num_row_groups == 3
         assert [bucket_of(np.array(span), 6, 3).tolist() for span in spans] == [[0, 0], [1, 1], [2, 2]]
 
@@ -70,8 +81,11 @@ def test_bucket_results_equal_dense_rule_per_cluster(tmp_path: Path, instance: d
     settings = _settings(tmp_path, block_size=16)
     run_pipeline(settings, instance, log=lambda m: None)
     storage = settings.storage_root()
-    _, rows = query(storage, "SELECT i.cluster, i.id, i.max_sim, e.embedding FROM items i JOIN embeddings e USING (id) "
-                    "ORDER BY i.cluster, i.sim_to_centroid, i.id")
+    _, rows = query(
+        storage,
+        "SELECT i.cluster, i.id, i.max_sim, e.embedding FROM items i JOIN embeddings e USING (id) "
+        "ORDER BY i.cluster, i.sim_to_centroid, i.id",
+    )
     by_cluster: dict[int, list] = {}
     for c, i, m, e in rows:
         by_cluster.setdefault(c, []).append((i, m, e))
@@ -90,6 +104,7 @@ def test_keep_lists_are_byte_identical_whatever_the_partition_order(tmp_path: Pa
         defs = build_definitions(settings)
         with dg.instance_for_test() as inst:
             from semdedup_assets.core.settings_store import save_settings
+
             save_settings(settings)
             shards = ["part-00", "part-01", "part-02"]
             inst.add_dynamic_partitions(SHARDS_PARTITIONS_NAME, sorted(shards, reverse=order))
@@ -103,10 +118,18 @@ def test_keep_lists_are_byte_identical_whatever_the_partition_order(tmp_path: Pa
                 _execute(defs, "dedup_job", inst, b)
             result = _execute(defs, "keep_lists_job", inst)
             checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
-            assert checks == {"kept_fraction_monotone": True, "every_item_in_one_bucket": True,
-                              "files_match_partitions": True}
+            assert checks == {
+                "kept_fraction_monotone": True,
+                "every_item_in_one_bucket": True,
+                "files_match_partitions": True,
+            }
         storage = settings.storage_root()
-        outputs.append({p.name: p.read_bytes() for p in storage.stage_files(st.KEEP_LISTS) + storage.stage_files(st.SEMANTIC_DUPLICATES)})
+        outputs.append(
+            {
+                p.name: p.read_bytes()
+                for p in storage.stage_files(st.KEEP_LISTS) + storage.stage_files(st.SEMANTIC_DUPLICATES)
+            }
+        )
     assert outputs[0].keys() == outputs[1].keys() and len(outputs[0]) == 4 + 1 + 3
     for name in outputs[0]:
         assert outputs[0][name] == outputs[1][name], name
@@ -125,7 +148,8 @@ def test_checks_pass_and_are_recorded(tmp_path: Path, instance: dg.DagsterInstan
     }.items():
         for name in names:
             record = instance.event_log_storage.get_latest_asset_check_execution_by_key(
-                [dg.AssetCheckKey(dg.AssetKey(key), name)])[dg.AssetCheckKey(dg.AssetKey(key), name)]
+                [dg.AssetCheckKey(dg.AssetKey(key), name)]
+            )[dg.AssetCheckKey(dg.AssetKey(key), name)]
             assert record.status.value == "SUCCEEDED", (key, name)
 
 
@@ -141,8 +165,12 @@ def test_low_precision_kernel_and_float16_storage_through_the_graph(tmp_path: Pa
     import pyarrow as pa
 
     write_embedding_shards(tmp_path / "input", n_shards=2, per_shard=300, d=32, dup_every=7)
-    variants = {"fp32": {}, "fp16": {"precision": "fp16"}, "bf16": {"precision": "bf16"},
-                "float16": {"embedding_dtype": "float16"}}
+    variants = {
+        "fp32": {},
+        "fp16": {"precision": "fp16"},
+        "bf16": {"precision": "bf16"},
+        "float16": {"embedding_dtype": "float16"},
+    }
     roots: dict[str, st.Storage] = {}
     for name, kw in variants.items():
         settings = _settings(tmp_path, storage=str(tmp_path / f"storage-{name}"), **kw)

@@ -20,8 +20,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from semdedup_assets.cli import main
-from semdedup_assets.core.io.catalog import query
 from semdedup_assets.core.config import Settings
+from semdedup_assets.core.io.catalog import query
 from semdedup_assets.core.select.prune import compute_pruning, parse_pruning
 from semdedup_assets.definitions import build_definitions
 from semdedup_assets.pipeline import run_pipeline
@@ -43,14 +43,26 @@ PRUNE = ";".join(
 @pytest.fixture(scope="module", params=[0, 1], ids=["seed0", "seed1"])
 def ran(request, tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp(f"prune{request.param}")
-    write_embedding_shards(root / "input", n_shards=N_SHARDS, per_shard=PER_SHARD, d=DIM, dup_every=5,
-                           seed=request.param)
-    settings = Settings(storage=str(root / "storage"), input=str(root / "input"), modality="embedding", clusters=10,
-                        buckets=3, eps=EPS, block_size=64, seed=request.param, prune=PRUNE)
+    write_embedding_shards(
+        root / "input", n_shards=N_SHARDS, per_shard=PER_SHARD, d=DIM, dup_every=5, seed=request.param
+    )
+    settings = Settings(
+        storage=str(root / "storage"),
+        input=str(root / "input"),
+        modality="embedding",
+        clusters=10,
+        buckets=3,
+        eps=EPS,
+        block_size=64,
+        seed=request.param,
+        prune=PRUNE,
+    )
     with dg.instance_for_test() as instance:
         run_pipeline(settings, instance, log=lambda m: None)
-        events = {m: instance.get_latest_materialization_event(dg.AssetKey(f"pruned_{m}"))
-                  for m in ("prototypes", "d4", "dbp")}
+        events = {
+            m: instance.get_latest_materialization_event(dg.AssetKey(f"pruned_{m}"))
+            for m in ("prototypes", "d4", "dbp")
+        }
         metadata = {m: e.asset_materialization.metadata for m, e in events.items()}
         # The `deduplicated` asset with a pruning selection in `select` (export_job, one shard).
         label = "d4:eps=0.05,keep-fraction=0.3,clusters=6"
@@ -60,8 +72,13 @@ def ran(request, tmp_path_factory: pytest.TempPathFactory) -> dict:
     stored = [pq.read_table(root / "storage" / "embeddings" / f"part-{s:02d}.parquet") for s in range(N_SHARDS)]
     ids = np.array([i for t in stored for i in t.column("id").to_pylist()])
     x = np.array([v for t in stored for v in t.column("embedding").to_pylist()], dtype=np.float32)
-    centroids = np.array(pq.read_table(root / "storage" / "centroids" / "centroids.parquet")
-                         .sort_by("cluster").column("centroid").to_pylist(), dtype=np.float32)
+    centroids = np.array(
+        pq.read_table(root / "storage" / "centroids" / "centroids.parquet")
+        .sort_by("cluster")
+        .column("centroid")
+        .to_pylist(),
+        dtype=np.float32,
+    )
     return {"settings": settings, "x": x, "ids": ids, "centroids": centroids, "metadata": metadata}
 
 
@@ -108,8 +125,15 @@ def dense_d4(ran: dict, eps: float, fraction: float, k: int) -> set[str]:
     cluster, sim = nearest(x, ran["centroids"])
     alive = np.flatnonzero(semdedup_survivors(x, ids, cluster, sim, eps))
     alive = alive[np.argsort(ids[alive])]  # the k-means sample: every survivor, in id order
-    km = faiss.Kmeans(x.shape[1], k, niter=s.kmeans_iterations, seed=s.seed, spherical=True,
-                      max_points_per_centroid=s.max_points_per_centroid, min_points_per_centroid=1)
+    km = faiss.Kmeans(
+        x.shape[1],
+        k,
+        niter=s.kmeans_iterations,
+        seed=s.seed,
+        spherical=True,
+        max_points_per_centroid=s.max_points_per_centroid,
+        min_points_per_centroid=1,
+    )
     km.train(np.ascontiguousarray(x[alive]))
     _, new_sim = nearest(x[alive], km.centroids)
     order = sorted(range(len(alive)), key=lambda j: (new_sim[j], ids[alive[j]]))
@@ -175,8 +199,11 @@ def test_dbp_matches_the_dense_reference_for_fractions_and_temperatures(ran: dic
             label = parse_pruning(f"dbp:eps=0.05,keep-fraction={f},temperature={t},neighbours=4", EPS).label
             expected, budget = dense_dbp(ran, 0.05, f, t, 4)
             assert kept_ids(settings, label) == expected, label
-            _, rows = query(settings.storage_root(), "SELECT cluster, kept, d_intra, d_inter FROM pruned_budget "
-                            "WHERE selection = ? ORDER BY cluster", [label])
+            _, rows = query(
+                settings.storage_root(),
+                "SELECT cluster, kept, d_intra, d_inter FROM pruned_budget WHERE selection = ? ORDER BY cluster",
+                [label],
+            )
             assert {r[0]: r[1] for r in rows} == budget["quota"]
             np.testing.assert_allclose([r[2] for r in rows], budget["d_intra"], rtol=0, atol=1e-12)
             np.testing.assert_allclose([r[3] for r in rows], budget["d_inter"], rtol=0, atol=1e-12)
@@ -197,9 +224,13 @@ def test_recomputing_gives_the_same_bytes_and_export_writes_the_kept_rows(ran: d
 
     label = "dbp:eps=0.05,keep-fraction=0.3,temperature=0.5,neighbours=4"
     assert main(["export", "--select", label, "--storage", settings.storage]) == 0
-    exported = {i for s in range(N_SHARDS) for i in
-                pq.read_table(Path(settings.storage) / "deduplicated" / label / f"part-{s:02d}.parquet")
-                .column("id").to_pylist()}
+    exported = {
+        i
+        for s in range(N_SHARDS)
+        for i in pq.read_table(Path(settings.storage) / "deduplicated" / label / f"part-{s:02d}.parquet")
+        .column("id")
+        .to_pylist()
+    }
     assert exported == kept_ids(settings, label)
     assert main(["export", "--select", "d4:eps=0.3,keep-fraction=0.5", "--storage", settings.storage]) == 1
     assert "eps=0.3 is not configured" in capsys.readouterr().err
@@ -221,5 +252,7 @@ def test_assets_show_the_budget_table_and_a_plot(ran: dict) -> None:
 def test_the_deduplicated_asset_exports_a_pruning_selection(ran: dict) -> None:
     settings = ran["settings"]
     label = "d4:eps=0.05,keep-fraction=0.3,clusters=6"
-    written = pq.read_table(Path(settings.storage) / "deduplicated" / label / "part-01.parquet").column("id").to_pylist()
+    written = (
+        pq.read_table(Path(settings.storage) / "deduplicated" / label / "part-01.parquet").column("id").to_pylist()
+    )
     assert set(written) == {i for i in kept_ids(settings, label) if i.startswith("s1-")} and written

@@ -20,11 +20,21 @@ import pyarrow.parquet as pq
 import pytest
 
 from semdedup_assets_tests.fixtures import BASE_SENTENCES, write_embedding_shards, write_text_shards
-from semdedup_assets_tests.raycluster import (STAGES, NetNamespace, RayCluster, assert_same_results, namespaces_available,
-                                              run_local, run_semdedup, start_cluster)
+from semdedup_assets_tests.raycluster import (
+    STAGES,
+    NetNamespace,
+    RayCluster,
+    assert_same_results,
+    namespaces_available,
+    run_local,
+    run_semdedup,
+    start_cluster,
+)
 
-pytestmark = [pytest.mark.timeout(900), pytest.mark.skipif(namespaces_available() is not None,
-                                                          reason=namespaces_available() or "")]
+pytestmark = [
+    pytest.mark.timeout(900),
+    pytest.mark.skipif(namespaces_available() is not None, reason=namespaces_available() or ""),
+]
 
 COMMON = ["--clusters", "4", "--buckets", "2", "--eps", "0.001,0.01,0.1"]
 
@@ -66,7 +76,7 @@ def test_two_nodes_give_the_local_engines_bytes_for_text_and_bring_your_own_embe
     # Every socket of every process in the namespace (GCS, raylets, workers, driver's) is on the loopback.
     listening = two_nodes.ns.listening()
     assert any(addr.endswith(":6379") for addr, _ in listening), listening
-    outside = [(a, p) for a, p in listening if not a.rsplit(":", 1)[0] in ("127.0.0.1", "[::ffff:127.0.0.1]")]
+    outside = [(a, p) for a, p in listening if a.rsplit(":", 1)[0] not in ("127.0.0.1", "[::ffff:127.0.0.1]")]
     assert not outside, f"Ray listens beyond 127.0.0.1: {outside}"
 
 
@@ -85,8 +95,11 @@ def assert_stages_ran_on_the_cluster(storage: Path, gpus: bool) -> None:
     kmeans_node, kmeans_pid = node_and_pid(kmeans["worker"])
     assert kmeans["ran_on"] == ("ray worker" if gpus else "driver"), kmeans
     assert kmeans["device"] == "cpu" and "CUDA not available here" in kmeans["device_note"], kmeans
-    tasks = [node_and_pid(r["worker"]) for asset in ("raw_shards", "cluster_assignments", "semantic_duplicates",
-                                                     "keep_lists") for r in per_shard_rows(storage, asset)]
+    tasks = [
+        node_and_pid(r["worker"])
+        for asset in ("raw_shards", "cluster_assignments", "semantic_duplicates", "keep_lists")
+        for r in per_shard_rows(storage, asset)
+    ]
     assert {node_and_pid(r["worker"]) for r in per_shard_rows(storage, "raw_shards")}, "ingest ran as Ray tasks"
     (keep,) = per_shard_rows(storage, "keep_lists")
     assert keep["ran_on"] == "ray worker", keep
@@ -114,8 +127,9 @@ def per_shard_rows(storage: Path, asset: str) -> list[dict[str, object]]:
         rows: dict[str, dict[str, object]] = {}
         for record in records:  # newest first
             meta = record.asset_materialization.metadata
-            rows.setdefault(record.partition_key, {"shard": record.partition_key,
-                                                   **{k: v.value for k, v in meta.items()}})
+            rows.setdefault(
+                record.partition_key, {"shard": record.partition_key, **{k: v.value for k, v in meta.items()}}
+            )
         return list(rows.values())
 
 
@@ -124,8 +138,9 @@ def big_text_shards(folder: Path, n_shards: int = 2, rows: int = 600) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for s in range(n_shards):
         texts = [f"{BASE_SENTENCES[i % len(BASE_SENTENCES)]} (note {s}-{i}, {i % 7} of {i % 11})" for i in range(rows)]
-        pq.write_table(pa.table({"id": [f"big-{s}-{i:05d}" for i in range(rows)], "text": texts}),
-                       folder / f"big-{s}.parquet")
+        pq.write_table(
+            pa.table({"id": [f"big-{s}-{i:05d}" for i in range(rows)], "text": texts}), folder / f"big-{s}.parquet"
+        )
 
 
 EMBEDDING_ACTOR, ASSIGN_TASK = "ray::ShardEmbedder.embed", "ray::_assign_task"  # Ray's titles of busy workers
@@ -144,8 +159,9 @@ def busy_worker_pids(ns: NetNamespace, title: str) -> list[int]:
     return pids
 
 
-def kill_one_worker(ns: NetNamespace, run: subprocess.Popen, title: str = EMBEDDING_ACTOR, settle: float = 0.5,
-                    timeout: float = 240) -> int:
+def kill_one_worker(
+    ns: NetNamespace, run: subprocess.Popen, title: str = EMBEDDING_ACTOR, settle: float = 0.5, timeout: float = 240
+) -> int:
     """SIGKILL the first worker seen running a unit of `title`, `settle` seconds into it; returns its pid."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and run.poll() is None:
@@ -187,8 +203,9 @@ def test_a_killed_worker_is_retried_and_a_shard_past_its_retries_fails_the_run_n
     kill_one_worker(two_nodes.ns, run, ASSIGN_TASK, settle=0)
     out, _ = run.communicate(timeout=600)
     assert run.returncode != 0
-    assert "cluster_assignments: " in out and "its Ray worker died 1 time(s); the 0 retries are exhausted" in out, \
-        out[-4000:]
+    assert "cluster_assignments: " in out and "its Ray worker died 1 time(s); the 0 retries are exhausted" in out, out[
+        -4000:
+    ]
     assert "shard 'big-" in out
     assert not [p for p in (tmp_path / "ray").rglob("*.tmp")]
 
@@ -217,8 +234,18 @@ def test_an_unreachable_ray_address_fails_at_once_naming_it_and_publishes_nothin
     ns = NetNamespace()
     try:
         start = time.monotonic()
-        done = run_semdedup(ns, "run", "--input", str(tmp_path / "text"), "--storage", str(tmp_path / "s"),
-                                      "--engine", "ray", "--ray-address", "127.0.0.1:6390")
+        done = run_semdedup(
+            ns,
+            "run",
+            "--input",
+            str(tmp_path / "text"),
+            "--storage",
+            str(tmp_path / "s"),
+            "--engine",
+            "ray",
+            "--ray-address",
+            "127.0.0.1:6390",
+        )
         seconds = time.monotonic() - start
     finally:
         assert ns.stop() == []

@@ -29,30 +29,51 @@ import requests
 
 from semdedup_assets.instance import instance_yaml
 from semdedup_assets_tests.fixtures import write_embedding_shards
-from semdedup_assets_tests.raycluster import (DASHBOARD_PORT, NetNamespace, RayCluster, assert_same_results,
-                                              namespaces_available, ray_env, semdedup_command)
+from semdedup_assets_tests.raycluster import (
+    DASHBOARD_PORT,
+    NetNamespace,
+    RayCluster,
+    assert_same_results,
+    namespaces_available,
+    ray_env,
+    semdedup_command,
+)
 from semdedup_assets_tests.webserver import FAILED, REPO, DagsterDev, dagster_dev, describe_runs, platform_env, runs
 
-pytestmark = [pytest.mark.timeout(600), pytest.mark.skipif(namespaces_available() is not None,
-                                                          reason=namespaces_available() or "")]
+pytestmark = [
+    pytest.mark.timeout(600),
+    pytest.mark.skipif(namespaces_available() is not None, reason=namespaces_available() or ""),
+]
 
 SHARD = "part-00"
 # What the user launches: one shard partition of the ingest job (validate + embed), then the
 # job that materializes every stage (one run per stage, inside that run's process).
 LAUNCHES = (("ingest_job", SHARD), ("pipeline_job", None))
 # What the code location's environment sets; RayRunLauncher copies these into each run's Ray job.
-FORWARDED = ("SEMDEDUP_STORAGE", "SEMDEDUP_INPUT", "SEMDEDUP_MODALITY", "SEMDEDUP_CLUSTERS", "SEMDEDUP_BUCKETS",
-             "SEMDEDUP_EPS", "SEMDEDUP_SENSORS", "SEMDEDUP_ENGINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+FORWARDED = (
+    "SEMDEDUP_STORAGE",
+    "SEMDEDUP_INPUT",
+    "SEMDEDUP_MODALITY",
+    "SEMDEDUP_CLUSTERS",
+    "SEMDEDUP_BUCKETS",
+    "SEMDEDUP_EPS",
+    "SEMDEDUP_SENSORS",
+    "SEMDEDUP_ENGINE",
+    "HF_HUB_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+)
 
 
 def launcher_yaml(dashboard_url: str) -> str:
     """The run launcher part of dagster.yaml (what docs/scale-out.md shows), on top of what semdedup writes."""
     env_vars = "".join(f"\n        - {name}" for name in FORWARDED)
-    return (f"run_launcher:\n  module: dagster_ray\n  class: RayRunLauncher\n  config:\n    ray:\n"
-            f"      address: {dashboard_url}\n      env_vars:{env_vars}\n"
-            # The daemon's queue: a run starts within a second of its launch (default: 5 s), for the test's time.
-            "run_coordinator:\n  module: dagster.core.run_coordinator\n  class: QueuedRunCoordinator\n"
-            "  config:\n    dequeue_interval_seconds: 1\n")
+    return (
+        f"run_launcher:\n  module: dagster_ray\n  class: RayRunLauncher\n  config:\n    ray:\n"
+        f"      address: {dashboard_url}\n      env_vars:{env_vars}\n"
+        # The daemon's queue: a run starts within a second of its launch (default: 5 s), for the test's time.
+        "run_coordinator:\n  module: dagster.core.run_coordinator\n  class: QueuedRunCoordinator\n"
+        "  config:\n    dequeue_interval_seconds: 1\n"
+    )
 
 
 class ProcessLog:
@@ -147,9 +168,16 @@ IN_PROCESS = {"execution": {"config": {"in_process": {}}}}
 def launch(dev: DagsterDev, job: str, partition: str | None) -> str:
     """Launch `job` (for `partition`) as the launchpad does; returns the run id."""
     tags = [{"key": "dagster/partition", "value": partition}] if partition else []
-    result = dev.graphql(LAUNCH_RUN, {"executionParams": {
-        "selector": {**REPOSITORY, "jobName": job}, "runConfigData": IN_PROCESS,
-        "executionMetadata": {"tags": tags}}})["launchRun"]
+    result = dev.graphql(
+        LAUNCH_RUN,
+        {
+            "executionParams": {
+                "selector": {**REPOSITORY, "jobName": job},
+                "runConfigData": IN_PROCESS,
+                "executionMetadata": {"tags": tags},
+            }
+        },
+    )["launchRun"]
     assert result["__typename"] == "LaunchRunSuccess", result
     return result["run"]["runId"]
 
@@ -163,15 +191,17 @@ def wait_for_run(dev: DagsterDev, run_id: str, timeout: float = 240) -> None:
     dev.wait_for(f"run {run_id} to succeed", done, timeout=timeout, interval=0.5, describe=lambda: describe_runs(dev))
 
 
-PID_MESSAGES = re.compile(r"Started process for run \(pid: (\d+)\)|Executing steps in process \(pid: (\d+)\)"
-                          r"|multiprocess executor: parent process \(pid: (\d+)\)")
+PID_MESSAGES = re.compile(
+    r"Started process for run \(pid: (\d+)\)|Executing steps in process \(pid: (\d+)\)"
+    r"|multiprocess executor: parent process \(pid: (\d+)\)"
+)
 
 
 def run_processes(instance: dg.DagsterInstance, run_id: str) -> dict[str, int]:
     """Where a run ran, from its own events: its process, its executor's, and each step's (STEP_WORKER_STARTED)."""
     where: dict[str, int] = {}
     for record in instance.all_logs(run_id):
-        if (m := PID_MESSAGES.search(record.user_message or "")):
+        if m := PID_MESSAGES.search(record.user_message or ""):
             where.setdefault("run", int(next(g for g in m.groups() if g)))
         event = record.dagster_event
         if event is not None and event.event_type_value == "STEP_WORKER_STARTED":
@@ -188,6 +218,7 @@ def ray_jobs(url: str) -> list[dict[str, Any]]:
 
 def wait_for_ray_job(dev: DagsterDev, url: str, run_id: str) -> None:
     """The run's Ray job ends too (its process exits a moment after Dagster records the run's success)."""
+
     def ended() -> bool:
         resp = requests.get(f"{url}/api/jobs/dagster-run-{run_id}", timeout=30)
         assert resp.status_code != 404, f"Ray has no job dagster-run-{run_id}"
@@ -210,24 +241,46 @@ def test_runs_launched_from_the_ui_run_on_the_ray_cluster_and_give_the_local_byt
     # running while the Ray head starts and dg dev loads the code location.
     reference_env = {k: v for k, v in ray_env().items() if not k.startswith("SEMDEDUP_") and k != "DAGSTER_HOME"}
     reference = subprocess.Popen(
-        semdedup_command("run", "--input", str(tmp_path / "landing"), "--storage", str(tmp_path / "local"),
-                         "--modality", "embedding", "--clusters", "4", "--buckets", "1", "--eps", "0.001,0.01,0.1"),
-        cwd=REPO, env=reference_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        semdedup_command(
+            "run",
+            "--input",
+            str(tmp_path / "landing"),
+            "--storage",
+            str(tmp_path / "local"),
+            "--modality",
+            "embedding",
+            "--clusters",
+            "4",
+            "--buckets",
+            "1",
+            "--eps",
+            "0.001,0.01,0.1",
+        ),
+        cwd=REPO,
+        env=reference_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     ns = NetNamespace()
     log = ProcessLog(ns)
     cluster: RayCluster | None = None
     with ThreadPoolExecutor(1) as pool:
         starting = pool.submit(RayCluster, ns, [{"num_cpus": 2}], dashboard=True)
         try:
-            with ns.joined(), dagster_dev(env, REPO / "test-artifacts" / "ray-launcher-dg-dev.log",
-                                                 stop_grace=3) as dev:
+            with (
+                ns.joined(),
+                dagster_dev(env, REPO / "test-artifacts" / "ray-launcher-dg-dev.log", stop_grace=3) as dev,
+            ):
                 cluster = starting.result(timeout=240)
                 log.sample()
                 raylets = log.find(r"\S*/raylet ")
                 assert raylets, "no raylet in the namespace"
                 setup = time.monotonic() - start
-                added = dev.graphql(ADD_PARTITION, {"partitionsDefName": "shards", "partitionKey": SHARD,
-                                                    "repositorySelector": REPOSITORY})["addDynamicPartition"]
+                added = dev.graphql(
+                    ADD_PARTITION,
+                    {"partitionsDefName": "shards", "partitionKey": SHARD, "repositorySelector": REPOSITORY},
+                )["addDynamicPartition"]
                 assert added["__typename"] == "AddDynamicPartitionSuccess", added
                 run_ids = []
                 for job, partition in LAUNCHES:
@@ -282,12 +335,22 @@ def test_runs_launched_from_the_ui_run_on_the_ray_cluster_and_give_the_local_byt
             driver = int(ray_job["driver_info"]["pid"])
             assert run_processes(instance, run_id)["run"] in log.chain(driver), log.describe(log.chain(driver))
         # Inside the step, Ray's runtime context named the same job, driver and node (the `ray` resource's log).
-        connected = [m.groups() for r in instance.all_logs(run_ids[0])
-                     if (m := re.search(r"connected to the Ray cluster at 127\.0\.0\.1:6379: Ray job (\w+), "
-                                        r"driver pid (\d+) on node (\w+)", r.user_message or ""))]
+        connected = [
+            m.groups()
+            for r in instance.all_logs(run_ids[0])
+            if (
+                m := re.search(
+                    r"connected to the Ray cluster at 127\.0\.0\.1:6379: Ray job (\w+), "
+                    r"driver pid (\d+) on node (\w+)",
+                    r.user_message or "",
+                )
+            )
+        ]
         ray_job = by_submission[f"dagster-run-{run_ids[0]}"]
         assert connected == [(ray_job["job_id"], ray_job["driver_info"]["pid"], ray_job["driver_node_id"])], (
-            connected, ray_job)
+            connected,
+            ray_job,
+        )
 
         # The embedding actor that embedded the shard: a Ray worker process under the raylet.
         record = instance.fetch_materializations(dg.AssetKey("embeddings"), limit=1).records[0]
@@ -298,5 +361,7 @@ def test_runs_launched_from_the_ui_run_on_the_ray_cluster_and_give_the_local_byt
 
     # (2) The keep-lists (and every stage file) equal the local run's, byte for byte.
     assert_same_results(tmp_path / "local", tmp_path / "storage")
-    print(f"\nRayRunLauncher: setup (Ray head with dashboard and dg dev, beside the reference run) {setup:.1f} s, "
-          f"{len(LAUNCHES)} launched runs {launched:.1f} s")
+    print(
+        f"\nRayRunLauncher: setup (Ray head with dashboard and dg dev, beside the reference run) {setup:.1f} s, "
+        f"{len(LAUNCHES)} launched runs {launched:.1f} s"
+    )

@@ -14,13 +14,13 @@ import matplotlib.image
 import pytest
 
 from semdedup_assets.cli import main
-from semdedup_assets.core.io import storage as st
 from semdedup_assets.core.config import Settings
-from semdedup_assets.core.settings_store import load_settings
+from semdedup_assets.core.io import storage as st
 from semdedup_assets.core.select.robustness import CompareError, compare_storages, run_sweep, sub_storage
+from semdedup_assets.core.settings_store import load_settings
 from semdedup_assets.status import collect_status
-from semdedup_assets_tests.fixtures import write_embedding_shards
 from semdedup_assets_tests.core.test_units import run_units
+from semdedup_assets_tests.fixtures import write_embedding_shards
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 KS = (3, 12)
@@ -37,8 +37,23 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
         mp.delenv("DAGSTER_HOME")
         out = io.StringIO()
         mp.setattr("sys.stdout", out)
-        code = main(["sweep", "--input", str(tmp / "input"), "--storage", str(root), "--modality", "embedding",
-                     "--clusters", ",".join(map(str, KS)), "--eps", "0.01,0.1", "--buckets", "2"])
+        code = main(
+            [
+                "sweep",
+                "--input",
+                str(tmp / "input"),
+                "--storage",
+                str(root),
+                "--modality",
+                "embedding",
+                "--clusters",
+                ",".join(map(str, KS)),
+                "--eps",
+                "0.01,0.1",
+                "--buckets",
+                "2",
+            ]
+        )
     assert code == 0, out.getvalue()
     return root, out.getvalue()
 
@@ -47,7 +62,8 @@ def test_sweep_makes_normal_storages_that_share_the_embeddings(sweep: tuple[Path
     root, _ = sweep
     subs = [root / f"k={k}" for k in KS]
     assert json.loads((root / "sweep.json").read_text())["configurations"] == [
-        {"storage": str(s), "clusters": k, "model": None, "seed": None} for s, k in zip(subs, KS)]
+        {"storage": str(s), "clusters": k, "model": None, "seed": None} for s, k in zip(subs, KS)
+    ]
     for sub, k in zip(subs, KS):
         # A normal storage: its own settings, instance and catalog; `status` says it is complete.
         status = collect_status(load_settings(str(sub)), str(sub / "dagster_home"))
@@ -73,8 +89,9 @@ def test_sweep_prints_the_comparison_and_a_real_png(sweep: tuple[Path, str]) -> 
     assert {p["a"] for p in r.pairs} == {"k=3"} and r.items == 300
     # ... and a storage compared with itself removes exactly the same items, at every eps.
     same = compare_storages([str(root / "k=3")] * 2, eps=[0.001, 0.05, 0.3])
-    assert [(p["jaccard"], p["a_also_in_b"], p["a"], p["b"]) for p in same.pairs] == \
-        [(1.0, 1.0 if p["removed_a"] else None, "k=3", "k=3 (2)") for p in same.pairs]
+    assert [(p["jaccard"], p["a_also_in_b"], p["a"], p["b"]) for p in same.pairs] == [
+        (1.0, 1.0 if p["removed_a"] else None, "k=3", "k=3 (2)") for p in same.pairs
+    ]
 
 
 def test_compare_cli_and_the_robustness_asset(sweep: tuple[Path, str], tmp_path: Path, capsys) -> None:
@@ -96,11 +113,20 @@ def test_compare_cli_and_the_robustness_asset(sweep: tuple[Path, str], tmp_path:
 def test_compare_refuses_storages_of_other_items(sweep: tuple[Path, str], tmp_path: Path, capsys) -> None:
     root, _ = sweep
     write_embedding_shards(tmp_path / "input", n_shards=2, per_shard=100, d=8, dup_every=5)
-    other = Settings(storage=str(tmp_path / "other"), input=str(tmp_path / "input"), modality="embedding",
-                     clusters=3, buckets=2, eps=(0.01, 0.1))
+    other = Settings(
+        storage=str(tmp_path / "other"),
+        input=str(tmp_path / "input"),
+        modality="embedding",
+        clusters=3,
+        buckets=2,
+        eps=(0.01, 0.1),
+    )
     run_units(other)
-    with pytest.raises(CompareError, match=r"k=3 and .*other hold different items.*100 id\(s\) only in .*k=3 \(e.g. "
-                                           r"s2-00000, s2-00001, s2-00002, s2-00003, s2-00004\)"):
+    with pytest.raises(
+        CompareError,
+        match=r"k=3 and .*other hold different items.*100 id\(s\) only in .*k=3 \(e.g. "
+        r"s2-00000, s2-00001, s2-00002, s2-00003, s2-00004\)",
+    ):
         compare_storages([other.storage, str(root / "k=3")])
     assert main(["compare", other.storage, str(root / "k=12")]) == 1
     assert "hold different items" in capsys.readouterr().err
@@ -122,14 +148,26 @@ def test_sweep_plan_over_encoders_shares_embeddings_within_one_encoder(tmp_path:
     r = run_sweep(base, base.storage, [5, None], ["org/enc-a", "enc:b"], fake_run, log=lambda m: None)
     assert r.storages == [sub_storage(base.storage, k, m) for m in ("org/enc-a", "enc:b") for k in (5, None)]
     assert r.storages[0].endswith("S/model=org_enc-a/k=5") and r.storages[3].endswith("S/model=enc_b/k=auto")
-    assert [(s.model, s.clusters) for s in ran] == [("org/enc-a", 5), ("org/enc-a", None), ("enc:b", 5), ("enc:b", None)]
+    assert [(s.model, s.clusters) for s in ran] == [
+        ("org/enc-a", 5),
+        ("org/enc-a", None),
+        ("enc:b", 5),
+        ("enc:b", None),
+    ]
     assert r.shared == {r.storages[1]: 1, r.storages[3]: 1}
     for i, model in ((1, b"org/enc-a"), (3, b"enc:b")):  # each k got its own encoder's file, never the other's
         assert (Path(r.storages[i]) / "embeddings" / "part-00.parquet").read_bytes() == model
     with pytest.raises(ValueError, match="repeats a configuration"):
         run_sweep(base, base.storage, [5, 5], [None], fake_run)
     ran.clear()  # seeds: one level more, and every seed of the one encoder shares its embeddings
-    r = run_sweep(base.replace(storage=str(tmp_path / "T"), model="m"), str(tmp_path / "T"), [5], [None], fake_run,
-                  log=lambda m: None, seeds=[0, 1])
-    assert [s[-len("k=5/seed=0"):] for s in r.storages] == ["k=5/seed=0", "k=5/seed=1"]
+    r = run_sweep(
+        base.replace(storage=str(tmp_path / "T"), model="m"),
+        str(tmp_path / "T"),
+        [5],
+        [None],
+        fake_run,
+        log=lambda m: None,
+        seeds=[0, 1],
+    )
+    assert [s[-len("k=5/seed=0") :] for s in r.storages] == ["k=5/seed=0", "k=5/seed=1"]
     assert [(s.seed, s.clusters, s.model) for s in ran] == [(0, 5, "m"), (1, 5, "m")] and r.shared == {r.storages[1]: 1}

@@ -12,8 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from semdedup_assets.core.io import storage as st
 from semdedup_assets.core.config import Settings
+from semdedup_assets.core.io import storage as st
 from semdedup_assets.core.io.shards import discover_shards
 from semdedup_assets.definitions import build_definitions
 from semdedup_assets.partitions import SHARDS_PARTITIONS_NAME
@@ -54,7 +54,9 @@ def test_object_store_key_with_dotdot_is_refused_by_discovery() -> None:
         discover_shards(root)
 
 
-def test_object_store_key_with_dotdot_is_refused_by_run_and_sensor(tmp_path: Path, instance: dg.DagsterInstance) -> None:
+def test_object_store_key_with_dotdot_is_refused_by_run_and_sensor(
+    tmp_path: Path, instance: dg.DagsterInstance
+) -> None:
     settings = Settings(storage=str(tmp_path / "storage"), input=_memory_input_with_hostile_key(), modality="embedding")
     with pytest.raises(st.UnsafeKeyError, match="unsafe shard key"):
         run_pipeline(settings, instance, log=lambda m: None)
@@ -66,8 +68,9 @@ def test_object_store_key_with_dotdot_is_refused_by_run_and_sensor(tmp_path: Pat
     assert not [p for p in tmp_path.rglob("*") if p.is_file() and p.name.endswith(".parquet")]
 
 
-def test_cli_forget_never_deletes_outside_the_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                    capsys: pytest.CaptureFixture) -> None:
+def test_cli_forget_never_deletes_outside_the_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     """Regression: `forget ../../../victim` resolved <storage>/raw/../../../victim.parquet and deleted it."""
     from semdedup_assets.cli import main
 
@@ -76,21 +79,29 @@ def test_cli_forget_never_deletes_outside_the_root(tmp_path: Path, monkeypatch: 
     storage.mkdir(parents=True)
     victim = tmp_path / "victim.parquet"  # = <storage>/raw/../../../victim.parquet
     pq.write_table(pa.table({"x": [1]}), victim)
-    for key in ("../../../victim", "/" + str(victim)[1:-len(".parquet")]):
+    for key in ("../../../victim", "/" + str(victim)[1 : -len(".parquet")]):
         assert main(["forget", key, "--storage", str(storage)]) != 0
         assert "unsafe shard key" in capsys.readouterr().err
         assert victim.exists()
 
 
-def test_ui_style_partition_with_dotdot_touches_no_file_outside_the_root(tmp_path: Path, instance: dg.DagsterInstance) -> None:
+def test_ui_style_partition_with_dotdot_touches_no_file_outside_the_root(
+    tmp_path: Path, instance: dg.DagsterInstance
+) -> None:
     """A partition added through the instance (as the UI or GraphQL would) named '../../victim'.
 
     Before the fix, `cluster_assignments` for it read <storage>/embeddings/../../victim.parquet
     and overwrote <storage>/cluster_assignments/../../victim.parquet: the same file, outside the root.
     """
     write_embedding_shards(tmp_path / "input", n_shards=2, per_shard=40, d=8)
-    settings = Settings(storage=str(tmp_path / "storage"), input=str(tmp_path / "input"), modality="embedding",
-                        clusters=3, buckets=2, eps=(0.01,))
+    settings = Settings(
+        storage=str(tmp_path / "storage"),
+        input=str(tmp_path / "input"),
+        modality="embedding",
+        clusters=3,
+        buckets=2,
+        eps=(0.01,),
+    )
     run_pipeline(settings, instance, log=lambda m: None)
     storage = settings.storage_root()
     victim = tmp_path / "victim.parquet"

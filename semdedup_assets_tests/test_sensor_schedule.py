@@ -9,7 +9,6 @@ from pathlib import Path
 import dagster as dg
 
 from semdedup_assets.core.config import Settings
-from semdedup_assets.core.settings_store import save_settings
 from semdedup_assets.definitions import build_definitions
 from semdedup_assets.partitions import SHARDS_PARTITIONS_NAME
 from semdedup_assets.pipeline import run_pipeline
@@ -60,8 +59,9 @@ def test_sensor_run_request_executes(tmp_path: Path, instance: dg.DagsterInstanc
 
 def test_schedule_requests_a_retrain_run_that_succeeds(tmp_path: Path, instance: dg.DagsterInstance) -> None:
     write_embedding_shards(tmp_path / "input", n_shards=2, per_shard=60, d=8)
-    settings = Settings(storage=str(tmp_path / "storage"), input=str(tmp_path / "input"), modality="embedding",
-                        clusters=4, buckets=2)
+    settings = Settings(
+        storage=str(tmp_path / "storage"), input=str(tmp_path / "input"), modality="embedding", clusters=4, buckets=2
+    )
     run_pipeline(settings, instance, log=lambda m: None)
     defs = build_definitions(settings)
     schedule = defs.resolve_schedule_def("retrain_centroids_schedule")

@@ -35,8 +35,9 @@ def test_resource_fields_are_the_settings_knobs() -> None:
     # SemDedupConfig declares its fields statically (resources.py): each knob once, typed as Dagster takes it.
     fields = SemDedupConfig.model_fields
     names = {f.name for f in knobs()}
-    assert set(fields) == names, (f"add to SemDedupConfig in resources.py: {sorted(names - set(fields))}; "
-                                  f"remove: {sorted(set(fields) - names)}")
+    assert set(fields) == names, (
+        f"add to SemDedupConfig in resources.py: {sorted(names - set(fields))}; remove: {sorted(set(fields) - names)}"
+    )
     types = field_types()
     for f in knobs():
         assert fields[f.name].annotation == resource_type(types[f.name]), f.name
@@ -68,8 +69,8 @@ def test_cli_options_are_the_settings_knobs() -> None:
 def test_allowed_values_are_defined_once() -> None:
     from semdedup_assets.core.dedup import ordering, pairwise
 
-    assert ordering.STRATEGIES == allowed_values(next(f for f in knobs() if f.name == "keep"))
-    assert pairwise.TILE_PRECISIONS == allowed_values(next(f for f in knobs() if f.name == "precision"))
+    assert allowed_values(next(f for f in knobs() if f.name == "keep")) == ordering.STRATEGIES
+    assert allowed_values(next(f for f in knobs() if f.name == "precision")) == pairwise.TILE_PRECISIONS
     with pytest.raises(ValueError, match="keep must be one of hard, easy, random"):
         Settings(keep="medium")
 
@@ -83,7 +84,8 @@ def test_environment_is_read_only_in_the_settings_module_and_dagster_home_handli
                 continue
             # The settings (model and store) and DAGSTER_HOME (the instance; `make ui` hands it to dg dev).
             if rel in ("core/config.py", "core/settings_store.py") or (
-                    rel in ("instance.py", "ui.py", "cli.py") and "DAGSTER_HOME" in line):
+                rel in ("instance.py", "ui.py", "cli.py") and "DAGSTER_HOME" in line
+            ):
                 continue
             offenders.append(f"{rel}:{n}: {line.strip()}")
     assert not offenders, "\n".join(offenders)
@@ -149,10 +151,23 @@ def test_stored_settings_hold_absolute_paths(tmp_path: Path, monkeypatch: pytest
 def test_rerun_warns_about_changed_settings_and_prints_the_effective_ones(tmp_path: Path) -> None:
     write_embedding_shards(tmp_path / "input", n_shards=2, per_shard=60, d=8)
     env = {k: v for k, v in os.environ.items() if k != "DAGSTER_HOME" and not k.startswith("SEMDEDUP_")}
-    base = [sys.executable, "-m", "semdedup_assets.cli", "run", "--input", str(tmp_path / "input"),
-            "--storage", str(tmp_path / "storage"), "--modality", "embedding", "--buckets", "2"]
-    first = subprocess.run(base + ["--clusters", "5", "--eps", "0.05"], env=env, capture_output=True, text=True,
-                           timeout=600)
+    base = [
+        sys.executable,
+        "-m",
+        "semdedup_assets.cli",
+        "run",
+        "--input",
+        str(tmp_path / "input"),
+        "--storage",
+        str(tmp_path / "storage"),
+        "--modality",
+        "embedding",
+        "--buckets",
+        "2",
+    ]
+    first = subprocess.run(
+        base + ["--clusters", "5", "--eps", "0.05"], env=env, capture_output=True, text=True, timeout=600
+    )
     assert first.returncode == 0, first.stdout + first.stderr
     assert "warning" not in first.stderr
     line = next(x for x in first.stdout.splitlines() if x.startswith("[semdedup] settings: "))
@@ -178,4 +193,5 @@ def test_relative_paths_are_not_reported_as_changes(tmp_path: Path, monkeypatch:
     save_settings(Settings(storage="st", input="inp", clusters=4))
     assert changed_settings(Settings(storage="st", input="inp", clusters=4)) == {}
     assert changed_settings(Settings(storage="st", input="other", clusters=4)) == {
-        "input": (str(tmp_path / "inp"), str(tmp_path / "other"))}
+        "input": (str(tmp_path / "inp"), str(tmp_path / "other"))
+    }

@@ -52,16 +52,20 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 # -- finding 1: forget, status, verify and export on a component's storage ----------------------------------
 
-def test_commands_work_on_the_storage_of_a_component_beside_another(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                                   capsys: pytest.CaptureFixture) -> None:
+
+def test_commands_work_on_the_storage_of_a_component_beside_another(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     """`forget part-00` on `.storage/dedup_c4` wiped the other shard's results (it looked in the plain `shards`
     partitions, found none left and deleted every bucket and keep-list), and status said 0 registered, 0 runs."""
     project = tmp_path / "userproj"
     write_embedding_shards(project / "data" / "c4", n_shards=2, per_shard=40, d=8, dup_every=5)
     write_embedding_shards(project / "data" / "laion", n_shards=2, per_shard=30, d=8, dup_every=4, seed=1)
     knobs = {"modality": "embedding", "clusters": 3, "eps": [0.05, 0.1], "settings": {"buckets": 2}}
-    components = [SemDedup(prefix=name, input=f"data/{data}", storage=f".storage/{name}", **knobs)
-                  for name, data in (("dedup_c4", "c4"), ("dedup_laion", "laion"))]
+    components = [
+        SemDedup(prefix=name, input=f"data/{data}", storage=f".storage/{name}", **knobs)
+        for name, data in (("dedup_c4", "c4"), ("dedup_laion", "laion"))
+    ]
     defs = dg.Definitions.merge(*(c.definitions(project) for c in components))
     home = tmp_path / "project_home"  # the project's instance (`dg dev` / `dg launch`), shared by both graphs
     ensure_instance_config(str(home))
@@ -102,15 +106,29 @@ def test_commands_work_on_the_storage_of_a_component_beside_another(tmp_path: Pa
 
 # -- finding 2: a relative --reference --------------------------------------------------------------------
 
-def test_a_relative_reference_is_resolved_once_and_exports_work(tmp_path: Path, home: Path,
-                                                                monkeypatch: pytest.MonkeyPatch,
-                                                                capsys: pytest.CaptureFixture) -> None:
+
+def test_a_relative_reference_is_resolved_once_and_exports_work(
+    tmp_path: Path, home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     """`run --reference data/ref` (relative) found the leaks, then every export failed: the stages recorded
     `data/ref`, semdedup.json the absolute path."""
     write_embeddings_and_reference(tmp_path, per_shard=30, d=8)
     monkeypatch.chdir(tmp_path)
-    code, out, err = _command(capsys, "run", "--input", "input", "--storage", "storage", "--reference", "ref",
-                              "--clusters", "3", "--eps", "0.05,0.1", *RUN)
+    code, out, err = _command(
+        capsys,
+        "run",
+        "--input",
+        "input",
+        "--storage",
+        "storage",
+        "--reference",
+        "ref",
+        "--clusters",
+        "3",
+        "--eps",
+        "0.05,0.1",
+        *RUN,
+    )
     assert code == 0, err
     code, out, err = _command(capsys, "export", "--select", "eps=0.1", "--storage", "storage")
     assert code == 0, err
@@ -123,8 +141,10 @@ def test_a_relative_reference_is_resolved_once_and_exports_work(tmp_path: Path, 
 
 # -- finding 3: exports and pruning selections made from other results ------------------------------------
 
+
 def test_exports_made_from_other_results_are_flagged_until_written_again(
-        tmp_path: Path, home: Path, capsys: pytest.CaptureFixture) -> None:
+    tmp_path: Path, home: Path, capsys: pytest.CaptureFixture
+) -> None:
     """`run --clusters 10`, `export --select eps=...`, `run --clusters 20`: the folder kept the k = 10 rows while
     status said (complete) and verify exited 0; other selection folders stayed stale too."""
     write_embedding_shards(tmp_path / "input", n_shards=2, per_shard=40, d=8, dup_every=5)
@@ -140,8 +160,10 @@ def test_exports_made_from_other_results_are_flagged_until_written_again(
     code, out, err = _command(capsys, "verify", "--storage", str(storage))
     assert code == 1 and f"STALE {storage / 'deduplicated' / 'eps=0.1'}: stale export" in out, out + err
     s = _status(capsys, storage)
-    assert s["state"] == "partial" and {Path(o["path"]).name for o in s["stale_outputs"]} == {"eps=0.1",
-                                                                                           "keep-fraction=0.5"}, s
+    assert s["state"] == "partial" and {Path(o["path"]).name for o in s["stale_outputs"]} == {
+        "eps=0.1",
+        "keep-fraction=0.5",
+    }, s
     assert all(e["stale"] for e in s["exports"])
     code, out, err = _command(capsys, "status", "--storage", str(storage))
     assert "deduplicated/eps=0.1: " in out and "STALE" in out
@@ -168,8 +190,9 @@ def test_exports_made_from_other_results_are_flagged_until_written_again(
     assert _status(capsys, storage)["stale_outputs"] == []
 
 
-def test_a_pruning_selection_of_earlier_results_is_never_served(tmp_path: Path, home: Path,
-                                                                capsys: pytest.CaptureFixture) -> None:
+def test_a_pruning_selection_of_earlier_results_is_never_served(
+    tmp_path: Path, home: Path, capsys: pytest.CaptureFixture
+) -> None:
     """`run --clusters 12 --prune prototypes:...`, then `run --clusters 7`: the `pruned` view still served the
     k = 12 selection (cluster ids up to 11)."""
     write_embedding_shards(tmp_path / "input", n_shards=2, per_shard=40, d=8, dup_every=5)
@@ -187,8 +210,9 @@ def test_a_pruning_selection_of_earlier_results_is_never_served(tmp_path: Path, 
     assert code == 1 and "stale pruning selection" in out, out
 
 
-def test_a_run_without_prune_drops_the_selection_of_the_earlier_run(tmp_path: Path, home: Path,
-                                                                    capsys: pytest.CaptureFixture) -> None:
+def test_a_run_without_prune_drops_the_selection_of_the_earlier_run(
+    tmp_path: Path, home: Path, capsys: pytest.CaptureFixture
+) -> None:
     write_embedding_shards(tmp_path / "input", n_shards=2, per_shard=40, d=8, dup_every=5)
     storage = tmp_path / "storage"
     run = ["run", "--input", str(tmp_path / "input"), "--storage", str(storage), "--eps", "0.05,0.1", *RUN]
@@ -205,8 +229,10 @@ def test_a_run_without_prune_drops_the_selection_of_the_earlier_run(tmp_path: Pa
 
 # -- finding 4: a failed run keeps the settings of the last good one --------------------------------------
 
-def test_a_failed_run_keeps_the_settings_of_the_last_good_one(tmp_path: Path, home: Path,
-                                                              capsys: pytest.CaptureFixture) -> None:
+
+def test_a_failed_run_keeps_the_settings_of_the_last_good_one(
+    tmp_path: Path, home: Path, capsys: pytest.CaptureFixture
+) -> None:
     """`run --eps 0.2,0.3 --clusters 5 --keep-by nosuch` failed at ingest but wrote its settings: export
     --select eps=0.05 was refused, a plain export used eps=0.2 on the old max_sim, status showed clusters=5."""
     write_embedding_shards(tmp_path / "input", n_shards=2, per_shard=40, d=8, dup_every=5)

@@ -11,13 +11,18 @@ import pytest
 pytest.importorskip("model2vec")
 pytest.importorskip("skeletoken")
 
-from semdedup_assets import cli  # noqa: E402
-from semdedup_assets.core.config import Settings  # noqa: E402
-from semdedup_assets.core.embed.encoders import create_encoder, encoder_for  # noqa: E402
-from semdedup_assets.core.embed.encoders.static import (NotAStaticModelError, StaticTextEncoder,  # noqa: E402
-                                                  default_static_model, is_static_model_dir, wants_static)
-from semdedup_assets_tests.fixtures import BASE_SENTENCES, NEAR_COPIES, write_text_shards  # noqa: E402
-from semdedup_assets_tests.tinybert import write_tiny_bert  # noqa: E402
+from semdedup_assets import cli
+from semdedup_assets.core.config import Settings
+from semdedup_assets.core.embed.encoders import create_encoder, encoder_for
+from semdedup_assets.core.embed.encoders.static import (
+    NotAStaticModelError,
+    StaticTextEncoder,
+    default_static_model,
+    is_static_model_dir,
+    wants_static,
+)
+from semdedup_assets_tests.fixtures import BASE_SENTENCES, NEAR_COPIES, write_text_shards
+from semdedup_assets_tests.tinybert import write_tiny_bert
 
 TEXTS = [*BASE_SENTENCES, *NEAR_COPIES.values(), "the method returns a value", "", "\U0001f642"]
 
@@ -101,18 +106,30 @@ def test_a_static_folder_is_detected_and_a_transformer_folder_is_refused(models:
     bert, static = models
     assert wants_static(str(static)) and wants_static("static") and not wants_static(str(bert))
     assert isinstance(encoder_for(Settings(model=str(static), max_length=64)), StaticTextEncoder)
-    with pytest.raises(NotAStaticModelError, match=r"not a model2vec static model.*model_type 'bert'.*semdedup distill"):
+    with pytest.raises(
+        NotAStaticModelError, match=r"not a model2vec static model.*model_type 'bert'.*semdedup distill"
+    ):
         create_encoder("model2vec", f"model2vec:{bert}")
     with pytest.raises(NotAStaticModelError, match="no such folder"):
         create_encoder("model2vec", f"model2vec:{bert}-missing/")
 
 
-def test_run_refuses_a_transformer_folder_as_static_before_any_run(models: tuple[Path, Path], tmp_path: Path,
-                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_run_refuses_a_transformer_folder_as_static_before_any_run(
+    models: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     bert, _ = models
     write_text_shards(tmp_path / "input")
-    rc = cli.main(["run", "--input", str(tmp_path / "input"), "--storage", str(tmp_path / "storage"),
-                   "--model", f"model2vec:{bert}"])
+    rc = cli.main(
+        [
+            "run",
+            "--input",
+            str(tmp_path / "input"),
+            "--storage",
+            str(tmp_path / "storage"),
+            "--model",
+            f"model2vec:{bert}",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 1 and f"{bert} is not a model2vec static model" in err
     assert not (tmp_path / "storage" / "keep_lists").exists()
@@ -135,14 +152,31 @@ def _keep_list_digest(storage: Path) -> str:
     return h.hexdigest()
 
 
-def test_two_runs_with_a_static_model_give_byte_identical_keep_lists(models: tuple[Path, Path],
-                                                                     tmp_path: Path) -> None:
+def test_two_runs_with_a_static_model_give_byte_identical_keep_lists(models: tuple[Path, Path], tmp_path: Path) -> None:
     _, static = models
     write_text_shards(tmp_path / "input", n_shards=3)
     digests = []
     for run in ("a", "b"):
         storage = tmp_path / run
-        assert cli.main(["run", "--input", str(tmp_path / "input"), "--storage", str(storage), "--model",
-                         f"model2vec:{static}", "--clusters", "3", "--buckets", "2", "--eps", "0.01,0.1"]) == 0
+        assert (
+            cli.main(
+                [
+                    "run",
+                    "--input",
+                    str(tmp_path / "input"),
+                    "--storage",
+                    str(storage),
+                    "--model",
+                    f"model2vec:{static}",
+                    "--clusters",
+                    "3",
+                    "--buckets",
+                    "2",
+                    "--eps",
+                    "0.01,0.1",
+                ]
+            )
+            == 0
+        )
         digests.append(_keep_list_digest(storage))
     assert digests[0] == digests[1] and list((tmp_path / "a" / "keep_lists").rglob("*.parquet"))

@@ -33,7 +33,7 @@ def _children() -> dict[int, list[int]]:
                 stat = f.read()
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2:].split()
+        fields = stat[stat.rindex(")") + 2 :].split()
         if fields[0] != "Z":
             out.setdefault(int(fields[1]), []).append(int(entry))
     return out
@@ -75,8 +75,9 @@ def _signal_state(pids: list[int]) -> dict[int, str]:
         except OSError:
             continue
         name = next((line.split()[1] for line in status if line.startswith("Name:")), "?")
-        masks = " ".join(line.replace("\t", "") for line in status if line.startswith(("SigBlk", "SigIgn", "SigPnd",
-                                                                                        "ShdPnd")))
+        masks = " ".join(
+            line.replace("\t", "") for line in status if line.startswith(("SigBlk", "SigIgn", "SigPnd", "ShdPnd"))
+        )
         out[pid] = f"{name} {masks}"
     return out
 
@@ -88,10 +89,16 @@ def test_make_ui_serves_the_location_and_stops_within_10_s(tmp_path: Path, how: 
     env = {k: v for k, v in os.environ.items() if not k.startswith("SEMDEDUP_") and k != "DAGSTER_HOME"}
     log = open(tmp_path / "make-ui.log", "wb")
     # -o: never re-install from here (the stamp may be older than pyproject.toml in a checkout).
-    proc = subprocess.Popen(["make", "-o", ".venv/.stamp-demo", "ui", f"UI_PORT={port}",
-                             f"DEMO_STORAGE={tmp_path / 'storage'}"],
-                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True, preexec_fn=_as_from_a_terminal)
+    proc = subprocess.Popen(
+        ["make", "-o", ".venv/.stamp-demo", "ui", f"UI_PORT={port}", f"DEMO_STORAGE={tmp_path / 'storage'}"],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+        preexec_fn=_as_from_a_terminal,
+    )
     url = f"http://127.0.0.1:{port}"
 
     def loaded() -> bool:
@@ -102,8 +109,13 @@ def test_make_ui_serves_the_location_and_stops_within_10_s(tmp_path: Path, how: 
 
     tree: set[int] = set()
     try:
-        wait_for("make ui to serve the semdedup code location", loaded, timeout=240, interval=1,
-                 log=lambda: (tmp_path / "make-ui.log").read_text(errors="replace")[-3000:])
+        wait_for(
+            "make ui to serve the semdedup code location",
+            loaded,
+            timeout=240,
+            interval=1,
+            log=lambda: (tmp_path / "make-ui.log").read_text(errors="replace")[-3000:],
+        )
         tree = _tree(proc.pid)
         assert len(tree) >= 5, f"expected make, the launcher, dg dev, daemon and code server; got {sorted(tree)}"
         sent = time.monotonic()
@@ -116,8 +128,9 @@ def test_make_ui_serves_the_location_and_stops_within_10_s(tmp_path: Path, how: 
             time.sleep(0.2)
         took = time.monotonic() - sent
         left = _alive(tree)
-        assert not left and took <= STOP_WITHIN_S, (f"{how}: {sorted(left)} still alive after {took:.1f} s; "
-                                                    f"signal state: {_signal_state(sorted(left))}")
+        assert not left and took <= STOP_WITHIN_S, (
+            f"{how}: {sorted(left)} still alive after {took:.1f} s; signal state: {_signal_state(sorted(left))}"
+        )
         with pytest.raises(requests.ConnectionError):  # nothing listens on the port any more
             requests.get(f"{url}/server_info", timeout=2)
         print(f"\n{how}: {len(tree)} processes gone in {took:.1f} s")

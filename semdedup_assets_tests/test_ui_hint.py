@@ -27,8 +27,9 @@ def test_checkout_gets_make_ui_on_the_runs_storage(tmp_path: Path) -> None:
     home = os.path.join(other, "dagster_home")
     assert ui_command(other, home, cwd=CHECKOUT) == f"make ui DEMO_STORAGE={shlex.quote(other)}"
     # From another folder the hint says where the Makefile is.
-    assert ui_command(other, home, cwd=tmp_path) == (f"cd {shlex.quote(str(CHECKOUT))} && "
-                                                     f"make ui DEMO_STORAGE={shlex.quote(other)}")
+    assert ui_command(other, home, cwd=tmp_path) == (
+        f"cd {shlex.quote(str(CHECKOUT))} && make ui DEMO_STORAGE={shlex.quote(other)}"
+    )
 
 
 def test_pip_install_gets_dagster_dev_on_the_code_location(tmp_path: Path) -> None:
@@ -39,8 +40,10 @@ def test_pip_install_gets_dagster_dev_on_the_code_location(tmp_path: Path) -> No
     storage = str(tmp_path / "my storage")
     home = os.path.join(storage, "dagster_home")
     hint = ui_command(storage, home, package_dir=installed, cwd=tmp_path)
-    assert hint == (f"DAGSTER_HOME={shlex.quote(home)} SEMDEDUP_STORAGE={shlex.quote(storage)} "
-                    "dagster dev -m semdedup_assets.definitions")
+    assert hint == (
+        f"DAGSTER_HOME={shlex.quote(home)} SEMDEDUP_STORAGE={shlex.quote(storage)} "
+        "dagster dev -m semdedup_assets.definitions"
+    )
     assert "make" not in hint
     assert importlib.util.find_spec("semdedup_assets.definitions") is not None  # the module the hint names
 
@@ -52,4 +55,5 @@ def test_own_dagster_home_or_object_store_gets_the_environment_spelled_out(tmp_p
     assert ui_command(storage, home, cwd=CHECKOUT).startswith(f"DAGSTER_HOME={shlex.quote(home)} ")
     assert ui_command("s3://bucket/semdedup", home, cwd=CHECKOUT) == (
         f"DAGSTER_HOME={shlex.quote(home)} SEMDEDUP_STORAGE=s3://bucket/semdedup "
-        "dagster dev -m semdedup_assets.definitions")
+        "dagster dev -m semdedup_assets.definitions"
+    )

@@ -30,8 +30,14 @@ def _env() -> dict[str, str]:
 
 
 def _cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "semdedup_assets.cli", *args], env=_env(), cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "semdedup_assets.cli", *args],
+        env=_env(),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _one_error_line(err: str) -> str:
@@ -49,8 +55,10 @@ def _commands() -> list[str]:
 
 def _write_one(folder: Path, ids: list[str], vectors: np.ndarray, name: str = "part-00.parquet") -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table({"id": ids, "embedding": pa.array(list(vectors.astype(np.float32)),
-                                                               type=pa.list_(pa.float32()))}), folder / name)
+    pq.write_table(
+        pa.table({"id": ids, "embedding": pa.array(list(vectors.astype(np.float32)), type=pa.list_(pa.float32()))}),
+        folder / name,
+    )
 
 
 def _tree(folder: Path) -> list[str]:
@@ -59,29 +67,34 @@ def _tree(folder: Path) -> list[str]:
 
 # --- the acceptance matrix: every command, with a file as storage, a missing folder and a closed pipe ---------
 
+
 def _matrix(tmp_path: Path) -> dict[str, tuple[list[str], list[str]]]:
     """Per command: (argv with a regular file where a folder belongs, argv naming a missing folder)."""
     afile, missing, emb = tmp_path / "afile", tmp_path / "no" / "such", tmp_path / "emb"
     f, m = str(afile), str(missing)
     return {
-        "run": (["run", "--input", str(emb), "--storage", f, "--modality", "embedding"],
-                ["run", "--input", m, "--storage", str(tmp_path / "st"), "--modality", "embedding"]),
+        "run": (
+            ["run", "--input", str(emb), "--storage", f, "--modality", "embedding"],
+            ["run", "--input", m, "--storage", str(tmp_path / "st"), "--modality", "embedding"],
+        ),
         "demo": (["demo", "--storage", f], ["demo", "--storage", str(afile / "st")]),
         "sql": (["sql", "SELECT 1", "--storage", f], ["sql", "SELECT 1", "--storage", m]),
         "forget": (["forget", "part-00", "--storage", f], ["forget", "part-00", "--storage", m]),
         "status": (["status", "--storage", f], ["status", "--storage", m]),
         "export": (["export", "--storage", f], ["export", "--storage", m]),
         "verify": (["verify", "--storage", f], ["verify", "--storage", m]),
-        "sweep": (["sweep", "--input", str(emb), "--storage", f, "--clusters", "2", "--modality", "embedding"],
-                  ["sweep", "--input", m, "--storage", str(tmp_path / "sw"), "--clusters", "2",
-                   "--modality", "embedding"]),
+        "sweep": (
+            ["sweep", "--input", str(emb), "--storage", f, "--clusters", "2", "--modality", "embedding"],
+            ["sweep", "--input", m, "--storage", str(tmp_path / "sw"), "--clusters", "2", "--modality", "embedding"],
+        ),
         "compare": (["compare", f, f], ["compare", m, m]),
         "distill": (["distill", "--out", f], ["distill", "--from", m, "--out", str(tmp_path / "model")]),
     }
 
 
 def test_every_command_gives_one_line_for_a_file_as_storage_and_a_missing_folder(
-        tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Acceptance: no command prints a traceback for a user error (findings 5 and 9 for every command).
 
     In-process (`main` is the console script: an exception escaping it is the traceback), each
@@ -108,13 +121,20 @@ def test_every_command_exits_quietly_on_a_closed_pipe(tmp_path: Path) -> None:
     storage = tmp_path / "storage"
     storage.mkdir()
     runs = [[command, "--help"] for command in _commands()] + [
-        ["--help"], ["status", "--storage", str(storage)], ["verify", "--storage", str(storage)],
+        ["--help"],
+        ["status", "--storage", str(storage)],
+        ["verify", "--storage", str(storage)],
         ["sql", "SELECT * FROM range(20000)", "--storage", str(storage)],
         ["run", "--input", str(tmp_path / "nowhere"), "--storage", str(tmp_path / "st")],  # its first line
     ]
     for argv in runs:
-        proc = subprocess.Popen([sys.executable, "-m", "semdedup_assets.cli", *argv], env=_env(),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "semdedup_assets.cli", *argv],
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         proc.stdout.close()  # the reader is gone before the command writes its first byte
         err = proc.stderr.read()
         proc.wait(timeout=120)
@@ -123,6 +143,7 @@ def test_every_command_exits_quietly_on_a_closed_pipe(tmp_path: Path) -> None:
 
 
 # --- one test per finding ----------------------------------------------------------------------------------
+
 
 def test_run_with_a_file_as_storage_is_one_line(tmp_path: Path) -> None:
     """Finding 5, as the issue ran it: a subprocess, the regular file `afile` as --storage."""
@@ -138,14 +159,26 @@ def test_keep_by_direction_is_checked_where_settings_are_made(tmp_path: Path, ca
     with pytest.raises(ValueError, match="keep_by direction must be asc or desc, got 'up' in 'quality:up'"):
         Settings(keep_by="quality:up")
     assert parse_keep_by("a:b:asc") == (("a:b", False),)  # a name holding `:` is written with its direction
-    component = SemDedup(prefix="dedup_c4", input="data/c4", storage=".storage/dedup_c4",
-                         settings={"keep_by": "quality:up"})
+    component = SemDedup(
+        prefix="dedup_c4", input="data/c4", storage=".storage/dedup_c4", settings={"keep_by": "quality:up"}
+    )
     with pytest.raises(ValueError, match="direction must be asc or desc"):  # what `dg check defs` loads
         component.definitions(tmp_path)
     monkeypatch.delenv("DAGSTER_HOME", raising=False)
     write_embedding_shards(tmp_path / "emb", n_shards=1, per_shard=4, d=4)
-    code = main(["run", "--input", str(tmp_path / "emb"), "--storage", str(tmp_path / "st"),
-                 "--modality", "embedding", "--keep-by", "quality:up"])
+    code = main(
+        [
+            "run",
+            "--input",
+            str(tmp_path / "emb"),
+            "--storage",
+            str(tmp_path / "st"),
+            "--modality",
+            "embedding",
+            "--keep-by",
+            "quality:up",
+        ]
+    )
     line = _one_error_line(capsys.readouterr().err)
     assert code == 2 and "direction must be asc or desc" in line and not (tmp_path / "st").exists()
 
@@ -185,8 +218,10 @@ def test_refused_runs_write_nothing(tmp_path: Path, capsys, monkeypatch) -> None
         assert _tree(tmp_path) == before, sorted(set(_tree(tmp_path)) - set(before))
     (tmp_path / "emb" / "part-09.parquet").symlink_to(tmp_path / "gone.parquet")
     before = _tree(tmp_path)
-    assert main(["run", "--input", str(tmp_path / "emb"), "--storage", str(tmp_path / "st"),
-                 "--modality", "embedding"]) == 1
+    assert (
+        main(["run", "--input", str(tmp_path / "emb"), "--storage", str(tmp_path / "st"), "--modality", "embedding"])
+        == 1
+    )
     assert "broken symbolic link" in _one_error_line(capsys.readouterr().err)
     assert _tree(tmp_path) == before and "DAGSTER_HOME" not in os.environ
 
@@ -194,8 +229,20 @@ def test_refused_runs_write_nothing(tmp_path: Path, capsys, monkeypatch) -> None
 def test_compare_plot_folder_is_made_or_refused_before_the_work(tmp_path: Path) -> None:
     """Finding 8 (and 12 on the way: a 1-item dataset draws its plots without a matplotlib warning)."""
     _write_one(tmp_path / "one", ["only"], np.eye(1, 4))
-    run = _cli("run", "--input", "one", "--storage", "st", "--modality", "embedding", "--buckets", "2",
-               "--eps", "0.01,0.1", cwd=tmp_path)
+    run = _cli(
+        "run",
+        "--input",
+        "one",
+        "--storage",
+        "st",
+        "--modality",
+        "embedding",
+        "--buckets",
+        "2",
+        "--eps",
+        "0.01,0.1",
+        cwd=tmp_path,
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     assert "Warning" not in run.stderr and "log-scaled" not in run.stderr, run.stderr  # finding 12
     proc = _cli("compare", "st", "st", "--plot", "cmp/out.png", cwd=tmp_path)
@@ -213,11 +260,27 @@ def test_clusters_beyond_the_items_warn_plainly_and_the_summary_says_the_k_used(
     distinct = rng.normal(size=(6, 4))
     vectors = np.repeat(distinct / np.linalg.norm(distinct, axis=1, keepdims=True), 3, axis=0)  # 18 items, 6 points
     _write_one(tmp_path / "in", [f"x{i:02d}" for i in range(18)], vectors)
-    proc = _cli("run", "--input", "in", "--storage", "st", "--modality", "embedding", "--clusters", "50",
-                "--buckets", "2", "--eps", "0.01,0.1", cwd=tmp_path)
+    proc = _cli(
+        "run",
+        "--input",
+        "in",
+        "--storage",
+        "st",
+        "--modality",
+        "embedding",
+        "--clusters",
+        "50",
+        "--buckets",
+        "2",
+        "--eps",
+        "0.01,0.1",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "semdedup: warning: --clusters 50 is more than the 18 items: using k=18 (one cluster per item)" \
-        in proc.stderr.splitlines(), proc.stderr
+    assert (
+        "semdedup: warning: --clusters 50 is more than the 18 items: using k=18 (one cluster per item)"
+        in proc.stderr.splitlines()
+    ), proc.stderr
     assert " - WARNING - " not in proc.stderr  # not Dagster's timestamped format
     [clusters] = [line for line in proc.stdout.splitlines() if line.startswith("clusters: ")]
     status = json.loads(_cli("status", "--json", "--storage", "st", cwd=tmp_path).stdout)
@@ -243,8 +306,10 @@ def test_a_sweep_root_holds_only_its_last_sweep(tmp_path: Path) -> None:
     proc = _cli("compare", "sw", "sw/k=3", "--plot", "cmp.png", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     configurations = proc.stdout.split("items:")[0].splitlines()[1:]
-    assert configurations == [f"  k=3: {tmp_path}/sw/k=3 (clusters=3, model=None, seed=0, keep=hard, keep_by=None, "
-                              "probes=1, modality=embedding)",
-                              f"  k=3 (2): {tmp_path}/sw/k=3 (clusters=3, model=None, seed=0, keep=hard, "
-                              "keep_by=None, probes=1, modality=embedding)"], proc.stdout
+    assert configurations == [
+        f"  k=3: {tmp_path}/sw/k=3 (clusters=3, model=None, seed=0, keep=hard, keep_by=None, "
+        "probes=1, modality=embedding)",
+        f"  k=3 (2): {tmp_path}/sw/k=3 (clusters=3, model=None, seed=0, keep=hard, "
+        "keep_by=None, probes=1, modality=embedding)",
+    ], proc.stdout
     assert Settings(keep_by="").keep_by is None and Settings(keep_by=" ").keep_by is None  # one "none", not ''

@@ -46,8 +46,16 @@ from semdedup_assets_tests.webserver import (
 ARTIFACTS = REPO / "test-artifacts"
 ASSETS = ("raw_shards", "embeddings", "centroids", "cluster_assignments", "semantic_duplicates", "keep_lists")
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def _log_path(name: str) -> Path:
@@ -85,6 +93,7 @@ def _fail_on_failed_runs(dev: DagsterDev) -> list[dict]:
 #    flows through ingest, assignment, the touched buckets and the keep-lists.
 # --------------------------------------------------------------------------------------
 
+
 @pytest.mark.timeout(480)
 def test_daemon_flow_new_shard_reaches_catalog(tmp_path: Path) -> None:
     env = platform_env(tmp_path, sensors=True, interval=5)
@@ -97,9 +106,28 @@ def test_daemon_flow_new_shard_reaches_catalog(tmp_path: Path) -> None:
     # The initial full pipeline, in-process, on the same storage and DAGSTER_HOME.
     ensure_instance_config(env["DAGSTER_HOME"])
     proc = subprocess.run(
-        [sys.executable, "-m", "semdedup_assets.cli", "run", "--input", str(landing), "--storage", env["SEMDEDUP_STORAGE"],
-         "--modality", "embedding", "--clusters", "4", "--buckets", "2"],
-        env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "semdedup_assets.cli",
+            "run",
+            "--input",
+            str(landing),
+            "--storage",
+            env["SEMDEDUP_STORAGE"],
+            "--modality",
+            "embedding",
+            "--clusters",
+            "4",
+            "--buckets",
+            "2",
+        ],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     storage = Storage(env["SEMDEDUP_STORAGE"])
     assert query(storage, "SELECT count(*) FROM items")[1] == [(200,)]
@@ -113,23 +141,38 @@ def test_daemon_flow_new_shard_reaches_catalog(tmp_path: Path) -> None:
             all_runs = _fail_on_failed_runs(dev)
             if any(r["status"] not in FINISHED for r in all_runs):
                 return False  # work in flight: don't touch the catalog yet
-            if not any(r["tags"].get("dagster/sensor_name") == "automation_sensor" and "keep_lists" in r["assets"]
-                       and r["status"] == "SUCCESS" for r in all_runs):
+            if not any(
+                r["tags"].get("dagster/sensor_name") == "automation_sensor"
+                and "keep_lists" in r["assets"]
+                and r["status"] == "SUCCESS"
+                for r in all_runs
+            ):
                 return False
             _, [(new, total)] = query(storage, "SELECT count(*) FILTER (shard = 'part-02'), count(*) FROM items")
             _, curve = query(storage, "SELECT DISTINCT kept + removed FROM eps_curve")
             return new == 100 and total == 300 and curve == [(300,)]
 
-        dev.wait_for("part-02 to reach the catalog and the keep-lists", settled, timeout=300, interval=3,
-                     describe=lambda: describe_runs(dev))
+        dev.wait_for(
+            "part-02 to reach the catalog and the keep-lists",
+            settled,
+            timeout=300,
+            interval=3,
+            describe=lambda: describe_runs(dev),
+        )
         elapsed = time.time() - dropped
         all_runs = runs(dev)
         print(f"\nnew shard -> catalog in {elapsed:.0f} s; runs:\n{describe_runs(dev)}")
 
     def launched(by: str, target: str, key: str | None = None) -> list[dict]:
         """Successful runs a sensor launched of a job, or (automation: asset selections) of an asset."""
-        return [r for r in all_runs if r["tags"].get("dagster/sensor_name") == by and r["status"] == "SUCCESS"
-                and (r["jobName"] == target or target in r["assets"]) and (key is None or _in_range(r, key))]
+        return [
+            r
+            for r in all_runs
+            if r["tags"].get("dagster/sensor_name") == by
+            and r["status"] == "SUCCESS"
+            and (r["jobName"] == target or target in r["assets"])
+            and (key is None or _in_range(r, key))
+        ]
 
     # shard_sensor registered the partition and launched ingest_job (raw_shards + embeddings) for it.
     # (On its first tick, with an empty cursor, it also re-requests ingest_job for part-00 and part-01,
@@ -137,13 +180,21 @@ def test_daemon_flow_new_shard_reaches_catalog(tmp_path: Path) -> None:
     assert launched("shard_sensor", "ingest_job", "part-02")
     # Automation (eager) assigned the new shard to the existing centroids, without re-training them.
     assert launched("automation_sensor", "cluster_assignments", "part-02"), "no automated assignment of part-02"
-    assert not [r for r in all_runs if r["tags"].get("dagster/sensor_name") and
-                ("centroids" in r["assets"] or r["jobName"] == "centroids_job")]
+    assert not [
+        r
+        for r in all_runs
+        if r["tags"].get("dagster/sensor_name") and ("centroids" in r["assets"] or r["jobName"] == "centroids_job")
+    ]
     # bucket_sensor re-ran (at least) every bucket the new shard's items entered, as dedup_job runs.
-    clusters = pq.read_table(tmp_path / "storage" / "cluster_assignments" / "part-02.parquet", columns=["cluster"]).column("cluster")
+    clusters = pq.read_table(
+        tmp_path / "storage" / "cluster_assignments" / "part-02.parquet", columns=["cluster"]
+    ).column("cluster")
     touched = touched_buckets(clusters.to_numpy(), 4, 2)
     dedup = launched("bucket_sensor", "dedup_job")
-    assert touched and touched <= {r["tags"]["dagster/partition"] for r in dedup}, (touched, [run_partitions(r) for r in dedup])
+    assert touched and touched <= {r["tags"]["dagster/partition"] for r in dedup}, (
+        touched,
+        [run_partitions(r) for r in dedup],
+    )
     # Automation re-ran the keep-lists after the buckets.
     keep = launched("automation_sensor", "keep_lists")
     assert keep and max(r["creationTime"] for r in keep) > max(r["creationTime"] for r in dedup)
@@ -159,6 +210,7 @@ def test_daemon_flow_new_shard_reaches_catalog(tmp_path: Path) -> None:
 #    backfill): BackfillPolicy.multi_run(64) batches the shards into few runs.
 # --------------------------------------------------------------------------------------
 
+
 @pytest.mark.timeout(360)
 def test_partition_backfill_via_graphql_runs_in_batches(tmp_path: Path) -> None:
     n_shards, batch = 12, 64
@@ -168,12 +220,17 @@ def test_partition_backfill_via_graphql_runs_in_batches(tmp_path: Path) -> None:
     _register_shards(env["DAGSTER_HOME"], keys)
 
     with dagster_dev(env, _log_path("backfill"), daemon_loop_s=TEST_DAEMON_LOOP_S) as dev:
-        result = dev.graphql(LAUNCH_BACKFILL, {"backfillParams": {
-            "assetSelection": [{"path": ["raw_shards"]}, {"path": ["embeddings"]}],
-            "partitionNames": keys,
-            "fromFailure": False,
-            "tags": [],
-        }})["launchPartitionBackfill"]
+        result = dev.graphql(
+            LAUNCH_BACKFILL,
+            {
+                "backfillParams": {
+                    "assetSelection": [{"path": ["raw_shards"]}, {"path": ["embeddings"]}],
+                    "partitionNames": keys,
+                    "fromFailure": False,
+                    "tags": [],
+                }
+            },
+        )["launchPartitionBackfill"]
         assert result["__typename"] == "LaunchBackfillSuccess", result
         backfill_id = result["backfillId"]
 
@@ -187,8 +244,13 @@ def test_partition_backfill_via_graphql_runs_in_batches(tmp_path: Path) -> None:
             assert b["status"] not in ("FAILED", "COMPLETED_FAILED", "CANCELED", "CANCELING", "FAILING"), b
             return b if b["status"] in ("COMPLETED", "COMPLETED_SUCCESS") else None
 
-        b = dev.wait_for(f"backfill {backfill_id} to complete", completed, timeout=240, interval=2,
-                         describe=lambda: json.dumps(backfill(), indent=1) + "\n" + describe_runs(dev))
+        b = dev.wait_for(
+            f"backfill {backfill_id} to complete",
+            completed,
+            timeout=240,
+            interval=2,
+            describe=lambda: json.dumps(backfill(), indent=1) + "\n" + describe_runs(dev),
+        )
         statuses = {}
         for asset in ("raw_shards", "embeddings"):
             node = dev.graphql(PARTITION_STATUS_QUERY, {"assetKey": {"path": [asset]}})["assetNodeOrError"]
@@ -200,8 +262,12 @@ def test_partition_backfill_via_graphql_runs_in_batches(tmp_path: Path) -> None:
     assert sorted("/".join(a["path"]) for a in b["assetSelection"]) == ["embeddings", "raw_shards"]
     # Every partition of both assets is materialized, and the files are there.
     for asset, node in statuses.items():
-        assert node["partitionStats"] == {"numMaterialized": n_shards, "numPartitions": n_shards,
-                                          "numFailed": 0, "numMaterializing": 0}, (asset, node)
+        assert node["partitionStats"] == {
+            "numMaterialized": n_shards,
+            "numPartitions": n_shards,
+            "numFailed": 0,
+            "numMaterializing": 0,
+        }, (asset, node)
         assert sorted(node["assetPartitionStatuses"]["materializedPartitions"]) == keys, asset
     for stage in ("raw", "embeddings"):
         assert sorted(p.stem for p in (tmp_path / "storage" / stage).glob("*.parquet")) == keys, stage
@@ -215,14 +281,17 @@ def test_partition_backfill_via_graphql_runs_in_batches(tmp_path: Path) -> None:
         assert "dagster/partition" not in r["tags"], r["tags"]
         assert r["tags"]["dagster/asset_partition_range_start"] == keys[0]
         assert r["tags"]["dagster/asset_partition_range_end"] == keys[-1]
-    print(f"\nbackfill {backfill_id}: {n_shards} partitions x 2 assets in {len(backfill_runs)} run(s): "
-          + ", ".join(f"{r['runId'][:8]} {','.join(r['assets'])} [{run_partitions(r)}]" for r in backfill_runs))
+    print(
+        f"\nbackfill {backfill_id}: {n_shards} partitions x 2 assets in {len(backfill_runs)} run(s): "
+        + ", ".join(f"{r['runId'][:8]} {','.join(r['assets'])} [{run_partitions(r)}]" for r in backfill_runs)
+    )
 
 
 # --------------------------------------------------------------------------------------
 # 3. The UI in headless Chromium: the asset graph shows every asset, and one partition is
 #    materialized through the Materialize dialog.
 # --------------------------------------------------------------------------------------
+
 
 def _browser_or_skip():
     """playwright.sync_api; skips when Debian's Chromium is absent, except in CI, where that fails."""
@@ -252,8 +321,12 @@ def test_browser_shows_graph_and_materializes_a_partition(tmp_path: Path) -> Non
         dev.graphql("mutation { setNuxSeen }")  # the first-visit community dialog: seen
         with sync_api.sync_playwright() as pw:
             context = pw.chromium.launch_persistent_context(
-                str(tmp_path / "chromium-profile"), executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS,
-                viewport={"width": 3600, "height": 1500})  # wide enough for full (unabbreviated) asset nodes of all seven groups
+                str(tmp_path / "chromium-profile"),
+                executable_path=CHROMIUM,
+                headless=True,
+                args=CHROMIUM_FLAGS,
+                viewport={"width": 3600, "height": 1500},
+            )  # wide enough for full (unabbreviated) asset nodes of all seven groups
             try:
                 run_id = _drive_ui(sync_api, context.new_page(), dev, shots, key)
             finally:
@@ -286,8 +359,13 @@ def _drive_ui(sync_api, page, dev: DagsterDev, shots: Path, key: str) -> str:
             node = page.get_by_text(name, exact=True).first
             expect(node).to_be_visible()
             box = node.bounding_box()
-            assert box and 0 <= box["x"] and box["x"] + box["width"] <= viewport["width"] \
-                and 0 <= box["y"] and box["y"] + box["height"] <= viewport["height"], (name, box)
+            assert (
+                box
+                and box["x"] >= 0
+                and box["x"] + box["width"] <= viewport["width"]
+                and box["y"] >= 0
+                and box["y"] + box["height"] <= viewport["height"]
+            ), (name, box)
         page.screenshot(path=str(shots / "01-asset-graph.png"))
 
         # Select raw_shards in the graph and open the Materialize dialog.
@@ -311,16 +389,20 @@ def _drive_ui(sync_api, page, dev: DagsterDev, shots: Path, key: str) -> str:
         page.screenshot(path=str(shots / "04-launched.png"))
 
         # The run, found through GraphQL, succeeds; its page in the UI says so.
-        run_id = dev.wait_for(f"run {prefix} in runsOrError",
-                              lambda: next((r["runId"] for r in runs(dev) if r["runId"].startswith(prefix)), None),
-                              timeout=30)
+        run_id = dev.wait_for(
+            f"run {prefix} in runsOrError",
+            lambda: next((r["runId"] for r in runs(dev) if r["runId"].startswith(prefix)), None),
+            timeout=30,
+        )
 
         def succeeded() -> bool:
             [run] = runs(dev, runIds=[run_id])
             assert run["status"] not in FAILED, f"run {run_id} ended {run['status']}"
             return run["status"] == "SUCCESS"
 
-        dev.wait_for(f"run {run_id} to succeed", succeeded, timeout=180, interval=2, describe=lambda: describe_runs(dev))
+        dev.wait_for(
+            f"run {run_id} to succeed", succeeded, timeout=180, interval=2, describe=lambda: describe_runs(dev)
+        )
         page.goto(f"{dev.url}/runs/{run_id}")
         expect(page.get_by_text("Success", exact=True).first).to_be_visible()
         expect(page.get_by_text(f"partition: {key}")).to_be_visible()

@@ -9,10 +9,79 @@ from __future__ import annotations
 import string
 from pathlib import Path
 
-WORDS = ("the a of and to in is that it for on with as was by this be are from or at an not which method "
-         "return returns value values object objects file files list string data new set get name type error "
-         "number first last true false default class function module python text line lines item items key "
-         "keys copy read write open close time call called user code test tests").split()
+WORDS = [
+    "the",
+    "a",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "that",
+    "it",
+    "for",
+    "on",
+    "with",
+    "as",
+    "was",
+    "by",
+    "this",
+    "be",
+    "are",
+    "from",
+    "or",
+    "at",
+    "an",
+    "not",
+    "which",
+    "method",
+    "return",
+    "returns",
+    "value",
+    "values",
+    "object",
+    "objects",
+    "file",
+    "files",
+    "list",
+    "string",
+    "data",
+    "new",
+    "set",
+    "get",
+    "name",
+    "type",
+    "error",
+    "number",
+    "first",
+    "last",
+    "true",
+    "false",
+    "default",
+    "class",
+    "function",
+    "module",
+    "python",
+    "text",
+    "line",
+    "lines",
+    "item",
+    "items",
+    "key",
+    "keys",
+    "copy",
+    "read",
+    "write",
+    "open",
+    "close",
+    "time",
+    "call",
+    "called",
+    "user",
+    "code",
+    "test",
+    "tests",
+]
 
 
 def write_tiny_bert(folder: Path, *, hidden: int = 32, seed: int = 0) -> Path:
@@ -32,14 +101,28 @@ def write_tiny_bert(folder: Path, *, hidden: int = 32, seed: int = 0) -> Path:
     backend.normalizer = normalizers.BertNormalizer(lowercase=True)
     backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     backend.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", ids["[CLS]"]), ("[SEP]", ids["[SEP]"])])
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", ids["[CLS]"]), ("[SEP]", ids["[SEP]"])],
+    )
     backend.decoder = decoders.WordPiece()
-    tokenizer = BertTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                                  sep_token="[SEP]", mask_token="[MASK]")
+    tokenizer = BertTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
     tokenizer.save_pretrained(folder)
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=2 * hidden, max_position_embeddings=128)
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=128,
+    )
     BertModel(config).eval().save_pretrained(folder)
     return folder

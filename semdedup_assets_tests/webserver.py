@@ -55,14 +55,21 @@ def graphql(url: str, query: str, variables: dict[str, Any] | None = None, timeo
     return body["data"]
 
 
-def wait_for(what: str, probe: Callable[[], T | None], timeout: float, interval: float = 1.0,
-              log: Callable[[], str] | None = None, describe: Callable[[], str] | None = None) -> T:
+def wait_for(
+    what: str,
+    probe: Callable[[], T | None],
+    timeout: float,
+    interval: float = 1.0,
+    log: Callable[[], str] | None = None,
+    describe: Callable[[], str] | None = None,
+) -> T:
     """Poll `probe` until it returns something truthy; on timeout fail with `what` and the log tail.
 
     An exception from the probe is retried (the server may be busy), except AssertionError,
     which fails at once (the process died, a run failed). `describe` adds the state seen
     (runs, statuses) to the failure message.
     """
+
     def context() -> str:
         parts = []
         if describe:
@@ -110,8 +117,14 @@ class DagsterDev:
         """Raw GraphQL against this server."""
         return graphql(self.url, query, variables, timeout)
 
-    def wait_for(self, what: str, probe: Callable[[], T | None], timeout: float, interval: float = 1.0,
-                 describe: Callable[[], str] | None = None) -> T:
+    def wait_for(
+        self,
+        what: str,
+        probe: Callable[[], T | None],
+        timeout: float,
+        interval: float = 1.0,
+        describe: Callable[[], str] | None = None,
+    ) -> T:
         """Poll `probe` (see `wait_for`); a failure shows this server's log tail."""
         return wait_for(what, probe, timeout, interval, log=self.log_tail, describe=describe)
 
@@ -156,16 +169,23 @@ def fast_daemon_env(env: dict[str, str], loop_s: float) -> dict[str, str]:
     config = home / "dagster.yaml"
     text = config.read_text()
     if "run_queue:" not in text:
-        config.write_text(text + "# Tests (semdedup_assets_tests/webserver.py): dequeue every second.\n"
-                          "run_queue:\n  dequeue_interval_seconds: 1\n")
+        config.write_text(
+            text + "# Tests (semdedup_assets_tests/webserver.py): dequeue every second.\n"
+            "run_queue:\n  dequeue_interval_seconds: 1\n"
+        )
     path = [p for p in (env.get("PYTHONPATH"), str(DAEMON_LOOP)) if p]
     return dict(env, PYTHONPATH=os.pathsep.join(path), SEMDEDUP_TESTS_DAEMON_LOOP_S=str(loop_s))
 
 
 @contextmanager
-def dagster_dev(env: dict[str, str], log_path: Path, port: int | None = None,
-                startup_timeout: float = 180.0, stop_grace: float = 10.0,
-                daemon_loop_s: float | None = None) -> Iterator[DagsterDev]:
+def dagster_dev(
+    env: dict[str, str],
+    log_path: Path,
+    port: int | None = None,
+    startup_timeout: float = 180.0,
+    stop_grace: float = 10.0,
+    daemon_loop_s: float | None = None,
+) -> Iterator[DagsterDev]:
     """Run `dg dev` with `env` (must hold DAGSTER_HOME); yield once the code location is loaded.
 
     At the end its process group gets SIGTERM, then SIGKILL after `stop_grace` seconds.
@@ -180,12 +200,17 @@ def dagster_dev(env: dict[str, str], log_path: Path, port: int | None = None,
     log = open(log_path, "wb")
     # VIRTUAL_ENV: dg compares it with the project's .venv and warns when they differ (as ui.py sets it).
     proc = subprocess.Popen(
-        dg_dev_command("127.0.0.1", port), cwd=REPO, env={**env, "VIRTUAL_ENV": sys.prefix},
-        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        dg_dev_command("127.0.0.1", port),
+        cwd=REPO,
+        env={**env, "VIRTUAL_ENV": sys.prefix},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
         start_new_session=True,  # its own process group: one killpg ends webserver, daemon and runs
     )
     dev = DagsterDev(url=f"http://127.0.0.1:{port}", log_path=log_path, process=proc)
     try:
+
         def up() -> bool:
             if proc.poll() is not None:
                 raise AssertionError(f"dg dev exited with {proc.returncode}")
@@ -204,23 +229,26 @@ def dagster_dev(env: dict[str, str], log_path: Path, port: int | None = None,
         log.close()
 
 
-def platform_env(tmp: Path, *, sensors: bool, interval: int = 5, clusters: int = 4, buckets: int = 2,
-                 **extra: str) -> dict[str, str]:
+def platform_env(
+    tmp: Path, *, sensors: bool, interval: int = 5, clusters: int = 4, buckets: int = 2, **extra: str
+) -> dict[str, str]:
     """The environment of the code location for a test platform under `tmp` (storage, landing, home)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SEMDEDUP_") and k != "DAGSTER_HOME"}
-    env.update({
-        "SEMDEDUP_STORAGE": str(tmp / "storage"),
-        "SEMDEDUP_INPUT": str(tmp / "landing"),
-        "SEMDEDUP_MODALITY": "embedding",
-        "SEMDEDUP_CLUSTERS": str(clusters),
-        "SEMDEDUP_BUCKETS": str(buckets),
-        "SEMDEDUP_SENSORS": "on" if sensors else "off",
-        "SEMDEDUP_SENSOR_INTERVAL": str(interval),
-        "DAGSTER_HOME": str(tmp / "home"),
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "PYTHONUNBUFFERED": "1",
-    })
+    env.update(
+        {
+            "SEMDEDUP_STORAGE": str(tmp / "storage"),
+            "SEMDEDUP_INPUT": str(tmp / "landing"),
+            "SEMDEDUP_MODALITY": "embedding",
+            "SEMDEDUP_CLUSTERS": str(clusters),
+            "SEMDEDUP_BUCKETS": str(buckets),
+            "SEMDEDUP_SENSORS": "on" if sensors else "off",
+            "SEMDEDUP_SENSOR_INTERVAL": str(interval),
+            "DAGSTER_HOME": str(tmp / "home"),
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     env.update(extra)
     return env
 
@@ -279,8 +307,11 @@ def runs(dev: DagsterDev, **filter_: Any) -> list[dict[str, Any]]:
         raise GraphQLError(str(data))
     out = []
     for r in data["results"]:
-        r = dict(r, tags={t["key"]: t["value"] for t in r["tags"]},
-                 assets=sorted("/".join(a["path"]) for a in (r.get("assetSelection") or [])))
+        r = dict(
+            r,
+            tags={t["key"]: t["value"] for t in r["tags"]},
+            assets=sorted("/".join(a["path"]) for a in (r.get("assetSelection") or [])),
+        )
         out.append(r)
     return out
 
@@ -299,7 +330,13 @@ def describe_runs(dev: DagsterDev) -> str:
     lines = []
     for r in reversed(runs(dev)):
         who = r["tags"].get("dagster/sensor_name") or (
-            f"backfill {r['tags']['dagster/backfill']}" if "dagster/backfill" in r["tags"] else
-            "ui" if r["tags"].get("dagster/from_ui") else "other")
-        lines.append(f"{r['runId'][:8]} {r['jobName']} {','.join(r['assets']) or '-'} [{run_partitions(r)}] by {who}: {r['status']}")
+            f"backfill {r['tags']['dagster/backfill']}"
+            if "dagster/backfill" in r["tags"]
+            else "ui"
+            if r["tags"].get("dagster/from_ui")
+            else "other"
+        )
+        lines.append(
+            f"{r['runId'][:8]} {r['jobName']} {','.join(r['assets']) or '-'} [{run_partitions(r)}] by {who}: {r['status']}"
+        )
     return "\n".join(lines) or "(no runs)"

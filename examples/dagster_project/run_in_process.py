@@ -23,17 +23,20 @@ sys.path[:0] = [str(PROJECT / "src"), str(PROJECT.parent)]  # the project's pack
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dagster-home", type=Path, default=None,
-                        help="where the runs are recorded (default: $DAGSTER_HOME, else a new temporary folder)")
+    parser.add_argument(
+        "--dagster-home",
+        type=Path,
+        default=None,
+        help="where the runs are recorded (default: $DAGSTER_HOME, else a new temporary folder)",
+    )
     args = parser.parse_args()
     home = args.dagster_home or Path(os.environ.get("DAGSTER_HOME") or tempfile.mkdtemp(prefix="dagster-home-"))
     home.mkdir(parents=True, exist_ok=True)
     os.environ["DAGSTER_HOME"] = str(home)
 
     import dagster as dg
-    from laion_embeddings import write_shards
-
     from dedup_project.definitions import defs as load_defs
+    from laion_embeddings import write_shards
 
     write_shards(PROJECT / "data" / "laion")
     os.chdir(PROJECT)  # the component takes relative paths from the project root, as `dg` does

@@ -18,10 +18,18 @@ from semdedup_assets.names import GraphNames
 def build_assets(names: GraphNames, *, buckets: int, backfill_batch: int) -> list[dg.AssetsDefinition]:
     """Every asset of the graph under `names`. Only what shapes the graph is fixed here (the bucket
     partitions, the backfill batch); every other knob comes from the settings resource at run time."""
-    return [build_raw_shards(names, backfill_batch), build_embeddings(names, backfill_batch), build_centroids(names),
-            build_cluster_assignments(names, backfill_batch), build_semantic_duplicates(names, buckets),
-            build_keep_lists_asset(names), build_contaminated(names), build_deduplicated(names, backfill_batch),
-            *build_pruned_assets(names), build_robustness_asset(names)]
+    return [
+        build_raw_shards(names, backfill_batch),
+        build_embeddings(names, backfill_batch),
+        build_centroids(names),
+        build_cluster_assignments(names, backfill_batch),
+        build_semantic_duplicates(names, buckets),
+        build_keep_lists_asset(names),
+        build_contaminated(names),
+        build_deduplicated(names, backfill_batch),
+        *build_pruned_assets(names),
+        build_robustness_asset(names),
+    ]
 
 
 def build_asset_checks(names: GraphNames) -> list[dg.AssetChecksDefinition]:

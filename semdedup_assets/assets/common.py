@@ -3,22 +3,21 @@
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-
-import warnings
 
 import dagster as dg
 
 from semdedup_assets import progress
+from semdedup_assets.core.checks.layout import prune_shard_stages
 from semdedup_assets.core.cluster.centroids import MissingCentroidsError
 from semdedup_assets.core.embed.shard import EmbedError
-from semdedup_assets.core.run.engines import EngineError, Worker
 from semdedup_assets.core.ingest.stage import DuplicateIdsError
-from semdedup_assets.core.checks.layout import prune_shard_stages
-from semdedup_assets.core.run.meter import resource_metadata, stage_meter
 from semdedup_assets.core.io.shards import ShardError
-from semdedup_assets.core.io.storage import Storage, StageFileError, UnsafeKeyError, validate_shard_key
+from semdedup_assets.core.io.storage import StageFileError, Storage, UnsafeKeyError, validate_shard_key
+from semdedup_assets.core.run.engines import EngineError, Worker
+from semdedup_assets.core.run.meter import resource_metadata, stage_meter
 from semdedup_assets.names import GraphNames
 from semdedup_assets.resources import SemDedupConfig
 
@@ -38,18 +37,18 @@ def beta_parameters() -> Iterator[None]:
         yield
 
 
-def settings_resource(context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext,
-                      names: GraphNames) -> SemDedupConfig:
+def settings_resource(
+    context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext, names: GraphNames
+) -> SemDedupConfig:
     """The graph's settings resource (under its own key: a component's graph has its own)."""
     return getattr(context.resources, names.resource)
+
 
 # Ready for k8s_job_executor: each GPU step asks for one GPU.
 GPU_OP_TAGS = {"dagster-k8s/config": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}}}}}
 
 # Follow upstream changes, but never past a failed blocking check (eager alone ignores them).
 EAGER = dg.AutomationCondition.eager() & dg.AutomationCondition.all_deps_blocking_checks_passed()
-
-
 
 
 class ProgressLog:
@@ -61,8 +60,9 @@ class ProgressLog:
     semdedup_assets.progress).
     """
 
-    def __init__(self, log: dg.DagsterLogManager, total: int, interval: float,
-                 label: str = "progress", unit: str = "shards") -> None:
+    def __init__(
+        self, log: dg.DagsterLogManager, total: int, interval: float, label: str = "progress", unit: str = "shards"
+    ) -> None:
         self.log, self.total, self.interval = log, total, interval
         self.done = 0
         self._last: float | None = None
@@ -79,8 +79,15 @@ class ProgressLog:
 
 
 # The core's errors about the data: their messages name the shard, row or file.
-CORE_ERRORS = (ShardError, DuplicateIdsError, EmbedError, MissingCentroidsError, StageFileError, UnsafeKeyError,
-               EngineError)
+CORE_ERRORS = (
+    ShardError,
+    DuplicateIdsError,
+    EmbedError,
+    MissingCentroidsError,
+    StageFileError,
+    UnsafeKeyError,
+    EngineError,
+)
 
 
 @contextmanager
@@ -118,6 +125,7 @@ def metered(fn: Callable[..., dg.MaterializeResult]) -> Callable[..., dg.Materia
 
     The figures are this process's; a Ray engine's units add their workers' (`worker_resources`).
     """
+
     def wrapper(*args: object, **kwargs: object) -> dg.MaterializeResult:
         with stage_meter() as figures:
             result = fn(*args, **kwargs)
@@ -138,8 +146,10 @@ def worker_resources(workers: Iterable[Worker]) -> dict[str, object]:
     measured = [w for w in workers if w.peak_rss_mib is not None]
     if not measured:
         return {}
-    out: dict[str, object] = {"resources/worker_peak_rss_mib": max(float(w.peak_rss_mib or 0) for w in measured),
-                              "resources/workers": len({(w.node, w.pid) for w in measured})}
+    out: dict[str, object] = {
+        "resources/worker_peak_rss_mib": max(float(w.peak_rss_mib or 0) for w in measured),
+        "resources/workers": len({(w.node, w.pid) for w in measured}),
+    }
     gpu = [w.gpu_peak_mib for w in measured if w.gpu_peak_mib is not None]
     if gpu:
         out["resources/worker_gpu_peak_mib"] = max(gpu)
@@ -156,8 +166,17 @@ def rounded(name: str, value: object) -> object:
 def table_metadata(rows: list[dict[str, object]]) -> dg.TableMetadataValue:
     """A metadata table of rows (string or number columns), figures rounded."""
     rows = [{k: rounded(k, v) for k, v in r.items()} for r in rows]
-    columns = [dg.TableColumn(name, "string" if isinstance(rows[0][name], str) else
-                              ("int" if isinstance(rows[0][name], int) else "float")) for name in rows[0]] if rows else []
+    columns = (
+        [
+            dg.TableColumn(
+                name,
+                "string" if isinstance(rows[0][name], str) else ("int" if isinstance(rows[0][name], int) else "float"),
+            )
+            for name in rows[0]
+        ]
+        if rows
+        else []
+    )
     return dg.MetadataValue.table(
         records=[dg.TableRecord(r) for r in rows],
         schema=dg.TableSchema(columns=columns),
@@ -208,8 +227,9 @@ def add_partition_metadata(context: dg.AssetExecutionContext, rows: dict[str, di
             context.add_asset_metadata(row, partition_key=key)
 
 
-def run_metadata(context: dg.AssetExecutionContext, per_shard: list[dict[str, object]],
-                 extra: dict[str, object]) -> dict[str, object]:
+def run_metadata(
+    context: dg.AssetExecutionContext, per_shard: list[dict[str, object]], extra: dict[str, object]
+) -> dict[str, object]:
     """Metadata for a per-shard asset: each partition's own figures, plus the run's totals.
 
     Dagster copies a range run's metadata onto every partition's materialization event, so
@@ -218,8 +238,9 @@ def run_metadata(context: dg.AssetExecutionContext, per_shard: list[dict[str, ob
     totals of a figure that also exists per shard are kept as `run_<name>`.
     """
     per_key = {k for row in per_shard for k in row}
-    add_partition_metadata(context, {str(row["shard"]): {k: rounded(k, v) for k, v in row.items() if k != "shard"}
-                                     for row in per_shard})
+    add_partition_metadata(
+        context, {str(row["shard"]): {k: rounded(k, v) for k, v in row.items() if k != "shard"} for row in per_shard}
+    )
     meta: dict[str, object] = {(f"run_{k}" if k in per_key else k): rounded(k, v) for k, v in extra.items()}
     meta["shards_in_run"] = len(per_shard)
     return meta

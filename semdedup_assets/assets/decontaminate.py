@@ -36,8 +36,10 @@ def build_contaminated(names: GraphNames) -> dg.AssetsDefinition:
         except ReferenceError as err:
             raise dg.Failure(description=str(err)) from None
         if r is not None and r.reference_skipped:
-            context.log.warning(f"reference {settings.reference}: {r.reference_skipped} item(s) with an empty id or "
-                                "an empty or whitespace-only text were not compared")
+            context.log.warning(
+                f"reference {settings.reference}: {r.reference_skipped} item(s) with an empty id or "
+                "an empty or whitespace-only text were not compared"
+            )
         refresh_catalog(storage)
         return dg.MaterializeResult(metadata=contaminated_metadata(settings.reference, r))
 
@@ -48,9 +50,14 @@ def contaminated_metadata(reference: str | None, r: DecontaminationResult | None
     """The decontamination's metadata (`reference: none` when no reference set is configured)."""
     if r is None:
         return {"reference": "none", "flagged": 0}
-    meta: dict[str, object] = {"reference": reference, "reference_items": r.reference_items,
-                               "reference_skipped_empty": r.reference_skipped,
-                               "flagged": r.flagged, "seconds": r.seconds, "path": dg.MetadataValue.path(r.path)}
+    meta: dict[str, object] = {
+        "reference": reference,
+        "reference_items": r.reference_items,
+        "reference_skipped_empty": r.reference_skipped,
+        "flagged": r.flagged,
+        "seconds": r.seconds,
+        "path": dg.MetadataValue.path(r.path),
+    }
     for eps, n in r.per_eps.items():
         meta[f"contaminated@eps={st.format_eps(eps)}"] = n
     return meta

@@ -1,18 +1,26 @@
 """Ingest stage: `raw_shards`, one validated index of each input shard (the work is core.run.loop.ingest_shards)."""
 
-
 import dagster as dg
 from dagster_ray import RayResource
 
-from semdedup_assets.assets.common import (ProgressLog, beta_parameters, core_failures, metered, remove_unregistered,
-                                           run_metadata, run_partition_keys, settings_resource, shard_backfill_policy,
-                                           worker_resources)
-from semdedup_assets.core.io import storage as st
-from semdedup_assets.core.io.catalog import duplicate_ids
+from semdedup_assets.assets.common import (
+    ProgressLog,
+    beta_parameters,
+    core_failures,
+    metered,
+    remove_unregistered,
+    run_metadata,
+    run_partition_keys,
+    settings_resource,
+    shard_backfill_policy,
+    worker_resources,
+)
 from semdedup_assets.core.config import Settings
 from semdedup_assets.core.ingest.stage import IngestResult, duplicate_ids_message
-from semdedup_assets.core.run.loop import ingest_shards
+from semdedup_assets.core.io import storage as st
+from semdedup_assets.core.io.catalog import duplicate_ids
 from semdedup_assets.core.io.shards import Shard, discover_shards
+from semdedup_assets.core.run.loop import ingest_shards
 from semdedup_assets.names import GraphNames
 from semdedup_assets.ray_resource import engine_for_step
 from semdedup_assets.resources import SemDedupConfig
@@ -35,6 +43,7 @@ def build_raw_shards(names: GraphNames, backfill_batch: int) -> dg.AssetsDefinit
     """The per-shard ingest asset (static: its names and backfill batch; the rest from the resource at run time)."""
 
     with beta_parameters():
+
         @dg.asset(
             key=names.key("raw_shards"),
             partitions_def=names.shard_partitions,
@@ -60,16 +69,21 @@ def build_raw_shards(names: GraphNames, backfill_batch: int) -> dg.AssetsDefinit
             # The engine validates and stages the shards here or as Ray tasks; this process publishes them together.
             with core_failures(), engine_for_step(settings, ray, context.log.info) as engine:
                 r = ingest_shards(settings, [files[k] for k in keys], log=progress.step, engine=engine)
-            return dg.MaterializeResult(metadata={**run_metadata(context, *ingest_metadata(settings, r)),
-                                                  **worker_resources(r.workers.values())})
+            return dg.MaterializeResult(
+                metadata={
+                    **run_metadata(context, *ingest_metadata(settings, r)),
+                    **worker_resources(r.workers.values()),
+                }
+            )
 
     return raw_shards
 
 
 def ingest_metadata(settings: Settings, r: IngestResult) -> tuple[list[dict[str, object]], dict[str, object]]:
     """The ingest stage's metadata: (one row per shard, the run's figures)."""
-    per_shard: list[dict[str, object]] = [{"shard": s.key, "rows": s.rows, "input": s.input,
-                                           "fingerprint": s.fingerprint} for s in r.shards]
+    per_shard: list[dict[str, object]] = [
+        {"shard": s.key, "rows": s.rows, "input": s.input, "fingerprint": s.fingerprint} for s in r.shards
+    ]
     if settings.engine != "local":
         for row, s in zip(per_shard, r.shards):
             row["worker"] = str(r.workers[s.key])
@@ -83,9 +97,13 @@ def ingest_metadata(settings: Settings, r: IngestResult) -> tuple[list[dict[str,
 def build_ids_unique_check(names: GraphNames) -> dg.AssetChecksDefinition:
     """The blocking check that ids are unique across every shard of the graph."""
 
-    @dg.asset_check(asset=names.key("raw_shards"), name="ids_unique_across_shards", blocking=True,
-                    required_resource_keys={names.resource},
-                    description="Every id appears once across all shards.")
+    @dg.asset_check(
+        asset=names.key("raw_shards"),
+        name="ids_unique_across_shards",
+        blocking=True,
+        required_resource_keys={names.resource},
+        description="Every id appears once across all shards.",
+    )
     def ids_unique_across_shards(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
         """Blocking: an id repeated across shards stops the run before embedding."""
         semdedup = settings_resource(context, names)

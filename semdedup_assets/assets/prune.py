@@ -4,15 +4,23 @@ Each materializes the selections of its method named by the `prune` knob (and by
 when that names the method), and shows per selection its per-cluster budget table and a plot.
 """
 
-
 import dagster as dg
 
 from semdedup_assets.assets.common import settings_resource, table_metadata
-from semdedup_assets.core.io.catalog import refresh_catalog
 from semdedup_assets.core.config import Settings
+from semdedup_assets.core.io.catalog import refresh_catalog
 from semdedup_assets.core.plots import budget_markdown
-from semdedup_assets.core.select.prune import (METHODS, PruneError, Pruning, compute_pruning, is_pruning, parse_pruning,
-                                        parse_prune_list, prune_stale, selection_dir)
+from semdedup_assets.core.select.prune import (
+    METHODS,
+    PruneError,
+    Pruning,
+    compute_pruning,
+    is_pruning,
+    parse_prune_list,
+    parse_pruning,
+    prune_stale,
+    selection_dir,
+)
 from semdedup_assets.names import GraphNames
 
 BUDGET_ROWS = 100  # clusters shown in the metadata table (the plot and the view have them all)
@@ -38,7 +46,7 @@ def build_pruned(names: GraphNames, method: str) -> dg.AssetsDefinition:
         group_name=names.definition("prune"),
         kinds={"duckdb", "parquet"},
         description=f"The {method} pruning selections of the `prune` knob: `pruned/<label>/kept.parquet` and "
-                    "`budget.parquet` (views `pruned`, `pruned_budget`).",
+        "`budget.parquet` (views `pruned`, `pruned_budget`).",
     )
     def pruned(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         config = settings_resource(context, names).settings()
@@ -59,10 +67,12 @@ def build_pruned(names: GraphNames, method: str) -> dg.AssetsDefinition:
             meta[f"{r.label}: kept"] = r.kept
             meta[f"{r.label}: summary"] = dg.MetadataValue.md(
                 f"items {r.items}, survivors {r.survivors}, target N {r.target}, kept {r.kept}, {r.seconds} s"
-                + (f"; {r.note}" if r.note else ""))
+                + (f"; {r.note}" if r.note else "")
+            )
             rows = sorted(r.budget, key=lambda b: (-b["members"], b["cluster"]))[:BUDGET_ROWS]
-            meta[f"{r.label}: budget"] = table_metadata([{k: (v if v is not None else float("nan")) for k, v in b.items()}
-                                                          for b in rows])
+            meta[f"{r.label}: budget"] = table_metadata(
+                [{k: (v if v is not None else float("nan")) for k, v in b.items()} for b in rows]
+            )
             meta[f"{r.label}: budget_plot"] = dg.MetadataValue.md(budget_markdown(r.budget, r.label))
             meta[f"{r.label}: folder"] = dg.MetadataValue.path(str(selection_dir(storage, p)))
         return dg.MaterializeResult(metadata=meta)
@@ -73,4 +83,3 @@ def build_pruned(names: GraphNames, method: str) -> dg.AssetsDefinition:
 def build_pruned_assets(names: GraphNames) -> list[dg.AssetsDefinition]:
     """One asset per pruning method."""
     return [build_pruned(names, m) for m in METHODS]
-

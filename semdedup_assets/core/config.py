@@ -27,8 +27,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from semdedup_assets.core.messages import printable
 from semdedup_assets.core.io.storage import Storage
+from semdedup_assets.core.messages import printable
 
 Modality = Literal["text", "image", "embedding"]
 Pooling = Literal["mean", "cls", "last_token"]
@@ -48,8 +48,9 @@ AUTO = "auto"  # `--clusters auto`: the default k, round(sqrt(items)); `--bucket
 AUTO_BUCKET_PARTITIONS = 16
 
 
-def knob(default: Any, help: str, *, flag: str | None = "", metavar: str | None = None,
-         default_factory: Any = None) -> Any:
+def knob(
+    default: Any, help: str, *, flag: str | None = "", metavar: str | None = None, default_factory: Any = None
+) -> Any:
     """A Settings field with its help text and command-line flag.
 
     `flag=""` derives `--name-with-dashes` from the field name; `flag=None` keeps the knob
@@ -68,22 +69,35 @@ class Settings:
 
     storage: str = knob(DEFAULT_STORAGE, "storage root: local folder or fsspec URL", flag=None)
     input: str | None = knob(None, "folder (or fsspec URL) of .parquet/.jsonl/.jsonl.gz/.tar/.npy shards, or one file")
-    files_per_shard: int = knob(1, "input files per shard (partition): N > 1 groups N consecutive files in key "
-                                "order, keyed <first file's key>+N; appended files fill the last group, then new "
-                                "ones (docs/files-per-shard.md)", metavar="N")
+    files_per_shard: int = knob(
+        1,
+        "input files per shard (partition): N > 1 groups N consecutive files in key "
+        "order, keyed <first file's key>+N; appended files fill the last group, then new "
+        "ones (docs/files-per-shard.md)",
+        metavar="N",
+    )
     modality: Modality = knob("text", "payload kind")
     column: str | None = knob(None, "payload column (default: the modality's name: text, image or embedding)")
-    id_column: str = knob("id", "id column (only the default `id` may be absent, then ids are <shard>:<row>; "
-                          "any other name must exist in every shard)")
-    model: str | None = knob(None, "text: HF model name or local path (default: the offline all-MiniLM-L6-v2), "
-                             "open_clip:ARCH for CLIP's text tower, model2vec:PATH (or a static model folder) for a "
-                             "static model, or static for this machine's model2vec distillation of all-MiniLM-L6-v2 "
-                             "(made on first use, `semdedup distill`); image: open_clip ARCH, local-dir:PATH or "
-                             "hf-hub:ORG/REPO")
+    id_column: str = knob(
+        "id",
+        "id column (only the default `id` may be absent, then ids are <shard>:<row>; "
+        "any other name must exist in every shard)",
+    )
+    model: str | None = knob(
+        None,
+        "text: HF model name or local path (default: the offline all-MiniLM-L6-v2), "
+        "open_clip:ARCH for CLIP's text tower, model2vec:PATH (or a static model folder) for a "
+        "static model, or static for this machine's model2vec distillation of all-MiniLM-L6-v2 "
+        "(made on first use, `semdedup distill`); image: open_clip ARCH, local-dir:PATH or "
+        "hf-hub:ORG/REPO",
+    )
     pretrained: str | None = knob(None, "open_clip: pretrained tag (online) or local checkpoint file")
     num_workers: int = knob(2, "image decoding worker processes", flag="--workers")
-    strict: bool = knob(False, "fail on an item that would be recorded in `rejected` (an undecodable image, an empty "
-                        "or whitespace-only text, an empty id) instead of recording it there")
+    strict: bool = knob(
+        False,
+        "fail on an item that would be recorded in `rejected` (an undecodable image, an empty "
+        "or whitespace-only text, an empty id) instead of recording it there",
+    )
     pooling: Pooling = knob("mean", "text pooling")
     max_length: int = knob(256, "max tokens per text")
     batch_size: int = knob(64, "encoder batch size")
@@ -92,59 +106,105 @@ class Settings:
     kmeans_iterations: int = knob(20, "k-means iterations", flag="--iterations")
     max_points_per_centroid: int = knob(256, "k-means training sample per centroid")
     seed: int = knob(0, "seed for k-means sampling/training and the random order")
-    eps: tuple[float, ...] = knob(None, "comma-separated eps values", default_factory=lambda: DEFAULT_EPS,
-                                  metavar="E1,E2,...")
+    eps: tuple[float, ...] = knob(
+        None, "comma-separated eps values", default_factory=lambda: DEFAULT_EPS, metavar="E1,E2,..."
+    )
     keep: KeepStrategy = knob("hard", "cluster order: hard (far from the centroid first), easy, random")
-    keep_by: str | None = knob(None, "order each cluster's members first by these input columns (numbers or "
-                               "strings, carried through ingest and assignment; nulls last), then by --keep's "
-                               "order, then by id: the earlier member survives", metavar="COLUMN[:asc|desc],...")
-    probes: int = knob(1, "multi-probe: also compare each item with the members of its P-1 next-nearest clusters "
-                       "(1 = the paper's rule; exact fp32 tiles)", metavar="P")
-    buckets: int | None = knob(16, "cluster buckets = partitions of semantic_duplicates, or auto: 16 partitions "
-                               "whose clusters are grouped into buckets that fit --memory-budget, planned from the "
-                               "assignment counts (a number B is split the same way where a bucket exceeds the "
-                               "budget)", metavar="B|auto")
+    keep_by: str | None = knob(
+        None,
+        "order each cluster's members first by these input columns (numbers or "
+        "strings, carried through ingest and assignment; nulls last), then by --keep's "
+        "order, then by id: the earlier member survives",
+        metavar="COLUMN[:asc|desc],...",
+    )
+    probes: int = knob(
+        1,
+        "multi-probe: also compare each item with the members of its P-1 next-nearest clusters "
+        "(1 = the paper's rule; exact fp32 tiles)",
+        metavar="P",
+    )
+    buckets: int | None = knob(
+        16,
+        "cluster buckets = partitions of semantic_duplicates, or auto: 16 partitions "
+        "whose clusters are grouped into buckets that fit --memory-budget, planned from the "
+        "assignment counts (a number B is split the same way where a bucket exceeds the "
+        "budget)",
+        metavar="B|auto",
+    )
     block_size: int = knob(1024, "tile size of the pairwise kernel")
-    memory_budget: str | None = knob(None, "memory a stage may hold for its data (bucket rows, k-means sample, "
-                                     "buffers), e.g. 4GB or 512MB; the interpreter itself is extra. Buckets larger "
-                                     "than it are deduplicated a few clusters at a time; default: half the "
-                                     "machine's memory", metavar="SIZE")
-    embedding_dtype: EmbeddingDtype = knob("float32", "stored embeddings: float32, or float16 (half the I/O; "
-                                           "compute stays fp32)")
-    precision: Precision = knob("fp32", "pairwise tiles: fp32, or fp16/bf16 on a GPU with an exact fp32 re-check "
-                                "of every item near a threshold 1 - eps")
-    reference: str | None = knob(None, "decontamination: folder (or file) of evaluation-set shards, embedded with the "
-                                 "same encoder; items within 1 - eps of a reference item are flagged (view "
-                                 "`contaminated`) and left out of the deduplicated dataset", metavar="PATH")
-    compare_with: str | None = knob(None, "robustness asset: other storages (comma-separated) whose removals to "
-                                    "compare with this one's, on the same items (`semdedup sweep` sets it)",
-                                    flag=None, metavar="STORAGE,...")
-    select: str | None = knob(None, "deduplicated dataset: eps=E (a configured eps), keep-fraction=F or a pruning "
-                              "selection (prototypes:..., d4:..., dbp:...; default: the smallest configured eps); "
-                              "`semdedup export --select`", flag=None)
-    prune: str | None = knob(None, "pruning selections to materialize after the keep-lists, ';'-separated: "
-                             "prototypes:keep-fraction=F, d4:eps=E,keep-fraction=F[,clusters=K], "
-                             "dbp:eps=E,keep-fraction=F[,temperature=T,neighbours=L] (views `pruned`, "
-                             "`pruned_budget`)", metavar="METHOD:K=V,...[;...]")
+    memory_budget: str | None = knob(
+        None,
+        "memory a stage may hold for its data (bucket rows, k-means sample, "
+        "buffers), e.g. 4GB or 512MB; the interpreter itself is extra. Buckets larger "
+        "than it are deduplicated a few clusters at a time; default: half the "
+        "machine's memory",
+        metavar="SIZE",
+    )
+    embedding_dtype: EmbeddingDtype = knob(
+        "float32", "stored embeddings: float32, or float16 (half the I/O; compute stays fp32)"
+    )
+    precision: Precision = knob(
+        "fp32",
+        "pairwise tiles: fp32, or fp16/bf16 on a GPU with an exact fp32 re-check "
+        "of every item near a threshold 1 - eps",
+    )
+    reference: str | None = knob(
+        None,
+        "decontamination: folder (or file) of evaluation-set shards, embedded with the "
+        "same encoder; items within 1 - eps of a reference item are flagged (view "
+        "`contaminated`) and left out of the deduplicated dataset",
+        metavar="PATH",
+    )
+    compare_with: str | None = knob(
+        None,
+        "robustness asset: other storages (comma-separated) whose removals to "
+        "compare with this one's, on the same items (`semdedup sweep` sets it)",
+        flag=None,
+        metavar="STORAGE,...",
+    )
+    select: str | None = knob(
+        None,
+        "deduplicated dataset: eps=E (a configured eps), keep-fraction=F or a pruning "
+        "selection (prototypes:..., d4:..., dbp:...; default: the smallest configured eps); "
+        "`semdedup export --select`",
+        flag=None,
+    )
+    prune: str | None = knob(
+        None,
+        "pruning selections to materialize after the keep-lists, ';'-separated: "
+        "prototypes:keep-fraction=F, d4:eps=E,keep-fraction=F[,clusters=K], "
+        "dbp:eps=E,keep-fraction=F[,temperature=T,neighbours=L] (views `pruned`, "
+        "`pruned_budget`)",
+        metavar="METHOD:K=V,...[;...]",
+    )
     # Scale-out (core/run/engines.py): where the per-shard and per-bucket work runs.
-    engine: EngineName = knob("local", "where embedding and the pairwise rule run: local (this process) or ray "
-                              "(a local Ray instance, or the cluster at --ray-address)")
-    ray_address: str | None = knob(None, "with --engine ray: an existing cluster, HOST:PORT (GCS), ray://HOST:PORT "
-                                   "(Ray client) or auto (default: inside a Ray job, e.g. a run under dagster-ray's "
-                                   "RayRunLauncher, that job's cluster; else a new local Ray instance)",
-                                   metavar="HOST:PORT|auto")
-    ray_actors: int = knob(0, "with --engine ray: embedding actors; 0 means one per GPU of the cluster, or without "
-                           "GPUs one per CPU (each actor then gets CPUs/actors cores)")
+    engine: EngineName = knob(
+        "local",
+        "where embedding and the pairwise rule run: local (this process) or ray "
+        "(a local Ray instance, or the cluster at --ray-address)",
+    )
+    ray_address: str | None = knob(
+        None,
+        "with --engine ray: an existing cluster, HOST:PORT (GCS), ray://HOST:PORT "
+        "(Ray client) or auto (default: inside a Ray job, e.g. a run under dagster-ray's "
+        "RayRunLauncher, that job's cluster; else a new local Ray instance)",
+        metavar="HOST:PORT|auto",
+    )
+    ray_actors: int = knob(
+        0,
+        "with --engine ray: embedding actors; 0 means one per GPU of the cluster, or without "
+        "GPUs one per CPU (each actor then gets CPUs/actors cores)",
+    )
     ray_retries: int = knob(3, "with --engine ray: times a shard or bucket is retried after its Ray worker dies")
     # Operations knobs: the code location (`dagster dev`), not a single `semdedup run`.
     sensors: bool = knob(False, "start the sensors running when the code location loads", flag=None)
     sensor_interval: int = knob(30, "seconds between sensor ticks", flag=None)
-    retrain_cron: str = knob("0 3 * * 0", "cron of retrain_centroids_schedule (default weekly, Sunday 03:00)",
-                             flag=None)
+    retrain_cron: str = knob(
+        "0 3 * * 0", "cron of retrain_centroids_schedule (default weekly, Sunday 03:00)", flag=None
+    )
     backfill_batch: int = knob(64, "shards per run of a per-shard backfill (BackfillPolicy.multi_run)", flag=None)
     progress_interval: float = knob(10.0, "seconds between progress lines in a run's event log", flag=None)
-    catalog: str = knob("catalog.duckdb", "DuckDB catalog file when the storage root is not a local folder",
-                        flag=None)
+    catalog: str = knob("catalog.duckdb", "DuckDB catalog file when the storage root is not a local folder", flag=None)
     extra: dict[str, Any] = field(default_factory=dict, metadata={"flag": None, "internal": True})
 
     def __post_init__(self) -> None:
@@ -156,8 +216,17 @@ class Settings:
             raise ValueError(f"clusters must be >= 1 (or auto), got {self.clusters}")
         if self.buckets is not None and self.buckets < 1:
             raise ValueError(f"buckets must be >= 1 (or auto), got {self.buckets}")
-        for name in ("probes", "block_size", "batch_size", "max_length", "kmeans_iterations",
-                     "max_points_per_centroid", "backfill_batch", "sensor_interval", "files_per_shard"):
+        for name in (
+            "probes",
+            "block_size",
+            "batch_size",
+            "max_length",
+            "kmeans_iterations",
+            "max_points_per_centroid",
+            "backfill_batch",
+            "sensor_interval",
+            "files_per_shard",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.ray_actors < 0 or self.ray_retries < 0:
@@ -224,7 +293,7 @@ class Settings:
         """Serialise (for semdedup.json)."""
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
-    def replace(self, **changes: Any) -> "Settings":
+    def replace(self, **changes: Any) -> Settings:
         """A copy with some fields changed (None values are ignored)."""
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
@@ -248,29 +317,47 @@ def parse_keep_by(text: str | None) -> tuple[tuple[str, bool], ...]:
         if not colon:
             name, order = order, "asc"  # no direction: ascending
         elif order.strip().lower() not in ("asc", "desc"):
-            raise ValueError(f"keep_by direction must be asc or desc, got {printable(order.strip())!r} in "
-                             f"{printable(part.strip())!r}; expected COLUMN[:asc|desc],...")
+            raise ValueError(
+                f"keep_by direction must be asc or desc, got {printable(order.strip())!r} in "
+                f"{printable(part.strip())!r}; expected COLUMN[:asc|desc],..."
+            )
         name = name.strip()
         if not name:
             raise ValueError(f"keep_by has an empty column name in {text!r}; expected COLUMN[:asc|desc],...")
         if name in RESERVED_COLUMNS:
-            raise ValueError(f"keep_by column {name!r} is a name the stage files use themselves "
-                             f"({', '.join(RESERVED_COLUMNS)}); rename the input column")
+            raise ValueError(
+                f"keep_by column {name!r} is a name the stage files use themselves "
+                f"({', '.join(RESERVED_COLUMNS)}); rename the input column"
+            )
         if name in (n for n, _ in out):
             raise ValueError(f"keep_by names column {name!r} twice")
         out.append((name, order.strip().lower() == "desc"))
     return tuple(out)
 
 
-_SIZE_UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "KIB": 2**10, "M": 2**20, "MB": 2**20, "MIB": 2**20,
-               "G": 2**30, "GB": 2**30, "GIB": 2**30, "T": 2**40, "TB": 2**40, "TIB": 2**40}
+_SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "K": 2**10,
+    "KB": 2**10,
+    "KIB": 2**10,
+    "M": 2**20,
+    "MB": 2**20,
+    "MIB": 2**20,
+    "G": 2**30,
+    "GB": 2**30,
+    "GIB": 2**30,
+    "T": 2**40,
+    "TB": 2**40,
+    "TIB": 2**40,
+}
 
 
 def parse_size(text: str | int) -> int:
     """`4GB`, `512MB`, `1.5G` or a plain byte count -> bytes (binary units: 1 GB = 2**30 bytes)."""
     raw = str(text).strip().upper().replace(" ", "")
     number = raw.rstrip("KMGTIB")
-    unit = raw[len(number):]
+    unit = raw[len(number) :]
     try:
         value = float(number) * _SIZE_UNITS[unit]
     except (ValueError, KeyError):

@@ -48,8 +48,14 @@ def eps_curve_markdown(eps: Sequence[float], kept_fraction: Sequence[float]) -> 
     return _png_markdown(fig, "eps curve")
 
 
-def histogram_markdown(values: Sequence[float] | np.ndarray, title: str, xlabel: str, bins: int = 40, log: bool = True,
-                       edges: Sequence[float] | np.ndarray | None = None) -> str:
+def histogram_markdown(
+    values: Sequence[float] | np.ndarray,
+    title: str,
+    xlabel: str,
+    bins: int = 40,
+    log: bool = True,
+    edges: Sequence[float] | np.ndarray | None = None,
+) -> str:
     """A histogram as a markdown image: of raw values, or of precomputed counts when edges are given."""
     fig, ax = _figure()
     values = np.asarray(values)

@@ -93,9 +93,11 @@ def changed_settings(settings: Settings) -> dict[str, tuple[Any, Any]]:
 
 def _absolute(settings: Settings) -> Settings:
     """The settings with local paths made absolute (URLs unchanged)."""
-    return settings.replace(storage=str(to_upath(settings.storage)),
-                            input=str(to_upath(settings.input)) if settings.input else None,
-                            reference=str(to_upath(settings.reference)) if settings.reference else None)
+    return settings.replace(
+        storage=str(to_upath(settings.storage)),
+        input=str(to_upath(settings.input)) if settings.input else None,
+        reference=str(to_upath(settings.reference)) if settings.reference else None,
+    )
 
 
 def save_settings(settings: Settings) -> None:

@@ -124,8 +124,9 @@ def test_checkpoint_file_and_local_dir_give_identical_embeddings(
 def test_the_bits_do_not_depend_on_torchs_thread_count(tiny: dict[str, str], batch_size: int) -> None:
     """A 1-CPU Ray actor and a 2-core process embed alike (batches run single-threaded, map_batches):
     before, this tiny ViT's rows 8 and 9 differed in their last bits between 1 and 2 torch threads."""
-    enc = OpenClipImageEncoder(tiny["arch"], pretrained=tiny["checkpoint"], num_workers=0, device="cpu",
-                               batch_size=batch_size)
+    enc = OpenClipImageEncoder(
+        tiny["arch"], pretrained=tiny["checkpoint"], num_workers=0, device="cpu", batch_size=batch_size
+    )
     previous = torch.get_num_threads()
     try:
         runs = []

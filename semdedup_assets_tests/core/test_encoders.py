@@ -271,8 +271,9 @@ def test_l2_normalize() -> None:
     huge = l2_normalize(np.full((1, 4), 3e38, dtype=np.float32))  # reciprocal below float32's normal range
     np.testing.assert_allclose(huge, 0.5, rtol=1e-7)
     ragged = np.random.default_rng(0).standard_normal((50, 7)).astype(np.float32) * 40
-    np.testing.assert_allclose(l2_normalize(ragged), ragged / np.linalg.norm(ragged.astype(np.float64), axis=1)[:, None],
-                               rtol=0, atol=1e-7)
+    np.testing.assert_allclose(
+        l2_normalize(ragged), ragged / np.linalg.norm(ragged.astype(np.float64), axis=1)[:, None], rtol=0, atol=1e-7
+    )
     big = l2_normalize(np.full((1, 4), 1e30, dtype=np.float32))  # no overflow to inf
     np.testing.assert_allclose(big, 0.5, atol=1e-7)
     with pytest.raises(ValueError, match="row 1 has zero norm"):
@@ -346,7 +347,8 @@ def test_package_import_is_lazy() -> None:
 
 
 def test_each_batch_runs_single_threaded_and_the_bits_do_not_depend_on_the_thread_count(
-        mean_encoder: HFTextEncoder) -> None:
+    mean_encoder: HFTextEncoder,
+) -> None:
     """A 1-CPU Ray actor and a many-core process embed alike: every batch's forward sees one intra-op
     thread (GEMM libraries may reorder a product's sums with their thread count), batches run on
     up to `torch.get_num_threads()` Python threads at once, and the process's count is restored."""

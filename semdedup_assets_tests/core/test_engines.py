@@ -12,12 +12,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from semdedup_assets.core.io import storage as st
 from semdedup_assets.core.config import Settings
+from semdedup_assets.core.io import storage as st
 from semdedup_assets.core.run.engines import DRIVER, EngineError
 from semdedup_assets.core.run.local_engine import LocalEngine
-from semdedup_assets.core.run.ray_engine import (LazyEncoder, plan_actors, ray_init_options, remove_temporaries,
-                                                 resolve_ray_address, starts_local_instance, worker_died_error)
+from semdedup_assets.core.run.ray_engine import (
+    LazyEncoder,
+    plan_actors,
+    ray_init_options,
+    remove_temporaries,
+    resolve_ray_address,
+    starts_local_instance,
+    worker_died_error,
+)
 
 
 def test_one_actor_per_gpu_with_no_cpu_claim_else_cpu_actors_splitting_the_cores():
@@ -27,10 +34,16 @@ def test_one_actor_per_gpu_with_no_cpu_claim_else_cpu_actors_splitting_the_cores
     two_nodes = plan_actors(s, n_units=10, node_cpus=[1.0, 1.0], gpus=0)
     # CPU actors: the Rust tokenizers' pool held to the actor's share through its runtime_env
     assert (two_nodes.actors, two_nodes.options, two_nodes.threads) == (
-        2, {"num_cpus": 1, "runtime_env": {"env_vars": {"RAYON_NUM_THREADS": "1"}}}, 1)
+        2,
+        {"num_cpus": 1, "runtime_env": {"env_vars": {"RAYON_NUM_THREADS": "1"}}},
+        1,
+    )
     one_actor = plan_actors(s.replace(ray_actors=1), n_units=10, node_cpus=[2.0], gpus=0)
     assert (one_actor.actors, one_actor.options, one_actor.threads) == (
-        1, {"num_cpus": 2, "runtime_env": {"env_vars": {"RAYON_NUM_THREADS": "2"}}}, 2)
+        1,
+        {"num_cpus": 2, "runtime_env": {"env_vars": {"RAYON_NUM_THREADS": "2"}}},
+        2,
+    )
     assert plan_actors(s, n_units=1, node_cpus=[8.0], gpus=0).actors == 1  # never more actors than shards
     # 2 actors of 2 CPUs fit only once on nodes of 3 and 1 CPUs: a second one would wait forever
     assert plan_actors(s.replace(ray_actors=2), n_units=10, node_cpus=[3.0, 1.0], gpus=0).actors == 1
@@ -51,7 +64,8 @@ def test_a_malformed_or_unreachable_address_fails_at_once_naming_it(monkeypatch:
 
 
 def test_no_address_inside_a_ray_job_connects_there_without_the_local_instance_options(
-        monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+):
     monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))  # no `ray start` of this machine to find
     # Ray's job supervisor sets RAY_ADDRESS for each job's driver (a Dagster run under RayRunLauncher);
     # ray.init() then joins that cluster, where the driver must keep its node's own address.
@@ -76,8 +90,8 @@ def test_temporaries_of_a_killed_writer_are_removed_and_nothing_else(tmp_path: P
 
 
 def test_the_local_engine_runs_the_core_units_in_order(tmp_path: Path):
-    from semdedup_assets.core.run.loop import ingest_shards
     from semdedup_assets.core.io.shards import discover_shards
+    from semdedup_assets.core.run.loop import ingest_shards
     from semdedup_assets_tests.fixtures import write_embedding_shards
 
     write_embedding_shards(tmp_path / "in", n_shards=3, per_shard=20)

@@ -13,11 +13,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from semdedup_assets.core.select.export import (ExportError, Selection, keep_count, output_files, parse_selection,
-                                         write_shard)
 from semdedup_assets.core.io.shards import discover_shards, read_raw_table
 from semdedup_assets.core.io.storage import to_upath
 from semdedup_assets.core.io.webdataset import read_webdataset
+from semdedup_assets.core.select.export import (
+    ExportError,
+    Selection,
+    keep_count,
+    output_files,
+    parse_selection,
+    write_shard,
+)
 
 KEEP = np.array([0, 2, 3, 7])
 
@@ -30,10 +36,14 @@ def _export(input_dir: Path, out_dir: Path, rows: np.ndarray = KEEP, ids: list[s
 
 
 def test_parquet_keeps_schema_metadata_columns_and_row_order(tmp_path: Path) -> None:
-    table = pa.table({"id": [f"r{i}" for i in range(10)], "text": [f"t{i}" for i in range(10)],
-                      "score": pa.array(np.arange(10, dtype=np.float16)),
-                      "tags": pa.array([[i, i + 1] for i in range(10)], pa.list_(pa.int8()))},
-                     ).replace_schema_metadata({b"origin": b"crawl-7"})
+    table = pa.table(
+        {
+            "id": [f"r{i}" for i in range(10)],
+            "text": [f"t{i}" for i in range(10)],
+            "score": pa.array(np.arange(10, dtype=np.float16)),
+            "tags": pa.array([[i, i + 1] for i in range(10)], pa.list_(pa.int8())),
+        },
+    ).replace_schema_metadata({b"origin": b"crawl-7"})
     (tmp_path / "in" / "2024").mkdir(parents=True)
     pq.write_table(table, tmp_path / "in" / "2024" / "part-01.parquet", row_group_size=3)
     [out] = _export(tmp_path / "in", tmp_path / "out")
@@ -88,8 +98,12 @@ def _tar_bytes(members: list[tuple[str, bytes | None]]) -> bytes:
 def test_webdataset_keeps_every_member_of_kept_keys_and_nothing_of_removed_ones(tmp_path: Path) -> None:
     members: list[tuple[str, bytes | None]] = [("shots", None)]
     for i in range(10):
-        members += [(f"shots/{i:04d}.jpg", b"\xff\xd8 img %d" % i), (f"shots/{i:04d}.txt", b"caption %d" % i),
-                    (f"shots/{i:04d}.json", json.dumps({"i": i}).encode()), (f"shots/{i:04d}.cls", b"%d" % (i % 3))]
+        members += [
+            (f"shots/{i:04d}.jpg", b"\xff\xd8 img %d" % i),
+            (f"shots/{i:04d}.txt", b"caption %d" % i),
+            (f"shots/{i:04d}.json", json.dumps({"i": i}).encode()),
+            (f"shots/{i:04d}.cls", b"%d" % (i % 3)),
+        ]
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "wds-000.tar").write_bytes(_tar_bytes(members))
     ids = read_webdataset(str(tmp_path / "in" / "wds-000.tar")).column("id").to_pylist()
@@ -109,7 +123,10 @@ def test_npy_and_its_metadata_stay_aligned(tmp_path: Path) -> None:
     np.save(tmp_path / "in" / "img_emb" / "img_emb_0.npy", x)
     pq.write_table(meta, tmp_path / "in" / "metadata" / "metadata_0.parquet")
     outs = _export(tmp_path / "in", tmp_path / "out")
-    assert outs == [tmp_path / "out" / "img_emb" / "img_emb_0.npy", tmp_path / "out" / "metadata" / "metadata_0.parquet"]
+    assert outs == [
+        tmp_path / "out" / "img_emb" / "img_emb_0.npy",
+        tmp_path / "out" / "metadata" / "metadata_0.parquet",
+    ]
     got = np.load(outs[0])
     assert got.dtype == x.dtype and got.tobytes() == x[KEEP].tobytes()
     assert pq.read_table(outs[1]).equals(meta.take(pa.array(KEEP)))
@@ -173,8 +190,10 @@ def test_reference_items_with_nothing_to_compare_are_skipped_and_counted(tmp_pat
 
     ref = tmp_path / "ref"
     ref.mkdir()
-    pq.write_table(pa.table({"id": ["r0", "r1", "r2", "", "r4"], "text": ["a cat", "", "  \t", "no id", "a dog"]}),
-                   ref / "eval.parquet")
+    pq.write_table(
+        pa.table({"id": ["r0", "r1", "r2", "", "r4"], "text": ["a cat", "", "  \t", "no id", "a dog"]}),
+        ref / "eval.parquet",
+    )
     pq.write_table(pa.table({"id": ["q0", "q1"], "text": [" ", ""]}), ref / "empty.parquet")
     reference = embed_reference(str(ref), "text", "text", "id", encode)
     assert seen == ["a cat", "a dog"]
@@ -195,8 +214,9 @@ def test_reference_images_skip_empty_ids_and_undecodable_items(tmp_path: Path) -
 
     ref = tmp_path / "ref"
     ref.mkdir()
-    pq.write_table(pa.table({"id": ["i0", "", "i2", "i3"], "image": [b"png0", b"png1", b"bad", b"png3"]}),
-                   ref / "eval.parquet")
+    pq.write_table(
+        pa.table({"id": ["i0", "", "i2", "i3"], "image": [b"png0", b"png1", b"bad", b"png3"]}), ref / "eval.parquet"
+    )
     reference = embed_reference(str(ref), "image", "image", "id", None, encode_images)
     assert list(reference.ids) == ["i0", "i3"] and reference.skipped == 1
     np.testing.assert_allclose(reference.vectors[1] * np.linalg.norm([1.0, 3.0, 0.5]), [1.0, 3.0, 0.5], atol=1e-5)

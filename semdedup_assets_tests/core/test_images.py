@@ -147,7 +147,9 @@ def mixed_items() -> list[bytes | None]:
     return items
 
 
-def collect(items: list[bytes | None], workers: int, batch_size: int = 4) -> tuple[np.ndarray, torch.Tensor, list[tuple[int, str]], list[int]]:
+def collect(
+    items: list[bytes | None], workers: int, batch_size: int = 4
+) -> tuple[np.ndarray, torch.Tensor, list[tuple[int, str]], list[int]]:
     """Run iter_image_batches and gather indices, tensors, rejections and batch lengths."""
     idx, tensors, rejected, sizes = [], [], [], []
     for indices, batch, bad in iter_image_batches(items, PREPROCESS, batch_size, workers):

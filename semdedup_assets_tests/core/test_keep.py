@@ -108,7 +108,15 @@ def test_keep_for_target_is_monotone_and_matches_threshold() -> None:
 def test_keep_for_target_validation() -> None:
     """Exactly one of n/fraction, within range, else ValueError."""
     ids, m = ["a", "b"], np.array([0.1, 0.2])
-    for kwargs in ({}, {"n": 1, "fraction": 0.5}, {"n": 3}, {"n": -1}, {"fraction": 1.5}, {"fraction": -0.1}, {"n": 1.5}):
+    for kwargs in (
+        {},
+        {"n": 1, "fraction": 0.5},
+        {"n": 3},
+        {"n": -1},
+        {"fraction": 1.5},
+        {"fraction": -0.1},
+        {"n": 1.5},
+    ):
         with pytest.raises(ValueError):
             keep_for_target(ids, m, **kwargs)
     with pytest.raises(ValueError):

@@ -12,16 +12,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from semdedup_assets.core.config import Settings, parse_keep_by
+from semdedup_assets.core.dedup.ordering import cluster_order
+from semdedup_assets.core.embed.shard import embed_shard
 from semdedup_assets.core.io import storage as st
 from semdedup_assets.core.io.catalog import query
-from semdedup_assets.core.config import Settings, parse_keep_by
-from semdedup_assets.core.embed.shard import embed_shard
-from semdedup_assets.core.run.loop import ingest_shards
-from semdedup_assets.core.dedup.ordering import cluster_order
 from semdedup_assets.core.io.shards import ShardError, discover_shards, keep_by_column
+from semdedup_assets.core.run.loop import ingest_shards
 from semdedup_assets.pipeline import run_pipeline
-from semdedup_assets_tests.fixtures import make_planted
 from semdedup_assets_tests.core.test_units import run_units
+from semdedup_assets_tests.fixtures import make_planted
 
 N, SHARDS = 240, 3
 
@@ -37,15 +37,30 @@ def _planted_pairs(folder: Path) -> np.ndarray:
     for s in range(SHARDS):
         rows = slice(s * per, (s + 1) * per)
         values = [None if np.isnan(v) else float(v) for v in score[rows]]
-        pq.write_table(pa.table({"id": [f"i{j:04d}" for j in range(s * per, (s + 1) * per)],
-                                 "embedding": pa.array(list(x[rows]), type=pa.list_(pa.float32())),
-                                 "score": pa.array(values, type=pa.float64())}), folder / f"part-{s:02d}.parquet")
+        pq.write_table(
+            pa.table(
+                {
+                    "id": [f"i{j:04d}" for j in range(s * per, (s + 1) * per)],
+                    "embedding": pa.array(list(x[rows]), type=pa.list_(pa.float32())),
+                    "score": pa.array(values, type=pa.float64()),
+                }
+            ),
+            folder / f"part-{s:02d}.parquet",
+        )
     return score
 
 
 def _settings(tmp_path: Path, name: str, **kw) -> Settings:
-    return Settings(storage=str(tmp_path / name), input=str(tmp_path / "input"), modality="embedding", clusters=5,
-                    buckets=3, eps=(0.001, 0.01, 0.1), block_size=32, **kw)
+    return Settings(
+        storage=str(tmp_path / name),
+        input=str(tmp_path / "input"),
+        modality="embedding",
+        clusters=5,
+        buckets=3,
+        eps=(0.001, 0.01, 0.1),
+        block_size=32,
+        **kw,
+    )
 
 
 def _pair_winners(settings: Settings, score: np.ndarray) -> tuple[int, int]:
@@ -78,8 +93,9 @@ def test_keep_by_keeps_the_higher_scored_member_of_every_planted_pair(tmp_path: 
     graph = _settings(tmp_path, "graph", keep_by="score:desc")
     with dg.instance_for_test() as instance:
         run_pipeline(graph, instance, log=lambda m: None)
-    assert {p.name: p.read_bytes() for p in graph.storage_root().stage_files(st.KEEP_LISTS)} == \
-        {p.name: p.read_bytes() for p in _settings(tmp_path, "units").storage_root().stage_files(st.KEEP_LISTS)}
+    assert {p.name: p.read_bytes() for p in graph.storage_root().stage_files(st.KEEP_LISTS)} == {
+        p.name: p.read_bytes() for p in _settings(tmp_path, "units").storage_root().stage_files(st.KEEP_LISTS)
+    }
     # Ascending keeps the lower score instead (nulls still last, so a null never wins).
     low = _settings(tmp_path, "low", keep_by="score")
     run_units(low)
@@ -112,16 +128,20 @@ def test_without_keep_by_the_files_are_todays_and_switching_it_reuses_the_embedd
 def test_keep_by_errors_name_the_shard_and_what_it_has(tmp_path: Path) -> None:
     _planted_pairs(tmp_path / "input")
     shards = discover_shards(str(tmp_path / "input"))
-    with pytest.raises(ShardError, match=r"shard 'part-00': missing keep-by column 'quality' "
-                                         r"\(columns: id, embedding, score\)"):
+    with pytest.raises(
+        ShardError,
+        match=r"shard 'part-00': missing keep-by column 'quality' "
+        r"\(columns: id, embedding, score\)",
+    ):
         ingest_shards(_settings(tmp_path, "s", keep_by="score:desc,quality"), shards)
     assert not _settings(tmp_path, "s").storage_root().stage_files(st.RAW)  # nothing published
     # A column that holds numbers in one shard and text in another cannot order them together.
     table = pq.read_table(tmp_path / "input" / "part-02.parquet")
     table = table.set_column(2, "score", pa.array([str(v) for v in table.column("score").to_pylist()]))
     pq.write_table(table, tmp_path / "input" / "part-02.parquet")
-    with pytest.raises(ShardError, match="shard 'part-02': keep-by column 'score' holds strings here but numbers "
-                                         "in shard 'part-00'"):
+    with pytest.raises(
+        ShardError, match="shard 'part-02': keep-by column 'score' holds strings here but numbers in shard 'part-00'"
+    ):
         ingest_shards(_settings(tmp_path, "s", keep_by="score"), discover_shards(str(tmp_path / "input")))
     with pytest.raises(ShardError, match=r"shard 'x': keep-by column 'tags' is list<item: int64>"):
         keep_by_column("x", "tags", pa.chunked_array([pa.array([[1], [2]])]))
@@ -132,9 +152,13 @@ def test_keep_by_spec() -> None:
     assert parse_keep_by(None) == parse_keep_by(" ") == ()
     # A name holding `:` is written with its direction; any other direction is refused (issue 34, finding 6).
     assert parse_keep_by("a:b:desc") == (("a:b", True),)
-    for bad, message in (("quality:up", "direction must be asc or desc, got 'up'"), ("a:b", "got 'b'"),
-                         ("score,,lang", "empty column name"), ("score,score:desc", "twice"),
-                         ("sim_to_centroid", "stage files use themselves")):
+    for bad, message in (
+        ("quality:up", "direction must be asc or desc, got 'up'"),
+        ("a:b", "got 'b'"),
+        ("score,,lang", "empty column name"),
+        ("score,score:desc", "twice"),
+        ("sim_to_centroid", "stage files use themselves"),
+    ):
         with pytest.raises(ValueError, match=message):
             Settings(keep_by=bad)
 

@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from semdedup_assets.core.cluster.assign import assign, bucket_cluster_range, bucket_row_slices, bucket_keys, bucket_of, iter_cluster_ranges, touched_buckets
+from semdedup_assets.core.cluster.assign import (
+    assign,
+    bucket_cluster_range,
+    bucket_keys,
+    bucket_of,
+    bucket_row_slices,
+    iter_cluster_ranges,
+    touched_buckets,
+)
 from semdedup_assets.core.cluster.kmeans import collect_sample, sample_rows, train_spherical_kmeans
 
 
@@ -78,7 +86,9 @@ def test_sample_is_independent_of_shard_order() -> None:
     b = collect_sample([(k, len(v)) for k, v in reversed(list(shards.items()))], read, 200, seed=1)
     assert a.tobytes() == b.tobytes()
     assert 120 < len(a) < 280
-    assert len(collect_sample([(k, len(v)) for k, v in shards.items()], read, 10_000, seed=1)) == sum(map(len, shards.values()))
+    assert len(collect_sample([(k, len(v)) for k, v in shards.items()], read, 10_000, seed=1)) == sum(
+        map(len, shards.values())
+    )
     assert sample_rows(10, 1.0, 0, "s").tolist() == list(range(10))
 
 

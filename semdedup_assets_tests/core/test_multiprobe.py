@@ -7,9 +7,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from semdedup_assets.core.dedup.buckets import dedup_table
 from semdedup_assets.core.cluster.assign import assign
-from semdedup_assets.core.dedup.multiprobe import (dense_multiprobe, global_rank, multiprobe_bucket, probe_clusters)
+from semdedup_assets.core.dedup.buckets import dedup_table
+from semdedup_assets.core.dedup.multiprobe import dense_multiprobe, global_rank, multiprobe_bucket, probe_clusters
 from semdedup_assets.core.io.schemas import assignments_schema
 from semdedup_assets.core.io.tables import embedding_array
 from semdedup_assets_tests.fixtures import make_planted
@@ -23,14 +23,23 @@ def _assignments(n: int = 300, d: int = 8, seed: int = 0) -> tuple[pa.Table, np.
     cents = rng.normal(size=(K, d)).astype(np.float32)
     cents /= np.linalg.norm(cents, axis=1, keepdims=True)
     clusters, sims = assign(x, cents)
-    table = pa.table({"id": [f"i{j:04d}" for j in range(n)], "shard": ["s"] * n, "cluster": clusters,
-                      "sim_to_centroid": sims, "embedding": embedding_array(x)}, schema=assignments_schema(d))
+    table = pa.table(
+        {
+            "id": [f"i{j:04d}" for j in range(n)],
+            "shard": ["s"] * n,
+            "cluster": clusters,
+            "sim_to_centroid": sims,
+            "embedding": embedding_array(x),
+        },
+        schema=assignments_schema(d),
+    )
     return table.sort_by([("cluster", "ascending"), ("id", "ascending")]), cents
 
 
 def _reader(table: pa.Table):
     def read(clusters: list[int]) -> pa.Table:
         return table.filter(pc.is_in(table.column("cluster"), pa.array(clusters, pa.int32())))
+
     return read
 
 
@@ -45,17 +54,25 @@ def test_multiprobe_equals_the_dense_oracle(probes: int, strategy: str) -> None:
     expected_m, expected_dup = dense_multiprobe(x, rank, own, probe_clusters(x, cents, own, probes))
     got: dict[str, tuple[float, str | None]] = {}
     for first, end in ((0, 3), (3, 5), (5, K)):  # three buckets, each reading the clusters it probes
-        bucket = table.filter(pc.and_(pc.greater_equal(table.column("cluster"), first),
-                                      pc.less(table.column("cluster"), end)))
+        bucket = table.filter(
+            pc.and_(pc.greater_equal(table.column("cluster"), first), pc.less(table.column("cluster"), end))
+        )
         result, _ = multiprobe_bucket(bucket, _reader(table), cents, probes, strategy, seed=3, block_size=16)
-        got.update(zip(result.column("id").to_pylist(),
-                       zip(result.column("max_sim").to_pylist(), result.column("duplicate_of").to_pylist())))
+        got.update(
+            zip(
+                result.column("id").to_pylist(),
+                zip(result.column("max_sim").to_pylist(), result.column("duplicate_of").to_pylist()),
+            )
+        )
     assert len(got) == len(ids)
     m = np.array([got[i][0] for i in ids])
     np.testing.assert_allclose(m, expected_m, atol=1e-5)
     assert [got[i][1] for i in ids] == [ids[j] if j >= 0 else None for j in expected_dup]
-    cross = sum(1 for i, j in zip(ids, expected_dup) if j >= 0 and own[list(ids).index(i)] != own[j]
-                and expected_m[list(ids).index(i)] > 0.9)
+    cross = sum(
+        1
+        for i, j in zip(ids, expected_dup)
+        if j >= 0 and own[list(ids).index(i)] != own[j] and expected_m[list(ids).index(i)] > 0.9
+    )
     assert cross > 0  # the probes find duplicates across cluster borders
 
 
@@ -115,7 +132,7 @@ def test_the_numpy_tile_epilogue_equals_torch_s() -> None:
     best = torch.full((5,), float("-inf"))
     best_idx = torch.full((5,), -1, dtype=torch.int64)
     for i0 in range(0, 299, 64):  # the torch epilogue, spelled out as before the numpy one
-        tile = q @ x[i0:min(i0 + 64, 299)].T
+        tile = q @ x[i0 : min(i0 + 64, 299)].T
         tile.masked_fill_(torch.arange(i0, min(i0 + 64, 299))[None, :] >= pos[:, None], float("-inf"))
         val, arg = tile.max(dim=1)
         better = val > best

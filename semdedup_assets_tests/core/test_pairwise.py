@@ -411,8 +411,15 @@ def test_tiles_run_single_threaded_and_the_bits_do_not_depend_on_the_thread_coun
     rng = np.random.default_rng(3)
     x = _normalise(rng.normal(size=(700, 24)))
     clusters = np.repeat(np.arange(7), 100)
-    table = pa.table({"id": [f"i{i:04d}" for i in range(700)], "shard": ["s"] * 700, "cluster": clusters,
-                      "sim_to_centroid": rng.random(700), "embedding": embedding_array(x, "float32")})
+    table = pa.table(
+        {
+            "id": [f"i{i:04d}" for i in range(700)],
+            "shard": ["s"] * 700,
+            "cluster": clusters,
+            "sim_to_centroid": rng.random(700),
+            "embedding": embedding_array(x, "float32"),
+        }
+    )
     probes = np.stack([clusters, (clusters + 1) % 7], axis=1)
     previous = torch.get_num_threads()
     runs = []
@@ -425,8 +432,15 @@ def test_tiles_run_single_threaded_and_the_bits_do_not_depend_on_the_thread_coun
             probed = multiprobe_max_sim(x, clusters, np.arange(700), np.arange(700), probes, 64, "cpu")
             assert torch.get_num_threads() == threads
             assert seen and set(seen) == {1}, seen
-            runs.append([tiled[0].tobytes(), tiled[1].tobytes(), str(result.to_pylist()),
-                         probed[0].tobytes(), probed[1].tobytes()])
+            runs.append(
+                [
+                    tiled[0].tobytes(),
+                    tiled[1].tobytes(),
+                    str(result.to_pylist()),
+                    probed[0].tobytes(),
+                    probed[1].tobytes(),
+                ]
+            )
     finally:
         torch.set_num_threads(previous)
     assert runs[0] == runs[1] == runs[2]

@@ -29,6 +29,7 @@ def test_calls_reuse_the_same_threads() -> None:
 
 def test_a_call_inside_a_batch_runs_inline_on_that_thread() -> None:
     """A nested call asking for workers must not wait on the pool its own batch occupies (a deadlock)."""
+
     def outer(i: int) -> tuple[int, set[int], int]:
         inner = set(map_batches(_ident, range(8), CPU, workers=2))
         return threading.get_ident(), inner, worker_count(CPU)

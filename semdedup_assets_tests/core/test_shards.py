@@ -57,20 +57,26 @@ def test_embedding_payload_validation(tmp_path: Path) -> None:
     pq.write_table(pa.table({"id": ["a", "b"], "embedding": good}), tmp_path / "e.parquet")
     index = read_shard(discover_shards(tmp_path)[0], "embedding", "embedding")
     assert index.dim == 2 and index.table.column_names == ["id", "row"]
-    pq.write_table(pa.table({"id": ["a", "b"], "embedding": pa.array([[1.0, 0.0], [0.0, np.nan]], pa.list_(pa.float32()))}),
-                   tmp_path / "e.parquet")
+    pq.write_table(
+        pa.table({"id": ["a", "b"], "embedding": pa.array([[1.0, 0.0], [0.0, np.nan]], pa.list_(pa.float32()))}),
+        tmp_path / "e.parquet",
+    )
     with pytest.raises(ShardError, match="non-finite") as exc:
         read_shard(discover_shards(tmp_path)[0], "embedding", "embedding")
     assert exc.value.row == 1 and exc.value.shard == "e"
-    pq.write_table(pa.table({"id": ["a", "b"], "embedding": pa.array([[1.0, 0.0], [0.0, 1.0, 2.0]], pa.list_(pa.float32()))}),
-                   tmp_path / "e.parquet")
+    pq.write_table(
+        pa.table({"id": ["a", "b"], "embedding": pa.array([[1.0, 0.0], [0.0, 1.0, 2.0]], pa.list_(pa.float32()))}),
+        tmp_path / "e.parquet",
+    )
     with pytest.raises(ShardError, match="dimension 3, expected 2") as exc:
         read_shard(discover_shards(tmp_path)[0], "embedding", "embedding")
     assert exc.value.row == 1
 
 
 def test_null_id_is_refused(tmp_path: Path) -> None:
-    (tmp_path / "s.jsonl").write_text(json.dumps({"id": "a", "text": "x"}) + "\n" + json.dumps({"id": None, "text": "y"}) + "\n")
+    (tmp_path / "s.jsonl").write_text(
+        json.dumps({"id": "a", "text": "x"}) + "\n" + json.dumps({"id": None, "text": "y"}) + "\n"
+    )
     with pytest.raises(ShardError, match="id column 'id' is null") as exc:
         read_shard(discover_shards(tmp_path)[0], "text", "text")
     assert exc.value.row == 1

@@ -8,11 +8,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from semdedup_assets.core.config import Settings
 from semdedup_assets.core.io import storage as st
 from semdedup_assets.core.io.catalog import duplicate_ids, query, refresh_catalog
-from semdedup_assets.core.config import Settings
-from semdedup_assets.core.settings_store import load_settings, save_settings
 from semdedup_assets.core.io.tables import embedding_array, embedding_matrix
+from semdedup_assets.core.settings_store import load_settings, save_settings
 
 
 def test_layout_and_nested_shard_keys(tmp_path: Path) -> None:
@@ -103,7 +103,9 @@ def test_catalog_views_exist_before_any_data(tmp_path: Path) -> None:
 
 def test_duplicate_ids_names_both_places(tmp_path: Path) -> None:
     s = st.Storage(tmp_path)
-    st.atomic_write_table(pa.table({"id": ["a", "b"], "shard": ["s1", "s1"], "row": [0, 1]}), s.shard_file(st.RAW, "s1"))
+    st.atomic_write_table(
+        pa.table({"id": ["a", "b"], "shard": ["s1", "s1"], "row": [0, 1]}), s.shard_file(st.RAW, "s1")
+    )
     pending = pa.table({"id": ["c", "b"], "shard": ["s2", "s2"], "row": [0, 1]})
     assert duplicate_ids(s, pending, exclude_shards=["s2"]) == [("b", "s1", 1, "s2", 1)]
     assert duplicate_ids(s, pending, exclude_shards=["s1", "s2"]) == []
@@ -125,8 +127,8 @@ def test_settings_roundtrip_and_env_override(tmp_path: Path, monkeypatch: pytest
 def test_every_scan_runs_under_a_quarter_of_the_memory_budget_by_default(tmp_path) -> None:
     """catalog.scan's callers need not pass a limit: a storage from the settings carries its scan memory (a quarter
     of the budget, at least MIN_SCAN_MEMORY), so no scan gets DuckDB's default of 80% of the machine."""
-    from semdedup_assets.core.io.catalog import MIN_SCAN_MEMORY, scan
     from semdedup_assets.core.config import Settings
+    from semdedup_assets.core.io.catalog import MIN_SCAN_MEMORY, scan
 
     limit = "SELECT current_setting('memory_limit'), current_setting('temp_directory')"
     storage = Settings(storage=str(tmp_path), memory_budget="4GB").storage_root()

@@ -13,29 +13,45 @@ import dagster as dg
 import numpy as np
 import pytest
 
-from semdedup_assets.core.run import loop as run_loop
-from semdedup_assets.core.io import storage as st
 from semdedup_assets.core.cluster.assign import assign_shard, bucket_keys
-from semdedup_assets.core.io.catalog import query
 from semdedup_assets.core.cluster.centroids import MissingCentroidsError, load_centroids
 from semdedup_assets.core.config import Settings
 from semdedup_assets.core.embed.shard import embed_shard
-from semdedup_assets.core.ingest.stage import DuplicateIdsError, publish_shards, stage_shard
-from semdedup_assets.core.run.loop import ingest_shards
+from semdedup_assets.core.ingest.stage import DuplicateIdsError, publish_shards
+from semdedup_assets.core.io import storage as st
+from semdedup_assets.core.io.catalog import query
 from semdedup_assets.core.io.shards import discover_shards
+from semdedup_assets.core.run import loop as run_loop
+from semdedup_assets.core.run.loop import ingest_shards
 from semdedup_assets.pipeline import run_pipeline
 from semdedup_assets_tests.fixtures import write_embedding_shards
 
 REPO = Path(__file__).resolve().parents[2]
 # What an asset module may import: Dagster, the standard library and this package (the core does the work).
 # Dagster and its integrations (dagster_ray) adapt; numeric work (numpy, pyarrow, torch, faiss) belongs in core.
-ASSET_IMPORTS_ALLOWED = {"dagster", "dagster_ray", "semdedup_assets", "__future__", "time", "collections", "contextlib",
-                         "warnings"}
+ASSET_IMPORTS_ALLOWED = {
+    "dagster",
+    "dagster_ray",
+    "semdedup_assets",
+    "__future__",
+    "time",
+    "collections",
+    "contextlib",
+    "warnings",
+}
 
 
 def _settings(tmp_path: Path, storage: str, **kw) -> Settings:
-    return Settings(storage=str(tmp_path / storage), input=str(tmp_path / "input"), modality="embedding",
-                    clusters=5, buckets=3, eps=(0.001, 0.01, 0.1), block_size=32, **kw)
+    return Settings(
+        storage=str(tmp_path / storage),
+        input=str(tmp_path / "input"),
+        modality="embedding",
+        clusters=5,
+        buckets=3,
+        eps=(0.001, 0.01, 0.1),
+        block_size=32,
+        **kw,
+    )
 
 
 def run_units(settings: Settings) -> list:
@@ -57,8 +73,10 @@ def test_units_without_dagster_write_the_graphs_files(tmp_path: Path) -> None:
     # The catalog's typed placeholders for stages without files (from schemas.py) match the real files.
     empty = Settings(storage=str(tmp_path / "empty")).storage_root()
     for view in ("items", "embeddings", "eps_curve", "raw_items", "cluster_assignments", "centroid_vectors"):
-        real, placeholder = ([(r[0], re.sub(r"\[\d+\]", "[]", r[1])) for r in query(s, f"DESCRIBE {view}")[1]]
-                             for s in (units.storage_root(), empty))  # FLOAT[8] and FLOAT[] alike
+        real, placeholder = (
+            [(r[0], re.sub(r"\[\d+\]", "[]", r[1])) for r in query(s, f"DESCRIBE {view}")[1]]
+            for s in (units.storage_root(), empty)
+        )  # FLOAT[8] and FLOAT[] alike
         assert real == placeholder, view
     keep = results[-1]
     assert keep.items == 360 and keep.distinct_ids == 360 and sum(keep.cluster_sizes) == 360
@@ -98,7 +116,9 @@ def test_unit_errors_name_what_is_wrong(tmp_path: Path) -> None:
     twin = tmp_path / "twin"
     twin.mkdir()
     (twin / "part-09.parquet").write_bytes(Path(shards[0].path.path).read_bytes())
-    with pytest.raises(DuplicateIdsError, match="id 's0-00000' is in shard 'part-00' row 0 and in shard 'part-09' row 0"):
+    with pytest.raises(
+        DuplicateIdsError, match="id 's0-00000' is in shard 'part-00' row 0 and in shard 'part-09' row 0"
+    ):
         ingest_shards(settings, discover_shards(str(twin)))
     assert not settings.storage_root().shard_file(st.RAW, "part-09").exists()
     with pytest.raises(ValueError, match="k=4 but 3 centroids"):
@@ -124,8 +144,13 @@ def test_shards_staged_in_other_processes_publish_together_or_not_at_all(tmp_pat
     staged_settings = _settings(tmp_path, "staged")
 
     def stage_elsewhere(settings: Settings, shard) -> object:
-        out = subprocess.run([sys.executable, "-c", STAGE_IN_ANOTHER_PROCESS], input=pickle.dumps((settings, shard)),
-                             capture_output=True, check=True, cwd=REPO)
+        out = subprocess.run(
+            [sys.executable, "-c", STAGE_IN_ANOTHER_PROCESS],
+            input=pickle.dumps((settings, shard)),
+            capture_output=True,
+            check=True,
+            cwd=REPO,
+        )
         return pickle.loads(out.stdout)
 
     staged = [stage_elsewhere(staged_settings, s) for s in shards]
@@ -160,10 +185,12 @@ def test_asset_modules_only_adapt() -> None:
 
 
 def test_core_units_import_no_dagster() -> None:
-    code = ("import sys; import semdedup_assets.core.embed.shard, semdedup_assets.core.cluster.assign, semdedup_assets.core.dedup.buckets, "
-            "semdedup_assets.core.dedup.keep, semdedup_assets.core.ingest.stage, semdedup_assets.core.cluster.centroids, "
-            "semdedup_assets.core.run.loop; "
-            "print('dagster' in sys.modules)")
+    code = (
+        "import sys; import semdedup_assets.core.embed.shard, semdedup_assets.core.cluster.assign, semdedup_assets.core.dedup.buckets, "
+        "semdedup_assets.core.dedup.keep, semdedup_assets.core.ingest.stage, semdedup_assets.core.cluster.centroids, "
+        "semdedup_assets.core.run.loop; "
+        "print('dagster' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"

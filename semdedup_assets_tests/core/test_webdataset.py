@@ -64,23 +64,29 @@ def test_split_member_name() -> None:
 
 
 def test_reads_images_captions_nested_keys_in_order() -> None:
-    data = make_tar([
-        ("000/b.jpg", JPG),
-        ("000/b.txt", " a red square \n".encode()),
-        ("000/a.png", PNG),
-        ("000/a.json", json.dumps({"caption": "from json caption", "text": "ignored"}).encode()),
-        ("001/c.webp", WEBP),
-        ("001/c.json", json.dumps({"text": "from json text"}).encode()),
-        ("001/d.txt", "caption only, no image".encode()),
-        ("001/e.jpeg", JPG),
-        ("001/e.cls", b"7"),  # not a payload we read
-    ])
+    data = make_tar(
+        [
+            ("000/b.jpg", JPG),
+            ("000/b.txt", b" a red square \n"),
+            ("000/a.png", PNG),
+            ("000/a.json", json.dumps({"caption": "from json caption", "text": "ignored"}).encode()),
+            ("001/c.webp", WEBP),
+            ("001/c.json", json.dumps({"text": "from json text"}).encode()),
+            ("001/d.txt", b"caption only, no image"),
+            ("001/e.jpeg", JPG),
+            ("001/e.cls", b"7"),  # not a payload we read
+        ]
+    )
     table = read_webdataset(io.BytesIO(data))
     assert table.schema.equals(WEBDATASET_SCHEMA)
     assert table.column("id").to_pylist() == ["000/b", "000/a", "001/c", "001/d", "001/e"]
     assert table.column("image_ext").to_pylist() == ["jpg", "png", "webp", None, "jpeg"]
     assert table.column("caption").to_pylist() == [
-        "a red square", "from json caption", "from json text", "caption only, no image", None,
+        "a red square",
+        "from json caption",
+        "from json text",
+        "caption only, no image",
+        None,
     ]
     images = table.column("image").to_pylist()
     assert images[0] == JPG and images[1] == PNG and images[2] == WEBP and images[4] == JPG
@@ -112,12 +118,18 @@ def test_same_image_member_twice_is_an_error_naming_the_key() -> None:
 
 
 def test_json_without_caption_fields_or_broken_json_gives_null_caption() -> None:
-    data = make_tar([
-        ("a.jpg", JPG), ("a.json", json.dumps({"width": 8}).encode()),
-        ("b.jpg", JPG), ("b.json", b"{not json"),
-        ("c.jpg", JPG), ("c.json", json.dumps(["caption"]).encode()),
-        ("d.jpg", JPG), ("d.txt", b"bad \xff byte"),
-    ])
+    data = make_tar(
+        [
+            ("a.jpg", JPG),
+            ("a.json", json.dumps({"width": 8}).encode()),
+            ("b.jpg", JPG),
+            ("b.json", b"{not json"),
+            ("c.jpg", JPG),
+            ("c.json", json.dumps(["caption"]).encode()),
+            ("d.jpg", JPG),
+            ("d.txt", b"bad \xff byte"),
+        ]
+    )
     captions = read_webdataset(io.BytesIO(data)).column("caption").to_pylist()
     assert captions == [None, None, None, "bad \ufffd byte"]
 

@@ -17,8 +17,11 @@ if _SECONDS and "dagster._daemon" in getattr(sys, "orig_argv", ()):
     from dagster._daemon import asset_daemon, controller, sensor
 
     # (module, constant): read on each loop (the backfill daemon imports controller's at loop start).
-    for _module, _name in ((controller, "DEFAULT_DAEMON_INTERVAL_SECONDS"), (sensor, "MIN_INTERVAL_LOOP_TIME"),
-                           (asset_daemon, "MIN_INTERVAL_LOOP_SECONDS")):
+    for _module, _name in (
+        (controller, "DEFAULT_DAEMON_INTERVAL_SECONDS"),
+        (sensor, "MIN_INTERVAL_LOOP_TIME"),
+        (asset_daemon, "MIN_INTERVAL_LOOP_SECONDS"),
+    ):
         if not hasattr(_module, _name):  # a Dagster upgrade renamed it: say so (the test only gets slower)
             print(f"sitecustomize: {_module.__name__}.{_name} is gone; daemon sleeps not shortened", file=sys.stderr)
         else:

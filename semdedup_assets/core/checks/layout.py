@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from semdedup_assets.core.io import storage as st
 from semdedup_assets.core.cluster.assign import bucket_keys
+from semdedup_assets.core.io import storage as st
 
 # Per-shard stages, each a file per registered shard (`rejected` only for images).
 SHARD_STAGES = (st.RAW, st.REJECTED, st.EMBEDDINGS, st.CLUSTER_ASSIGNMENTS)
@@ -30,8 +30,11 @@ def _named_files(folder: st.UPath, prefix: str) -> dict[str, st.UPath]:
     """`<prefix><name>.parquet` files directly in a folder, by name."""
     if not folder.exists():
         return {}
-    return {p.name[len(prefix):-len(PARQUET)]: p for p in sorted(folder.glob(f"{prefix}*{PARQUET}"), key=str)
-            if p.is_file()}
+    return {
+        p.name[len(prefix) : -len(PARQUET)]: p
+        for p in sorted(folder.glob(f"{prefix}*{PARQUET}"), key=str)
+        if p.is_file()
+    }
 
 
 def bucket_files_on_disk(storage: st.Storage) -> dict[str, st.UPath]:
@@ -91,10 +94,16 @@ def layout_problems(storage: st.Storage, shards: Iterable[str], buckets: int, ep
     shards = list(shards)
     problems = []
     for stage in SHARD_STAGES:
-        problems += _differences(f"{stage}/ vs the registered shards", shard_keys_on_disk(storage, stage), shards,
-                                 extra_only=stage == st.REJECTED)
-    problems += _differences(f"{st.SEMANTIC_DUPLICATES}/ vs the bucket partitions", bucket_files_on_disk(storage),
-                             bucket_keys(buckets))
-    problems += _differences(f"{st.KEEP_LISTS}/ vs the configured eps", keep_list_files_on_disk(storage),
-                             [st.format_eps(e) for e in eps])
+        problems += _differences(
+            f"{stage}/ vs the registered shards",
+            shard_keys_on_disk(storage, stage),
+            shards,
+            extra_only=stage == st.REJECTED,
+        )
+    problems += _differences(
+        f"{st.SEMANTIC_DUPLICATES}/ vs the bucket partitions", bucket_files_on_disk(storage), bucket_keys(buckets)
+    )
+    problems += _differences(
+        f"{st.KEEP_LISTS}/ vs the configured eps", keep_list_files_on_disk(storage), [st.format_eps(e) for e in eps]
+    )
     return problems

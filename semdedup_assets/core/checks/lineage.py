@@ -18,8 +18,8 @@ import hashlib
 import json
 from typing import Any
 
-from semdedup_assets.core.io import storage as st
 from semdedup_assets.core.checks.layout import bucket_files_on_disk
+from semdedup_assets.core.io import storage as st
 
 MADE_FROM_FILE = "made_from.json"  # in each pruning selection's folder
 READ_CHUNK = 1 << 20
@@ -45,7 +45,7 @@ def results_fingerprint(storage: st.Storage) -> str:
     h = hashlib.sha256()
     root = str(storage.root).rstrip("/") + "/"
     for path in results_files(storage):
-        name = str(path)[len(root):] if str(path).startswith(root) else path.name
+        name = str(path)[len(root) :] if str(path).startswith(root) else path.name
         h.update(f"{name}\0{_file_digest(path)}\n".encode())
     return "sha256:" + h.hexdigest()
 
@@ -57,8 +57,9 @@ def made_from_file(folder: st.UPath) -> st.UPath:
 
 def write_made_from(folder: st.UPath, fingerprint: str, **extra: Any) -> None:
     """Record (atomically) that the files in `folder` were made from the results `fingerprint`."""
-    st.atomic_write_bytes(json.dumps({"results": fingerprint, **extra}, sort_keys=True).encode(),
-                          made_from_file(folder))
+    st.atomic_write_bytes(
+        json.dumps({"results": fingerprint, **extra}, sort_keys=True).encode(), made_from_file(folder)
+    )
 
 
 def read_made_from(folder: st.UPath) -> dict[str, Any]:

@@ -27,16 +27,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from semdedup_assets.core.io import storage as st
+from semdedup_assets.core.checks.lineage import results_fingerprint
 from semdedup_assets.core.cluster.assign import bucket_cluster_range, bucket_keys
 from semdedup_assets.core.config import Settings
-from semdedup_assets.core.select.export import DEDUPLICATED, stale_exports
-from semdedup_assets.core.checks.lineage import results_fingerprint
-from semdedup_assets.core.select.prune import remove_pruning_folder, stale_prunings
 from semdedup_assets.core.dedup.keep import keep_mask
+from semdedup_assets.core.io import storage as st
 from semdedup_assets.core.io.schemas import CONTAMINATED_SCHEMA
 from semdedup_assets.core.io.shards import Shard, ShardGroup, members
-
+from semdedup_assets.core.select.export import DEDUPLICATED, stale_exports
+from semdedup_assets.core.select.prune import remove_pruning_folder, stale_prunings
 
 
 def _sorted(ids: pa.ChunkedArray) -> pa.Array:
@@ -74,9 +73,14 @@ def _read_whole(path: st.UPath, columns: list[str] | None = None) -> pa.Table:
 
 
 class _Checker:
-    def __init__(self, storage: st.Storage, settings: Settings,
-                 expected_cache_key: Callable[[str], str | None] | None,
-                 inputs: Mapping[str, Shard] | None = None, content: bool = False) -> None:
+    def __init__(
+        self,
+        storage: st.Storage,
+        settings: Settings,
+        expected_cache_key: Callable[[str], str | None] | None,
+        inputs: Mapping[str, Shard] | None = None,
+        content: bool = False,
+    ) -> None:
         self.storage, self.settings, self.expected_cache_key = storage, settings, expected_cache_key
         self.inputs, self.content = inputs or {}, content
         self.problems: list[Problem] = []
@@ -150,10 +154,15 @@ class _Checker:
                 continue  # gone, ingested before digests were recorded, or already told by the fingerprint
             if shard.content_digest(like=recorded) != recorded:
                 # A run sees only the fingerprint: deleting the raw index makes the next one ingest and embed again.
-                inputs = ", ".join(str(f.path) for f in members(shard)[:3]) + (", ..." if len(members(shard)) > 3 else "")
-                self.bad(path, f"the content of its input {inputs} changed since it was ingested, with the same "
-                         "size and modification time, so a run cannot see it: --repair deletes this raw index and "
-                         "the next `semdedup run` ingests and embeds the shard again")
+                inputs = ", ".join(str(f.path) for f in members(shard)[:3]) + (
+                    ", ..." if len(members(shard)) > 3 else ""
+                )
+                self.bad(
+                    path,
+                    f"the content of its input {inputs} changed since it was ingested, with the same "
+                    "size and modification time, so a run cannot see it: --repair deletes this raw index and "
+                    "the next `semdedup run` ingests and embeds the shard again",
+                )
 
     def embeddings(self, raw: dict[str, st.UPath], rejected: dict[str, st.UPath]) -> dict[str, st.UPath]:
         """The embeddings files whose ids match their (readable) raw file's, minus the rejected items."""
@@ -166,16 +175,22 @@ class _Checker:
                 continue
             raw_ids = _read_whole(raw[key], ["id"]).column("id")
             skip = _read_whole(rejected[key], ["id"]).column("id") if key in rejected else None
-            expected = raw_ids.filter(pc.invert(pc.is_in(raw_ids, skip.combine_chunks()))) \
-                if skip is not None and len(skip) else raw_ids
+            expected = (
+                raw_ids.filter(pc.invert(pc.is_in(raw_ids, skip.combine_chunks())))
+                if skip is not None and len(skip)
+                else raw_ids
+            )
             if table.num_rows != len(expected):
                 self.bad(path, f"{table.num_rows} rows, but its raw file has {len(expected)} (minus rejected)")
             elif not table.column("id").equals(expected):
                 self.bad(path, "ids differ from its raw file's")
             elif not (cache_key := (st.read_schema(path).metadata or {}).get(st.EMBEDDING_CACHE_KEY, b"").decode()):
                 self.bad(path, "no cache key: not written by the embeddings stage")
-            elif self.expected_cache_key is not None and (want := self.expected_cache_key(key)) is not None \
-                    and want != cache_key:
+            elif (
+                self.expected_cache_key is not None
+                and (want := self.expected_cache_key(key)) is not None
+                and want != cache_key
+            ):
                 why = self.input_changed(key) or "it was made from another raw file or encoder settings"
                 self.bad(path, f"stale: {why}; the next `semdedup run` redoes it", STALE)
             else:
@@ -245,7 +260,10 @@ class _Checker:
             elif pc.count_distinct(table.column("id")).as_py() != table.num_rows:
                 self.bad(path, "an id appears twice")
             elif sizes is not None and table.num_rows != expected:
-                self.bad(path, f"{table.num_rows} rows, but the assignments put {expected} items in clusters [{first}, {end})")
+                self.bad(
+                    path,
+                    f"{table.num_rows} rows, but the assignments put {expected} items in clusters [{first}, {end})",
+                )
             else:
                 max_sim = table.column("max_sim").to_numpy()
                 total += len(max_sim)
@@ -295,9 +313,13 @@ class _Checker:
                     break
 
 
-def verify_storage(storage: st.Storage, settings: Settings,
-                   expected_cache_key: Callable[[str], str | None] | None = None,
-                   inputs: Mapping[str, Shard] | None = None, content: bool = False) -> list[Problem]:
+def verify_storage(
+    storage: st.Storage,
+    settings: Settings,
+    expected_cache_key: Callable[[str], str | None] | None = None,
+    inputs: Mapping[str, Shard] | None = None,
+    content: bool = False,
+) -> list[Problem]:
     """Every stage file that is damaged, inconsistent with its upstream or stale (empty when all is well).
 
     `expected_cache_key(shard)`, if given, is the cache key that shard's embeddings file
@@ -321,12 +343,21 @@ def stale_outputs(storage: st.Storage, settings: Settings) -> list[Problem]:
     fingerprint = results_fingerprint(storage)
     exports = stale_exports(storage, settings.eps, fingerprint)
     prunings = stale_prunings(storage, fingerprint)
-    return ([Problem(storage.stage_dir(DEDUPLICATED) / label, f"stale export: {why}; "
-                     f"`semdedup export --select {label}` writes it again", STALE)
-             for label, why in exports.items()]
-            + [Problem(storage.stage_dir(st.PRUNED) / label, f"stale pruning selection (left out of the `pruned` "
-                       f"view): {why}; the next `semdedup run` removes it", STALE)
-               for label, why in prunings.items()])
+    return [
+        Problem(
+            storage.stage_dir(DEDUPLICATED) / label,
+            f"stale export: {why}; `semdedup export --select {label}` writes it again",
+            STALE,
+        )
+        for label, why in exports.items()
+    ] + [
+        Problem(
+            storage.stage_dir(st.PRUNED) / label,
+            f"stale pruning selection (left out of the `pruned` view): {why}; the next `semdedup run` removes it",
+            STALE,
+        )
+        for label, why in prunings.items()
+    ]
 
 
 def remove_stale_prunings(storage: st.Storage, fingerprint: str | None = None) -> list[str]:

@@ -11,17 +11,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from semdedup_assets.core.io import storage as st
 from semdedup_assets.core.config import Settings
+from semdedup_assets.core.io import storage as st
 from semdedup_assets.core.io.schemas import assignments_schema
 from semdedup_assets.core.io.tables import embedding_matrix, stored_dtype
-
 
 SIM_BLOCK = 4096
 
 
-def assign(embeddings: np.ndarray, centroids: np.ndarray, batch: int = 65536,
-           device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+def assign(
+    embeddings: np.ndarray, centroids: np.ndarray, batch: int = 65536, device: str = "cpu"
+) -> tuple[np.ndarray, np.ndarray]:
     """Nearest centroid by inner product: (cluster int32, sim_to_centroid float32, independent of batching).
 
     On `device` "cpu" faiss' flat index finds the nearest centroid; on a CUDA device a torch
@@ -156,8 +156,10 @@ def keep_by_values(storage: st.Storage, key: str, ids: pa.ChunkedArray, settings
     raw_path = storage.shard_file(st.RAW, key)
     have = st.read_schema(raw_path).names
     if missing := [n for n in names if n not in have]:
-        raise ValueError(f"shard {key!r}: its raw index {raw_path} has no keep-by column {missing[0]!r} "
-                         f"(columns: {', '.join(have)}); ingest it again with this --keep-by (`semdedup run`)")
+        raise ValueError(
+            f"shard {key!r}: its raw index {raw_path} has no keep-by column {missing[0]!r} "
+            f"(columns: {', '.join(have)}); ingest it again with this --keep-by (`semdedup run`)"
+        )
     raw = st.read_table(raw_path, columns=["id", *names])
     rows = pc.index_in(ids, value_set=raw.column("id"))  # rejected images are absent from `ids`, never extra
     return {n: raw.column(n).take(rows).combine_chunks() for n in names}
@@ -173,8 +175,9 @@ def item_files(storage: st.Storage, key: str, ids: pa.ChunkedArray, settings: Se
     return raw.column("shard").take(rows).combine_chunks()
 
 
-def assign_shard(settings: Settings, key: str, centroids: np.ndarray, k: int | None = None,
-                 warn: Callable[[str], None] | None = None) -> AssignShardResult:
+def assign_shard(
+    settings: Settings, key: str, centroids: np.ndarray, k: int | None = None, warn: Callable[[str], None] | None = None
+) -> AssignShardResult:
     """Assign one shard's embeddings to their nearest centroids; write `cluster_assignments/<key>.parquet`.
 
     Rows are sorted by (cluster, id) with one row group per bucket. `buckets_touched`
@@ -206,11 +209,16 @@ def assign_shard(settings: Settings, key: str, centroids: np.ndarray, k: int | N
     device = assign_device(settings)
     clusters, sims = assign(vectors, centroids, device=device)
     schema = assignments_schema(vectors.shape[1], dtype)
-    table = pa.table({
-        "id": emb.column("id"), "shard": item_files(storage, key, emb.column("id"), settings),
-        "cluster": pa.array(clusters), "sim_to_centroid": pa.array(sims),
-        "embedding": emb.column("embedding").cast(schema.field("embedding").type),
-    }, schema=schema)
+    table = pa.table(
+        {
+            "id": emb.column("id"),
+            "shard": item_files(storage, key, emb.column("id"), settings),
+            "cluster": pa.array(clusters),
+            "sim_to_centroid": pa.array(sims),
+            "embedding": emb.column("embedding").cast(schema.field("embedding").type),
+        },
+        schema=schema,
+    )
     for name, values in keep_by_values(storage, key, emb.column("id"), settings).items():
         table = table.append_column(name, values)  # after the fixed columns: without --keep-by, none
     table = table.sort_by([("cluster", "ascending"), ("id", "ascending")])
@@ -222,7 +230,15 @@ def assign_shard(settings: Settings, key: str, centroids: np.ndarray, k: int | N
     buckets |= touched_buckets(clusters, k, settings.bucket_partitions)
     if settings.probes > 1:  # a bucket's items probe clusters of other buckets: every bucket may change
         buckets = set(bucket_keys(settings.bucket_partitions))
-    return AssignShardResult(key=key, path=str(out), rows=emb.num_rows, clusters_touched=int(len(np.unique(clusters))),
-                             mean_sim_to_centroid=round(float(sims.mean()), 4), buckets_touched=sorted(buckets),
-                             problems=problems, seconds=round(time.perf_counter() - start, 2), device=device,
-                             warnings=warnings)
+    return AssignShardResult(
+        key=key,
+        path=str(out),
+        rows=emb.num_rows,
+        clusters_touched=len(np.unique(clusters)),
+        mean_sim_to_centroid=round(float(sims.mean()), 4),
+        buckets_touched=sorted(buckets),
+        problems=problems,
+        seconds=round(time.perf_counter() - start, 2),
+        device=device,
+        warnings=warnings,
+    )

@@ -10,9 +10,14 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from semdedup_assets.core.io import storage as st
+from semdedup_assets.core.cluster.kmeans import (
+    collect_sample,
+    kmeans_device_note,
+    sample_target,
+    train_spherical_kmeans,
+)
 from semdedup_assets.core.config import Settings
-from semdedup_assets.core.cluster.kmeans import collect_sample, kmeans_device_note, sample_target, train_spherical_kmeans
+from semdedup_assets.core.io import storage as st
 from semdedup_assets.core.io.schemas import centroids_schema
 from semdedup_assets.core.io.tables import embedding_array, embedding_matrix
 
@@ -44,13 +49,18 @@ def clusters_warning(settings: Settings, items: int) -> str | None:
     """Why k is not the --clusters asked for (more clusters than items), or None."""
     if settings.clusters is None or settings.clusters <= items:
         return None
-    return (f"--clusters {settings.clusters} is more than the {items} items: using k={settings.n_clusters(items)} "
-            "(one cluster per item)")
+    return (
+        f"--clusters {settings.clusters} is more than the {items} items: using k={settings.n_clusters(items)} "
+        "(one cluster per item)"
+    )
 
 
-def train_centroids(settings: Settings, embedding_files: Mapping[str, st.UPath],
-                    log: Callable[[str], None] | None = None,
-                    warn: Callable[[str], None] | None = None) -> CentroidsResult:
+def train_centroids(
+    settings: Settings,
+    embedding_files: Mapping[str, st.UPath],
+    log: Callable[[str], None] | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> CentroidsResult:
     """Train k centroids on a sample of the shards' embeddings (by shard key) and write the centroids file.
 
     `warn` is told when k differs from the configured `clusters` (more clusters than items).
@@ -71,10 +81,12 @@ def train_centroids(settings: Settings, embedding_files: Mapping[str, st.UPath],
     cap = sample_cap(settings.memory_budget_bytes, dim)
     if target > cap:
         # Deterministic all the same: the per-shard draw only sees the smaller target.
-        warnings.warn(f"the k-means training sample of {target} rows ({target * dim * 4 / 2**20:.2f} MiB) exceeds "
-                      f"what half the memory budget of {settings.memory_budget_bytes / 2**20:.2f} MiB holds: "
-                      f"training on a sample of {max(cap, k)} rows ({max(cap, k) // k} per centroid) instead",
-                      stacklevel=2)
+        warnings.warn(
+            f"the k-means training sample of {target} rows ({target * dim * 4 / 2**20:.2f} MiB) exceeds "
+            f"what half the memory budget of {settings.memory_budget_bytes / 2**20:.2f} MiB holds: "
+            f"training on a sample of {max(cap, k)} rows ({max(cap, k) // k} per centroid) instead",
+            stacklevel=2,
+        )
         if log is not None:
             log(f"k-means sample capped by the memory budget: {cap} rows instead of {target}")
         target = max(cap, k)  # k-means needs a row per centroid at least
@@ -83,15 +95,29 @@ def train_centroids(settings: Settings, embedding_files: Mapping[str, st.UPath],
     sample_seconds = round(time.perf_counter() - start, 2)
     if log is not None:
         log(f"training k={k} on a sample of {len(sample)} of {total} items")
-    result = train_spherical_kmeans(sample, k, settings.kmeans_iterations, settings.seed, settings.max_points_per_centroid)
+    result = train_spherical_kmeans(
+        sample, k, settings.kmeans_iterations, settings.seed, settings.max_points_per_centroid
+    )
     dim = int(result.centroids.shape[1])
-    table = pa.Table.from_arrays([pa.array(np.arange(k, dtype=np.int32)), embedding_array(result.centroids)],
-                                 schema=centroids_schema(dim))
+    table = pa.Table.from_arrays(
+        [pa.array(np.arange(k, dtype=np.int32)), embedding_array(result.centroids)], schema=centroids_schema(dim)
+    )
     st.atomic_write_table(table, storage.centroids_file)
-    return CentroidsResult(path=str(storage.centroids_file), clusters=k, dim=dim, items=total, shards=len(counts),
-                           sample_rows=int(len(sample)), train_rows=result.n_train, objective=result.objective,
-                           gpu=result.gpu, sample_seconds=sample_seconds, train_seconds=round(result.seconds, 2),
-                           device="cuda" if result.gpu else "cpu", device_note=kmeans_device_note(result.gpu))
+    return CentroidsResult(
+        path=str(storage.centroids_file),
+        clusters=k,
+        dim=dim,
+        items=total,
+        shards=len(counts),
+        sample_rows=len(sample),
+        train_rows=result.n_train,
+        objective=result.objective,
+        gpu=result.gpu,
+        sample_seconds=sample_seconds,
+        train_seconds=round(result.seconds, 2),
+        device="cuda" if result.gpu else "cpu",
+        device_note=kmeans_device_note(result.gpu),
+    )
 
 
 def sample_cap(budget: int, dim: int) -> int:

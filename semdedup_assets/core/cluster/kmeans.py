@@ -40,8 +40,11 @@ def kmeans_device_note(gpu: bool) -> str:
     except ImportError:
         cuda = False
     if not cuda:
-        return ("CUDA not available here" + (f" (CUDA_VISIBLE_DEVICES={visible}, but no CUDA device)" if visible else "")
-                + ": faiss CPU k-means")
+        return (
+            "CUDA not available here"
+            + (f" (CUDA_VISIBLE_DEVICES={visible}, but no CUDA device)" if visible else "")
+            + ": faiss CPU k-means"
+        )
     return "CUDA available but this faiss has no GPU support (faiss-cpu): faiss CPU k-means"
 
 
@@ -91,8 +94,15 @@ def train_spherical_kmeans(
     gpu = faiss_gpu_count() > 0 if use_gpu == "auto" else bool(use_gpu)
     start = time.perf_counter()
     km = faiss.Kmeans(
-        x.shape[1], k, niter=niter, seed=seed, spherical=True, gpu=gpu,
-        max_points_per_centroid=max_points_per_centroid, min_points_per_centroid=1, verbose=False,
+        x.shape[1],
+        k,
+        niter=niter,
+        seed=seed,
+        spherical=True,
+        gpu=gpu,
+        max_points_per_centroid=max_points_per_centroid,
+        min_points_per_centroid=1,
+        verbose=False,
     )
     km.train(x)
     centroids = np.ascontiguousarray(km.centroids, dtype=np.float32)

@@ -23,17 +23,29 @@ def boundary_pairs(storage: st.Storage, eps: float, n: int = 3) -> tuple[list[Pa
     """The n pairs with max_sim just above 1 - eps (removed) and the n at or just below it (kept)."""
     source = stage_source(storage, st.SEMANTIC_DUPLICATES, BUCKET_GLOB)
     threshold = 1.0 - float(eps)
-    above = scan(storage, f"SELECT max_sim, id, duplicate_of FROM {source} WHERE duplicate_of IS NOT NULL "
-                 "AND max_sim > ? ORDER BY max_sim, id LIMIT ?", [threshold, n])
-    below = scan(storage, f"SELECT max_sim, id, duplicate_of FROM {source} WHERE duplicate_of IS NOT NULL "
-                 "AND max_sim <= ? ORDER BY max_sim DESC, id LIMIT ?", [threshold, n])
+    above = scan(
+        storage,
+        f"SELECT max_sim, id, duplicate_of FROM {source} WHERE duplicate_of IS NOT NULL "
+        "AND max_sim > ? ORDER BY max_sim, id LIMIT ?",
+        [threshold, n],
+    )
+    below = scan(
+        storage,
+        f"SELECT max_sim, id, duplicate_of FROM {source} WHERE duplicate_of IS NOT NULL "
+        "AND max_sim <= ? ORDER BY max_sim DESC, id LIMIT ?",
+        [threshold, n],
+    )
     return [tuple(r) for r in above], [tuple(r) for r in below]  # type: ignore[misc]
 
 
 def boundary_markdown(eps: float, above: Sequence[Pair], below: Sequence[Pair], cell: Callable[[str], str]) -> str:
     """One eps's boundary as a markdown table: removed pairs above the line, kept pairs below it."""
-    lines = [f"Threshold 1 - eps = {1.0 - float(eps):.6g} (removed when max_sim > threshold)", "",
-             "| side | max_sim | item | earlier member it resembles |", "|---|---|---|---|"]
+    lines = [
+        f"Threshold 1 - eps = {1.0 - float(eps):.6g} (removed when max_sim > threshold)",
+        "",
+        "| side | max_sim | item | earlier member it resembles |",
+        "|---|---|---|---|",
+    ]
     lines += [f"| removed | {s:.5f} | {cell(a)} | {cell(b)} |" for s, a, b in reversed(list(above))]
     lines += [f"| kept | {s:.5f} | {cell(a)} | {cell(b)} |" for s, a, b in below]
     if not above and not below:
@@ -64,8 +76,11 @@ def image_thumbnails(storage: st.Storage, input_location: str, ids: Sequence[str
 
     if not ids or not storage.stage_files(st.RAW):
         return {}
-    rows = scan(storage, f"SELECT id, shard, row FROM {stage_source(storage, st.RAW)} WHERE id IN (SELECT unnest(?))",
-                [list(ids)])
+    rows = scan(
+        storage,
+        f"SELECT id, shard, row FROM {stage_source(storage, st.RAW)} WHERE id IN (SELECT unnest(?))",
+        [list(ids)],
+    )
     shards = {s.key: s for s in discover_shards(input_location)}
     out: dict[str, str] = {}
     for key in sorted({r[1] for r in rows}):

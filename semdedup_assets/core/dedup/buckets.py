@@ -14,14 +14,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from semdedup_assets.core.io import storage as st
 from semdedup_assets.core.cluster.assign import bucket_cluster_range
 from semdedup_assets.core.config import Settings
-from semdedup_assets.core.embed.encoders import resolve_device
 from semdedup_assets.core.dedup.ordering import cluster_order
-from semdedup_assets.core.run.parallel import map_batches, worker_count
+from semdedup_assets.core.embed.encoders import resolve_device
+from semdedup_assets.core.io import storage as st
 from semdedup_assets.core.io.schemas import SEMANTIC_DUPLICATES_SCHEMA
 from semdedup_assets.core.io.tables import unit_embeddings
+from semdedup_assets.core.run.parallel import map_batches, worker_count
 
 TOP_PAIRS = 10
 
@@ -58,11 +58,17 @@ def _assignments_dataset(files: Sequence[st.UPath], keep_by: Sequence[str] = ())
         schemas = [st.read_schema(p) for p in files]
         for path, file_schema in zip(files, schemas):
             if missing := [n for n in keep_by if n not in file_schema.names]:
-                raise ValueError(f"{path} has no keep-by column {missing[0]!r} (columns: "
-                                 f"{', '.join(file_schema.names)}): assign the shard again with this --keep-by")
+                raise ValueError(
+                    f"{path} has no keep-by column {missing[0]!r} (columns: "
+                    f"{', '.join(file_schema.names)}): assign the shard again with this --keep-by"
+                )
         schema = pa.unify_schemas([s.remove_metadata() for s in schemas], promote_options="permissive")
-    return ds.dataset([str(p) if local else p.path for p in files], format="parquet", schema=schema,
-                      filesystem=None if local else files[0].fs)
+    return ds.dataset(
+        [str(p) if local else p.path for p in files],
+        format="parquet",
+        schema=schema,
+        filesystem=None if local else files[0].fs,
+    )
 
 
 def _cluster_filter(first: int, end: int, clusters: list[int] | None = None) -> pc.Expression:
@@ -78,12 +84,22 @@ def _cluster_filter(first: int, end: int, clusters: list[int] | None = None) -> 
     ids = np.unique(np.asarray(clusters, dtype=np.int64))
     if not len(ids):
         return pc.scalar(False)
-    return ((pc.field("cluster") >= int(ids[0])) & (pc.field("cluster") <= int(ids[-1]))
-            & pc.field("cluster").isin(pa.array(ids, type=pa.int32())))
+    return (
+        (pc.field("cluster") >= int(ids[0]))
+        & (pc.field("cluster") <= int(ids[-1]))
+        & pc.field("cluster").isin(pa.array(ids, type=pa.int32()))
+    )
 
 
-def read_bucket_rows(files: Sequence[st.UPath], first: int, end: int, clusters: list[int] | None = None,
-                     keep_by: Sequence[str] = (), embeddings: bool = True, ordered: bool = True) -> pa.Table:
+def read_bucket_rows(
+    files: Sequence[st.UPath],
+    first: int,
+    end: int,
+    clusters: list[int] | None = None,
+    keep_by: Sequence[str] = (),
+    embeddings: bool = True,
+    ordered: bool = True,
+) -> pa.Table:
     """The assignments of clusters [first, end) (or of `clusters`) from every shard file (row groups skipped by stats).
 
     `keep_by` columns are read too; a file without one of them fails, naming the file.
@@ -94,8 +110,9 @@ def read_bucket_rows(files: Sequence[st.UPath], first: int, end: int, clusters: 
         return pa.table({})
     columns = ["id", "shard", "cluster", "sim_to_centroid", *(["embedding"] if embeddings else []), *keep_by]
     # Few files in flight at once: a shard file's row group of this bucket is read whole before filtering.
-    table = _assignments_dataset(files, keep_by).to_table(filter=_cluster_filter(first, end, clusters), columns=columns,
-                                                          fragment_readahead=2, batch_readahead=2)
+    table = _assignments_dataset(files, keep_by).to_table(
+        filter=_cluster_filter(first, end, clusters), columns=columns, fragment_readahead=2, batch_readahead=2
+    )
     return table.sort_by([("cluster", "ascending"), ("id", "ascending")]) if ordered else table
 
 
@@ -104,8 +121,9 @@ def cluster_counts(files: Sequence[st.UPath], first: int, end: int) -> np.ndarra
     counts = np.zeros(max(0, end - first), dtype=np.int64)
     if not files or end <= first:
         return counts
-    for batch in _assignments_dataset(files).to_batches(filter=_cluster_filter(first, end), columns=["cluster"],
-                                                        fragment_readahead=2, batch_readahead=2):
+    for batch in _assignments_dataset(files).to_batches(
+        filter=_cluster_filter(first, end), columns=["cluster"], fragment_readahead=2, batch_readahead=2
+    ):
         if batch.num_rows:
             counts += np.bincount(batch.column("cluster").to_numpy() - first, minlength=end - first)
     return counts
@@ -134,9 +152,17 @@ def cluster_groups(sizes: np.ndarray, first: int, per_row: int, budget: int) -> 
         yield a, first + len(sizes)
 
 
-def dedup_table(table: pa.Table, strategy: str, seed: int, block_size: int, device: str, precision: str = "fp32",
-                thresholds: tuple[float, ...] = (), stats: dict[str, float] | None = None,
-                keep_by: Sequence[tuple[str, bool]] = ()) -> tuple[pa.Table, list[int]]:
+def dedup_table(
+    table: pa.Table,
+    strategy: str,
+    seed: int,
+    block_size: int,
+    device: str,
+    precision: str = "fp32",
+    thresholds: tuple[float, ...] = (),
+    stats: dict[str, float] | None = None,
+    keep_by: Sequence[tuple[str, bool]] = (),
+) -> tuple[pa.Table, list[int]]:
     """Run the pairwise rule on every cluster of a bucket's rows; returns the result and cluster sizes.
 
     `stats`, if given, accumulates the low-precision kernel's re-checked rows and bound;
@@ -161,9 +187,19 @@ def dedup_table(table: pa.Table, strategy: str, seed: int, block_size: int, devi
     def cluster(bounds: tuple[int, int]) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         s, e = bounds
         own: dict[str, float] = {}  # per cluster, merged below in cluster order: no shared counter across threads
-        return cluster_semantic_duplicates(ids[s:e], vectors[s:e], sims[s:e], strategy, seed, block_size, device,
-                                           precision, thresholds, own,
-                                           keep_by=[(values.slice(s, e - s), desc) for values, desc in keys]), own
+        return cluster_semantic_duplicates(
+            ids[s:e],
+            vectors[s:e],
+            sims[s:e],
+            strategy,
+            seed,
+            block_size,
+            device,
+            precision,
+            thresholds,
+            own,
+            keep_by=[(values.slice(s, e - s), desc) for values, desc in keys],
+        ), own
 
     # Clusters run single-threaded, torch's thread count of them at once (parallel.map_batches): the same bits
     # whatever that count (a 1-CPU Ray task or a many-core process); most clusters are one tile or a few.
@@ -176,29 +212,55 @@ def dedup_table(table: pa.Table, strategy: str, seed: int, block_size: int, devi
         rank_parts.append(r["rank"])
         max_parts.append(r["max_sim"])
         dup_parts.append(np.where(r["duplicate_of"] >= 0, r["duplicate_of"] + s, -1))
-    result = _result_table(table, ids, clusters, sims, np.concatenate(order_parts), np.concatenate(rank_parts),
-                           np.concatenate(max_parts), np.concatenate(dup_parts))
+    result = _result_table(
+        table,
+        ids,
+        clusters,
+        sims,
+        np.concatenate(order_parts),
+        np.concatenate(rank_parts),
+        np.concatenate(max_parts),
+        np.concatenate(dup_parts),
+    )
     return result, [int(e - s) for s, e in zip(starts, ends)]
 
 
-def _result_table(table: pa.Table, ids: np.ndarray, clusters: np.ndarray, sims: np.ndarray, order: np.ndarray,
-                  rank: np.ndarray, max_sim: np.ndarray, dup: np.ndarray) -> pa.Table:
+def _result_table(
+    table: pa.Table,
+    ids: np.ndarray,
+    clusters: np.ndarray,
+    sims: np.ndarray,
+    order: np.ndarray,
+    rank: np.ndarray,
+    max_sim: np.ndarray,
+    dup: np.ndarray,
+) -> pa.Table:
     """The bucket result rows in processing order; `dup` holds input indices (-1: none)."""
     dup_ids = pa.array([ids[i] if i >= 0 else None for i in dup], type=pa.string())
-    return pa.table({
-        "id": pa.array(ids[order], type=pa.string()),
-        "shard": table.column("shard").take(pa.array(order)),
-        "cluster": pa.array(clusters[order], type=pa.int32()),
-        "rank": pa.array(rank),
-        "sim_to_centroid": pa.array(sims[order].astype(np.float64)),
-        "max_sim": pa.array(max_sim),
-        "duplicate_of": dup_ids,
-    }, schema=SEMANTIC_DUPLICATES_SCHEMA)
+    return pa.table(
+        {
+            "id": pa.array(ids[order], type=pa.string()),
+            "shard": table.column("shard").take(pa.array(order)),
+            "cluster": pa.array(clusters[order], type=pa.int32()),
+            "rank": pa.array(rank),
+            "sim_to_centroid": pa.array(sims[order].astype(np.float64)),
+            "max_sim": pa.array(max_sim),
+            "duplicate_of": dup_ids,
+        },
+        schema=SEMANTIC_DUPLICATES_SCHEMA,
+    )
 
 
-def dedup_cluster_from_disk(files: Sequence[st.UPath], cluster: int, strategy: str, seed: int, block_size: int,
-                            device: str, keep_by: Sequence[tuple[str, bool]] = (),
-                            read_rows: int = 8192) -> pa.Table:
+def dedup_cluster_from_disk(
+    files: Sequence[st.UPath],
+    cluster: int,
+    strategy: str,
+    seed: int,
+    block_size: int,
+    device: str,
+    keep_by: Sequence[tuple[str, bool]] = (),
+    read_rows: int = 8192,
+) -> pa.Table:
     """The pairwise rule over one cluster larger than the memory budget, its tiles streamed from disk.
 
     The cluster's ids, sims and keep-by values are read (no vectors), ordered as in memory;
@@ -213,8 +275,9 @@ def dedup_cluster_from_disk(files: Sequence[st.UPath], cluster: int, strategy: s
     n = table.num_rows
     ids = np.asarray(table.column("id").to_pylist(), dtype=object)
     sims = table.column("sim_to_centroid").to_numpy()
-    order = cluster_order(ids, sims, strategy, seed=seed,
-                          keep_by=[(table.column(name).combine_chunks(), desc) for name, desc in keep_by])
+    order = cluster_order(
+        ids, sims, strategy, seed=seed, keep_by=[(table.column(name).combine_chunks(), desc) for name, desc in keep_by]
+    )
     position = np.empty(n, dtype=np.int64)
     position[order] = np.arange(n, dtype=np.int64)
     id_values = table.column("id").combine_chunks()
@@ -224,8 +287,9 @@ def dedup_cluster_from_disk(files: Sequence[st.UPath], cluster: int, strategy: s
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             os.ftruncate(fd, n * d * 4)
-            batches = _assignments_dataset(files).to_batches(filter=_cluster_filter(cluster, cluster + 1),
-                                                             columns=["id", "embedding"], batch_size=read_rows)
+            batches = _assignments_dataset(files).to_batches(
+                filter=_cluster_filter(cluster, cluster + 1), columns=["id", "embedding"], batch_size=read_rows
+            )
             for batch in batches:
                 if not batch.num_rows:
                     continue
@@ -238,8 +302,9 @@ def dedup_cluster_from_disk(files: Sequence[st.UPath], cluster: int, strategy: s
         max_sim, dup_pos = max_sim_tiled(RowFile(path, n, d, device), block_size=block_size, device=device)
     dup = np.where(dup_pos >= 0, order[np.maximum(dup_pos, 0)], -1).astype(np.int64)
     clusters = np.full(n, cluster, dtype=np.int32)
-    return _result_table(table, ids, clusters, sims, order, np.arange(n, dtype=np.int64),
-                         max_sim.astype(np.float64), dup)
+    return _result_table(
+        table, ids, clusters, sims, order, np.arange(n, dtype=np.int64), max_sim.astype(np.float64), dup
+    )
 
 
 def top_pairs(table: pa.Table, n: int = TOP_PAIRS, below: float | None = None) -> list[Pair]:
@@ -251,8 +316,10 @@ def top_pairs(table: pa.Table, n: int = TOP_PAIRS, below: float | None = None) -
         return []
     idx = pc.select_k_unstable(dups, n, [("max_sim", "descending")])
     dups = dups.take(idx)
-    return sorted(zip(dups.column("max_sim").to_pylist(), dups.column("id").to_pylist(),
-                      dups.column("duplicate_of").to_pylist()), key=lambda x: (-x[0], x[1]))
+    return sorted(
+        zip(dups.column("max_sim").to_pylist(), dups.column("id").to_pylist(), dups.column("duplicate_of").to_pylist()),
+        key=lambda x: (-x[0], x[1]),
+    )
 
 
 def dedup_bucket(settings: Settings, bucket: str, k: int, assignment_files: Sequence[st.UPath]) -> DedupBucketResult:
@@ -272,7 +339,9 @@ def dedup_bucket(settings: Settings, bucket: str, k: int, assignment_files: Sequ
     path = storage.bucket_file(bucket)
     tally = _Tally()
     # Fixed row groups: the file's bytes do not depend on how the bucket was split.
-    with st.publish_together([st.AtomicParquetWriter(path, SEMANTIC_DUPLICATES_SCHEMA, st.STREAM_ROW_GROUP)]) as (writer,):
+    with st.publish_together([st.AtomicParquetWriter(path, SEMANTIC_DUPLICATES_SCHEMA, st.STREAM_ROW_GROUP)]) as (
+        writer,
+    ):
         if settings.probes > 1:  # exact fp32 tiles over the probed clusters (core/dedup/multiprobe.py)
             _multiprobe_in_groups(settings, files, first, end, k, device, writer, tally)
         else:
@@ -280,11 +349,23 @@ def dedup_bucket(settings: Settings, bucket: str, k: int, assignment_files: Sequ
     problems = []
     if tally.rows != tally.assigned or tally.ids_seen != tally.rows:
         problems.append(f"bucket {bucket}: {tally.rows} result rows for {tally.assigned} assigned items")
-    return DedupBucketResult(bucket=bucket, path=str(path), first_cluster=first, end_cluster=end, rows=tally.rows,
-                             assigned_rows=tally.assigned, cluster_sizes=tally.sizes, top_pairs=tally.pairs,
-                             rechecked_rows=int(kernel["rechecked_rows"]), error_bound=float(kernel["error_bound"]),
-                             device=device, seconds=round(tally.seconds, 2), problems=problems,
-                             groups=max(tally.groups, 1), clusters_from_disk=tally.from_disk)
+    return DedupBucketResult(
+        bucket=bucket,
+        path=str(path),
+        first_cluster=first,
+        end_cluster=end,
+        rows=tally.rows,
+        assigned_rows=tally.assigned,
+        cluster_sizes=tally.sizes,
+        top_pairs=tally.pairs,
+        rechecked_rows=int(kernel["rechecked_rows"]),
+        error_bound=float(kernel["error_bound"]),
+        device=device,
+        seconds=round(tally.seconds, 2),
+        problems=problems,
+        groups=max(tally.groups, 1),
+        clusters_from_disk=tally.from_disk,
+    )
 
 
 @dataclass
@@ -300,8 +381,9 @@ class _Tally:
     seconds: float = 0.0
     from_disk: list[int] = field(default_factory=list)
 
-    def add(self, writer: st.AtomicParquetWriter, result: pa.Table, sizes: list[int], read: int,
-            seconds: float) -> None:
+    def add(
+        self, writer: st.AtomicParquetWriter, result: pa.Table, sizes: list[int], read: int, seconds: float
+    ) -> None:
         """Write one group's result (groups come in cluster order) and count it."""
         writer.write(result)
         self.groups += 1
@@ -316,12 +398,17 @@ class _Tally:
 def pairwise_budget(settings: Settings) -> int:
     """The bytes a bucket's rows may take: the memory budget less the kernel's tiles (a block x block score tile
     and its temporaries, one per cluster running at once: `parallel.worker_count`), at least a quarter of it."""
-    tiles = 4 * 4 * settings.block_size ** 2 * worker_count(resolve_device(settings.device))
+    tiles = 4 * 4 * settings.block_size**2 * worker_count(resolve_device(settings.device))
     return max(settings.memory_budget_bytes - tiles, settings.memory_budget_bytes // 4)
 
 
-def spill_groups(files: Sequence[st.UPath], groups: Sequence[tuple[int, int, int]], keep_by: Sequence[str],
-                 folder: str, buffer_bytes: int) -> dict[int, str]:
+def spill_groups(
+    files: Sequence[st.UPath],
+    groups: Sequence[tuple[int, int, int]],
+    keep_by: Sequence[str],
+    folder: str,
+    buffer_bytes: int,
+) -> dict[int, str]:
     """Split the rows of planned cluster groups into one Arrow IPC file per group, in one pass (memory: the buffers).
 
     `groups` are (first, end, rows) cluster ranges in ascending order. Each shard file is
@@ -350,8 +437,12 @@ def spill_groups(files: Sequence[st.UPath], groups: Sequence[tuple[int, int, int
         held = 0
 
     try:
-        for batch in dataset.to_batches(filter=_cluster_filter(int(starts[0]), int(ends[-1])), columns=columns,
-                                        fragment_readahead=2, batch_readahead=2):
+        for batch in dataset.to_batches(
+            filter=_cluster_filter(int(starts[0]), int(ends[-1])),
+            columns=columns,
+            fragment_readahead=2,
+            batch_readahead=2,
+        ):
             if not batch.num_rows:
                 continue
             cluster = batch.column("cluster").to_numpy()
@@ -387,13 +478,23 @@ def plan_bucket(settings: Settings, files: Sequence[st.UPath], first: int, end: 
     """
     counts = cluster_counts(files, first, end)
     per_row = row_bytes(files) if files else 1
-    plan = [(a, b, int(counts[a - first:b - first].sum()))
-            for a, b in cluster_groups(counts, first, per_row, pairwise_budget(settings))]
+    plan = [
+        (a, b, int(counts[a - first : b - first].sum()))
+        for a, b in cluster_groups(counts, first, per_row, pairwise_budget(settings))
+    ]
     return [(a, b, n) for a, b, n in plan if n]
 
 
-def _dedup_in_groups(settings: Settings, files: Sequence[st.UPath], first: int, end: int, device: str,
-                     kernel: dict[str, float], writer: st.AtomicParquetWriter, tally: _Tally) -> None:
+def _dedup_in_groups(
+    settings: Settings,
+    files: Sequence[st.UPath],
+    first: int,
+    end: int,
+    device: str,
+    kernel: dict[str, float],
+    writer: st.AtomicParquetWriter,
+    tally: _Tally,
+) -> None:
     """Deduplicate clusters [first, end) a planned group of consecutive clusters at a time, each within the budget.
 
     A cluster that alone exceeds the budget is tiled from disk (fp32), or refused with a
@@ -408,26 +509,41 @@ def _dedup_in_groups(settings: Settings, files: Sequence[st.UPath], first: int, 
     with tempfile.TemporaryDirectory(prefix=f"semdedup-bucket-{first}-") as scratch:
         # More than one group in memory: one pass over the bucket spills each group's rows to its own file, so
         # the bucket is decoded once, not once per group (G groups would read G x the bucket: N^2 / budget).
-        spilled = (spill_groups(files, [g for g, big in zip(plan, alone) if not big], names, scratch,
-                                budget // 4) if sum(not big for big in alone) > 1 else {})
+        spilled = (
+            spill_groups(files, [g for g, big in zip(plan, alone) if not big], names, scratch, budget // 4)
+            if sum(not big for big in alone) > 1
+            else {}
+        )
         for (a, b, size), big in zip(plan, alone):
             if big:
                 if settings.precision != "fp32":
-                    raise ValueError(f"cluster {a} has {size} members ({size * per_row / 2**20:.0f} MiB "
-                                     f"to deduplicate), more than the memory budget of {budget / 2**20:.0f} MiB, "
-                                     f"and precision {settings.precision} cannot tile it from disk: use --precision "
-                                     f"fp32, a larger --memory-budget, or a k of at least "
-                                     f"{_k_that_fits(settings, files, size, budget // per_row)}")
+                    raise ValueError(
+                        f"cluster {a} has {size} members ({size * per_row / 2**20:.0f} MiB "
+                        f"to deduplicate), more than the memory budget of {budget / 2**20:.0f} MiB, "
+                        f"and precision {settings.precision} cannot tile it from disk: use --precision "
+                        f"fp32, a larger --memory-budget, or a k of at least "
+                        f"{_k_that_fits(settings, files, size, budget // per_row)}"
+                    )
                 start = time.perf_counter()
-                result = dedup_cluster_from_disk(files, a, settings.keep, settings.seed, settings.block_size, device,
-                                                 keep_by)
+                result = dedup_cluster_from_disk(
+                    files, a, settings.keep, settings.seed, settings.block_size, device, keep_by
+                )
                 tally.from_disk.append(a)
                 tally.add(writer, result, [result.num_rows], result.num_rows, time.perf_counter() - start)
                 continue
             table = read_spilled(spilled[a]) if a in spilled else read_bucket_rows(files, a, b, keep_by=names)
             start = time.perf_counter()
-            result, sizes = dedup_table(table, settings.keep, settings.seed, settings.block_size, device,
-                                        settings.precision, settings.thresholds, kernel, keep_by=keep_by)
+            result, sizes = dedup_table(
+                table,
+                settings.keep,
+                settings.seed,
+                settings.block_size,
+                device,
+                settings.precision,
+                settings.thresholds,
+                kernel,
+                keep_by=keep_by,
+            )
             read = table.num_rows
             del table
             if a in spilled:
@@ -435,8 +551,16 @@ def _dedup_in_groups(settings: Settings, files: Sequence[st.UPath], first: int, 
             tally.add(writer, result, sizes, read, time.perf_counter() - start)
 
 
-def _multiprobe_in_groups(settings: Settings, files: Sequence[st.UPath], first: int, end: int, k: int, device: str,
-                          writer: st.AtomicParquetWriter, tally: _Tally) -> None:
+def _multiprobe_in_groups(
+    settings: Settings,
+    files: Sequence[st.UPath],
+    first: int,
+    end: int,
+    k: int,
+    device: str,
+    writer: st.AtomicParquetWriter,
+    tally: _Tally,
+) -> None:
     """The multi-probe rule over clusters [first, end), a group of consecutive clusters at a time within the budget.
 
     A group's pool is its own rows plus every member of the clusters they probe; groups are
@@ -460,20 +584,36 @@ def _multiprobe_in_groups(settings: Settings, files: Sequence[st.UPath], first: 
         table = read_bucket_rows(files, a, b, keep_by=names)
         own = table.column("cluster").to_numpy().astype(np.int64)
         probe = probe_clusters(unit_embeddings(table), centroids, own, settings.probes)
-        for c0, c1 in probe_groups(own, probe, a, b, counts, per_row, budget - table.num_rows * per_row,
-                                   settings.probes):
+        for c0, c1 in probe_groups(
+            own, probe, a, b, counts, per_row, budget - table.num_rows * per_row, settings.probes
+        ):
             s, e = (int(i) for i in np.searchsorted(own, [c0, c1]))
             start = time.perf_counter()
-            result, sizes = multiprobe_bucket(table.slice(s, e - s),
-                                              lambda cs: _probed_rows(table, own, a, b, cs, files, names),
-                                              centroids, settings.probes, settings.keep, settings.seed,
-                                              settings.block_size, device, keep_by=keep_by, probe=probe[s:e])
+            result, sizes = multiprobe_bucket(
+                table.slice(s, e - s),
+                lambda cs: _probed_rows(table, own, a, b, cs, files, names),
+                centroids,
+                settings.probes,
+                settings.keep,
+                settings.seed,
+                settings.block_size,
+                device,
+                keep_by=keep_by,
+                probe=probe[s:e],
+            )
             tally.add(writer, result, sizes, e - s, time.perf_counter() - start)
         del table
 
 
-def _probed_rows(table: pa.Table, own: np.ndarray, a: int, b: int, clusters: list[int], files: Sequence[st.UPath],
-                 names: Sequence[str]) -> pa.Table:
+def _probed_rows(
+    table: pa.Table,
+    own: np.ndarray,
+    a: int,
+    b: int,
+    clusters: list[int],
+    files: Sequence[st.UPath],
+    names: Sequence[str],
+) -> pa.Table:
     """The rows of `clusters`: those of the group in memory (clusters [a, b) of `table`) taken from it, the rest read."""
     inside = [c for c in clusters if a <= c < b]
     outside = [c for c in clusters if not a <= c < b]
@@ -484,8 +624,9 @@ def _probed_rows(table: pa.Table, own: np.ndarray, a: int, b: int, clusters: lis
     return pa.concat_tables(parts) if parts else table.schema.empty_table()
 
 
-def probe_groups(own: np.ndarray, probe: np.ndarray, first: int, end: int, counts: np.ndarray, per_row: int,
-                 budget: int, probes: int) -> Iterator[tuple[int, int]]:
+def probe_groups(
+    own: np.ndarray, probe: np.ndarray, first: int, end: int, counts: np.ndarray, per_row: int, budget: int, probes: int
+) -> Iterator[tuple[int, int]]:
     """Consecutive cluster ranges of [first, end) whose pools (own members plus every member of the clusters
     they probe) fit the budget; `own` is sorted, `probe` its (n, P) probe clusters, `counts` every cluster's size.
 
@@ -506,10 +647,12 @@ def probe_groups(own: np.ndarray, probe: np.ndarray, first: int, end: int, count
             yield a, c
             a, pool = c, set()
         if not pool and rows(mine) * per_row > budget:
-            raise ValueError(f"cluster {c} and the clusters its members probe hold {rows(mine)} rows "
-                             f"({rows(mine) * per_row / 2**20:.0f} MiB), more than the memory budget leaves for "
-                             f"them ({max(budget, 0) / 2**20:.0f} MiB) with --probes {probes}: use a larger "
-                             f"--memory-budget, fewer --probes, or a larger k")
+            raise ValueError(
+                f"cluster {c} and the clusters its members probe hold {rows(mine)} rows "
+                f"({rows(mine) * per_row / 2**20:.0f} MiB), more than the memory budget leaves for "
+                f"them ({max(budget, 0) / 2**20:.0f} MiB) with --probes {probes}: use a larger "
+                f"--memory-budget, fewer --probes, or a larger k"
+            )
         pool |= mine
     if pool:
         yield a, end

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from semdedup_assets.core.io import storage as st
-from semdedup_assets.core.io.catalog import BUCKET_GLOB, refresh_catalog, scan, stage_source
 from semdedup_assets.core.config import Settings
 from semdedup_assets.core.dedup.buckets import TOP_PAIRS, Pair, top_pairs
 from semdedup_assets.core.dedup.ordering import ids_as_str
+from semdedup_assets.core.io import storage as st
+from semdedup_assets.core.io.catalog import BUCKET_GLOB, refresh_catalog, scan, stage_source
 from semdedup_assets.core.io.schemas import EPS_CURVE_SCHEMA, KEEP_LIST_SCHEMA
 
 # Pairs below this are near-duplicates rather than exact copies (shown separately).
@@ -154,8 +154,9 @@ class KeepListsResult:
     seconds: float
 
 
-def build_keep_lists(settings: Settings, bucket_files: Sequence[st.UPath],
-                     log: Callable[[str], None] | None = None) -> KeepListsResult:
+def build_keep_lists(
+    settings: Settings, bucket_files: Sequence[st.UPath], log: Callable[[str], None] | None = None
+) -> KeepListsResult:
     """Write one keep-list per configured eps and the eps curve from the bucket results, then refresh the catalog.
 
     Buckets are read in the given order (bucket order), so the keep-lists are
@@ -165,8 +166,9 @@ def build_keep_lists(settings: Settings, bucket_files: Sequence[st.UPath],
     storage = settings.storage_root()
     curve = EpsCurveAccumulator(settings.eps)
     # Fixed row groups: the files' bytes do not depend on --buckets or on how buckets were read.
-    writers = [st.AtomicParquetWriter(storage.keep_list_file(e), KEEP_LIST_SCHEMA, st.STREAM_ROW_GROUP)
-               for e in settings.eps]
+    writers = [
+        st.AtomicParquetWriter(storage.keep_list_file(e), KEEP_LIST_SCHEMA, st.STREAM_ROW_GROUP) for e in settings.eps
+    ]
     pairs: list[Pair] = []
     near_pairs: list[Pair] = []
     max_sim_counts = np.zeros(len(MAX_SIM_BINS) - 1, dtype=np.int64)  # streamed: no per-item array
@@ -179,8 +181,9 @@ def build_keep_lists(settings: Settings, bucket_files: Sequence[st.UPath],
             for eps, writer in zip(settings.eps, writers):
                 writer.write(table.filter(pa.array(keep_mask(max_sim, eps))).select(KEEP_LIST_SCHEMA.names))
             pairs = heapq.nsmallest(TOP_PAIRS, pairs + top_pairs(table), key=lambda x: (-x[0], x[1]))
-            near_pairs = heapq.nsmallest(TOP_PAIRS, near_pairs + top_pairs(table, below=NEAR_EXACT),
-                                         key=lambda x: (-x[0], x[1]))
+            near_pairs = heapq.nsmallest(
+                TOP_PAIRS, near_pairs + top_pairs(table, below=NEAR_EXACT), key=lambda x: (-x[0], x[1])
+            )
             if log is not None and path is not None:
                 log(f"read {path.name}: {st.parquet_num_rows(path)} items")
     seconds = round(time.perf_counter() - start, 2)
@@ -192,9 +195,18 @@ def build_keep_lists(settings: Settings, bucket_files: Sequence[st.UPath],
     distinct = int(scan(storage, f"SELECT count(DISTINCT id) FROM {results}")[0][0])
     sizes = [int(r[0]) for r in scan(storage, f"SELECT count(*) FROM {results} GROUP BY cluster ORDER BY cluster")]
     texts = payload_texts(storage, sorted({i for _, a, b in pairs + near_pairs for i in (a, b)}), settings.modality)
-    return KeepListsResult(eps_curve=rows, items=curve.total, distinct_ids=distinct, cluster_sizes=sizes,
-                           max_sim_counts=max_sim_counts.tolist(), top_pairs=pairs, near_pairs=near_pairs, texts=texts,
-                           keep_list_paths=[str(storage.keep_list_file(e)) for e in settings.eps], seconds=seconds)
+    return KeepListsResult(
+        eps_curve=rows,
+        items=curve.total,
+        distinct_ids=distinct,
+        cluster_sizes=sizes,
+        max_sim_counts=max_sim_counts.tolist(),
+        top_pairs=pairs,
+        near_pairs=near_pairs,
+        texts=texts,
+        keep_list_paths=[str(storage.keep_list_file(e)) for e in settings.eps],
+        seconds=seconds,
+    )
 
 
 def _bucket_chunks(bucket_files: Sequence[st.UPath]) -> Iterator[tuple[st.UPath | None, pa.Table]]:
@@ -205,8 +217,7 @@ def _bucket_chunks(bucket_files: Sequence[st.UPath]) -> Iterator[tuple[st.UPath 
             if last is not None:
                 yield None, pa.Table.from_batches([last])
             last = batch
-        table = pa.Table.from_batches([last]) if last is not None else \
-            st.read_schema(path).empty_table()
+        table = pa.Table.from_batches([last]) if last is not None else st.read_schema(path).empty_table()
         yield path, table
 
 
@@ -214,4 +225,6 @@ def payload_texts(storage: st.Storage, ids: list[str], modality: str) -> dict[st
     """Payload text of a few ids, for showing duplicate pairs side by side."""
     if modality != "text" or not ids or not storage.stage_files(st.RAW):
         return {}
-    return dict(scan(storage, f"SELECT id, text FROM {stage_source(storage, st.RAW)} WHERE id IN (SELECT unnest(?))", [ids]))
+    return dict(
+        scan(storage, f"SELECT id, text FROM {stage_source(storage, st.RAW)} WHERE id IN (SELECT unnest(?))", [ids])
+    )

@@ -31,10 +31,10 @@ import pyarrow as pa
 import torch
 
 from semdedup_assets.core.dedup.ordering import KeepByKey, cluster_order
-from semdedup_assets.core.run.parallel import map_batches
 from semdedup_assets.core.dedup.pairwise import max_over_earlier
 from semdedup_assets.core.io.schemas import SEMANTIC_DUPLICATES_SCHEMA
 from semdedup_assets.core.io.tables import unit_embeddings
+from semdedup_assets.core.run.parallel import map_batches
 
 
 def probe_clusters(x: np.ndarray, centroids: np.ndarray, own: np.ndarray, probes: int) -> np.ndarray:
@@ -54,8 +54,13 @@ def probe_clusters(x: np.ndarray, centroids: np.ndarray, own: np.ndarray, probes
     return out
 
 
-def global_rank(ids: Sequence[str] | np.ndarray | pa.Array, sims: np.ndarray, strategy: str, seed: int,
-                keep_by: Sequence[KeepByKey] = ()) -> np.ndarray:
+def global_rank(
+    ids: Sequence[str] | np.ndarray | pa.Array,
+    sims: np.ndarray,
+    strategy: str,
+    seed: int,
+    keep_by: Sequence[KeepByKey] = (),
+) -> np.ndarray:
     """Each item's position in the global order: `cluster_order` over all items (ids may be an Arrow array)."""
     order = cluster_order(ids, sims, strategy, seed, keep_by=keep_by)
     rank = np.empty(len(order), dtype=np.int64)
@@ -108,15 +113,19 @@ def multiprobe_max_sim(
 
     def probe_set(s: int) -> tuple[np.ndarray, np.ndarray]:
         o0, o1, start, end = offsets[s], offsets[s + 1], starts[s], ends[s]
-        val, arg, _ = max_over_earlier(xs[torch.from_numpy(pool_q[o0:o1]).to(dev)],
-                                        torch.from_numpy(pos_all[o0:o1]).to(dev), xs[start:end], int(block_size))
+        val, arg, _ = max_over_earlier(
+            xs[torch.from_numpy(pool_q[o0:o1]).to(dev)],
+            torch.from_numpy(pos_all[o0:o1]).to(dev),
+            xs[start:end],
+            int(block_size),
+        )
         return val.cpu().numpy(), arg.cpu().numpy()
 
     # Each set's tiles with one intra-op thread (parallel.map_batches, workers=1), so the bits do not depend on
     # torch's thread count (a 1-CPU Ray task and a 2-core process disagreed on small-M GEMMs). One set at a
     # time: most sets are a few rows against one cluster, and two Python threads over them were slower than
     # one (at 200k, P = 2, 16 buckets: 30-39 s against 25-27 s; the old 2-thread GEMMs took 21-24 s).
-    live = [s for s in range(len(sets)) if ends[s] > starts[s] and pos_all[offsets[s]:offsets[s + 1]].any()]
+    live = [s for s in range(len(sets)) if ends[s] > starts[s] and pos_all[offsets[s] : offsets[s + 1]].any()]
     for s, (val, arg) in zip(live, map_batches(probe_set, live, dev, workers=1), strict=True):
         done.append(s)
         vals.append(val)
@@ -152,11 +161,12 @@ def _probe_sets(probes: np.ndarray, own: np.ndarray, rank: np.ndarray, block: in
     probed, owner, query = probed[order], owner[order], query[order]
     cuts = np.flatnonzero((np.diff(probed) != 0) | (np.diff(owner) != 0)) + 1
     starts, ends = np.concatenate([[0], cuts]), np.concatenate([cuts, [len(order)]])
-    return [(int(probed[s]), query[b:min(b + block, e)]) for s, e in zip(starts, ends) for b in range(s, e, block)]
+    return [(int(probed[s]), query[b : min(b + block, e)]) for s, e in zip(starts, ends) for b in range(s, e, block)]
 
 
-def dense_multiprobe(vectors: np.ndarray, rank: np.ndarray, clusters: np.ndarray,
-                     probes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def dense_multiprobe(
+    vectors: np.ndarray, rank: np.ndarray, clusters: np.ndarray, probes: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """The same rule from the full n x n float64 matrix, for every item (test oracle)."""
     x = np.asarray(vectors, dtype=np.float64)
     sim = x @ x.T
@@ -171,11 +181,18 @@ def dense_multiprobe(vectors: np.ndarray, rank: np.ndarray, clusters: np.ndarray
     return np.where(none, 0.0, m), np.where(none, -1, dup)
 
 
-def multiprobe_bucket(table: pa.Table, read_clusters: Callable[[list[int]], pa.Table], centroids: np.ndarray,
-                      probes: int, strategy: str, seed: int, block_size: int = 1024,
-                      device: str | torch.device | None = None,
-                      keep_by: Sequence[tuple[str, bool]] = (), probe: np.ndarray | None = None
-                      ) -> tuple[pa.Table, list[int]]:
+def multiprobe_bucket(
+    table: pa.Table,
+    read_clusters: Callable[[list[int]], pa.Table],
+    centroids: np.ndarray,
+    probes: int,
+    strategy: str,
+    seed: int,
+    block_size: int = 1024,
+    device: str | torch.device | None = None,
+    keep_by: Sequence[tuple[str, bool]] = (),
+    probe: np.ndarray | None = None,
+) -> tuple[pa.Table, list[int]]:
     """The multi-probe rule for the items of one bucket (`table`, assignment rows sorted by cluster, id).
 
     `read_clusters(ids)` returns the assignment rows of other clusters that the bucket's
@@ -197,8 +214,9 @@ def multiprobe_bucket(table: pa.Table, read_clusters: Callable[[list[int]], pa.T
     clusters = pool.column("cluster").to_numpy().astype(np.int64)
     sims = pool.column("sim_to_centroid").to_numpy()
     vectors = np.concatenate([bucket_x, unit_embeddings(others)]) if extra else bucket_x
-    rank = global_rank(ids, sims, strategy, seed,
-                       [(pool.column(name).combine_chunks(), desc) for name, desc in keep_by])
+    rank = global_rank(
+        ids, sims, strategy, seed, [(pool.column(name).combine_chunks(), desc) for name, desc in keep_by]
+    )
     queries = np.arange(table.num_rows)
     max_sim, dup = multiprobe_max_sim(vectors, clusters, rank, queries, probe, block_size, device)
     # Output rows: by cluster, then the cluster's own order (the global order restricted to it).
@@ -206,14 +224,17 @@ def multiprobe_bucket(table: pa.Table, read_clusters: Callable[[list[int]], pa.T
     bounds = np.flatnonzero(np.diff(own[order])) + 1
     starts = np.concatenate([[0], bounds])
     ranks = np.arange(len(order)) - np.repeat(starts, np.diff(np.concatenate([starts, [len(order)]])))
-    result = pa.table({
-        "id": ids.take(pa.array(order)),
-        "shard": table.column("shard").take(pa.array(order)),
-        "cluster": pa.array(own[order].astype(np.int32)),
-        "rank": pa.array(ranks.astype(np.int64)),
-        "sim_to_centroid": pa.array(sims[order].astype(np.float64)),
-        "max_sim": pa.array(max_sim[order].astype(np.float64)),
-        "duplicate_of": ids.take(pa.array(dup[order], mask=dup[order] < 0)),
-    }, schema=SEMANTIC_DUPLICATES_SCHEMA)
+    result = pa.table(
+        {
+            "id": ids.take(pa.array(order)),
+            "shard": table.column("shard").take(pa.array(order)),
+            "cluster": pa.array(own[order].astype(np.int32)),
+            "rank": pa.array(ranks.astype(np.int64)),
+            "sim_to_centroid": pa.array(sims[order].astype(np.float64)),
+            "max_sim": pa.array(max_sim[order].astype(np.float64)),
+            "duplicate_of": ids.take(pa.array(dup[order], mask=dup[order] < 0)),
+        },
+        schema=SEMANTIC_DUPLICATES_SCHEMA,
+    )
     sizes = np.diff(np.concatenate([starts, [len(order)]])).tolist()
     return result, [int(s) for s in sizes]

@@ -90,8 +90,13 @@ def cluster_order(
     return perm.astype(np.int64, copy=False)
 
 
-def _keep_by_order(ids: np.ndarray | pa.Array | pa.ChunkedArray, sims: np.ndarray, strategy: str, seed: int,
-                   keep_by: Sequence[KeepByKey]) -> np.ndarray:
+def _keep_by_order(
+    ids: np.ndarray | pa.Array | pa.ChunkedArray,
+    sims: np.ndarray,
+    strategy: str,
+    seed: int,
+    keep_by: Sequence[KeepByKey],
+) -> np.ndarray:
     """The keep-by columns (if any), then the strategy's key, then the id, as one Arrow sort; nulls (and NaN)
     last in every column. `ids` is a numpy array, or an Arrow one unless the strategy is `random`.
 

@@ -111,7 +111,7 @@ def low_precision_error_bound(precision: str, dim: int, max_norm: float = 1.0, f
     if precision not in _LOW:
         raise ValueError(f"precision must be one of {', '.join(_LOW)}, got {precision!r}")
     u = 2.0 ** -_LOW[precision][1]
-    u32 = 2.0 ** -24
+    u32 = 2.0**-24
     gamma = dim * u32 / (1.0 - dim * u32)
     n2 = float(max_norm) ** 2
     bound = (2 * u + u * u) * n2 + gamma * n2 * (1 + u) ** 2 + gamma * n2
@@ -175,8 +175,9 @@ def max_over_earlier(
     return best, best_idx, fp32_out
 
 
-def _update_best_host(tile: np.ndarray, pos: np.ndarray, i0: int, diagonal: bool, best: np.ndarray,
-                      best_idx: np.ndarray) -> None:
+def _update_best_host(
+    tile: np.ndarray, pos: np.ndarray, i0: int, diagonal: bool, best: np.ndarray, best_idx: np.ndarray
+) -> None:
     """One tile of `max_over_earlier` in numpy: mask i >= pos (if the tile reaches the diagonal), then a
     strictly greater max (the first argmax within the tile) replaces `best`/`best_idx` in place."""
     if diagonal:
@@ -325,8 +326,9 @@ def cluster_semantic_duplicates(
         ordered: ArrayLike2D = embeddings[torch.from_numpy(order).to(embeddings.device)]
     else:
         ordered = np.asarray(embeddings)[order]
-    max_sim, dup_pos = max_sim_tiled(ordered, block_size=block_size, device=device, precision=precision,
-                                     thresholds=thresholds, stats=stats)
+    max_sim, dup_pos = max_sim_tiled(
+        ordered, block_size=block_size, device=device, precision=precision, thresholds=thresholds, stats=stats
+    )
     # Map positions in processing order back to indices into the caller's inputs.
     dup_input = np.where(dup_pos >= 0, order[np.maximum(dup_pos, 0)], -1).astype(np.int64)
     return {

@@ -49,7 +49,7 @@ def _apply_exif_orientation(img: Image.Image) -> Image.Image:
     """Rotate/flip as the EXIF orientation tag says; camera JPEGs are stored sideways."""
     try:
         return ImageOps.exif_transpose(img)
-    except Exception:  # noqa: BLE001
+    except Exception:
         return img  # malformed EXIF: the pixels themselves are fine, keep them as stored
 
 
@@ -99,7 +99,7 @@ def decode_image(
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         # Pillow reports truncated/corrupt streams as OSError, SyntaxError or ValueError.
         raise ImageDecodeError(f"corrupt or truncated image: {exc}") from exc
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         # Fuzzed files still make some Pillow plugins leak struct.error, IndexError and the
         # like; one hostile file must not abort a whole shard.
         raise ImageDecodeError(f"corrupt image ({type(exc).__name__}: {exc})") from exc
@@ -129,9 +129,7 @@ class ImageBytesDataset(Dataset[DecodedItem]):
     def __getitem__(self, index: int) -> DecodedItem:
         """Decode and preprocess item `index`; failures become a reason, never an exception."""
         try:
-            img = decode_image(
-                self.images[index], max_pixels=self.max_pixels, max_aspect_ratio=self.max_aspect_ratio
-            )
+            img = decode_image(self.images[index], max_pixels=self.max_pixels, max_aspect_ratio=self.max_aspect_ratio)
         except ImageDecodeError as exc:
             return index, None, exc.reason
         try:
@@ -171,9 +169,7 @@ def iter_image_batches(
         raise ValueError(f"num_workers must be a non-negative int, got {num_workers!r}")
     if len(images) == 0:
         return
-    dataset = ImageBytesDataset(
-        images, preprocess, max_pixels=max_pixels, max_aspect_ratio=max_aspect_ratio
-    )
+    dataset = ImageBytesDataset(images, preprocess, max_pixels=max_pixels, max_aspect_ratio=max_aspect_ratio)
     # No point starting more workers than there are batches.
     workers = min(num_workers, -(-len(images) // batch_size))
     loader = DataLoader(

@@ -14,9 +14,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from semdedup_assets.core.io import storage as st
 from semdedup_assets.core.config import Settings
 from semdedup_assets.core.embed.encoders import Encoder, encoder_for, l2_normalize, row_norms
+from semdedup_assets.core.io import storage as st
 from semdedup_assets.core.io.schemas import REJECTED_SCHEMA, embeddings_schema
 from semdedup_assets.core.io.shards import Shard, iter_embedding_chunks, members, read_images
 from semdedup_assets.core.io.tables import embedding_array, embedding_matrix
@@ -87,8 +87,20 @@ def embedding_cache_key(raw_path: st.UPath, shard: Shard, settings: Settings) ->
     for block in _index_bytes(raw_path):
         h.update(block)
     payload = shard.fingerprint() if settings.modality != "text" else ""  # text lives in the raw file itself
-    h.update(repr((settings.modality, settings.column, settings.model, settings.pretrained, settings.pooling,
-                   settings.max_length, payload, settings.embedding_dtype)).encode())
+    h.update(
+        repr(
+            (
+                settings.modality,
+                settings.column,
+                settings.model,
+                settings.pretrained,
+                settings.pooling,
+                settings.max_length,
+                payload,
+                settings.embedding_dtype,
+            )
+        ).encode()
+    )
     return h.hexdigest()
 
 
@@ -120,8 +132,9 @@ def cached_key(path: st.UPath, warn: Callable[[str], None] | None = None) -> str
     return (schema.metadata or {}).get(CACHE_KEY, b"").decode() or None
 
 
-def _write_chunks(path: st.UPath, ids: pa.Array, chunks: Iterator[np.ndarray], cache_key: str,
-                  dtype: str = "float32") -> _Written:
+def _write_chunks(
+    path: st.UPath, ids: pa.Array, chunks: Iterator[np.ndarray], cache_key: str, dtype: str = "float32"
+) -> _Written:
     """Normalise and write embedding chunks as one Parquet file (streamed, atomic)."""
     writer: st.AtomicParquetWriter | None = None
     start, renormalised, dim, problems = 0, 0, 0, []
@@ -132,7 +145,9 @@ def _write_chunks(path: st.UPath, ids: pa.Array, chunks: Iterator[np.ndarray], c
             dim = int(vectors.shape[1])
             problems += embedding_problems(vectors, len(chunk))
             schema = embeddings_schema(ids.type, dim, dtype)
-            table = pa.Table.from_arrays([ids.slice(start, len(vectors)), embedding_array(vectors, dtype)], schema=schema)
+            table = pa.Table.from_arrays(
+                [ids.slice(start, len(vectors)), embedding_array(vectors, dtype)], schema=schema
+            )
             if writer is None:
                 writer = st.AtomicParquetWriter(path, table.schema.with_metadata({CACHE_KEY: cache_key.encode()}))
                 writers.append(writer)
@@ -155,12 +170,15 @@ def empty_items(ids: list[str], texts: list[str] | None = None) -> list[tuple[in
     return out
 
 
-def _refuse_in_strict_mode(settings: Settings, key: str, ids: pa.Array, rejected: list[tuple[int, str]],
-                           what: str) -> None:
+def _refuse_in_strict_mode(
+    settings: Settings, key: str, ids: pa.Array, rejected: list[tuple[int, str]], what: str
+) -> None:
     if rejected and settings.strict:
         row, reason = rejected[0]
-        raise EmbedError(f"shard {key!r}, key {ids[row].as_py()!r} (row {row}): {reason} "
-                         f"({len(rejected)} {what}; strict mode)", shard=key)
+        raise EmbedError(
+            f"shard {key!r}, key {ids[row].as_py()!r} (row {row}): {reason} ({len(rejected)} {what}; strict mode)",
+            shard=key,
+        )
 
 
 def _refuse_cached_rejections(settings: Settings, key: str, raw_path: st.UPath, rejected_path: st.UPath) -> None:
@@ -174,21 +192,32 @@ def _refuse_cached_rejections(settings: Settings, key: str, raw_path: st.UPath, 
     first, reason = rejected.column("id")[0].as_py(), rejected.column("reason")[0].as_py()
     raw_ids = st.read_table(raw_path, columns=["id"]).column("id")
     row = pc.index(raw_ids, pa.scalar(first, raw_ids.type)).as_py()
-    raise EmbedError(f"shard {key!r}, key {first!r} (row {row}): {reason} ({rejected.num_rows} rejected item(s) "
-                     "recorded when it was embedded; strict mode)", shard=key)
+    raise EmbedError(
+        f"shard {key!r}, key {first!r} (row {row}): {reason} ({rejected.num_rows} rejected item(s) "
+        "recorded when it was embedded; strict mode)",
+        shard=key,
+    )
 
 
-def _write_rejected(path: st.UPath, files: pa.Array, ids: pa.Array, rejected: list[tuple[int, str]],
-                    always: bool) -> None:
+def _write_rejected(
+    path: st.UPath, files: pa.Array, ids: pa.Array, rejected: list[tuple[int, str]], always: bool
+) -> None:
     """The shard's `rejected` file (id, shard: the item's input file key, reason); without rejections only where
     `always`, else removed."""
     if not rejected and not always:
         st.remove(path)  # left by an earlier run of other input
         return
-    st.atomic_write_table(pa.table({
-        "id": [ids[i].as_py() for i, _ in rejected], "shard": [files[i].as_py() for i, _ in rejected],
-        "reason": [r for _, r in rejected],
-    }, schema=REJECTED_SCHEMA), path)
+    st.atomic_write_table(
+        pa.table(
+            {
+                "id": [ids[i].as_py() for i, _ in rejected],
+                "shard": [files[i].as_py() for i, _ in rejected],
+                "reason": [r for _, r in rejected],
+            },
+            schema=REJECTED_SCHEMA,
+        ),
+        path,
+    )
 
 
 def file_segments(files: pa.Array) -> list[tuple[int, int]]:
@@ -227,9 +256,17 @@ def _without_rows(chunks: Iterator[np.ndarray], drop: np.ndarray) -> Iterator[np
         start += len(chunk)
 
 
-def _encode_and_write(settings: Settings, key: str, shard: Shard, raw: pa.Table, out: st.UPath,
-                      rejected_path: st.UPath, cache_key: str, encoder: Encoder | None,
-                      log: Callable[[str], None] | None) -> tuple[_Written, int]:
+def _encode_and_write(
+    settings: Settings,
+    key: str,
+    shard: Shard,
+    raw: pa.Table,
+    out: st.UPath,
+    rejected_path: st.UPath,
+    cache_key: str,
+    encoder: Encoder | None,
+    log: Callable[[str], None] | None,
+) -> tuple[_Written, int]:
     """Embed the raw shard into `out`; returns the written file and the number of rejected items."""
     ids = raw.column("id").combine_chunks()
     files = raw.column("shard").combine_chunks()
@@ -241,8 +278,9 @@ def _encode_and_write(settings: Settings, key: str, shard: Shard, raw: pa.Table,
     drop = np.array([row for row, _ in empty], dtype=np.int64)
     kept_ids = ids.filter(pa.array(~np.isin(np.arange(len(ids)), drop))) if len(drop) else ids
     if settings.modality == "embedding":  # bring your own: stream (npy is memory-mapped)
-        written = _write_chunks(out, kept_ids, _without_rows(iter_embedding_chunks(shard, column), drop),
-                                cache_key, dtype)
+        written = _write_chunks(
+            out, kept_ids, _without_rows(iter_embedding_chunks(shard, column), drop), cache_key, dtype
+        )
         _write_rejected(rejected_path, files, ids, empty, always=False)
         return written, len(empty)
     encoder = encoder or encoder_for(settings)
@@ -267,15 +305,20 @@ def _encode_and_write(settings: Settings, key: str, shard: Shard, raw: pa.Table,
     ok = [(pos, i) for pos, i in enumerate(ok_index) if i not in empty_rows]
     rejected = sorted([*undecodable, *empty], key=lambda r: r[0])
     vectors = all_vectors[[pos for pos, _ in ok]] if len(ok) != len(ok_index) else all_vectors
-    written = _write_chunks(out, ids.take(pa.array([i for _, i in ok], pa.int64())), iter([vectors]), cache_key,
-                            dtype)
+    written = _write_chunks(out, ids.take(pa.array([i for _, i in ok], pa.int64())), iter([vectors]), cache_key, dtype)
     _write_rejected(rejected_path, files, ids, rejected, always=True)
     return written, len(rejected)
 
 
-def embed_shard(settings: Settings, key: str, shard: Shard, *, encoder: Encoder | None = None,
-                log: Callable[[str], None] | None = None, warn: Callable[[str], None] | None = None
-                ) -> EmbedShardResult:
+def embed_shard(
+    settings: Settings,
+    key: str,
+    shard: Shard,
+    *,
+    encoder: Encoder | None = None,
+    log: Callable[[str], None] | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> EmbedShardResult:
     """Embed one ingested shard into `embeddings/<key>.parquet` (and `rejected/<key>.parquet` for images,
     and for any shard with an empty id or an empty or whitespace-only text, see `empty_items`).
 
@@ -297,22 +340,39 @@ def embed_shard(settings: Settings, key: str, shard: Shard, *, encoder: Encoder 
         if warn is not None:
             warn(message)
 
-    table = st.usable(out, lambda p: st.read_table(p, columns=["embedding"]), note) \
-        if cached_key(out, note) == cache_key else None
+    table = (
+        st.usable(out, lambda p: st.read_table(p, columns=["embedding"]), note)
+        if cached_key(out, note) == cache_key
+        else None
+    )
     cached = table is not None
     if table is not None:
         _refuse_cached_rejections(settings, key, raw_path, rejected_path)
         vectors = embedding_matrix(table.column("embedding"))
         n_rejected = st.parquet_num_rows(rejected_path) if rejected_path.exists() else 0
-        written = _Written(rows=len(vectors), dim=int(vectors.shape[1]), renormalised=0,
-                           problems=embedding_problems(vectors, len(vectors)))
+        written = _Written(
+            rows=len(vectors),
+            dim=int(vectors.shape[1]),
+            renormalised=0,
+            problems=embedding_problems(vectors, len(vectors)),
+        )
     else:
-        written, n_rejected = _encode_and_write(settings, key, shard, st.read_table(raw_path), out, rejected_path,
-                                                cache_key, encoder, log)
+        written, n_rejected = _encode_and_write(
+            settings, key, shard, st.read_table(raw_path), out, rejected_path, cache_key, encoder, log
+        )
     expected = st.parquet_num_rows(raw_path) - n_rejected
     problems = list(written.problems)
     if written.rows != expected:
         problems.append(f"{written.rows} rows, expected {expected} (raw rows minus rejected)")
-    return EmbedShardResult(key=key, path=str(out), rows=written.rows, dim=written.dim,
-                            renormalised=written.renormalised, rejected=n_rejected, cached=cached,
-                            seconds=round(time.perf_counter() - start, 2), problems=problems, warnings=warnings)
+    return EmbedShardResult(
+        key=key,
+        path=str(out),
+        rows=written.rows,
+        dim=written.dim,
+        renormalised=written.renormalised,
+        rejected=n_rejected,
+        cached=cached,
+        seconds=round(time.perf_counter() - start, 2),
+        problems=problems,
+        warnings=warnings,
+    )

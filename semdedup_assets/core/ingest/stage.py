@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
+from semdedup_assets.core.config import Settings
 from semdedup_assets.core.io import storage as st
 from semdedup_assets.core.io.catalog import duplicate_ids
-from semdedup_assets.core.config import Settings
 from semdedup_assets.core.io.shards import Shard, ShardError, ShardIndex, keep_by_kind, members, read_shard
 
 if TYPE_CHECKING:
@@ -58,7 +58,8 @@ class IngestResult:
 def duplicate_ids_message(dups: list[DuplicateId]) -> str:
     """Name both places of each repeated id."""
     return "ids must be unique across the dataset: " + "; ".join(
-        f"id {i!r} is in shard {s1!r} row {r1} and in shard {s2!r} row {r2}" for i, s1, r1, s2, r2 in dups)
+        f"id {i!r} is in shard {s1!r} row {r1} and in shard {s2!r} row {r2}" for i, s1, r1, s2, r2 in dups
+    )
 
 
 def check_dims(storage: st.Storage, dims: dict[str, int], keys: Sequence[str]) -> None:
@@ -71,8 +72,11 @@ def check_dims(storage: st.Storage, dims: dict[str, int], keys: Sequence[str]) -
     if len(set(known.values())) > 1:
         first = min(known)
         other = next(k for k in sorted(known) if known[k] != known[first])
-        raise ShardError(other, f"embedding dimension {known[other]} differs from shard {first!r} ({known[first]}); "
-                                "every shard must have one dimension")
+        raise ShardError(
+            other,
+            f"embedding dimension {known[other]} differs from shard {first!r} ({known[first]}); "
+            "every shard must have one dimension",
+        )
 
 
 def check_keep_by_kinds(storage: st.Storage, kinds: dict[str, dict[str, str]], keys: Sequence[str]) -> None:
@@ -89,8 +93,11 @@ def check_keep_by_kinds(storage: st.Storage, kinds: dict[str, dict[str, str]], k
         if len(set(seen.values())) > 1:
             first = next(iter(seen))
             other = next(s for s in seen if seen[s] != seen[first])
-            raise ShardError(other, f"keep-by column {name!r} holds {seen[other]}s here but {seen[first]}s in shard "
-                                    f"{first!r}; a keep-by column must be of one kind in every shard")
+            raise ShardError(
+                other,
+                f"keep-by column {name!r} holds {seen[other]}s here but {seen[first]}s in shard "
+                f"{first!r}; a keep-by column must be of one kind in every shard",
+            )
 
 
 def known_digest(storage: st.Storage, key: str, fingerprint: str) -> str | None:
@@ -137,19 +144,26 @@ def read_members(shard: Shard, settings: Settings, keep_by: tuple[str, ...]) -> 
     tables, dims = [], []
     for member in members(shard):
         index = read_shard(member, settings.modality, settings.payload_column, settings.id_column, keep_by)
-        tables.append(index.table.add_column(1, "shard", pa.array([member.key] * index.table.num_rows,
-                                                                  type=pa.string())))
+        tables.append(
+            index.table.add_column(1, "shard", pa.array([member.key] * index.table.num_rows, type=pa.string()))
+        )
         dims.append(index.dim)
         first = tables[0].schema
         if dims[-1] != dims[0]:
-            raise ShardError(member.key, f"embedding dimension {dims[-1]} differs from file {members(shard)[0].key!r} "
-                                         f"({dims[0]}) of the same shard {shard.key!r}")
+            raise ShardError(
+                member.key,
+                f"embedding dimension {dims[-1]} differs from file {members(shard)[0].key!r} "
+                f"({dims[0]}) of the same shard {shard.key!r}",
+            )
         for name in keep_by:
             kinds = {keep_by_kind(first.field(name).type), keep_by_kind(tables[-1].schema.field(name).type)} - {"null"}
             if len(kinds) > 1:
-                raise ShardError(member.key, f"keep-by column {name!r} holds {keep_by_kind(tables[-1].schema.field(name).type)}s "
-                                             f"here but {keep_by_kind(first.field(name).type)}s in file "
-                                             f"{members(shard)[0].key!r} of the same shard {shard.key!r}")
+                raise ShardError(
+                    member.key,
+                    f"keep-by column {name!r} holds {keep_by_kind(tables[-1].schema.field(name).type)}s "
+                    f"here but {keep_by_kind(first.field(name).type)}s in file "
+                    f"{members(shard)[0].key!r} of the same shard {shard.key!r}",
+                )
     if len(tables) == 1:
         return ShardIndex(tables[0], dims[0])
     return ShardIndex(pa.concat_tables(tables, promote_options="default"), dims[0])
@@ -197,8 +211,9 @@ def discard_staged(settings: Settings, keys: Sequence[str]) -> None:
     st.remove_temporaries(storage.shard_file(st.RAW, key) for key in keys)
 
 
-def publish_shards(settings: Settings, staged: Sequence[StagedShard], seconds: float = 0.0,
-                   workers: dict[str, Worker] | None = None) -> IngestResult:
+def publish_shards(
+    settings: Settings, staged: Sequence[StagedShard], seconds: float = 0.0, workers: dict[str, Worker] | None = None
+) -> IngestResult:
     """Check a batch of staged shards together and publish all of them, or none.
 
     Raises ShardError (a dimension or keep-by kind that differs from another shard's) or

@@ -23,8 +23,8 @@ from semdedup_assets.core.checks.lineage import read_made_from, results_fingerpr
 from semdedup_assets.core.io.schemas import (
     BUDGET_SCHEMA,
     CONTAMINATED_SCHEMA,
-    KEPT_SCHEMA,
     EPS_CURVE_SCHEMA,
+    KEPT_SCHEMA,
     RAW_INDEX_SCHEMA,
     REJECTED_SCHEMA,
     SEMANTIC_DUPLICATES_SCHEMA,
@@ -34,8 +34,8 @@ from semdedup_assets.core.io.schemas import (
 )
 from semdedup_assets.core.io.storage import (
     CENTROIDS,
-    CONTAMINATED,
     CLUSTER_ASSIGNMENTS,
+    CONTAMINATED,
     EMBEDDINGS,
     KEEP_LISTS,
     PRUNED,
@@ -49,23 +49,36 @@ BUCKET_GLOB = "bucket-*.parquet"
 
 # view name -> (stage folder, glob below it, columns (None: all), the stage's schema)
 _VIEWS: dict[str, tuple[str, str, tuple[str, ...] | None, pa.Schema]] = {
-    "items": (SEMANTIC_DUPLICATES, BUCKET_GLOB, ("id", "shard", "cluster", "sim_to_centroid", "max_sim", "duplicate_of"),
-              SEMANTIC_DUPLICATES_SCHEMA),
+    "items": (
+        SEMANTIC_DUPLICATES,
+        BUCKET_GLOB,
+        ("id", "shard", "cluster", "sim_to_centroid", "max_sim", "duplicate_of"),
+        SEMANTIC_DUPLICATES_SCHEMA,
+    ),
     "embeddings": (EMBEDDINGS, "**/*.parquet", ("id", "embedding"), embeddings_schema(pa.string(), 1)),
     "eps_curve": (KEEP_LISTS, "eps_curve.parquet", tuple(EPS_CURVE_SCHEMA.names), EPS_CURVE_SCHEMA),
     "raw_items": (RAW, "**/*.parquet", None, RAW_INDEX_SCHEMA),
     "rejected": (REJECTED, "**/*.parquet", tuple(REJECTED_SCHEMA.names), REJECTED_SCHEMA),
     "contaminated": (CONTAMINATED, "contaminated.parquet", tuple(CONTAMINATED_SCHEMA.names), CONTAMINATED_SCHEMA),
-    "cluster_assignments": (CLUSTER_ASSIGNMENTS, "**/*.parquet", ("id", "shard", "cluster", "sim_to_centroid"),
-                            assignments_schema(1)),
+    "cluster_assignments": (
+        CLUSTER_ASSIGNMENTS,
+        "**/*.parquet",
+        ("id", "shard", "cluster", "sim_to_centroid"),
+        assignments_schema(1),
+    ),
     "centroid_vectors": (CENTROIDS, "centroids.parquet", ("cluster", "centroid"), centroids_schema(1)),
     # Pruning selections (core/select/prune.py): one folder per selection label.
     "pruned": (PRUNED, "*/kept.parquet", tuple(KEPT_SCHEMA.names), KEPT_SCHEMA),
     "pruned_budget": (PRUNED, "*/budget.parquet", tuple(BUDGET_SCHEMA.names), BUDGET_SCHEMA),
 }
 
-_SQL_TYPES = {pa.string(): "VARCHAR", pa.int32(): "INTEGER", pa.int64(): "BIGINT", pa.float32(): "FLOAT",
-              pa.float64(): "DOUBLE"}
+_SQL_TYPES = {
+    pa.string(): "VARCHAR",
+    pa.int32(): "INTEGER",
+    pa.int64(): "BIGINT",
+    pa.float32(): "FLOAT",
+    pa.float64(): "DOUBLE",
+}
 
 
 def _sql_type(type_: pa.DataType) -> str:
@@ -112,8 +125,7 @@ def current_pruning_files(storage: Storage, name: str) -> list[str]:
     if not folders:
         return []
     current = results_fingerprint(storage)
-    return [str(f / name) for f in folders
-            if (f / name).exists() and read_made_from(f).get("results") == current]
+    return [str(f / name) for f in folders if (f / name).exists() and read_made_from(f).get("results") == current]
 
 
 def _view_select(storage: Storage, name: str) -> str:
@@ -149,8 +161,10 @@ def create_views(con: duckdb.DuckDBPyConnection, storage: Storage) -> list[str]:
             con.execute(f"CREATE OR REPLACE VIEW {name} AS {_view_select(storage, name)}")
         except duckdb.Error as err:
             stage, _, columns, schema = _VIEWS[name]
-            reason = (f"view {name} is unavailable: {str(err).splitlines()[0]} "
-                      f"(`semdedup verify` names the damaged files under {stage}/)")
+            reason = (
+                f"view {name} is unavailable: {str(err).splitlines()[0]} "
+                f"(`semdedup verify` names the damaged files under {stage}/)"
+            )
             problems.append(reason)
             empty = _empty_select(schema, columns or tuple(schema.names))
             con.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT {empty} WHERE error({sql_quote(reason)})")
@@ -238,6 +252,7 @@ def query_statements(storage: Storage, sql: str) -> tuple[list[tuple[str, list[s
 
 def format_table(columns: list[str], rows: list[tuple], max_width: int = 60) -> str:
     """Rows as a plain-text table for the terminal."""
+
     def cell(v: Any) -> str:
         text = "NULL" if v is None else (f"{v:.6g}" if isinstance(v, float) else str(v))
         return text if len(text) <= max_width else text[: max_width - 1] + "…"
@@ -258,8 +273,13 @@ def stage_source(storage: Storage, stage: str, pattern: str = "**/*.parquet") ->
 MIN_SCAN_MEMORY = 256 * 2**20
 
 
-def scan(storage: Storage, sql: str, params: Sequence[Any] | None = None, tables: dict[str, Any] | None = None,
-         memory_limit: int | None = None) -> list[tuple]:
+def scan(
+    storage: Storage,
+    sql: str,
+    params: Sequence[Any] | None = None,
+    tables: dict[str, Any] | None = None,
+    memory_limit: int | None = None,
+) -> list[tuple]:
     """Run SQL over the stage files in a scratch in-memory DuckDB (no catalog lock).
 
     `memory_limit` (bytes, at least MIN_SCAN_MEMORY; default: the storage's `scan_memory`,
@@ -288,8 +308,13 @@ def scan(storage: Storage, sql: str, params: Sequence[Any] | None = None, tables
             scratch.cleanup()
 
 
-def duplicate_ids(storage: Storage, pending: Any = None, exclude_shards: Sequence[str] = (), limit: int = 5,
-                  memory_limit: int | None = None) -> list[tuple[str, str, int, str, int]]:
+def duplicate_ids(
+    storage: Storage,
+    pending: Any = None,
+    exclude_shards: Sequence[str] = (),
+    limit: int = 5,
+    memory_limit: int | None = None,
+) -> list[tuple[str, str, int, str, int]]:
     """Ids that appear more than once across raw shards: (id, shard, row, shard, row).
 
     `pending` (an Arrow table id, shard, row, or the paths of Parquet files with those columns,
@@ -310,7 +335,10 @@ def duplicate_ids(storage: Storage, pending: Any = None, exclude_shards: Sequenc
     if not parts:
         return []
     order = "shard || ':' || lpad(row::VARCHAR, 20, '0')"
-    return scan(storage,
+    return scan(
+        storage,
         f"SELECT id, arg_min(shard, {order}), arg_min(row, {order}), arg_max(shard, {order}), arg_max(row, {order}) "
         f"FROM ({' UNION ALL '.join(parts)}) GROUP BY id HAVING count(*) > 1 ORDER BY id LIMIT {int(limit)}",
-        tables={"pending": pending} if pending is not None else None, memory_limit=memory_limit)
+        tables={"pending": pending} if pending is not None else None,
+        memory_limit=memory_limit,
+    )

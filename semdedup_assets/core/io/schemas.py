@@ -46,40 +46,74 @@ def centroids_schema(dim: int) -> pa.Schema:
 
 def assignments_schema(dim: int, dtype: str = "float32") -> pa.Schema:
     """cluster_assignments files: one row per item, sorted by (cluster, id)."""
-    return pa.schema([
-        ("id", pa.string()), ("shard", pa.string()), ("cluster", pa.int32()),
-        ("sim_to_centroid", pa.float32()), embedding_field("embedding", dim, dtype),
-    ])
+    return pa.schema(
+        [
+            ("id", pa.string()),
+            ("shard", pa.string()),
+            ("cluster", pa.int32()),
+            ("sim_to_centroid", pa.float32()),
+            embedding_field("embedding", dim, dtype),
+        ]
+    )
 
 
-SEMANTIC_DUPLICATES_SCHEMA = pa.schema([
-    ("id", pa.string()), ("shard", pa.string()), ("cluster", pa.int32()), ("rank", pa.int64()),
-    ("sim_to_centroid", pa.float64()), ("max_sim", pa.float64()), ("duplicate_of", pa.string()),
-])
+SEMANTIC_DUPLICATES_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("shard", pa.string()),
+        ("cluster", pa.int32()),
+        ("rank", pa.int64()),
+        ("sim_to_centroid", pa.float64()),
+        ("max_sim", pa.float64()),
+        ("duplicate_of", pa.string()),
+    ]
+)
 
 KEEP_LIST_SCHEMA = pa.schema([("id", pa.string()), ("shard", pa.string()), ("cluster", pa.int32())])
 
-EPS_CURVE_SCHEMA = pa.schema([
-    ("eps", pa.float64()), ("kept", pa.int64()), ("removed", pa.int64()), ("kept_fraction", pa.float64()),
-])
+EPS_CURVE_SCHEMA = pa.schema(
+    [
+        ("eps", pa.float64()),
+        ("kept", pa.int64()),
+        ("removed", pa.int64()),
+        ("kept_fraction", pa.float64()),
+    ]
+)
 
 
 # `contaminated`: dataset items within 1 - max(eps) of a reference item (core/select/decontaminate.py).
-CONTAMINATED_SCHEMA = pa.schema([("id", pa.string()), ("shard", pa.string()), ("reference_id", pa.string()),
-                                 ("score", pa.float64())])
+CONTAMINATED_SCHEMA = pa.schema(
+    [("id", pa.string()), ("shard", pa.string()), ("reference_id", pa.string()), ("score", pa.float64())]
+)
 
 
 # Pruning selections (core/select/prune.py): the kept items and the per-cluster budget of each.
-KEPT_SCHEMA = pa.schema([("selection", pa.string()), ("id", pa.string()), ("shard", pa.string()),
-                         ("cluster", pa.int32()), ("sim_to_centroid", pa.float64())])
-BUDGET_SCHEMA = pa.schema([
-    ("selection", pa.string()), ("cluster", pa.int32()), ("members", pa.int64()), ("kept", pa.int64()),
-    ("d_intra", pa.float64()), ("d_inter", pa.float64()), ("complexity", pa.float64()),
-    ("share", pa.float64()), ("target", pa.float64()),
-])
+KEPT_SCHEMA = pa.schema(
+    [
+        ("selection", pa.string()),
+        ("id", pa.string()),
+        ("shard", pa.string()),
+        ("cluster", pa.int32()),
+        ("sim_to_centroid", pa.float64()),
+    ]
+)
+BUDGET_SCHEMA = pa.schema(
+    [
+        ("selection", pa.string()),
+        ("cluster", pa.int32()),
+        ("members", pa.int64()),
+        ("kept", pa.int64()),
+        ("d_intra", pa.float64()),
+        ("d_inter", pa.float64()),
+        ("complexity", pa.float64()),
+        ("share", pa.float64()),
+        ("target", pa.float64()),
+    ]
+)
 # D4's per-bucket scores against the re-clustered centroids.
-PRUNE_SCORES_SCHEMA = pa.schema([("id", pa.string()), ("shard", pa.string()), ("cluster", pa.int32()),
-                                 ("sim_to_centroid", pa.float64())])
+PRUNE_SCORES_SCHEMA = pa.schema(
+    [("id", pa.string()), ("shard", pa.string()), ("cluster", pa.int32()), ("sim_to_centroid", pa.float64())]
+)
 # Schema metadata of contaminated.parquet: the --reference it was computed against ("" for none),
 # so an export never applies the results of another reference than the recorded settings name.
 CONTAMINATED_REFERENCE_KEY = b"semdedup.reference"

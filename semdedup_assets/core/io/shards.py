@@ -34,8 +34,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from upath import UPath
 
-from semdedup_assets.core.messages import printable
 from semdedup_assets.core.io.storage import UnsafeKeyError, check_store, is_local, to_upath, validate_shard_key
+from semdedup_assets.core.messages import printable
 
 SHARD_SUFFIXES = (".jsonl.gz", ".parquet", ".jsonl", ".tar", ".npy")
 LAION_EMBEDDINGS = re.compile(r"^img_emb_(\d+)\.npy$")
@@ -120,8 +120,11 @@ class ShardGroup:
         added = [str(now[k].path) for k in now if k not in before]
         gone = [k for k in before if k not in now]
         edited = [str(now[k].path) for k in now if k in before and before[k] != now[k].fingerprint()]
-        parts = [f"{what}: {', '.join(names[:3])}" for what, names in
-                 (("added", added), ("gone", gone), ("changed", edited)) if names]
+        parts = [
+            f"{what}: {', '.join(names[:3])}"
+            for what, names in (("added", added), ("gone", gone), ("changed", edited))
+            if names
+        ]
         return f"its input files changed since it was ingested ({'; '.join(parts) or 'order'})"
 
     def content_digest(self, like: str | None = None) -> str:
@@ -169,8 +172,10 @@ def group_files(files: list[ShardFile], files_per_shard: int) -> list[Shard]:
         run = tuple(files[start : start + files_per_shard])
         odd = next((f for f in run if f.kind != run[0].kind), None)
         if odd is not None:
-            raise ValueError(f"files {run[0].path} ({run[0].kind}) and {odd.path} ({odd.kind}) fall in one group of "
-                             f"--files-per-shard {files_per_shard}: a group holds one kind of file")
+            raise ValueError(
+                f"files {run[0].path} ({run[0].kind}) and {odd.path} ({odd.kind}) fall in one group of "
+                f"--files-per-shard {files_per_shard}: a group holds one kind of file"
+            )
         groups.append(ShardGroup(validate_shard_key(group_key(run[0].key, files_per_shard)), run))
     return groups
 
@@ -252,9 +257,11 @@ class Discovery:
         if not self.skipped:
             return None
         folders = sorted({p.rpartition("/")[0] or "." for p in self.skipped})
-        return (f"skipped {len(self.skipped)} file(s) whose names start with '_' or '.' under {printable(location)} "
-                f"(in {', '.join(map(printable, folders[:3]))}{', ...' if len(folders) > 3 else ''}; e.g. "
-                f"{', '.join(map(printable, self.skipped[:3]))}): such names are never shards")
+        return (
+            f"skipped {len(self.skipped)} file(s) whose names start with '_' or '.' under {printable(location)} "
+            f"(in {', '.join(map(printable, folders[:3]))}{', ...' if len(folders) > 3 else ''}; e.g. "
+            f"{', '.join(map(printable, self.skipped[:3]))}): such names are never shards"
+        )
 
 
 def _walk_local(root: str) -> Iterator[str]:
@@ -271,13 +278,17 @@ def _walk_local(root: str) -> Iterator[str]:
                 if entry.is_dir():  # follows symbolic links
                     real = os.path.realpath(entry.path)
                     if real in ancestors:
-                        raise ValueError(f"symbolic link loop under the input: {printable(entry.path)} points to {printable(real)}, "
-                                         "a folder that contains it")
+                        raise ValueError(
+                            f"symbolic link loop under the input: {printable(entry.path)} points to {printable(real)}, "
+                            "a folder that contains it"
+                        )
                     stack.append((entry.path, (*ancestors, real)))
                 elif entry.is_file():
                     yield entry.path
                 elif entry.is_symlink() and shard_suffix(entry.name):
-                    raise ValueError(f"broken symbolic link under the input: {printable(entry.path)} -> {printable(os.readlink(entry.path))}")
+                    raise ValueError(
+                        f"broken symbolic link under the input: {printable(entry.path)} -> {printable(os.readlink(entry.path))}"
+                    )
 
 
 def discover(location: str | UPath, files_per_shard: int = 1) -> Discovery:
@@ -302,7 +313,7 @@ def discover(location: str | UPath, files_per_shard: int = 1) -> Discovery:
     else:
         candidates = [p for p in root.rglob("*") if shard_suffix(p.name) and p.is_file()]
     base = str(root).rstrip("/") + "/"
-    skipped = sorted(str(p)[len(base):] for p in candidates if p.name.startswith(HIDDEN_PREFIXES))
+    skipped = sorted(str(p)[len(base) :] for p in candidates if p.name.startswith(HIDDEN_PREFIXES))
     paths = [p for p in candidates if not p.name.startswith(HIDDEN_PREFIXES)]
     # An .npy shard's metadata Parquet belongs to it and is not a shard of its own.
     metadata = {str(p): npy_metadata_path(p) for p in paths if p.name.endswith(".npy")}
@@ -332,7 +343,9 @@ def _read_jsonl(shard: str, data: bytes) -> pa.Table:
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise ShardError(shard, f"line is not valid UTF-8 ({exc.reason} at byte {exc.start})", row=len(rows)) from None
+            raise ShardError(
+                shard, f"line is not valid UTF-8 ({exc.reason} at byte {exc.start})", row=len(rows)
+            ) from None
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -367,8 +380,12 @@ def _jsonl_column(shard: str, name: str, values: list[object]) -> pa.Array:
         odd = next((i for i, kind in present if kind != first), None)
         if odd is None:
             raise ShardError(shard, f"field {name!r} cannot be read: {exc}") from None
-        raise ShardError(shard, f"field {name!r} is a {_json_kind(values[odd])} here but a {first} in row "
-                         f"{first_row}: a field must have one type in every line", row=odd) from None
+        raise ShardError(
+            shard,
+            f"field {name!r} is a {_json_kind(values[odd])} here but a {first} in row "
+            f"{first_row}: a field must have one type in every line",
+            row=odd,
+        ) from None
 
 
 def _read_bytes(shard: str, path: UPath) -> bytes:
@@ -435,7 +452,9 @@ def _validate_text(shard: str, column: str, values: pa.ChunkedArray) -> pa.Array
             try:
                 v.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise ShardError(shard, f"{column!r} is not valid UTF-8 ({exc.reason} at byte {exc.start})", row=i) from None
+                raise ShardError(
+                    shard, f"{column!r} is not valid UTF-8 ({exc.reason} at byte {exc.start})", row=i
+                ) from None
         values = values.cast(pa.string())
     elif pa.types.is_large_string(values.type):
         values = values.cast(pa.string())
@@ -443,9 +462,13 @@ def _validate_text(shard: str, column: str, values: pa.ChunkedArray) -> pa.Array
         if values.null_count == len(values):
             raise ShardError(shard, f"{column!r} is null", row=0)
         bad = next((i for i, v in enumerate(values.to_pylist()) if not isinstance(v, str)), 0)
-        raise ShardError(shard, f"{column!r} must be text, found {type(values[bad].as_py()).__name__} ({values.type})", row=bad)
+        raise ShardError(
+            shard, f"{column!r} must be text, found {type(values[bad].as_py()).__name__} ({values.type})", row=bad
+        )
     if values.null_count:
-        raise ShardError(shard, f"{column!r} is null", row=int(np.flatnonzero(values.is_null().to_numpy(zero_copy_only=False))[0]))
+        raise ShardError(
+            shard, f"{column!r} is null", row=int(np.flatnonzero(values.is_null().to_numpy(zero_copy_only=False))[0])
+        )
     bad_row = _first_bad_utf8(values)
     if bad_row is not None:
         raise ShardError(shard, f"{column!r} is not valid UTF-8", row=bad_row)
@@ -454,10 +477,14 @@ def _validate_text(shard: str, column: str, values: pa.ChunkedArray) -> pa.Array
 
 def _embedding_matrix_of(shard: str, column: str, values: pa.ChunkedArray) -> np.ndarray:
     """A list-of-floats column as an (n, d) float32 matrix, with shape checks and `_check_vectors`."""
-    if not (pa.types.is_list(values.type) or pa.types.is_fixed_size_list(values.type) or pa.types.is_large_list(values.type)):
+    if not (
+        pa.types.is_list(values.type) or pa.types.is_fixed_size_list(values.type) or pa.types.is_large_list(values.type)
+    ):
         raise ShardError(shard, f"{column!r} must be a list of floats, found {values.type}")
     if values.null_count:
-        raise ShardError(shard, f"{column!r} is null", row=int(np.flatnonzero(values.is_null().to_numpy(zero_copy_only=False))[0]))
+        raise ShardError(
+            shard, f"{column!r} is null", row=int(np.flatnonzero(values.is_null().to_numpy(zero_copy_only=False))[0])
+        )
     lengths = pc.list_value_length(values).to_numpy(zero_copy_only=False)
     if len(lengths) and (lengths != lengths[0]).any():
         bad = int(np.flatnonzero(lengths != lengths[0])[0])
@@ -478,16 +505,25 @@ def _check_vectors(shard: str, column: str, block: np.ndarray, offset: int) -> N
     block = np.asarray(block, dtype=np.float32)  # what the pipeline computes with (a float64 1e39 overflows)
     finite = np.isfinite(block).all(axis=1)
     if not finite.all():
-        raise ShardError(shard, f"{column!r} has a non-finite value (NaN or inf)", row=offset + int(np.flatnonzero(~finite)[0]))
+        raise ShardError(
+            shard, f"{column!r} has a non-finite value (NaN or inf)", row=offset + int(np.flatnonzero(~finite)[0])
+        )
     norms = np.sqrt(np.einsum("ij,ij->i", block, block, dtype=np.float64))
     if (norms == 0).any():
-        raise ShardError(shard, f"{column!r} is a zero vector (zero norm): it has no direction to compare",
-                         row=offset + int(np.flatnonzero(norms == 0)[0]))
+        raise ShardError(
+            shard,
+            f"{column!r} is a zero vector (zero norm): it has no direction to compare",
+            row=offset + int(np.flatnonzero(norms == 0)[0]),
+        )
     tiny = norms < FLOAT32_TINY
     if tiny.any():
         bad = int(np.flatnonzero(tiny)[0])
-        raise ShardError(shard, f"{column!r} is subnormal (norm {norms[bad]:.3g}, below float32's smallest normal "
-                         f"{FLOAT32_TINY:.3g}): it cannot be L2-normalised in float32", row=offset + bad)
+        raise ShardError(
+            shard,
+            f"{column!r} is subnormal (norm {norms[bad]:.3g}, below float32's smallest normal "
+            f"{FLOAT32_TINY:.3g}): it cannot be L2-normalised in float32",
+            row=offset + bad,
+        )
 
 
 def _open_npy(shard: ShardFile) -> np.ndarray:
@@ -506,8 +542,9 @@ def _open_npy(shard: ShardFile) -> np.ndarray:
     return x
 
 
-def iter_embedding_chunks(shard: Shard, column: str = "embedding",
-                          chunk_rows: int = EMBEDDING_CHUNK_ROWS) -> Iterator[np.ndarray]:
+def iter_embedding_chunks(
+    shard: Shard, column: str = "embedding", chunk_rows: int = EMBEDDING_CHUNK_ROWS
+) -> Iterator[np.ndarray]:
     """The shard's embeddings as float32 (rows, dim) chunks, in row order (npy: memory-mapped); a group's
     files one after the other."""
     if isinstance(shard, ShardGroup):
@@ -528,8 +565,11 @@ def iter_embedding_chunks(shard: Shard, column: str = "embedding",
 def _validate_npy(shard: ShardFile, n_metadata: int) -> int:
     x = _open_npy(shard)
     if x.shape[0] != n_metadata:
-        raise ShardError(shard.key, f"{shard.path.name} has {x.shape[0]} rows but its metadata "
-                         f"{shard.metadata.name if shard.metadata else ''} has {n_metadata}")
+        raise ShardError(
+            shard.key,
+            f"{shard.path.name} has {x.shape[0]} rows but its metadata "
+            f"{shard.metadata.name if shard.metadata else ''} has {n_metadata}",
+        )
     for start in range(0, x.shape[0], EMBEDDING_CHUNK_ROWS):
         _check_vectors(shard.key, shard.path.name, np.asarray(x[start : start + EMBEDDING_CHUNK_ROWS]), start)
     return int(x.shape[1])
@@ -544,7 +584,9 @@ def read_images(shard: Shard, column: str = "image") -> list[bytes | None]:
 
 
 def _validate_images(shard: str, column: str, values: pa.ChunkedArray) -> None:
-    if not (pa.types.is_binary(values.type) or pa.types.is_large_binary(values.type) or values.null_count == len(values)):
+    if not (
+        pa.types.is_binary(values.type) or pa.types.is_large_binary(values.type) or values.null_count == len(values)
+    ):
         raise ShardError(shard, f"{column!r} must hold encoded image bytes, found {values.type}")
 
 
@@ -579,16 +621,19 @@ def keep_by_column(shard: str, name: str, values: pa.ChunkedArray) -> pa.Array:
     if pa.types.is_date(t) or pa.types.is_timestamp(t):
         tz = t.tz if pa.types.is_timestamp(t) else None
         values = values.cast(pa.timestamp("us", tz)).cast(pa.int64())
-    elif not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
-              or pa.types.is_decimal(t)):
-        raise ShardError(shard, f"keep-by column {name!r} is {t}: only numbers, booleans, dates, timestamps and "
-                         "strings can order the members of a cluster")
+    elif not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t) or pa.types.is_decimal(t)):
+        raise ShardError(
+            shard,
+            f"keep-by column {name!r} is {t}: only numbers, booleans, dates, timestamps and "
+            "strings can order the members of a cluster",
+        )
     out = values.cast(pa.float64()).combine_chunks()
     return pc.if_else(pc.is_nan(out), pa.scalar(None, pa.float64()), out)
 
 
-def read_shard(shard: ShardFile, modality: str, column: str, id_column: str = "id",
-               keep_by: tuple[str, ...] = ()) -> ShardIndex:
+def read_shard(
+    shard: ShardFile, modality: str, column: str, id_column: str = "id", keep_by: tuple[str, ...] = ()
+) -> ShardIndex:
     """Validate one shard and return its index (id, row; text for the text modality; the `keep_by` columns)."""
     if shard.kind == "npy" and modality != "embedding":
         raise ShardError(shard.key, f".npy shards hold embeddings: use --modality embedding, not {modality!r}")
@@ -598,7 +643,9 @@ def read_shard(shard: ShardFile, modality: str, column: str, id_column: str = "i
     if table.num_rows == 0:
         raise ShardError(shard.key, "the shard is empty (no rows)")
     if shard.kind != "npy" and column not in table.column_names:
-        raise ShardError(shard.key, f"missing payload column {column!r} (columns: {', '.join(table.column_names) or 'none'})")
+        raise ShardError(
+            shard.key, f"missing payload column {column!r} (columns: {', '.join(table.column_names) or 'none'})"
+        )
     ids = _validated_ids(shard.key, table, id_column)
     index = {"id": ids, "row": pa.array(np.arange(table.num_rows, dtype=np.int64))}
     dim = None
@@ -628,7 +675,11 @@ def _validated_ids(shard: str, table: pa.Table, id_column: str) -> pa.Array:
     if id_column in table.column_names:
         ids = table.column(id_column)
         if ids.null_count:
-            raise ShardError(shard, f"id column {id_column!r} is null", row=int(np.flatnonzero(ids.is_null().to_numpy(zero_copy_only=False))[0]))
+            raise ShardError(
+                shard,
+                f"id column {id_column!r} is null",
+                row=int(np.flatnonzero(ids.is_null().to_numpy(zero_copy_only=False))[0]),
+            )
         ids = ids.cast(pa.string()).combine_chunks()
     else:
         ids = pa.array([f"{shard}:{i}" for i in range(n)], type=pa.string())

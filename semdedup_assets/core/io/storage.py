@@ -96,9 +96,11 @@ def parquet_options(schema: pa.Schema) -> dict[str, object]:
     small row groups slower still (bench/results/end_to_end.md), so they are stored plain.
     """
     vectors = {f.name for f in schema if _is_vector(f)}
-    return {**_PARQUET_OPTIONS,
-            "compression": {f.name: ("none" if f.name in vectors else "zstd") for f in schema},
-            "use_dictionary": [f.name for f in schema if f.name not in vectors]}
+    return {
+        **_PARQUET_OPTIONS,
+        "compression": {f.name: ("none" if f.name in vectors else "zstd") for f in schema},
+        "use_dictionary": [f.name for f in schema if f.name not in vectors],
+    }
 
 
 # s3fs/botocore defaults retry a dead endpoint for minutes (botocore's legacy mode, then s3fs'
@@ -108,8 +110,7 @@ def parquet_options(schema: pa.Schema) -> dict[str, object]:
 # business (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ... or an instance role): never passed here.
 S3_OPTIONS: dict[str, object] = {
     "use_listings_cache": False,
-    "config_kwargs": {"connect_timeout": 10, "read_timeout": 60,
-                      "retries": {"max_attempts": 3, "mode": "standard"}},
+    "config_kwargs": {"connect_timeout": 10, "read_timeout": 60, "retries": {"max_attempts": 3, "mode": "standard"}},
 }
 S3_RETRIES = 2  # s3fs' retries of timeouts and throttling, on top of botocore's attempts
 
@@ -159,8 +160,10 @@ def check_store(location: str | os.PathLike[str] | UPath, role: str) -> None:
     except FileNotFoundError:
         raise StoreError(f"{role} {printable(path)}: bucket {bucket!r} does not exist") from None
     except PermissionError as err:
-        raise StoreError(f"{role} {printable(path)}: access to bucket {bucket!r} refused ({err}); check the credentials "
-                         "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the instance role)") from None
+        raise StoreError(
+            f"{role} {printable(path)}: access to bucket {bucket!r} refused ({err}); check the credentials "
+            "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the instance role)"
+        ) from None
     except Exception as err:  # botocore's connection errors are not OSErrors
         raise StoreError(f"{role} {printable(path)}: cannot reach bucket {bucket!r}: {err}") from None
 
@@ -191,12 +194,14 @@ def _location_parts(location: str | os.PathLike[str] | UPath) -> tuple[str, tupl
     path = to_upath(location)
     if is_local(path):
         return "", tuple(p for p in os.path.realpath(str(path)).split(os.sep) if p)
-    return str(getattr(path, "protocol", "")), tuple(p for p in urlsplit(str(path))._replace(scheme="").geturl()
-                                                         .strip("/").split("/") if p)
+    return str(getattr(path, "protocol", "")), tuple(
+        p for p in urlsplit(str(path))._replace(scheme="").geturl().strip("/").split("/") if p
+    )
 
 
-def overlap_error(input_location: str | os.PathLike[str] | UPath,
-                  storage_location: str | os.PathLike[str] | UPath) -> str | None:
+def overlap_error(
+    input_location: str | os.PathLike[str] | UPath, storage_location: str | os.PathLike[str] | UPath
+) -> str | None:
     """Why the input and the storage root cannot be used together (None when they are apart).
 
     A storage inside the input would be read back as input shards on the next run (the
@@ -208,11 +213,15 @@ def overlap_error(input_location: str | os.PathLike[str] | UPath,
     if a == b:
         return f"--input {printable(input_location)} and --storage {printable(storage_location)} are the same location"
     if b[: len(a)] == a:
-        return (f"--storage {printable(storage_location)} is inside --input {printable(input_location)}: its files would be read as input "
-                "shards; put the storage outside the input")
+        return (
+            f"--storage {printable(storage_location)} is inside --input {printable(input_location)}: its files would be read as input "
+            "shards; put the storage outside the input"
+        )
     if a[: len(b)] == b:
-        return (f"--input {printable(input_location)} is inside --storage {printable(storage_location)}: the storage's files would be "
-                "mixed with the input; put the input outside the storage")
+        return (
+            f"--input {printable(input_location)} is inside --storage {printable(storage_location)}: the storage's files would be "
+            "mixed with the input; put the input outside the storage"
+        )
     return None
 
 
@@ -225,8 +234,9 @@ def _make_parent(path: UPath) -> None:
 class Storage:
     """The storage root and the layout of every stage's files below it."""
 
-    def __init__(self, root: str | os.PathLike[str] | UPath, catalog: str = "catalog.duckdb",
-                 scan_memory: int | None = None) -> None:
+    def __init__(
+        self, root: str | os.PathLike[str] | UPath, catalog: str = "catalog.duckdb", scan_memory: int | None = None
+    ) -> None:
         self.root = to_upath(root)
         self.catalog = catalog  # the catalog file's path when the root is not local
         # DuckDB's memory for a scan of the stage files (catalog.scan), from the settings' memory budget: None
@@ -448,8 +458,9 @@ class AtomicParquetWriter:
         end = pending.num_rows if final else full
         with writing(self.path):
             for start in range(0, end, self._group):
-                self._writer.write_table(pending.slice(start, min(self._group, end - start)),
-                                         row_group_size=self._group)
+                self._writer.write_table(
+                    pending.slice(start, min(self._group, end - start)), row_group_size=self._group
+                )
         rest = pending.slice(end)
         self._pending, self._pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
 
@@ -569,8 +580,10 @@ class StageFileError(OSError):
     def __init__(self, path: UPath, cause: BaseException) -> None:
         self.path = path
         self.reason = f"{type(cause).__name__}: {cause}"
-        super().__init__(f"cannot read {printable(path)}: {self.reason} (the file is damaged; "
-                         "delete it, or run `semdedup verify --repair`, and the next run recomputes it)")
+        super().__init__(
+            f"cannot read {printable(path)}: {self.reason} (the file is damaged; "
+            "delete it, or run `semdedup verify --repair`, and the next run recomputes it)"
+        )
 
 
 # What a damaged Parquet file raises: ArrowInvalid (bad footer), OSError, EOF, ValueError.

@@ -84,9 +84,7 @@ def _check_clean_end(tar: tarfile.TarFile) -> None:
     if stop is None or isinstance(stop, tarfile.EOFHeaderError):
         return
     if isinstance(stop, (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError)):
-        raise ValueError(
-            f"truncated tar: the data ends at byte {tar.offset} without an end-of-archive marker"
-        )
+        raise ValueError(f"truncated tar: the data ends at byte {tar.offset} without an end-of-archive marker")
     raise ValueError(f"corrupt tar: invalid member header at byte {tar.offset} ({stop})")
 
 

@@ -29,8 +29,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from semdedup_assets.core.io import storage as st
 from semdedup_assets.core.config import Settings, visible_cuda_devices
+from semdedup_assets.core.io import storage as st
 from semdedup_assets.core.io.shards import Shard
 
 R = TypeVar("R")
@@ -65,8 +65,12 @@ class Worker:
     gpu_peak_mib: float | None = None
 
     def __str__(self) -> str:
-        return (f"{self.node}" + (f" node {self.node_id[:12]}" if self.node_id else "") + f" pid {self.pid}"
-                + (f" CUDA_VISIBLE_DEVICES={self.devices}" if self.devices else ""))
+        return (
+            f"{self.node}"
+            + (f" node {self.node_id[:12]}" if self.node_id else "")
+            + f" pid {self.pid}"
+            + (f" CUDA_VISIBLE_DEVICES={self.devices}" if self.devices else "")
+        )
 
 
 def current_worker(role: str = DRIVER) -> Worker:
@@ -107,8 +111,13 @@ class Engine(ABC):
         """Embed every shard (`core.embed.shard.embed_shard`), yielding Done(key, EmbedShardResult, worker)."""
 
     @abstractmethod
-    def train_centroids(self, settings: Settings, embedding_files: Mapping[str, st.UPath],
-                        log: Log | None = None, warn: Log | None = None) -> Done:
+    def train_centroids(
+        self,
+        settings: Settings,
+        embedding_files: Mapping[str, st.UPath],
+        log: Log | None = None,
+        warn: Log | None = None,
+    ) -> Done:
         """Train and write the centroids (`core.cluster.centroids.train_centroids`): Done("centroids", CentroidsResult, worker)."""
 
     @abstractmethod
@@ -117,8 +126,9 @@ class Engine(ABC):
         Done(key, AssignShardResult, worker)."""
 
     @abstractmethod
-    def dedup_buckets(self, settings: Settings, buckets: Sequence[str], k: int,
-                      assignment_files: Sequence[st.UPath]) -> Iterator[Done]:
+    def dedup_buckets(
+        self, settings: Settings, buckets: Sequence[str], k: int, assignment_files: Sequence[st.UPath]
+    ) -> Iterator[Done]:
         """Deduplicate every bucket (`core.dedup.buckets.dedup_bucket`), yielding Done(bucket, DedupBucketResult, worker)."""
 
     @abstractmethod
@@ -129,7 +139,7 @@ class Engine(ABC):
     def close(self) -> None:
         """Release what the engine holds."""
 
-    def __enter__(self) -> "Engine":
+    def __enter__(self) -> Engine:
         return self
 
     def __exit__(self, *exc: object) -> None:

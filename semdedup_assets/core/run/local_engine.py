@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 
-from semdedup_assets.core.io import storage as st
 from semdedup_assets.core.config import Settings
+from semdedup_assets.core.io import storage as st
 from semdedup_assets.core.io.shards import Shard
 from semdedup_assets.core.run.engines import CENTROIDS, KEEP_LISTS, Done, Engine, Log, current_worker
 
@@ -29,8 +29,13 @@ class LocalEngine(Engine):
         for shard in shards:
             yield Done(shard.key, embed_shard(settings, shard.key, shard, log=log), worker)
 
-    def train_centroids(self, settings: Settings, embedding_files: Mapping[str, st.UPath],
-                        log: Log | None = None, warn: Log | None = None) -> Done:
+    def train_centroids(
+        self,
+        settings: Settings,
+        embedding_files: Mapping[str, st.UPath],
+        log: Log | None = None,
+        warn: Log | None = None,
+    ) -> Done:
         from semdedup_assets.core.cluster.centroids import train_centroids
 
         return Done(CENTROIDS, train_centroids(settings, embedding_files, log=log, warn=warn), current_worker())
@@ -44,8 +49,9 @@ class LocalEngine(Engine):
         for key in keys:
             yield Done(key, assign_shard(settings, key, centroids, len(centroids)), worker)
 
-    def dedup_buckets(self, settings: Settings, buckets: Sequence[str], k: int,
-                      assignment_files: Sequence[st.UPath]) -> Iterator[Done]:
+    def dedup_buckets(
+        self, settings: Settings, buckets: Sequence[str], k: int, assignment_files: Sequence[st.UPath]
+    ) -> Iterator[Done]:
         from semdedup_assets.core.dedup.buckets import dedup_bucket
 
         worker = current_worker()

@@ -17,19 +17,19 @@ from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
-from semdedup_assets.core.io import storage as st
+from semdedup_assets.core.checks.layout import prune_keep_lists
 from semdedup_assets.core.cluster.assign import AssignShardResult, bucket_keys
 from semdedup_assets.core.cluster.centroids import CentroidsResult, load_centroids
 from semdedup_assets.core.config import Settings
 from semdedup_assets.core.dedup.buckets import DedupBucketResult
+from semdedup_assets.core.dedup.keep import KeepListsResult
 from semdedup_assets.core.embed.shard import EmbedShardResult
+from semdedup_assets.core.ingest.stage import IngestResult, StagedShard, discard_staged, publish_shards
+from semdedup_assets.core.io import storage as st
+from semdedup_assets.core.io.shards import Shard, discover_shards
 from semdedup_assets.core.run.engines import Engine, Worker
 from semdedup_assets.core.run.local_engine import LocalEngine
 from semdedup_assets.core.run.ray_engine import RayEngine, ray_session
-from semdedup_assets.core.ingest.stage import IngestResult, StagedShard, discard_staged, publish_shards
-from semdedup_assets.core.dedup.keep import KeepListsResult
-from semdedup_assets.core.checks.layout import prune_keep_lists
-from semdedup_assets.core.io.shards import Shard, discover_shards
 
 Log = Callable[[str], None]
 # The steps of a run, in order (what `on_step` is called with).
@@ -62,8 +62,9 @@ def engine_for(settings: Settings) -> Engine:
     return RayEngine(settings) if settings.engine == "ray" else LocalEngine()
 
 
-def ingest_shards(settings: Settings, shards: Sequence[Shard], log: Log | None = None,
-                  engine: Engine | None = None) -> IngestResult:
+def ingest_shards(
+    settings: Settings, shards: Sequence[Shard], log: Log | None = None, engine: Engine | None = None
+) -> IngestResult:
     """Validate every shard, then publish `raw/<key>.parquet` for all of them together.
 
     The engine stages the shards (`core.ingest.stage.stage_shard`: here, or as Ray tasks with
@@ -79,8 +80,10 @@ def ingest_shards(settings: Settings, shards: Sequence[Shard], log: Log | None =
         for d in (engine or LocalEngine()).stage_shards(settings, shards):
             staged[d.unit], workers[d.unit] = d.result, d.worker
             if log is not None:
-                log(f"validated shard {d.unit!r}: {d.result.rows} rows"
-                    + (f" on {d.worker}" if engine is not None and engine.name != "local" else ""))
+                log(
+                    f"validated shard {d.unit!r}: {d.result.rows} rows"
+                    + (f" on {d.worker}" if engine is not None and engine.name != "local" else "")
+                )
     except BaseException:
         discard_staged(settings, [s.key for s in shards])
         raise
@@ -94,9 +97,14 @@ def stray_shards(settings: Settings, shards: Sequence[Shard]) -> list[str]:
     return sorted(k for k in (storage.shard_of(st.RAW, p) for p in storage.stage_files(st.RAW)) if k not in keys)
 
 
-def run_units(settings: Settings, engine: Engine | None = None, shards: Sequence[Shard] | None = None,
-              log: Log | None = None, on_step: Callable[[str, int], None] | None = None,
-              on_unit: Callable[[str, str], None] | None = None) -> RunUnitsResult:
+def run_units(
+    settings: Settings,
+    engine: Engine | None = None,
+    shards: Sequence[Shard] | None = None,
+    log: Log | None = None,
+    on_step: Callable[[str, int], None] | None = None,
+    on_unit: Callable[[str, str], None] | None = None,
+) -> RunUnitsResult:
     """Run the whole method on `settings.input` into `settings.storage` as the core's units, stage after stage.
 
     `engine`: where the units run (default: the settings' engine, closed at the end; a given engine stays open).
@@ -109,8 +117,10 @@ def run_units(settings: Settings, engine: Engine | None = None, shards: Sequence
     if not shards:
         raise ValueError(f"no shard files under {settings.input}")
     if stray := stray_shards(settings, shards):
-        raise StrayShardsError(f"the storage {settings.storage} already holds {len(stray)} shard(s) that are not in "
-                               f"this input (e.g. {stray[:3]}): use another storage")
+        raise StrayShardsError(
+            f"the storage {settings.storage} already holds {len(stray)} shard(s) that are not in "
+            f"this input (e.g. {stray[:3]}): use another storage"
+        )
     storage = settings.storage_root()
     keys = [s.key for s in shards]
     buckets = bucket_keys(settings.bucket_partitions)

@@ -50,8 +50,9 @@ def worker_count(device: torch.device | str = "cpu") -> int:
     return max(1, torch.get_num_threads())
 
 
-def map_batches(forward: Callable[[B], R], batches: Iterable[B], device: torch.device,
-                workers: int | None = None) -> Iterator[R]:
+def map_batches(
+    forward: Callable[[B], R], batches: Iterable[B], device: torch.device, workers: int | None = None
+) -> Iterator[R]:
     """Yield `forward(batch)` for each batch, in order, under `torch.inference_mode()`.
 
     On the CPU every call runs with torch's intra-op thread count at 1, and up to `workers`

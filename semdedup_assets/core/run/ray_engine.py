@@ -15,13 +15,23 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
-from semdedup_assets.core.io import storage as st
 from semdedup_assets.core.config import Settings
-from semdedup_assets.core.run.meter import stage_meter
+from semdedup_assets.core.io import storage as st
 from semdedup_assets.core.io.shards import Shard
-from semdedup_assets.core.run.engines import (CENTROIDS, KEEP_LISTS, RAY_WORKER, Done, Engine, EngineError, Log, R, Worker,
-                                              current_worker)
+from semdedup_assets.core.run.engines import (
+    CENTROIDS,
+    KEEP_LISTS,
+    RAY_WORKER,
+    Done,
+    Engine,
+    EngineError,
+    Log,
+    R,
+    Worker,
+    current_worker,
+)
 from semdedup_assets.core.run.local_engine import LocalEngine  # k-means stays in the driver without a GPU
+from semdedup_assets.core.run.meter import stage_meter
 
 REACHABLE_TIMEOUT_S = 5.0
 
@@ -49,8 +59,9 @@ def resolve_ray_address(address: str | None) -> str | None:
 
         resolved = canonicalize_bootstrap_address("auto")
         if not resolved:
-            raise EngineError("--ray-address auto: no running Ray cluster found on this machine (no RAY_ADDRESS, "
-                              "no `ray start`)")
+            raise EngineError(
+                "--ray-address auto: no running Ray cluster found on this machine (no RAY_ADDRESS, no `ray start`)"
+            )
     host, port = host_port(resolved)
     try:
         socket.create_connection((host, port), timeout=REACHABLE_TIMEOUT_S).close()
@@ -163,8 +174,11 @@ def in_ray_worker(work: Callable[[], R]) -> tuple[R, Worker]:
     with stage_meter() as figures:
         result = work()
     gpu = figures.get("gpu_peak_mib")
-    return result, replace(current_worker(RAY_WORKER), peak_rss_mib=float(figures["peak_rss_mib"]),
-                           gpu_peak_mib=None if gpu is None else float(gpu))
+    return result, replace(
+        current_worker(RAY_WORKER),
+        peak_rss_mib=float(figures["peak_rss_mib"]),
+        gpu_peak_mib=None if gpu is None else float(gpu),
+    )
 
 
 class ShardEmbedder:
@@ -186,8 +200,9 @@ class ShardEmbedder:
         return in_ray_worker(lambda: embed_shard(self.settings, shard.key, shard, encoder=self.encoder))
 
 
-def _dedup_task(settings: Settings, bucket: str, k: int, assignment_files: Sequence[st.UPath],
-                threads: int) -> tuple[Any, Worker]:
+def _dedup_task(
+    settings: Settings, bucket: str, k: int, assignment_files: Sequence[st.UPath], threads: int
+) -> tuple[Any, Worker]:
     from semdedup_assets.core.dedup.buckets import dedup_bucket
 
     if threads:
@@ -235,8 +250,9 @@ class CentroidsRun:
     warnings: list[str]  # Python warnings (the sample capped by the memory budget)
 
 
-def _centroids_task(settings: Settings, embedding_files: Mapping[str, st.UPath], threads: int
-                    ) -> tuple[CentroidsRun, Worker]:
+def _centroids_task(
+    settings: Settings, embedding_files: Mapping[str, st.UPath], threads: int
+) -> tuple[CentroidsRun, Worker]:
     """k-means training on a GPU worker (faiss-gpu where importable there, else faiss' CPU math)."""
     import warnings
 
@@ -250,8 +266,9 @@ def _centroids_task(settings: Settings, embedding_files: Mapping[str, st.UPath],
     warned: list[str] = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result, worker = in_ray_worker(lambda: train_centroids(settings, embedding_files, log=logs.append,
-                                                               warn=warned.append))
+        result, worker = in_ray_worker(
+            lambda: train_centroids(settings, embedding_files, log=logs.append, warn=warned.append)
+        )
     return CentroidsRun(result, logs, warned, [str(w.message) for w in caught]), worker
 
 
@@ -351,11 +368,14 @@ class RayEngine(Engine):
                     for path in outputs(shard.key):
                         remove_temporaries(path)
                     if attempts[shard.key] > settings.ray_retries:
-                        raise worker_died_error("shard", shard.key, attempts[shard.key], settings.ray_retries,
-                                                err) from None
+                        raise worker_died_error(
+                            "shard", shard.key, attempts[shard.key], settings.ray_retries, err
+                        ) from None
                     if log is not None:
-                        log(f"shard {shard.key!r}: its Ray worker died ({_first_line(err)}); retry "
-                            f"{attempts[shard.key]} of {settings.ray_retries} on a new actor")
+                        log(
+                            f"shard {shard.key!r}: its Ray worker died ({_first_line(err)}); retry "
+                            f"{attempts[shard.key]} of {settings.ray_retries} on a new actor"
+                        )
                     ray.kill(actors[i])
                     actors[i] = actor_class.remote(settings, plan.threads)
                     pending.appendleft(shard)
@@ -367,8 +387,13 @@ class RayEngine(Engine):
             for actor in actors:
                 ray.kill(actor)
 
-    def train_centroids(self, settings: Settings, embedding_files: Mapping[str, st.UPath],
-                        log: Log | None = None, warn: Log | None = None) -> Done:
+    def train_centroids(
+        self,
+        settings: Settings,
+        embedding_files: Mapping[str, st.UPath],
+        log: Log | None = None,
+        warn: Log | None = None,
+    ) -> Done:
         import warnings
 
         import ray
@@ -378,14 +403,20 @@ class RayEngine(Engine):
             if log is not None:
                 log("ray: no GPU in the cluster, k-means trains in the driver")
             return LocalEngine().train_centroids(settings, embedding_files, log=log, warn=warn)
-        task = ray.remote(_centroids_task).options(max_retries=settings.ray_retries, retry_exceptions=False,
-                                                   num_gpus=1, num_cpus=0)
+        task = ray.remote(_centroids_task).options(
+            max_retries=settings.ray_retries, retry_exceptions=False, num_gpus=1, num_cpus=0
+        )
         storage = settings.storage_root()
         threads = max(1, int(min(node_cpus, default=1)))
         if log is not None:
             log("ray: k-means trains in one task on a GPU worker")
-        (done,) = self._run_tasks(settings, task, [(CENTROIDS, (settings, dict(embedding_files), threads))],
-                                  kind="k-means", outputs=lambda _: [storage.centroids_file])
+        (done,) = self._run_tasks(
+            settings,
+            task,
+            [(CENTROIDS, (settings, dict(embedding_files), threads))],
+            kind="k-means",
+            outputs=lambda _: [storage.centroids_file],
+        )
         run: CentroidsRun = done.result
         for line in run.logs if log is not None else []:
             log(f"{line} (on {done.worker})")
@@ -403,8 +434,9 @@ class RayEngine(Engine):
         # O(shard) each, one CPU per task: a node reads and validates as many shards at once as it has cores. The
         # staged files stay after a task (the run's process publishes or discards the whole batch).
         task = ray.remote(_stage_task).options(max_retries=settings.ray_retries, retry_exceptions=False, num_cpus=1)
-        yield from self._run_tasks(settings, task, [(shard.key, (settings, shard)) for shard in shards], kind="shard",
-                                   outputs=lambda key: [])
+        yield from self._run_tasks(
+            settings, task, [(shard.key, (settings, shard)) for shard in shards], kind="shard", outputs=lambda key: []
+        )
 
     def assign_shards(self, settings: Settings, keys: Sequence[str]) -> Iterator[Done]:
         import ray
@@ -416,11 +448,17 @@ class RayEngine(Engine):
         # O(shard + k*d) each: one CPU (or one GPU) per task, so a node runs as many shards as it has cores.
         resources = {"num_gpus": 1, "num_cpus": 0} if gpus >= 1 else {"num_cpus": 1}
         task = ray.remote(_assign_task).options(max_retries=settings.ray_retries, retry_exceptions=False, **resources)
-        yield from self._run_tasks(settings, task, [(key, (settings, key)) for key in keys], kind="shard",
-                                   outputs=lambda key: [storage.shard_file(st.CLUSTER_ASSIGNMENTS, key)])
+        yield from self._run_tasks(
+            settings,
+            task,
+            [(key, (settings, key)) for key in keys],
+            kind="shard",
+            outputs=lambda key: [storage.shard_file(st.CLUSTER_ASSIGNMENTS, key)],
+        )
 
-    def dedup_buckets(self, settings: Settings, buckets: Sequence[str], k: int,
-                      assignment_files: Sequence[st.UPath]) -> Iterator[Done]:
+    def dedup_buckets(
+        self, settings: Settings, buckets: Sequence[str], k: int, assignment_files: Sequence[st.UPath]
+    ) -> Iterator[Done]:
         import ray
 
         if not buckets:
@@ -434,27 +472,39 @@ class RayEngine(Engine):
         resources = {"num_gpus": 1, "num_cpus": 0} if gpus >= 1 else {"num_cpus": threads}
         task = ray.remote(_dedup_task).options(max_retries=settings.ray_retries, retry_exceptions=False, **resources)
         files = ray.put(list(assignment_files))
-        yield from self._run_tasks(settings, task, [(bucket, (settings, bucket, k, files, threads)) for bucket in buckets],
-                                   kind="bucket", outputs=lambda bucket: [storage.bucket_file(bucket)])
+        yield from self._run_tasks(
+            settings,
+            task,
+            [(bucket, (settings, bucket, k, files, threads)) for bucket in buckets],
+            kind="bucket",
+            outputs=lambda bucket: [storage.bucket_file(bucket)],
+        )
 
     def build_keep_lists(self, settings: Settings, bucket_files: Sequence[st.UPath], log: Log | None = None) -> Done:
         import ray
 
         storage = settings.storage_root()
         # A streaming merge of the bucket files: one CPU, on whichever node Ray picks.
-        task = ray.remote(_keep_lists_task).options(max_retries=settings.ray_retries, retry_exceptions=False,
-                                                    num_cpus=1)
+        task = ray.remote(_keep_lists_task).options(
+            max_retries=settings.ray_retries, retry_exceptions=False, num_cpus=1
+        )
         outputs = [storage.keep_list_file(e) for e in settings.eps] + [storage.eps_curve_file]
-        (done,) = self._run_tasks(settings, task, [(KEEP_LISTS, (settings, list(bucket_files)))], kind="keep-lists",
-                                  outputs=lambda _: outputs)
+        (done,) = self._run_tasks(
+            settings, task, [(KEEP_LISTS, (settings, list(bucket_files)))], kind="keep-lists", outputs=lambda _: outputs
+        )
         result, logs = done.result
         for line in logs if log is not None else []:
             log(line)
         return Done(KEEP_LISTS, result, done.worker)
 
     @staticmethod
-    def _run_tasks(settings: Settings, task: Any, units: Sequence[tuple[str, tuple]], kind: str,
-                   outputs: Callable[[str], list[st.UPath]]) -> Iterator[Done]:
+    def _run_tasks(
+        settings: Settings,
+        task: Any,
+        units: Sequence[tuple[str, tuple]],
+        kind: str,
+        outputs: Callable[[str], list[st.UPath]],
+    ) -> Iterator[Done]:
         """Submit one Ray task per unit, yield each as it finishes; a unit past its retries fails naming it.
 
         Ray itself re-runs a task whose worker died, up to `ray_retries` times (`max_retries`);
@@ -497,8 +547,10 @@ def _get(ref: Any) -> Any:
 def worker_died_error(kind: str, unit: str, deaths: int, retries: int, err: BaseException) -> EngineError:
     """The error of a unit whose Ray worker died past its retries, naming the shard, bucket or k-means."""
     name = f"{kind} {unit!r}" if kind in ("shard", "bucket") else kind
-    return EngineError(f"{name}: its Ray worker died {deaths} time(s); the {retries} retries are exhausted: "
-                       f"{_first_line(err)}", shard=unit if kind == "shard" else None)
+    return EngineError(
+        f"{name}: its Ray worker died {deaths} time(s); the {retries} retries are exhausted: {_first_line(err)}",
+        shard=unit if kind == "shard" else None,
+    )
 
 
 def _first_line(err: BaseException) -> str:

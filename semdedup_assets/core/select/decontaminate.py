@@ -19,13 +19,20 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 
-from semdedup_assets.core.io import storage as st
 from semdedup_assets.core.config import Settings
-from semdedup_assets.core.embed.shard import empty_items
 from semdedup_assets.core.embed.encoders import Encoder, encoder_for, l2_normalize, resolve_device
+from semdedup_assets.core.embed.shard import empty_items
+from semdedup_assets.core.io import storage as st
 from semdedup_assets.core.io.schemas import CONTAMINATED_REFERENCE_KEY, CONTAMINATED_SCHEMA
+from semdedup_assets.core.io.shards import (
+    ShardError,
+    ShardFile,
+    discover_shards,
+    iter_embedding_chunks,
+    read_images,
+    read_shard,
+)
 from semdedup_assets.core.io.tables import unit_embeddings
-from semdedup_assets.core.io.shards import ShardError, ShardFile, discover_shards, iter_embedding_chunks, read_images, read_shard
 
 if TYPE_CHECKING:
     import torch
@@ -57,9 +64,14 @@ def _reference_shards(location: str) -> list[ShardFile]:
     return shards
 
 
-def embed_reference(location: str, modality: str, column: str, id_column: str,
-                    encode: Callable[[list], np.ndarray] | None,
-                    encode_images: Callable[[list], tuple[np.ndarray, np.ndarray]] | None = None) -> Reference:
+def embed_reference(
+    location: str,
+    modality: str,
+    column: str,
+    id_column: str,
+    encode: Callable[[list], np.ndarray] | None,
+    encode_images: Callable[[list], tuple[np.ndarray, np.ndarray]] | None = None,
+) -> Reference:
     """Read and embed every reference shard under `location` like dataset shards.
 
     `encode(texts)` embeds text; `encode_images(images)` returns (vectors, ok positions)
@@ -119,8 +131,10 @@ def check_reference(location: str, modality: str, column: str, id_column: str, d
         except ShardError as err:
             raise ReferenceError(f"reference {err}") from None
         if dataset_dim is not None and index.dim is not None and index.dim != dataset_dim:
-            raise ReferenceError(f"reference shard {shard.key!r} has dimension {index.dim} but the dataset's "
-                                 f"embeddings have dimension {dataset_dim}: embed both with the same encoder")
+            raise ReferenceError(
+                f"reference shard {shard.key!r} has dimension {index.dim} but the dataset's "
+                f"embeddings have dimension {dataset_dim}: embed both with the same encoder"
+            )
         items += index.table.num_rows
     return items
 
@@ -139,15 +153,19 @@ def check_run_reference(settings: Settings, first_shard: ShardFile) -> int:
             dim = None
     return check_reference(settings.reference, settings.modality, settings.payload_column, settings.id_column, dim)
 
-def nearest_reference(x: np.ndarray, reference: np.ndarray, block: int = REFERENCE_BLOCK,
-                      device: str | torch.device | None = None) -> tuple[np.ndarray, np.ndarray]:
+
+def nearest_reference(
+    x: np.ndarray, reference: np.ndarray, block: int = REFERENCE_BLOCK, device: str | torch.device | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(best cosine float32, index of the first reference row achieving it) for every row of x, exact.
 
     Fails naming both dimensions when they differ.
     """
     if x.shape[1] != reference.shape[1]:
-        raise ReferenceError(f"the reference embeddings have dimension {reference.shape[1]} but the dataset's have "
-                             f"dimension {x.shape[1]}: embed both with the same encoder")
+        raise ReferenceError(
+            f"the reference embeddings have dimension {reference.shape[1]} but the dataset's have "
+            f"dimension {x.shape[1]}: embed both with the same encoder"
+        )
     import torch  # here, not at import: the code location loads without torch
 
     with torch.inference_mode():
@@ -163,19 +181,28 @@ def nearest_reference(x: np.ndarray, reference: np.ndarray, block: int = REFEREN
         return best.cpu().numpy(), arg.cpu().numpy()
 
 
-def find_contaminated(chunks: Iterable[tuple[str, np.ndarray, np.ndarray]], reference: Reference,
-                      threshold: float, block: int = REFERENCE_BLOCK,
-                      device: str | torch.device | None = None) -> Iterator[pa.Table]:
+def find_contaminated(
+    chunks: Iterable[tuple[str, np.ndarray, np.ndarray]],
+    reference: Reference,
+    threshold: float,
+    block: int = REFERENCE_BLOCK,
+    device: str | torch.device | None = None,
+) -> Iterator[pa.Table]:
     """For (shard, ids, unit-norm vectors) chunks: the items whose best reference score > threshold."""
     for shard, ids, x in chunks:
         if not len(x):
             continue
         best, arg = nearest_reference(x, reference.vectors, block, device)
         hit = np.flatnonzero(best.astype(np.float64) > threshold)
-        yield pa.table({"id": pa.array(np.asarray(ids, dtype=object)[hit].tolist(), pa.string()),
-                        "shard": pa.array([shard] * len(hit), pa.string()),
-                        "reference_id": pa.array(reference.ids[arg[hit]].tolist(), pa.string()),
-                        "score": pa.array(best[hit].astype(np.float64))}, schema=CONTAMINATED_SCHEMA)
+        yield pa.table(
+            {
+                "id": pa.array(np.asarray(ids, dtype=object)[hit].tolist(), pa.string()),
+                "shard": pa.array([shard] * len(hit), pa.string()),
+                "reference_id": pa.array(reference.ids[arg[hit]].tolist(), pa.string()),
+                "score": pa.array(best[hit].astype(np.float64)),
+            },
+            schema=CONTAMINATED_SCHEMA,
+        )
 
 
 def contamination_threshold(eps: Sequence[float]) -> float:
@@ -202,8 +229,9 @@ def _stored_chunks(embedding_files: Mapping[str, st.UPath]) -> Iterator[tuple[st
         yield key, table.column("id").to_pylist(), unit_embeddings(table)
 
 
-def decontaminate(settings: Settings, embedding_files: Mapping[str, st.UPath], encoder: Encoder | None = None
-                  ) -> DecontaminationResult | None:
+def decontaminate(
+    settings: Settings, embedding_files: Mapping[str, st.UPath], encoder: Encoder | None = None
+) -> DecontaminationResult | None:
     """Flag the dataset's items within 1 - eps of `settings.reference`; writes the contaminated file atomically.
 
     Without a reference the file holds no rows (nothing is contaminated) and None is returned;
@@ -224,20 +252,32 @@ def decontaminate(settings: Settings, embedding_files: Mapping[str, st.UPath], e
         result = encoder.encode_images(items)
         return result.vectors, result.ok_index
 
-    reference = embed_reference(settings.reference, settings.modality, settings.payload_column, settings.id_column,
-                                encoder.encode if settings.modality == "text" else None, encode_images)
+    reference = embed_reference(
+        settings.reference,
+        settings.modality,
+        settings.payload_column,
+        settings.id_column,
+        encoder.encode if settings.modality == "text" else None,
+        encode_images,
+    )
     threshold = contamination_threshold(settings.eps)
     writer = st.AtomicParquetWriter(storage.contaminated_file, schema)
     per_eps = {e: 0 for e in settings.eps}  # counted shard by shard: no list of every flagged item's score
     flagged = 0
     with st.publish_together([writer]):
-        for table in find_contaminated(_stored_chunks(embedding_files), reference, threshold,
-                                       device=resolve_device(settings.device)):
+        for table in find_contaminated(
+            _stored_chunks(embedding_files), reference, threshold, device=resolve_device(settings.device)
+        ):
             writer.write(table)
             s = table.column("score").to_numpy()
             flagged += len(s)
             for e in per_eps:
                 per_eps[e] += int((s > 1.0 - e).sum())
-    return DecontaminationResult(path=str(storage.contaminated_file), reference_items=int(len(reference.ids)),
-                                 reference_skipped=reference.skipped,
-                                 flagged=flagged, per_eps=per_eps, seconds=round(time.perf_counter() - start, 2))
+    return DecontaminationResult(
+        path=str(storage.contaminated_file),
+        reference_items=len(reference.ids),
+        reference_skipped=reference.skipped,
+        flagged=flagged,
+        per_eps=per_eps,
+        seconds=round(time.perf_counter() - start, 2),
+    )

@@ -44,14 +44,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from semdedup_assets.core.checks.lineage import mismatch, results_fingerprint
 from semdedup_assets.core.io import storage as st
 from semdedup_assets.core.io.catalog import BUCKET_GLOB, scan, sql_quote, stage_source
-from semdedup_assets.core.checks.lineage import mismatch, results_fingerprint
-from semdedup_assets.core.select.prune import Pruning, PruneError, is_pruning, keep_count, kept_file, parse_pruning
 from semdedup_assets.core.io.schemas import CONTAMINATED_REFERENCE_KEY
 from semdedup_assets.core.io.shards import Shard, ShardFile, ShardGroup, discover_shards, members
 from semdedup_assets.core.io.storage import UPath
 from semdedup_assets.core.io.webdataset import split_member_name
+from semdedup_assets.core.select.prune import PruneError, Pruning, is_pruning, keep_count, kept_file, parse_pruning
 
 DEDUPLICATED = "deduplicated"
 MANIFEST_DIR = ".semdedup"
@@ -88,8 +88,10 @@ def parse_selection(text: str, configured_eps: Sequence[float]) -> Selection:
     name, sep, raw = str(text).strip().partition("=")
     name = name.strip().lower().replace("_", "-")
     if not sep or name not in ("eps", "keep-fraction"):
-        raise ExportError(f"selection must be eps=E or keep-fraction=F, or a pruning selection (prototypes:..., "
-                          f"d4:..., dbp:...), got {text!r}")
+        raise ExportError(
+            f"selection must be eps=E or keep-fraction=F, or a pruning selection (prototypes:..., "
+            f"d4:..., dbp:...), got {text!r}"
+        )
     try:
         value = float(raw)
     except ValueError:
@@ -100,8 +102,9 @@ def parse_selection(text: str, configured_eps: Sequence[float]) -> Selection:
         return Selection(name, value)
     configured = sorted(float(e) for e in configured_eps)
     if not any(value == e for e in configured):
-        raise ExportError(f"eps={raw.strip()} is not configured; configured eps: "
-                          f"{', '.join(st.format_eps(e) for e in configured)}")
+        raise ExportError(
+            f"eps={raw.strip()} is not configured; configured eps: {', '.join(st.format_eps(e) for e in configured)}"
+        )
     return Selection(name, value)
 
 
@@ -125,18 +128,23 @@ def _contaminated_source(storage: st.Storage, reference: str | None = None) -> s
     path = storage.contaminated_file
     if not path.exists():
         if reference:
-            raise ExportError(f"no decontamination results for the reference {reference}: the last run did not "
-                              "finish them; re-run `semdedup run`")
+            raise ExportError(
+                f"no decontamination results for the reference {reference}: the last run did not "
+                "finish them; re-run `semdedup run`"
+            )
         return None
     try:
         recorded = (st.read_schema(path).metadata or {}).get(CONTAMINATED_REFERENCE_KEY)
     except st.StageFileError as err:
-        raise ExportError(f"{path} is damaged ({err.reason}): `semdedup verify --repair` deletes it and "
-                          "`semdedup run` recomputes it") from None
+        raise ExportError(
+            f"{path} is damaged ({err.reason}): `semdedup verify --repair` deletes it and `semdedup run` recomputes it"
+        ) from None
     if recorded is not None and recorded.decode() != (reference or ""):
-        raise ExportError(f"{path} was computed against the reference {recorded.decode() or '(none)'}, but the "
-                          f"settings name {reference or '(none)'} (its run failed): re-run `semdedup run` with a "
-                          "readable --reference before exporting")
+        raise ExportError(
+            f"{path} was computed against the reference {recorded.decode() or '(none)'}, but the "
+            f"settings name {reference or '(none)'} (its run failed): re-run `semdedup run` with a "
+            "readable --reference before exporting"
+        )
     return f"read_parquet({sql_quote(str(path))})"
 
 
@@ -152,8 +160,10 @@ def selection_condition(storage: st.Storage, selection: Selection) -> tuple[str,
     if selection.pruning is not None:
         path = kept_file(storage, selection.pruning)
         if not path.exists():
-            raise ExportError(f"no results for {selection.label} yet: materialize pruned_{selection.kind} "
-                              f"(or run `semdedup export --select {selection.label}`)")
+            raise ExportError(
+                f"no results for {selection.label} yet: materialize pruned_{selection.kind} "
+                f"(or run `semdedup export --select {selection.label}`)"
+            )
         return f"id IN (SELECT id FROM read_parquet({sql_quote(str(path))}))", []
     if selection.kind == "eps":
         # 1 - eps in float64, as keep_mask and the keep-list files.
@@ -163,12 +173,19 @@ def selection_condition(storage: st.Storage, selection: Selection) -> tuple[str,
     n = keep_count(selection.value, int(total))
     if n >= total:
         return "true", []
-    [(cut_sim, cut_id)] = scan(storage, f"SELECT max_sim, id FROM {source} ORDER BY max_sim, id LIMIT 1 OFFSET ?", [n - 1])
+    [(cut_sim, cut_id)] = scan(
+        storage, f"SELECT max_sim, id FROM {source} ORDER BY max_sim, id LIMIT 1 OFFSET ?", [n - 1]
+    )
     return "(max_sim < ? OR (max_sim = ? AND id <= ?))", [cut_sim, cut_sim, cut_id]
 
 
-def kept_ids(storage: st.Storage, selection: Selection, shards: Sequence[str],
-             configured_eps: Sequence[float] = (), reference: str | None = None) -> dict[str, pa.Array]:
+def kept_ids(
+    storage: st.Storage,
+    selection: Selection,
+    shards: Sequence[str],
+    configured_eps: Sequence[float] = (),
+    reference: str | None = None,
+) -> dict[str, pa.Array]:
     """The kept ids of some shards under a selection (items contaminated by `reference` left out), by shard."""
     source = _items_source(storage)
     cond, params = selection_condition(storage, selection)
@@ -177,11 +194,16 @@ def kept_ids(storage: st.Storage, selection: Selection, shards: Sequence[str],
         cond += f" AND id NOT IN (SELECT id FROM {contaminated} WHERE score > ?)"
         params.append(1.0 - contamination_eps(selection, configured_eps or [selection.value]))
     try:
-        rows = scan(storage, f"SELECT shard, list(id ORDER BY id) FROM {source} WHERE shard IN (SELECT unnest(?)) "
-                    f"AND {cond} GROUP BY shard", [list(shards), *params])
+        rows = scan(
+            storage,
+            f"SELECT shard, list(id ORDER BY id) FROM {source} WHERE shard IN (SELECT unnest(?)) "
+            f"AND {cond} GROUP BY shard",
+            [list(shards), *params],
+        )
     except duckdb.Error as err:  # a stage file damaged inside (its footer read fine)
-        raise ExportError(f"cannot read the results: {str(err).splitlines()[0]} (`semdedup verify` names the "
-                          "damaged file)") from None
+        raise ExportError(
+            f"cannot read the results: {str(err).splitlines()[0]} (`semdedup verify` names the damaged file)"
+        ) from None
     out = {s: pa.array([], pa.string()) for s in shards}
     out.update({s: pa.array(ids, pa.string()) for s, ids in rows})
     return out
@@ -195,7 +217,7 @@ def _next_shards(storage: st.Storage, keys: Sequence[str], first: str) -> list[s
     """`first` and the shards after it in `keys` whose raw rows together stay within EXPORT_ID_ROWS."""
     group: list[str] = []
     rows = 0
-    for key in keys[list(keys).index(first):]:
+    for key in keys[list(keys).index(first) :]:
         n = st.parquet_num_rows(storage.shard_file(st.RAW, key))
         if group and rows + n > EXPORT_ID_ROWS:
             break
@@ -285,8 +307,11 @@ def _write_jsonl(src: UPath, rows: np.ndarray, out: IO[bytes]) -> None:
 
 
 def _write_tar(src: UPath, keep: set[str], drop: set[str], out: IO[bytes]) -> None:
-    with src.open("rb") as f, tarfile.open(fileobj=f, mode="r|*") as tin, \
-            tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tout:
+    with (
+        src.open("rb") as f,
+        tarfile.open(fileobj=f, mode="r|*") as tin,
+        tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tout,
+    ):
         for member in tin:
             split = split_member_name(member.name)
             key = split[0] if split else None
@@ -302,10 +327,14 @@ def _write_npy(src: UPath, rows: np.ndarray, out: IO[bytes]) -> None:
     else:
         with src.open("rb") as f:
             x = np.load(io.BytesIO(f.read()), allow_pickle=False)
-    header = {"descr": np.lib.format.dtype_to_descr(x.dtype), "fortran_order": False,
-              "shape": (int(len(rows)),) + tuple(x.shape[1:])}
-    np.lib.format.write_array_header_1_0(out, header) if _fits_v1(header) else \
-        np.lib.format.write_array_header_2_0(out, header)
+    header = {
+        "descr": np.lib.format.dtype_to_descr(x.dtype),
+        "fortran_order": False,
+        "shape": (len(rows),) + tuple(x.shape[1:]),
+    }
+    np.lib.format.write_array_header_1_0(out, header) if _fits_v1(header) else np.lib.format.write_array_header_2_0(
+        out, header
+    )
     for s in range(0, len(rows), NPY_CHUNK_ROWS):
         out.write(np.ascontiguousarray(x[rows[s : s + NPY_CHUNK_ROWS]]).tobytes())
 
@@ -402,14 +431,17 @@ def _remove_files(paths: Sequence[UPath], folder: UPath) -> list[str]:
     removed = [p for p in paths if st.remove(p)]
     if st.is_local(folder):
         top = str(folder).rstrip("/")
-        for d in sorted({str(q) for p in removed for q in p.parents if str(q) == top or str(q).startswith(top + "/")},
-                        key=len, reverse=True):
+        for d in sorted(
+            {str(q) for p in removed for q in p.parents if str(q) == top or str(q).startswith(top + "/")},
+            key=len,
+            reverse=True,
+        ):
             try:
                 os.rmdir(d)
             except OSError:  # not empty
                 pass
     base = str(folder).rstrip("/") + "/"
-    return [str(p)[len(base):] for p in removed]
+    return [str(p)[len(base) :] for p in removed]
 
 
 def prune_selection(storage: st.Storage, selection: Selection, expected: set[str]) -> list[str]:
@@ -470,10 +502,16 @@ def remove_exported_shard(storage: st.Storage, key: str) -> list[str]:
     return removed
 
 
-def export_shards(storage: st.Storage, input_location: str, selection: Selection,
-                  keys: Sequence[str] | None = None, configured_eps: Sequence[float] = (),
-                  log: Callable[[str], None] | None = None, reference: str | None = None,
-                  files_per_shard: int = 1) -> list[ShardExport]:
+def export_shards(
+    storage: st.Storage,
+    input_location: str,
+    selection: Selection,
+    keys: Sequence[str] | None = None,
+    configured_eps: Sequence[float] = (),
+    log: Callable[[str], None] | None = None,
+    reference: str | None = None,
+    files_per_shard: int = 1,
+) -> list[ShardExport]:
     """Write the deduplicated copy of some shards (default: every shard that has results).
 
     Every input file is written again in its own format and relative path; a group of
@@ -497,8 +535,9 @@ def export_shards(storage: st.Storage, input_location: str, selection: Selection
             raise ExportError(f"shard {key!r} has no results yet: run the pipeline first")
         recorded = st.recorded_fingerprint(storage, key)
         if recorded is not None and recorded != files[key].fingerprint():
-            raise ExportError(f"shard {key!r} changed since it was embedded ({files[key].path}): "
-                              f"re-run the pipeline before exporting")
+            raise ExportError(
+                f"shard {key!r} changed since it was embedded ({files[key].path}): re-run the pipeline before exporting"
+            )
     base = root if root.is_dir() else root.parent
     out_dir = selection_dir(storage, selection)
     # Taken before the results are read: if they change meanwhile, the record is stale, never wrongly current.
@@ -510,11 +549,14 @@ def export_shards(storage: st.Storage, input_location: str, selection: Selection
         if key not in covered:  # the kept ids of a few shards at a time, never of the whole dataset
             batch = _next_shards(storage, keys, key)
             covered = set(batch)
-            kept = kept_ids(storage, selection, [m.key for k in batch for m in members(files[k])], configured_eps,
-                            reference)
+            kept = kept_ids(
+                storage, selection, [m.key for k in batch for m in members(files[k])], configured_eps, reference
+            )
         shard = files[key]
         grouped = isinstance(shard, ShardGroup)
-        raw = st.read_table(storage.shard_file(st.RAW, key), columns=["id", "shard", "row"] if grouped else ["id", "row"])
+        raw = st.read_table(
+            storage.shard_file(st.RAW, key), columns=["id", "shard", "row"] if grouped else ["id", "row"]
+        )
         per_file = [raw.filter(pc.equal(raw.column("shard"), m.key)) if grouped else raw for m in members(shard)]
         rows_of = [kept_rows(part, kept[m.key]) for m, part in zip(members(shard), per_file, strict=True)]
         outputs_of = shard_outputs(shard, base, out_dir)
@@ -524,22 +566,29 @@ def export_shards(storage: st.Storage, input_location: str, selection: Selection
         digest = rows_digest(rows_of[0]) if not grouped else ",".join(rows_digest(r) for r in rows_of)
         state = {"fingerprint": shard.fingerprint(), "rows": digest, "files": [str(p) for p in outputs]}
         previous = json.loads(manifest_path.read_text()) if manifest_path.exists() else None
-        rewrite = previous is None or {k: previous.get(k) for k in state} != state or not all(p.exists() for p in outputs)
+        rewrite = (
+            previous is None or {k: previous.get(k) for k in state} != state or not all(p.exists() for p in outputs)
+        )
         if rewrite:
             for member, part, rows, outs in zip(members(shard), per_file, rows_of, outputs_of, strict=True):
                 ids = part.sort_by("row").column("id").to_pylist() if member.kind == "tar" else []
                 write_shard(member, rows, ids, outs)
         if rewrite or previous.get("made_from") != made_from:  # same rows from new results: the record only
-            st.atomic_write_bytes(json.dumps({**state, "kept": int(n_kept), "removed": int(raw.num_rows - n_kept),
-                                              "made_from": made_from}).encode(), manifest_path)
+            st.atomic_write_bytes(
+                json.dumps(
+                    {**state, "kept": int(n_kept), "removed": int(raw.num_rows - n_kept), "made_from": made_from}
+                ).encode(),
+                manifest_path,
+            )
         results.append(ShardExport(key, int(n_kept), int(raw.num_rows - n_kept), rewrite, [str(p) for p in outputs]))
         if log is not None:
             log(f"shard {key!r}: kept {n_kept}" + ("" if rewrite else " (unchanged)"))
     return results
 
 
-def export_made_from(storage: st.Storage, selection: Selection, configured_eps: Sequence[float],
-                     fingerprint: str) -> dict[str, object]:
+def export_made_from(
+    storage: st.Storage, selection: Selection, configured_eps: Sequence[float], fingerprint: str
+) -> dict[str, object]:
     """What an export of `selection` is computed from: the results, and the eps contaminated items are dropped at
     (None when no item is flagged: then the configured eps do not matter)."""
     path = storage.contaminated_file
@@ -574,7 +623,9 @@ def _label_eps(label: str) -> list[str]:
     return out
 
 
-def stale_exports(storage: st.Storage, configured_eps: Sequence[float], fingerprint: str | None = None) -> dict[str, str]:
+def stale_exports(
+    storage: st.Storage, configured_eps: Sequence[float], fingerprint: str | None = None
+) -> dict[str, str]:
     """The selection folders (by label) holding a shard not selected from the current results, with the reason.
 
     `fingerprint`: the storage's results_fingerprint, when the caller has it already.
@@ -597,11 +648,16 @@ def stale_exports(storage: st.Storage, configured_eps: Sequence[float], fingerpr
                 recorded = None
             why = mismatch(recorded.get("results") if isinstance(recorded, dict) else None, current)
             if why is None and recorded != want:
-                why = (f"its contaminated items were dropped at eps={recorded.get('contamination_eps')}, the settings "
-                       f"now drop them at eps={want['contamination_eps']}")
+                why = (
+                    f"its contaminated items were dropped at eps={recorded.get('contamination_eps')}, the settings "
+                    f"now drop them at eps={want['contamination_eps']}"
+                )
             if why is not None:
-                out[label] = f"shard {manifest.relative_to(folder / MANIFEST_DIR).with_suffix('')}: {why}" \
-                    if st.is_local(folder) else why
+                out[label] = (
+                    f"shard {manifest.relative_to(folder / MANIFEST_DIR).with_suffix('')}: {why}"
+                    if st.is_local(folder)
+                    else why
+                )
                 break
     return out
 
@@ -622,8 +678,13 @@ class Tidied:
     unproducible: list[str]  # labels of whole selection folders
 
 
-def tidy_exports(storage: st.Storage, input_location: str, selection: Selection,
-                 configured_eps: Sequence[float], files_per_shard: int = 1) -> Tidied:
+def tidy_exports(
+    storage: st.Storage,
+    input_location: str,
+    selection: Selection,
+    configured_eps: Sequence[float],
+    files_per_shard: int = 1,
+) -> Tidied:
     """After an export: the selection folder keeps only what the selection implies, and folders
     of selections the settings can no longer produce are removed.
 
@@ -637,6 +698,15 @@ def tidy_exports(storage: st.Storage, input_location: str, selection: Selection,
     out_dir = selection_dir(storage, selection)
     raw_keys = [storage.shard_of(st.RAW, p) for p in storage.stage_files(st.RAW)]
     expected = {str(manifest_file(out_dir, k)) for k in raw_keys}
-    expected |= {str(p) for k in raw_keys for p in ([p for outs in shard_outputs(files[k], base, out_dir) for p in outs] if k in files
-                                                    else _manifest_files(manifest_file(out_dir, k)))}
-    return Tidied(prune_selection(storage, selection, expected), remove_unproducible_selections(storage, configured_eps))
+    expected |= {
+        str(p)
+        for k in raw_keys
+        for p in (
+            [p for outs in shard_outputs(files[k], base, out_dir) for p in outs]
+            if k in files
+            else _manifest_files(manifest_file(out_dir, k))
+        )
+    }
+    return Tidied(
+        prune_selection(storage, selection, expected), remove_unproducible_selections(storage, configured_eps)
+    )

@@ -36,16 +36,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from semdedup_assets.core.io import storage as st
+from semdedup_assets.core.checks.lineage import mismatch, read_made_from, results_fingerprint, write_made_from
 from semdedup_assets.core.cluster.assign import assign, bucket_cluster_range, bucket_keys
-from semdedup_assets.core.io.catalog import scan, sql_quote
 from semdedup_assets.core.cluster.centroids import load_centroids
+from semdedup_assets.core.cluster.kmeans import sample_rows, train_spherical_kmeans
 from semdedup_assets.core.config import Settings
 from semdedup_assets.core.dedup.buckets import read_bucket_rows
-from semdedup_assets.core.cluster.kmeans import sample_rows, train_spherical_kmeans
-from semdedup_assets.core.checks.lineage import mismatch, read_made_from, results_fingerprint, write_made_from
 from semdedup_assets.core.dedup.ordering import ids_as_str
-from semdedup_assets.core.io.schemas import BUDGET_SCHEMA, KEPT_SCHEMA, PRUNE_SCORES_SCHEMA as SCORES_SCHEMA
+from semdedup_assets.core.io import storage as st
+from semdedup_assets.core.io.catalog import scan, sql_quote
+from semdedup_assets.core.io.schemas import BUDGET_SCHEMA, KEPT_SCHEMA
+from semdedup_assets.core.io.schemas import PRUNE_SCORES_SCHEMA as SCORES_SCHEMA
 from semdedup_assets.core.io.tables import embedding_array, unit_embeddings
 
 PRUNED = st.PRUNED
@@ -53,6 +54,7 @@ METHODS = ("prototypes", "d4", "dbp")
 DEFAULT_TEMPERATURE = 0.5  # the authors' prune.py default (--temperature)
 DEFAULT_NEIGHBOURS = 20  # the authors' compute_centroid_distances.py default (--num_NNs)
 CENTROID_BLOCK = 512  # centroid rows per block of the d_inter dot products (bounded memory)
+
 
 class PruneError(ValueError):
     """A pruning selection that cannot be parsed or computed; the message names the value or the file."""
@@ -81,8 +83,11 @@ class Pruning:
         return f"{self.method}:{','.join(parts)}"
 
 
-_ALLOWED = {"prototypes": ("keep-fraction",), "d4": ("eps", "keep-fraction", "clusters"),
-            "dbp": ("eps", "keep-fraction", "temperature", "neighbours")}
+_ALLOWED = {
+    "prototypes": ("keep-fraction",),
+    "d4": ("eps", "keep-fraction", "clusters"),
+    "dbp": ("eps", "keep-fraction", "temperature", "neighbours"),
+}
 
 
 def is_pruning(text: str) -> bool:
@@ -116,7 +121,9 @@ def parse_pruning(text: str, configured_eps: Sequence[float]) -> Pruning:
         try:
             value = kind(values[name])
         except ValueError:
-            raise PruneError(f"{text!r}: {name}={values[name]!r} is not {'an integer' if kind is int else 'a number'}") from None
+            raise PruneError(
+                f"{text!r}: {name}={values[name]!r} is not {'an integer' if kind is int else 'a number'}"
+            ) from None
         if not math.isfinite(value):
             raise PruneError(f"{text!r}: {name} must be finite")
         return value
@@ -129,8 +136,10 @@ def parse_pruning(text: str, configured_eps: Sequence[float]) -> Pruning:
         eps = number("eps")
         configured = sorted(float(e) for e in configured_eps)
         if not any(eps == e for e in configured):
-            raise PruneError(f"{text!r}: eps={values['eps']} is not configured; configured eps: "
-                             f"{', '.join(st.format_eps(e) for e in configured)}")
+            raise PruneError(
+                f"{text!r}: eps={values['eps']} is not configured; configured eps: "
+                f"{', '.join(st.format_eps(e) for e in configured)}"
+            )
     clusters = int(number("clusters", int)) if "clusters" in values else None
     if clusters is not None and clusters < 1:
         raise PruneError(f"{text!r}: clusters must be >= 1, got {clusters}")
@@ -244,13 +253,17 @@ def _source(files: Sequence[st.UPath]) -> str:
     return f"read_parquet([{', '.join(sql_quote(str(p)) for p in files)}])"
 
 
-def _prototype_cut(storage: st.Storage, files: Sequence[st.UPath], n: int, where: str = "true",
-                   params: Sequence[object] = ()) -> tuple[float, str] | None:
+def _prototype_cut(
+    storage: st.Storage, files: Sequence[st.UPath], n: int, where: str = "true", params: Sequence[object] = ()
+) -> tuple[float, str] | None:
     """The n-th item ranked by (sim_to_centroid, id) ascending: the last one kept (None: keep none)."""
     if n <= 0:
         return None
-    [(sim, id_)] = scan(storage, f"SELECT sim_to_centroid, id FROM {_source(files)} WHERE {where} "
-                        "ORDER BY sim_to_centroid, id LIMIT 1 OFFSET ?", [*params, n - 1])
+    [(sim, id_)] = scan(
+        storage,
+        f"SELECT sim_to_centroid, id FROM {_source(files)} WHERE {where} ORDER BY sim_to_centroid, id LIMIT 1 OFFSET ?",
+        [*params, n - 1],
+    )
     return float(sim), str(id_)
 
 
@@ -282,20 +295,26 @@ class PruneResult:
 
 def _kept_rows(label: str, table: pa.Table) -> pa.Table:
     """Rows of the kept file: the selection, then the item's id, shard, cluster and similarity."""
-    return pa.table({
-        "selection": pa.array([label] * table.num_rows, pa.string()),
-        "id": table.column("id"), "shard": table.column("shard"),
-        "cluster": table.column("cluster").cast(pa.int32()),
-        "sim_to_centroid": table.column("sim_to_centroid").cast(pa.float64()),
-    }, schema=KEPT_SCHEMA)
+    return pa.table(
+        {
+            "selection": pa.array([label] * table.num_rows, pa.string()),
+            "id": table.column("id"),
+            "shard": table.column("shard"),
+            "cluster": table.column("cluster").cast(pa.int32()),
+            "sim_to_centroid": table.column("sim_to_centroid").cast(pa.float64()),
+        },
+        schema=KEPT_SCHEMA,
+    )
 
 
 def _budget_rows(counts: dict[int, list[int]], extra: dict[int, dict] | None = None) -> list[dict]:
     """Per-cluster rows {cluster, members, kept, d_intra, ...} in cluster order."""
     extra = extra or {}
     empty = {"d_intra": None, "d_inter": None, "complexity": None, "share": None, "target": None}
-    return [{"cluster": int(c), "members": int(m), "kept": int(k), **{**empty, **extra.get(c, {})}}
-            for c, (m, k) in sorted(counts.items())]
+    return [
+        {"cluster": int(c), "members": int(m), "kept": int(k), **{**empty, **extra.get(c, {})}}
+        for c, (m, k) in sorted(counts.items())
+    ]
 
 
 def _count(counts: dict[int, list[int]], clusters: np.ndarray, slot: int) -> None:
@@ -304,21 +323,28 @@ def _count(counts: dict[int, list[int]], clusters: np.ndarray, slot: int) -> Non
         counts.setdefault(int(c), [0, 0])[slot] += int(k)
 
 
-def _publish(storage: st.Storage, pruning: Pruning,
-             write: Callable[[st.AtomicParquetWriter], list[dict]]) -> tuple[list[str], list[dict]]:
+def _publish(
+    storage: st.Storage, pruning: Pruning, write: Callable[[st.AtomicParquetWriter], list[dict]]
+) -> tuple[list[str], list[dict]]:
     """Write kept.parquet (streamed by `write`, which returns the budget rows) and budget.parquet together."""
     folder = selection_dir(storage, pruning)
     kept = st.AtomicParquetWriter(folder / "kept.parquet", KEPT_SCHEMA)
     budget_writer = st.AtomicParquetWriter(folder / "budget.parquet", BUDGET_SCHEMA)
     with st.publish_together([kept, budget_writer]):
         budget = write(kept)
-        budget_writer.write(pa.Table.from_pylist([{"selection": pruning.label, **row} for row in budget],
-                                                 schema=BUDGET_SCHEMA))
+        budget_writer.write(
+            pa.Table.from_pylist([{"selection": pruning.label, **row} for row in budget], schema=BUDGET_SCHEMA)
+        )
     return [str(kept.path), str(budget_writer.path)], budget
 
 
-def _publish_cut(storage: st.Storage, pruning: Pruning, files: Sequence[st.UPath], cut: tuple[float, str] | None,
-                 read: Callable[[st.UPath], pa.Table]) -> tuple[list[str], list[dict]]:
+def _publish_cut(
+    storage: st.Storage,
+    pruning: Pruning,
+    files: Sequence[st.UPath],
+    cut: tuple[float, str] | None,
+    read: Callable[[st.UPath], pa.Table],
+) -> tuple[list[str], list[dict]]:
     """SSL prototypes' keep rule over scored files (id, shard, cluster, sim_to_centroid): the rows at or before
     the global cut are kept, streamed file by file; the budget counts members and kept per cluster."""
     counts: dict[int, list[int]] = {}
@@ -347,8 +373,9 @@ def _prototypes(storage: st.Storage, settings: Settings, pruning: Pruning, log: 
     return PruneResult(pruning.label, pruning.method, total, total, n, sum(r["kept"] for r in budget), budget, written)
 
 
-def cluster_complexity(centroids: np.ndarray, members: np.ndarray, sim_sums: np.ndarray,
-                       neighbours: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def cluster_complexity(
+    centroids: np.ndarray, members: np.ndarray, sim_sums: np.ndarray, neighbours: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """DBP's (d_intra, d_inter, complexity) of clusters given their centroids, member counts and sum of sims.
 
     d_intra = 1 - mean sim_to_centroid (the mean cosine distance to the centroid);
@@ -389,16 +416,26 @@ def _dbp(storage: st.Storage, settings: Settings, pruning: Pruning, log: Callabl
     members = np.array([sizes[c] for c in cl.tolist()], dtype=np.int64)
     survivors = int(members.sum())
     centroids = load_centroids(storage)
-    d_intra, d_inter, complexity = cluster_complexity(centroids[cl], members, np.array([sums[c] for c in cl.tolist()]),
-                                                      pruning.neighbours)
+    d_intra, d_inter, complexity = cluster_complexity(
+        centroids[cl], members, np.array([sums[c] for c in cl.tolist()]), pruning.neighbours
+    )
     share = softmax(complexity, pruning.temperature)
     quotas = integer_quotas(n, qp_quotas(n, share, members), members) if n < survivors else members.copy()
     quota_of = dict(zip(cl.tolist(), quotas.tolist()))
-    log(f"{pruning.label}: {survivors} of {total} items survive eps; spreading {min(n, survivors)} over "
-        f"{len(cl)} clusters by softmax(d_inter * d_intra / {st.format_eps(pruning.temperature)})")
-    extra = {int(c): {"d_intra": float(a), "d_inter": float(b), "complexity": float(x), "share": float(p),
-                      "target": float(n) * float(p)}
-             for c, a, b, x, p in zip(cl.tolist(), d_intra, d_inter, complexity, share)}
+    log(
+        f"{pruning.label}: {survivors} of {total} items survive eps; spreading {min(n, survivors)} over "
+        f"{len(cl)} clusters by softmax(d_inter * d_intra / {st.format_eps(pruning.temperature)})"
+    )
+    extra = {
+        int(c): {
+            "d_intra": float(a),
+            "d_inter": float(b),
+            "complexity": float(x),
+            "share": float(p),
+            "target": float(n) * float(p),
+        }
+        for c, a, b, x, p in zip(cl.tolist(), d_intra, d_inter, complexity, share)
+    }
     counts: dict[int, list[int]] = {int(c): [int(m), 0] for c, m in zip(cl.tolist(), members.tolist())}
 
     def write(writer: st.AtomicParquetWriter) -> list[dict]:
@@ -408,8 +445,13 @@ def _dbp(storage: st.Storage, settings: Settings, pruning: Pruning, log: Callabl
             if not table.num_rows:
                 continue
             clusters = table.column("cluster").to_numpy()
-            order = np.lexsort((ids_as_str(table.column("id").to_numpy(zero_copy_only=False)),
-                                table.column("sim_to_centroid").to_numpy(), clusters))
+            order = np.lexsort(
+                (
+                    ids_as_str(table.column("id").to_numpy(zero_copy_only=False)),
+                    table.column("sim_to_centroid").to_numpy(),
+                    clusters,
+                )
+            )
             sorted_clusters = clusters[order]
             values, starts = np.unique(sorted_clusters, return_index=True)
             take = np.concatenate([order[s : s + quota_of[int(c)]] for c, s in zip(values.tolist(), starts.tolist())])
@@ -419,8 +461,9 @@ def _dbp(storage: st.Storage, settings: Settings, pruning: Pruning, log: Callabl
         return _budget_rows(counts, extra)
 
     written, budget = _publish(storage, pruning, write)
-    return PruneResult(pruning.label, pruning.method, total, survivors, n, sum(r["kept"] for r in budget), budget,
-                       written)
+    return PruneResult(
+        pruning.label, pruning.method, total, survivors, n, sum(r["kept"] for r in budget), budget, written
+    )
 
 
 def _d4(storage: st.Storage, settings: Settings, pruning: Pruning, log: Callable[[str], None]) -> PruneResult:
@@ -459,27 +502,44 @@ def _d4(storage: st.Storage, settings: Settings, pruning: Pruning, log: Callable
     ids = np.concatenate(sample_ids)
     by_id = np.argsort(ids, kind="stable")
     sample = np.concatenate(sample_vectors)[by_id]
-    log(f"{pruning.label}: {survivors} of {total} items survive eps; re-clustering them with k={k} "
-        f"on a sample of {len(sample)}")
+    log(
+        f"{pruning.label}: {survivors} of {total} items survive eps; re-clustering them with k={k} "
+        f"on a sample of {len(sample)}"
+    )
     km = train_spherical_kmeans(sample, k, settings.kmeans_iterations, settings.seed, settings.max_points_per_centroid)
-    st.atomic_write_table(pa.table({"cluster": pa.array(np.arange(k, dtype=np.int32)),
-                                    "centroid": embedding_array(km.centroids)}), folder / "centroids.parquet")
+    st.atomic_write_table(
+        pa.table({"cluster": pa.array(np.arange(k, dtype=np.int32)), "centroid": embedding_array(km.centroids)}),
+        folder / "centroids.parquet",
+    )
     # Pass 2: every survivor's nearest new centroid and its similarity, one scores file per bucket.
     score_files = []
     for b, path in enumerate(files):
         rows, vectors = bucket_survivors(b, path)
         clusters, sims = assign(vectors, km.centroids) if rows.num_rows else (np.empty(0, np.int32), np.empty(0))
-        scores = pa.table({"id": rows.column("id") if rows.num_rows else pa.array([], pa.string()),
-                           "shard": rows.column("shard") if rows.num_rows else pa.array([], pa.string()),
-                           "cluster": pa.array(clusters, pa.int32()),
-                           "sim_to_centroid": pa.array(np.asarray(sims, dtype=np.float64))}, schema=SCORES_SCHEMA)
+        scores = pa.table(
+            {
+                "id": rows.column("id") if rows.num_rows else pa.array([], pa.string()),
+                "shard": rows.column("shard") if rows.num_rows else pa.array([], pa.string()),
+                "cluster": pa.array(clusters, pa.int32()),
+                "sim_to_centroid": pa.array(np.asarray(sims, dtype=np.float64)),
+            },
+            schema=SCORES_SCHEMA,
+        )
         score_files.append(folder / "scores" / f"bucket-{keys[b]}.parquet")
         st.atomic_write_table(scores.sort_by([("cluster", "ascending"), ("id", "ascending")]), score_files[-1])
     cut = _prototype_cut(storage, score_files, min(n, survivors))
     written, budget = _publish_cut(storage, pruning, score_files, cut, st.read_table)
-    return PruneResult(pruning.label, pruning.method, total, survivors, n, sum(r["kept"] for r in budget), budget,
-                       [str(folder / "centroids.parquet"), *map(str, score_files), *written],
-                       note=f"re-clustered {survivors} survivors into k={k} (objective {km.objective:.4g})")
+    return PruneResult(
+        pruning.label,
+        pruning.method,
+        total,
+        survivors,
+        n,
+        sum(r["kept"] for r in budget),
+        budget,
+        [str(folder / "centroids.parquet"), *map(str, score_files), *written],
+        note=f"re-clustered {survivors} survivors into k={k} (objective {km.objective:.4g})",
+    )
 
 
 def compute_pruning(settings: Settings, pruning: Pruning, log: Callable[[str], None] | None = None) -> PruneResult:

@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from semdedup_assets.core.config import Settings
 from semdedup_assets.core.io import storage as st
 from semdedup_assets.core.io.catalog import BUCKET_GLOB, scan, stage_source
-from semdedup_assets.core.config import Settings
 from semdedup_assets.core.messages import printable
 from semdedup_assets.core.settings_store import load_settings
 
@@ -35,11 +35,28 @@ SWEEP_FILE = "sweep.json"  # at a sweep's root: the sub-storages it made
 CURVE_POINTS = 40
 MAX_NAMED_IDS = 5
 
-CONFIG_SCHEMA = pa.schema([("eps", pa.float64()), ("configuration", pa.string()), ("storage", pa.string()),
-                           ("removed", pa.int64()), ("kept_fraction", pa.float64())])
-PAIR_SCHEMA = pa.schema([("eps", pa.float64()), ("a", pa.string()), ("b", pa.string()), ("removed_a", pa.int64()),
-                         ("removed_b", pa.int64()), ("both", pa.int64()), ("jaccard", pa.float64()),
-                         ("a_also_in_b", pa.float64()), ("b_also_in_a", pa.float64())])
+CONFIG_SCHEMA = pa.schema(
+    [
+        ("eps", pa.float64()),
+        ("configuration", pa.string()),
+        ("storage", pa.string()),
+        ("removed", pa.int64()),
+        ("kept_fraction", pa.float64()),
+    ]
+)
+PAIR_SCHEMA = pa.schema(
+    [
+        ("eps", pa.float64()),
+        ("a", pa.string()),
+        ("b", pa.string()),
+        ("removed_a", pa.int64()),
+        ("removed_b", pa.int64()),
+        ("both", pa.int64()),
+        ("jaccard", pa.float64()),
+        ("a_also_in_b", pa.float64()),
+        ("b_also_in_a", pa.float64()),
+    ]
+)
 
 
 class CompareError(ValueError):
@@ -79,16 +96,21 @@ def _id_difference(storage: st.Storage, memory: int | None, a: str, source_a: st
     parts = []
     for x, source_x, source_y in ((a, source_a, source_b), (b, source_b, source_a)):
         only = f"(SELECT id FROM {source_x} EXCEPT SELECT id FROM {source_y})"
-        [(count, examples)] = scan(storage, f"SELECT (SELECT count(*) FROM {only}), "
-                                            f"(SELECT list(id ORDER BY id) FROM (SELECT id FROM {only} ORDER BY id "
-                                            f"LIMIT {MAX_NAMED_IDS}))", memory_limit=memory)
+        [(count, examples)] = scan(
+            storage,
+            f"SELECT (SELECT count(*) FROM {only}), "
+            f"(SELECT list(id ORDER BY id) FROM (SELECT id FROM {only} ORDER BY id "
+            f"LIMIT {MAX_NAMED_IDS}))",
+            memory_limit=memory,
+        )
         if count:
             parts.append(f"{count} id(s) only in {x} (e.g. {', '.join(examples)})")
     return "; ".join(parts) or None
 
 
-def _counts(storage: st.Storage, memory: int | None, sql_from: str, conditions: Sequence[str],
-            params: Sequence[float]) -> list[int]:
+def _counts(
+    storage: st.Storage, memory: int | None, sql_from: str, conditions: Sequence[str], params: Sequence[float]
+) -> list[int]:
     """count(*) FILTER (WHERE condition) for each condition, in one pass over `sql_from` (DuckDB under `memory`)."""
     if not conditions:
         return []
@@ -106,7 +128,7 @@ def labels_for(storages: Sequence[str]) -> list[str]:
         common = ""
     if not all(p.startswith(common + "/") or p == common for p in paths):  # commonpath folds a URL's `//`
         common = ""
-    labels = [p[len(common):].lstrip("/") or p if common else p for p in paths]
+    labels = [p[len(common) :].lstrip("/") or p if common else p for p in paths]
     seen: dict[str, int] = {}
     out = []
     for label in labels:
@@ -128,13 +150,20 @@ def expand_sweeps(storages: Sequence[str]) -> list[str]:
 
 
 def _distinguishing(settings: Settings) -> dict[str, Any]:
-    return {"clusters": settings.clusters if settings.clusters is not None else "auto", "model": settings.model,
-            "seed": settings.seed, "keep": settings.keep, "keep_by": settings.keep_by, "probes": settings.probes,
-            "modality": settings.modality}
+    return {
+        "clusters": settings.clusters if settings.clusters is not None else "auto",
+        "model": settings.model,
+        "seed": settings.seed,
+        "keep": settings.keep,
+        "keep_by": settings.keep_by,
+        "probes": settings.probes,
+        "modality": settings.modality,
+    }
 
 
-def compare_storages(storages: Sequence[str], eps: Sequence[float] | None = None,
-                     labels: Sequence[str] | None = None) -> Comparison:
+def compare_storages(
+    storages: Sequence[str], eps: Sequence[float] | None = None, labels: Sequence[str] | None = None
+) -> Comparison:
     """Compare the removed sets of finished storages at every eps (default: every eps any of them configured).
 
     Raises CompareError when a storage has no results or when the storages' ids differ
@@ -164,10 +193,15 @@ def compare_storages(storages: Sequence[str], eps: Sequence[float] | None = None
         [(count, distinct)] = scan(storage, f"SELECT count(*), count(DISTINCT id) FROM {source}")
         if first is None:  # DuckDB gets the first storage's scan memory for the joins and set operations
             first, n, first_distinct, memory = storage, int(count), int(distinct), storage.scan_memory
-        elif (difference := _id_difference(first, memory, label, source, labels[0], sources[0])) is not None \
-                or count != n or distinct != first_distinct:
-            raise CompareError(f"{label} and {labels[0]} hold different items, so their removals cannot be "
-                               f"compared: {difference or 'the same ids appear a different number of times'}")
+        elif (
+            (difference := _id_difference(first, memory, label, source, labels[0], sources[0])) is not None
+            or count != n
+            or distinct != first_distinct
+        ):
+            raise CompareError(
+                f"{label} and {labels[0]} hold different items, so their removals cannot be "
+                f"compared: {difference or 'the same ids appear a different number of times'}"
+            )
         if eps is None:
             wanted |= set(settings.eps)
         configs.append(Configuration(label, str(location), _distinguishing(settings)))
@@ -176,8 +210,11 @@ def compare_storages(storages: Sequence[str], eps: Sequence[float] | None = None
     eps_values = sorted(wanted)
     if not eps_values or any(not 0.0 < e < 1.0 for e in eps_values):
         raise CompareError(f"every eps must lie in (0, 1), got {eps_values}")
-    grid = sorted(set(np.geomspace(eps_values[0], eps_values[-1], CURVE_POINTS).tolist()) | set(eps_values)) \
-        if len(eps_values) > 1 else eps_values
+    grid = (
+        sorted(set(np.geomspace(eps_values[0], eps_values[-1], CURVE_POINTS).tolist()) | set(eps_values))
+        if len(eps_values) > 1
+        else eps_values
+    )
     thresholds = [1.0 - e for e in eps_values]  # the rule's strict inequality, in float64 (DOUBLE) as everywhere
     removed, curves = [], {}
     for c, source in zip(configs, sources):
@@ -187,20 +224,41 @@ def compare_storages(storages: Sequence[str], eps: Sequence[float] | None = None
     both: dict[tuple[int, int], list[int]] = {}
     for i in range(len(configs)):
         for j in range(i + 1, len(configs)):
-            both[i, j] = _counts(first, memory, f"{sources[i]} a JOIN {sources[j]} b USING (id)",
-                                 ["a.max_sim > ? AND b.max_sim > ?"] * len(thresholds),
-                                 [t for t in thresholds for _ in (0, 1)])
+            both[i, j] = _counts(
+                first,
+                memory,
+                f"{sources[i]} a JOIN {sources[j]} b USING (id)",
+                ["a.max_sim > ? AND b.max_sim > ?"] * len(thresholds),
+                [t for t in thresholds for _ in (0, 1)],
+            )
     per_config, pairs = [], []
     for x, e in enumerate(eps_values):
         for c, r in zip(configs, removed):
-            per_config.append({"eps": e, "configuration": c.label, "storage": c.storage, "removed": r[x],
-                               "kept_fraction": (n - r[x]) / n if n else 1.0})
+            per_config.append(
+                {
+                    "eps": e,
+                    "configuration": c.label,
+                    "storage": c.storage,
+                    "removed": r[x],
+                    "kept_fraction": (n - r[x]) / n if n else 1.0,
+                }
+            )
         for (i, j), counts in both.items():
             na, nb, ab = removed[i][x], removed[j][x], counts[x]
             either = na + nb - ab
-            pairs.append({"eps": e, "a": configs[i].label, "b": configs[j].label, "removed_a": na,
-                          "removed_b": nb, "both": ab, "jaccard": ab / either if either else 1.0,
-                          "a_also_in_b": ab / na if na else None, "b_also_in_a": ab / nb if nb else None})
+            pairs.append(
+                {
+                    "eps": e,
+                    "a": configs[i].label,
+                    "b": configs[j].label,
+                    "removed_a": na,
+                    "removed_b": nb,
+                    "both": ab,
+                    "jaccard": ab / either if either else 1.0,
+                    "a_also_in_b": ab / na if na else None,
+                    "b_also_in_a": ab / nb if nb else None,
+                }
+            )
     return Comparison(configs, n, eps_values, per_config, pairs, curves)
 
 
@@ -216,10 +274,12 @@ class RobustnessFiles:
 def write_comparison(storage: st.Storage, comparison: Comparison, png: bytes) -> RobustnessFiles:
     """Write the comparison's tables and plot under `<storage>/robustness/`, each file atomically."""
     folder = storage.stage_dir(ROBUSTNESS)
-    paths = RobustnessFiles(str(folder / "configurations.parquet"), str(folder / "pairs.parquet"),
-                            str(folder / "eps_curves.png"))
-    st.atomic_write_table(pa.Table.from_pylist(comparison.per_configuration, schema=CONFIG_SCHEMA),
-                          folder / "configurations.parquet")
+    paths = RobustnessFiles(
+        str(folder / "configurations.parquet"), str(folder / "pairs.parquet"), str(folder / "eps_curves.png")
+    )
+    st.atomic_write_table(
+        pa.Table.from_pylist(comparison.per_configuration, schema=CONFIG_SCHEMA), folder / "configurations.parquet"
+    )
     st.atomic_write_table(pa.Table.from_pylist(comparison.pairs, schema=PAIR_SCHEMA), folder / "pairs.parquet")
     st.atomic_write_bytes(png, folder / "eps_curves.png")
     return paths
@@ -271,9 +331,15 @@ class SweepResult:
     shared: dict[str, int]
 
 
-def run_sweep(base: Settings, root: str, clusters: Sequence[int | None], models: Sequence[str | None],
-              run: Callable[[Settings], None], log: Callable[[str], None] = print,
-              seeds: Sequence[int | None] = (None,)) -> SweepResult:
+def run_sweep(
+    base: Settings,
+    root: str,
+    clusters: Sequence[int | None],
+    models: Sequence[str | None],
+    run: Callable[[Settings], None],
+    log: Callable[[str], None] = print,
+    seeds: Sequence[int | None] = (None,),
+) -> SweepResult:
     """One `run` (the whole graph) per (encoder, k[, seed]), each in its own sub-storage, then `<root>/sweep.json`.
 
     The first configuration of each encoder computes the embeddings; every other one of
@@ -288,8 +354,10 @@ def run_sweep(base: Settings, root: str, clusters: Sequence[int | None], models:
         raise ValueError("the sweep repeats a configuration (the same k, model or seed twice)")
     retired = retire_configurations(root, [p for *_, p in plan])
     if retired:
-        log(f"[semdedup] sweep: removed {len(retired)} sub-storage(s) of the previous sweep into {root} that this "
-            f"one does not make: {', '.join(posixpath.relpath(p, root) for p in retired)}")
+        log(
+            f"[semdedup] sweep: removed {len(retired)} sub-storage(s) of the previous sweep into {root} that this "
+            f"one does not make: {', '.join(posixpath.relpath(p, root) for p in retired)}"
+        )
     # Written before the runs too: a sweep stopped half-way still names every sub-storage it may have made,
     # so that the next sweep into this root finds and retires them.
     write_sweep_manifest(root, plan, complete=False)
@@ -298,24 +366,32 @@ def run_sweep(base: Settings, root: str, clusters: Sequence[int | None], models:
     first: dict[str | None, st.Storage] = {}
     for model, k, seed, path in plan:
         # dataclasses.replace, not Settings.replace: that one drops None, and clusters=None means auto.
-        settings = dataclasses.replace(base.replace(model=model, seed=seed), storage=path, clusters=k,
-                                       compare_with=everyone)
+        settings = dataclasses.replace(
+            base.replace(model=model, seed=seed), storage=path, clusters=k, compare_with=everyone
+        )
         if model in first:
             shared[path] = share_embeddings(first[model], settings.storage_root())
             log(f"[semdedup] sweep: {path}: embeddings shared with {first[model].root} ({shared[path]} file(s))")
-        log(f"[semdedup] sweep: {path} (k={k if k is not None else 'auto'}"
-            + (f", model={model}" if model else "") + (f", seed={seed}" if seed is not None else "") + ")")
+        log(
+            f"[semdedup] sweep: {path} (k={k if k is not None else 'auto'}"
+            + (f", model={model}" if model else "")
+            + (f", seed={seed}" if seed is not None else "")
+            + ")"
+        )
         run(settings)
         first.setdefault(model, settings.storage_root())
     write_sweep_manifest(root, plan, complete=True)
     return SweepResult([p for *_, p in plan], shared)
 
 
-def write_sweep_manifest(root: str, plan: Sequence[tuple[str | None, int | None, int | None, str]],
-                         complete: bool) -> None:
+def write_sweep_manifest(
+    root: str, plan: Sequence[tuple[str | None, int | None, int | None, str]], complete: bool
+) -> None:
     """`<root>/sweep.json`: the sub-storages of the sweep (model, k, seed, path), and whether every run finished."""
-    manifest = {"configurations": [{"storage": p, "clusters": k, "model": m, "seed": s} for m, k, s, p in plan],
-                "complete": complete}
+    manifest = {
+        "configurations": [{"storage": p, "clusters": k, "model": m, "seed": s} for m, k, s, p in plan],
+        "complete": complete,
+    }
     st.atomic_write_bytes(json.dumps(manifest, indent=2).encode(), st.to_upath(root) / SWEEP_FILE)
 
 
@@ -347,8 +423,12 @@ def retire_configurations(root: str, planned: Sequence[str]) -> list[str]:
         st.remove_tree(st.to_upath(path))
         retired.append(path)
         parent = posixpath.dirname(path)  # `k=3/` of a retired `k=3/seed=0`: gone too once empty
-        while parent.startswith(base) and st.is_local(st.to_upath(parent)) and os.path.isdir(parent) \
-                and not os.listdir(parent):
+        while (
+            parent.startswith(base)
+            and st.is_local(st.to_upath(parent))
+            and os.path.isdir(parent)
+            and not os.listdir(parent)
+        ):
             os.rmdir(parent)
             parent = posixpath.dirname(parent)
     return retired
@@ -363,8 +443,9 @@ def compared_storages(settings: Settings) -> list[str]:
     return out
 
 
-def build_robustness(settings: Settings, log: Callable[[str], None] = lambda m: None
-                     ) -> tuple[Comparison, RobustnessFiles, bytes]:
+def build_robustness(
+    settings: Settings, log: Callable[[str], None] = lambda m: None
+) -> tuple[Comparison, RobustnessFiles, bytes]:
     """The `robustness` asset's work: compare this storage with `compare_with`, write the tables and the PNG.
 
     `log` gets one line as the comparison starts and one before the plot and the writes, so
@@ -375,7 +456,9 @@ def build_robustness(settings: Settings, log: Callable[[str], None] = lambda m: 
     storages = compared_storages(settings)
     log(f"robustness: comparing the removals of {len(storages)} storage(s)")
     comparison = compare_storages(storages)
-    log(f"robustness: {comparison.items} items, {len(comparison.eps)} eps: drawing the eps curves, "
-        f"writing {ROBUSTNESS}/")
+    log(
+        f"robustness: {comparison.items} items, {len(comparison.eps)} eps: drawing the eps curves, "
+        f"writing {ROBUSTNESS}/"
+    )
     png = eps_curves_png(comparison.curves)
     return comparison, write_comparison(settings.storage_root(), comparison, png), png

@@ -1,11 +1,10 @@
 """Encoders turning items of one modality into unit-norm embeddings, looked up by modality name."""
 
+# Registers the "text" modality; cheap, since text.py imports torch/transformers lazily.
+from . import text as text
 from .base import Encoder, l2_normalize, resolve_device, row_norms
 from .dispatch import encoder_for
 from .registry import available_modalities, create_encoder, register_encoder
-
-# Registers the "text" modality; cheap, since text.py imports torch/transformers lazily.
-from . import text as text  # noqa: E402  (import for its registration side effect)
 
 __all__ = [
     "Encoder",
@@ -13,7 +12,7 @@ __all__ = [
     "create_encoder",
     "encoder_for",
     "l2_normalize",
-    "row_norms",
     "register_encoder",
     "resolve_device",
+    "row_norms",
 ]

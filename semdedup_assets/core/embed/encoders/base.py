@@ -71,9 +71,7 @@ def resolve_device(device: str) -> torch.device:
     try:
         dev = torch.device(spec)
     except (RuntimeError, ValueError) as exc:
-        raise ValueError(
-            f"unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'"
-        ) from exc
+        raise ValueError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from exc
     if dev.type == "cuda":
         # Fail here with a plain message rather than deep inside model.to().
         if not torch.cuda.is_available():
@@ -83,8 +81,5 @@ def resolve_device(device: str) -> torch.device:
             )
         count = torch.cuda.device_count()
         if dev.index is not None and dev.index >= count:
-            raise RuntimeError(
-                f"device {device!r} requested but only {count} CUDA device(s) are visible"
-            )
+            raise RuntimeError(f"device {device!r} requested but only {count} CUDA device(s) are visible")
     return dev
-

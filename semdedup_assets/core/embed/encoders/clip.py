@@ -61,9 +61,7 @@ def _normalized(vectors: np.ndarray, positions: np.ndarray) -> np.ndarray:
     except ValueError:
         bad = ~np.isfinite(vectors).all(axis=1) | ~np.any(vectors != 0, axis=1)
         where = int(positions[int(np.flatnonzero(bad)[0])]) if bad.any() else -1
-        raise ValueError(
-            f"item {where} produced a non-finite or zero embedding; cannot L2-normalise"
-        ) from None
+        raise ValueError(f"item {where} produced a non-finite or zero embedding; cannot L2-normalise") from None
 
 
 @register_encoder("image")
@@ -157,8 +155,9 @@ class OpenClipImageEncoder:
             pin_memory=self.device.type == "cuda",
         )
 
-        def forward(batch: tuple[np.ndarray, torch.Tensor, list[tuple[int, str]]]
-                    ) -> tuple[np.ndarray, torch.Tensor, list[tuple[int, str]]]:
+        def forward(
+            batch: tuple[np.ndarray, torch.Tensor, list[tuple[int, str]]],
+        ) -> tuple[np.ndarray, torch.Tensor, list[tuple[int, str]]]:
             indices, pixels, rejected = batch
             feats = self._forward(pixels) if len(indices) else torch.zeros(0, self.dim)
             return indices, feats, rejected

@@ -115,8 +115,7 @@ def resolve_source(
         folder = Path(os.path.expanduser(raw[len(LOCAL_DIR_PREFIX) :])).resolve()
         if pretrained is not None and not random_ok:
             raise ValueError(
-                f"pretrained={pretrained!r} cannot be combined with {raw!r}: a local-dir folder "
-                "brings its own weights"
+                f"pretrained={pretrained!r} cannot be combined with {raw!r}: a local-dir folder brings its own weights"
             )
         if not (folder / OPEN_CLIP_CONFIG).is_file():
             raise FileNotFoundError(
@@ -133,7 +132,9 @@ def resolve_source(
 
     if raw.startswith(HF_HUB_PREFIX):
         if pretrained is not None:
-            raise ValueError(f"pretrained={pretrained!r} cannot be combined with {raw!r}: the hub repo brings its own weights")
+            raise ValueError(
+                f"pretrained={pretrained!r} cannot be combined with {raw!r}: the hub repo brings its own weights"
+            )
         return raw, None, None, raw
 
     arch = raw

@@ -24,17 +24,33 @@ OPEN_CLIP_PREFIX = "open_clip:"
 
 def encoder_for(settings: Settings) -> Encoder:
     """The encoder for the settings' modality and model, loaded once per process."""
-    return _cached_encoder(settings.modality, settings.model, settings.pretrained, settings.pooling,
-                           settings.max_length, settings.batch_size, settings.num_workers, settings.device)
+    return _cached_encoder(
+        settings.modality,
+        settings.model,
+        settings.pretrained,
+        settings.pooling,
+        settings.max_length,
+        settings.batch_size,
+        settings.num_workers,
+        settings.device,
+    )
 
 
 # Keyed on the encoder's own knobs, so settings that differ elsewhere share one loaded model.
 @functools.lru_cache(maxsize=4)
-def _cached_encoder(modality: str, model: str | None, pretrained: str | None, pooling: str, max_length: int,
-                    batch_size: int, num_workers: int, device: str) -> Encoder:
+def _cached_encoder(
+    modality: str,
+    model: str | None,
+    pretrained: str | None,
+    pooling: str,
+    max_length: int,
+    batch_size: int,
+    num_workers: int,
+    device: str,
+) -> Encoder:
     options: dict[str, object] = {"device": device, "batch_size": batch_size}
     if modality == "text" and model and model.startswith(OPEN_CLIP_PREFIX):
-        return create_encoder("clip_text", model[len(OPEN_CLIP_PREFIX):], pretrained=pretrained, **options)
+        return create_encoder("clip_text", model[len(OPEN_CLIP_PREFIX) :], pretrained=pretrained, **options)
     if modality == "text":
         if wants_static(model):  # model2vec:X, static, or a folder holding a static model
             return create_encoder("model2vec", model, max_length=max_length, **options)

@@ -72,8 +72,7 @@ def create_encoder(modality: str, model: str | None = None, **options: Any) -> E
     factory = _FACTORIES.get(key)
     if factory is None:
         raise ValueError(
-            f"unknown modality {modality!r}; registered modalities: "
-            f"{', '.join(available_modalities()) or '(none)'}"
+            f"unknown modality {modality!r}; registered modalities: {', '.join(available_modalities()) or '(none)'}"
         )
     encoder = factory(model=model, **options)
     if not isinstance(encoder, Encoder):

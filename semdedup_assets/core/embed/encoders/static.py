@@ -25,10 +25,11 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+
 import numpy as np
 
-from semdedup_assets.core.messages import printable
 from semdedup_assets.core.io.storage import folder_problem
+from semdedup_assets.core.messages import printable
 
 from .base import l2_normalize
 from .registry import register_encoder
@@ -127,8 +128,13 @@ def _locked(lock_file: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def distill_static_model(source: str | os.PathLike[str] | None, out: str | os.PathLike[str], *,
-                         dims: int = DEFAULT_STATIC_DIMS, log: Callable[[str], None] | None = None) -> Path:
+def distill_static_model(
+    source: str | os.PathLike[str] | None,
+    out: str | os.PathLike[str],
+    *,
+    dims: int = DEFAULT_STATIC_DIMS,
+    log: Callable[[str], None] | None = None,
+) -> Path:
     """Distil a model2vec static model from a local Hugging Face encoder into `out` (atomically); return `out`.
 
     `source` is a local folder or hub name (None: the shipped all-MiniLM-L6-v2). The model's own
@@ -143,14 +149,18 @@ def distill_static_model(source: str | os.PathLike[str] | None, out: str | os.Pa
     # Before the minutes of distillation: an output that cannot be a folder is refused now, not at the write.
     if (problem := folder_problem(os.path.expanduser(os.fspath(out)), "the output")) is not None:
         raise NotADirectoryError(problem)
-    if source is not None and os.fspath(source).startswith((os.sep, ".", "~")) \
-            and not os.path.isdir(os.path.expanduser(os.fspath(source))):  # a path (not a hub name) that is missing
+    if (
+        source is not None
+        and os.fspath(source).startswith((os.sep, ".", "~"))
+        and not os.path.isdir(os.path.expanduser(os.fspath(source)))
+    ):  # a path (not a hub name) that is missing
         raise FileNotFoundError(f"the source model folder {printable(source)} does not exist")
     try:
         from model2vec.distill import distill_from_model
     except ImportError as err:
-        raise ImportError(f"distilling a static model needs model2vec and skeletoken ({err}): "
-                          "pip install 'semdedup-assets[static]'") from err
+        raise ImportError(
+            f"distilling a static model needs model2vec and skeletoken ({err}): pip install 'semdedup-assets[static]'"
+        ) from err
     import torch
     from transformers import AutoModel, AutoTokenizer
 
@@ -164,8 +174,10 @@ def distill_static_model(source: str | os.PathLike[str] | None, out: str | os.Pa
         model = AutoModel.from_pretrained(path, local_files_only=local).to(torch.float32).eval()
     except OSError as err:  # transformers' own message spans lines and speaks of the network
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise OSError(f"cannot load the source model {printable(path)}: not a local encoder folder, nor a hub "
-                      f"name in this machine's cache ({printable(first)})") from None
+        raise OSError(
+            f"cannot load the source model {printable(path)}: not a local encoder folder, nor a hub "
+            f"name in this machine's cache ({printable(first)})"
+        ) from None
     width = int(getattr(model.config, "hidden_size", dims))
     pca = min(dims, width)
     say(f"distilling {path} ({len(tokenizer)} tokens, {width}-d) to a {pca}-d static model at {out}")
@@ -176,10 +188,19 @@ def distill_static_model(source: str | os.PathLike[str] | None, out: str | os.Pa
         static.save_pretrained(tmp)
         import model2vec
 
-        (tmp / MARKER).write_text(json.dumps({
-            "source": os.fspath(source) if source is not None else "all-MiniLM-L6-v2", "source_path": path,
-            "dims": int(static.dim), "model2vec": model2vec.__version__, "seconds": round(time.perf_counter() - start, 1),
-        }, indent=2, sort_keys=True))
+        (tmp / MARKER).write_text(
+            json.dumps(
+                {
+                    "source": os.fspath(source) if source is not None else "all-MiniLM-L6-v2",
+                    "source_path": path,
+                    "dims": int(static.dim),
+                    "model2vec": model2vec.__version__,
+                    "seconds": round(time.perf_counter() - start, 1),
+                },
+                indent=2,
+                sort_keys=True,
+            )
+        )
         os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide a shared cache from other users
         if out.exists():
             shutil.rmtree(out)
@@ -191,9 +212,13 @@ def distill_static_model(source: str | os.PathLike[str] | None, out: str | os.Pa
     return out
 
 
-def default_static_model(cache_dir: str | os.PathLike[str] | None = None, *, dims: int = DEFAULT_STATIC_DIMS,
-                         source: str | os.PathLike[str] | None = None,
-                         log: Callable[[str], None] | None = None) -> Path:
+def default_static_model(
+    cache_dir: str | os.PathLike[str] | None = None,
+    *,
+    dims: int = DEFAULT_STATIC_DIMS,
+    source: str | os.PathLike[str] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Path:
     """This machine's static model for `--model static`, distilled from all-MiniLM-L6-v2 on first use.
 
     `source` replaces the shipped MiniLM (tests pass a tiny model). The distillation runs once per
@@ -206,8 +231,10 @@ def default_static_model(cache_dir: str | os.PathLike[str] | None = None, *, dim
     say = log or (lambda m: print(f"[semdedup] {m}", file=sys.stderr, flush=True))
     with _locked(cache / f".{target.name}.lock"):
         if not is_static_model_dir(target):  # another process may have finished it while we waited
-            say(f"--model static: no cached static model yet; distilling it once for this machine into {target} "
-                "(seconds on idle cores, minutes on busy ones; `semdedup distill` does it ahead of time)")
+            say(
+                f"--model static: no cached static model yet; distilling it once for this machine into {target} "
+                "(seconds on idle cores, minutes on busy ones; `semdedup distill` does it ahead of time)"
+            )
             distill_static_model(source, target, dims=dims, log=say)
     return target
 
@@ -217,18 +244,19 @@ def resolve_static_model(model: str | os.PathLike[str], log: Callable[[str], Non
     raw = os.fspath(model).strip()
     if raw.lower() == STATIC_DEFAULT:
         return str(default_static_model(log=log))
-    name = raw[len(STATIC_PREFIX):] if raw.startswith(STATIC_PREFIX) else raw
+    name = raw[len(STATIC_PREFIX) :] if raw.startswith(STATIC_PREFIX) else raw
     if not name:
         raise ValueError("--model model2vec: needs a folder or a model name after the colon")
     expanded = os.path.expanduser(name)
     # ORG/NAME is a hub name; anything else with a slash, or that exists, is a folder.
-    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") != 1 and "/" in name
+    looks_like_path = name.startswith((".", "/", "~")) or (name.count("/") != 1 and "/" in name)
     if os.path.exists(expanded) or looks_like_path:
         folder = Path(expanded)
         if not is_static_model_dir(folder):
             raise NotAStaticModelError(
                 f"{name} is not a model2vec static model: {_not_static_reason(folder)}; build one with "
-                f"`semdedup distill --from {name} --out DIR` and pass --model model2vec:DIR")
+                f"`semdedup distill --from {name} --out DIR` and pass --model model2vec:DIR"
+            )
         return str(folder)
     return name  # a hub name: model2vec finds it in the local Hugging Face cache (offline) or fetches it
 
@@ -245,8 +273,14 @@ class StaticTextEncoder:
     name: str
     dim: int
 
-    def __init__(self, model: str | os.PathLike[str] = STATIC_DEFAULT, *, max_length: int = 256,
-                 batch_size: int = MIN_STATIC_BATCH, device: str = "cpu") -> None:
+    def __init__(
+        self,
+        model: str | os.PathLike[str] = STATIC_DEFAULT,
+        *,
+        max_length: int = 256,
+        batch_size: int = MIN_STATIC_BATCH,
+        device: str = "cpu",
+    ) -> None:
         """Load the static model named by `model` (see the module docstring); `device` "auto" means the CPU."""
         import torch
 
@@ -265,8 +299,9 @@ class StaticTextEncoder:
         try:
             static = StaticModel.from_pretrained(self.model_path, force_download=False)
         except (OSError, ValueError) as err:
-            raise NotAStaticModelError(f"cannot load the static model {self.name!r} from {self.model_path}: {err}") \
-                from err
+            raise NotAStaticModelError(
+                f"cannot load the static model {self.name!r} from {self.model_path}: {err}"
+            ) from err
         # A lookup is cheaper than moving the batch to a GPU and back: the CPU unless asked otherwise.
         self.device = torch.device("cpu") if str(device).strip().lower() == "auto" else resolve_device(device)
         self.tokenizer = static.tokenizer
@@ -278,8 +313,11 @@ class StaticTextEncoder:
             self._mapping = torch.as_tensor(np.asarray(static.token_mapping, dtype=np.int64))
         else:
             self._mapping = None
-        self._weights = (None if static.weights is None
-                         else torch.as_tensor(np.asarray(static.weights, dtype=np.float32), device=self.device))
+        self._weights = (
+            None
+            if static.weights is None
+            else torch.as_tensor(np.asarray(static.weights, dtype=np.float32), device=self.device)
+        )
         self._vectors = torch.from_numpy(vectors).to(self.device)
         self.dim = int(vectors.shape[1])
         self.max_length = max_length
@@ -287,8 +325,10 @@ class StaticTextEncoder:
 
     def __repr__(self) -> str:
         """Short description for logs."""
-        return (f"StaticTextEncoder(name={self.name!r}, dim={self.dim}, max_length={self.max_length}, "
-                f"batch_size={self.batch_size}, device='{self.device}')")
+        return (
+            f"StaticTextEncoder(name={self.name!r}, dim={self.dim}, max_length={self.max_length}, "
+            f"batch_size={self.batch_size}, device='{self.device}')"
+        )
 
     def _ids(self, texts: Sequence[str], offset: int) -> list[list[int]]:
         """Token ids of each text (no special tokens, unknown tokens dropped as model2vec does)."""
@@ -318,16 +358,15 @@ class StaticTextEncoder:
         out = np.empty((n, self.dim), dtype=np.float32)
         with torch.inference_mode():
             for start in range(0, n, self.batch_size):
-                batch = self._ids(texts[start:start + self.batch_size], start)
+                batch = self._ids(texts[start : start + self.batch_size], start)
                 flat = torch.as_tensor(np.fromiter((t for ids in batch for t in ids), dtype=np.int64))
                 lengths = np.fromiter((len(ids) for ids in batch), dtype=np.int64, count=len(batch))
                 offsets = torch.as_tensor(np.concatenate(([0], np.cumsum(lengths)[:-1])))
                 weights = None if self._weights is None else self._weights[flat]
                 rows = flat if self._mapping is None else self._mapping[flat]
-                summed = torch.nn.functional.embedding_bag(rows.to(self.device), self._vectors,
-                                                           offsets.to(self.device), mode="sum",
-                                                           per_sample_weights=weights)
-                out[start:start + len(batch)] = summed.cpu().numpy()
+                summed = torch.nn.functional.embedding_bag(
+                    rows.to(self.device), self._vectors, offsets.to(self.device), mode="sum", per_sample_weights=weights
+                )
+                out[start : start + len(batch)] = summed.cpu().numpy()
         # The sum and the mean point the same way; the norm makes them equal.
         return l2_normalize(out)
-

@@ -56,9 +56,7 @@ def resolve_text_model(model: str | os.PathLike[str] | None) -> str:
     return expanded if os.path.isdir(expanded) else raw
 
 
-def pool_hidden_states(
-    hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str
-) -> torch.Tensor:
+def pool_hidden_states(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
     """Pool (batch, seq, dim) hidden states to (batch, dim) float32, honouring left or right padding."""
     import torch
 
@@ -90,8 +88,7 @@ def _output_dim(config: Any) -> int:
         if isinstance(value, int) and value > 0:
             return value
     raise ValueError(
-        f"cannot determine the embedding width from config {type(config).__name__}: "
-        "no hidden_size / d_model"
+        f"cannot determine the embedding width from config {type(config).__name__}: no hidden_size / d_model"
     )
 
 
@@ -138,9 +135,7 @@ class HFTextEncoder:
 
         self.model_path: str = resolve_text_model(model)
         # A stable, machine-independent name for the default; otherwise what the caller gave.
-        self.name = (
-            DEFAULT_TEXT_MODEL if model is None or _is_default_alias(model) else os.fspath(model)
-        )
+        self.name = DEFAULT_TEXT_MODEL if model is None or _is_default_alias(model) else os.fspath(model)
         self.pooling = pooling
         self.batch_size = batch_size
 
@@ -167,9 +162,7 @@ class HFTextEncoder:
         # ids on purpose, so that each text is tokenised exactly once.
         getattr(self.tokenizer, "deprecation_warnings", {})["Asking-to-pad-a-fast-tokenizer"] = True
 
-        net = AutoModel.from_pretrained(
-            self.model_path, local_files_only=local, trust_remote_code=trust_remote_code
-        )
+        net = AutoModel.from_pretrained(self.model_path, local_files_only=local, trust_remote_code=trust_remote_code)
         # fp32 weights everywhere; CUDA speed comes from autocast, CPU stays plain fp32.
         self.model = net.to(device=self.device, dtype=torch.float32).eval()
         self.dim = _output_dim(self.model.config)
@@ -185,13 +178,9 @@ class HFTextEncoder:
 
         self._autocast_dtype: torch.dtype | None = None
         if self.device.type == "cuda":
-            self._autocast_dtype = (
-                torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-            )
+            self._autocast_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         # The tokenizer may return keys the model does not take (and vice versa).
-        self._input_names: list[str] = list(
-            dict.fromkeys([*self.tokenizer.model_input_names, "attention_mask"])
-        )
+        self._input_names: list[str] = list(dict.fromkeys([*self.tokenizer.model_input_names, "attention_mask"]))
 
     def __repr__(self) -> str:
         """Short description for logs."""
@@ -247,9 +236,7 @@ class HFTextEncoder:
                 hidden = outputs[0]
             pooled = pool_hidden_states(hidden, batch["attention_mask"], self.pooling)
             if pooled.shape[1] != self.dim:
-                raise RuntimeError(
-                    f"{self.name!r} produced {pooled.shape[1]}-d states but config says {self.dim}"
-                )
+                raise RuntimeError(f"{self.name!r} produced {pooled.shape[1]}-d states but config says {self.dim}")
             return idx, pooled.cpu().numpy()
 
         out = np.empty((n, self.dim), dtype=np.float32)
