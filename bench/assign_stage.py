@@ -94,7 +94,7 @@ def sim_kernels(n: int, d: int, k: int, repeats: int) -> list[str]:
     for name, fn in kernels:
         sec = best_of(fn, repeats)
         lines.append(f"| {name} | {sec:.3f} | {sec / search:.1%} | {int((fn() != ref).sum()):,} of {n:,} |")
-    return lines + [""]
+    return [*lines, ""]
 
 
 def bucket_layouts(rows: int, d: int, k: int, buckets: int, repeats: int) -> list[str]:

@@ -22,7 +22,7 @@ MIB = 1024 * 1024
 
 # The peak-RSS helpers live in the package (stages report their own peaks): re-exported for the benchmarks.
 from semdedup_assets.core.run.meter import reset_peak_rss as reset_peak  # noqa: E402
-from semdedup_assets.core.run.meter import status_kib as read_status_kib
+from semdedup_assets.core.run.meter import status_kib as read_status_kib  # noqa: E402
 
 
 def cpu_model() -> str:

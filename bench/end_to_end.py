@@ -132,7 +132,10 @@ def core_single_process(input_dir: str, k: int, eps: float, out_ids: str, seed: 
     start = time.perf_counter()
     by_key = dict(zip(keys, emb_parts))
     sample = collect_sample(
-        [(kk, len(e)) for kk, e in by_key.items()], lambda kk, rows: by_key[kk][rows], sample_target(k, 256), seed
+        [(kk, len(e)) for kk, e in by_key.items()],
+        lambda kk, rows: by_key[kk][rows],  # noqa: F821  called here, before `del by_key`
+        sample_target(k, 256),
+        seed,
     )
     km = train_spherical_kmeans(sample, k, niter=20, seed=seed, max_points_per_centroid=256)
     t["sample + train k-means"] = time.perf_counter() - start
@@ -360,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         root = Path(tmp)
-        inp, storage = root / "input", root / "storage"
+        inp = root / "input"
         write_s = write_shards(inp, args.n, args.d, args.shards, centers=2 * args.clusters)
         print(f"wrote {args.n:,} x {args.d} in {args.shards} shards: {write_s:.1f} s", flush=True)
         env = {k: v for k, v in os.environ.items() if k != "DAGSTER_HOME"}

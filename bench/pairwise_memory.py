@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     x, n_planted = make_cluster(n, d, args.dup_fraction, args.seed)
     input_mib = x.nbytes / MIB
     tiled = measure(max_sim_tiled, x, block_size=args.block)
-    m, dup = tiled["result"]
+    m, _dup = tiled["result"]
     tiled_gflops = pairwise_gflops(n, d, tiled["seconds"])
 
     dense = tiled_small = None

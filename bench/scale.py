@@ -133,7 +133,7 @@ def run_point(
     if cluster is not None:
         from semdedup_assets_tests.raycluster import ray_env
 
-        cli = cluster.ns.command(cli + ["--engine", "ray", "--ray-address", cluster.address])
+        cli = cluster.ns.command([*cli, "--engine", "ray", "--ray-address", cluster.address])
         env = {**ray_env(), **env}
     out = run_tree(cli, env=env)
     if out["rc"] != 0:
@@ -157,7 +157,7 @@ def run_point(
         "hash": keep_list_hashes(storage),
         "storage_bytes": sum(f.stat().st_size for f in storage.rglob("*.parquet")),
         "resources": resources,
-        "warnings": [l for l in out["stderr"].splitlines() if "sample" in l][:3],
+        "warnings": [line for line in out["stderr"].splitlines() if "sample" in line][:3],
     }
 
 

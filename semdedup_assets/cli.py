@@ -182,7 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep._option_string_actions["--clusters"].help = "comma-separated k values, e.g. 100,1000,5000 (auto allowed)"
     sweep._option_string_actions["--clusters"].required = True
     sweep._option_string_actions["--clusters"].metavar = "K1,K2,..."
-    sweep._option_string_actions["--model"].help = (
+    # Through a name: `ruff format` splits the subscripted target differently on each pass otherwise.
+    model = sweep._option_string_actions["--model"]
+    model.help = (
         "comma-separated encoders to sweep as well (default: the modality's default model, one sub-storage per k)"
     )
     seed = sweep._option_string_actions["--seed"]

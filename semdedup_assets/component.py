@@ -75,7 +75,7 @@ class SemDedup(dg.Component, dg.Resolvable, dg.Model):
     pool: str | None = None
     sensors: bool = False
     schedule: bool = False
-    settings: dict[str, Any] = {}
+    settings: dict[str, Any] = {}  # noqa: RUF012  dg.Model is pydantic: each instance gets its own copy
 
     @classmethod
     def from_settings(cls, settings: Settings, prefix: str | None = None) -> "SemDedup":

@@ -173,7 +173,7 @@ class RunGuard:
         """Unfinished runs started by this process."""
         runs = self.instance.get_runs(
             filters=dg.RunsFilter(
-                statuses=UNFINISHED + [dg.DagsterRunStatus.NOT_STARTED],
+                statuses=[*UNFINISHED, dg.DagsterRunStatus.NOT_STARTED],
                 tags={PID_TAG: self.tags[PID_TAG], HOST_TAG: self.tags[HOST_TAG]},
             )
         )

@@ -264,7 +264,7 @@ class S3Server:
 
     def start(self) -> None:
         """Start moto_server and wait until it answers."""
-        log = open(self.log_path, "ab")
+        log = open(self.log_path, "ab")  # noqa: SIM115  the server writes it until stop()
         # Authentication on after the first 3 requests (user, policy, key below): from then on
         # moto refuses unknown keys and bad signatures, as S3 does.
         env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="3")

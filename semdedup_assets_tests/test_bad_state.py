@@ -110,7 +110,7 @@ def test_bad_reference_is_refused_before_any_stage(ran, tmp_path: Path, capsys, 
 
 def test_export_refuses_contamination_of_another_reference(ran, tmp_path: Path, capsys) -> None:
     storage = str(ran["storage"])
-    code, out, err = _command(capsys, "export", "--storage", storage, "--select", "eps=0.1")
+    code, _out, err = _command(capsys, "export", "--storage", storage, "--select", "eps=0.1")
     assert code == 0, err
     flagged = ran["storage"] / "contaminated" / "contaminated.parquet"
     assert pq.read_table(flagged).num_rows >= 100
@@ -119,12 +119,12 @@ def test_export_refuses_contamination_of_another_reference(ran, tmp_path: Path, 
     try:
         # What a run whose new --reference failed in its last stage leaves: settings naming the new one.
         save_settings(dataclasses.replace(load_settings(storage), reference=str(tmp_path / "other")))
-        code, out, err = _command(capsys, "export", "--storage", storage, "--select", "eps=0.1")
+        code, _out, err = _command(capsys, "export", "--storage", storage, "--select", "eps=0.1")
         assert code == 1 and f"computed against the reference {ran['ref']}" in err and str(tmp_path / "other") in err, (
             err
         )
         save_settings(dataclasses.replace(load_settings(storage), reference=None))  # a run without --reference
-        code, out, err = _command(capsys, "export", "--storage", storage, "--select", "eps=0.1")
+        code, _out, err = _command(capsys, "export", "--storage", storage, "--select", "eps=0.1")
         assert code == 1 and "settings name (none)" in err, err
     finally:
         settings_file.write_bytes(recorded)
@@ -180,7 +180,7 @@ def test_damaged_contaminated_file_is_named_everywhere(ran, capsys) -> None:
 
 
 def test_status_on_a_mistyped_storage_is_an_error(tmp_path: Path, capsys) -> None:
-    code, out, err = _command(capsys, "status", "--storage", str(tmp_path / "no-such-storage"))
+    code, _out, err = _command(capsys, "status", "--storage", str(tmp_path / "no-such-storage"))
     assert code == 1 and "no storage at" in err and str(tmp_path / "no-such-storage") in err
     assert not (tmp_path / "no-such-storage").exists()
 

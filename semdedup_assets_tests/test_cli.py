@@ -67,7 +67,7 @@ def test_run_end_to_end_then_query_every_view(tmp_path: Path) -> None:
     assert columns == ["eps", "kept", "removed", "kept_fraction"]
     assert [float(r[0]) for r in printed] == [0.01, 0.05, 0.1]
     kept_printed = {float(r[0]): int(r[1]) for r in printed}
-    for eps, kept, removed, fraction in printed:
+    for _eps, kept, removed, fraction in printed:
         assert int(kept) + int(removed) == 21 and float(fraction) == round(int(kept) / 21, 4)
     assert kept_printed[0.01] >= kept_printed[0.05] >= kept_printed[0.1]
     # Runs were recorded in the default DAGSTER_HOME inside the storage.
@@ -160,7 +160,7 @@ def test_duplicate_ids_across_shards(tmp_path: Path, capsys, monkeypatch) -> Non
 
 
 def test_duplicate_ids_within_a_shard(tmp_path: Path, capsys, monkeypatch) -> None:
-    _write(tmp_path, "a.jsonl", GOOD + [{"id": "g1", "text": "again"}])
+    _write(tmp_path, "a.jsonl", [*GOOD, {"id": "g1", "text": "again"}])
     err = _bad_run(tmp_path, capsys, monkeypatch)
     assert "shard 'a', row 5" in err and "'g1'" in err
 

@@ -41,7 +41,7 @@ def _args(command: str, tmp: Path, *extra: str) -> list[str]:
     args = [sys.executable, "-m", "semdedup_assets.cli", command]
     if command == "run":
         args += ["--input", str(tmp / "input"), "--modality", "embedding", "--buckets", BUCKETS]
-    return args + ["--storage", str(tmp / "storage"), *extra]
+    return [*args, "--storage", str(tmp / "storage"), *extra]
 
 
 def _cli(command: str, tmp: Path, *extra: str, **env: str) -> subprocess.CompletedProcess:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import shutil
 import subprocess
@@ -149,7 +150,9 @@ def test_plan_bucket_fits_the_budget_from_the_assignment_counts(budget_runs) -> 
     plan = plan_bucket(small, files, 0, 40)
     counts = cluster_counts(files, 0, 40)
     assert [n for _, _, n in plan] == [int(counts[a:b].sum()) for a, b, _ in plan] and sum(counts) == 900
-    assert plan[0][0] == 0 and plan[-1][1] == 40 and all(b1 == a2 for (_, b1, _), (a2, _, _) in zip(plan, plan[1:]))
+    assert (
+        plan[0][0] == 0 and plan[-1][1] == 40 and all(b1 == a2 for (_, b1, _), (a2, _, _) in itertools.pairwise(plan))
+    )
     per_row, budget = row_bytes(files), pairwise_budget(small)
     assert all(n * per_row <= budget or b - a == 1 for a, b, n in plan)  # only a lone cluster may exceed it
     assert len(plan) > len(plan_bucket(settings, files, 0, 40)) == 1
@@ -191,7 +194,7 @@ def test_every_stage_reports_its_resources(budget_runs) -> None:
 def test_the_kmeans_sample_is_capped_by_the_budget_with_a_warning(budget_runs) -> None:
     from semdedup_assets.core.cluster.centroids import train_centroids
 
-    settings, instance = budget_runs["unconstrained"]
+    settings, _instance = budget_runs["unconstrained"]
     files = {
         settings.storage_root().shard_of(st.EMBEDDINGS, p): p
         for p in settings.storage_root().stage_files(st.EMBEDDINGS)

@@ -116,7 +116,7 @@ def hardest(rows: list[int], sim: np.ndarray, ids: np.ndarray, n: int) -> set[st
 
 
 def dense_prototypes(ran: dict, fraction: float) -> set[str]:
-    cluster, sim = nearest(ran["x"], ran["centroids"])
+    _cluster, sim = nearest(ran["x"], ran["centroids"])
     return hardest(list(range(len(sim))), sim, ran["ids"], n_keep(fraction, len(sim)))
 
 

@@ -103,7 +103,7 @@ def test_definitions_module_reads_nothing_at_import(tmp_path: Path) -> None:
 
     os.environ["SEMDEDUP_STORAGE"] = str(tmp_path)
     try:
-        with pytest.raises(ValueError, match="semdedup.json"):
+        with pytest.raises(ValueError, match=r"semdedup.json"):
             load_definitions()
     finally:
         del os.environ["SEMDEDUP_STORAGE"]
@@ -166,7 +166,7 @@ def test_rerun_warns_about_changed_settings_and_prints_the_effective_ones(tmp_pa
         "2",
     ]
     first = subprocess.run(
-        base + ["--clusters", "5", "--eps", "0.05"], env=env, capture_output=True, text=True, timeout=600
+        [*base, "--clusters", "5", "--eps", "0.05"], env=env, capture_output=True, text=True, timeout=600
     )
     assert first.returncode == 0, first.stdout + first.stderr
     assert "warning" not in first.stderr

@@ -87,7 +87,7 @@ def _signal_state(pids: list[int]) -> dict[int, str]:
 def test_make_ui_serves_the_location_and_stops_within_10_s(tmp_path: Path, how: str) -> None:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SEMDEDUP_") and k != "DAGSTER_HOME"}
-    log = open(tmp_path / "make-ui.log", "wb")
+    log = open(tmp_path / "make-ui.log", "wb")  # noqa: SIM115  `make ui` writes it until it is stopped
     # -o: never re-install from here (the stamp may be older than pyproject.toml in a checkout).
     proc = subprocess.Popen(
         ["make", "-o", ".venv/.stamp-demo", "ui", f"UI_PORT={port}", f"DEMO_STORAGE={tmp_path / 'storage'}"],

@@ -197,7 +197,7 @@ def dagster_dev(
         env = fast_daemon_env(env, daemon_loop_s)
     port = port or free_port()
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    log = open(log_path, "wb")
+    log = open(log_path, "wb")  # noqa: SIM115  `dg dev` writes it until it is stopped
     # VIRTUAL_ENV: dg compares it with the project's .venv and warns when they differ (as ui.py sets it).
     proc = subprocess.Popen(
         dg_dev_command("127.0.0.1", port),

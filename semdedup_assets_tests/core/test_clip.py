@@ -227,7 +227,7 @@ def test_weights_only_refuses_pickled_objects(tmp_path: Path, tiny: dict[str, st
     with pytest.raises(UnsafeCheckpointError):
         check_checkpoint_weights_only(evil)
     # open_clip's own loader (create_model(weights_only=True)) refuses it too.
-    with pytest.raises(Exception, match="[Ww]eights only load failed"):
+    with pytest.raises(Exception, match=r"[Ww]eights only load failed"):
         open_clip.create_model(tiny["arch"], pretrained=str(evil), weights_only=True)
     # Also through a local-dir folder whose weights file is the same pickle.
     folder = tmp_path / "evil-dir"
@@ -260,7 +260,7 @@ def test_bad_model_arguments(tmp_path: Path, tiny: dict[str, str]) -> None:
     shutil.copy(Path(tiny["local_dir"].removeprefix("local-dir:")) / "open_clip_config.json", empty)
     with pytest.raises(FileNotFoundError, match="no weights file"):
         OpenClipImageEncoder(f"local-dir:{empty}", device="cpu")
-    with pytest.raises(FileNotFoundError, match="open_clip_config.json"):
+    with pytest.raises(FileNotFoundError, match=r"open_clip_config.json"):
         OpenClipImageEncoder(f"local-dir:{tmp_path}", device="cpu")
     with pytest.raises(ValueError, match="precision"):
         OpenClipImageEncoder(tiny["local_dir"], device="cpu", precision="fp16")

@@ -98,7 +98,7 @@ def test_unexpected_decoder_exceptions_become_reasons(monkeypatch: pytest.Monkey
         raise IndexError("list index out of range")  # what some fuzzed files trigger in plugins
 
     monkeypatch.setattr(Image, "open", leaky_open)
-    with pytest.raises(ImageDecodeError, match="corrupt image .IndexError"):
+    with pytest.raises(ImageDecodeError, match=r"corrupt image .IndexError"):
         decode_image(b"\xff\xd8 whatever")
 
 

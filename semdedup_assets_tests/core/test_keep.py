@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -47,7 +49,7 @@ def test_eps_curve_counts_and_monotonicity() -> None:
         assert row["kept"] + row["removed"] == len(m)
         assert row["kept_fraction"] == pytest.approx(row["kept"] / len(m))
     kept = [r["kept"] for r in rows]
-    assert all(a >= b for a, b in zip(kept, kept[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(kept))
     assert kept[0] > kept[-1]  # the curve is not flat on this data
 
 

@@ -218,7 +218,7 @@ def test_torch_input_and_float64_input() -> None:
     m, d = max_sim_tiled(torch.from_numpy(x), block_size=32, device="cpu")
     np.testing.assert_array_equal(m, ref_m)
     np.testing.assert_array_equal(d, ref_d)
-    m64, d64 = max_sim_tiled(x.astype(np.float64), block_size=32)
+    m64, _d64 = max_sim_tiled(x.astype(np.float64), block_size=32)
     np.testing.assert_array_equal(m64, ref_m)
     out = cluster_semantic_duplicates([str(k) for k in range(90)], torch.from_numpy(x), np.zeros(90), block_size=32)
     out_np = cluster_semantic_duplicates([str(k) for k in range(90)], x, np.zeros(90), block_size=32)
@@ -380,9 +380,9 @@ def test_low_precision_needs_thresholds_and_a_known_precision() -> None:
 def test_cuda_low_precision_decisions_equal_fp32(precision: str) -> None:
     """On CUDA (tensor cores, fp32 output), fp16/bf16 + re-check decides exactly as the fp32 kernel."""
     x = np.concatenate([_near_thresholds(12000, 384, seed=4), _planted(8000, 384, seed=5)])
-    m32, d32 = max_sim_tiled(x, block_size=1024, device="cuda")
+    m32, _d32 = max_sim_tiled(x, block_size=1024, device="cuda")
     stats: dict[str, float] = {}
-    m, d = max_sim_tiled(x, block_size=1024, device="cuda", precision=precision, thresholds=THRESHOLDS, stats=stats)
+    m, _d = max_sim_tiled(x, block_size=1024, device="cuda", precision=precision, thresholds=THRESHOLDS, stats=stats)
     for t in THRESHOLDS:
         np.testing.assert_array_equal(m > t, m32 > t, err_msg=f"decisions differ at threshold {t}")
     assert np.abs(m - m32).max() <= stats["error_bound"]

@@ -98,7 +98,7 @@ def test_symlinked_subfolders_are_followed_and_a_loop_is_refused(tmp_path: Path)
         discover_shards(root)
     (inner / "back").unlink()
     (root / "gone.parquet").symlink_to(tmp_path / "nowhere.parquet")
-    with pytest.raises(ValueError, match="broken symbolic link under the input: .*gone.parquet"):
+    with pytest.raises(ValueError, match=r"broken symbolic link under the input: .*gone.parquet"):
         discover_shards(root)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -110,7 +111,7 @@ def bucket_row_slices(sorted_clusters: np.ndarray, k: int, buckets: int) -> list
     if len(b) and (np.diff(b) < 0).any():
         raise ValueError("rows must be sorted by cluster")
     bounds = np.concatenate([[0], np.flatnonzero(np.diff(b)) + 1, [len(b)]]).astype(np.int64)
-    return [(int(s), int(e - s)) for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
+    return [(int(s), int(e - s)) for s, e in itertools.pairwise(bounds) if e > s]
 
 
 def iter_cluster_ranges(k: int, buckets: int) -> Iterator[tuple[int, int, int]]:

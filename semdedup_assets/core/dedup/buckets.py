@@ -204,7 +204,7 @@ def dedup_table(
     # Clusters run single-threaded, torch's thread count of them at once (parallel.map_batches): the same bits
     # whatever that count (a 1-CPU Ray task or a many-core process); most clusters are one tile or a few.
     spans = list(zip(starts.tolist(), ends.tolist()))
-    for (s, e), (r, own) in zip(spans, map_batches(cluster, spans, torch.device(device)), strict=True):
+    for (s, _e), (r, own) in zip(spans, map_batches(cluster, spans, torch.device(device)), strict=True):
         if stats is not None:
             stats["rechecked_rows"] = stats.get("rechecked_rows", 0) + own["rechecked_rows"]
             stats["error_bound"] = max(stats.get("error_bound", 0.0), own["error_bound"])
@@ -591,7 +591,8 @@ def _multiprobe_in_groups(
             start = time.perf_counter()
             result, sizes = multiprobe_bucket(
                 table.slice(s, e - s),
-                lambda cs: _probed_rows(table, own, a, b, cs, files, names),
+                # Called inside this iteration, before `del table`: the loop variables are the current ones.
+                lambda cs: _probed_rows(table, own, a, b, cs, files, names),  # noqa: B023, F821
                 centroids,
                 settings.probes,
                 settings.keep,

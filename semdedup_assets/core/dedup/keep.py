@@ -107,7 +107,7 @@ def keep_for_target(
         f = float(fraction)
         if not (0.0 <= f <= 1.0):
             raise ValueError(f"fraction must be in [0, 1], got {fraction}")
-        target = int(round(f * total))
+        target = round(f * total)
     else:
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
             raise ValueError(f"n must be an integer, got {n!r}")

@@ -119,5 +119,5 @@ def _keep_by_order(
         columns["s"], order = pa.array(sims), "ascending" if strategy == "hard" else "descending"
     columns["id"] = ids if isinstance(ids, (pa.Array, pa.ChunkedArray)) else pa.array(ids.tolist(), type=pa.string())
     # Arrow places nulls at the end in either direction by default (every release since 3.0).
-    perm = pc.sort_indices(pa.table(columns), sort_keys=sort_keys + [("s", order), ("id", "ascending")])
+    perm = pc.sort_indices(pa.table(columns), sort_keys=[*sort_keys, ("s", order), ("id", "ascending")])
     return perm.to_numpy().astype(np.int64, copy=False)

@@ -136,7 +136,7 @@ class Engine(ABC):
         """Write the keep-lists from the bucket files (`core.dedup.keep.build_keep_lists`): Done("keep_lists", KeepListsResult,
         worker)."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027  a no-op by default: an engine holding nothing need not override it
         """Release what the engine holds."""
 
     def __enter__(self) -> Engine:

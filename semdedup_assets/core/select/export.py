@@ -284,8 +284,7 @@ def _write_parquet(src: UPath, rows: np.ndarray, out: IO[bytes]) -> None:
 
 def _iter_lines(f: IO[bytes]) -> Iterator[bytes]:
     """Lines with their terminators, as `_read_jsonl` counts them (split on b'\\n')."""
-    for line in f:  # binary iteration splits on b"\n" only
-        yield line
+    yield from f  # binary iteration splits on b"\n" only
 
 
 def _write_jsonl(src: UPath, rows: np.ndarray, out: IO[bytes]) -> None:
@@ -330,7 +329,7 @@ def _write_npy(src: UPath, rows: np.ndarray, out: IO[bytes]) -> None:
     header = {
         "descr": np.lib.format.dtype_to_descr(x.dtype),
         "fortran_order": False,
-        "shape": (len(rows),) + tuple(x.shape[1:]),
+        "shape": (len(rows), *tuple(x.shape[1:])),
     }
     np.lib.format.write_array_header_1_0(out, header) if _fits_v1(header) else np.lib.format.write_array_header_2_0(
         out, header

@@ -51,9 +51,8 @@ def _cached_encoder(
     options: dict[str, object] = {"device": device, "batch_size": batch_size}
     if modality == "text" and model and model.startswith(OPEN_CLIP_PREFIX):
         return create_encoder("clip_text", model[len(OPEN_CLIP_PREFIX) :], pretrained=pretrained, **options)
-    if modality == "text":
-        if wants_static(model):  # model2vec:X, static, or a folder holding a static model
-            return create_encoder("model2vec", model, max_length=max_length, **options)
+    if modality == "text" and wants_static(model):  # model2vec:X, static, or a folder holding a static model
+        return create_encoder("model2vec", model, max_length=max_length, **options)
     if modality == "text":
         options.update(pooling=pooling, max_length=max_length)
     elif modality == "image":
