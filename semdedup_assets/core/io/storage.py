@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from upath import UPath
+from upath import UPath as UPath  # re-exported: the other core modules annotate with st.UPath
 
 from semdedup_assets.core.messages import printable
 
