@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -51,10 +52,128 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | 
     return SuiteGroups(config, log)
 
 
+# Test tiers (docs/testing.md), by what a test starts. `make test-fast` runs `-m "pure or dagster"`.
+PURE, DAGSTER, SUBPROCESS, SERVERS = "pure", "dagster", "subprocess", "servers"
+TIERS = (PURE, DAGSTER, SUBPROCESS, SERVERS)
+FAST_TIERS = (PURE, DAGSTER)
+# Whole modules whose tests start servers, daemons or Ray (`dg dev`, Postgres, moto, a Ray cluster, `make ui`,
+# the bench scripts with Ray), and modules whose tests run the CLI or `dg` as subprocesses. Every other module
+# is fast by default: core/ is pure, the rest in-process Dagster; a module that mixes tiers marks its exceptions
+# (`@pytest.mark.subprocess`), and a mis-tiered test fails (fast_tier_guard below).
+SERVER_MODULES = (*DAEMON_MODULES, "test_ray_engine", "test_ui", "test_bench_smoke")
+SUBPROCESS_MODULES = (
+    "test_cli",
+    "test_cli_progress_status",
+    "test_component",
+    "test_catalog_readers",
+    "test_faults",
+    "test_bad_state",  # its module fixture `ran` runs the CLI
+    "test_faults_robustness",
+)
+
+
+def default_tier(item: pytest.Item) -> str:
+    """The tier of a test that carries no tier mark: by its module, and by the Dagster instance it asks for."""
+    path = Path(item.nodeid.split("::", 1)[0])
+    if path.stem in SERVER_MODULES:
+        return SERVERS
+    if path.stem in SUBPROCESS_MODULES:
+        return SUBPROCESS
+    if path.parent.name == "core" and "instance" not in getattr(item, "fixturenames", ()):
+        return PURE
+    return DAGSTER
+
+
+def tier_of(item: pytest.Item) -> str:
+    """The closest tier mark of a test (its own before its module's), else default_tier."""
+    for mark in item.iter_markers():
+        if mark.name in TIERS:
+            return mark.name
+    return default_tier(item)
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by the marks added here
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The longest groups first; the order within a group is kept (a stable sort)."""
+    """Every test gets its tier mark; then the longest groups first (a stable sort keeps the order within one)."""
+    for item in items:
+        if not any(mark.name in TIERS for mark in item.iter_markers()):
+            item.add_marker(default_tier(item))
     rank = {g: i for i, g in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda it: rank.get(suite_group(it.nodeid), len(rank)))
+
+
+# The fast tier checks itself: while a pure or in-process Dagster test is set up or runs, starting a process
+# (subprocess.Popen, which subprocess.run and asyncio use too, os.system, os.posix_spawn) fails that test.
+# An audit hook sees every such start, also one made by a library or one whose error the code swallows.
+# Allowed: multiprocessing and os.fork (the code under test's own worker pools, e.g. core/parallel.py): they
+# start no program; and the two helpers with which Dagster's in-process execution captures a step's output
+# (dagster/_core/execution/compute_logs.py): `tail -F <...compute_logs/...>` and its watch_orphans.py, part
+# of in-process Dagster, not a program under test. Teardown is not checked: a module's fixtures are torn
+# down after its last test, whatever that test's tier.
+PROCESS_EVENTS = frozenset({"subprocess.Popen", "os.system", "os.posix_spawn", "os.spawn", "os.exec"})
+# Short system probes that libraries run while loading (ctypes.util.find_library runs `ldconfig -p`).
+LIBRARY_PROBES = frozenset({"ldconfig", "uname"})
+
+
+def allowed_in_fast_tier(event: str, args: tuple[object, ...]) -> bool:
+    """The starts allowed: a library's system probe, Dagster's compute-log capture (`tail -F`, watch_orphans.py)."""
+    if event != "subprocess.Popen" or len(args) < 2 or not isinstance(args[1], (list, tuple)):
+        return False
+    argv = [str(a) for a in args[1]]
+    if argv and Path(argv[0]).name in LIBRARY_PROBES:
+        return True
+    tail = argv[:2] == ["tail", "-F"] and "compute_logs" in argv[-1]
+    watch = len(argv) > 1 and argv[1].replace("\\", "/").endswith("dagster/_core/execution/scripts/watch_orphans.py")
+    return tail or watch
+
+
+class StartedAProcess(RuntimeError):
+    """A fast-tier test started a process: it belongs in the subprocess or servers tier."""
+
+
+class FastTierGuard:
+    """The audit hook's state: the fast-tier test now running (None outside one) and what it started."""
+
+    current: str | None = None
+    started: list[str] = []  # noqa: RUF012  one guard per process: a class used as a namespace
+
+    @classmethod
+    def audit(cls, event: str, args: tuple[object, ...]) -> None:
+        if cls.current is None or event not in PROCESS_EVENTS or allowed_in_fast_tier(event, args):
+            return
+        what = f"{event}{args[:2]!r}"
+        cls.started.append(what)
+        raise StartedAProcess(
+            f"{cls.current} is in the fast tier but started a process: {what}. "
+            f"Mark it @pytest.mark.{SUBPROCESS} (or {SERVERS}); see docs/testing.md"
+        )
+
+
+sys.addaudithook(FastTierGuard.audit)  # at import: an audit hook cannot be removed, so one for the session
+
+
+def guarded(item: pytest.Item) -> Iterator[None]:
+    """Run one phase of a test under the guard when the test is in the fast tier; fail it if it started a process."""
+    if tier_of(item) not in FAST_TIERS:
+        return (yield)
+    FastTierGuard.current, FastTierGuard.started = item.nodeid, []
+    try:
+        result = yield
+    finally:
+        FastTierGuard.current = None
+    if FastTierGuard.started:
+        pytest.fail(f"fast-tier test started a process: {FastTierGuard.started[0]} (mark it {SUBPROCESS} or {SERVERS})")
+    return result
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    return (yield from guarded(item))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    return (yield from guarded(item))
 
 
 @pytest.fixture

@@ -116,6 +116,7 @@ def test_the_code_locations_steps_fork_from_a_forkserver_and_the_launchpad_keeps
     assert "start_method" not in ResolvedRunConfig.build(plain, {}).execution.execution_engine_config["multiprocess"]
 
 
+@pytest.mark.subprocess
 def test_the_code_location_and_the_cli_load_without_torch(tmp_path: Path) -> None:
     """Loading the code location (each run worker, step forkserver and code server does) and the CLI imports
     no torch: it costs ~2 s and ~500 MB per process, and only the stages that run a model or the pairwise rule
@@ -176,6 +177,7 @@ def test_backfill_batch_comes_from_the_settings() -> None:
     assert batches == {b: dict.fromkeys(("raw_shards", "embeddings", "cluster_assignments"), b) for b in (64, 7)}
 
 
+@pytest.mark.subprocess
 def test_dagster_cli_validates_workspace(tmp_path: Path) -> None:
     env = dict(os.environ, SEMDEDUP_STORAGE=str(tmp_path / "storage"), DAGSTER_HOME=str(tmp_path))
     proc = subprocess.run(
@@ -190,6 +192,7 @@ def test_dagster_cli_validates_workspace(tmp_path: Path) -> None:
     assert "Validation successful" in proc.stdout + proc.stderr
 
 
+@pytest.mark.subprocess
 def test_dg_check_and_list_defs_in_the_project(tmp_path: Path) -> None:
     """`dg` finds the code location through pyproject's [tool.dg] (the same Definitions as workspace.yaml)."""
     env = dict(

@@ -303,6 +303,7 @@ def _probe(
     return figures
 
 
+@pytest.mark.subprocess
 def test_the_pairwise_stage_peak_stays_under_the_budget_as_n_grows_4x(tmp_path: Path) -> None:
     """One bucket of N = 5,000 and of 20,000 items (384-d, k = N/100, shards of 1,250): under an 8 MB budget
     the stage's extra peak RSS stays below the budget plus a fixed allowance and does not grow with N;
@@ -392,6 +393,7 @@ def _write_clustered(root: Path, n: int, k: int, d: int = 64, shard_rows: int = 
         )
 
 
+@pytest.mark.subprocess
 def test_the_multiprobe_stage_peak_stays_under_the_budget_as_n_grows_4x(tmp_path: Path) -> None:
     """`--probes 2` on one bucket of N = 20,000 and of 80,000 items (64-d, k = N/100, shards of 5,000): under an
     8 MB budget the stage's extra peak RSS stays below the budget plus a fixed allowance, and grows by less than

@@ -91,6 +91,7 @@ def test_environment_is_read_only_in_the_settings_module_and_dagster_home_handli
     assert not offenders, "\n".join(offenders)
 
 
+@pytest.mark.subprocess
 def test_definitions_module_reads_nothing_at_import(tmp_path: Path) -> None:
     # A broken semdedup.json must not break `import semdedup_assets.definitions`: the
     # settings are read when Dagster loads the code location.
@@ -148,6 +149,7 @@ def test_stored_settings_hold_absolute_paths(tmp_path: Path, monkeypatch: pytest
     assert stored["input"] == str(tmp_path / "rel-input") and stored["storage"] == str(tmp_path / "rel-storage")
 
 
+@pytest.mark.subprocess
 def test_rerun_warns_about_changed_settings_and_prints_the_effective_ones(tmp_path: Path) -> None:
     write_embedding_shards(tmp_path / "input", n_shards=2, per_shard=60, d=8)
     env = {k: v for k, v in os.environ.items() if k != "DAGSTER_HOME" and not k.startswith("SEMDEDUP_")}

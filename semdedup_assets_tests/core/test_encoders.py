@@ -336,6 +336,7 @@ def test_factory_must_return_an_encoder() -> None:
         create_encoder("broken")
 
 
+@pytest.mark.subprocess
 def test_package_import_is_lazy() -> None:
     code = (
         "import sys, semdedup_assets.core.embed.encoders as e; "

@@ -79,6 +79,7 @@ def _pair_winners(settings: Settings, score: np.ndarray) -> tuple[int, int]:
     return right, wrong
 
 
+@pytest.mark.dagster
 def test_keep_by_keeps_the_higher_scored_member_of_every_planted_pair(tmp_path: Path) -> None:
     score = _planted_pairs(tmp_path / "input")
     # Without the flag the hard order (far from the centroid first) decides: about half the pairs go the other way.

@@ -94,6 +94,7 @@ def test_random_depends_only_on_the_set_of_ids() -> None:
     assert sub == [i for i in full if i != ids[30]]
 
 
+@pytest.mark.subprocess
 def test_random_is_stable_across_processes() -> None:
     """The shuffle does not use Python's salted hash(): a fresh interpreter agrees."""
     ids = _ids(40)

@@ -59,6 +59,7 @@ def run_units(settings: Settings) -> list:
     return run_loop.run_units(settings).all()
 
 
+@pytest.mark.dagster
 def test_units_without_dagster_write_the_graphs_files(tmp_path: Path) -> None:
     write_embedding_shards(tmp_path / "input", n_shards=3, per_shard=120, d=8, dup_every=6)
     units = _settings(tmp_path, "units")
@@ -133,6 +134,7 @@ sys.stdout.buffer.write(pickle.dumps(stage_shard(settings, shard)))
 """
 
 
+@pytest.mark.subprocess
 def test_shards_staged_in_other_processes_publish_together_or_not_at_all(tmp_path: Path) -> None:
     """Ingest as an engine runs it: each shard validated and staged in another process (as a Ray task does), the
     batch checked and published by this one; the raw files equal in-process ingest's bytes, and a batch with a
@@ -184,6 +186,7 @@ def test_asset_modules_only_adapt() -> None:
         assert roots <= ASSET_IMPORTS_ALLOWED, (path.name, roots - ASSET_IMPORTS_ALLOWED)
 
 
+@pytest.mark.subprocess
 def test_core_units_import_no_dagster() -> None:
     code = (
         "import sys; import semdedup_assets.core.embed.shard, semdedup_assets.core.cluster.assign, semdedup_assets.core.dedup.buckets, "
