@@ -112,7 +112,7 @@ def count_opens(trace: Path, storage: Path, input_dir: Path) -> dict[str, Counte
     stage = "setup"
     events = []
     for line in trace.read_text(errors="replace").splitlines():
-        pid, _, rest = line.partition(" ")
+        _pid, _, rest = line.partition(" ")
         events.append(rest)
     for rest in events:
         if (m := STAGE_LINE.search(rest)) is not None:

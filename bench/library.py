@@ -42,7 +42,7 @@ def fixed_cost_child() -> dict:
     start = time.perf_counter()
     from semdedup_assets import SemDeDup
 
-    SemDeDup.__name__  # the lazy attribute resolves the library module here
+    _ = SemDeDup.__name__  # the lazy attribute resolves the library module here
     imported = time.perf_counter()
     x = planted_embeddings(FIXED_N, FIXED_D, 10)
     sd = SemDeDup(progress=False)

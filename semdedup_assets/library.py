@@ -96,7 +96,7 @@ class SemDeDup:
         (default: a temporary folder removed with the result); a kept storage re-uses its embeddings.
         """
         owned = storage is None
-        root = tempfile.mkdtemp(prefix="semdedup-") if owned else os.fspath(storage)
+        root = tempfile.mkdtemp(prefix="semdedup-") if storage is None else os.fspath(storage)
         try:
             return self._run(data, ids, root, owned)
         except st.StoreError as err:  # an unusable bucket is bad input here, named as the CLI names it
@@ -332,6 +332,13 @@ class SemDeDupResult:
         self._finalizer = weakref.finalize(self, shutil.rmtree, settings.storage, True) if owned else None
 
     # --- lifetime ---------------------------------------------------------------------------------
+    @property
+    def input(self) -> str:
+        """The input location this result was computed from (the library's own copy for in-memory data)."""
+        if self.settings.input is None:
+            raise ValueError("this result has no input location")
+        return self.settings.input
+
     def close(self) -> None:
         """Remove the storage if it was a temporary one (results read before stay usable)."""
         if self._finalizer is not None:
@@ -369,7 +376,7 @@ class SemDeDupResult:
 
     def input_ids(self) -> pa.Array:
         """Every id in the input's order (shards in key order, rows in order)."""
-        shards = discover_shards(self.settings.input, self.settings.files_per_shard)
+        shards = discover_shards(self.input, self.settings.files_per_shard)
         raw = [st.read_table(self.storage.shard_file(st.RAW, s.key), columns=["id"]).column("id") for s in shards]
         return pa.chunked_array([c for r in raw for c in r.chunks], pa.string()).combine_chunks()
 
@@ -417,6 +424,7 @@ class SemDeDupResult:
             raise ValueError("give exactly one of eps= or keep_fraction=")
         if eps is not None:
             return self.keep_mask(eps)
+        assert keep_fraction is not None  # exactly one of the two was given
         if not 0.0 < float(keep_fraction) <= 1.0:
             raise ValueError(f"keep_fraction must lie in (0, 1], got {keep_fraction}")
         items = self.items
@@ -467,12 +475,12 @@ class SemDeDupResult:
             raise ValueError(str(err)) from None
         export_shards(
             self.storage,
-            self.settings.input,
+            self.input,
             selection,
             configured_eps=self.settings.eps,
             reference=self.settings.reference,
         )
-        tidy_exports(self.storage, self.settings.input, selection, self.settings.eps)
+        tidy_exports(self.storage, self.input, selection, self.settings.eps)
         return Path(str(selection_dir(self.storage, selection)))
 
 

@@ -51,7 +51,7 @@ def test_configuration_page_lists_every_knob_with_flag_resource_env_default_and_
     names = [f.name for f in knobs()]
     assert list(rows) == names, "every knob, in the model's order, and nothing else"
     for f in knobs():
-        knob, flag, resource, env, default, help_text = rows[f.name]
+        _knob, flag, resource, env, default, help_text = rows[f.name]
         if f.name in flags and f.name != "storage":
             assert f"`{flags[f.name]}`" in flag, (f.name, flag, flags[f.name])
         else:

@@ -235,9 +235,9 @@ def test_a_path_of_shards(planted: np.ndarray, tmp_path: Path) -> None:
 def test_bad_input_names_what_is_wrong(planted: np.ndarray, tmp_path: Path) -> None:
     sd = SemDeDup(**KNOBS)
     storage = tmp_path / "s"
-    with pytest.raises(TypeError, match="unknown setting.*'clusterz'"):
+    with pytest.raises(TypeError, match=r"unknown setting.*'clusterz'"):
         SemDeDup(clusterz=3)
-    with pytest.raises(ValueError, match="reference= .decontamination. runs in the asset graph only"):
+    with pytest.raises(ValueError, match=r"reference= .decontamination. runs in the asset graph only"):
         SemDeDup(reference="ref/")
     with pytest.raises(ValueError, match="clusters must be >= 1"):
         SemDeDup(clusters=0)
@@ -255,14 +255,14 @@ def test_bad_input_names_what_is_wrong(planted: np.ndarray, tmp_path: Path) -> N
         sd.run(planted, ids=[f"x{i}" if i not in (7, 201) else "x" for i in range(240)], storage=storage)
     with pytest.raises(ValueError, match="missing payload column 'body'"):
         SemDeDup(**KNOBS, column="body").run(pa.table({"text": ["x"]}), storage=storage)
-    with pytest.raises(TypeError, match="got builtins.dict"):
+    with pytest.raises(TypeError, match=r"got builtins.dict"):
         sd.run({"a": 1}, storage=storage)
     shards = tmp_path / "in"
     shards.mkdir()
     (shards / "part-7.jsonl").write_text('{"id": "a", "embedding": [1, 0]}\n{"id": "b", "embedding": "x"}\n')
     with pytest.raises(ValueError, match="part-7"):
         SemDeDup(**KNOBS, modality="embedding").run(str(shards), storage=storage)
-    with pytest.raises(ValueError, match="input .*nowhere does not exist"):
+    with pytest.raises(ValueError, match=r"input .*nowhere does not exist"):
         sd.run(tmp_path / "nowhere", storage=storage)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "s"]
     with pytest.raises(ValueError, match="give exactly one"):

@@ -114,7 +114,7 @@ def test_a_relative_reference_is_resolved_once_and_exports_work(
     `data/ref`, semdedup.json the absolute path."""
     write_embeddings_and_reference(tmp_path, per_shard=30, d=8)
     monkeypatch.chdir(tmp_path)
-    code, out, err = _command(
+    code, _, err = _command(
         capsys,
         "run",
         "--input",
@@ -130,7 +130,7 @@ def test_a_relative_reference_is_resolved_once_and_exports_work(
         *RUN,
     )
     assert code == 0, err
-    code, out, err = _command(capsys, "export", "--select", "eps=0.1", "--storage", "storage")
+    code, _out, err = _command(capsys, "export", "--select", "eps=0.1", "--storage", "storage")
     assert code == 0, err
     # The reference is part-00 itself: all of its items are contaminated, so none is exported.
     assert pq.read_table(tmp_path / "storage" / "deduplicated" / "eps=0.1" / "part-00.parquet").num_rows == 0
@@ -206,7 +206,7 @@ def test_a_pruning_selection_of_earlier_results_is_never_served(
     # The results change under the selection (a bucket re-run by forget): the view leaves it out at once.
     assert _command(capsys, "forget", "part-01", "--storage", str(storage))[0] == 0
     assert _last_row(_command(capsys, *sql)[1]) == ["0", "-1"]
-    code, out, err = _command(capsys, "verify", "--storage", str(storage))
+    code, out, _err = _command(capsys, "verify", "--storage", str(storage))
     assert code == 1 and "stale pruning selection" in out, out
 
 
@@ -240,12 +240,12 @@ def test_a_failed_run_keeps_the_settings_of_the_last_good_one(
     run = ["run", "--input", str(tmp_path / "input"), "--storage", str(storage), *RUN]
     assert _command(capsys, *run, "--eps", "0.05,0.1", "--clusters", "3")[0] == 0
     recorded = (storage / "semdedup.json").read_bytes()
-    code, out, err = _command(capsys, *run, "--eps", "0.2,0.3", "--clusters", "5", "--keep-by", "nosuch")
+    code, _, err = _command(capsys, *run, "--eps", "0.2,0.3", "--clusters", "5", "--keep-by", "nosuch")
     assert code == 1 and "nosuch" in err, err
     assert (storage / "semdedup.json").read_bytes() == recorded
     s = _status(capsys, storage)
     assert s["settings"]["clusters"] == 3 and s["settings"]["keep_by"] is None and s["settings"]["eps"] == [0.05, 0.1]
-    code, out, err = _command(capsys, "export", "--select", "eps=0.05", "--storage", str(storage))
+    code, _out, err = _command(capsys, "export", "--select", "eps=0.05", "--storage", str(storage))
     assert code == 0, err
     assert _command(capsys, "export", "--storage", str(storage))[0] == 0  # the default: the smallest eps, 0.05
     assert sorted(p.name for p in (storage / "deduplicated").iterdir()) == ["eps=0.05"]

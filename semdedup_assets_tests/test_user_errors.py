@@ -106,7 +106,7 @@ def test_every_command_gives_one_line_for_a_file_as_storage_and_a_missing_folder
     matrix = _matrix(tmp_path)
     assert sorted(matrix) == sorted(_commands())  # a new command joins this test
     before = _tree(tmp_path)
-    for command, cases in matrix.items():
+    for _command, cases in matrix.items():
         for argv in cases:
             code = main(argv)
             out, err = capsys.readouterr()

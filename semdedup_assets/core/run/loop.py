@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from typing import Any
 
 from semdedup_assets.core.checks.layout import prune_keep_lists
 from semdedup_assets.core.cluster.assign import AssignShardResult, bucket_keys
@@ -52,7 +53,7 @@ class RunUnitsResult:
     deduplicated: list[DedupBucketResult] = field(default_factory=list)
     keep: KeepListsResult | None = None
 
-    def all(self) -> list:
+    def all(self) -> list[Any]:
         """Every result in run order (ingest first, keep-lists last)."""
         return [self.ingest, *self.embedded, self.centroids, *self.assigned, *self.deduplicated, self.keep]
 
@@ -113,7 +114,11 @@ def run_units(
     `on_step(step, units)` is called as each step of STEPS starts with its number of units, and
     `on_unit(step, key)` as each unit finishes: progress for a caller. `log` gets the core's own lines.
     """
-    shards = list(discover_shards(settings.input, settings.files_per_shard) if shards is None else shards)
+    if shards is None:
+        if not settings.input:
+            raise ValueError("no input location given")
+        shards = discover_shards(settings.input, settings.files_per_shard)
+    shards = list(shards)
     if not shards:
         raise ValueError(f"no shard files under {settings.input}")
     if stray := stray_shards(settings, shards):

@@ -27,7 +27,7 @@ from semdedup_assets.core.io.schemas import CONTAMINATED_REFERENCE_KEY, CONTAMIN
 from semdedup_assets.core.io.shards import (
     ShardError,
     ShardFile,
-    discover_shards,
+    discover,
     iter_embedding_chunks,
     read_images,
     read_shard,
@@ -56,7 +56,7 @@ class Reference:
 def _reference_shards(location: str) -> list[ShardFile]:
     """The reference's shard files (ReferenceError when the location is missing or holds none)."""
     try:
-        shards = discover_shards(location)
+        shards = discover(location).files  # one file per shard: the reference is never grouped
     except (FileNotFoundError, ValueError) as err:
         raise ReferenceError(f"reference {location}: {err}") from None
     if not shards:

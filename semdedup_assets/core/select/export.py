@@ -572,7 +572,9 @@ def export_shards(
             for member, part, rows, outs in zip(members(shard), per_file, rows_of, outputs_of, strict=True):
                 ids = part.sort_by("row").column("id").to_pylist() if member.kind == "tar" else []
                 write_shard(member, rows, ids, outs)
-        if rewrite or previous.get("made_from") != made_from:  # same rows from new results: the record only
+        if rewrite or (
+            previous is not None and previous.get("made_from") != made_from
+        ):  # same rows from new results: the record only
             st.atomic_write_bytes(
                 json.dumps(
                     {**state, "kept": int(n_kept), "removed": int(raw.num_rows - n_kept), "made_from": made_from}
