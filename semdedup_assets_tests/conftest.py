@@ -69,6 +69,8 @@ SUBPROCESS_MODULES = (
     "test_faults",
     "test_bad_state",  # its module fixture `ran` runs the CLI
     "test_faults_robustness",
+    "test_examples",  # each example runs the CLI (or a project's Definitions) in a child process
+    "test_user_errors",  # the CLI with a closed pipe, as a user's shell runs it
 )
 
 

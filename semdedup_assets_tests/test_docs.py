@@ -72,6 +72,7 @@ def test_committed_configuration_page_is_the_generated_one() -> None:
     assert committed == generated, "docs/configuration.md is out of date: run `make docs`"
 
 
+@pytest.mark.subprocess
 def test_mkdocs_build_strict(tmp_path: Path) -> None:
     if importlib.util.find_spec("mkdocs") is None or importlib.util.find_spec("material") is None:
         pytest.skip("mkdocs and mkdocs-material are not installed (pip install -e '.[docs]')")

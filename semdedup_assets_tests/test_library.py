@@ -142,6 +142,7 @@ def test_items_equal_semdedup_run_byte_for_byte(planted: np.ndarray, tmp_path: P
     assert library.items.column("id").to_pylist() == ids  # the input's order
 
 
+@pytest.mark.servers
 def test_engine_ray_passes_through(planted: np.ndarray, tmp_path: Path) -> None:
     """engine="ray" (a local Ray instance) runs the units on Ray and writes the local engine's bytes."""
     pytest.importorskip("ray")
@@ -166,6 +167,7 @@ print(sorted(m for m in sys.modules if m.split('.')[0].startswith('dagster')))
 """
 
 
+@pytest.mark.subprocess
 def test_library_loads_no_dagster() -> None:
     out = subprocess.run([sys.executable, "-c", NO_DAGSTER], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert out.returncode == 0, out.stderr
@@ -291,6 +293,7 @@ def test_python_api_doc_examples_run(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert list(tmp_path.iterdir()) == []  # temporary storages only, all removed
 
 
+@pytest.mark.subprocess
 def test_dataframe_example_script_runs(tmp_path: Path) -> None:
     out = subprocess.run(
         [sys.executable, str(REPO / "examples" / "python_api_dataframe.py")],
