@@ -107,7 +107,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 # The fast tier checks itself: while a pure or in-process Dagster test is set up or runs, starting a process
 # (subprocess.Popen, which subprocess.run and asyncio use too, os.system, os.posix_spawn) fails that test.
 # An audit hook sees every such start, also one made by a library or one whose error the code swallows.
-# Allowed: multiprocessing and os.fork (the code under test's own worker pools, e.g. core/parallel.py): they
+# Allowed: multiprocessing and os.fork (the code under test's own worker pools, e.g. core/run/parallel.py): they
 # start no program; and the two helpers with which Dagster's in-process execution captures a step's output
 # (dagster/_core/execution/compute_logs.py): `tail -F <...compute_logs/...>` and its watch_orphans.py, part
 # of in-process Dagster, not a program under test. Teardown is not checked: a module's fixtures are torn
