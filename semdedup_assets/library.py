@@ -52,6 +52,27 @@ def knob_names() -> list[str]:
     return [f.name for f in dataclasses.fields(Settings) if f.name not in NOT_KNOBS]
 
 
+def check_knob_types(knobs: dict[str, Any]) -> None:
+    """A ValueError naming the knob whose value is not a number where `Settings` wants one (`eps="0.1"`,
+    `clusters="ten"`): Python callers pass values as they are, unlike the CLI's flags, which argparse types."""
+    types = {f.name: str(f.type) for f in dataclasses.fields(Settings)}
+    for name, value in knobs.items():
+        kind = types.get(name, "")
+        if kind.startswith("tuple[float"):
+            values, what = (value if isinstance(value, (list, tuple)) else [value]), "numbers"
+        elif kind.split(" | ")[0] in ("int", "float"):
+            if value is None and kind.endswith("| None"):
+                continue
+            values, what = [value], ("a whole number" if kind.startswith("int") else "a number")
+        else:
+            continue
+        for v in values:
+            number = isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+            if not number or (what == "a whole number" and not isinstance(v, (int, np.integer))):
+                auto = " (or \"auto\")" if name in ("clusters", "buckets") else ""
+                raise ValueError(f"{name} must be {what}{auto}, got {value!r}")
+
+
 class SemDeDup:
     """The method, configured once and run on any data: `SemDeDup(clusters=20, eps=[0.01, 0.05]).run(data)`.
 
@@ -72,10 +93,13 @@ class SemDeDup:
         for name in ("clusters", "buckets"):
             if isinstance(knobs.get(name), str) and knobs[name].strip().lower() == "auto":
                 knobs[name] = None
-        if isinstance(knobs.get("eps"), (int, float)):
+        if isinstance(knobs.get("eps"), (int, float, np.integer, np.floating)):
             knobs["eps"] = (knobs["eps"],)
+        elif isinstance(knobs.get("eps"), np.ndarray):  # np.linspace(...) as the eps grid
+            knobs["eps"] = tuple(knobs["eps"].tolist())
         if shard_rows < 1:
             raise ValueError(f"shard_rows must be >= 1, got {shard_rows}")
+        check_knob_types(knobs)
         Settings(**knobs)  # a bad value fails here, before any run
         self.knobs = knobs
         self.progress = progress
@@ -110,6 +134,8 @@ class SemDeDup:
     def _run(self, data: Any, ids: Sequence[Any] | None, root: str, owned: bool) -> "SemDeDupResult":
         settings = Settings(**self.knobs, storage=root)
         st.check_store(root, "storage")  # before anything is written
+        if (problem := st.folder_problem(root, "storage")) is not None:  # a file where the folder should be
+            raise ValueError(problem)
         kind, source, modality = as_input(data, ids, settings)
         if modality is not None and "modality" not in self.knobs:
             settings = settings.replace(modality=modality)
@@ -199,7 +225,10 @@ def with_ids(table: pa.Table | None, ids: Sequence[Any] | None, n: int, settings
         ids = list(ids)
         if len(ids) != n:
             raise ValueError(f"ids has {len(ids)} entries but data has {n} rows")
-        column = pa.array([None if i is None else str(i) for i in ids], pa.string())
+        missing = next((row for row, i in enumerate(ids) if i is None), None)
+        if missing is not None:
+            raise ValueError(f"ids row {missing} is None: every row needs an id")
+        column = pa.array([str(i) for i in ids], pa.string())
     elif table is not None and name in table.column_names:
         return table
     else:
@@ -268,9 +297,13 @@ def write_if_changed(data: bytes, path: st.UPath) -> None:
 
 
 def prepare_model(settings: Settings) -> None:
-    """A static text `model`: made (or checked) before the run, as `semdedup run` does."""
+    """A `model` path that is no folder is refused, a static text `model` made (or checked), before the run,
+    as `semdedup run` does."""
+    from semdedup_assets.core.encoders.base import missing_model_folder
     from semdedup_assets.core.encoders.static import resolve_static_model, wants_static
 
+    if settings.modality != "embedding" and (problem := missing_model_folder(settings.model, "model")) is not None:
+        raise ValueError(problem)
     if settings.modality == "text" and wants_static(settings.model):
         resolve_static_model(settings.model or "")
 
@@ -318,6 +351,7 @@ class SemDeDupResult:
         self.data = data
         self.kind = kind
         self._items: pa.Table | None = None
+        self._data_ids: pa.Array | None = None
         self._finalizer = weakref.finalize(self, shutil.rmtree, settings.storage, True) if owned else None
 
     # --- lifetime ---------------------------------------------------------------------------------
@@ -353,23 +387,47 @@ class SemDeDupResult:
         return self._items
 
     def input_ids(self) -> pa.Array:
-        """Every id in the input's order (shards in key order, rows in order)."""
+        """Every item's id in the input's order (shards in key order, rows in order)."""
         shards = discover_shards(self.settings.input, self.settings.files_per_shard)
         raw = [st.read_table(self.storage.shard_file(st.RAW, s.key), columns=["id"]).column("id") for s in shards]
         return pa.chunked_array([c for r in raw for c in r.chunks], pa.string()).combine_chunks()
 
-    def keep_mask(self, eps: float) -> np.ndarray:
-        """True where an item is kept at `eps` (max_sim <= 1 - eps), in the input's order."""
+    def input_mask(self, item_mask: np.ndarray) -> np.ndarray:
+        """A mask over `items` as one over the in-memory data's rows: a row that ingest rejected (an empty
+        text, an undecodable image) is not an item, and is False. A path of shards: the items' mask."""
+        if self.kind == "path" or self.items.num_rows == len(self.data_ids()):
+            return item_mask
+        position = pc.index_in(self.items.column("id"), value_set=self.data_ids()).to_numpy(zero_copy_only=False)
+        mask = np.zeros(len(self.data_ids()), dtype=bool)
+        mask[position] = item_mask
+        return mask
+
+    def data_ids(self) -> pa.Array:
+        """The id of every row of the in-memory data, rejected rows too (the written input's id column)."""
+        if self._data_ids is None:
+            shards = discover_shards(self.settings.input, self.settings.files_per_shard)
+            tables = [st.read_table(st.to_upath(self.settings.input) / f"{s.key}.parquet",
+                                    columns=[self.settings.id_column]) for s in shards]
+            self._data_ids = pa.concat_tables(tables).column(0).cast(pa.string()).combine_chunks()
+        return self._data_ids
+
+    def item_keep_mask(self, eps: float) -> np.ndarray:
+        """True where a row of `items` is kept at `eps` (max_sim <= 1 - eps)."""
         check_eps(eps)
         return threshold_mask(self.items.column("max_sim").to_numpy(), eps)
 
+    def keep_mask(self, eps: float) -> np.ndarray:
+        """True where an item is kept at `eps` (max_sim <= 1 - eps), one per input row, in the input's order
+        (a row that ingest rejected, e.g. an empty text, is False)."""
+        return self.input_mask(self.item_keep_mask(eps))
+
     def kept_ids(self, eps: float) -> list[str]:
         """The ids kept at `eps`, in the input's order."""
-        return self.items.column("id").filter(pa.array(self.keep_mask(eps))).to_pylist()
+        return self.items.column("id").filter(pa.array(self.item_keep_mask(eps))).to_pylist()
 
     def duplicates(self, eps: float) -> pa.Table:
         """The items removed at `eps`: id, duplicate_of (the earlier item it repeats), max_sim, cluster."""
-        removed = pa.array(~self.keep_mask(eps))
+        removed = pa.array(~self.item_keep_mask(eps))
         return self.items.filter(removed).select(["id", "duplicate_of", "max_sim", "cluster"])
 
     def explain(self, id: Any) -> dict[str, Any]:
@@ -396,8 +454,9 @@ class SemDeDupResult:
 
     # --- selections -------------------------------------------------------------------------------
     def selection_mask(self, eps: float | None = None, keep_fraction: float | None = None) -> np.ndarray:
-        """The kept rows of a selection, in the input's order: `eps` (any value in (0, 1)) or `keep_fraction`
-        (the items with the smallest max_sim, ties by id, as `semdedup export --select keep-fraction=F`)."""
+        """The kept rows of a selection, one per input row in the input's order: `eps` (any value in (0, 1)) or
+        `keep_fraction` (the items with the smallest max_sim, ties by id, as `semdedup export --select
+        keep-fraction=F`). A row that ingest rejected is never kept."""
         if (eps is None) == (keep_fraction is None):
             raise ValueError("give exactly one of eps= or keep_fraction=")
         if eps is not None:
@@ -409,7 +468,7 @@ class SemDeDupResult:
                                items.column("max_sim").to_numpy(), fraction=keep_fraction)
         mask = np.zeros(items.num_rows, dtype=bool)
         mask[rows] = True
-        return mask
+        return self.input_mask(mask)
 
     def select(self, eps: float | None = None, keep_fraction: float | None = None) -> Any:
         """The kept rows in the input's own type: an array, tensor, list, pyarrow Table, DataFrame or Dataset.

@@ -18,6 +18,7 @@ from semdedup_assets.core.assign import bucket_keys, touched_buckets
 from semdedup_assets.core.catalog import refresh_catalog
 from semdedup_assets.core.config import Settings
 from semdedup_assets.core.decontaminate import ReferenceError, check_run_reference
+from semdedup_assets.core.encoders.base import missing_model_folder
 from semdedup_assets.core.engines import EngineError, ray_session
 from semdedup_assets.core.export import DEDUPLICATED, remove_exported_shard
 from semdedup_assets.core.layout import remove_shard_files
@@ -102,6 +103,8 @@ def check_run_locations(settings: Settings) -> Discovery:
         raise PipelineError(overlap)  # the next run would read the storage as input
     if (problem := st.folder_problem(settings.storage, "--storage")) is not None:
         raise PipelineError(problem)
+    if settings.modality != "embedding" and (problem := missing_model_folder(settings.model)) is not None:
+        raise PipelineError(problem)  # before the storage is made, not as a hub error from the embed stage
     found = discover(settings.input, settings.files_per_shard)
     if not found.shards:
         raise PipelineError(f"no shard files ({', '.join(SHARD_SUFFIXES)}) under {printable(settings.input)}")
