@@ -33,7 +33,7 @@ from semdedup_assets.core.export import (ExportError, export_shards, parse_selec
 from semdedup_assets.core.keep import keep_for_target
 from semdedup_assets.core.keep import keep_mask as threshold_mask
 from semdedup_assets.core.layout import remove_shard_files
-from semdedup_assets.core.run_loop import STEPS, run_units
+from semdedup_assets.core.run_loop import STEPS, StrayShardsError, run_units, stray_shards
 from semdedup_assets.core.settings_store import save_settings
 from semdedup_assets.core.shards import discover_shards
 
@@ -147,6 +147,14 @@ class SemDeDup:
                 raise ValueError(overlap)
             settings = settings.replace(input=str(source))
         prepare_model(settings)
+        if kind == "path":
+            keys = {s.key for s in discover_shards(source, settings.files_per_shard)}
+        else:  # the shards write_input makes, and an earlier library input's (it removes them with their results)
+            table, embeddings = source
+            keys = set(input_keys(table.num_rows if embeddings is None else len(embeddings), self.shard_rows))
+            folder = settings.storage_root().root / INPUT_DIR
+            keys |= {p.name.split(".")[0] for p in folder.iterdir()} if folder.exists() else set()
+        refuse_other_inputs(settings, keys)
         if kind != "path":
             settings = settings.replace(input=str(write_input(source, settings, self.shard_rows)))
         save_settings(settings)  # `semdedup export/sql --storage` find the run's settings, as after `semdedup run`
@@ -246,6 +254,22 @@ def with_ids(table: pa.Table | None, ids: Sequence[Any] | None, n: int, settings
     return table.add_column(0, name, column)
 
 
+def input_keys(n: int, shard_rows: int) -> list[str]:
+    """The shard keys of `n` in-memory rows written `shard_rows` to a shard."""
+    return [f"part-{i:05d}" for i in range(-(-n // shard_rows))]
+
+
+def refuse_other_inputs(settings: Settings, keys: set[str]) -> None:
+    """A StrayShardsError, before anything is written (the input shards, the settings), when the storage holds
+    results of shards not among `keys` (another dataset's storage, e.g. one of `semdedup run`). Before, the run
+    loop refused them only after the library had written `library_input/` and recorded its settings over
+    those of the other run."""
+    stray = [k for k in stray_shards(settings, []) if k not in keys]
+    if stray:
+        raise StrayShardsError(f"the storage {settings.storage} already holds {len(stray)} shard(s) that are not in "
+                               f"this input (e.g. {stray[:3]}): use another storage")
+
+
 def write_input(source: tuple[pa.Table, np.ndarray | None], settings: Settings, shard_rows: int) -> st.UPath:
     """Write in-memory data as shards under `<storage>/library_input/` (embeddings: .npy with a Parquet of ids).
 
@@ -256,10 +280,8 @@ def write_input(source: tuple[pa.Table, np.ndarray | None], settings: Settings, 
     folder = settings.storage_root().root / INPUT_DIR
     folder.mkdir(parents=True, exist_ok=True)
     n = table.num_rows if embeddings is None else len(embeddings)
-    keys = []
-    for i, start in enumerate(range(0, n, shard_rows)):
-        key = f"part-{i:05d}"
-        keys.append(key)
+    keys = input_keys(n, shard_rows)
+    for key, start in zip(keys, range(0, n, shard_rows)):
         part = table.slice(start, shard_rows)
         if embeddings is not None:
             write_if_changed(npy_bytes(np.ascontiguousarray(embeddings[start:start + shard_rows])),

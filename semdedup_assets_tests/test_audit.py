@@ -93,3 +93,26 @@ def test_cli_missing_model_folder_refused_before_anything_is_written(tmp_path: P
     assert done.returncode != 0
     assert f"semdedup: error: --model {tmp_path / 'nomodel'} does not exist" in done.stderr
     assert "Traceback" not in done.stderr and not storage.exists()
+
+
+def test_library_refused_on_another_runs_storage_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                                ) -> None:
+    """A library run into the storage of `semdedup run` on other shards is refused (StrayShardsError) and leaves
+    that storage as it was. Before: the refusal came after `library_input/` was written and the storage's
+    settings were overwritten (status then showed `input: <storage>/library_input` and every shard as gone)."""
+    from semdedup_assets.cli import main
+    from semdedup_assets.core.run_loop import StrayShardsError
+    from semdedup_assets_tests.fixtures import write_embedding_shards
+
+    write_embedding_shards(tmp_path / "in", n_shards=2, per_shard=20, d=4)
+    storage = tmp_path / "st"
+    # main() sets DAGSTER_HOME for its process: set here, it is undone after the test (later in-process runs
+    # would otherwise share this instance)
+    monkeypatch.setenv("DAGSTER_HOME", str(storage / "dagster_home"))
+    assert main(["run", "--input", str(tmp_path / "in"), "--storage", str(storage), "--modality", "embedding",
+                 "--clusters", "2", "--eps", "0.01", "--files-per-shard", "2"]) == 0
+    recorded = (storage / "semdedup.json").read_bytes()
+    with pytest.raises(StrayShardsError, match="use another storage"):
+        SemDeDup(clusters=2, eps=0.01, progress=False).run(make_planted(20, 4, 5, 0), storage=storage)
+    assert (storage / "semdedup.json").read_bytes() == recorded
+    assert not (storage / "library_input").exists()
