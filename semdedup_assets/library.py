@@ -35,7 +35,7 @@ from semdedup_assets.core.keep import keep_mask as threshold_mask
 from semdedup_assets.core.layout import remove_shard_files
 from semdedup_assets.core.run_loop import STEPS, StrayShardsError, run_units, stray_shards
 from semdedup_assets.core.settings_store import save_settings
-from semdedup_assets.core.shards import discover_shards
+from semdedup_assets.core.shards import GROUP_SEPARATOR, discover_shards
 
 INPUT_DIR = "library_input"  # under the storage: the shards the library writes from in-memory data
 SHARD_ROWS = 100_000  # rows per shard written from in-memory data
@@ -261,10 +261,10 @@ def input_keys(n: int, shard_rows: int) -> list[str]:
 
 def refuse_other_inputs(settings: Settings, keys: set[str]) -> None:
     """A StrayShardsError, before anything is written (the input shards, the settings), when the storage holds
-    results of shards not among `keys` (another dataset's storage, e.g. one of `semdedup run`). Before, the run
-    loop refused them only after the library had written `library_input/` and recorded its settings over
-    those of the other run."""
-    stray = [k for k in stray_shards(settings, []) if k not in keys]
+    results of shards that are neither among `keys` nor groups of them (`<key>+N`, files_per_shard): another
+    dataset's storage, e.g. one of `semdedup run`. Before, the run loop refused them only after the library
+    had written `library_input/` and recorded its settings over those of the other run."""
+    stray = [k for k in stray_shards(settings, []) if k not in keys and k.rpartition(GROUP_SEPARATOR)[0] not in keys]
     if stray:
         raise StrayShardsError(f"the storage {settings.storage} already holds {len(stray)} shard(s) that are not in "
                                f"this input (e.g. {stray[:3]}): use another storage")
@@ -287,11 +287,13 @@ def write_input(source: tuple[pa.Table, np.ndarray | None], settings: Settings, 
             write_if_changed(npy_bytes(np.ascontiguousarray(embeddings[start:start + shard_rows])),
                              folder / f"{key}.npy")
         write_if_changed(parquet_bytes(part), folder / f"{key}.parquet")
-    for path in list(folder.iterdir()):  # an earlier run's extra shards: their files and results go
-        key = path.name.split(".")[0]
-        if key not in keys:
+    for path in list(folder.iterdir()):  # an earlier run's extra shards: their files go
+        if path.name.split(".")[0] not in keys:
             st.remove(path)
-            remove_shard_files(settings.storage_root(), key)
+    # ... and their results, by the shard keys the stages use (with files_per_shard > 1 those are groups,
+    # `part-00002+2`, not files). refuse_other_inputs made sure that every such shard is this input's.
+    for key in stray_shards(settings, discover_shards(folder, settings.files_per_shard)):
+        remove_shard_files(settings.storage_root(), key)
     return folder
 
 
@@ -427,7 +429,7 @@ class SemDeDupResult:
     def data_ids(self) -> pa.Array:
         """The id of every row of the in-memory data, rejected rows too (the written input's id column)."""
         if self._data_ids is None:
-            shards = discover_shards(self.settings.input, self.settings.files_per_shard)
+            shards = discover_shards(self.settings.input)  # file by file, whatever files_per_shard
             tables = [st.read_table(st.to_upath(self.settings.input) / f"{s.key}.parquet",
                                     columns=[self.settings.id_column]) for s in shards]
             self._data_ids = pa.concat_tables(tables).column(0).cast(pa.string()).combine_chunks()

@@ -116,3 +116,15 @@ def test_library_refused_on_another_runs_storage_writes_nothing(tmp_path: Path, 
         SemDeDup(clusters=2, eps=0.01, progress=False).run(make_planted(20, 4, 5, 0), storage=storage)
     assert (storage / "semdedup.json").read_bytes() == recorded
     assert not (storage / "library_input").exists()
+
+
+def test_library_files_per_shard_on_a_kept_storage(tmp_path: Path) -> None:
+    """files_per_shard= with in-memory data: a kept storage runs again (also on fewer rows) and masks line up."""
+    x = make_planted(60, 4, 5, 0)
+    sd = SemDeDup(clusters=2, eps=[0.01], files_per_shard=2, shard_rows=20, progress=False)
+    first = sd.run(x, storage=tmp_path / "st")
+    assert first.keep_mask(0.01).shape == (60,)
+    again = sd.run(x, storage=tmp_path / "st")
+    assert again.eps_curve == first.eps_curve
+    fewer = sd.run(x[:30], storage=tmp_path / "st")
+    assert fewer.keep_mask(0.01).shape == (30,) and fewer.items.num_rows == 30
