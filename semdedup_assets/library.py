@@ -456,10 +456,13 @@ class SemDeDupResult:
 
     def explain(self, id: Any) -> dict[str, Any]:
         """Why an item is kept or removed: its cluster, max_sim, duplicate_of, the eps values that remove it,
-        and the pair's texts where there are texts. A KeyError names an unknown id."""
+        and the pair's texts where there are texts. A KeyError names an unknown id (or a rejected one, and why)."""
         items = self.items
         hit = items.filter(pc.equal(items.column("id"), str(id)))
         if hit.num_rows == 0:
+            rejected = self.sql("SELECT reason FROM rejected WHERE id = ?", [str(id)]).column("reason").to_pylist()
+            if rejected:  # an input row that ingest refused is not an item: say why, as the `rejected` view does
+                raise KeyError(f"id {str(id)!r} was rejected at ingest ({rejected[0]}): it is not an item")
             raise KeyError(f"no item with id {str(id)!r}")
         row = hit.to_pylist()[0]
         row["removed_at_eps"] = [e for e in self.settings.eps if row["max_sim"] > 1.0 - e]

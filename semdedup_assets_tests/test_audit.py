@@ -38,6 +38,8 @@ def test_library_masks_line_up_with_texts_when_ingest_rejects_rows(tiny_bert: Pa
         assert result.select(eps=0.01) == ["the cat sat on the mat", "stocks fell sharply today"]
         assert result.selection_mask(keep_fraction=1.0).tolist() == [False, True, False, True]
         assert result.kept_ids(0.01) == ["1", "3"]
+        with pytest.raises(KeyError, match="id '0' was rejected at ingest \\(empty text\\)"):
+            result.explain("0")
 
 
 def test_library_storage_that_is_a_file_is_a_value_error(tmp_path: Path) -> None:
