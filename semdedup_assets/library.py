@@ -1,7 +1,7 @@
 """SemDeDup as a library: `SemDeDup(**knobs).run(data)` on arrays, texts, tables or shards, without Dagster.
 
 The data is written as shards under the storage (`<storage>/library_input/`, nothing outside it),
-then the core's run loop (`core.run.loop.run_units`) runs the graph's units in the graph's order,
+then the core's run loop (`core.run_loop.run_units`) runs the graph's units in the graph's order,
 so the files are those `semdedup run` writes on the same shards, byte for byte. The result reads
 them back in the input's order: eps curve, keep masks, kept ids, duplicates, explanations, SQL
 over the catalog, the deduplicated dataset, and the kept rows in the input's own type.
@@ -31,8 +31,8 @@ from semdedup_assets.core.dedup.keep import keep_for_target
 from semdedup_assets.core.dedup.keep import keep_mask as threshold_mask
 from semdedup_assets.core.io import storage as st
 from semdedup_assets.core.io.catalog import query
-from semdedup_assets.core.io.shards import discover_shards
-from semdedup_assets.core.run.loop import run_units
+from semdedup_assets.core.io.shards import GROUP_SEPARATOR, discover_shards
+from semdedup_assets.core.run.loop import StrayShardsError, run_units, stray_shards
 from semdedup_assets.core.select.export import ExportError, export_shards, parse_selection, selection_dir, tidy_exports
 from semdedup_assets.core.settings_store import save_settings
 
@@ -49,6 +49,27 @@ PAYLOAD_COLUMNS = ("text", "embedding", "image")
 def knob_names() -> list[str]:
     """The settings a SemDeDup takes (every `Settings` knob but storage and input)."""
     return [f.name for f in dataclasses.fields(Settings) if f.name not in NOT_KNOBS]
+
+
+def check_knob_types(knobs: dict[str, Any]) -> None:
+    """A ValueError naming the knob whose value is not a number where `Settings` wants one (`eps="0.1"`,
+    `clusters="ten"`): Python callers pass values as they are, unlike the CLI's flags, which argparse types."""
+    types = {f.name: str(f.type) for f in dataclasses.fields(Settings)}
+    for name, value in knobs.items():
+        kind = types.get(name, "")
+        if kind.startswith("tuple[float"):
+            values, what = (value if isinstance(value, (list, tuple)) else [value]), "numbers"
+        elif kind.split(" | ")[0] in ("int", "float"):
+            if value is None and kind.endswith("| None"):
+                continue
+            values, what = [value], ("a whole number" if kind.startswith("int") else "a number")
+        else:
+            continue
+        for v in values:
+            number = isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+            if not number or (what == "a whole number" and not isinstance(v, (int, np.integer))):
+                auto = ' (or "auto")' if name in ("clusters", "buckets") else ""
+                raise ValueError(f"{name} must be {what}{auto}, got {value!r}")
 
 
 class SemDeDup:
@@ -72,10 +93,13 @@ class SemDeDup:
         for name in ("clusters", "buckets"):
             if isinstance(knobs.get(name), str) and knobs[name].strip().lower() == "auto":
                 knobs[name] = None
-        if isinstance(knobs.get("eps"), (int, float)):
+        if isinstance(knobs.get("eps"), (int, float, np.integer, np.floating)):
             knobs["eps"] = (knobs["eps"],)
+        elif isinstance(knobs.get("eps"), np.ndarray):  # np.linspace(...) as the eps grid
+            knobs["eps"] = tuple(knobs["eps"].tolist())
         if shard_rows < 1:
             raise ValueError(f"shard_rows must be >= 1, got {shard_rows}")
+        check_knob_types(knobs)
         Settings(**knobs)  # a bad value fails here, before any run
         self.knobs = knobs
         self.progress = progress
@@ -111,6 +135,8 @@ class SemDeDup:
     def _run(self, data: Any, ids: Sequence[Any] | None, root: str, owned: bool) -> SemDeDupResult:
         settings = Settings(**self.knobs, storage=root)
         st.check_store(root, "storage")  # before anything is written
+        if (problem := st.folder_problem(root, "storage")) is not None:  # a file where the folder should be
+            raise ValueError(problem)
         kind, source, modality = as_input(data, ids, settings)
         if modality is not None and "modality" not in self.knobs:
             settings = settings.replace(modality=modality)
@@ -122,6 +148,14 @@ class SemDeDup:
                 raise ValueError(overlap)
             settings = settings.replace(input=str(source))
         prepare_model(settings)
+        if kind == "path":
+            keys = {s.key for s in discover_shards(source, settings.files_per_shard)}
+        else:  # the shards write_input makes, and an earlier library input's (it removes them with their results)
+            table, embeddings = source
+            keys = set(input_keys(table.num_rows if embeddings is None else len(embeddings), self.shard_rows))
+            folder = settings.storage_root().root / INPUT_DIR
+            keys |= {p.name.split(".")[0] for p in folder.iterdir()} if folder.exists() else set()
+        refuse_other_inputs(settings, keys)
         if kind != "path":
             settings = settings.replace(input=str(write_input(source, settings, self.shard_rows)))
         save_settings(settings)  # `semdedup export/sql --storage` find the run's settings, as after `semdedup run`
@@ -209,7 +243,10 @@ def with_ids(table: pa.Table | None, ids: Sequence[Any] | None, n: int, settings
         ids = list(ids)
         if len(ids) != n:
             raise ValueError(f"ids has {len(ids)} entries but data has {n} rows")
-        column = pa.array([None if i is None else str(i) for i in ids], pa.string())
+        missing = next((row for row, i in enumerate(ids) if i is None), None)
+        if missing is not None:
+            raise ValueError(f"ids row {missing} is None: every row needs an id")
+        column = pa.array([str(i) for i in ids], pa.string())
     elif table is not None and name in table.column_names:
         return table
     else:
@@ -227,6 +264,24 @@ def with_ids(table: pa.Table | None, ids: Sequence[Any] | None, n: int, settings
     return table.add_column(0, name, column)
 
 
+def input_keys(n: int, shard_rows: int) -> list[str]:
+    """The shard keys of `n` in-memory rows written `shard_rows` to a shard."""
+    return [f"part-{i:05d}" for i in range(-(-n // shard_rows))]
+
+
+def refuse_other_inputs(settings: Settings, keys: set[str]) -> None:
+    """A StrayShardsError, before anything is written (the input shards, the settings), when the storage holds
+    results of shards that are neither among `keys` nor groups of them (`<key>+N`, files_per_shard): another
+    dataset's storage, e.g. one of `semdedup run`. Before, the run loop refused them only after the library
+    had written `library_input/` and recorded its settings over those of the other run."""
+    stray = [k for k in stray_shards(settings, []) if k not in keys and k.rpartition(GROUP_SEPARATOR)[0] not in keys]
+    if stray:
+        raise StrayShardsError(
+            f"the storage {settings.storage} already holds {len(stray)} shard(s) that are not in "
+            f"this input (e.g. {stray[:3]}): use another storage"
+        )
+
+
 def write_input(source: tuple[pa.Table, np.ndarray | None], settings: Settings, shard_rows: int) -> st.UPath:
     """Write in-memory data as shards under `<storage>/library_input/` (embeddings: .npy with a Parquet of ids).
 
@@ -237,21 +292,21 @@ def write_input(source: tuple[pa.Table, np.ndarray | None], settings: Settings, 
     folder = settings.storage_root().root / INPUT_DIR
     folder.mkdir(parents=True, exist_ok=True)
     n = table.num_rows if embeddings is None else len(embeddings)
-    keys = []
-    for i, start in enumerate(range(0, n, shard_rows)):
-        key = f"part-{i:05d}"
-        keys.append(key)
+    keys = input_keys(n, shard_rows)
+    for key, start in zip(keys, range(0, n, shard_rows)):
         part = table.slice(start, shard_rows)
         if embeddings is not None:
             write_if_changed(
                 npy_bytes(np.ascontiguousarray(embeddings[start : start + shard_rows])), folder / f"{key}.npy"
             )
         write_if_changed(parquet_bytes(part), folder / f"{key}.parquet")
-    for path in list(folder.iterdir()):  # an earlier run's extra shards: their files and results go
-        key = path.name.split(".")[0]
-        if key not in keys:
+    for path in list(folder.iterdir()):  # an earlier run's extra shards: their files go
+        if path.name.split(".")[0] not in keys:
             st.remove(path)
-            remove_shard_files(settings.storage_root(), key)
+    # ... and their results, by the shard keys the stages use (with files_per_shard > 1 those are groups,
+    # `part-00002+2`, not files). refuse_other_inputs made sure that every such shard is this input's.
+    for key in stray_shards(settings, discover_shards(folder, settings.files_per_shard)):
+        remove_shard_files(settings.storage_root(), key)
     return folder
 
 
@@ -279,9 +334,13 @@ def write_if_changed(data: bytes, path: st.UPath) -> None:
 
 
 def prepare_model(settings: Settings) -> None:
-    """A static text `model`: made (or checked) before the run, as `semdedup run` does."""
+    """A `model` path that is no folder is refused, a static text `model` made (or checked), before the run,
+    as `semdedup run` does."""
+    from semdedup_assets.core.embed.encoders.base import missing_model_folder
     from semdedup_assets.core.embed.encoders.static import resolve_static_model, wants_static
 
+    if settings.modality != "embedding" and (problem := missing_model_folder(settings.model, "model")) is not None:
+        raise ValueError(problem)
     if settings.modality == "text" and wants_static(settings.model):
         resolve_static_model(settings.model or "")
 
@@ -329,6 +388,7 @@ class SemDeDupResult:
         self.data = data
         self.kind = kind
         self._items: pa.Table | None = None
+        self._data_ids: pa.Array | None = None
         self._finalizer = weakref.finalize(self, shutil.rmtree, settings.storage, True) if owned else None
 
     # --- lifetime ---------------------------------------------------------------------------------
@@ -375,31 +435,60 @@ class SemDeDupResult:
         return self._items
 
     def input_ids(self) -> pa.Array:
-        """Every id in the input's order (shards in key order, rows in order)."""
+        """Every item's id in the input's order (shards in key order, rows in order)."""
         shards = discover_shards(self.input, self.settings.files_per_shard)
         raw = [st.read_table(self.storage.shard_file(st.RAW, s.key), columns=["id"]).column("id") for s in shards]
         return pa.chunked_array([c for r in raw for c in r.chunks], pa.string()).combine_chunks()
 
-    def keep_mask(self, eps: float) -> np.ndarray:
-        """True where an item is kept at `eps` (max_sim <= 1 - eps), in the input's order."""
+    def input_mask(self, item_mask: np.ndarray) -> np.ndarray:
+        """A mask over `items` as one over the in-memory data's rows: a row that ingest rejected (an empty
+        text, an undecodable image) is not an item, and is False. A path of shards: the items' mask."""
+        if self.kind == "path" or self.items.num_rows == len(self.data_ids()):
+            return item_mask
+        position = pc.index_in(self.items.column("id"), value_set=self.data_ids()).to_numpy(zero_copy_only=False)
+        mask = np.zeros(len(self.data_ids()), dtype=bool)
+        mask[position] = item_mask
+        return mask
+
+    def data_ids(self) -> pa.Array:
+        """The id of every row of the in-memory data, rejected rows too (the written input's id column)."""
+        if self._data_ids is None:
+            shards = discover_shards(self.input)  # file by file, whatever files_per_shard
+            tables = [
+                st.read_table(st.to_upath(self.input) / f"{s.key}.parquet", columns=[self.settings.id_column])
+                for s in shards
+            ]
+            self._data_ids = pa.concat_tables(tables).column(0).cast(pa.string()).combine_chunks()
+        return self._data_ids
+
+    def item_keep_mask(self, eps: float) -> np.ndarray:
+        """True where a row of `items` is kept at `eps` (max_sim <= 1 - eps)."""
         check_eps(eps)
         return threshold_mask(self.items.column("max_sim").to_numpy(), eps)
 
+    def keep_mask(self, eps: float) -> np.ndarray:
+        """True where an item is kept at `eps` (max_sim <= 1 - eps), one per input row, in the input's order
+        (a row that ingest rejected, e.g. an empty text, is False)."""
+        return self.input_mask(self.item_keep_mask(eps))
+
     def kept_ids(self, eps: float) -> list[str]:
         """The ids kept at `eps`, in the input's order."""
-        return self.items.column("id").filter(pa.array(self.keep_mask(eps))).to_pylist()
+        return self.items.column("id").filter(pa.array(self.item_keep_mask(eps))).to_pylist()
 
     def duplicates(self, eps: float) -> pa.Table:
         """The items removed at `eps`: id, duplicate_of (the earlier item it repeats), max_sim, cluster."""
-        removed = pa.array(~self.keep_mask(eps))
+        removed = pa.array(~self.item_keep_mask(eps))
         return self.items.filter(removed).select(["id", "duplicate_of", "max_sim", "cluster"])
 
     def explain(self, id: Any) -> dict[str, Any]:
         """Why an item is kept or removed: its cluster, max_sim, duplicate_of, the eps values that remove it,
-        and the pair's texts where there are texts. A KeyError names an unknown id."""
+        and the pair's texts where there are texts. A KeyError names an unknown id (or a rejected one, and why)."""
         items = self.items
         hit = items.filter(pc.equal(items.column("id"), str(id)))
         if hit.num_rows == 0:
+            rejected = self.sql("SELECT reason FROM rejected WHERE id = ?", [str(id)]).column("reason").to_pylist()
+            if rejected:  # an input row that ingest refused is not an item: say why, as the `rejected` view does
+                raise KeyError(f"id {str(id)!r} was rejected at ingest ({rejected[0]}): it is not an item")
             raise KeyError(f"no item with id {str(id)!r}")
         row = hit.to_pylist()[0]
         row["removed_at_eps"] = [e for e in self.settings.eps if row["max_sim"] > 1.0 - e]
@@ -418,8 +507,9 @@ class SemDeDupResult:
 
     # --- selections -------------------------------------------------------------------------------
     def selection_mask(self, eps: float | None = None, keep_fraction: float | None = None) -> np.ndarray:
-        """The kept rows of a selection, in the input's order: `eps` (any value in (0, 1)) or `keep_fraction`
-        (the items with the smallest max_sim, ties by id, as `semdedup export --select keep-fraction=F`)."""
+        """The kept rows of a selection, one per input row in the input's order: `eps` (any value in (0, 1)) or
+        `keep_fraction` (the items with the smallest max_sim, ties by id, as `semdedup export --select
+        keep-fraction=F`). A row that ingest rejected is never kept."""
         if (eps is None) == (keep_fraction is None):
             raise ValueError("give exactly one of eps= or keep_fraction=")
         if eps is not None:
@@ -435,7 +525,7 @@ class SemDeDupResult:
         )
         mask = np.zeros(items.num_rows, dtype=bool)
         mask[rows] = True
-        return mask
+        return self.input_mask(mask)
 
     def select(self, eps: float | None = None, keep_fraction: float | None = None) -> Any:
         """The kept rows in the input's own type: an array, tensor, list, pyarrow Table, DataFrame or Dataset.

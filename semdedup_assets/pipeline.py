@@ -18,6 +18,7 @@ from semdedup_assets.core.checks.lineage import results_fingerprint
 from semdedup_assets.core.checks.verify import derived_outputs_exist, remove_stale_prunings
 from semdedup_assets.core.cluster.assign import bucket_keys, touched_buckets
 from semdedup_assets.core.config import Settings
+from semdedup_assets.core.embed.encoders.base import missing_model_folder
 from semdedup_assets.core.io import storage as st
 from semdedup_assets.core.io.catalog import refresh_catalog
 from semdedup_assets.core.io.shards import SHARD_SUFFIXES, Discovery, discover, members, regrouped_shards
@@ -110,6 +111,8 @@ def check_run_locations(settings: Settings) -> Discovery:
         raise PipelineError(overlap)  # the next run would read the storage as input
     if (problem := st.folder_problem(settings.storage, "--storage")) is not None:
         raise PipelineError(problem)
+    if settings.modality != "embedding" and (problem := missing_model_folder(settings.model)) is not None:
+        raise PipelineError(problem)  # before the storage is made, not as a hub error from the embed stage
     found = discover(settings.input, settings.files_per_shard)
     if not found.shards:
         raise PipelineError(f"no shard files ({', '.join(SHARD_SUFFIXES)}) under {printable(settings.input)}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -10,6 +11,7 @@ import numpy as np
 if TYPE_CHECKING:  # torch is imported lazily so `import ...encoders` stays cheap
     import torch
 
+from semdedup_assets.core.messages import printable
 from semdedup_assets.core.run.parallel import map_batches
 
 __all__ = ["Encoder", "l2_normalize", "map_batches", "resolve_device"]
@@ -26,6 +28,19 @@ class Encoder(Protocol):
     def encode(self, items: Sequence[Any]) -> np.ndarray:
         """Return an (n, dim) float32 array of L2-normalised rows, in input order."""
         ...
+
+
+def missing_model_folder(model: str | os.PathLike[str] | None, role: str = "--model") -> str | None:
+    """Why `model` cannot load when it is a local path (it starts with `/`, `.` or `~`) that is not a folder,
+    else None. Hub names and `static...` pass: checked before anything is written or loaded, so a typo
+    in a path is not reported as an invalid hub repository id from inside the embed stage."""
+    if model is None:
+        return None
+    text = os.fspath(model)
+    if text.startswith((os.sep, ".", "~")) and not os.path.isdir(os.path.expanduser(text)):
+        path = os.path.expanduser(text)
+        return f"{role} {printable(text)} " + ("is not a folder" if os.path.exists(path) else "does not exist")
+    return None
 
 
 def row_norms(x: np.ndarray) -> np.ndarray:

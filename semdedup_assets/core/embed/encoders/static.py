@@ -31,7 +31,7 @@ import numpy as np
 from semdedup_assets.core.io.storage import folder_problem
 from semdedup_assets.core.messages import printable
 
-from .base import l2_normalize
+from .base import l2_normalize, missing_model_folder
 from .registry import register_encoder
 
 __all__ = [
@@ -149,12 +149,8 @@ def distill_static_model(
     # Before the minutes of distillation: an output that cannot be a folder is refused now, not at the write.
     if (problem := folder_problem(os.path.expanduser(os.fspath(out)), "the output")) is not None:
         raise NotADirectoryError(problem)
-    if (
-        source is not None
-        and os.fspath(source).startswith((os.sep, ".", "~"))
-        and not os.path.isdir(os.path.expanduser(os.fspath(source)))
-    ):  # a path (not a hub name) that is missing
-        raise FileNotFoundError(f"the source model folder {printable(source)} does not exist")
+    if (problem := missing_model_folder(source, "the source model folder")) is not None:  # a path, not a hub name
+        raise FileNotFoundError(problem)
     try:
         from model2vec.distill import distill_from_model
     except ImportError as err:
