@@ -89,6 +89,7 @@ def test_library_missing_model_folder_is_named(tmp_path: Path) -> None:
         SemDeDup(model=str(tmp_path / "nomodel"), clusters=1, eps=0.01, progress=False).run(["a", "b"])
 
 
+@pytest.mark.subprocess
 def test_cli_missing_model_folder_refused_before_anything_is_written(tmp_path: Path) -> None:
     """Before: the run made the storage, ingested, then failed in the embed stage with a hub repo-id error."""
     (tmp_path / "in").mkdir()
