@@ -719,8 +719,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `semdedup` console script.
 
     A reader that closes the pipe early (`semdedup status | head -1`) ends the command quietly,
-    with status 1 and no traceback, whatever the command was printing.
+    with status 1 and no traceback, whatever the command was printing. A command points DAGSTER_HOME
+    at its storage's run history (instance.open_instance); an in-process caller (a notebook, a test)
+    gets its own value back afterwards, so a later command on another storage never shares that history.
     """
+    home = os.environ.get("DAGSTER_HOME")
     try:
         code = run_command(build_parser().parse_args(argv))
         sys.stdout.flush()  # inside the guard: a closed pipe shows here, not at interpreter exit
@@ -728,6 +731,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         silence_stdout()
         return 1
+    finally:
+        if home is None:
+            os.environ.pop("DAGSTER_HOME", None)
+        else:
+            os.environ["DAGSTER_HOME"] = home
 
 
 def silence_stdout() -> None:

@@ -5,6 +5,7 @@ Each test fails on the code before its fix; the data is tiny (tens of rows).
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -132,9 +133,7 @@ def test_library_refused_on_another_runs_storage_writes_nothing(
 
     write_embedding_shards(tmp_path / "in", n_shards=2, per_shard=20, d=4)
     storage = tmp_path / "st"
-    # main() sets DAGSTER_HOME for its process: set here, it is undone after the test (later in-process runs
-    # would otherwise share this instance)
-    monkeypatch.setenv("DAGSTER_HOME", str(storage / "dagster_home"))
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
     assert (
         main(
             [
@@ -172,3 +171,20 @@ def test_library_files_per_shard_on_a_kept_storage(tmp_path: Path) -> None:
     assert again.eps_curve == first.eps_curve
     fewer = sd.run(x[:30], storage=tmp_path / "st")
     assert fewer.keep_mask(0.01).shape == (30,) and fewer.items.num_rows == 30
+
+
+def test_an_in_process_command_leaves_dagster_home_as_it_found_it(tmp_path: Path, monkeypatch) -> None:
+    """main() points DAGSTER_HOME at its storage's run history while it runs. Before: it stayed set, so a later
+    in-process command on another storage shared that history and refused its own shards as strays."""
+    from semdedup_assets.cli import main
+    from semdedup_assets_tests.fixtures import write_embedding_shards
+
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    write_embedding_shards(tmp_path / "in-a", n_shards=2, per_shard=20, d=4)
+    write_embedding_shards(tmp_path / "in-b", n_shards=2, per_shard=20, d=4, seed=1)
+    common = ["--modality", "embedding", "--clusters", "2", "--buckets", "2", "--eps", "0.01"]
+    for name in ("a", "b"):  # same shard keys, other inputs, other storages
+        run = ["run", "--input", str(tmp_path / f"in-{name}"), "--storage", str(tmp_path / f"st-{name}"), *common]
+        assert main(run) == 0
+        assert "DAGSTER_HOME" not in os.environ
+    assert (tmp_path / "st-b" / "dagster_home").is_dir()

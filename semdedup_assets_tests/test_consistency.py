@@ -126,6 +126,7 @@ def test_failed_embedding_withdraws_only_the_new_shards(tmp_path: Path, instance
         pa.table({"id": ["n0", "n1"], "text": ["A new shard.", "Another new line."]}),
         tmp_path / "input" / "part-02.parquet",
     )
+    (tmp_path / "no-model").mkdir()  # a folder without weights: refused by the embed step, not before the run
     with pytest.raises(PipelineError, match="ingest"):
         run_pipeline(
             _settings(tmp_path, modality="text", clusters=2, buckets=1, model=str(tmp_path / "no-model")),
