@@ -113,8 +113,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 # of in-process Dagster, not a program under test. Teardown is not checked: a module's fixtures are torn
 # down after its last test, whatever that test's tier.
 PROCESS_EVENTS = frozenset({"subprocess.Popen", "os.system", "os.posix_spawn", "os.spawn", "os.exec"})
-# Short system probes that libraries run while loading (ctypes.util.find_library runs `ldconfig -p`).
-LIBRARY_PROBES = frozenset({"ldconfig", "uname"})
+# Short system probes that libraries run while loading (ctypes.util.find_library runs `ldconfig -p`; matplotlib
+# runs `fc-list` once per machine, when it builds its font cache: on a fresh machine inside the first plot).
+LIBRARY_PROBES = frozenset({"ldconfig", "uname", "fc-list"})
 
 
 def allowed_in_fast_tier(event: str, args: tuple[object, ...]) -> bool:

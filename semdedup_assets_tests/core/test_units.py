@@ -177,6 +177,69 @@ def test_shards_staged_in_other_processes_publish_together_or_not_at_all(tmp_pat
     assert not fresh.storage_root().stage_files(st.RAW) and not list((tmp_path / "fresh").rglob(".*.tmp"))
 
 
+KILLED_MID_WRITE = """
+import os, sys
+import pyarrow as pa
+from semdedup_assets.core.io import storage as st
+table = pa.table({"id": ["a"]})
+writer = st.AtomicParquetWriter(st.UPath(sys.argv[1]), table.schema)
+writer.write(table)
+os._exit(9)
+"""
+STAGE_THEN_PUBLISH_ON_CUE = """
+import pickle, sys
+from semdedup_assets.core.ingest.stage import publish_shards, stage_shard
+settings, shards = pickle.loads(bytes.fromhex(sys.stdin.readline().strip()))
+staged = [stage_shard(settings, s) for s in shards]
+print("staged", flush=True)
+sys.stdin.readline()  # the other run has published and swept meanwhile
+print(len(publish_shards(settings, staged).shards), flush=True)
+"""
+
+
+@pytest.mark.subprocess
+def test_a_run_leaves_the_files_another_running_command_staged(tmp_path: Path) -> None:
+    """Regression (CI, test_two_concurrent_runs_on_one_storage): two runs on one storage ingest the same
+    shards. The one that published first swept every staged file of those shards, the other's too, and
+    the other failed reading its own (`No files found that match ... raw/.part-00.parquet.<uuid>.tmp`).
+    A sweep now leaves the files of a process that is still running; those of a process that has
+    gone are still removed."""
+    write_embedding_shards(tmp_path / "input", n_shards=2, per_shard=20, d=8)
+    settings = _settings(tmp_path, "storage")
+    shards = discover_shards(settings.input)
+    other = subprocess.Popen(
+        [sys.executable, "-c", STAGE_THEN_PUBLISH_ON_CUE],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    try:
+        other.stdin.write(pickle.dumps((settings, shards)).hex() + "\n")
+        other.stdin.flush()
+        assert other.stdout.readline().strip() == "staged"
+        raw = tmp_path / "storage" / "raw"
+        theirs = sorted(raw.glob(".*.tmp"))
+        assert len(theirs) == 2
+        ingest_shards(settings, shards)  # publishes, then sweeps what killed writers of these shards left
+        assert sorted(raw.glob(".*.tmp")) == theirs
+        other.stdin.write("\n")
+        other.stdin.flush()
+        assert other.stdout.readline().strip() == "2"
+        assert other.wait(timeout=60) == 0
+    finally:
+        other.kill()
+        other.wait()
+    assert not list(raw.glob(".*.tmp"))
+    # The file of a writer killed mid-write (its process has gone) is a leftover: the next sweep removes it.
+    subprocess.run([sys.executable, "-c", KILLED_MID_WRITE, str(raw / "part-00.parquet")], check=False, cwd=REPO)
+    (leftover,) = raw.glob(".*.tmp")
+    assert st.live_writer(st.UPath(str(leftover))) is None
+    path = st.UPath(str(raw / "part-00.parquet"))
+    st.remove_temporaries([path])
+    assert not leftover.exists() and path.exists()
+
+
 def test_asset_modules_only_adapt() -> None:
     # No numeric or file work in the Dagster layer: an asset module imports no numpy, pyarrow, torch, ...
     for path in sorted((REPO / "semdedup_assets" / "assets").glob("*.py")):

@@ -106,7 +106,8 @@ class _Checker:
             folder = self.storage.stage_dir(stage)
             if folder.exists():
                 for p in sorted(folder.rglob(f".*{st.TMP_SUFFIX}"), key=str):
-                    self.bad(p, "temporary file of an interrupted write")
+                    if st.live_writer(p, other_machines=False) is None:  # a running command's file is no problem
+                        self.bad(p, "temporary file of an interrupted write")
 
     def run(self) -> list[Problem]:
         self.temporaries()

@@ -205,9 +205,15 @@ def stage_shard(settings: Settings, shard: Shard) -> StagedShard:
     return StagedShard(shard.key, staged.name, table.num_rows, str(shard.path), fingerprint, index.dim, kinds, preview)
 
 
-def discard_staged(settings: Settings, keys: Sequence[str]) -> None:
-    """Delete every staged (and half-written) raw file of these shards; their published files stay as they were."""
+def discard_staged(settings: Settings, keys: Sequence[str], staged: Sequence[StagedShard] = ()) -> None:
+    """Delete the `staged` raw files and what a killed writer of these shards left; published files stay.
+
+    A file another running command is staging for the same shards stays (`st.live_writer`): two
+    runs on one storage must not delete each other's files.
+    """
     storage = settings.storage_root()
+    for s in staged:
+        st.drop_staged(storage.shard_file(st.RAW, s.key).with_name(s.staged_name))
     st.remove_temporaries(storage.shard_file(st.RAW, key) for key in keys)
 
 
@@ -224,9 +230,9 @@ def publish_shards(
     keys = [s.key for s in staged]
     paths = {s.key: storage.shard_file(st.RAW, s.key) for s in staged}
     files = {s.key: paths[s.key].with_name(s.staged_name) for s in staged}
-    for f in files.values():
-        st.track_staged(f)
     try:
+        for key, f in list(files.items()):
+            files[key] = st.track_staged(f)
         check_dims(storage, {s.key: s.dim for s in staged if s.dim is not None}, keys)
         check_keep_by_kinds(storage, {s.key: s.kinds for s in staged if s.kinds}, keys)
         # The id check is the one O(N) aggregate of ingest: DuckDB reads the staged files' (id, shard, row) under
@@ -236,7 +242,9 @@ def publish_shards(
         for key in keys:
             st.publish_staged(files[key], paths[key])
     except BaseException:
-        discard_staged(settings, keys)
+        for f in files.values():
+            st.drop_staged(f)
+        discard_staged(settings, keys, staged)
         raise
     discard_staged(settings, keys)  # what a Ray task killed mid-write left before its retry staged the shard
     done = [IngestedShard(s.key, str(paths[s.key]), s.rows, s.input, s.fingerprint) for s in staged]

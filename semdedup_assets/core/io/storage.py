@@ -8,10 +8,12 @@ object only when its upload completes, which gives the same guarantee.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import re
 import shutil
+import socket
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -318,11 +320,44 @@ TMP_SUFFIX = ".tmp"
 _LIVE_TEMPS: set[str] = set()
 
 
+def _host_tag() -> str:
+    """A short, file-name-safe tag of this machine's name (8 hex digits)."""
+    return hashlib.blake2b(socket.gethostname().encode(), digest_size=4).hexdigest()
+
+
 def _tmp_sibling(path: UPath) -> UPath:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}{TMP_SUFFIX}")
+    # The writer's pid and machine are in the name: a sweep of leftovers (`remove_temporaries`) must
+    # not delete the file another live process (a second run on the same storage) is writing.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{_host_tag()}-{uuid.uuid4().hex}{TMP_SUFFIX}")
     if is_local(tmp):
         _LIVE_TEMPS.add(str(tmp))
     return tmp
+
+
+def live_writer(tmp: UPath, other_machines: bool = True) -> int | None:
+    """The pid of another process, still running, that wrote the temporary file `tmp`; else None.
+
+    None for a file of this process, of a process on this machine that has gone, or of a name
+    without an owner (an older version's). A file of another machine counts as live when
+    `other_machines` (nothing here can tell that its writer has gone, so a sweep leaves it;
+    `semdedup verify --repair` deletes it).
+    """
+    token = tmp.name[: -len(TMP_SUFFIX)].rsplit(".", 1)[-1] if tmp.name.endswith(TMP_SUFFIX) else ""
+    parts = token.split("-")
+    if len(parts) != 3 or not parts[0].isdigit() or len(parts[1]) != 8:
+        return None
+    pid, host = int(parts[0]), parts[1]
+    if host != _host_tag():
+        return pid if other_machines else None
+    if pid == os.getpid():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:  # it exists, under another user
+        return pid
+    return pid
 
 
 def _drop_tmp(tmp: UPath | None) -> None:
@@ -510,10 +545,19 @@ class AtomicParquetWriter:
             _drop_tmp(self._tmp)
 
 
-def track_staged(staged: UPath) -> None:
-    """Let a signal that stops this process delete a staged file it has not published yet (local files)."""
-    if is_local(staged):
-        _LIVE_TEMPS.add(str(staged))
+def track_staged(staged: UPath) -> UPath:
+    """Take over a staged file this process will publish; returns where it now is.
+
+    A local file is renamed to a name of this process (a Ray worker that staged it may exit before
+    the batch is published, and a sweep by another run would then take it for a leftover), and a
+    signal that stops this process deletes it while it is unpublished.
+    """
+    if not is_local(staged):
+        return staged
+    mine = _tmp_sibling(staged.with_name(staged.name[1:].rsplit(".", 2)[0]))
+    if mine != staged:
+        os.replace(str(staged), str(mine))
+    return mine
 
 
 def publish_staged(staged: UPath, path: UPath) -> None:
@@ -532,7 +576,8 @@ def remove_temporaries(paths: Iterable[UPath]) -> None:
     """Delete the temporary siblings (`.<name>.<uuid>.tmp`, see _tmp_sibling) that writers of these paths left:
     a killed process's half-written file or a staged file that will not be published. The paths themselves
     stay as they are. One listing per folder, not one per path: a batch of S files costs O(files), not
-    O(S x files).
+    O(S x files). A file another live process is writing (`live_writer`: a second run on this storage)
+    stays.
     """
     folders: dict[str, tuple[UPath, list[str]]] = {}
     for path in paths:
@@ -541,7 +586,7 @@ def remove_temporaries(paths: Iterable[UPath]) -> None:
         if not folder.exists():
             continue
         for tmp in folder.iterdir():
-            if tmp.name.startswith(tuple(prefixes)) and tmp.name.endswith(TMP_SUFFIX):
+            if tmp.name.startswith(tuple(prefixes)) and tmp.name.endswith(TMP_SUFFIX) and live_writer(tmp) is None:
                 drop_staged(tmp)
 
 

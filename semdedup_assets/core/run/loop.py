@@ -86,7 +86,7 @@ def ingest_shards(
                     + (f" on {d.worker}" if engine is not None and engine.name != "local" else "")
                 )
     except BaseException:
-        discard_staged(settings, [s.key for s in shards])
+        discard_staged(settings, [s.key for s in shards], list(staged.values()))
         raise
     return publish_shards(settings, [staged[s.key] for s in shards], time.perf_counter() - start, workers)
 
