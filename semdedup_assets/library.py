@@ -31,7 +31,7 @@ from semdedup_assets.core.dedup.keep import keep_for_target
 from semdedup_assets.core.dedup.keep import keep_mask as threshold_mask
 from semdedup_assets.core.io import storage as st
 from semdedup_assets.core.io.catalog import query
-from semdedup_assets.core.io.shards import GROUP_SEPARATOR, discover_shards
+from semdedup_assets.core.io.shards import GROUP_SEPARATOR, ShardError, check_vectors, discover_shards
 from semdedup_assets.core.run.loop import StrayShardsError, run_units, stray_shards
 from semdedup_assets.core.select.export import ExportError, export_shards, parse_selection, selection_dir, tidy_exports
 from semdedup_assets.core.settings_store import save_settings
@@ -97,12 +97,17 @@ class SemDeDup:
             knobs["eps"] = (knobs["eps"],)
         elif isinstance(knobs.get("eps"), np.ndarray):  # np.linspace(...) as the eps grid
             knobs["eps"] = tuple(knobs["eps"].tolist())
+        # Checked by type, not truth: progress="no" would otherwise show a bar.
+        if not isinstance(progress, (bool, np.bool_)):
+            raise TypeError(f"progress must be True or False, got {progress!r}")
+        if isinstance(shard_rows, bool) or not isinstance(shard_rows, (int, np.integer)):
+            raise TypeError(f"shard_rows must be an integer, got {shard_rows!r}")
         if shard_rows < 1:
             raise ValueError(f"shard_rows must be >= 1, got {shard_rows}")
         check_knob_types(knobs)
         Settings(**knobs)  # a bad value fails here, before any run
         self.knobs = knobs
-        self.progress = progress
+        self.progress = bool(progress)
         self.shard_rows = int(shard_rows)
 
     def __repr__(self) -> str:
@@ -181,9 +186,7 @@ def as_input(data: Any, ids: Sequence[Any] | None, settings: Settings) -> tuple[
             raise ValueError(f"embeddings must be a non-empty N x d array, got shape {data.shape}")
         if data.dtype.kind != "f":
             raise TypeError(f"embeddings must hold floats, got dtype {data.dtype}")
-        bad = ~np.isfinite(data).all(axis=1)
-        if bad.any():
-            raise ValueError(f"embeddings row {int(np.flatnonzero(bad)[0])} holds a NaN or infinite value")
+        check_embedding_rows(data)
         return "array", (with_ids(None, ids, len(data), settings), data), "embedding"
     if isinstance(data, (list, tuple)):
         if not data:
@@ -233,6 +236,19 @@ def arrow_table(data: Any) -> pa.Table:
         f"data must be an N x d array or tensor, a list of strings, a pyarrow Table, pandas DataFrame, "
         f"datasets.Dataset, or a path of shards; got {type(data).__module__}.{type(data).__name__}"
     )
+
+
+def check_embedding_rows(data: np.ndarray, chunk: int = 65536) -> None:
+    """Refuse what ingest would refuse (a NaN or infinite value, a zero or subnormal norm), naming the caller's row.
+
+    The core's check (`check_vectors`), chunk by chunk: a temporary of `chunk` rows, not a second N x d array.
+    """
+    for start in range(0, len(data), chunk):
+        try:
+            check_vectors("data", "embeddings", data[start : start + chunk], start)
+        except ShardError as err:
+            what = err.reason.removeprefix(f"{'embeddings'!r} ")
+            raise ValueError(f"embeddings row {err.row} {what}") from None
 
 
 def with_ids(table: pa.Table | None, ids: Sequence[Any] | None, n: int, settings: Settings) -> pa.Table:

@@ -356,8 +356,11 @@ def format_status(s: dict[str, Any]) -> str:
         + ("" if s["settings_recorded"] else "  (no run recorded: defaults and environment)")
     )
     sh = s["shards"]
+    # "registered" counts the Dagster partitions: a storage without an instance (a library run, a remote
+    # storage without DAGSTER_HOME) has none, and "0 registered, 1 ingested" would read as a fault.
+    registered = f"{sh['registered']} registered, " if s["dagster_home"] else ""
     lines.append(
-        f"shards:     {sh['registered']} registered, {sh['ingested']} ingested, {sh['embedded']} embedded, "
+        f"shards:     {registered}{sh['ingested']} ingested, {sh['embedded']} embedded, "
         f"{sh['assigned']} assigned" + (f", {sh['rejected_items']} items rejected" if sh["rejected_items"] else "")
     )
     if sh["not_embedded"]:
@@ -421,7 +424,10 @@ def format_status(s: dict[str, Any]) -> str:
         )
         lines += [f"  {o['path']}: {o['reason']}" for o in s["stale_outputs"]]
     r = s["runs"]
-    lines.append(f"runs:       {r['total']} recorded" + (f", last {len(r['recent'])}:" if r["recent"] else ""))
+    if not s["dagster_home"]:
+        lines.append("runs:       none recorded (no Dagster instance: a library run, or no DAGSTER_HOME)")
+    else:
+        lines.append(f"runs:       {r['total']} recorded" + (f", last {len(r['recent'])}:" if r["recent"] else ""))
     lines += [_run_line(run) for run in r["recent"]]
     if r["failed"]:
         lines.append("failed (no later success of the same job):")

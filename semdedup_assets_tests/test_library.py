@@ -243,8 +243,16 @@ def test_bad_input_names_what_is_wrong(planted: np.ndarray, tmp_path: Path) -> N
         SemDeDup(reference="ref/")
     with pytest.raises(ValueError, match="clusters must be >= 1"):
         SemDeDup(clusters=0)
+    with pytest.raises(TypeError, match="progress must be True or False, got 'no'"):
+        SemDeDup(progress="no")  # a non-empty string is true: it would show the bar it asks to hide
+    with pytest.raises(TypeError, match=r"shard_rows must be an integer, got 1\.5"):
+        SemDeDup(shard_rows=1.5)
     with pytest.raises(ValueError, match=re.escape("N x d array, got shape (8,)")):
         sd.run(planted[0], storage=storage)
+    zero = planted.copy()
+    zero[9] = 0.0
+    with pytest.raises(ValueError, match=r"embeddings row 9 is a zero vector \(zero norm\)"):
+        sd.run(zero, storage=storage)  # the caller's row, not the internal shard's file name
     bad = planted.copy()
     bad[17, 3] = np.nan
     with pytest.raises(ValueError, match="row 17"):
@@ -319,3 +327,38 @@ def test_readme_python_section_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     exec(compile(code, "README.md", "exec"), namespace)
     assert namespace["keep"].shape == (360,) and int((~namespace["keep"]).sum()) >= 60
     assert sorted(p.name for p in tmp_path.iterdir()) == ["embeddings.npy"]  # the temporary storage is gone
+
+
+def test_rows_are_checked_chunk_by_chunk_and_named_by_the_callers_index() -> None:
+    from semdedup_assets.library import check_embedding_rows
+
+    x = np.ones((10, 3), dtype=np.float32)
+    check_embedding_rows(x, chunk=4)
+    x[6] = 0.0
+    with pytest.raises(ValueError, match="embeddings row 6 is a zero vector"):
+        check_embedding_rows(x, chunk=4)  # row 2 of the second chunk
+    x[6] = 1e-30  # norm 1.7e-30: normal in float32, accepted as ingest accepts it
+    check_embedding_rows(x, chunk=4)
+    x[6] = 1e-40  # subnormal: ingest refuses it, so the library does first
+    with pytest.raises(ValueError, match="embeddings row 6 is subnormal"):
+        check_embedding_rows(x, chunk=4)
+    x[6] = 1.0
+    x[9, 1] = np.inf
+    with pytest.raises(ValueError, match="embeddings row 9 has a non-finite value"):
+        check_embedding_rows(x, chunk=4)
+
+
+def test_status_of_a_library_storage_does_not_read_as_a_fault(
+    planted: np.ndarray, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before: `semdedup status` on a library run's storage said "0 registered, 1 ingested" (no Dagster
+    instance registers partitions there) and "0 runs recorded", which read as a broken storage."""
+    from semdedup_assets import cli
+
+    SemDeDup(**KNOBS).run(planted[:200], storage=tmp_path / "s").close()
+    capsys.readouterr()
+    assert cli.main(["status", "--storage", str(tmp_path / "s")]) == 0
+    out = capsys.readouterr().out
+    assert "registered" not in out, out
+    assert "shards:     1 ingested, 1 embedded, 1 assigned" in out, out
+    assert "runs:       none recorded (no Dagster instance" in out, out

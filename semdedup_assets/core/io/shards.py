@@ -476,7 +476,7 @@ def _validate_text(shard: str, column: str, values: pa.ChunkedArray) -> pa.Array
 
 
 def _embedding_matrix_of(shard: str, column: str, values: pa.ChunkedArray) -> np.ndarray:
-    """A list-of-floats column as an (n, d) float32 matrix, with shape checks and `_check_vectors`."""
+    """A list-of-floats column as an (n, d) float32 matrix, with shape checks and `check_vectors`."""
     if not (
         pa.types.is_list(values.type) or pa.types.is_fixed_size_list(values.type) or pa.types.is_large_list(values.type)
     ):
@@ -493,14 +493,14 @@ def _embedding_matrix_of(shard: str, column: str, values: pa.ChunkedArray) -> np
     if dim == 0:
         raise ShardError(shard, f"{column!r} has dimension 0")
     flat = pc.list_flatten(values).cast(pa.float32()).to_numpy(zero_copy_only=False).reshape(-1, dim)
-    _check_vectors(shard, column, flat, 0)
+    check_vectors(shard, column, flat, 0)
     return flat
 
 
 FLOAT32_TINY = float(np.finfo(np.float32).tiny)  # the smallest normal float32
 
 
-def _check_vectors(shard: str, column: str, block: np.ndarray, offset: int) -> None:
+def check_vectors(shard: str, column: str, block: np.ndarray, offset: int) -> None:
     """Every row can be L2-normalised in float32: finite, not all zero, not subnormal. Names the first bad row."""
     block = np.asarray(block, dtype=np.float32)  # what the pipeline computes with (a float64 1e39 overflows)
     finite = np.isfinite(block).all(axis=1)
@@ -571,7 +571,7 @@ def _validate_npy(shard: ShardFile, n_metadata: int) -> int:
             f"{shard.metadata.name if shard.metadata else ''} has {n_metadata}",
         )
     for start in range(0, x.shape[0], EMBEDDING_CHUNK_ROWS):
-        _check_vectors(shard.key, shard.path.name, np.asarray(x[start : start + EMBEDDING_CHUNK_ROWS]), start)
+        check_vectors(shard.key, shard.path.name, np.asarray(x[start : start + EMBEDDING_CHUNK_ROWS]), start)
     return int(x.shape[1])
 
 
