@@ -1,17 +1,18 @@
-"""Assets grouped by pipeline stage: ingest, embed, cluster, dedup."""
+"""Assets grouped by pipeline stage, as core/ is: ingest, embed, cluster, dedup, and select (export, pruning,
+decontamination, robustness)."""
 
 from __future__ import annotations
 
 import dagster as dg
 
 from semdedup_assets.assets.cluster import build_centroids, build_cluster_assignments
-from semdedup_assets.assets.decontaminate import build_contaminated
 from semdedup_assets.assets.dedup import build_keep_lists_asset, build_semantic_duplicates
 from semdedup_assets.assets.embed import build_embeddings
-from semdedup_assets.assets.export import build_deduplicated
 from semdedup_assets.assets.ingest import build_ids_unique_check, build_raw_shards
-from semdedup_assets.assets.prune import build_pruned_assets
-from semdedup_assets.assets.robustness import build_robustness_asset
+from semdedup_assets.assets.select.decontaminate import build_contaminated
+from semdedup_assets.assets.select.export import build_deduplicated
+from semdedup_assets.assets.select.prune import build_pruned_assets
+from semdedup_assets.assets.select.robustness import build_robustness_asset
 from semdedup_assets.names import GraphNames
 
 
