@@ -15,7 +15,7 @@ Three selections beyond the paper's eps rule (docs/pruning.md):
   goes to clusters in proportion to softmax(C / T), capped by each cluster's size (the
   authors' quadratic program, solved exactly), and each cluster keeps its hardest members.
 - `outliers:fraction=F[,neighbours=K]`: an item's typicality is its mean cosine similarity to
-  its K nearest other members of its cluster (an absent neighbour counts 0); remove the
+  its K nearest other members of its cluster (all of them in a smaller cluster); remove the
   ceil(F * items) least typical, ties by id.
 - `representatives:size=N[,diversity=L]`: per-cluster quotas proportional to cluster size
   (largest remainders), each filled by Maximal Marginal Relevance (relevance = similarity to

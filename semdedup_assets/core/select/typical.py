@@ -4,7 +4,7 @@ Plain NumPy on one cluster at a time (the callers in core/select/prune.py stream
 bucket by bucket), so each function's memory is that cluster's rows plus one tile:
 
 - `knn_typicality`: how typical each member is of its cluster, the mean cosine similarity to
-  its `neighbours` nearest other members, an absent neighbour counting 0 (docs/pruning.md).
+  its `neighbours` nearest other members (fewer in a smaller cluster; docs/pruning.md).
   Work m^2 * d per cluster of m members, the pairwise rule's own cost; memory one
   `block x m` tile.
 - `mmr_select`: Maximal Marginal Relevance within a cluster, relevance = similarity to the
@@ -23,12 +23,12 @@ TYPICALITY_BLOCK = 1024  # rows per similarity tile: a fixed tile keeps the floa
 def knn_typicality(x: np.ndarray, neighbours: int, block: int = TYPICALITY_BLOCK) -> np.ndarray:
     """Each row's mean cosine similarity to its `neighbours` nearest other rows (float64).
 
-    `x` holds one cluster's unit rows in a fixed order (by id). The mean is always over
-    `neighbours` slots: in a cluster with fewer than `neighbours` other members the missing
-    slots count 0 (an orthogonal neighbour), so a member of a tiny cluster, rare in the data,
-    scores low; a lone member scores 0. The top values are summed in ascending order in
-    float64; with the rows in a fixed order and a fixed tile, the result is the same bytes
-    run to run.
+    `x` holds one cluster's unit rows in a fixed order (by id). In a cluster of m <= neighbours
+    members the mean is over the m - 1 others: how many members k-means put in a cluster is
+    partly an artefact of k, and a tight small cluster (a blob k-means split) is typical of
+    itself. A lone member has no neighbour and scores 0 (as if orthogonal to everything): it
+    goes first. The top values are summed in ascending order in float64; with the rows in a
+    fixed order and a fixed tile, the result is the same bytes run to run.
     """
     m = len(x)
     k = int(neighbours)
@@ -46,7 +46,7 @@ def knn_typicality(x: np.ndarray, neighbours: int, block: int = TYPICALITY_BLOCK
         g = (rows[start:stop] @ rows.T).astype(np.float64)
         g[np.arange(stop - start), np.arange(start, stop)] = -np.inf  # never itself
         top = np.sort(np.partition(g, m - take, axis=1)[:, m - take :], axis=1)
-        out[start:stop] = top.sum(axis=1) / k
+        out[start:stop] = top.sum(axis=1) / take
     return out
 
 
