@@ -617,24 +617,25 @@ def _outliers(storage: st.Storage, settings: Settings, pruning: Pruning, log: Ca
         f"(mean similarity to their {pruning.neighbours} nearest members)"
     )
     # Pass 1: every item's typicality, one scores file per bucket (cluster by cluster, id order).
+    # Streamed cluster by cluster: a slice of a group's rows would keep the whole group (embeddings
+    # included) alive until the bucket's file was written.
     score_files = []
     for b, key in enumerate(bucket_keys(settings.bucket_partitions)):
-        parts = []
-        for rows, x in _cluster_slices(settings, k, b):
-            parts.append(
-                pa.table(
-                    {
-                        "id": rows.column("id"),
-                        "shard": rows.column("shard"),
-                        "cluster": rows.column("cluster").cast(pa.int32()),
-                        "sim_to_centroid": rows.column("sim_to_centroid").cast(pa.float64()),
-                        "typicality": pa.array(knn_typicality(x, pruning.neighbours), pa.float64()),
-                    },
-                    schema=TYPICALITY_SCHEMA,
-                )
-            )
         score_files.append(folder / "scores" / f"bucket-{key}.parquet")
-        st.atomic_write_table(pa.concat_tables(parts) if parts else TYPICALITY_SCHEMA.empty_table(), score_files[-1])
+        with st.publish_together([st.AtomicParquetWriter(score_files[-1], TYPICALITY_SCHEMA)]) as [writer]:
+            for rows, x in _cluster_slices(settings, k, b):
+                writer.write(
+                    pa.table(
+                        {
+                            "id": rows.column("id"),
+                            "shard": rows.column("shard"),
+                            "cluster": rows.column("cluster").cast(pa.int32()),
+                            "sim_to_centroid": rows.column("sim_to_centroid").cast(pa.float64()),
+                            "typicality": pa.array(knn_typicality(x, pruning.neighbours), pa.float64()),
+                        },
+                        schema=TYPICALITY_SCHEMA,
+                    )
+                )
     scored = sum(st.parquet_num_rows(p) for p in score_files)
     if scored != total:
         raise PruneError(

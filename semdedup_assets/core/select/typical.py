@@ -5,8 +5,8 @@ bucket by bucket), so each function's memory is that cluster's rows plus one til
 
 - `knn_typicality`: how typical each member is of its cluster, the mean cosine similarity to
   its `neighbours` nearest other members (fewer in a smaller cluster; docs/pruning.md).
-  Work m^2 * d per cluster of m members, the pairwise rule's own cost; memory one
-  `block x m` tile.
+  Work m^2 * d per cluster of m members, the pairwise rule's own cost; memory one tile of
+  at most TILE_ELEMENTS similarities (two float32 copies of 16 MiB), whatever m.
 - `mmr_select`: Maximal Marginal Relevance within a cluster, relevance = similarity to the
   centroid, diversity = lambda. Work q * m * d for a quota of q; memory O(m).
 - `proportional_quotas`: per-cluster quotas proportional to cluster size, exactly N in all
@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import numpy as np
 
-TYPICALITY_BLOCK = 1024  # rows per similarity tile: a fixed tile keeps the float sums identical run to run
+TYPICALITY_BLOCK = 1024  # rows per similarity tile, at most
+TILE_ELEMENTS = 1 << 22  # similarities per tile (float32: 16 MiB), so a huge cluster takes fewer rows per tile
 
 
-def knn_typicality(x: np.ndarray, neighbours: int, block: int = TYPICALITY_BLOCK) -> np.ndarray:
+def knn_typicality(x: np.ndarray, neighbours: int, block: int | None = None) -> np.ndarray:
     """Each row's mean cosine similarity to its `neighbours` nearest other rows (float64).
 
     `x` holds one cluster's unit rows in a fixed order (by id). In a cluster of m <= neighbours
@@ -28,7 +29,9 @@ def knn_typicality(x: np.ndarray, neighbours: int, block: int = TYPICALITY_BLOCK
     partly an artefact of k, and a tight small cluster (a blob k-means split) is typical of
     itself. A lone member has no neighbour and scores 0 (as if orthogonal to everything): it
     goes first. The top values are summed in ascending order in float64; with the rows in a
-    fixed order and a fixed tile, the result is the same bytes run to run.
+    fixed order and a fixed tile, the result is the same bytes run to run. `block`: rows per
+    tile (default: TYPICALITY_BLOCK, fewer when m is so large that the tile would pass
+    TILE_ELEMENTS; it depends on m only, so the same cluster always gets the same tiles).
     """
     m = len(x)
     k = int(neighbours)
@@ -39,13 +42,15 @@ def knn_typicality(x: np.ndarray, neighbours: int, block: int = TYPICALITY_BLOCK
     if take <= 0:
         return out
     rows = np.ascontiguousarray(x, dtype=np.float32)
+    if block is None:
+        block = max(1, min(TYPICALITY_BLOCK, TILE_ELEMENTS // m))
     for start in range(0, m, block):
         stop = min(m, start + block)
         # One row at a time against the whole cluster would be slow; a tile keeps BLAS busy and
         # memory at block * m floats.
-        g = (rows[start:stop] @ rows.T).astype(np.float64)
+        g = rows[start:stop] @ rows.T  # float32: the float64 copy is made of the top `take` columns only
         g[np.arange(stop - start), np.arange(start, stop)] = -np.inf  # never itself
-        top = np.sort(np.partition(g, m - take, axis=1)[:, m - take :], axis=1)
+        top = np.sort(np.partition(g, m - take, axis=1)[:, m - take :].astype(np.float64), axis=1)
         out[start:stop] = top.sum(axis=1) / take
     return out
 
