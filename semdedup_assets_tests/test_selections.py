@@ -203,3 +203,21 @@ def test_the_library_selects_with_a_pruning_selection(tmp_path: Path) -> None:
         assert len(reps) == 12
         with pytest.raises(ValueError, match="size=801 is more than the 800 items"):
             result.select(select="representatives:size=801")
+
+
+def test_the_component_materializes_the_selections_of_its_prune_setting(ran: dict, tmp_path: Path) -> None:
+    from semdedup_assets.component import SemDedup
+
+    settings = ran["settings"]
+    prune = "outliers:fraction=0.05;representatives:size=20,diversity=0.2"
+    component = SemDedup.from_settings(settings.replace(prune=prune), prefix="sel")
+    defs = component.definitions(tmp_path)
+    job = next(j for j in defs.resolve_all_job_defs() if j.name.endswith("prune_job"))
+    with dg.instance_for_test() as instance:
+        result = job.execute_in_process(instance=instance)
+        assert result.success
+        meta = instance.get_latest_materialization_event(
+            dg.AssetKey(["sel", "pruned_representatives"])
+        ).asset_materialization.metadata
+    assert meta["representatives:size=20,diversity=0.2: kept"].value == 20
+    assert len(kept(settings, "outliers:fraction=0.05")) == N - 40
