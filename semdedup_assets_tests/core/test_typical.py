@@ -66,3 +66,23 @@ def test_mmr_relevance_only_diversity_only_and_ties() -> None:
     assert mmr_select(pair, relevance, 2, 0.0).tolist() == [0, 1]  # ties: the lowest index
     first, second = mmr_select(pair, relevance, 2, 0.5).tolist()
     assert first == 0 and second >= 5
+
+
+def test_typicality_memory_is_one_tile_not_the_cluster_squared(monkeypatch: pytest.MonkeyPatch) -> None:
+    """4x the members: the similarity tile stays at TILE_ELEMENTS entries (the rows shrink), so the peak
+    beyond the cluster's own rows does not grow with m^2."""
+    import tracemalloc
+
+    from semdedup_assets.core.select import typical
+
+    monkeypatch.setattr(typical, "TILE_ELEMENTS", 1 << 16)  # 256 KiB of float32 similarities
+    peaks = []
+    for m in (512, 2048):
+        x = unit(np.random.default_rng(4), m, 8)
+        tracemalloc.start()
+        knn_typicality(x, 10)
+        peaks.append(tracemalloc.get_traced_memory()[1] - x.nbytes)
+        tracemalloc.stop()
+    tile = (1 << 16) * 4
+    assert all(p < 2.5 * tile for p in peaks), peaks  # the dense m x m would be 16 MiB at m = 2048
+    assert peaks[1] < 1.5 * peaks[0], peaks
