@@ -63,6 +63,7 @@ DEFAULT_TEMPERATURE = 0.5  # the authors' prune.py default (--temperature)
 DEFAULT_NEIGHBOURS = 20  # the authors' compute_centroid_distances.py default (--num_NNs); outliers' K too
 DEFAULT_DIVERSITY = 0.5  # representatives' lambda; SemHash's self_find_representative default
 CENTROID_BLOCK = 512  # centroid rows per block of the d_inter dot products (bounded memory)
+SCORE_ROWS = 65_536  # rows per row group of the outliers' score files
 
 
 class PruneError(ValueError):
@@ -328,7 +329,7 @@ class PruneResult:
     method: str
     items: int  # every item of the dataset
     survivors: int  # after SemDeDup at eps (prototypes: every item)
-    target: int  # N = ceil(F * items)
+    target: int  # N = ceil(F * items); representatives: size; outliers: items - ceil(F * items), the kept
     kept: int
     budget: list[dict] = field(default_factory=list)  # one row per cluster (BUDGET_SCHEMA without selection)
     files: list[str] = field(default_factory=list)
@@ -609,6 +610,8 @@ def _cluster_slices(settings: Settings, k: int, b: int) -> Iterator[tuple[pa.Tab
 def _outliers(storage: st.Storage, settings: Settings, pruning: Pruning, log: Callable[[str], None]) -> PruneResult:
     files = bucket_files(storage, settings)
     total = sum(st.parquet_num_rows(p) for p in files)
+    if not total:
+        raise PruneError(f"{pruning.label}: the stored results hold no item")
     n = keep_count(float(pruning.fraction or 0.0), total)  # removed
     k = len(load_centroids(storage))
     folder = selection_dir(storage, pruning)
@@ -617,12 +620,13 @@ def _outliers(storage: st.Storage, settings: Settings, pruning: Pruning, log: Ca
         f"(mean similarity to their {pruning.neighbours} nearest members)"
     )
     # Pass 1: every item's typicality, one scores file per bucket (cluster by cluster, id order).
-    # Streamed cluster by cluster: a slice of a group's rows would keep the whole group (embeddings
-    # included) alive until the bucket's file was written.
+    # Streamed cluster by cluster into row groups of SCORE_ROWS (not one per cluster: k may be large);
+    # only the pending rows' id and shard columns are held, never a group's embeddings.
     score_files = []
     for b, key in enumerate(bucket_keys(settings.bucket_partitions)):
         score_files.append(folder / "scores" / f"bucket-{key}.parquet")
-        with st.publish_together([st.AtomicParquetWriter(score_files[-1], TYPICALITY_SCHEMA)]) as [writer]:
+        scores = st.AtomicParquetWriter(score_files[-1], TYPICALITY_SCHEMA, row_group_rows=SCORE_ROWS)
+        with st.publish_together([scores]) as [writer]:
             for rows, x in _cluster_slices(settings, k, b):
                 writer.write(
                     pa.table(
