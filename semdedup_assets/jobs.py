@@ -21,8 +21,8 @@ JOBS: dict[str, tuple[tuple[str, ...], str]] = {
         "Write the deduplicated dataset for the `select` knob (one partition per shard).",
     ),
     "prune_job": (
-        ("pruned_prototypes", "pruned_d4", "pruned_dbp"),
-        "Compute the pruning selections of the `prune` knob (SSL prototypes, D4, DBP).",
+        ("pruned_prototypes", "pruned_d4", "pruned_dbp", "pruned_outliers", "pruned_representatives"),
+        "Compute the pruning selections of the `prune` knob (SSL prototypes, D4, DBP, outliers, representatives).",
     ),
     "robustness_job": (
         ("robustness",),

@@ -34,6 +34,7 @@ from semdedup_assets.core.io.catalog import query
 from semdedup_assets.core.io.shards import GROUP_SEPARATOR, ShardError, check_vectors, discover_shards
 from semdedup_assets.core.run.loop import StrayShardsError, run_units, stray_shards
 from semdedup_assets.core.select.export import ExportError, export_shards, parse_selection, selection_dir, tidy_exports
+from semdedup_assets.core.select.prune import PruneError, compute_pruning, kept_file, parse_pruning
 from semdedup_assets.core.settings_store import save_settings
 
 INPUT_DIR = "library_input"  # under the storage: the shards the library writes from in-memory data
@@ -522,12 +523,29 @@ class SemDeDupResult:
         return pa.table({c: [r[i] for r in rows] for i, c in enumerate(columns)})
 
     # --- selections -------------------------------------------------------------------------------
-    def selection_mask(self, eps: float | None = None, keep_fraction: float | None = None) -> np.ndarray:
-        """The kept rows of a selection, one per input row in the input's order: `eps` (any value in (0, 1)) or
+    def pruned_ids(self, selection: str) -> list[str]:
+        """The ids a pruning selection keeps (`prototypes:...`, `d4:...`, `dbp:...`, `outliers:fraction=F`,
+        `representatives:size=N[,diversity=L]`; docs/pruning.md), computed from the stored results as
+        `semdedup export --select` does, in id order. A bad selection is a ValueError naming it."""
+        try:
+            pruning = parse_pruning(selection, self.settings.eps)
+            compute_pruning(self.settings, pruning)
+        except PruneError as err:
+            raise ValueError(str(err)) from None
+        return sorted(st.read_table(kept_file(self.storage, pruning), columns=["id"]).column("id").to_pylist())
+
+    def selection_mask(
+        self, eps: float | None = None, keep_fraction: float | None = None, select: str | None = None
+    ) -> np.ndarray:
+        """The kept rows of a selection, one per input row in the input's order: `eps` (any value in (0, 1)),
         `keep_fraction` (the items with the smallest max_sim, ties by id, as `semdedup export --select
-        keep-fraction=F`). A row that ingest rejected is never kept."""
-        if (eps is None) == (keep_fraction is None):
-            raise ValueError("give exactly one of eps= or keep_fraction=")
+        keep-fraction=F`) or `select`, a pruning selection (`pruned_ids`). A row that ingest rejected is never
+        kept."""
+        if sum(v is not None for v in (eps, keep_fraction, select)) != 1:
+            raise ValueError("give exactly one of eps=, keep_fraction= or select=")
+        if select is not None:
+            kept = pa.array(self.pruned_ids(select), pa.string())
+            return self.input_mask(pc.is_in(self.items.column("id"), value_set=kept).to_numpy(zero_copy_only=False))
         if eps is not None:
             return self.keep_mask(eps)
         assert keep_fraction is not None  # exactly one of the two was given
@@ -543,13 +561,14 @@ class SemDeDupResult:
         mask[rows] = True
         return self.input_mask(mask)
 
-    def select(self, eps: float | None = None, keep_fraction: float | None = None) -> Any:
+    def select(self, eps: float | None = None, keep_fraction: float | None = None, select: str | None = None) -> Any:
         """The kept rows in the input's own type: an array, tensor, list, pyarrow Table, DataFrame or Dataset.
 
+        `select`: a pruning selection, e.g. `outliers:fraction=0.05` (see `pruned_ids`).
         For a path of shards: the deduplicated dataset's folder (see `export`)."""
         if self.kind == "path":
-            return self.export(eps=eps, keep_fraction=keep_fraction)
-        mask = self.selection_mask(eps, keep_fraction)
+            return self.export(eps=eps, keep_fraction=keep_fraction, select=select)
+        mask = self.selection_mask(eps, keep_fraction, select)
         data = self.data
         module = type(data).__module__.split(".")[0]
         if module == "torch":
@@ -577,7 +596,9 @@ class SemDeDupResult:
             select = f"eps={eps}" if eps is not None else f"keep-fraction={keep_fraction}"
         try:
             selection = parse_selection(select, self.settings.eps)
-        except ExportError as err:
+            if selection.pruning is not None:  # computed from the stored results first, as `semdedup export`
+                compute_pruning(self.settings, selection.pruning)
+        except (ExportError, PruneError) as err:
             raise ValueError(str(err)) from None
         export_shards(
             self.storage,

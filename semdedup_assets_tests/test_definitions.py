@@ -27,6 +27,8 @@ ASSETS = {
     "pruned_prototypes",
     "pruned_d4",
     "pruned_dbp",
+    "pruned_outliers",
+    "pruned_representatives",
     "robustness",
 }
 
@@ -65,7 +67,10 @@ def test_definitions_load(tmp_path: Path, monkeypatch) -> None:
         "dedup_job": (["semantic_duplicates"], buckets),
         "keep_lists_job": (["contaminated", "keep_lists"], None),
         "export_job": (["deduplicated"], "shards"),
-        "prune_job": (["pruned_d4", "pruned_dbp", "pruned_prototypes"], None),
+        "prune_job": (
+            ["pruned_d4", "pruned_dbp", "pruned_outliers", "pruned_prototypes", "pruned_representatives"],
+            None,
+        ),
         "robustness_job": (["robustness"], None),
     }
     with pytest.raises(dg.DagsterInvariantViolationError, match="Could not find job"):
@@ -151,11 +156,21 @@ def test_graph_shape_pools_and_partitions() -> None:
         "cluster_assignments": {"embeddings", "centroids"},
         "semantic_duplicates": {"cluster_assignments"},
         "keep_lists": {"semantic_duplicates"},
-        "deduplicated": {"keep_lists", "contaminated", "pruned_prototypes", "pruned_d4", "pruned_dbp"},
+        "deduplicated": {
+            "keep_lists",
+            "contaminated",
+            "pruned_prototypes",
+            "pruned_d4",
+            "pruned_dbp",
+            "pruned_outliers",
+            "pruned_representatives",
+        },
         "contaminated": {"embeddings"},
         "pruned_prototypes": {"keep_lists"},
         "pruned_d4": {"keep_lists"},
         "pruned_dbp": {"keep_lists"},
+        "pruned_outliers": {"keep_lists"},
+        "pruned_representatives": {"keep_lists"},
         "robustness": {"keep_lists"},
     }
     sd = d.resolve_assets_def("semantic_duplicates")

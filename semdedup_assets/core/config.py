@@ -165,7 +165,8 @@ class Settings:
     select: str | None = knob(
         None,
         "deduplicated dataset: eps=E (a configured eps), keep-fraction=F or a pruning "
-        "selection (prototypes:..., d4:..., dbp:...; default: the smallest configured eps); "
+        "selection (prototypes:..., d4:..., dbp:..., outliers:..., representatives:...; default: the "
+        "smallest configured eps); "
         "`semdedup export --select`",
         flag=None,
     )
@@ -173,8 +174,8 @@ class Settings:
         None,
         "pruning selections to materialize after the keep-lists, ';'-separated: "
         "prototypes:keep-fraction=F, d4:eps=E,keep-fraction=F[,clusters=K], "
-        "dbp:eps=E,keep-fraction=F[,temperature=T,neighbours=L] (views `pruned`, "
-        "`pruned_budget`)",
+        "dbp:eps=E,keep-fraction=F[,temperature=T,neighbours=L], outliers:fraction=F[,neighbours=K], "
+        "representatives:size=N[,diversity=L] (views `pruned`, `pruned_budget`)",
         metavar="METHOD:K=V,...[;...]",
     )
     # Scale-out (core/run/engines.py): where the per-shard and per-bucket work runs.

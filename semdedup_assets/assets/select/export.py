@@ -28,7 +28,18 @@ def build_deduplicated(names: GraphNames, backfill_batch: int) -> dg.AssetsDefin
         decorator = dg.asset(
             key=names.key("deduplicated"),
             partitions_def=names.shard_partitions,
-            deps=[names.key(k) for k in ("keep_lists", "contaminated", "pruned_prototypes", "pruned_d4", "pruned_dbp")],
+            deps=[
+                names.key(k)
+                for k in (
+                    "keep_lists",
+                    "contaminated",
+                    "pruned_prototypes",
+                    "pruned_d4",
+                    "pruned_dbp",
+                    "pruned_outliers",
+                    "pruned_representatives",
+                )
+            ],
             backfill_policy=shard_backfill_policy(backfill_batch),
             required_resource_keys={names.resource},
             group_name=names.definition("dedup"),

@@ -1,4 +1,5 @@
-"""Prune stage: `pruned_prototypes`, `pruned_d4`, `pruned_dbp`, one asset per method (core/select/prune.py).
+"""Prune stage: `pruned_prototypes`, `pruned_d4`, `pruned_dbp`, `pruned_outliers`, `pruned_representatives`,
+one asset per method (core/select/prune.py).
 
 Each materializes the selections of its method named by the `prune` knob (and by `select`,
 when that names the method), and shows per selection its per-cluster budget table and a plot.

@@ -114,6 +114,16 @@ BUDGET_SCHEMA = pa.schema(
 PRUNE_SCORES_SCHEMA = pa.schema(
     [("id", pa.string()), ("shard", pa.string()), ("cluster", pa.int32()), ("sim_to_centroid", pa.float64())]
 )
+# pruned/outliers:.../scores/bucket-*.parquet: each item's typicality (mean similarity to its K nearest in its cluster).
+TYPICALITY_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("shard", pa.string()),
+        ("cluster", pa.int32()),
+        ("sim_to_centroid", pa.float64()),
+        ("typicality", pa.float64()),
+    ]
+)
 # Schema metadata of contaminated.parquet: the --reference it was computed against ("" for none),
 # so an export never applies the results of another reference than the recorded settings name.
 CONTAMINATED_REFERENCE_KEY = b"semdedup.reference"

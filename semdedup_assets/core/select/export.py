@@ -4,7 +4,7 @@ A *selection* says which items are kept: `eps=E` (one of the configured eps: kee
 `max_sim <= 1 - E`), `keep-fraction=F` (keep the N = ceil(F * items) items with the
 smallest max_sim, ties by id: docs/export.md's `ORDER BY max_sim, id LIMIT N`, solved exactly
 from the stored max_sim), or a pruning selection (`prototypes:...`, `d4:...`, `dbp:...`,
-core/select/prune.py: the kept items of its `pruned/<label>/kept.parquet`). Items flagged by
+`outliers:...`, `representatives:...`, core/select/prune.py: the kept items of its `pruned/<label>/kept.parquet`). Items flagged by
 decontamination (`contaminated`) are dropped too: those whose reference score exceeds
 1 - eps, at the selection's eps (keep-fraction and prototypes: the smallest configured eps).
 
@@ -67,7 +67,7 @@ class ExportError(ValueError):
 class Selection:
     """Which items the deduplicated dataset keeps: by eps, by size, or by a pruning method."""
 
-    kind: str  # "eps", "keep-fraction", or a pruning method ("prototypes", "d4", "dbp")
+    kind: str  # "eps", "keep-fraction", or a pruning method (prune.METHODS)
     value: float  # eps or keep-fraction
     pruning: Pruning | None = None  # the pruning selection, for the pruning methods
 
@@ -90,7 +90,7 @@ def parse_selection(text: str, configured_eps: Sequence[float]) -> Selection:
     if not sep or name not in ("eps", "keep-fraction"):
         raise ExportError(
             f"selection must be eps=E or keep-fraction=F, or a pruning selection (prototypes:..., "
-            f"d4:..., dbp:...), got {text!r}"
+            f"d4:..., dbp:..., outliers:..., representatives:...), got {text!r}"
         )
     try:
         value = float(raw)

@@ -14,13 +14,20 @@ Three selections beyond the paper's eps rule (docs/pruning.md):
   centroid to its L nearest other centroids, complexity C = d_inter * d_intra; the budget N
   goes to clusters in proportion to softmax(C / T), capped by each cluster's size (the
   authors' quadratic program, solved exactly), and each cluster keeps its hardest members.
+- `outliers:fraction=F[,neighbours=K]`: an item's typicality is its mean cosine similarity to
+  its K nearest other members of its cluster (all of them in a smaller cluster); remove the
+  ceil(F * items) least typical, ties by id.
+- `representatives:size=N[,diversity=L]`: per-cluster quotas proportional to cluster size
+  (largest remainders), each filled by Maximal Marginal Relevance (relevance = similarity to
+  the centroid, diversity L), N items in all.
 
 Every step reads the bucket results one bucket at a time (and D4 the assignments' stored
 embeddings of one bucket at a time, plus a k-means sample of at most K *
-max_points_per_centroid rows); global cuts run in DuckDB. Sums that decide a budget are
+max_points_per_centroid rows, and outliers and representatives one memory group of clusters,
+`plan_bucket`, at a time); global cuts run in DuckDB. Sums that decide a budget are
 exactly rounded (math.fsum), so results do not depend on file layout. Output under
 `<storage>/pruned/<label>/`: `kept.parquet` (the kept items), `budget.parquet` (one row per
-cluster), and for D4 the new `centroids.parquet` and per-bucket `scores/`.
+cluster), and for D4 and outliers per-bucket `scores/` (D4 also its new `centroids.parquet`).
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from __future__ import annotations
 import math
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 
@@ -41,19 +48,22 @@ from semdedup_assets.core.cluster.assign import assign, bucket_cluster_range, bu
 from semdedup_assets.core.cluster.centroids import load_centroids
 from semdedup_assets.core.cluster.kmeans import sample_rows, train_spherical_kmeans
 from semdedup_assets.core.config import Settings
-from semdedup_assets.core.dedup.buckets import read_bucket_rows
+from semdedup_assets.core.dedup.buckets import cluster_counts, plan_bucket, read_bucket_rows
 from semdedup_assets.core.dedup.ordering import ids_as_str
 from semdedup_assets.core.io import storage as st
 from semdedup_assets.core.io.catalog import scan, sql_quote
-from semdedup_assets.core.io.schemas import BUDGET_SCHEMA, KEPT_SCHEMA
+from semdedup_assets.core.io.schemas import BUDGET_SCHEMA, KEPT_SCHEMA, TYPICALITY_SCHEMA
 from semdedup_assets.core.io.schemas import PRUNE_SCORES_SCHEMA as SCORES_SCHEMA
 from semdedup_assets.core.io.tables import embedding_array, unit_embeddings
+from semdedup_assets.core.select.typical import knn_typicality, mmr_select, proportional_quotas
 
 PRUNED = st.PRUNED
-METHODS = ("prototypes", "d4", "dbp")
+METHODS = ("prototypes", "d4", "dbp", "outliers", "representatives")
 DEFAULT_TEMPERATURE = 0.5  # the authors' prune.py default (--temperature)
-DEFAULT_NEIGHBOURS = 20  # the authors' compute_centroid_distances.py default (--num_NNs)
+DEFAULT_NEIGHBOURS = 20  # the authors' compute_centroid_distances.py default (--num_NNs); outliers' K too
+DEFAULT_DIVERSITY = 0.5  # representatives' lambda; SemHash's self_find_representative default
 CENTROID_BLOCK = 512  # centroid rows per block of the d_inter dot products (bounded memory)
+SCORE_ROWS = 65_536  # rows per row group of the outliers' score files
 
 
 class PruneError(ValueError):
@@ -65,15 +75,22 @@ class Pruning:
     """One pruning selection with every parameter resolved (defaults filled in)."""
 
     method: str
-    keep_fraction: float
+    keep_fraction: float = 1.0  # prototypes, d4, dbp (outliers and representatives size by fraction, size)
     eps: float | None = None  # SemDeDup first (d4, dbp)
     clusters: int | None = None  # d4: k of the re-clustering (None: the run's k)
     temperature: float = DEFAULT_TEMPERATURE  # dbp
-    neighbours: int = DEFAULT_NEIGHBOURS  # dbp
+    neighbours: int = DEFAULT_NEIGHBOURS  # dbp; outliers: K of the typicality
+    fraction: float | None = None  # outliers: the share removed
+    size: int | None = None  # representatives: N
+    diversity: float = DEFAULT_DIVERSITY  # representatives: MMR's lambda
 
     @property
     def label(self) -> str:
         """The canonical text, also the folder name under `pruned/` and `deduplicated/`."""
+        if self.method == "outliers":
+            return f"outliers:fraction={st.format_eps(float(self.fraction or 0.0))},neighbours={self.neighbours}"
+        if self.method == "representatives":
+            return f"representatives:size={self.size},diversity={st.format_eps(self.diversity)}"
         parts = [] if self.eps is None else [f"eps={st.format_eps(self.eps)}"]
         parts.append(f"keep-fraction={st.format_eps(self.keep_fraction)}")
         if self.method == "d4" and self.clusters is not None:
@@ -87,6 +104,15 @@ _ALLOWED = {
     "prototypes": ("keep-fraction",),
     "d4": ("eps", "keep-fraction", "clusters"),
     "dbp": ("eps", "keep-fraction", "temperature", "neighbours"),
+    "outliers": ("fraction", "neighbours"),
+    "representatives": ("size", "diversity"),
+}
+_REQUIRED = {
+    "prototypes": ("keep-fraction",),
+    "d4": ("eps", "keep-fraction"),
+    "dbp": ("eps", "keep-fraction"),
+    "outliers": ("fraction",),
+    "representatives": ("size",),
 }
 
 
@@ -97,8 +123,9 @@ def is_pruning(text: str) -> bool:
 
 
 def parse_pruning(text: str, configured_eps: Sequence[float]) -> Pruning:
-    """Parse `prototypes:keep-fraction=F`, `d4:eps=E,keep-fraction=F[,clusters=K]` or
-    `dbp:eps=E,keep-fraction=F[,temperature=T,neighbours=L]` (E must be a configured eps)."""
+    """Parse `prototypes:keep-fraction=F`, `d4:eps=E,keep-fraction=F[,clusters=K]`,
+    `dbp:eps=E,keep-fraction=F[,temperature=T,neighbours=L]` (E must be a configured eps),
+    `outliers:fraction=F[,neighbours=K]` or `representatives:size=N[,diversity=L]`."""
     head, _, rest = str(text).strip().partition(":")
     method = head.strip().lower()
     if method not in METHODS:
@@ -111,9 +138,10 @@ def parse_pruning(text: str, configured_eps: Sequence[float]) -> Pruning:
             name = "neighbours"
         if not sep or name not in _ALLOWED[method]:
             raise PruneError(f"{text!r}: {method} takes {', '.join(_ALLOWED[method])}, got {part!r}")
+        if name in values:
+            raise PruneError(f"{text!r}: {name} is given twice")
         values[name] = raw.strip()
-    required = ("keep-fraction",) if method == "prototypes" else ("eps", "keep-fraction")
-    missing = [r for r in required if r not in values]
+    missing = [r for r in _REQUIRED[method] if r not in values]
     if missing:
         raise PruneError(f"{text!r}: {method} needs {', '.join(f'{m}=...' for m in missing)}")
 
@@ -128,6 +156,22 @@ def parse_pruning(text: str, configured_eps: Sequence[float]) -> Pruning:
             raise PruneError(f"{text!r}: {name} must be finite")
         return value
 
+    if method == "outliers":
+        share = number("fraction")
+        if not 0.0 < share < 1.0:
+            raise PruneError(f"{text!r}: fraction must lie in (0, 1), got {values['fraction']}")
+        k = int(number("neighbours", int)) if "neighbours" in values else DEFAULT_NEIGHBOURS
+        if k < 1:
+            raise PruneError(f"{text!r}: neighbours must be >= 1, got {k}")
+        return Pruning(method, neighbours=k, fraction=share)
+    if method == "representatives":
+        size = int(number("size", int))
+        if size < 1:
+            raise PruneError(f"{text!r}: size must be >= 1, got {values['size']}")
+        diversity = number("diversity") if "diversity" in values else DEFAULT_DIVERSITY
+        if not 0.0 <= diversity <= 1.0:
+            raise PruneError(f"{text!r}: diversity must lie in [0, 1], got {values['diversity']}")
+        return Pruning(method, size=size, diversity=diversity)
     fraction = number("keep-fraction")
     if not 0.0 < fraction <= 1.0:
         raise PruneError(f"{text!r}: keep-fraction must lie in (0, 1], got {values['keep-fraction']}")
@@ -285,7 +329,7 @@ class PruneResult:
     method: str
     items: int  # every item of the dataset
     survivors: int  # after SemDeDup at eps (prototypes: every item)
-    target: int  # N = ceil(F * items)
+    target: int  # N = ceil(F * items); representatives: size; outliers: items - ceil(F * items), the kept
     kept: int
     budget: list[dict] = field(default_factory=list)  # one row per cluster (BUDGET_SCHEMA without selection)
     files: list[str] = field(default_factory=list)
@@ -542,13 +586,173 @@ def _d4(storage: st.Storage, settings: Settings, pruning: Pruning, log: Callable
     )
 
 
+# ---- outliers and representatives: one cluster's embeddings at a time ----------------------------
+
+
+def _cluster_slices(settings: Settings, k: int, b: int) -> Iterator[tuple[pa.Table, np.ndarray]]:
+    """The clusters of bucket b, one at a time: its rows (id order) and their unit embeddings.
+
+    The rows are read in `plan_bucket`'s memory groups (consecutive clusters whose rows fit the
+    pairwise memory budget; a larger cluster is a group of its own), so at most one group is
+    in memory, and each cluster is sliced from it.
+    """
+    files = settings.storage_root().stage_files(st.CLUSTER_ASSIGNMENTS)
+    first, end = bucket_cluster_range(b, k, settings.bucket_partitions)
+    for a, z, _ in plan_bucket(settings, files, first, end):
+        rows = read_bucket_rows(files, a, z)  # sorted by (cluster, id): no dependence on shard order
+        clusters = rows.column("cluster").to_numpy()
+        _, starts = np.unique(clusters, return_index=True)
+        for s, e in zip(starts.tolist(), [*starts[1:].tolist(), len(clusters)]):
+            part = rows.slice(s, e - s)
+            yield part, unit_embeddings(part)
+
+
+def _outliers(storage: st.Storage, settings: Settings, pruning: Pruning, log: Callable[[str], None]) -> PruneResult:
+    files = bucket_files(storage, settings)
+    total = sum(st.parquet_num_rows(p) for p in files)
+    if not total:
+        raise PruneError(f"{pruning.label}: the stored results hold no item")
+    n = keep_count(float(pruning.fraction or 0.0), total)  # removed
+    k = len(load_centroids(storage))
+    folder = selection_dir(storage, pruning)
+    log(
+        f"{pruning.label}: removing the {n} of {total} items least typical of their cluster "
+        f"(mean similarity to their {pruning.neighbours} nearest members)"
+    )
+    # Pass 1: every item's typicality, one scores file per bucket (cluster by cluster, id order).
+    # Streamed cluster by cluster into row groups of SCORE_ROWS (not one per cluster: k may be large);
+    # only the pending rows' id and shard columns are held, never a group's embeddings.
+    score_files = []
+    for b, key in enumerate(bucket_keys(settings.bucket_partitions)):
+        score_files.append(folder / "scores" / f"bucket-{key}.parquet")
+        scores = st.AtomicParquetWriter(score_files[-1], TYPICALITY_SCHEMA, row_group_rows=SCORE_ROWS)
+        with st.publish_together([scores]) as [writer]:
+            for rows, x in _cluster_slices(settings, k, b):
+                writer.write(
+                    pa.table(
+                        {
+                            "id": rows.column("id"),
+                            "shard": rows.column("shard"),
+                            "cluster": rows.column("cluster").cast(pa.int32()),
+                            "sim_to_centroid": rows.column("sim_to_centroid").cast(pa.float64()),
+                            "typicality": pa.array(knn_typicality(x, pruning.neighbours), pa.float64()),
+                        },
+                        schema=TYPICALITY_SCHEMA,
+                    )
+                )
+    scored = sum(st.parquet_num_rows(p) for p in score_files)
+    if scored != total:
+        raise PruneError(
+            f"{pruning.label}: the assignments hold {scored} items but the bucket results {total}: "
+            "the stored results are out of step; run the pipeline again"
+        )
+    # The n-th least typical item, by (typicality, id): it and every item before it go.
+    [(value, last)] = scan(
+        storage,
+        f"SELECT typicality, id FROM {_source(score_files)} ORDER BY typicality, id LIMIT 1 OFFSET ?",
+        [n - 1],
+    )
+    counts: dict[int, list[int]] = {}
+
+    def write(writer: st.AtomicParquetWriter) -> list[dict]:
+        for path in score_files:
+            table = st.read_table(path)
+            t = table.column("typicality")
+            after = pc.or_(
+                pc.greater(t, float(value)),
+                pc.and_(pc.equal(t, float(value)), pc.greater(table.column("id"), str(last))),
+            )
+            kept = table.filter(after)
+            _count(counts, table.column("cluster").to_numpy(), 0)
+            _count(counts, kept.column("cluster").to_numpy(), 1)
+            writer.write(_kept_rows(pruning.label, kept))
+        return _budget_rows(counts)
+
+    written, budget = _publish(storage, pruning, write)
+    kept = sum(r["kept"] for r in budget)
+    return PruneResult(
+        pruning.label,
+        pruning.method,
+        total,
+        total,
+        total - n,
+        kept,
+        budget,
+        [*map(str, score_files), *written],
+        note=f"removed {total - kept} least typical items (typicality up to {float(value):.4f})",
+    )
+
+
+def _representatives(
+    storage: st.Storage, settings: Settings, pruning: Pruning, log: Callable[[str], None]
+) -> PruneResult:
+    files = bucket_files(storage, settings)
+    total = sum(st.parquet_num_rows(p) for p in files)
+    n = int(pruning.size or 0)
+    if n > total:
+        raise PruneError(f"{pruning.label}: size={n} is more than the {total} items of the dataset")
+    k = len(load_centroids(storage))
+    assignment_files = storage.stage_files(st.CLUSTER_ASSIGNMENTS)
+    # Pass 1: cluster sizes from the cluster column alone, then quotas proportional to them.
+    sizes = np.concatenate(
+        [
+            cluster_counts(assignment_files, *bucket_cluster_range(b, k, settings.bucket_partitions))
+            for b in range(len(files))
+        ]
+    )
+    if int(sizes.sum()) != total:
+        raise PruneError(
+            f"{pruning.label}: the assignments hold {int(sizes.sum())} items but the bucket results {total}: "
+            "the stored results are out of step; run the pipeline again"
+        )
+    quotas = proportional_quotas(n, sizes)
+    log(
+        f"{pruning.label}: choosing {n} of {total} items, quotas proportional to size over "
+        f"{int(np.count_nonzero(quotas))} of {int(np.count_nonzero(sizes))} clusters, MMR with diversity "
+        f"{st.format_eps(pruning.diversity)}"
+    )
+    extra = {
+        int(c): {"share": float(m) / total, "target": float(n) * float(m) / total}
+        for c, m in enumerate(sizes.tolist())
+        if m
+    }
+    counts: dict[int, list[int]] = {int(c): [int(m), 0] for c, m in enumerate(sizes.tolist()) if m}
+
+    def write(writer: st.AtomicParquetWriter) -> list[dict]:
+        # Pass 2: each cluster fills its quota by MMR (relevance: similarity to the centroid).
+        for b in range(len(files)):
+            first, end = bucket_cluster_range(b, k, settings.bucket_partitions)
+            if not int(quotas[first:end].sum()):
+                continue  # no pick here: the bucket's embeddings are never read
+            for rows, x in _cluster_slices(settings, k, b):
+                c = int(rows.column("cluster")[0].as_py())
+                q = int(quotas[c])
+                if q == 0:
+                    continue
+                sims = rows.column("sim_to_centroid").to_numpy()
+                pick = mmr_select(x, sims, q, pruning.diversity)
+                kept = rows.take(pa.array(np.sort(pick), pa.int64()))
+                counts[c][1] += kept.num_rows
+                writer.write(_kept_rows(pruning.label, kept))
+        return _budget_rows(counts, extra)
+
+    written, budget = _publish(storage, pruning, write)
+    return PruneResult(pruning.label, pruning.method, total, total, n, sum(r["kept"] for r in budget), budget, written)
+
+
 def compute_pruning(settings: Settings, pruning: Pruning, log: Callable[[str], None] | None = None) -> PruneResult:
     """Compute one pruning selection from the stored results and write its files (atomically, deterministic)."""
     storage = settings.storage_root()
     start = time.perf_counter()
     # Taken before reading the results: if they change meanwhile, the record is already stale, never wrongly fresh.
     made_from = results_fingerprint(storage)
-    run = {"prototypes": _prototypes, "d4": _d4, "dbp": _dbp}[pruning.method]
+    run = {
+        "prototypes": _prototypes,
+        "d4": _d4,
+        "dbp": _dbp,
+        "outliers": _outliers,
+        "representatives": _representatives,
+    }[pruning.method]
     result = run(storage, settings, pruning, log or (lambda m: None))
     write_made_from(selection_dir(storage, pruning), made_from)
     result.seconds = round(time.perf_counter() - start, 2)
