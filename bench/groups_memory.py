@@ -24,11 +24,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-try:
-    from semdedup_assets.core.io import storage as st
-except ImportError:  # running from a checkout without the package installed
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from semdedup_assets.core.io import storage as st
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package and its test fixtures
+from semdedup_assets.core.io import storage as st
 from semdedup_assets_tests.fixtures import write_bucket_results
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -21,6 +21,7 @@ SCRIPTS = [
     ("bench/scale_out.py", "| `--engine ray` |"),
     ("bench/text_end_to_end.py", "| SemHash `from_records` + `self_deduplicate(0.9)` |"),
     ("bench/library.py", "| reference-style script (faiss k-means on all rows, dense per cluster) |"),
+    ("bench/groups_memory.py", "| streaming |"),
 ]
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -299,3 +300,24 @@ def test_the_streaming_builder_holds_a_row_group_and_a_cluster_whatever_n(tmp_pa
         peaks.append(builder.peak_rows)
         assert pq.read_metadata(storage.groups_file(0.1)).num_rows > n // 3  # real groups were written
     assert max(peaks) <= st.STREAM_ROW_GROUP + 100, peaks  # a chunk and (part of) one held cluster
+
+
+def test_verify_checks_the_groups_files(runs: dict[str, Settings], tmp_path: Path) -> None:
+    import shutil
+
+    from semdedup_assets.core.checks.verify import verify_storage
+
+    settings = runs["p1"].replace(storage=str(tmp_path / "copy"))
+    shutil.copytree(runs["p1"].storage, settings.storage)
+    storage = settings.storage_root()
+    assert not [p for p in verify_storage(storage, settings) if st.GROUPS in str(p.path)]
+    # A group that lost a member, and a truncated file: each named.
+    path = storage.groups_file(0.01)
+    table = pq.read_table(path)
+    assert table.column("id")[1] != table.column("group_id")[1]  # rows: a group's kept item, then its members
+    pq.write_table(table.filter(pc.not_equal(table.column("id"), table.column("id")[1])), path)
+    path2 = storage.groups_file(0.1)
+    path2.write_bytes(path2.read_bytes()[:100])
+    problems = {str(p.path): p.reason for p in verify_storage(storage, settings)}
+    assert "removed members" in problems[str(path)] and "the buckets remove" in problems[str(path)]
+    assert "damaged" in problems[str(path2)]
