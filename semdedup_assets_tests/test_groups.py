@@ -321,3 +321,31 @@ def test_verify_checks_the_groups_files(runs: dict[str, Settings], tmp_path: Pat
     problems = {str(p.path): p.reason for p in verify_storage(storage, settings)}
     assert "removed members" in problems[str(path)] and "the buckets remove" in problems[str(path)]
     assert "damaged" in problems[str(path2)]
+
+
+def test_text_groups_show_their_texts_in_the_metadata_and_the_cli(tmp_path: Path, capsys) -> None:
+    """Text: row 0, its exact copy and its near copy form one group; the keep_lists metadata and `semdedup groups`
+    show the members' texts."""
+    from semdedup_assets import SemDeDup
+    from semdedup_assets.assets.dedup import groups_metadata
+    from semdedup_assets.cli import main
+    from semdedup_assets_tests.fixtures import BASE_SENTENCES, NEAR_COPIES
+    from semdedup_assets_tests.tinybert import write_tiny_bert
+
+    bert = write_tiny_bert(tmp_path / "bert")
+    texts = [*BASE_SENTENCES, *NEAR_COPIES.values(), BASE_SENTENCES[0]]  # the last: an exact copy of row 0
+    sd = SemDeDup(model=str(bert), clusters=2, buckets=2, eps=[0.001, 0.01], max_length=64, progress=False)
+    with sd.run(texts, storage=tmp_path / "s") as r:
+        groups = r.groups(0.001)
+        group_of = dict(zip(groups.column("id").to_pylist(), groups.column("group_id").to_pylist()))
+        copy = str(len(texts) - 1)
+        # Row 0 and its exact copy are one group, named by its one kept item (row 0 or its near copy, whichever
+        # the rule's order puts first), whose text the metadata and the CLI show.
+        name = group_of["0"]
+        assert group_of[copy] == name and name in r.kept_ids(0.001) and copy not in r.kept_ids(0.001)
+        meta = groups_metadata(r.storage, r.settings)
+        table = meta["largest_groups@eps=0.001"].value
+        assert f"`{name}` " + texts[int(name)] in table
+        assert meta["groups@eps=0.001"] == len(set(group_of.values()))
+        assert main(["groups", "--eps", "0.001", "--storage", str(r.storage.root)]) == 0
+        assert f"  {name}: {texts[int(name)]}" in capsys.readouterr().out
