@@ -1,4 +1,4 @@
-"""The `semdedup` command line: run, demo, sql, forget, status, export, verify, sweep, compare, distill."""
+"""The `semdedup` command line: run, demo, sql, groups, forget, status, export, verify, sweep, compare, distill."""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ SQL_VIEWS = (
     "embeddings",
     "centroids",
     "eps_curve",
+    "groups",
     "raw_items",
     "rejected",
     "contaminated",
@@ -106,6 +107,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sql.add_argument("query", help='e.g. "SELECT * FROM eps_curve"')
     _add_storage(sql)
+
+    groups = sub.add_parser(
+        "groups",
+        help="the largest duplicate groups at one eps (connected components of the duplicate graph)",
+        description="Print the largest duplicate groups at a configured eps: the connected components "
+        "of the graph with an edge from each removed item to its duplicate_of, two or more items each. "
+        "A group is named by its one kept item (group_id, listed first); the other members are by id. "
+        "For text, each listed member's text follows. All groups: the `groups` view (`semdedup sql`).",
+    )
+    groups.add_argument(
+        "--eps", type=float, default=None, help="one of the configured eps (default: the smallest configured)"
+    )
+    groups.add_argument("--top", type=int, default=10, help="how many groups, largest first (default: 10)")
+    groups.add_argument(
+        "--examples", type=int, default=5, help="members listed per group, the kept item first (default: 5)"
+    )
+    _add_storage(groups)
 
     forget = sub.add_parser(
         "forget",
@@ -430,6 +448,57 @@ def cmd_sql(storage: str | None, sql: str) -> int:
     if len(results) > 1:
         blocks = [f"> {text}\n{block}" for (text, _, _), block in zip(results, blocks)]
     print("\n\n".join(blocks))
+    return 0
+
+
+def cmd_groups(storage: str | None, eps: float | None, top: int, examples: int) -> int:
+    """Print the `top` largest duplicate groups at `eps`, `examples` members each (and their texts, for text)."""
+    from semdedup_assets.core.dedup.groups import group_counts, top_groups
+    from semdedup_assets.core.dedup.keep import payload_texts
+    from semdedup_assets.core.io.catalog import format_table
+    from semdedup_assets.core.io.storage import format_eps
+
+    settings = load_settings(storage)
+    if refuse_missing_storage(settings):
+        return 1
+    if top < 1 or examples < 1:
+        print("semdedup: error: --top and --examples must be at least 1", file=sys.stderr)
+        return 2
+    store = settings.storage_root()
+    eps = min(settings.eps) if eps is None else eps
+    configured = ", ".join(format_eps(e) for e in settings.eps)
+    if not any(float(eps) == float(e) for e in settings.eps):
+        print(
+            f"semdedup: error: eps={format_eps(eps)} is not configured in {settings.storage} (configured: "
+            f"{configured}); run again with it in --eps to get its groups",
+            file=sys.stderr,
+        )
+        return 1
+    if not store.groups_file(eps).exists():
+        done = store.eps_curve_file.exists()
+        print(
+            f"semdedup: error: no duplicate groups at eps={format_eps(eps)} in {settings.storage}: "
+            + ("its results predate the groups, `semdedup run` again" if done else "`semdedup run` first"),
+            file=sys.stderr,
+        )
+        return 1
+    count, members = group_counts(store, eps)
+    largest = top_groups(store, eps, top, examples)
+    print(f"eps={format_eps(eps)}: {count} group(s) of two or more items, {members} items in them")
+    if not largest:
+        return 0
+    rows = [
+        (rank, size, group_id, ", ".join(ids) + (", ..." if size > len(ids) else ""))
+        for rank, (group_id, size, ids) in enumerate(largest, start=1)
+    ]
+    print(format_table(["#", "size", "group_id (kept)", "members"], rows, max_width=100))
+    texts = payload_texts(store, sorted({i for _, _, ids in largest for i in ids}), settings.modality)
+    if texts:
+        for rank, (group_id, size, ids) in enumerate(largest, start=1):
+            print(f"\n#{rank} {group_id} ({size} items)")
+            for i in ids:
+                text = printable(" ".join(texts.get(i, "").split()))  # one line per member
+                print(f"  {i}: {text[:120] + ('…' if len(text) > 120 else '')}")
     return 0
 
 
@@ -759,6 +828,8 @@ def run_command(args: argparse.Namespace) -> int:
             return cmd_demo(args.storage, args.verbose, args.model)
         if args.command == "sql":
             return cmd_sql(args.storage, args.query)
+        if args.command == "groups":
+            return cmd_groups(args.storage, args.eps, args.top, args.examples)
         if args.command == "status":
             from semdedup_assets.status import cmd_status
 

@@ -31,6 +31,7 @@ from semdedup_assets.core.dedup.keep import keep_for_target
 from semdedup_assets.core.dedup.keep import keep_mask as threshold_mask
 from semdedup_assets.core.io import storage as st
 from semdedup_assets.core.io.catalog import query
+from semdedup_assets.core.io.schemas import GROUPS_SCHEMA
 from semdedup_assets.core.io.shards import GROUP_SEPARATOR, ShardError, check_vectors, discover_shards
 from semdedup_assets.core.run.loop import StrayShardsError, run_units, stray_shards
 from semdedup_assets.core.select.export import ExportError, export_shards, parse_selection, selection_dir, tidy_exports
@@ -496,6 +497,25 @@ class SemDeDupResult:
         """The items removed at `eps`: id, duplicate_of (the earlier item it repeats), max_sim, cluster."""
         removed = pa.array(~self.item_keep_mask(eps))
         return self.items.filter(removed).select(["id", "duplicate_of", "max_sim", "cluster"])
+
+    def groups(self, eps: float) -> pa.Table:
+        """The duplicate groups at a configured `eps`: eps, group_id, id, size, one row per member of each connected
+        component of two or more items (edges: removed item -> duplicate_of), read from the catalog's `groups` view.
+
+        group_id is the group's one kept item, its first member in the rule's order. Rows are ordered largest
+        group first (ties by group_id), the kept item first, then by id. A ValueError names the configured eps
+        when `eps` is not one of them (groups are written with the keep-lists, per configured eps).
+        """
+        check_eps(eps)
+        if not any(float(eps) == float(e) for e in self.settings.eps):
+            raise ValueError(
+                f"eps={eps} is not configured (configured: {', '.join(map(str, self.settings.eps))}): "
+                "groups exist for the configured eps only; run with it in eps="
+            )
+        return self.sql(
+            "SELECT eps, group_id, id, size FROM groups WHERE eps = ? ORDER BY size DESC, group_id, id <> group_id, id",
+            [float(eps)],
+        ).cast(GROUPS_SCHEMA)
 
     def explain(self, id: Any) -> dict[str, Any]:
         """Why an item is kept or removed: its cluster, max_sim, duplicate_of, the eps values that remove it,

@@ -14,6 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from semdedup_assets.core.embed.encoders.clip_pretrained import LOCAL_DIR_PREFIX, OPEN_CLIP_CONFIG
+from semdedup_assets.core.io import storage as st
+from semdedup_assets.core.io.schemas import SEMANTIC_DUPLICATES_SCHEMA
 
 TINY_ARCH = "tiny-test-vit"
 # A few-hundred-kB ViT for offline tests and smoke runs; the vocabulary size must match
@@ -153,3 +155,35 @@ def write_embeddings_and_reference(root: Path, per_shard: int, d: int) -> dict[s
     (root / "ref").mkdir()
     shutil.copy(root / "input" / "part-00.parquet", root / "ref" / "eval.parquet")
     return {"root": root, "input": root / "input", "storage": root / "storage", "ref": root / "ref"}
+
+
+def write_bucket_results(root: Path, n: int, cluster: int, seed: int = 0, buckets: int = 4) -> None:
+    """Synthetic `semantic_duplicates` bucket files of `n` items in clusters of `cluster` members, rows in the rule's
+    order per cluster: every non-first member points at a random earlier member of its cluster (chains of every
+    length), half of them with max_sim in [0.9, 1) (removed at eps 0.1), the rest in [0.3, 0.9)."""
+    rng = np.random.default_rng(seed)
+    k = n // cluster
+    folder = root / st.SEMANTIC_DUPLICATES
+    folder.mkdir(parents=True, exist_ok=True)
+    for b, clusters in enumerate(np.array_split(np.arange(k), buckets)):
+        m = len(clusters) * cluster
+        c = np.repeat(clusters, cluster).astype(np.int32)
+        rank = np.tile(np.arange(cluster), len(clusters)).astype(np.int64)
+        ids = np.char.add(np.char.add(c.astype(str), "-"), rank.astype(str))
+        earlier = (rng.random(m) * rank).astype(np.int64)  # a random earlier member of the same cluster
+        has = rank > 0
+        dup = np.where(has, np.char.add(np.char.add(c.astype(str), "-"), earlier.astype(str)), None)
+        max_sim = np.where(has, np.where(rng.random(m) < 0.5, rng.uniform(0.9, 1.0, m), rng.uniform(0.3, 0.9, m)), 0.0)
+        table = pa.table(
+            {
+                "id": ids.tolist(),
+                "shard": ["s"] * m,
+                "cluster": c,
+                "rank": rank,
+                "sim_to_centroid": rng.random(m),
+                "max_sim": max_sim,
+                "duplicate_of": pa.array(dup.tolist(), pa.string()),
+            },
+            schema=SEMANTIC_DUPLICATES_SCHEMA,
+        )
+        pq.write_table(table, folder / f"bucket-{b:03d}.parquet", row_group_size=st.STREAM_ROW_GROUP)

@@ -22,6 +22,7 @@ SCRIPTS = [
     ("bench/text_end_to_end.py", "| SemHash `from_records` + `self_deduplicate(0.9)` |"),
     ("bench/library.py", "| reference-style script (faiss k-means on all rows, dense per cluster) |"),
     ("bench/selections.py", "| N | ours | ours (s) | SemHash | SemHash picked | SemHash (s) | random (mean of 5) |"),
+    ("bench/groups_memory.py", "| streaming |"),
 ]
 
 

@@ -96,6 +96,7 @@ def test_a_small_budget_splits_buckets_and_tiles_clusters_from_disk_with_the_sam
     assert any(m["clusters_from_disk"].value != "none" for m in meta), "a cluster should have been tiled from disk"
     reference = budget_runs["unconstrained"][0]
     assert _bytes(small, st.KEEP_LISTS) == _bytes(reference, st.KEEP_LISTS)
+    assert _bytes(small, st.GROUPS) == _bytes(reference, st.GROUPS) != {}  # the duplicate groups too
     assert _bytes(small, st.SEMANTIC_DUPLICATES) == _bytes(reference, st.SEMANTIC_DUPLICATES)
     # float16 storage, whatever the bucket count and budget: the same keep-lists
     tight, tight_instance = budget_runs["small-one-bucket-float16"]
@@ -138,6 +139,7 @@ def test_buckets_auto_plans_memory_buckets_from_the_counts_with_the_same_keep_li
     assert max(r.groups for r in results) > 1, "the budget should have split a partition into memory buckets"
     assert any(r.clusters_from_disk for r in results), "a cluster should have been tiled from disk"
     assert _bytes(auto, st.KEEP_LISTS) == _bytes(reference, st.KEEP_LISTS)
+    assert _bytes(auto, st.GROUPS) == _bytes(reference, st.GROUPS) != {}  # 16 files of another layout, same groups
     assert _items(auto) == _items(reference)
 
 
@@ -170,6 +172,7 @@ def test_multiprobe_within_the_budget_gives_the_same_results(budget_runs, tmp_pa
     assert result.groups > 1
     assert _items(small) == _items(whole)
     assert _bytes(small, st.KEEP_LISTS) == _bytes(whole, st.KEEP_LISTS)
+    assert _bytes(small, st.GROUPS) == _bytes(whole, st.GROUPS) != {}  # the out-of-core groups builder (probes 2)
     assert any(a["max_sim"] > b["max_sim"] for a, b in zip(_items(small), _items(reference)))  # probes found more
     with pytest.raises(
         ValueError,

@@ -79,6 +79,7 @@ def _matrix(tmp_path: Path) -> dict[str, tuple[list[str], list[str]]]:
         ),
         "demo": (["demo", "--storage", f], ["demo", "--storage", str(afile / "st")]),
         "sql": (["sql", "SELECT 1", "--storage", f], ["sql", "SELECT 1", "--storage", m]),
+        "groups": (["groups", "--storage", f], ["groups", "--eps", "0.01", "--storage", m]),
         "forget": (["forget", "part-00", "--storage", f], ["forget", "part-00", "--storage", m]),
         "status": (["status", "--storage", f], ["status", "--storage", m]),
         "export": (["export", "--storage", f], ["export", "--storage", m]),

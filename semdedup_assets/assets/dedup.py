@@ -4,6 +4,8 @@ The work is core.dedup.buckets.dedup_bucket and core.dedup.keep.build_keep_lists
 these assets read the partition keys, hand them to it and report metadata and checks.
 """
 
+from collections.abc import Callable
+
 import dagster as dg
 from dagster_ray import RayResource
 
@@ -26,6 +28,7 @@ from semdedup_assets.core.cluster.centroids import load_centroids
 from semdedup_assets.core.config import Settings
 from semdedup_assets.core.dedup.boundary import boundary_markdown, boundary_pairs, image_thumbnails
 from semdedup_assets.core.dedup.buckets import TOP_PAIRS, DedupBucketResult, Pair
+from semdedup_assets.core.dedup.groups import group_counts, top_groups
 from semdedup_assets.core.dedup.keep import MAX_SIM_BINS, NEAR_EXACT, KeepListsResult, payload_texts
 from semdedup_assets.core.embed.encoders import resolve_device
 from semdedup_assets.core.io import storage as st
@@ -304,24 +307,55 @@ def keep_lists_metadata(storage: st.Storage, settings: Settings, r: KeepListsRes
     for row in r.eps_curve:
         meta[f"kept@eps={st.format_eps(row['eps'])}"] = int(row["kept"])
     meta.update(boundary_metadata(storage, settings))
+    meta.update(groups_metadata(storage, settings))
     return meta
+
+
+TOP_GROUPS, GROUP_EXAMPLES = 5, 4
+
+
+def groups_metadata(storage: st.Storage, settings: Settings) -> dict[str, object]:
+    """Per configured eps, how many duplicate groups there are and the largest ones with example members:
+    the start of their texts, or thumbnails for images."""
+    tops = {eps: top_groups(storage, eps, TOP_GROUPS, GROUP_EXAMPLES) for eps in settings.eps}
+    cell = example_cells(
+        storage, settings, {i for groups in tops.values() for _, _, members in groups for i in members}
+    )
+    meta: dict[str, object] = {}
+    for eps, groups in tops.items():
+        label = st.format_eps(eps)
+        count, members = group_counts(storage, eps)
+        meta[f"groups@eps={label}"] = count
+        meta[f"items_in_groups@eps={label}"] = members
+        lines = [
+            f"{count} groups of two or more items at eps={label} ({members} items); the largest, "
+            f"kept item first (`semdedup groups --eps {label}`):",
+            "",
+            "| size | group_id (kept) | members |",
+            "|---|---|---|",
+        ]
+        lines += [f"| {size} | `{g}` | {'<br>'.join(cell(i) for i in members)} |" for g, size, members in groups]
+        meta[f"largest_groups@eps={label}"] = dg.MetadataValue.md("\n".join(lines) if groups else "no groups")
+    return meta
+
+
+def example_cells(storage: st.Storage, settings: Settings, ids: set[str]) -> Callable[[str], str]:
+    """A markdown table cell per id: the id with a thumbnail of its image (image modality), else with the start
+    of its text (ids only for other modalities). The payloads of all `ids` are read at once."""
+    wanted = sorted(ids)
+    if settings.modality == "image" and settings.input:
+        thumbs = image_thumbnails(storage, settings.input, wanted, settings.payload_column)
+        return lambda i: f"`{i}` ![{i}]({thumbs[i]})" if i in thumbs else f"`{i}`"
+    texts = payload_texts(storage, wanted, settings.modality)
+    return lambda i: text_cell(texts, i)
 
 
 def boundary_metadata(storage: st.Storage, settings: Settings) -> dict[str, dg.MetadataValue]:
     """Per configured eps, the pairs just above and just below 1 - eps, with text or thumbnails (core/dedup/boundary.py)."""
     sides = {eps: boundary_pairs(storage, eps) for eps in settings.eps}
-    ids = sorted({i for above, below in sides.values() for _, a, b in above + below for i in (a, b)})
-    if settings.modality == "image" and settings.input:
-        thumbs = image_thumbnails(storage, settings.input, ids, settings.payload_column)
-
-        def cell(i: str) -> str:
-            return f"`{i}` ![{i}]({thumbs[i]})" if i in thumbs else f"`{i}`"
-    else:
-        texts = payload_texts(storage, ids, settings.modality)
-
-        def cell(i: str) -> str:
-            return text_cell(texts, i)
-
+    cell = example_cells(
+        storage, settings, {i for above, below in sides.values() for _, a, b in above + below for i in (a, b)}
+    )
     return {
         f"pairs_at_eps={st.format_eps(eps)}": dg.MetadataValue.md(boundary_markdown(eps, *sides[eps], cell))
         for eps in settings.eps

@@ -67,13 +67,13 @@ def test_units_without_dagster_write_the_graphs_files(tmp_path: Path) -> None:
     graph = _settings(tmp_path, "graph")
     with dg.instance_for_test() as instance:
         run_pipeline(graph, instance, log=lambda m: None)
-    for stage in (st.KEEP_LISTS, st.SEMANTIC_DUPLICATES, st.CLUSTER_ASSIGNMENTS, st.CENTROIDS):
+    for stage in (st.KEEP_LISTS, st.GROUPS, st.SEMANTIC_DUPLICATES, st.CLUSTER_ASSIGNMENTS, st.CENTROIDS):
         ours = {p.name: p.read_bytes() for p in units.storage_root().stage_files(stage)}
         theirs = {p.name: p.read_bytes() for p in graph.storage_root().stage_files(stage)}
         assert ours and ours == theirs, stage
     # The catalog's typed placeholders for stages without files (from schemas.py) match the real files.
     empty = Settings(storage=str(tmp_path / "empty")).storage_root()
-    for view in ("items", "embeddings", "eps_curve", "raw_items", "cluster_assignments", "centroid_vectors"):
+    for view in ("items", "embeddings", "eps_curve", "groups", "raw_items", "cluster_assignments", "centroid_vectors"):
         real, placeholder = (
             [(r[0], re.sub(r"\[\d+\]", "[]", r[1])) for r in query(s, f"DESCRIBE {view}")[1]]
             for s in (units.storage_root(), empty)

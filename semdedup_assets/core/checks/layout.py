@@ -89,7 +89,7 @@ def layout_problems(storage: st.Storage, shards: Iterable[str], buckets: int, ep
 
     Empty when every per-shard stage has exactly one file per registered shard (`rejected`
     at most one), the bucket results are exactly the bucket partitions and the keep-lists
-    exactly the configured eps.
+    exactly the configured eps (and the groups files no other eps).
     """
     shards = list(shards)
     problems = []
@@ -103,7 +103,15 @@ def layout_problems(storage: st.Storage, shards: Iterable[str], buckets: int, ep
     problems += _differences(
         f"{st.SEMANTIC_DUPLICATES}/ vs the bucket partitions", bucket_files_on_disk(storage), bucket_keys(buckets)
     )
+    eps = list(eps)
     problems += _differences(
         f"{st.KEEP_LISTS}/ vs the configured eps", keep_list_files_on_disk(storage), [st.format_eps(e) for e in eps]
+    )
+    # Strays only: a storage kept from before the groups existed gets them at its next keep-lists run.
+    problems += _differences(
+        f"{st.GROUPS}/ vs the configured eps",
+        _named_files(storage.stage_dir(st.GROUPS), EPS_PREFIX),
+        [st.format_eps(e) for e in eps],
+        extra_only=True,
     )
     return problems

@@ -102,7 +102,7 @@ class _Checker:
         return {self.storage.shard_of(stage, p): p for p in self.storage.stage_files(stage)}
 
     def temporaries(self) -> None:
-        for stage in (*st.STAGES, st.PRUNED):
+        for stage in (*st.STAGES, st.PRUNED, st.GROUPS):
             folder = self.storage.stage_dir(stage)
             if folder.exists():
                 for p in sorted(folder.rglob(f".*{st.TMP_SUFFIX}"), key=str):
@@ -297,6 +297,20 @@ class _Checker:
         elif table.num_rows and not np.all(np.abs(table.column("score").to_numpy(zero_copy_only=False)) <= 1 + 1e-5):
             self.bad(path, "a score outside [-1, 1]")
 
+    def groups(self, eps: float, removed: int | None) -> None:
+        """One eps's groups file read back whole: every removed item is a non-kept member of exactly one group
+        (`removed`: the buckets' count; None: not judged). A storage from before the groups has none: no problem."""
+        path = self.storage.groups_file(eps)
+        if not path.exists() or (table := self.read(path, ["group_id", "id"])) is None or removed is None:
+            return
+        members = pc.sum(pc.not_equal(table.column("group_id"), table.column("id"))).as_py() or 0
+        if members != removed or pc.count_distinct(table.column("id")).as_py() != table.num_rows:
+            self.bad(
+                path,
+                f"{members} removed members in {table.num_rows} rows, but the buckets remove {removed} items "
+                f"at eps={st.format_eps(eps)}",
+            )
+
     def keep_lists(self, kept: dict[float, int] | None, total: int) -> None:
         """Each keep-list's and the eps curve's counts against the buckets' (`kept` per eps; None: not judged)."""
         for eps in self.settings.eps:
@@ -305,6 +319,7 @@ class _Checker:
                 want = kept[eps]
                 if table.num_rows != want:
                     self.bad(path, f"{table.num_rows} ids, but the buckets keep {want} at eps={st.format_eps(eps)}")
+            self.groups(eps, None if kept is None else total - kept[eps])
         path = self.storage.eps_curve_file
         if path.exists() and (table := self.read(path)) is not None and kept is not None:
             for row in table.to_pylist():

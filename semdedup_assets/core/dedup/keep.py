@@ -6,13 +6,14 @@ import heapq
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 
 from semdedup_assets.core.config import Settings
 from semdedup_assets.core.dedup.buckets import TOP_PAIRS, Pair, top_pairs
+from semdedup_assets.core.dedup.groups import GroupsBuilder, build_groups_out_of_core, prune_groups
 from semdedup_assets.core.dedup.ordering import ids_as_str
 from semdedup_assets.core.io import storage as st
 from semdedup_assets.core.io.catalog import BUCKET_GLOB, refresh_catalog, scan, stage_source
@@ -152,15 +153,19 @@ class KeepListsResult:
     texts: dict[str, str]  # text payload of the pairs' ids (text modality only)
     keep_list_paths: list[str]
     seconds: float
+    groups_paths: list[str] = field(default_factory=list)  # groups/eps=<e>.parquet per configured eps
 
 
 def build_keep_lists(
     settings: Settings, bucket_files: Sequence[st.UPath], log: Callable[[str], None] | None = None
 ) -> KeepListsResult:
-    """Write one keep-list per configured eps and the eps curve from the bucket results, then refresh the catalog.
+    """Write one keep-list and one groups file per configured eps and the eps curve from the bucket results, then
+    refresh the catalog.
 
-    Buckets are read in the given order (bucket order), so the keep-lists are
-    byte-identical run to run; all files are published together or not at all.
+    Buckets are read in the given order (bucket order), so the keep-lists and groups are
+    byte-identical run to run; all files are published together or not at all. The duplicate
+    groups (core/dedup/groups.py) are resolved in the same pass with --probes 1, and by an
+    out-of-core DuckDB pass afterwards with --probes > 1 (duplicate_of may then cross clusters).
     `log`, if given, is called once per bucket read.
     """
     storage = settings.storage_root()
@@ -172,9 +177,13 @@ def build_keep_lists(
     pairs: list[Pair] = []
     near_pairs: list[Pair] = []
     max_sim_counts = np.zeros(len(MAX_SIM_BINS) - 1, dtype=np.int64)  # streamed: no per-item array
+    # --probes 1: a cluster's duplicate_of chains stay in the cluster, so its groups are resolved as it streams past.
+    groups = GroupsBuilder(storage, settings.eps) if settings.probes <= 1 else None
     start = time.perf_counter()
-    with st.publish_together(writers):
+    with st.publish_together(writers + (groups.writers if groups is not None else [])):
         for path, table in _bucket_chunks(bucket_files):  # a row group at a time: O(row group), never O(bucket)
+            if groups is not None:
+                groups.feed(table)
             max_sim = table.column("max_sim").to_numpy()
             curve.update(max_sim)
             max_sim_counts += np.histogram(max_sim[table.column("rank").to_numpy() > 0], bins=MAX_SIM_BINS)[0]
@@ -186,6 +195,11 @@ def build_keep_lists(
             )
             if log is not None and path is not None:
                 log(f"read {path.name}: {st.parquet_num_rows(path)} items")
+        if groups is not None:
+            groups.finish()
+    if groups is None:
+        build_groups_out_of_core(storage, settings.eps)
+    prune_groups(storage, settings.eps)
     seconds = round(time.perf_counter() - start, 2)
     rows = curve.rows()
     st.atomic_write_table(pa.Table.from_pylist(rows, schema=EPS_CURVE_SCHEMA), storage.eps_curve_file)
@@ -206,6 +220,7 @@ def build_keep_lists(
         texts=texts,
         keep_list_paths=[str(storage.keep_list_file(e)) for e in settings.eps],
         seconds=seconds,
+        groups_paths=[str(storage.groups_file(e)) for e in settings.eps],
     )
 
 

@@ -80,6 +80,9 @@ EPS_CURVE_SCHEMA = pa.schema(
     ]
 )
 
+# Duplicate groups (core/dedup/groups.py): one row per member of a connected component of two or more items;
+# group_id is the id of the component's one kept item (its first member in the rule's order).
+GROUPS_SCHEMA = pa.schema([("eps", pa.float64()), ("group_id", pa.string()), ("id", pa.string()), ("size", pa.int64())])
 
 # `contaminated`: dataset items within 1 - max(eps) of a reference item (core/select/decontaminate.py).
 CONTAMINATED_SCHEMA = pa.schema(

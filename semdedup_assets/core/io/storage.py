@@ -36,6 +36,8 @@ CENTROIDS = "centroids"
 CLUSTER_ASSIGNMENTS = "cluster_assignments"
 SEMANTIC_DUPLICATES = "semantic_duplicates"
 KEEP_LISTS = "keep_lists"
+# Duplicate groups (core/dedup/groups.py): one file per configured eps, written with the keep-lists.
+GROUPS = "groups"
 REJECTED = "rejected"  # undecodable images, per shard (id, shard, reason)
 CONTAMINATED = "contaminated"  # items near a --reference (evaluation) set
 PRUNED = "pruned"  # pruning selections (core/select/prune.py), one folder per selection
@@ -283,6 +285,10 @@ class Storage:
     def keep_list_file(self, eps: float) -> UPath:
         """The keep-list for one eps."""
         return self.stage_dir(KEEP_LISTS) / f"eps={format_eps(eps)}.parquet"
+
+    def groups_file(self, eps: float) -> UPath:
+        """The duplicate groups (connected components of the duplicate graph) for one eps."""
+        return self.stage_dir(GROUPS) / f"eps={format_eps(eps)}.parquet"
 
     @property
     def catalog_file(self) -> Path:

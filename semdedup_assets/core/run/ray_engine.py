@@ -489,6 +489,7 @@ class RayEngine(Engine):
             max_retries=settings.ray_retries, retry_exceptions=False, num_cpus=1
         )
         outputs = [storage.keep_list_file(e) for e in settings.eps] + [storage.eps_curve_file]
+        outputs += [storage.groups_file(e) for e in settings.eps]
         (done,) = self._run_tasks(
             settings, task, [(KEEP_LISTS, (settings, list(bucket_files)))], kind="keep-lists", outputs=lambda _: outputs
         )
