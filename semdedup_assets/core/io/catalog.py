@@ -32,6 +32,7 @@ from semdedup_assets.core.io.schemas import (
     centroids_schema,
     embeddings_schema,
 )
+from semdedup_assets.core.io.shards import PAYLOAD_HASH
 from semdedup_assets.core.io.storage import (
     CENTROIDS,
     CLUSTER_ASSIGNMENTS,
@@ -42,7 +43,9 @@ from semdedup_assets.core.io.storage import (
     RAW,
     REJECTED,
     SEMANTIC_DUPLICATES,
+    StageFileError,
     Storage,
+    read_schema,
 )
 
 BUCKET_GLOB = "bucket-*.parquet"
@@ -128,10 +131,47 @@ def current_pruning_files(storage: Storage, name: str) -> list[str]:
     return [str(f / name) for f in folders if (f / name).exists() and read_made_from(f).get("results") == current]
 
 
+def _records_digests(storage: Storage) -> bool:
+    """Whether the raw indexes record payload digests (the first raw file that answers decides; a store
+    ingested before digests existed has none until its shards are ingested again)."""
+    for path in storage.stage_files(RAW):
+        try:
+            return PAYLOAD_HASH in read_schema(path).names
+        except (StageFileError, OSError):
+            continue
+    return False
+
+
+def _exact_of_select(storage: Storage, buckets: str) -> str:
+    """`items` with `exact_of`: the first item with the same payload digest, in (cluster, rank, id) order.
+
+    Exact copies share their vector bits (core/embed/copies.py), hence their cluster and their
+    similarity to its centroid: their rank order in that cluster is the rule's own order (the
+    order that keeps the first and removes the rest). The first copy has NULL, as has an item
+    without copies.
+    """
+    raw = f"read_parquet({sql_quote(str(storage.stage_dir(RAW)).rstrip('/') + '/**/*.parquet')}, union_by_name=true)"
+    firsts = (
+        f"SELECT b.id, first_value(b.id) OVER (PARTITION BY r.{PAYLOAD_HASH} ORDER BY b.cluster, b.rank, b.id) AS f "
+        f"FROM {buckets} b JOIN (SELECT id, {PAYLOAD_HASH} FROM {raw}) r USING (id) WHERE r.{PAYLOAD_HASH} IS NOT NULL"
+    )
+    return (
+        "SELECT s.id, s.shard, s.cluster, s.sim_to_centroid, s.max_sim, s.duplicate_of, x.exact_of "
+        f"FROM {buckets} s LEFT JOIN (SELECT id, CASE WHEN f <> id THEN f END AS exact_of FROM ({firsts})) x USING (id)"
+    )
+
+
 def _view_select(storage: Storage, name: str) -> str:
     """The SELECT of one view: over the stage's files, or typed placeholder columns before the stage has any."""
     stage, pattern, columns, schema = _VIEWS[name]
     listed = ", ".join(columns) if columns else "*"
+    if name == "items":
+        if _has_files(storage, stage, pattern):
+            source = stage_source(storage, stage, pattern)
+            if _records_digests(storage):
+                return _exact_of_select(storage, source)
+            return f"SELECT {listed}, NULL::VARCHAR AS exact_of FROM {source}"
+        return f"SELECT {_empty_select(schema, columns or ())}, NULL::VARCHAR AS exact_of WHERE false"
     if stage == PRUNED:
         files = current_pruning_files(storage, pattern.rpartition("/")[2])
         if files:
@@ -167,6 +207,7 @@ def create_views(con: duckdb.DuckDBPyConnection, storage: Storage) -> list[str]:
             )
             problems.append(reason)
             empty = _empty_select(schema, columns or tuple(schema.names))
+            empty += ", NULL::VARCHAR AS exact_of" if name == "items" else ""
             con.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT {empty} WHERE error({sql_quote(reason)})")
     con.execute(_CENTROIDS_VIEW)
     return problems
