@@ -7,6 +7,7 @@ on a planted corpus with copies within and across shards and on the demo corpus.
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ pytest.importorskip("skeletoken")
 from semdedup_assets import cli
 from semdedup_assets.core.config import Settings
 from semdedup_assets.core.embed import shard as embed_module
-from semdedup_assets.core.embed.copies import exact_copy_count
+from semdedup_assets.core.io.catalog import exact_copy_count
 from semdedup_assets.core.embed.encoders import batch_invariant, create_encoder
 from semdedup_assets.core.io import catalog
 from semdedup_assets.core.io import storage as st
@@ -121,7 +122,9 @@ def test_transformers_do_not_claim_batch_invariance(tmp_path: Path) -> None:
     assert not batch_invariant(enc)  # padded, length-sorted batches: collapsing stays off for them
 
 
-def test_keep_lists_equal_with_and_without_collapsing(static_model: Path, tmp_path: Path) -> None:
+def test_keep_lists_equal_with_and_without_collapsing(
+    static_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     texts = planted_corpus(tmp_path / "input")
     run(tmp_path / "input", tmp_path / "on", static_model)
     run(tmp_path / "input", tmp_path / "off", static_model, "--no-exact-copies")
@@ -134,6 +137,23 @@ def test_keep_lists_equal_with_and_without_collapsing(static_model: Path, tmp_pa
     copies = sum(len(v) - 1 for v in by_text.values())
     assert copies > 20 and any(len({i.split("-")[0] for i in v}) > 1 for v in by_text.values())  # across shards too
     assert exact_copy_count(Settings(storage=str(tmp_path / "on")).storage_root()) == copies
+    capsys.readouterr()
+    assert cli.main(["status", "--storage", str(tmp_path / "on"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["shards"]["exact_copies"] == copies
+    assert cli.main(["status", "--storage", str(tmp_path / "on")]) == 0
+    assert f"{copies} item(s) are exact copies" in capsys.readouterr().out
+
+
+def test_demo_keep_lists_equal_with_and_without_collapsing(static_model: Path, tmp_path: Path) -> None:
+    from semdedup_assets.demo_data import write_demo_shards
+
+    write_demo_shards(tmp_path / "demo", n_shards=3, max_items=3000)
+    for name, extra in (("on", ()), ("off", ("--no-exact-copies",))):
+        args = ["run", "--input", str(tmp_path / "demo"), "--storage", str(tmp_path / name)]
+        args += ["--model", f"model2vec:{static_model}", "--clusters", "20", "--buckets", "2", *extra]
+        assert cli.main(args) == 0  # the default eps, every one of them
+    assert keep_list_digest(tmp_path / "on") == keep_list_digest(tmp_path / "off")
+    assert exact_copy_count(Settings(storage=str(tmp_path / "on")).storage_root()) > 0
 
 
 def test_exact_of_names_the_first_copy_in_the_rule_order(static_model: Path, tmp_path: Path) -> None:

@@ -30,7 +30,7 @@ import pyarrow as pa
 
 from semdedup_assets.core.config import Settings
 from semdedup_assets.core.io import storage as st
-from semdedup_assets.core.io.catalog import scan, sql_quote
+from semdedup_assets.core.io.catalog import scan_table, sql_quote
 from semdedup_assets.core.io.shards import PAYLOAD_HASH
 from semdedup_assets.core.io.tables import embedding_matrix
 
@@ -134,35 +134,18 @@ def stored_vectors(settings: Settings, key: str, digests: np.ndarray) -> tuple[n
     wanted = pa.table({"h": h, "pos": np.arange(len(digests))})
     raws = ", ".join(sql_quote(r) for r, _ in files)
     embs = ", ".join(sql_quote(e) for _, e in files)
-    rows = scan(
+    found = scan_table(
         settings.storage_root(),
-        f"SELECT w.pos, arg_min(e.embedding, r.id) FROM wanted w "
-        f"JOIN read_parquet([{raws}], union_by_name=true) r ON r.{PAYLOAD_HASH} = w.h "
-        f"JOIN read_parquet([{embs}]) e ON e.id = r.id GROUP BY w.pos ORDER BY w.pos",
+        # The smallest id of each digest first (digests and ids only), then only those rows' vectors.
+        f"SELECT m.pos, e.embedding FROM (SELECT w.pos, min(r.id) AS id FROM wanted w "
+        f"JOIN read_parquet([{raws}], union_by_name=true) r ON r.{PAYLOAD_HASH} = w.h GROUP BY w.pos) m "
+        f"JOIN read_parquet([{embs}]) e ON e.id = m.id ORDER BY m.pos",
         tables={"wanted": wanted},
     )
-    if not rows:
+    if found.num_rows == 0:
         return np.empty(0, dtype=np.int64), np.empty((0, 0), dtype=np.float32)
-    found = np.asarray([r[0] for r in rows], dtype=np.int64)
-    return found, embedding_matrix(pa.array([r[1] for r in rows], type=pa.list_(pa.float32())))
-
-
-def exact_copy_count(storage: st.Storage, memory_limit: int | None = None) -> int:
-    """Items whose payload an earlier item already has: rows minus distinct digests, over every raw index.
-
-    DuckDB counts under the storage's scan memory (spilling beyond it). Raw indexes written
-    before digests were recorded count no copies.
-    """
-    files = [str(p) for p in storage.stage_files(st.RAW) if PAYLOAD_HASH in st.read_schema(p).names]
-    if not files:
-        return 0
-    (row,) = scan(
-        storage,
-        f"SELECT count({PAYLOAD_HASH}) - count(DISTINCT {PAYLOAD_HASH}) "
-        f"FROM read_parquet([{', '.join(map(sql_quote, files))}], union_by_name=true)",
-        memory_limit=memory_limit,
-    )
-    return int(row[0])
+    positions = found.column("pos").to_numpy().astype(np.int64)
+    return positions, embedding_matrix(found.column("embedding"))
 
 
 def first_rows(collapsed: Collapsed, found: Sequence[int] | np.ndarray) -> np.ndarray:

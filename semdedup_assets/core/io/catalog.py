@@ -9,11 +9,12 @@ in-memory copies of the views (query), so no client holding the file ever meets 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import duckdb
@@ -327,6 +328,23 @@ def scan(
     a quarter of the settings' memory budget) caps DuckDB's memory: larger aggregates spill
     to a scratch folder instead of growing with the dataset.
     """
+    with scratch_connection(storage, tables, memory_limit) as con:
+        return con.execute(sql, params or []).fetchall()
+
+
+def scan_table(
+    storage: Storage, sql: str, tables: dict[str, Any] | None = None, memory_limit: int | None = None
+) -> pa.Table:
+    """`scan`, answering an Arrow table (vectors stay columnar instead of becoming Python lists)."""
+    with scratch_connection(storage, tables, memory_limit) as con:
+        return con.sql(sql).to_arrow_table()
+
+
+@contextlib.contextmanager
+def scratch_connection(
+    storage: Storage, tables: dict[str, Any] | None = None, memory_limit: int | None = None
+) -> Iterator[duckdb.DuckDBPyConnection]:
+    """An in-memory DuckDB for `scan`: memory capped (spilling to a scratch folder), `tables` registered."""
     if memory_limit is None:
         memory_limit = storage.scan_memory
     con = duckdb.connect()
@@ -342,7 +360,7 @@ def scan(
             con.register_filesystem(storage.root.fs)
         for name, table in (tables or {}).items():
             con.register(name, table)
-        return con.execute(sql, params or []).fetchall()
+        yield con
     finally:
         con.close()
         if scratch is not None:
@@ -383,3 +401,21 @@ def duplicate_ids(
         tables={"pending": pending} if pending is not None else None,
         memory_limit=memory_limit,
     )
+
+
+def exact_copy_count(storage: Storage, memory_limit: int | None = None) -> int:
+    """Items whose payload an earlier item already has: rows minus distinct digests, over every raw index.
+
+    DuckDB counts under the storage's scan memory (spilling beyond it). Raw indexes written
+    before digests were recorded count no copies.
+    """
+    files = [str(p) for p in storage.stage_files(RAW) if PAYLOAD_HASH in read_schema(p).names]
+    if not files:
+        return 0
+    (row,) = scan(
+        storage,
+        f"SELECT count({PAYLOAD_HASH}) - count(DISTINCT {PAYLOAD_HASH}) "
+        f"FROM read_parquet([{', '.join(map(sql_quote, files))}], union_by_name=true)",
+        memory_limit=memory_limit,
+    )
+    return int(row[0])
