@@ -74,7 +74,14 @@ def embeddings_bytes(settings) -> bytes:  # type: ignore[no-untyped-def]
 
     out = b""
     for p in settings.storage_root().stage_files(st.EMBEDDINGS):
-        out += pq.read_table(str(p), columns=["embedding"]).column("embedding").combine_chunks().flatten().to_numpy().tobytes()
+        out += (
+            pq.read_table(str(p), columns=["embedding"])
+            .column("embedding")
+            .combine_chunks()
+            .flatten()
+            .to_numpy()
+            .tobytes()
+        )
     return out
 
 
@@ -120,7 +127,9 @@ def synthetic_store(root: Path, n: int, shard_rows: int = 50_000, dim: int = 32)
         hashes = pa.FixedSizeBinaryArray.from_buffers(pa.binary(16), shard_rows, [None, pa.py_buffer(digests)])
         hashes = hashes.take(pa.array(rng.integers(0, shard_rows, shard_rows)))  # repeats
         ids = pa.array([f"s{s}-{i}" for i in range(shard_rows)])
-        raw = pa.table({"id": ids, "shard": [f"s{s}"] * shard_rows, "row": np.arange(shard_rows), "payload_hash": hashes})
+        raw = pa.table(
+            {"id": ids, "shard": [f"s{s}"] * shard_rows, "row": np.arange(shard_rows), "payload_hash": hashes}
+        )
         raw = raw.replace_schema_metadata({st.CONTENT_KEY: f"sha256:{s}".encode()})
         pq.write_table(raw, raw_dir / f"s{s}.parquet")
         x = rng.standard_normal((shard_rows, dim)).astype(np.float32)
@@ -136,7 +145,9 @@ def memory_rows(tmp: Path, sizes: list[int]) -> list[dict]:
     for n in sizes:
         root = tmp / f"mem-{n}"
         synthetic_store(root, n)
-        out = subprocess.run([sys.executable, "-c", PROBE, str(root), str(n), str(warm)], capture_output=True, text=True)
+        out = subprocess.run(
+            [sys.executable, "-c", PROBE, str(root), str(n), str(warm)], capture_output=True, text=True
+        )
         if out.returncode:
             raise RuntimeError(out.stderr)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -165,7 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     lines = ["# Exact copies embedded once: embed-stage time against embedding every copy", ""]
     lines += [f"Command: `{command_line('bench/exact_copies.py', argv)}`", "", "## Machine", ""]
     lines += machine_lines([f"load average (1/5/15 min) at start: {load_average()}"])
-    table = ["| exact copies | items | encoded (on) | copied rows (on) | embed, collapsing on | embed, off | on / off |"]
+    table = [
+        "| exact copies | items | encoded (on) | copied rows (on) | embed, collapsing on | embed, off | on / off |"
+    ]
     table.append("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory(prefix="semdedup-exact-") as tmpdir:
         tmp = Path(tmpdir)
@@ -202,8 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             "- *embed*: `embed_shard` over every shard, in-process, from empty embeddings (reading the raw index, "
             "the copies' lookup in DuckDB, encoding, writing); the model is loaded beforehand; best of "
             f"{args.repeats}, on and off alternating",
-            "- the embeddings files of the two runs were compared byte for byte in every row: identical unless "
-            "marked",
+            "- the embeddings files of the two runs were compared byte for byte in every row: identical unless marked",
             "- the transformer encoders (MiniLM, CLIP) are not batch-invariant, so collapsing is not applied to "
             "them (docs/exact-copies.md): their embed time is unchanged",
             "",

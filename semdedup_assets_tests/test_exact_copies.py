@@ -23,10 +23,10 @@ pytest.importorskip("skeletoken")
 from semdedup_assets import cli
 from semdedup_assets.core.config import Settings
 from semdedup_assets.core.embed import shard as embed_module
-from semdedup_assets.core.io.catalog import exact_copy_count
 from semdedup_assets.core.embed.encoders import batch_invariant, create_encoder
 from semdedup_assets.core.io import catalog
 from semdedup_assets.core.io import storage as st
+from semdedup_assets.core.io.catalog import exact_copy_count
 from semdedup_assets.core.io.shards import PAYLOAD_HASH
 from semdedup_assets_tests.fixtures import BASE_SENTENCES, NEAR_COPIES
 from semdedup_assets_tests.tinybert import write_tiny_bert
