@@ -86,23 +86,22 @@ def embeddings_bytes(settings) -> bytes:  # type: ignore[no-untyped-def]
 
 
 PROBE = r"""
-import json, resource, sys, numpy as np, pyarrow as pa, pyarrow.parquet as pq
+import json, sys, numpy as np
 from pathlib import Path
 from semdedup_assets.core.config import Settings
 from semdedup_assets.core.io.catalog import exact_copy_count
 from semdedup_assets.core.embed.copies import stored_vectors
+from semdedup_assets.core.run.meter import stage_meter
 root, n, warm = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-def rss(): return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 s = Settings(storage=warm, modality="text", memory_budget="256MB")
 exact_copy_count(s.storage_root()); stored_vectors(s, "x", np.zeros(10, dtype="S16"))  # DuckDB's first use
-base = rss()
 s = Settings(storage=str(root), modality="text", memory_budget="256MB")  # scan memory: a quarter, 64 MiB
-t0 = __import__("time").perf_counter()
-count = exact_copy_count(s.storage_root())
 digests = np.frombuffer(np.random.default_rng(2).bytes(16 * 4096), dtype="S16")
-found, vectors = stored_vectors(s, "probe", digests)
-print(json.dumps({"n": n, "copies": count, "extra_mib": round(rss() - base, 1),
-                  "seconds": round(__import__("time").perf_counter() - t0, 2)}))
+with stage_meter() as m:
+    count = exact_copy_count(s.storage_root())
+    found, vectors = stored_vectors(s, "probe", digests)
+print(json.dumps({"n": n, "copies": count, "extra_mib": round(m["peak_rss_mib"] - m["start_rss_mib"], 1),
+                  "scope": m["peak_rss_scope"], "seconds": m["seconds"]}))
 """
 
 
@@ -175,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     static = args.static or str(default_static_model())
     lines = ["# Exact copies embedded once: embed-stage time against embedding every copy", ""]
     lines += [f"Command: `{command_line('bench/exact_copies.py', argv)}`", "", "## Machine", ""]
-    lines += machine_lines([f"load average (1/5/15 min) at start: {load_average()}"])
+    lines += machine_lines()
     table = [
         "| exact copies | items | encoded (on) | copied rows (on) | embed, collapsing on | embed, off | on / off |"
     ]
@@ -228,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
             "",
             "- one fresh process per N: the dataset-wide exact-copy count (`semdedup status`, the embeddings "
             "metadata) and one shard's lookup of 4,096 digests against every stored vector, under a 256 MB "
-            "budget (DuckDB's scan memory: 64 MiB); DuckDB's first use is paid on a small store first",
+            "budget (DuckDB's scan memory: 64 MiB); DuckDB's first use is paid on a small store first; "
+            f"peak RSS reset for the block: {mem[0]['scope'] == 'stage'}",
             f"- growth from N to 4N: {mem[1]['extra_mib'] - mem[0]['extra_mib']:+.1f} MiB",
             f"- load average at the end: {load_average()}",
         ]

@@ -39,9 +39,9 @@ ENCODER_KEY = b"semdedup.encoder"  # the encoder settings the vectors were made 
 RAW_INPUT_KEY = b"semdedup.raw_input"  # which raw index they were made from (`raw_identity`)
 
 
-def encoder_key(settings: Settings) -> str:
-    """A digest of every setting that changes an embedding's bits (the cache key less the shard's own input)."""
-    parts = (
+def encoder_settings(settings: Settings) -> tuple[object, ...]:
+    """Every setting that changes an embedding's bits, the stored dtype last (the embeddings cache key's parts)."""
+    return (
         settings.modality,
         settings.column,
         settings.model,
@@ -50,7 +50,11 @@ def encoder_key(settings: Settings) -> str:
         settings.max_length,
         settings.embedding_dtype,
     )
-    return hashlib.blake2b(repr(parts).encode(), digest_size=16).hexdigest()
+
+
+def encoder_key(settings: Settings) -> str:
+    """A digest of `encoder_settings`: the cache key less the shard's own input."""
+    return hashlib.blake2b(repr(encoder_settings(settings)).encode(), digest_size=16).hexdigest()
 
 
 def raw_identity(schema: pa.Schema, id_column: str) -> str:

@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from semdedup_assets.core.config import Settings
-from semdedup_assets.core.embed.copies import collapse, first_rows, provenance, stored_vectors
+from semdedup_assets.core.embed.copies import collapse, encoder_settings, first_rows, provenance, stored_vectors
 from semdedup_assets.core.embed.encoders import Encoder, batch_invariant, encoder_for, l2_normalize, row_norms
 from semdedup_assets.core.io import storage as st
 from semdedup_assets.core.io.schemas import REJECTED_SCHEMA, embeddings_schema
@@ -92,20 +92,8 @@ def embedding_cache_key(raw_path: st.UPath, shard: Shard, settings: Settings) ->
     for block in _index_bytes(raw_path):
         h.update(block)
     payload = shard.fingerprint() if settings.modality != "text" else ""  # text lives in the raw file itself
-    h.update(
-        repr(
-            (
-                settings.modality,
-                settings.column,
-                settings.model,
-                settings.pretrained,
-                settings.pooling,
-                settings.max_length,
-                payload,
-                settings.embedding_dtype,
-            )
-        ).encode()
-    )
+    *encoding, dtype = encoder_settings(settings)
+    h.update(repr((*encoding, payload, dtype)).encode())  # the input between them: today's keys stay valid
     return h.hexdigest()
 
 
@@ -297,8 +285,8 @@ def _encode_once(
     fresh: list[np.ndarray] = []
     renormalised = 0
     for start in range(0, len(todo), ENCODE_CHUNK):
-        rows = collapsed.first[todo[start : start + ENCODE_CHUNK]]
-        vectors, off = renormalise(encoder.encode([texts[r] for r in rows.tolist()]))
+        firsts = collapsed.first[todo[start : start + ENCODE_CHUNK]]
+        vectors, off = renormalise(encoder.encode([texts[r] for r in firsts.tolist()]))
         # Rounded as the file will store them: a copy read back from any shard has these very bits.
         fresh.append(vectors.astype(dtype).astype(np.float32) if dtype != "float32" else vectors)
         renormalised += off
