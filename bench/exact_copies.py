@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
 
     static = args.static or str(default_static_model())
     lines = ["# Exact copies embedded once: embed-stage time against embedding every copy", ""]
-    lines += [f"Command: `{command_line('bench/exact_copies.py', argv)}`", "", "## Machine", ""]
+    lines += [f"Command: `{command_line('bench/exact_copies.py', argv)}`", ""]
     lines += machine_lines()
     table = [
         "| exact copies | items | encoded (on) | copied rows (on) | embed, collapsing on | embed, off | on / off |"
