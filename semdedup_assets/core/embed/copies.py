@@ -140,9 +140,11 @@ def stored_vectors(settings: Settings, key: str, digests: np.ndarray) -> tuple[n
     embs = ", ".join(sql_quote(e) for _, e in files)
     found = scan_table(
         settings.storage_root(),
-        # The smallest id of each digest first (digests and ids only), then only those rows' vectors.
+        # The smallest embedded id of each digest first (digests and ids only: a rejected item, say an empty
+        # id, has none), then only those rows' vectors.
         f"SELECT m.pos, e.embedding FROM (SELECT w.pos, min(r.id) AS id FROM wanted w "
-        f"JOIN read_parquet([{raws}], union_by_name=true) r ON r.{PAYLOAD_HASH} = w.h GROUP BY w.pos) m "
+        f"JOIN read_parquet([{raws}], union_by_name=true) r ON r.{PAYLOAD_HASH} = w.h "
+        f"SEMI JOIN (SELECT id FROM read_parquet([{embs}])) k ON k.id = r.id GROUP BY w.pos) m "
         f"JOIN read_parquet([{embs}]) e ON e.id = m.id ORDER BY m.pos",
         tables={"wanted": wanted},
     )
