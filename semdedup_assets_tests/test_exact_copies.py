@@ -206,3 +206,21 @@ def test_the_raw_index_records_payload_digests(tmp_path: Path) -> None:
     index = read_shard(ShardFile("p", st.to_upath(tmp_path / "p.parquet")), "text", "text").table
     h = index.column(PAYLOAD_HASH).to_pylist()
     assert h[0] == h[2] != h[1] and h[0] == hashlib.blake2b(b"x", digest_size=16).digest()
+
+
+def test_bring_your_own_copies_are_counted_and_named(tmp_path: Path) -> None:
+    """Equal vector bytes are exact copies: `exact_of` and the count, with nothing to encode."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 8)).astype(np.float32)
+    x[10], x[25], x[33] = x[3], x[3], x[7]  # copies of rows 3 and 7, one in the other shard
+    (tmp_path / "in").mkdir()
+    for s, rows in enumerate((range(0, 20), range(20, 40))):
+        ids = [f"v{i:02d}" for i in rows]
+        emb = pa.array([x[i] for i in rows], type=pa.list_(pa.float32()))
+        pq.write_table(pa.table({"id": ids, "embedding": emb}), tmp_path / "in" / f"part-{s}.parquet")
+    args = ["run", "--input", str(tmp_path / "in"), "--storage", str(tmp_path / "s"), "--modality", "embedding"]
+    assert cli.main([*args, "--clusters", "3", "--buckets", "1", "--eps", EPS]) == 0
+    storage = Settings(storage=str(tmp_path / "s")).storage_root()
+    assert exact_copy_count(storage) == 3
+    _, rows = catalog.query(storage, "SELECT id, exact_of FROM items WHERE exact_of IS NOT NULL ORDER BY id")
+    assert rows == [("v10", "v03"), ("v25", "v03"), ("v33", "v07")]
