@@ -224,3 +224,12 @@ def test_bring_your_own_copies_are_counted_and_named(tmp_path: Path) -> None:
     assert exact_copy_count(storage) == 3
     _, rows = catalog.query(storage, "SELECT id, exact_of FROM items WHERE exact_of IS NOT NULL ORDER BY id")
     assert rows == [("v10", "v03"), ("v25", "v03"), ("v33", "v07")]
+
+
+def test_float16_storage_gives_copies_the_same_bits_as_embedding_every_copy(static_model: Path, tmp_path: Path) -> None:
+    """Fresh vectors are rounded to float16 as the file stores them, so a copy read back has the very bits."""
+    planted_corpus(tmp_path / "input", n_shards=2, seed=5)
+    run(tmp_path / "input", tmp_path / "on", static_model, "--embedding-dtype", "float16")
+    run(tmp_path / "input", tmp_path / "off", static_model, "--embedding-dtype", "float16", "--no-exact-copies")
+    assert embeddings_of(tmp_path / "on") == embeddings_of(tmp_path / "off")
+    assert keep_list_digest(tmp_path / "on") == keep_list_digest(tmp_path / "off")
