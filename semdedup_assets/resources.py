@@ -63,6 +63,7 @@ class SemDedupConfig(dg.ConfigurableResource):
     buckets: int | None = _default("buckets")
     block_size: int = _default("block_size")
     memory_budget: str | None = _default("memory_budget")
+    exact_copies: bool = _default("exact_copies")
     embedding_dtype: str = _default("embedding_dtype")
     precision: str = _default("precision")
     reference: str | None = _default("reference")

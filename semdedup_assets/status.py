@@ -49,6 +49,19 @@ def _disk(storage: st.Storage) -> dict[str, int]:
     return out
 
 
+def _exact_copies(storage: st.Storage) -> int | None:
+    """How many items repeat an earlier item's payload (`catalog.exact_copy_count`); None where a raw file
+    cannot be read (`semdedup verify` names it), so status still reports the rest."""
+    import duckdb
+
+    from semdedup_assets.core.io.catalog import exact_copy_count
+
+    try:
+        return exact_copy_count(storage)
+    except (OSError, duckdb.Error):  # StageFileError is an OSError
+        return None
+
+
 def _eps_curve(storage: st.Storage) -> list[dict[str, Any]]:
     if not storage.eps_curve_file.exists():
         return []
@@ -204,6 +217,7 @@ def collect_status(settings: Settings, dagster_home: str | None) -> dict[str, An
     raw, embedded, assigned = keys(st.RAW), keys(st.EMBEDDINGS), keys(st.CLUSTER_ASSIGNMENTS)
     registered = facts["registered"]
     rejected = sum(st.parquet_num_rows(p) for p in storage.stage_files(st.REJECTED))
+    copies = _exact_copies(storage)
 
     centroids: dict[str, Any] = {"present": storage.centroids_file.exists()}
     if centroids["present"]:
@@ -277,6 +291,7 @@ def collect_status(settings: Settings, dagster_home: str | None) -> dict[str, An
             "embedded": len(embedded),
             "assigned": len(assigned),
             "rejected_items": rejected,
+            "exact_copies": copies,  # items whose payload an earlier item has (None: unreadable raw files)
             # Without an instance (a remote storage, no DAGSTER_HOME) the ingested shards stand in.
             "not_embedded": sorted(set(registered or raw) - set(embedded))[:LISTED],
             "not_assigned": sorted(set(embedded) - set(assigned))[:LISTED],
@@ -363,6 +378,11 @@ def format_status(s: dict[str, Any]) -> str:
         f"shards:     {registered}{sh['ingested']} ingested, {sh['embedded']} embedded, "
         f"{sh['assigned']} assigned" + (f", {sh['rejected_items']} items rejected" if sh["rejected_items"] else "")
     )
+    if sh.get("exact_copies"):
+        lines.append(
+            f"            {sh['exact_copies']} item(s) are exact copies of an earlier item's payload"
+            + (" (each payload embedded once)" if s["settings"].get("exact_copies") else "")
+        )
     if sh["not_embedded"]:
         lines.append(f"            not embedded yet: {', '.join(sh['not_embedded'])}")
     if sh["not_assigned"]:

@@ -20,6 +20,7 @@ from semdedup_assets.assets.common import (
 from semdedup_assets.assets.ingest import input_shards
 from semdedup_assets.core.config import Settings
 from semdedup_assets.core.io import storage as st
+from semdedup_assets.core.io.catalog import exact_copy_count
 from semdedup_assets.core.run.engines import Done
 from semdedup_assets.names import GraphNames
 from semdedup_assets.ray_resource import engine_for_step
@@ -113,6 +114,8 @@ def embed_metadata(
             "items_per_second": round(r.rows / max(r.seconds, 1e-9), 1),
             "renormalised_rows": r.renormalised,
             "rejected": r.rejected,
+            "encoded": r.encoded,
+            "copied": r.copies,
         }
         if settings.engine != "local":
             row["worker"] = str(d.worker)
@@ -123,6 +126,11 @@ def embed_metadata(
         "seconds": seconds,
         "rejected": sum(d.result.rejected for d in done),
         "renormalised_rows": sum(d.result.renormalised for d in done),
+        # Exact copies: items of the dataset repeating an earlier payload; `copied_rows`: this run's rows whose
+        # vector came from a copy instead of the encoder (core/embed/copies.py).
+        "exact_copies": exact_copy_count(settings.storage_root()),
+        "copied_rows": sum(d.result.copies for d in done),
+        "encoded_items": sum(d.result.encoded for d in done),
         "model": settings.model or "default",
         "modality": settings.modality,
     }

@@ -140,6 +140,14 @@ class Settings:
         "machine's memory",
         metavar="SIZE",
     )
+    exact_copies: bool = knob(
+        True,
+        "embed each distinct payload once: exact copies (the same text, image or vector bytes, by "
+        "the digest ingest records) get the very vector bits of the first, in this run or an "
+        "earlier one; applies where the encoder's vectors do not depend on the batch (static "
+        "models, bring-your-own), so keep-lists equal those of embedding every copy "
+        "(docs/exact-copies.md)",
+    )
     embedding_dtype: EmbeddingDtype = knob(
         "float32", "stored embeddings: float32, or float16 (half the I/O; compute stays fp32)"
     )

@@ -113,13 +113,13 @@ def test_without_keep_by_the_files_are_todays_and_switching_it_reuses_the_embedd
     [shard, *_] = discover_shards(plain.input)
     ingest_shards(plain, [shard])
     raw = plain.storage_root().shard_file(st.RAW, shard.key)
-    assert pq.read_schema(raw).names == ["id", "shard", "row"]
+    assert pq.read_schema(raw).names == ["id", "shard", "row", "payload_hash"]
     assert st.RAW_KEEP_BY_KEY not in (pq.read_schema(raw).metadata or {})
     first = embed_shard(plain, shard.key, shard)
     # --keep-by on: the raw index gains the column, and the embeddings are reused, not recomputed.
     ranked = plain.replace(keep_by="score:desc")
     ingest_shards(ranked, [shard])
-    assert pq.read_schema(raw).names == ["id", "shard", "row", "score"]
+    assert pq.read_schema(raw).names == ["id", "shard", "row", "score", "payload_hash"]
     assert json.loads(pq.read_schema(raw).metadata[st.RAW_KEEP_BY_KEY]) == ["score"]
     assert not first.cached and embed_shard(ranked, shard.key, shard).cached
     ingest_shards(plain, [shard])  # and off again

@@ -56,7 +56,7 @@ def test_embedding_payload_validation(tmp_path: Path) -> None:
     good = pa.array([[1.0, 0.0], [0.0, 2.0]], pa.list_(pa.float32()))
     pq.write_table(pa.table({"id": ["a", "b"], "embedding": good}), tmp_path / "e.parquet")
     index = read_shard(discover_shards(tmp_path)[0], "embedding", "embedding")
-    assert index.dim == 2 and index.table.column_names == ["id", "row"]
+    assert index.dim == 2 and index.table.column_names == ["id", "row", "payload_hash"]
     pq.write_table(
         pa.table({"id": ["a", "b"], "embedding": pa.array([[1.0, 0.0], [0.0, np.nan]], pa.list_(pa.float32()))}),
         tmp_path / "e.parquet",

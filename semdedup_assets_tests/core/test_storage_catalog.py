@@ -98,7 +98,7 @@ def test_catalog_views_exist_before_any_data(tmp_path: Path) -> None:
         cols, rows = query(s, f"SELECT * FROM {view}")
         assert rows == [] and cols
     cols, _ = query(s, "SELECT * FROM items")
-    assert cols == ["id", "shard", "cluster", "sim_to_centroid", "max_sim", "duplicate_of"]
+    assert cols == ["id", "shard", "cluster", "sim_to_centroid", "max_sim", "duplicate_of", "exact_of"]
 
 
 def test_duplicate_ids_names_both_places(tmp_path: Path) -> None:

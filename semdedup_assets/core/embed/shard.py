@@ -15,10 +15,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from semdedup_assets.core.config import Settings
-from semdedup_assets.core.embed.encoders import Encoder, encoder_for, l2_normalize, row_norms
+from semdedup_assets.core.embed.copies import collapse, encoder_settings, first_rows, provenance, stored_vectors
+from semdedup_assets.core.embed.encoders import Encoder, batch_invariant, encoder_for, l2_normalize, row_norms
 from semdedup_assets.core.io import storage as st
 from semdedup_assets.core.io.schemas import REJECTED_SCHEMA, embeddings_schema
-from semdedup_assets.core.io.shards import Shard, iter_embedding_chunks, members, read_images
+from semdedup_assets.core.io.shards import PAYLOAD_HASH, Shard, iter_embedding_chunks, members, read_images
 from semdedup_assets.core.io.tables import embedding_array, embedding_matrix
 
 # Encode in chunks so progress shows in the run log and memory stays bounded.
@@ -49,6 +50,8 @@ class EmbedShardResult:
     seconds: float = 0.0
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # e.g. a damaged cached file that was recomputed
+    encoded: int = 0  # items the encoder embedded (0 when cached or bring-your-own)
+    copies: int = 0  # items that got the vector of an exact copy instead (this shard's or a stored one)
 
 
 @dataclass
@@ -59,6 +62,8 @@ class _Written:
     dim: int
     renormalised: int
     problems: list[str]
+    encoded: int = 0
+    copies: int = 0
 
 
 def renormalise(chunk: np.ndarray) -> tuple[np.ndarray, int]:
@@ -87,20 +92,8 @@ def embedding_cache_key(raw_path: st.UPath, shard: Shard, settings: Settings) ->
     for block in _index_bytes(raw_path):
         h.update(block)
     payload = shard.fingerprint() if settings.modality != "text" else ""  # text lives in the raw file itself
-    h.update(
-        repr(
-            (
-                settings.modality,
-                settings.column,
-                settings.model,
-                settings.pretrained,
-                settings.pooling,
-                settings.max_length,
-                payload,
-                settings.embedding_dtype,
-            )
-        ).encode()
-    )
+    *encoding, dtype = encoder_settings(settings)
+    h.update(repr((*encoding, payload, dtype)).encode())  # the input between them: today's keys stay valid
     return h.hexdigest()
 
 
@@ -133,14 +126,24 @@ def cached_key(path: st.UPath, warn: Callable[[str], None] | None = None) -> str
 
 
 def _write_chunks(
-    path: st.UPath, ids: pa.Array, chunks: Iterator[np.ndarray], cache_key: str, dtype: str = "float32"
+    path: st.UPath,
+    ids: pa.Array,
+    chunks: Iterator[np.ndarray],
+    cache_key: str,
+    dtype: str = "float32",
+    metadata: dict[bytes, bytes] | None = None,
+    normalise: bool = True,
 ) -> _Written:
-    """Normalise and write embedding chunks as one Parquet file (streamed, atomic)."""
+    """Normalise and write embedding chunks as one Parquet file (streamed, atomic).
+
+    `normalise=False` writes rows that are already final (normalised and rounded to `dtype`:
+    copied vectors, whose bits must not move).
+    """
     writer: st.AtomicParquetWriter | None = None
     start, renormalised, dim, problems = 0, 0, 0, []
     with st.publish_together([]) as writers:
         for chunk in chunks:
-            vectors, off = renormalise(chunk) if len(chunk) else (chunk, 0)
+            vectors, off = renormalise(chunk) if len(chunk) and normalise else (chunk, 0)
             renormalised += off
             dim = int(vectors.shape[1])
             problems += embedding_problems(vectors, len(chunk))
@@ -149,7 +152,8 @@ def _write_chunks(
                 [ids.slice(start, len(vectors)), embedding_array(vectors, dtype)], schema=schema
             )
             if writer is None:
-                writer = st.AtomicParquetWriter(path, table.schema.with_metadata({CACHE_KEY: cache_key.encode()}))
+                meta = {CACHE_KEY: cache_key.encode(), **(metadata or {})}
+                writer = st.AtomicParquetWriter(path, table.schema.with_metadata(meta))
                 writers.append(writer)
             writer.write(table)
             start += len(vectors)
@@ -256,6 +260,54 @@ def _without_rows(chunks: Iterator[np.ndarray], drop: np.ndarray) -> Iterator[np
         start += len(chunk)
 
 
+def _encode_once(
+    settings: Settings,
+    key: str,
+    encoder: Encoder,
+    ids: pa.Array,
+    texts: list[str],
+    hashes: pa.Array,
+    out: st.UPath,
+    cache_key: str,
+    meta: dict[bytes, bytes],
+    log: Callable[[str], None] | None,
+) -> _Written:
+    """Embed each distinct payload of the shard once (core/embed/copies.py) and write every row's vector.
+
+    Vectors another shard stored for the same payload are copied; the rest are encoded once
+    each, normalised and rounded to the stored dtype as `_write_chunks` would, then every row
+    takes its payload's final bits. Memory: one vector per distinct payload of the shard.
+    """
+    dtype = settings.embedding_dtype
+    collapsed = collapse(hashes)
+    found, stored = stored_vectors(settings, key, collapsed.digests)
+    todo = first_rows(collapsed, found)
+    fresh: list[np.ndarray] = []
+    renormalised = 0
+    for start in range(0, len(todo), ENCODE_CHUNK):
+        firsts = collapsed.first[todo[start : start + ENCODE_CHUNK]]
+        vectors, off = renormalise(encoder.encode([texts[r] for r in firsts.tolist()]))
+        # Rounded as the file will store them: a copy read back from any shard has these very bits.
+        fresh.append(vectors.astype(dtype).astype(np.float32) if dtype != "float32" else vectors)
+        renormalised += off
+        if log is not None:
+            log(f"encoded {min(start + ENCODE_CHUNK, len(todo))}/{len(todo)} distinct payloads of {len(texts)} items")
+    dim = fresh[0].shape[1] if fresh else (stored.shape[1] if len(found) else encoder.dim)
+    final = np.empty((len(collapsed.digests), dim), dtype=np.float32)
+    if len(found):
+        final[found] = stored
+    if len(todo):
+        final[todo] = np.concatenate(fresh)
+
+    def rows() -> Iterator[np.ndarray]:
+        for start in range(0, len(texts), ENCODE_CHUNK):
+            yield final[collapsed.inverse[start : start + ENCODE_CHUNK]]
+
+    written = _write_chunks(out, ids, rows(), cache_key, dtype, meta, normalise=False)
+    written.renormalised, written.encoded, written.copies = renormalised, len(todo), len(texts) - len(todo)
+    return written
+
+
 def _encode_and_write(
     settings: Settings,
     key: str,
@@ -272,6 +324,7 @@ def _encode_and_write(
     files = raw.column("shard").combine_chunks()
     column = settings.payload_column
     dtype = settings.embedding_dtype
+    meta = provenance(settings, settings.storage_root().shard_file(st.RAW, key))
     texts = raw.column("text").to_pylist() if settings.modality == "text" else None
     empty = empty_items(ids.to_pylist(), texts)
     _refuse_in_strict_mode(settings, key, ids, empty, "empty item(s)")
@@ -279,7 +332,7 @@ def _encode_and_write(
     kept_ids = ids.filter(pa.array(~np.isin(np.arange(len(ids)), drop))) if len(drop) else ids
     if settings.modality == "embedding":  # bring your own: stream (npy is memory-mapped)
         written = _write_chunks(
-            out, kept_ids, _without_rows(iter_embedding_chunks(shard, column), drop), cache_key, dtype
+            out, kept_ids, _without_rows(iter_embedding_chunks(shard, column), drop), cache_key, dtype, meta
         )
         _write_rejected(rejected_path, files, ids, empty, always=False)
         return written, len(empty)
@@ -288,6 +341,12 @@ def _encode_and_write(
         dropped = set(drop.tolist())
         kept_texts = [t for row, t in enumerate(texts) if row not in dropped] if dropped else texts
         kept_files = files.filter(pa.array(~np.isin(np.arange(len(ids)), drop))) if len(drop) else files
+        hashes = raw.column(PAYLOAD_HASH).combine_chunks() if PAYLOAD_HASH in raw.column_names else None
+        if settings.exact_copies and hashes is not None and batch_invariant(encoder):
+            kept_hashes = hashes.filter(pa.array(~np.isin(np.arange(len(ids)), drop))) if len(drop) else hashes
+            written = _encode_once(settings, key, encoder, kept_ids, kept_texts, kept_hashes, out, cache_key, meta, log)
+            _write_rejected(rejected_path, files, ids, empty, always=False)
+            return written, len(empty)
 
         def text_chunks() -> Iterator[np.ndarray]:
             for first, end in file_segments(kept_files):
@@ -296,7 +355,8 @@ def _encode_and_write(
                     if log is not None:
                         log(f"encoded {min(start + ENCODE_CHUNK, end)}/{len(kept_texts)}")
 
-        written = _write_chunks(out, kept_ids, text_chunks(), cache_key, dtype)
+        written = _write_chunks(out, kept_ids, text_chunks(), cache_key, dtype, meta)
+        written.encoded = len(kept_texts)
         _write_rejected(rejected_path, files, ids, empty, always=False)
         return written, len(empty)
     all_vectors, ok_index, undecodable = _encode_images(encoder, shard, column)
@@ -305,7 +365,10 @@ def _encode_and_write(
     ok = [(pos, i) for pos, i in enumerate(ok_index) if i not in empty_rows]
     rejected = sorted([*undecodable, *empty], key=lambda r: r[0])
     vectors = all_vectors[[pos for pos, _ in ok]] if len(ok) != len(ok_index) else all_vectors
-    written = _write_chunks(out, ids.take(pa.array([i for _, i in ok], pa.int64())), iter([vectors]), cache_key, dtype)
+    written = _write_chunks(
+        out, ids.take(pa.array([i for _, i in ok], pa.int64())), iter([vectors]), cache_key, dtype, meta
+    )
+    written.encoded = len(ok_index)
     _write_rejected(rejected_path, files, ids, rejected, always=True)
     return written, len(rejected)
 
@@ -375,4 +438,6 @@ def embed_shard(
         seconds=round(time.perf_counter() - start, 2),
         problems=problems,
         warnings=warnings,
+        encoded=written.encoded,
+        copies=written.copies,
     )

@@ -9,11 +9,12 @@ in-memory copies of the views (query), so no client holding the file ever meets 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import duckdb
@@ -33,6 +34,7 @@ from semdedup_assets.core.io.schemas import (
     centroids_schema,
     embeddings_schema,
 )
+from semdedup_assets.core.io.shards import PAYLOAD_HASH
 from semdedup_assets.core.io.storage import (
     CENTROIDS,
     CLUSTER_ASSIGNMENTS,
@@ -44,7 +46,9 @@ from semdedup_assets.core.io.storage import (
     RAW,
     REJECTED,
     SEMANTIC_DUPLICATES,
+    StageFileError,
     Storage,
+    read_schema,
 )
 
 BUCKET_GLOB = "bucket-*.parquet"
@@ -132,10 +136,47 @@ def current_pruning_files(storage: Storage, name: str) -> list[str]:
     return [str(f / name) for f in folders if (f / name).exists() and read_made_from(f).get("results") == current]
 
 
+def _records_digests(storage: Storage) -> bool:
+    """Whether the raw indexes record payload digests (the first raw file that answers decides; a store
+    ingested before digests existed has none until its shards are ingested again)."""
+    for path in storage.stage_files(RAW):
+        try:
+            return PAYLOAD_HASH in read_schema(path).names
+        except (StageFileError, OSError):
+            continue
+    return False
+
+
+def _exact_of_select(storage: Storage, buckets: str) -> str:
+    """`items` with `exact_of`: the first item with the same payload digest, in (cluster, rank, id) order.
+
+    Exact copies share their vector bits (core/embed/copies.py), hence their cluster and their
+    similarity to its centroid: their rank order in that cluster is the rule's own order (the
+    order that keeps the first and removes the rest). The first copy has NULL, as has an item
+    without copies.
+    """
+    raw = f"read_parquet({sql_quote(str(storage.stage_dir(RAW)).rstrip('/') + '/**/*.parquet')}, union_by_name=true)"
+    firsts = (
+        f"SELECT b.id, first_value(b.id) OVER (PARTITION BY r.{PAYLOAD_HASH} ORDER BY b.cluster, b.rank, b.id) AS f "
+        f"FROM {buckets} b JOIN (SELECT id, {PAYLOAD_HASH} FROM {raw}) r USING (id) WHERE r.{PAYLOAD_HASH} IS NOT NULL"
+    )
+    return (
+        "SELECT s.id, s.shard, s.cluster, s.sim_to_centroid, s.max_sim, s.duplicate_of, x.exact_of "
+        f"FROM {buckets} s LEFT JOIN (SELECT id, CASE WHEN f <> id THEN f END AS exact_of FROM ({firsts})) x USING (id)"
+    )
+
+
 def _view_select(storage: Storage, name: str) -> str:
     """The SELECT of one view: over the stage's files, or typed placeholder columns before the stage has any."""
     stage, pattern, columns, schema = _VIEWS[name]
     listed = ", ".join(columns) if columns else "*"
+    if name == "items":
+        if _has_files(storage, stage, pattern):
+            source = stage_source(storage, stage, pattern)
+            if _records_digests(storage):
+                return _exact_of_select(storage, source)
+            return f"SELECT {listed}, NULL::VARCHAR AS exact_of FROM {source}"
+        return f"SELECT {_empty_select(schema, columns or ())}, NULL::VARCHAR AS exact_of WHERE false"
     if stage == PRUNED:
         files = current_pruning_files(storage, pattern.rpartition("/")[2])
         if files:
@@ -171,6 +212,7 @@ def create_views(con: duckdb.DuckDBPyConnection, storage: Storage) -> list[str]:
             )
             problems.append(reason)
             empty = _empty_select(schema, columns or tuple(schema.names))
+            empty += ", NULL::VARCHAR AS exact_of" if name == "items" else ""
             con.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT {empty} WHERE error({sql_quote(reason)})")
     con.execute(_CENTROIDS_VIEW)
     return problems
@@ -290,6 +332,23 @@ def scan(
     a quarter of the settings' memory budget) caps DuckDB's memory: larger aggregates spill
     to a scratch folder instead of growing with the dataset.
     """
+    with scratch_connection(storage, tables, memory_limit) as con:
+        return con.execute(sql, params or []).fetchall()
+
+
+def scan_table(
+    storage: Storage, sql: str, tables: dict[str, Any] | None = None, memory_limit: int | None = None
+) -> pa.Table:
+    """`scan`, answering an Arrow table (vectors stay columnar instead of becoming Python lists)."""
+    with scratch_connection(storage, tables, memory_limit) as con:
+        return con.sql(sql).to_arrow_table()
+
+
+@contextlib.contextmanager
+def scratch_connection(
+    storage: Storage, tables: dict[str, Any] | None = None, memory_limit: int | None = None
+) -> Iterator[duckdb.DuckDBPyConnection]:
+    """An in-memory DuckDB for `scan`: memory capped (spilling to a scratch folder), `tables` registered."""
     if memory_limit is None:
         memory_limit = storage.scan_memory
     con = duckdb.connect()
@@ -305,7 +364,7 @@ def scan(
             con.register_filesystem(storage.root.fs)
         for name, table in (tables or {}).items():
             con.register(name, table)
-        return con.execute(sql, params or []).fetchall()
+        yield con
     finally:
         con.close()
         if scratch is not None:
@@ -346,3 +405,21 @@ def duplicate_ids(
         tables={"pending": pending} if pending is not None else None,
         memory_limit=memory_limit,
     )
+
+
+def exact_copy_count(storage: Storage, memory_limit: int | None = None) -> int:
+    """Items whose payload an earlier item already has: rows minus distinct digests, over every raw index.
+
+    DuckDB counts under the storage's scan memory (spilling beyond it). Raw indexes written
+    before digests were recorded count no copies.
+    """
+    files = [str(p) for p in storage.stage_files(RAW) if PAYLOAD_HASH in read_schema(p).names]
+    if not files:
+        return 0
+    (row,) = scan(
+        storage,
+        f"SELECT count({PAYLOAD_HASH}) - count(DISTINCT {PAYLOAD_HASH}) "
+        f"FROM read_parquet([{', '.join(map(sql_quote, files))}], union_by_name=true)",
+        memory_limit=memory_limit,
+    )
+    return int(row[0])

@@ -25,7 +25,7 @@ import io
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -42,6 +42,8 @@ LAION_EMBEDDINGS = re.compile(r"^img_emb_(\d+)\.npy$")
 EMBEDDING_CHUNK_ROWS = 65536
 DEFAULT_ID_COLUMN = "id"  # the one id column that may be absent (ids are then <shard>:<row>)
 DIGEST_PREFIX = "sha256:"  # content digests recorded since SHA-256 replaced BLAKE2b-128 (unprefixed hex)
+PAYLOAD_HASH = "payload_hash"  # the raw index column: a digest of each item's payload (exact copies share it)
+PAYLOAD_HASH_BYTES = 16
 
 
 class ShardError(ValueError):
@@ -651,20 +653,37 @@ def read_shard(
     dim = None
     if modality == "text":
         index["text"] = _validate_text(shard.key, column, table.column(column))
+        hashes = payload_hashes(index["text"].cast(pa.binary()).to_pylist())
     elif modality == "embedding":
         if shard.kind == "npy":
             dim = _validate_npy(shard, table.num_rows)
+            hashes = payload_hashes(row.tobytes() for chunk in iter_embedding_chunks(shard) for row in chunk)
         else:
-            dim = int(_embedding_matrix_of(shard.key, column, table.column(column)).shape[1])
+            matrix = _embedding_matrix_of(shard.key, column, table.column(column))
+            dim = int(matrix.shape[1])
+            hashes = payload_hashes(row.tobytes() for row in matrix)
     else:
         _validate_images(shard.key, column, table.column(column))
         if "caption" in table.column_names and column != "caption":
             index["caption"] = table.column("caption").cast(pa.string())
+        hashes = payload_hashes(table.column(column).to_pylist())
     for name in keep_by:
         if name not in table.column_names:
             raise ShardError(shard.key, f"missing keep-by column {name!r} (columns: {', '.join(table.column_names)})")
         index[name] = keep_by_column(shard.key, name, table.column(name))
+    index[PAYLOAD_HASH] = hashes
     return ShardIndex(pa.table(index), dim)
+
+
+def payload_hashes(payloads: Iterable[bytes | None]) -> pa.Array:
+    """A 16-byte BLAKE2b digest of each payload's bytes (null where an item has none, e.g. a missing image).
+
+    Text: its UTF-8 bytes as given (no normalisation: a copy is byte for byte the same text);
+    images: the encoded file's bytes; bring-your-own: the row's float32 bytes, what the pipeline
+    computes with. Equal digests mark exact copies, whose vectors the embed stage computes once.
+    """
+    out = [None if p is None else hashlib.blake2b(p, digest_size=PAYLOAD_HASH_BYTES).digest() for p in payloads]
+    return pa.array(out, type=pa.binary(PAYLOAD_HASH_BYTES))
 
 
 def _validated_ids(shard: str, table: pa.Table, id_column: str) -> pa.Array:

@@ -14,7 +14,7 @@ if TYPE_CHECKING:  # torch is imported lazily so `import ...encoders` stays chea
 from semdedup_assets.core.messages import printable
 from semdedup_assets.core.run.parallel import map_batches
 
-__all__ = ["Encoder", "l2_normalize", "map_batches", "resolve_device"]
+__all__ = ["Encoder", "batch_invariant", "l2_normalize", "map_batches", "resolve_device"]
 
 
 @runtime_checkable
@@ -28,6 +28,17 @@ class Encoder(Protocol):
     def encode(self, items: Sequence[Any]) -> np.ndarray:
         """Return an (n, dim) float32 array of L2-normalised rows, in input order."""
         ...
+
+
+def batch_invariant(encoder: object) -> bool:
+    """Whether `encoder` gives every item the same vector bits whatever else is in its batch.
+
+    An encoder says so with a class attribute `batch_invariant = True`. Only then may the embed
+    stage encode one copy of a payload and give its bits to every other copy (core/embed/copies.py):
+    a transformer pads a batch to its longest member and sorts by length, so an item's last bits
+    move with its neighbours, and collapsing copies would change keep-lists.
+    """
+    return getattr(encoder, "batch_invariant", False) is True
 
 
 def missing_model_folder(model: str | os.PathLike[str] | None, role: str = "--model") -> str | None:

@@ -265,6 +265,10 @@ class StaticTextEncoder:
     (torch's embedding_bag on CPU) adds each text's rows in token order, whatever the thread count.
     """
 
+    # Tokenised text by text, each bag summed on its own (embedding_bag), each row normalised
+    # on its own: an item's bits do not depend on its batch (test_exact_copies checks it).
+    batch_invariant = True
+
     modality: str = "text"
     name: str
     dim: int
