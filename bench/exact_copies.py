@@ -184,7 +184,9 @@ def main(argv: list[str] | None = None) -> int:
         for fraction in FRACTIONS:
             inp = tmp / f"in-{fraction}"
             write_shards(inp, args.n, args.shards, fraction)
-            on = Settings(storage=str(tmp / f"s-{fraction}"), input=str(inp), model=f"model2vec:{static}")
+            on = Settings(
+                storage=str(tmp / f"s-{fraction}"), input=str(inp), model=f"model2vec:{static}", exact_copies=True
+            )
             off = on.replace(exact_copies=False)
             shards = discover_shards(str(inp))
             publish_shards(on, [stage_shard(on, s) for s in shards])

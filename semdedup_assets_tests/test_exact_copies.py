@@ -65,6 +65,9 @@ def planted_corpus(folder: Path, n_shards: int = 3, per_shard: int = 60, seed: i
 
 
 def run(input_dir: Path, storage: Path, model: Path, *extra: str) -> None:
+    """`semdedup run` with collapsing on (it is off by default), unless `extra` turns it off."""
+    if "--no-exact-copies" not in extra:
+        extra = ("--exact-copies", *extra)
     args = ["run", "--input", str(input_dir), "--storage", str(storage), "--model", f"model2vec:{model}"]
     assert cli.main([*args, "--clusters", "4", "--buckets", "2", "--eps", EPS, *extra]) == 0
 
@@ -148,7 +151,7 @@ def test_demo_keep_lists_equal_with_and_without_collapsing(static_model: Path, t
     from semdedup_assets.demo_data import write_demo_shards
 
     write_demo_shards(tmp_path / "demo", n_shards=3, max_items=3000)
-    for name, extra in (("on", ()), ("off", ("--no-exact-copies",))):
+    for name, extra in (("on", ("--exact-copies",)), ("off", ("--no-exact-copies",))):
         args = ["run", "--input", str(tmp_path / "demo"), "--storage", str(tmp_path / name)]
         args += ["--model", f"model2vec:{static_model}", "--clusters", "20", "--buckets", "2", *extra]
         assert cli.main(args) == 0  # the default eps, every one of them

@@ -141,11 +141,12 @@ class Settings:
         metavar="SIZE",
     )
     exact_copies: bool = knob(
-        True,
+        False,
         "embed each distinct payload once: exact copies (the same text, image or vector bytes, by "
         "the digest ingest records) get the very vector bits of the first, in this run or an "
         "earlier one; applies where the encoder's vectors do not depend on the batch (static "
-        "models, bring-your-own), so keep-lists equal those of embedding every copy "
+        "models), so keep-lists equal those of embedding every copy. Off by default: each shard's "
+        "lookup reads every other shard's digests, a cost that grows with the shard count "
         "(docs/exact-copies.md)",
     )
     embedding_dtype: EmbeddingDtype = knob(

@@ -86,6 +86,7 @@ _SQL_TYPES = {
     pa.int64(): "BIGINT",
     pa.float32(): "FLOAT",
     pa.float64(): "DOUBLE",
+    pa.binary(): "BLOB",
 }
 
 

@@ -34,7 +34,11 @@ def embeddings_schema(id_type: pa.DataType, dim: int, dtype: str = "float32") ->
 
 
 # raw files: these columns, plus the payload for the text modality.
-RAW_INDEX_SCHEMA = pa.schema([("id", pa.string()), ("shard", pa.string()), ("row", pa.int64())])
+# The raw index's columns every storage has (+ the payload digest ingest records, core/ingest/stage.py; a text
+# shard's text and --keep-by columns are added per storage): the `raw_items` view's typed placeholder.
+RAW_INDEX_SCHEMA = pa.schema(
+    [("id", pa.string()), ("shard", pa.string()), ("row", pa.int64()), ("payload_hash", pa.binary())]
+)
 
 REJECTED_SCHEMA = pa.schema([("id", pa.string()), ("shard", pa.string()), ("reason", pa.string())])
 
