@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -59,22 +60,17 @@ def write_files(folder: Path, n_files: int, seed: int = 0) -> None:
         )
 
 
-def semdedup_run(
-    input_dir: Path, storage: Path, files_per_shard: int, strace_out: Path | None = None
-) -> tuple[float, dict[str, float], str]:
-    """One `semdedup run` from empty storage: (wall s, stage seconds, output)."""
-    shutil.rmtree(storage, ignore_errors=True)
-    env = {k: v for k, v in os.environ.items() if k != "DAGSTER_HOME" and not k.startswith("SEMDEDUP_")}
-    env["PYTHONUNBUFFERED"] = "1"
-    cmd = [
+def run_command(input_location: str, storage: str, files_per_shard: int) -> list[str]:
+    """The benchmark's `semdedup run` command line (embedding modality, k = 20, eps 0.01, BUCKETS buckets)."""
+    return [
         sys.executable,
         "-m",
         "semdedup_assets.cli",
         "run",
         "--input",
-        str(input_dir),
+        input_location,
         "--storage",
-        str(storage),
+        storage,
         "--modality",
         "embedding",
         "--clusters",
@@ -86,28 +82,57 @@ def semdedup_run(
         "--files-per-shard",
         str(files_per_shard),
     ]
-    if strace_out is not None:
-        cmd = ["strace", "-f", "-qq", "-s", "120", "-e", "trace=openat,write", "-o", str(strace_out), *cmd]
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise SystemExit(f"semdedup run failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    out = proc.stdout + proc.stderr
-    m = re.search(r"stages \(s\): (.*?)  total", out)
+
+
+def stage_seconds(output: str) -> dict[str, float]:
+    """The stage times of a run's closing `stages (s): ...` line."""
+    m = re.search(r"stages \(s\): (.*?)  total", output)
     stages = {}
     for part in m.group(1).split(", ") if m else []:
         label, _, seconds = part.rpartition(" ")
         stages[label] = float(seconds)
+    return stages
+
+
+def semdedup_run(
+    input_dir: Path, storage: Path, files_per_shard: int, strace_out: Path | None = None, tree: Path = ROOT
+) -> tuple[float, dict[str, float], str]:
+    """One `semdedup run` from empty storage with the code of `tree` (a source tree): (wall s, stage seconds,
+    output)."""
+    shutil.rmtree(storage, ignore_errors=True)
+    env = {k: v for k, v in os.environ.items() if k != "DAGSTER_HOME" and not k.startswith("SEMDEDUP_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    cmd = run_command(str(input_dir), str(storage), files_per_shard)
+    if strace_out is not None:
+        cmd = ["strace", "-f", "-qq", "-s", "120", "-e", f"trace=openat,write,{STATS}", "-o", str(strace_out), *cmd]
+    start, cpu = time.perf_counter(), children_cpu()
+    # `python -m` puts the working directory first on sys.path: `tree`'s package is the one run.
+    proc = subprocess.run(cmd, env=env, cwd=tree, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"semdedup run failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    out = proc.stdout + proc.stderr
+    stages = stage_seconds(out)
+    stages["cpu"] = children_cpu() - cpu
     return wall, stages, out
 
 
+def children_cpu() -> float:
+    """User + system CPU seconds of this process's waited-for children: on a shared machine a run's CPU
+    time moves far less with the load than its wall time."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 OPEN = re.compile(r'openat\(AT_FDCWD, "([^"]+)", ([A-Z_|]+)')
+STATS = "stat,lstat,newfstatat,statx"  # the path-based stat calls (an fstat of an open file names no path)
+STAT = re.compile(r'(?:stat|lstat|newfstatat|statx)\((?:AT_FDCWD, )?"([^"]+)"')
 STAGE_LINE = re.compile(r'write\(\d+, "\[semdedup\] (' + "|".join(re.escape(s) for s in STAGES) + r") \.\.\.")
 
 
 def count_opens(trace: Path, storage: Path, input_dir: Path) -> dict[str, Counter]:
-    """Read-only opens of storage and input files, per stage and folder (`input` for input files)."""
+    """Read-only opens of storage and input files, per stage and folder (`input` for input files), and the
+    stat calls on input files (`input stat`)."""
     per_stage: dict[str, Counter] = {s: Counter() for s in ("setup", *STAGES)}
     stage = "setup"
     events = []
@@ -117,6 +142,10 @@ def count_opens(trace: Path, storage: Path, input_dir: Path) -> dict[str, Counte
     for rest in events:
         if (m := STAGE_LINE.search(rest)) is not None:
             stage = m.group(1)
+            continue
+        if (m := STAT.search(rest)) is not None:
+            if m.group(1).startswith(str(input_dir) + "/") and m.group(1).endswith(".parquet"):
+                per_stage[stage]["input stat"] += 1
             continue
         m = OPEN.search(rest)
         if m is None or "O_WRONLY" in m.group(2) or "O_RDWR" in m.group(2) or "O_DIRECTORY" in m.group(2):
@@ -137,6 +166,14 @@ def main() -> None:
     parser.add_argument("--opens", action="store_true", help="also count file opens per stage under strace")
     parser.add_argument("--opens-files", type=int, default=1000, help="the file count whose opens are counted")
     parser.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="a source tree of the code before a change (e.g. `git archive <commit> | tar -x -C DIR`): "
+        "each run is made with it ('before') and with this tree ('after'), interleaved",
+    )
+    parser.add_argument("--pairs", type=int, default=1, help="with --baseline: before/after pairs per configuration")
+    parser.add_argument(
         "--out",
         default=None,
         help="also write the tables to this file (bench/results/files_scale.md holds them with notes)",
@@ -146,45 +183,70 @@ def main() -> None:
     files = [20] if args.smoke else [int(x) for x in args.files.split(",")]
     groupings = [1, 10] if args.smoke else [int(x) for x in args.grouping.split(",")]
     skip = set() if args.smoke else {tuple(map(int, p.split(":"))) for p in args.skip.split(",") if p}
+    trees = [("before", args.baseline.resolve()), ("after", ROOT)] if args.baseline else [("", ROOT)]
+    code = "code | " if args.baseline else ""
     lines = [
-        "| files | --files-per-shard | partitions | wall s | ingest + embed | centroids | cluster_assignments | "
-        "semantic_duplicates | keep_lists | wall per file ms |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| {code}files | --files-per-shard | partitions | wall s | ingest + embed | centroids | cluster_assignments | "
+        "semantic_duplicates | keep_lists | wall per file ms | CPU s | CPU per file ms |",
+        "|---|" + "---|" * (11 + bool(args.baseline)),
     ]
     opens_lines: list[str] = []
+    ratios: list[str] = []
     with tempfile.TemporaryDirectory(prefix="files_scale_") as tmp:
         tmp_path = Path(tmp)
         for n_files in files:
             input_dir = tmp_path / f"input-{n_files}"
             write_files(input_dir, n_files)
             for n in groupings:
+                partitions = -(-n_files // n)
                 if (n_files, n) in skip:
-                    lines.append(f"| {n_files:,} | {n} | {-(-n_files // n):,} | not run (see notes) | | | | | | |")
+                    lines.append(f"| {n_files:,} | {n} | {partitions:,} | not run (see notes) | | | | | | | | |")
                     continue
-                wall, stages, _ = semdedup_run(input_dir, tmp_path / "storage", n)
-                cells = " | ".join(f"{stages.get(s, float('nan')):.1f}" for s in STAGES)
-                lines.append(
-                    f"| {n_files:,} | {n} | {-(-n_files // n):,} | {wall:.1f} | {cells} | {1000 * wall / n_files:.1f} |"
-                )
-                print(lines[-1], flush=True)
+                walls: dict[str, list[float]] = {label: [] for label, _ in trees}
+                cpus: dict[str, list[float]] = {label: [] for label, _ in trees}
+                for _pair in range(args.pairs if args.baseline else 1):
+                    for label, tree in trees:
+                        wall, stages, _ = semdedup_run(input_dir, tmp_path / "storage", n, tree=tree)
+                        walls[label].append(wall)
+                        cells = " | ".join(f"{stages.get(s, float('nan')):.1f}" for s in STAGES)
+                        cpus[label].append(stages["cpu"])
+                        lines.append(
+                            f"| {label + ' | ' if label else ''}{n_files:,} | {n} | {partitions:,} | {wall:.1f} | "
+                            f"{cells} | {1000 * wall / n_files:.1f} | {stages['cpu']:.1f} | "
+                            f"{1000 * stages['cpu'] / n_files:.1f} |"
+                        )
+                        print(lines[-1], flush=True)
+                if args.baseline:
+                    ratios.append(
+                        f"- {n_files:,} files, --files-per-shard {n}: before / after wall "
+                        + ", ".join(f"{b / a:.2f}x" for b, a in zip(walls["before"], walls["after"]))
+                        + "; CPU "
+                        + ", ".join(f"{b / a:.2f}x" for b, a in zip(cpus["before"], cpus["after"]))
+                    )
+                    print(ratios[-1], flush=True)
                 if args.opens and (n_files == args.opens_files or args.smoke):
-                    trace = tmp_path / "trace.txt"
-                    semdedup_run(input_dir, tmp_path / "storage", n, trace)
-                    per_stage = count_opens(trace, tmp_path / "storage", input_dir)
-                    partitions = -(-n_files // n)
-                    for stage, counts in per_stage.items():
-                        if counts:
-                            detail = ", ".join(f"{folder} {c:,}" for folder, c in sorted(counts.items()))
-                            opens_lines.append(
-                                f"| {n_files:,} | {n} | {partitions:,} | {stage} | "
-                                f"{sum(counts.values()):,} | {detail} |"
-                            )
-                            print(opens_lines[-1], flush=True)
+                    for label, tree in trees:
+                        trace = tmp_path / "trace.txt"
+                        semdedup_run(input_dir, tmp_path / "storage", n, trace, tree=tree)
+                        per_stage = count_opens(trace, tmp_path / "storage", input_dir)
+                        for stage, counts in per_stage.items():
+                            stats = counts.pop("input stat", 0)
+                            if counts or stats:
+                                detail = ", ".join(f"{folder} {c:,}" for folder, c in sorted(counts.items()))
+                                per_file = counts.get("input", 0) / n_files
+                                opens_lines.append(
+                                    f"| {label + ' | ' if label else ''}{n_files:,} | {n} | {partitions:,} | {stage} | "
+                                    f"{sum(counts.values()):,} | {detail} | {per_file:g} | {stats / n_files:g} |"
+                                )
+                                print(opens_lines[-1], flush=True)
     text = "\n".join(lines)
+    if ratios:
+        text += "\n\n" + "\n".join(ratios)
     if opens_lines:
         text += (
-            "\n\n| files | --files-per-shard | partitions | stage | read-only opens of .parquet files | by folder |\n"
-            "|---|---|---|---|---|---|\n" + "\n".join(opens_lines)
+            f"\n\n| {code}files | --files-per-shard | partitions | stage | read-only opens of .parquet files | "
+            "by folder | opens per input file | stats per input file |\n"
+            "|---|" + "---|" * (7 + bool(args.baseline)) + "\n" + "\n".join(opens_lines)
         )
     print(text)
     if args.out and not args.smoke:

@@ -299,3 +299,42 @@ def test_shard_sensor_understands_groups(tmp_path: Path) -> None:
 def _tick(defs: dg.Definitions, instance: dg.DagsterInstance, cursor: str | None):
     ctx = dg.build_sensor_context(instance=instance, instance_ref=instance.get_ref(), definitions=defs, cursor=cursor)
     return defs.resolve_sensor_def("shard_sensor").evaluate_tick(ctx)
+
+
+def test_ingest_opens_each_input_file_once_and_records_what_separate_reads_give(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One open per input file in ingest (issue 32: it was five): the index, the fingerprint and the content
+    digest come from the same bytes, and equal what `fingerprint()` and `content_digest()` compute apart."""
+    from semdedup_assets.core.ingest import stage as ingest_stage
+    from semdedup_assets.core.io import shards as shard_io
+
+    inp = tmp_path / "in"
+    write_files(inp, NAMES)
+    settings = Settings(input=str(inp), storage=str(tmp_path / "storage"), files_per_shard=3, **RUN)
+    opened: list[str] = []
+    real_open, real_read_table = open, pq.read_table
+
+    def counting_open(file: object, *args: object, **kwargs: object) -> object:
+        if str(file).startswith(str(inp)):
+            opened.append(Path(str(file)).name)
+        return real_open(file, *args, **kwargs)  # type: ignore[call-overload]
+
+    def no_dataset_scan(source: object, *args: object, **kwargs: object) -> pa.Table:
+        assert not str(source).startswith(str(inp)), f"input file {source} read through a dataset scan"
+        return real_read_table(source, *args, **kwargs)
+
+    monkeypatch.setattr(shard_io, "open", counting_open, raising=False)
+    monkeypatch.setattr(pq, "read_table", no_dataset_scan)
+    groups = discover(inp, 3).shards
+    staged = [ingest_stage.stage_shard(settings, g) for g in groups]
+    assert sorted(opened) == [f"{n}.parquet" for n in NAMES], opened  # each file once
+    ingest_stage.discard_staged(settings, [g.key for g in groups], staged)
+    monkeypatch.undo()
+    for group, s in zip(groups, staged):
+        assert s.fingerprint == group.fingerprint()
+    read = ingest_stage.read_members(groups[0], settings, ())
+    assert (read.fingerprint, read.digest) == (groups[0].fingerprint(), groups[0].content_digest())
+    single = discover(inp, 1).shards[0]
+    read = ingest_stage.read_members(single, settings, ())
+    assert (read.fingerprint, read.digest) == (single.fingerprint(), single.content_digest())

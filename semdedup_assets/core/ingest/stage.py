@@ -13,7 +13,17 @@ import pyarrow as pa
 from semdedup_assets.core.config import Settings
 from semdedup_assets.core.io import storage as st
 from semdedup_assets.core.io.catalog import duplicate_ids
-from semdedup_assets.core.io.shards import Shard, ShardError, ShardIndex, keep_by_kind, members, read_shard
+from semdedup_assets.core.io.shards import (
+    Shard,
+    ShardError,
+    ShardFile,
+    ShardIndex,
+    group_digest,
+    group_fingerprint,
+    keep_by_kind,
+    members,
+    read_shard,
+)
 
 if TYPE_CHECKING:
     from semdedup_assets.core.run.engines import Worker
@@ -103,8 +113,9 @@ def check_keep_by_kinds(storage: st.Storage, kinds: dict[str, dict[str, str]], k
 def known_digest(storage: st.Storage, key: str, fingerprint: str) -> str | None:
     """The content digest in the shard's existing raw file, when its fingerprint is still `fingerprint`.
 
-    A run does not read an unchanged input twice: the digest is computed when a shard is first
-    ingested or its fingerprint changed (an edit that keeps both is for `verify --content`).
+    An unchanged input keeps the digest recorded when it was first ingested (a BLAKE2b digest
+    written before SHA-256 stays, and still verifies); a changed fingerprint records the digest of
+    the bytes just read (an edit that keeps the fingerprint is for `verify --content`).
     """
     path = storage.shard_file(st.RAW, key)
     if not path.exists():
@@ -133,17 +144,38 @@ class StagedShard:
     preview: list[tuple[str, str]]
 
 
-def read_members(shard: Shard, settings: Settings, keep_by: tuple[str, ...]) -> ShardIndex:
+@dataclass(frozen=True)
+class MembersRead:
+    """A shard's validated index with the fingerprint and content digest of the bytes that were read."""
+
+    index: ShardIndex
+    fingerprint: str  # what `shard.fingerprint()` gives
+    digest: str  # what `shard.content_digest()` gives
+
+
+def read_member(member: ShardFile, settings: Settings, keep_by: tuple[str, ...]) -> tuple[ShardIndex, str, str]:
+    """One input file's (index, fingerprint, digest), opening it once (`ShardFile.read_once`; an .npy is memory-
+    mapped and hashed apart, as before). O(file) memory: its bytes and its decoded table, released on return."""
+    args = (settings.modality, settings.payload_column, settings.id_column, keep_by)
+    if member.kind == "npy":
+        return read_shard(member, *args), member.fingerprint(), member.content_digest()
+    data, fingerprint, digest = member.read_once()
+    return read_shard(member, *args, data=data), fingerprint, digest
+
+
+def read_members(shard: Shard, settings: Settings, keep_by: tuple[str, ...]) -> MembersRead:
     """Validate every file of a shard and return one index: id, shard (the file's key), row (in that file), ...
 
     A group's files are read one by one, as one file per shard would read them (default ids
-    `<file key>:<row>`, errors naming the file), then put one after the other. Raises
-    ShardError naming the file when one differs from the group's first in dimension or in
-    the kind of a keep-by column.
+    `<file key>:<row>`, errors naming the file), then put one after the other; each file is
+    opened once, for its index, fingerprint and digest together. Raises ShardError naming the
+    file when one differs from the group's first in dimension or in the kind of a keep-by column.
     """
-    tables, dims = [], []
+    tables, dims, fingerprints, digests = [], [], [], []
     for member in members(shard):
-        index = read_shard(member, settings.modality, settings.payload_column, settings.id_column, keep_by)
+        index, fingerprint, digest = read_member(member, settings, keep_by)
+        fingerprints.append((member.key, fingerprint))
+        digests.append((member.key, digest))
         tables.append(
             index.table.add_column(1, "shard", pa.array([member.key] * index.table.num_rows, type=pa.string()))
         )
@@ -164,9 +196,13 @@ def read_members(shard: Shard, settings: Settings, keep_by: tuple[str, ...]) -> 
                     f"here but {keep_by_kind(first.field(name).type)}s in file "
                     f"{members(shard)[0].key!r} of the same shard {shard.key!r}",
                 )
-    if len(tables) == 1:
-        return ShardIndex(tables[0], dims[0])
-    return ShardIndex(pa.concat_tables(tables, promote_options="default"), dims[0])
+    if isinstance(shard, ShardFile):
+        return MembersRead(ShardIndex(tables[0], dims[0]), fingerprints[0][1], digests[0][1])
+    return MembersRead(
+        ShardIndex(pa.concat_tables(tables, promote_options="default"), dims[0]),
+        group_fingerprint(fingerprints),
+        group_digest(digests),
+    )
 
 
 def stage_shard(settings: Settings, shard: Shard) -> StagedShard:
@@ -177,12 +213,13 @@ def stage_shard(settings: Settings, shard: Shard) -> StagedShard:
     """
     storage = settings.storage_root()
     keep_by = tuple(name for name, _ in settings.keep_by_columns)
-    index = read_members(shard, settings, keep_by)
-    table = index.table
+    read = read_members(shard, settings, keep_by)
+    index, table, fingerprint = read.index, read.index.table, read.fingerprint
     # The input as ingested: `semdedup export` refuses a shard that changed since, and
-    # `verify --content` compares the input's bytes with the digest.
-    fingerprint = shard.fingerprint()
-    digest = known_digest(storage, shard.key, fingerprint) or shard.content_digest()
+    # `verify --content` compares the input's bytes with the digest. Both are of the bytes just
+    # validated (one open per file); a digest already recorded for this fingerprint is kept
+    # (one computed before SHA-256 stays what it was).
+    digest = known_digest(storage, shard.key, fingerprint) or read.digest
     schema_meta = {st.FINGERPRINT_KEY: fingerprint.encode(), st.CONTENT_KEY: digest.encode()}
     if index.dim is not None:
         schema_meta[RAW_DIM_KEY] = str(index.dim).encode()
