@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +14,28 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# The tests' temporary files live in memory (/dev/shm) where the machine has it. Every Dagster run commits its
+# run records and events to SQLite, which syncs each commit to disk: on this project's machine a commit took
+# ~9 ms and a connection's close ~5 ms on disk, a quarter of an in-process CLI test's time, and ~0 on tmpfs.
+# What a test checks does not depend on it: a killed process loses nothing from either (the page cache
+# survives it), and no test simulates a power cut. Set TMPDIR yourself (e.g. TMPDIR=/tmp) to choose the folder;
+# child processes and xdist's workers inherit it. pytest's own temporary folders (tmp_path) follow TMPDIR.
+MEMORY_TMP = Path("/dev/shm")
+MEMORY_TMP_MIN_FREE = 4 << 30  # the whole suite writes well under 1 GiB; leave the rest of memory alone
+
+
+def use_memory_for_temporary_files() -> None:
+    """Point TMPDIR at /dev/shm when the user set none and it exists, is writable and has room."""
+    if "TMPDIR" in os.environ or not (MEMORY_TMP.is_dir() and os.access(MEMORY_TMP, os.W_OK | os.X_OK)):
+        return
+    if shutil.disk_usage(MEMORY_TMP).free < MEMORY_TMP_MIN_FREE:
+        return
+    os.environ["TMPDIR"] = str(MEMORY_TMP)
+    tempfile.tempdir = None  # gettempdir() reads TMPDIR again
+
+
+use_memory_for_temporary_files()
 
 # `make test` runs the suite on two pytest-xdist workers (`-n 2 --dist loadgroup --no-loadscope-reorder`),
 # scheduled here by group: a test module is one group, so its module-scoped fixtures (a pipeline
