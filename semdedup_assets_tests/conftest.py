@@ -48,20 +48,35 @@ DAEMON_MODULES = ("test_deploy", "test_webserver", "test_ray_launcher")
 DAEMON_GROUP = "daemons"
 # Longest groups first (measured), so that the two workers end close together: the groups are
 # handed out in the order of their first test.
-# The fast tier's longest modules follow (in `make test-fast` they come first): left in file order,
-# test_stale_and_prefixed (the fast tier's longest, ~4.5 min under load) came near the end, one worker idle.
+# The fast tier's longest modules follow (in `make test-fast` they come first), by their summed test times in a
+# `make test-fast` run on 2026-12-08 (two workers, load ~20): stale_and_prefixed 499 s, files_per_shard 407,
+# consistency 378, no_silent_results 295, pipeline 226, demo_data 187, incremental 145, operations 143, export
+# 120, memory_budget 105, prune 98, library 81; user_errors and examples run child processes besides. Left in
+# file order, test_stale_and_prefixed (the longest) would be handed out near the end of the fast tier.
 LONGEST_FIRST = (
     DAEMON_GROUP,
     "semdedup_assets_tests/test_bench_smoke.py",
     "semdedup_assets_tests/test_faults.py",
     "semdedup_assets_tests/test_ray_engine.py",
-    "semdedup_assets_tests/test_stale_and_prefixed.py",
-    "semdedup_assets_tests/test_files_per_shard.py",
-    "semdedup_assets_tests/test_user_errors.py",
-    "semdedup_assets_tests/test_examples.py",
-    "semdedup_assets_tests/test_demo_data.py",
-    "semdedup_assets_tests/test_library.py",
-    "semdedup_assets_tests/test_memory_budget.py",
+    *(
+        f"semdedup_assets_tests/{name}.py"
+        for name in (
+            "test_stale_and_prefixed",
+            "test_files_per_shard",
+            "test_consistency",
+            "test_no_silent_results",
+            "test_user_errors",
+            "test_examples",
+            "test_pipeline",
+            "test_demo_data",
+            "test_incremental",
+            "test_operations",
+            "test_export",
+            "test_memory_budget",
+            "test_prune",
+            "test_library",
+        )
+    ),
 )
 
 
@@ -212,10 +227,19 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
     return (yield from guarded(item))
 
 
+NO_COMPUTE_LOGS = {
+    "compute_logs": {"module": "dagster._core.storage.noop_compute_log_manager", "class": "NoOpComputeLogManager"}
+}
+
+
 @pytest.fixture
 def instance() -> Iterator[dg.DagsterInstance]:
-    """An ephemeral-directory Dagster instance (a temporary DAGSTER_HOME)."""
-    with dg.instance_for_test() as inst:
+    """An ephemeral-directory Dagster instance (a temporary DAGSTER_HOME), without compute-log capture.
+
+    Its default compute-log manager starts two `tail -F` and two Python `watch_orphans.py` processes for every
+    step of every run, and no test reads a step's captured output.
+    """
+    with dg.instance_for_test(overrides=NO_COMPUTE_LOGS) as inst:
         yield inst
 
 
