@@ -154,6 +154,13 @@ def agreement(a: str, b: str, n: int) -> float:
     return 1.0 if union == 0 else int((ra & rb).sum()) / union
 
 
+def runs_line(runs: dict[str, list[dict]], labels: dict[str, str]) -> str:
+    """'Runs (s): <label> t1, t2, ...; <label> ...' for the kinds named (label -> kind)."""
+    return "Runs (s): " + "; ".join(
+        f"{label} " + ", ".join(f"{r['total']:.2f}" for r in runs[kind]) for label, kind in labels.items()
+    )
+
+
 def before_lines(runs: dict[str, list[dict]], args: argparse.Namespace) -> list[str]:
     """The before/after table of a run with --before (none without)."""
     if not args.before:
@@ -176,10 +183,7 @@ def before_lines(runs: dict[str, list[dict]], args: argparse.Namespace) -> list[
             )
         ],
         "",
-        "Runs (s): fixed before "
-        + ", ".join(f"{r['total']:.2f}" for r in runs["fixed-before"])
-        + "; library before "
-        + ", ".join(f"{r['total']:.2f}" for r in runs["library-before"]),
+        runs_line(runs, {"fixed before": "fixed-before", "library before": "library-before"}),
         "",
         f"Same keep mask before and after, in every run: {same}",
         "",
@@ -247,10 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         f"| `import torch` alone, in process (the floor: the pairwise tiles run on torch) | {torch_floor:.2f} |",
         f"| library fixed cost / `import torch` | {fixed / torch_floor:.2f}x |",
         "",
-        "Runs (s): library "
-        + ", ".join(f"{r['total']:.2f}" for r in runs["fixed"])
-        + "; import torch "
-        + ", ".join(f"{r['total']:.2f}" for r in runs["torch"]),
+        runs_line(runs, {"library": "fixed", "import torch": "torch"}),
         "",
         f"## Bring-your-own embeddings in memory: {args.n:,} x {args.d}, k = {args.clusters}, eps = {args.eps}",
         "",
@@ -263,10 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         f"| reference-style script (faiss k-means on all rows, dense per cluster) | {ref:.2f} | "
         f"{med('reference', 'peak_mib'):,.0f} | {runs['reference'][0]['removed']:,} | 1.00x |",
         "",
-        "Runs (s): library "
-        + ", ".join(f"{r['total']:.2f}" for r in runs["library"])
-        + "; reference-style "
-        + ", ".join(f"{r['total']:.2f}" for r in runs["reference"]),
+        runs_line(runs, {"library": "library", "reference-style": "reference"}),
         "",
         f"Agreement of the removed sets (Jaccard; other k-means samples give other clusters): {jac:.3f}",
         "",

