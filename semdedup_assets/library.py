@@ -326,7 +326,7 @@ def write_npy_if_changed(x: np.ndarray, path: st.UPath) -> None:
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
     header = npy_header(x)
-    data = memoryview(x).cast("B")
+    data = x.data.cast("B")
     if path.exists() and path.stat().st_size == len(header) + len(data):
         with path.open("rb") as f:
             if f.read(len(header)) == header and same_bytes(f, data):

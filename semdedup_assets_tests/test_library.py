@@ -319,3 +319,23 @@ def test_readme_python_section_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     exec(compile(code, "README.md", "exec"), namespace)
     assert namespace["keep"].shape == (360,) and int((~namespace["keep"]).sum()) >= 60
     assert sorted(p.name for p in tmp_path.iterdir()) == ["embeddings.npy"]  # the temporary storage is gone
+
+
+@pytest.mark.pure
+def test_an_array_is_written_as_np_save_writes_it_and_left_alone_when_unchanged(tmp_path: Path) -> None:
+    """The library writes an in-memory array's .npy from its buffer: the bytes np.save gives (float32, C order,
+    from a float64 or strided array too), and an unchanged file is not rewritten (a kept storage re-uses it)."""
+    import io
+    import os
+
+    from semdedup_assets.library import write_npy_if_changed
+
+    path = st.to_upath(str(tmp_path)) / "part-00000.npy"
+    for x in (np.random.default_rng(0).random((300, 7)), np.arange(60, dtype=np.float32).reshape(6, 10)[:, ::3]):
+        expected = io.BytesIO()
+        np.save(expected, np.asarray(x, dtype=np.float32), allow_pickle=False)
+        write_npy_if_changed(x, path)
+        assert path.read_bytes() == expected.getvalue()
+        stamp = os.stat(str(path)).st_ino
+        write_npy_if_changed(x, path)
+        assert os.stat(str(path)).st_ino == stamp  # not replaced
