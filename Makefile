@@ -94,6 +94,8 @@ bench: $(VENV)/.stamp-bench
 	$(BIN)/python bench/orchestration.py
 	$(BIN)/python bench/backfill.py
 	$(BIN)/python bench/scale_out.py
+	$(BIN)/python bench/library.py
+	$(BIN)/python bench/library_semhash.py
 
 # Tiny runs of each benchmark (what CI runs through semdedup_assets_tests/test_bench_smoke.py).
 bench-smoke: $(VENV)/.stamp-bench

@@ -15,12 +15,16 @@ Usage:
    (bench/end_to_end.py's: faiss spherical k-means on all rows, assign, per cluster the dense similarity
    matrix, triu, column max), both in fresh processes, imports included, interleaved `--repeats` times.
    The machine is shared: only the ratios within one run count.
+3. With `--before PATH`: the fixed cost and the library run again from another source tree (its `semdedup_assets` imported first,
+   e.g. `git archive` of an earlier commit into PATH), interleaved with the others: before and after a
+   change, in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -28,9 +32,14 @@ from pathlib import Path
 
 import numpy as np
 
+BEFORE_TREE = "SEMDEDUP_BENCH_BEFORE_TREE"  # a --before child: the package from that source tree
+if os.environ.get(BEFORE_TREE):  # bound first: common.py puts this checkout on sys.path and imports the package
+    sys.path.insert(0, os.environ[BEFORE_TREE])
+    import semdedup_assets  # noqa: F401
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_output_options, command_line, emit, load_average, machine_lines, output_path, run_tree, verdict
-from end_to_end import cluster_rows, parse_result, planted_embeddings
+from common import add_output_options, command_line, emit, load_average, machine_lines, output_path, run_tree, verdict  # noqa: E402
+from end_to_end import cluster_rows, parse_result, planted_embeddings  # noqa: E402
 
 DEFAULT_OUT = "bench/results/library.md"
 FIXED_N, FIXED_D = 100, 32
@@ -56,6 +65,7 @@ def fixed_cost_child() -> dict:
         "first result": done - ready,
         "total": done - start,
         "kept": int(mask.sum()),
+        "module": sys.modules["semdedup_assets"].__file__,
     }
 
 
@@ -75,7 +85,9 @@ def library_child(n: int, d: int, k: int, eps: float) -> dict:
 
     with SemDeDup(clusters=k, eps=[eps], progress=False).run(x) as result:
         mask = result.keep_mask(eps)
-    return {"total": time.perf_counter() - start, "removed": int((~mask).sum()), "mask": mask_digest(mask)}
+    seconds = time.perf_counter() - start
+    module = sys.modules["semdedup_assets"].__file__
+    return {"total": seconds, "removed": int((~mask).sum()), "mask": mask_digest(mask), "module": module}
 
 
 def reference_child(n: int, d: int, k: int, eps: float) -> dict:
@@ -119,10 +131,16 @@ def run_child(kind: str, args: argparse.Namespace) -> dict:
         "--eps",
         str(args.eps),
     ]
-    out = run_tree(cmd)
+    env = dict(os.environ)
+    if kind.endswith("-before"):
+        cmd[cmd.index(kind)] = kind.removesuffix("-before")
+        env[BEFORE_TREE] = str(Path(args.before).resolve())
+    out = run_tree(cmd, env=env)
     if out["rc"] != 0:
         raise SystemExit(f"{kind} failed:\n{out['stderr'][-3000:]}")
     result = parse_result(out["stdout"])
+    if kind.endswith("-before") and not str(result["module"]).startswith(str(Path(args.before).resolve())):
+        raise SystemExit(f"--before {args.before}: the child imported {result['module']} instead")
     result.update(wall=out["seconds"], peak_mib=out["peak_mib"])
     print(f"{kind}: {result['total']:.2f} s in process, {out['seconds']:.2f} s wall", flush=True)
     return result
@@ -136,6 +154,42 @@ def agreement(a: str, b: str, n: int) -> float:
     return 1.0 if union == 0 else int((ra & rb).sum()) / union
 
 
+def runs_line(runs: dict[str, list[dict]], labels: dict[str, str]) -> str:
+    """'Runs (s): <label> t1, t2, ...; <label> ...' for the kinds named (label -> kind)."""
+    return "Runs (s): " + "; ".join(
+        f"{label} " + ", ".join(f"{r['total']:.2f}" for r in runs[kind]) for label, kind in labels.items()
+    )
+
+
+def before_lines(runs: dict[str, list[dict]], args: argparse.Namespace) -> list[str]:
+    """The before/after table of a run with --before (none without)."""
+    if not args.before:
+        return []
+
+    def med(kind: str) -> float:
+        return statistics.median(r["total"] for r in runs[kind])
+
+    same = all(r["mask"] == runs["library"][0]["mask"] for r in runs["library"] + runs["library-before"])
+    return [
+        f"## Before and after the change (`--before {args.before}`), same run",
+        "",
+        "| measure | before (s) | after (s) | before / after |",
+        "|---|---|---|---|",
+        *[
+            f"| {name} | {med(b):.2f} | {med(a):.2f} | {med(b) / med(a):.2f}x |"
+            for name, a, b in (
+                ("fixed cost (100 x 32)", "fixed", "fixed-before"),
+                (f"library, {args.n:,} x {args.d}", "library", "library-before"),
+            )
+        ],
+        "",
+        runs_line(runs, {"fixed before": "fixed-before", "library before": "library-before"}),
+        "",
+        f"Same keep mask before and after, in every run: {same}",
+        "",
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the measurements and write the report."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -144,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clusters", type=int, default=100)
     ap.add_argument("--eps", type=float, default=0.01)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--before", default=None, metavar="PATH", help="also time the library from this source tree")
     ap.add_argument("--child", choices=("fixed", "torch", "library", "reference"), help=argparse.SUPPRESS)
     add_output_options(ap, DEFAULT_OUT, "n=3000, d=32, 10 clusters, one repeat; prints only")
     args = ap.parse_args(argv)
@@ -161,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.n, args.d, args.clusters, args.repeats = 3000, 32, 10, 1
     load = load_average()
-    runs: dict[str, list[dict]] = {k: [] for k in ("fixed", "torch", "library", "reference")}
+    kinds = ["fixed", "torch", "library", "reference"] + (["fixed-before", "library-before"] if args.before else [])
+    runs: dict[str, list[dict]] = {k: [] for k in kinds}
     for _ in range(args.repeats):  # interleaved: a busy spell of the shared machine hits every kind alike
         for kind in runs:
             runs[kind].append(run_child(kind, args))
@@ -195,10 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         f"| `import torch` alone, in process (the floor: the pairwise tiles run on torch) | {torch_floor:.2f} |",
         f"| library fixed cost / `import torch` | {fixed / torch_floor:.2f}x |",
         "",
-        "Runs (s): library "
-        + ", ".join(f"{r['total']:.2f}" for r in runs["fixed"])
-        + "; import torch "
-        + ", ".join(f"{r['total']:.2f}" for r in runs["torch"]),
+        runs_line(runs, {"library": "fixed", "import torch": "torch"}),
         "",
         f"## Bring-your-own embeddings in memory: {args.n:,} x {args.d}, k = {args.clusters}, eps = {args.eps}",
         "",
@@ -211,13 +264,11 @@ def main(argv: list[str] | None = None) -> int:
         f"| reference-style script (faiss k-means on all rows, dense per cluster) | {ref:.2f} | "
         f"{med('reference', 'peak_mib'):,.0f} | {runs['reference'][0]['removed']:,} | 1.00x |",
         "",
-        "Runs (s): library "
-        + ", ".join(f"{r['total']:.2f}" for r in runs["library"])
-        + "; reference-style "
-        + ", ".join(f"{r['total']:.2f}" for r in runs["reference"]),
+        runs_line(runs, {"library": "library", "reference-style": "reference"}),
         "",
         f"Agreement of the removed sets (Jaccard; other k-means samples give other clusters): {jac:.3f}",
         "",
+        *before_lines(runs, args),
         "## Goals",
         "",
         f"- fixed cost (import + set-up + first result on 100 items) <= 2 s: **{verdict(fixed <= 2.0)}** "

@@ -34,8 +34,6 @@ from semdedup_assets.core.io.catalog import query
 from semdedup_assets.core.io.schemas import GROUPS_SCHEMA
 from semdedup_assets.core.io.shards import GROUP_SEPARATOR, ShardError, check_vectors, discover_shards
 from semdedup_assets.core.run.loop import StrayShardsError, run_units, stray_shards
-from semdedup_assets.core.select.export import ExportError, export_shards, parse_selection, selection_dir, tidy_exports
-from semdedup_assets.core.select.prune import PruneError, compute_pruning, kept_file, parse_pruning
 from semdedup_assets.core.settings_store import save_settings
 
 INPUT_DIR = "library_input"  # under the storage: the shards the library writes from in-memory data
@@ -314,9 +312,7 @@ def write_input(source: tuple[pa.Table, np.ndarray | None], settings: Settings, 
     for key, start in zip(keys, range(0, n, shard_rows)):
         part = table.slice(start, shard_rows)
         if embeddings is not None:
-            write_if_changed(
-                npy_bytes(np.ascontiguousarray(embeddings[start : start + shard_rows])), folder / f"{key}.npy"
-            )
+            write_npy_if_changed(embeddings[start : start + shard_rows], folder / f"{key}.npy")
         write_if_changed(parquet_bytes(part), folder / f"{key}.parquet")
     for path in list(folder.iterdir()):  # an earlier run's extra shards: their files go
         if path.name.split(".")[0] not in keys:
@@ -328,13 +324,41 @@ def write_input(source: tuple[pa.Table, np.ndarray | None], settings: Settings, 
     return folder
 
 
-def npy_bytes(x: np.ndarray) -> bytes:
-    """A .npy file's bytes (float32, as ingest reads it)."""
+def npy_header(x: np.ndarray) -> bytes:
+    """The header `np.save` writes before a C-ordered float32 array's data (format 1.0, as np.save picks for
+    every header under 64 KiB: a 2-d array's is 128 bytes)."""
     import io
 
     buf = io.BytesIO()
-    np.save(buf, np.asarray(x, dtype=np.float32), allow_pickle=False)
+    np.lib.format.write_array_header_1_0(buf, np.lib.format.header_data_from_array_1_0(x))
     return buf.getvalue()
+
+
+def write_npy_if_changed(x: np.ndarray, path: st.UPath) -> None:
+    """Write `x` as the .npy file `np.save` makes (float32, as ingest reads it), atomically, unless the file
+    already holds exactly these bytes.
+
+    The header and the array's own buffer are written (and compared) in place: building the file's bytes
+    first (np.save into a BytesIO, then `getvalue`) copied the array twice, which cost more than the write.
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    header = npy_header(x)
+    data = x.data.cast("B")
+    if path.exists() and path.stat().st_size == len(header) + len(data):
+        with path.open("rb") as f:
+            if f.read(len(header)) == header and same_bytes(f, data):
+                return
+    with st.atomic_open(path) as out:
+        out.write(header)
+        out.write(data)
+
+
+def same_bytes(f: Any, data: memoryview, block: int = 1 << 24) -> bool:
+    """True when the rest of the open file `f` is exactly `data` (read block by block: bounded memory)."""
+    for start in range(0, len(data), block):
+        if f.read(block) != data[start : start + block]:
+            return False
+    return f.read(1) == b""
 
 
 def parquet_bytes(table: pa.Table) -> bytes:
@@ -547,6 +571,9 @@ class SemDeDupResult:
         """The ids a pruning selection keeps (`prototypes:...`, `d4:...`, `dbp:...`, `outliers:fraction=F`,
         `representatives:size=N[,diversity=L]`; docs/pruning.md), computed from the stored results as
         `semdedup export --select` does, in id order. A bad selection is a ValueError naming it."""
+        # Imported here, as in `export`: a run that never selects does not load them (the fixed cost).
+        from semdedup_assets.core.select.prune import PruneError, compute_pruning, kept_file, parse_pruning
+
         try:
             pruning = parse_pruning(selection, self.settings.eps)
             compute_pruning(self.settings, pruning)
@@ -610,6 +637,16 @@ class SemDeDupResult:
     def export(self, eps: float | None = None, keep_fraction: float | None = None, select: str | None = None) -> Path:
         """Write the deduplicated dataset (each shard in its own format, kept rows only) as `semdedup export`;
         returns its folder `<storage>/deduplicated/<selection>/`. `eps` must be a configured one."""
+        # Imported here: a run that never exports does not load the export formats (the fixed cost, bench/library.py).
+        from semdedup_assets.core.select.export import (
+            ExportError,
+            export_shards,
+            parse_selection,
+            selection_dir,
+            tidy_exports,
+        )
+        from semdedup_assets.core.select.prune import PruneError, compute_pruning
+
         if select is None:
             if (eps is None) == (keep_fraction is None):
                 raise ValueError("give exactly one of eps=, keep_fraction= or select=")

@@ -23,6 +23,7 @@ SCRIPTS = [
     ("bench/library.py", "| reference-style script (faiss k-means on all rows, dense per cluster) |"),
     ("bench/selections.py", "| N | ours | ours (s) | SemHash | SemHash picked | SemHash (s) | random (mean of 5) |"),
     ("bench/groups_memory.py", "| streaming |"),
+    ("bench/library_semhash.py", "| SemHash: `SemHash.from_records(texts, model=StaticModel.from_pretrained(...))"),
 ]
 
 
@@ -37,7 +38,7 @@ def test_bench_smoke(script: str, marker: str, tmp_path: Path) -> None:
         pytest.importorskip("model2vec")
     if script == "bench/selections.py":
         pytest.importorskip("semhash")
-    if script == "bench/text_end_to_end.py":
+    if script in ("bench/text_end_to_end.py", "bench/library_semhash.py"):
         pytest.importorskip("semhash")
         pytest.importorskip("skeletoken")
     if script == "bench/scale_out.py":

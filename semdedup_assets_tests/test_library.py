@@ -362,3 +362,23 @@ def test_status_of_a_library_storage_does_not_read_as_a_fault(
     assert "registered" not in out, out
     assert "shards:     1 ingested, 1 embedded, 1 assigned" in out, out
     assert "runs:       none recorded (no Dagster instance" in out, out
+
+
+@pytest.mark.pure
+def test_an_array_is_written_as_np_save_writes_it_and_left_alone_when_unchanged(tmp_path: Path) -> None:
+    """The library writes an in-memory array's .npy from its buffer: the bytes np.save gives (float32, C order,
+    from a float64 or strided array too), and an unchanged file is not rewritten (a kept storage re-uses it)."""
+    import io
+    import os
+
+    from semdedup_assets.library import write_npy_if_changed
+
+    path = st.to_upath(str(tmp_path)) / "part-00000.npy"
+    for x in (np.random.default_rng(0).random((300, 7)), np.arange(60, dtype=np.float32).reshape(6, 10)[:, ::3]):
+        expected = io.BytesIO()
+        np.save(expected, np.asarray(x, dtype=np.float32), allow_pickle=False)
+        write_npy_if_changed(x, path)
+        assert path.read_bytes() == expected.getvalue()
+        stamp = os.stat(str(path)).st_ino
+        write_npy_if_changed(x, path)
+        assert os.stat(str(path)).st_ino == stamp  # not replaced

@@ -17,6 +17,7 @@ from semdedup_assets.core.cluster.kmeans import (
     train_spherical_kmeans,
 )
 from semdedup_assets.core.config import Settings
+from semdedup_assets.core.io import recent
 from semdedup_assets.core.io import storage as st
 from semdedup_assets.core.io.schemas import centroids_schema
 from semdedup_assets.core.io.tables import embedding_array, embedding_matrix
@@ -73,6 +74,9 @@ def train_centroids(
         warn(why)
 
     def read_rows(key: str, rows: np.ndarray) -> np.ndarray:
+        held = recent.recall(embedding_files[key])  # written by this process's embed stage: the stored values
+        if held is not None:
+            return held[rows]
         table = st.read_table(embedding_files[key], columns=["embedding"])
         return embedding_matrix(table.take(pa.array(rows, type=pa.int64())).column("embedding"))
 

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 from semdedup_assets.core.config import Settings
 from semdedup_assets.core.embed.copies import collapse, encoder_settings, first_rows, provenance, stored_vectors
 from semdedup_assets.core.embed.encoders import Encoder, batch_invariant, encoder_for, l2_normalize, row_norms
+from semdedup_assets.core.io import recent
 from semdedup_assets.core.io import storage as st
 from semdedup_assets.core.io.schemas import REJECTED_SCHEMA, embeddings_schema
 from semdedup_assets.core.io.shards import PAYLOAD_HASH, Shard, iter_embedding_chunks, members, read_images
@@ -141,12 +142,18 @@ def _write_chunks(
     """
     writer: st.AtomicParquetWriter | None = None
     start, renormalised, dim, problems = 0, 0, 0, []
+    # The float32 matrix as stored, kept for the run's later stages while recent.holding allows (core.io.recent).
+    kept: list[np.ndarray] | None = [] if dtype == "float32" else None
     with st.publish_together([]) as writers:
         for chunk in chunks:
             vectors, off = renormalise(chunk) if len(chunk) and normalise else (chunk, 0)
             renormalised += off
             dim = int(vectors.shape[1])
             problems += embedding_problems(vectors, len(chunk))
+            if kept is not None and len(vectors):
+                kept.append(np.ascontiguousarray(vectors, dtype=np.float32))
+                if not recent.accepting(sum(k.nbytes for k in kept)):
+                    kept = None
             schema = embeddings_schema(ids.type, dim, dtype)
             table = pa.Table.from_arrays(
                 [ids.slice(start, len(vectors)), embedding_array(vectors, dtype)], schema=schema
@@ -159,6 +166,8 @@ def _write_chunks(
             start += len(vectors)
     if start != len(ids):
         problems.append(f"{start} embeddings for {len(ids)} ids")
+    if kept and sum(len(k) for k in kept) == start:
+        recent.remember(path, kept[0] if len(kept) == 1 else np.concatenate(kept))
     return _Written(rows=start, dim=dim, renormalised=renormalised, problems=problems)
 
 

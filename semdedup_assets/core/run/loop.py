@@ -26,11 +26,11 @@ from semdedup_assets.core.dedup.buckets import DedupBucketResult
 from semdedup_assets.core.dedup.keep import KeepListsResult
 from semdedup_assets.core.embed.shard import EmbedShardResult
 from semdedup_assets.core.ingest.stage import IngestResult, StagedShard, discard_staged, publish_shards
+from semdedup_assets.core.io import recent
 from semdedup_assets.core.io import storage as st
 from semdedup_assets.core.io.shards import Shard, discover_shards
 from semdedup_assets.core.run.engines import Engine, Worker
 from semdedup_assets.core.run.local_engine import LocalEngine
-from semdedup_assets.core.run.ray_engine import RayEngine, ray_session
 
 Log = Callable[[str], None]
 # The steps of a run, in order (what `on_step` is called with).
@@ -60,7 +60,11 @@ class RunUnitsResult:
 
 def engine_for(settings: Settings) -> Engine:
     """The engine the settings ask for (the Ray engine connects, or starts Ray, at once)."""
-    return RayEngine(settings) if settings.engine == "ray" else LocalEngine()
+    if settings.engine != "ray":
+        return LocalEngine()
+    from semdedup_assets.core.run.ray_engine import RayEngine  # a local run does not load the Ray engine
+
+    return RayEngine(settings)
 
 
 def ingest_shards(
@@ -132,8 +136,14 @@ def run_units(
     step = on_step or (lambda name, units: None)
     unit = on_unit or (lambda name, key: None)
     with ExitStack() as stack:
+        # The embeddings each shard's embed step writes stay in memory for the centroids' sample (a quarter of the
+        # memory budget at most; see core.io.recent): the same values, without reading the files back.
+        stack.enter_context(recent.holding(settings.memory_budget_bytes // 4))
         if engine is None:  # one Ray connection (or local instance) for every step, as `semdedup run`
-            stack.enter_context(ray_session(settings))
+            if settings.engine == "ray":
+                from semdedup_assets.core.run.ray_engine import ray_session
+
+                stack.enter_context(ray_session(settings))
             engine = stack.enter_context(engine_for(settings))
         step("ingest", len(shards))
         out = RunUnitsResult(keys, ingest_shards(settings, shards, log=log, engine=engine))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import json
 import os
 import shutil
@@ -330,22 +331,33 @@ class StaticTextEncoder:
             f"batch_size={self.batch_size}, device='{self.device}')"
         )
 
-    def _ids(self, texts: Sequence[str], offset: int) -> list[list[int]]:
-        """Token ids of each text (no special tokens, unknown tokens dropped as model2vec does)."""
+    def _ids(self, texts: Sequence[str], offset: int) -> tuple[np.ndarray, np.ndarray]:
+        """(token ids of the texts one after another, tokens per text): no special tokens, unknown tokens
+        dropped as model2vec does; a text with no known token is the unknown token alone.
+
+        Flat numpy arrays rather than a list per text: filtering and flattening token by token in
+        Python cost about a tenth of a static model's encoding (the tokenizer is most of the rest).
+        """
         cap = self.max_length * CHARS_PER_TOKEN_CAP
         encodings = self.tokenizer.encode_batch_fast([t[:cap] for t in texts], add_special_tokens=False)
+        lists = [enc.ids for enc in encodings]
+        lengths = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
+        flat = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int64, count=int(lengths.sum()))
         unk = self.unk_token_id
-        out = []
-        for i, enc in enumerate(encodings):
-            ids = enc.ids if unk is None else [t for t in enc.ids if t != unk]
-            if not ids:
-                # Nothing known in the text (empty, or only unknown characters): its vector is the
-                # unknown token's, so such texts group together instead of failing the shard.
-                if unk is None:
-                    raise ValueError(f"item {offset + i} tokenises to zero tokens; cannot embed it")
-                ids = [unk]
-            out.append(ids)
-        return out
+        if unk is not None:
+            known = flat != unk
+            lengths = np.bincount(np.repeat(np.arange(len(lists)), lengths)[known], minlength=len(lists))
+            flat = flat[known]
+        empty = np.flatnonzero(lengths == 0)
+        if len(empty):
+            # Nothing known in the text (empty, or only unknown characters): its vector is the
+            # unknown token's, so such texts group together instead of failing the shard.
+            if unk is None:
+                raise ValueError(f"item {offset + int(empty[0])} tokenises to zero tokens; cannot embed it")
+            starts = np.cumsum(lengths) - lengths
+            flat = np.insert(flat, starts[empty], unk)
+            lengths[empty] = 1
+        return flat, lengths
 
     def encode(self, items: Sequence[str]) -> np.ndarray:
         """Embed `items` into an (n, dim) float32 array of unit rows, in input order."""
@@ -358,15 +370,14 @@ class StaticTextEncoder:
         out = np.empty((n, self.dim), dtype=np.float32)
         with torch.inference_mode():
             for start in range(0, n, self.batch_size):
-                batch = self._ids(texts[start : start + self.batch_size], start)
-                flat = torch.as_tensor(np.fromiter((t for ids in batch for t in ids), dtype=np.int64))
-                lengths = np.fromiter((len(ids) for ids in batch), dtype=np.int64, count=len(batch))
+                ids, lengths = self._ids(texts[start : start + self.batch_size], start)
+                flat = torch.as_tensor(ids)
                 offsets = torch.as_tensor(np.concatenate(([0], np.cumsum(lengths)[:-1])))
                 weights = None if self._weights is None else self._weights[flat]
                 rows = flat if self._mapping is None else self._mapping[flat]
                 summed = torch.nn.functional.embedding_bag(
                     rows.to(self.device), self._vectors, offsets.to(self.device), mode="sum", per_sample_weights=weights
                 )
-                out[start : start + len(batch)] = summed.cpu().numpy()
+                out[start : start + len(lengths)] = summed.cpu().numpy()
         # The sum and the mean point the same way; the norm makes them equal.
         return l2_normalize(out)
