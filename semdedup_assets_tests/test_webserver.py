@@ -325,8 +325,10 @@ def test_browser_shows_graph_and_materializes_a_partition(tmp_path: Path) -> Non
                 executable_path=CHROMIUM,
                 headless=True,
                 args=CHROMIUM_FLAGS,
-                viewport={"width": 3600, "height": 1500},
-            )  # wide enough for full (unabbreviated) asset nodes of all seven groups
+                viewport={"width": 3600, "height": 2400},
+            )  # wide enough for full (unabbreviated) asset nodes of all seven groups; tall enough that the
+            # expanded graph (five pruning selections stacked in the prune group) fits: Dagster renders only
+            # the nodes in view, and at 1500 px the lineage's first stages fell outside it
             try:
                 run_id = _drive_ui(sync_api, context.new_page(), dev, shots, key)
             finally:
